@@ -1,0 +1,46 @@
+//! charthero-sync replicates a clinic's ChartHero encounters, notes and transcripts into a local
+//! SQLite warehouse. The binary (`main.rs`) only parses arguments, sets up logging and maps
+//! errors to exit codes; everything else lives here so tests drive it without a process.
+//!
+//! Module map: [`config`] (TOML → validated config, API key sources), [`api`] (HTTP client and
+//! wire types), [`sync`] (windows, paging, change detection), [`store`] (SQLite, migrations,
+//! upserts, the writer thread), [`demo`] (the built-in simulator walkthrough).
+
+pub mod api;
+pub mod config;
+// pub mod demo;
+pub mod exit;
+pub mod secret;
+pub mod store;
+pub mod sync;
+pub mod telemetry;
+pub mod timefmt;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::secret::ApiKey;
+use crate::sync::{CycleError, CycleReport, SyncContext};
+
+/// Opens (and migrates) the warehouse and builds the context a cycle needs.
+pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
+    let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
+    Ok(SyncContext {
+        client: api::Client::new(&config.api, &config.limits, key)?,
+        writer: store::Writer::spawn(conn),
+        start_at: config.sync.start_at,
+        settle_lag: config.sync.settle_lag,
+        page_limit: config.sync.page_size.get(),
+    })
+}
+
+/// `charthero-sync sync`: one complete cycle now.
+pub async fn sync_once(
+    config: &Config,
+    key: &ApiKey,
+    trigger: &'static str,
+    cancel: &CancellationToken,
+) -> Result<CycleReport, CycleError> {
+    let ctx = connect(config, key)?;
+    sync::run_cycle(&ctx, trigger, cancel).await
+}

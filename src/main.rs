@@ -1,1 +1,248 @@
-fn main() {}
+//! The `charthero-sync` binary: parses the command line, loads configuration, sets up logging,
+//! calls into the library, and maps errors to the documented exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use charthero_sync::config::{self, Config, ConfigError};
+use charthero_sync::sync::CycleError;
+use charthero_sync::{demo, exit, store, timefmt};
+
+#[derive(Parser)]
+#[command(name = "charthero-sync", version, about = "Replicate ChartHero encounters into a SQLite warehouse")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "CHARTHERO_SYNC_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as a daemon: apply migrations, then sync on the configured schedule until SIGTERM.
+    Run {
+        /// Queue a backfill of this created_at range at start (RFC 3339).
+        #[arg(long, value_parser = parse_timestamp)]
+        backfill_from: Option<OffsetDateTime>,
+        #[arg(long, value_parser = parse_timestamp, requires = "backfill_from")]
+        backfill_to: Option<OffsetDateTime>,
+    },
+    /// Run one complete sync cycle now, then exit.
+    Sync {
+        /// Also re-scan this created_at range completely (RFC 3339).
+        #[arg(long, value_parser = parse_timestamp)]
+        backfill_from: Option<OffsetDateTime>,
+        #[arg(long, value_parser = parse_timestamp, requires = "backfill_from")]
+        backfill_to: Option<OffsetDateTime>,
+    },
+    /// Queue a backfill for a running daemon to pick up.
+    Backfill {
+        #[arg(long, value_parser = parse_timestamp)]
+        from: OffsetDateTime,
+        #[arg(long, value_parser = parse_timestamp)]
+        to: Option<OffsetDateTime>,
+    },
+    /// Show recent runs, watermarks, lag and row counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration, reach the API, and probe which routes and scopes work.
+    Check,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Start the built-in ChartHero simulator and sync it into a local demo database.
+    Demo {
+        /// Where to write the demo warehouse.
+        #[arg(long, default_value = "charthero-demo.db")]
+        database: PathBuf,
+        /// How many encounters the simulator generates.
+        #[arg(long, default_value_t = 3_000)]
+        encounters: usize,
+        /// Over how many days before now they were created.
+        #[arg(long, default_value_t = 60)]
+        days: i64,
+        /// Seed of the synthetic dataset.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn parse_timestamp(text: &str) -> Result<OffsetDateTime, String> {
+    timefmt::parse_rfc3339(text)
+}
+
+/// An error on its way to an exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure {
+            code: exit::USAGE,
+            error: e.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure {
+            code: exit::CYCLE_FAILED,
+            error,
+        }
+    }
+}
+
+impl From<CycleError> for Failure {
+    fn from(e: CycleError) -> Self {
+        let code = match &e {
+            CycleError::Api(api) if api.is_auth() => exit::AUTH_REFUSED,
+            _ => exit::CYCLE_FAILED,
+        };
+        if let CycleError::Api(api) = &e {
+            tracing::error!(reason_code = api.reason_code().unwrap_or("none"), "{api}");
+        }
+        Failure { code, error: e.into() }
+    }
+}
+
+fn not_yet(command: &str, issue: u32) -> Failure {
+    Failure {
+        code: exit::USAGE,
+        error: anyhow::anyhow!(
+            "`{command}` is not available yet in this version of charthero-sync (planned in issue #{issue}); \
+             nothing was done"
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    charthero_sync::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::CYCLE_FAILED);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Demo {
+            database,
+            encounters,
+            days,
+            seed,
+        } => {
+            let opts = demo::DemoOptions {
+                database,
+                encounters,
+                days,
+                seed,
+            };
+            let cancel = cancel_on_signal();
+            let summary = demo::run(&opts, &cancel).await?;
+            print_demo_summary(&summary);
+            Ok(())
+        }
+        Command::Migrate => {
+            let config = Config::load(&cli.config)?;
+            store::open_writer(&config.database.path, config.database.busy_timeout)?;
+            println!("database {} is up to date", config.database.path.display());
+            Ok(())
+        }
+        Command::Sync {
+            backfill_from: Some(_),
+            ..
+        } => Err(not_yet("sync --backfill-from", 3)),
+        Command::Sync { .. } => {
+            let config = Config::load(&cli.config)?;
+            let (key, source) = config::load_api_key(&config.api)?;
+            tracing::info!(%source, "API key loaded");
+            let cancel = cancel_on_signal();
+            let report = charthero_sync::sync_once(&config, &key, "sync", &cancel).await?;
+            let c = report.counts;
+            println!(
+                "sync complete: {} new, {} changed, {} unchanged encounters; {} list requests; complete through {}",
+                c.encounters_new,
+                c.encounters_changed,
+                c.encounters_unchanged,
+                c.list_requests,
+                timefmt::format_utc(report.watermark)
+            );
+            Ok(())
+        }
+        Command::Run { .. } => Err(not_yet("run", 5)),
+        Command::Backfill { .. } => Err(not_yet("backfill", 5)),
+        Command::Status { .. } => Err(not_yet("status", 5)),
+        Command::Check => Err(not_yet("check", 5)),
+    }
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM; a second signal exits at once.
+fn cancel_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("second signal: exiting now");
+                std::process::exit(i32::from(exit::CYCLE_FAILED));
+            }
+            tracing::warn!("signal received: finishing the current page, then stopping (signal again to exit now)");
+            child.cancel();
+        }
+    });
+    token
+}
+
+fn print_demo_summary(s: &demo::DemoSummary) {
+    let c = s.report.counts;
+    println!();
+    println!(
+        "Synced {} simulated ChartHero encounters into {} in {:.1} s.",
+        s.simulator_encounters,
+        s.database.display(),
+        s.elapsed.as_secs_f64()
+    );
+    println!(
+        "  warehouse: {} encounters, {} patients, {} documents",
+        s.encounters, s.patients, s.documents
+    );
+    println!(
+        "  requests: {} list pages over {} windows; complete through {}",
+        c.list_requests,
+        c.windows,
+        timefmt::format_utc(s.report.watermark)
+    );
+    println!();
+    println!("Try it:");
+    for (title, sql) in demo::EXAMPLE_QUERIES {
+        println!("  -- {title}");
+        println!("  sqlite3 {} \"{sql}\"", s.database.display());
+    }
+}

@@ -1,0 +1,113 @@
+-- The warehouse of product-contract.md plus the bookkeeping the sync needs.
+-- Timestamps are RFC 3339 UTC text; *_ns columns hold the same instants as integer
+-- nanoseconds because text with and without fractional seconds does not sort correctly.
+
+CREATE TABLE patients (
+    patient_id     TEXT PRIMARY KEY,
+    first_name     TEXT,
+    last_name      TEXT,
+    date_of_birth  TEXT,              -- YYYY-MM-DD
+    first_seen_at  TEXT NOT NULL,
+    changed_at     TEXT NOT NULL      -- when this row last changed here
+) STRICT;
+
+CREATE TABLE encounters (
+    encounter_id    TEXT PRIMARY KEY,
+    organization_id TEXT NOT NULL,
+    encounter_type  TEXT,
+    status          TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    date_of_service TEXT,
+    patient_id      TEXT REFERENCES patients (patient_id),
+    removed_at      TEXT,             -- NULL while live upstream
+    removed_reason  TEXT,
+    created_at_ns   INTEGER NOT NULL,
+    updated_at_ns   INTEGER NOT NULL,
+    content_hash    TEXT NOT NULL,    -- SHA-256 of the record's JSON as received
+    raw_json        TEXT NOT NULL,
+    first_seen_at   TEXT NOT NULL,
+    changed_at      TEXT NOT NULL
+) STRICT;
+CREATE INDEX encounters_by_created ON encounters (created_at_ns);
+CREATE INDEX encounters_by_patient ON encounters (patient_id);
+
+CREATE TABLE documents (
+    document_id            TEXT PRIMARY KEY,
+    encounter_id           TEXT NOT NULL REFERENCES encounters (encounter_id),
+    position               INTEGER NOT NULL,  -- index in the encounter's documents array
+    schema_type            TEXT NOT NULL,
+    title                  TEXT,
+    status                 TEXT,
+    workflow_variant       TEXT,
+    audio_duration_seconds REAL,
+    content_format         TEXT,              -- from document detail, schema_type = 'document'
+    content_text           TEXT,
+    detail_created_at      TEXT,
+    detail_updated_at      TEXT,
+    removed_at             TEXT,              -- set when the document left its encounter's list
+    first_seen_at          TEXT NOT NULL,
+    changed_at             TEXT NOT NULL
+) STRICT;
+CREATE INDEX documents_by_encounter ON documents (encounter_id);
+
+CREATE TABLE transcripts (
+    document_id            TEXT PRIMARY KEY REFERENCES documents (document_id),
+    encounter_id           TEXT NOT NULL REFERENCES encounters (encounter_id),
+    provider               TEXT,
+    audio_duration_seconds REAL,
+    turn_count             INTEGER NOT NULL,
+    fetched_at             TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE transcript_turns (
+    document_id   TEXT NOT NULL REFERENCES transcripts (document_id),
+    turn_index    INTEGER NOT NULL,   -- 0-based, in API order
+    speaker       TEXT,
+    start_seconds REAL NOT NULL,
+    end_seconds   REAL NOT NULL,
+    text          TEXT NOT NULL,
+    PRIMARY KEY (document_id, turn_index)
+) STRICT, WITHOUT ROWID;
+
+-- One row per sync cycle.
+CREATE TABLE sync_runs (
+    run_id               INTEGER PRIMARY KEY,
+    started_at           TEXT NOT NULL,
+    finished_at          TEXT,
+    outcome              TEXT NOT NULL CHECK (outcome IN ('running', 'succeeded', 'failed', 'aborted')),
+    trigger              TEXT NOT NULL,        -- 'sync', 'run', 'demo', ...
+    list_requests        INTEGER NOT NULL DEFAULT 0,
+    windows              INTEGER NOT NULL DEFAULT 0,
+    encounters_new       INTEGER NOT NULL DEFAULT 0,
+    encounters_changed   INTEGER NOT NULL DEFAULT 0,
+    encounters_unchanged INTEGER NOT NULL DEFAULT 0,
+    encounters_removed   INTEGER NOT NULL DEFAULT 0,
+    rescans              INTEGER NOT NULL DEFAULT 0,
+    splits               INTEGER NOT NULL DEFAULT 0,
+    error                TEXT,
+    reason_code          TEXT
+) STRICT;
+
+-- The window ledger: one row per completed created_at window.
+CREATE TABLE sync_windows (
+    window_id     INTEGER PRIMARY KEY,
+    run_id        INTEGER NOT NULL REFERENCES sync_runs (run_id),
+    kind          TEXT NOT NULL,        -- 'live', later also 'revisit' and 'backfill'
+    start_at      TEXT NOT NULL,        -- inclusive
+    end_at        TEXT NOT NULL,        -- exclusive
+    start_at_ns   INTEGER NOT NULL,
+    end_at_ns     INTEGER NOT NULL,
+    records_seen  INTEGER NOT NULL,
+    total         INTEGER NOT NULL,     -- the list route's total on the last page
+    pages         INTEGER NOT NULL,
+    id_set_hash   TEXT NOT NULL,        -- SHA-256 over the sorted encounter IDs seen
+    completed_at  TEXT NOT NULL
+) STRICT;
+CREATE INDEX sync_windows_by_end ON sync_windows (end_at_ns);
+
+-- Small named values: the live watermark and similar.
+CREATE TABLE sync_state (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;

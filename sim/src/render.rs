@@ -1,0 +1,546 @@
+//! Wire JSON: turns store records and derived content into the exact response bodies of the API,
+//! and formats timestamps (RFC 3339, `Z` or a chosen offset, fractional seconds only when
+//! non-zero).
+//!
+//! Rendering borrows records through small view types and serializes straight into a `Vec<u8>`;
+//! nothing is converted to `serde_json::Value` first. This module decides no status codes and
+//! holds no locks: callers pass a `&Store` they already hold.
+
+use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
+use serde::{Serialize, Serializer};
+use time::{Date, OffsetDateTime, UtcOffset};
+
+use crate::model::{Transcript, Turn};
+use crate::store::{DocRec, EncRec, Id, Slot, Store, deciseconds, instant};
+
+/// Name of the unknown field added to every object when `extra_fields` is on.
+pub(crate) const EXTRA_FIELD: &str = "x_sim_extension";
+
+/// Per-response rendering switches.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RenderOpts {
+    pub(crate) offset_timestamps: bool,
+    pub(crate) extra_fields: bool,
+}
+
+/// The value of the unknown field: a nested object, so clients must skip structured unknowns.
+struct Extra;
+
+impl Serialize for Extra {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("note", "unknown field added by the simulator; ignore it")?;
+        map.serialize_entry("revision", &3)?;
+        map.end()
+    }
+}
+
+/// Formatted RFC 3339 text on the stack (the longest form is 35 bytes).
+pub(crate) struct TsText {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl TsText {
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("timestamps are ASCII")
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.buf[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn digits(&mut self, value: u32, width: usize) {
+        for i in (0..width).rev() {
+            self.push(b'0' + ((value / 10u32.pow(i as u32)) % 10) as u8);
+        }
+    }
+}
+
+/// Offsets used in `offset_timestamps` mode; both signs and a half-hour offset exercise the
+/// client's normalization.
+const OFFSETS: [(i8, i8); 2] = [(2, 0), (-3, -30)];
+
+/// Formats unix nanoseconds. With `shifted`, the instant is expressed in one of `OFFSETS`
+/// (chosen by the whole second, so it varies between records but is stable per value).
+pub(crate) fn format_ts(nanos: i64, shifted: bool) -> TsText {
+    let mut at = instant(nanos);
+    if shifted {
+        let (h, m) = OFFSETS[nanos.div_euclid(1_000_000_000).rem_euclid(2) as usize];
+        at = at.to_offset(UtcOffset::from_hms(h, m, 0).expect("valid offset"));
+    }
+    format_datetime(at)
+}
+
+fn format_datetime(at: OffsetDateTime) -> TsText {
+    let mut out = TsText {
+        buf: [0; 40],
+        len: 0,
+    };
+    out.digits(at.year() as u32, 4);
+    out.push(b'-');
+    out.digits(u32::from(u8::from(at.month())), 2);
+    out.push(b'-');
+    out.digits(u32::from(at.day()), 2);
+    out.push(b'T');
+    out.digits(u32::from(at.hour()), 2);
+    out.push(b':');
+    out.digits(u32::from(at.minute()), 2);
+    out.push(b':');
+    out.digits(u32::from(at.second()), 2);
+    let mut fraction = at.nanosecond();
+    if fraction != 0 {
+        out.push(b'.');
+        let mut width = 9;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            width -= 1;
+        }
+        out.digits(fraction, width);
+    }
+    let offset = at.offset();
+    if offset.is_utc() {
+        out.push(b'Z');
+    } else {
+        let seconds = offset.whole_seconds();
+        out.push(if seconds < 0 { b'-' } else { b'+' });
+        let minutes = seconds.unsigned_abs() / 60;
+        out.digits(minutes / 60, 2);
+        out.push(b':');
+        out.digits(minutes % 60, 2);
+    }
+    out
+}
+
+/// `YYYY-MM-DD`.
+pub(crate) fn format_date(date: Date) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+/// Serde helper for public types: canonical UTC RFC 3339.
+pub(crate) fn serialize_instant<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(format_datetime(at.to_offset(UtcOffset::UTC)).as_str())
+}
+
+/// Serde helper for public types: optional plain date.
+pub(crate) fn serialize_opt_date<S: Serializer>(date: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+    match date {
+        Some(date) => s.serialize_str(&format_date(*date)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A timestamp field rendered per `RenderOpts`.
+struct Ts(i64, bool);
+
+impl Serialize for Ts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(format_ts(self.0, self.1).as_str())
+    }
+}
+
+fn to_vec(value: &impl Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, value).expect("serializing to memory cannot fail");
+    out
+}
+
+struct EncounterView<'a> {
+    store: &'a Store,
+    rec: &'a EncRec,
+    opts: RenderOpts,
+}
+
+impl Serialize for EncounterView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (store, rec, shift) = (self.store, self.rec, self.opts.offset_timestamps);
+        let mut obj = s.serialize_struct("Encounter", 10)?;
+        obj.serialize_field("encounter_id", rec.id.as_str())?;
+        obj.serialize_field("organization_id", &*store.organization_id)?;
+        obj.serialize_field("encounter_type", store.syms.get(rec.encounter_type))?;
+        obj.serialize_field("status", store.syms.get(rec.status))?;
+        obj.serialize_field("created_at", &Ts(rec.created, shift))?;
+        obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
+        obj.serialize_field("date_of_service", &Ts(rec.date_of_service, shift))?;
+        obj.serialize_field("patient", &PatientView { view: self })?;
+        obj.serialize_field("documents", &DocumentsView { view: self })?;
+        if self.opts.extra_fields {
+            obj.serialize_field(EXTRA_FIELD, &Extra)?;
+        }
+        obj.end()
+    }
+}
+
+struct PatientView<'a> {
+    view: &'a EncounterView<'a>,
+}
+
+impl Serialize for PatientView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let store = self.view.store;
+        let patient = store.patient(self.view.rec);
+        let name = |sym| store.syms.get(sym);
+        let mut obj = s.serialize_struct("Patient", 4)?;
+        obj.serialize_field("patient_id", &*patient.id)?;
+        if !patient.withheld {
+            obj.serialize_field("first_name", &patient.first_name.map(name))?;
+            obj.serialize_field("last_name", &patient.last_name.map(name))?;
+            obj.serialize_field("date_of_birth", &patient.date_of_birth.map(format_date))?;
+        }
+        if self.view.opts.extra_fields {
+            obj.serialize_field(EXTRA_FIELD, &Extra)?;
+        }
+        obj.end()
+    }
+}
+
+struct DocumentsView<'a> {
+    view: &'a EncounterView<'a>,
+}
+
+impl Serialize for DocumentsView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let docs = &self.view.rec.docs;
+        let mut seq = s.serialize_seq(Some(docs.len()))?;
+        for doc in docs {
+            seq.serialize_element(&SummaryView {
+                store: self.view.store,
+                doc,
+                opts: self.view.opts,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+struct SummaryView<'a> {
+    store: &'a Store,
+    doc: &'a DocRec,
+    opts: RenderOpts,
+}
+
+impl Serialize for SummaryView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (doc, syms) = (self.doc, &self.store.syms);
+        let mut obj = s.serialize_struct("Document", 6)?;
+        obj.serialize_field("document_id", doc.id.as_str())?;
+        obj.serialize_field("schema_type", syms.get(doc.schema_type))?;
+        obj.serialize_field("title", &doc.title.map(|t| syms.get(t)))?;
+        obj.serialize_field("status", &doc.status.map(|t| syms.get(t)))?;
+        obj.serialize_field("workflow_variant", &doc.workflow_variant.map(|t| syms.get(t)))?;
+        obj.serialize_field("audio_duration_seconds", &doc.audio_ds.map(deciseconds))?;
+        if self.opts.extra_fields {
+            obj.serialize_field(EXTRA_FIELD, &Extra)?;
+        }
+        obj.end()
+    }
+}
+
+/// `{"items": [...], "limit": L, "offset": O, "total": T}`.
+pub(crate) fn list_body(
+    store: &Store,
+    slots: &[Slot],
+    limit: u32,
+    offset: u32,
+    total: usize,
+    opts: RenderOpts,
+) -> Vec<u8> {
+    struct Items<'a>(&'a Store, &'a [Slot], RenderOpts);
+    impl Serialize for Items<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.1.len()))?;
+            for &slot in self.1 {
+                seq.serialize_element(&EncounterView {
+                    store: self.0,
+                    rec: self.0.rec(slot),
+                    opts: self.2,
+                })?;
+            }
+            seq.end()
+        }
+    }
+    struct Envelope<'a> {
+        items: Items<'a>,
+        limit: u32,
+        offset: u32,
+        total: usize,
+    }
+    impl Serialize for Envelope<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("List", 4)?;
+            obj.serialize_field("items", &self.items)?;
+            obj.serialize_field("limit", &self.limit)?;
+            obj.serialize_field("offset", &self.offset)?;
+            obj.serialize_field("total", &self.total)?;
+            if self.items.2.extra_fields {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    // About 700 bytes per encounter; reserving avoids most reallocation on a full page.
+    let mut out = Vec::with_capacity(256 + slots.len() * 900);
+    let envelope = Envelope {
+        items: Items(store, slots, opts),
+        limit,
+        offset,
+        total,
+    };
+    serde_json::to_writer(&mut out, &envelope).expect("serializing to memory cannot fail");
+    out
+}
+
+/// `{"encounter": {...}}`.
+pub(crate) fn encounter_body(store: &Store, slot: Slot, opts: RenderOpts) -> Vec<u8> {
+    struct Wrapper<'a>(EncounterView<'a>);
+    impl Serialize for Wrapper<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Detail", 1)?;
+            obj.serialize_field("encounter", &self.0)?;
+            if self.0.opts.extra_fields {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    to_vec(&Wrapper(EncounterView {
+        store,
+        rec: store.rec(slot),
+        opts,
+    }))
+}
+
+/// What document detail needs, copied out of the store so rendering (and deriving note text)
+/// happens without the store lock.
+pub(crate) struct DocDetail {
+    pub(crate) encounter_id: Id,
+    pub(crate) doc: DocRec,
+    pub(crate) schema_type: String,
+    pub(crate) title: Option<String>,
+    pub(crate) status: Option<String>,
+}
+
+/// Document detail of a markdown note.
+pub(crate) fn note_body(detail: &DocDetail, text: &str, opts: RenderOpts) -> Vec<u8> {
+    struct Content<'a>(&'a str, bool);
+    impl Serialize for Content<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Content", 2)?;
+            obj.serialize_field("format", "markdown")?;
+            obj.serialize_field("text", self.0)?;
+            if self.1 {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    struct Note<'a>(&'a DocDetail, &'a str, RenderOpts);
+    impl Serialize for Note<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let (d, shift) = (self.0, self.2.offset_timestamps);
+            let mut obj = s.serialize_struct("Note", 9)?;
+            obj.serialize_field("document_id", d.doc.id.as_str())?;
+            obj.serialize_field("encounter_id", d.encounter_id.as_str())?;
+            obj.serialize_field("schema_type", &d.schema_type)?;
+            obj.serialize_field("title", &d.title)?;
+            // The contract fixes both to null for markdown notes.
+            obj.serialize_field("status", &None::<&str>)?;
+            obj.serialize_field("workflow_variant", &None::<&str>)?;
+            obj.serialize_field("created_at", &Ts(d.doc.created, shift))?;
+            obj.serialize_field("updated_at", &Ts(d.doc.updated, shift))?;
+            obj.serialize_field("content", &Content(self.1, self.2.extra_fields))?;
+            if self.2.extra_fields {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    to_vec(&DocumentWrapper(Note(detail, text, opts), opts))
+}
+
+/// Document detail of an ambient transcript: the closed metadata object, keys in the order the
+/// reference documents them (alphabetical).
+pub(crate) fn ambient_body(detail: &DocDetail, opts: RenderOpts) -> Vec<u8> {
+    struct Ambient<'a>(&'a DocDetail, RenderOpts);
+    impl Serialize for Ambient<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let (d, shift) = (self.0, self.1.offset_timestamps);
+            let mut obj = s.serialize_struct("Ambient", 8)?;
+            obj.serialize_field("audio_duration_seconds", &d.doc.audio_ds.map(deciseconds))?;
+            obj.serialize_field("created_at", &Ts(d.doc.created, shift))?;
+            obj.serialize_field("document_id", d.doc.id.as_str())?;
+            obj.serialize_field("encounter_id", d.encounter_id.as_str())?;
+            obj.serialize_field("schema_type", &d.schema_type)?;
+            obj.serialize_field("status", &d.status)?;
+            obj.serialize_field("title", &d.title)?;
+            obj.serialize_field("updated_at", &Ts(d.doc.updated, shift))?;
+            if self.1.extra_fields {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    to_vec(&DocumentWrapper(Ambient(detail, opts), opts))
+}
+
+struct DocumentWrapper<T>(T, RenderOpts);
+
+impl<T: Serialize> Serialize for DocumentWrapper<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut obj = s.serialize_struct("Detail", 1)?;
+        obj.serialize_field("document", &self.0)?;
+        if self.1.extra_fields {
+            obj.serialize_field(EXTRA_FIELD, &Extra)?;
+        }
+        obj.end()
+    }
+}
+
+/// `{"encounter_id", "document_id", "transcript": {"provider", "audio_duration_seconds", "turns"}}`.
+pub(crate) fn transcript_body(
+    encounter_id: &str,
+    document_id: &str,
+    transcript: &Transcript,
+    opts: RenderOpts,
+) -> Vec<u8> {
+    struct TurnView<'a>(&'a Turn, bool);
+    impl Serialize for TurnView<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Turn", 4)?;
+            obj.serialize_field("speaker", &self.0.speaker)?;
+            obj.serialize_field("start", &self.0.start)?;
+            obj.serialize_field("end", &self.0.end)?;
+            obj.serialize_field("text", &self.0.text)?;
+            if self.1 {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    struct TranscriptView<'a>(&'a Transcript, bool);
+    impl Serialize for TranscriptView<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Transcript", 3)?;
+            obj.serialize_field("provider", &self.0.provider)?;
+            obj.serialize_field("audio_duration_seconds", &self.0.audio_duration_seconds)?;
+            obj.serialize_field(
+                "turns",
+                &Turns(&self.0.turns, self.1),
+            )?;
+            if self.1 {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    struct Turns<'a>(&'a [Turn], bool);
+    impl Serialize for Turns<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|t| TurnView(t, self.1)))
+        }
+    }
+    struct Envelope<'a>(&'a str, &'a str, &'a Transcript, bool);
+    impl Serialize for Envelope<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("TranscriptResponse", 3)?;
+            obj.serialize_field("encounter_id", self.0)?;
+            obj.serialize_field("document_id", self.1)?;
+            obj.serialize_field("transcript", &TranscriptView(self.2, self.3))?;
+            if self.3 {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    let envelope = Envelope(encounter_id, document_id, transcript, opts.extra_fields);
+    let mut out = Vec::with_capacity(64 + transcript.turns.len() * 160);
+    serde_json::to_writer(&mut out, &envelope).expect("serializing to memory cannot fail");
+    out
+}
+
+/// `{"audio_url": "...", "expires_at": "..."}`.
+pub(crate) fn audio_body(audio_url: &str, expires_at: i64, opts: RenderOpts) -> Vec<u8> {
+    struct Audio<'a>(&'a str, i64, RenderOpts);
+    impl Serialize for Audio<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Audio", 2)?;
+            obj.serialize_field("audio_url", self.0)?;
+            obj.serialize_field("expires_at", &Ts(self.1, self.2.offset_timestamps))?;
+            if self.2.extra_fields {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    to_vec(&Audio(audio_url, expires_at, opts))
+}
+
+/// `{"error": ..., "reason_code": ..., "message": ..., "field": ...}` with explicit nulls.
+pub(crate) fn error_body(
+    category: &str,
+    reason_code: Option<&str>,
+    message: &str,
+    field: Option<&str>,
+    opts: RenderOpts,
+) -> Vec<u8> {
+    struct ErrorView<'a>(&'a str, Option<&'a str>, &'a str, Option<&'a str>, bool);
+    impl Serialize for ErrorView<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut obj = s.serialize_struct("Error", 4)?;
+            obj.serialize_field("error", self.0)?;
+            obj.serialize_field("reason_code", &self.1)?;
+            obj.serialize_field("message", self.2)?;
+            obj.serialize_field("field", &self.3)?;
+            if self.4 {
+                obj.serialize_field(EXTRA_FIELD, &Extra)?;
+            }
+            obj.end()
+        }
+    }
+    to_vec(&ErrorView(
+        category,
+        reason_code,
+        message,
+        field,
+        opts.extra_fields,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(text: &str) -> i64 {
+        let at = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+        crate::store::nanos(at)
+    }
+
+    #[test]
+    fn timestamps_use_z_and_only_significant_fraction_digits() {
+        assert_eq!(format_ts(ts("2026-05-25T14:00:00Z"), false).as_str(), "2026-05-25T14:00:00Z");
+        assert_eq!(
+            format_ts(ts("2026-05-25T14:00:00.120Z"), false).as_str(),
+            "2026-05-25T14:00:00.12Z"
+        );
+        assert_eq!(
+            format_ts(ts("2026-05-25T14:00:00.000001Z"), false).as_str(),
+            "2026-05-25T14:00:00.000001Z"
+        );
+    }
+
+    #[test]
+    fn shifted_timestamps_denote_the_same_instant() {
+        for text in ["2026-05-25T14:00:00Z", "2026-05-25T14:00:01.5Z"] {
+            let shifted = format_ts(ts(text), true);
+            assert!(!shifted.as_str().ends_with('Z'), "{}", shifted.as_str());
+            assert_eq!(ts(shifted.as_str()), ts(text));
+        }
+        assert_eq!(format_ts(ts("2026-05-25T14:00:01Z"), true).as_str(), "2026-05-25T10:30:01-03:30");
+    }
+}

@@ -1,0 +1,724 @@
+//! The in-memory data set: compact encounter and document records, the patient pool, and the
+//! sorted index of visible encounters that makes every list page `O(log n + limit)`.
+//!
+//! Records are deliberately small (fixed-size ids, interned strings, integer timestamps) so a
+//! million encounters fit comfortably in memory. Note text and transcript turns are never stored:
+//! `content` derives them from the seed and the document id, and only edited notes are kept here.
+//! This module does no I/O, no locking and no JSON; the `Simulator` wraps it in a lock and
+//! `render` turns records into wire bytes.
+
+use std::collections::HashMap;
+
+use time::{Date, OffsetDateTime};
+
+use crate::content;
+use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Unavailable, Visibility};
+use crate::options::SimOptions;
+
+/// Length of every simulator-minted id: a 3-letter prefix, `_`, and 12 base62 characters.
+pub(crate) const ID_LEN: usize = 16;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// One microsecond in nanoseconds: the minimum step by which a mutation advances `updated_at`.
+const MICROSECOND: i64 = 1_000;
+
+/// A fixed-size ASCII id. Byte order equals string order, so sorting by `Id` is sorting by the
+/// id string, which is how the API breaks `created_at` ties.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Id([u8; ID_LEN]);
+
+impl Id {
+    /// Mints the `seq`-th id. The 11-character tail is a bijective mix of `seq`, so distinct
+    /// sequence numbers can never collide, while the ids look random and carry no time order.
+    fn mint(prefix: &[u8; 3], seq: u64, key: u64) -> Id {
+        let mut bytes = [0u8; ID_LEN];
+        bytes[..3].copy_from_slice(prefix);
+        bytes[3] = b'_';
+        bytes[4] = BASE62[(mix64(seq ^ key.rotate_left(29)) % 62) as usize];
+        // 62^11 > 2^64, so 11 digits hold any u64 and the encoding stays injective.
+        let mut value = mix64(seq.wrapping_add(key));
+        for byte in bytes[5..].iter_mut().rev() {
+            *byte = BASE62[(value % 62) as usize];
+            value /= 62;
+        }
+        Id(bytes)
+    }
+
+    /// Interprets a path segment as an id; anything of the wrong length cannot exist.
+    pub(crate) fn parse(text: &str) -> Option<Id> {
+        <[u8; ID_LEN]>::try_from(text.as_bytes()).ok().map(Id)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Minted ids are ASCII and parsed ids come from a `&str` of exactly this length.
+        std::str::from_utf8(&self.0).expect("ids are valid UTF-8")
+    }
+}
+
+/// SplitMix64's finalizer: a bijection on `u64` with good avalanche, used for ids and seeds.
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a: a stable hash (unlike `DefaultHasher`, guaranteed not to change between Rust releases),
+/// so derived text depends only on the seed and the id.
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Handle of an interned string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Sym(u32);
+
+/// Strings that repeat across records (types, statuses, titles, names) are stored once.
+#[derive(Default)]
+pub(crate) struct Interner {
+    strings: Vec<Box<str>>,
+    index: HashMap<Box<str>, Sym>,
+}
+
+impl Interner {
+    pub(crate) fn intern(&mut self, text: &str) -> Sym {
+        if let Some(&sym) = self.index.get(text) {
+            return sym;
+        }
+        let sym = Sym(u32::try_from(self.strings.len()).expect("fewer than 2^32 distinct strings"));
+        self.strings.push(text.into());
+        self.index.insert(text.into(), sym);
+        sym
+    }
+
+    pub(crate) fn get(&self, sym: Sym) -> &str {
+        &self.strings[sym.0 as usize]
+    }
+}
+
+/// The interned vocabulary generation draws from.
+pub(crate) struct Vocab {
+    pub(crate) ambient: Sym,
+    pub(crate) clinical_documentation: Sym,
+    pub(crate) completed: Sym,
+    pub(crate) in_progress: Sym,
+    pub(crate) pending_review: Sym,
+    pub(crate) processing: Sym,
+    pub(crate) ambient_transcript: Sym,
+    pub(crate) document: Sym,
+    pub(crate) ambient_title: Sym,
+    pub(crate) ambient_variant: Sym,
+    pub(crate) note_titles: Vec<Sym>,
+    /// `(schema_type, title)` pairs the document route refuses.
+    pub(crate) unsupported: Vec<(Sym, Sym)>,
+    pub(crate) first_names: Vec<Sym>,
+    pub(crate) last_names: Vec<Sym>,
+}
+
+impl Vocab {
+    fn new(syms: &mut Interner) -> Vocab {
+        let mut all = |list: &[&str]| list.iter().map(|s| syms.intern(s)).collect::<Vec<_>>();
+        let note_titles = all(content::NOTE_TITLES);
+        let first_names = all(content::FIRST_NAMES);
+        let last_names = all(content::LAST_NAMES);
+        let unsupported = content::UNSUPPORTED_TYPES
+            .iter()
+            .map(|(schema, title)| (syms.intern(schema), syms.intern(title)))
+            .collect();
+        Vocab {
+            ambient: syms.intern("ambient"),
+            clinical_documentation: syms.intern("clinical_documentation"),
+            completed: syms.intern("completed"),
+            in_progress: syms.intern("in_progress"),
+            pending_review: syms.intern("pending_review"),
+            processing: syms.intern("processing"),
+            ambient_transcript: syms.intern("ambient_transcript"),
+            document: syms.intern("document"),
+            ambient_title: syms.intern("Ambient transcript"),
+            ambient_variant: syms.intern("ambient"),
+            note_titles,
+            unsupported,
+            first_names,
+            last_names,
+        }
+    }
+}
+
+/// Which route family serves a document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DocClass {
+    Note,
+    Ambient,
+    Unsupported,
+}
+
+/// A document summary plus what is needed to derive its content.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DocRec {
+    pub(crate) id: Id,
+    pub(crate) class: DocClass,
+    pub(crate) schema_type: Sym,
+    pub(crate) title: Option<Sym>,
+    pub(crate) status: Option<Sym>,
+    pub(crate) workflow_variant: Option<Sym>,
+    /// Audio length in tenths of a second, so the wire value is exact (e.g. `842.4`).
+    pub(crate) audio_ds: Option<u32>,
+    pub(crate) created: i64,
+    pub(crate) updated: i64,
+    /// Ambient transcript is final (the transcript route serves it).
+    pub(crate) is_final: bool,
+    /// Ambient transcript is one of the ~2 MB ones.
+    pub(crate) large: bool,
+    /// Note text carries emoji, CJK and combining marks.
+    pub(crate) unicode: bool,
+}
+
+pub(crate) struct PatientRec {
+    pub(crate) id: Box<str>,
+    pub(crate) first_name: Option<Sym>,
+    pub(crate) last_name: Option<Sym>,
+    pub(crate) date_of_birth: Option<Date>,
+    /// Only `patient_id` is sent.
+    pub(crate) withheld: bool,
+}
+
+pub(crate) struct EncRec {
+    pub(crate) id: Id,
+    pub(crate) encounter_type: Sym,
+    pub(crate) status: Sym,
+    pub(crate) created: i64,
+    pub(crate) updated: i64,
+    pub(crate) date_of_service: i64,
+    pub(crate) patient: u32,
+    pub(crate) visibility: Visibility,
+    pub(crate) docs: Vec<DocRec>,
+}
+
+impl EncRec {
+    pub(crate) fn doc(&self, document_id: &str) -> Option<&DocRec> {
+        let id = Id::parse(document_id)?;
+        self.docs.iter().find(|d| d.id == id)
+    }
+
+    fn doc_mut(&mut self, document_id: &str) -> Option<&mut DocRec> {
+        let id = Id::parse(document_id)?;
+        self.docs.iter_mut().find(|d| d.id == id)
+    }
+}
+
+/// Generation parameters that also govern run-time additions and derived content.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ContentParams {
+    pub(crate) seed: u64,
+    pub(crate) turns_per_transcript: (u32, u32),
+    pub(crate) unicode_every: u32,
+    pub(crate) large_transcript_every: u32,
+}
+
+/// Position of an encounter in `Store::encounters`; never reused, records are never deleted.
+pub(crate) type Slot = u32;
+
+/// One page of the visible index.
+pub(crate) struct Page {
+    pub(crate) total: usize,
+    pub(crate) slots: Vec<Slot>,
+}
+
+pub(crate) struct Store {
+    pub(crate) organization_id: Box<str>,
+    pub(crate) params: ContentParams,
+    pub(crate) syms: Interner,
+    pub(crate) vocab: Vocab,
+    pub(crate) rng: fastrand::Rng,
+    encounters: Vec<EncRec>,
+    by_id: HashMap<Id, Slot>,
+    /// Visible encounters ordered by `(created_at, encounter_id)`.
+    index: Vec<(i64, Id, Slot)>,
+    pub(crate) patients: Vec<PatientRec>,
+    patient_by_id: HashMap<Box<str>, u32>,
+    note_overrides: HashMap<Id, Box<str>>,
+    id_seq: u64,
+    id_key: u64,
+    ambient_docs: u64,
+    notes: u64,
+    unsupported_docs: u64,
+}
+
+impl Store {
+    pub(crate) fn new(opts: &SimOptions) -> Store {
+        let mut syms = Interner::default();
+        let vocab = Vocab::new(&mut syms);
+        Store {
+            organization_id: opts.organization_id.as_str().into(),
+            params: ContentParams {
+                seed: opts.seed,
+                turns_per_transcript: ordered(opts.turns_per_transcript),
+                unicode_every: opts.unicode_every,
+                large_transcript_every: opts.large_transcript_every,
+            },
+            syms,
+            vocab,
+            rng: fastrand::Rng::with_seed(mix64(opts.seed ^ 0x5eed_da7a)),
+            encounters: Vec::new(),
+            by_id: HashMap::new(),
+            index: Vec::new(),
+            patients: Vec::new(),
+            patient_by_id: HashMap::new(),
+            note_overrides: HashMap::new(),
+            id_seq: 0,
+            id_key: mix64(opts.seed ^ 0x1d5_0f_1d5),
+            ambient_docs: 0,
+            notes: 0,
+            unsupported_docs: 0,
+        }
+    }
+
+    pub(crate) fn reserve(&mut self, encounters: usize, patients: usize) {
+        self.encounters.reserve(encounters);
+        self.by_id.reserve(encounters);
+        self.index.reserve(encounters);
+        self.patients.reserve(patients);
+        self.patient_by_id.reserve(patients);
+    }
+
+    fn mint(&mut self, prefix: &[u8; 3]) -> Id {
+        let id = Id::mint(prefix, self.id_seq, self.id_key);
+        self.id_seq += 1;
+        id
+    }
+
+    /// Adds a patient with generated demographics under `id` (a fresh one when `None`).
+    pub(crate) fn add_patient(&mut self, id: Option<&str>) -> u32 {
+        let id: Box<str> = match id {
+            Some(id) => id.into(),
+            None => self.mint(b"pat").as_str().into(),
+        };
+        let rng = &mut self.rng;
+        let withheld = rng.u32(0..100) < 12;
+        let first_name = Some(self.vocab.first_names[rng.usize(..self.vocab.first_names.len())]);
+        let last_name = Some(self.vocab.last_names[rng.usize(..self.vocab.last_names.len())]);
+        // Days from 1930-01-01 to 2023-12-31; 1930-01-01 is Julian day 2_425_977.
+        let date_of_birth = (rng.u32(0..100) >= 4)
+            .then(|| Date::from_julian_day(2_425_977 + rng.i32(0..34_333)).expect("in range"));
+        let slot = u32::try_from(self.patients.len()).expect("fewer than 2^32 patients");
+        self.patient_by_id.insert(id.clone(), slot);
+        self.patients.push(PatientRec {
+            id,
+            first_name: first_name.filter(|_| !withheld),
+            last_name: last_name.filter(|_| !withheld),
+            date_of_birth: date_of_birth.filter(|_| !withheld),
+            withheld,
+        });
+        slot
+    }
+
+    fn patient_for(&mut self, id: Option<&str>) -> u32 {
+        match id.and_then(|id| self.patient_by_id.get(id)) {
+            Some(&slot) => slot,
+            None => self.add_patient(id),
+        }
+    }
+
+    /// Builds a document record, advancing the every-Nth counters for large transcripts and
+    /// unicode notes so generated and inserted documents follow the same rules.
+    pub(crate) fn new_doc(&mut self, kind: DocKind, created: i64, updated: i64) -> DocRec {
+        let id = self.mint(b"doc");
+        let v = &self.vocab;
+        let mut doc = DocRec {
+            id,
+            class: DocClass::Note,
+            schema_type: v.document,
+            title: None,
+            status: None,
+            workflow_variant: None,
+            audio_ds: None,
+            created,
+            updated,
+            is_final: false,
+            large: false,
+            unicode: false,
+        };
+        match kind {
+            DocKind::Note => {
+                doc.title = Some(v.note_titles[self.rng.usize(..v.note_titles.len())]);
+                doc.unicode = every_nth(self.notes, self.params.unicode_every);
+                self.notes += 1;
+            }
+            DocKind::Ambient | DocKind::AmbientFinal => {
+                doc.class = DocClass::Ambient;
+                doc.schema_type = v.ambient_transcript;
+                doc.title = Some(v.ambient_title);
+                doc.workflow_variant = Some(v.ambient_variant);
+                doc.large = every_nth(self.ambient_docs, self.params.large_transcript_every);
+                self.ambient_docs += 1;
+                if kind == DocKind::AmbientFinal {
+                    doc.is_final = true;
+                    doc.status = Some(v.completed);
+                    doc.audio_ds = Some(content::audio_duration_ds(
+                        self.params.seed,
+                        &doc.id,
+                        doc.large,
+                    ));
+                } else {
+                    doc.status = Some(v.processing);
+                }
+            }
+            DocKind::Unsupported => {
+                let (schema, title) =
+                    v.unsupported[(self.unsupported_docs % v.unsupported.len() as u64) as usize];
+                self.unsupported_docs += 1;
+                doc.class = DocClass::Unsupported;
+                doc.schema_type = schema;
+                doc.title = Some(title);
+            }
+        }
+        doc
+    }
+
+    /// Appends a generated encounter without touching the index; call `rebuild_index` after a
+    /// batch.
+    pub(crate) fn push_generated(&mut self, rec: EncRec) {
+        let slot = Slot::try_from(self.encounters.len()).expect("fewer than 2^32 encounters");
+        self.by_id.insert(rec.id, slot);
+        self.encounters.push(rec);
+    }
+
+    pub(crate) fn mint_encounter_id(&mut self) -> Id {
+        self.mint(b"enc")
+    }
+
+    pub(crate) fn rebuild_index(&mut self) {
+        self.index = self
+            .encounters
+            .iter()
+            .zip(0..)
+            .filter(|(rec, _)| rec.visibility == Visibility::Visible)
+            .map(|(rec, slot)| (rec.created, rec.id, slot))
+            .collect();
+        self.index.sort_unstable();
+    }
+
+    pub(crate) fn insert(&mut self, new: &NewEncounter, now: i64) -> Id {
+        let created = nanos(new.created_at);
+        // A record that just appeared was last modified now, even when back-dated.
+        let updated = created.max(now);
+        let encounter_type = self.syms.intern(&new.encounter_type);
+        let status = self.syms.intern(&new.status);
+        let patient = self.patient_for(new.patient_id.as_deref());
+        let id = self.mint_encounter_id();
+        let docs = new
+            .docs
+            .iter()
+            .map(|&kind| self.new_doc(kind, created, updated))
+            .collect();
+        let slot = Slot::try_from(self.encounters.len()).expect("fewer than 2^32 encounters");
+        self.encounters.push(EncRec {
+            id,
+            encounter_type,
+            status,
+            created,
+            updated,
+            date_of_service: created,
+            patient,
+            visibility: Visibility::Visible,
+            docs,
+        });
+        self.by_id.insert(id, slot);
+        self.index_insert(created, id, slot);
+        id
+    }
+
+    fn index_insert(&mut self, created: i64, id: Id, slot: Slot) {
+        let key = (created, id, slot);
+        let at = self.index.partition_point(|entry| *entry < key);
+        self.index.insert(at, key);
+    }
+
+    fn index_remove(&mut self, created: i64, id: Id, slot: Slot) {
+        let key = (created, id, slot);
+        if let Ok(at) = self.index.binary_search(&key) {
+            self.index.remove(at);
+        }
+    }
+
+    pub(crate) fn slot(&self, encounter_id: &str) -> Option<Slot> {
+        self.by_id.get(&Id::parse(encounter_id)?).copied()
+    }
+
+    pub(crate) fn rec(&self, slot: Slot) -> &EncRec {
+        &self.encounters[slot as usize]
+    }
+
+    pub(crate) fn patient(&self, rec: &EncRec) -> &PatientRec {
+        &self.patients[rec.patient as usize]
+    }
+
+    pub(crate) fn visible_len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(crate) fn encounter_count(&self) -> usize {
+        self.encounters.len()
+    }
+
+    /// Visible encounters with `start <= created_at < end`, paged in the requested direction.
+    pub(crate) fn page(
+        &self,
+        start: Option<i64>,
+        end: Option<i64>,
+        offset: usize,
+        limit: usize,
+        desc: bool,
+    ) -> Page {
+        let lo = start.map_or(0, |s| self.index.partition_point(|e| e.0 < s));
+        let hi = end.map_or(self.index.len(), |e| self.index.partition_point(|x| x.0 < e));
+        let hi = hi.max(lo);
+        let total = hi - lo;
+        let take = limit.min(total.saturating_sub(offset));
+        let slots = if desc {
+            let top = hi - offset.min(total);
+            self.index[top - take..top]
+                .iter()
+                .rev()
+                .map(|e| e.2)
+                .collect()
+        } else {
+            let first = lo + offset.min(total);
+            self.index[first..first + take].iter().map(|e| e.2).collect()
+        };
+        Page { total, slots }
+    }
+
+    /// Every visible encounter slot in ascending `(created_at, encounter_id)` order.
+    pub(crate) fn visible_slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.index.iter().map(|e| e.2)
+    }
+
+    fn touch(&mut self, slot: Slot, now: i64) -> &mut EncRec {
+        let rec = &mut self.encounters[slot as usize];
+        rec.updated = now.max(rec.updated + MICROSECOND);
+        rec
+    }
+
+    pub(crate) fn set_visibility(&mut self, slot: Slot, visibility: Visibility, now: i64) {
+        let rec = self.touch(slot, now);
+        let was_visible = rec.visibility == Visibility::Visible;
+        rec.visibility = visibility;
+        let (created, id) = (rec.created, rec.id);
+        match (was_visible, visibility == Visibility::Visible) {
+            (true, false) => self.index_remove(created, id, slot),
+            (false, true) => self.index_insert(created, id, slot),
+            _ => {}
+        }
+    }
+
+    pub(crate) fn set_status(&mut self, slot: Slot, status: &str, now: i64) {
+        let status = self.syms.intern(status);
+        self.touch(slot, now).status = status;
+    }
+
+    pub(crate) fn add_document(&mut self, slot: Slot, kind: DocKind, now: i64) -> Id {
+        let updated = now.max(self.encounters[slot as usize].updated + MICROSECOND);
+        let doc = self.new_doc(kind, now, updated);
+        let rec = self.touch(slot, now);
+        rec.docs.push(doc);
+        doc.id
+    }
+
+    /// Applies `change` to one document and bumps both its and the encounter's `updated_at`.
+    /// Returns `None` when the encounter has no such document.
+    fn change_doc(
+        &mut self,
+        slot: Slot,
+        document_id: &str,
+        now: i64,
+        change: impl FnOnce(&mut DocRec, &Vocab, &ContentParams),
+    ) -> Option<DocRec> {
+        let (vocab, params) = (&self.vocab, &self.params);
+        let rec = &mut self.encounters[slot as usize];
+        let doc = rec.doc_mut(document_id)?;
+        change(doc, vocab, params);
+        doc.updated = now.max(doc.updated + MICROSECOND);
+        let doc_updated = doc.updated;
+        let doc = *doc;
+        rec.updated = doc_updated.max(rec.updated + MICROSECOND);
+        Some(doc)
+    }
+
+    /// Finalizes an ambient transcript. Returns `Err` with a description when the document is
+    /// missing or not an ambient transcript.
+    pub(crate) fn finalize_transcript(
+        &mut self,
+        slot: Slot,
+        document_id: &str,
+        now: i64,
+    ) -> Result<(), String> {
+        match self.rec(slot).doc(document_id).map(|d| d.class) {
+            Some(DocClass::Ambient) => {}
+            Some(_) => return Err(format!("document {document_id} is not an ambient transcript")),
+            None => return Err(format!("no document {document_id} on this encounter")),
+        }
+        self.change_doc(slot, document_id, now, |doc, vocab, params| {
+            doc.is_final = true;
+            doc.status = Some(vocab.completed);
+            doc.audio_ds = Some(content::audio_duration_ds(params.seed, &doc.id, doc.large));
+        });
+        Ok(())
+    }
+
+    /// Replaces a note's text. Returns `Err` with a description when the document is missing or
+    /// not a note.
+    pub(crate) fn edit_note(
+        &mut self,
+        slot: Slot,
+        document_id: &str,
+        text: &str,
+        now: i64,
+    ) -> Result<(), String> {
+        let doc = match self.rec(slot).doc(document_id) {
+            Some(doc) if doc.class == DocClass::Note => doc.id,
+            Some(_) => return Err(format!("document {document_id} is not a note")),
+            None => return Err(format!("no document {document_id} on this encounter")),
+        };
+        self.change_doc(slot, document_id, now, |_, _, _| {});
+        self.note_overrides.insert(doc, text.into());
+        Ok(())
+    }
+
+    /// The note's current text: the edited text if any, else the derived one.
+    pub(crate) fn note_text(&self, doc: &DocRec) -> NoteText {
+        match self.note_overrides.get(&doc.id) {
+            Some(text) => NoteText::Edited(text.to_string()),
+            None => NoteText::Derived {
+                seed: self.params.seed,
+                title: doc.title.map(|t| self.syms.get(t).to_owned()),
+                unicode: doc.unicode,
+            },
+        }
+    }
+
+    pub(crate) fn to_public(&self, slot: Slot) -> Encounter {
+        let rec = self.rec(slot);
+        let patient = self.patient(rec);
+        let name = |sym: Option<Sym>| sym.map(|s| self.syms.get(s).to_owned());
+        Encounter {
+            encounter_id: rec.id.as_str().to_owned(),
+            organization_id: self.organization_id.to_string(),
+            encounter_type: self.syms.get(rec.encounter_type).to_owned(),
+            status: self.syms.get(rec.status).to_owned(),
+            created_at: instant(rec.created),
+            updated_at: instant(rec.updated),
+            date_of_service: instant(rec.date_of_service),
+            patient: Patient {
+                patient_id: patient.id.to_string(),
+                first_name: name(patient.first_name),
+                last_name: name(patient.last_name),
+                date_of_birth: patient.date_of_birth,
+            },
+            documents: rec
+                .docs
+                .iter()
+                .map(|doc| Document {
+                    document_id: doc.id.as_str().to_owned(),
+                    schema_type: self.syms.get(doc.schema_type).to_owned(),
+                    title: name(doc.title),
+                    status: name(doc.status),
+                    workflow_variant: name(doc.workflow_variant),
+                    audio_duration_seconds: doc.audio_ds.map(deciseconds),
+                    created_at: instant(doc.created),
+                    updated_at: instant(doc.updated),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A note's text, or what is needed to derive it outside the store lock.
+pub(crate) enum NoteText {
+    Edited(String),
+    Derived {
+        seed: u64,
+        title: Option<String>,
+        unicode: bool,
+    },
+}
+
+impl NoteText {
+    pub(crate) fn into_text(self, doc: &Id) -> String {
+        match self {
+            NoteText::Edited(text) => text,
+            NoteText::Derived {
+                seed,
+                title,
+                unicode,
+            } => content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode),
+        }
+    }
+}
+
+fn every_nth(count: u64, every: u32) -> bool {
+    every != 0 && (count + 1) % u64::from(every) == 0
+}
+
+fn ordered((a, b): (u32, u32)) -> (u32, u32) {
+    (a.min(b), a.max(b))
+}
+
+/// Tenths of a second as the seconds value the API reports.
+pub(crate) fn deciseconds(ds: u32) -> f64 {
+    f64::from(ds) / 10.0
+}
+
+/// Unix nanoseconds of an instant, saturated to the `i64` range (years 1677..=2262).
+pub(crate) fn nanos(at: OffsetDateTime) -> i64 {
+    let n = at.unix_timestamp_nanos();
+    i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
+}
+
+pub(crate) fn instant(nanos: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos)).expect("i64 nanos are in range")
+}
+
+pub(crate) fn now_nanos() -> i64 {
+    nanos(OffsetDateTime::now_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_ids_are_unique_fixed_length_and_not_time_ordered() {
+        let key = mix64(42);
+        let ids: Vec<Id> = (0..10_000).map(|seq| Id::mint(b"enc", seq, key)).collect();
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.iter().all(|id| id.as_str().starts_with("enc_")));
+        assert!(ids.windows(2).any(|w| w[0] > w[1]), "ids must not follow minting order");
+    }
+
+    #[test]
+    fn paging_in_both_directions_respects_offset_and_bounds() {
+        let mut store = Store::new(&SimOptions::default());
+        let base = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        for minute in 0..10 {
+            let at = base + time::Duration::minutes(minute);
+            store.insert(&NewEncounter::at(at), nanos(at));
+        }
+        let created = |slot: Slot| store.rec(slot).created;
+        let asc = store.page(None, None, 2, 3, false);
+        assert_eq!(asc.total, 10);
+        let times: Vec<_> = asc.slots.iter().map(|&s| created(s)).collect();
+        let minute = 60_000_000_000;
+        let b = nanos(base);
+        assert_eq!(times, vec![b + 2 * minute, b + 3 * minute, b + 4 * minute]);
+        let desc = store.page(Some(b + minute), Some(b + 5 * minute), 1, 10, true);
+        assert_eq!(desc.total, 4);
+        let times: Vec<_> = desc.slots.iter().map(|&s| created(s)).collect();
+        assert_eq!(times, vec![b + 3 * minute, b + 2 * minute, b + minute]);
+        assert!(store.page(None, None, 10, 5, true).slots.is_empty());
+        assert_eq!(store.page(Some(b + minute), Some(b), 0, 5, false).total, 0);
+    }
+}

@@ -1,0 +1,377 @@
+//! The ChartHero API v1 client: one method per route, every request through one rate limiter and
+//! one in-flight bound, bodies read under a size cap, errors classified by [`ApiError`].
+//! It does not retry (callers decide with [`ErrorClass`]) and never touches SQLite.
+
+mod error;
+pub mod wire;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use url::Url;
+
+pub use error::{ApiError, ApiErrorKind, ErrorClass};
+use wire::{
+    AudioLink, DocumentDetail, DocumentEnvelope, Encounter, EncounterEnvelope, EncounterPage, ErrorBody,
+    RawPage, SchemaTypeProbe, TranscriptResponse,
+};
+
+use crate::config::{ApiConfig, Limits};
+use crate::secret::ApiKey;
+use crate::timefmt;
+
+/// The largest `offset` the list route accepts.
+pub const MAX_OFFSET: u32 = 10_000;
+/// The largest `limit` the list route accepts.
+pub const MAX_LIMIT: u32 = 100;
+
+/// The API's routes, named for logs and metrics (never with IDs or query strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    ListEncounters,
+    Encounter,
+    Document,
+    Transcript,
+    Audio,
+}
+
+impl Route {
+    pub const ALL: [Route; 5] = [
+        Route::ListEncounters,
+        Route::Encounter,
+        Route::Document,
+        Route::Transcript,
+        Route::Audio,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::ListEncounters => "list_encounters",
+            Route::Encounter => "encounter",
+            Route::Document => "document",
+            Route::Transcript => "transcript",
+            Route::Audio => "audio",
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Route::ListEncounters => "GET /encounters",
+            Route::Encounter => "GET /encounters/{id}",
+            Route::Document => "GET /encounters/{id}/documents/{id}",
+            Route::Transcript => "GET /encounters/{id}/documents/{id}/transcript",
+            Route::Audio => "GET /encounters/{id}/documents/{id}/audio",
+        })
+    }
+}
+
+/// Sort direction of the list route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortOrder {
+    Asc,
+    Desc,
+}
+
+/// Parameters of one `GET /encounters` request.
+#[derive(Debug, Clone, Copy)]
+pub struct ListQuery {
+    /// Inclusive lower bound on `created_at`.
+    pub start_at: Option<OffsetDateTime>,
+    /// Exclusive upper bound on `created_at`.
+    pub end_at: Option<OffsetDateTime>,
+    pub offset: u32,
+    pub limit: u32,
+    pub sort: SortOrder,
+}
+
+/// A ChartHero API client. Cheap to clone; clones share the limiter and connection pool.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    /// `{base_url}/external/v1/`, ending in a slash so relative joins append.
+    api_root: Url,
+    auth: HeaderValue,
+    max_body: usize,
+    limiter: DefaultDirectRateLimiter,
+    in_flight: Semaphore,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("api_root", &self.inner.api_root.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The limiter's quota: `requests_per_second` sustained with bursts of `burst`.
+fn quota(limits: &Limits) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / limits.requests_per_second);
+    Quota::with_period(period)
+        .expect("requests_per_second is validated finite and positive")
+        .allow_burst(limits.burst)
+}
+
+impl Client {
+    pub fn new(api: &ApiConfig, limits: &Limits, key: &ApiKey) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("charthero-sync/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(api.connect_timeout)
+            .read_timeout(api.read_timeout)
+            .timeout(api.request_timeout)
+            // A redirect could carry the bearer key to another host; the API never redirects.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(limits.max_in_flight.get())
+            .build()?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| anyhow::anyhow!("the API key contains characters not allowed in an HTTP header"))?;
+        auth.set_sensitive(true);
+        let mut api_root = api.base_url.clone();
+        let path = format!("{}/external/v1/", api_root.path().trim_end_matches('/'));
+        api_root.set_path(&path);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                api_root,
+                auth,
+                max_body: api.max_response_bytes,
+                limiter: RateLimiter::direct(quota(limits)),
+                in_flight: Semaphore::new(limits.max_in_flight.get()),
+            }),
+        })
+    }
+
+    /// One page of the encounter list.
+    pub async fn list_encounters(&self, q: &ListQuery) -> Result<EncounterPage, ApiError> {
+        let route = Route::ListEncounters;
+        let mut url = self.url(&["encounters"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("limit", &q.limit.to_string());
+            pairs.append_pair("offset", &q.offset.to_string());
+            pairs.append_pair(
+                "sort_order",
+                match q.sort {
+                    SortOrder::Asc => "asc",
+                    SortOrder::Desc => "desc",
+                },
+            );
+            if let Some(t) = q.start_at {
+                pairs.append_pair("start_at", &timefmt::format_utc(t));
+            }
+            if let Some(t) = q.end_at {
+                pairs.append_pair("end_at", &timefmt::format_utc(t));
+            }
+        }
+        let body = self.get(route, url).await?;
+        let page: RawPage = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
+        let items = page
+            .items
+            .iter()
+            .map(|raw| Encounter::from_raw(raw).map_err(|e| decode_item(route, raw, &e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(EncounterPage {
+            items,
+            limit: page.limit,
+            offset: page.offset,
+            total: page.total,
+        })
+    }
+
+    /// `GET /encounters/{id}`.
+    pub async fn encounter(&self, encounter_id: &str) -> Result<Encounter, ApiError> {
+        let route = Route::Encounter;
+        let body = self.get(route, self.url(&["encounters", encounter_id])).await?;
+        let env: EncounterEnvelope = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
+        Encounter::from_raw(env.encounter).map_err(|e| decode_item(route, env.encounter, &e))
+    }
+
+    /// `GET /encounters/{id}/documents/{doc}`. Types other than notes and ambient transcripts
+    /// come back from the server as 400 `unsupported_document_type`.
+    pub async fn document(&self, encounter_id: &str, document_id: &str) -> Result<DocumentDetail, ApiError> {
+        let route = Route::Document;
+        let url = self.url(&["encounters", encounter_id, "documents", document_id]);
+        let body = self.get(route, url).await?;
+        let env: DocumentEnvelope = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
+        let probe: SchemaTypeProbe = serde_json::from_str(env.document.get()).map_err(|e| decode(route, &e))?;
+        match probe.schema_type.as_str() {
+            "document" => serde_json::from_str(env.document.get()).map(DocumentDetail::Note),
+            "ambient_transcript" => serde_json::from_str(env.document.get()).map(DocumentDetail::Ambient),
+            other => {
+                return Err(ApiError {
+                    route,
+                    kind: ApiErrorKind::Decode(format!(
+                        "document {document_id} has schema_type {other:?}, which the document route does not serve"
+                    )),
+                });
+            }
+        }
+        .map_err(|e| decode(route, &e))
+    }
+
+    /// `GET .../transcript`: the finalized turns of an ambient transcript.
+    pub async fn transcript(&self, encounter_id: &str, document_id: &str) -> Result<TranscriptResponse, ApiError> {
+        let route = Route::Transcript;
+        let url = self.url(&["encounters", encounter_id, "documents", document_id, "transcript"]);
+        let body = self.get(route, url).await?;
+        serde_json::from_slice(&body).map_err(|e| decode(route, &e))
+    }
+
+    /// `GET .../audio`: a signed, short-lived recording URL.
+    pub async fn audio(&self, encounter_id: &str, document_id: &str) -> Result<AudioLink, ApiError> {
+        let route = Route::Audio;
+        let url = self.url(&["encounters", encounter_id, "documents", document_id, "audio"]);
+        let body = self.get(route, url).await?;
+        serde_json::from_slice(&body).map_err(|e| decode(route, &e))
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.inner.api_root.clone();
+        url.path_segments_mut()
+            .expect("an http(s) URL always has path segments")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    /// Sends one GET under the rate limit and in-flight bound and returns the whole body of a
+    /// success response.
+    async fn get(&self, route: Route, url: Url) -> Result<Vec<u8>, ApiError> {
+        let _permit = self
+            .inner
+            .in_flight
+            .acquire()
+            .await
+            .expect("the in-flight semaphore is never closed");
+        self.inner.limiter.until_ready().await;
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, self.inner.auth.clone());
+        let started = std::time::Instant::now();
+        let result = self.send(route, url, headers).await;
+        tracing::trace!(
+            route = route.as_str(),
+            status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |_| 200),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        result
+    }
+
+    async fn send(&self, route: Route, url: Url, headers: HeaderMap) -> Result<Vec<u8>, ApiError> {
+        let fail = |kind| ApiError { route, kind };
+        let mut resp = self
+            .inner
+            .http
+            .get(url)
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| fail(transport_kind(e)))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let max = self.inner.max_body;
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(fail(ApiErrorKind::BodyTooLarge { limit: max }));
+        }
+        let mut body = Vec::with_capacity(resp.content_length().map_or(8 * 1024, |n| n as usize));
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(transport_kind(e)))? {
+            if body.len() + chunk.len() > max {
+                return Err(fail(ApiErrorKind::BodyTooLarge { limit: max }));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok(body);
+        }
+        let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+        let (reason_code, field) = parsed.map_or((None, None), |b| (b.reason_code, b.field));
+        Err(fail(ApiErrorKind::Status {
+            status: status.as_u16(),
+            reason_code,
+            field,
+            retry_after,
+        }))
+    }
+}
+
+fn transport_kind(e: reqwest::Error) -> ApiErrorKind {
+    if e.is_timeout() {
+        return ApiErrorKind::Timeout;
+    }
+    // The URL may hold IDs we do not want repeated in every log line, and for audio downloads a
+    // signed token: strip it and describe the cause chain instead.
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    ApiErrorKind::Transport(msg)
+}
+
+fn decode(route: Route, e: &serde_json::Error) -> ApiError {
+    ApiError {
+        route,
+        kind: ApiErrorKind::Decode(error::scrub_json_error(e)),
+    }
+}
+
+/// A decode error for one record, naming its `encounter_id` when the record has one.
+fn decode_item(route: Route, raw: &RawValue, e: &serde_json::Error) -> ApiError {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        encounter_id: Option<String>,
+    }
+    let id = serde_json::from_str::<Id>(raw.get()).ok().and_then(|i| i.encounter_id);
+    let what = id.map_or_else(|| "an encounter without encounter_id".to_owned(), |id| format!("encounter {id}"));
+    ApiError {
+        route,
+        kind: ApiErrorKind::Decode(format!("{what}: {}", error::scrub_json_error(e))),
+    }
+}
+
+/// Parses `Retry-After` as delta-seconds or an HTTP-date, relative to `now`.
+/// A date in the past means "now" (zero delay).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        let now = httpdate::parse_http_date("Sun, 22 Nov 2026 06:00:00 GMT").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 22 Nov 2026 06:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("Sun, 22 Nov 2026 05:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

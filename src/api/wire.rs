@@ -1,0 +1,279 @@
+//! Wire models of ChartHero API v1: the only serde-for-the-wire in the program. Every type
+//! tolerates unknown fields (the vendor adds fields without notice), unknown enum values are kept
+//! as strings, and timestamps with any RFC 3339 offset are normalized to UTC. Records keep the
+//! exact JSON they arrived in.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::{Date, OffsetDateTime};
+
+use crate::timefmt;
+
+/// An RFC 3339 timestamp normalized to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub OffsetDateTime);
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp with an offset")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                timefmt::parse_rfc3339(v).map(Timestamp).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&timefmt::format_utc(self.0))
+    }
+}
+
+fn deserialize_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
+    let text: Option<&str> = Option::deserialize(d)?;
+    text.map(|t| {
+        Date::parse(t, time::macros::format_description!("[year]-[month]-[day]"))
+            .map_err(|_| de::Error::custom("date_of_birth is not a YYYY-MM-DD date"))
+    })
+    .transpose()
+}
+
+/// One page of `GET /encounters`.
+#[derive(Debug)]
+pub struct EncounterPage {
+    pub items: Vec<Encounter>,
+    pub limit: u32,
+    pub offset: u32,
+    /// Matching records at the moment this page was answered.
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawPage<'a> {
+    #[serde(borrow)]
+    pub items: Vec<&'a RawValue>,
+    pub limit: u32,
+    pub offset: u32,
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+pub(super) struct EncounterEnvelope<'a> {
+    #[serde(borrow)]
+    pub encounter: &'a RawValue,
+}
+
+/// An encounter from the list or the detail route.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Encounter {
+    pub encounter_id: String,
+    pub organization_id: String,
+    #[serde(default)]
+    pub encounter_type: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    #[serde(default)]
+    pub date_of_service: Option<Timestamp>,
+    #[serde(default)]
+    pub patient: Option<Patient>,
+    #[serde(default)]
+    pub documents: Vec<DocumentSummary>,
+    /// The record exactly as received.
+    #[serde(skip)]
+    pub raw: String,
+}
+
+impl Encounter {
+    /// Parses one encounter object, keeping its raw text.
+    pub(super) fn from_raw(raw: &RawValue) -> Result<Encounter, serde_json::Error> {
+        let mut e: Encounter = serde_json::from_str(raw.get())?;
+        e.raw = raw.get().to_owned();
+        Ok(e)
+    }
+}
+
+/// Patient fields depend on the key's `patients:read` scope; only `patient_id` is certain.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Patient {
+    pub patient_id: String,
+    #[serde(default)]
+    pub first_name: Option<String>,
+    #[serde(default)]
+    pub last_name: Option<String>,
+    #[serde(default, deserialize_with = "deserialize_date")]
+    pub date_of_birth: Option<Date>,
+}
+
+/// A document as summarised inside an encounter.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct DocumentSummary {
+    pub document_id: String,
+    pub schema_type: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub workflow_variant: Option<String>,
+    #[serde(default)]
+    pub audio_duration_seconds: Option<f64>,
+}
+
+/// `GET /encounters/{id}/documents/{doc}`.
+#[derive(Debug, Clone)]
+pub enum DocumentDetail {
+    /// `schema_type = "document"`: a clinical note.
+    Note(NoteDocument),
+    /// `schema_type = "ambient_transcript"`: metadata only.
+    Ambient(AmbientDocument),
+}
+
+#[derive(Deserialize)]
+pub(super) struct DocumentEnvelope<'a> {
+    #[serde(borrow)]
+    pub document: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+pub(super) struct SchemaTypeProbe {
+    pub schema_type: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NoteDocument {
+    pub document_id: String,
+    pub encounter_id: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub workflow_variant: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub content: NoteContent,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NoteContent {
+    pub format: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmbientDocument {
+    pub document_id: String,
+    pub encounter_id: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub audio_duration_seconds: Option<f64>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// `GET .../transcript`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TranscriptResponse {
+    pub encounter_id: String,
+    pub document_id: String,
+    pub transcript: Transcript,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Transcript {
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub audio_duration_seconds: Option<f64>,
+    pub turns: Vec<Turn>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Turn {
+    #[serde(default)]
+    pub speaker: Option<String>,
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+}
+
+/// `GET .../audio`: a short-lived signed URL.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AudioLink {
+    pub audio_url: SignedUrl,
+    pub expires_at: Timestamp,
+}
+
+/// A signed URL: a temporary credential. Its `Debug` hides it; it is never stored or logged.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SignedUrl(String);
+
+impl SignedUrl {
+    /// The URL itself, for the download request and nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SignedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignedUrl(<redacted>)")
+    }
+}
+
+/// The documented error body.
+#[derive(Debug, Deserialize)]
+pub(super) struct ErrorBody {
+    #[serde(default)]
+    pub reason_code: Option<String>,
+    #[serde(default)]
+    pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encounters_tolerate_unknown_fields_and_normalize_offsets() {
+        let text = r#"{"encounter_id":"enc_1","organization_id":"org_1","encounter_type":"telepathy",
+            "status":"reticulating","created_at":"2026-05-25T16:00:00+02:00",
+            "updated_at":"2026-05-25T15:00:00.5Z","date_of_service":null,"brand_new_field":{"x":1},
+            "patient":{"patient_id":"pat_1"},
+            "documents":[{"document_id":"doc_1","schema_type":"hologram","title":null,"status":null,
+              "workflow_variant":null,"audio_duration_seconds":null,"extra":true}]}"#;
+        let raw: &RawValue = serde_json::from_str(text).unwrap();
+        let e = Encounter::from_raw(raw).unwrap();
+        assert_eq!(e.created_at.to_string(), "2026-05-25T14:00:00Z");
+        assert_eq!(e.updated_at.to_string(), "2026-05-25T15:00:00.5Z");
+        assert_eq!(e.encounter_type.as_deref(), Some("telepathy"));
+        assert_eq!(e.documents[0].schema_type, "hologram");
+        assert!(e.patient.unwrap().first_name.is_none());
+        assert_eq!(e.raw, text);
+    }
+
+    #[test]
+    fn signed_urls_do_not_show_in_debug_output() {
+        let link: AudioLink = serde_json::from_str(
+            r#"{"audio_url":"https://media.example/x.wav?token=canary","expires_at":"2026-05-25T15:15:00Z"}"#,
+        )
+        .unwrap();
+        assert!(!format!("{link:?}").contains("canary"));
+        assert!(link.audio_url.expose().contains("canary"));
+    }
+}

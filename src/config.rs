@@ -1,0 +1,539 @@
+//! Configuration: TOML text → [`RawConfig`] (serde, every default in one place, unknown keys
+//! rejected) → validated [`Config`] of parsed types. Also resolves the API key from its three
+//! sources. This module never opens the database or the network.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use url::Url;
+
+use crate::secret::ApiKey;
+use crate::timefmt;
+
+/// Where the daemon looks for its configuration when neither `--config` nor
+/// `CHARTHERO_SYNC_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/charthero-sync/config.toml";
+
+/// The environment variable that carries the API key when no key file is configured.
+pub const API_KEY_ENV: &str = "CHARTHERO_API_KEY";
+
+/// File name systemd's `LoadCredential=` places under `$CREDENTIALS_DIRECTORY`.
+pub const CREDENTIAL_NAME: &str = "charthero-api-key";
+
+/// A configuration problem, always naming the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("{0}")]
+    ApiKey(String),
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The TOML document as written. Defaults live in the `Default` impls below and nowhere else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub api: RawApi,
+    pub database: RawDatabase,
+    pub sync: RawSync,
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApi {
+    pub base_url: String,
+    pub api_key_file: Option<PathBuf>,
+    pub connect_timeout: String,
+    pub read_timeout: String,
+    pub request_timeout: String,
+    pub max_response_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDatabase {
+    pub path: PathBuf,
+    pub busy_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSync {
+    pub schedule: String,
+    pub start_at: String,
+    pub page_size: u32,
+    pub settle_lag: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub max_in_flight: u32,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            api: RawApi::default(),
+            database: RawDatabase::default(),
+            sync: RawSync::default(),
+            limits: RawLimits::default(),
+        }
+    }
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            base_url: "https://api.example.test".into(),
+            api_key_file: Some(PathBuf::from("/etc/charthero-sync/api-key")),
+            connect_timeout: "10s".into(),
+            read_timeout: "30s".into(),
+            request_timeout: "120s".into(),
+            // A 2 MB transcript is the largest body seen; 32 MiB leaves room without letting a
+            // misbehaving upstream exhaust memory.
+            max_response_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase {
+            path: PathBuf::from("/var/lib/charthero-sync/warehouse.db"),
+            busy_timeout: "5s".into(),
+        }
+    }
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        RawSync {
+            schedule: "0 */5 * * * *".into(),
+            start_at: "2026-01-01T00:00:00Z".into(),
+            page_size: 100,
+            // Records become visible a little after their created_at; windows never reach
+            // closer to now than this, so the live watermark only passes settled time.
+            settle_lag: "2m".into(),
+        }
+    }
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            requests_per_second: 5.0,
+            burst: 5,
+            max_in_flight: 4,
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub database: DatabaseConfig,
+    pub sync: SyncConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The host root as configured, without a trailing slash; the client appends `/external/v1`.
+    pub base_url: Url,
+    pub api_key_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    pub busy_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub schedule: cron::Schedule,
+    pub start_at: OffsetDateTime,
+    pub page_size: NonZeroU32,
+    pub settle_lag: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub requests_per_second: f64,
+    pub burst: NonZeroU32,
+    pub max_in_flight: NonZeroUsize,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` only names the source in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    /// Turns the raw document into typed values, naming the key of the first problem found.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let api = ApiConfig {
+            base_url: validate_base_url(&self.api.base_url)?,
+            api_key_file: self.api.api_key_file,
+            connect_timeout: parse_positive_duration("api.connect_timeout", &self.api.connect_timeout)?,
+            read_timeout: parse_positive_duration("api.read_timeout", &self.api.read_timeout)?,
+            request_timeout: parse_positive_duration("api.request_timeout", &self.api.request_timeout)?,
+            max_response_bytes: match usize::try_from(self.api.max_response_bytes) {
+                Ok(n) if n >= 64 * 1024 => n,
+                _ => return Err(invalid("api.max_response_bytes", "must be at least 65536")),
+            },
+        };
+        if self.database.path.as_os_str().is_empty() {
+            return Err(invalid("database.path", "must not be empty"));
+        }
+        let database = DatabaseConfig {
+            path: self.database.path,
+            busy_timeout: parse_positive_duration("database.busy_timeout", &self.database.busy_timeout)?,
+        };
+        let sync = SyncConfig {
+            schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
+                invalid(
+                    "sync.schedule",
+                    format!(
+                        "{:?} is not a cron expression with a seconds field first (e.g. \"0 */5 * * * *\"): {e}",
+                        self.sync.schedule
+                    ),
+                )
+            })?,
+            start_at: timefmt::parse_rfc3339(&self.sync.start_at)
+                .map_err(|e| invalid("sync.start_at", e))?,
+            page_size: match NonZeroU32::new(self.sync.page_size) {
+                Some(n) if n.get() <= 100 => n,
+                _ => return Err(invalid("sync.page_size", "must be between 1 and 100 (the API's limit range)")),
+            },
+            settle_lag: parse_duration("sync.settle_lag", &self.sync.settle_lag)?,
+        };
+        let rps = self.limits.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(invalid("limits.requests_per_second", "must be a positive number"));
+        }
+        let limits = Limits {
+            requests_per_second: rps,
+            burst: NonZeroU32::new(self.limits.burst)
+                .ok_or_else(|| invalid("limits.burst", "must be at least 1"))?,
+            max_in_flight: NonZeroUsize::new(self.limits.max_in_flight as usize)
+                .ok_or_else(|| invalid("limits.max_in_flight", "must be at least 1"))?,
+        };
+        Ok(Config {
+            api,
+            database,
+            sync,
+            limits,
+        })
+    }
+}
+
+fn validate_base_url(text: &str) -> Result<Url, ConfigError> {
+    const KEY: &str = "api.base_url";
+    let mut url = Url::parse(text).map_err(|e| invalid(KEY, format!("{text:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(KEY, "must not carry credentials; the key comes from api_key_file"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(KEY, "must not have a query or fragment"));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if url.host().is_some_and(|h| is_loopback_host(&h)) => {}
+        "http" => {
+            return Err(invalid(
+                KEY,
+                "must use https:// (plain http:// is only allowed for a loopback host such as 127.0.0.1)",
+            ));
+        }
+        other => return Err(invalid(KEY, format!("unsupported scheme {other:?}; use https://"))),
+    }
+    let trimmed = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&trimmed);
+    Ok(url)
+}
+
+fn is_loopback_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
+        url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
+    }
+}
+
+/// Parses durations written as an integer and a unit: `250ms`, `10s`, `5m`, `48h`, `30d`.
+pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| invalid(key, format!("{text:?} is not a duration like \"30s\", \"5m\", \"48h\" or \"30d\"")))?;
+    let unit_secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(invalid(
+                key,
+                format!("{text:?} has no known unit; use ms, s, m, h or d (e.g. \"30s\")"),
+            ));
+        }
+    };
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| invalid(key, format!("{text:?} is too large")))
+}
+
+fn parse_positive_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, text)?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// Where the API key was found; reported in logs so operators can tell which source won.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Env,
+    Credential(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "api_key_file {}", p.display()),
+            KeySource::Env => write!(f, "environment variable {API_KEY_ENV}"),
+            KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
+        }
+    }
+}
+
+/// Resolves the API key: `api_key_file`, then `CHARTHERO_API_KEY`, then
+/// `$CREDENTIALS_DIRECTORY/charthero-api-key`; first found wins. A configured file that does not
+/// exist falls through to the next source (under systemd the key usually arrives as a
+/// credential); one that exists but is readable by group or others is refused.
+pub fn load_api_key(api: &ApiConfig) -> Result<(ApiKey, KeySource), ConfigError> {
+    load_api_key_from(
+        api,
+        std::env::var(API_KEY_ENV).ok(),
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    )
+}
+
+fn load_api_key_from(
+    api: &ApiConfig,
+    env_key: Option<String>,
+    credentials_dir: Option<PathBuf>,
+) -> Result<(ApiKey, KeySource), ConfigError> {
+    if let Some(path) = &api.api_key_file {
+        if let Some(key) = read_key_file(path)? {
+            return Ok((key, KeySource::File(path.clone())));
+        }
+    }
+    if let Some(text) = env_key {
+        let key = ApiKey::new(&text)
+            .ok_or_else(|| ConfigError::ApiKey(format!("{API_KEY_ENV} is set but empty")))?;
+        return Ok((key, KeySource::Env));
+    }
+    if let Some(dir) = credentials_dir {
+        let path = dir.join(CREDENTIAL_NAME);
+        if let Some(key) = read_key_file(&path)? {
+            return Ok((key, KeySource::Credential(path)));
+        }
+    }
+    let file = api
+        .api_key_file
+        .as_ref()
+        .map_or_else(|| "api_key_file (not set)".to_owned(), |p| format!("api_key_file {}", p.display()));
+    Err(ConfigError::ApiKey(format!(
+        "no API key found: looked in {file}, ${API_KEY_ENV}, and $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"
+    )))
+}
+
+/// Reads a key file; `Ok(None)` when it does not exist.
+fn read_key_file(path: &Path) -> Result<Option<ApiKey>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ConfigError::ApiKey(format!(
+                "cannot read API key file {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::ApiKey(format!(
+            "API key file {} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::ApiKey(format!("cannot read API key file {}: {e}", path.display()))
+    })?;
+    ApiKey::new(&text)
+        .map(Some)
+        .ok_or_else(|| ConfigError::ApiKey(format!("API key file {} is empty", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let example = parse(text).unwrap();
+        let defaults = RawConfig::default().validate().unwrap();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = parse("[sync]\nschedulee = \"0 * * * * *\"\n").unwrap_err().to_string();
+        assert!(err.contains("schedulee"), "{err}");
+        let err = parse("[nonsense]\n").unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[sync]\nschedule = \"every five minutes\"", "sync.schedule"),
+            ("[sync]\nstart_at = \"2026-01-01T00:00:00\"", "sync.start_at"),
+            ("[api]\nbase_url = \"http://api.example.test\"", "api.base_url"),
+            ("[api]\nbase_url = \"ftp://127.0.0.1\"", "api.base_url"),
+            ("[api]\nconnect_timeout = \"10 parsecs\"", "api.connect_timeout"),
+            ("[limits]\nrequests_per_second = 0.0", "limits.requests_per_second"),
+            ("[limits]\nburst = 0", "limits.burst"),
+            ("[limits]\nmax_in_flight = 0", "limits.max_in_flight"),
+            ("[sync]\npage_size = 101", "sync.page_size"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn plain_http_is_allowed_only_for_loopback_hosts() {
+        for host in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9", "http://127.3.4.5"] {
+            let text = format!("[api]\nbase_url = \"{host}\"");
+            assert!(parse(&text).is_ok(), "{host}");
+        }
+        let cfg = parse("[api]\nbase_url = \"https://api.example.test/\"").unwrap();
+        assert_eq!(cfg.api.base_url.as_str(), "https://api.example.test/");
+    }
+
+    #[test]
+    fn durations_accept_the_documented_units() {
+        assert_eq!(parse_duration("k", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("k", "48h").unwrap(), Duration::from_secs(48 * 3600));
+        assert_eq!(parse_duration("k", "30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert!(parse_duration("k", "5").is_err());
+        assert!(parse_duration("k", "-5s").is_err());
+    }
+
+    fn api_with_key_file(path: Option<PathBuf>) -> ApiConfig {
+        let mut raw = RawConfig::default();
+        raw.api.api_key_file = path;
+        raw.validate().unwrap().api
+    }
+
+    #[test]
+    fn the_key_file_wins_then_the_environment_then_the_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "ch_sk_from_file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join(CREDENTIAL_NAME);
+        std::fs::write(&cred, "ch_sk_from_credential").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+
+        let api = api_with_key_file(Some(file.clone()));
+        let (key, src) = load_api_key_from(&api, Some("ch_sk_env".into()), Some(cred_dir.clone())).unwrap();
+        assert_eq!((key.expose(), src), ("ch_sk_from_file", KeySource::File(file)));
+
+        let api = api_with_key_file(Some(dir.path().join("missing")));
+        let (key, src) = load_api_key_from(&api, Some("ch_sk_env".into()), Some(cred_dir.clone())).unwrap();
+        assert_eq!((key.expose(), src), ("ch_sk_env", KeySource::Env));
+
+        let (key, src) = load_api_key_from(&api, None, Some(cred_dir)).unwrap();
+        assert_eq!((key.expose(), src), ("ch_sk_from_credential", KeySource::Credential(cred)));
+
+        let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
+        assert!(err.contains("no API key found"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_refused_without_revealing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "ch_sk_canary_secret").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let api = api_with_key_file(Some(file.clone()));
+        let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("0644"), "{err}");
+        assert!(!err.contains("canary"), "{err}");
+    }
+}

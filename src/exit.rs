@@ -1,0 +1,10 @@
+//! Process exit codes, documented in the README so wrappers can alert on them.
+
+/// Success.
+pub const OK: u8 = 0;
+/// A sync cycle failed or did not complete; details are in the log and in `sync_runs`.
+pub const CYCLE_FAILED: u8 = 1;
+/// Bad command-line usage or bad configuration (including a missing or unsafe API key).
+pub const USAGE: u8 = 2;
+/// ChartHero refused the API key (HTTP 401); the log names the `reason_code`.
+pub const AUTH_REFUSED: u8 = 3;

@@ -1,0 +1,236 @@
+//! Idempotent upserts of encounters, patients and document summaries, one page per
+//! `BEGIN IMMEDIATE` transaction. An observation older than what is stored (by `updated_at`)
+//! never replaces it; an identical record (by content hash) costs one indexed read and no write.
+
+use std::collections::HashSet;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use time::OffsetDateTime;
+
+use super::ledger::{self, WindowCompletion};
+use crate::timefmt::{format_utc, unix_nanos};
+
+/// An encounter as the warehouse stores it (mapped from the wire type by the sync).
+#[derive(Debug, Clone)]
+pub struct EncounterRecord {
+    pub encounter_id: String,
+    pub organization_id: String,
+    pub encounter_type: Option<String>,
+    pub status: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub date_of_service: Option<OffsetDateTime>,
+    pub patient: Option<PatientRecord>,
+    pub documents: Vec<DocumentRecord>,
+    pub content_hash: String,
+    pub raw_json: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PatientRecord {
+    pub patient_id: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub date_of_birth: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DocumentRecord {
+    pub document_id: String,
+    pub schema_type: String,
+    pub title: Option<String>,
+    pub status: Option<String>,
+    pub workflow_variant: Option<String>,
+    pub audio_duration_seconds: Option<f64>,
+}
+
+/// What one page did to the warehouse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    pub new: u64,
+    pub changed: u64,
+    pub unchanged: u64,
+    /// Older than the stored version, so ignored.
+    pub stale: u64,
+    /// Previously marked removed and seen again.
+    pub revived: u64,
+}
+
+enum Existing {
+    Absent,
+    Present {
+        updated_at_ns: i64,
+        content_hash: String,
+        removed: bool,
+    },
+}
+
+/// Writes one page of encounters and, when given, the completion of the window it ends,
+/// in a single transaction: a crash leaves either both or neither.
+pub fn commit_page(
+    conn: &mut Connection,
+    records: &[EncounterRecord],
+    completion: Option<&WindowCompletion>,
+    now: OffsetDateTime,
+) -> anyhow::Result<PageCounts> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now_text = format_utc(now);
+    let mut counts = PageCounts::default();
+    for rec in records {
+        upsert_encounter(&tx, rec, &now_text, &mut counts)?;
+    }
+    if let Some(c) = completion {
+        ledger::record_window(&tx, c, now)?;
+    }
+    tx.commit()?;
+    Ok(counts)
+}
+
+fn upsert_encounter(
+    conn: &Connection,
+    rec: &EncounterRecord,
+    now: &str,
+    counts: &mut PageCounts,
+) -> rusqlite::Result<()> {
+    let existing = conn
+        .prepare_cached("SELECT updated_at_ns, content_hash, removed_at IS NOT NULL FROM encounters WHERE encounter_id = ?1")?
+        .query_row([&rec.encounter_id], |r| {
+            Ok(Existing::Present {
+                updated_at_ns: r.get(0)?,
+                content_hash: r.get(1)?,
+                removed: r.get(2)?,
+            })
+        })
+        .optional()?
+        .unwrap_or(Existing::Absent);
+    let incoming_ns = unix_nanos(rec.updated_at);
+    match existing {
+        Existing::Absent => counts.new += 1,
+        Existing::Present {
+            updated_at_ns,
+            content_hash,
+            removed,
+        } => {
+            if removed {
+                counts.revived += 1;
+            }
+            if content_hash == rec.content_hash && !removed {
+                counts.unchanged += 1;
+                return Ok(());
+            }
+            if incoming_ns < updated_at_ns {
+                // An older observation (e.g. a lagging replica answered): never let it win,
+                // but a record seen again is live again.
+                if removed {
+                    conn.prepare_cached(
+                        "UPDATE encounters SET removed_at = NULL, removed_reason = NULL, changed_at = ?2
+                         WHERE encounter_id = ?1",
+                    )?
+                    .execute(params![rec.encounter_id, now])?;
+                }
+                counts.stale += 1;
+                return Ok(());
+            }
+            counts.changed += 1;
+        }
+    }
+    if let Some(p) = &rec.patient {
+        upsert_patient(conn, p, now)?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
+             updated_at, date_of_service, patient_id, removed_at, removed_reason, created_at_ns,
+             updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL, ?9, ?10, ?11, ?12, ?13, ?13)
+         ON CONFLICT (encounter_id) DO UPDATE SET
+             organization_id = excluded.organization_id, encounter_type = excluded.encounter_type,
+             status = excluded.status, created_at = excluded.created_at,
+             updated_at = excluded.updated_at, date_of_service = excluded.date_of_service,
+             patient_id = excluded.patient_id, removed_at = NULL, removed_reason = NULL,
+             created_at_ns = excluded.created_at_ns, updated_at_ns = excluded.updated_at_ns,
+             content_hash = excluded.content_hash, raw_json = excluded.raw_json,
+             changed_at = excluded.changed_at",
+    )?
+    .execute(params![
+        rec.encounter_id,
+        rec.organization_id,
+        rec.encounter_type,
+        rec.status,
+        format_utc(rec.created_at),
+        format_utc(rec.updated_at),
+        rec.date_of_service.map(format_utc),
+        rec.patient.as_ref().map(|p| &p.patient_id),
+        unix_nanos(rec.created_at),
+        incoming_ns,
+        rec.content_hash,
+        rec.raw_json,
+        now,
+    ])?;
+    upsert_documents(conn, rec, now)
+}
+
+fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::Result<()> {
+    // A response without names (a key lacking patients:read, or a terse record) must not erase
+    // names learnt earlier, so absent fields keep what is stored.
+    conn.prepare_cached(
+        "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+         ON CONFLICT (patient_id) DO UPDATE SET
+             first_name = coalesce(excluded.first_name, first_name),
+             last_name = coalesce(excluded.last_name, last_name),
+             date_of_birth = coalesce(excluded.date_of_birth, date_of_birth),
+             changed_at = excluded.changed_at
+         WHERE coalesce(excluded.first_name, first_name) IS NOT first_name
+            OR coalesce(excluded.last_name, last_name) IS NOT last_name
+            OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth",
+    )?
+    .execute(params![p.patient_id, p.first_name, p.last_name, p.date_of_birth, now])?;
+    Ok(())
+}
+
+fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusqlite::Result<()> {
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
+             workflow_variant, audio_duration_seconds, first_seen_at, changed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+         ON CONFLICT (document_id) DO UPDATE SET
+             encounter_id = excluded.encounter_id, position = excluded.position,
+             schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
+             workflow_variant = excluded.workflow_variant,
+             audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
+             changed_at = excluded.changed_at
+         WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
+            OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
+            OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
+            OR audio_duration_seconds IS NOT excluded.audio_duration_seconds
+            OR removed_at IS NOT NULL",
+    )?;
+    for (position, d) in rec.documents.iter().enumerate() {
+        upsert.execute(params![
+            d.document_id,
+            rec.encounter_id,
+            position as i64,
+            d.schema_type,
+            d.title,
+            d.status,
+            d.workflow_variant,
+            d.audio_duration_seconds,
+            now,
+        ])?;
+    }
+    // Documents that left the encounter's list are marked, never deleted.
+    let current: HashSet<&str> = rec.documents.iter().map(|d| d.document_id.as_str()).collect();
+    let mut stored = conn.prepare_cached(
+        "SELECT document_id FROM documents WHERE encounter_id = ?1 AND removed_at IS NULL",
+    )?;
+    let gone: Vec<String> = stored
+        .query_map([&rec.encounter_id], |r| r.get::<_, String>(0))?
+        .filter(|id| id.as_ref().map_or(true, |id| !current.contains(id.as_str())))
+        .collect::<rusqlite::Result<_>>()?;
+    let mut mark = conn.prepare_cached("UPDATE documents SET removed_at = ?2, changed_at = ?2 WHERE document_id = ?1")?;
+    for id in gone {
+        mark.execute(params![id, now])?;
+    }
+    Ok(())
+}

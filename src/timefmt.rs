@@ -1,0 +1,85 @@
+//! Timestamps as the warehouse stores them: RFC 3339 in UTC with a `Z`, fractional seconds only
+//! when present, plus integer nanoseconds for ordering (text with and without fractions does not
+//! sort correctly). Parsing accepts any RFC 3339 offset and normalizes to UTC.
+
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::{OffsetDateTime, UtcOffset};
+
+/// Parses an RFC 3339 timestamp with an explicit offset and normalizes it to UTC.
+/// The error says what is wrong in words an operator can act on.
+pub fn parse_rfc3339(text: &str) -> Result<OffsetDateTime, String> {
+    match OffsetDateTime::parse(text, &Rfc3339) {
+        Ok(t) => Ok(t.to_offset(UtcOffset::UTC)),
+        Err(_) if looks_naive(text) => Err(format!(
+            "{text:?} has no timezone offset; write it as RFC 3339 with `Z` or `+hh:mm`, e.g. \"2026-01-01T00:00:00Z\""
+        )),
+        Err(e) => Err(format!(
+            "{text:?} is not an RFC 3339 timestamp (e.g. \"2026-01-01T00:00:00Z\"): {e}"
+        )),
+    }
+}
+
+/// A date (`2026-05-25`) or a date-time without an offset: the common mistake worth naming.
+fn looks_naive(text: &str) -> bool {
+    let b = text.as_bytes();
+    let is_date = b.len() >= 10
+        && b[..10]
+            .iter()
+            .enumerate()
+            .all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() });
+    is_date && !text[10..].contains(['Z', 'z', '+', '-'])
+}
+
+/// Formats as `2026-05-25T14:00:00Z`, or `2026-05-25T14:00:00.25Z` when there is a fraction.
+pub fn format_utc(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    let mut out = t
+        .format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"))
+        .expect("a UTC date-time in years 0..=9999 always formats");
+    let nanos = t.nanosecond();
+    if nanos != 0 {
+        let frac = format!("{nanos:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
+}
+
+/// Nanoseconds since the Unix epoch, for ordering and arithmetic in SQL.
+pub fn unix_nanos(t: OffsetDateTime) -> i64 {
+    // i64 nanoseconds cover the years 1678..2262, far beyond any encounter.
+    t.unix_timestamp_nanos() as i64
+}
+
+/// The inverse of [`unix_nanos`].
+pub fn from_unix_nanos(nanos: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(nanos as i128).expect("i64 nanoseconds are always in range")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_normalized_to_utc() {
+        let t = parse_rfc3339("2026-05-25T16:00:00+02:00").unwrap();
+        assert_eq!(format_utc(t), "2026-05-25T14:00:00Z");
+        let t = parse_rfc3339("2026-05-25T09:30:00.250-04:30").unwrap();
+        assert_eq!(format_utc(t), "2026-05-25T14:00:00.25Z");
+    }
+
+    #[test]
+    fn naive_and_malformed_timestamps_are_explained() {
+        assert!(parse_rfc3339("2026-05-25T14:00:00").unwrap_err().contains("no timezone offset"));
+        assert!(parse_rfc3339("2026-05-25").unwrap_err().contains("no timezone offset"));
+        assert!(parse_rfc3339("yesterday").unwrap_err().contains("not an RFC 3339"));
+    }
+
+    #[test]
+    fn nanos_round_trip() {
+        let t = parse_rfc3339("2026-05-25T14:00:00.123456789Z").unwrap();
+        assert_eq!(from_unix_nanos(unix_nanos(t)), t);
+    }
+}
