@@ -1,0 +1,426 @@
+//! The `Simulator` handle: starting and stopping the server, and every programmatic control over
+//! keys, routes, data, faults, rate limits and hooks, plus observation for tests.
+//!
+//! The handle is a cheap `Clone` around shared state. Control methods take short locks and never
+//! await; none of them is called with a lock held by the server, so a list hook may use them.
+//! HTTP handling lives in `server`; this module does not parse requests or render JSON.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::access::{ALL_SCOPES, Access};
+use crate::content;
+use crate::faults::{FaultBook, RateWindow};
+use crate::generate;
+use crate::model::{
+    DocKind, Encounter, FaultRule, KeyState, ListRequest, NewEncounter, RateLimit, Route, Stats,
+    Transcript, Unavailable, Visibility,
+};
+use crate::options::SimOptions;
+use crate::render::RenderOpts;
+use crate::server;
+use crate::store::{DocClass, Slot, Store, mix64, now_nanos};
+
+/// Called on every valid list request before it is answered, with no simulator lock held, so it
+/// may call any control method (for example, insert a record between two pages).
+pub type ListHook = Arc<dyn Fn(&Simulator, &ListRequest) + Send + Sync>;
+
+/// A running ChartHero API simulator on a loopback port.
+///
+/// The server runs until [`Simulator::shutdown`] is called or the tokio runtime it was started
+/// on stops; dropping the handle alone does not stop it.
+#[derive(Clone)]
+pub struct Simulator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) addr: SocketAddr,
+    pub(crate) base_url: String,
+    pub(crate) api_key: String,
+    pub(crate) seed: u64,
+    /// Signs media URLs; derived from the seed so URLs are reproducible too.
+    pub(crate) media_secret: u64,
+    pub(crate) store: RwLock<Store>,
+    pub(crate) access: RwLock<Access>,
+    pub(crate) faults: Mutex<FaultBook>,
+    pub(crate) rate: Mutex<RateWindow>,
+    pub(crate) stats: Mutex<Stats>,
+    pub(crate) hook: RwLock<Option<ListHook>>,
+    pub(crate) list_seq: AtomicU64,
+    pub(crate) offset_timestamps: AtomicBool,
+    pub(crate) extra_fields: AtomicBool,
+    pub(crate) shutdown: CancellationToken,
+}
+
+// A panic inside a control closure or hook must not wedge the simulator for the rest of a test
+// run, and no lock is ever held across a partial mutation, so poisoning is ignored.
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    pub(crate) fn render_opts(&self) -> RenderOpts {
+        RenderOpts {
+            offset_timestamps: self.offset_timestamps.load(Ordering::Relaxed),
+            extra_fields: self.extra_fields.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The default key: `ch_sk_sim_` plus 24 base62 characters drawn from the seed.
+fn default_key(seed: u64) -> String {
+    let mut rng = fastrand::Rng::with_seed(mix64(seed ^ 0x6b65_795f_7369_6d00));
+    let tail: String = (0..24).map(|_| rng.alphanumeric()).collect();
+    format!("ch_sk_sim_{tail}")
+}
+
+impl Simulator {
+    /// Binds `127.0.0.1:0`, generates the data set (on a blocking thread: a million encounters
+    /// take a few seconds) and spawns the server on the current tokio runtime.
+    ///
+    /// Fails with `InvalidInput` when encounters are requested over an empty time range.
+    pub async fn start(opts: SimOptions) -> io::Result<Simulator> {
+        if opts.encounters > 0 && opts.end <= opts.start {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "SimOptions: end must be after start when generating encounters",
+            ));
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let generation = opts.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            let mut store = Store::new(&generation);
+            generate::populate(&mut store, &generation);
+            store
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let api_key = default_key(opts.seed);
+        let mut access = Access::default();
+        access.production = opts.production;
+        access.add_key(&api_key, &ALL_SCOPES);
+        let sim = Simulator {
+            inner: Arc::new(Inner {
+                addr,
+                base_url: format!("http://{addr}"),
+                api_key,
+                seed: opts.seed,
+                media_secret: mix64(opts.seed ^ 0x6d65_6469_6100),
+                store: RwLock::new(store),
+                access: RwLock::new(access),
+                faults: Mutex::default(),
+                rate: Mutex::default(),
+                stats: Mutex::default(),
+                hook: RwLock::new(None),
+                list_seq: AtomicU64::new(0),
+                offset_timestamps: AtomicBool::new(opts.offset_timestamps),
+                extra_fields: AtomicBool::new(opts.extra_fields),
+                shutdown: CancellationToken::new(),
+            }),
+        };
+        tokio::spawn(server::serve(listener, sim.clone()));
+        Ok(sim)
+    }
+
+    /// `http://127.0.0.1:PORT`; clients append `/external/v1`.
+    pub fn base_url(&self) -> String {
+        self.inner.base_url.clone()
+    }
+
+    /// The bound loopback address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// The default key, active with all four scopes: `ch_sk_sim_…`, derived from the seed.
+    pub fn api_key(&self) -> String {
+        self.inner.api_key.clone()
+    }
+
+    /// The seed the data set was generated from.
+    pub fn seed(&self) -> u64 {
+        self.inner.seed
+    }
+
+    /// The organization every encounter belongs to.
+    pub fn organization_id(&self) -> String {
+        read(&self.inner.store).organization_id.to_string()
+    }
+
+    /// Stops accepting connections and closes every open connection, including hanging ones.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Whether [`Simulator::shutdown`] has been called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    // ----- keys and access -----
+
+    /// Adds (or replaces) an active key with the given scopes. Scope names the API does not know
+    /// are ignored. Keys must look like `ch_sk_…` or every request with them is
+    /// `malformed_token`.
+    pub fn add_key(&self, key: &str, scopes: &[&str]) {
+        write(&self.inner.access).add_key(key, scopes);
+    }
+
+    /// Sets a key's lifecycle state (`Disabled`/`Revoked`/`Expired` answer 401 with the matching
+    /// reason code).
+    ///
+    /// # Panics
+    /// When the key was never added.
+    pub fn set_key_state(&self, key: &str, state: KeyState) {
+        let known = write(&self.inner.access).set_state(key, state);
+        assert!(known, "charthero-sim: unknown key");
+    }
+
+    /// Marks a key as not organization-scoped (`false`): every request with it is answered 403
+    /// `org_scope_only_required` right after authentication. Keys are organization-scoped by
+    /// default.
+    ///
+    /// # Panics
+    /// When the key was never added.
+    pub fn set_key_org_scoped(&self, key: &str, org_scoped: bool) {
+        let known = write(&self.inner.access).set_org_scoped(key, org_scoped);
+        assert!(known, "charthero-sim: unknown key");
+    }
+
+    /// Disables API keys for the whole organization: every request with a known, well-formed key
+    /// is answered 401 `api_keys_disabled` (checked after `invalid_key`, before key states).
+    pub fn set_api_keys_disabled(&self, disabled: bool) {
+        write(&self.inner.access).api_keys_disabled = disabled;
+    }
+
+    /// Production mode: keys starting with `ch_sk_test_` are answered 401
+    /// `test_prefix_not_allowed` (checked before the key is looked up). Off by default.
+    pub fn set_production(&self, production: bool) {
+        write(&self.inner.access).production = production;
+    }
+
+    /// Makes `route` answer 403 with `reason` (`route_not_allowed` or
+    /// `organization_not_allowlisted`) for every authenticated key, before scopes are checked.
+    pub fn disable_route(&self, route: Route, reason: &str) {
+        write(&self.inner.access).disable_route(route, reason);
+    }
+
+    /// Re-enables a route disabled with [`Simulator::disable_route`].
+    pub fn enable_route(&self, route: Route) {
+        write(&self.inner.access).enable_route(route);
+    }
+
+    // ----- rendering switches -----
+
+    /// Switches rendering of timestamps with non-UTC offsets (same instants).
+    pub fn set_offset_timestamps(&self, on: bool) {
+        self.inner.offset_timestamps.store(on, Ordering::Relaxed);
+    }
+
+    /// Switches the unknown `x_sim_extension` field on every JSON object.
+    pub fn set_extra_fields(&self, on: bool) {
+        self.inner.extra_fields.store(on, Ordering::Relaxed);
+    }
+
+    // ----- data control -----
+
+    /// Inserts an encounter, visible immediately. Its `updated_at` is `max(created_at, now)`.
+    /// Returns the new encounter id.
+    pub fn insert(&self, encounter: NewEncounter) -> String {
+        let now = now_nanos();
+        write(&self.inner.store)
+            .insert(&encounter, now)
+            .as_str()
+            .to_owned()
+    }
+
+    /// Runs `change` on an existing encounter under the store's write lock; panics (after
+    /// releasing the lock) with the error `change` or the lookup reports.
+    fn mutate<R>(
+        &self,
+        encounter_id: &str,
+        change: impl FnOnce(&mut Store, Slot, i64) -> Result<R, String>,
+    ) -> R {
+        let result = {
+            let mut store = write(&self.inner.store);
+            match store.slot(encounter_id) {
+                Some(slot) => change(&mut store, slot, now_nanos()),
+                None => Err(format!("unknown encounter {encounter_id}")),
+            }
+        };
+        result.unwrap_or_else(|message| panic!("charthero-sim: {message}"))
+    }
+
+    /// Removes an encounter: absent from the list, detail routes answer 404
+    /// `encounter_not_found`. Bumps `updated_at`.
+    ///
+    /// # Panics
+    /// For an unknown encounter id (as do all data-control methods below).
+    pub fn remove(&self, encounter_id: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.set_visibility(slot, Visibility::Removed, now);
+            Ok(())
+        });
+    }
+
+    /// Makes an encounter unavailable to the key: absent from the list, detail routes answer 403
+    /// `cross_organization_denied` or `demo_training_denied`. Bumps `updated_at`.
+    pub fn mark_unavailable(&self, encounter_id: &str, reason: Unavailable) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.set_visibility(slot, Visibility::Unavailable(reason), now);
+            Ok(())
+        });
+    }
+
+    /// Makes a removed or unavailable encounter visible again. Bumps `updated_at`.
+    pub fn restore(&self, encounter_id: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.set_visibility(slot, Visibility::Visible, now);
+            Ok(())
+        });
+    }
+
+    /// Sets an encounter's status (any string). Bumps `updated_at`.
+    pub fn update_status(&self, encounter_id: &str, status: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.set_status(slot, status, now);
+            Ok(())
+        });
+    }
+
+    /// Appends a document to an encounter and returns its id. Bumps `updated_at`.
+    pub fn add_document(&self, encounter_id: &str, kind: DocKind) -> String {
+        self.mutate(encounter_id, |store, slot, now| {
+            Ok(store.add_document(slot, kind, now).as_str().to_owned())
+        })
+    }
+
+    /// Finalizes an ambient transcript: status `completed`, audio duration set, the transcript
+    /// route serves it. Bumps the document's and the encounter's `updated_at`.
+    ///
+    /// # Panics
+    /// Also when the document is missing or not an ambient transcript.
+    pub fn finalize_transcript(&self, encounter_id: &str, document_id: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.finalize_transcript(slot, document_id, now)
+        });
+    }
+
+    /// Replaces a note's markdown text. Bumps the document's and the encounter's `updated_at`.
+    ///
+    /// # Panics
+    /// Also when the document is missing or not a note.
+    pub fn edit_note(&self, encounter_id: &str, document_id: &str, text: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.edit_note(slot, document_id, text, now)
+        });
+    }
+
+    // ----- observation -----
+
+    /// Every visible encounter, ordered by `(created_at, encounter_id)`.
+    pub fn snapshot(&self) -> Vec<Encounter> {
+        let store = read(&self.inner.store);
+        store
+            .visible_slots()
+            .map(|slot| store.to_public(slot))
+            .collect()
+    }
+
+    /// An encounter in any state (visible, removed or unavailable).
+    pub fn encounter(&self, encounter_id: &str) -> Option<Encounter> {
+        let store = read(&self.inner.store);
+        store.slot(encounter_id).map(|slot| store.to_public(slot))
+    }
+
+    /// Whether an encounter is visible, removed or unavailable; `None` when unknown.
+    pub fn visibility(&self, encounter_id: &str) -> Option<Visibility> {
+        let store = read(&self.inner.store);
+        store
+            .slot(encounter_id)
+            .map(|slot| store.rec(slot).visibility)
+    }
+
+    /// Number of visible encounters.
+    pub fn visible_count(&self) -> usize {
+        read(&self.inner.store).visible_len()
+    }
+
+    /// Number of encounters in any state.
+    pub fn encounter_count(&self) -> usize {
+        read(&self.inner.store).encounter_count()
+    }
+
+    /// The markdown text document detail serves for a note; `None` for other documents or
+    /// unknown ids.
+    pub fn note_text(&self, encounter_id: &str, document_id: &str) -> Option<String> {
+        let (id, text) = {
+            let store = read(&self.inner.store);
+            let doc = *store.rec(store.slot(encounter_id)?).doc(document_id)?;
+            if doc.class != DocClass::Note {
+                return None;
+            }
+            (doc.id, store.note_text(&doc))
+        };
+        Some(text.into_text(&id))
+    }
+
+    /// The transcript the transcript route serves; `None` unless the document is a finalized
+    /// ambient transcript.
+    pub fn transcript(&self, encounter_id: &str, document_id: &str) -> Option<Transcript> {
+        let (params, doc) = {
+            let store = read(&self.inner.store);
+            let doc = *store.rec(store.slot(encounter_id)?).doc(document_id)?;
+            (store.params, doc)
+        };
+        let audio_ds = doc.audio_ds.filter(|_| doc.is_final && doc.class == DocClass::Ambient)?;
+        Some(content::transcript(&params, &doc.id, audio_ds, doc.large))
+    }
+
+    /// A copy of the request counters.
+    pub fn stats(&self) -> Stats {
+        lock(&self.inner.stats).clone()
+    }
+
+    /// Zeroes the request counters (the list hook's `seq` keeps counting).
+    pub fn reset_stats(&self) {
+        *lock(&self.inner.stats) = Stats::default();
+    }
+
+    // ----- faults, limits, hooks -----
+
+    /// Queues a fault rule; see [`FaultRule`] for matching semantics.
+    pub fn push_fault(&self, rule: FaultRule) {
+        lock(&self.inner.faults).push(rule);
+    }
+
+    /// Drops every queued fault rule.
+    pub fn clear_faults(&self) {
+        lock(&self.inner.faults).clear();
+    }
+
+    /// Sets or clears the rate limit; the trailing window restarts empty.
+    pub fn set_rate_limit(&self, limit: Option<RateLimit>) {
+        lock(&self.inner.rate).set(limit);
+    }
+
+    /// Sets or clears the list hook.
+    pub fn set_list_hook(&self, hook: Option<ListHook>) {
+        *write(&self.inner.hook) = hook;
+    }
+}

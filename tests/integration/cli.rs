@@ -1,0 +1,176 @@
+//! The binary as operators run it: exit codes, error messages that name the problem, and output
+//! that never contains the API key.
+
+use std::process::{Command, Output};
+
+use crate::support::{TestEnv, compare, reader};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
+    cmd.env_remove("CHARTHERO_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("CHARTHERO_SYNC_CONFIG")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs a blocking command without stalling the runtime that serves the simulator.
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_with_a_message_naming_the_key() {
+    let env = TestEnv::with_encounters(1, 1).await;
+    env.write_key_file(&env.sim.api_key());
+    let cases = [
+        ("[sync]\nschedul = \"0 * * * * *\"\n", "schedul"),
+        ("[sync]\nschedule = \"every now and then\"\n", "sync.schedule"),
+        ("[sync]\nstart_at = \"2026-01-01T00:00:00\"\n", "sync.start_at"),
+        ("[api]\nbase_url = \"http://api.example.test\"\n", "api.base_url"),
+    ];
+    for (toml, key) in cases {
+        let path = env.dir.path().join("bad.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = run({
+            let mut c = bin();
+            c.arg("--config").arg(&path).arg("sync");
+            c
+        })
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{toml}: {}", text(&out));
+        assert!(text(&out).contains(key), "{toml}: {}", text(&out));
+    }
+
+    // No key anywhere.
+    let config = env.write_config_file("");
+    std::fs::remove_file(env.dir.path().join("api-key")).unwrap();
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("sync");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no API key found"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn sync_at_trace_level_succeeds_and_never_prints_the_key() {
+    let env = TestEnv::with_encounters(8, 300).await;
+    let canary = "ch_sk_canary_5f2e9d1c";
+    env.sim
+        .add_key(canary, &["encounters:read", "patients:read", "documents:read", "recordings:read"]);
+    env.write_key_file(canary);
+    let config = env.write_config_file("");
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("sync").env("RUST_LOG", "trace");
+        c
+    })
+    .await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("sync complete"), "{all}");
+    assert!(!all.contains("canary"), "the key leaked into the output");
+    compare(&env.sim, &env.db_path()).assert_empty();
+
+    let help = run({
+        let mut c = bin();
+        c.arg("--help").env("CHARTHERO_API_KEY", canary);
+        c
+    })
+    .await;
+    assert!(!text(&help).contains("canary"));
+}
+
+#[tokio::test]
+async fn a_revoked_key_exits_3_and_the_run_records_the_reason_code() {
+    let env = TestEnv::with_encounters(9, 50).await;
+    env.sim.add_key("ch_sk_to_revoke", &["encounters:read", "patients:read", "documents:read"]);
+    env.sim.set_key_state("ch_sk_to_revoke", charthero_sim::KeyState::Revoked);
+    env.write_key_file("ch_sk_to_revoke");
+    let config = env.write_config_file("");
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("sync");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("revoked_key"), "{}", text(&out));
+    let (outcome, reason): (String, String) = reader(&env.db_path())
+        .query_row("SELECT outcome, reason_code FROM sync_runs", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap();
+    assert_eq!((outcome.as_str(), reason.as_str()), ("failed", "revoked_key"));
+}
+
+#[tokio::test]
+async fn commands_of_later_milestones_say_they_are_not_available_and_exit_2() {
+    let env = TestEnv::with_encounters(1, 1).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = env.write_config_file("");
+    for args in [
+        vec!["run"],
+        vec!["status"],
+        vec!["check"],
+        vec!["backfill", "--from", "2026-01-01T00:00:00Z"],
+        vec!["sync", "--backfill-from", "2026-01-01T00:00:00Z"],
+    ] {
+        let out = run({
+            let mut c = bin();
+            c.arg("--config").arg(&config).args(&args);
+            c
+        })
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("not available yet"), "{args:?}: {}", text(&out));
+    }
+}
+
+#[tokio::test]
+async fn migrate_and_demo_work_from_the_command_line() {
+    let env = TestEnv::with_encounters(1, 1).await;
+    let config = env.write_config_file("");
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("migrate");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(env.db_path().exists());
+
+    let demo_db = env.dir.path().join("demo.db");
+    for _ in 0..2 {
+        // The second run replaces the first demo database.
+        let out = run({
+            let mut c = bin();
+            c.args(["demo", "--encounters", "400", "--database"]).arg(&demo_db);
+            c
+        })
+        .await;
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{all}");
+        assert!(all.contains("Synced 400 simulated ChartHero encounters"), "{all}");
+        assert!(all.contains("sqlite3"), "{all}");
+    }
+    let n: i64 = reader(&demo_db)
+        .query_row("SELECT count(*) FROM encounters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 400);
+
+    // demo refuses to overwrite a database it did not create.
+    let out = run({
+        let mut c = bin();
+        c.args(["demo", "--encounters", "10", "--database"]).arg(env.db_path());
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not created by `charthero-sync demo`"), "{}", text(&out));
+}

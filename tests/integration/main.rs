@@ -1,0 +1,7 @@
+//! The integration tests: the real client, sync and binary against the real simulator over
+//! loopback and real SQLite files. One binary, so it builds and links once.
+
+mod api_routes;
+mod cli;
+mod support;
+mod sync_quiet;

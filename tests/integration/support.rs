@@ -1,0 +1,240 @@
+//! Shared test plumbing: a simulator on a random loopback port, a temporary warehouse, a config
+//! pointing one at the other, and an entity-by-entity comparison of warehouse and simulator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use charthero_sim::{SimOptions, Simulator};
+use charthero_sync::config::{Config, RawConfig};
+use charthero_sync::secret::ApiKey;
+use charthero_sync::timefmt::format_utc;
+use time::OffsetDateTime;
+
+/// A running simulator and a temporary directory holding the warehouse.
+pub struct TestEnv {
+    pub sim: Simulator,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub async fn start(opts: SimOptions) -> TestEnv {
+        let sim = Simulator::start(opts).await.expect("simulator starts");
+        TestEnv {
+            sim,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// `encounters` over the 60 days before now, with a given seed.
+    pub async fn with_encounters(seed: u64, encounters: usize) -> TestEnv {
+        TestEnv::start(sim_options(seed, encounters)).await
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("warehouse.db")
+    }
+
+    pub fn key(&self) -> ApiKey {
+        ApiKey::new(&self.sim.api_key()).unwrap()
+    }
+
+    /// A config aimed at this simulator with a generous rate limit (tests measure correctness,
+    /// the benchmark harness measures politeness).
+    pub fn config(&self) -> Config {
+        self.raw_config().validate().expect("test config is valid")
+    }
+
+    pub fn raw_config(&self) -> RawConfig {
+        let mut raw = RawConfig::default();
+        raw.api.base_url = self.sim.base_url();
+        raw.api.api_key_file = None;
+        raw.api.request_timeout = "10s".into();
+        raw.database.path = self.db_path();
+        raw.sync.start_at = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
+        raw.sync.settle_lag = "0s".into();
+        raw.limits.requests_per_second = 2_000.0;
+        raw.limits.burst = 100;
+        raw
+    }
+
+    /// Writes the config as TOML into the temp dir, for tests that run the binary.
+    pub fn write_config_file(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        let text = format!(
+            "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\n[database]\npath = \"{}\"\n\n\
+             [sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\n[limits]\nrequests_per_second = 2000.0\nburst = 100\n{extra}",
+            self.sim.base_url(),
+            self.dir.path().join("api-key").display(),
+            self.db_path().display(),
+            format_utc(OffsetDateTime::now_utc() - time::Duration::days(61)),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Writes the simulator's key into `api-key` with mode 0600.
+    pub fn write_key_file(&self, key: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join("api-key");
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+}
+
+pub fn sim_options(seed: u64, encounters: usize) -> SimOptions {
+    let now = OffsetDateTime::now_utc();
+    SimOptions {
+        seed,
+        encounters,
+        start: now - time::Duration::days(60),
+        end: now - time::Duration::hours(1),
+        ..SimOptions::default()
+    }
+}
+
+pub fn reader(path: &Path) -> rusqlite::Connection {
+    charthero_sync::store::open_reader(path, Duration::from_secs(5)).unwrap()
+}
+
+/// Differences between the warehouse and the simulator's visible state.
+#[derive(Debug, Default)]
+pub struct Diff {
+    /// Live upstream, absent (or marked removed) in the warehouse.
+    pub missing: Vec<String>,
+    /// Present in both but with different values.
+    pub stale: Vec<String>,
+    /// Live in the warehouse but not upstream.
+    pub ghosts: Vec<String>,
+}
+
+impl Diff {
+    pub fn assert_empty(&self) {
+        assert!(
+            self.missing.is_empty() && self.stale.is_empty() && self.ghosts.is_empty(),
+            "warehouse differs from simulator: {} missing (e.g. {:?}), {} stale (e.g. {:?}), {} ghosts (e.g. {:?})",
+            self.missing.len(),
+            self.missing.first(),
+            self.stale.len(),
+            self.stale.first(),
+            self.ghosts.len(),
+            self.ghosts.first(),
+        );
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Row {
+    organization_id: String,
+    encounter_type: Option<String>,
+    status: Option<String>,
+    created_at: String,
+    updated_at: String,
+    date_of_service: Option<String>,
+    patient: (String, Option<String>, Option<String>, Option<String>),
+    documents: Vec<DocRow>,
+}
+
+type DocRow = (String, String, Option<String>, Option<String>, Option<String>, Option<f64>);
+
+/// Compares every live encounter, its patient and its document summaries.
+pub fn compare(sim: &Simulator, db: &Path) -> Diff {
+    let conn = reader(db);
+    let mut docs: BTreeMap<String, Vec<DocRow>> = BTreeMap::new();
+    let mut stmt = conn
+        .prepare(
+            "SELECT encounter_id, document_id, schema_type, title, status, workflow_variant,
+                    audio_duration_seconds
+             FROM documents WHERE removed_at IS NULL ORDER BY encounter_id, position",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+        })
+        .unwrap();
+    for row in rows {
+        let (enc, doc) = row.unwrap();
+        docs.entry(enc).or_default().push(doc);
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT e.encounter_id, e.organization_id, e.encounter_type, e.status, e.created_at,
+                    e.updated_at, e.date_of_service, p.patient_id, p.first_name, p.last_name,
+                    p.date_of_birth
+             FROM encounters e LEFT JOIN patients p USING (patient_id)
+             WHERE e.removed_at IS NULL",
+        )
+        .unwrap();
+    let mut stored: BTreeMap<String, Row> = stmt
+        .query_map([], |r| {
+            let id: String = r.get(0)?;
+            Ok((
+                id,
+                Row {
+                    organization_id: r.get(1)?,
+                    encounter_type: r.get(2)?,
+                    status: r.get(3)?,
+                    created_at: r.get(4)?,
+                    updated_at: r.get(5)?,
+                    date_of_service: r.get(6)?,
+                    patient: (r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?),
+                    documents: Vec::new(),
+                },
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (id, row) in stored.iter_mut() {
+        row.documents = docs.remove(id).unwrap_or_default();
+    }
+    let mut diff = Diff::default();
+    let mut upstream_ids = BTreeSet::new();
+    for e in sim.snapshot() {
+        upstream_ids.insert(e.encounter_id.clone());
+        let expected = Row {
+            organization_id: e.organization_id.clone(),
+            encounter_type: Some(e.encounter_type.clone()),
+            status: Some(e.status.clone()),
+            created_at: format_utc(e.created_at),
+            updated_at: format_utc(e.updated_at),
+            date_of_service: Some(format_utc(e.date_of_service)),
+            patient: (
+                e.patient.patient_id.clone(),
+                e.patient.first_name.clone(),
+                e.patient.last_name.clone(),
+                e.patient.date_of_birth.map(|d| d.to_string()),
+            ),
+            documents: e
+                .documents
+                .iter()
+                .map(|d| {
+                    (
+                        d.document_id.clone(),
+                        d.schema_type.clone(),
+                        d.title.clone(),
+                        d.status.clone(),
+                        d.workflow_variant.clone(),
+                        d.audio_duration_seconds,
+                    )
+                })
+                .collect(),
+        };
+        match stored.get(&e.encounter_id) {
+            None => diff.missing.push(e.encounter_id),
+            Some(row) if *row != expected => diff.stale.push(e.encounter_id),
+            Some(_) => {}
+        }
+    }
+    diff.ghosts = stored.keys().filter(|id| !upstream_ids.contains(*id)).cloned().collect();
+    diff
+}
+
+/// Counts rows of a table.
+pub fn count(db: &Path, table: &str) -> i64 {
+    reader(db)
+        .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}

@@ -1,0 +1,97 @@
+//! A sync of a quiet simulator: the warehouse ends equal to upstream, record by record, and a
+//! second cycle changes nothing.
+
+use charthero_sim::{Fault, FaultRule, Route as SimRoute, SimOptions};
+use charthero_sync::sync::CycleError;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{TestEnv, compare, count, reader, sim_options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
+    let env = TestEnv::with_encounters(2026, 20_000).await;
+    let report = charthero_sync::sync_once(&env.config(), &env.key(), "test", &CancellationToken::new())
+        .await
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let db = env.db_path();
+    assert_eq!(count(&db, "encounters"), 20_000);
+    assert_eq!(report.counts.encounters_new, 20_000);
+    let patients: usize = {
+        let mut ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.patient.patient_id).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    assert_eq!(count(&db, "patients") as usize, patients);
+    // Close to the minimum of ceil(N / 100) list requests: the first probe and splits add few.
+    assert!(report.counts.list_requests <= 200 + 20, "{:?}", report.counts);
+    let (outcome, windows): (String, i64) = reader(&db)
+        .query_row(
+            "SELECT outcome, windows FROM sync_runs WHERE run_id = ?1",
+            [report.run_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "succeeded");
+    assert!(windows >= 3, "20,000 records need several windows under the offset cap");
+    let ledger_records: i64 = reader(&db)
+        .query_row("SELECT sum(records_seen) FROM sync_windows", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ledger_records, 20_000);
+}
+
+#[tokio::test]
+async fn a_second_cycle_without_upstream_changes_writes_nothing() {
+    let env = TestEnv::with_encounters(11, 1_500).await;
+    let cfg = env.config();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
+    let changes_before: i64 = reader(&env.db_path())
+        .query_row("SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL", [], |r| r.get(0))
+        .unwrap();
+    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
+    assert_eq!(second.counts.encounters_new + second.counts.encounters_changed, 0, "{:?}", second.counts);
+    assert_eq!(changes_before, 1_500);
+    compare(&env.sim, &env.db_path()).assert_empty();
+}
+
+#[tokio::test]
+async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized() {
+    let env = TestEnv::start(SimOptions {
+        offset_timestamps: true,
+        extra_fields: true,
+        ..sim_options(5, 400)
+    })
+    .await;
+    charthero_sync::sync_once(&env.config(), &env.key(), "test", &CancellationToken::new())
+        .await
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let sample: String = reader(&env.db_path())
+        .query_row("SELECT created_at FROM encounters LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(sample.ends_with('Z'), "{sample}");
+}
+
+#[tokio::test]
+async fn a_malformed_page_fails_the_cycle_with_a_clear_error_and_loses_nothing() {
+    let env = TestEnv::with_encounters(12, 600).await;
+    let cfg = env.config();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
+    env.sim.push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
+    let err = charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap_err();
+    assert!(matches!(err, CycleError::Api(_)), "{err}");
+    assert!(err.to_string().contains("malformed response body"), "{err}");
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let (outcome, error): (String, String) = reader(&env.db_path())
+        .query_row(
+            "SELECT outcome, error FROM sync_runs ORDER BY run_id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "failed");
+    assert!(error.contains("malformed"), "{error}");
+}
