@@ -78,6 +78,7 @@ CREATE TABLE sync_runs (
     outcome              TEXT NOT NULL CHECK (outcome IN ('running', 'succeeded', 'failed', 'aborted')),
     trigger              TEXT NOT NULL,        -- 'sync', 'run', 'demo', ...
     list_requests        INTEGER NOT NULL DEFAULT 0,
+    detail_requests      INTEGER NOT NULL DEFAULT 0,   -- encounter detail, to confirm removals
     windows              INTEGER NOT NULL DEFAULT 0,
     encounters_new       INTEGER NOT NULL DEFAULT 0,
     encounters_changed   INTEGER NOT NULL DEFAULT 0,
@@ -89,24 +90,47 @@ CREATE TABLE sync_runs (
     reason_code          TEXT
 ) STRICT;
 
+-- Backfills (reconciles) of a created_at range: requested by `sync --backfill-from`, and later
+-- queued for the daemon. `cursor` is how far the range has been scanned completely, so an
+-- interrupted backfill resumes there.
+CREATE TABLE backfills (
+    backfill_id  INTEGER PRIMARY KEY,
+    range_start  TEXT NOT NULL,         -- inclusive
+    range_end    TEXT NOT NULL,         -- exclusive
+    cursor       TEXT,                  -- NULL until the first window completes
+    status       TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed')),
+    requested_by TEXT NOT NULL,         -- 'sync', 'run' or 'backfill'
+    requested_at TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    windows      INTEGER NOT NULL DEFAULT 0,
+    encounters_seen    INTEGER NOT NULL DEFAULT 0,
+    encounters_removed INTEGER NOT NULL DEFAULT 0,
+    error        TEXT
+) STRICT;
+
 -- The window ledger: one row per completed created_at window.
 CREATE TABLE sync_windows (
     window_id     INTEGER PRIMARY KEY,
     run_id        INTEGER NOT NULL REFERENCES sync_runs (run_id),
-    kind          TEXT NOT NULL,        -- 'live', later also 'revisit' and 'backfill'
+    kind          TEXT NOT NULL,        -- 'live', 'revisit' or 'backfill'
+    backfill_id   INTEGER REFERENCES backfills (backfill_id),
     start_at      TEXT NOT NULL,        -- inclusive
     end_at        TEXT NOT NULL,        -- exclusive
     start_at_ns   INTEGER NOT NULL,
     end_at_ns     INTEGER NOT NULL,
-    records_seen  INTEGER NOT NULL,
-    total         INTEGER NOT NULL,     -- the list route's total on the last page
-    pages         INTEGER NOT NULL,
+    records_seen  INTEGER NOT NULL,     -- distinct encounters listed in the accepted pass
+    total         INTEGER NOT NULL,     -- the list route's total for the window at the start
+    pages         INTEGER NOT NULL,     -- list requests over all passes
+    passes        INTEGER NOT NULL,     -- 1 unless upstream changed while we paged
+    removed       INTEGER NOT NULL,     -- encounters marked removed by this window
     id_set_hash   TEXT NOT NULL,        -- SHA-256 over the sorted encounter IDs seen
     completed_at  TEXT NOT NULL
 ) STRICT;
 CREATE INDEX sync_windows_by_end ON sync_windows (end_at_ns);
 
--- Small named values: the live watermark and similar.
+-- Small named values: 'complete_through' (everything created before it is known complete),
+-- 'deep_revisit_at' (when the last deep revisit completed), 'demo_database'.
 CREATE TABLE sync_state (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -30,10 +30,7 @@ pub const CREDENTIAL_NAME: &str = "charthero-api-key";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
@@ -84,6 +81,10 @@ pub struct RawSync {
     pub start_at: String,
     pub page_size: u32,
     pub settle_lag: String,
+    pub overlap: String,
+    pub revisit_recent: String,
+    pub revisit_deep: String,
+    pub revisit_deep_every: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +139,17 @@ impl Default for RawSync {
             // Records become visible a little after their created_at; windows never reach
             // closer to now than this, so the live watermark only passes settled time.
             settle_lag: "2m".into(),
+            // Each cycle re-reads this much before the watermark even when the revisit
+            // horizon is turned off, so a record that became visible just after its window
+            // was read is caught by the very next cycle.
+            overlap: "10m".into(),
+            // Encounters keep changing for a day or two (transcripts finalize, notes are
+            // signed): every cycle re-lists this much recent history. Unchanged records cost
+            // only their share of a list page.
+            revisit_recent: "48h".into(),
+            // Late edits and addenda: once per revisit_deep_every, re-list this much.
+            revisit_deep: "30d".into(),
+            revisit_deep_every: "24h".into(),
         }
     }
 }
@@ -184,6 +196,11 @@ pub struct SyncConfig {
     pub start_at: OffsetDateTime,
     pub page_size: NonZeroU32,
     pub settle_lag: Duration,
+    pub overlap: Duration,
+    pub revisit_recent: Duration,
+    /// Zero disables the deep revisit.
+    pub revisit_deep: Duration,
+    pub revisit_deep_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +268,13 @@ impl RawConfig {
                 _ => return Err(invalid("sync.page_size", "must be between 1 and 100 (the API's limit range)")),
             },
             settle_lag: parse_duration("sync.settle_lag", &self.sync.settle_lag)?,
+            overlap: parse_duration("sync.overlap", &self.sync.overlap)?,
+            revisit_recent: parse_duration("sync.revisit_recent", &self.sync.revisit_recent)?,
+            revisit_deep: parse_duration("sync.revisit_deep", &self.sync.revisit_deep)?,
+            revisit_deep_every: parse_positive_duration(
+                "sync.revisit_deep_every",
+                &self.sync.revisit_deep_every,
+            )?,
         };
         let rps = self.limits.requests_per_second;
         if !(rps.is_finite() && rps > 0.0) {
@@ -276,7 +300,10 @@ fn validate_base_url(text: &str) -> Result<Url, ConfigError> {
     const KEY: &str = "api.base_url";
     let mut url = Url::parse(text).map_err(|e| invalid(KEY, format!("{text:?} is not a URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(KEY, "must not carry credentials; the key comes from api_key_file"));
+        return Err(invalid(
+            KEY,
+            "must not carry credentials; the key comes from api_key_file",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(KEY, "must not have a query or fragment"));
@@ -290,7 +317,12 @@ fn validate_base_url(text: &str) -> Result<Url, ConfigError> {
                 "must use https:// (plain http:// is only allowed for a loopback host such as 127.0.0.1)",
             ));
         }
-        other => return Err(invalid(KEY, format!("unsupported scheme {other:?}; use https://"))),
+        other => {
+            return Err(invalid(
+                KEY,
+                format!("unsupported scheme {other:?}; use https://"),
+            ));
+        }
     }
     let trimmed = url.path().trim_end_matches('/').to_owned();
     url.set_path(&trimmed);
@@ -310,9 +342,12 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| invalid(key, format!("{text:?} is not a duration like \"30s\", \"5m\", \"48h\" or \"30d\"")))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration like \"30s\", \"5m\", \"48h\" or \"30d\""),
+        )
+    })?;
     let unit_secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" => 1,
@@ -390,10 +425,10 @@ fn load_api_key_from(
             return Ok((key, KeySource::Credential(path)));
         }
     }
-    let file = api
-        .api_key_file
-        .as_ref()
-        .map_or_else(|| "api_key_file (not set)".to_owned(), |p| format!("api_key_file {}", p.display()));
+    let file = api.api_key_file.as_ref().map_or_else(
+        || "api_key_file (not set)".to_owned(),
+        |p| format!("api_key_file {}", p.display()),
+    );
     Err(ConfigError::ApiKey(format!(
         "no API key found: looked in {file}, ${API_KEY_ENV}, and $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"
     )))
@@ -420,9 +455,8 @@ fn read_key_file(path: &Path) -> Result<Option<ApiKey>, ConfigError> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::ApiKey(format!("cannot read API key file {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::ApiKey(format!("cannot read API key file {}: {e}", path.display())))?;
     ApiKey::new(&text)
         .map(Some)
         .ok_or_else(|| ConfigError::ApiKey(format!("API key file {} is empty", path.display())))
@@ -447,7 +481,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_that_name_the_key() {
-        let err = parse("[sync]\nschedulee = \"0 * * * * *\"\n").unwrap_err().to_string();
+        let err = parse("[sync]\nschedulee = \"0 * * * * *\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("schedulee"), "{err}");
         let err = parse("[nonsense]\n").unwrap_err().to_string();
         assert!(err.contains("nonsense"), "{err}");
@@ -461,7 +497,10 @@ mod tests {
             ("[api]\nbase_url = \"http://api.example.test\"", "api.base_url"),
             ("[api]\nbase_url = \"ftp://127.0.0.1\"", "api.base_url"),
             ("[api]\nconnect_timeout = \"10 parsecs\"", "api.connect_timeout"),
-            ("[limits]\nrequests_per_second = 0.0", "limits.requests_per_second"),
+            (
+                "[limits]\nrequests_per_second = 0.0",
+                "limits.requests_per_second",
+            ),
             ("[limits]\nburst = 0", "limits.burst"),
             ("[limits]\nmax_in_flight = 0", "limits.max_in_flight"),
             ("[sync]\npage_size = 101", "sync.page_size"),
@@ -474,7 +513,12 @@ mod tests {
 
     #[test]
     fn plain_http_is_allowed_only_for_loopback_hosts() {
-        for host in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9", "http://127.3.4.5"] {
+        for host in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9",
+            "http://127.3.4.5",
+        ] {
             let text = format!("[api]\nbase_url = \"{host}\"");
             assert!(parse(&text).is_ok(), "{host}");
         }
@@ -485,8 +529,14 @@ mod tests {
     #[test]
     fn durations_accept_the_documented_units() {
         assert_eq!(parse_duration("k", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("k", "48h").unwrap(), Duration::from_secs(48 * 3600));
-        assert_eq!(parse_duration("k", "30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            parse_duration("k", "48h").unwrap(),
+            Duration::from_secs(48 * 3600)
+        );
+        assert_eq!(
+            parse_duration("k", "30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
         assert!(parse_duration("k", "5").is_err());
         assert!(parse_duration("k", "-5s").is_err());
     }
@@ -518,7 +568,10 @@ mod tests {
         assert_eq!((key.expose(), src), ("ch_sk_env", KeySource::Env));
 
         let (key, src) = load_api_key_from(&api, None, Some(cred_dir)).unwrap();
-        assert_eq!((key.expose(), src), ("ch_sk_from_credential", KeySource::Credential(cred)));
+        assert_eq!(
+            (key.expose(), src),
+            ("ch_sk_from_credential", KeySource::Credential(cred))
+        );
 
         let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
         assert!(err.contains("no API key found"), "{err}");

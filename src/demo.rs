@@ -63,7 +63,11 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     })
     .await
     .context("cannot start the built-in ChartHero simulator")?;
-    tracing::info!(encounters = opts.encounters, "simulator listening on {}", sim.base_url());
+    tracing::info!(
+        encounters = opts.encounters,
+        "simulator listening on {}",
+        sim.base_url()
+    );
 
     let mut raw = RawConfig::default();
     raw.api.base_url = sim.base_url();
@@ -87,7 +91,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
             Ok(())
         })
         .await?;
-    let report = crate::sync::run_cycle(&ctx, "demo", cancel).await?;
+    let report = crate::sync::run_cycle(&ctx, "demo", None, cancel).await?;
     drop(ctx);
     sim.shutdown();
 
@@ -114,7 +118,11 @@ fn prepare_database(path: &Path) -> anyhow::Result<()> {
     let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open existing {}", path.display()))?;
     let marker: Option<String> = conn
-        .query_row("SELECT value FROM sync_state WHERE name = ?1", [DEMO_MARKER], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM sync_state WHERE name = ?1",
+            [DEMO_MARKER],
+            |r| r.get(0),
+        )
         .optional()
         .unwrap_or(None);
     drop(conn);

@@ -8,7 +8,7 @@
 
 pub mod api;
 pub mod config;
-// pub mod demo;
+pub mod demo;
 pub mod exit;
 pub mod secret;
 pub mod store;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::secret::ApiKey;
-use crate::sync::{CycleError, CycleReport, SyncContext};
+use crate::sync::{BackfillRange, CycleError, CycleReport, SyncContext};
 
 /// Opens (and migrates) the warehouse and builds the context a cycle needs.
 pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
@@ -28,19 +28,18 @@ pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
     Ok(SyncContext {
         client: api::Client::new(&config.api, &config.limits, key)?,
         writer: store::Writer::spawn(conn),
-        start_at: config.sync.start_at,
-        settle_lag: config.sync.settle_lag,
-        page_limit: config.sync.page_size.get(),
+        sync: config.sync.clone(),
     })
 }
 
-/// `charthero-sync sync`: one complete cycle now.
+/// `charthero-sync sync [--backfill-from ..]`: one complete sync cycle now.
 pub async fn sync_once(
     config: &Config,
     key: &ApiKey,
     trigger: &'static str,
+    backfill: Option<BackfillRange>,
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
     let ctx = connect(config, key)?;
-    sync::run_cycle(&ctx, trigger, cancel).await
+    sync::run_cycle(&ctx, trigger, backfill, cancel).await
 }

@@ -9,11 +9,15 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use charthero_sync::config::{self, Config, ConfigError};
-use charthero_sync::sync::CycleError;
+use charthero_sync::sync::{BackfillRange, CycleError};
 use charthero_sync::{demo, exit, store, timefmt};
 
 #[derive(Parser)]
-#[command(name = "charthero-sync", version, about = "Replicate ChartHero encounters into a SQLite warehouse")]
+#[command(
+    name = "charthero-sync",
+    version,
+    about = "Replicate ChartHero encounters into a SQLite warehouse"
+)]
 struct Cli {
     /// Configuration file (TOML).
     #[arg(long, global = true, env = "CHARTHERO_SYNC_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
@@ -110,7 +114,10 @@ impl From<CycleError> for Failure {
         if let CycleError::Api(api) = &e {
             tracing::error!(reason_code = api.reason_code().unwrap_or("none"), "{api}");
         }
-        Failure { code, error: e.into() }
+        Failure {
+            code,
+            error: e.into(),
+        }
     }
 }
 
@@ -169,23 +176,40 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Sync {
-            backfill_from: Some(_),
-            ..
-        } => Err(not_yet("sync --backfill-from", 3)),
-        Command::Sync { .. } => {
+            backfill_from,
+            backfill_to,
+        } => {
+            let backfill = backfill_from.map(|start| BackfillRange {
+                start,
+                end: backfill_to.unwrap_or_else(OffsetDateTime::now_utc),
+            });
+            if let Some(r) = backfill.filter(|r| r.start >= r.end) {
+                return Err(Failure {
+                    code: exit::USAGE,
+                    error: anyhow::anyhow!(
+                        "--backfill-from ({}) must be before --backfill-to ({})",
+                        timefmt::format_utc(r.start),
+                        timefmt::format_utc(r.end)
+                    ),
+                });
+            }
             let config = Config::load(&cli.config)?;
             let (key, source) = config::load_api_key(&config.api)?;
             tracing::info!(%source, "API key loaded");
             let cancel = cancel_on_signal();
-            let report = charthero_sync::sync_once(&config, &key, "sync", &cancel).await?;
+            let report = charthero_sync::sync_once(&config, &key, "sync", backfill, &cancel).await?;
             let c = report.counts;
             println!(
-                "sync complete: {} new, {} changed, {} unchanged encounters; {} list requests; complete through {}",
+                "sync complete: {} new, {} changed, {} unchanged, {} removed encounters; {} list requests; \
+                 complete through {}",
                 c.encounters_new,
                 c.encounters_changed,
                 c.encounters_unchanged,
+                c.encounters_removed,
                 c.list_requests,
-                timefmt::format_utc(report.watermark)
+                report
+                    .complete_through
+                    .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
             );
             Ok(())
         }
@@ -213,7 +237,9 @@ fn cancel_on_signal() -> CancellationToken {
                 eprintln!("second signal: exiting now");
                 std::process::exit(i32::from(exit::CYCLE_FAILED));
             }
-            tracing::warn!("signal received: finishing the current page, then stopping (signal again to exit now)");
+            tracing::warn!(
+                "signal received: finishing the current page, then stopping (signal again to exit now)"
+            );
             child.cancel();
         }
     });
@@ -237,7 +263,9 @@ fn print_demo_summary(s: &demo::DemoSummary) {
         "  requests: {} list pages over {} windows; complete through {}",
         c.list_requests,
         c.windows,
-        timefmt::format_utc(s.report.watermark)
+        s.report
+            .complete_through
+            .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
     );
     println!();
     println!("Try it:");

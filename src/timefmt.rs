@@ -24,10 +24,13 @@ pub fn parse_rfc3339(text: &str) -> Result<OffsetDateTime, String> {
 fn looks_naive(text: &str) -> bool {
     let b = text.as_bytes();
     let is_date = b.len() >= 10
-        && b[..10]
-            .iter()
-            .enumerate()
-            .all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() });
+        && b[..10].iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
     is_date && !text[10..].contains(['Z', 'z', '+', '-'])
 }
 
@@ -35,7 +38,9 @@ fn looks_naive(text: &str) -> bool {
 pub fn format_utc(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);
     let mut out = t
-        .format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"))
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]"
+        ))
         .expect("a UTC date-time in years 0..=9999 always formats");
     let nanos = t.nanosecond();
     if nanos != 0 {
@@ -72,9 +77,21 @@ mod tests {
 
     #[test]
     fn naive_and_malformed_timestamps_are_explained() {
-        assert!(parse_rfc3339("2026-05-25T14:00:00").unwrap_err().contains("no timezone offset"));
-        assert!(parse_rfc3339("2026-05-25").unwrap_err().contains("no timezone offset"));
-        assert!(parse_rfc3339("yesterday").unwrap_err().contains("not an RFC 3339"));
+        assert!(
+            parse_rfc3339("2026-05-25T14:00:00")
+                .unwrap_err()
+                .contains("no timezone offset")
+        );
+        assert!(
+            parse_rfc3339("2026-05-25")
+                .unwrap_err()
+                .contains("no timezone offset")
+        );
+        assert!(
+            parse_rfc3339("yesterday")
+                .unwrap_err()
+                .contains("not an RFC 3339")
+        );
     }
 
     #[test]

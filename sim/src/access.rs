@@ -112,7 +112,11 @@ impl Access {
     /// 403 `org_scope_only_required`, then route enablement, then scopes.
     pub(crate) fn authorize(&self, authorization: Option<&[u8]>, route: Route) -> Result<(), Denied> {
         let Some(header) = authorization else {
-            return Err(denied(401, "missing_bearer", "Authorization: Bearer <api key> is required."));
+            return Err(denied(
+                401,
+                "missing_bearer",
+                "Authorization: Bearer <api key> is required.",
+            ));
         };
         let malformed = || denied(401, "malformed_token", "The bearer token is malformed.");
         let header = std::str::from_utf8(header).map_err(|_| malformed())?;
@@ -210,9 +214,15 @@ mod tests {
         a.set_state("ch_sk_full", KeyState::Revoked);
         assert_eq!(reason(&a, Some("Bearer ch_sk_full"), Route::List), "revoked_key");
         a.api_keys_disabled = true;
-        assert_eq!(reason(&a, Some("Bearer ch_sk_full"), Route::List), "api_keys_disabled");
+        assert_eq!(
+            reason(&a, Some("Bearer ch_sk_full"), Route::List),
+            "api_keys_disabled"
+        );
         a.production = true;
-        assert_eq!(reason(&a, Some("Bearer ch_sk_test_docs"), Route::Document), "test_prefix_not_allowed");
+        assert_eq!(
+            reason(&a, Some("Bearer ch_sk_test_docs"), Route::Document),
+            "test_prefix_not_allowed"
+        );
     }
 
     #[test]

@@ -26,8 +26,26 @@ pub(crate) const UNSUPPORTED_TYPES: &[(&str, &str)] = &[
 /// Given names, including precomposed and combining-mark spellings (`Rene\u{301}e` is decomposed
 /// on purpose: clients must store it as received).
 pub(crate) const FIRST_NAMES: &[&str] = &[
-    "Jane", "John", "María", "José", "Zoë", "Rene\u{301}e", "Siobhán", "Łukasz", "Ngọc", "Aiko",
-    "Mohammed", "Olivia", "Liam", "Chloé", "Björn", "Priya", "Wei", "Amara", "Dmitri", "Fatima",
+    "Jane",
+    "John",
+    "María",
+    "José",
+    "Zoë",
+    "Rene\u{301}e",
+    "Siobhán",
+    "Łukasz",
+    "Ngọc",
+    "Aiko",
+    "Mohammed",
+    "Olivia",
+    "Liam",
+    "Chloé",
+    "Björn",
+    "Priya",
+    "Wei",
+    "Amara",
+    "Dmitri",
+    "Fatima",
 ];
 
 /// Family names, including non-Latin scripts.
@@ -114,7 +132,7 @@ const NOTE_SENTENCES: &[&str] = &[
 /// Duration of an ambient recording in tenths of a second: 2–40 minutes, or about three hours
 /// for a large transcript (so its ~2 MB of turns fit plausibly).
 pub(crate) fn audio_duration_ds(seed: u64, doc: &Id, large: bool) -> u32 {
-    let mut rng = doc_rng(seed, doc, 0xd0_0a_710);
+    let mut rng = doc_rng(seed, doc, 0x0d00_a710);
     if large {
         rng.u32(100_000..=110_000)
     } else {
@@ -128,7 +146,7 @@ fn doc_rng(seed: u64, doc: &Id, salt: u64) -> fastrand::Rng {
 
 /// The markdown text of a note.
 pub(crate) fn note_text(seed: u64, doc: &Id, title: &str, unicode: bool) -> String {
-    let mut rng = doc_rng(seed, doc, 0x0_7e_7);
+    let mut rng = doc_rng(seed, doc, 0x07e7);
     let mut pick = |n: usize| -> Vec<&'static str> {
         (0..n)
             .map(|_| NOTE_SENTENCES[rng.usize(..NOTE_SENTENCES.len())])
@@ -156,7 +174,7 @@ const LARGE_TURN_BYTES: usize = 1_250;
 
 /// The final transcript of an ambient document whose audio lasts `audio_ds` tenths of a second.
 pub(crate) fn transcript(params: &ContentParams, doc: &Id, audio_ds: u32, large: bool) -> Transcript {
-    let mut rng = doc_rng(params.seed, doc, 0x7_a_15c);
+    let mut rng = doc_rng(params.seed, doc, 0x0007_a15c);
     let (min, max) = params.turns_per_transcript;
     let count = if large {
         LARGE_TURNS
@@ -184,7 +202,7 @@ pub(crate) fn transcript(params: &ContentParams, doc: &Id, audio_ds: u32, large:
                 text.push_str(lines[rng.usize(..lines.len())]);
             }
         }
-        if params.unicode_every != 0 && (i + 1) % u64::from(params.unicode_every) == 0 {
+        if params.unicode_every != 0 && (i + 1).is_multiple_of(u64::from(params.unicode_every)) {
             text.push(' ');
             text.push_str(UNICODE_SNIPPETS[rng.usize(..UNICODE_SNIPPETS.len())]);
         }

@@ -67,7 +67,9 @@ impl FaultBook {
 pub(crate) enum RateVerdict {
     Within,
     /// Over the limit; `enforce` says whether to answer 429.
-    Violation { enforce: bool },
+    Violation {
+        enforce: bool,
+    },
 }
 
 /// Arrival times inside the trailing one-second window, kept only while a limit is set.
@@ -157,6 +159,9 @@ mod tests {
             RateVerdict::Violation { enforce: true }
         );
         // One second after the first arrivals, the window has room again.
-        assert_eq!(window.arrive(t0 + Duration::from_millis(1_003)), RateVerdict::Within);
+        assert_eq!(
+            window.arrive(t0 + Duration::from_millis(1_003)),
+            RateVerdict::Within
+        );
     }
 }

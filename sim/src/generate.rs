@@ -69,7 +69,7 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         for index in 0..doc_count {
             doc_counter += 1;
             let unsupported = opts.unsupported_doc_every != 0
-                && doc_counter % u64::from(opts.unsupported_doc_every) == 0;
+                && doc_counter.is_multiple_of(u64::from(opts.unsupported_doc_every));
             let kind = match (unsupported, ambient && index == 0, processing) {
                 (true, _, _) => DocKind::Unsupported,
                 (false, true, true) => DocKind::Ambient,
@@ -153,7 +153,11 @@ mod tests {
     fn the_same_seed_generates_the_same_data() {
         let (a, b) = (generate(&options(7)), generate(&options(7)));
         let c = generate(&options(8));
-        let all = |s: &Store| s.visible_slots().map(|slot| s.to_public(slot)).collect::<Vec<_>>();
+        let all = |s: &Store| {
+            s.visible_slots()
+                .map(|slot| s.to_public(slot))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(all(&a), all(&b));
         assert_ne!(all(&a), all(&c));
     }
@@ -164,20 +168,31 @@ mod tests {
         let store = generate(&opts);
         let all: Vec<_> = store.visible_slots().map(|slot| store.to_public(slot)).collect();
         assert_eq!(all.len(), 2_000);
-        assert!(all.iter().all(|e| e.created_at >= opts.start && e.created_at < opts.end));
+        assert!(
+            all.iter()
+                .all(|e| e.created_at >= opts.start && e.created_at < opts.end)
+        );
         assert!(all.iter().all(|e| e.updated_at >= e.created_at));
-        assert!(all.windows(2).any(|w| w[0].created_at == w[1].created_at), "ties exist");
-        assert!(all.iter().any(|e| e.created_at.nanosecond() != 0), "sub-second values exist");
+        assert!(
+            all.windows(2).any(|w| w[0].created_at == w[1].created_at),
+            "ties exist"
+        );
+        assert!(
+            all.iter().any(|e| e.created_at.nanosecond() != 0),
+            "sub-second values exist"
+        );
         assert!(all.iter().any(|e| e.encounter_type == "clinical_documentation"));
         assert!(all.iter().any(|e| e.status != "completed"));
-        assert!(all.iter().any(|e| e.patient.first_name.is_none()), "withheld patients exist");
+        assert!(
+            all.iter().any(|e| e.patient.first_name.is_none()),
+            "withheld patients exist"
+        );
         let docs: Vec<_> = all.iter().flat_map(|e| &e.documents).collect();
         assert!(docs.iter().any(|d| d.schema_type == "intake_form"
             || d.schema_type == "patient_questionnaire"
             || d.schema_type == "consent_form"));
         assert!(docs.iter().any(|d| d.status.as_deref() == Some("processing")));
-        let patients: std::collections::HashSet<_> =
-            all.iter().map(|e| &e.patient.patient_id).collect();
+        let patients: std::collections::HashSet<_> = all.iter().map(|e| &e.patient.patient_id).collect();
         assert!(patients.len() < all.len(), "patients are shared");
         let business = all
             .iter()

@@ -149,9 +149,8 @@ pub(crate) fn parse_list(query: Option<&str>) -> Result<ListParams, QueryError> 
 /// `^(0|[1-9][0-9]*)$` as a number; `None` for anything else, including overflow.
 fn canonical_uint(raw: &str) -> Option<u64> {
     let bytes = raw.as_bytes();
-    let canonical = !bytes.is_empty()
-        && bytes.iter().all(u8::is_ascii_digit)
-        && (bytes[0] != b'0' || bytes.len() == 1);
+    let canonical =
+        !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) && (bytes[0] != b'0' || bytes.len() == 1);
     if canonical { raw.parse().ok() } else { None }
 }
 
@@ -185,7 +184,18 @@ mod tests {
 
     #[test]
     fn limit_and_offset_must_be_canonical_and_in_range() {
-        for bad in ["0", "101", "050", "%2B5", "+5", "%205", "5.0", "", "-1", "99999999999999999999"] {
+        for bad in [
+            "0",
+            "101",
+            "050",
+            "%2B5",
+            "+5",
+            "%205",
+            "5.0",
+            "",
+            "-1",
+            "99999999999999999999",
+        ] {
             assert_eq!(
                 reason(&format!("limit={bad}")),
                 (422, "invalid_limit", Some("limit".into())),
@@ -200,24 +210,39 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_unsupported_and_duplicates_invalid() {
-        assert_eq!(reason("limit=5&owners=me"), (400, "unsupported_filter", Some("owners".into())));
-        assert_eq!(reason("limit=5&limit=6"), (422, "invalid_query", Some("limit".into())));
-        assert_eq!(reason("sort_order=ASC"), (422, "invalid_sort", Some("sort_order".into())));
+        assert_eq!(
+            reason("limit=5&owners=me"),
+            (400, "unsupported_filter", Some("owners".into()))
+        );
+        assert_eq!(
+            reason("limit=5&limit=6"),
+            (422, "invalid_query", Some("limit".into()))
+        );
+        assert_eq!(
+            reason("sort_order=ASC"),
+            (422, "invalid_sort", Some("sort_order".into()))
+        );
         assert_eq!(reject_any(Some("x=1")).unwrap_err().field.as_deref(), Some("x"));
         assert!(reject_any(Some("")).is_ok());
     }
 
     #[test]
     fn datetimes_must_carry_an_offset_and_plus_must_be_encoded() {
-        let ok = parse_list(Some("start_at=2026-05-01T00:00:00%2B02:00&end_at=2026-05-02T00:00:00Z"))
-            .unwrap();
+        let ok = parse_list(Some(
+            "start_at=2026-05-01T00:00:00%2B02:00&end_at=2026-05-02T00:00:00Z",
+        ))
+        .unwrap();
         assert_eq!(ok.start_at.unwrap().offset().whole_hours(), 2);
         for bad in [
             "start_at=2026-05-01T00:00:00+02:00",
             "start_at=2026-05-01T00:00:00",
             "start_at=2026-05-01",
         ] {
-            assert_eq!(reason(bad), (422, "invalid_query", Some("start_at".into())), "{bad}");
+            assert_eq!(
+                reason(bad),
+                (422, "invalid_query", Some("start_at".into())),
+                "{bad}"
+            );
         }
         assert_eq!(
             reason("start_at=2026-05-02T00:00:00Z&end_at=2026-05-02T00:00:00Z"),

@@ -74,10 +74,7 @@ pub(crate) fn format_ts(nanos: i64, shifted: bool) -> TsText {
 }
 
 fn format_datetime(at: OffsetDateTime) -> TsText {
-    let mut out = TsText {
-        buf: [0; 40],
-        len: 0,
-    };
+    let mut out = TsText { buf: [0; 40], len: 0 };
     out.digits(at.year() as u32, 4);
     out.push(b'-');
     out.digits(u32::from(u8::from(at.month())), 2);
@@ -93,7 +90,7 @@ fn format_datetime(at: OffsetDateTime) -> TsText {
     if fraction != 0 {
         out.push(b'.');
         let mut width = 9;
-        while fraction % 10 == 0 {
+        while fraction.is_multiple_of(10) {
             fraction /= 10;
             width -= 1;
         }
@@ -429,10 +426,7 @@ pub(crate) fn transcript_body(
             let mut obj = s.serialize_struct("Transcript", 3)?;
             obj.serialize_field("provider", &self.0.provider)?;
             obj.serialize_field("audio_duration_seconds", &self.0.audio_duration_seconds)?;
-            obj.serialize_field(
-                "turns",
-                &Turns(&self.0.turns, self.1),
-            )?;
+            obj.serialize_field("turns", &Turns(&self.0.turns, self.1))?;
             if self.1 {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }
@@ -523,7 +517,10 @@ mod tests {
 
     #[test]
     fn timestamps_use_z_and_only_significant_fraction_digits() {
-        assert_eq!(format_ts(ts("2026-05-25T14:00:00Z"), false).as_str(), "2026-05-25T14:00:00Z");
+        assert_eq!(
+            format_ts(ts("2026-05-25T14:00:00Z"), false).as_str(),
+            "2026-05-25T14:00:00Z"
+        );
         assert_eq!(
             format_ts(ts("2026-05-25T14:00:00.120Z"), false).as_str(),
             "2026-05-25T14:00:00.12Z"
@@ -541,6 +538,9 @@ mod tests {
             assert!(!shifted.as_str().ends_with('Z'), "{}", shifted.as_str());
             assert_eq!(ts(shifted.as_str()), ts(text));
         }
-        assert_eq!(format_ts(ts("2026-05-25T14:00:01Z"), true).as_str(), "2026-05-25T10:30:01-03:30");
+        assert_eq!(
+            format_ts(ts("2026-05-25T14:00:01Z"), true).as_str(),
+            "2026-05-25T10:30:01-03:30"
+        );
     }
 }

@@ -18,8 +18,8 @@ use crate::content;
 use crate::faults::{FaultBook, RateWindow};
 use crate::generate;
 use crate::model::{
-    DocKind, Encounter, FaultRule, KeyState, ListRequest, NewEncounter, RateLimit, Route, Stats,
-    Transcript, Unavailable, Visibility,
+    DocKind, Encounter, FaultRule, KeyState, ListRequest, NewEncounter, RateLimit, Route, Stats, Transcript,
+    Unavailable, Visibility,
 };
 use crate::options::SimOptions;
 use crate::render::RenderOpts;
@@ -336,10 +336,7 @@ impl Simulator {
     /// Every visible encounter, ordered by `(created_at, encounter_id)`.
     pub fn snapshot(&self) -> Vec<Encounter> {
         let store = read(&self.inner.store);
-        store
-            .visible_slots()
-            .map(|slot| store.to_public(slot))
-            .collect()
+        store.visible_slots().map(|slot| store.to_public(slot)).collect()
     }
 
     /// An encounter in any state (visible, removed or unavailable).
@@ -351,9 +348,7 @@ impl Simulator {
     /// Whether an encounter is visible, removed or unavailable; `None` when unknown.
     pub fn visibility(&self, encounter_id: &str) -> Option<Visibility> {
         let store = read(&self.inner.store);
-        store
-            .slot(encounter_id)
-            .map(|slot| store.rec(slot).visibility)
+        store.slot(encounter_id).map(|slot| store.rec(slot).visibility)
     }
 
     /// Number of visible encounters.
@@ -388,7 +383,9 @@ impl Simulator {
             let doc = *store.rec(store.slot(encounter_id)?).doc(document_id)?;
             (store.params, doc)
         };
-        let audio_ds = doc.audio_ds.filter(|_| doc.is_final && doc.class == DocClass::Ambient)?;
+        let audio_ds = doc
+            .audio_ds
+            .filter(|_| doc.is_final && doc.class == DocClass::Ambient)?;
         Some(content::transcript(&params, &doc.id, audio_ds, doc.large))
     }
 

@@ -8,11 +8,12 @@
 //! `render` turns records into wire bytes.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 
 use time::{Date, OffsetDateTime};
 
 use crate::content;
-use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Unavailable, Visibility};
+use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Visibility};
 use crate::options::SimOptions;
 
 /// Length of every simulator-minted id: a 3-letter prefix, `_`, and 12 base62 characters.
@@ -71,9 +72,10 @@ pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Handle of an interned string.
+/// Handle of an interned string: its index plus one, so `Option<Sym>` stays four bytes (document
+/// records hold three of them, a million encounters hold about two million documents).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Sym(u32);
+pub(crate) struct Sym(NonZeroU32);
 
 /// Strings that repeat across records (types, statuses, titles, names) are stored once.
 #[derive(Default)]
@@ -87,14 +89,18 @@ impl Interner {
         if let Some(&sym) = self.index.get(text) {
             return sym;
         }
-        let sym = Sym(u32::try_from(self.strings.len()).expect("fewer than 2^32 distinct strings"));
+        let sym = u32::try_from(self.strings.len() + 1)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .map(Sym)
+            .expect("fewer than 2^32 distinct strings");
         self.strings.push(text.into());
         self.index.insert(text.into(), sym);
         sym
     }
 
     pub(crate) fn get(&self, sym: Sym) -> &str {
-        &self.strings[sym.0 as usize]
+        &self.strings[sym.0.get() as usize - 1]
     }
 }
 
@@ -268,7 +274,7 @@ impl Store {
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
             id_seq: 0,
-            id_key: mix64(opts.seed ^ 0x1d5_0f_1d5),
+            id_key: mix64(opts.seed ^ 0x1d50_f1d5),
             ambient_docs: 0,
             notes: 0,
             unsupported_docs: 0,
@@ -356,11 +362,7 @@ impl Store {
                 if kind == DocKind::AmbientFinal {
                     doc.is_final = true;
                     doc.status = Some(v.completed);
-                    doc.audio_ds = Some(content::audio_duration_ds(
-                        self.params.seed,
-                        &doc.id,
-                        doc.large,
-                    ));
+                    doc.audio_ds = Some(content::audio_duration_ds(self.params.seed, &doc.id, doc.large));
                 } else {
                     doc.status = Some(v.processing);
                 }
@@ -479,11 +481,7 @@ impl Store {
         let take = limit.min(total.saturating_sub(offset));
         let slots = if desc {
             let top = hi - offset.min(total);
-            self.index[top - take..top]
-                .iter()
-                .rev()
-                .map(|e| e.2)
-                .collect()
+            self.index[top - take..top].iter().rev().map(|e| e.2).collect()
         } else {
             let first = lo + offset.min(total);
             self.index[first..first + take].iter().map(|e| e.2).collect()
@@ -527,24 +525,23 @@ impl Store {
         doc.id
     }
 
-    /// Applies `change` to one document and bumps both its and the encounter's `updated_at`.
-    /// Returns `None` when the encounter has no such document.
+    /// Applies `change` to one document and bumps both its and the encounter's `updated_at`;
+    /// does nothing when the encounter has no such document.
     fn change_doc(
         &mut self,
         slot: Slot,
         document_id: &str,
         now: i64,
         change: impl FnOnce(&mut DocRec, &Vocab, &ContentParams),
-    ) -> Option<DocRec> {
+    ) {
         let (vocab, params) = (&self.vocab, &self.params);
         let rec = &mut self.encounters[slot as usize];
-        let doc = rec.doc_mut(document_id)?;
+        let Some(doc) = rec.doc_mut(document_id) else {
+            return;
+        };
         change(doc, vocab, params);
         doc.updated = now.max(doc.updated + MICROSECOND);
-        let doc_updated = doc.updated;
-        let doc = *doc;
-        rec.updated = doc_updated.max(rec.updated + MICROSECOND);
-        Some(doc)
+        rec.updated = doc.updated.max(rec.updated + MICROSECOND);
     }
 
     /// Finalizes an ambient transcript. Returns `Err` with a description when the document is
@@ -649,17 +646,15 @@ impl NoteText {
     pub(crate) fn into_text(self, doc: &Id) -> String {
         match self {
             NoteText::Edited(text) => text,
-            NoteText::Derived {
-                seed,
-                title,
-                unicode,
-            } => content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode),
+            NoteText::Derived { seed, title, unicode } => {
+                content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode)
+            }
         }
     }
 }
 
 fn every_nth(count: u64, every: u32) -> bool {
-    every != 0 && (count + 1) % u64::from(every) == 0
+    every != 0 && (count + 1).is_multiple_of(u64::from(every))
 }
 
 fn ordered((a, b): (u32, u32)) -> (u32, u32) {
@@ -690,13 +685,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_stay_compact() {
+        // A million encounters with two documents each must fit in a few hundred MB.
+        assert!(
+            std::mem::size_of::<DocRec>() <= 64,
+            "{}",
+            std::mem::size_of::<DocRec>()
+        );
+        assert!(
+            std::mem::size_of::<EncRec>() <= 80,
+            "{}",
+            std::mem::size_of::<EncRec>()
+        );
+    }
+
+    #[test]
     fn minted_ids_are_unique_fixed_length_and_not_time_ordered() {
         let key = mix64(42);
         let ids: Vec<Id> = (0..10_000).map(|seq| Id::mint(b"enc", seq, key)).collect();
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
         assert!(ids.iter().all(|id| id.as_str().starts_with("enc_")));
-        assert!(ids.windows(2).any(|w| w[0] > w[1]), "ids must not follow minting order");
+        assert!(
+            ids.windows(2).any(|w| w[0] > w[1]),
+            "ids must not follow minting order"
+        );
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl fmt::Display for ApiErrorKind {
             ApiErrorKind::Timeout => f.write_str("timed out"),
             ApiErrorKind::Transport(msg) => write!(f, "connection failed: {msg}"),
             ApiErrorKind::BodyTooLarge { limit } => {
-                write!(f, "response body larger than api.max_response_bytes ({limit} bytes)")
+                write!(
+                    f,
+                    "response body larger than api.max_response_bytes ({limit} bytes)"
+                )
             }
             ApiErrorKind::Decode(msg) => write!(f, "malformed response body: {msg}"),
         }

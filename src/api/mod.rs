@@ -205,7 +205,8 @@ impl Client {
         let url = self.url(&["encounters", encounter_id, "documents", document_id]);
         let body = self.get(route, url).await?;
         let env: DocumentEnvelope = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
-        let probe: SchemaTypeProbe = serde_json::from_str(env.document.get()).map_err(|e| decode(route, &e))?;
+        let probe: SchemaTypeProbe =
+            serde_json::from_str(env.document.get()).map_err(|e| decode(route, &e))?;
         match probe.schema_type.as_str() {
             "document" => serde_json::from_str(env.document.get()).map(DocumentDetail::Note),
             "ambient_transcript" => serde_json::from_str(env.document.get()).map(DocumentDetail::Ambient),
@@ -222,7 +223,11 @@ impl Client {
     }
 
     /// `GET .../transcript`: the finalized turns of an ambient transcript.
-    pub async fn transcript(&self, encounter_id: &str, document_id: &str) -> Result<TranscriptResponse, ApiError> {
+    pub async fn transcript(
+        &self,
+        encounter_id: &str,
+        document_id: &str,
+    ) -> Result<TranscriptResponse, ApiError> {
         let route = Route::Transcript;
         let url = self.url(&["encounters", encounter_id, "documents", document_id, "transcript"]);
         let body = self.get(route, url).await?;
@@ -340,8 +345,13 @@ fn decode_item(route: Route, raw: &RawValue, e: &serde_json::Error) -> ApiError 
     struct Id {
         encounter_id: Option<String>,
     }
-    let id = serde_json::from_str::<Id>(raw.get()).ok().and_then(|i| i.encounter_id);
-    let what = id.map_or_else(|| "an encounter without encounter_id".to_owned(), |id| format!("encounter {id}"));
+    let id = serde_json::from_str::<Id>(raw.get())
+        .ok()
+        .and_then(|i| i.encounter_id);
+    let what = id.map_or_else(
+        || "an encounter without encounter_id".to_owned(),
+        |id| format!("encounter {id}"),
+    );
     ApiError {
         route,
         kind: ApiErrorKind::Decode(format!("{what}: {}", error::scrub_json_error(e))),
@@ -371,7 +381,10 @@ mod tests {
             parse_retry_after("Sun, 22 Nov 2026 06:00:30 GMT", now),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(parse_retry_after("Sun, 22 Nov 2026 05:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 22 Nov 2026 05:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

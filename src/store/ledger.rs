@@ -1,38 +1,46 @@
-//! Sync bookkeeping: the `sync_runs` row of every cycle, the window ledger, and the live
-//! watermark (the end of the last completed live window: everything created before it is known
-//! to be complete).
+//! Sync bookkeeping: the `sync_runs` row of every cycle, the window ledger, backfill progress,
+//! and the `complete_through` watermark (everything created before it is known complete).
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
 use crate::timefmt::{format_utc, parse_rfc3339, unix_nanos};
 
-const LIVE_WATERMARK: &str = "live_watermark";
+const COMPLETE_THROUGH: &str = "complete_through";
+const DEEP_REVISIT_AT: &str = "deep_revisit_at";
 
 /// A window whose every page has been read; recorded in the same transaction as its last page.
 #[derive(Debug, Clone)]
 pub struct WindowCompletion {
     pub run_id: i64,
     pub kind: &'static str,
+    pub backfill_id: Option<i64>,
     pub start_at: OffsetDateTime,
     pub end_at: OffsetDateTime,
     pub records_seen: u64,
     pub total: u64,
     pub pages: u64,
+    pub passes: u64,
+    pub removed: u64,
     pub id_set_hash: String,
-    /// Advance the live watermark to `end_at`.
+    /// Move `complete_through` up to `end_at` (never down).
     pub advances_watermark: bool,
 }
 
-pub(super) fn record_window(tx: &Transaction, w: &WindowCompletion, now: OffsetDateTime) -> rusqlite::Result<()> {
+pub(super) fn record_window(
+    tx: &Transaction,
+    w: &WindowCompletion,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO sync_windows (run_id, kind, start_at, end_at, start_at_ns, end_at_ns,
-             records_seen, total, pages, id_set_hash, completed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO sync_windows (run_id, kind, backfill_id, start_at, end_at, start_at_ns, end_at_ns,
+             records_seen, total, pages, passes, removed, id_set_hash, completed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         w.run_id,
         w.kind,
+        w.backfill_id,
         format_utc(w.start_at),
         format_utc(w.end_at),
         unix_nanos(w.start_at),
@@ -40,26 +48,155 @@ pub(super) fn record_window(tx: &Transaction, w: &WindowCompletion, now: OffsetD
         w.records_seen as i64,
         w.total as i64,
         w.pages as i64,
+        w.passes as i64,
+        w.removed as i64,
         w.id_set_hash,
         format_utc(now),
     ])?;
-    if w.advances_watermark {
+    if w.advances_watermark && complete_through(tx)?.is_none_or(|t| t < w.end_at) {
+        set_state(tx, COMPLETE_THROUGH, w.end_at)?;
+    }
+    if let Some(id) = w.backfill_id {
         tx.prepare_cached(
-            "INSERT INTO sync_state (name, value) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            "UPDATE backfills SET cursor = ?2, windows = windows + 1,
+                 encounters_seen = encounters_seen + ?3, encounters_removed = encounters_removed + ?4
+             WHERE backfill_id = ?1",
         )?
-        .execute(params![LIVE_WATERMARK, format_utc(w.end_at)])?;
+        .execute(params![
+            id,
+            format_utc(w.end_at),
+            w.records_seen as i64,
+            w.removed as i64
+        ])?;
     }
     Ok(())
 }
 
-/// The end of the last completed live window, if any.
-pub fn live_watermark(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
+fn get_state(conn: &Connection, name: &str) -> anyhow::Result<Option<OffsetDateTime>> {
     let text: Option<String> = conn
-        .query_row("SELECT value FROM sync_state WHERE name = ?1", [LIVE_WATERMARK], |r| r.get(0))
+        .query_row("SELECT value FROM sync_state WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
         .optional()?;
-    text.map(|t| parse_rfc3339(&t).map_err(|e| anyhow::anyhow!("corrupt live watermark in sync_state: {e}")))
+    text.map(|t| parse_rfc3339(&t).map_err(|e| anyhow::anyhow!("corrupt {name} in sync_state: {e}")))
         .transpose()
+}
+
+fn set_state(conn: &Connection, name: &str, value: OffsetDateTime) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO sync_state (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![name, format_utc(value)])?;
+    Ok(())
+}
+
+/// Everything created before this instant has been listed completely (assuming records become
+/// visible within the settle lag; see ARCHITECTURE.md).
+pub fn complete_through(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
+    get_state(conn, COMPLETE_THROUGH)
+}
+
+/// When the last deep revisit completed.
+pub fn deep_revisit_at(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
+    get_state(conn, DEEP_REVISIT_AT)
+}
+
+pub fn set_deep_revisit_at(conn: &Connection, at: OffsetDateTime) -> anyhow::Result<()> {
+    Ok(set_state(conn, DEEP_REVISIT_AT, at)?)
+}
+
+/// IDs of live (not removed) encounters created in `[start, end)`: the candidates for removal
+/// when a complete listing of that window does not show them.
+pub fn live_ids_in_range(
+    conn: &Connection,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT encounter_id FROM encounters
+         WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+    )?;
+    let ids = stmt
+        .query_map(params![unix_nanos(start), unix_nanos(end)], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(ids)
+}
+
+/// A backfill being worked on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backfill {
+    pub backfill_id: i64,
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+    /// Scanned completely up to here; `start` when nothing is done yet.
+    pub cursor: OffsetDateTime,
+}
+
+/// Starts a backfill of `[start, end)`, or resumes the unfinished one with exactly that range.
+pub fn open_backfill(
+    conn: &Connection,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    requested_by: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<Backfill> {
+    let (start_text, end_text) = (format_utc(start), format_utc(end));
+    let existing: Option<(i64, Option<String>)> = conn
+        .query_row(
+            "SELECT backfill_id, cursor FROM backfills
+             WHERE range_start = ?1 AND range_end = ?2 AND status IN ('queued', 'running')
+             ORDER BY backfill_id LIMIT 1",
+            params![start_text, end_text],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let now_text = format_utc(now);
+    let (backfill_id, cursor) = match existing {
+        Some((id, cursor)) => {
+            conn.execute(
+                "UPDATE backfills SET status = 'running', started_at = coalesce(started_at, ?2)
+                 WHERE backfill_id = ?1",
+                params![id, now_text],
+            )?;
+            let cursor = cursor
+                .map(|c| parse_rfc3339(&c).map_err(|e| anyhow::anyhow!("corrupt backfill cursor: {e}")))
+                .transpose()?;
+            (id, cursor.unwrap_or(start))
+        }
+        None => {
+            conn.execute(
+                "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at, started_at)
+                 VALUES (?1, ?2, 'running', ?3, ?4, ?4)",
+                params![start_text, end_text, requested_by, now_text],
+            )?;
+            (conn.last_insert_rowid(), start)
+        }
+    };
+    Ok(Backfill {
+        backfill_id,
+        start,
+        end,
+        cursor,
+    })
+}
+
+/// Marks a backfill completed, or records the error that interrupted it; an interrupted
+/// backfill stays 'running' so that the next request for the same range resumes it.
+pub fn finish_backfill(
+    conn: &Connection,
+    backfill_id: i64,
+    error: Option<&str>,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    match error {
+        None => conn.execute(
+            "UPDATE backfills SET status = 'completed', finished_at = ?2, error = NULL WHERE backfill_id = ?1",
+            params![backfill_id, format_utc(now)],
+        )?,
+        Some(e) => conn.execute("UPDATE backfills SET error = ?2 WHERE backfill_id = ?1", params![backfill_id, e])?,
+    };
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +211,7 @@ pub enum RunOutcome {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunCounts {
     pub list_requests: u64,
+    pub detail_requests: u64,
     pub windows: u64,
     pub encounters_new: u64,
     pub encounters_changed: u64,
@@ -115,15 +253,16 @@ pub fn finish_run(
         RunOutcome::Aborted => "aborted",
     };
     conn.execute(
-        "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, list_requests = ?4, windows = ?5,
-             encounters_new = ?6, encounters_changed = ?7, encounters_unchanged = ?8,
-             encounters_removed = ?9, rescans = ?10, splits = ?11, error = ?12, reason_code = ?13
+        "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, list_requests = ?4, detail_requests = ?5,
+             windows = ?6, encounters_new = ?7, encounters_changed = ?8, encounters_unchanged = ?9,
+             encounters_removed = ?10, rescans = ?11, splits = ?12, error = ?13, reason_code = ?14
          WHERE run_id = ?1",
         params![
             run_id,
             format_utc(now),
             outcome,
             counts.list_requests as i64,
+            counts.detail_requests as i64,
             counts.windows as i64,
             counts.encounters_new as i64,
             counts.encounters_changed as i64,

@@ -14,9 +14,10 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags};
 
 pub use ledger::{
-    RunCounts, RunOutcome, WindowCompletion, abort_stale_runs, finish_run, live_watermark, start_run,
+    Backfill, RunCounts, RunOutcome, WindowCompletion, abort_stale_runs, complete_through, deep_revisit_at,
+    finish_backfill, finish_run, live_ids_in_range, open_backfill, set_deep_revisit_at, start_run,
 };
-pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, commit_page};
+pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -26,8 +27,10 @@ mod embedded {
 /// returns the connection. Parent directories must exist: creating them is the operator's (or
 /// systemd's `StateDirectory=`) decision.
 pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
-    let mut conn = Connection::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
-    configure(&conn, busy_timeout).with_context(|| format!("cannot configure database {}", path.display()))?;
+    let mut conn =
+        Connection::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
+    configure(&conn, busy_timeout)
+        .with_context(|| format!("cannot configure database {}", path.display()))?;
     embedded::migrations::runner()
         .run(&mut conn)
         .with_context(|| format!("cannot apply migrations to {}", path.display()))?;
@@ -36,8 +39,11 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connec
 
 /// Opens the warehouse read-only, for `status` and for tests; works while the daemon writes.
 pub fn open_reader(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("cannot open database {} read-only", path.display()))?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {} read-only", path.display()))?;
     conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)

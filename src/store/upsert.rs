@@ -55,6 +55,16 @@ pub struct PageCounts {
     pub stale: u64,
     /// Previously marked removed and seen again.
     pub revived: u64,
+    /// Newly marked removed.
+    pub removed: u64,
+}
+
+/// An encounter found gone upstream, and why (`encounter_not_found`, `demo_training_denied`,
+/// `cross_organization_denied`, `absent_on_reconcile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub encounter_id: String,
+    pub reason: String,
 }
 
 enum Existing {
@@ -66,11 +76,12 @@ enum Existing {
     },
 }
 
-/// Writes one page of encounters and, when given, the completion of the window it ends,
-/// in a single transaction: a crash leaves either both or neither.
+/// Writes one page of encounters, the removals a window found, and, when given, the completion
+/// of the window, in a single transaction: a crash leaves all or nothing.
 pub fn commit_page(
     conn: &mut Connection,
     records: &[EncounterRecord],
+    removals: &[Removal],
     completion: Option<&WindowCompletion>,
     now: OffsetDateTime,
 ) -> anyhow::Result<PageCounts> {
@@ -80,6 +91,14 @@ pub fn commit_page(
     for rec in records {
         upsert_encounter(&tx, rec, &now_text, &mut counts)?;
     }
+    let mut mark = tx.prepare_cached(
+        "UPDATE encounters SET removed_at = ?2, removed_reason = ?3, changed_at = ?2
+         WHERE encounter_id = ?1 AND removed_at IS NULL",
+    )?;
+    for r in removals {
+        counts.removed += mark.execute(params![r.encounter_id, now_text, r.reason])? as u64;
+    }
+    drop(mark);
     if let Some(c) = completion {
         ledger::record_window(&tx, c, now)?;
     }
@@ -185,7 +204,13 @@ fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::
             OR coalesce(excluded.last_name, last_name) IS NOT last_name
             OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth",
     )?
-    .execute(params![p.patient_id, p.first_name, p.last_name, p.date_of_birth, now])?;
+    .execute(params![
+        p.patient_id,
+        p.first_name,
+        p.last_name,
+        p.date_of_birth,
+        now
+    ])?;
     Ok(())
 }
 
@@ -221,14 +246,14 @@ fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusq
     }
     // Documents that left the encounter's list are marked, never deleted.
     let current: HashSet<&str> = rec.documents.iter().map(|d| d.document_id.as_str()).collect();
-    let mut stored = conn.prepare_cached(
-        "SELECT document_id FROM documents WHERE encounter_id = ?1 AND removed_at IS NULL",
-    )?;
+    let mut stored = conn
+        .prepare_cached("SELECT document_id FROM documents WHERE encounter_id = ?1 AND removed_at IS NULL")?;
     let gone: Vec<String> = stored
         .query_map([&rec.encounter_id], |r| r.get::<_, String>(0))?
         .filter(|id| id.as_ref().map_or(true, |id| !current.contains(id.as_str())))
         .collect::<rusqlite::Result<_>>()?;
-    let mut mark = conn.prepare_cached("UPDATE documents SET removed_at = ?2, changed_at = ?2 WHERE document_id = ?1")?;
+    let mut mark =
+        conn.prepare_cached("UPDATE documents SET removed_at = ?2, changed_at = ?2 WHERE document_id = ?1")?;
     for id in gone {
         mark.execute(params![id, now])?;
     }

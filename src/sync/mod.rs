@@ -1,8 +1,7 @@
-//! One sync cycle: plan `created_at` windows from the live watermark to now minus the settle lag,
-//! page each window in ascending order, and commit every page (and the window's completion with
-//! its last page) through the writer. Window sizes adapt to the observed density so a window
-//! stays well inside the API's offset cap. This module owns the replication algorithm; it does
-//! no SQL itself (that is `store`) and no HTTP itself (that is `api`).
+//! One sync cycle: decide which `created_at` ranges to (re-)list — new time up to now minus the
+//! settle lag, the overlap and revisit horizons, an explicit backfill — cut them into windows of
+//! a few thousand records, and scan each window completely (see `window`). This module owns the
+//! replication algorithm; it does no SQL itself (that is `store`) and no HTTP itself (`api`).
 
 mod window;
 
@@ -14,17 +13,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
+use crate::config::SyncConfig;
 use crate::store::{self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunOutcome, Writer};
+use crate::timefmt::format_utc;
 
-pub use window::WindowScan;
+use window::{Planner, Window, WindowKind, WindowScan};
 
 /// Everything a cycle needs, passed explicitly.
 pub struct SyncContext {
     pub client: Client,
     pub writer: Writer,
-    pub start_at: OffsetDateTime,
-    pub settle_lag: Duration,
-    pub page_limit: u32,
+    pub sync: SyncConfig,
+}
+
+/// A `created_at` range to re-scan completely: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackfillRange {
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
 }
 
 /// What a completed cycle did.
@@ -32,7 +38,8 @@ pub struct SyncContext {
 pub struct CycleReport {
     pub run_id: i64,
     pub counts: RunCounts,
-    pub watermark: OffsetDateTime,
+    /// Everything created before this instant is known to be complete.
+    pub complete_through: Option<OffsetDateTime>,
     pub elapsed: Duration,
 }
 
@@ -43,6 +50,11 @@ pub enum CycleError {
     Api(#[from] ApiError),
     #[error("the cycle was cancelled")]
     Cancelled,
+    #[error(
+        "upstream kept changing in the window {start} .. {end} on every pass; it stays unfinished \
+         and is scanned again next cycle"
+    )]
+    Unsettled { start: String, end: String },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -56,8 +68,14 @@ impl CycleError {
     }
 }
 
-/// Runs one cycle and records it in `sync_runs`, whatever its outcome.
-pub async fn run_cycle(ctx: &SyncContext, trigger: &'static str, cancel: &CancellationToken) -> Result<CycleReport, CycleError> {
+/// Runs one cycle — the live and revisit ranges, then `backfill` if given — and records it in
+/// `sync_runs`, whatever its outcome.
+pub async fn run_cycle(
+    ctx: &SyncContext,
+    trigger: &'static str,
+    backfill: Option<BackfillRange>,
+    cancel: &CancellationToken,
+) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let run_id = ctx
         .writer
@@ -65,7 +83,10 @@ pub async fn run_cycle(ctx: &SyncContext, trigger: &'static str, cancel: &Cancel
             let now = OffsetDateTime::now_utc();
             let aborted = store::abort_stale_runs(c, now)?;
             if aborted > 0 {
-                tracing::warn!(aborted, "marked runs left running by an earlier process as aborted");
+                tracing::warn!(
+                    aborted,
+                    "marked runs left running by an earlier process as aborted"
+                );
             }
             store::start_run(c, trigger, now)
         })
@@ -73,64 +94,150 @@ pub async fn run_cycle(ctx: &SyncContext, trigger: &'static str, cancel: &Cancel
     let span = tracing::info_span!("cycle", run_id, trigger);
     let _enter = span.enter();
     let mut counts = RunCounts::default();
-    let result = sync_live(ctx, run_id, &mut counts, cancel).await;
+    let mut result = sync_recent(ctx, run_id, &mut counts, cancel).await;
+    if let (Ok(_), Some(range)) = (&result, backfill) {
+        result = run_backfill(ctx, run_id, range, trigger, &mut counts, cancel).await;
+    }
     let (outcome, error) = match &result {
         Ok(_) => (RunOutcome::Succeeded, None),
-        Err(CycleError::Cancelled) => (RunOutcome::Aborted, Some((result_message(&result), None))),
         Err(e) => (
-            RunOutcome::Failed,
-            Some((result_message(&result), e.reason_code().map(str::to_owned))),
+            if matches!(e, CycleError::Cancelled) {
+                RunOutcome::Aborted
+            } else {
+                RunOutcome::Failed
+            },
+            Some((format!("{e:#}"), e.reason_code().map(str::to_owned))),
         ),
     };
-    ctx.writer
+    let complete_through = ctx
+        .writer
         .call(move |c| {
             let error = error.as_ref().map(|(m, r)| (m.as_str(), r.as_deref()));
-            store::finish_run(c, run_id, outcome, &counts, error, OffsetDateTime::now_utc())
+            store::finish_run(c, run_id, outcome, &counts, error, OffsetDateTime::now_utc())?;
+            store::complete_through(c)
         })
         .await?;
-    let watermark = result?;
+    result?;
     let report = CycleReport {
         run_id,
         counts,
-        watermark,
+        complete_through,
         elapsed: started.elapsed(),
     };
     tracing::info!(
         list_requests = counts.list_requests,
+        detail_requests = counts.detail_requests,
         windows = counts.windows,
         new = counts.encounters_new,
         changed = counts.encounters_changed,
         unchanged = counts.encounters_unchanged,
+        removed = counts.encounters_removed,
+        rescans = counts.rescans,
         elapsed_ms = report.elapsed.as_millis() as u64,
         "cycle complete"
     );
     Ok(report)
 }
 
-fn result_message<T>(r: &Result<T, CycleError>) -> String {
-    r.as_ref().err().map(|e| format!("{e:#}")).unwrap_or_default()
-}
-
-/// Walks live windows from the watermark to the settle horizon; returns the new watermark:
-/// everything created before it has been read completely.
-async fn sync_live(
+/// Lists new time (from the watermark minus the overlap to now minus the settle lag) together
+/// with the revisit horizons, as one ascending range.
+async fn sync_recent(
     ctx: &SyncContext,
     run_id: i64,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<OffsetDateTime, CycleError> {
-    let stored = ctx.writer.call(|c| store::live_watermark(c)).await?;
-    let mut cursor = stored.unwrap_or(ctx.start_at).max(ctx.start_at);
-    let horizon = OffsetDateTime::now_utc() - ctx.settle_lag;
-    let mut planner = window::Planner::new(cursor, horizon);
-    while let Some(end) = planner.next_end(cursor) {
-        if cancel.is_cancelled() {
-            return Err(CycleError::Cancelled);
+) -> Result<(), CycleError> {
+    let (watermark, deep_at) = ctx
+        .writer
+        .call(|c| Ok((store::complete_through(c)?, store::deep_revisit_at(c)?)))
+        .await?;
+    let s = &ctx.sync;
+    let now = OffsetDateTime::now_utc();
+    let horizon = now - s.settle_lag;
+    let deep_due = !s.revisit_deep.is_zero()
+        && watermark.is_some()
+        && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
+    let from = match watermark {
+        None => s.start_at,
+        Some(wm) => {
+            let mut from = (wm - s.overlap).min(now - s.revisit_recent);
+            if deep_due {
+                from = from.min(now - s.revisit_deep);
+            }
+            from.max(s.start_at)
         }
-        let scan = window::scan(ctx, run_id, "live", cursor, end, true, counts, cancel).await?;
-        match scan {
+    };
+    tracing::debug!(from = %format_utc(from), to = %format_utc(horizon), deep_due, "planning");
+    let kind = |end: OffsetDateTime| match watermark {
+        Some(wm) if end <= wm => WindowKind::Revisit,
+        _ => WindowKind::Live,
+    };
+    scan_range(ctx, run_id, from, horizon, kind, false, counts, cancel).await?;
+    if deep_due {
+        ctx.writer
+            .call(move |c| store::set_deep_revisit_at(c, now))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Re-scans an explicit range completely, resuming an interrupted backfill of the same range.
+async fn run_backfill(
+    ctx: &SyncContext,
+    run_id: i64,
+    range: BackfillRange,
+    requested_by: &'static str,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let bf = ctx
+        .writer
+        .call(move |c| {
+            store::open_backfill(c, range.start, range.end, requested_by, OffsetDateTime::now_utc())
+        })
+        .await?;
+    tracing::info!(
+        backfill_id = bf.backfill_id,
+        from = %format_utc(bf.start),
+        to = %format_utc(bf.end),
+        resume_at = %format_utc(bf.cursor),
+        "backfill"
+    );
+    let kind = WindowKind::Backfill {
+        backfill_id: bf.backfill_id,
+    };
+    let result = scan_range(ctx, run_id, bf.cursor, bf.end, |_| kind, true, counts, cancel).await;
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    ctx.writer
+        .call(move |c| store::finish_backfill(c, bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc()))
+        .await?;
+    result
+}
+
+/// Scans `[from, to)` window by window in ascending order.
+#[allow(clippy::too_many_arguments)]
+async fn scan_range(
+    ctx: &SyncContext,
+    run_id: i64,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    kind: impl Fn(OffsetDateTime) -> WindowKind,
+    reconcile: bool,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let mut cursor = from;
+    let mut planner = Planner::new(cursor, to);
+    while let Some(end) = planner.next_end(cursor) {
+        let w = Window {
+            run_id,
+            kind: kind(end),
+            start: cursor,
+            end,
+            reconcile,
+        };
+        match window::scan(ctx, w, counts, cancel).await? {
             WindowScan::Completed { total } => {
-                counts.windows += 1;
                 planner.observe(cursor, end, total);
                 cursor = end;
             }
@@ -138,14 +245,20 @@ async fn sync_live(
                 counts.splits += 1;
                 planner.shrink(cursor, end, total);
             }
+            WindowScan::Unsettled => {
+                return Err(CycleError::Unsettled {
+                    start: format_utc(cursor),
+                    end: format_utc(end),
+                });
+            }
         }
     }
-    Ok(cursor)
+    Ok(())
 }
 
 /// Maps a wire encounter to the warehouse record.
 fn to_record(e: Encounter) -> EncounterRecord {
-    let content_hash = hex_sha256(e.raw.as_bytes());
+    let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
     EncounterRecord {
         encounter_id: e.encounter_id,
         organization_id: e.organization_id,
@@ -177,14 +290,12 @@ fn to_record(e: Encounter) -> EncounterRecord {
     }
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }

@@ -41,7 +41,10 @@ async fn the_list_route_pages_in_created_at_then_id_order_both_ways() {
     let snapshot = env.sim.snapshot();
     let mut asc = Vec::new();
     for offset in [0, 100, 200] {
-        let page = c.list_encounters(&all(100, offset, SortOrder::Asc)).await.unwrap();
+        let page = c
+            .list_encounters(&all(100, offset, SortOrder::Asc))
+            .await
+            .unwrap();
         assert_eq!((page.total, page.limit, page.offset), (250, 100, offset));
         asc.extend(page.items.into_iter().map(|e| e.encounter_id));
     }
@@ -62,7 +65,11 @@ async fn the_list_route_pages_in_created_at_then_id_order_both_ways() {
     let page = c.list_encounters(&from_pivot).await.unwrap();
     let first = page.items.first().unwrap();
     assert_eq!(first.created_at.0, pivot);
-    assert!(page.items.iter().all(|e| e.created_at.0 < snapshot[200].created_at));
+    assert!(
+        page.items
+            .iter()
+            .all(|e| e.created_at.0 < snapshot[200].created_at)
+    );
 }
 
 #[tokio::test]
@@ -70,7 +77,12 @@ async fn detail_document_transcript_and_audio_routes_return_their_documented_sha
     let env = TestEnv::with_encounters(3, 0).await;
     let sim = &env.sim;
     let id = sim.insert(NewEncounter {
-        docs: vec![DocKind::Note, DocKind::AmbientFinal, DocKind::Ambient, DocKind::Unsupported],
+        docs: vec![
+            DocKind::Note,
+            DocKind::AmbientFinal,
+            DocKind::Ambient,
+            DocKind::Unsupported,
+        ],
         ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
     });
     let c = client(&env, &sim.api_key());
@@ -92,7 +104,12 @@ async fn detail_document_transcript_and_audio_routes_return_their_documented_sha
         other => panic!("expected ambient metadata, got {other:?}"),
     }
     let err = expect_err(c.document(&id, &docs[3]).await);
-    assert_reason(&err, 400, "unsupported_document_type", ErrorClass::ResourceUnavailable);
+    assert_reason(
+        &err,
+        400,
+        "unsupported_document_type",
+        ErrorClass::ResourceUnavailable,
+    );
 
     let t = c.transcript(&id, &docs[1]).await.unwrap();
     let expected = sim.transcript(&id, &docs[1]).unwrap();
@@ -136,7 +153,7 @@ async fn every_authentication_reason_code_is_a_401_the_operator_must_fix() {
     let url = format!("{}/external/v1/encounters", sim.base_url());
     let resp = reqwest::get(&url).await.unwrap();
     assert_eq!(resp.status(), 401);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
     assert_eq!(body["reason_code"], "missing_bearer");
 }
 
@@ -148,7 +165,10 @@ async fn scope_enablement_and_availability_errors_are_classified() {
     let full = client(&env, &sim.api_key());
     let ids: Vec<_> = sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
 
-    sim.add_key("ch_sk_no_recordings", &["encounters:read", "patients:read", "documents:read"]);
+    sim.add_key(
+        "ch_sk_no_recordings",
+        &["encounters:read", "patients:read", "documents:read"],
+    );
     let limited = client(&env, "ch_sk_no_recordings");
     let amb = sim.insert(NewEncounter {
         docs: vec![DocKind::AmbientFinal],
@@ -170,7 +190,12 @@ async fn scope_enablement_and_availability_errors_are_classified() {
     sim.mark_unavailable(&ids[1], Unavailable::DemoTraining);
     sim.remove(&ids[2]);
     let err = expect_err(full.encounter(&ids[0]).await);
-    assert_reason(&err, 403, "cross_organization_denied", ErrorClass::ResourceUnavailable);
+    assert_reason(
+        &err,
+        403,
+        "cross_organization_denied",
+        ErrorClass::ResourceUnavailable,
+    );
     let err = expect_err(full.encounter(&ids[1]).await);
     assert_reason(&err, 403, "demo_training_denied", ErrorClass::ResourceUnavailable);
     let err = expect_err(full.encounter(&ids[2]).await);
@@ -178,7 +203,10 @@ async fn scope_enablement_and_availability_errors_are_classified() {
     let page = full.list_encounters(&q).await.unwrap();
     assert_eq!(page.total, 3, "unavailable and removed encounters leave the list");
 
-    sim.push_fault(FaultRule::once(Some(SimRoute::List), Fault::status(503, "digest_key_unavailable")));
+    sim.push_fault(FaultRule::once(
+        Some(SimRoute::List),
+        Fault::status(503, "digest_key_unavailable"),
+    ));
     let err = expect_err(full.list_encounters(&q).await);
     assert_reason(&err, 503, "digest_key_unavailable", ErrorClass::Retryable);
 }
@@ -186,9 +214,14 @@ async fn scope_enablement_and_availability_errors_are_classified() {
 /// Sends a raw GET with the simulator's key and returns (status, reason_code, field).
 async fn raw_get(env: &TestEnv, key: &str, path_and_query: &str) -> (u16, String, Option<String>) {
     let url = format!("{}/external/v1{path_and_query}", env.sim.base_url());
-    let resp = reqwest::Client::new().get(url).bearer_auth(key).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
     (
         status,
         body["reason_code"].as_str().unwrap_or_default().to_owned(),
@@ -208,17 +241,29 @@ async fn the_list_route_validates_its_parameters_as_documented() {
         ("/encounters?offset=10001".into(), 422, "invalid_offset"),
         ("/encounters?offset=-1".into(), 422, "invalid_offset"),
         ("/encounters?sort_order=up".into(), 422, "invalid_sort"),
-        ("/encounters?start_at=2026-01-01T00:00:00".into(), 422, "invalid_query"),
+        (
+            "/encounters?start_at=2026-01-01T00:00:00".into(),
+            422,
+            "invalid_query",
+        ),
         ("/encounters?end_at=2026-01-01".into(), 422, "invalid_query"),
         // A raw `+` decodes to a space: the client must percent-encode offsets.
-        ("/encounters?start_at=2026-01-01T00:00:00+00:00".into(), 422, "invalid_query"),
+        (
+            "/encounters?start_at=2026-01-01T00:00:00+00:00".into(),
+            422,
+            "invalid_query",
+        ),
         (
             "/encounters?start_at=2026-02-01T00:00:00Z&end_at=2026-01-01T00:00:00Z".into(),
             422,
             "invalid_query",
         ),
         ("/encounters?owners=me".into(), 400, "unsupported_filter"),
-        (format!("/encounters/{id}?expand=documents"), 400, "unsupported_filter"),
+        (
+            format!("/encounters/{id}?expand=documents"),
+            400,
+            "unsupported_filter",
+        ),
     ];
     for (path, status, reason) in cases {
         let (got_status, got_reason, _) = raw_get(&env, &key, &path).await;
@@ -226,11 +271,17 @@ async fn the_list_route_validates_its_parameters_as_documented() {
     }
     let (_, _, field) = raw_get(&env, &key, "/encounters?limit=050").await;
     assert_eq!(field.as_deref(), Some("limit"));
-    let (status, _, _) = raw_get(&env, &key, "/encounters?start_at=2026-01-01T00:00:00%2B02:00&limit=100").await;
+    let (status, _, _) = raw_get(
+        &env,
+        &key,
+        "/encounters?start_at=2026-01-01T00:00:00%2B02:00&limit=100",
+    )
+    .await;
     assert_eq!(status, 200, "an encoded offset is accepted");
 
     // The scope check runs before query validation.
-    env.sim.add_key("ch_sk_docs_only", &["encounters:read", "documents:read"]);
+    env.sim
+        .add_key("ch_sk_docs_only", &["encounters:read", "documents:read"]);
     let (status, reason, _) = raw_get(&env, "ch_sk_docs_only", "/encounters?limit=050").await;
     assert_eq!((status, reason.as_str()), (403, "missing_scope"));
 }

@@ -136,7 +136,14 @@ struct Row {
     documents: Vec<DocRow>,
 }
 
-type DocRow = (String, String, Option<String>, Option<String>, Option<String>, Option<f64>);
+type DocRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<f64>,
+);
 
 /// Compares every live encounter, its patient and its document summaries.
 pub fn compare(sim: &Simulator, db: &Path) -> Diff {
@@ -151,7 +158,10 @@ pub fn compare(sim: &Simulator, db: &Path) -> Diff {
         .unwrap();
     let rows = stmt
         .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+            Ok((
+                r.get::<_, String>(0)?,
+                (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
+            ))
         })
         .unwrap();
     for row in rows {
@@ -228,7 +238,11 @@ pub fn compare(sim: &Simulator, db: &Path) -> Diff {
             Some(_) => {}
         }
     }
-    diff.ghosts = stored.keys().filter(|id| !upstream_ids.contains(*id)).cloned().collect();
+    diff.ghosts = stored
+        .keys()
+        .filter(|id| !upstream_ids.contains(*id))
+        .cloned()
+        .collect();
     diff
 }
 

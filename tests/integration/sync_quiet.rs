@@ -10,15 +10,21 @@ use crate::support::{TestEnv, compare, count, reader, sim_options};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
     let env = TestEnv::with_encounters(2026, 20_000).await;
-    let report = charthero_sync::sync_once(&env.config(), &env.key(), "test", &CancellationToken::new())
-        .await
-        .unwrap();
+    let report =
+        charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
+            .await
+            .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
     let db = env.db_path();
     assert_eq!(count(&db, "encounters"), 20_000);
     assert_eq!(report.counts.encounters_new, 20_000);
     let patients: usize = {
-        let mut ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.patient.patient_id).collect();
+        let mut ids: Vec<_> = env
+            .sim
+            .snapshot()
+            .into_iter()
+            .map(|e| e.patient.patient_id)
+            .collect();
         ids.sort();
         ids.dedup();
         ids.len()
@@ -34,7 +40,10 @@ async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
         )
         .unwrap();
     assert_eq!(outcome, "succeeded");
-    assert!(windows >= 3, "20,000 records need several windows under the offset cap");
+    assert!(
+        windows >= 3,
+        "20,000 records need several windows under the offset cap"
+    );
     let ledger_records: i64 = reader(&db)
         .query_row("SELECT sum(records_seen) FROM sync_windows", [], |r| r.get(0))
         .unwrap();
@@ -46,12 +55,25 @@ async fn a_second_cycle_without_upstream_changes_writes_nothing() {
     let env = TestEnv::with_encounters(11, 1_500).await;
     let cfg = env.config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
-    let changes_before: i64 = reader(&env.db_path())
-        .query_row("SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL", [], |r| r.get(0))
+    charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+        .await
         .unwrap();
-    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
-    assert_eq!(second.counts.encounters_new + second.counts.encounters_changed, 0, "{:?}", second.counts);
+    let changes_before: i64 = reader(&env.db_path())
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.counts.encounters_new + second.counts.encounters_changed,
+        0,
+        "{:?}",
+        second.counts
+    );
     assert_eq!(changes_before, 1_500);
     compare(&env.sim, &env.db_path()).assert_empty();
 }
@@ -64,7 +86,7 @@ async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized()
         ..sim_options(5, 400)
     })
     .await;
-    charthero_sync::sync_once(&env.config(), &env.key(), "test", &CancellationToken::new())
+    charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
         .await
         .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
@@ -79,9 +101,14 @@ async fn a_malformed_page_fails_the_cycle_with_a_clear_error_and_loses_nothing()
     let env = TestEnv::with_encounters(12, 600).await;
     let cfg = env.config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap();
-    env.sim.push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
-    let err = charthero_sync::sync_once(&cfg, &env.key(), "test", &cancel).await.unwrap_err();
+    charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    env.sim
+        .push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
+    let err = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CycleError::Api(_)), "{err}");
     assert!(err.to_string().contains("malformed response body"), "{err}");
     compare(&env.sim, &env.db_path()).assert_empty();

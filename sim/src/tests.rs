@@ -1,0 +1,626 @@
+//! End-to-end checks of the simulator over loopback with a minimal raw HTTP/1.1 client, so the
+//! exact bytes on the wire (unencoded `+`, truncated bodies, dropped connections) are visible.
+//! Unit tests of the individual rules live next to the code in each module.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use time::macros::datetime;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::*;
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    fn reason(&self) -> String {
+        self.json()["reason_code"].as_str().unwrap_or("<none>").to_owned()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One keep-alive connection.
+struct Conn {
+    stream: BufReader<TcpStream>,
+}
+
+impl Conn {
+    async fn open(sim: &Simulator) -> Conn {
+        let stream = TcpStream::connect(sim.local_addr()).await.unwrap();
+        Conn {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    /// Sends `GET path` with an optional bearer key; `Err` when the connection ends before the
+    /// whole response arrived.
+    async fn get(&mut self, path: &str, key: Option<&str>) -> std::io::Result<Reply> {
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        let request = format!("GET {path} HTTP/1.1\r\nHost: sim\r\n{auth}\r\n");
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await?;
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            let (name, value) = trimmed.split_once(':').unwrap();
+            headers.push((name.to_owned(), value.trim().to_owned()));
+        }
+        let reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let length: usize = reply.header("content-length").unwrap().parse().unwrap();
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(Reply { body, ..reply })
+    }
+}
+
+async fn get(sim: &Simulator, path: &str) -> Reply {
+    Conn::open(sim)
+        .await
+        .get(path, Some(&sim.api_key()))
+        .await
+        .unwrap()
+}
+
+fn options(encounters: usize) -> SimOptions {
+    SimOptions {
+        seed: 11,
+        encounters,
+        start: datetime!(2026-01-01 00:00 UTC),
+        end: datetime!(2026-03-01 00:00 UTC),
+        ..SimOptions::default()
+    }
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["encounter_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn parse_ts(value: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(value.as_str().unwrap(), &Rfc3339).unwrap()
+}
+
+#[tokio::test]
+async fn paging_both_ways_visits_every_encounter_once_in_order() {
+    let sim = Simulator::start(options(450)).await.unwrap();
+    let expected: Vec<_> = sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
+    let mut conn = Conn::open(&sim).await;
+    let key = sim.api_key();
+    let mut asc = Vec::new();
+    let mut desc = Vec::new();
+    for offset in (0..450).step_by(100) {
+        let page = conn
+            .get(
+                &format!("/external/v1/encounters?limit=100&offset={offset}&sort_order=asc"),
+                Some(&key),
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.status, 200);
+        let json = page.json();
+        assert_eq!(
+            (json["total"].as_u64(), json["offset"].as_u64()),
+            (Some(450), Some(offset))
+        );
+        asc.extend(ids(&json));
+        let page = conn
+            .get(
+                &format!("/external/v1/encounters?offset={offset}&limit=100"),
+                Some(&key),
+            )
+            .await
+            .unwrap();
+        desc.extend(ids(&page.json()));
+    }
+    assert_eq!(asc, expected);
+    desc.reverse();
+    assert_eq!(desc, expected);
+    assert_eq!(
+        sim.stats().route(Route::List),
+        10,
+        "all pages on one keep-alive connection"
+    );
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn list_items_match_the_snapshot_exactly() {
+    let sim = Simulator::start(options(40)).await.unwrap();
+    let page = get(&sim, "/external/v1/encounters?limit=100&sort_order=asc")
+        .await
+        .json();
+    let snapshot = serde_json::to_value(sim.snapshot()).unwrap();
+    let items = page["items"].as_array().unwrap();
+    for (item, expected) in items.iter().zip(snapshot.as_array().unwrap()) {
+        assert_eq!(item["encounter_id"], expected["encounter_id"]);
+        assert_eq!(item["created_at"], expected["created_at"]);
+        assert_eq!(item["updated_at"], expected["updated_at"]);
+        assert_eq!(item["status"], expected["status"]);
+        let docs = item["documents"].as_array().unwrap();
+        for (doc, want) in docs.iter().zip(expected["documents"].as_array().unwrap()) {
+            let keys: Vec<_> = doc.as_object().unwrap().keys().cloned().collect();
+            assert_eq!(keys.len(), 6, "summary has exactly six fields: {keys:?}");
+            assert_eq!(doc["document_id"], want["document_id"]);
+            assert_eq!(doc["audio_duration_seconds"], want["audio_duration_seconds"]);
+        }
+        let patient = item["patient"].as_object().unwrap();
+        assert!(patient.len() == 1 || patient.len() == 4, "{patient:?}");
+    }
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn window_filters_are_inclusive_exclusive_and_plus_must_be_encoded() {
+    let sim = Simulator::start(options(300)).await.unwrap();
+    let all = sim.snapshot();
+    let start = all[50].created_at;
+    let end = all[120].created_at;
+    let in_window = all
+        .iter()
+        .filter(|e| e.created_at >= start && e.created_at < end)
+        .count();
+    let shifted = |at: OffsetDateTime| {
+        at.to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap())
+            .format(&Rfc3339)
+            .unwrap()
+    };
+    let encoded = format!(
+        "/external/v1/encounters?start_at={}&end_at={}",
+        shifted(start).replace('+', "%2B"),
+        shifted(end).replace('+', "%2B")
+    );
+    let reply = get(&sim, &encoded).await;
+    assert_eq!(reply.json()["total"].as_u64(), Some(in_window as u64));
+    let raw_plus = format!("/external/v1/encounters?start_at={}", shifted(start));
+    let reply = get(&sim, &raw_plus).await;
+    assert_eq!((reply.status, reply.reason()), (422, "invalid_query".to_owned()));
+    assert_eq!(reply.json()["field"], "start_at");
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn checks_run_in_the_documented_order() {
+    let sim = Simulator::start(options(5)).await.unwrap();
+    sim.add_key("ch_sk_docs", &["encounters:read", "documents:read"]);
+    let mut conn = Conn::open(&sim).await;
+    let bad_query = "/external/v1/encounters?limit=0&owners=me";
+    let r = conn.get(bad_query, None).await.unwrap();
+    assert_eq!((r.status, r.reason()), (401, "missing_bearer".into()));
+    let r = conn.get(bad_query, Some("nope")).await.unwrap();
+    assert_eq!((r.status, r.reason()), (401, "malformed_token".into()));
+    let r = conn.get(bad_query, Some("ch_sk_unknown")).await.unwrap();
+    assert_eq!((r.status, r.reason()), (401, "invalid_key".into()));
+    let r = conn.get(bad_query, Some("ch_sk_docs")).await.unwrap();
+    assert_eq!((r.status, r.reason()), (403, "missing_scope".into()));
+    assert_eq!(r.json()["field"], Value::Null);
+    let key = sim.api_key();
+    let r = conn.get(bad_query, Some(&key)).await.unwrap();
+    assert_eq!((r.status, r.reason()), (400, "unsupported_filter".into()));
+    assert_eq!(r.json()["field"], "owners");
+    let r = conn
+        .get("/external/v1/encounters?limit=0", Some(&key))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.reason()), (422, "invalid_limit".into()));
+    let r = conn
+        .get("/external/v1/encounters/enc_doesnotexist?x=1", Some(&key))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.reason()), (400, "unsupported_filter".into()));
+    let r = conn
+        .get("/external/v1/encounters/enc_doesnotexist", Some(&key))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.reason()), (404, "encounter_not_found".into()));
+    sim.disable_route(Route::List, "route_not_allowed");
+    let r = conn.get(bad_query, Some("ch_sk_docs")).await.unwrap();
+    assert_eq!((r.status, r.reason()), (403, "route_not_allowed".into()));
+    sim.set_key_state("ch_sk_docs", KeyState::Expired);
+    let r = conn.get(bad_query, Some("ch_sk_docs")).await.unwrap();
+    assert_eq!((r.status, r.reason()), (401, "expired_key".into()));
+    sim.add_key(
+        "ch_sk_test_sandbox",
+        &["encounters:read", "patients:read", "documents:read"],
+    );
+    sim.enable_route(Route::List);
+    let r = conn
+        .get("/external/v1/encounters", Some("ch_sk_test_sandbox"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    sim.set_production(true);
+    let r = conn
+        .get("/external/v1/encounters", Some("ch_sk_test_sandbox"))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.reason()), (401, "test_prefix_not_allowed".into()));
+    let r = conn.get("/external/v1/nothing", Some(&key)).await.unwrap();
+    assert_eq!(r.status, 404);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn mutations_shift_offsets_and_change_visibility() {
+    let sim = Simulator::start(options(30)).await.unwrap();
+    let before = sim.snapshot();
+    let page = |offset: usize| format!("/external/v1/encounters?sort_order=asc&limit=5&offset={offset}");
+    let first = ids(&get(&sim, &page(5)).await.json());
+    // A back-dated record lands before the page and pushes everything one place later.
+    let new_id = sim.insert(NewEncounter::at(
+        before[0].created_at - time::Duration::seconds(1),
+    ));
+    let shifted = get(&sim, &page(5)).await.json();
+    assert_eq!(shifted["total"].as_u64(), Some(31));
+    assert_eq!(ids(&shifted)[1..], first[..4]);
+    sim.remove(&new_id);
+    sim.remove(&before[0].encounter_id);
+    let back = ids(&get(&sim, &page(5)).await.json());
+    assert_eq!(back[..4], first[1..]);
+
+    let victim = &before[3].encounter_id;
+    let updated = sim.encounter(victim).unwrap().updated_at;
+    sim.mark_unavailable(victim, Unavailable::DemoTraining);
+    let r = get(&sim, &format!("/external/v1/encounters/{victim}")).await;
+    assert_eq!((r.status, r.reason()), (403, "demo_training_denied".into()));
+    assert!(!sim.snapshot().iter().any(|e| &e.encounter_id == victim));
+    sim.restore(victim);
+    let r = get(&sim, &format!("/external/v1/encounters/{victim}")).await;
+    assert_eq!(r.status, 200);
+    assert!(parse_ts(&r.json()["encounter"]["updated_at"]) > updated);
+    let r = get(
+        &sim,
+        &format!("/external/v1/encounters/{}", before[0].encounter_id),
+    )
+    .await;
+    assert_eq!((r.status, r.reason()), (404, "encounter_not_found".into()));
+    assert_eq!(sim.visibility(&before[0].encounter_id), Some(Visibility::Removed));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn documents_transcripts_and_audio_are_served_per_type() {
+    let sim = Simulator::start(options(0)).await.unwrap();
+    let id = sim.insert(NewEncounter {
+        docs: vec![
+            DocKind::Note,
+            DocKind::AmbientFinal,
+            DocKind::Ambient,
+            DocKind::Unsupported,
+        ],
+        ..NewEncounter::at(datetime!(2026-02-01 15:00 UTC))
+    });
+    let docs: Vec<_> = sim
+        .encounter(&id)
+        .unwrap()
+        .documents
+        .into_iter()
+        .map(|d| d.document_id)
+        .collect();
+    let doc = |i: usize, tail: &str| format!("/external/v1/encounters/{id}/documents/{}{tail}", docs[i]);
+
+    let note = get(&sim, &doc(0, "")).await.json();
+    assert_eq!(note["document"]["content"]["format"], "markdown");
+    assert_eq!(
+        note["document"]["content"]["text"].as_str(),
+        sim.note_text(&id, &docs[0]).as_deref()
+    );
+    assert_eq!(note["document"]["status"], Value::Null);
+    sim.edit_note(&id, &docs[0], "Edited ✍️");
+    let note = get(&sim, &doc(0, "")).await.json();
+    assert_eq!(note["document"]["content"]["text"], "Edited ✍️");
+
+    let ambient = get(&sim, &doc(1, "")).await.json();
+    let mut keys: Vec<_> = ambient["document"].as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    let closed = [
+        "audio_duration_seconds",
+        "created_at",
+        "document_id",
+        "encounter_id",
+        "schema_type",
+        "status",
+        "title",
+        "updated_at",
+    ];
+    assert_eq!(keys, closed);
+
+    let transcript = get(&sim, &doc(1, "/transcript")).await.json();
+    let expected = serde_json::to_value(sim.transcript(&id, &docs[1]).unwrap()).unwrap();
+    assert_eq!(transcript["transcript"], expected);
+    let pending = get(&sim, &doc(2, "/transcript")).await;
+    assert_eq!(
+        (pending.status, pending.reason()),
+        (409, "transcript_not_ready".into())
+    );
+    sim.finalize_transcript(&id, &docs[2]);
+    assert_eq!(get(&sim, &doc(2, "/transcript")).await.status, 200);
+    for (i, tail) in [(3, ""), (0, "/transcript"), (0, "/audio"), (3, "/audio")] {
+        let r = get(&sim, &doc(i, tail)).await;
+        assert_eq!(
+            (r.status, r.reason()),
+            (400, "unsupported_document_type".into()),
+            "{i}{tail}"
+        );
+    }
+    let r = get(
+        &sim,
+        &format!("/external/v1/encounters/{id}/documents/doc_000000000000"),
+    )
+    .await;
+    assert_eq!((r.status, r.reason()), (404, "encounter_not_found".into()));
+
+    let audio = get(&sim, &doc(1, "/audio")).await.json();
+    let url = audio["audio_url"].as_str().unwrap();
+    assert!(parse_ts(&audio["expires_at"]) > OffsetDateTime::now_utc() + time::Duration::minutes(14));
+    let path = url.strip_prefix(&sim.base_url()).unwrap();
+    let wav = Conn::open(&sim).await.get(path, None).await.unwrap();
+    assert_eq!((wav.status, &wav.body[..4]), (200, &b"RIFF"[..]));
+    let tampered = path.replace("token=", "token=0");
+    assert_eq!(
+        Conn::open(&sim).await.get(&tampered, None).await.unwrap().status,
+        403
+    );
+    assert_eq!(sim.stats().media, 2);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn injected_faults_misbehave_as_described_and_then_stop() {
+    let sim = Simulator::start(options(20)).await.unwrap();
+    let key = sim.api_key();
+    let list = "/external/v1/encounters";
+    sim.push_fault(FaultRule {
+        route: Some(Route::List),
+        skip: 0,
+        times: 1,
+        fault: Fault::Status {
+            status: 503,
+            reason_code: Some("digest_key_unavailable".into()),
+            retry_after: Some("2".into()),
+        },
+    });
+    sim.push_fault(FaultRule::once(Some(Route::List), Fault::HtmlStatus(502)));
+    sim.push_fault(FaultRule::once(Some(Route::List), Fault::TruncatedJson));
+    let mut conn = Conn::open(&sim).await;
+    let r = conn.get(list, Some(&key)).await.unwrap();
+    assert_eq!((r.status, r.reason()), (503, "digest_key_unavailable".into()));
+    assert_eq!(r.header("retry-after"), Some("2"));
+    let r = conn.get(list, Some(&key)).await.unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    let r = conn.get(list, Some(&key)).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(serde_json::from_slice::<Value>(&r.body).is_err());
+    assert_eq!(conn.get(list, Some(&key)).await.unwrap().status, 200);
+
+    sim.push_fault(FaultRule::once(None, Fault::DropBeforeResponse));
+    assert!(conn.get(list, Some(&key)).await.is_err());
+    sim.push_fault(FaultRule::once(None, Fault::DropMidBody));
+    let mut conn = Conn::open(&sim).await;
+    assert!(
+        conn.get(list, Some(&key)).await.is_err(),
+        "body shorter than Content-Length"
+    );
+    let mut conn = Conn::open(&sim).await;
+    assert_eq!(conn.get(list, Some(&key)).await.unwrap().status, 200);
+
+    sim.push_fault(FaultRule::once(None, Fault::Hang));
+    let hung = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        Conn::open(&sim).await.get(list, Some(&key)),
+    )
+    .await;
+    assert!(hung.is_err(), "no answer while hanging");
+    let stats = sim.stats();
+    assert_eq!(stats.faults_injected, 6);
+    assert_eq!(stats.status(503), 1);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn rate_limit_counts_violations_and_enforces_when_asked() {
+    let sim = Simulator::start(options(3)).await.unwrap();
+    let key = sim.api_key();
+    let mut conn = Conn::open(&sim).await;
+    sim.set_rate_limit(Some(RateLimit {
+        requests_per_second: 2.0,
+        burst: 1,
+        enforce: false,
+    }));
+    for _ in 0..5 {
+        assert_eq!(
+            conn.get("/external/v1/encounters", Some(&key))
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    assert_eq!(sim.stats().rate_violations, 2);
+    sim.set_rate_limit(Some(RateLimit {
+        requests_per_second: 1.0,
+        burst: 0,
+        enforce: true,
+    }));
+    assert_eq!(
+        conn.get("/external/v1/encounters", Some(&key))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let r = conn.get("/external/v1/encounters", Some(&key)).await.unwrap();
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn list_hook_sees_each_page_and_may_mutate_between_pages() {
+    let sim = Simulator::start(options(10)).await.unwrap();
+    let snapshot = sim.snapshot();
+    let inserted = Arc::new(AtomicBool::new(false));
+    let flag = inserted.clone();
+    let oldest = snapshot[0].created_at;
+    sim.set_list_hook(Some(Arc::new(move |sim: &Simulator, req: &ListRequest| {
+        if req.seq == 1 && !flag.swap(true, Ordering::SeqCst) {
+            sim.insert(NewEncounter::at(oldest - time::Duration::minutes(1)));
+        }
+    })));
+    let page = |offset| format!("/external/v1/encounters?sort_order=asc&limit=5&offset={offset}");
+    let first = ids(&get(&sim, &page(0)).await.json());
+    let second = ids(&get(&sim, &page(5)).await.json());
+    assert!(inserted.load(Ordering::SeqCst));
+    assert_eq!(first[4], second[0], "the insert before page two repeats a record");
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn rendering_switches_keep_instants_and_add_unknown_fields() {
+    let sim = Simulator::start(SimOptions {
+        offset_timestamps: true,
+        extra_fields: true,
+        ..options(20)
+    })
+    .await
+    .unwrap();
+    let page = get(&sim, "/external/v1/encounters?sort_order=asc&limit=100")
+        .await
+        .json();
+    let snapshot = sim.snapshot();
+    assert!(page[render::EXTRA_FIELD].is_object());
+    for (item, want) in page["items"].as_array().unwrap().iter().zip(&snapshot) {
+        assert!(!item["created_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(parse_ts(&item["created_at"]), want.created_at);
+        assert!(item[render::EXTRA_FIELD].is_object());
+        assert!(item["patient"][render::EXTRA_FIELD].is_object());
+    }
+    sim.set_offset_timestamps(false);
+    let page = get(&sim, "/external/v1/encounters?limit=1").await.json();
+    assert!(page["items"][0]["created_at"].as_str().unwrap().ends_with('Z'));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn the_same_seed_serves_the_same_bytes() {
+    let (a, b) = (
+        Simulator::start(options(50)).await.unwrap(),
+        Simulator::start(options(50)).await.unwrap(),
+    );
+    assert_eq!(a.api_key(), b.api_key());
+    let path = "/external/v1/encounters?limit=100";
+    assert_eq!(get(&a, path).await.body, get(&b, path).await.body);
+    let e = &a.snapshot()[7];
+    let ambient = e.documents.iter().find(|d| d.schema_type == "ambient_transcript");
+    if let Some(doc) = ambient {
+        let path = format!(
+            "/external/v1/encounters/{}/documents/{}/transcript",
+            e.encounter_id, doc.document_id
+        );
+        assert_eq!(get(&a, &path).await.body, get(&b, &path).await.body);
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let sim = Simulator::start(options(1)).await.unwrap();
+    let mut conn = Conn::open(&sim).await;
+    assert_eq!(
+        conn.get("/external/v1/encounters", Some(&sim.api_key()))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    sim.shutdown();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut rest = Vec::new();
+    let read = conn.stream.read_to_end(&mut rest).await;
+    assert!(read.is_err() || rest.is_empty(), "the idle connection was closed");
+    assert!(
+        TcpStream::connect(sim.local_addr()).await.is_err(),
+        "the listener is gone"
+    );
+}
+
+/// Run with `cargo test -p charthero-sim --release -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sizing check, slow in debug builds"]
+async fn a_million_encounters_generate_in_seconds_and_page_quickly() {
+    let started = std::time::Instant::now();
+    let sim = Simulator::start(SimOptions {
+        encounters: 1_000_000,
+        ..options(0)
+    })
+    .await
+    .unwrap();
+    println!("generated 1,000,000 encounters in {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let mut conn = Conn::open(&sim).await;
+    let key = sim.api_key();
+    for offset in (0..=10_000).step_by(100) {
+        let reply = conn
+            .get(
+                &format!("/external/v1/encounters?limit=100&offset={offset}"),
+                Some(&key),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    println!("101 full pages in {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..4u32 {
+        let (sim, key) = (sim.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&sim).await;
+            for i in 0..1_000u32 {
+                let offset = (i * 37 + worker * 1000) % 10_000;
+                let path = format!("/external/v1/encounters?limit=100&offset={offset}");
+                assert_eq!(conn.get(&path, Some(&key)).await.unwrap().status, 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!("TEMP 4000 pages over 4 connections in {:?}", started.elapsed());
+    sim.shutdown();
+}
