@@ -47,7 +47,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// The TOML document as written. Defaults live in the `Default` impls below and nowhere else.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     pub api: RawApi,
@@ -93,17 +93,6 @@ pub struct RawLimits {
     pub requests_per_second: f64,
     pub burst: u32,
     pub max_in_flight: u32,
-}
-
-impl Default for RawConfig {
-    fn default() -> Self {
-        RawConfig {
-            api: RawApi::default(),
-            database: RawDatabase::default(),
-            sync: RawSync::default(),
-            limits: RawLimits::default(),
-        }
-    }
 }
 
 impl Default for RawApi {
@@ -409,10 +398,10 @@ fn load_api_key_from(
     env_key: Option<String>,
     credentials_dir: Option<PathBuf>,
 ) -> Result<(ApiKey, KeySource), ConfigError> {
-    if let Some(path) = &api.api_key_file {
-        if let Some(key) = read_key_file(path)? {
-            return Ok((key, KeySource::File(path.clone())));
-        }
+    if let Some(path) = &api.api_key_file
+        && let Some(key) = read_key_file(path)?
+    {
+        return Ok((key, KeySource::File(path.clone())));
     }
     if let Some(text) = env_key {
         let key = ApiKey::new(&text)

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use crate::model::{KeyState, Route};
 
-/// Scope names, in bit order.
-const SCOPES: [&str; 4] = [
+/// Every scope the API knows, in bit order.
+pub(crate) const ALL_SCOPES: [&str; 4] = [
     "encounters:read",
     "patients:read",
     "documents:read",
@@ -20,9 +20,6 @@ const ENCOUNTERS: u8 = 1;
 const PATIENTS: u8 = 2;
 const DOCUMENTS: u8 = 4;
 const RECORDINGS: u8 = 8;
-
-/// Every scope the API knows.
-pub(crate) const ALL_SCOPES: [&str; 4] = SCOPES;
 
 fn required(route: Route) -> u8 {
     match route {
@@ -36,7 +33,7 @@ fn required(route: Route) -> u8 {
 fn scope_bits(scopes: &[&str]) -> u8 {
     scopes
         .iter()
-        .filter_map(|s| SCOPES.iter().position(|known| known == s))
+        .filter_map(|s| ALL_SCOPES.iter().position(|known| known == s))
         .fold(0, |bits, at| bits | (1 << at))
 }
 
@@ -171,9 +168,9 @@ impl Access {
         }
         let missing = required(route) & !key.scopes;
         if missing != 0 {
-            let names: Vec<&str> = (0..SCOPES.len())
+            let names: Vec<&str> = (0..ALL_SCOPES.len())
                 .filter(|bit| missing & (1 << bit) != 0)
-                .map(|bit| SCOPES[bit])
+                .map(|bit| ALL_SCOPES[bit])
                 .collect();
             return Err(denied(
                 403,

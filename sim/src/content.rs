@@ -159,7 +159,7 @@ pub(crate) fn note_text(seed: u64, doc: &Id, title: &str, unicode: bool) -> Stri
         "# {title}\n\n## Subjective\n{subjective}\n\n## Objective\n- {}\n- {}\n\n## Assessment\n{assessment}\n\n## Plan\n1. Basic metabolic panel and CBC.\n2. Follow up in {} weeks.\n",
         objective[0],
         objective[1],
-        rng.u32(1..=6)
+        rng.u32(2..=6)
     );
     if unicode {
         let snippet = UNICODE_SNIPPETS[rng.usize(..UNICODE_SNIPPETS.len())];
@@ -206,12 +206,15 @@ pub(crate) fn transcript(params: &ContentParams, doc: &Id, audio_ds: u32, large:
             text.push(' ');
             text.push_str(UNICODE_SNIPPETS[rng.usize(..UNICODE_SNIPPETS.len())]);
         }
+        // Speech at roughly 14 characters per second, inside this turn's share of the recording;
+        // the rest of the share is silence, so turns never overlap.
         let start = i * slot + rng.u64(0..=slot / 10);
-        let end = (start + 1 + slot * 6 / 10 + rng.u64(0..=slot / 4)).min((i + 1) * slot);
+        let speech = 40 + text.chars().count() as u64 * 7 + rng.u64(0..=60);
+        let end = (start + speech).min((i + 1) * slot).max(start + 1);
         turns.push(Turn {
             speaker: speaker.to_owned(),
             start: start as f64 / 100.0,
-            end: end.max(start + 1) as f64 / 100.0,
+            end: end as f64 / 100.0,
             text,
         });
     }

@@ -40,7 +40,14 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
             _ => sample_created(rng, start, end),
         };
         previous_created = Some(created);
-        let updated = created + (rng.i64(5 * MINUTE..=180 * MINUTE)).min((end - created).max(SECOND));
+        // Generated timestamps have at most microsecond precision, like the database behind the
+        // real API; created_at may be coarser (see `sample_created`).
+        let updated = micros(
+            created
+                + rng
+                    .i64(5 * MINUTE..=180 * MINUTE)
+                    .min((end - created).max(SECOND)),
+        );
         let date_of_service = if rng.u32(0..100) < 80 {
             created
         } else {
@@ -76,8 +83,8 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
                 (false, true, false) => DocKind::AmbientFinal,
                 (false, false, _) => DocKind::Note,
             };
-            let doc_created = (created + store.rng.i64(0..=2 * MINUTE)).min(updated);
-            let doc_updated = (doc_created + store.rng.i64(SECOND..=60 * MINUTE)).min(updated);
+            let doc_created = micros(created + store.rng.i64(0..=2 * MINUTE)).min(updated);
+            let doc_updated = micros(doc_created + store.rng.i64(SECOND..=60 * MINUTE)).min(updated);
             docs.push(store.new_doc(kind, doc_created, doc_updated));
         }
         let id = store.mint_encounter_id();
@@ -94,6 +101,10 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         });
     }
     store.rebuild_index();
+}
+
+fn micros(nanos: i64) -> i64 {
+    nanos - nanos.rem_euclid(1_000)
 }
 
 /// A creation instant in `[start, end)`, weighted toward weekday clinic hours, truncated to a

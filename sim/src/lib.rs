@@ -11,6 +11,25 @@
 //! sync client. Nothing here reads the environment or the wall clock for data generation: the
 //! same seed and options give the same data (only mutation timestamps use the real clock).
 //!
+//! # Choices where the vendor's contract is silent
+//! - A transcript that is not final yet answers **409 `transcript_not_ready`**: the resource
+//!   exists but cannot be served yet, so a client should retry later rather than record a removal.
+//! - An enforced [`RateLimit`] answers **429 `rate_limit_exceeded`** with `Retry-After: 1`.
+//! - The full check order: no `Authorization` header → 401 `missing_bearer`; not
+//!   `Bearer ch_sk_…` → `malformed_token`; a `ch_sk_test_` key in production mode
+//!   ([`SimOptions::production`], [`Simulator::set_production`]) → `test_prefix_not_allowed`;
+//!   unknown key → `invalid_key`; organization API keys disabled
+//!   ([`Simulator::set_api_keys_disabled`]) → `api_keys_disabled`; key state → `disabled_key`,
+//!   `revoked_key`, `expired_key`; a key flagged as not organization-scoped
+//!   ([`Simulator::set_key_org_scoped`]) → 403 `org_scope_only_required`; a disabled route → 403
+//!   with its reason; missing scopes → 403 `missing_scope`; then query validation, then lookup.
+//! - The `error` category is `api_key_validation_failed` for 400/401/422 (as in the vendor's own
+//!   example), `access_denied` for 403, `not_found` for 404; clients must branch on `reason_code`.
+//! - Unroutable paths answer 404 `not_found`; other methods than `GET` on API routes answer 405.
+//! - Signed audio URLs point at `/media/{document_id}.wav?token=…&expires=…` on the same server,
+//!   need no bearer, live 15 minutes and answer 403 (`invalid_signature`, `signed_url_expired`)
+//!   otherwise.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use charthero_sim::{SimOptions, Simulator};
@@ -21,6 +40,8 @@
 //! sim.shutdown();
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 mod access;
 mod content;

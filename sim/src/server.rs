@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::content;
+use crate::faults::RateVerdict;
 use crate::model::{Fault, ListRequest, Route, Visibility};
 use crate::query::{self, QueryError};
 use crate::render::{self, DocDetail};
@@ -199,6 +200,20 @@ fn unsupported_document(inner: &Inner, route: &str) -> Reply {
     )
 }
 
+/// The kind of page a proxy or load balancer answers with when the upstream fails.
+fn html_error(status: u16) -> Reply {
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let html = format!(
+        "<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n\
+         <center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n\
+         </body>\r\n</html>\r\n"
+    );
+    Reply::new(status, "text/html", html.into_bytes())
+}
+
 /// A routed API path.
 struct Target<'a> {
     route: Route,
@@ -258,7 +273,7 @@ async fn handle(
     }
 
     let verdict = lock(&inner.rate).arrive(tokio::time::Instant::now());
-    if let crate::faults::RateVerdict::Violation { enforce } = verdict {
+    if let RateVerdict::Violation { enforce } = verdict {
         lock(&inner.stats).rate_violations += 1;
         if enforce {
             let mut reply = error(
@@ -288,19 +303,7 @@ async fn handle(
             reply.retry_after.clone_from(retry_after);
             return Ok(respond(inner, reply));
         }
-        Some(Fault::HtmlStatus(status)) => {
-            let reason = StatusCode::from_u16(*status)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("Error");
-            let html = format!(
-                "<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-            );
-            return Ok(respond(
-                inner,
-                Reply::new(*status, "text/html", html.into_bytes()),
-            ));
-        }
+        Some(Fault::HtmlStatus(status)) => return Ok(respond(inner, html_error(*status))),
         Some(Fault::Delay(delay)) => {
             tokio::select! {
                 () = tokio::time::sleep(*delay) => {}

@@ -676,8 +676,10 @@ pub(crate) fn instant(nanos: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos)).expect("i64 nanos are in range")
 }
 
+/// The wall clock at microsecond precision, the precision of the real API's timestamps.
 pub(crate) fn now_nanos() -> i64 {
-    nanos(OffsetDateTime::now_utc())
+    let now = nanos(OffsetDateTime::now_utc());
+    now - now.rem_euclid(MICROSECOND)
 }
 
 #[cfg(test)]

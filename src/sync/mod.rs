@@ -17,7 +17,7 @@ use crate::config::SyncConfig;
 use crate::store::{self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunOutcome, Writer};
 use crate::timefmt::format_utc;
 
-use window::{Planner, Window, WindowKind, WindowScan};
+use window::{Scope, Window, WindowScan};
 
 /// Everything a cycle needs, passed explicitly.
 pub struct SyncContext {
@@ -154,9 +154,7 @@ async fn sync_recent(
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
     let horizon = now - s.settle_lag;
-    let deep_due = !s.revisit_deep.is_zero()
-        && watermark.is_some()
-        && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
+    let deep_due = !s.revisit_deep.is_zero() && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
     let from = match watermark {
         None => s.start_at,
         Some(wm) => {
@@ -168,12 +166,10 @@ async fn sync_recent(
         }
     };
     tracing::debug!(from = %format_utc(from), to = %format_utc(horizon), deep_due, "planning");
-    let kind = |end: OffsetDateTime| match watermark {
-        Some(wm) if end <= wm => WindowKind::Revisit,
-        _ => WindowKind::Live,
-    };
-    scan_range(ctx, run_id, from, horizon, kind, false, counts, cancel).await?;
-    if deep_due {
+    let scope = Scope::Recent { watermark };
+    scan_range(ctx, run_id, from, horizon, scope, false, counts, cancel).await?;
+    // The first cycle reads all history, which covers the deep horizon too.
+    if deep_due && from <= now - s.revisit_deep {
         ctx.writer
             .call(move |c| store::set_deep_revisit_at(c, now))
             .await?;
@@ -203,10 +199,10 @@ async fn run_backfill(
         resume_at = %format_utc(bf.cursor),
         "backfill"
     );
-    let kind = WindowKind::Backfill {
+    let scope = Scope::Backfill {
         backfill_id: bf.backfill_id,
     };
-    let result = scan_range(ctx, run_id, bf.cursor, bf.end, |_| kind, true, counts, cancel).await;
+    let result = scan_range(ctx, run_id, bf.cursor, bf.end, scope, true, counts, cancel).await;
     let error = result.as_ref().err().map(|e| format!("{e:#}"));
     ctx.writer
         .call(move |c| store::finish_backfill(c, bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc()))
@@ -221,31 +217,23 @@ async fn scan_range(
     run_id: i64,
     from: OffsetDateTime,
     to: OffsetDateTime,
-    kind: impl Fn(OffsetDateTime) -> WindowKind,
+    scope: Scope,
     reconcile: bool,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<(), CycleError> {
     let mut cursor = from;
-    let mut planner = Planner::new(cursor, to);
-    while let Some(end) = planner.next_end(cursor) {
+    while cursor < to {
         let w = Window {
             run_id,
-            kind: kind(end),
+            scope,
             start: cursor,
-            end,
+            end: to,
             reconcile,
         };
         match window::scan(ctx, w, counts, cancel).await? {
-            WindowScan::Completed { total } => {
-                planner.observe(cursor, end, total);
-                cursor = end;
-            }
-            WindowScan::TooDense { total } => {
-                counts.splits += 1;
-                planner.shrink(cursor, end, total);
-            }
-            WindowScan::Unsettled => {
+            WindowScan::Completed { end } => cursor = end,
+            WindowScan::Unsettled { end } => {
                 return Err(CycleError::Unsettled {
                     start: format_utc(cursor),
                     end: format_utc(end),

@@ -9,8 +9,12 @@
 //! observations agree (the window's total at the start equals the distinct IDs seen equals the
 //! total at the end, and every overlap matched); otherwise the window is re-scanned. The last
 //! page, the removals it implies and the window's ledger entry commit in one transaction.
+//!
+//! Windows are cut by observed density: the first pass closes the window at a page boundary once
+//! it has seen about [`TARGET_RECORDS`], so no window ever needs offsets, and a crash re-reads at
+//! most one window.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -21,12 +25,10 @@ use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
 use crate::store::{self, EncounterRecord, Removal, RunCounts, WindowCompletion};
 
-/// Aim for windows of about this many records: the ledger and crash recovery work in windows,
-/// so a crash re-reads at most about this much; each window boundary costs about half a page.
-const TARGET_RECORDS: u64 = 5_000;
-
-/// A window whose first page reports more records than this is narrowed before paging.
-const SPLIT_ABOVE: u64 = 8_000;
+/// Close a window at the first page boundary after this many records: the ledger and crash
+/// recovery work in windows, so a crash re-reads at most about this much; each window costs one
+/// extra request to verify it.
+const TARGET_RECORDS: usize = 5_000;
 
 /// A window whose observations keep disagreeing is given up for this cycle after this many
 /// passes (its rows are kept; the next cycle scans it again).
@@ -35,23 +37,22 @@ const MAX_PASSES: u64 = 5;
 /// The API's timestamps go down to nanoseconds; so do our windows.
 const ONE_NS: Duration = Duration::nanoseconds(1);
 
-/// What kind of scan a window belongs to; stored in the ledger.
+/// Which scan a window belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WindowKind {
-    /// New time: advances `complete_through`.
-    Live,
-    /// Re-listing recent history to pick up changes and late-visible records.
-    Revisit,
+pub enum Scope {
+    /// New time and the revisit horizons; completing a window moves `complete_through` up to
+    /// its end. Windows ending at or before `watermark` are recorded as revisits.
+    Recent { watermark: Option<OffsetDateTime> },
     /// An explicit range requested by an operator; never touches `complete_through`.
     Backfill { backfill_id: i64 },
 }
 
-impl WindowKind {
-    fn as_str(self) -> &'static str {
+impl Scope {
+    fn ledger_kind(self, end: OffsetDateTime) -> &'static str {
         match self {
-            WindowKind::Live => "live",
-            WindowKind::Revisit => "revisit",
-            WindowKind::Backfill { .. } => "backfill",
+            Scope::Recent { watermark: Some(wm) } if end <= wm => "revisit",
+            Scope::Recent { .. } => "live",
+            Scope::Backfill { .. } => "backfill",
         }
     }
 }
@@ -59,60 +60,19 @@ impl WindowKind {
 /// The result of scanning one window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowScan {
-    /// Read completely and committed with its ledger entry.
-    Completed { total: u64 },
-    /// The first page showed more records than one window should hold; nothing was written.
-    TooDense { total: u64 },
-    /// Upstream kept changing through every pass: rows were kept but the window is not
-    /// recorded as complete.
-    Unsettled,
+    /// `[start, end)` was read completely and committed with its ledger entry; `end` is the
+    /// range end, or where the window was cut by density.
+    Completed { end: OffsetDateTime },
+    /// Upstream kept changing through every pass over `[start, end)`: rows were kept but the
+    /// window is not recorded as complete.
+    Unsettled { end: OffsetDateTime },
 }
 
-/// Chooses window widths from the density observed so far.
-pub(super) struct Planner {
-    horizon: OffsetDateTime,
-    width: Duration,
-}
-
-impl Planner {
-    /// The first window spans everything up to the horizon: when the range holds few records
-    /// this reads it in the fewest requests, and when it holds many the first page's `total`
-    /// says how to narrow it.
-    pub fn new(cursor: OffsetDateTime, horizon: OffsetDateTime) -> Planner {
-        Planner {
-            horizon,
-            width: (horizon - cursor).max(ONE_NS),
-        }
-    }
-
-    pub fn next_end(&self, cursor: OffsetDateTime) -> Option<OffsetDateTime> {
-        (cursor < self.horizon).then(|| (cursor + self.width).min(self.horizon))
-    }
-
-    /// After a completed window: size the next one for about [`TARGET_RECORDS`].
-    pub fn observe(&mut self, start: OffsetDateTime, end: OffsetDateTime, total: u64) {
-        self.width = scale(end - start, TARGET_RECORDS, total.max(1));
-    }
-
-    /// After a window that was too dense: retry a narrower one, at most half as wide.
-    pub fn shrink(&mut self, start: OffsetDateTime, end: OffsetDateTime, total: u64) {
-        let span = end - start;
-        self.width = scale(span, TARGET_RECORDS, total.max(1))
-            .min(span / 2)
-            .max(ONE_NS);
-    }
-}
-
-fn scale(width: Duration, num: u64, den: u64) -> Duration {
-    let nanos = width.whole_nanoseconds() * num as i128 / den as i128;
-    Duration::nanoseconds(nanos.clamp(1, i64::MAX as i128) as i64)
-}
-
-/// One window to scan.
+/// One window to scan: from `start` up to at most `end`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Window {
     pub run_id: i64,
-    pub kind: WindowKind,
+    pub scope: Scope,
     pub start: OffsetDateTime,
     pub end: OffsetDateTime,
     /// An explicit reconcile: encounters missing from the listing are marked removed even
@@ -122,8 +82,12 @@ pub(super) struct Window {
 
 /// What one pass over a window observed.
 struct Pass {
-    seen: HashSet<String>,
-    first_total: u64,
+    /// Distinct IDs listed, with their created_at.
+    seen: HashMap<String, OffsetDateTime>,
+    /// Where this pass ended the window.
+    end: OffsetDateTime,
+    /// The window's total as the list route last reported it.
+    total: u64,
     /// Every observation agreed (see the module docs).
     consistent: bool,
     /// The final page, held back to commit with the window's completion.
@@ -131,7 +95,8 @@ struct Pass {
     pages: u64,
 }
 
-/// Scans a window until one pass is consistent, then commits its completion.
+/// Scans a window until one pass is consistent, then commits its completion. The first pass
+/// may cut the window short by density; later passes re-read exactly the cut window.
 pub(super) async fn scan(
     ctx: &SyncContext,
     w: Window,
@@ -139,12 +104,14 @@ pub(super) async fn scan(
     cancel: &CancellationToken,
 ) -> Result<WindowScan, CycleError> {
     let mut pages = 0;
+    let mut end = w.end;
     for pass_no in 1..=MAX_PASSES {
-        let pass = match run_pass(ctx, &w, pass_no == 1, counts, cancel).await? {
-            Ok(pass) => pass,
-            Err(total) => return Ok(WindowScan::TooDense { total }),
-        };
+        let pass = run_pass(ctx, w.start, end, pass_no == 1, counts, cancel).await?;
         pages += pass.pages;
+        if pass.end < end {
+            counts.splits += 1;
+            end = pass.end;
+        }
         if !pass.consistent {
             counts.rescans += 1;
             tracing::debug!(
@@ -154,37 +121,37 @@ pub(super) async fn scan(
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
         }
-        let removals = find_removals(ctx, &w, &pass.seen, counts).await?;
+        let window = Window { end, ..w };
+        let seen: HashSet<&str> = pass.seen.keys().map(String::as_str).collect();
+        let removals = find_removals(ctx, &window, &seen, counts).await?;
         let completion = WindowCompletion {
             run_id: w.run_id,
-            kind: w.kind.as_str(),
-            backfill_id: match w.kind {
-                WindowKind::Backfill { backfill_id } => Some(backfill_id),
-                _ => None,
+            kind: w.scope.ledger_kind(end),
+            backfill_id: match w.scope {
+                Scope::Backfill { backfill_id } => Some(backfill_id),
+                Scope::Recent { .. } => None,
             },
             start_at: w.start,
-            end_at: w.end,
-            records_seen: pass.seen.len() as u64,
-            total: pass.first_total,
+            end_at: end,
+            records_seen: seen.len() as u64,
+            total: pass.total,
             pages,
             passes: pass_no,
             removed: removals.len() as u64,
-            id_set_hash: id_set_hash(&pass.seen),
-            advances_watermark: w.kind == WindowKind::Live,
+            id_set_hash: id_set_hash(&seen),
+            advances_watermark: matches!(w.scope, Scope::Recent { .. }),
         };
         commit(ctx, pass.last_page, removals, Some(completion), counts).await?;
         counts.windows += 1;
-        return Ok(WindowScan::Completed {
-            total: pass.first_total,
-        });
+        return Ok(WindowScan::Completed { end });
     }
     tracing::warn!(
         start = %crate::timefmt::format_utc(w.start),
-        end = %crate::timefmt::format_utc(w.end),
+        end = %crate::timefmt::format_utc(end),
         passes = MAX_PASSES,
         "upstream kept changing in this window on every pass; it will be scanned again next cycle"
     );
-    Ok(WindowScan::Unsettled)
+    Ok(WindowScan::Unsettled { end })
 }
 
 async fn list(
@@ -207,24 +174,27 @@ async fn list(
     Ok(page)
 }
 
-/// One pass over the window. `Err(total)` when the first page shows the window is too dense
-/// to be one window (only checked on the first pass, before anything is written).
+/// One pass over `[start, end)`. With `may_cut`, the pass ends the window at the first page
+/// boundary after [`TARGET_RECORDS`] (at the instant of that page's last record, which then
+/// belongs to the next window).
 async fn run_pass(
     ctx: &SyncContext,
-    w: &Window,
-    may_split: bool,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    may_cut: bool,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<Result<Pass, u64>, CycleError> {
+) -> Result<Pass, CycleError> {
     let limit = ctx.sync.page_size.get();
     let mut pass = Pass {
-        seen: HashSet::new(),
-        first_total: 0,
+        seen: HashMap::new(),
+        end,
+        total: 0,
         consistent: true,
         last_page: Vec::new(),
         pages: 0,
     };
-    let mut cursor = w.start;
+    let mut cursor = start;
     // IDs of the records at `cursor` that the previous page ended with: the next page, anchored
     // at `cursor`, must start with them (in order) unless upstream changed.
     let mut expected_prefix: Vec<String> = Vec::new();
@@ -232,13 +202,10 @@ async fn run_pass(
         if cancel.is_cancelled() {
             return Err(CycleError::Cancelled);
         }
-        let page = list(ctx, cursor, w.end, 0, limit, counts).await?;
+        let page = list(ctx, cursor, end, 0, limit, counts).await?;
         pass.pages += 1;
         if pass.pages == 1 {
-            pass.first_total = page.total;
-            if may_split && page.total > SPLIT_ABOVE && w.end - w.start > ONE_NS {
-                return Ok(Err(page.total));
-            }
+            pass.total = page.total;
         }
         let at_cursor: Vec<&str> = page
             .items
@@ -256,25 +223,31 @@ async fn run_pass(
         let received = page.items.len() as u64;
         let done = received < limit as u64 || received >= page.total;
         let last_instant = page.items.last().map(|e| e.created_at.0);
-        let whole_page_at_cursor = !done && last_instant == Some(cursor);
         if done {
-            pass.seen
-                .extend(page.items.iter().map(|e| e.encounter_id.clone()));
+            note_seen(&mut pass, &page.items);
             pass.last_page = page.items.into_iter().map(to_record).collect();
             break;
         }
-        if whole_page_at_cursor {
+        let next = last_instant.expect("a page that is not done has items");
+        if next == cursor {
             // More than a page of records share one instant: re-anchoring cannot move past it.
             absorb(ctx, &mut pass, page.items, counts).await?;
             page_instant(ctx, &mut pass, cursor, limit, counts, cancel).await?;
             cursor += ONE_NS;
             expected_prefix.clear();
-            if cursor >= w.end {
+            if cursor >= end {
                 break;
             }
             continue;
         }
-        let next = last_instant.expect("a page that is not done has items");
+        if may_cut && pass.seen.len() + page.items.len() >= TARGET_RECORDS {
+            // Close the window before `next`; its records there are read again by the next one.
+            note_seen(&mut pass, &page.items);
+            pass.seen.retain(|_, t| *t < next);
+            pass.end = next;
+            pass.last_page = page.items.into_iter().map(to_record).collect();
+            break;
+        }
         expected_prefix = page
             .items
             .iter()
@@ -285,16 +258,21 @@ async fn run_pass(
         absorb(ctx, &mut pass, page.items, counts).await?;
     }
     if pass.pages > 1 {
-        // One cheap request closes the observation: if the window's total still equals what
-        // we saw and what it was at the start, nothing was added or removed behind us.
-        let end_total = list(ctx, w.start, w.end, 0, 1, counts).await?.total;
+        // One cheap request closes the observation: if the window's total now equals the
+        // records we saw, nothing was added or removed behind the cursor while we paged.
+        let end_total = list(ctx, start, pass.end, 0, 1, counts).await?.total;
         pass.pages += 1;
-        let seen = pass.seen.len() as u64;
-        if pass.first_total != seen || end_total != seen {
+        if end_total != pass.seen.len() as u64 {
             pass.consistent = false;
         }
+        pass.total = end_total;
     }
-    Ok(Ok(pass))
+    Ok(pass)
+}
+
+fn note_seen(pass: &mut Pass, items: &[Encounter]) {
+    pass.seen
+        .extend(items.iter().map(|e| (e.encounter_id.clone(), e.created_at.0)));
 }
 
 /// Offset-pages the records sharing the instant `at`, the first page of which (at offset 0)
@@ -349,7 +327,7 @@ async fn absorb(
     items: Vec<Encounter>,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    pass.seen.extend(items.iter().map(|e| e.encounter_id.clone()));
+    note_seen(pass, &items);
     let records = items.into_iter().map(to_record).collect();
     commit(ctx, records, Vec::new(), None, counts).await
 }
@@ -386,7 +364,7 @@ async fn commit(
 async fn find_removals(
     ctx: &SyncContext,
     w: &Window,
-    seen: &HashSet<String>,
+    seen: &HashSet<&str>,
     counts: &mut RunCounts,
 ) -> Result<Vec<Removal>, CycleError> {
     let (start, end) = (w.start, w.end);
@@ -396,7 +374,7 @@ async fn find_removals(
         .await?;
     let mut removals = Vec::new();
     let mut still_there = Vec::new();
-    for encounter_id in stored.into_iter().filter(|id| !seen.contains(id)) {
+    for encounter_id in stored.into_iter().filter(|id| !seen.contains(id.as_str())) {
         counts.detail_requests += 1;
         match ctx.client.encounter(&encounter_id).await {
             Ok(e) => still_there.push(to_record(e)),
@@ -423,8 +401,8 @@ async fn find_removals(
 }
 
 /// SHA-256 over the sorted IDs, newline-separated: equal sets give equal hashes across runs.
-fn id_set_hash(ids: &HashSet<String>) -> String {
-    let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
+fn id_set_hash(ids: &HashSet<&str>) -> String {
+    let mut sorted: Vec<&str> = ids.iter().copied().collect();
     sorted.sort_unstable();
     let mut h = Sha256::new();
     for id in sorted {
@@ -440,24 +418,21 @@ mod tests {
     use time::macros::datetime;
 
     #[test]
-    fn the_planner_narrows_dense_windows_and_widens_sparse_ones() {
-        let start = datetime!(2026-01-01 0:00 UTC);
-        let horizon = datetime!(2026-03-01 0:00 UTC);
-        let mut p = Planner::new(start, horizon);
-        assert_eq!(p.next_end(start), Some(horizon));
-        p.shrink(start, horizon, 50_000);
-        let end = p.next_end(start).unwrap();
-        assert_eq!(end - start, (horizon - start) / 10);
-        p.observe(start, end, 10);
-        assert_eq!(p.next_end(end), Some(horizon));
-        assert_eq!(p.next_end(horizon), None);
+    fn windows_ending_before_the_watermark_are_revisits() {
+        let wm = datetime!(2026-03-01 0:00 UTC);
+        let recent = Scope::Recent { watermark: Some(wm) };
+        assert_eq!(recent.ledger_kind(wm), "revisit");
+        assert_eq!(recent.ledger_kind(wm + ONE_NS), "live");
+        assert_eq!(Scope::Recent { watermark: None }.ledger_kind(wm), "live");
+        assert_eq!(Scope::Backfill { backfill_id: 1 }.ledger_kind(wm), "backfill");
     }
 
     #[test]
-    fn shrinking_never_goes_below_one_nanosecond() {
-        let start = datetime!(2026-01-01 0:00 UTC);
-        let mut p = Planner::new(start, start + ONE_NS);
-        p.shrink(start, start + ONE_NS, 1_000_000);
-        assert_eq!(p.next_end(start), Some(start + ONE_NS));
+    fn id_set_hashes_do_not_depend_on_order() {
+        let a: HashSet<&str> = ["enc_b", "enc_a"].into_iter().collect();
+        let b: HashSet<&str> = ["enc_a", "enc_b"].into_iter().collect();
+        assert_eq!(id_set_hash(&a), id_set_hash(&b));
+        let c: HashSet<&str> = ["enc_a"].into_iter().collect();
+        assert_ne!(id_set_hash(&a), id_set_hash(&c));
     }
 }

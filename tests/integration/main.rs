@@ -3,5 +3,6 @@
 
 mod api_routes;
 mod cli;
+mod replication;
 mod support;
 mod sync_quiet;

@@ -1,0 +1,400 @@
+//! Replication against an upstream that changes while we page: removals behind the cursor,
+//! late-visible inserts into windows already read, updates during paging, fresh inserts at now,
+//! dense windows and instants, crashes at random moments. Every test ends by comparing the
+//! warehouse with the simulator entity by entity.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use charthero_sim::{ListRequest, NewEncounter, SimOptions, Simulator, Unavailable, Visibility};
+use charthero_sync::sync::BackfillRange;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{TestEnv, compare, count, reader, sim_options};
+
+/// Mutations a chaos hook performed, to check how the warehouse recorded them.
+#[derive(Default)]
+struct Chaos {
+    removed: BTreeSet<String>,
+    unavailable: BTreeSet<String>,
+    mutations: u32,
+}
+
+/// On list requests, at random, mutates upstream the ways the API contract warns about.
+fn chaos_hook(seed: u64, state: Arc<Mutex<Chaos>>) -> charthero_sim::ListHook {
+    let rng = Mutex::new(fastrand::Rng::with_seed(seed));
+    Arc::new(move |sim: &Simulator, req: &ListRequest| {
+        let mut rng = rng.lock().unwrap();
+        if rng.u32(0..10) >= 4 {
+            return;
+        }
+        let snapshot = sim.snapshot();
+        if snapshot.len() < 10 {
+            return;
+        }
+        let now = OffsetDateTime::now_utc();
+        let cursor = req.start_at.unwrap_or(now);
+        // Records the pager has already passed, where a removal shifts every later offset.
+        let behind: Vec<_> = snapshot.iter().filter(|e| e.created_at < cursor).collect();
+        let mut chaos = state.lock().unwrap();
+        chaos.mutations += 1;
+        match rng.u32(0..6) {
+            0 | 1 if !behind.is_empty() => {
+                let victim = &behind[rng.usize(..behind.len())].encounter_id;
+                if rng.bool() {
+                    sim.remove(victim);
+                    chaos.removed.insert(victim.clone());
+                } else {
+                    let why = if rng.bool() {
+                        Unavailable::CrossOrganization
+                    } else {
+                        Unavailable::DemoTraining
+                    };
+                    sim.mark_unavailable(victim, why);
+                    chaos.unavailable.insert(victim.clone());
+                }
+            }
+            2 => {
+                // Late-visible: created in time already paged, visible only now.
+                let first = snapshot[0].created_at;
+                let span = (cursor - first).whole_seconds().max(1);
+                let at = first + time::Duration::seconds(rng.i64(0..span));
+                sim.insert(NewEncounter::at(at));
+            }
+            3 => {
+                let e = &snapshot[rng.usize(..snapshot.len())];
+                sim.update_status(&e.encounter_id, if rng.bool() { "in_progress" } else { "signed" });
+            }
+            4 => {
+                sim.insert(NewEncounter::at(now));
+            }
+            _ => {
+                let e = &snapshot[rng.usize(..snapshot.len())];
+                sim.add_document(&e.encounter_id, charthero_sim::DocKind::Note);
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_seeds() {
+    let mut rescans = 0;
+    for seed in 1..=10u64 {
+        let env = TestEnv::with_encounters(seed, 2_500).await;
+        let mut raw = env.raw_config();
+        // Small pages make many requests per window, so the chaos lands mid-window.
+        raw.sync.page_size = 40;
+        let config = raw.validate().unwrap();
+        let cancel = CancellationToken::new();
+        let chaos = Arc::new(Mutex::new(Chaos::default()));
+        env.sim.set_list_hook(Some(chaos_hook(seed, chaos.clone())));
+        for _ in 0..2 {
+            let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel).await;
+            // A window that kept changing on every pass fails the cycle honestly; later cycles
+            // and the reconcile pick it up.
+            if let Ok(r) = report {
+                rescans += r.counts.rescans;
+            }
+        }
+        env.sim.set_list_hook(None);
+        let range = BackfillRange {
+            start: config.sync.start_at,
+            end: OffsetDateTime::now_utc(),
+        };
+        let report = charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
+            .await
+            .unwrap();
+        rescans += report.counts.rescans;
+        compare(&env.sim, &env.db_path()).assert_empty();
+
+        let chaos = chaos.lock().unwrap();
+        assert!(chaos.mutations > 10, "seed {seed}: the hook barely ran");
+        let conn = reader(&env.db_path());
+        for id in chaos.removed.iter().chain(&chaos.unavailable) {
+            let reason: Option<String> = conn
+                .query_row(
+                    "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap_or(None);
+            let expected = match env.sim.visibility(id) {
+                Some(Visibility::Removed) => "encounter_not_found",
+                Some(Visibility::Unavailable(Unavailable::CrossOrganization)) => "cross_organization_denied",
+                Some(Visibility::Unavailable(Unavailable::DemoTraining)) => "demo_training_denied",
+                other => panic!("seed {seed}: {id} is {other:?} upstream"),
+            };
+            // Encounters removed before we ever listed them are simply never stored.
+            if let Some(reason) = reason {
+                assert_eq!(reason, expected, "seed {seed}: {id}");
+            }
+        }
+        let dupes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM (SELECT document_id FROM documents GROUP BY document_id HAVING count(*) > 1)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(dupes, 0);
+    }
+    assert!(
+        rescans > 0,
+        "ten seeds of churn never triggered a re-scan: shift detection is not working"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_out_complete() {
+    let day = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT) - time::Duration::days(3);
+    let env = TestEnv::start(SimOptions {
+        start: day,
+        end: day + time::Duration::days(1),
+        ..sim_options(25, 25_000)
+    })
+    .await;
+    let instant = day + time::Duration::hours(12);
+    for _ in 0..300 {
+        env.sim.insert(NewEncounter::at(instant));
+    }
+    let report =
+        charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
+            .await
+            .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    assert_eq!(count(&env.db_path(), "encounters"), 25_300);
+    assert!(
+        report.counts.splits > 0,
+        "a 25,300-record day must be split: {:?}",
+        report.counts
+    );
+    let at_instant: i64 = reader(&env.db_path())
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE created_at = ?1",
+            [charthero_sync::timefmt::format_utc(instant)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(at_instant >= 300);
+    // Re-anchoring keeps the cost near the ceil(N/100) minimum even here.
+    let minimum = 25_300f64 / 100.0;
+    assert!(
+        (report.counts.list_requests as f64) < minimum * 1.15,
+        "{} list requests for a minimum of {minimum}",
+        report.counts.list_requests
+    );
+}
+
+#[tokio::test]
+async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon() {
+    let env = TestEnv::with_encounters(31, 3_000).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let before = OffsetDateTime::now_utc();
+    env.sim.reset_stats();
+    let second = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.requests,
+        stats.route(charthero_sim::Route::List),
+        "only list requests"
+    );
+    assert_eq!(
+        second.counts.list_requests,
+        stats.route(charthero_sim::Route::List)
+    );
+    // The revisit horizon holds the last 48 hours; each page re-anchors on one record.
+    let horizon = before - time::Duration::hours(48);
+    let recent = env
+        .sim
+        .snapshot()
+        .iter()
+        .filter(|e| e.created_at >= horizon)
+        .count() as u64;
+    let pages = recent.div_ceil(99).max(1);
+    let expected = if pages > 1 { pages + 1 } else { pages };
+    assert!(
+        second.counts.list_requests <= expected + 1,
+        "{} list requests to revisit {recent} recent encounters",
+        second.counts.list_requests
+    );
+    assert_eq!(second.counts.encounters_new + second.counts.encounters_changed, 0);
+    let conn = reader(&env.db_path());
+    let since = charthero_sync::timefmt::format_utc(before);
+    for table in ["encounters", "patients", "documents"] {
+        let changed: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM {table} WHERE changed_at >= ?1"),
+                [&since],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(changed, 0, "{table} rows changed on a quiet cycle");
+    }
+}
+
+#[tokio::test]
+async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone() {
+    let env = TestEnv::with_encounters(41, 800).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    let first = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
+    // Old enough to be outside the revisit horizon: only a reconcile finds these.
+    env.sim.remove(&ids[0]);
+    env.sim.mark_unavailable(&ids[1], Unavailable::DemoTraining);
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc() - time::Duration::days(10),
+    };
+    let report = charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
+        .await
+        .unwrap();
+    assert_eq!(report.counts.encounters_removed, 2, "{:?}", report.counts);
+    let conn = reader(&env.db_path());
+    let reasons: Vec<String> = ids[..2]
+        .iter()
+        .map(|id| {
+            conn.query_row(
+                "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        })
+        .collect();
+    assert_eq!(reasons, ["encounter_not_found", "demo_training_denied"]);
+    assert!(report.complete_through >= first.complete_through);
+    let (status, cursor): (String, String) = conn
+        .query_row("SELECT status, cursor FROM backfills", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(status, "completed");
+    assert_eq!(cursor, charthero_sync::timefmt::format_utc(range.end));
+
+    env.sim.restore(&ids[0]);
+    charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
+        .await
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let removed: Option<String> = conn
+        .query_row(
+            "SELECT removed_at FROM encounters WHERE encounter_id = ?1",
+            [&ids[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(removed, None, "a record that came back is revived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
+    let kills = if std::env::var_os("CHARTHERO_SOAK").is_some() {
+        100
+    } else {
+        20
+    };
+    let env = TestEnv::with_encounters(77, 20_000).await;
+    env.write_key_file(&env.sim.api_key());
+    let config_path = env.write_config_file("");
+    // Live time starts now, so the work is the backfill of the whole dataset.
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let start_line = text
+        .lines()
+        .find(|l| l.starts_with("start_at"))
+        .unwrap()
+        .to_owned();
+    let now = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc());
+    // A modest rate keeps the backfill long enough (about 1.5 s) for kills to land inside it.
+    let text = text
+        .replace(&start_line, &format!("start_at = \"{now}\""))
+        .replace("requests_per_second = 2000.0", "requests_per_second = 150.0");
+    std::fs::write(&config_path, text).unwrap();
+    let from = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
+    let to = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc());
+    let spawn = move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_charthero-sync"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["sync", "--backfill-from", &from, "--backfill-to", &to])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut rng = fastrand::Rng::with_seed(77);
+    let mut finished_early = 0;
+    for _ in 0..kills {
+        let mut child = spawn();
+        tokio::time::sleep(Duration::from_millis(rng.u64(30..900))).await;
+        if child.try_wait().unwrap().is_some() {
+            finished_early += 1;
+        }
+        child.kill().ok();
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut last = spawn();
+    let status = tokio::task::spawn_blocking(move || last.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the final run failed");
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let conn = reader(&env.db_path());
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    assert_eq!(count(&env.db_path(), "encounters"), 20_000);
+    let (aborted, backfills, unfinished): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM sync_runs WHERE outcome = 'aborted'), (SELECT count(*) FROM backfills),
+                    (SELECT count(*) FROM backfills WHERE status <> 'completed')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert!(
+        aborted >= (kills - finished_early - 1) as i64,
+        "killed runs are marked aborted"
+    );
+    // Restarts resume the interrupted backfill: a new backfill row appears only after the
+    // previous one completed (a run may complete it just before its kill lands).
+    let rows: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT requested_at, finished_at FROM backfills ORDER BY backfill_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let parse = |t: &str| charthero_sync::timefmt::parse_rfc3339(t).unwrap();
+    for pair in rows.windows(2) {
+        let finished = pair[0]
+            .1
+            .as_deref()
+            .map(parse)
+            .expect("an earlier backfill finished");
+        assert!(
+            finished <= parse(&pair[1].0),
+            "a backfill was started while another was unfinished"
+        );
+    }
+    assert_eq!(backfills as usize, rows.len());
+    assert!(backfills >= 1);
+    assert_eq!(unfinished, 0);
+}
