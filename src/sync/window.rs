@@ -31,8 +31,10 @@ use crate::store::{self, EncounterRecord, Removal, RunCounts, WindowCompletion};
 const TARGET_RECORDS: usize = 5_000;
 
 /// A window whose observations keep disagreeing is given up for this cycle after this many
-/// passes (its rows are kept; the next cycle scans it again).
-const MAX_PASSES: u64 = 5;
+/// passes (its rows are kept; the next cycle scans it again). Each failed pass halves the
+/// window, and a window of one page is a single atomic response, so under any churn that
+/// leaves single responses consistent a window of 5,000 records settles within about seven.
+const MAX_PASSES: u64 = 12;
 
 /// The API's timestamps go down to nanoseconds; so do our windows.
 const ONE_NS: Duration = Duration::nanoseconds(1);
@@ -114,6 +116,12 @@ pub(super) async fn scan(
         }
         if !pass.consistent {
             counts.rescans += 1;
+            // Upstream changed behind the cursor. A narrower window takes fewer requests, so
+            // fewer changes can land during it: re-scan the older half.
+            if let Some(mid) = median_instant(&pass.seen).filter(|m| *m > w.start && *m < end) {
+                counts.splits += 1;
+                end = mid;
+            }
             tracing::debug!(
                 pass = pass_no,
                 "upstream changed while paging; re-scanning the window"
@@ -268,6 +276,16 @@ async fn run_pass(
         pass.total = end_total;
     }
     Ok(pass)
+}
+
+/// The created_at at which half of the seen records lie before.
+fn median_instant(seen: &HashMap<String, OffsetDateTime>) -> Option<OffsetDateTime> {
+    let mut instants: Vec<OffsetDateTime> = seen.values().copied().collect();
+    if instants.len() < 2 {
+        return None;
+    }
+    let mid = instants.len() / 2;
+    Some(*instants.select_nth_unstable(mid).1)
 }
 
 fn note_seen(pass: &mut Pass, items: &[Encounter]) {

@@ -149,6 +149,27 @@ async fn every_authentication_reason_code_is_a_401_the_operator_must_fix() {
         assert_reason(&err, 401, reason, ErrorClass::OperatorMustAct);
     }
 
+    // Organization- and environment-level refusals.
+    sim.add_key(
+        "ch_sk_test_sandbox",
+        &["encounters:read", "patients:read", "documents:read"],
+    );
+    sim.set_production(true);
+    let err = expect_err(client(&env, "ch_sk_test_sandbox").list_encounters(&q).await);
+    assert_reason(&err, 401, "test_prefix_not_allowed", ErrorClass::OperatorMustAct);
+    sim.set_production(false);
+    sim.set_api_keys_disabled(true);
+    let err = expect_err(client(&env, &sim.api_key()).list_encounters(&q).await);
+    assert_reason(&err, 401, "api_keys_disabled", ErrorClass::OperatorMustAct);
+    sim.set_api_keys_disabled(false);
+    sim.add_key(
+        "ch_sk_user_scoped",
+        &["encounters:read", "patients:read", "documents:read"],
+    );
+    sim.set_key_org_scoped("ch_sk_user_scoped", false);
+    let err = expect_err(client(&env, "ch_sk_user_scoped").list_encounters(&q).await);
+    assert_reason(&err, 403, "org_scope_only_required", ErrorClass::OperatorMustAct);
+
     // No Authorization header at all: our client always sends one, so ask directly.
     let url = format!("{}/external/v1/encounters", sim.base_url());
     let resp = reqwest::get(&url).await.unwrap();
@@ -284,4 +305,42 @@ async fn the_list_route_validates_its_parameters_as_documented() {
         .add_key("ch_sk_docs_only", &["encounters:read", "documents:read"]);
     let (status, reason, _) = raw_get(&env, "ch_sk_docs_only", "/encounters?limit=050").await;
     assert_eq!((status, reason.as_str()), (403, "missing_scope"));
+}
+
+#[tokio::test]
+async fn bodies_over_the_size_cap_are_refused_and_errors_never_show_the_key() {
+    let env = TestEnv::start(charthero_sim::SimOptions {
+        large_transcript_every: 1,
+        ..crate::support::sim_options(6, 0)
+    })
+    .await;
+    let id = env.sim.insert(NewEncounter::at(
+        OffsetDateTime::now_utc() - time::Duration::hours(1),
+    ));
+    let doc = env.sim.encounter(&id).unwrap().documents[0].document_id.clone();
+    let mut raw = env.raw_config();
+    raw.api.max_response_bytes = 256 * 1024;
+    let cfg = raw.validate().unwrap();
+    let key = ApiKey::new(&env.sim.api_key()).unwrap();
+    let c = Client::new(&cfg.api, &cfg.limits, &key).unwrap();
+    let err = expect_err(c.transcript(&id, &doc).await);
+    assert!(err.to_string().contains("api.max_response_bytes"), "{err}");
+    assert_eq!(err.class(), ErrorClass::OperatorMustAct);
+
+    // A 2 MB transcript passes under the default cap.
+    let c = client(&env, &env.sim.api_key());
+    let t = c.transcript(&id, &doc).await.unwrap();
+    let bytes: usize = t.transcript.turns.iter().map(|t| t.text.len()).sum();
+    assert!(bytes > 1_500_000, "{bytes}");
+
+    // Neither errors nor Debug output carry the key.
+    let canary = "ch_sk_canary_never_shown";
+    let c = client(&env, canary);
+    let err = expect_err(c.encounter(&id).await);
+    let shown = format!("{err} {err:?} {c:?} {cfg:?}");
+    assert!(!shown.contains("canary"), "{shown}");
+    let offline = Client::new(&cfg.api, &cfg.limits, &ApiKey::new(canary).unwrap()).unwrap();
+    env.sim.shutdown();
+    let err = expect_err(offline.encounter(&id).await);
+    assert!(!format!("{err} {err:?}").contains("canary"));
 }

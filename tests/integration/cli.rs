@@ -123,6 +123,10 @@ async fn a_revoked_key_exits_3_and_the_run_records_the_reason_code() {
     .await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("revoked_key"), "{}", text(&out));
+    assert!(
+        !text(&out).contains("ch_sk_to_revoke"),
+        "the key leaked into an error"
+    );
     let (outcome, reason): (String, String) = reader(&env.db_path())
         .query_row("SELECT outcome, reason_code FROM sync_runs", [], |r| {
             Ok((r.get(0)?, r.get(1)?))

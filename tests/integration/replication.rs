@@ -398,3 +398,53 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
     assert!(backfills >= 1);
     assert_eq!(unfinished, 0);
 }
+
+/// Measures list requests per encounter for a 100k backfill, quiet and churning, against the
+/// ceil(N/100) minimum. Heavy: runs only with `CHARTHERO_SOAK=1` (add `--nocapture` to see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
+    if std::env::var_os("CHARTHERO_SOAK").is_none() {
+        return;
+    }
+    let n = 100_000usize;
+    let minimum = n.div_ceil(100) as f64;
+    for churn in [false, true] {
+        let env = TestEnv::with_encounters(100, n).await;
+        let mut raw = env.raw_config();
+        raw.limits.requests_per_second = 5_000.0;
+        let config = raw.validate().unwrap();
+        let chaos = Arc::new(Mutex::new(Chaos::default()));
+        if churn {
+            env.sim.set_list_hook(Some(chaos_hook(100, chaos.clone())));
+        }
+        let cancel = CancellationToken::new();
+        let report = charthero_sync::sync_once(&config, &env.key(), "soak", None, &cancel).await;
+        env.sim.set_list_hook(None);
+        let (list, rescans) = report
+            .as_ref()
+            .map_or((0, 0), |r| (r.counts.list_requests, r.counts.rescans));
+        let listed = env.sim.stats().route(charthero_sim::Route::List);
+        eprintln!(
+            "soak churn={churn}: {n} encounters, {listed} list requests ({:.3} per minimum {minimum}), \
+             {rescans} re-scans, {} mutations, cycle result {:?}",
+            listed as f64 / minimum,
+            chaos.lock().unwrap().mutations,
+            report.as_ref().map(|r| r.counts).map_err(|e| e.to_string())
+        );
+        assert!(list <= listed);
+        if !churn {
+            assert!(
+                (listed as f64) < minimum * 1.05,
+                "quiet backfill used {listed} list requests"
+            );
+        }
+        let range = BackfillRange {
+            start: config.sync.start_at,
+            end: OffsetDateTime::now_utc(),
+        };
+        charthero_sync::sync_once(&config, &env.key(), "soak", Some(range), &cancel)
+            .await
+            .unwrap();
+        compare(&env.sim, &env.db_path()).assert_empty();
+    }
+}
