@@ -320,17 +320,7 @@ async fn handle(
 
     let reply = match target {
         None => error(inner, 404, Some("not_found"), "No such route.", None),
-        Some(_) if request.method() != Method::GET => {
-            let mut reply = error(
-                inner,
-                405,
-                Some("method_not_allowed"),
-                "Only GET is supported.",
-                None,
-            );
-            reply.allow_get = true;
-            reply
-        }
+        Some(_) if request.method() != Method::GET => method_not_allowed(inner),
         Some(target) => {
             let authorization = request.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
             answer(&sim, &target, authorization, request.uri().query())
@@ -587,19 +577,24 @@ fn audio(inner: &Inner, target: &Target<'_>) -> Reply {
     Reply::json(render::audio_body(&url, expires * 1_000_000_000, opts))
 }
 
+/// 405 with `Allow: GET`: every route of the API and the media route are GET only.
+fn method_not_allowed(inner: &Inner) -> Reply {
+    let mut reply = error(
+        inner,
+        405,
+        Some("method_not_allowed"),
+        "Only GET is supported.",
+        None,
+    );
+    reply.allow_get = true;
+    reply
+}
+
 /// The signed media URL route (not part of the API: no bearer, no rate limit, no faults).
 fn media(inner: &Inner, method: &Method, file: &str, query: Option<&str>) -> Reply {
     let forbidden = |reason: &str, message: &str| error(inner, 403, Some(reason), message, None);
     if method != Method::GET {
-        let mut reply = error(
-            inner,
-            405,
-            Some("method_not_allowed"),
-            "Only GET is supported.",
-            None,
-        );
-        reply.allow_get = true;
-        return reply;
+        return method_not_allowed(inner);
     }
     let Some(document_id) = file.strip_suffix(".wav").filter(|d| Id::parse(d).is_some()) else {
         return error(inner, 404, Some("not_found"), "No such recording.", None);
