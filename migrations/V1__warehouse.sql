@@ -47,9 +47,25 @@ CREATE TABLE documents (
     detail_updated_at      TEXT,
     removed_at             TEXT,              -- set when the document left its encounter's list
     first_seen_at          TEXT NOT NULL,
-    changed_at             TEXT NOT NULL
+    changed_at             TEXT NOT NULL,
+    -- The content work queue. detail: 'pending' (fetch the document route), 'done',
+    -- 'unsupported' (400 unsupported_document_type; not asked again unless the type changes),
+    -- 'unavailable' (403/404 for this record).
+    detail_state           TEXT NOT NULL DEFAULT 'pending',
+    -- Ambient transcripts only: 'waiting' (document not final), 'pending', 'not_ready' (the route
+    -- said not yet; retried at transcript_next_at_ns on a bounded schedule, and when the
+    -- document changes), 'done', 'unavailable'.
+    transcript_state       TEXT,
+    transcript_attempts    INTEGER NOT NULL DEFAULT 0,
+    transcript_next_at_ns  INTEGER,
+    -- Audio (when enabled): 'pending', 'done', 'unavailable'.
+    audio_state            TEXT
 ) STRICT;
 CREATE INDEX documents_by_encounter ON documents (encounter_id);
+CREATE INDEX documents_detail_work ON documents (detail_state) WHERE detail_state = 'pending';
+CREATE INDEX documents_transcript_work ON documents (transcript_state)
+    WHERE transcript_state IN ('pending', 'not_ready');
+CREATE INDEX documents_audio_work ON documents (audio_state) WHERE audio_state = 'pending';
 
 CREATE TABLE transcripts (
     document_id            TEXT PRIMARY KEY REFERENCES documents (document_id),
@@ -57,7 +73,8 @@ CREATE TABLE transcripts (
     provider               TEXT,
     audio_duration_seconds REAL,
     turn_count             INTEGER NOT NULL,
-    fetched_at             TEXT NOT NULL
+    fetched_at             TEXT NOT NULL,
+    fetched_for_updated_at TEXT           -- the document's detail updated_at when fetched
 ) STRICT;
 
 CREATE TABLE transcript_turns (
@@ -70,12 +87,39 @@ CREATE TABLE transcript_turns (
     PRIMARY KEY (document_id, turn_index)
 ) STRICT, WITHOUT ROWID;
 
+-- Downloaded recordings (audio is off by default). Files are content-addressed under the
+-- configured directory; the signed URL they came from is never stored.
+CREATE TABLE recordings (
+    document_id      TEXT PRIMARY KEY REFERENCES documents (document_id),
+    encounter_id     TEXT NOT NULL REFERENCES encounters (encounter_id),
+    path             TEXT NOT NULL,   -- relative to [audio] directory: <sha256>.<ext>
+    size_bytes       INTEGER NOT NULL,
+    sha256           TEXT NOT NULL,
+    duration_seconds REAL,
+    fetched_at       TEXT NOT NULL
+) STRICT;
+
+-- Work that exhausted its retries; tried again next cycle, removed when it succeeds.
+CREATE TABLE dead_letters (
+    work            TEXT NOT NULL CHECK (work IN ('document', 'transcript', 'audio')),
+    document_id     TEXT NOT NULL,
+    encounter_id    TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,   -- cycles that gave up on it
+    first_failed_at TEXT NOT NULL,
+    last_failed_at  TEXT NOT NULL,
+    last_run_id     INTEGER NOT NULL,
+    reason_code     TEXT,
+    last_error      TEXT NOT NULL,
+    PRIMARY KEY (work, document_id)
+) STRICT;
+
 -- One row per sync cycle.
 CREATE TABLE sync_runs (
     run_id               INTEGER PRIMARY KEY,
     started_at           TEXT NOT NULL,
     finished_at          TEXT,
-    outcome              TEXT NOT NULL CHECK (outcome IN ('running', 'succeeded', 'failed', 'aborted')),
+    -- 'partial': the cycle ran to the end but left work undone (dead letters, disabled routes).
+    outcome              TEXT NOT NULL CHECK (outcome IN ('running', 'succeeded', 'partial', 'failed', 'aborted')),
     trigger              TEXT NOT NULL,        -- 'sync', 'run', 'demo', ...
     list_requests        INTEGER NOT NULL DEFAULT 0,
     detail_requests      INTEGER NOT NULL DEFAULT 0,   -- encounter detail, to confirm removals
@@ -86,6 +130,12 @@ CREATE TABLE sync_runs (
     encounters_removed   INTEGER NOT NULL DEFAULT 0,
     rescans              INTEGER NOT NULL DEFAULT 0,
     splits               INTEGER NOT NULL DEFAULT 0,
+    documents_fetched    INTEGER NOT NULL DEFAULT 0,
+    transcripts_fetched  INTEGER NOT NULL DEFAULT 0,
+    recordings_fetched   INTEGER NOT NULL DEFAULT 0,
+    retries              INTEGER NOT NULL DEFAULT 0,
+    dead_letters         INTEGER NOT NULL DEFAULT 0,   -- work items that exhausted retries
+    disabled_routes      TEXT,                          -- e.g. 'audio:missing_scope', comma-separated
     error                TEXT,
     reason_code          TEXT
 ) STRICT;

@@ -54,6 +54,24 @@ pub struct RawConfig {
     pub database: RawDatabase,
     pub sync: RawSync,
     pub limits: RawLimits,
+    pub content: RawContent,
+    pub audio: RawAudio,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawContent {
+    pub details: bool,
+    pub transcripts: bool,
+}
+
+impl Default for RawContent {
+    fn default() -> Self {
+        RawContent {
+            details: true,
+            transcripts: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +111,26 @@ pub struct RawLimits {
     pub requests_per_second: f64,
     pub burst: u32,
     pub max_in_flight: u32,
+    pub max_attempts: u32,
+    pub retries_per_cycle: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudio {
+    pub enabled: bool,
+    pub directory: PathBuf,
+    pub max_bytes: u64,
+}
+
+impl Default for RawAudio {
+    fn default() -> Self {
+        RawAudio {
+            enabled: false,
+            directory: PathBuf::from("/var/lib/charthero-sync/audio"),
+            max_bytes: 1024 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for RawApi {
@@ -149,6 +187,11 @@ impl Default for RawLimits {
             requests_per_second: 5.0,
             burst: 5,
             max_in_flight: 4,
+            // Six attempts with doubling backoff span about half a minute of upstream trouble.
+            max_attempts: 6,
+            // A cycle that needs more retries than this is talking to a broken upstream; it
+            // stops adding load and reports instead.
+            retries_per_cycle: 500,
         }
     }
 }
@@ -160,6 +203,24 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub sync: SyncConfig,
     pub limits: Limits,
+    pub content: ContentConfig,
+    pub audio: AudioConfig,
+}
+
+/// Which per-document routes to fetch beyond the encounter list.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentConfig {
+    /// Document detail: note text and ambient metadata.
+    pub details: bool,
+    /// Finalized transcripts (needs `details`, which says when a transcript is final).
+    pub transcripts: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AudioConfig {
+    pub enabled: bool,
+    pub directory: PathBuf,
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +258,8 @@ pub struct Limits {
     pub requests_per_second: f64,
     pub burst: NonZeroU32,
     pub max_in_flight: NonZeroUsize,
+    pub max_attempts: NonZeroU32,
+    pub retries_per_cycle: u32,
 }
 
 impl Config {
@@ -275,12 +338,47 @@ impl RawConfig {
                 .ok_or_else(|| invalid("limits.burst", "must be at least 1"))?,
             max_in_flight: NonZeroUsize::new(self.limits.max_in_flight as usize)
                 .ok_or_else(|| invalid("limits.max_in_flight", "must be at least 1"))?,
+            max_attempts: NonZeroU32::new(self.limits.max_attempts)
+                .ok_or_else(|| invalid("limits.max_attempts", "must be at least 1"))?,
+            retries_per_cycle: self.limits.retries_per_cycle,
+        };
+        if self.content.transcripts && !self.content.details {
+            return Err(invalid(
+                "content.transcripts",
+                "needs content.details = true (the document detail says when a transcript is final)",
+            ));
+        }
+        if self.audio.enabled && !self.content.details {
+            return Err(invalid(
+                "audio.enabled",
+                "needs content.details = true (the document detail says when a recording is final)",
+            ));
+        }
+        let content = ContentConfig {
+            details: self.content.details,
+            transcripts: self.content.transcripts,
+        };
+        if self.audio.enabled && self.audio.directory.as_os_str().is_empty() {
+            return Err(invalid(
+                "audio.directory",
+                "must be set when audio.enabled = true",
+            ));
+        }
+        if self.audio.max_bytes == 0 {
+            return Err(invalid("audio.max_bytes", "must be greater than zero"));
+        }
+        let audio = AudioConfig {
+            enabled: self.audio.enabled,
+            directory: self.audio.directory,
+            max_bytes: self.audio.max_bytes,
         };
         Ok(Config {
             api,
             database,
             sync,
             limits,
+            content,
+            audio,
         })
     }
 }

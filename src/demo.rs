@@ -47,6 +47,9 @@ pub struct DemoSummary {
     pub encounters: i64,
     pub patients: i64,
     pub documents: i64,
+    pub notes: i64,
+    pub transcripts: i64,
+    pub turns: i64,
     pub elapsed: std::time::Duration,
 }
 
@@ -76,8 +79,9 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     raw.sync.start_at = crate::timefmt::format_utc(now - time::Duration::days(opts.days + 1));
     // The simulator is local; a brisk but still bounded rate keeps the demo short while
     // exercising the same limiter a production sync uses.
-    raw.limits.requests_per_second = 50.0;
-    raw.limits.burst = 10;
+    raw.limits.requests_per_second = 2_000.0;
+    raw.limits.burst = 50;
+    raw.limits.max_in_flight = 8;
     let config = raw.validate()?;
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
@@ -106,6 +110,9 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
         encounters: count("encounters")?,
         patients: count("patients")?,
         documents: count("documents")?,
+        notes: count("documents WHERE content_text IS NOT NULL")?,
+        transcripts: count("transcripts")?,
+        turns: count("transcript_turns")?,
         elapsed: started.elapsed(),
     })
 }

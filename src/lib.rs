@@ -29,6 +29,9 @@ pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
         client: api::Client::new(&config.api, &config.limits, key)?,
         writer: store::Writer::spawn(conn),
         sync: config.sync.clone(),
+        content: config.content,
+        audio: config.audio.clone(),
+        max_in_flight: config.limits.max_in_flight.get(),
     })
 }
 

@@ -200,17 +200,38 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let report = charthero_sync::sync_once(&config, &key, "sync", backfill, &cancel).await?;
             let c = report.counts;
             println!(
-                "sync complete: {} new, {} changed, {} unchanged, {} removed encounters; {} list requests; \
-                 complete through {}",
+                "sync {}: {} new, {} changed, {} unchanged, {} removed encounters; {} documents, {} transcripts, \
+                 {} recordings fetched; {} list requests, {} retries; complete through {}",
+                if report.is_complete() {
+                    "complete"
+                } else {
+                    "incomplete"
+                },
                 c.encounters_new,
                 c.encounters_changed,
                 c.encounters_unchanged,
                 c.encounters_removed,
+                c.documents_fetched,
+                c.transcripts_fetched,
+                c.recordings_fetched,
                 c.list_requests,
+                c.retries,
                 report
                     .complete_through
                     .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
             );
+            if !report.is_complete() {
+                return Err(Failure {
+                    code: exit::CYCLE_FAILED,
+                    error: anyhow::anyhow!(
+                        "the cycle left work undone: {} item(s) dead-lettered (retried next cycle){}",
+                        c.dead_letters,
+                        report
+                            .disabled_routes
+                            .map_or_else(String::new, |d| format!("; routes closed to this key: {d}"))
+                    ),
+                });
+            }
             Ok(())
         }
         Command::Run { .. } => Err(not_yet("run", 5)),
@@ -256,13 +277,15 @@ fn print_demo_summary(s: &demo::DemoSummary) {
         s.elapsed.as_secs_f64()
     );
     println!(
-        "  warehouse: {} encounters, {} patients, {} documents",
-        s.encounters, s.patients, s.documents
+        "  warehouse: {} encounters, {} patients, {} documents ({} notes with text), {} transcripts with {} turns",
+        s.encounters, s.patients, s.documents, s.notes, s.transcripts, s.turns
     );
     println!(
-        "  requests: {} list pages over {} windows; complete through {}",
+        "  requests: {} list pages over {} windows, {} document details, {} transcripts; complete through {}",
         c.list_requests,
         c.windows,
+        c.documents_fetched,
+        c.transcripts_fetched,
         s.report
             .complete_through
             .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)

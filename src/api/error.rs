@@ -47,6 +47,10 @@ pub enum ApiErrorKind {
     BodyTooLarge { limit: usize },
     /// A success status whose body is not the documented JSON (truncated, malformed, wrong shape).
     Decode(String),
+    /// A signed URL reached its `expires_at` before it could be used; ask for a new one.
+    LinkExpired,
+    /// Writing a download to disk failed (full disk, permissions).
+    LocalIo(String),
 }
 
 impl fmt::Display for ApiErrorKind {
@@ -80,6 +84,8 @@ impl fmt::Display for ApiErrorKind {
                 )
             }
             ApiErrorKind::Decode(msg) => write!(f, "malformed response body: {msg}"),
+            ApiErrorKind::LinkExpired => f.write_str("the signed URL expired before it could be used"),
+            ApiErrorKind::LocalIo(msg) => write!(f, "cannot write the download: {msg}"),
         }
     }
 }
@@ -101,6 +107,14 @@ impl ApiError {
         }
     }
 
+    /// The server's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match &self.kind {
+            ApiErrorKind::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// 401: the key was refused. Never retried with the same key.
     pub fn is_auth(&self) -> bool {
         self.status() == Some(401)
@@ -114,8 +128,11 @@ impl ApiError {
             ApiErrorKind::Timeout | ApiErrorKind::Transport(_) | ApiErrorKind::Decode(_) => {
                 return ErrorClass::Retryable;
             }
-            // Retrying cannot make the body smaller; the limit must be raised.
-            ApiErrorKind::BodyTooLarge { .. } => return ErrorClass::OperatorMustAct,
+            // Retrying cannot make the body smaller or the disk emptier: a person must act.
+            ApiErrorKind::BodyTooLarge { .. } | ApiErrorKind::LocalIo(_) => {
+                return ErrorClass::OperatorMustAct;
+            }
+            ApiErrorKind::LinkExpired => return ErrorClass::ResourceUnavailable,
         };
         match (status, reason) {
             (408 | 425 | 429, _) | (500..=599, _) => ErrorClass::Retryable,

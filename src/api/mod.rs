@@ -1,22 +1,29 @@
-//! The ChartHero API v1 client: one method per route, every request through one rate limiter and
-//! one in-flight bound, bodies read under a size cap, errors classified by [`ApiError`].
-//! It does not retry (callers decide with [`ErrorClass`]) and never touches SQLite.
+//! The ChartHero API v1 client: one method per route, every request (retries and audio
+//! downloads included) through one rate limiter and one in-flight bound, bodies read under a size
+//! cap, transient failures retried (see `retry`), errors classified by [`ApiError`]. After a 401
+//! it sends nothing more. It never touches SQLite.
 
 mod error;
+pub mod retry;
 pub mod wire;
 
 use std::fmt;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use url::Url;
 
 pub use error::{ApiError, ApiErrorKind, ErrorClass};
+use retry::{RetryBudget, RetryPolicy};
+use wire::SignedUrl;
 use wire::{
     AudioLink, DocumentDetail, DocumentEnvelope, Encounter, EncounterEnvelope, EncounterPage, ErrorBody,
     RawPage, SchemaTypeProbe, TranscriptResponse,
@@ -39,15 +46,18 @@ pub enum Route {
     Document,
     Transcript,
     Audio,
+    /// The download of a signed recording URL (not an API route; no bearer key is sent).
+    Recording,
 }
 
 impl Route {
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 6] = [
         Route::ListEncounters,
         Route::Encounter,
         Route::Document,
         Route::Transcript,
         Route::Audio,
+        Route::Recording,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +67,7 @@ impl Route {
             Route::Document => "document",
             Route::Transcript => "transcript",
             Route::Audio => "audio",
+            Route::Recording => "recording",
         }
     }
 }
@@ -69,6 +80,7 @@ impl fmt::Display for Route {
             Route::Document => "GET /encounters/{id}/documents/{id}",
             Route::Transcript => "GET /encounters/{id}/documents/{id}/transcript",
             Route::Audio => "GET /encounters/{id}/documents/{id}/audio",
+            Route::Recording => "GET <signed recording URL>",
         })
     }
 }
@@ -106,6 +118,14 @@ struct Inner {
     max_body: usize,
     limiter: DefaultDirectRateLimiter,
     in_flight: Semaphore,
+    retry: RetryPolicy,
+    retries_per_cycle: u32,
+    budget: RetryBudget,
+    rng: Mutex<fastrand::Rng>,
+    /// Set by a 429 or 503 with `Retry-After`: no request starts before this instant.
+    paused_until: Mutex<Option<tokio::time::Instant>>,
+    /// Set by the first 401: the key is refused, so nothing more is sent with it.
+    refused: Mutex<Option<Option<String>>>,
 }
 
 impl fmt::Debug for Client {
@@ -149,8 +169,44 @@ impl Client {
                 max_body: api.max_response_bytes,
                 limiter: RateLimiter::direct(quota(limits)),
                 in_flight: Semaphore::new(limits.max_in_flight.get()),
+                retry: RetryPolicy {
+                    max_attempts: limits.max_attempts.get(),
+                    ..RetryPolicy::default()
+                },
+                retries_per_cycle: limits.retries_per_cycle,
+                budget: RetryBudget::default(),
+                rng: Mutex::new(fastrand::Rng::new()),
+                paused_until: Mutex::new(None),
+                refused: Mutex::new(None),
             }),
         })
+        .inspect(|c| c.begin_cycle())
+    }
+
+    /// Renews the per-cycle retry budget.
+    pub fn begin_cycle(&self) {
+        self.inner.budget.reset(self.inner.retries_per_cycle);
+    }
+
+    /// Retries spent since [`Client::begin_cycle`].
+    pub fn retries_used(&self) -> u64 {
+        self.inner.budget.used()
+    }
+
+    /// Runs `decode` over the body of a GET, retrying the whole exchange on transient failure.
+    async fn call<T>(
+        &self,
+        route: Route,
+        url: Url,
+        decode: impl Fn(&[u8]) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let inner = &self.inner;
+        retry::retrying(&inner.retry, &inner.budget, &inner.rng, || {
+            let url = url.clone();
+            let decode = &decode;
+            async move { decode(&self.get(route, url, true).await?) }
+        })
+        .await
     }
 
     /// One page of the encounter list.
@@ -175,27 +231,31 @@ impl Client {
                 pairs.append_pair("end_at", &timefmt::format_utc(t));
             }
         }
-        let body = self.get(route, url).await?;
-        let page: RawPage = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
-        let items = page
-            .items
-            .iter()
-            .map(|raw| Encounter::from_raw(raw).map_err(|e| decode_item(route, raw, &e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(EncounterPage {
-            items,
-            limit: page.limit,
-            offset: page.offset,
-            total: page.total,
+        self.call(route, url, |body| {
+            let page: RawPage = serde_json::from_slice(body).map_err(|e| decode(route, &e))?;
+            let items = page
+                .items
+                .iter()
+                .map(|raw| Encounter::from_raw(raw).map_err(|e| decode_item(route, raw, &e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(EncounterPage {
+                items,
+                limit: page.limit,
+                offset: page.offset,
+                total: page.total,
+            })
         })
+        .await
     }
 
     /// `GET /encounters/{id}`.
     pub async fn encounter(&self, encounter_id: &str) -> Result<Encounter, ApiError> {
         let route = Route::Encounter;
-        let body = self.get(route, self.url(&["encounters", encounter_id])).await?;
-        let env: EncounterEnvelope = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
-        Encounter::from_raw(env.encounter).map_err(|e| decode_item(route, env.encounter, &e))
+        self.call(route, self.url(&["encounters", encounter_id]), |body| {
+            let env: EncounterEnvelope = serde_json::from_slice(body).map_err(|e| decode(route, &e))?;
+            Encounter::from_raw(env.encounter).map_err(|e| decode_item(route, env.encounter, &e))
+        })
+        .await
     }
 
     /// `GET /encounters/{id}/documents/{doc}`. Types other than notes and ambient transcripts
@@ -203,23 +263,25 @@ impl Client {
     pub async fn document(&self, encounter_id: &str, document_id: &str) -> Result<DocumentDetail, ApiError> {
         let route = Route::Document;
         let url = self.url(&["encounters", encounter_id, "documents", document_id]);
-        let body = self.get(route, url).await?;
-        let env: DocumentEnvelope = serde_json::from_slice(&body).map_err(|e| decode(route, &e))?;
-        let probe: SchemaTypeProbe =
-            serde_json::from_str(env.document.get()).map_err(|e| decode(route, &e))?;
-        match probe.schema_type.as_str() {
-            "document" => serde_json::from_str(env.document.get()).map(DocumentDetail::Note),
-            "ambient_transcript" => serde_json::from_str(env.document.get()).map(DocumentDetail::Ambient),
-            other => {
-                return Err(ApiError {
-                    route,
-                    kind: ApiErrorKind::Decode(format!(
-                        "document {document_id} has schema_type {other:?}, which the document route does not serve"
-                    )),
-                });
+        self.call(route, url, |body| {
+            let env: DocumentEnvelope = serde_json::from_slice(body).map_err(|e| decode(route, &e))?;
+            let doc = env.document.get();
+            let probe: SchemaTypeProbe = serde_json::from_str(doc).map_err(|e| decode(route, &e))?;
+            match probe.schema_type.as_str() {
+                "document" => serde_json::from_str(doc).map(DocumentDetail::Note),
+                "ambient_transcript" => serde_json::from_str(doc).map(DocumentDetail::Ambient),
+                other => {
+                    return Err(ApiError {
+                        route,
+                        kind: ApiErrorKind::Decode(format!(
+                            "document {document_id} has schema_type {other:?}, which the document route does not serve"
+                        )),
+                    });
+                }
             }
-        }
-        .map_err(|e| decode(route, &e))
+            .map_err(|e| decode(route, &e))
+        })
+        .await
     }
 
     /// `GET .../transcript`: the finalized turns of an ambient transcript.
@@ -230,16 +292,73 @@ impl Client {
     ) -> Result<TranscriptResponse, ApiError> {
         let route = Route::Transcript;
         let url = self.url(&["encounters", encounter_id, "documents", document_id, "transcript"]);
-        let body = self.get(route, url).await?;
-        serde_json::from_slice(&body).map_err(|e| decode(route, &e))
+        self.call(route, url, |body| {
+            serde_json::from_slice(body).map_err(|e| decode(route, &e))
+        })
+        .await
     }
 
     /// `GET .../audio`: a signed, short-lived recording URL.
     pub async fn audio(&self, encounter_id: &str, document_id: &str) -> Result<AudioLink, ApiError> {
         let route = Route::Audio;
         let url = self.url(&["encounters", encounter_id, "documents", document_id, "audio"]);
-        let body = self.get(route, url).await?;
-        serde_json::from_slice(&body).map_err(|e| decode(route, &e))
+        self.call(route, url, |body| {
+            serde_json::from_slice(body).map_err(|e| decode(route, &e))
+        })
+        .await
+    }
+
+    /// Downloads a signed recording URL into `dest` (created or truncated), under the same rate
+    /// limit and retries as API requests but without the bearer key, which belongs to the API
+    /// host only. Refuses to use the URL at or after `expires_at`. Returns the size and SHA-256.
+    pub async fn download(
+        &self,
+        link: &SignedUrl,
+        expires_at: OffsetDateTime,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<(u64, [u8; 32]), ApiError> {
+        let route = Route::Recording;
+        let url = Url::parse(link.expose()).map_err(|_| ApiError {
+            route,
+            kind: ApiErrorKind::Decode("the audio URL is not a valid URL".into()),
+        })?;
+        let inner = &self.inner;
+        retry::retrying(&inner.retry, &inner.budget, &inner.rng, || {
+            let url = url.clone();
+            async move {
+                if OffsetDateTime::now_utc() >= expires_at {
+                    return Err(ApiError {
+                        route,
+                        kind: ApiErrorKind::LinkExpired,
+                    });
+                }
+                let io = |e: std::io::Error| ApiError {
+                    route,
+                    kind: ApiErrorKind::LocalIo(e.to_string()),
+                };
+                let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
+                let mut hasher = Sha256::new();
+                let mut resp = self.start(route, url, false).await?;
+                let mut size = 0u64;
+                while let Some(chunk) = resp.chunk().await.map_err(|e| fail(route, transport_kind(e)))? {
+                    size += chunk.len() as u64;
+                    if size > max_bytes {
+                        return Err(fail(
+                            route,
+                            ApiErrorKind::BodyTooLarge {
+                                limit: max_bytes as usize,
+                            },
+                        ));
+                    }
+                    hasher.update(&chunk);
+                    file.write_all(&chunk).await.map_err(io)?;
+                }
+                file.sync_all().await.map_err(io)?;
+                Ok((size, hasher.finalize().into()))
+            }
+        })
+        .await
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -253,7 +372,41 @@ impl Client {
 
     /// Sends one GET under the rate limit and in-flight bound and returns the whole body of a
     /// success response.
-    async fn get(&self, route: Route, url: Url) -> Result<Vec<u8>, ApiError> {
+    async fn get(&self, route: Route, url: Url, with_key: bool) -> Result<Vec<u8>, ApiError> {
+        let mut resp = self.start(route, url, with_key).await?;
+        let max = self.inner.max_body;
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(fail(route, ApiErrorKind::BodyTooLarge { limit: max }));
+        }
+        let mut body = Vec::with_capacity(resp.content_length().map_or(8 * 1024, |n| n as usize));
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(route, transport_kind(e)))? {
+            if body.len() + chunk.len() > max {
+                return Err(fail(route, ApiErrorKind::BodyTooLarge { limit: max }));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    /// Sends one GET and returns the response once its status is known to be a success. Every
+    /// request of the process passes here: the 401 latch, the `Retry-After` pause, the in-flight
+    /// bound and the rate limiter, in that order.
+    async fn start(&self, route: Route, url: Url, with_key: bool) -> Result<reqwest::Response, ApiError> {
+        if let Some(reason_code) = self.inner.refused.lock().expect("refused lock").clone() {
+            return Err(fail(
+                route,
+                ApiErrorKind::Status {
+                    status: 401,
+                    reason_code,
+                    field: None,
+                    retry_after: None,
+                },
+            ));
+        }
+        let pause = *self.inner.paused_until.lock().expect("pause lock");
+        if let Some(until) = pause {
+            tokio::time::sleep_until(until).await;
+        }
         let _permit = self
             .inner
             .in_flight
@@ -262,57 +415,78 @@ impl Client {
             .expect("the in-flight semaphore is never closed");
         self.inner.limiter.until_ready().await;
         let mut headers = HeaderMap::new();
-        headers.insert(AUTHORIZATION, self.inner.auth.clone());
+        if with_key {
+            headers.insert(AUTHORIZATION, self.inner.auth.clone());
+        }
         let started = std::time::Instant::now();
         let result = self.send(route, url, headers).await;
+        let status = match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.status().unwrap_or(0),
+        };
         tracing::trace!(
             route = route.as_str(),
-            status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |_| 200),
+            status,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "request"
         );
+        if let Err(e) = &result {
+            if e.is_auth() && with_key {
+                *self.inner.refused.lock().expect("refused lock") = Some(e.reason_code().map(str::to_owned));
+            }
+            if let (Some(429 | 503), Some(after)) = (e.status(), e.retry_after()) {
+                // The server asked everyone to wait, not just this request.
+                let until = tokio::time::Instant::now() + after.min(self.inner.retry.retry_after_max);
+                let mut pause = self.inner.paused_until.lock().expect("pause lock");
+                *pause = Some(pause.map_or(until, |p| p.max(until)));
+            }
+        }
         result
     }
 
-    async fn send(&self, route: Route, url: Url, headers: HeaderMap) -> Result<Vec<u8>, ApiError> {
-        let fail = |kind| ApiError { route, kind };
-        let mut resp = self
+    async fn send(&self, route: Route, url: Url, headers: HeaderMap) -> Result<reqwest::Response, ApiError> {
+        let resp = self
             .inner
             .http
             .get(url)
             .headers(headers)
             .send()
             .await
-            .map_err(|e| fail(transport_kind(e)))?;
+            .map_err(|e| fail(route, transport_kind(e)))?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let max = self.inner.max_body;
-        if resp.content_length().is_some_and(|n| n > max as u64) {
-            return Err(fail(ApiErrorKind::BodyTooLarge { limit: max }));
-        }
-        let mut body = Vec::with_capacity(resp.content_length().map_or(8 * 1024, |n| n as usize));
-        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(transport_kind(e)))? {
-            if body.len() + chunk.len() > max {
-                return Err(fail(ApiErrorKind::BodyTooLarge { limit: max }));
-            }
+        // Error bodies are small; read at most 64 KiB of one to find its reason_code.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
             body.extend_from_slice(&chunk);
-        }
-        if status.is_success() {
-            return Ok(body);
+            if body.len() > 64 * 1024 {
+                break;
+            }
         }
         let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         let (reason_code, field) = parsed.map_or((None, None), |b| (b.reason_code, b.field));
-        Err(fail(ApiErrorKind::Status {
-            status: status.as_u16(),
-            reason_code,
-            field,
-            retry_after,
-        }))
+        Err(fail(
+            route,
+            ApiErrorKind::Status {
+                status: status.as_u16(),
+                reason_code,
+                field,
+                retry_after,
+            },
+        ))
     }
+}
+
+fn fail(route: Route, kind: ApiErrorKind) -> ApiError {
+    ApiError { route, kind }
 }
 
 fn transport_kind(e: reqwest::Error) -> ApiErrorKind {

@@ -202,6 +202,8 @@ pub fn finish_backfill(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunOutcome {
     Succeeded,
+    /// Ran to the end but left work undone: dead letters or routes disabled for the cycle.
+    Partial,
     Failed,
     /// Stopped on request (a signal) before finishing.
     Aborted,
@@ -219,6 +221,31 @@ pub struct RunCounts {
     pub encounters_removed: u64,
     pub rescans: u64,
     pub splits: u64,
+    pub documents_fetched: u64,
+    pub transcripts_fetched: u64,
+    pub recordings_fetched: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
+}
+
+impl RunCounts {
+    /// Adds counters gathered by a concurrent part of the same cycle.
+    pub fn merge(&mut self, o: &RunCounts) {
+        self.list_requests += o.list_requests;
+        self.detail_requests += o.detail_requests;
+        self.windows += o.windows;
+        self.encounters_new += o.encounters_new;
+        self.encounters_changed += o.encounters_changed;
+        self.encounters_unchanged += o.encounters_unchanged;
+        self.encounters_removed += o.encounters_removed;
+        self.rescans += o.rescans;
+        self.splits += o.splits;
+        self.documents_fetched += o.documents_fetched;
+        self.transcripts_fetched += o.transcripts_fetched;
+        self.recordings_fetched += o.recordings_fetched;
+        self.retries += o.retries;
+        self.dead_letters += o.dead_letters;
+    }
 }
 
 /// Marks runs left 'running' by a process that died as 'aborted'; returns how many.
@@ -239,23 +266,31 @@ pub fn start_run(conn: &Connection, trigger: &str, now: OffsetDateTime) -> anyho
     Ok(conn.last_insert_rowid())
 }
 
-pub fn finish_run(
-    conn: &Connection,
-    run_id: i64,
-    outcome: RunOutcome,
-    counts: &RunCounts,
-    error: Option<(&str, Option<&str>)>,
-    now: OffsetDateTime,
-) -> anyhow::Result<()> {
-    let outcome = match outcome {
+/// How a cycle ended, for its `sync_runs` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEnd {
+    pub outcome: RunOutcome,
+    pub counts: RunCounts,
+    /// `route:reason_code` pairs, comma-separated.
+    pub disabled_routes: Option<String>,
+    pub error: Option<String>,
+    pub reason_code: Option<String>,
+}
+
+pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
+    let counts = &end.counts;
+    let outcome = match end.outcome {
         RunOutcome::Succeeded => "succeeded",
+        RunOutcome::Partial => "partial",
         RunOutcome::Failed => "failed",
         RunOutcome::Aborted => "aborted",
     };
     conn.execute(
         "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, list_requests = ?4, detail_requests = ?5,
              windows = ?6, encounters_new = ?7, encounters_changed = ?8, encounters_unchanged = ?9,
-             encounters_removed = ?10, rescans = ?11, splits = ?12, error = ?13, reason_code = ?14
+             encounters_removed = ?10, rescans = ?11, splits = ?12, error = ?13, reason_code = ?14,
+             documents_fetched = ?15, transcripts_fetched = ?16, recordings_fetched = ?17, retries = ?18,
+             dead_letters = ?19, disabled_routes = ?20
          WHERE run_id = ?1",
         params![
             run_id,
@@ -270,8 +305,14 @@ pub fn finish_run(
             counts.encounters_removed as i64,
             counts.rescans as i64,
             counts.splits as i64,
-            error.map(|e| e.0),
-            error.and_then(|e| e.1),
+            end.error,
+            end.reason_code,
+            counts.documents_fetched as i64,
+            counts.transcripts_fetched as i64,
+            counts.recordings_fetched as i64,
+            counts.retries as i64,
+            counts.dead_letters as i64,
+            end.disabled_routes,
         ],
     )?;
     Ok(())

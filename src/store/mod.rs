@@ -2,6 +2,7 @@
 //! migrations, and the single writer thread through which every write goes. The store never does
 //! network I/O, and async tasks never call rusqlite directly: they send closures to [`Writer`].
 
+mod content;
 mod ledger;
 mod upsert;
 
@@ -13,9 +14,15 @@ use std::time::Duration;
 use anyhow::Context;
 use rusqlite::{Connection, OpenFlags};
 
+pub use content::{
+    DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem, claim_work, dead_letter,
+    mark_unavailable, queue_missing_audio, save_detail, save_recording, save_transcript,
+    transcript_not_ready,
+};
 pub use ledger::{
-    Backfill, RunCounts, RunOutcome, WindowCompletion, abort_stale_runs, complete_through, deep_revisit_at,
-    finish_backfill, finish_run, live_ids_in_range, open_backfill, set_deep_revisit_at, start_run,
+    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
+    deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, open_backfill, set_deep_revisit_at,
+    start_run,
 };
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 

@@ -224,7 +224,9 @@ fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusq
              schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
              workflow_variant = excluded.workflow_variant,
              audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
-             changed_at = excluded.changed_at
+             changed_at = excluded.changed_at,
+             detail_state = CASE WHEN schema_type IS NOT excluded.schema_type THEN 'pending'
+                                 ELSE detail_state END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
             OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
@@ -244,6 +246,13 @@ fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusq
             now,
         ])?;
     }
+    // The encounter changed, and a note's text or a transcript can change without its summary
+    // doing so: ask the document route again (unsupported types excepted).
+    conn.prepare_cached(
+        "UPDATE documents SET detail_state = 'pending'
+         WHERE encounter_id = ?1 AND removed_at IS NULL AND detail_state IN ('done', 'unavailable')",
+    )?
+    .execute([&rec.encounter_id])?;
     // Documents that left the encounter's list are marked, never deleted.
     let current: HashSet<&str> = rec.documents.iter().map(|d| d.document_id.as_str()).collect();
     let mut stored = conn

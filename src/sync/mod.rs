@@ -3,6 +3,7 @@
 //! a few thousand records, and scan each window completely (see `window`). This module owns the
 //! replication algorithm; it does no SQL itself (that is `store`) and no HTTP itself (`api`).
 
+mod content;
 mod window;
 
 use std::time::{Duration, Instant};
@@ -13,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
-use crate::config::SyncConfig;
-use crate::store::{self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunOutcome, Writer};
+use crate::config::{AudioConfig, ContentConfig, SyncConfig};
+use crate::store::{
+    self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunEnd, RunOutcome, Writer,
+};
 use crate::timefmt::format_utc;
 
 use window::{Scope, Window, WindowScan};
@@ -24,6 +27,10 @@ pub struct SyncContext {
     pub client: Client,
     pub writer: Writer,
     pub sync: SyncConfig,
+    pub content: ContentConfig,
+    pub audio: AudioConfig,
+    /// `limits.max_in_flight`: how many requests may be awaiting answers at once.
+    pub max_in_flight: usize,
 }
 
 /// A `created_at` range to re-scan completely: `[start, end)`.
@@ -40,7 +47,16 @@ pub struct CycleReport {
     pub counts: RunCounts,
     /// Everything created before this instant is known to be complete.
     pub complete_through: Option<OffsetDateTime>,
+    /// Routes closed to this key during the cycle, as `route:reason_code` pairs.
+    pub disabled_routes: Option<String>,
     pub elapsed: Duration,
+}
+
+impl CycleReport {
+    /// Nothing was left undone: no dead letters and no route closed to the key.
+    pub fn is_complete(&self) -> bool {
+        self.counts.dead_letters == 0 && self.disabled_routes.is_none()
+    }
 }
 
 /// Why a cycle did not complete.
@@ -68,8 +84,9 @@ impl CycleError {
     }
 }
 
-/// Runs one cycle — the live and revisit ranges, then `backfill` if given — and records it in
-/// `sync_runs`, whatever its outcome.
+/// Runs one cycle — the live and revisit ranges, then `backfill` if given, and concurrently the
+/// content queue (document details, transcripts, recordings) — and records it in `sync_runs`,
+/// whatever its outcome.
 pub async fn run_cycle(
     ctx: &SyncContext,
     trigger: &'static str,
@@ -77,6 +94,14 @@ pub async fn run_cycle(
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
+    ctx.client.begin_cycle();
+    if ctx.audio.enabled {
+        let dir = ctx.audio.directory.clone();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create audio.directory {}: {e}", dir.display()))?;
+    }
+    let audio = ctx.audio.enabled;
     let run_id = ctx
         .writer
         .call(move |c| {
@@ -88,32 +113,86 @@ pub async fn run_cycle(
                     "marked runs left running by an earlier process as aborted"
                 );
             }
+            if audio {
+                store::queue_missing_audio(c)?;
+            }
             store::start_run(c, trigger, now)
         })
         .await?;
     let span = tracing::info_span!("cycle", run_id, trigger);
     let _enter = span.enter();
+
+    // Paging and content work run side by side; a failure of either stops both.
+    let stop = cancel.child_token();
+    let paging_done = CancellationToken::new();
+    let gate = content::RouteGate::default();
     let mut counts = RunCounts::default();
-    let mut result = sync_recent(ctx, run_id, &mut counts, cancel).await;
-    if let (Ok(_), Some(range)) = (&result, backfill) {
-        result = run_backfill(ctx, run_id, range, trigger, &mut counts, cancel).await;
-    }
-    let (outcome, error) = match &result {
-        Ok(_) => (RunOutcome::Succeeded, None),
-        Err(e) => (
-            if matches!(e, CycleError::Cancelled) {
+    let mut content_counts = RunCounts::default();
+    let paging = async {
+        let mut r = sync_recent(ctx, run_id, &mut counts, &stop).await;
+        if let (Ok(()), Some(range)) = (&r, backfill) {
+            r = run_backfill(ctx, run_id, range, trigger, &mut counts, &stop).await;
+        }
+        paging_done.cancel();
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let content = async {
+        let r = content::drain(ctx, run_id, &paging_done, &stop, &gate, &mut content_counts).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let (paged, fetched) = tokio::join!(paging, content);
+    counts.merge(&content_counts);
+    counts.retries = ctx.client.retries_used();
+    // The first real error wins over the cancellation it caused in the other half.
+    let result = match (paged, fetched) {
+        (Err(e), _) | (_, Err(e)) if !matches!(e, CycleError::Cancelled) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        _ => Ok(()),
+    };
+    let disabled_routes = gate.summary();
+    let incomplete = counts.dead_letters > 0 || disabled_routes.is_some();
+    let end = match &result {
+        Ok(()) => RunEnd {
+            outcome: if incomplete {
+                RunOutcome::Partial
+            } else {
+                RunOutcome::Succeeded
+            },
+            counts,
+            disabled_routes: disabled_routes.clone(),
+            error: incomplete.then(|| {
+                format!(
+                    "{} item(s) dead-lettered{}",
+                    counts.dead_letters,
+                    disabled_routes
+                        .as_deref()
+                        .map_or_else(String::new, |d| format!("; routes closed to this key: {d}"))
+                )
+            }),
+            reason_code: None,
+        },
+        Err(e) => RunEnd {
+            outcome: if matches!(e, CycleError::Cancelled) {
                 RunOutcome::Aborted
             } else {
                 RunOutcome::Failed
             },
-            Some((format!("{e:#}"), e.reason_code().map(str::to_owned))),
-        ),
+            counts,
+            disabled_routes: disabled_routes.clone(),
+            error: Some(format!("{e:#}")),
+            reason_code: e.reason_code().map(str::to_owned),
+        },
     };
     let complete_through = ctx
         .writer
         .call(move |c| {
-            let error = error.as_ref().map(|(m, r)| (m.as_str(), r.as_deref()));
-            store::finish_run(c, run_id, outcome, &counts, error, OffsetDateTime::now_utc())?;
+            store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
             store::complete_through(c)
         })
         .await?;
@@ -122,6 +201,7 @@ pub async fn run_cycle(
         run_id,
         counts,
         complete_through,
+        disabled_routes,
         elapsed: started.elapsed(),
     };
     tracing::info!(
@@ -133,6 +213,11 @@ pub async fn run_cycle(
         unchanged = counts.encounters_unchanged,
         removed = counts.encounters_removed,
         rescans = counts.rescans,
+        documents = counts.documents_fetched,
+        transcripts = counts.transcripts_fetched,
+        recordings = counts.recordings_fetched,
+        retries = counts.retries,
+        dead_letters = counts.dead_letters,
         elapsed_ms = report.elapsed.as_millis() as u64,
         "cycle complete"
     );

@@ -9,8 +9,11 @@ use time::OffsetDateTime;
 
 use crate::support::TestEnv;
 
+/// A client that does not retry, so each error is seen as the server sent it.
 fn client(env: &TestEnv, key: &str) -> Client {
-    let cfg = env.config();
+    let mut raw = env.raw_config();
+    raw.limits.max_attempts = 1;
+    let cfg = raw.validate().unwrap();
     Client::new(&cfg.api, &cfg.limits, &ApiKey::new(key).unwrap()).unwrap()
 }
 

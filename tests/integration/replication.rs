@@ -86,6 +86,8 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
         let mut raw = env.raw_config();
         // Small pages make many requests per window, so the chaos lands mid-window.
         raw.sync.page_size = 40;
+        raw.content.details = false;
+        raw.content.transcripts = false;
         let config = raw.validate().unwrap();
         let cancel = CancellationToken::new();
         let chaos = Arc::new(Mutex::new(Chaos::default()));
@@ -244,7 +246,7 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
 #[tokio::test]
 async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone() {
     let env = TestEnv::with_encounters(41, 800).await;
-    let config = env.config();
+    let config = env.encounters_only_config();
     let cancel = CancellationToken::new();
     let first = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
         .await
@@ -307,7 +309,7 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
     };
     let env = TestEnv::with_encounters(77, 20_000).await;
     env.write_key_file(&env.sim.api_key());
-    let config_path = env.write_config_file("");
+    let config_path = env.write_config_file(crate::support::ENCOUNTERS_ONLY);
     // Live time starts now, so the work is the backfill of the whole dataset.
     let text = std::fs::read_to_string(&config_path).unwrap();
     let start_line = text
@@ -410,9 +412,7 @@ async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
     let minimum = n.div_ceil(100) as f64;
     for churn in [false, true] {
         let env = TestEnv::with_encounters(100, n).await;
-        let mut raw = env.raw_config();
-        raw.limits.requests_per_second = 5_000.0;
-        let config = raw.validate().unwrap();
+        let config = env.encounters_only_config();
         let chaos = Arc::new(Mutex::new(Chaos::default()));
         if churn {
             env.sim.set_list_hook(Some(chaos_hook(100, chaos.clone())));

@@ -53,9 +53,19 @@ impl TestEnv {
         raw.database.path = self.db_path();
         raw.sync.start_at = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
         raw.sync.settle_lag = "0s".into();
-        raw.limits.requests_per_second = 2_000.0;
-        raw.limits.burst = 100;
+        raw.limits.requests_per_second = 5_000.0;
+        raw.limits.burst = 200;
+        raw.limits.max_in_flight = 8;
         raw
+    }
+
+    /// A config that replicates encounters only (no document, transcript or audio requests),
+    /// for tests about the encounter list.
+    pub fn encounters_only_config(&self) -> Config {
+        let mut raw = self.raw_config();
+        raw.content.details = false;
+        raw.content.transcripts = false;
+        raw.validate().expect("test config is valid")
     }
 
     /// Writes the config as TOML into the temp dir, for tests that run the binary.
@@ -63,7 +73,8 @@ impl TestEnv {
         let path = self.dir.path().join("config.toml");
         let text = format!(
             "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\n[database]\npath = \"{}\"\n\n\
-             [sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\n[limits]\nrequests_per_second = 2000.0\nburst = 100\n{extra}",
+             [sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\n[limits]\nrequests_per_second = 2000.0\nburst = 100\n\
+             max_in_flight = 8\n{extra}",
             self.sim.base_url(),
             self.dir.path().join("api-key").display(),
             self.db_path().display(),
@@ -251,4 +262,62 @@ pub fn count(db: &Path, table: &str) -> i64 {
     reader(db)
         .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
         .unwrap()
+}
+
+/// The `[content]` table that turns document and transcript fetching off, for config files.
+pub const ENCOUNTERS_ONLY: &str = "\n[content]\ndetails = false\ntranscripts = false\n";
+
+/// Compares note text and transcripts, byte for byte, for every live document upstream.
+/// Returns the IDs of documents whose content differs or is missing.
+pub fn compare_content(sim: &Simulator, db: &Path) -> Vec<String> {
+    let conn = reader(db);
+    let mut bad = Vec::new();
+    for e in sim.snapshot() {
+        for d in &e.documents {
+            let ok = match d.schema_type.as_str() {
+                "document" => {
+                    let stored: Option<String> = conn
+                        .query_row(
+                            "SELECT content_text FROM documents WHERE document_id = ?1",
+                            [&d.document_id],
+                            |r| r.get(0),
+                        )
+                        .unwrap_or(None);
+                    stored == sim.note_text(&e.encounter_id, &d.document_id)
+                }
+                "ambient_transcript" => {
+                    let expected = sim.transcript(&e.encounter_id, &d.document_id);
+                    let mut stmt = conn
+                        .prepare(
+                            "SELECT speaker, start_seconds, end_seconds, text FROM transcript_turns
+                             WHERE document_id = ?1 ORDER BY turn_index",
+                        )
+                        .unwrap();
+                    let turns: Vec<(Option<String>, f64, f64, String)> = stmt
+                        .query_map([&d.document_id], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect();
+                    match expected {
+                        Some(t) => {
+                            let want: Vec<_> = t
+                                .turns
+                                .into_iter()
+                                .map(|t| (Some(t.speaker), t.start, t.end, t.text))
+                                .collect();
+                            turns == want
+                        }
+                        None => turns.is_empty(),
+                    }
+                }
+                _ => true,
+            };
+            if !ok {
+                bad.push(d.document_id.clone());
+            }
+        }
+    }
+    bad
 }

@@ -53,7 +53,7 @@ async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
 #[tokio::test]
 async fn a_second_cycle_without_upstream_changes_writes_nothing() {
     let env = TestEnv::with_encounters(11, 1_500).await;
-    let cfg = env.config();
+    let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
     charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
         .await
@@ -90,6 +90,10 @@ async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized()
         .await
         .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
+    assert_eq!(
+        crate::support::compare_content(&env.sim, &env.db_path()),
+        Vec::<String>::new()
+    );
     let sample: String = reader(&env.db_path())
         .query_row("SELECT created_at FROM encounters LIMIT 1", [], |r| r.get(0))
         .unwrap();
@@ -97,28 +101,41 @@ async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized()
 }
 
 #[tokio::test]
-async fn a_malformed_page_fails_the_cycle_with_a_clear_error_and_loses_nothing() {
+async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clear_error() {
     let env = TestEnv::with_encounters(12, 600).await;
-    let cfg = env.config();
+    let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
     charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
         .await
         .unwrap();
     env.sim
         .push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
+    let report = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(report.counts.retries, 1);
+
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::List),
+        skip: 0,
+        times: 1_000,
+        fault: Fault::TruncatedJson,
+    });
     let err = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
         .await
         .unwrap_err();
     assert!(matches!(err, CycleError::Api(_)), "{err}");
     assert!(err.to_string().contains("malformed response body"), "{err}");
+    env.sim.clear_faults();
     compare(&env.sim, &env.db_path()).assert_empty();
-    let (outcome, error): (String, String) = reader(&env.db_path())
+    let (outcome, error, retries): (String, String, i64) = reader(&env.db_path())
         .query_row(
-            "SELECT outcome, error FROM sync_runs ORDER BY run_id DESC LIMIT 1",
+            "SELECT outcome, error, retries FROM sync_runs ORDER BY run_id DESC LIMIT 1",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
     assert_eq!(outcome, "failed");
     assert!(error.contains("malformed"), "{error}");
+    assert_eq!(retries, 5, "max_attempts = 6 means five retries, then the error");
 }

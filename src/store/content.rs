@@ -1,0 +1,387 @@
+//! The content work queue, kept in the database so it survives crashes and costs no memory
+//! whatever the backlog: which documents need their detail, transcript or recording fetched,
+//! saving what was fetched, and the dead letters of work that exhausted its retries.
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use time::OffsetDateTime;
+
+use crate::timefmt::{format_utc, unix_nanos};
+
+/// The kinds of content work, as named in `dead_letters.work`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Work {
+    Document,
+    Transcript,
+    Audio,
+}
+
+impl Work {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Work::Document => "document",
+            Work::Transcript => "transcript",
+            Work::Audio => "audio",
+        }
+    }
+}
+
+/// One unit of content work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkItem {
+    pub work: Work,
+    pub encounter_id: String,
+    pub document_id: String,
+    /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
+    pub audio_duration_seconds: Option<f64>,
+}
+
+/// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle) and items
+/// that already failed in this run. Documents of removed encounters are never worked on.
+pub fn claim_work(
+    conn: &Connection,
+    run_id: i64,
+    skip: &[Work],
+    limit: usize,
+    now: OffsetDateTime,
+) -> anyhow::Result<Vec<WorkItem>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds
+         FROM (
+             SELECT 'document' AS work, document_id FROM documents WHERE detail_state = 'pending'
+             UNION ALL
+             SELECT 'transcript', document_id FROM documents
+              WHERE transcript_state = 'pending'
+                 OR (transcript_state = 'not_ready' AND transcript_next_at_ns <= ?2)
+             UNION ALL
+             SELECT 'audio', document_id FROM documents WHERE audio_state = 'pending'
+         ) w
+         JOIN documents d ON d.document_id = w.document_id
+         JOIN encounters e ON e.encounter_id = d.encounter_id
+         WHERE d.removed_at IS NULL AND e.removed_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM dead_letters x
+                           WHERE x.work = w.work AND x.document_id = w.document_id AND x.last_run_id = ?1)
+         LIMIT ?3",
+    )?;
+    let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
+    let rows = stmt.query_map(params![run_id, unix_nanos(now), (limit + 64) as i64], |r| {
+        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    let mut items = Vec::new();
+    for row in rows {
+        let (work, encounter_id, document_id, audio_duration_seconds) = row?;
+        if skip.contains(&work.as_str()) {
+            continue;
+        }
+        let work = match work.as_str() {
+            "document" => Work::Document,
+            "transcript" => Work::Transcript,
+            _ => Work::Audio,
+        };
+        items.push(WorkItem {
+            work,
+            encounter_id,
+            document_id,
+            audio_duration_seconds,
+        });
+        if items.len() == limit {
+            break;
+        }
+    }
+    Ok(items)
+}
+
+/// Queues a recording for every finished ambient document that has none (audio was just
+/// enabled, or a recording was purged). Returns how many were queued.
+pub fn queue_missing_audio(conn: &Connection) -> anyhow::Result<usize> {
+    Ok(conn.execute(
+        "UPDATE documents SET audio_state = 'pending'
+         WHERE schema_type = 'ambient_transcript' AND status = 'completed' AND removed_at IS NULL
+           AND (audio_state IS NULL OR (audio_state = 'done'
+                AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.document_id = documents.document_id)))",
+        [],
+    )?)
+}
+
+/// What the document route said about a document.
+#[derive(Debug, Clone)]
+pub enum DetailOutcome {
+    Note {
+        format: String,
+        text: String,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    },
+    Ambient {
+        status: Option<String>,
+        audio_duration_seconds: Option<f64>,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    },
+    /// 400 `unsupported_document_type`: recorded, not asked again unless the type changes.
+    Unsupported,
+    /// 403/404 for this record.
+    Unavailable,
+}
+
+/// Saves a document detail; for a finished ambient document, queues its transcript (when it
+/// has none, or the document changed since it was fetched) and, with `audio`, its recording.
+pub fn save_detail(
+    conn: &mut Connection,
+    document_id: &str,
+    outcome: &DetailOutcome,
+    audio: bool,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now_text = format_utc(now);
+    match outcome {
+        DetailOutcome::Note {
+            format,
+            text,
+            created_at,
+            updated_at,
+        } => {
+            tx.execute(
+                "UPDATE documents SET content_format = ?2, content_text = ?3, detail_created_at = ?4,
+                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6
+                 WHERE document_id = ?1",
+                params![
+                    document_id,
+                    format,
+                    text,
+                    format_utc(*created_at),
+                    format_utc(*updated_at),
+                    now_text
+                ],
+            )?;
+        }
+        DetailOutcome::Ambient {
+            status,
+            audio_duration_seconds,
+            created_at,
+            updated_at,
+        } => {
+            let updated = format_utc(*updated_at);
+            let fetched_for: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT fetched_for_updated_at FROM transcripts WHERE document_id = ?1",
+                    [document_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let transcript_state = if status.as_deref() != Some("completed") {
+                "waiting"
+            } else if fetched_for.flatten().as_deref() == Some(updated.as_str()) {
+                "done"
+            } else {
+                "pending"
+            };
+            tx.execute(
+                "UPDATE documents SET status = ?2, audio_duration_seconds = ?3, detail_created_at = ?4,
+                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6,
+                     transcript_state = ?7,
+                     transcript_attempts = CASE WHEN ?7 = 'pending' THEN 0 ELSE transcript_attempts END,
+                     transcript_next_at_ns = NULL,
+                     audio_state = CASE WHEN ?8 AND ?2 = 'completed' AND coalesce(audio_state, '') <> 'done'
+                                        THEN 'pending' ELSE audio_state END
+                 WHERE document_id = ?1",
+                params![
+                    document_id,
+                    status,
+                    audio_duration_seconds,
+                    format_utc(*created_at),
+                    updated,
+                    now_text,
+                    transcript_state,
+                    audio
+                ],
+            )?;
+        }
+        DetailOutcome::Unsupported => set_state(&tx, "detail_state", document_id, "unsupported")?,
+        DetailOutcome::Unavailable => set_state(&tx, "detail_state", document_id, "unavailable")?,
+    }
+    clear_dead_letter(&tx, Work::Document, document_id)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn set_state(
+    conn: &Connection,
+    column: &'static str,
+    document_id: &str,
+    state: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("UPDATE documents SET {column} = ?2 WHERE document_id = ?1"),
+        params![document_id, state],
+    )?;
+    Ok(())
+}
+
+fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM dead_letters WHERE work = ?1 AND document_id = ?2")?
+        .execute(params![work.as_str(), document_id])?;
+    Ok(())
+}
+
+/// A transcript as the warehouse stores it.
+#[derive(Debug, Clone)]
+pub struct TranscriptRecord {
+    pub provider: Option<String>,
+    pub audio_duration_seconds: Option<f64>,
+    /// (speaker, start, end, text) in API order.
+    pub turns: Vec<(Option<String>, f64, f64, String)>,
+}
+
+/// Replaces a document's transcript and turns in one transaction.
+pub fn save_transcript(
+    conn: &mut Connection,
+    encounter_id: &str,
+    document_id: &str,
+    t: &TranscriptRecord,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "DELETE FROM transcript_turns WHERE document_id = ?1",
+        [document_id],
+    )?;
+    tx.execute(
+        "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
+             fetched_at, fetched_for_updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT detail_updated_at FROM documents WHERE document_id = ?1))
+         ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
+             provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
+             turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
+             fetched_for_updated_at = excluded.fetched_for_updated_at",
+        params![
+            document_id,
+            encounter_id,
+            t.provider,
+            t.audio_duration_seconds,
+            t.turns.len() as i64,
+            format_utc(now)
+        ],
+    )?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
+            insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
+        }
+    }
+    tx.execute(
+        "UPDATE documents SET transcript_state = 'done', transcript_attempts = 0, transcript_next_at_ns = NULL
+         WHERE document_id = ?1",
+        [document_id],
+    )?;
+    clear_dead_letter(&tx, Work::Transcript, document_id)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The transcript route said "not yet": try again after the next delay of `schedule`, or, once
+/// the schedule is exhausted, only after the document changes.
+pub fn transcript_not_ready(
+    conn: &Connection,
+    document_id: &str,
+    schedule: &[std::time::Duration],
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let attempts: u32 = conn.query_row(
+        "SELECT transcript_attempts FROM documents WHERE document_id = ?1",
+        [document_id],
+        |r| r.get(0),
+    )?;
+    let next_at = schedule.get(attempts as usize).map(|d| unix_nanos(now + *d));
+    conn.execute(
+        "UPDATE documents SET transcript_state = 'not_ready', transcript_attempts = transcript_attempts + 1,
+             transcript_next_at_ns = ?2
+         WHERE document_id = ?1",
+        params![document_id, next_at],
+    )?;
+    Ok(())
+}
+
+/// Marks a transcript or recording as unavailable for this record (403/404/unsupported).
+pub fn mark_unavailable(conn: &Connection, work: Work, document_id: &str) -> anyhow::Result<()> {
+    let column = match work {
+        Work::Document => "detail_state",
+        Work::Transcript => "transcript_state",
+        Work::Audio => "audio_state",
+    };
+    set_state(conn, column, document_id, "unavailable")?;
+    clear_dead_letter(conn, work, document_id)?;
+    Ok(())
+}
+
+/// A downloaded recording.
+#[derive(Debug, Clone)]
+pub struct RecordingRecord {
+    /// Relative to the audio directory.
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub duration_seconds: Option<f64>,
+}
+
+pub fn save_recording(
+    conn: &mut Connection,
+    encounter_id: &str,
+    document_id: &str,
+    r: &RecordingRecord,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO recordings (document_id, encounter_id, path, size_bytes, sha256, duration_seconds, fetched_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (document_id) DO UPDATE SET path = excluded.path, size_bytes = excluded.size_bytes,
+             sha256 = excluded.sha256, duration_seconds = excluded.duration_seconds,
+             fetched_at = excluded.fetched_at",
+        params![
+            document_id,
+            encounter_id,
+            r.path,
+            r.size_bytes as i64,
+            r.sha256,
+            r.duration_seconds,
+            format_utc(now)
+        ],
+    )?;
+    set_state(&tx, "audio_state", document_id, "done")?;
+    clear_dead_letter(&tx, Work::Audio, document_id)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Records work that exhausted its retries in this run; it stays queued for the next cycle.
+pub fn dead_letter(
+    conn: &Connection,
+    item: &WorkItem,
+    run_id: i64,
+    reason_code: Option<&str>,
+    error: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
+             last_run_id, reason_code, last_error)
+         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5, ?6, ?7)
+         ON CONFLICT (work, document_id) DO UPDATE SET attempts = attempts + 1,
+             last_failed_at = excluded.last_failed_at, last_run_id = excluded.last_run_id,
+             reason_code = excluded.reason_code, last_error = excluded.last_error",
+        params![
+            item.work.as_str(),
+            item.document_id,
+            item.encounter_id,
+            format_utc(now),
+            run_id,
+            reason_code,
+            error
+        ],
+    )?;
+    Ok(())
+}

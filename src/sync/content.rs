@@ -1,0 +1,466 @@
+//! Fetching what the encounter list only points at: document details (note text, ambient
+//! metadata), finalized transcripts and, when enabled, recordings. Work comes from the queue the
+//! paging writes into the database, runs concurrently with paging under the same limiter, and
+//! every outcome moves the item on: saved, not ready (retried on a bounded schedule),
+//! unavailable, skipped because its route is closed to this key, or dead-lettered.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{CycleError, SyncContext, hex};
+use crate::api::wire::{DocumentDetail, TranscriptResponse};
+use crate::api::{ApiError, ApiErrorKind, ErrorClass};
+use crate::store::{self, DetailOutcome, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem};
+
+/// Items claimed from the queue at a time; bounds memory whatever the backlog.
+const BATCH: usize = 128;
+
+/// When the transcript route says "not yet" for a finished document: ask again after these
+/// delays, then only when the document changes.
+const NOT_READY_SCHEDULE: [Duration; 5] = [
+    Duration::from_secs(60),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(15 * 60),
+    Duration::from_secs(60 * 60),
+    Duration::from_secs(6 * 60 * 60),
+];
+
+/// Routes closed to this key for the rest of the cycle (403 `missing_scope`,
+/// `route_not_allowed`, ...), each reported once.
+#[derive(Debug, Default)]
+pub(super) struct RouteGate {
+    disabled: Mutex<Vec<(Work, String)>>,
+}
+
+impl RouteGate {
+    fn disable(&self, work: Work, reason: &str) {
+        let mut disabled = self.disabled.lock().expect("gate lock");
+        if disabled.iter().all(|(w, _)| *w != work) {
+            tracing::warn!(
+                route = work.as_str(),
+                reason_code = reason,
+                "route closed to this API key; skipping it for the rest of the cycle"
+            );
+            disabled.push((work, reason.to_owned()));
+        }
+    }
+
+    fn closed(&self) -> Vec<Work> {
+        self.disabled
+            .lock()
+            .expect("gate lock")
+            .iter()
+            .map(|(w, _)| *w)
+            .collect()
+    }
+
+    /// `audio:missing_scope,transcript:route_not_allowed`, or `None`.
+    pub fn summary(&self) -> Option<String> {
+        let disabled = self.disabled.lock().expect("gate lock");
+        (!disabled.is_empty()).then(|| {
+            disabled
+                .iter()
+                .map(|(w, r)| format!("{}:{r}", w.as_str()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+}
+
+/// Works the queue until it is empty and paging has finished.
+pub(super) async fn drain(
+    ctx: &SyncContext,
+    run_id: i64,
+    paging_done: &CancellationToken,
+    stop: &CancellationToken,
+    gate: &RouteGate,
+    counts: &mut RunCounts,
+) -> Result<(), CycleError> {
+    // One slot is left to the pager so that a content backlog never stalls paging.
+    let concurrency = ctx.max_in_flight.saturating_sub(1).max(1);
+    loop {
+        if stop.is_cancelled() {
+            return Err(CycleError::Cancelled);
+        }
+        // Read before claiming, so that work written by the last page is claimed before we stop.
+        let paging_finished = paging_done.is_cancelled();
+        let mut skip = gate.closed();
+        for (work, on) in [
+            (Work::Document, ctx.content.details),
+            (Work::Transcript, ctx.content.transcripts),
+            (Work::Audio, ctx.audio.enabled),
+        ] {
+            if !on {
+                skip.push(work);
+            }
+        }
+        let batch = ctx
+            .writer
+            .call(move |c| store::claim_work(c, run_id, &skip, BATCH, OffsetDateTime::now_utc()))
+            .await?;
+        if batch.is_empty() {
+            if paging_finished {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = paging_done.cancelled() => {}
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
+        }
+        let mut queue = batch.into_iter();
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < concurrency {
+                match queue.next() {
+                    Some(item) => running.push(process(ctx, run_id, item, gate)),
+                    None => break,
+                }
+            }
+            let Some(result) = running.next().await else { break };
+            if stop.is_cancelled() {
+                return Err(CycleError::Cancelled);
+            }
+            match result? {
+                Done::Document => counts.documents_fetched += 1,
+                Done::Transcript => counts.transcripts_fetched += 1,
+                Done::Recording => counts.recordings_fetched += 1,
+                Done::DeadLetter => counts.dead_letters += 1,
+                Done::Other => {}
+            }
+        }
+    }
+}
+
+enum Done {
+    Document,
+    Transcript,
+    Recording,
+    DeadLetter,
+    /// Not ready, unavailable, or skipped: counted elsewhere or not at all.
+    Other,
+}
+
+/// Does one item; only errors that must stop the cycle (401, the database) come back as `Err`.
+async fn process(
+    ctx: &SyncContext,
+    run_id: i64,
+    item: WorkItem,
+    gate: &RouteGate,
+) -> Result<Done, CycleError> {
+    let result = match item.work {
+        Work::Document => fetch_document(ctx, &item).await,
+        Work::Transcript => fetch_transcript(ctx, &item).await,
+        Work::Audio => fetch_recording(ctx, &item).await,
+    };
+    let err = match result {
+        Ok(done) => return Ok(done),
+        Err(Failure::Store(e)) => return Err(e.into()),
+        Err(Failure::Api(e)) => e,
+    };
+    if err.is_auth() {
+        return Err(err.into());
+    }
+    if err.status() == Some(403) && err.class() == ErrorClass::OperatorMustAct {
+        gate.disable(item.work, err.reason_code().unwrap_or("forbidden"));
+        return Ok(Done::Other);
+    }
+    tracing::warn!(
+        work = item.work.as_str(),
+        document_id = item.document_id,
+        encounter_id = item.encounter_id,
+        reason_code = err.reason_code().unwrap_or("none"),
+        "giving up on this item for the cycle: {err}"
+    );
+    let message = err.to_string();
+    let reason = err.reason_code().map(str::to_owned);
+    ctx.writer
+        .call(move |c| {
+            store::dead_letter(
+                c,
+                &item,
+                run_id,
+                reason.as_deref(),
+                &message,
+                OffsetDateTime::now_utc(),
+            )
+        })
+        .await?;
+    Ok(Done::DeadLetter)
+}
+
+enum Failure {
+    Api(ApiError),
+    Store(anyhow::Error),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Api(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Store(e)
+    }
+}
+
+async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+    let outcome = match ctx.client.document(&item.encounter_id, &item.document_id).await {
+        Ok(DocumentDetail::Note(n)) => DetailOutcome::Note {
+            format: n.content.format,
+            text: n.content.text,
+            created_at: n.created_at.0,
+            updated_at: n.updated_at.0,
+        },
+        Ok(DocumentDetail::Ambient(a)) => DetailOutcome::Ambient {
+            status: a.status,
+            audio_duration_seconds: a.audio_duration_seconds,
+            created_at: a.created_at.0,
+            updated_at: a.updated_at.0,
+        },
+        Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
+            if e.reason_code() == Some("unsupported_document_type") {
+                DetailOutcome::Unsupported
+            } else {
+                DetailOutcome::Unavailable
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let fetched = matches!(
+        outcome,
+        DetailOutcome::Note { .. } | DetailOutcome::Ambient { .. }
+    );
+    let (doc, audio) = (item.document_id.clone(), ctx.audio.enabled);
+    ctx.writer
+        .call(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc()))
+        .await?;
+    Ok(if fetched { Done::Document } else { Done::Other })
+}
+
+async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+    let doc = item.document_id.clone();
+    match ctx.client.transcript(&item.encounter_id, &item.document_id).await {
+        Ok(TranscriptResponse { transcript, .. }) => {
+            let record = TranscriptRecord {
+                provider: transcript.provider,
+                audio_duration_seconds: transcript.audio_duration_seconds,
+                turns: transcript
+                    .turns
+                    .into_iter()
+                    .map(|t| (t.speaker, t.start, t.end, t.text))
+                    .collect(),
+            };
+            let enc = item.encounter_id.clone();
+            ctx.writer
+                .call(move |c| store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
+                .await?;
+            Ok(Done::Transcript)
+        }
+        Err(e) if gone(&e) => {
+            ctx.writer
+                .call(move |c| store::mark_unavailable(c, Work::Transcript, &doc))
+                .await?;
+            Ok(Done::Other)
+        }
+        // The vendor does not document what an unfinished transcript answers; any other
+        // "this resource, not now" status means: not ready yet.
+        Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
+            tracing::debug!(document_id = doc, status = e.status(), "transcript not ready yet");
+            ctx.writer
+                .call(move |c| {
+                    store::transcript_not_ready(c, &doc, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
+                })
+                .await?;
+            Ok(Done::Other)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The record itself is gone or not ours, as opposed to "not ready yet".
+fn gone(e: &ApiError) -> bool {
+    e.status() == Some(403)
+        || matches!(
+            e.reason_code(),
+            Some("encounter_not_found" | "unsupported_document_type")
+        )
+}
+
+async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+    let dir = &ctx.audio.directory;
+    // A signed URL can expire while we wait for the rate limiter; one fresh URL is worth asking.
+    let mut fresh_link_asked = false;
+    let (tmp, size, sha, ext) = loop {
+        let link = match ctx.client.audio(&item.encounter_id, &item.document_id).await {
+            Ok(link) => link,
+            Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
+                let doc = item.document_id.clone();
+                ctx.writer
+                    .call(move |c| store::mark_unavailable(c, Work::Audio, &doc))
+                    .await?;
+                return Ok(Done::Other);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let ext = extension_of(link.audio_url.expose());
+        let tmp = dir.join(format!(
+            ".partial-{}-{:016x}",
+            item.document_id,
+            fastrand::u64(..)
+        ));
+        match ctx
+            .client
+            .download(&link.audio_url, link.expires_at.0, &tmp, ctx.audio.max_bytes)
+            .await
+        {
+            Ok((size, sha)) => break (tmp, size, sha, ext),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                if matches!(e.kind, ApiErrorKind::LinkExpired) && !fresh_link_asked {
+                    fresh_link_asked = true;
+                    continue;
+                }
+                return Err(e.into());
+            }
+        }
+    };
+    let sha = hex(&sha);
+    let name = format!("{sha}.{ext}");
+    let duration = place_recording(tmp, dir.join(&name))
+        .await
+        .map_err(|e| {
+            Failure::Api(ApiError {
+                route: crate::api::Route::Recording,
+                kind: ApiErrorKind::LocalIo(e.to_string()),
+            })
+        })?
+        .or(item.audio_duration_seconds);
+    let record = RecordingRecord {
+        path: name,
+        size_bytes: size,
+        sha256: sha,
+        duration_seconds: duration,
+    };
+    let (enc, doc) = (item.encounter_id.clone(), item.document_id.clone());
+    ctx.writer
+        .call(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
+        .await?;
+    Ok(Done::Recording)
+}
+
+/// The file extension of a URL's path (`wav`, `mp3`, ...), or `bin`.
+fn extension_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let path = u.path().to_owned();
+            let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
+            (1..=5).contains(&ext.len()).then_some(ext)
+        })
+        .filter(|e| e.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "bin".to_owned())
+}
+
+/// Moves the downloaded (already fsynced) file to its content address with an atomic rename,
+/// makes the rename durable, and returns the duration its WAV header states, if it is a WAV.
+async fn place_recording(tmp: PathBuf, target: PathBuf) -> std::io::Result<Option<f64>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut header = Vec::with_capacity(4096);
+        std::fs::File::open(&tmp)?.take(4096).read_to_end(&mut header)?;
+        std::fs::rename(&tmp, &target)?;
+        if let Some(dir) = target.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(wav_duration(&header))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Seconds of audio in a RIFF/WAVE file, from its `fmt ` byte rate and `data` size.
+fn wav_duration(header: &[u8]) -> Option<f64> {
+    if header.len() < 12 || &header[0..4] != b"RIFF" || &header[8..12] != b"WAVE" {
+        return None;
+    }
+    let u32_at =
+        |at: usize| -> Option<u32> { Some(u32::from_le_bytes(header.get(at..at + 4)?.try_into().ok()?)) };
+    let mut at = 12;
+    let mut byte_rate = None;
+    while at + 8 <= header.len() {
+        let id = &header[at..at + 4];
+        let size = u32_at(at + 4)? as usize;
+        match id {
+            b"fmt " => byte_rate = u32_at(at + 16),
+            b"data" => return byte_rate.filter(|r| *r > 0).map(|r| size as f64 / f64::from(r)),
+            _ => {}
+        }
+        at += 8 + size + (size & 1);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wav(sample_rate: u32, channels: u16, bits: u16, samples: u32) -> Vec<u8> {
+        let block = u32::from(channels * bits / 8);
+        let data = samples * block;
+        let mut v = Vec::new();
+        v.extend_from_slice(b"RIFF");
+        v.extend_from_slice(&(36 + data).to_le_bytes());
+        v.extend_from_slice(b"WAVEfmt ");
+        v.extend_from_slice(&16u32.to_le_bytes());
+        v.extend_from_slice(&1u16.to_le_bytes());
+        v.extend_from_slice(&channels.to_le_bytes());
+        v.extend_from_slice(&sample_rate.to_le_bytes());
+        v.extend_from_slice(&(sample_rate * block).to_le_bytes());
+        v.extend_from_slice(&(block as u16).to_le_bytes());
+        v.extend_from_slice(&bits.to_le_bytes());
+        v.extend_from_slice(b"data");
+        v.extend_from_slice(&data.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn wav_headers_give_the_duration_and_anything_else_gives_none() {
+        assert_eq!(wav_duration(&wav(8_000, 1, 16, 2_000)), Some(0.25));
+        assert_eq!(wav_duration(&wav(44_100, 2, 16, 441_000)), Some(10.0));
+        assert_eq!(wav_duration(b"ID3\x03 not a wav"), None);
+        assert_eq!(wav_duration(&[]), None);
+    }
+
+    #[test]
+    fn extensions_come_from_the_url_path_only() {
+        assert_eq!(extension_of("https://media.example/a/b/rec.WAV?token=x.y"), "wav");
+        assert_eq!(extension_of("https://media.example/a/rec?token=x.mp3"), "bin");
+        assert_eq!(
+            extension_of("https://media.example/a/rec.tar.gz.verylongext"),
+            "bin"
+        );
+    }
+
+    #[test]
+    fn the_gate_reports_each_closed_route_once() {
+        let gate = RouteGate::default();
+        gate.disable(Work::Audio, "missing_scope");
+        gate.disable(Work::Audio, "route_not_allowed");
+        gate.disable(Work::Transcript, "route_not_allowed");
+        assert_eq!(
+            gate.summary().as_deref(),
+            Some("audio:missing_scope,transcript:route_not_allowed")
+        );
+        assert_eq!(gate.closed(), vec![Work::Audio, Work::Transcript]);
+    }
+}
