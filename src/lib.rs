@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod exit;
 pub mod secret;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

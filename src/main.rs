@@ -236,7 +236,28 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Run { .. } => Err(not_yet("run", 5)),
         Command::Backfill { .. } => Err(not_yet("backfill", 5)),
-        Command::Status { .. } => Err(not_yet("status", 5)),
+        Command::Status { json } => {
+            let config = Config::load(&cli.config)?;
+            let path = &config.database.path;
+            if !path.exists() {
+                return Err(anyhow::anyhow!(
+                    "no warehouse at {}: run `charthero-sync migrate` or `sync` first",
+                    path.display()
+                )
+                .into());
+            }
+            let conn = store::open_reader(path, config.database.busy_timeout)?;
+            let status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
         Command::Check => Err(not_yet("check", 5)),
     }
 }

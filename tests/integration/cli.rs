@@ -142,7 +142,6 @@ async fn commands_of_later_milestones_say_they_are_not_available_and_exit_2() {
     let config = env.write_config_file("");
     for args in [
         vec!["run"],
-        vec!["status"],
         vec!["check"],
         vec!["backfill", "--from", "2026-01-01T00:00:00Z"],
     ] {

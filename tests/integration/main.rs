@@ -3,6 +3,7 @@
 
 mod api_routes;
 mod cli;
+mod content;
 mod replication;
 mod support;
 mod sync_quiet;

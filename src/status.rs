@@ -1,0 +1,368 @@
+//! `charthero-sync status`: what the warehouse says about the sync, read on a read-only
+//! connection so it works while the daemon writes. Text for people, `--json` for scripts.
+
+use std::fmt::Write;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::timefmt::{format_utc, parse_rfc3339};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Everything created before this instant is known to be complete.
+    pub complete_through: Option<String>,
+    /// Seconds between `complete_through` and now.
+    pub lag_seconds: Option<i64>,
+    pub rows: Rows,
+    pub queue: Queue,
+    /// The most recent cycles, newest first.
+    pub runs: Vec<Run>,
+    /// Backfills not yet completed, and the last completed one.
+    pub backfills: Vec<Backfill>,
+    pub dead_letter_count: i64,
+    /// The oldest dead letters (at most 20).
+    pub dead_letters: Vec<DeadLetter>,
+    /// Routes the last finished cycle found closed to the key, as `route:reason_code` pairs.
+    pub disabled_routes: Option<String>,
+    /// The error of the last cycle that did not succeed, if the last cycle did not.
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Rows {
+    pub encounters: i64,
+    pub encounters_removed: i64,
+    pub patients: i64,
+    pub documents: i64,
+    pub notes_with_text: i64,
+    pub transcripts: i64,
+    pub transcript_turns: i64,
+    pub recordings: i64,
+}
+
+/// Content work waiting in the queue.
+#[derive(Debug, Serialize)]
+pub struct Queue {
+    pub documents_pending: i64,
+    pub transcripts_pending: i64,
+    pub transcripts_not_ready: i64,
+    pub recordings_pending: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub run_id: i64,
+    pub trigger: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub outcome: String,
+    pub list_requests: i64,
+    pub encounters_new: i64,
+    pub encounters_changed: i64,
+    pub encounters_removed: i64,
+    pub documents_fetched: i64,
+    pub transcripts_fetched: i64,
+    pub recordings_fetched: i64,
+    pub retries: i64,
+    pub dead_letters: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Backfill {
+    pub backfill_id: i64,
+    pub range_start: String,
+    pub range_end: String,
+    pub cursor: Option<String>,
+    pub status: String,
+    /// Share of the range scanned, 0..=1.
+    pub progress: f64,
+    pub windows: i64,
+    pub encounters_seen: i64,
+    pub encounters_removed: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeadLetter {
+    pub work: String,
+    pub encounter_id: String,
+    pub document_id: String,
+    pub attempts: i64,
+    pub last_failed_at: String,
+    pub reason_code: Option<String>,
+    pub last_error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastError {
+    pub run_id: i64,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub reason_code: Option<String>,
+}
+
+fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
+    conn.query_row(sql, [], |r| r.get(0))
+}
+
+/// Reads the status from the warehouse.
+pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
+    let complete_through = crate::store::complete_through(conn)?;
+    let rows = Rows {
+        encounters: count(conn, "SELECT count(*) FROM encounters WHERE removed_at IS NULL")?,
+        encounters_removed: count(
+            conn,
+            "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
+        )?,
+        patients: count(conn, "SELECT count(*) FROM patients")?,
+        documents: count(conn, "SELECT count(*) FROM documents WHERE removed_at IS NULL")?,
+        notes_with_text: count(
+            conn,
+            "SELECT count(*) FROM documents WHERE content_text IS NOT NULL",
+        )?,
+        transcripts: count(conn, "SELECT count(*) FROM transcripts")?,
+        transcript_turns: count(conn, "SELECT count(*) FROM transcript_turns")?,
+        recordings: count(conn, "SELECT count(*) FROM recordings")?,
+    };
+    let queue = Queue {
+        documents_pending: count(
+            conn,
+            "SELECT count(*) FROM documents WHERE detail_state = 'pending'",
+        )?,
+        transcripts_pending: count(
+            conn,
+            "SELECT count(*) FROM documents WHERE transcript_state = 'pending'",
+        )?,
+        transcripts_not_ready: count(
+            conn,
+            "SELECT count(*) FROM documents WHERE transcript_state = 'not_ready'",
+        )?,
+        recordings_pending: count(
+            conn,
+            "SELECT count(*) FROM documents WHERE audio_state = 'pending'",
+        )?,
+    };
+    let runs = conn
+        .prepare(
+            "SELECT run_id, trigger, started_at, finished_at, outcome, list_requests, encounters_new,
+                    encounters_changed, encounters_removed, documents_fetched, transcripts_fetched,
+                    recordings_fetched, retries, dead_letters
+             FROM sync_runs ORDER BY run_id DESC LIMIT 10",
+        )?
+        .query_map([], |r| {
+            Ok(Run {
+                run_id: r.get(0)?,
+                trigger: r.get(1)?,
+                started_at: r.get(2)?,
+                finished_at: r.get(3)?,
+                outcome: r.get(4)?,
+                list_requests: r.get(5)?,
+                encounters_new: r.get(6)?,
+                encounters_changed: r.get(7)?,
+                encounters_removed: r.get(8)?,
+                documents_fetched: r.get(9)?,
+                transcripts_fetched: r.get(10)?,
+                recordings_fetched: r.get(11)?,
+                retries: r.get(12)?,
+                dead_letters: r.get(13)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let backfills = conn
+        .prepare(
+            "SELECT backfill_id, range_start, range_end, cursor, status, windows, encounters_seen,
+                    encounters_removed, error
+             FROM backfills
+             WHERE status <> 'completed'
+                OR backfill_id = (SELECT max(backfill_id) FROM backfills WHERE status = 'completed')
+             ORDER BY backfill_id",
+        )?
+        .query_map([], |r| {
+            Ok(Backfill {
+                backfill_id: r.get(0)?,
+                range_start: r.get(1)?,
+                range_end: r.get(2)?,
+                cursor: r.get(3)?,
+                status: r.get(4)?,
+                progress: 0.0,
+                windows: r.get(5)?,
+                encounters_seen: r.get(6)?,
+                encounters_removed: r.get(7)?,
+                error: r.get(8)?,
+            })
+        })?
+        .map(|b| {
+            b.map(|mut b| {
+                b.progress = progress(&b);
+                b
+            })
+        })
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let dead_letters = conn
+        .prepare(
+            "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error
+             FROM dead_letters ORDER BY first_failed_at LIMIT 20",
+        )?
+        .query_map([], |r| {
+            Ok(DeadLetter {
+                work: r.get(0)?,
+                encounter_id: r.get(1)?,
+                document_id: r.get(2)?,
+                attempts: r.get(3)?,
+                last_failed_at: r.get(4)?,
+                reason_code: r.get(5)?,
+                last_error: r.get(6)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let disabled_routes: Option<String> = conn
+        .query_row(
+            "SELECT disabled_routes FROM sync_runs WHERE outcome <> 'running' ORDER BY run_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let last_error = conn
+        .query_row(
+            "SELECT run_id, outcome, error, reason_code FROM sync_runs
+             WHERE outcome <> 'running' ORDER BY run_id DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(LastError {
+                    run_id: r.get(0)?,
+                    outcome: r.get(1)?,
+                    error: r.get(2)?,
+                    reason_code: r.get(3)?,
+                })
+            },
+        )
+        .optional()?
+        .filter(|e| e.outcome != "succeeded");
+    Ok(Status {
+        complete_through: complete_through.map(format_utc),
+        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        rows,
+        queue,
+        runs,
+        backfills,
+        dead_letter_count: count(conn, "SELECT count(*) FROM dead_letters")?,
+        dead_letters,
+        disabled_routes,
+        last_error,
+    })
+}
+
+fn progress(b: &Backfill) -> f64 {
+    if b.status == "completed" {
+        return 1.0;
+    }
+    let (Ok(start), Ok(end)) = (parse_rfc3339(&b.range_start), parse_rfc3339(&b.range_end)) else {
+        return 0.0;
+    };
+    let Some(cursor) = b.cursor.as_deref().and_then(|c| parse_rfc3339(c).ok()) else {
+        return 0.0;
+    };
+    let span = (end - start).as_seconds_f64();
+    if span <= 0.0 {
+        return 0.0;
+    }
+    ((cursor - start).as_seconds_f64() / span).clamp(0.0, 1.0)
+}
+
+impl Status {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "complete through: {}{}",
+            self.complete_through.as_deref().unwrap_or("(nothing yet)"),
+            self.lag_seconds
+                .map_or_else(String::new, |l| format!("  (lag {l} s)"))
+        );
+        let r = &self.rows;
+        let _ = writeln!(
+            out,
+            "rows: {} encounters ({} removed), {} patients, {} documents ({} notes with text), \
+             {} transcripts ({} turns), {} recordings",
+            r.encounters,
+            r.encounters_removed,
+            r.patients,
+            r.documents,
+            r.notes_with_text,
+            r.transcripts,
+            r.transcript_turns,
+            r.recordings
+        );
+        let q = &self.queue;
+        let _ = writeln!(
+            out,
+            "queue: {} documents, {} transcripts ({} not ready yet), {} recordings",
+            q.documents_pending, q.transcripts_pending, q.transcripts_not_ready, q.recordings_pending
+        );
+        if let Some(d) = &self.disabled_routes {
+            let _ = writeln!(out, "disabled routes (last cycle): {d}");
+        }
+        if let Some(e) = &self.last_error {
+            let _ = writeln!(
+                out,
+                "last cycle #{} {}: {}{}",
+                e.run_id,
+                e.outcome,
+                e.error.as_deref().unwrap_or(""),
+                e.reason_code
+                    .as_deref()
+                    .map_or_else(String::new, |c| format!(" [reason_code {c}]"))
+            );
+        }
+        let _ = writeln!(out, "dead letters: {}", self.dead_letter_count);
+        for d in &self.dead_letters {
+            let _ = writeln!(
+                out,
+                "  {} {} (encounter {}): {} attempt(s), last {}: {}",
+                d.work, d.document_id, d.encounter_id, d.attempts, d.last_failed_at, d.last_error
+            );
+        }
+        for b in &self.backfills {
+            let _ = writeln!(
+                out,
+                "backfill #{} {} .. {}: {} {:.0}% ({} encounters seen, {} removed){}",
+                b.backfill_id,
+                b.range_start,
+                b.range_end,
+                b.status,
+                b.progress * 100.0,
+                b.encounters_seen,
+                b.encounters_removed,
+                b.error
+                    .as_deref()
+                    .map_or_else(String::new, |e| format!("; last error: {e}"))
+            );
+        }
+        let _ = writeln!(out, "recent runs:");
+        for run in &self.runs {
+            let _ = writeln!(
+                out,
+                "  #{} {} {} {}: {} list requests; {} new, {} changed, {} removed encounters; \
+                 {} documents, {} transcripts, {} recordings; {} retries, {} dead letters",
+                run.run_id,
+                run.started_at,
+                run.trigger,
+                run.outcome,
+                run.list_requests,
+                run.encounters_new,
+                run.encounters_changed,
+                run.encounters_removed,
+                run.documents_fetched,
+                run.transcripts_fetched,
+                run.recordings_fetched,
+                run.retries,
+                run.dead_letters
+            );
+        }
+        out
+    }
+}
