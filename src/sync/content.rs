@@ -155,6 +155,10 @@ async fn process(
     item: WorkItem,
     gate: &RouteGate,
 ) -> Result<Done, CycleError> {
+    if gate.closed().contains(&item.work) {
+        // Closed while this item waited in its batch.
+        return Ok(Done::Other);
+    }
     let result = match item.work {
         Work::Document => fetch_document(ctx, &item).await,
         Work::Transcript => fetch_transcript(ctx, &item).await,

@@ -237,7 +237,8 @@ async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs() {
     let asked = env.sim.stats().route(SimRoute::Audio);
     assert!(
         (1..=8).contains(&asked),
-        "a closed route is asked by at most one wave of in-flight requests, not once per document: {asked}"
+        "a closed route is asked by at most one wave of in-flight requests, not once per document: {asked} {:?}",
+        env.sim.stats()
     );
 
     let mut status = run(&["status", "--json"]);

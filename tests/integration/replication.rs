@@ -161,10 +161,15 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
     for _ in 0..300 {
         env.sim.insert(NewEncounter::at(instant));
     }
-    let report =
-        charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
-            .await
-            .unwrap();
+    let report = charthero_sync::sync_once(
+        &env.encounters_only_config(),
+        &env.key(),
+        "test",
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
     assert_eq!(count(&env.db_path(), "encounters"), 25_300);
     assert!(

@@ -10,10 +10,15 @@ use crate::support::{TestEnv, compare, count, reader, sim_options};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
     let env = TestEnv::with_encounters(2026, 20_000).await;
-    let report =
-        charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
-            .await
-            .unwrap();
+    let report = charthero_sync::sync_once(
+        &env.encounters_only_config(),
+        &env.key(),
+        "test",
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
     let db = env.db_path();
     assert_eq!(count(&db, "encounters"), 20_000);
