@@ -8,3 +8,5 @@ pub const CYCLE_FAILED: u8 = 1;
 pub const USAGE: u8 = 2;
 /// ChartHero refused the API key (HTTP 401); the log names the `reason_code`.
 pub const AUTH_REFUSED: u8 = 3;
+/// Another process holds the warehouse's writer lock; the message names it.
+pub const LOCKED: u8 = 4;

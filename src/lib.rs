@@ -7,7 +7,9 @@
 //! upserts, the writer thread), [`demo`] (the built-in simulator walkthrough).
 
 pub mod api;
+pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod exit;
 pub mod secret;
@@ -45,5 +47,5 @@ pub async fn sync_once(
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
     let ctx = connect(config, key)?;
-    sync::run_cycle(&ctx, trigger, backfill, cancel).await
+    sync::run_cycle(&ctx, trigger, sync::CyclePlan::full(backfill), cancel).await
 }

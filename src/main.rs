@@ -9,6 +9,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use charthero_sync::config::{self, Config, ConfigError};
+use charthero_sync::daemon::lock::WriterLock;
+use charthero_sync::daemon::notify::Notifier;
 use charthero_sync::sync::{BackfillRange, CycleError};
 use charthero_sync::{demo, exit, store, timefmt};
 
@@ -87,6 +89,19 @@ struct Failure {
     error: anyhow::Error,
 }
 
+impl From<charthero_sync::daemon::lock::LockError> for Failure {
+    fn from(e: charthero_sync::daemon::lock::LockError) -> Self {
+        let code = match e {
+            charthero_sync::daemon::lock::LockError::Held { .. } => exit::LOCKED,
+            charthero_sync::daemon::lock::LockError::Io { .. } => exit::CYCLE_FAILED,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    }
+}
+
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
         Failure {
@@ -121,14 +136,25 @@ impl From<CycleError> for Failure {
     }
 }
 
-fn not_yet(command: &str, issue: u32) -> Failure {
-    Failure {
-        code: exit::USAGE,
-        error: anyhow::anyhow!(
-            "`{command}` is not available yet in this version of charthero-sync (planned in issue #{issue}); \
-             nothing was done"
-        ),
+/// The backfill range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults
+/// to now and must be after the start.
+fn backfill_range(
+    from: Option<OffsetDateTime>,
+    to: Option<OffsetDateTime>,
+) -> Result<Option<BackfillRange>, Failure> {
+    let Some(start) = from else { return Ok(None) };
+    let end = to.unwrap_or_else(OffsetDateTime::now_utc);
+    if start >= end {
+        return Err(Failure {
+            code: exit::USAGE,
+            error: anyhow::anyhow!(
+                "the backfill start ({}) must be before its end ({})",
+                timefmt::format_utc(start),
+                timefmt::format_utc(end)
+            ),
+        });
     }
+    Ok(Some(BackfillRange { start, end }))
 }
 
 fn main() -> ExitCode {
@@ -171,6 +197,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
+            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
             store::open_writer(&config.database.path, config.database.busy_timeout)?;
             println!("database {} is up to date", config.database.path.display());
             Ok(())
@@ -179,23 +206,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             backfill_from,
             backfill_to,
         } => {
-            let backfill = backfill_from.map(|start| BackfillRange {
-                start,
-                end: backfill_to.unwrap_or_else(OffsetDateTime::now_utc),
-            });
-            if let Some(r) = backfill.filter(|r| r.start >= r.end) {
-                return Err(Failure {
-                    code: exit::USAGE,
-                    error: anyhow::anyhow!(
-                        "--backfill-from ({}) must be before --backfill-to ({})",
-                        timefmt::format_utc(r.start),
-                        timefmt::format_utc(r.end)
-                    ),
-                });
-            }
+            let backfill = backfill_range(backfill_from, backfill_to)?;
             let config = Config::load(&cli.config)?;
             let (key, source) = config::load_api_key(&config.api)?;
             tracing::info!(%source, "API key loaded");
+            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync sync")?;
             let cancel = cancel_on_signal();
             let report = charthero_sync::sync_once(&config, &key, "sync", backfill, &cancel).await?;
             let c = report.counts;
@@ -234,8 +249,53 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Run { .. } => Err(not_yet("run", 5)),
-        Command::Backfill { .. } => Err(not_yet("backfill", 5)),
+        Command::Run {
+            backfill_from,
+            backfill_to,
+        } => {
+            let backfill = backfill_range(backfill_from, backfill_to)?;
+            let config = Config::load(&cli.config)?;
+            let (key, source) = config::load_api_key(&config.api)?;
+            tracing::info!(%source, "API key loaded");
+            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync run")?;
+            let ctx = charthero_sync::connect(&config, &key)?;
+            if let Some(r) = backfill {
+                let id = ctx
+                    .writer
+                    .call(move |c| store::queue_backfill(c, r.start, r.end, "run", OffsetDateTime::now_utc()))
+                    .await?;
+                tracing::info!(backfill_id = id, "backfill queued");
+            }
+            let shutdown = cancel_on_signal();
+            let notifier = Notifier::from_env();
+            charthero_sync::daemon::run(&ctx, &config.sync.schedule, &shutdown, &notifier).await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Backfill { from, to } => {
+            let range = backfill_range(Some(from), to)?.expect("from is given");
+            let config = Config::load(&cli.config)?;
+            let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
+            let id = store::queue_backfill(
+                &conn,
+                range.start,
+                range.end,
+                "backfill",
+                OffsetDateTime::now_utc(),
+            )?;
+            println!(
+                "queued backfill {id}: {} .. {}",
+                timefmt::format_utc(range.start),
+                timefmt::format_utc(range.end)
+            );
+            if WriterLock::acquire(&config.database.path, "charthero-sync backfill (probe)").is_ok() {
+                println!(
+                    "note: no daemon is running on this warehouse; `charthero-sync run` will pick the backfill up, \
+                     or run `charthero-sync sync --backfill-from ...` now"
+                );
+            }
+            Ok(())
+        }
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
             let path = &config.database.path;
@@ -258,7 +318,40 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Check => Err(not_yet("check", 5)),
+        Command::Check => {
+            let config = Config::load(&cli.config)?;
+            println!("config           ok      {}", cli.config.display());
+            let (key, source) = config::load_api_key(&config.api)?;
+            println!("api key          ok      from {source}");
+            let client = charthero_sync::api::Client::new(&config.api, &config.limits, &key)?;
+            let probes = charthero_sync::check::probe_routes(&config, &client).await;
+            for p in &probes {
+                println!("{}", p.describe());
+            }
+            let refused = probes
+                .iter()
+                .find_map(|p| p.result.as_ref().err().filter(|e| e.is_auth()));
+            if let Some(e) = refused {
+                return Err(Failure {
+                    code: exit::AUTH_REFUSED,
+                    error: anyhow::anyhow!("ChartHero refused the API key: {}", e.kind),
+                });
+            }
+            let failed: Vec<&str> = probes
+                .iter()
+                .filter(|p| p.needed && !p.works())
+                .map(|p| p.route.as_str())
+                .collect();
+            if !failed.is_empty() {
+                return Err(anyhow::anyhow!(
+                    "routes this configuration needs do not work: {}",
+                    failed.join(", ")
+                )
+                .into());
+            }
+            println!("everything this configuration needs works");
+            Ok(())
+        }
     }
 }
 

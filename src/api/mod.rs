@@ -126,6 +126,8 @@ struct Inner {
     paused_until: Mutex<Option<tokio::time::Instant>>,
     /// Set by the first 401: the key is refused, so nothing more is sent with it.
     refused: Mutex<Option<Option<String>>>,
+    /// When the last response (of any kind) arrived: the daemon's watchdog evidence of progress.
+    last_activity: Mutex<std::time::Instant>,
 }
 
 impl fmt::Debug for Client {
@@ -178,6 +180,7 @@ impl Client {
                 rng: Mutex::new(fastrand::Rng::new()),
                 paused_until: Mutex::new(None),
                 refused: Mutex::new(None),
+                last_activity: Mutex::new(std::time::Instant::now()),
             }),
         })
         .inspect(|c| c.begin_cycle())
@@ -186,6 +189,11 @@ impl Client {
     /// Renews the per-cycle retry budget.
     pub fn begin_cycle(&self) {
         self.inner.budget.reset(self.inner.retries_per_cycle);
+    }
+
+    /// How long since the last response arrived (or the client was made).
+    pub fn idle_for(&self) -> Duration {
+        self.inner.last_activity.lock().expect("activity lock").elapsed()
     }
 
     /// Retries spent since [`Client::begin_cycle`].
@@ -420,6 +428,7 @@ impl Client {
         }
         let started = std::time::Instant::now();
         let result = self.send(route, url, headers).await;
+        *self.inner.last_activity.lock().expect("activity lock") = std::time::Instant::now();
         let status = match &result {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.status().unwrap_or(0),

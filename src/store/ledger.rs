@@ -181,6 +181,39 @@ pub fn open_backfill(
     })
 }
 
+/// Queues a backfill of `[start, end)` for a running daemon; returns its id.
+pub fn queue_backfill(
+    conn: &Connection,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    requested_by: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<i64> {
+    conn.execute(
+        "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at)
+         VALUES (?1, ?2, 'queued', ?3, ?4)",
+        params![format_utc(start), format_utc(end), requested_by, format_utc(now)],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The oldest backfill not yet completed, if any.
+pub fn next_backfill(conn: &Connection) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT range_start, range_end FROM backfills WHERE status IN ('queued', 'running')
+             ORDER BY backfill_id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    row.map(|(s, e)| {
+        let parse = |t: &str| parse_rfc3339(t).map_err(|e| anyhow::anyhow!("corrupt backfill range: {e}"));
+        Ok((parse(&s)?, parse(&e)?))
+    })
+    .transpose()
+}
+
 /// Marks a backfill completed, or records the error that interrupted it; an interrupted
 /// backfill stays 'running' so that the next request for the same range resumes it.
 pub fn finish_backfill(

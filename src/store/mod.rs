@@ -21,8 +21,8 @@ pub use content::{
 };
 pub use ledger::{
     Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
-    deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, open_backfill, set_deep_revisit_at,
-    start_run,
+    deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
+    queue_backfill, set_deep_revisit_at, start_run,
 };
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 

@@ -33,6 +33,33 @@ pub struct SyncContext {
     pub max_in_flight: usize,
 }
 
+/// What one cycle does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CyclePlan {
+    /// List new time and the revisit horizons.
+    pub live: bool,
+    /// Re-scan this range completely (resuming an interrupted backfill of the same range).
+    pub backfill: Option<BackfillRange>,
+    /// Stop the backfill at the first window boundary after this long, to let the live sync
+    /// have its turn; it resumes from its cursor next time.
+    pub backfill_budget: Option<Duration>,
+}
+
+impl CyclePlan {
+    /// `sync [--backfill-from ..]`: everything, to the end.
+    pub fn full(backfill: Option<BackfillRange>) -> CyclePlan {
+        CyclePlan {
+            live: true,
+            backfill,
+            backfill_budget: None,
+        }
+    }
+}
+
+/// After a stop request, in-flight work gets this long to reach a unit boundary before its
+/// requests are abandoned (the unit's transaction then never commits).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// A `created_at` range to re-scan completely: `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackfillRange {
@@ -90,7 +117,7 @@ impl CycleError {
 pub async fn run_cycle(
     ctx: &SyncContext,
     trigger: &'static str,
-    backfill: Option<BackfillRange>,
+    plan: CyclePlan,
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
@@ -129,9 +156,22 @@ pub async fn run_cycle(
     let mut counts = RunCounts::default();
     let mut content_counts = RunCounts::default();
     let paging = async {
-        let mut r = sync_recent(ctx, run_id, &mut counts, &stop).await;
-        if let (Ok(()), Some(range)) = (&r, backfill) {
-            r = run_backfill(ctx, run_id, range, trigger, &mut counts, &stop).await;
+        let mut r = if plan.live {
+            sync_recent(ctx, run_id, &mut counts, &stop).await
+        } else {
+            Ok(())
+        };
+        if let (Ok(()), Some(range)) = (&r, plan.backfill) {
+            r = run_backfill(
+                ctx,
+                run_id,
+                range,
+                trigger,
+                plan.backfill_budget,
+                &mut counts,
+                &stop,
+            )
+            .await;
         }
         paging_done.cancel();
         if r.is_err() {
@@ -146,7 +186,15 @@ pub async fn run_cycle(
         }
         r
     };
-    let (paged, fetched) = tokio::join!(paging, content);
+    let both = async { tokio::join!(paging, content) };
+    let abandon = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let (paged, fetched) = tokio::select! {
+        both = both => both,
+        () = abandon => (Err(CycleError::Cancelled), Err(CycleError::Cancelled)),
+    };
     counts.merge(&content_counts);
     counts.retries = ctx.client.retries_used();
     // The first real error wins over the cancellation it caused in the other half.
@@ -252,7 +300,7 @@ async fn sync_recent(
     };
     tracing::debug!(from = %format_utc(from), to = %format_utc(horizon), deep_due, "planning");
     let scope = Scope::Recent { watermark };
-    scan_range(ctx, run_id, from, horizon, scope, false, counts, cancel).await?;
+    scan_range(ctx, run_id, from, horizon, scope, false, None, counts, cancel).await?;
     // The first cycle reads all history, which covers the deep horizon too.
     if deep_due && from <= now - s.revisit_deep {
         ctx.writer
@@ -268,6 +316,7 @@ async fn run_backfill(
     run_id: i64,
     range: BackfillRange,
     requested_by: &'static str,
+    budget: Option<Duration>,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<(), CycleError> {
@@ -287,15 +336,32 @@ async fn run_backfill(
     let scope = Scope::Backfill {
         backfill_id: bf.backfill_id,
     };
-    let result = scan_range(ctx, run_id, bf.cursor, bf.end, scope, true, counts, cancel).await;
+    let deadline = budget.map(|b| Instant::now() + b);
+    let result = scan_range(
+        ctx, run_id, bf.cursor, bf.end, scope, true, deadline, counts, cancel,
+    )
+    .await;
+    let finished = matches!(result, Ok(Finished::Yes));
     let error = result.as_ref().err().map(|e| format!("{e:#}"));
-    ctx.writer
-        .call(move |c| store::finish_backfill(c, bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc()))
-        .await?;
-    result
+    if finished || error.is_some() {
+        ctx.writer
+            .call(move |c| {
+                store::finish_backfill(c, bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc())
+            })
+            .await?;
+    }
+    result.map(|_| ())
 }
 
-/// Scans `[from, to)` window by window in ascending order.
+/// Whether a range was scanned to its end.
+enum Finished {
+    Yes,
+    /// Stopped at a window boundary because the deadline passed.
+    Paused,
+}
+
+/// Scans `[from, to)` window by window in ascending order, stopping early at a window boundary
+/// once `deadline` has passed.
 #[allow(clippy::too_many_arguments)]
 async fn scan_range(
     ctx: &SyncContext,
@@ -304,11 +370,15 @@ async fn scan_range(
     to: OffsetDateTime,
     scope: Scope,
     reconcile: bool,
+    deadline: Option<Instant>,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<(), CycleError> {
+) -> Result<Finished, CycleError> {
     let mut cursor = from;
     while cursor < to {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Finished::Paused);
+        }
         let w = Window {
             run_id,
             scope,
@@ -326,7 +396,7 @@ async fn scan_range(
             }
         }
     }
-    Ok(())
+    Ok(Finished::Yes)
 }
 
 /// Maps a wire encounter to the warehouse record.

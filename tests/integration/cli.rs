@@ -136,31 +136,6 @@ async fn a_revoked_key_exits_3_and_the_run_records_the_reason_code() {
 }
 
 #[tokio::test]
-async fn commands_of_later_milestones_say_they_are_not_available_and_exit_2() {
-    let env = TestEnv::with_encounters(1, 1).await;
-    env.write_key_file(&env.sim.api_key());
-    let config = env.write_config_file("");
-    for args in [
-        vec!["run"],
-        vec!["check"],
-        vec!["backfill", "--from", "2026-01-01T00:00:00Z"],
-    ] {
-        let out = run({
-            let mut c = bin();
-            c.arg("--config").arg(&config).args(&args);
-            c
-        })
-        .await;
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
-        assert!(
-            text(&out).contains("not available yet"),
-            "{args:?}: {}",
-            text(&out)
-        );
-    }
-}
-
-#[tokio::test]
 async fn migrate_and_demo_work_from_the_command_line() {
     let env = TestEnv::with_encounters(1, 1).await;
     let config = env.write_config_file("");

@@ -4,6 +4,7 @@
 mod api_routes;
 mod cli;
 mod content;
+mod daemon;
 mod replication;
 mod support;
 mod sync_quiet;

@@ -1,0 +1,101 @@
+//! One writer per warehouse: an exclusive advisory lock on `<database>.lock`, held for the life
+//! of the process. The file also says who holds it, so the refusal can name the holder. The
+//! kernel releases the lock when the process dies, however it dies.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Held for as long as this value lives.
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: File,
+    path: PathBuf,
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the warehouse {database} is being written by another process ({holder}); only one `run` or `sync` may write it at a time"
+    )]
+    Held { database: PathBuf, holder: String },
+    #[error("cannot open the lock file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn lock_path(database: &Path) -> PathBuf {
+    let mut p = database.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+impl WriterLock {
+    /// Takes the lock for `database`, or says who holds it. `what` describes this process
+    /// (e.g. `charthero-sync run`).
+    pub fn acquire(database: &Path, what: &str) -> Result<WriterLock, LockError> {
+        let path = lock_path(database);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(LockError::Held {
+                    database: database.to_owned(),
+                    holder: if holder.is_empty() {
+                        "holder unknown".to_owned()
+                    } else {
+                        holder.to_owned()
+                    },
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        write!(
+            file,
+            "pid {} ({what}) since {}",
+            std::process::id(),
+            crate::timefmt::format_utc(time::OffsetDateTime::now_utc())
+        )
+        .map_err(io)?;
+        file.flush().map_err(io)?;
+        Ok(WriterLock { _file: file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_writer_is_refused_with_the_holder_named_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("w.db");
+        let first = WriterLock::acquire(&db, "charthero-sync run").unwrap();
+        let err = WriterLock::acquire(&db, "charthero-sync sync")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(err.contains("charthero-sync run"), "{err}");
+        drop(first);
+        WriterLock::acquire(&db, "charthero-sync sync").unwrap();
+    }
+}

@@ -1,0 +1,199 @@
+//! `charthero-sync run`: the daemon. Syncs at start and then on the cron schedule, one cycle at
+//! a time; works queued backfills between live cycles in slices so the live sync is never
+//! starved; tells systemd it is ready, alive (watchdog, only while the loop makes progress) and
+//! stopping; stops at a unit boundary on the first signal. Only start-up errors and a refused
+//! key end it; a failed cycle is recorded and retried with capped, jittered backoff.
+
+pub mod lock;
+pub mod notify;
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
+use crate::timefmt::format_utc;
+use notify::Notifier;
+
+/// A backfill slice runs at most this long before the live sync gets a turn.
+const BACKFILL_SLICE: Duration = Duration::from_secs(60);
+
+/// How often an idle daemon looks for queued backfills.
+const QUEUE_POLL: Duration = Duration::from_secs(2);
+
+/// Backoff after failed cycles: 30 s doubling up to 15 min (never later than the next fire).
+const FAILURE_BACKOFF_BASE: Duration = Duration::from_secs(30);
+const FAILURE_BACKOFF_CAP: Duration = Duration::from_secs(15 * 60);
+
+/// The next fire time of `schedule` strictly after `now`. Computed from the present every
+/// time, so a suspended machine runs once when it wakes instead of replaying missed fires.
+pub fn next_fire(schedule: &cron::Schedule, now: OffsetDateTime) -> Option<OffsetDateTime> {
+    let now_chrono = chrono::DateTime::<chrono::Utc>::from_timestamp(now.unix_timestamp(), now.nanosecond())?;
+    let next = schedule.after(&now_chrono).next()?;
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(next.timestamp_nanos_opt()?)).ok()
+}
+
+fn failure_backoff(failures: u32) -> Duration {
+    let exp = FAILURE_BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(10));
+    let ceiling = exp.min(FAILURE_BACKOFF_CAP);
+    // Jitter between half and all of the ceiling: spread out, but never hammering.
+    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// Runs until `shutdown` is cancelled. `Err` only for what must end the daemon: a refused key
+/// (401) or a broken database.
+pub async fn run(
+    ctx: &SyncContext,
+    schedule: &cron::Schedule,
+    shutdown: &CancellationToken,
+    notifier: &Notifier,
+) -> Result<(), CycleError> {
+    notifier.ready("started; first cycle running");
+    let mut next_live = OffsetDateTime::now_utc();
+    let mut failures = 0u32;
+    let tick = notifier
+        .watchdog()
+        .map_or(QUEUE_POLL, |w| (w / 3).min(QUEUE_POLL));
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let now = OffsetDateTime::now_utc();
+        let backfill = ctx
+            .writer
+            .call(|c| crate::store::next_backfill(c))
+            .await?
+            .map(|(start, end)| BackfillRange { start, end });
+        let live = now >= next_live;
+        if !live && backfill.is_none() {
+            notifier.watchdog_ping();
+            let wait = ((next_live - now).unsigned_abs()).min(tick);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => continue,
+            }
+        }
+        let plan = CyclePlan {
+            live,
+            backfill,
+            backfill_budget: Some(BACKFILL_SLICE),
+        };
+        notifier.status(if live { "syncing" } else { "backfilling" });
+        let result = with_watchdog(
+            ctx,
+            notifier,
+            tick,
+            crate::sync::run_cycle(ctx, "run", plan, shutdown),
+        )
+        .await;
+        let now = OffsetDateTime::now_utc();
+        match result {
+            Ok(report) => {
+                failures = 0;
+                if live {
+                    next_live = next_fire(schedule, now).unwrap_or(now + Duration::from_secs(300));
+                }
+                notifier.status(&format!(
+                    "idle; complete through {}; next cycle {}",
+                    report.complete_through.map_or_else(|| "-".to_owned(), format_utc),
+                    format_utc(next_live)
+                ));
+            }
+            Err(CycleError::Cancelled) => break,
+            Err(CycleError::Api(e)) if e.is_auth() => {
+                notifier.stopping();
+                return Err(CycleError::Api(e));
+            }
+            Err(e) => {
+                failures += 1;
+                let retry_at = now + failure_backoff(failures);
+                let scheduled = next_fire(schedule, now).unwrap_or(retry_at);
+                next_live = retry_at.min(scheduled);
+                tracing::error!(
+                    failures,
+                    reason_code = e.reason_code().unwrap_or("none"),
+                    next_attempt = %format_utc(next_live),
+                    "cycle failed: {e:#}"
+                );
+                notifier.status(&format!(
+                    "last cycle failed; next attempt {}",
+                    format_utc(next_live)
+                ));
+                if backfill.is_some() && !live {
+                    // Do not spin on a failing backfill between live cycles.
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(failure_backoff(failures)) => {}
+                    }
+                }
+            }
+        }
+    }
+    notifier.stopping();
+    Ok(())
+}
+
+/// Drives `cycle` while pinging the systemd watchdog, but only while requests keep completing:
+/// a wedged cycle stops the pings and systemd restarts the service.
+async fn with_watchdog<T>(
+    ctx: &SyncContext,
+    notifier: &Notifier,
+    tick: Duration,
+    cycle: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(watchdog) = notifier.watchdog() else {
+        return cycle.await;
+    };
+    tokio::pin!(cycle);
+    let mut interval = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            out = &mut cycle => return out,
+            _ = interval.tick() => {
+                if ctx.client.idle_for() < watchdog / 2 {
+                    notifier.watchdog_ping();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+    use time::macros::datetime;
+
+    #[test]
+    fn the_next_fire_is_strictly_after_now_and_never_a_missed_one() {
+        let every_five = cron::Schedule::from_str("0 */5 * * * *").unwrap();
+        let now = datetime!(2026-11-22 10:07:30 UTC);
+        assert_eq!(
+            next_fire(&every_five, now),
+            Some(datetime!(2026-11-22 10:10:00 UTC))
+        );
+        let on_the_dot = datetime!(2026-11-22 10:10:00 UTC);
+        assert_eq!(
+            next_fire(&every_five, on_the_dot),
+            Some(datetime!(2026-11-22 10:15:00 UTC))
+        );
+        // After a three-hour suspend the next fire is computed from the wake-up time.
+        let woke = datetime!(2026-11-22 13:11:00 UTC);
+        assert_eq!(
+            next_fire(&every_five, woke),
+            Some(datetime!(2026-11-22 13:15:00 UTC))
+        );
+    }
+
+    #[test]
+    fn failure_backoff_grows_and_stays_capped() {
+        for failures in 1..20 {
+            let d = failure_backoff(failures);
+            let ceiling = FAILURE_BACKOFF_BASE
+                .saturating_mul(1 << (failures - 1).min(10))
+                .min(FAILURE_BACKOFF_CAP);
+            assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The daemon as systemd runs it: the real binary, signals, the writer lock, the backfill
+//! queue, `status --json`, `check`, sd_notify, and logs searched for secrets and PHI.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use charthero_sync::timefmt::format_utc;
+use time::OffsetDateTime;
+
+use crate::support::{ENCOUNTERS_ONLY, TestEnv, compare, reader};
+
+fn bin(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
+    cmd.arg("--config")
+        .arg(config)
+        .env_remove("CHARTHERO_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+async fn output(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn spawn(mut cmd: Command) -> Child {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the child to exit, at most `limit`; returns its exit code and how long it took.
+async fn wait_exit(mut child: Child, limit: Duration) -> (Option<i32>, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status.code(), started.elapsed());
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            panic!("the daemon did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` until it returns true, at most `limit`.
+async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn backfill_state(db: &Path) -> Option<(String, Option<String>)> {
+    if !db.exists() {
+        return None;
+    }
+    reader(db)
+        .query_row(
+            "SELECT status, cursor FROM backfills ORDER BY backfill_id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()
+}
+
+/// A config whose live range is empty (start_at = now), so the work is the backfill, at a rate
+/// that makes a 20,000-encounter backfill last several seconds.
+fn backfill_config(env: &TestEnv, rps: u32) -> std::path::PathBuf {
+    let path = env.write_config_file(ENCOUNTERS_ONLY);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start_line = text
+        .lines()
+        .find(|l| l.starts_with("start_at"))
+        .unwrap()
+        .to_owned();
+    let text = text
+        .replace(
+            &start_line,
+            &format!("start_at = \"{}\"", format_utc(OffsetDateTime::now_utc())),
+        )
+        .replace(
+            "requests_per_second = 2000.0",
+            &format!("requests_per_second = {rps}.0"),
+        );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality() {
+    let env = TestEnv::with_encounters(51, 20_000).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = backfill_config(&env, 100);
+    let from = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
+    let db = env.db_path();
+    let mut run = bin(&config);
+    run.args(["run", "--backfill-from", &from]);
+    let child = spawn(run);
+    wait_for(Duration::from_secs(60), || {
+        backfill_state(&db).is_some_and(|(_, cursor)| cursor.is_some())
+    })
+    .await;
+
+    // While it runs, a second writer is refused, naming the holder.
+    let mut second = bin(&config);
+    second.arg("sync");
+    let out = output(second).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("charthero-sync run"), "{}", text(&out));
+
+    signal(&child, "-TERM");
+    let (code, took) = wait_exit(child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let conn = reader(&db);
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    let (status, _) = backfill_state(&db).unwrap();
+    assert_eq!(
+        status, "running",
+        "an interrupted backfill stays queued to resume"
+    );
+
+    let mut again = bin(&config);
+    again.arg("run");
+    let child = spawn(again);
+    wait_for(Duration::from_secs(120), || {
+        backfill_state(&db).is_some_and(|(s, _)| s == "completed")
+    })
+    .await;
+    signal(&child, "-TERM");
+    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    compare(&env.sim, &db).assert_empty();
+    let backfills: i64 = conn
+        .query_row("SELECT count(*) FROM backfills", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(backfills, 1, "the restart resumed the same backfill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress() {
+    let env = TestEnv::with_encounters(52, 15_000).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = backfill_config(&env, 25);
+    let db = env.db_path();
+    let mut run = bin(&config);
+    run.arg("run");
+    let child = spawn(run);
+    wait_for(Duration::from_secs(30), || {
+        db.exists()
+            && reader(&db)
+                .query_row(
+                    "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .is_ok_and(|n| n > 0)
+    })
+    .await;
+
+    let mut queue = bin(&config);
+    queue.args([
+        "backfill",
+        "--from",
+        &format_utc(OffsetDateTime::now_utc() - time::Duration::days(61)),
+    ]);
+    let out = output(queue).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("queued backfill 1"), "{}", text(&out));
+
+    let mut seen_progress = false;
+    let started = Instant::now();
+    loop {
+        let mut status = bin(&config);
+        status.args(["status", "--json"]);
+        let out = output(status).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b = &json["backfills"][0];
+        let progress = b["progress"].as_f64().unwrap_or(0.0);
+        if b["status"] == "running" && progress > 0.0 && progress < 1.0 {
+            seen_progress = true;
+        }
+        if b["status"] == "completed" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the backfill did not complete: {json}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        seen_progress,
+        "status --json never showed the backfill in progress"
+    );
+    signal(&child, "-TERM");
+    wait_exit(child, Duration::from_secs(10)).await;
+    compare(&env.sim, &db).assert_empty();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_says_ready_then_watchdog_then_stopping() {
+    let env = TestEnv::with_encounters(53, 200).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = env.write_config_file("");
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut run = bin(&config);
+    run.arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "600000");
+    let child = spawn(run);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    while !messages.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        let n = socket.recv(&mut buf).expect("a notification");
+        messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    assert!(messages[0].starts_with("READY=1"), "{messages:?}");
+    signal(&child, "-TERM");
+    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    let mut stopping = false;
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_with_a_full_key_and_names_a_missing_recordings_scope() {
+    let env = TestEnv::with_encounters(54, 20).await;
+    env.write_key_file(&env.sim.api_key());
+    let audio = format!(
+        "\n[audio]\nenabled = true\ndirectory = \"{}\"\n",
+        env.dir.path().join("audio").display()
+    );
+    let config = env.write_config_file(&audio);
+    let mut check = bin(&config);
+    check.arg("check");
+    let out = output(check).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("everything this configuration needs works"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(env.sim.stats().route(charthero_sim::Route::Audio), 1);
+    assert_eq!(env.sim.stats().media, 0, "check never downloads anything");
+
+    env.sim.add_key(
+        "ch_sk_no_recordings",
+        &["encounters:read", "patients:read", "documents:read"],
+    );
+    env.write_key_file("ch_sk_no_recordings");
+    let mut check = bin(&config);
+    check.arg("check");
+    let out = output(check).await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let audio_line = all.lines().find(|l| l.starts_with("audio")).unwrap();
+    assert!(
+        audio_line.contains("FAILED") && audio_line.contains("missing_scope"),
+        "{all}"
+    );
+    assert!(audio_line.contains("recordings:read"), "{all}");
+    for route in ["list_encounters", "encounter", "document", "transcript"] {
+        let line = all.lines().find(|l| l.starts_with(route)).unwrap();
+        assert!(line.contains(" ok "), "{all}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_at_trace_level_logs_no_key_names_transcript_text_or_signed_urls() {
+    let env = TestEnv::with_encounters(55, 120).await;
+    let canary_key = "ch_sk_canary_4b1d";
+    env.sim.add_key(
+        canary_key,
+        &[
+            "encounters:read",
+            "patients:read",
+            "documents:read",
+            "recordings:read",
+        ],
+    );
+    env.write_key_file(canary_key);
+    let audio = format!(
+        "\n[audio]\nenabled = true\ndirectory = \"{}\"\n",
+        env.dir.path().join("audio").display()
+    );
+    let config = env.write_config_file(&audio);
+    for format in ["text", "json"] {
+        // Each format gets a full sync from an empty warehouse.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", env.db_path().display()));
+        }
+        let mut sync = bin(&config);
+        sync.arg("sync")
+            .env("RUST_LOG", "trace")
+            .env("CHARTHERO_LOG_FORMAT", format);
+        let out = output(sync).await;
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{all}");
+        assert!(all.len() > 10_000, "trace logging produced almost nothing: {all}");
+        assert!(!all.contains("canary"), "the API key leaked");
+        assert!(
+            !all.contains("/media/") && !all.contains("token="),
+            "a signed URL leaked"
+        );
+        let snapshot = env.sim.snapshot();
+        for e in &snapshot {
+            if let (Some(first), Some(last)) = (&e.patient.first_name, &e.patient.last_name) {
+                assert!(!all.contains(&format!("{first} {last}")), "a patient name leaked");
+            }
+            for d in &e.documents {
+                if let Some(t) = env.sim.transcript(&e.encounter_id, &d.document_id) {
+                    let sentence = t.turns.iter().map(|t| t.text.as_str()).find(|s| s.len() > 30);
+                    if let Some(s) = sentence {
+                        assert!(!all.contains(s), "transcript text leaked");
+                    }
+                }
+                if let Some(note) = env.sim.note_text(&e.encounter_id, &d.document_id) {
+                    let line = note.lines().find(|l| l.len() > 30).unwrap_or("");
+                    assert!(line.is_empty() || !all.contains(line), "note text leaked");
+                }
+            }
+        }
+    }
+}
