@@ -56,6 +56,14 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub content: RawContent,
     pub audio: RawAudio,
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Empty: no endpoint.
+    pub listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +213,8 @@ pub struct Config {
     pub limits: Limits,
     pub content: ContentConfig,
     pub audio: AudioConfig,
+    /// Where `run` serves Prometheus metrics (loopback only), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which per-document routes to fetch beyond the encounter list.
@@ -379,6 +389,10 @@ impl RawConfig {
             limits,
             content,
             audio,
+            metrics_listen: match self.metrics.listen.trim() {
+                "" => None,
+                text => Some(crate::metrics::parse_listen(text).map_err(|e| invalid("metrics.listen", e))?),
+            },
         })
     }
 }
@@ -591,6 +605,7 @@ mod tests {
             ("[limits]\nburst = 0", "limits.burst"),
             ("[limits]\nmax_in_flight = 0", "limits.max_in_flight"),
             ("[sync]\npage_size = 101", "sync.page_size"),
+            ("[metrics]\nlisten = \"0.0.0.0:9464\"", "metrics.listen"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

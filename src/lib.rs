@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod exit;
+pub mod metrics;
 pub mod secret;
 pub mod status;
 pub mod store;

@@ -267,6 +267,17 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 tracing::info!(backfill_id = id, "backfill queued");
             }
             let shutdown = cancel_on_signal();
+            if let Some(addr) = config.metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
+                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+                tokio::spawn(charthero_sync::metrics::serve(
+                    listener,
+                    ctx.client.metrics().clone(),
+                    shutdown.clone(),
+                ));
+            }
             let notifier = Notifier::from_env();
             charthero_sync::daemon::run(&ctx, &config.sync.schedule, &shutdown, &notifier).await?;
             tracing::info!("stopped");

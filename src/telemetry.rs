@@ -24,3 +24,58 @@ pub fn init() {
         _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
+
+/// A progress bar for long backfills, drawn on stderr only when it is a terminal (never into
+/// journald or a log file). Shows the share of the `created_at` range read, records, and ETA.
+pub struct Progress {
+    start: time::OffsetDateTime,
+    end: time::OffsetDateTime,
+    started: std::time::Instant,
+    draw: bool,
+}
+
+impl Progress {
+    pub fn new(start: time::OffsetDateTime, end: time::OffsetDateTime) -> Progress {
+        Progress {
+            start,
+            end,
+            started: std::time::Instant::now(),
+            draw: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// The range is read completely up to `cursor`, with `records` listed so far.
+    pub fn update(&self, cursor: time::OffsetDateTime, records: u64) {
+        if !self.draw {
+            return;
+        }
+        let span = (self.end - self.start).as_seconds_f64().max(1e-9);
+        let done = ((cursor - self.start).as_seconds_f64() / span).clamp(0.0, 1.0);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = if done > 0.0 {
+            elapsed * (1.0 - done) / done
+        } else {
+            0.0
+        };
+        let filled = (done * 30.0).round() as usize;
+        eprint!(
+            "\r\x1b[2Kbackfill [{}{}] {:5.1}%  {records} encounters  elapsed {}  eta {}",
+            "#".repeat(filled),
+            "-".repeat(30 - filled),
+            done * 100.0,
+            clock(elapsed),
+            clock(eta)
+        );
+    }
+
+    pub fn finish(&self) {
+        if self.draw {
+            eprintln!();
+        }
+    }
+}
+
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}

@@ -30,6 +30,7 @@ use wire::{
 };
 
 use crate::config::{ApiConfig, Limits};
+use crate::metrics::Metrics;
 use crate::secret::ApiKey;
 use crate::timefmt;
 
@@ -128,6 +129,7 @@ struct Inner {
     refused: Mutex<Option<Option<String>>>,
     /// When the last response (of any kind) arrived: the daemon's watchdog evidence of progress.
     last_activity: Mutex<std::time::Instant>,
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Client {
@@ -181,6 +183,7 @@ impl Client {
                 paused_until: Mutex::new(None),
                 refused: Mutex::new(None),
                 last_activity: Mutex::new(std::time::Instant::now()),
+                metrics: Arc::default(),
             }),
         })
         .inspect(|c| c.begin_cycle())
@@ -189,6 +192,11 @@ impl Client {
     /// Renews the per-cycle retry budget.
     pub fn begin_cycle(&self) {
         self.inner.budget.reset(self.inner.retries_per_cycle);
+    }
+
+    /// The process's counters (requests, limiter waits, cycles).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// How long since the last response arrived (or the client was made).
@@ -421,7 +429,9 @@ impl Client {
             .acquire()
             .await
             .expect("the in-flight semaphore is never closed");
+        let waited = std::time::Instant::now();
         self.inner.limiter.until_ready().await;
+        self.inner.metrics.record_limiter_wait(waited.elapsed());
         let mut headers = HeaderMap::new();
         if with_key {
             headers.insert(AUTHORIZATION, self.inner.auth.clone());
@@ -433,6 +443,7 @@ impl Client {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.status().unwrap_or(0),
         };
+        self.inner.metrics.record_request(route.as_str(), status);
         tracing::trace!(
             route = route.as_str(),
             status,

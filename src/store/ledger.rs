@@ -242,6 +242,18 @@ pub enum RunOutcome {
     Aborted,
 }
 
+impl RunOutcome {
+    /// The value of `sync_runs.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Partial => "partial",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Aborted => "aborted",
+        }
+    }
+}
+
 /// Counters of one cycle, written to its `sync_runs` row.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunCounts {
@@ -312,12 +324,7 @@ pub struct RunEnd {
 
 pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
     let counts = &end.counts;
-    let outcome = match end.outcome {
-        RunOutcome::Succeeded => "succeeded",
-        RunOutcome::Partial => "partial",
-        RunOutcome::Failed => "failed",
-        RunOutcome::Aborted => "aborted",
-    };
+    let outcome = end.outcome.as_str();
     conn.execute(
         "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, list_requests = ?4, detail_requests = ?5,
              windows = ?6, encounters_new = ?7, encounters_changed = ?8, encounters_unchanged = ?9,

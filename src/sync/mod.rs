@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
@@ -147,8 +148,20 @@ pub async fn run_cycle(
         })
         .await?;
     let span = tracing::info_span!("cycle", run_id, trigger);
-    let _enter = span.enter();
+    execute(ctx, run_id, plan, trigger, cancel, started)
+        .instrument(span)
+        .await
+}
 
+/// The body of a cycle whose `sync_runs` row exists.
+async fn execute(
+    ctx: &SyncContext,
+    run_id: i64,
+    plan: CyclePlan,
+    trigger: &'static str,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Result<CycleReport, CycleError> {
     // Paging and content work run side by side; a failure of either stops both.
     let stop = cancel.child_token();
     let paging_done = CancellationToken::new();
@@ -237,6 +250,7 @@ pub async fn run_cycle(
             reason_code: e.reason_code().map(str::to_owned),
         },
     };
+    let outcome = end.outcome.as_str();
     let complete_through = ctx
         .writer
         .call(move |c| {
@@ -244,6 +258,13 @@ pub async fn run_cycle(
             store::complete_through(c)
         })
         .await?;
+    let rows = counts.encounters_new
+        + counts.encounters_changed
+        + counts.encounters_removed
+        + counts.documents_fetched
+        + counts.transcripts_fetched
+        + counts.recordings_fetched;
+    ctx.client.metrics().record_cycle(outcome, rows, complete_through);
     result?;
     let report = CycleReport {
         run_id,
@@ -375,8 +396,13 @@ async fn scan_range(
     cancel: &CancellationToken,
 ) -> Result<Finished, CycleError> {
     let mut cursor = from;
+    let progress = matches!(scope, Scope::Backfill { .. }).then(|| crate::telemetry::Progress::new(from, to));
+    let listed_before = counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
     while cursor < to {
         if deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Some(p) = &progress {
+                p.finish();
+            }
             return Ok(Finished::Paused);
         }
         let w = Window {
@@ -387,7 +413,15 @@ async fn scan_range(
             reconcile,
         };
         match window::scan(ctx, w, counts, cancel).await? {
-            WindowScan::Completed { end } => cursor = end,
+            WindowScan::Completed { end } => {
+                tracing::debug!(start = %format_utc(cursor), end = %format_utc(end), "window complete");
+                cursor = end;
+                if let Some(p) = &progress {
+                    let listed =
+                        counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
+                    p.update(cursor, listed - listed_before);
+                }
+            }
             WindowScan::Unsettled { end } => {
                 return Err(CycleError::Unsettled {
                     start: format_utc(cursor),
@@ -395,6 +429,9 @@ async fn scan_range(
                 });
             }
         }
+    }
+    if let Some(p) = &progress {
+        p.finish();
     }
     Ok(Finished::Yes)
 }

@@ -226,10 +226,15 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sd_notify_says_ready_then_watchdog_then_stopping() {
+async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served() {
     let env = TestEnv::with_encounters(53, 200).await;
     env.write_key_file(&env.sim.api_key());
-    let config = env.write_config_file("");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = env.write_config_file(&format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
     let socket_path = env.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -247,6 +252,30 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping() {
         assert!(started.elapsed() < Duration::from_secs(20));
     }
     assert!(messages[0].starts_with("READY=1"), "{messages:?}");
+    let db = env.db_path();
+    wait_for(Duration::from_secs(20), || {
+        reader(&db)
+            .query_row(
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok_and(|n| n > 0)
+    })
+    .await;
+    let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), 200);
+    let metrics = String::from_utf8(scrape.bytes().await.unwrap().to_vec()).unwrap();
+    for needle in [
+        "charthero_sync_requests_total{route=\"list_encounters\",status=\"200\"}",
+        "charthero_sync_cycles_total{outcome=\"succeeded\"} 1",
+        "charthero_sync_lag_seconds ",
+        "charthero_sync_rate_limiter_wait_seconds_total ",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
     signal(&child, "-TERM");
     let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));

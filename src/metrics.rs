@@ -1,0 +1,226 @@
+//! Counters for operators, and the optional Prometheus endpoint of the daemon (loopback only:
+//! it is for a local scraper or an SSH tunnel, never the network). Metrics carry route names,
+//! statuses and counts — no IDs, no PHI.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+/// Process-wide counters, shared through the API client.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (route, status) → requests; status 0 means no HTTP response (timeout, reset).
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    limiter_wait_micros: AtomicU64,
+    limiter_waits: AtomicU64,
+    rows_written: AtomicU64,
+    cycles: Mutex<BTreeMap<&'static str, u64>>,
+    last_success_unix: AtomicI64,
+    complete_through_unix: AtomicI64,
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &'static str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    pub fn record_limiter_wait(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.limiter_waits.fetch_add(1, Ordering::Relaxed);
+            self.limiter_wait_micros
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A cycle ended with `outcome` (`succeeded`, `partial`, `failed`, `aborted`).
+    pub fn record_cycle(&self, outcome: &'static str, rows: u64, complete_through: Option<OffsetDateTime>) {
+        *self
+            .cycles
+            .lock()
+            .expect("metrics lock")
+            .entry(outcome)
+            .or_default() += 1;
+        self.rows_written.fetch_add(rows, Ordering::Relaxed);
+        if outcome == "succeeded" {
+            self.last_success_unix
+                .store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
+        }
+        if let Some(t) = complete_through {
+            self.complete_through_unix
+                .store(t.unix_timestamp(), Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus text exposition format (0.0.4).
+    pub fn render(&self, now: OffsetDateTime) -> String {
+        let mut out = String::new();
+        let name = family(
+            &mut out,
+            "requests_total",
+            "counter",
+            "HTTP requests by route and status (0: no response).",
+        );
+        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        let name = family(
+            &mut out,
+            "rate_limiter_wait_seconds_total",
+            "counter",
+            "Time requests spent waiting for the rate limiter.",
+        );
+        let secs = self.limiter_wait_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name} {secs}");
+        let name = family(
+            &mut out,
+            "rate_limiter_waits_total",
+            "counter",
+            "Requests that waited for the rate limiter.",
+        );
+        let _ = writeln!(out, "{name} {}", self.limiter_waits.load(Ordering::Relaxed));
+        let name = family(
+            &mut out,
+            "rows_written_total",
+            "counter",
+            "Encounters, documents, transcripts and recordings written or marked.",
+        );
+        let _ = writeln!(out, "{name} {}", self.rows_written.load(Ordering::Relaxed));
+        let name = family(&mut out, "cycles_total", "counter", "Sync cycles by outcome.");
+        for (outcome, n) in self.cycles.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
+        }
+        let name = family(
+            &mut out,
+            "last_success_timestamp_seconds",
+            "gauge",
+            "When the last cycle succeeded (0: never).",
+        );
+        let _ = writeln!(out, "{name} {}", self.last_success_unix.load(Ordering::Relaxed));
+        let through = self.complete_through_unix.load(Ordering::Relaxed);
+        if through > 0 {
+            let name = family(
+                &mut out,
+                "lag_seconds",
+                "gauge",
+                "Now minus complete_through: how far behind the warehouse is known complete.",
+            );
+            let _ = writeln!(out, "{name} {}", now.unix_timestamp() - through);
+        }
+        out
+    }
+}
+
+/// Writes a family's HELP and TYPE lines and returns its full name.
+fn family(out: &mut String, suffix: &str, kind: &str, help: &str) -> String {
+    let name = format!("charthero_sync_{suffix}");
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    name
+}
+
+/// Checks that a `metrics.listen` address is on the loopback interface.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an address like \"127.0.0.1:9464\""))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{text:?} is not a loopback address; the metrics endpoint is served on 127.0.0.1 or ::1 only"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("metrics endpoint: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = if req.uri().path() == "/metrics" {
+                        (200, metrics.render(OffsetDateTime::now_utc()))
+                    } else {
+                        (404, "not found; try /metrics\n".to_owned())
+                    };
+                    let resp = hyper::Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(body)))
+                        .expect("a static response is valid");
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_groups_samples_under_their_family() {
+        let m = Metrics::default();
+        m.record_request("list_encounters", 200);
+        m.record_request("list_encounters", 200);
+        m.record_request("transcript", 429);
+        m.record_limiter_wait(Duration::from_millis(1500));
+        let now = OffsetDateTime::now_utc();
+        m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
+        let text = m.render(now);
+        assert!(
+            text.contains("# TYPE charthero_sync_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("charthero_sync_requests_total{route=\"list_encounters\",status=\"200\"} 2\n"));
+        assert!(text.contains("charthero_sync_requests_total{route=\"transcript\",status=\"429\"} 1\n"));
+        assert!(text.contains("charthero_sync_rate_limiter_wait_seconds_total 1.5\n"));
+        assert!(text.contains("charthero_sync_rows_written_total 42\n"));
+        assert!(text.contains("charthero_sync_cycles_total{outcome=\"succeeded\"} 1\n"));
+        assert!(text.contains("charthero_sync_lag_seconds 120\n"));
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        assert!(parse_listen("127.0.0.1:9464").is_ok());
+        assert!(parse_listen("[::1]:9464").is_ok());
+        assert!(parse_listen("0.0.0.0:9464").unwrap_err().contains("loopback"));
+        assert!(parse_listen("localhost").is_err());
+    }
+}
