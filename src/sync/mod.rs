@@ -412,7 +412,8 @@ async fn scan_range(
             end: to,
             reconcile,
         };
-        match window::scan(ctx, w, counts, cancel).await? {
+        let span = tracing::debug_span!("window", start = %format_utc(cursor), kind = ?scope);
+        match window::scan(ctx, w, counts, cancel).instrument(span).await? {
             WindowScan::Completed { end } => {
                 tracing::debug!(start = %format_utc(cursor), end = %format_utc(end), "window complete");
                 cursor = end;
