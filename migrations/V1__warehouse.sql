@@ -77,15 +77,16 @@ CREATE TABLE transcripts (
     fetched_for_updated_at TEXT           -- the document's detail updated_at when fetched
 ) STRICT;
 
+-- A rowid table (not WITHOUT ROWID) so that the full-text index can use it as external content.
 CREATE TABLE transcript_turns (
     document_id   TEXT NOT NULL REFERENCES transcripts (document_id),
     turn_index    INTEGER NOT NULL,   -- 0-based, in API order
     speaker       TEXT,
     start_seconds REAL NOT NULL,
     end_seconds   REAL NOT NULL,
-    text          TEXT NOT NULL,
+    text          TEXT,               -- NULL when [privacy] transcript_text = false
     PRIMARY KEY (document_id, turn_index)
-) STRICT, WITHOUT ROWID;
+) STRICT;
 
 -- Downloaded recordings (audio is off by default). Files are content-addressed under the
 -- configured directory; the signed URL they came from is never stored.

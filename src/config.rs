@@ -57,6 +57,29 @@ pub struct RawConfig {
     pub content: RawContent,
     pub audio: RawAudio,
     pub metrics: RawMetrics,
+    pub privacy: RawPrivacy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPrivacy {
+    pub patient_names: bool,
+    pub date_of_birth: String,
+    pub note_text: bool,
+    pub transcript_text: bool,
+    pub retention: String,
+}
+
+impl Default for RawPrivacy {
+    fn default() -> Self {
+        RawPrivacy {
+            patient_names: true,
+            date_of_birth: "full".into(),
+            note_text: true,
+            transcript_text: true,
+            retention: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +121,7 @@ pub struct RawApi {
 pub struct RawDatabase {
     pub path: PathBuf,
     pub busy_timeout: String,
+    pub wal_size_limit: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +185,9 @@ impl Default for RawDatabase {
         RawDatabase {
             path: PathBuf::from("/var/lib/charthero-sync/warehouse.db"),
             busy_timeout: "5s".into(),
+            // Long-lived readers can hold the WAL open; after each checkpoint it is cut back to
+            // this size.
+            wal_size_limit: 64 * 1024 * 1024,
         }
     }
 }
@@ -215,6 +242,36 @@ pub struct Config {
     pub audio: AudioConfig,
     /// Where `run` serves Prometheus metrics (loopback only), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub privacy: PrivacyConfig,
+}
+
+/// How much of a patient's date of birth the warehouse keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BirthDate {
+    Full,
+    YearOnly,
+    Omit,
+}
+
+/// Which PHI the partner decided to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrivacyConfig {
+    pub patient_names: bool,
+    pub date_of_birth: BirthDate,
+    pub note_text: bool,
+    pub transcript_text: bool,
+    /// Encounters created longer ago than this are purged (and never synced).
+    pub retention: Option<Duration>,
+}
+
+impl PrivacyConfig {
+    /// A stable description, stored so that a change of policy is applied to existing rows once.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "names={} dob={:?} notes={} transcripts={}",
+            self.patient_names, self.date_of_birth, self.note_text, self.transcript_text
+        )
+    }
 }
 
 /// Which per-document routes to fetch beyond the encounter list.
@@ -248,6 +305,7 @@ pub struct ApiConfig {
 pub struct DatabaseConfig {
     pub path: PathBuf,
     pub busy_timeout: Duration,
+    pub wal_size_limit: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +370,7 @@ impl RawConfig {
         let database = DatabaseConfig {
             path: self.database.path,
             busy_timeout: parse_positive_duration("database.busy_timeout", &self.database.busy_timeout)?,
+            wal_size_limit: self.database.wal_size_limit,
         };
         let sync = SyncConfig {
             schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
@@ -382,6 +441,26 @@ impl RawConfig {
             directory: self.audio.directory,
             max_bytes: self.audio.max_bytes,
         };
+        let privacy = PrivacyConfig {
+            patient_names: self.privacy.patient_names,
+            date_of_birth: match self.privacy.date_of_birth.as_str() {
+                "full" => BirthDate::Full,
+                "year" => BirthDate::YearOnly,
+                "none" => BirthDate::Omit,
+                other => {
+                    return Err(invalid(
+                        "privacy.date_of_birth",
+                        format!("{other:?} is not one of \"full\", \"year\", \"none\""),
+                    ));
+                }
+            },
+            note_text: self.privacy.note_text,
+            transcript_text: self.privacy.transcript_text,
+            retention: match self.privacy.retention.trim() {
+                "" => None,
+                text => Some(parse_positive_duration("privacy.retention", text)?),
+            },
+        };
         Ok(Config {
             api,
             database,
@@ -389,6 +468,7 @@ impl RawConfig {
             limits,
             content,
             audio,
+            privacy,
             metrics_listen: match self.metrics.listen.trim() {
                 "" => None,
                 text => Some(crate::metrics::parse_listen(text).map_err(|e| invalid("metrics.listen", e))?),
@@ -606,6 +686,8 @@ mod tests {
             ("[limits]\nmax_in_flight = 0", "limits.max_in_flight"),
             ("[sync]\npage_size = 101", "sync.page_size"),
             ("[metrics]\nlisten = \"0.0.0.0:9464\"", "metrics.listen"),
+            ("[privacy]\ndate_of_birth = \"decade\"", "privacy.date_of_birth"),
+            ("[privacy]\nretention = \"forever\"", "privacy.retention"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

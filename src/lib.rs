@@ -29,11 +29,13 @@ use crate::sync::{BackfillRange, CycleError, CycleReport, SyncContext};
 /// Opens (and migrates) the warehouse and builds the context a cycle needs.
 pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
     let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
+    store::set_wal_size_limit(&conn, config.database.wal_size_limit)?;
     Ok(SyncContext {
         client: api::Client::new(&config.api, &config.limits, key)?,
         writer: store::Writer::spawn(conn),
         sync: config.sync.clone(),
         content: config.content,
+        privacy: config.privacy,
         audio: config.audio.clone(),
         max_in_flight: config.limits.max_in_flight.get(),
     })
@@ -49,4 +51,38 @@ pub async fn sync_once(
 ) -> Result<CycleReport, CycleError> {
     let ctx = connect(config, key)?;
     sync::run_cycle(&ctx, trigger, sync::CyclePlan::full(backfill), cancel).await
+}
+
+/// Purges every encounter created in `[start, end)` — rows, search entries, history, orphaned
+/// patients — and deletes recording files nothing references any more.
+pub fn purge(
+    conn: &mut rusqlite::Connection,
+    audio_dir: &std::path::Path,
+    range: BackfillRange,
+    reason: &str,
+) -> anyhow::Result<store::PurgeCounts> {
+    let counts = store::purge(
+        conn,
+        range.start,
+        range.end,
+        reason,
+        time::OffsetDateTime::now_utc(),
+    )?;
+    for file in &counts.orphaned_files {
+        let path = audio_dir.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
+        }
+    }
+    tracing::info!(
+        encounters = counts.encounters,
+        documents = counts.documents,
+        transcripts = counts.transcripts,
+        recordings = counts.recordings,
+        reason,
+        "purged"
+    );
+    Ok(counts)
 }

@@ -62,6 +62,18 @@ enum Command {
     Check,
     /// Apply database migrations and exit.
     Migrate,
+    /// Remove encounters completely (rows, search entries, history, recordings): those older
+    /// than --older-than (default: privacy.retention), or created in --from .. --to.
+    Purge {
+        #[arg(long, value_parser = parse_age, conflicts_with_all = ["from", "to"])]
+        older_than: Option<std::time::Duration>,
+        #[arg(long, value_parser = parse_timestamp)]
+        from: Option<OffsetDateTime>,
+        #[arg(long, value_parser = parse_timestamp, requires = "from")]
+        to: Option<OffsetDateTime>,
+    },
+    /// Rebuild the full-text search indexes over transcript turns and note text.
+    Reindex,
     /// Start the built-in ChartHero simulator and sync it into a local demo database.
     Demo {
         /// Where to write the demo warehouse.
@@ -81,6 +93,10 @@ enum Command {
 
 fn parse_timestamp(text: &str) -> Result<OffsetDateTime, String> {
     timefmt::parse_rfc3339(text)
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration("--older-than", text).map_err(|e| e.to_string())
 }
 
 /// An error on its way to an exit code.
@@ -327,6 +343,51 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             } else {
                 print!("{}", status.render());
             }
+            Ok(())
+        }
+        Command::Purge { older_than, from, to } => {
+            let config = Config::load(&cli.config)?;
+            let (range, reason) = match (from, older_than.or(config.privacy.retention)) {
+                (Some(_), _) => (backfill_range(from, to)?.expect("from is given"), "range"),
+                (None, Some(age)) => (
+                    BackfillRange {
+                        start: OffsetDateTime::UNIX_EPOCH,
+                        end: OffsetDateTime::now_utc() - age,
+                    },
+                    "retention",
+                ),
+                (None, None) => {
+                    return Err(Failure {
+                        code: exit::USAGE,
+                        error: anyhow::anyhow!(
+                            "say what to purge: --older-than 365d, --from T [--to T], or set privacy.retention"
+                        ),
+                    });
+                }
+            };
+            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
+            let mut conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
+            let c = charthero_sync::purge(&mut conn, &config.audio.directory, range, reason)?;
+            println!(
+                "purged encounters created {} .. {}: {} encounters, {} documents, {} transcripts ({} turns), \
+                 {} recordings, {} history rows",
+                timefmt::format_utc(range.start),
+                timefmt::format_utc(range.end),
+                c.encounters,
+                c.documents,
+                c.transcripts,
+                c.turns,
+                c.recordings,
+                c.history_rows
+            );
+            Ok(())
+        }
+        Command::Reindex => {
+            let config = Config::load(&cli.config)?;
+            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
+            let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
+            store::rebuild_search(&conn)?;
+            println!("search indexes rebuilt");
             Ok(())
         }
         Command::Check => {

@@ -107,7 +107,8 @@ pub fn queue_missing_audio(conn: &Connection) -> anyhow::Result<usize> {
 pub enum DetailOutcome {
     Note {
         format: String,
-        text: String,
+        /// `None` when the privacy policy does not keep note text.
+        text: Option<String>,
         created_at: OffsetDateTime,
         updated_at: OffsetDateTime,
     },
@@ -229,8 +230,9 @@ fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqli
 pub struct TranscriptRecord {
     pub provider: Option<String>,
     pub audio_duration_seconds: Option<f64>,
-    /// (speaker, start, end, text) in API order.
-    pub turns: Vec<(Option<String>, f64, f64, String)>,
+    /// (speaker, start, end, text) in API order; text `None` when the privacy policy does not
+    /// keep transcript text.
+    pub turns: Vec<(Option<String>, f64, f64, Option<String>)>,
 }
 
 /// Replaces a document's transcript and turns in one transaction.

@@ -4,6 +4,7 @@
 
 mod content;
 mod ledger;
+mod privacy;
 mod upsert;
 
 use std::path::Path;
@@ -24,6 +25,7 @@ pub use ledger::{
     deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
     queue_backfill, set_deep_revisit_at, start_run,
 };
+pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge};
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 
 mod embedded {
@@ -67,6 +69,32 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Rebuilds both full-text indexes from the text they index.
+pub fn rebuild_search(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('rebuild')",
+        [],
+    )?;
+    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('rebuild')", [])?;
+    Ok(())
+}
+
+/// Sets how far the WAL is cut back after a checkpoint.
+pub fn set_wal_size_limit(conn: &Connection, bytes: u64) -> anyhow::Result<()> {
+    conn.pragma_update(None, "journal_size_limit", bytes as i64)?;
+    Ok(())
+}
+
+/// Moves the WAL into the database and truncates it if no reader is in the way; readers that
+/// are keep their snapshot and the next checkpoint catches up.
+pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    if busy != 0 {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    }
     Ok(())
 }
 

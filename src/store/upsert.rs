@@ -125,6 +125,11 @@ fn upsert_encounter(
         .unwrap_or(Existing::Absent);
     let incoming_ns = unix_nanos(rec.updated_at);
     match existing {
+        // A purged encounter stays purged, whatever revisit or backfill lists it again.
+        Existing::Absent if super::privacy::is_purged(conn, unix_nanos(rec.created_at))? => {
+            counts.stale += 1;
+            return Ok(());
+        }
         Existing::Absent => counts.new += 1,
         Existing::Present {
             updated_at_ns,

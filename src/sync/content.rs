@@ -221,7 +221,7 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fail
     let outcome = match ctx.client.document(&item.encounter_id, &item.document_id).await {
         Ok(DocumentDetail::Note(n)) => DetailOutcome::Note {
             format: n.content.format,
-            text: n.content.text,
+            text: Some(n.content.text).filter(|_| ctx.privacy.note_text),
             created_at: n.created_at.0,
             updated_at: n.updated_at.0,
         },
@@ -261,7 +261,14 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fa
                 turns: transcript
                     .turns
                     .into_iter()
-                    .map(|t| (t.speaker, t.start, t.end, t.text))
+                    .map(|t| {
+                        (
+                            t.speaker,
+                            t.start,
+                            t.end,
+                            Some(t.text).filter(|_| ctx.privacy.transcript_text),
+                        )
+                    })
                     .collect(),
             };
             let enc = item.encounter_id.clone();

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
-use crate::config::{AudioConfig, ContentConfig, SyncConfig};
+use crate::config::{AudioConfig, BirthDate, ContentConfig, PrivacyConfig, SyncConfig};
 use crate::store::{
     self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunEnd, RunOutcome, Writer,
 };
@@ -30,6 +30,7 @@ pub struct SyncContext {
     pub sync: SyncConfig,
     pub content: ContentConfig,
     pub audio: AudioConfig,
+    pub privacy: PrivacyConfig,
     /// `limits.max_in_flight`: how many requests may be awaiting answers at once.
     pub max_in_flight: usize,
 }
@@ -130,6 +131,7 @@ pub async fn run_cycle(
             .map_err(|e| anyhow::anyhow!("cannot create audio.directory {}: {e}", dir.display()))?;
     }
     let audio = ctx.audio.enabled;
+    let privacy = ctx.privacy;
     let run_id = ctx
         .writer
         .call(move |c| {
@@ -144,6 +146,7 @@ pub async fn run_cycle(
             if audio {
                 store::queue_missing_audio(c)?;
             }
+            store::apply_privacy(c, &privacy)?;
             store::start_run(c, trigger, now)
         })
         .await?;
@@ -250,11 +253,15 @@ async fn execute(
             reason_code: e.reason_code().map(str::to_owned),
         },
     };
+    if result.is_ok() {
+        purge_expired(ctx).await?;
+    }
     let outcome = end.outcome.as_str();
     let complete_through = ctx
         .writer
         .call(move |c| {
             store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
+            store::checkpoint(c)?;
             store::complete_through(c)
         })
         .await?;
@@ -293,6 +300,27 @@ async fn execute(
     Ok(report)
 }
 
+/// Under a retention period, purges what has aged out of it, at most once a day.
+async fn purge_expired(ctx: &SyncContext) -> Result<(), CycleError> {
+    let Some(retention) = ctx.privacy.retention else {
+        return Ok(());
+    };
+    let now = OffsetDateTime::now_utc();
+    let last = ctx.writer.call(|c| store::last_retention_purge(c)).await?;
+    if last.is_some_and(|t| now - t < time::Duration::days(1)) {
+        return Ok(());
+    }
+    let range = BackfillRange {
+        start: OffsetDateTime::UNIX_EPOCH,
+        end: now - retention,
+    };
+    let dir = ctx.audio.directory.clone();
+    ctx.writer
+        .call(move |c| crate::purge(c, &dir, range, "retention"))
+        .await?;
+    Ok(())
+}
+
 /// Lists new time (from the watermark minus the overlap to now minus the settle lag) together
 /// with the revisit horizons, as one ascending range.
 async fn sync_recent(
@@ -308,15 +336,20 @@ async fn sync_recent(
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
     let horizon = now - s.settle_lag;
+    // Under a retention period, what is older than it is never synced (and gets purged).
+    let start_at = ctx
+        .privacy
+        .retention
+        .map_or(s.start_at, |r| s.start_at.max(now - r));
     let deep_due = !s.revisit_deep.is_zero() && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
     let from = match watermark {
-        None => s.start_at,
+        None => start_at,
         Some(wm) => {
             let mut from = (wm - s.overlap).min(now - s.revisit_recent);
             if deep_due {
                 from = from.min(now - s.revisit_deep);
             }
-            from.max(s.start_at)
+            from.max(start_at)
         }
     };
     tracing::debug!(from = %format_utc(from), to = %format_utc(horizon), deep_due, "planning");
@@ -437,9 +470,17 @@ async fn scan_range(
     Ok(Finished::Yes)
 }
 
-/// Maps a wire encounter to the warehouse record.
-fn to_record(e: Encounter) -> EncounterRecord {
+/// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the
+/// columns and in the stored JSON). The content hash is over the record as received, so change
+/// detection does not depend on the policy.
+fn to_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
     let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
+    let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
+    let raw_json = if redact {
+        redact_patient(&e.raw, privacy)
+    } else {
+        e.raw
+    };
     EncounterRecord {
         encounter_id: e.encounter_id,
         organization_id: e.organization_id,
@@ -450,9 +491,13 @@ fn to_record(e: Encounter) -> EncounterRecord {
         date_of_service: e.date_of_service.map(|t| t.0),
         patient: e.patient.map(|p| PatientRecord {
             patient_id: p.patient_id,
-            first_name: p.first_name,
-            last_name: p.last_name,
-            date_of_birth: p.date_of_birth.map(|d| d.to_string()),
+            first_name: p.first_name.filter(|_| privacy.patient_names),
+            last_name: p.last_name.filter(|_| privacy.patient_names),
+            date_of_birth: p.date_of_birth.and_then(|d| match privacy.date_of_birth {
+                BirthDate::Full => Some(d.to_string()),
+                BirthDate::YearOnly => Some(format!("{:04}", d.year())),
+                BirthDate::Omit => None,
+            }),
         }),
         documents: e
             .documents
@@ -467,8 +512,37 @@ fn to_record(e: Encounter) -> EncounterRecord {
             })
             .collect(),
         content_hash,
-        raw_json: e.raw,
+        raw_json,
     }
+}
+
+/// The record's JSON without the patient fields the policy does not keep.
+fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(raw) else {
+        return raw.to_owned();
+    };
+    if let Some(p) = value.get_mut("patient").and_then(|p| p.as_object_mut()) {
+        if !privacy.patient_names {
+            p.remove("first_name");
+            p.remove("last_name");
+        }
+        match privacy.date_of_birth {
+            BirthDate::Full => {}
+            BirthDate::Omit => {
+                p.remove("date_of_birth");
+            }
+            BirthDate::YearOnly => {
+                if let Some(year) = p
+                    .get("date_of_birth")
+                    .and_then(|d| d.as_str())
+                    .map(|d| d.chars().take(4).collect::<String>())
+                {
+                    p.insert("date_of_birth".into(), serde_json::Value::String(year));
+                }
+            }
+        }
+    }
+    value.to_string()
 }
 
 fn hex(bytes: &[u8]) -> String {

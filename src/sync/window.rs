@@ -233,7 +233,11 @@ async fn run_pass(
         let last_instant = page.items.last().map(|e| e.created_at.0);
         if done {
             note_seen(&mut pass, &page.items);
-            pass.last_page = page.items.into_iter().map(to_record).collect();
+            pass.last_page = page
+                .items
+                .into_iter()
+                .map(|e| to_record(e, &ctx.privacy))
+                .collect();
             break;
         }
         let next = last_instant.expect("a page that is not done has items");
@@ -253,7 +257,11 @@ async fn run_pass(
             note_seen(&mut pass, &page.items);
             pass.seen.retain(|_, t| *t < next);
             pass.end = next;
-            pass.last_page = page.items.into_iter().map(to_record).collect();
+            pass.last_page = page
+                .items
+                .into_iter()
+                .map(|e| to_record(e, &ctx.privacy))
+                .collect();
             break;
         }
         expected_prefix = page
@@ -346,7 +354,7 @@ async fn absorb(
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
     note_seen(pass, &items);
-    let records = items.into_iter().map(to_record).collect();
+    let records = items.into_iter().map(|e| to_record(e, &ctx.privacy)).collect();
     commit(ctx, records, Vec::new(), None, counts).await
 }
 
@@ -395,7 +403,7 @@ async fn find_removals(
     for encounter_id in stored.into_iter().filter(|id| !seen.contains(id.as_str())) {
         counts.detail_requests += 1;
         match ctx.client.encounter(&encounter_id).await {
-            Ok(e) => still_there.push(to_record(e)),
+            Ok(e) => still_there.push(to_record(e, &ctx.privacy)),
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let reason = e.reason_code().unwrap_or("encounter_not_found").to_owned();
                 tracing::debug!(encounter_id, reason, "encounter gone upstream");

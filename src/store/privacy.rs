@@ -1,0 +1,231 @@
+//! Keeping only the PHI the partner decided to keep: applying a (changed) privacy policy to rows
+//! already stored, and purging encounters completely — rows, full-text entries, history, orphaned
+//! patients — with `secure_delete` and a truncating WAL checkpoint so no bytes remain in the
+//! database or its WAL. Recording files are returned for the caller to delete.
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use time::OffsetDateTime;
+
+use crate::config::{BirthDate, PrivacyConfig};
+use crate::timefmt::{format_utc, unix_nanos};
+
+const POLICY_KEY: &str = "privacy_policy";
+
+/// Brings stored rows in line with `privacy` when the policy differs from the one last applied.
+/// Returns whether anything was applied.
+pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
+    let fingerprint = privacy.fingerprint();
+    let applied: Option<String> = conn
+        .query_row(
+            "SELECT value FROM sync_state WHERE name = ?1",
+            [POLICY_KEY],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if applied.as_deref() == Some(fingerprint.as_str()) {
+        return Ok(false);
+    }
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if !privacy.patient_names {
+        tx.execute(
+            "UPDATE patients SET first_name = NULL, last_name = NULL
+             WHERE first_name IS NOT NULL OR last_name IS NOT NULL",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE encounters SET raw_json = json_remove(raw_json, '$.patient.first_name', '$.patient.last_name')
+             WHERE json_type(raw_json, '$.patient.first_name') IS NOT NULL
+                OR json_type(raw_json, '$.patient.last_name') IS NOT NULL",
+            [],
+        )?;
+    }
+    match privacy.date_of_birth {
+        BirthDate::Full => {}
+        BirthDate::YearOnly => {
+            tx.execute(
+                "UPDATE patients SET date_of_birth = substr(date_of_birth, 1, 4)
+                 WHERE length(date_of_birth) > 4",
+                [],
+            )?;
+            tx.execute(
+                "UPDATE encounters
+                 SET raw_json = json_set(raw_json, '$.patient.date_of_birth',
+                                         substr(json_extract(raw_json, '$.patient.date_of_birth'), 1, 4))
+                 WHERE length(json_extract(raw_json, '$.patient.date_of_birth')) > 4",
+                [],
+            )?;
+        }
+        BirthDate::Omit => {
+            tx.execute(
+                "UPDATE patients SET date_of_birth = NULL WHERE date_of_birth IS NOT NULL",
+                [],
+            )?;
+            tx.execute(
+                "UPDATE encounters SET raw_json = json_remove(raw_json, '$.patient.date_of_birth')
+                 WHERE json_type(raw_json, '$.patient.date_of_birth') IS NOT NULL",
+                [],
+            )?;
+        }
+    }
+    if !privacy.note_text {
+        tx.execute(
+            "UPDATE documents SET content_text = NULL WHERE content_text IS NOT NULL",
+            [],
+        )?;
+    }
+    if !privacy.transcript_text {
+        tx.execute(
+            "UPDATE transcript_turns SET text = NULL WHERE text IS NOT NULL",
+            [],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO sync_state (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![POLICY_KEY, fingerprint],
+    )?;
+    tx.commit()?;
+    conn.pragma_update(None, "secure_delete", "OFF")?;
+    scrub_wal(conn)?;
+    tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
+    Ok(true)
+}
+
+/// Checkpoints the WAL into the database and truncates it, so that page images holding
+/// removed data do not linger in the `-wal` file.
+fn scrub_wal(conn: &Connection) -> anyhow::Result<()> {
+    let (busy, _, _): (i64, i64, i64) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    if busy != 0 {
+        tracing::warn!(
+            "a reader kept the WAL from being truncated; removed data may stay in the -wal file until the next checkpoint"
+        );
+    }
+    Ok(())
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeCounts {
+    pub encounters: u64,
+    pub documents: u64,
+    pub transcripts: u64,
+    pub turns: u64,
+    pub recordings: u64,
+    pub history_rows: u64,
+    /// Recording files (relative to the audio directory) no longer referenced by any row.
+    pub orphaned_files: Vec<String>,
+}
+
+/// Removes every encounter created in `[start, end)` and everything hanging off it; records the
+/// purge (counts only), which also keeps the sync from bringing those encounters back.
+pub fn purge(
+    conn: &mut Connection,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    reason: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<PurgeCounts> {
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("DROP TABLE IF EXISTS temp.purge_ids", [])?;
+    tx.execute(
+        "CREATE TEMP TABLE purge_ids AS SELECT encounter_id FROM encounters
+         WHERE created_at_ns >= ?1 AND created_at_ns < ?2",
+        params![unix_nanos(start), unix_nanos(end)],
+    )?;
+    let doc_filter = "document_id IN (SELECT document_id FROM documents
+                      WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids))";
+    let files: Vec<String> = tx
+        .prepare(&format!("SELECT path FROM recordings WHERE {doc_filter}"))?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut counts = PurgeCounts {
+        turns: tx.execute(&format!("DELETE FROM transcript_turns WHERE {doc_filter}"), [])? as u64,
+        transcripts: tx.execute(&format!("DELETE FROM transcripts WHERE {doc_filter}"), [])? as u64,
+        recordings: tx.execute(&format!("DELETE FROM recordings WHERE {doc_filter}"), [])? as u64,
+        ..PurgeCounts::default()
+    };
+    tx.execute(&format!("DELETE FROM dead_letters WHERE {doc_filter}"), [])?;
+    counts.documents = tx.execute(
+        "DELETE FROM documents WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids)",
+        [],
+    )? as u64;
+    counts.history_rows = tx.execute(
+        "DELETE FROM encounter_history WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids)",
+        [],
+    )? as u64;
+    counts.encounters = tx.execute(
+        "DELETE FROM encounters WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids)",
+        [],
+    )? as u64;
+    // A patient with no encounter left is PHI about nobody we keep.
+    tx.execute(
+        "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = patients.patient_id)",
+        [],
+    )?;
+    tx.execute("DROP TABLE temp.purge_ids", [])?;
+    for path in files {
+        let still_used: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM recordings WHERE path = ?1)",
+            [&path],
+            |r| r.get(0),
+        )?;
+        if !still_used {
+            counts.orphaned_files.push(path);
+        }
+    }
+    tx.execute(
+        "INSERT INTO purges (purged_at, range_start, range_end, range_start_ns, range_end_ns, reason,
+             encounters, documents, transcripts, turns, recordings, history_rows)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            format_utc(now),
+            format_utc(start),
+            format_utc(end),
+            unix_nanos(start),
+            unix_nanos(end),
+            reason,
+            counts.encounters as i64,
+            counts.documents as i64,
+            counts.transcripts as i64,
+            counts.turns as i64,
+            counts.recordings as i64,
+            counts.history_rows as i64,
+        ],
+    )?;
+    tx.commit()?;
+    // Deleted FTS entries are gone from the index (secure-delete); merge what is left so no
+    // freed segment keeps old tokens, then let secure_delete zero the freed pages.
+    conn.execute(
+        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('optimize')",
+        [],
+    )?;
+    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
+    conn.pragma_update(None, "secure_delete", "OFF")?;
+    scrub_wal(conn)?;
+    Ok(counts)
+}
+
+/// Whether an encounter created at `created_at` lies in a purged range (and must not be stored).
+pub(super) fn is_purged(conn: &Connection, created_at_ns: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM purges WHERE range_start_ns <= ?1 AND range_end_ns > ?1)",
+    )?
+    .query_row([created_at_ns], |r| r.get(0))
+}
+
+/// When the last retention purge ran.
+pub fn last_retention_purge(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT purged_at FROM purges WHERE reason = 'retention' ORDER BY purge_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    text.map(|t| crate::timefmt::parse_rfc3339(&t).map_err(|e| anyhow::anyhow!("corrupt purge time: {e}")))
+        .transpose()
+}
