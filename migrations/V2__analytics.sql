@@ -114,9 +114,13 @@ SELECT
     t.provider,
     t.audio_duration_seconds,
     t.turn_count,
-    (SELECT group_concat(coalesce(tt.speaker, 'unknown') || ': ' || tt.text, char(10) ORDER BY tt.turn_index)
-       FROM transcript_turns tt
-      WHERE tt.document_id = t.document_id AND tt.text IS NOT NULL) AS text
+    -- Ordered by a subquery rather than group_concat(... ORDER BY ...), which SQLite before 3.44
+    -- cannot parse: analysts' sqlite3 (Debian 12 ships 3.40) must be able to open this file.
+    (SELECT group_concat(line, char(10))
+       FROM (SELECT coalesce(tt.speaker, 'unknown') || ': ' || tt.text AS line
+               FROM transcript_turns tt
+              WHERE tt.document_id = t.document_id AND tt.text IS NOT NULL
+              ORDER BY tt.turn_index)) AS text
 FROM transcripts t;
 
 -- Purges, with counts only.

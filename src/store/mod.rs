@@ -69,6 +69,9 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // PHI that is overwritten or deleted (a re-fetched transcript, a changed privacy policy, a
+    // purge) is zeroed on the spot instead of lingering in free space until a VACUUM.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(())
 }
 
@@ -91,10 +94,17 @@ pub fn set_wal_size_limit(conn: &Connection, bytes: u64) -> anyhow::Result<()> {
 /// Moves the WAL into the database and truncates it if no reader is in the way; readers that
 /// are keep their snapshot and the next checkpoint catches up.
 pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
-    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
-    if busy != 0 {
-        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    // TRUNCATE waits (busy_timeout) for readers to move to the newest snapshot; readers that
+    // keep starting can still win, so try a few times before settling for a passive copy.
+    for _ in 0..5 {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    tracing::warn!("readers kept the WAL from being truncated; it is cut back at the next checkpoint");
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
     Ok(())
 }
 

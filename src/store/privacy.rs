@@ -1,7 +1,7 @@
 //! Keeping only the PHI the partner decided to keep: applying a (changed) privacy policy to rows
 //! already stored, and purging encounters completely — rows, full-text entries, history, orphaned
-//! patients — with `secure_delete` and a truncating WAL checkpoint so no bytes remain in the
-//! database or its WAL. Recording files are returned for the caller to delete.
+//! patients — relying on `secure_delete` (on for every writing connection) and a truncating WAL
+//! checkpoint so that no bytes remain in the database or its WAL. Recording files are returned for the caller to delete.
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
@@ -25,7 +25,6 @@ pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::
     if applied.as_deref() == Some(fingerprint.as_str()) {
         return Ok(false);
     }
-    conn.pragma_update(None, "secure_delete", "ON")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if !privacy.patient_names {
         tx.execute(
@@ -86,15 +85,17 @@ pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::
         params![POLICY_KEY, fingerprint],
     )?;
     tx.commit()?;
-    conn.pragma_update(None, "secure_delete", "OFF")?;
-    scrub_wal(conn)?;
+    scrub(conn)?;
     tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
     Ok(true)
 }
 
-/// Checkpoints the WAL into the database and truncates it, so that page images holding
-/// removed data do not linger in the `-wal` file.
-fn scrub_wal(conn: &Connection) -> anyhow::Result<()> {
+/// Rewrites the database from its live content only (`VACUUM`), then checkpoints the WAL into it
+/// and truncates it, so that neither free pages nor old page images keep removed data.
+/// `secure_delete` already zeroes what is deleted; VACUUM also clears what SQLite moved around
+/// (cells relocated while pages were rebalanced) before the data was removed.
+fn scrub(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute_batch("VACUUM")?;
     let (busy, _, _): (i64, i64, i64) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
@@ -128,7 +129,6 @@ pub fn purge(
     reason: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<PurgeCounts> {
-    conn.pragma_update(None, "secure_delete", "ON")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("DROP TABLE IF EXISTS temp.purge_ids", [])?;
     tx.execute(
@@ -205,7 +205,7 @@ pub fn purge(
     )?;
     conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
     conn.pragma_update(None, "secure_delete", "OFF")?;
-    scrub_wal(conn)?;
+    scrub(conn)?;
     Ok(counts)
 }
 

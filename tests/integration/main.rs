@@ -8,3 +8,4 @@ mod daemon;
 mod replication;
 mod support;
 mod sync_quiet;
+mod warehouse;

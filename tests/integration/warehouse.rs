@@ -1,0 +1,482 @@
+//! The warehouse analysts query: the documented schema, views, full-text search, change
+//! history, privacy controls and purges (verified on the raw database and WAL bytes), and
+//! concurrent readers during a sync.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use charthero_sim::Simulator;
+use charthero_sync::sync::BackfillRange;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{TestEnv, compare, reader};
+
+/// Whether the database file or its WAL contains `needle` anywhere, deleted pages included.
+fn on_disk(db: &Path, needle: &str) -> bool {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    [db.to_owned(), wal.into()].iter().any(|p| {
+        let bytes = std::fs::read(p).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+/// PHI canaries of the given encounters: distinctive names, birth dates, a transcript
+/// sentence and a note line each.
+fn canaries(sim: &Simulator, encounter_ids: &BTreeSet<String>) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for e in sim
+        .snapshot()
+        .into_iter()
+        .filter(|e| encounter_ids.contains(&e.encounter_id))
+    {
+        for name in [&e.patient.first_name, &e.patient.last_name]
+            .into_iter()
+            .flatten()
+        {
+            if name.len() >= 7 {
+                out.insert(name.clone());
+            }
+        }
+        if let Some(d) = e.patient.date_of_birth {
+            out.insert(d.to_string());
+        }
+        for d in &e.documents {
+            if let Some(t) = sim.transcript(&e.encounter_id, &d.document_id)
+                && let Some(turn) = t.turns.iter().find(|t| t.text.len() > 40)
+            {
+                out.insert(turn.text.clone());
+            }
+            if let Some(note) = sim.note_text(&e.encounter_id, &d.document_id)
+                && let Some(line) = note.lines().find(|l| l.len() > 40)
+            {
+                out.insert(line.to_owned());
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Where a leaked value lives: the tables and columns holding it, or "free space / WAL".
+fn locate(db: &Path, needle: &str) -> String {
+    let conn = reader(db);
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut found = Vec::new();
+    for t in tables {
+        let cols: Vec<String> = conn
+            .prepare(&format!("SELECT name FROM pragma_table_info('{t}')"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for c in cols {
+            let n: i64 = conn
+                .query_row(
+                    &format!("SELECT count(*) FROM \"{t}\" WHERE CAST(\"{c}\" AS TEXT) LIKE ?1"),
+                    [format!("%{needle}%")],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            if n > 0 {
+                found.push(format!("{t}.{c}"));
+            }
+        }
+    }
+    let wal = std::fs::read(format!("{}-wal", db.display())).unwrap_or_default();
+    let in_wal = wal.windows(needle.len()).any(|w| w == needle.as_bytes());
+    format!("rows: {found:?}; in WAL: {in_wal}; WAL bytes: {}", wal.len())
+}
+
+fn all_ids(sim: &Simulator) -> BTreeSet<String> {
+    sim.snapshot().into_iter().map(|e| e.encounter_id).collect()
+}
+
+#[test]
+fn docs_schema_md_documents_exactly_the_tables_and_columns_of_the_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = charthero_sync::store::open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema.md")).unwrap();
+    // `### \`name\`` starts a table's section; its rows start with "| `column` |".
+    let mut documented: Vec<(String, Vec<String>)> = Vec::new();
+    for line in doc.lines() {
+        if let Some(name) = line.strip_prefix("### `").and_then(|l| l.strip_suffix('`')) {
+            documented.push((name.to_owned(), Vec::new()));
+        } else if let (Some(col), Some(last)) = (
+            line.strip_prefix("| `").and_then(|l| l.split('`').next()),
+            documented.last_mut(),
+        ) {
+            last.1.push(col.to_owned());
+        }
+    }
+    let names: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')
+               AND name NOT LIKE 'sqlite_%' AND name <> 'refinery_schema_history'
+               AND name NOT GLOB '*_fts_*' ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let documented_names: BTreeSet<&str> = documented.iter().map(|(n, _)| n.as_str()).collect();
+    let actual_names: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+    assert_eq!(
+        documented_names, actual_names,
+        "tables and views in docs/schema.md vs the migrations"
+    );
+    for (table, columns) in &documented {
+        let actual: Vec<String> = conn
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(columns, &actual, "columns of {table} in docs/schema.md");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_search_history_and_every_documented_query_work_on_a_synced_dataset() {
+    let env = TestEnv::with_encounters(61, 400).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let db = env.db_path();
+    let conn = reader(&db);
+    let snapshot = env.sim.snapshot();
+
+    let overview: i64 = conn
+        .query_row("SELECT count(*) FROM encounter_overview", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(overview as usize, snapshot.len());
+    let e = &snapshot[0];
+    let (docs, with_name): (i64, Option<String>) = conn
+        .query_row(
+            "SELECT document_count, last_name FROM encounter_overview WHERE encounter_id = ?1",
+            [&e.encounter_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(docs as usize, e.documents.len());
+    assert_eq!(with_name, e.patient.last_name);
+
+    // transcript_text: the turns in order, "speaker: text" per line.
+    let (enc, doc, t) = snapshot
+        .iter()
+        .flat_map(|e| e.documents.iter().map(move |d| (e, d)))
+        .find_map(|(e, d)| {
+            env.sim
+                .transcript(&e.encounter_id, &d.document_id)
+                .map(|t| (e, d, t))
+        })
+        .expect("the dataset has a final transcript");
+    let expected: Vec<String> = t
+        .turns
+        .iter()
+        .map(|t| format!("{}: {}", t.speaker, t.text))
+        .collect();
+    let text: String = conn
+        .query_row(
+            "SELECT text FROM transcript_text WHERE document_id = ?1",
+            [&doc.document_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(text, expected.join("\n"));
+
+    // Full-text search finds a distinctive word of that transcript in that document.
+    let word = t
+        .turns
+        .iter()
+        .flat_map(|t| t.text.split(|c: char| !c.is_alphabetic()))
+        .find(|w| w.len() >= 9);
+    if let Some(word) = word {
+        let found: Vec<String> = conn
+            .prepare(
+                "SELECT DISTINCT tt.document_id FROM transcript_turns_fts f
+                 JOIN transcript_turns tt ON tt.rowid = f.rowid WHERE transcript_turns_fts MATCH ?1",
+            )
+            .unwrap()
+            .query_map([format!("\"{word}\"")], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            found.contains(&doc.document_id),
+            "{word} not found in {}",
+            doc.document_id
+        );
+    }
+    let notes_indexed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'patient OR plan OR follow'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(notes_indexed > 0);
+
+    // History: a status change and a removal are each one appended row.
+    env.sim.update_status(&enc.encounter_id, "amended");
+    let gone = snapshot.last().unwrap().encounter_id.clone();
+    env.sim.remove(&gone);
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
+        .await
+        .unwrap();
+    let changes: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT change, status FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id")
+        .unwrap()
+        .query_map([&enc.encounter_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(changes.first().map(|c| c.0.as_str()), Some("created"));
+    assert_eq!(
+        changes.last(),
+        Some(&("changed".to_owned(), Some("amended".to_owned())))
+    );
+    let removed: String = conn
+        .query_row(
+            "SELECT change FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id DESC LIMIT 1",
+            [&gone],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(removed, "removed");
+
+    // Every SQL block of docs/schema.md runs.
+    let doc_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema.md")).unwrap();
+    let mut ran = 0;
+    for block in doc_text.split("```sql").skip(1) {
+        let sql = block
+            .split("```")
+            .next()
+            .unwrap()
+            .replace("doc_...", &doc.document_id);
+        let sql = sql.lines().map(str::trim).collect::<Vec<_>>().join("\n");
+        let mut stmt = conn.prepare(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let mut rows = stmt.query([]).unwrap();
+        while rows.next().unwrap().is_some() {}
+        ran += 1;
+    }
+    assert!(ran >= 12, "{ran} documented queries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
+    let env = TestEnv::with_encounters(62, 150).await;
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let db = env.db_path();
+    let marks = canaries(&env.sim, &all_ids(&env.sim));
+    assert!(marks.len() > 50, "too few canaries: {}", marks.len());
+    assert!(
+        marks.iter().any(|m| on_disk(&db, m)),
+        "the canaries were never stored: the test proves nothing"
+    );
+
+    let mut raw = env.raw_config();
+    raw.privacy.patient_names = false;
+    raw.privacy.date_of_birth = "year".into();
+    raw.privacy.note_text = false;
+    raw.privacy.transcript_text = false;
+    let strict = raw.validate().unwrap();
+    charthero_sync::sync_once(&strict, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let leaked: Vec<&String> = marks.iter().filter(|m| on_disk(&db, m)).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} canaries remain on disk, e.g. {:?}: {}",
+        leaked.len(),
+        leaked.first(),
+        leaked.first().map(|m| locate(&db, m)).unwrap_or_default()
+    );
+    // Encounters, documents and timings are still all there.
+    compare(&env.sim, &db).assert_empty_except_patients();
+    let years: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM patients WHERE length(date_of_birth) = 4",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(years > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
+    let env = TestEnv::with_encounters(63, 300).await;
+    let mut raw = env.raw_config();
+    raw.audio.enabled = true;
+    raw.audio.directory = env.dir.path().join("audio");
+    let config = raw.validate().unwrap();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+        .await
+        .unwrap();
+    let db = env.db_path();
+    let snapshot = env.sim.snapshot();
+    let cut = snapshot[snapshot.len() / 2].created_at;
+    let old: BTreeSet<String> = snapshot
+        .iter()
+        .filter(|e| e.created_at < cut)
+        .map(|e| e.encounter_id.clone())
+        .collect();
+    let young: BTreeSet<String> = all_ids(&env.sim).difference(&old).cloned().collect();
+    // Canaries only of purged encounters (a shared patient may still have young encounters).
+    let keep = canaries(&env.sim, &young);
+    let marks: Vec<String> = canaries(&env.sim, &old)
+        .into_iter()
+        .filter(|m| !keep.contains(m))
+        .collect();
+    assert!(marks.iter().any(|m| on_disk(&db, m)));
+    let files_before = std::fs::read_dir(&config.audio.directory).unwrap().count();
+
+    let range = BackfillRange {
+        start: OffsetDateTime::UNIX_EPOCH,
+        end: cut,
+    };
+    let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
+    let counts = charthero_sync::purge(&mut conn, &config.audio.directory, range, "range").unwrap();
+    drop(conn);
+    assert_eq!(counts.encounters as usize, old.len());
+    // Generated text repeats across encounters: a canary still held by a kept row is not a leak.
+    let leaked: Vec<&String> = marks
+        .iter()
+        .filter(|m| on_disk(&db, m) && locate(&db, m).starts_with("rows: []"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "{} canaries remain on disk outside live rows, e.g. {:?}: {}",
+        leaked.len(),
+        leaked.first(),
+        leaked.first().map(|m| locate(&db, m)).unwrap_or_default()
+    );
+    assert!(
+        marks.iter().filter(|m| !on_disk(&db, m)).count() > marks.len() / 2,
+        "most canaries of purged encounters should be gone entirely"
+    );
+    for id in &old {
+        assert!(!on_disk(&db, id), "purged encounter {id} still on disk");
+    }
+    // Files are content-addressed and may be shared: exactly the referenced ones remain.
+    let files: BTreeSet<String> = std::fs::read_dir(&config.audio.directory)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let referenced: BTreeSet<String> = reader(&db)
+        .prepare("SELECT DISTINCT path FROM recordings")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(files, referenced);
+    assert!(counts.recordings > 0 && files.len() <= files_before);
+    let recorded: (i64, i64) = reader(&db)
+        .query_row("SELECT encounters, documents FROM purges", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(recorded.0 as u64, counts.encounters);
+
+    // A reconcile over the purged range lists those encounters again and stores none of them.
+    let all = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    charthero_sync::sync_once(&config, &env.key(), "test", Some(all), &cancel)
+        .await
+        .unwrap();
+    let back: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE created_at_ns < ?1",
+            [cut.unix_timestamp_nanos() as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(back, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_reader_processes_during_a_sync_see_no_errors_and_the_wal_stays_bounded() {
+    let env = TestEnv::with_encounters(64, 3_000).await;
+    let mut raw = env.raw_config();
+    raw.database.wal_size_limit = 4 * 1024 * 1024;
+    raw.limits.requests_per_second = 1_500.0;
+    let config = raw.validate().unwrap();
+    let db = env.db_path();
+    drop(charthero_sync::store::open_writer(&db, Duration::from_secs(1)).unwrap());
+    let stop = env.dir.path().join("stop");
+    let script = r#"
+import os, sqlite3, sys
+db, stop = sys.argv[1], sys.argv[2]
+queries, errors = 0, 0
+while not os.path.exists(stop):
+    try:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        c.execute("SELECT count(*), sum(document_count) FROM encounter_overview").fetchone()
+        c.execute("SELECT count(*) FROM transcript_text").fetchone()
+        c.execute("SELECT count(*) FROM transcript_turns_fts WHERE transcript_turns_fts MATCH 'pain'").fetchone()
+        c.close()
+        queries += 1
+    except Exception as e:
+        errors += 1
+        print("reader error:", e, file=sys.stderr)
+print(queries, errors)
+"#;
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .args(["-c", script])
+                .arg(&db)
+                .arg(&stop)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 is available")
+        })
+        .collect();
+    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(report.is_complete());
+    std::fs::write(&stop, "").unwrap();
+    let mut total = 0;
+    for r in readers {
+        let out = tokio::task::spawn_blocking(move || r.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut parts = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+        let (queries, errors) = (parts.next().unwrap(), parts.next().unwrap());
+        assert_eq!(errors, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        total += queries;
+    }
+    assert!(total > 8, "the readers barely ran: {total} query rounds");
+    compare(&env.sim, &db).assert_empty();
+    let wal = std::fs::metadata(format!("{}-wal", db.display()))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(wal <= 4 * 1024 * 1024, "the WAL is {wal} bytes after the sync");
+}
