@@ -183,3 +183,72 @@ async fn migrate_and_demo_work_from_the_command_line() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_reindex_work_from_the_command_line() {
+    let env = TestEnv::with_encounters(13, 200).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = env.write_config_file("");
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("sync");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let before: i64 = reader(&env.db_path())
+        .query_row(
+            "SELECT count(*) FROM transcript_turns_fts WHERE transcript_turns_fts MATCH 'the'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("reindex");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let after: i64 = reader(&env.db_path())
+        .query_row(
+            "SELECT count(*) FROM transcript_turns_fts WHERE transcript_turns_fts MATCH 'the'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(before > 0);
+    assert_eq!(before, after);
+
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("purge");
+        c
+    })
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "nothing to purge was named: {}",
+        text(&out)
+    );
+    let out = run({
+        let mut c = bin();
+        c.arg("--config")
+            .arg(&config)
+            .args(["purge", "--older-than", "30d"]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("purged encounters created"), "{}", text(&out));
+    let (left, purges): (i64, i64) = reader(&env.db_path())
+        .query_row(
+            "SELECT (SELECT count(*) FROM encounters WHERE created_at_ns < unixepoch('now', '-30 days') * 1000000000),
+                    (SELECT count(*) FROM purges)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((left, purges), (0, 1));
+}
