@@ -1,12 +1,21 @@
 //! The performance envelope, measured against the in-process simulator over loopback with the
-//! real sync and a real SQLite file. Prints numbers; asserts nothing about time.
+//! real sync and real SQLite files. Prints numbers; asserts only correctness (equal row counts,
+//! zero rate violations), never time.
 //!
-//! `cargo bench --bench envelope -- [scenario...]`; scenarios: `transcripts`. With no scenario,
-//! all run. `cargo test --bench envelope` runs the same code on a small N as a smoke test.
+//! `cargo bench --bench envelope -- [scenario...]` runs at full size; with no scenario, all run.
+//! Scenarios: `list` (list-only backfills of 100k and 1M, as a child process whose peak RSS is
+//! read from /proc), `bound` (a bare rusqlite batched upsert of the same rows), `transcripts`
+//! (full content at a rate limit), `latency` (50 ms injected per request), `idle` (a quiet
+//! incremental cycle), `churn` (a backfill while upstream mutates), `dlt` (the peer, if
+//! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
+//! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use charthero_sim::{RateLimit, Route, SimOptions, Simulator};
+use charthero_sim::{Fault, FaultRule, ListRequest, NewEncounter, RateLimit, Route, SimOptions, Simulator};
 use charthero_sync::config::RawConfig;
 use charthero_sync::secret::ApiKey;
 use time::OffsetDateTime;
@@ -15,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 /// `cargo bench` passes `--bench`; `cargo test --bench` does not: then run small.
 fn full_size() -> bool {
     std::env::args().any(|a| a == "--bench")
+}
+
+fn size(full: usize, smoke: usize) -> usize {
+    if full_size() { full } else { smoke }
 }
 
 fn wanted(name: &str) -> bool {
@@ -38,17 +51,159 @@ async fn start_sim(encounters: usize) -> Simulator {
     .expect("simulator starts")
 }
 
-fn config(sim: &Simulator, dir: &tempfile::TempDir, rps: f64, burst: u32, in_flight: u32) -> RawConfig {
+fn config(sim: &Simulator, db: &Path, rps: f64, burst: u32, in_flight: u32) -> RawConfig {
     let mut raw = RawConfig::default();
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
-    raw.database.path = dir.path().join("bench.db");
+    raw.database.path = db.to_owned();
     raw.sync.start_at =
         charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(31));
+    raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = rps;
     raw.limits.burst = burst;
     raw.limits.max_in_flight = in_flight;
     raw
+}
+
+fn list_only(mut raw: RawConfig) -> RawConfig {
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    raw
+}
+
+fn key(sim: &Simulator) -> ApiKey {
+    ApiKey::new(&sim.api_key()).unwrap()
+}
+
+fn count(db: &Path, table: &str) -> i64 {
+    charthero_sync::store::open_reader(db, Duration::from_secs(5))
+        .unwrap()
+        .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Writes `raw` as a TOML file the binary can read (only the keys the benchmarks change).
+fn write_config(raw: &RawConfig, dir: &Path, key: &str) -> PathBuf {
+    let key_path = dir.join("api-key");
+    std::fs::write(&key_path, key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = dir.join("config.toml");
+    let text = format!(
+        "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[database]\npath = \"{}\"\n\
+         [sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\
+         [limits]\nrequests_per_second = {:.1}\nburst = {}\nmax_in_flight = {}\n\
+         [content]\ndetails = {}\ntranscripts = {}\n",
+        raw.api.base_url,
+        key_path.display(),
+        raw.database.path.display(),
+        raw.sync.start_at,
+        raw.limits.requests_per_second,
+        raw.limits.burst,
+        raw.limits.max_in_flight,
+        raw.content.details,
+        raw.content.transcripts,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `charthero-sync sync` as a child process; returns its wall time and peak RSS (KiB),
+/// the high-water mark read from /proc while it runs.
+async fn run_child(config: &Path) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_charthero-sync"))
+        .arg("--config")
+        .arg(config)
+        .arg("sync")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the sync failed");
+            return (started.elapsed(), peak_kib);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// List-only backfills of two sizes in a child process: throughput, list requests against the
+/// ceil(N/100) minimum, peak RSS and its growth with N.
+async fn list() -> Vec<(usize, f64, tempfile::TempDir)> {
+    let mut results = Vec::new();
+    let mut rss = Vec::new();
+    for n in [size(100_000, 2_000), size(1_000_000, 20_000)] {
+        let sim = start_sim(n).await;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = list_only(config(&sim, &dir.path().join("w.db"), 1_000_000.0, 1_000, 4));
+        let cfg = write_config(&raw, dir.path(), &sim.api_key());
+        let (elapsed, peak_kib) = run_child(&cfg).await;
+        let stats = sim.stats();
+        assert_eq!(count(&raw.database.path, "encounters") as usize, n);
+        let minimum = n.div_ceil(100) as f64;
+        let rate = n as f64 / elapsed.as_secs_f64();
+        println!(
+            "list: {n} encounters in {:.2} s = {rate:.0} encounters/s; {} list requests ({:.3} x the minimum {minimum}); \
+             peak RSS {:.1} MiB; {:.0} rows/s written",
+            elapsed.as_secs_f64(),
+            stats.route(Route::List),
+            stats.route(Route::List) as f64 / minimum,
+            peak_kib as f64 / 1024.0,
+            rate,
+        );
+        rss.push(peak_kib as f64);
+        sim.shutdown();
+        results.push((n, rate, dir));
+    }
+    println!("list: peak RSS ratio large/small = {:.3}", rss[1] / rss[0]);
+    results
+}
+
+/// The physical bound: the rows a list-only sync stored in `source`, parsed again from their
+/// JSON and written through `store::commit_page` in batches of 100 into a fresh database — no
+/// HTTP, no paging, no rate limit.
+fn bound(source: &Path) -> f64 {
+    let conn = charthero_sync::store::open_reader(source, Duration::from_secs(5)).unwrap();
+    let raws: Vec<String> = conn
+        .prepare("SELECT raw_json FROM encounters ORDER BY created_at_ns")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let privacy = RawConfig::default().validate().unwrap().privacy;
+    let records: Vec<charthero_sync::store::EncounterRecord> = raws
+        .iter()
+        .map(|raw| {
+            let e = charthero_sync::api::wire::Encounter::parse(raw).unwrap();
+            charthero_sync::sync::encounter_record(e, &privacy)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn =
+        charthero_sync::store::open_writer(&dir.path().join("b.db"), Duration::from_secs(5)).unwrap();
+    let started = Instant::now();
+    let mut rows = 0;
+    for batch in records.chunks(100) {
+        let c = charthero_sync::store::commit_page(&mut conn, batch, &[], None, OffsetDateTime::now_utc())
+            .unwrap();
+        rows += c.new;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    println!("bound: bare rusqlite batched upsert of {rows} encounters: {rate:.0} rows/s");
+    rate
 }
 
 /// A full content backfill (notes and transcripts) under a rate limit: the achieved request
@@ -62,10 +217,11 @@ async fn transcripts() {
         enforce: false,
     }));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&sim, &dir, rps, 5, 4).validate().unwrap();
-    let key = ApiKey::new(&sim.api_key()).unwrap();
+    let cfg = config(&sim, &dir.path().join("w.db"), rps, 5, 4)
+        .validate()
+        .unwrap();
     let started = Instant::now();
-    let report = charthero_sync::sync_once(&cfg, &key, "bench", None, &CancellationToken::new())
+    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &CancellationToken::new())
         .await
         .expect("the sync completes");
     let elapsed = started.elapsed().as_secs_f64();
@@ -90,14 +246,280 @@ async fn transcripts() {
     );
 }
 
+/// 50 ms added to every response: throughput against min(rps, max_in_flight / RTT).
+async fn latency() {
+    let encounters = size(1_000, 100);
+    let sim = start_sim(encounters).await;
+    sim.push_fault(FaultRule {
+        route: None,
+        skip: 0,
+        times: u64::MAX,
+        fault: Fault::Delay(Duration::from_millis(50)),
+    });
+    let (rps, in_flight) = (200.0, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, &dir.path().join("w.db"), rps, 5, in_flight)
+        .validate()
+        .unwrap();
+    let started = Instant::now();
+    charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &CancellationToken::new())
+        .await
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = sim.stats().requests as f64;
+    let ceiling = rps.min(f64::from(in_flight) / 0.050);
+    println!(
+        "latency: 50 ms per response, {requests} requests in {elapsed:.2} s = {:.1} req/s; \
+         ceiling min(rps {rps}, max_in_flight {in_flight} / 50 ms) = {ceiling:.0}; ratio {:.3}",
+        requests / elapsed,
+        requests / elapsed / ceiling
+    );
+}
+
+/// A second cycle with nothing changed upstream: only the revisit horizon's list requests.
+async fn idle() {
+    let encounters = size(20_000, 500);
+    let sim = start_sim(encounters).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 8)
+        .validate()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel)
+        .await
+        .unwrap();
+    sim.reset_stats();
+    let started = Instant::now();
+    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel)
+        .await
+        .unwrap();
+    let stats = sim.stats();
+    println!(
+        "idle: quiet incremental cycle over {encounters} encounters in {:.3} s: {} list, {} document, {} transcript \
+         requests; {} rows changed",
+        started.elapsed().as_secs_f64(),
+        stats.route(Route::List),
+        stats.route(Route::Document),
+        stats.route(Route::Transcript),
+        report.counts.encounters_new + report.counts.encounters_changed,
+    );
+    assert_eq!(stats.route(Route::Document) + stats.route(Route::Transcript), 0);
+}
+
+/// A list-only backfill while upstream changes on 40 % of list requests: list requests per
+/// encounter, and equality after a reconcile.
+async fn churn() {
+    let n = size(100_000, 3_000);
+    let sim = start_sim(n).await;
+    let rng = Mutex::new(fastrand::Rng::with_seed(9));
+    let mutations = Arc::new(Mutex::new(0u64));
+    let counter = mutations.clone();
+    sim.set_list_hook(Some(Arc::new(move |sim: &Simulator, req: &ListRequest| {
+        let mut rng = rng.lock().unwrap();
+        if rng.u32(0..10) >= 4 {
+            return;
+        }
+        let cursor = req.start_at.unwrap_or_else(OffsetDateTime::now_utc);
+        *counter.lock().unwrap() += 1;
+        let first = cursor - time::Duration::days(1);
+        match rng.u32(0..3) {
+            0 => {
+                let at = first + time::Duration::seconds(rng.i64(0..86_400));
+                sim.insert(NewEncounter::at(at));
+            }
+            _ => {
+                sim.insert(NewEncounter::at(OffsetDateTime::now_utc()));
+            }
+        }
+    })));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = list_only(config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 4))
+        .validate()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel).await;
+    sim.set_list_hook(None);
+    let list = sim.stats().route(Route::List);
+    let range = charthero_sync::sync::BackfillRange {
+        start: cfg.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    charthero_sync::sync_once(&cfg, &key(&sim), "bench", Some(range), &cancel)
+        .await
+        .unwrap();
+    // Mutations may insert just before sync.start_at, which is outside what is replicated.
+    let expected = sim
+        .snapshot()
+        .iter()
+        .filter(|e| e.created_at >= cfg.sync.start_at)
+        .count() as i64;
+    let missing = expected - count(&cfg.database.path, "encounters WHERE removed_at IS NULL");
+    println!(
+        "churn: {n} encounters, {} mutations during the backfill, {list} list requests = {:.3} x the minimum {}; \
+         re-scans {}; missing after a reconcile: {missing}",
+        mutations.lock().unwrap(),
+        list as f64 / n.div_ceil(100) as f64,
+        n.div_ceil(100),
+        report.map(|r| r.counts.rescans).unwrap_or_default(),
+    );
+}
+
+/// Removes, on 30 % of list requests, one encounter the requester has already paged past:
+/// before its `start_at`, or among the first `offset` records of its window. That is the
+/// shift that makes plain offset paging skip records.
+fn shifting_hook(seed: u64, removed: Arc<Mutex<Vec<String>>>) -> charthero_sim::ListHook {
+    let rng = Mutex::new(fastrand::Rng::with_seed(seed));
+    Arc::new(move |sim: &Simulator, req: &ListRequest| {
+        let mut rng = rng.lock().unwrap();
+        if rng.u32(0..10) >= 3 {
+            return;
+        }
+        let snapshot = sim.snapshot();
+        let from = req.start_at.unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let before = snapshot.iter().take_while(|e| e.created_at < from).count();
+        let behind = before + req.offset as usize;
+        if behind == 0 {
+            return;
+        }
+        let victim = snapshot[rng.usize(..behind.min(snapshot.len()))]
+            .encounter_id
+            .clone();
+        sim.remove(&victim);
+        removed.lock().unwrap().push(victim);
+    })
+}
+
+/// Runs the dlt peer against the simulator; returns (seconds, IDs loaded).
+async fn run_dlt(
+    python: &str,
+    sim: &Simulator,
+    start_at: OffsetDateTime,
+) -> (f64, std::collections::HashSet<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/dlt_peer.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
+        .arg(sim.base_url())
+        .arg(sim.api_key())
+        .arg(charthero_sync::timefmt::format_utc(start_at))
+        .arg(dir.path())
+        .env("RUNTIME__LOG_LEVEL", "WARNING");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dlt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ids = std::fs::read_to_string(v["ids"].as_str().unwrap()).unwrap();
+    (
+        v["elapsed"].as_f64().unwrap(),
+        ids.lines().map(str::to_owned).collect(),
+    )
+}
+
+/// The peer: dlt's rest_api source with the offset paginator on the same dataset, quiet and
+/// with offsets shifting under it; throughput ratio and records missed by each.
+async fn dlt() {
+    let Ok(python) = std::env::var("CHARTHERO_BENCH_PYTHON") else {
+        println!(
+            "dlt: skipped (set CHARTHERO_BENCH_PYTHON to a Python with dlt[duckdb]; benches/run.sh does)"
+        );
+        return;
+    };
+    // Within the offset cap, so that dlt can read the whole range at all.
+    let n = size(10_000, 500);
+    for shifting in [false, true] {
+        let mut results = Vec::new();
+        for tool in ["charthero-sync", "dlt"] {
+            let sim = start_sim(n).await;
+            let start_at = OffsetDateTime::now_utc() - time::Duration::days(31);
+            let before: std::collections::HashSet<String> =
+                sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
+            let removed = Arc::new(Mutex::new(Vec::new()));
+            if shifting {
+                sim.set_list_hook(Some(shifting_hook(11, removed.clone())));
+            }
+            let started = Instant::now();
+            let (elapsed, loaded): (f64, std::collections::HashSet<String>) = if tool == "dlt" {
+                run_dlt(&python, &sim, start_at).await
+            } else {
+                let dir = tempfile::tempdir().unwrap();
+                let raw = list_only(config(&sim, &dir.path().join("w.db"), 1_000_000.0, 1_000, 4));
+                let cfg = write_config(&raw, dir.path(), &sim.api_key());
+                run_child(&cfg).await;
+                let conn =
+                    charthero_sync::store::open_reader(&raw.database.path, Duration::from_secs(5)).unwrap();
+                let ids = conn
+                    .prepare("SELECT encounter_id FROM encounters WHERE removed_at IS NULL")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                (started.elapsed().as_secs_f64(), ids)
+            };
+            sim.set_list_hook(None);
+            let removed: std::collections::HashSet<String> =
+                removed.lock().unwrap().iter().cloned().collect();
+            // Records that existed before and after the run: any tool must have them.
+            let stable: Vec<&String> = before.iter().filter(|id| !removed.contains(*id)).collect();
+            let missing = stable.iter().filter(|id| !loaded.contains(**id)).count();
+            println!(
+                "dlt: {} {tool}: {n} encounters in {elapsed:.2} s = {:.0} encounters/s; {} removed during the run; \
+                 missing {missing} of {} that stayed",
+                if shifting { "shifting" } else { "quiet" },
+                n as f64 / elapsed,
+                removed.len(),
+                stable.len()
+            );
+            results.push(elapsed);
+            sim.shutdown();
+        }
+        println!(
+            "dlt: {} charthero-sync is {:.1}x faster",
+            if shifting { "shifting" } else { "quiet" },
+            results[1] / results[0]
+        );
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
+        if wanted("list") || wanted("bound") {
+            let runs = list().await;
+            let (n, rate, dir) = &runs[0];
+            let bound = bound(&dir.path().join("w.db"));
+            println!(
+                "bound: end-to-end list-only ingest of {n} is {:.1} % of the bare upsert loop",
+                100.0 * rate / bound
+            );
+        }
         if wanted("transcripts") {
             transcripts().await;
+        }
+        if wanted("latency") {
+            latency().await;
+        }
+        if wanted("idle") {
+            idle().await;
+        }
+        if wanted("churn") {
+            churn().await;
+        }
+        if wanted("dlt") {
+            dlt().await;
         }
     });
 }

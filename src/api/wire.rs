@@ -97,8 +97,13 @@ pub struct Encounter {
 impl Encounter {
     /// Parses one encounter object, keeping its raw text.
     pub(super) fn from_raw(raw: &RawValue) -> Result<Encounter, serde_json::Error> {
-        let mut e: Encounter = serde_json::from_str(raw.get())?;
-        e.raw = raw.get().to_owned();
+        Encounter::parse(raw.get())
+    }
+
+    /// Parses one encounter object from its JSON text, keeping the text.
+    pub fn parse(json: &str) -> Result<Encounter, serde_json::Error> {
+        let mut e: Encounter = serde_json::from_str(json)?;
+        e.raw = json.to_owned();
         Ok(e)
     }
 }

@@ -473,7 +473,7 @@ async fn scan_range(
 /// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the
 /// columns and in the stored JSON). The content hash is over the record as received, so change
 /// detection does not depend on the policy.
-fn to_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
+pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
     let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
     let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
     let raw_json = if redact {

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
-use super::{CycleError, SyncContext, to_record};
+use super::{CycleError, SyncContext, encounter_record};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
 use crate::store::{self, EncounterRecord, Removal, RunCounts, WindowCompletion};
@@ -236,7 +236,7 @@ async fn run_pass(
             pass.last_page = page
                 .items
                 .into_iter()
-                .map(|e| to_record(e, &ctx.privacy))
+                .map(|e| encounter_record(e, &ctx.privacy))
                 .collect();
             break;
         }
@@ -260,7 +260,7 @@ async fn run_pass(
             pass.last_page = page
                 .items
                 .into_iter()
-                .map(|e| to_record(e, &ctx.privacy))
+                .map(|e| encounter_record(e, &ctx.privacy))
                 .collect();
             break;
         }
@@ -354,7 +354,10 @@ async fn absorb(
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
     note_seen(pass, &items);
-    let records = items.into_iter().map(|e| to_record(e, &ctx.privacy)).collect();
+    let records = items
+        .into_iter()
+        .map(|e| encounter_record(e, &ctx.privacy))
+        .collect();
     commit(ctx, records, Vec::new(), None, counts).await
 }
 
@@ -403,7 +406,7 @@ async fn find_removals(
     for encounter_id in stored.into_iter().filter(|id| !seen.contains(id.as_str())) {
         counts.detail_requests += 1;
         match ctx.client.encounter(&encounter_id).await {
-            Ok(e) => still_there.push(to_record(e, &ctx.privacy)),
+            Ok(e) => still_there.push(encounter_record(e, &ctx.privacy)),
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let reason = e.reason_code().unwrap_or("encounter_not_found").to_owned();
                 tracing::debug!(encounter_id, reason, "encounter gone upstream");
