@@ -152,6 +152,19 @@ impl From<CycleError> for Failure {
     }
 }
 
+/// What a command that syncs needs first: the validated config, the API key (its source is
+/// logged, never the key), and the warehouse's writer lock.
+fn prepare_writer(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<(Config, charthero_sync::secret::ApiKey, WriterLock), Failure> {
+    let config = Config::load(path)?;
+    let (key, source) = config::load_api_key(&config.api)?;
+    tracing::info!(%source, "API key loaded");
+    let lock = WriterLock::acquire(&config.database.path, what)?;
+    Ok((config, key, lock))
+}
+
 /// The backfill range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults
 /// to now and must be after the start.
 fn backfill_range(
@@ -223,10 +236,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             backfill_to,
         } => {
             let backfill = backfill_range(backfill_from, backfill_to)?;
-            let config = Config::load(&cli.config)?;
-            let (key, source) = config::load_api_key(&config.api)?;
-            tracing::info!(%source, "API key loaded");
-            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync sync")?;
+            let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync sync")?;
             let cancel = cancel_on_signal();
             let report = charthero_sync::sync_once(&config, &key, "sync", backfill, &cancel).await?;
             let c = report.counts;
@@ -270,10 +280,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             backfill_to,
         } => {
             let backfill = backfill_range(backfill_from, backfill_to)?;
-            let config = Config::load(&cli.config)?;
-            let (key, source) = config::load_api_key(&config.api)?;
-            tracing::info!(%source, "API key loaded");
-            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync run")?;
+            let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync run")?;
             let ctx = charthero_sync::connect(&config, &key)?;
             if let Some(r) = backfill {
                 let id = ctx
