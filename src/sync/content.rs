@@ -82,8 +82,15 @@ pub(super) async fn drain(
     gate: &RouteGate,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    // One slot is left to the pager so that a content backlog never stalls paging.
-    let concurrency = ctx.max_in_flight.saturating_sub(1).max(1);
+    // While paging runs, one slot is left to the pager so that a content backlog never stalls
+    // it; once paging is done, content may use them all.
+    let concurrency = || {
+        if paging_done.is_cancelled() {
+            ctx.max_in_flight
+        } else {
+            ctx.max_in_flight.saturating_sub(1).max(1)
+        }
+    };
     loop {
         if stop.is_cancelled() {
             return Err(CycleError::Cancelled);
@@ -118,7 +125,7 @@ pub(super) async fn drain(
         let mut queue = batch.into_iter();
         let mut running = FuturesUnordered::new();
         loop {
-            while running.len() < concurrency {
+            while running.len() < concurrency() {
                 match queue.next() {
                     Some(item) => running.push(process(ctx, run_id, item, gate)),
                     None => break,
