@@ -52,15 +52,6 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 6] = [
-        Route::ListEncounters,
-        Route::Encounter,
-        Route::Document,
-        Route::Transcript,
-        Route::Audio,
-        Route::Recording,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Route::ListEncounters => "list_encounters",

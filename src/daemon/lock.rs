@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct WriterLock {
     _file: File,
-    path: PathBuf,
 }
 
 /// Why the lock could not be taken.
@@ -73,11 +72,7 @@ impl WriterLock {
         )
         .map_err(io)?;
         file.flush().map_err(io)?;
-        Ok(WriterLock { _file: file, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(WriterLock { _file: file })
     }
 }
 
