@@ -462,6 +462,20 @@ fn visible_slot(inner: &Inner, store: &crate::store::Store, encounter_id: &str) 
     }
 }
 
+/// Resolves a document of a visible encounter, or the reply for whatever is missing.
+fn visible_document<'s>(
+    inner: &Inner,
+    store: &'s crate::store::Store,
+    target: &Target<'_>,
+) -> Result<(&'s crate::store::EncRec, crate::store::DocRec), Reply> {
+    let rec = store.rec(visible_slot(inner, store, target.encounter_id)?);
+    let doc = rec
+        .doc(target.document_id)
+        .copied()
+        .ok_or_else(|| not_found(inner))?;
+    Ok((rec, doc))
+}
+
 fn encounter(inner: &Inner, encounter_id: &str) -> Reply {
     let opts = inner.render_opts();
     let store = read(&inner.store);
@@ -475,13 +489,9 @@ fn document(inner: &Inner, target: &Target<'_>) -> Reply {
     let opts = inner.render_opts();
     let (detail, note) = {
         let store = read(&inner.store);
-        let slot = match visible_slot(inner, &store, target.encounter_id) {
-            Ok(slot) => slot,
+        let (rec, doc) = match visible_document(inner, &store, target) {
+            Ok(found) => found,
             Err(reply) => return reply,
-        };
-        let rec = store.rec(slot);
-        let Some(doc) = rec.doc(target.document_id).copied() else {
-            return not_found(inner);
         };
         if doc.class == DocClass::Unsupported {
             return unsupported_document(inner, "document detail");
@@ -508,13 +518,9 @@ fn transcript(inner: &Inner, target: &Target<'_>) -> Reply {
     let opts = inner.render_opts();
     let (params, encounter_id, doc) = {
         let store = read(&inner.store);
-        let slot = match visible_slot(inner, &store, target.encounter_id) {
-            Ok(slot) => slot,
+        let (rec, doc) = match visible_document(inner, &store, target) {
+            Ok(found) => found,
             Err(reply) => return reply,
-        };
-        let rec = store.rec(slot);
-        let Some(doc) = rec.doc(target.document_id).copied() else {
-            return not_found(inner);
         };
         (store.params, rec.id, doc)
     };
@@ -555,13 +561,9 @@ fn audio(inner: &Inner, target: &Target<'_>) -> Reply {
     let opts = inner.render_opts();
     let doc = {
         let store = read(&inner.store);
-        let slot = match visible_slot(inner, &store, target.encounter_id) {
-            Ok(slot) => slot,
+        match visible_document(inner, &store, target) {
+            Ok((_, doc)) => doc,
             Err(reply) => return reply,
-        };
-        match store.rec(slot).doc(target.document_id).copied() {
-            Some(doc) => doc,
-            None => return not_found(inner),
         }
     };
     if doc.class != DocClass::Ambient {

@@ -323,6 +323,7 @@ async fn bodies_over_the_size_cap_are_refused_and_errors_never_show_the_key() {
     let doc = env.sim.encounter(&id).unwrap().documents[0].document_id.clone();
     let mut raw = env.raw_config();
     raw.api.max_response_bytes = 256 * 1024;
+    raw.limits.max_attempts = 1;
     let cfg = raw.validate().unwrap();
     let key = ApiKey::new(&env.sim.api_key()).unwrap();
     let c = Client::new(&cfg.api, &cfg.limits, &key).unwrap();
