@@ -1,9 +1,9 @@
 //! The binary as operators run it: exit codes, error messages that name the problem, and output
 //! that never contains the API key.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use crate::support::{TestEnv, compare, reader};
+use crate::support::{TestEnv, compare, reader, run, text};
 
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
@@ -12,21 +12,6 @@ fn bin() -> Command {
         .env_remove("CHARTHERO_SYNC_CONFIG")
         .env_remove("RUST_LOG");
     cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs a blocking command without stalling the runtime that serves the simulator.
-async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

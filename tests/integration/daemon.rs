@@ -3,13 +3,13 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
-use crate::support::{ENCOUNTERS_ONLY, TestEnv, compare, reader};
+use crate::support::{ENCOUNTERS_ONLY, TestEnv, compare, reader, run, text};
 
 fn bin(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
@@ -21,20 +21,6 @@ fn bin(config: &Path) -> Command {
         .env_remove("WATCHDOG_USEC")
         .env("RUST_LOG", "warn");
     cmd
-}
-
-async fn output(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn spawn(mut cmd: Command) -> Child {
@@ -116,9 +102,9 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality()
     let config = backfill_config(&env, 100);
     let from = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
     let db = env.db_path();
-    let mut run = bin(&config);
-    run.args(["run", "--backfill-from", &from]);
-    let child = spawn(run);
+    let mut daemon = bin(&config);
+    daemon.args(["run", "--backfill-from", &from]);
+    let child = spawn(daemon);
     wait_for(Duration::from_secs(60), || {
         backfill_state(&db).is_some_and(|(_, cursor)| cursor.is_some())
     })
@@ -127,7 +113,7 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality()
     // While it runs, a second writer is refused, naming the holder.
     let mut second = bin(&config);
     second.arg("sync");
-    let out = output(second).await;
+    let out = run(second).await;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     assert!(text(&out).contains("charthero-sync run"), "{}", text(&out));
 
@@ -169,9 +155,9 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
     env.write_key_file(&env.sim.api_key());
     let config = backfill_config(&env, 25);
     let db = env.db_path();
-    let mut run = bin(&config);
-    run.arg("run");
-    let child = spawn(run);
+    let mut daemon = bin(&config);
+    daemon.arg("run");
+    let child = spawn(daemon);
     wait_for(Duration::from_secs(30), || {
         db.exists()
             && reader(&db)
@@ -190,7 +176,7 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
         "--from",
         &format_utc(OffsetDateTime::now_utc() - time::Duration::days(61)),
     ]);
-    let out = output(queue).await;
+    let out = run(queue).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("queued backfill 1"), "{}", text(&out));
 
@@ -199,7 +185,7 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
     loop {
         let mut status = bin(&config);
         status.args(["status", "--json"]);
-        let out = output(status).await;
+        let out = run(status).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let b = &json["backfills"][0];
@@ -238,11 +224,12 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served
     let socket_path = env.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut run = bin(&config);
-    run.arg("run")
+    let mut daemon = bin(&config);
+    daemon
+        .arg("run")
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "600000");
-    let child = spawn(run);
+    let child = spawn(daemon);
     let mut messages = Vec::new();
     let mut buf = [0u8; 4096];
     let started = Instant::now();
@@ -298,7 +285,7 @@ async fn check_passes_with_a_full_key_and_names_a_missing_recordings_scope() {
     let config = env.write_config_file(&audio);
     let mut check = bin(&config);
     check.arg("check");
-    let out = output(check).await;
+    let out = run(check).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
         text(&out).contains("everything this configuration needs works"),
@@ -315,7 +302,7 @@ async fn check_passes_with_a_full_key_and_names_a_missing_recordings_scope() {
     env.write_key_file("ch_sk_no_recordings");
     let mut check = bin(&config);
     check.arg("check");
-    let out = output(check).await;
+    let out = run(check).await;
     let all = text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
     let audio_line = all.lines().find(|l| l.starts_with("audio")).unwrap();
@@ -358,7 +345,7 @@ async fn a_full_sync_at_trace_level_logs_no_key_names_transcript_text_or_signed_
         sync.arg("sync")
             .env("RUST_LOG", "trace")
             .env("CHARTHERO_LOG_FORMAT", format);
-        let out = output(sync).await;
+        let out = run(sync).await;
         let all = text(&out);
         assert_eq!(out.status.code(), Some(0), "{all}");
         assert!(all.len() > 10_000, "trace logging produced almost nothing: {all}");

@@ -327,3 +327,19 @@ pub fn compare_content(sim: &Simulator, db: &Path) -> Vec<String> {
     }
     bad
 }
+
+/// A finished command's stdout and stderr, as one text.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a blocking command without stalling the runtime that serves the simulator.
+pub async fn run(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
