@@ -179,8 +179,8 @@ async fn list() -> Vec<(usize, f64, tempfile::TempDir)> {
 }
 
 /// The physical bound: the rows a list-only sync stored in `source`, parsed again from their
-/// JSON and written through `store::commit_page` in batches of 100 into a fresh database — no
-/// HTTP, no paging, no rate limit.
+/// JSON and written through `store::commit_page` into a fresh database, eight pages of 100 per
+/// transaction — no HTTP, no paging, no rate limit.
 fn bound(source: &Path) -> f64 {
     let conn = charthero_sync::store::open_reader(source, Duration::from_secs(5)).unwrap();
     let raws: Vec<String> = conn
@@ -203,10 +203,16 @@ fn bound(source: &Path) -> f64 {
         charthero_sync::store::open_writer(&dir.path().join("b.db"), Duration::from_secs(5)).unwrap();
     let started = Instant::now();
     let mut rows = 0;
-    for batch in records.chunks(100) {
-        let c = charthero_sync::store::commit_page(&mut conn, batch, &[], None, OffsetDateTime::now_utc())
-            .unwrap();
-        rows += c.new;
+    // Pages of 100, eight to a transaction: what the sync's writer commits when it is the
+    // bottleneck (the pager keeps up to eight pages queued, and the writer groups them).
+    for group in records.chunks(800) {
+        let tx = conn.transaction().unwrap();
+        for page in group.chunks(100) {
+            rows += charthero_sync::store::commit_page(&tx, page, &[], None, OffsetDateTime::now_utc())
+                .unwrap()
+                .new;
+        }
+        tx.commit().unwrap();
     }
     let rate = rows as f64 / started.elapsed().as_secs_f64();
     println!("bound: bare rusqlite batched upsert of {rows} encounters: {rate:.0} rows/s");

@@ -2,7 +2,7 @@
 //! whatever the backlog: which documents need their detail, transcript or recording fetched,
 //! saving what was fetched, and the dead letters of work that exhausted its retries.
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
 use crate::timefmt::{format_utc, unix_nanos};
@@ -127,13 +127,12 @@ pub enum DetailOutcome {
 /// Saves a document detail; for a finished ambient document, queues its transcript (when it
 /// has none, or the document changed since it was fetched) and, with `audio`, its recording.
 pub fn save_detail(
-    conn: &mut Connection,
+    tx: &Transaction<'_>,
     document_id: &str,
     outcome: &DetailOutcome,
     audio: bool,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now_text = format_utc(now);
     match outcome {
         DetailOutcome::Note {
@@ -198,11 +197,10 @@ pub fn save_detail(
                 ],
             )?;
         }
-        DetailOutcome::Unsupported => set_state(&tx, "detail_state", document_id, "unsupported")?,
-        DetailOutcome::Unavailable => set_state(&tx, "detail_state", document_id, "unavailable")?,
+        DetailOutcome::Unsupported => set_state(tx, "detail_state", document_id, "unsupported")?,
+        DetailOutcome::Unavailable => set_state(tx, "detail_state", document_id, "unavailable")?,
     }
-    clear_dead_letter(&tx, Work::Document, document_id)?;
-    tx.commit()?;
+    clear_dead_letter(tx, Work::Document, document_id)?;
     Ok(())
 }
 
@@ -237,13 +235,12 @@ pub struct TranscriptRecord {
 
 /// Replaces a document's transcript and turns in one transaction.
 pub fn save_transcript(
-    conn: &mut Connection,
+    tx: &Transaction<'_>,
     encounter_id: &str,
     document_id: &str,
     t: &TranscriptRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "DELETE FROM transcript_turns WHERE document_id = ?1",
         [document_id],
@@ -279,8 +276,7 @@ pub fn save_transcript(
          WHERE document_id = ?1",
         [document_id],
     )?;
-    clear_dead_letter(&tx, Work::Transcript, document_id)?;
-    tx.commit()?;
+    clear_dead_letter(tx, Work::Transcript, document_id)?;
     Ok(())
 }
 
@@ -330,13 +326,12 @@ pub struct RecordingRecord {
 }
 
 pub fn save_recording(
-    conn: &mut Connection,
+    tx: &Transaction<'_>,
     encounter_id: &str,
     document_id: &str,
     r: &RecordingRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO recordings (document_id, encounter_id, path, size_bytes, sha256, duration_seconds, fetched_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -353,9 +348,8 @@ pub fn save_recording(
             format_utc(now)
         ],
     )?;
-    set_state(&tx, "audio_state", document_id, "done")?;
-    clear_dead_letter(&tx, Work::Audio, document_id)?;
-    tx.commit()?;
+    set_state(tx, "audio_state", document_id, "done")?;
+    clear_dead_letter(tx, Work::Audio, document_id)?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ pub struct WindowCompletion {
 }
 
 pub(super) fn record_window(
-    tx: &Transaction,
+    tx: &Transaction<'_>,
     w: &WindowCompletion,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {

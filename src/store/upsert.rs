@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
 use super::ledger::{self, WindowCompletion};
@@ -77,19 +77,19 @@ enum Existing {
 }
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
-/// of the window, in a single transaction: a crash leaves all or nothing.
+/// of the window, in the caller's transaction (see [`super::Writer::write`]): a crash leaves all or nothing.
 pub fn commit_page(
-    conn: &mut Connection,
+    tx: &Transaction<'_>,
     records: &[EncounterRecord],
     removals: &[Removal],
     completion: Option<&WindowCompletion>,
     now: OffsetDateTime,
 ) -> anyhow::Result<PageCounts> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now_text = format_utc(now);
     let mut counts = PageCounts::default();
+    let purged = super::privacy::purged_ranges(tx)?;
     for rec in records {
-        upsert_encounter(&tx, rec, &now_text, &mut counts)?;
+        upsert_encounter(tx, rec, &purged, &now_text, &mut counts)?;
     }
     let mut mark = tx.prepare_cached(
         "UPDATE encounters SET removed_at = ?2, removed_reason = ?3, changed_at = ?2
@@ -100,15 +100,15 @@ pub fn commit_page(
     }
     drop(mark);
     if let Some(c) = completion {
-        ledger::record_window(&tx, c, now)?;
+        ledger::record_window(tx, c, now)?;
     }
-    tx.commit()?;
     Ok(counts)
 }
 
 fn upsert_encounter(
     conn: &Connection,
     rec: &EncounterRecord,
+    purged: &[(i64, i64)],
     now: &str,
     counts: &mut PageCounts,
 ) -> rusqlite::Result<()> {
@@ -124,9 +124,15 @@ fn upsert_encounter(
         .optional()?
         .unwrap_or(Existing::Absent);
     let incoming_ns = unix_nanos(rec.updated_at);
+    let created_ns = unix_nanos(rec.created_at);
+    let is_new = matches!(existing, Existing::Absent);
     match existing {
         // A purged encounter stays purged, whatever revisit or backfill lists it again.
-        Existing::Absent if super::privacy::is_purged(conn, unix_nanos(rec.created_at))? => {
+        Existing::Absent
+            if purged
+                .iter()
+                .any(|&(from, to)| from <= created_ns && created_ns < to) =>
+        {
             counts.stale += 1;
             return Ok(());
         }
@@ -185,13 +191,13 @@ fn upsert_encounter(
         format_utc(rec.updated_at),
         rec.date_of_service.map(format_utc),
         rec.patient.as_ref().map(|p| &p.patient_id),
-        unix_nanos(rec.created_at),
+        created_ns,
         incoming_ns,
         rec.content_hash,
         rec.raw_json,
         now,
     ])?;
-    upsert_documents(conn, rec, now)
+    upsert_documents(conn, rec, is_new, now)
 }
 
 fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::Result<()> {
@@ -219,7 +225,12 @@ fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::
     Ok(())
 }
 
-fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusqlite::Result<()> {
+fn upsert_documents(
+    conn: &Connection,
+    rec: &EncounterRecord,
+    is_new: bool,
+    now: &str,
+) -> rusqlite::Result<()> {
     let mut upsert = conn.prepare_cached(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
              workflow_variant, audio_duration_seconds, first_seen_at, changed_at)
@@ -231,6 +242,8 @@ fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusq
              audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
              changed_at = excluded.changed_at,
              detail_state = CASE WHEN schema_type IS NOT excluded.schema_type THEN 'pending'
+                                 WHEN encounter_id IS NOT excluded.encounter_id
+                                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
                                  ELSE detail_state END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
@@ -250,6 +263,11 @@ fn upsert_documents(conn: &Connection, rec: &EncounterRecord, now: &str) -> rusq
             d.audio_duration_seconds,
             now,
         ])?;
+    }
+    if is_new {
+        // Documents reference their encounter, so a new encounter has no earlier documents to
+        // re-fetch or mark as gone.
+        return Ok(());
     }
     // The encounter changed, and a note's text or a transcript can change without its summary
     // doing so: ask the document route again (unsupported types excepted).

@@ -193,7 +193,7 @@ async fn process(
     let message = err.to_string();
     let reason = err.reason_code().map(str::to_owned);
     ctx.writer
-        .call(move |c| {
+        .write(move |c| {
             store::dead_letter(
                 c,
                 &item,
@@ -253,7 +253,7 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fail
     );
     let (doc, audio) = (item.document_id.clone(), ctx.audio.enabled);
     ctx.writer
-        .call(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc()))
+        .write(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc()))
         .await?;
     Ok(if fetched { Done::Document } else { Done::Other })
 }
@@ -280,13 +280,13 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fa
             };
             let enc = item.encounter_id.clone();
             ctx.writer
-                .call(move |c| store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
+                .write(move |c| store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
                 .await?;
             Ok(Done::Transcript)
         }
         Err(e) if gone(&e) => {
             ctx.writer
-                .call(move |c| store::mark_unavailable(c, Work::Transcript, &doc))
+                .write(move |c| store::mark_unavailable(c, Work::Transcript, &doc))
                 .await?;
             Ok(Done::Other)
         }
@@ -295,7 +295,7 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fa
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
             tracing::debug!(document_id = doc, status = e.status(), "transcript not ready yet");
             ctx.writer
-                .call(move |c| {
+                .write(move |c| {
                     store::transcript_not_ready(c, &doc, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
                 })
                 .await?;
@@ -324,7 +324,7 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let doc = item.document_id.clone();
                 ctx.writer
-                    .call(move |c| store::mark_unavailable(c, Work::Audio, &doc))
+                    .write(move |c| store::mark_unavailable(c, Work::Audio, &doc))
                     .await?;
                 return Ok(Done::Other);
             }
@@ -371,7 +371,7 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
     };
     let (enc, doc) = (item.encounter_id.clone(), item.document_id.clone());
     ctx.writer
-        .call(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
+        .write(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
         .await?;
     Ok(Done::Recording)
 }

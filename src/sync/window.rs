@@ -14,7 +14,7 @@
 //! it has seen about [`TARGET_RECORDS`], so no window ever needs offsets, and a crash re-reads at
 //! most one window.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CycleError, SyncContext, encounter_record};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
-use crate::store::{self, EncounterRecord, Removal, RunCounts, WindowCompletion};
+use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
 
 /// Close a window at the first page boundary after this many records: the ledger and crash
 /// recovery work in windows, so a crash re-reads at most about this much; each window costs one
@@ -35,6 +35,11 @@ const TARGET_RECORDS: usize = 5_000;
 /// window, and a window of one page is a single atomic response, so under any churn that
 /// leaves single responses consistent a window of 5,000 records settles within about seven.
 const MAX_PASSES: u64 = 12;
+
+/// How many pages a pass may have queued for the writer without having seen them committed:
+/// paging goes on while the writer commits, and the writer commits what queued up in one
+/// transaction (see `store::Writer::write`).
+const MAX_UNCOMMITTED_PAGES: usize = 8;
 
 /// The API's timestamps go down to nanoseconds; so do our windows.
 const ONE_NS: Duration = Duration::nanoseconds(1);
@@ -95,6 +100,8 @@ struct Pass {
     /// The final page, held back to commit with the window's completion.
     last_page: Vec<EncounterRecord>,
     pages: u64,
+    /// Pages queued for the writer, oldest first, whose commit has not been awaited yet.
+    uncommitted: VecDeque<Pending<PageCounts>>,
 }
 
 /// Scans a window until one pass is consistent, then commits its completion. The first pass
@@ -201,6 +208,7 @@ async fn run_pass(
         consistent: true,
         last_page: Vec::new(),
         pages: 0,
+        uncommitted: VecDeque::new(),
     };
     let mut cursor = start;
     // IDs of the records at `cursor` that the previous page ended with: the next page, anchored
@@ -283,6 +291,10 @@ async fn run_pass(
         }
         pass.total = end_total;
     }
+    // What the pass saw is stored before anyone judges or records the window.
+    while let Some(page) = pass.uncommitted.pop_front() {
+        add_counts(counts, page.await?);
+    }
     Ok(pass)
 }
 
@@ -346,7 +358,8 @@ async fn page_instant(
     }
 }
 
-/// Records the IDs of a page and commits its rows.
+/// Records the IDs of a page and queues its rows for the writer, first waiting for the oldest
+/// queued page if [`MAX_UNCOMMITTED_PAGES`] are.
 async fn absorb(
     ctx: &SyncContext,
     pass: &mut Pass,
@@ -358,9 +371,34 @@ async fn absorb(
         .into_iter()
         .map(|e| encounter_record(e, &ctx.privacy))
         .collect();
-    commit(ctx, records, Vec::new(), None, counts).await
+    if pass.uncommitted.len() >= MAX_UNCOMMITTED_PAGES
+        && let Some(oldest) = pass.uncommitted.pop_front()
+    {
+        add_counts(counts, oldest.await?);
+    }
+    pass.uncommitted
+        .push_back(queue_commit(ctx, records, Vec::new(), None));
+    Ok(())
 }
 
+fn queue_commit(
+    ctx: &SyncContext,
+    records: Vec<EncounterRecord>,
+    removals: Vec<Removal>,
+    completion: Option<WindowCompletion>,
+) -> Pending<PageCounts> {
+    ctx.writer.write(move |tx| {
+        store::commit_page(
+            tx,
+            &records,
+            &removals,
+            completion.as_ref(),
+            time::OffsetDateTime::now_utc(),
+        )
+    })
+}
+
+/// Commits rows (and a window's removals and completion) and waits until they are stored.
 async fn commit(
     ctx: &SyncContext,
     records: Vec<EncounterRecord>,
@@ -368,23 +406,15 @@ async fn commit(
     completion: Option<WindowCompletion>,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    let pc = ctx
-        .writer
-        .call(move |c| {
-            store::commit_page(
-                c,
-                &records,
-                &removals,
-                completion.as_ref(),
-                time::OffsetDateTime::now_utc(),
-            )
-        })
-        .await?;
+    add_counts(counts, queue_commit(ctx, records, removals, completion).await?);
+    Ok(())
+}
+
+fn add_counts(counts: &mut RunCounts, pc: PageCounts) {
     counts.encounters_new += pc.new;
     counts.encounters_changed += pc.changed;
     counts.encounters_unchanged += pc.unchanged + pc.stale;
     counts.encounters_removed += pc.removed;
-    Ok(())
 }
 
 /// Encounters stored as live in the window but absent from a complete listing of it: asks the
