@@ -2,6 +2,8 @@
 //! whatever the backlog: which documents need their detail, transcript or recording fetched,
 //! saving what was fetched, and the dead letters of work that exhausted its retries.
 
+use std::collections::HashSet;
+
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
@@ -35,12 +37,14 @@ pub struct WorkItem {
     pub audio_duration_seconds: Option<f64>,
 }
 
-/// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle) and items
-/// that already failed in this run. Documents of removed encounters are never worked on.
+/// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle), the
+/// items in `exclude` (claimed earlier and still being worked on) and items that already failed
+/// in this run. Documents of removed encounters are never worked on.
 pub fn claim_work(
     conn: &Connection,
     run_id: i64,
     skip: &[Work],
+    exclude: &HashSet<(Work, String)>,
     limit: usize,
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<WorkItem>> {
@@ -63,9 +67,17 @@ pub fn claim_work(
          LIMIT ?3",
     )?;
     let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
-    let rows = stmt.query_map(params![run_id, unix_nanos(now), (limit + 64) as i64], |r| {
-        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-    })?;
+    let rows = stmt.query_map(
+        params![run_id, unix_nanos(now), (limit + exclude.len() + 64) as i64],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get::<_, String>(2)?,
+                r.get(3)?,
+            ))
+        },
+    )?;
     let mut items = Vec::new();
     for row in rows {
         let (work, encounter_id, document_id, audio_duration_seconds) = row?;
@@ -77,6 +89,9 @@ pub fn claim_work(
             "transcript" => Work::Transcript,
             _ => Work::Audio,
         };
+        if exclude.contains(&(work, document_id.clone())) {
+            continue;
+        }
         items.push(WorkItem {
             work,
             encounter_id,
@@ -380,4 +395,55 @@ pub fn dead_letter(
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{DocumentRecord, EncounterRecord, commit_page, open_writer};
+
+    #[test]
+    fn claims_skip_the_items_still_being_worked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let document = |id: &str| DocumentRecord {
+            document_id: id.to_owned(),
+            schema_type: "document".to_owned(),
+            title: None,
+            status: None,
+            workflow_variant: None,
+            audio_duration_seconds: None,
+        };
+        let encounter = EncounterRecord {
+            encounter_id: "enc_1".to_owned(),
+            organization_id: "org_1".to_owned(),
+            encounter_type: None,
+            status: None,
+            created_at: now,
+            updated_at: now,
+            date_of_service: None,
+            patient: None,
+            documents: vec![document("doc_a"), document("doc_b")],
+            content_hash: "h".to_owned(),
+            raw_json: "{}".to_owned(),
+        };
+        let tx = conn.transaction().unwrap();
+        commit_page(&tx, &[encounter], &[], None, now).unwrap();
+        tx.commit().unwrap();
+        let claim = |exclude: &HashSet<(Work, String)>| -> Vec<String> {
+            claim_work(&conn, 1, &[], exclude, 10, now)
+                .unwrap()
+                .into_iter()
+                .map(|i| i.document_id)
+                .collect()
+        };
+        let mut all = claim(&HashSet::new());
+        all.sort();
+        assert_eq!(all, ["doc_a", "doc_b"]);
+        let busy = HashSet::from([(Work::Document, "doc_a".to_owned())]);
+        assert_eq!(claim(&busy), ["doc_b"]);
+    }
 }

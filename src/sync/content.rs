@@ -4,19 +4,23 @@
 //! every outcome moves the item on: saved, not ready (retried on a bounded schedule),
 //! unavailable, skipped because its route is closed to this key, or dead-lettered.
 
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{CycleError, SyncContext, hex};
 use crate::api::wire::{DocumentDetail, TranscriptResponse};
 use crate::api::{ApiError, ApiErrorKind, ErrorClass};
-use crate::store::{self, DetailOutcome, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem};
+use crate::store::{
+    self, DetailOutcome, Pending, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem,
+};
 
 /// Items claimed from the queue at a time; bounds memory whatever the backlog.
 const BATCH: usize = 128;
@@ -82,66 +86,92 @@ pub(super) async fn drain(
     gate: &RouteGate,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    // While paging runs, one slot is left to the pager so that a content backlog never stalls
-    // it; once paging is done, content may use them all.
-    let concurrency = || {
-        if paging_done.is_cancelled() {
-            ctx.max_in_flight
-        } else {
-            ctx.max_in_flight.saturating_sub(1).max(1)
-        }
-    };
+    // While paging runs, one request slot is left to the pager so that a content backlog never
+    // stalls it; once paging is done, content may use them all. A slot is held while an item's
+    // requests run, not while its result is written, so writes never leave a slot idle.
+    let paging_slots = ctx.max_in_flight.saturating_sub(1).max(1);
+    let slots = Semaphore::new(if paging_done.is_cancelled() {
+        ctx.max_in_flight
+    } else {
+        paging_slots
+    });
+    let mut widened = paging_done.is_cancelled();
+    // Items under way: fetching (at most the slots) or writing what they fetched.
+    let max_running = 2 * ctx.max_in_flight;
+    // Claimed items not yet started, and the keys of those started and not yet finished (an
+    // item stays pending in the queue until its result commits, so claims must skip both).
+    let mut queue: VecDeque<WorkItem> = VecDeque::new();
+    let mut busy: HashSet<(Work, String)> = HashSet::new();
+    let mut running = FuturesUnordered::new();
+    // Whether the last claim may have left more behind (it came back full), and when it was.
+    let mut more = true;
+    let mut claimed_at = Instant::now();
     loop {
         if stop.is_cancelled() {
             return Err(CycleError::Cancelled);
         }
-        // Read before claiming, so that work written by the last page is claimed before we stop.
-        let paging_finished = paging_done.is_cancelled();
-        let mut skip = gate.closed();
-        for (work, on) in [
-            (Work::Document, ctx.content.details),
-            (Work::Transcript, ctx.content.transcripts),
-            (Work::Audio, ctx.audio.enabled),
-        ] {
-            if !on {
-                skip.push(work);
-            }
+        if !widened && paging_done.is_cancelled() {
+            slots.add_permits(ctx.max_in_flight - paging_slots);
+            widened = true;
         }
-        let batch = ctx
-            .writer
-            .call(move |c| store::claim_work(c, run_id, &skip, BATCH, OffsetDateTime::now_utc()))
-            .await?;
-        if batch.is_empty() {
-            if paging_finished {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = paging_done.cancelled() => {}
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            continue;
-        }
-        let mut queue = batch.into_iter();
-        let mut running = FuturesUnordered::new();
-        loop {
-            while running.len() < concurrency() {
-                match queue.next() {
-                    Some(item) => running.push(process(ctx, run_id, item, gate)),
-                    None => break,
+        // Claim more before the queue runs dry, so that no slot idles at a batch's tail; once
+        // the backlog is drained, look for new work when idle or every 100 ms.
+        let due = more || running.is_empty() || claimed_at.elapsed() >= Duration::from_millis(100);
+        if queue.len() < max_running && due {
+            // Read before claiming, so that work written by the last page is claimed before we stop.
+            let paging_finished = paging_done.is_cancelled();
+            let mut skip = gate.closed();
+            for (work, on) in [
+                (Work::Document, ctx.content.details),
+                (Work::Transcript, ctx.content.transcripts),
+                (Work::Audio, ctx.audio.enabled),
+            ] {
+                if !on {
+                    skip.push(work);
                 }
             }
-            let Some(result) = running.next().await else { break };
-            if stop.is_cancelled() {
-                return Err(CycleError::Cancelled);
+            let mut exclude = busy.clone();
+            exclude.extend(queue.iter().map(|i| (i.work, i.document_id.clone())));
+            let batch = ctx
+                .writer
+                .call(move |c| {
+                    store::claim_work(c, run_id, &skip, &exclude, BATCH, OffsetDateTime::now_utc())
+                })
+                .await?;
+            more = batch.len() == BATCH;
+            claimed_at = Instant::now();
+            if batch.is_empty() && queue.is_empty() && running.is_empty() {
+                if paging_finished {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = paging_done.cancelled() => {}
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
             }
-            match result? {
-                Done::Document => counts.documents_fetched += 1,
-                Done::Transcript => counts.transcripts_fetched += 1,
-                Done::Recording => counts.recordings_fetched += 1,
-                Done::DeadLetter => counts.dead_letters += 1,
-                Done::Other => {}
-            }
+            queue.extend(batch);
+        }
+        while running.len() < max_running
+            && let Some(item) = queue.pop_front()
+        {
+            busy.insert((item.work, item.document_id.clone()));
+            running.push(process(ctx, run_id, item, gate, &slots));
+        }
+        let Some((key, result)) = running.next().await else {
+            continue;
+        };
+        busy.remove(&key);
+        if stop.is_cancelled() {
+            return Err(CycleError::Cancelled);
+        }
+        match result? {
+            Done::Document => counts.documents_fetched += 1,
+            Done::Transcript => counts.transcripts_fetched += 1,
+            Done::Recording => counts.recordings_fetched += 1,
+            Done::DeadLetter => counts.dead_letters += 1,
+            Done::Other => {}
         }
     }
 }
@@ -156,25 +186,43 @@ enum Done {
 }
 
 /// Does one item; only errors that must stop the cycle (401, the database) come back as `Err`.
+/// Returns the item's key with the result.
 async fn process(
     ctx: &SyncContext,
     run_id: i64,
     item: WorkItem,
     gate: &RouteGate,
+    slots: &Semaphore,
+) -> ((Work, String), Result<Done, CycleError>) {
+    let key = (item.work, item.document_id.clone());
+    (key, process_item(ctx, run_id, item, gate, slots).await)
+}
+
+async fn process_item(
+    ctx: &SyncContext,
+    run_id: i64,
+    item: WorkItem,
+    gate: &RouteGate,
+    slots: &Semaphore,
 ) -> Result<Done, CycleError> {
-    if gate.closed().contains(&item.work) {
-        // Closed while this item waited in its batch.
-        return Ok(Done::Other);
-    }
-    let result = match item.work {
-        Work::Document => fetch_document(ctx, &item).await,
-        Work::Transcript => fetch_transcript(ctx, &item).await,
-        Work::Audio => fetch_recording(ctx, &item).await,
+    let fetched = {
+        let _slot = slots.acquire().await.expect("the slots are never closed");
+        if gate.closed().contains(&item.work) {
+            // Closed while this item waited.
+            return Ok(Done::Other);
+        }
+        match item.work {
+            Work::Document => fetch_document(ctx, &item).await,
+            Work::Transcript => fetch_transcript(ctx, &item).await,
+            Work::Audio => fetch_recording(ctx, &item).await,
+        }
     };
-    let err = match result {
-        Ok(done) => return Ok(done),
-        Err(Failure::Store(e)) => return Err(e.into()),
-        Err(Failure::Api(e)) => e,
+    let err = match fetched {
+        Ok(Fetched { done, saved }) => {
+            saved.await?;
+            return Ok(done);
+        }
+        Err(e) => e,
     };
     if err.is_auth() {
         return Err(err.into());
@@ -207,24 +255,19 @@ async fn process(
     Ok(Done::DeadLetter)
 }
 
-enum Failure {
-    Api(ApiError),
-    Store(anyhow::Error),
+/// What fetching an item came to, and the write of its result, queued.
+struct Fetched {
+    done: Done,
+    saved: Pending<()>,
 }
 
-impl From<ApiError> for Failure {
-    fn from(e: ApiError) -> Self {
-        Failure::Api(e)
+impl Fetched {
+    fn new(done: Done, saved: Pending<()>) -> Result<Fetched, ApiError> {
+        Ok(Fetched { done, saved })
     }
 }
 
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Store(e)
-    }
-}
-
-async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
     let outcome = match ctx.client.document(&item.encounter_id, &item.document_id).await {
         Ok(DocumentDetail::Note(n)) => DetailOutcome::Note {
             format: n.content.format,
@@ -245,20 +288,21 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fail
                 DetailOutcome::Unavailable
             }
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let fetched = matches!(
         outcome,
         DetailOutcome::Note { .. } | DetailOutcome::Ambient { .. }
     );
     let (doc, audio) = (item.document_id.clone(), ctx.audio.enabled);
-    ctx.writer
-        .write(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc()))
-        .await?;
-    Ok(if fetched { Done::Document } else { Done::Other })
+    Fetched::new(
+        if fetched { Done::Document } else { Done::Other },
+        ctx.writer
+            .write(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc())),
+    )
 }
 
-async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
     let doc = item.document_id.clone();
     match ctx.client.transcript(&item.encounter_id, &item.document_id).await {
         Ok(TranscriptResponse { transcript, .. }) => {
@@ -279,29 +323,30 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fa
                     .collect(),
             };
             let enc = item.encounter_id.clone();
-            ctx.writer
-                .write(move |c| store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
-                .await?;
-            Ok(Done::Transcript)
+            Fetched::new(
+                Done::Transcript,
+                ctx.writer.write(move |c| {
+                    store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc())
+                }),
+            )
         }
-        Err(e) if gone(&e) => {
+        Err(e) if gone(&e) => Fetched::new(
+            Done::Other,
             ctx.writer
-                .write(move |c| store::mark_unavailable(c, Work::Transcript, &doc))
-                .await?;
-            Ok(Done::Other)
-        }
+                .write(move |c| store::mark_unavailable(c, Work::Transcript, &doc)),
+        ),
         // The vendor does not document what an unfinished transcript answers; any other
         // "this resource, not now" status means: not ready yet.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
             tracing::debug!(document_id = doc, status = e.status(), "transcript not ready yet");
-            ctx.writer
-                .write(move |c| {
+            Fetched::new(
+                Done::Other,
+                ctx.writer.write(move |c| {
                     store::transcript_not_ready(c, &doc, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
-                })
-                .await?;
-            Ok(Done::Other)
+                }),
+            )
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -314,7 +359,7 @@ fn gone(e: &ApiError) -> bool {
         )
 }
 
-async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Failure> {
+async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
     let dir = &ctx.audio.directory;
     // A signed URL can expire while we wait for the rate limiter; one fresh URL is worth asking.
     let mut fresh_link_asked = false;
@@ -323,12 +368,13 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
             Ok(link) => link,
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let doc = item.document_id.clone();
-                ctx.writer
-                    .write(move |c| store::mark_unavailable(c, Work::Audio, &doc))
-                    .await?;
-                return Ok(Done::Other);
+                return Fetched::new(
+                    Done::Other,
+                    ctx.writer
+                        .write(move |c| store::mark_unavailable(c, Work::Audio, &doc)),
+                );
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let ext = extension_of(link.audio_url.expose());
         let tmp = dir.join(format!(
@@ -348,7 +394,7 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
                     fresh_link_asked = true;
                     continue;
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
     };
@@ -356,11 +402,9 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
     let name = format!("{sha}.{ext}");
     let duration = place_recording(tmp, dir.join(&name))
         .await
-        .map_err(|e| {
-            Failure::Api(ApiError {
-                route: crate::api::Route::Recording,
-                kind: ApiErrorKind::LocalIo(e.to_string()),
-            })
+        .map_err(|e| ApiError {
+            route: crate::api::Route::Recording,
+            kind: ApiErrorKind::LocalIo(e.to_string()),
         })?
         .or(item.audio_duration_seconds);
     let record = RecordingRecord {
@@ -370,10 +414,11 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Done, Fai
         duration_seconds: duration,
     };
     let (enc, doc) = (item.encounter_id.clone(), item.document_id.clone());
-    ctx.writer
-        .write(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc()))
-        .await?;
-    Ok(Done::Recording)
+    Fetched::new(
+        Done::Recording,
+        ctx.writer
+            .write(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc())),
+    )
 }
 
 /// The file extension of a URL's path (`wav`, `mp3`, ...), or `bin`.
