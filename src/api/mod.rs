@@ -131,9 +131,17 @@ impl fmt::Debug for Client {
     }
 }
 
-/// The limiter's quota: `requests_per_second` sustained with bursts of `burst`.
+/// How late a request may reach the server relative to the limiter's clock (task scheduling,
+/// connection pool, network) without the server seeing more than `requests_per_second + burst`
+/// requests in any second.
+const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
+
+/// The limiter's quota: `requests_per_second` with bursts of `burst`, paced 1 % slower
+/// ([`JITTER_ALLOWANCE_SECONDS`]): requests permitted within 1 s + 10 ms arrive within any
+/// server second, so pacing at rps / 1.01 keeps what the server counts within rps + burst even
+/// when some arrive up to 10 ms late and the next ones on time.
 fn quota(limits: &Limits) -> Quota {
-    let period = Duration::from_secs_f64(1.0 / limits.requests_per_second);
+    let period = Duration::from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / limits.requests_per_second);
     Quota::with_period(period)
         .expect("requests_per_second is validated finite and positive")
         .allow_burst(limits.burst)
