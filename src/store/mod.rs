@@ -374,6 +374,13 @@ mod tests {
         release
     }
 
+    fn scratch_writer() -> (tempfile::TempDir, std::path::PathBuf, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let writer = Writer::spawn(open_writer(&path, Duration::from_secs(1)).unwrap());
+        (dir, path, writer)
+    }
+
     fn state(path: &Path, name: &str) -> Option<String> {
         open_reader(path, Duration::from_secs(1))
             .unwrap()
@@ -393,9 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_writes_run_in_order_and_are_answered_after_they_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let writer = Writer::spawn(open_writer(&path, Duration::from_secs(1)).unwrap());
+        let (_dir, path, writer) = scratch_writer();
         let release = hold(&writer);
         let a = writer.write(set("a"));
         let b = writer.write(set("b"));
@@ -411,9 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_rolls_back_its_whole_group_and_later_writes_proceed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let writer = Writer::spawn(open_writer(&path, Duration::from_secs(1)).unwrap());
+        let (_dir, path, writer) = scratch_writer();
         let release = hold(&writer);
         let a = writer.write(set("a"));
         let bad = writer.write(|tx| Ok(tx.execute("INSERT INTO nope VALUES (1)", [])?));
