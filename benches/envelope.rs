@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use charthero_sim::{Fault, FaultRule, ListRequest, NewEncounter, RateLimit, Route, SimOptions, Simulator};
 use charthero_sync::config::RawConfig;
 use charthero_sync::secret::ApiKey;
+use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -235,9 +236,15 @@ async fn transcripts() {
         .validate()
         .unwrap();
     let started = Instant::now();
-    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &CancellationToken::new())
-        .await
-        .expect("the sync completes");
+    let report = charthero_sync::sync_once(
+        &cfg,
+        &key(&sim),
+        "bench",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the sync completes");
     let elapsed = started.elapsed().as_secs_f64();
     let stats = sim.stats();
     let achieved = stats.requests as f64 / elapsed;
@@ -276,9 +283,15 @@ async fn latency() {
         .validate()
         .unwrap();
     let started = Instant::now();
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &CancellationToken::new())
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &cfg,
+        &key(&sim),
+        "bench",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     let requests = sim.stats().requests as f64;
     let ceiling = rps.min(f64::from(in_flight) / 0.050);
@@ -299,12 +312,12 @@ async fn idle() {
         .validate()
         .unwrap();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel)
+    charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     sim.reset_stats();
     let started = Instant::now();
-    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel)
+    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let stats = sim.stats();
@@ -351,16 +364,23 @@ async fn churn() {
         .validate()
         .unwrap();
     let cancel = CancellationToken::new();
-    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", None, &cancel).await;
+    let report =
+        charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel).await;
     sim.set_list_hook(None);
     let list = sim.stats().route(Route::List);
     let range = charthero_sync::sync::BackfillRange {
         start: cfg.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", Some(range), &cancel)
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &cfg,
+        &key(&sim),
+        "bench",
+        CyclePlan::full(Some(range), false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     // Mutations may insert just before sync.start_at, which is outside what is replicated.
     let expected = sim
         .snapshot()

@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
 use crate::config::Config;
+use crate::timefmt::Micros;
 
 /// An ID no record has: probing with it mints nothing (no signed URL) and reads nothing.
 const PROBE_ID: &str = "charthero_sync_probe";
@@ -79,8 +80,8 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
     let now = OffsetDateTime::now_utc();
     let list = client
         .list_encounters(&ListQuery {
-            start_at: Some(now - time::Duration::days(30)),
-            end_at: Some(now),
+            start_at: Some(Micros::floor(now - time::Duration::days(30))),
+            end_at: Some(Micros::ceil(now)),
             offset: 0,
             limit: 1,
             sort: SortOrder::Desc,

@@ -135,6 +135,7 @@ pub struct RawSync {
     pub revisit_recent: String,
     pub revisit_deep: String,
     pub revisit_deep_every: String,
+    pub audit_every: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +213,10 @@ impl Default for RawSync {
             // Late edits and addenda: once per revisit_deep_every, re-list this much.
             revisit_deep: "30d".into(),
             revisit_deep_every: "24h".into(),
+            // Backdated imports and removals weeks or months back: the daemon re-checks all
+            // completed history by totals this often (a few hundred requests per million
+            // encounters when nothing changed). "0" turns it off.
+            audit_every: "24h".into(),
         }
     }
 }
@@ -319,6 +324,8 @@ pub struct SyncConfig {
     /// Zero disables the deep revisit.
     pub revisit_deep: Duration,
     pub revisit_deep_every: Duration,
+    /// How often the daemon audits completed history; zero disables it.
+    pub audit_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -396,6 +403,7 @@ impl RawConfig {
                 "sync.revisit_deep_every",
                 &self.sync.revisit_deep_every,
             )?,
+            audit_every: parse_duration("sync.audit_every", &self.sync.audit_every)?,
         };
         let rps = self.limits.requests_per_second;
         if !(rps.is_finite() && rps > 0.0) {

@@ -95,7 +95,8 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
             Ok(())
         })
         .await?;
-    let report = crate::sync::run_cycle(&ctx, "demo", crate::sync::CyclePlan::full(None), cancel).await?;
+    let report =
+        crate::sync::run_cycle(&ctx, "demo", crate::sync::CyclePlan::full(None, false), cancel).await?;
     drop(ctx);
     sim.shutdown();
 

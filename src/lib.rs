@@ -41,16 +41,16 @@ pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
     })
 }
 
-/// `charthero-sync sync [--backfill-from ..]`: one complete sync cycle now.
+/// `charthero-sync sync [--backfill-from ..] [--audit]`: one complete sync cycle now.
 pub async fn sync_once(
     config: &Config,
     key: &ApiKey,
     trigger: &'static str,
-    backfill: Option<BackfillRange>,
+    plan: sync::CyclePlan,
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
     let ctx = connect(config, key)?;
-    sync::run_cycle(&ctx, trigger, sync::CyclePlan::full(backfill), cancel).await
+    sync::run_cycle(&ctx, trigger, plan, cancel).await
 }
 
 /// Purges every encounter created in `[start, end)` — rows, search entries, history, orphaned

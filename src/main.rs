@@ -45,6 +45,10 @@ enum Command {
         backfill_from: Option<OffsetDateTime>,
         #[arg(long, value_parser = parse_timestamp, requires = "backfill_from")]
         backfill_to: Option<OffsetDateTime>,
+        /// Also re-check the totals of all completed history against the warehouse and
+        /// re-scan only the ranges that differ (resumes an unfinished audit).
+        #[arg(long)]
+        audit: bool,
     },
     /// Queue a backfill for a running daemon to pick up.
     Backfill {
@@ -234,11 +238,19 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Sync {
             backfill_from,
             backfill_to,
+            audit,
         } => {
             let backfill = backfill_range(backfill_from, backfill_to)?;
             let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync sync")?;
             let cancel = cancel_on_signal();
-            let report = charthero_sync::sync_once(&config, &key, "sync", backfill, &cancel).await?;
+            let report = charthero_sync::sync_once(
+                &config,
+                &key,
+                "sync",
+                charthero_sync::sync::CyclePlan::full(backfill, audit),
+                &cancel,
+            )
+            .await?;
             let c = report.counts;
             println!(
                 "sync {}: {} new, {} changed, {} unchanged, {} removed encounters; {} documents, {} transcripts, \

@@ -21,6 +21,8 @@ pub struct Status {
     pub runs: Vec<Run>,
     /// Backfills not yet completed, and the last completed one.
     pub backfills: Vec<Backfill>,
+    /// The newest history audit (running or completed), if any ever ran.
+    pub audit: Option<Audit>,
     pub dead_letter_count: i64,
     /// The oldest dead letters (at most 20).
     pub dead_letters: Vec<DeadLetter>,
@@ -81,6 +83,27 @@ pub struct Backfill {
     pub windows: i64,
     pub encounters_seen: i64,
     pub encounters_removed: i64,
+    pub error: Option<String>,
+}
+
+/// A history audit: completed history re-checked by totals (`sync --audit`, `audit_every`).
+#[derive(Debug, Serialize)]
+pub struct Audit {
+    pub audit_id: i64,
+    pub status: String,
+    pub range_start: String,
+    pub range_end: String,
+    /// Everything before it has been audited.
+    pub cursor: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// Top-level ranges compared, `limit=1` probes, ranges that differed, ranges re-scanned.
+    pub ranges: i64,
+    pub probes: i64,
+    pub differing: i64,
+    pub rescanned: i64,
+    pub list_requests: i64,
+    /// What last interrupted it, if anything (it resumes).
     pub error: Option<String>,
 }
 
@@ -241,6 +264,31 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
         )
         .optional()?
         .filter(|e| e.outcome != "succeeded");
+    let audit = conn
+        .query_row(
+            "SELECT audit_id, status, range_start, range_end, cursor, started_at, finished_at, ranges,
+                 probes, differing, rescanned, list_requests, error
+             FROM audits ORDER BY audit_id DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(Audit {
+                    audit_id: r.get(0)?,
+                    status: r.get(1)?,
+                    range_start: r.get(2)?,
+                    range_end: r.get(3)?,
+                    cursor: r.get(4)?,
+                    started_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    ranges: r.get(7)?,
+                    probes: r.get(8)?,
+                    differing: r.get(9)?,
+                    rescanned: r.get(10)?,
+                    list_requests: r.get(11)?,
+                    error: r.get(12)?,
+                })
+            },
+        )
+        .optional()?;
     Ok(Status {
         complete_through: complete_through.map(format_utc),
         lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
@@ -248,6 +296,7 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
         queue,
         runs,
         backfills,
+        audit,
         dead_letter_count: count(conn, "SELECT count(*) FROM dead_letters")?,
         dead_letters,
         disabled_routes,
@@ -338,6 +387,28 @@ impl Status {
                 b.encounters_seen,
                 b.encounters_removed,
                 b.error
+                    .as_deref()
+                    .map_or_else(String::new, |e| format!("; last error: {e}"))
+            );
+        }
+        if let Some(a) = &self.audit {
+            let _ = writeln!(
+                out,
+                "history audit #{} {} .. {}: {} (through {}; {} ranges, {} probes, {} differed, {} re-scanned, \
+                 {} list requests){}",
+                a.audit_id,
+                a.range_start,
+                a.range_end,
+                a.finished_at
+                    .as_deref()
+                    .map_or_else(|| a.status.clone(), |f| format!("{} at {f}", a.status)),
+                a.cursor,
+                a.ranges,
+                a.probes,
+                a.differing,
+                a.rescanned,
+                a.list_requests,
+                a.error
                     .as_deref()
                     .map_or_else(String::new, |e| format!("; last error: {e}"))
             );

@@ -52,6 +52,62 @@ pub fn format_utc(t: OffsetDateTime) -> String {
     out
 }
 
+/// An instant at microsecond precision: the only kind of bound the sync sends to the list route.
+///
+/// The vendor publishes a pydantic-style OpenAPI artifact, so its server may parse datetimes to
+/// microseconds and either reject more fractional digits or truncate them (which turns a
+/// `[t, t + 1 ns)` range into an empty one). A `Micros` has no sub-microsecond part, so its
+/// text never has more than six fractional digits and every range built from them is at least
+/// one microsecond wide, whatever the server does with more digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Micros(i64);
+
+impl Micros {
+    /// The microsecond containing `t`: the latest `Micros` not after it. As an inclusive lower
+    /// bound it admits everything `t` admits (and the rest of that microsecond).
+    pub fn floor(t: OffsetDateTime) -> Micros {
+        Micros(unix_nanos(t).div_euclid(1_000))
+    }
+
+    /// The earliest `Micros` not before `t`. As an exclusive upper bound it admits everything
+    /// `t` admits.
+    pub fn ceil(t: OffsetDateTime) -> Micros {
+        let nanos = unix_nanos(t);
+        Micros(nanos.div_euclid(1_000) + i64::from(nanos.rem_euclid(1_000) != 0))
+    }
+
+    /// The next microsecond: `[m, m.next())` is the narrowest range the list route can be asked for.
+    pub fn next(self) -> Micros {
+        Micros(self.0.saturating_add(1))
+    }
+
+    /// The microsecond halfway between `self` and `other` (rounded down).
+    pub fn midpoint(self, other: Micros) -> Micros {
+        Micros(self.0 + (other.0 - self.0) / 2)
+    }
+
+    /// Microseconds from `self` to `later`.
+    pub fn micros_until(self, later: Micros) -> i64 {
+        later.0 - self.0
+    }
+
+    pub fn instant(self) -> OffsetDateTime {
+        from_unix_nanos(self.as_nanos())
+    }
+
+    /// Nanoseconds since the Unix epoch, for comparisons with the `*_ns` columns.
+    pub fn as_nanos(self) -> i64 {
+        self.0.saturating_mul(1_000)
+    }
+}
+
+impl std::fmt::Display for Micros {
+    /// RFC 3339 in UTC with at most six fractional digits.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_utc(self.instant()))
+    }
+}
+
 /// Nanoseconds since the Unix epoch, for ordering and arithmetic in SQL.
 pub fn unix_nanos(t: OffsetDateTime) -> i64 {
     // i64 nanoseconds cover the years 1678..2262, far beyond any encounter.
@@ -92,6 +148,21 @@ mod tests {
                 .unwrap_err()
                 .contains("not an RFC 3339")
         );
+    }
+
+    #[test]
+    fn query_bounds_never_carry_more_than_six_fractional_digits() {
+        let t = parse_rfc3339("2026-05-25T14:00:00.123456789Z").unwrap();
+        assert_eq!(Micros::floor(t).to_string(), "2026-05-25T14:00:00.123456Z");
+        assert_eq!(Micros::ceil(t).to_string(), "2026-05-25T14:00:00.123457Z");
+        assert_eq!(Micros::floor(t).next(), Micros::ceil(t));
+        let exact = parse_rfc3339("2026-05-25T14:00:00.5Z").unwrap();
+        assert_eq!(Micros::floor(exact), Micros::ceil(exact));
+        assert_eq!(Micros::floor(exact).instant(), exact);
+        // Before the epoch the floor still rounds towards the past.
+        let old = parse_rfc3339("1969-12-31T23:59:59.9999995Z").unwrap();
+        assert_eq!(Micros::floor(old).to_string(), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(Micros::ceil(old).to_string(), "1970-01-01T00:00:00Z");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use wire::{
 use crate::config::{ApiConfig, Limits};
 use crate::metrics::Metrics;
 use crate::secret::ApiKey;
-use crate::timefmt;
+use crate::timefmt::Micros;
 
 /// The largest `offset` the list route accepts.
 pub const MAX_OFFSET: u32 = 10_000;
@@ -87,10 +87,10 @@ pub enum SortOrder {
 /// Parameters of one `GET /encounters` request.
 #[derive(Debug, Clone, Copy)]
 pub struct ListQuery {
-    /// Inclusive lower bound on `created_at`.
-    pub start_at: Option<OffsetDateTime>,
-    /// Exclusive upper bound on `created_at`.
-    pub end_at: Option<OffsetDateTime>,
+    /// Inclusive lower bound on `created_at`, at microsecond precision (see [`Micros`]).
+    pub start_at: Option<Micros>,
+    /// Exclusive upper bound on `created_at`, at microsecond precision.
+    pub end_at: Option<Micros>,
     pub offset: u32,
     pub limit: u32,
     pub sort: SortOrder,
@@ -240,10 +240,10 @@ impl Client {
                 },
             );
             if let Some(t) = q.start_at {
-                pairs.append_pair("start_at", &timefmt::format_utc(t));
+                pairs.append_pair("start_at", &t.to_string());
             }
             if let Some(t) = q.end_at {
-                pairs.append_pair("end_at", &timefmt::format_utc(t));
+                pairs.append_pair("end_at", &t.to_string());
             }
         }
         self.call(route, url, |body| {

@@ -1,6 +1,6 @@
 //! `charthero-sync run`: the daemon. Syncs at start and then on the cron schedule, one cycle at
-//! a time; works queued backfills between live cycles in slices so the live sync is never
-//! starved; tells systemd it is ready, alive (watchdog, only while the loop makes progress) and
+//! a time; works queued backfills, then the history audit when it is due, between live cycles
+//! in slices that end before the next live cycle is due, so the live sync is never starved; tells systemd it is ready, alive (watchdog, only while the loop makes progress) and
 //! stopping; stops at a unit boundary on the first signal. Only start-up errors and a refused
 //! key end it; a failed cycle is recorded and retried with capped, jittered backoff.
 
@@ -16,8 +16,9 @@ use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
 use crate::timefmt::format_utc;
 use notify::Notifier;
 
-/// A backfill slice runs at most this long before the live sync gets a turn.
-const BACKFILL_SLICE: Duration = Duration::from_secs(60);
+/// A backfill or audit slice runs at most this long (and never past the next live cycle's
+/// time) before the live sync gets a turn.
+const SLICE: Duration = Duration::from_secs(60);
 
 /// How often an idle daemon looks for queued backfills.
 const QUEUE_POLL: Duration = Duration::from_secs(2);
@@ -66,7 +67,16 @@ pub async fn run(
             .await?
             .map(|(start, end)| BackfillRange { start, end });
         let live = now >= next_live;
-        if !live && backfill.is_none() {
+        let audit_every = time::Duration::try_from(ctx.sync.audit_every).unwrap_or(time::Duration::MAX);
+        // The audit works between live cycles only, after queued backfills.
+        let audit = !live
+            && backfill.is_none()
+            && !ctx.sync.audit_every.is_zero()
+            && ctx
+                .writer
+                .call(move |c| crate::store::audit_due(c, audit_every, now))
+                .await?;
+        if !live && backfill.is_none() && !audit {
             notifier.watchdog_ping();
             let wait = ((next_live - now).unsigned_abs()).min(tick);
             tokio::select! {
@@ -74,12 +84,23 @@ pub async fn run(
                 () = tokio::time::sleep(wait) => continue,
             }
         }
+        // A slice after the live part ends before the next live cycle is due.
+        let until_next_live = if live {
+            SLICE
+        } else {
+            (next_live - now).unsigned_abs().min(SLICE)
+        };
         let plan = CyclePlan {
             live,
             backfill,
-            backfill_budget: Some(BACKFILL_SLICE),
+            audit,
+            budget: Some(until_next_live),
         };
-        notifier.status(if live { "syncing" } else { "backfilling" });
+        notifier.status(match (live, backfill.is_some()) {
+            (true, _) => "syncing",
+            (false, true) => "backfilling",
+            (false, false) => "auditing history",
+        });
         let result = with_watchdog(
             ctx,
             notifier,
@@ -120,8 +141,8 @@ pub async fn run(
                     "last cycle failed; next attempt {}",
                     format_utc(next_live)
                 ));
-                if backfill.is_some() && !live {
-                    // Do not spin on a failing backfill between live cycles.
+                if (backfill.is_some() || audit) && !live {
+                    // Do not spin on a failing backfill or audit between live cycles.
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(failure_backoff(failures)) => {}

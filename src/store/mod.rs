@@ -2,6 +2,7 @@
 //! migrations, and the single writer thread through which every write goes. The store never does
 //! network I/O, and async tasks never call rusqlite directly: they send closures to [`Writer`].
 
+mod audit;
 mod content;
 mod ledger;
 mod privacy;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, Transaction};
 
+pub use audit::{
+    Audit, AuditTally, advance_audit, audit_due, audit_failed, finish_audit, live_count_in_range,
+    nth_live_created_ns, open_audit, purged_ranges,
+};
 pub use content::{
     DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem, claim_work, dead_letter,
     mark_unavailable, queue_missing_audio, save_detail, save_recording, save_transcript,

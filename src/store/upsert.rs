@@ -1,6 +1,8 @@
-//! Idempotent upserts of encounters, patients and document summaries, one page per
-//! `BEGIN IMMEDIATE` transaction. An observation older than what is stored (by `updated_at`)
-//! never replaces it; an identical record (by content hash) costs one indexed read and no write.
+//! Idempotent upserts of encounters, patients and document summaries, in the writer's
+//! transaction. Upstream wins: the state read last is the state stored, whatever its
+//! `updated_at` says (a vendor may recompute `updated_at` from what remains, so it can go
+//! backwards); the single writer applies observations in the order the sync read them. An
+//! identical record (by content hash) costs one indexed read and no write.
 
 use std::collections::HashSet;
 
@@ -51,8 +53,8 @@ pub struct PageCounts {
     pub new: u64,
     pub changed: u64,
     pub unchanged: u64,
-    /// Older than the stored version, so ignored.
-    pub stale: u64,
+    /// Inside a purged range, so ignored (a purge is never undone by a re-listing).
+    pub purged: u64,
     /// Previously marked removed and seen again.
     pub revived: u64,
     /// Newly marked removed.
@@ -69,11 +71,7 @@ pub struct Removal {
 
 enum Existing {
     Absent,
-    Present {
-        updated_at_ns: i64,
-        content_hash: String,
-        removed: bool,
-    },
+    Present { content_hash: String, removed: bool },
 }
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
@@ -113,17 +111,18 @@ fn upsert_encounter(
     counts: &mut PageCounts,
 ) -> rusqlite::Result<()> {
     let existing = conn
-        .prepare_cached("SELECT updated_at_ns, content_hash, removed_at IS NOT NULL FROM encounters WHERE encounter_id = ?1")?
+        .prepare_cached(
+            "SELECT content_hash, removed_at IS NOT NULL FROM encounters WHERE encounter_id = ?1",
+        )?
         .query_row([&rec.encounter_id], |r| {
             Ok(Existing::Present {
-                updated_at_ns: r.get(0)?,
-                content_hash: r.get(1)?,
-                removed: r.get(2)?,
+                content_hash: r.get(0)?,
+                removed: r.get(1)?,
             })
         })
         .optional()?
         .unwrap_or(Existing::Absent);
-    let incoming_ns = unix_nanos(rec.updated_at);
+    let updated_ns = unix_nanos(rec.updated_at);
     let created_ns = unix_nanos(rec.created_at);
     let is_new = matches!(existing, Existing::Absent);
     match existing {
@@ -133,12 +132,11 @@ fn upsert_encounter(
                 .iter()
                 .any(|&(from, to)| from <= created_ns && created_ns < to) =>
         {
-            counts.stale += 1;
+            counts.purged += 1;
             return Ok(());
         }
         Existing::Absent => counts.new += 1,
         Existing::Present {
-            updated_at_ns,
             content_hash,
             removed,
         } => {
@@ -149,19 +147,8 @@ fn upsert_encounter(
                 counts.unchanged += 1;
                 return Ok(());
             }
-            if incoming_ns < updated_at_ns {
-                // An older observation (e.g. a lagging replica answered): never let it win,
-                // but a record seen again is live again.
-                if removed {
-                    conn.prepare_cached(
-                        "UPDATE encounters SET removed_at = NULL, removed_reason = NULL, changed_at = ?2
-                         WHERE encounter_id = ?1",
-                    )?
-                    .execute(params![rec.encounter_id, now])?;
-                }
-                counts.stale += 1;
-                return Ok(());
-            }
+            // Upstream wins, even with an older `updated_at`: this observation was read after
+            // the stored one (the writer applies them in the order they were read).
             counts.changed += 1;
         }
     }
@@ -192,7 +179,7 @@ fn upsert_encounter(
         rec.date_of_service.map(format_utc),
         rec.patient.as_ref().map(|p| &p.patient_id),
         created_ns,
-        incoming_ns,
+        updated_ns,
         rec.content_hash,
         rec.raw_json,
         now,

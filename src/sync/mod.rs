@@ -3,6 +3,7 @@
 //! a few thousand records, and scan each window completely (see `window`). This module owns the
 //! replication algorithm; it does no SQL itself (that is `store`) and no HTTP itself (`api`).
 
+mod audit;
 mod content;
 mod window;
 
@@ -19,9 +20,9 @@ use crate::config::{AudioConfig, BirthDate, ContentConfig, PrivacyConfig, SyncCo
 use crate::store::{
     self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunEnd, RunOutcome, Writer,
 };
-use crate::timefmt::format_utc;
+use crate::timefmt::{Micros, format_utc};
 
-use window::{Scope, Window, WindowScan};
+use window::{Scope, Window};
 
 /// Everything a cycle needs, passed explicitly.
 pub struct SyncContext {
@@ -42,18 +43,21 @@ pub struct CyclePlan {
     pub live: bool,
     /// Re-scan this range completely (resuming an interrupted backfill of the same range).
     pub backfill: Option<BackfillRange>,
-    /// Stop the backfill at the first window boundary after this long, to let the live sync
-    /// have its turn; it resumes from its cursor next time.
-    pub backfill_budget: Option<Duration>,
+    /// Audit completed history after the backfill (resuming an unfinished audit).
+    pub audit: bool,
+    /// Stop the backfill and the audit at the first window (or audit range) boundary after
+    /// this long, to let the live sync have its turn; each resumes from its cursor next time.
+    pub budget: Option<Duration>,
 }
 
 impl CyclePlan {
-    /// `sync [--backfill-from ..]`: everything, to the end.
-    pub fn full(backfill: Option<BackfillRange>) -> CyclePlan {
+    /// `sync [--backfill-from ..] [--audit]`: everything, to the end.
+    pub fn full(backfill: Option<BackfillRange>, audit: bool) -> CyclePlan {
         CyclePlan {
             live: true,
             backfill,
-            backfill_budget: None,
+            audit,
+            budget: None,
         }
     }
 }
@@ -96,19 +100,39 @@ pub enum CycleError {
     #[error("the cycle was cancelled")]
     Cancelled,
     #[error(
-        "upstream kept changing in the window {start} .. {end} on every pass; it stays unfinished \
-         and is scanned again next cycle"
+        "upstream kept changing in the window {start} .. {end} on all {passes} passes; it stays \
+         unfinished and is scanned again next cycle"
     )]
-    Unsettled { start: String, end: String },
+    Unsettled { start: String, end: String, passes: u64 },
+    #[error(
+        "listing the window {start} .. {end} took {requests} requests for {records} records, more \
+         than any consistent upstream needs; stopped instead of spinning (the server may render \
+         created_at coarser than it filters)"
+    )]
+    RequestBound {
+        start: String,
+        end: String,
+        requests: u64,
+        records: u64,
+    },
+    #[error(
+        "{count} encounters share the created_at instant {instant}; the API's offset cap (10000) \
+         reaches 20200 of them from both ends, so the rest cannot be listed; what was read is kept"
+    )]
+    InstantOverfull { instant: String, count: u64 },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl CycleError {
+    /// The upstream `reason_code`, or ours for a window that could not be read completely.
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             CycleError::Api(e) => e.reason_code(),
-            _ => None,
+            CycleError::Unsettled { .. } => Some("window_unsettled"),
+            CycleError::RequestBound { .. } => Some("request_bound_exceeded"),
+            CycleError::InstantOverfull { .. } => Some("instant_overfull"),
+            CycleError::Cancelled | CycleError::Other(_) => None,
         }
     }
 }
@@ -171,24 +195,22 @@ async fn execute(
     let gate = content::RouteGate::default();
     let mut counts = RunCounts::default();
     let mut content_counts = RunCounts::default();
+    let deadline = plan.budget.map(|b| Instant::now() + b);
     let paging = async {
         let mut r = if plan.live {
-            sync_recent(ctx, run_id, &mut counts, &stop).await
+            sync_recent(ctx, run_id, &mut counts, &stop)
+                .await
+                .map(|()| Finished::Yes)
         } else {
-            Ok(())
+            Ok(Finished::Yes)
         };
-        if let (Ok(()), Some(range)) = (&r, plan.backfill) {
-            r = run_backfill(
-                ctx,
-                run_id,
-                range,
-                trigger,
-                plan.backfill_budget,
-                &mut counts,
-                &stop,
-            )
-            .await;
+        if let (Ok(Finished::Yes), Some(range)) = (&r, plan.backfill) {
+            r = run_backfill(ctx, run_id, range, trigger, deadline, &mut counts, &stop).await;
         }
+        if let (Ok(Finished::Yes), true) = (&r, plan.audit) {
+            r = audit::run(ctx, run_id, trigger, deadline, &mut counts, &stop).await;
+        }
+        let r = r.map(|_| ());
         paging_done.cancel();
         if r.is_err() {
             stop.cancel();
@@ -336,11 +358,7 @@ async fn sync_recent(
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
     let horizon = now - s.settle_lag;
-    // Under a retention period, what is older than it is never synced (and gets purged).
-    let start_at = ctx
-        .privacy
-        .retention
-        .map_or(s.start_at, |r| s.start_at.max(now - r));
+    let start_at = history_start(ctx, now);
     let deep_due = !s.revisit_deep.is_zero() && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
     let from = match watermark {
         None => start_at,
@@ -353,8 +371,21 @@ async fn sync_recent(
         }
     };
     tracing::debug!(from = %format_utc(from), to = %format_utc(horizon), deep_due, "planning");
-    let scope = Scope::Recent { watermark };
-    scan_range(ctx, run_id, from, horizon, scope, false, None, counts, cancel).await?;
+    let scan = RangeScan {
+        run_id,
+        scope: Scope::Recent { watermark },
+        reconcile: false,
+        deadline: None,
+    };
+    scan_range(
+        ctx,
+        &scan,
+        Micros::floor(from),
+        Micros::floor(horizon),
+        counts,
+        cancel,
+    )
+    .await?;
     // The first cycle reads all history, which covers the deep horizon too.
     if deep_due && from <= now - s.revisit_deep {
         ctx.writer
@@ -364,16 +395,24 @@ async fn sync_recent(
     Ok(())
 }
 
+/// The earliest `created_at` replicated: `sync.start_at`, or the retention horizon when that
+/// is later (what is older than it is never synced, and gets purged).
+fn history_start(ctx: &SyncContext, now: OffsetDateTime) -> OffsetDateTime {
+    ctx.privacy
+        .retention
+        .map_or(ctx.sync.start_at, |r| ctx.sync.start_at.max(now - r))
+}
+
 /// Re-scans an explicit range completely, resuming an interrupted backfill of the same range.
 async fn run_backfill(
     ctx: &SyncContext,
     run_id: i64,
     range: BackfillRange,
     requested_by: &'static str,
-    budget: Option<Duration>,
+    deadline: Option<Instant>,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<(), CycleError> {
+) -> Result<Finished, CycleError> {
     let bf = ctx
         .writer
         .call(move |c| {
@@ -387,12 +426,22 @@ async fn run_backfill(
         resume_at = %format_utc(bf.cursor),
         "backfill"
     );
-    let scope = Scope::Backfill {
-        backfill_id: bf.backfill_id,
+    let scan = RangeScan {
+        run_id,
+        scope: Scope::Backfill {
+            backfill_id: bf.backfill_id,
+        },
+        reconcile: true,
+        deadline,
     };
-    let deadline = budget.map(|b| Instant::now() + b);
+    // An explicit range is scanned exactly as given, widened to whole microseconds.
     let result = scan_range(
-        ctx, run_id, bf.cursor, bf.end, scope, true, deadline, counts, cancel,
+        ctx,
+        &scan,
+        Micros::floor(bf.cursor),
+        Micros::ceil(bf.end),
+        counts,
+        cancel,
     )
     .await;
     let finished = matches!(result, Ok(Finished::Yes));
@@ -404,70 +453,72 @@ async fn run_backfill(
             })
             .await?;
     }
-    result.map(|_| ())
+    result
 }
 
 /// Whether a range was scanned to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Finished {
     Yes,
     /// Stopped at a window boundary because the deadline passed.
     Paused,
 }
 
-/// Scans `[from, to)` window by window in ascending order, stopping early at a window boundary
-/// once `deadline` has passed.
-#[allow(clippy::too_many_arguments)]
-async fn scan_range(
-    ctx: &SyncContext,
+/// How a range is scanned: which ledger scope its windows belong to, whether absence is
+/// evidence of removal, and when to stop at a window boundary.
+struct RangeScan {
     run_id: i64,
-    from: OffsetDateTime,
-    to: OffsetDateTime,
     scope: Scope,
     reconcile: bool,
     deadline: Option<Instant>,
+}
+
+impl RangeScan {
+    fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Scans `[from, to)` window by window in ascending order, stopping early at a window boundary
+/// once the scan's deadline has passed.
+async fn scan_range(
+    ctx: &SyncContext,
+    scan: &RangeScan,
+    from: Micros,
+    to: Micros,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<Finished, CycleError> {
     let mut cursor = from;
-    let progress = matches!(scope, Scope::Backfill { .. }).then(|| crate::telemetry::Progress::new(from, to));
+    let progress = matches!(scan.scope, Scope::Backfill { .. })
+        .then(|| crate::telemetry::Progress::new(from.instant(), to.instant()));
     let listed_before = counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
+    let mut finished = Finished::Yes;
     while cursor < to {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            if let Some(p) = &progress {
-                p.finish();
-            }
-            return Ok(Finished::Paused);
+        if scan.out_of_time() {
+            finished = Finished::Paused;
+            break;
         }
         let w = Window {
-            run_id,
-            scope,
+            run_id: scan.run_id,
+            scope: scan.scope,
             start: cursor,
             end: to,
-            reconcile,
+            reconcile: scan.reconcile,
         };
-        let span = tracing::debug_span!("window", start = %format_utc(cursor), kind = ?scope);
-        match window::scan(ctx, w, counts, cancel).instrument(span).await? {
-            WindowScan::Completed { end } => {
-                tracing::debug!(start = %format_utc(cursor), end = %format_utc(end), "window complete");
-                cursor = end;
-                if let Some(p) = &progress {
-                    let listed =
-                        counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
-                    p.update(cursor, listed - listed_before);
-                }
-            }
-            WindowScan::Unsettled { end } => {
-                return Err(CycleError::Unsettled {
-                    start: format_utc(cursor),
-                    end: format_utc(end),
-                });
-            }
+        let span = tracing::debug_span!("window", start = %cursor, kind = ?scan.scope);
+        let end = window::scan(ctx, w, counts, cancel).instrument(span).await?;
+        tracing::debug!(start = %cursor, end = %end, "window complete");
+        cursor = end;
+        if let Some(p) = &progress {
+            let listed = counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
+            p.update(cursor.instant(), listed - listed_before);
         }
     }
     if let Some(p) = &progress {
         p.finish();
     }
-    Ok(Finished::Yes)
+    Ok(finished)
 }
 
 /// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the

@@ -1,29 +1,37 @@
 //! Reading one `created_at` window `[start, end)` completely, although the list route offers no
-//! snapshot: the algorithm of ARCHITECTURE.md ("Why no record is missed").
+//! snapshot: the algorithm of `docs/replication.md` ("Why nothing is missed").
 //!
-//! A pass pages the window by *re-anchoring*: each request asks for `start_at = created_at of
-//! the last record seen` at offset 0, so every response is an atomic view of everything not yet
-//! passed, and records removed or inserted behind the cursor cannot shift what is ahead of it.
-//! Only when a whole page shares one `created_at` instant does a pass fall back to offset paging
-//! inside that instant, with one record of overlap between pages. A pass is accepted when its
-//! observations agree (the window's total at the start equals the distinct IDs seen equals the
-//! total at the end, and every overlap matched); otherwise the window is re-scanned. The last
-//! page, the removals it implies and the window's ledger entry commit in one transaction.
+//! Every bound sent is a [`Micros`]: at most six fractional digits, so a server that parses
+//! datetimes to microseconds (and rejects or truncates more digits) sees exactly the ranges we
+//! mean, and no range is ever narrower than one microsecond.
+//!
+//! A pass pages the window by *re-anchoring*: each request asks for `start_at = the microsecond
+//! of the last record seen` at offset 0, so records removed or inserted behind the cursor cannot
+//! shift what is ahead of it. When a page's last microsecond holds half a page or more, that
+//! microsecond is offset-paged instead (ascending, then descending from the other end, so up to
+//! 20,200 records can share one instant). Re-anchoring trusts the rendered `created_at`; a
+//! response that shows rendering coarser than filtering (a record outside the requested range,
+//! or out of order) switches the window to *offset paging* of the whole range, narrowed by
+//! totals until the offset cap reaches every record. A pass is accepted when its observations
+//! agree; otherwise the window is re-scanned, narrower. Every pass has a request bound
+//! proportional to the records it saw, so no upstream can make a window spin. The last page,
+//! the removals it implies and the window's ledger entry commit in one transaction.
 //!
 //! Windows are cut by observed density: the first pass closes the window at a page boundary once
-//! it has seen about [`TARGET_RECORDS`], so no window ever needs offsets, and a crash re-reads at
-//! most one window.
+//! it has seen about [`TARGET_RECORDS`], so the ledger and crash recovery work in windows of a
+//! few thousand records.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use sha2::{Digest, Sha256};
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{CycleError, SyncContext, encounter_record};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
 use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
+use crate::timefmt::Micros;
 
 /// Close a window at the first page boundary after this many records: the ledger and crash
 /// recovery work in windows, so a crash re-reads at most about this much; each window costs one
@@ -31,18 +39,25 @@ use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCount
 const TARGET_RECORDS: usize = 5_000;
 
 /// A window whose observations keep disagreeing is given up for this cycle after this many
-/// passes (its rows are kept; the next cycle scans it again). Each failed pass halves the
-/// window, and a window of one page is a single atomic response, so under any churn that
-/// leaves single responses consistent a window of 5,000 records settles within about seven.
+/// passes (its rows are kept; the cycle fails naming the window and the next one scans it
+/// again). Each failed pass halves the window, and a window of one page is a single atomic
+/// response, so under any churn that leaves single responses consistent a window of 5,000
+/// records settles within about seven.
 const MAX_PASSES: u64 = 12;
+
+/// After this many consecutive re-anchored passes that disagreed, the window is read by offset
+/// paging instead: a server that rounds `created_at` *up* when rendering makes every re-anchored
+/// pass disagree (the anchor lies after records not yet read), and offset paging does not use
+/// rendered instants at all.
+const ANCHORED_FAILURES_BEFORE_OFFSETS: u64 = 4;
 
 /// How many pages a pass may have queued for the writer without having seen them committed:
 /// paging goes on while the writer commits, and the writer commits what queued up in one
 /// transaction (see `store::Writer::write`).
 const MAX_UNCOMMITTED_PAGES: usize = 8;
 
-/// The API's timestamps go down to nanoseconds; so do our windows.
-const ONE_NS: Duration = Duration::nanoseconds(1);
+/// Records one offset-paged range can reach from one end: offsets stop at 10,000.
+const OFFSET_REACH: u64 = MAX_OFFSET as u64 + 100;
 
 /// Which scan a window belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,27 +67,19 @@ pub enum Scope {
     Recent { watermark: Option<OffsetDateTime> },
     /// An explicit range requested by an operator; never touches `complete_through`.
     Backfill { backfill_id: i64 },
+    /// A range of completed history whose totals disagreed with the warehouse in an audit.
+    Audit,
 }
 
 impl Scope {
-    fn ledger_kind(self, end: OffsetDateTime) -> &'static str {
+    fn ledger_kind(self, end: Micros) -> &'static str {
         match self {
-            Scope::Recent { watermark: Some(wm) } if end <= wm => "revisit",
+            Scope::Recent { watermark: Some(wm) } if end.instant() <= wm => "revisit",
             Scope::Recent { .. } => "live",
             Scope::Backfill { .. } => "backfill",
+            Scope::Audit => "audit",
         }
     }
-}
-
-/// The result of scanning one window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WindowScan {
-    /// `[start, end)` was read completely and committed with its ledger entry; `end` is the
-    /// range end, or where the window was cut by density.
-    Completed { end: OffsetDateTime },
-    /// Upstream kept changing through every pass over `[start, end)`: rows were kept but the
-    /// window is not recorded as complete.
-    Unsettled { end: OffsetDateTime },
 }
 
 /// One window to scan: from `start` up to at most `end`.
@@ -80,23 +87,36 @@ pub enum WindowScan {
 pub(super) struct Window {
     pub run_id: i64,
     pub scope: Scope,
-    pub start: OffsetDateTime,
-    pub end: OffsetDateTime,
+    pub start: Micros,
+    pub end: Micros,
     /// An explicit reconcile: encounters missing from the listing are marked removed even
     /// when the detail route cannot be asked (then as `absent_on_reconcile`).
     pub reconcile: bool,
 }
 
+/// How a pass reads its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// Offset 0 always, `start_at` moved to the last record's microsecond.
+    Anchored,
+    /// Offsets over the whole window (narrowed until they reach every record), for servers
+    /// whose rendered `created_at` cannot be used as an anchor.
+    Offsets,
+}
+
 /// What one pass over a window observed.
 struct Pass {
-    /// Distinct IDs listed, with their created_at.
-    seen: HashMap<String, OffsetDateTime>,
+    start: Micros,
     /// Where this pass ended the window.
-    end: OffsetDateTime,
+    end: Micros,
+    /// Distinct IDs listed, with their created_at as rendered.
+    seen: HashMap<String, OffsetDateTime>,
     /// The window's total as the list route last reported it.
     total: u64,
     /// Every observation agreed (see the module docs).
     consistent: bool,
+    /// Evidence that the server renders `created_at` coarser than it filters and sorts.
+    coarse: Option<String>,
     /// The final page, held back to commit with the window's completion.
     last_page: Vec<EncounterRecord>,
     pages: u64,
@@ -104,33 +124,174 @@ struct Pass {
     uncommitted: VecDeque<Pending<PageCounts>>,
 }
 
-/// Scans a window until one pass is consistent, then commits its completion. The first pass
-/// may cut the window short by density; later passes re-read exactly the cut window.
+impl Pass {
+    fn new(start: Micros, end: Micros) -> Pass {
+        Pass {
+            start,
+            end,
+            seen: HashMap::new(),
+            total: 0,
+            consistent: true,
+            coarse: None,
+            last_page: Vec::new(),
+            pages: 0,
+            uncommitted: VecDeque::new(),
+        }
+    }
+
+    /// The most list requests this pass may make, given what it has read so far: a few for
+    /// the verification and the narrowing of an offset-paged window, plus a small multiple of
+    /// the pages its records fill. Every request that adds no record uses up the fixed part, so
+    /// a server that never lets the cursor advance ends the pass instead of spinning.
+    fn request_bound(&self, limit: u32) -> u64 {
+        72 + 6 * (self.seen.len() as u64).div_ceil(step(limit))
+    }
+
+    /// One list request of this pass: counted, bounded, cancellable.
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &mut self,
+        ctx: &SyncContext,
+        from: Micros,
+        to: Micros,
+        offset: u32,
+        limit: u32,
+        sort: SortOrder,
+        counts: &mut RunCounts,
+        cancel: &CancellationToken,
+    ) -> Result<EncounterPage, CycleError> {
+        if cancel.is_cancelled() {
+            return Err(CycleError::Cancelled);
+        }
+        let bound = self.request_bound(ctx.sync.page_size.get());
+        if self.pages >= bound {
+            return Err(CycleError::RequestBound {
+                start: self.start.to_string(),
+                end: self.end.to_string(),
+                requests: self.pages,
+                records: self.seen.len() as u64,
+            });
+        }
+        let query = ListQuery {
+            start_at: Some(from),
+            end_at: Some(to),
+            offset,
+            limit,
+            sort,
+        };
+        let page = ctx.client.list_encounters(&query).await?;
+        counts.list_requests += 1;
+        self.pages += 1;
+        Ok(page)
+    }
+
+    fn note_seen(&mut self, items: &[Encounter]) {
+        self.seen
+            .extend(items.iter().map(|e| (e.encounter_id.clone(), e.created_at.0)));
+    }
+
+    /// Records the IDs of a page and queues its rows for the writer, first waiting for the
+    /// oldest queued page if [`MAX_UNCOMMITTED_PAGES`] are.
+    async fn absorb(
+        &mut self,
+        ctx: &SyncContext,
+        items: Vec<Encounter>,
+        counts: &mut RunCounts,
+    ) -> Result<(), CycleError> {
+        self.note_seen(&items);
+        let records = items
+            .into_iter()
+            .map(|e| encounter_record(e, &ctx.privacy))
+            .collect();
+        if self.uncommitted.len() >= MAX_UNCOMMITTED_PAGES
+            && let Some(oldest) = self.uncommitted.pop_front()
+        {
+            add_counts(counts, oldest.await?);
+        }
+        self.uncommitted
+            .push_back(queue_commit(ctx, records, Vec::new(), None));
+        Ok(())
+    }
+
+    /// Holds a page back to commit with the window's completion.
+    fn keep_last(&mut self, ctx: &SyncContext, items: Vec<Encounter>) {
+        self.note_seen(&items);
+        self.last_page = items
+            .into_iter()
+            .map(|e| encounter_record(e, &ctx.privacy))
+            .collect();
+    }
+
+    /// Waits until every page this pass queued is stored: what a pass saw is stored before
+    /// anyone judges or records the window.
+    async fn settle(&mut self, counts: &mut RunCounts) -> Result<(), CycleError> {
+        while let Some(page) = self.uncommitted.pop_front() {
+            add_counts(counts, page.await?);
+        }
+        Ok(())
+    }
+}
+
+/// Offset step between pages: one record of overlap, which must match.
+fn step(limit: u32) -> u64 {
+    u64::from(limit.saturating_sub(1).max(1))
+}
+
+/// Scans a window until one pass is consistent, then commits its completion and returns where
+/// the window ended. The first pass may cut the window short by density; later passes re-read
+/// exactly the cut window (or a narrower one after a disagreement).
 pub(super) async fn scan(
     ctx: &SyncContext,
     w: Window,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<WindowScan, CycleError> {
+) -> Result<Micros, CycleError> {
     let mut pages = 0;
     let mut end = w.end;
+    let mut method = Method::Anchored;
+    let mut anchored_failures = 0;
     for pass_no in 1..=MAX_PASSES {
-        let pass = run_pass(ctx, w.start, end, pass_no == 1, counts, cancel).await?;
+        let pass = match method {
+            Method::Anchored => anchored_pass(ctx, w.start, end, pass_no == 1, counts, cancel).await?,
+            Method::Offsets => offset_pass(ctx, w.start, end, counts, cancel).await?,
+        };
         pages += pass.pages;
         if pass.end < end {
             counts.splits += 1;
             end = pass.end;
         }
+        if let Some(evidence) = &pass.coarse {
+            counts.rescans += 1;
+            tracing::warn!(
+                start = %w.start,
+                end = %end,
+                evidence = evidence.as_str(),
+                "the server renders created_at coarser than it filters; reading this window by offsets"
+            );
+            method = Method::Offsets;
+            commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
+            continue;
+        }
         if !pass.consistent {
             counts.rescans += 1;
-            // Upstream changed behind the cursor. A narrower window takes fewer requests, so
+            if method == Method::Anchored {
+                anchored_failures += 1;
+                if anchored_failures >= ANCHORED_FAILURES_BEFORE_OFFSETS {
+                    method = Method::Offsets;
+                }
+            }
+            // Upstream changed while we paged. A narrower window takes fewer requests, so
             // fewer changes can land during it: re-scan the older half.
-            if let Some(mid) = median_instant(&pass.seen).filter(|m| *m > w.start && *m < end) {
+            let mid = median_instant(&pass.seen)
+                .filter(|m| *m > w.start && *m < end)
+                .or_else(|| Some(w.start.midpoint(end)).filter(|m| *m > w.start));
+            if let Some(mid) = mid {
                 counts.splits += 1;
                 end = mid;
             }
             tracing::debug!(
                 pass = pass_no,
+                ?method,
                 "upstream changed while paging; re-scanning the window"
             );
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
@@ -144,10 +305,10 @@ pub(super) async fn scan(
             kind: w.scope.ledger_kind(end),
             backfill_id: match w.scope {
                 Scope::Backfill { backfill_id } => Some(backfill_id),
-                Scope::Recent { .. } => None,
+                Scope::Recent { .. } | Scope::Audit => None,
             },
-            start_at: w.start,
-            end_at: end,
+            start_at: w.start.instant(),
+            end_at: end.instant(),
             records_seen: seen.len() as u64,
             total: pass.total,
             pages,
@@ -158,227 +319,294 @@ pub(super) async fn scan(
         };
         commit(ctx, pass.last_page, removals, Some(completion), counts).await?;
         counts.windows += 1;
-        return Ok(WindowScan::Completed { end });
+        return Ok(end);
     }
-    tracing::warn!(
-        start = %crate::timefmt::format_utc(w.start),
-        end = %crate::timefmt::format_utc(end),
-        passes = MAX_PASSES,
-        "upstream kept changing in this window on every pass; it will be scanned again next cycle"
-    );
-    Ok(WindowScan::Unsettled { end })
+    Err(CycleError::Unsettled {
+        start: w.start.to_string(),
+        end: end.to_string(),
+        passes: MAX_PASSES,
+    })
 }
 
-async fn list(
-    ctx: &SyncContext,
-    start: OffsetDateTime,
-    end: OffsetDateTime,
-    offset: u32,
-    limit: u32,
-    counts: &mut RunCounts,
-) -> Result<EncounterPage, CycleError> {
-    let query = ListQuery {
-        start_at: Some(start),
-        end_at: Some(end),
-        offset,
-        limit,
-        sort: SortOrder::Asc,
-    };
-    let page = ctx.client.list_encounters(&query).await?;
-    counts.list_requests += 1;
-    Ok(page)
+/// A response's records must lie inside the requested range, in ascending order, or the
+/// rendered `created_at` cannot be used to anchor the next request.
+fn rendering_evidence(items: &[Encounter], from: Micros, to: Micros) -> Option<String> {
+    let (lo, hi) = (from.instant(), to.instant());
+    if let Some(e) = items.iter().find(|e| e.created_at.0 < lo || e.created_at.0 >= hi) {
+        return Some(format!(
+            "encounter {} was listed for [{from}, {to}) with created_at {}",
+            e.encounter_id,
+            crate::timefmt::format_utc(e.created_at.0)
+        ));
+    }
+    items
+        .windows(2)
+        .find(|p| p[1].created_at.0 < p[0].created_at.0)
+        .map(|p| {
+            format!(
+                "encounter {} (created_at {}) was listed after {} (created_at {}) in ascending order",
+                p[1].encounter_id,
+                crate::timefmt::format_utc(p[1].created_at.0),
+                p[0].encounter_id,
+                crate::timefmt::format_utc(p[0].created_at.0)
+            )
+        })
 }
 
-/// One pass over `[start, end)`. With `may_cut`, the pass ends the window at the first page
-/// boundary after [`TARGET_RECORDS`] (at the instant of that page's last record, which then
-/// belongs to the next window).
-async fn run_pass(
+/// One re-anchored pass over `[start, end)`. With `may_cut`, the pass ends the window at the
+/// first page boundary after [`TARGET_RECORDS`] (at the microsecond of that page's last record,
+/// whose records then belong to the next window).
+async fn anchored_pass(
     ctx: &SyncContext,
-    start: OffsetDateTime,
-    end: OffsetDateTime,
+    start: Micros,
+    end: Micros,
     may_cut: bool,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<Pass, CycleError> {
     let limit = ctx.sync.page_size.get();
-    let mut pass = Pass {
-        seen: HashMap::new(),
-        end,
-        total: 0,
-        consistent: true,
-        last_page: Vec::new(),
-        pages: 0,
-        uncommitted: VecDeque::new(),
-    };
+    let mut pass = Pass::new(start, end);
     let mut cursor = start;
-    // IDs of the records at `cursor` that the previous page ended with: the next page, anchored
-    // at `cursor`, must start with them (in order) unless upstream changed.
+    // IDs of the records at or after `cursor` that the previous page ended with: the next page,
+    // anchored at `cursor`, must start with them (in order) unless upstream changed.
     let mut expected_prefix: Vec<String> = Vec::new();
     loop {
-        if cancel.is_cancelled() {
-            return Err(CycleError::Cancelled);
-        }
-        let page = list(ctx, cursor, end, 0, limit, counts).await?;
-        pass.pages += 1;
+        let page = pass
+            .list(ctx, cursor, end, 0, limit, SortOrder::Asc, counts, cancel)
+            .await?;
         if pass.pages == 1 {
             pass.total = page.total;
         }
-        let at_cursor: Vec<&str> = page
-            .items
-            .iter()
-            .take_while(|e| e.created_at.0 == cursor)
-            .map(|e| e.encounter_id.as_str())
-            .collect();
-        if !expected_prefix.is_empty()
-            && at_cursor
-                .get(..expected_prefix.len())
-                .is_none_or(|p| p != expected_prefix)
-        {
-            pass.consistent = false;
-        }
-        let received = page.items.len() as u64;
-        let done = received < limit as u64 || received >= page.total;
-        let last_instant = page.items.last().map(|e| e.created_at.0);
-        if done {
-            note_seen(&mut pass, &page.items);
-            pass.last_page = page
-                .items
-                .into_iter()
-                .map(|e| encounter_record(e, &ctx.privacy))
-                .collect();
+        if let Some(evidence) = rendering_evidence(&page.items, cursor, end) {
+            pass.coarse = Some(evidence);
+            pass.absorb(ctx, page.items, counts).await?;
             break;
         }
-        let next = last_instant.expect("a page that is not done has items");
-        if next == cursor {
-            // More than a page of records share one instant: re-anchoring cannot move past it.
-            absorb(ctx, &mut pass, page.items, counts).await?;
-            page_instant(ctx, &mut pass, cursor, limit, counts, cancel).await?;
-            cursor += ONE_NS;
+        let starts_as_expected = page.items.len() >= expected_prefix.len()
+            && page
+                .items
+                .iter()
+                .zip(&expected_prefix)
+                .all(|(e, id)| &e.encounter_id == id);
+        if !starts_as_expected {
+            pass.consistent = false;
+        }
+        let received = page.items.len();
+        if received < limit as usize || received as u64 >= page.total {
+            pass.keep_last(ctx, page.items);
+            break;
+        }
+        let Some(last) = page.items.last().map(|e| e.created_at.0) else {
+            // A full page has items; an empty one ended the pass above.
+            break;
+        };
+        let anchor = Micros::floor(last);
+        let tail = page
+            .items
+            .iter()
+            .filter(|e| e.created_at.0 >= anchor.instant())
+            .count();
+        // Every record is at or after `cursor`, so `anchor == cursor` means the whole page is
+        // one microsecond: re-anchoring could not move. Half a page or more in the last
+        // microsecond would make re-anchoring crawl, so that microsecond is offset-paged.
+        if tail == received || (limit >= 4 && 2 * tail >= limit as usize) {
+            pass.absorb(ctx, page.items, counts).await?;
+            page_instant(ctx, &mut pass, anchor, counts, cancel).await?;
+            cursor = anchor.next();
             expected_prefix.clear();
             if cursor >= end {
                 break;
             }
             continue;
         }
-        if may_cut && pass.seen.len() + page.items.len() >= TARGET_RECORDS {
-            // Close the window before `next`; its records there are read again by the next one.
-            note_seen(&mut pass, &page.items);
-            pass.seen.retain(|_, t| *t < next);
-            pass.end = next;
-            pass.last_page = page
-                .items
-                .into_iter()
-                .map(|e| encounter_record(e, &ctx.privacy))
-                .collect();
+        if may_cut && anchor > start && pass.seen.len() + received >= TARGET_RECORDS {
+            // Close the window before `anchor`; its records there are read again by the next one.
+            pass.keep_last(ctx, page.items);
+            pass.seen.retain(|_, t| *t < anchor.instant());
+            pass.end = anchor;
             break;
         }
         expected_prefix = page
             .items
             .iter()
-            .filter(|e| e.created_at.0 == next)
+            .filter(|e| e.created_at.0 >= anchor.instant())
             .map(|e| e.encounter_id.clone())
             .collect();
-        cursor = next;
-        absorb(ctx, &mut pass, page.items, counts).await?;
+        cursor = anchor;
+        pass.absorb(ctx, page.items, counts).await?;
     }
-    if pass.pages > 1 {
+    if pass.pages > 1 && pass.coarse.is_none() {
         // One cheap request closes the observation: if the window's total now equals the
         // records we saw, nothing was added or removed behind the cursor while we paged.
-        let end_total = list(ctx, start, pass.end, 0, 1, counts).await?.total;
-        pass.pages += 1;
+        let window_end = pass.end;
+        let end_total = pass
+            .list(ctx, start, window_end, 0, 1, SortOrder::Asc, counts, cancel)
+            .await?
+            .total;
         if end_total != pass.seen.len() as u64 {
             pass.consistent = false;
         }
         pass.total = end_total;
     }
-    // What the pass saw is stored before anyone judges or records the window.
-    while let Some(page) = pass.uncommitted.pop_front() {
-        add_counts(counts, page.await?);
-    }
+    pass.settle(counts).await?;
     Ok(pass)
 }
 
-/// The created_at at which half of the seen records lie before.
-fn median_instant(seen: &HashMap<String, OffsetDateTime>) -> Option<OffsetDateTime> {
+/// One offset-paged pass: `[start, end)` is narrowed (by halving its time span, judged by the
+/// totals the server reports, never by rendered instants) until offsets reach every record, then
+/// read by offsets from both ends. The pass ends the window where the narrowing left it.
+async fn offset_pass(
+    ctx: &SyncContext,
+    start: Micros,
+    end: Micros,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<Pass, CycleError> {
+    let limit = ctx.sync.page_size.get();
+    let mut pass = Pass::new(start, end);
+    let first = loop {
+        let window_end = pass.end;
+        let page = pass
+            .list(ctx, start, window_end, 0, limit, SortOrder::Asc, counts, cancel)
+            .await?;
+        if page.total <= OFFSET_REACH || start.next() >= window_end {
+            break page;
+        }
+        counts.splits += 1;
+        pass.end = start.midpoint(window_end).max(start.next());
+    };
+    let window_end = pass.end;
+    page_offsets(ctx, &mut pass, start, window_end, first, counts, cancel).await?;
+    if pass.total != pass.seen.len() as u64 {
+        pass.consistent = false;
+    }
+    pass.settle(counts).await?;
+    Ok(pass)
+}
+
+/// Offset-pages the records created in the microsecond `at`.
+async fn page_instant(
+    ctx: &SyncContext,
+    pass: &mut Pass,
+    at: Micros,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let limit = ctx.sync.page_size.get();
+    let first = pass
+        .list(ctx, at, at.next(), 0, limit, SortOrder::Asc, counts, cancel)
+        .await?;
+    page_offsets(ctx, pass, at, at.next(), first, counts, cancel).await
+}
+
+/// Reads `[from, to)` by offsets, given its first ascending page. Pages overlap by one record,
+/// which must match, and every response must report the same total. Ascending offsets reach
+/// [`OFFSET_REACH`] records; the rest is read descending from the other end, so up to twice
+/// that many are reachable. More than that in one microsecond is an error naming the instant
+/// and the count (the rows read are kept); in a wider range the caller narrows first.
+async fn page_offsets(
+    ctx: &SyncContext,
+    pass: &mut Pass,
+    from: Micros,
+    to: Micros,
+    first: EncounterPage,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let limit = ctx.sync.page_size.get();
+    let step = step(limit);
+    let total = first.total;
+    pass.total = total;
+    let mut received = first.items.len() as u64;
+    let mut overlap = first.items.last().map(|e| e.encounter_id.clone());
+    pass.absorb(ctx, first.items, counts).await?;
+    // Ascending from the front.
+    let mut offset = 0u64;
+    while received == u64::from(limit) && offset + received < total && offset + step <= u64::from(MAX_OFFSET)
+    {
+        offset += step;
+        let page = pass
+            .list(
+                ctx,
+                from,
+                to,
+                offset as u32,
+                limit,
+                SortOrder::Asc,
+                counts,
+                cancel,
+            )
+            .await?;
+        judge_offset_page(pass, &page, total, overlap.as_deref());
+        received = page.items.len() as u64;
+        overlap = page.items.last().map(|e| e.encounter_id.clone());
+        pass.absorb(ctx, page.items, counts).await?;
+    }
+    let front = offset + received;
+    if received < u64::from(limit) || front >= total {
+        return Ok(());
+    }
+    // Descending from the back, until the two ends meet.
+    let back_needed = total - front;
+    let mut offset = 0u64;
+    let mut overlap: Option<String> = None;
+    loop {
+        let page = pass
+            .list(
+                ctx,
+                from,
+                to,
+                offset as u32,
+                limit,
+                SortOrder::Desc,
+                counts,
+                cancel,
+            )
+            .await?;
+        judge_offset_page(pass, &page, total, overlap.as_deref());
+        let received = page.items.len() as u64;
+        overlap = page.items.last().map(|e| e.encounter_id.clone());
+        pass.absorb(ctx, page.items, counts).await?;
+        let back = offset + received;
+        if received < u64::from(limit) || back >= back_needed {
+            return Ok(());
+        }
+        if offset + step > u64::from(MAX_OFFSET) {
+            break;
+        }
+        offset += step;
+    }
+    if to == from.next() {
+        pass.settle(counts).await?;
+        return Err(CycleError::InstantOverfull {
+            instant: from.to_string(),
+            count: total,
+        });
+    }
+    // A wider range grew past what offsets reach while we paged: re-scan it (narrower).
+    pass.consistent = false;
+    Ok(())
+}
+
+/// An offset page agrees with the pages before it: same total, and it starts with the record
+/// the previous page ended with.
+fn judge_offset_page(pass: &mut Pass, page: &EncounterPage, total: u64, overlap: Option<&str>) {
+    if page.total != total {
+        pass.consistent = false;
+    }
+    if overlap.is_some() && overlap != page.items.first().map(|e| e.encounter_id.as_str()) {
+        pass.consistent = false;
+    }
+}
+
+/// The microsecond at which half of the seen records lie before.
+fn median_instant(seen: &HashMap<String, OffsetDateTime>) -> Option<Micros> {
     let mut instants: Vec<OffsetDateTime> = seen.values().copied().collect();
     if instants.len() < 2 {
         return None;
     }
     let mid = instants.len() / 2;
-    Some(*instants.select_nth_unstable(mid).1)
-}
-
-fn note_seen(pass: &mut Pass, items: &[Encounter]) {
-    pass.seen
-        .extend(items.iter().map(|e| (e.encounter_id.clone(), e.created_at.0)));
-}
-
-/// Offset-pages the records sharing the instant `at`, the first page of which (at offset 0)
-/// has been seen. Pages overlap by one record, which must match.
-async fn page_instant(
-    ctx: &SyncContext,
-    pass: &mut Pass,
-    at: OffsetDateTime,
-    limit: u32,
-    counts: &mut RunCounts,
-    cancel: &CancellationToken,
-) -> Result<(), CycleError> {
-    let step = limit.saturating_sub(1).max(1);
-    let mut offset = 0u32;
-    let mut instant_total = None;
-    let mut overlap: Option<String> = None;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(CycleError::Cancelled);
-        }
-        let page = list(ctx, at, at + ONE_NS, offset, limit, counts).await?;
-        pass.pages += 1;
-        if *instant_total.get_or_insert(page.total) != page.total {
-            pass.consistent = false;
-        }
-        if overlap.is_some() && overlap.as_deref() != page.items.first().map(|e| e.encounter_id.as_str()) {
-            pass.consistent = false;
-        }
-        overlap = page.items.last().map(|e| e.encounter_id.clone());
-        let received = page.items.len() as u32;
-        let last = received < limit;
-        absorb(ctx, pass, page.items, counts).await?;
-        if last {
-            return Ok(());
-        }
-        if offset as u64 + step as u64 > MAX_OFFSET as u64 {
-            return Err(CycleError::Other(anyhow::anyhow!(
-                "more than {} encounters share the created_at instant {}; the API's offset cap \
-                 (10000) makes the rest unreachable",
-                MAX_OFFSET + limit,
-                crate::timefmt::format_utc(at)
-            )));
-        }
-        offset += step;
-    }
-}
-
-/// Records the IDs of a page and queues its rows for the writer, first waiting for the oldest
-/// queued page if [`MAX_UNCOMMITTED_PAGES`] are.
-async fn absorb(
-    ctx: &SyncContext,
-    pass: &mut Pass,
-    items: Vec<Encounter>,
-    counts: &mut RunCounts,
-) -> Result<(), CycleError> {
-    note_seen(pass, &items);
-    let records = items
-        .into_iter()
-        .map(|e| encounter_record(e, &ctx.privacy))
-        .collect();
-    if pass.uncommitted.len() >= MAX_UNCOMMITTED_PAGES
-        && let Some(oldest) = pass.uncommitted.pop_front()
-    {
-        add_counts(counts, oldest.await?);
-    }
-    pass.uncommitted
-        .push_back(queue_commit(ctx, records, Vec::new(), None));
-    Ok(())
+    Some(Micros::floor(*instants.select_nth_unstable(mid).1))
 }
 
 fn queue_commit(
@@ -413,20 +641,21 @@ async fn commit(
 fn add_counts(counts: &mut RunCounts, pc: PageCounts) {
     counts.encounters_new += pc.new;
     counts.encounters_changed += pc.changed;
-    counts.encounters_unchanged += pc.unchanged + pc.stale;
+    counts.encounters_unchanged += pc.unchanged + pc.purged;
     counts.encounters_removed += pc.removed;
 }
 
 /// Encounters stored as live in the window but absent from a complete listing of it: asks the
 /// detail route about each. Gone (404) or unavailable (403 for this encounter) → a removal;
-/// still there → it is upserted from the detail (it was only briefly invisible).
+/// still there → it is upserted from the detail (it was only briefly invisible, or its rendered
+/// `created_at` placed it in this window while the server files it in a neighbouring one).
 async fn find_removals(
     ctx: &SyncContext,
     w: &Window,
     seen: &HashSet<&str>,
     counts: &mut RunCounts,
 ) -> Result<Vec<Removal>, CycleError> {
-    let (start, end) = (w.start, w.end);
+    let (start, end) = (w.start.instant(), w.end.instant());
     let stored = ctx
         .writer
         .call(move |c| store::live_ids_in_range(c, start, end))
@@ -480,10 +709,17 @@ mod tests {
     fn windows_ending_before_the_watermark_are_revisits() {
         let wm = datetime!(2026-03-01 0:00 UTC);
         let recent = Scope::Recent { watermark: Some(wm) };
-        assert_eq!(recent.ledger_kind(wm), "revisit");
-        assert_eq!(recent.ledger_kind(wm + ONE_NS), "live");
-        assert_eq!(Scope::Recent { watermark: None }.ledger_kind(wm), "live");
-        assert_eq!(Scope::Backfill { backfill_id: 1 }.ledger_kind(wm), "backfill");
+        assert_eq!(recent.ledger_kind(Micros::floor(wm)), "revisit");
+        assert_eq!(recent.ledger_kind(Micros::floor(wm).next()), "live");
+        assert_eq!(
+            Scope::Recent { watermark: None }.ledger_kind(Micros::floor(wm)),
+            "live"
+        );
+        assert_eq!(
+            Scope::Backfill { backfill_id: 1 }.ledger_kind(Micros::floor(wm)),
+            "backfill"
+        );
+        assert_eq!(Scope::Audit.ledger_kind(Micros::floor(wm)), "audit");
     }
 
     #[test]
@@ -493,5 +729,18 @@ mod tests {
         assert_eq!(id_set_hash(&a), id_set_hash(&b));
         let c: HashSet<&str> = ["enc_a"].into_iter().collect();
         assert_ne!(id_set_hash(&a), id_set_hash(&c));
+    }
+
+    #[test]
+    fn a_pass_that_adds_no_records_runs_out_of_requests() {
+        let mut pass = Pass::new(
+            Micros::floor(datetime!(2026-03-01 0:00 UTC)),
+            Micros::floor(datetime!(2026-03-02 0:00 UTC)),
+        );
+        assert_eq!(pass.request_bound(100), 72);
+        pass.seen
+            .extend((0..990).map(|i| (format!("enc_{i}"), datetime!(2026-03-01 1:00 UTC))));
+        // 990 records fill ten pages of 99 new records each: the bound allows six times that.
+        assert_eq!(pass.request_bound(100), 72 + 60);
     }
 }

@@ -5,6 +5,7 @@ use charthero_sim::{DocKind, Fault, FaultRule, KeyState, NewEncounter, Route as 
 use charthero_sync::api::wire::DocumentDetail;
 use charthero_sync::api::{ApiError, Client, ErrorClass, ListQuery, SortOrder};
 use charthero_sync::secret::ApiKey;
+use charthero_sync::timefmt::Micros;
 use time::OffsetDateTime;
 
 use crate::support::TestEnv;
@@ -61,8 +62,8 @@ async fn the_list_route_pages_in_created_at_then_id_order_both_ways() {
     // start_at is inclusive and end_at exclusive.
     let pivot = snapshot[100].created_at;
     let from_pivot = ListQuery {
-        start_at: Some(pivot),
-        end_at: Some(snapshot[200].created_at),
+        start_at: Some(Micros::floor(pivot)),
+        end_at: Some(Micros::floor(snapshot[200].created_at)),
         ..all(100, 0, SortOrder::Asc)
     };
     let page = c.list_encounters(&from_pivot).await.unwrap();

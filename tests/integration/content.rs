@@ -6,6 +6,7 @@ use std::time::Duration;
 use charthero_sim::{
     DocKind, Fault, FaultRule, KeyState, NewEncounter, RateLimit, Route as SimRoute, SimOptions,
 };
+use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -39,10 +40,15 @@ async fn unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte() {
         ..sim_options(21, 300)
     })
     .await;
-    let report =
-        charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
-            .await
-            .unwrap();
+    let report = charthero_sync::sync_once(
+        &env.config(),
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert!(report.is_complete(), "{report:?}");
     assert_content_equal(&env);
     let conn = reader(&env.db_path());
@@ -128,9 +134,15 @@ async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
             });
         }
     }
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &CancellationToken::new())
-        .await
-        .unwrap();
+    let report = charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let stats = env.sim.stats();
     assert_eq!(stats.faults_injected, 30, "every fault fired: {stats:?}");
     assert!(report.counts.retries >= 20, "{:?}", report.counts);
@@ -151,9 +163,15 @@ async fn fatal_errors_fail_fast_without_a_retry_storm() {
         times: 100,
         fault: Fault::status(400, "unsupported_filter"),
     });
-    let err = charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = charthero_sync::sync_once(
+        &env.config(),
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("unsupported_filter"), "{err}");
     assert_eq!(
         env.sim.stats().route(SimRoute::List),
@@ -258,9 +276,15 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
     raw.audio.directory = env.dir.path().join("audio");
     let config = raw.validate().unwrap();
     let audio_dir = config.audio.directory.clone();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &CancellationToken::new())
-        .await
-        .unwrap();
+    let report = charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert!(report.is_complete(), "{report:?}");
     assert!(report.counts.recordings_fetched > 0);
     let conn = reader(&env.db_path());
@@ -324,7 +348,7 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
         .into_iter()
         .map(|d| d.document_id)
         .collect();
-    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     assert_eq!(
@@ -345,9 +369,10 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
     env.sim
         .edit_note(&id, &docs[1], "Addendum: follow up in 2 weeks. Ça va ✅");
     env.sim.reset_stats();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
-        .await
-        .unwrap();
+    let report =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
     assert_eq!(report.counts.transcripts_fetched, 1);
     assert_eq!(
         env.sim.stats().route(SimRoute::Document),
@@ -358,7 +383,7 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
 
     // Nothing changed: the transcript is never fetched twice.
     env.sim.reset_stats();
-    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let stats = env.sim.stats();
@@ -382,9 +407,10 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
         times: 10_000,
         fault: Fault::status(500, "internal_error"),
     });
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
-        .await
-        .unwrap();
+    let report =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
     assert!(!report.is_complete());
     assert!(report.counts.dead_letters > 0);
     let dead: i64 = reader(&env.db_path())
@@ -397,9 +423,10 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
     assert_eq!(dead as u64, report.counts.dead_letters);
 
     env.sim.clear_faults();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
-        .await
-        .unwrap();
+    let report =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.counts.transcripts_fetched as i64, dead);
     let left: i64 = reader(&env.db_path())

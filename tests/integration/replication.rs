@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use charthero_sim::{ListRequest, NewEncounter, SimOptions, Simulator, Unavailable, Visibility};
-use charthero_sync::sync::BackfillRange;
+use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,9 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
         let chaos = Arc::new(Mutex::new(Chaos::default()));
         env.sim.set_list_hook(Some(chaos_hook(seed, chaos.clone())));
         for _ in 0..2 {
-            let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel).await;
+            let report =
+                charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+                    .await;
             // A window that kept changing on every pass fails the cycle honestly; later cycles
             // and the reconcile pick it up.
             if let Ok(r) = report {
@@ -105,9 +107,15 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
             start: config.sync.start_at,
             end: OffsetDateTime::now_utc(),
         };
-        let report = charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
-            .await
-            .unwrap();
+        let report = charthero_sync::sync_once(
+            &config,
+            &env.key(),
+            "test",
+            CyclePlan::full(Some(range), false),
+            &cancel,
+        )
+        .await
+        .unwrap();
         rescans += report.counts.rescans;
         compare(&env.sim, &env.db_path()).assert_empty();
 
@@ -165,7 +173,7 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
         &env.encounters_only_config(),
         &env.key(),
         "test",
-        None,
+        CyclePlan::full(None, false),
         &CancellationToken::new(),
     )
     .await
@@ -199,14 +207,15 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
     let env = TestEnv::with_encounters(31, 3_000).await;
     let config = env.config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let before = OffsetDateTime::now_utc();
     env.sim.reset_stats();
-    let second = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
-        .await
-        .unwrap();
+    let second =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
 
     let stats = env.sim.stats();
     assert_eq!(
@@ -253,7 +262,7 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
     let env = TestEnv::with_encounters(41, 800).await;
     let config = env.encounters_only_config();
     let cancel = CancellationToken::new();
-    let first = charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    let first = charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
@@ -264,9 +273,15 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc() - time::Duration::days(10),
     };
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
-        .await
-        .unwrap();
+    let report = charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(Some(range), false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.counts.encounters_removed, 2, "{:?}", report.counts);
     let conn = reader(&env.db_path());
     let reasons: Vec<String> = ids[..2]
@@ -288,12 +303,21 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
         })
         .unwrap();
     assert_eq!(status, "completed");
-    assert_eq!(cursor, charthero_sync::timefmt::format_utc(range.end));
+    assert_eq!(
+        cursor,
+        charthero_sync::timefmt::Micros::ceil(range.end).to_string()
+    );
 
     env.sim.restore(&ids[0]);
-    charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(Some(range), false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
     let removed: Option<String> = conn
         .query_row(
@@ -423,7 +447,9 @@ async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
             env.sim.set_list_hook(Some(chaos_hook(100, chaos.clone())));
         }
         let cancel = CancellationToken::new();
-        let report = charthero_sync::sync_once(&config, &env.key(), "soak", None, &cancel).await;
+        let report =
+            charthero_sync::sync_once(&config, &env.key(), "soak", CyclePlan::full(None, false), &cancel)
+                .await;
         env.sim.set_list_hook(None);
         let (list, rescans) = report
             .as_ref()
@@ -447,9 +473,15 @@ async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
             start: config.sync.start_at,
             end: OffsetDateTime::now_utc(),
         };
-        charthero_sync::sync_once(&config, &env.key(), "soak", Some(range), &cancel)
-            .await
-            .unwrap();
+        charthero_sync::sync_once(
+            &config,
+            &env.key(),
+            "soak",
+            CyclePlan::full(Some(range), false),
+            &cancel,
+        )
+        .await
+        .unwrap();
         compare(&env.sim, &env.db_path()).assert_empty();
     }
 }

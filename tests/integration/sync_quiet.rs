@@ -2,7 +2,7 @@
 //! second cycle changes nothing.
 
 use charthero_sim::{Fault, FaultRule, Route as SimRoute, SimOptions};
-use charthero_sync::sync::CycleError;
+use charthero_sync::sync::{CycleError, CyclePlan};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{TestEnv, compare, count, reader, sim_options};
@@ -14,7 +14,7 @@ async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
         &env.encounters_only_config(),
         &env.key(),
         "test",
-        None,
+        CyclePlan::full(None, false),
         &CancellationToken::new(),
     )
     .await
@@ -60,7 +60,7 @@ async fn a_second_cycle_without_upstream_changes_writes_nothing() {
     let env = TestEnv::with_encounters(11, 1_500).await;
     let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let changes_before: i64 = reader(&env.db_path())
@@ -70,7 +70,7 @@ async fn a_second_cycle_without_upstream_changes_writes_nothing() {
             |r| r.get(0),
         )
         .unwrap();
-    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     assert_eq!(
@@ -91,9 +91,15 @@ async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized()
         ..sim_options(5, 400)
     })
     .await;
-    charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &CancellationToken::new())
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &env.config(),
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     compare(&env.sim, &env.db_path()).assert_empty();
     assert_eq!(
         crate::support::compare_content(&env.sim, &env.db_path()),
@@ -110,12 +116,12 @@ async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clea
     let env = TestEnv::with_encounters(12, 600).await;
     let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     env.sim
         .push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
-    let report = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+    let report = charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     assert_eq!(report.counts.retries, 1);
@@ -126,7 +132,7 @@ async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clea
         times: 1_000,
         fault: Fault::TruncatedJson,
     });
-    let err = charthero_sync::sync_once(&cfg, &env.key(), "test", None, &cancel)
+    let err = charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap_err();
     assert!(matches!(err, CycleError::Api(_)), "{err}");

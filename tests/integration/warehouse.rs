@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use charthero_sim::Simulator;
-use charthero_sync::sync::BackfillRange;
+use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -151,7 +151,7 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
     let env = TestEnv::with_encounters(61, 400).await;
     let config = env.config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let db = env.db_path();
@@ -237,9 +237,15 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(&config, &env.key(), "test", Some(range), &cancel)
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(Some(range), false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     let changes: Vec<(String, Option<String>)> = conn
         .prepare("SELECT change, status FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id")
         .unwrap()
@@ -283,9 +289,15 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
 async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
     let env = TestEnv::with_encounters(62, 150).await;
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&env.config(), &env.key(), "test", None, &cancel)
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &env.config(),
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     let db = env.db_path();
     let marks = canaries(&env.sim, &all_ids(&env.sim));
     assert!(marks.len() > 50, "too few canaries: {}", marks.len());
@@ -300,7 +312,7 @@ async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
     raw.privacy.note_text = false;
     raw.privacy.transcript_text = false;
     let strict = raw.validate().unwrap();
-    charthero_sync::sync_once(&strict, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&strict, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let leaked: Vec<&String> = marks.iter().filter(|m| on_disk(&db, m)).collect();
@@ -331,7 +343,7 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
     raw.audio.directory = env.dir.path().join("audio");
     let config = raw.validate().unwrap();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", None, &cancel)
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
         .await
         .unwrap();
     let db = env.db_path();
@@ -405,9 +417,15 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(&config, &env.key(), "test", Some(all), &cancel)
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(Some(all), false),
+        &cancel,
+    )
+    .await
+    .unwrap();
     let back: i64 = reader(&db)
         .query_row(
             "SELECT count(*) FROM encounters WHERE created_at_ns < ?1",
@@ -457,9 +475,15 @@ print(queries, errors)
                 .expect("python3 is available")
         })
         .collect();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", None, &CancellationToken::new())
-        .await
-        .unwrap();
+    let report = charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert!(report.is_complete());
     std::fs::write(&stop, "").unwrap();
     let mut total = 0;

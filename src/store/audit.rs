@@ -1,0 +1,176 @@
+//! The history audit's bookkeeping (the `audits` table) and the warehouse side of its
+//! comparison: how many live encounters are stored for a `created_at` range, and where ranges of
+//! a given size begin. The audit's algorithm lives in `sync::audit`; this module does no I/O
+//! other than SQLite.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
+
+use crate::timefmt::{format_utc, parse_rfc3339};
+
+/// An audit being worked on: `[start, end)` of completed history, audited up to `cursor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub audit_id: i64,
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+    pub cursor: OffsetDateTime,
+}
+
+/// What an audit did, added to its row as it goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditTally {
+    pub ranges: u64,
+    pub probes: u64,
+    pub differing: u64,
+    pub rescanned: u64,
+    pub list_requests: u64,
+}
+
+fn parse(text: &str, what: &str) -> anyhow::Result<OffsetDateTime> {
+    parse_rfc3339(text).map_err(|e| anyhow::anyhow!("corrupt audit {what}: {e}"))
+}
+
+/// Resumes the unfinished audit, or starts one of `[start, end)`.
+pub fn open_audit(
+    conn: &Connection,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    requested_by: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<Audit> {
+    let running: Option<(i64, String, String, String)> = conn
+        .query_row(
+            "SELECT audit_id, range_start, range_end, cursor FROM audits WHERE status = 'running'
+             ORDER BY audit_id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    if let Some((audit_id, s, e, c)) = running {
+        return Ok(Audit {
+            audit_id,
+            start: parse(&s, "range")?,
+            end: parse(&e, "range")?,
+            cursor: parse(&c, "cursor")?,
+        });
+    }
+    let start_text = format_utc(start);
+    conn.execute(
+        "INSERT INTO audits (range_start, range_end, cursor, status, requested_by, started_at)
+         VALUES (?1, ?2, ?1, 'running', ?3, ?4)",
+        params![start_text, format_utc(end), requested_by, format_utc(now)],
+    )?;
+    Ok(Audit {
+        audit_id: conn.last_insert_rowid(),
+        start,
+        end,
+        cursor: start,
+    })
+}
+
+/// Whether the daemon should work on an audit: one is unfinished, or the last one completed
+/// `every` ago — or, before the first audit, `every` after the first window was completed (the
+/// first cycle has just listed all history).
+pub fn audit_due(conn: &Connection, every: time::Duration, now: OffsetDateTime) -> anyhow::Result<bool> {
+    let running: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM audits WHERE status = 'running')",
+        [],
+        |r| r.get(0),
+    )?;
+    if running {
+        return Ok(true);
+    }
+    let last: Option<String> = conn
+        .query_row(
+            "SELECT max(finished_at) FROM audits WHERE status = 'completed'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let since = match last {
+        Some(t) => Some(t),
+        None => conn.query_row("SELECT min(completed_at) FROM sync_windows", [], |r| r.get(0))?,
+    };
+    Ok(match since {
+        None => false,
+        Some(t) => parse(&t, "time")? + every <= now,
+    })
+}
+
+/// Records progress: everything before `cursor` is audited; `tally` is added to the row.
+pub fn advance_audit(
+    conn: &Connection,
+    audit_id: i64,
+    cursor: OffsetDateTime,
+    tally: &AuditTally,
+) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE audits SET cursor = ?2, ranges = ranges + ?3, probes = probes + ?4,
+             differing = differing + ?5, rescanned = rescanned + ?6, list_requests = list_requests + ?7
+         WHERE audit_id = ?1",
+        params![
+            audit_id,
+            format_utc(cursor),
+            tally.ranges as i64,
+            tally.probes as i64,
+            tally.differing as i64,
+            tally.rescanned as i64,
+            tally.list_requests as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// Ends an audit that reached the end of its range.
+pub fn finish_audit(conn: &Connection, audit_id: i64, now: OffsetDateTime) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE audits SET status = 'completed', finished_at = ?2, error = NULL WHERE audit_id = ?1",
+        params![audit_id, format_utc(now)],
+    )?;
+    Ok(())
+}
+
+/// Records the error that interrupted an audit; it stays 'running' and resumes at its cursor.
+pub fn audit_failed(conn: &Connection, audit_id: i64, error: &str) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE audits SET error = ?2 WHERE audit_id = ?1",
+        params![audit_id, error],
+    )?;
+    Ok(())
+}
+
+/// Live (not removed) encounters stored with `start_ns <= created_at_ns < end_ns`.
+pub fn live_count_in_range(conn: &Connection, start_ns: i64, end_ns: i64) -> anyhow::Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM encounters
+             WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+        )?
+        .query_row(params![start_ns, end_ns], |r| r.get(0))?;
+    Ok(n as u64)
+}
+
+/// The `created_at_ns` of the `n`-th (0-based) live encounter at or after `start_ns` and before
+/// `end_ns`, in time order; `None` when there are not that many.
+pub fn nth_live_created_ns(
+    conn: &Connection,
+    start_ns: i64,
+    end_ns: i64,
+    n: u64,
+) -> anyhow::Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT created_at_ns FROM encounters
+             WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL
+             ORDER BY created_at_ns LIMIT 1 OFFSET ?3",
+        )?
+        .query_row(params![start_ns, end_ns, n as i64], |r| r.get(0))
+        .optional()?)
+}
+
+/// `created_at_ns` ranges `[start, end)` removed by a purge: never re-synced, so never audited.
+pub fn purged_ranges(conn: &Connection) -> anyhow::Result<Vec<(i64, i64)>> {
+    Ok(super::privacy::purged_ranges(conn)?)
+}

@@ -1,0 +1,255 @@
+//! The history audit (`sync --audit`; the daemon every `[sync] audit_every`): finds what changed
+//! in completed history — backdated records made visible late, removals weeks back — at a cost
+//! that grows with the number of changes, not with the size of history.
+//!
+//! Completed history `[start_at, complete_through)` is cut into ranges of about
+//! [`RANGE_RECORDS`] stored live encounters. For each range one `limit=1` request asks the list
+//! route for its total, which is compared with the live rows stored for the same range. Equal
+//! ranges cost nothing more. A range that differs is narrowed: split at the stored median, one
+//! probe for the older half (the newer half's total is the difference), recursing into the halves
+//! that differ, until a range holds at most [`LEAF_RECORDS`] or is mostly changes; that range is
+//! re-scanned as a reconcile (late records added, removals confirmed and marked). Purged ranges
+//! are skipped: they are never synced again.
+//!
+//! What totals cannot see: a deletion and an insertion that cancel inside one range, and edits
+//! of records that stay (a status, a document) — the deep revisit and a reconcile see those.
+
+use std::time::Instant;
+
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{CycleError, Finished, RangeScan, Scope, SyncContext, history_start, scan_range};
+use crate::api::{ListQuery, SortOrder};
+use crate::store::{self, AuditTally, RunCounts};
+use crate::timefmt::{Micros, from_unix_nanos};
+
+/// Each top-level range holds about this many stored encounters and costs one probe when
+/// nothing changed in it: 200 probes audit a million encounters. Smaller ranges would let fewer
+/// changes cancel out inside one range, at one more probe per range.
+const RANGE_RECORDS: u64 = 5_000;
+
+/// A differing range this small (one page) is re-scanned rather than narrowed further.
+const LEAF_RECORDS: u64 = 100;
+
+/// Audits completed history, resuming an unfinished audit; stops at a range boundary once
+/// `deadline` has passed (the audit resumes from its cursor next time).
+pub(super) async fn run(
+    ctx: &SyncContext,
+    run_id: i64,
+    requested_by: &'static str,
+    deadline: Option<Instant>,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<Finished, CycleError> {
+    let now = OffsetDateTime::now_utc();
+    let Some(watermark) = ctx.writer.call(|c| store::complete_through(c)).await? else {
+        tracing::info!("no completed history to audit yet");
+        return Ok(Finished::Yes);
+    };
+    let start = history_start(ctx, now);
+    if start >= watermark {
+        return Ok(Finished::Yes);
+    }
+    let audit = ctx
+        .writer
+        .call(move |c| store::open_audit(c, start, watermark, requested_by, now))
+        .await?;
+    let (from, to) = (Micros::floor(audit.cursor), Micros::floor(audit.end));
+    tracing::info!(audit_id = audit.audit_id, from = %from, to = %to, "auditing history");
+    let auditor = Auditor {
+        ctx,
+        scan: RangeScan {
+            run_id,
+            scope: Scope::Audit,
+            reconcile: true,
+            deadline: None,
+        },
+        audit_id: audit.audit_id,
+        purged: ctx.writer.call(|c| store::purged_ranges(c)).await?,
+    };
+    let result = auditor.audit(from, to, deadline, counts, cancel).await;
+    let audit_id = audit.audit_id;
+    match &result {
+        Ok(Finished::Yes) => {
+            ctx.writer
+                .call(move |c| store::finish_audit(c, audit_id, OffsetDateTime::now_utc()))
+                .await?;
+        }
+        Ok(Finished::Paused) | Err(CycleError::Cancelled) => {}
+        Err(e) => {
+            let error = format!("{e:#}");
+            ctx.writer
+                .call(move |c| store::audit_failed(c, audit_id, &error))
+                .await?;
+        }
+    }
+    result
+}
+
+struct Auditor<'a> {
+    ctx: &'a SyncContext,
+    /// How differing ranges are re-scanned: as a reconcile, recorded as `audit` windows.
+    scan: RangeScan,
+    audit_id: i64,
+    /// Purged `created_at_ns` ranges, skipped.
+    purged: Vec<(i64, i64)>,
+}
+
+impl Auditor<'_> {
+    async fn audit(
+        &self,
+        from: Micros,
+        to: Micros,
+        deadline: Option<Instant>,
+        counts: &mut RunCounts,
+        cancel: &CancellationToken,
+    ) -> Result<Finished, CycleError> {
+        let mut cursor = from;
+        while cursor < to {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Finished::Paused);
+            }
+            if cancel.is_cancelled() {
+                return Err(CycleError::Cancelled);
+            }
+            let at = cursor.as_nanos();
+            if let Some(&(_, purged_end)) = self.purged.iter().find(|(s, e)| *s <= at && at < *e) {
+                cursor = Micros::ceil(from_unix_nanos(purged_end)).min(to);
+                continue;
+            }
+            let stop = self
+                .purged
+                .iter()
+                .map(|&(s, _)| s)
+                .filter(|&s| s > at)
+                .min()
+                .map_or(to, |s| Micros::floor(from_unix_nanos(s)).min(to));
+            let nth = self
+                .ctx
+                .writer
+                .call(move |c| store::nth_live_created_ns(c, at, stop.as_nanos(), RANGE_RECORDS))
+                .await?;
+            let end = match nth.map(|ns| Micros::floor(from_unix_nanos(ns))) {
+                Some(m) if m > cursor => m,
+                // More than a range's worth of records in one microsecond.
+                Some(_) => cursor.next(),
+                None => stop,
+            };
+            let mut tally = AuditTally {
+                ranges: 1,
+                ..AuditTally::default()
+            };
+            self.check(cursor, end, &mut tally, counts, cancel).await?;
+            let audit_id = self.audit_id;
+            self.ctx
+                .writer
+                .call(move |c| store::advance_audit(c, audit_id, end.instant(), &tally))
+                .await?;
+            cursor = end;
+        }
+        Ok(Finished::Yes)
+    }
+
+    /// Compares `[a, b)` with upstream by totals, narrowing and re-scanning what differs.
+    async fn check(
+        &self,
+        a: Micros,
+        b: Micros,
+        tally: &mut AuditTally,
+        counts: &mut RunCounts,
+        cancel: &CancellationToken,
+    ) -> Result<(), CycleError> {
+        let mut pending: Vec<(Micros, Micros, Option<u64>)> = vec![(a, b, None)];
+        while let Some((a, b, known)) = pending.pop() {
+            let local = self.local_count(a, b).await?;
+            let upstream = match known {
+                Some(n) => n,
+                None => self.probe(a, b, tally, counts, cancel).await?,
+            };
+            if upstream == local {
+                continue;
+            }
+            tally.differing += 1;
+            let larger = upstream.max(local);
+            // A range that is mostly changes costs no more to re-scan than to narrow.
+            if larger <= LEAF_RECORDS || 2 * upstream.abs_diff(local) >= larger || b == a.next() {
+                self.rescan(a, b, tally, counts, cancel).await?;
+                continue;
+            }
+            let (a_ns, b_ns) = (a.as_nanos(), b.as_nanos());
+            let median = self
+                .ctx
+                .writer
+                .call(move |c| store::nth_live_created_ns(c, a_ns, b_ns, local / 2))
+                .await?
+                .map(|ns| Micros::floor(from_unix_nanos(ns)))
+                .filter(|m| *m > a && *m < b);
+            let mid = median.unwrap_or_else(|| a.midpoint(b));
+            if mid <= a {
+                self.rescan(a, b, tally, counts, cancel).await?;
+                continue;
+            }
+            let older = self.probe(a, mid, tally, counts, cancel).await?;
+            // The newer half's total follows from the two probes; if upstream changed between
+            // them it is asked for again.
+            pending.push((mid, b, upstream.checked_sub(older)));
+            pending.push((a, mid, Some(older)));
+        }
+        Ok(())
+    }
+
+    async fn local_count(&self, a: Micros, b: Micros) -> Result<u64, CycleError> {
+        let (a_ns, b_ns) = (a.as_nanos(), b.as_nanos());
+        Ok(self
+            .ctx
+            .writer
+            .call(move |c| store::live_count_in_range(c, a_ns, b_ns))
+            .await?)
+    }
+
+    /// The list route's total for `[a, b)`, from one `limit=1` request.
+    async fn probe(
+        &self,
+        a: Micros,
+        b: Micros,
+        tally: &mut AuditTally,
+        counts: &mut RunCounts,
+        cancel: &CancellationToken,
+    ) -> Result<u64, CycleError> {
+        if cancel.is_cancelled() {
+            return Err(CycleError::Cancelled);
+        }
+        let page = self
+            .ctx
+            .client
+            .list_encounters(&ListQuery {
+                start_at: Some(a),
+                end_at: Some(b),
+                offset: 0,
+                limit: 1,
+                sort: SortOrder::Asc,
+            })
+            .await?;
+        counts.list_requests += 1;
+        tally.probes += 1;
+        tally.list_requests += 1;
+        Ok(page.total)
+    }
+
+    async fn rescan(
+        &self,
+        a: Micros,
+        b: Micros,
+        tally: &mut AuditTally,
+        counts: &mut RunCounts,
+        cancel: &CancellationToken,
+    ) -> Result<(), CycleError> {
+        tracing::debug!(start = %a, end = %b, "audit: totals differ; re-scanning the range");
+        let before = counts.list_requests;
+        scan_range(self.ctx, &self.scan, a, b, counts, cancel).await?;
+        tally.rescanned += 1;
+        tally.list_requests += counts.list_requests - before;
+        Ok(())
+    }
+}

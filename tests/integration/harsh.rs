@@ -1,0 +1,314 @@
+//! Replication against upstreams harsher than the default simulator, each behaviour inside the
+//! API contract: servers that parse datetimes to microseconds (rejecting or truncating more
+//! digits), render `created_at` coarser than they filter and sort, stamp bulk imports with one
+//! instant, recompute `updated_at` backwards, and change history weeks back. Every test ends by
+//! comparing the warehouse with the simulator entity by entity, or with a clear error inside a
+//! request bound it asserts.
+
+use charthero_sim::{DocKind, NewEncounter, QueryPrecision, Rendering, Rounding, SimOptions};
+use charthero_sync::sync::{BackfillRange, CycleError, CyclePlan};
+use charthero_sync::timefmt::Micros;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{TestEnv, compare, count, reader, sim_options};
+
+fn live() -> CyclePlan {
+    CyclePlan::full(None, false)
+}
+
+/// Generated history plus a dense microsecond and records a nanosecond apart, against a server
+/// that only understands microseconds.
+async fn sync_against_microsecond_server(precision: QueryPrecision) {
+    let env = TestEnv::start(SimOptions {
+        query_precision: precision,
+        ..sim_options(71, 2_000)
+    })
+    .await;
+    let instant = OffsetDateTime::now_utc() - time::Duration::days(3);
+    for _ in 0..250 {
+        env.sim.insert(NewEncounter::at(instant));
+    }
+    // Config bounds with nine fractional digits must not reach the server as such.
+    let mut raw = env.raw_config();
+    raw.sync.start_at = "2025-12-01T00:00:00.123456789Z".into();
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    let config = raw.validate().unwrap();
+    let cancel = CancellationToken::new();
+    let report = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap_or_else(|e| panic!("{precision:?}: {e:#}"));
+    assert!(report.is_complete());
+    compare(&env.sim, &env.db_path()).assert_empty();
+    // A reconcile with nanosecond bounds, and a repeat cycle, stay exact.
+    let range = BackfillRange {
+        start: instant - time::Duration::nanoseconds(1),
+        end: OffsetDateTime::now_utc(),
+    };
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(Some(range), false), &cancel)
+        .await
+        .unwrap_or_else(|e| panic!("{precision:?} reconcile: {e:#}"));
+    compare(&env.sim, &env.db_path()).assert_empty();
+}
+
+#[tokio::test]
+async fn a_server_that_truncates_past_six_fractional_digits_is_synced_exactly() {
+    sync_against_microsecond_server(QueryPrecision::TruncateMicros).await;
+}
+
+#[tokio::test]
+async fn a_server_that_rejects_past_six_fractional_digits_is_synced_exactly() {
+    sync_against_microsecond_server(QueryPrecision::RejectPastMicros).await;
+}
+
+/// 1,600 encounters in a few minutes, rendered to whole seconds: many share a rendered second
+/// while the server filters and sorts by microseconds.
+async fn sync_with_coarse_rendering(rounding: Rounding) {
+    let now = OffsetDateTime::now_utc();
+    let env = TestEnv::start(SimOptions {
+        start: now - time::Duration::days(2),
+        end: now - time::Duration::days(2) + time::Duration::minutes(4),
+        render_created_at: Some(Rendering {
+            unit: time::Duration::seconds(1),
+            rounding,
+        }),
+        ..sim_options(72, 1_600)
+    })
+    .await;
+    let config = env.encounters_only_config();
+    let cancel = CancellationToken::new();
+    let result = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel).await;
+    let list_requests = env.sim.stats().list_requests;
+    // The bound the algorithm promises: per window, 12 passes of at most 72 + 6 pages per 99
+    // records; here one window. Far below the 100,000 an unbounded cursor sent.
+    let bound = 12 * (72 + 6 * 1_600u64.div_ceil(99));
+    assert!(
+        list_requests <= bound,
+        "{rounding:?}: {list_requests} list requests for 1,600 encounters (bound {bound})"
+    );
+    match result {
+        Ok(report) => {
+            assert!(report.is_complete());
+            compare(&env.sim, &env.db_path()).assert_empty();
+        }
+        Err(e @ (CycleError::RequestBound { .. } | CycleError::Unsettled { .. })) => {
+            let text = e.to_string();
+            assert!(text.contains(" .. "), "the error names the range: {text}");
+        }
+        Err(e) => panic!("{rounding:?}: {e:#}"),
+    }
+    eprintln!("{rounding:?}: {list_requests} list requests for 1,600 encounters");
+}
+
+#[tokio::test]
+async fn created_at_rendered_coarser_than_it_sorts_truncated_is_synced_within_a_request_bound() {
+    sync_with_coarse_rendering(Rounding::Truncate).await;
+}
+
+#[tokio::test]
+async fn created_at_rendered_coarser_than_it_sorts_rounded_is_synced_within_a_request_bound() {
+    sync_with_coarse_rendering(Rounding::Nearest).await;
+}
+
+#[tokio::test]
+async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends() {
+    let env = TestEnv::with_encounters(73, 300).await;
+    let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
+    env.sim.insert_bulk(instant, 20_200);
+    let config = env.encounters_only_config();
+    let cancel = CancellationToken::new();
+    let report = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    assert!(report.is_complete());
+    compare(&env.sim, &env.db_path()).assert_empty();
+    // Ascending offsets reach 10,100 and descending ones the other 10,100: 102 + 102 pages.
+    assert!(
+        report.counts.list_requests < 20_500 / 99 + 60,
+        "{} list requests",
+        report.counts.list_requests
+    );
+}
+
+#[tokio::test]
+async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_are_kept() {
+    let env = TestEnv::with_encounters(74, 200).await;
+    let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
+    env.sim.insert_bulk(instant, 20_350);
+    let config = env.encounters_only_config();
+    let err = charthero_sync::sync_once(&config, &env.key(), "test", live(), &CancellationToken::new())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, CycleError::InstantOverfull { count: 20_350, .. }), "{text}");
+    assert!(text.contains(&Micros::floor(instant).to_string()), "{text}");
+    assert_eq!(err.reason_code(), Some("instant_overfull"));
+    let conn = reader(&env.db_path());
+    let at_instant: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE created_at_ns = ?1",
+            [charthero_sync::timefmt::unix_nanos(instant)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(at_instant, 20_200, "what both ends reach is kept");
+    let (outcome, reason): (String, String) = conn
+        .query_row(
+            "SELECT outcome, reason_code FROM sync_runs ORDER BY run_id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((outcome.as_str(), reason.as_str()), ("failed", "instant_overfull"));
+    // The watermark did not pass the unread instant.
+    let through: Option<String> = conn
+        .query_row(
+            "SELECT value FROM sync_state WHERE name = 'complete_through'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    assert!(through.is_none_or(|t| t <= charthero_sync::timefmt::format_utc(instant)), "{through:?}");
+}
+
+#[tokio::test]
+async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
+    let env = TestEnv::with_encounters(75, 400).await;
+    let config = env.encounters_only_config();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    let recent: Vec<_> = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.created_at > OffsetDateTime::now_utc() - time::Duration::hours(40))
+        .collect();
+    assert!(recent.len() >= 3, "the revisit horizon holds a few encounters");
+    // A document filed to the wrong visit moves away: its old encounter's updated_at is
+    // recomputed from what remains, older than the one stored.
+    let (from, to) = (&recent[0], &recent[1]);
+    let doc = env.sim.add_document(&from.encounter_id, DocKind::Note);
+    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    let before = env.sim.encounter(&from.encounter_id).unwrap().updated_at;
+    env.sim.move_document(&from.encounter_id, &doc, &to.encounter_id);
+    let after = env.sim.encounter(&from.encounter_id).unwrap().updated_at;
+    assert!(after < before, "the simulator recomputed updated_at backwards");
+    // A restore: status back, updated_at back.
+    let restored = &recent[2];
+    env.sim
+        .restore_status(&restored.encounter_id, "in_progress", restored.created_at);
+    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    let conn = reader(&env.db_path());
+    let (holder, removed): (String, Option<String>) = conn
+        .query_row(
+            "SELECT encounter_id, removed_at FROM documents WHERE document_id = ?1",
+            [&doc],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(holder, to.encounter_id, "the document moved with upstream");
+    assert_eq!(removed, None);
+    // And a reconcile of everything ends equal too.
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(Some(range), false), &cancel)
+        .await
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+}
+
+/// The history audit: 20 changes 3–28 days old in a 60,000-encounter list-only warehouse — late
+/// backdated records and removals — that neither the live cycle nor the recent revisit sees.
+#[tokio::test]
+async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
+    let env = TestEnv::with_encounters(76, 60_000).await;
+    let mut raw = env.raw_config();
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    raw.sync.revisit_deep = "0s".into();
+    let config = raw.validate().unwrap();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    // Nothing changed: an audit costs one probe per 5,000 encounters.
+    let quiet = charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, true), &cancel)
+        .await
+        .unwrap();
+    let quiet_requests = last_audit_requests(&env);
+    assert!(quiet.is_complete());
+
+    let mut rng = fastrand::Rng::with_seed(76);
+    let now = OffsetDateTime::now_utc();
+    let old: Vec<_> = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.created_at < now - time::Duration::days(3) && e.created_at > now - time::Duration::days(28))
+        .collect();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            let age = time::Duration::seconds(rng.i64(3 * 86_400..28 * 86_400));
+            env.sim.insert(NewEncounter::at(now - age));
+        } else {
+            env.sim.remove(&old[rng.usize(..old.len())].encounter_id);
+        }
+    }
+    // The live cycle alone does not see them.
+    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
+        .await
+        .unwrap();
+    let before = compare(&env.sim, &env.db_path());
+    assert_eq!(before.missing.len() + before.ghosts.len(), 20, "{before:?}");
+
+    let audited = charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, true), &cancel)
+        .await
+        .unwrap();
+    let audit_requests = last_audit_requests(&env);
+    assert!(audited.is_complete());
+    compare(&env.sim, &env.db_path()).assert_empty();
+    assert_eq!(count(&env.db_path(), "audits"), 2);
+
+    // What a full reconcile of the same history costs.
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: now,
+    };
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(Some(range), false), &cancel)
+        .await
+        .unwrap();
+    let reconcile_requests: u64 = reader(&env.db_path())
+        .query_row("SELECT sum(pages) FROM sync_windows WHERE kind = 'backfill'", [], |r| r.get(0))
+        .unwrap();
+    compare(&env.sim, &env.db_path()).assert_empty();
+    eprintln!(
+        "audit: {quiet_requests} list requests with no change, {audit_requests} with 20 changes; \
+         full reconcile {reconcile_requests}"
+    );
+    assert!(
+        audit_requests * 10 <= reconcile_requests * 4,
+        "audit {audit_requests} vs reconcile {reconcile_requests}"
+    );
+    assert!(quiet_requests <= 60_000 / 5_000 + 20, "{quiet_requests}");
+}
+
+/// The list requests of the newest audit, as its row records them.
+fn last_audit_requests(env: &TestEnv) -> u64 {
+    reader(&env.db_path())
+        .query_row(
+            "SELECT list_requests FROM audits ORDER BY audit_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
