@@ -7,7 +7,8 @@
 //! read from /proc; `CHARTHERO_BENCH_LIST_SIZES=100000` picks sizes), `bound` (the same rows
 //! written again without HTTP; runs `list` first, and `list` named alone skips it), `transcripts`
 //! (full content at a rate limit), `latency` (50 ms injected per request), `idle` (a quiet
-//! incremental cycle), `churn` (a backfill while upstream mutates), `dlt` (the peer, if
+//! incremental cycle), `churn` (a backfill while upstream mutates), `audit` (the history audit of
+//! a 1M warehouse with 0, 10 and 100 changes), `dlt` (the peer, if
 //! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
 //! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
@@ -398,6 +399,64 @@ async fn churn() {
     );
 }
 
+/// The history audit on a list-only warehouse: its list requests with 0, 10 and 100 changes
+/// (half backdated inserts, half removals, 3–28 days old), each followed by an equality check.
+async fn audit() {
+    let n = size(1_000_000, 5_000);
+    let sim = start_sim(n).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = list_only(config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 4));
+    raw.sync.revisit_deep = "0s".into();
+    let cfg = raw.validate().unwrap();
+    let cancel = CancellationToken::new();
+    charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
+        .await
+        .unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for changes in [0, 10, 100] {
+        let now = OffsetDateTime::now_utc();
+        let old: Vec<String> = sim
+            .snapshot()
+            .into_iter()
+            .filter(|e| e.created_at < now - time::Duration::days(3) && e.created_at > now - time::Duration::days(28))
+            .map(|e| e.encounter_id)
+            .collect();
+        for i in 0..changes {
+            if i % 2 == 0 {
+                sim.insert(NewEncounter::at(now - time::Duration::seconds(rng.i64(3 * 86_400..28 * 86_400))));
+            } else {
+                sim.remove(&old[rng.usize(..old.len())]);
+            }
+        }
+        let started = Instant::now();
+        charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, true), &cancel)
+            .await
+            .unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        let conn = charthero_sync::store::open_reader(&cfg.database.path, Duration::from_secs(5)).unwrap();
+        let (probes, requests, rescanned): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT probes, list_requests, rescanned FROM audits ORDER BY audit_id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        let expected = sim
+            .snapshot()
+            .iter()
+            .filter(|e| e.created_at >= cfg.sync.start_at)
+            .count() as i64;
+        let missing = expected - count(&cfg.database.path, "encounters WHERE removed_at IS NULL");
+        println!(
+            "audit: {n} encounters, {changes} changes: {requests} list requests ({probes} probes, {rescanned} ranges \
+             re-scanned) = {:.2} % of a full reconcile's minimum {}; {elapsed:.1} s; difference after: {missing}",
+            100.0 * requests as f64 / n.div_ceil(100) as f64,
+            n.div_ceil(100)
+        );
+        assert_eq!(missing, 0);
+    }
+}
+
 /// Removes, on 30 % of list requests, one encounter the requester has already paged past:
 /// before its `start_at`, or among the first `offset` records of its window. That is the
 /// shift that makes plain offset paging skip records.
@@ -557,6 +616,9 @@ fn main() {
         }
         if wanted("dlt") {
             dlt().await;
+        }
+        if wanted("audit") {
+            audit().await;
         }
     });
 }
