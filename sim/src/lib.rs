@@ -5,7 +5,8 @@
 //! derived on demand), a hyper HTTP/1 server on a random loopback port that answers exactly as
 //! the API contract describes (check order, reason codes, offset pagination without snapshot
 //! consistency), and programmatic control: keys and scopes, route enablement, data mutations
-//! between requests, injected faults, a rate-limit observer, a list hook and request statistics.
+//! between requests, injected faults, a rate-limit observer, a list hook, request statistics, and
+//! opt-in "harsh upstream" behaviours (listed below).
 //!
 //! It does not persist anything, speak TLS or HTTP/2, send webhooks, or know anything about the
 //! sync client. Nothing here reads the environment or the wall clock for data generation: the
@@ -55,6 +56,8 @@
 //!   [`Simulator::set_encounter_updated_at`] set an older value outright.
 //! - Back-dated inserts ([`Simulator::insert`] with an old `created_at`) get `updated_at` = now;
 //!   removals work at any age.
+//! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from
+//!   `stats().route(Route::List)`, which counts every list request.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {

@@ -1,4 +1,6 @@
-//! `SimOptions`: everything that shapes the generated data set and the wire rendering at start.
+//! `SimOptions`: everything that shapes the generated data set, the wire rendering and how list
+//! queries are read at start, with the small value types those options use (`QueryPrecision`,
+//! `Rendering`, `Rounding`).
 //!
 //! Options are read once by `Simulator::start`; this module does not validate them beyond what
 //! `start` reports, and run-time switches live on the `Simulator` handle.
