@@ -2,12 +2,13 @@
 //!
 //! Everything is drawn from the store's seeded RNG in one sequential pass, so a seed and a set of
 //! options always produce the same encounters. `created_at` clusters in clinic hours of a fixed
-//! UTC-5 clinic, with occasional exact ties (batch imports) and mixed sub-second precision.
-//! Generation stores no text; see `content` for what is derived later.
+//! UTC-5 clinic, with occasional exact ties (batch imports) and mixed sub-second precision; the
+//! optional `bulk_instants` add large batches sharing one instant after that pass. Generation
+//! stores no text; see `content` for what is derived later.
 
-use crate::model::{DocKind, Visibility};
+use crate::model::{DocKind, NewEncounter, Visibility};
 use crate::options::SimOptions;
-use crate::store::{EncRec, Store, nanos};
+use crate::store::{EncRec, Store, micros, nanos};
 
 const SECOND: i64 = 1_000_000_000;
 const MINUTE: i64 = 60 * SECOND;
@@ -37,7 +38,7 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         // the encounter_id tie-break is exercised.
         let created = match previous_created {
             Some(previous) if rng.u32(0..100) < 2 => previous,
-            _ => sample_created(rng, start, end),
+            _ => sample_created(rng, start, end, opts.query_precision.micros()),
         };
         previous_created = Some(created);
         // Generated timestamps have at most microsecond precision, like the database behind the
@@ -100,16 +101,21 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
             docs,
         });
     }
+    for (at, count) in &opts.bulk_instants {
+        // A batch import: every record keeps the instant it was imported at as `updated_at`.
+        let created = store.precise(nanos(*at));
+        let new = NewEncounter::at(*at);
+        for _ in 0..*count {
+            store.push_new(&new, created, created);
+        }
+    }
     store.rebuild_index();
 }
 
-fn micros(nanos: i64) -> i64 {
-    nanos - nanos.rem_euclid(1_000)
-}
-
 /// A creation instant in `[start, end)`, weighted toward weekday clinic hours, truncated to a
-/// mix of precisions (whole minutes, seconds, milliseconds, microseconds).
-fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64) -> i64 {
+/// mix of precisions (whole minutes, seconds, milliseconds, microseconds). With `micro_only`,
+/// never finer than microseconds.
+fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64, micro_only: bool) -> i64 {
     let mut at = rng.i64(start..end);
     // Rejection sampling; bounded so tiny or night-only windows still terminate.
     for _ in 0..64 {
@@ -136,7 +142,15 @@ fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64) -> i64 {
         _ => 1_000,
     };
     let truncated = at - at.rem_euclid(unit);
-    if truncated >= start { truncated } else { at }
+    if truncated >= start {
+        truncated
+    } else if micro_only {
+        // `start` itself is finer than the unit: round up to the next microsecond instead (past
+        // `end` only in a window shorter than a microsecond, which holds no valid instant).
+        micros(at + 999)
+    } else {
+        at
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! derived on demand), a hyper HTTP/1 server on a random loopback port that answers exactly as
 //! the API contract describes (check order, reason codes, offset pagination without snapshot
 //! consistency), and programmatic control: keys and scopes, route enablement, data mutations
-//! between requests, injected faults, a rate-limit observer, a list hook and request statistics.
+//! between requests, injected faults, a rate-limit observer, a list hook, request statistics, and
+//! opt-in "harsh upstream" behaviours (listed below).
 //!
 //! It does not persist anything, speak TLS or HTTP/2, send webhooks, or know anything about the
 //! sync client. Nothing here reads the environment or the wall clock for data generation: the
@@ -29,6 +30,34 @@
 //! - Signed audio URLs point at `/media/{document_id}.wav?token=…&expires=…` on the same server,
 //!   need no bearer, live 15 minutes and answer 403 (`invalid_signature`, `signed_url_expired`)
 //!   otherwise.
+//!
+//! ## Harsh upstream (each off by default, each within the contract)
+//! - **Query timestamp precision** ([`SimOptions::query_precision`],
+//!   [`Simulator::set_query_precision`]): by default `start_at`/`end_at` filter at nanoseconds.
+//!   [`QueryPrecision::TruncateMicros`] drops digits past the sixth before the range check and
+//!   the filter (so `[t, t + 1 ns)` becomes an empty range: 422 `invalid_query`, field
+//!   `start_at`); [`QueryPrecision::RejectPastMicros`] refuses them with 422 `invalid_query`
+//!   naming the parameter. In both, every stored timestamp (inserted `created_at`, explicit
+//!   `updated_at`) is truncated to microseconds; generated data and the wall clock are
+//!   microseconds already.
+//! - **Coarse rendering** ([`SimOptions::render_created_at`],
+//!   [`Simulator::set_render_created_at`]): the list and encounter detail routes render each
+//!   encounter's `created_at` truncated or rounded (half up) to a [`Rendering`] unit, while
+//!   filtering, ordering and `total` use the finer stored value, so an item may show a
+//!   `created_at` outside the window that returned it, or out of order.
+//!   [`Simulator::rendered_created_at`] applies the current rule.
+//! - **Bulk instants** ([`SimOptions::bulk_instants`], [`Simulator::insert_bulk`]): tens of
+//!   thousands of encounters sharing one `created_at`, so one instant holds more than the 10,000
+//!   offset cap can page through in one direction.
+//! - **`updated_at` that goes backwards**: [`Simulator::move_document`] recomputes both
+//!   encounters' `updated_at` from what they hold now (the latest of the encounter's own last
+//!   change, else `created_at`, and its documents' `updated_at`), so the source's can fall
+//!   although its content changed; [`Simulator::restore_status`] and
+//!   [`Simulator::set_encounter_updated_at`] set an older value outright.
+//! - Back-dated inserts ([`Simulator::insert`] with an old `created_at`) get `updated_at` = now;
+//!   removals work at any age.
+//! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from
+//!   `stats().route(Route::List)`, which counts every list request.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -61,5 +90,5 @@ pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,
     Route, Stats, Transcript, Turn, Unavailable, Visibility,
 };
-pub use options::SimOptions;
+pub use options::{QueryPrecision, Rendering, Rounding, SimOptions};
 pub use simulator::{ListHook, Simulator};

@@ -28,10 +28,13 @@ pub struct Encounter {
     pub encounter_type: String,
     /// Mostly `completed`; any string set through [`crate::Simulator::update_status`].
     pub status: String,
-    /// Creation instant; the list route filters and sorts on it.
+    /// Creation instant; the list route filters and sorts on it. The API may render it coarser
+    /// (see [`crate::Simulator::rendered_created_at`]).
     #[serde(serialize_with = "crate::render::serialize_instant")]
     pub created_at: OffsetDateTime,
-    /// Last modification instant; every simulator mutation bumps it.
+    /// Last modification instant. Mutations bump it, except those that recompute or restore it
+    /// and may move it backwards ([`crate::Simulator::move_document`],
+    /// [`crate::Simulator::restore_status`], [`crate::Simulator::set_encounter_updated_at`]).
     #[serde(serialize_with = "crate::render::serialize_instant")]
     pub updated_at: OffsetDateTime,
     /// When the visit took place.
@@ -249,9 +252,10 @@ pub struct ListRequest {
     pub limit: u32,
     /// Requested offset.
     pub offset: u32,
-    /// Inclusive lower bound on `created_at`.
+    /// Inclusive lower bound on `created_at`, as the server read it (truncated to microseconds
+    /// under [`crate::QueryPrecision::TruncateMicros`]).
     pub start_at: Option<OffsetDateTime>,
-    /// Exclusive upper bound on `created_at`.
+    /// Exclusive upper bound on `created_at`, read like `start_at`.
     pub end_at: Option<OffsetDateTime>,
     /// `true` for `sort_order=desc` (the default).
     pub sort_desc: bool,
@@ -275,6 +279,11 @@ pub struct Stats {
     pub rate_violations: u64,
     /// Requests that a [`FaultRule`] acted on.
     pub faults_injected: u64,
+    /// List requests with `limit=1` (total probes) that passed authentication and query
+    /// validation and reached the data, i.e. were not answered by the rate limit or by an
+    /// injected `Status`, `HtmlStatus`, `Hang` or `DropBeforeResponse` fault. Every list request
+    /// received, probes included, counts in `route(Route::List)`.
+    pub list_probe_requests: u64,
 }
 
 impl Stats {

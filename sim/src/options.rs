@@ -1,4 +1,6 @@
-//! `SimOptions`: everything that shapes the generated data set and the wire rendering at start.
+//! `SimOptions`: everything that shapes the generated data set, the wire rendering and how list
+//! queries are read at start, with the small value types those options use (`QueryPrecision`,
+//! `Rendering`, `Rounding`).
 //!
 //! Options are read once by `Simulator::start`; this module does not validate them beyond what
 //! `start` reports, and run-time switches live on the `Simulator` handle.
@@ -43,6 +45,86 @@ pub struct SimOptions {
     /// Behave as a production host: keys starting with `ch_sk_test_` are rejected with 401
     /// `test_prefix_not_allowed`. Default `false` (a sandbox accepts them).
     pub production: bool,
+    /// How finely the list route reads `start_at`/`end_at`, and how finely the server keeps its
+    /// own timestamps. Default [`QueryPrecision::Nanos`]. Can be switched later with
+    /// `set_query_precision`.
+    pub query_precision: QueryPrecision,
+    /// Render each encounter's `created_at` coarser than the server filters and sorts on it (list
+    /// and encounter detail only). Default `None`: rendered exactly. Can be switched later with
+    /// `set_render_created_at`; `start` rejects a unit that is not positive.
+    pub render_created_at: Option<Rendering>,
+    /// Batch imports generated at start, in addition to `encounters`: for each
+    /// `(created_at, count)`, `count` encounters sharing exactly that `created_at` (shaped like
+    /// `NewEncounter::at`, with `updated_at` equal to `created_at`). Default empty.
+    pub bulk_instants: Vec<(OffsetDateTime, usize)>,
+}
+
+/// How the list route treats sub-microsecond digits in `start_at`/`end_at`, and the precision of
+/// the server's own timestamps.
+///
+/// The contract only says "timezone-aware ISO datetime"; servers built on Python (pydantic,
+/// `datetime`) hold microseconds at most, and either drop or refuse the extra digits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum QueryPrecision {
+    /// Filters at nanoseconds: up to nine fractional digits are significant (later digits are
+    /// ignored). Inserted records keep nanosecond `created_at` values. The default.
+    #[default]
+    Nanos,
+    /// More than six fractional digits are accepted but truncated to microseconds before the
+    /// `start_at < end_at` check and the filter, so `[t, t + 1 ns)` for a whole-microsecond `t`
+    /// becomes an empty range and is refused (422 `invalid_query`, field `start_at`). Every
+    /// timestamp the server stores is truncated to microseconds.
+    TruncateMicros,
+    /// More than six fractional digits are refused: 422 `invalid_query` with `field` naming the
+    /// parameter. Every timestamp the server stores is truncated to microseconds.
+    RejectPastMicros,
+}
+
+impl QueryPrecision {
+    /// Whether the server keeps its timestamps at microseconds (both micro modes).
+    pub(crate) fn micros(self) -> bool {
+        self != QueryPrecision::Nanos
+    }
+}
+
+/// A coarser precision to render a timestamp at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rendering {
+    /// The rendered value is a whole multiple of this since the Unix epoch (e.g. one second, one
+    /// millisecond). Must be positive.
+    pub unit: Duration,
+    /// How to reach that multiple.
+    pub rounding: Rounding,
+}
+
+/// How a [`Rendering`] reaches a multiple of its unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rounding {
+    /// Down to the previous multiple (toward the past, also before 1970).
+    Truncate,
+    /// To the nearest multiple; exactly half a unit rounds up (toward the future).
+    Nearest,
+}
+
+impl Rendering {
+    /// The unit in whole nanoseconds, when it is positive and fits an `i64`.
+    pub(crate) fn unit_nanos(self) -> Option<i64> {
+        i64::try_from(self.unit.whole_nanoseconds())
+            .ok()
+            .filter(|unit| *unit > 0)
+    }
+
+    /// Applies the rule to unix nanoseconds; `unit` is the checked `unit_nanos`.
+    pub(crate) fn apply(rounding: Rounding, unit: i64, nanos: i64) -> i64 {
+        let rest = nanos.rem_euclid(unit);
+        let down = nanos - rest;
+        match rounding {
+            Rounding::Truncate => down,
+            // `rest >= unit - rest` is `2 * rest >= unit` without overflow.
+            Rounding::Nearest if rest >= unit - rest => down.saturating_add(unit),
+            Rounding::Nearest => down,
+        }
+    }
 }
 
 impl Default for SimOptions {
@@ -63,6 +145,9 @@ impl Default for SimOptions {
             offset_timestamps: false,
             extra_fields: false,
             production: false,
+            query_precision: QueryPrecision::Nanos,
+            render_created_at: None,
+            bulk_instants: Vec::new(),
         }
     }
 }

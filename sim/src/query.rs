@@ -1,11 +1,14 @@
 //! Query-string validation with the API's rules and reason codes.
 //!
 //! Parsing uses `application/x-www-form-urlencoded` semantics, as the real server does: a raw `+`
-//! decodes to a space, so a client that sends `+02:00` unencoded gets `invalid_query`. This module
-//! only judges the query; it does not know about authentication, resources or HTTP.
+//! decodes to a space, so a client that sends `+02:00` unencoded gets `invalid_query`. Datetimes
+//! are read at the configured [`QueryPrecision`]. This module only judges the query; it does not
+//! know about authentication, resources or HTTP.
 
-use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+use crate::options::QueryPrecision;
 
 /// A rejected query: status, reason code, offending key, human message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +69,8 @@ fn unsupported(key: &str) -> QueryError {
 
 /// Validates a list query. Unknown keys are reported first (400), then duplicated keys (422),
 /// then each value in the order limit, offset, sort_order, start_at, end_at, then the range.
-pub(crate) fn parse_list(query: Option<&str>) -> Result<ListParams, QueryError> {
+/// Datetimes are truncated (or refused) per `precision` before the range check.
+pub(crate) fn parse_list(query: Option<&str>, precision: QueryPrecision) -> Result<ListParams, QueryError> {
     let pairs = pairs(query);
     if let Some((key, _)) = pairs.iter().find(|(k, _)| !LIST_KEYS.contains(&k.as_str())) {
         return Err(unsupported(key));
@@ -125,8 +129,10 @@ pub(crate) fn parse_list(query: Option<&str>) -> Result<ListParams, QueryError> 
             ));
         }
     };
-    let start_at = start_at.map(|raw| datetime("start_at", raw)).transpose()?;
-    let end_at = end_at.map(|raw| datetime("end_at", raw)).transpose()?;
+    let start_at = start_at
+        .map(|raw| datetime("start_at", raw, precision))
+        .transpose()?;
+    let end_at = end_at.map(|raw| datetime("end_at", raw, precision)).transpose()?;
     if let (Some(start), Some(end)) = (start_at, end_at)
         && start >= end
     {
@@ -154,32 +160,57 @@ fn canonical_uint(raw: &str) -> Option<u64> {
     if canonical { raw.parse().ok() } else { None }
 }
 
-/// A timezone-aware RFC 3339 datetime; naive datetimes and bare dates are rejected.
-fn datetime(key: &str, raw: &str) -> Result<OffsetDateTime, QueryError> {
-    OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| {
+/// A timezone-aware RFC 3339 datetime; naive datetimes and bare dates are rejected. Fractional
+/// digits past the sixth are kept, dropped or refused per `precision`.
+fn datetime(key: &str, raw: &str, precision: QueryPrecision) -> Result<OffsetDateTime, QueryError> {
+    let at = OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| {
         QueryError::new(
             422,
             "invalid_query",
             key,
             format!("{key} must be a timezone-aware ISO 8601 datetime, e.g. 2026-05-01T00:00:00Z."),
         )
-    })
+    })?;
+    match precision {
+        QueryPrecision::Nanos => Ok(at),
+        // Dropping digits of a fraction that only ever adds to the second is a floor, whatever
+        // the offset (offsets are whole minutes).
+        QueryPrecision::TruncateMicros => Ok(at - Duration::nanoseconds(i64::from(at.nanosecond() % 1_000))),
+        QueryPrecision::RejectPastMicros if fraction_digits(raw) > 6 => Err(QueryError::new(
+            422,
+            "invalid_query",
+            key,
+            "Input should be a valid datetime, second fraction value is more than 6 digits long".to_owned(),
+        )),
+        QueryPrecision::RejectPastMicros => Ok(at),
+    }
+}
+
+/// Number of fractional-second digits of an RFC 3339 text that already parsed (dates and offsets
+/// contain no `.`, so the first one starts the fraction).
+fn fraction_digits(raw: &str) -> usize {
+    raw.split_once('.')
+        .map_or(0, |(_, rest)| rest.bytes().take_while(u8::is_ascii_digit).count())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse_list_ns(query: Option<&str>) -> Result<ListParams, QueryError> {
+        parse_list(query, QueryPrecision::Nanos)
+    }
+
     fn reason(query: &str) -> (u16, &'static str, Option<String>) {
-        let err = parse_list(Some(query)).unwrap_err();
+        let err = parse_list_ns(Some(query)).unwrap_err();
         (err.status, err.reason_code, err.field)
     }
 
     #[test]
     fn defaults_apply_to_an_empty_query() {
-        let params = parse_list(None).unwrap();
+        let params = parse_list_ns(None).unwrap();
         assert_eq!((params.limit, params.offset, params.sort_desc), (50, 0, true));
-        assert_eq!(parse_list(Some("")).unwrap(), params);
+        assert_eq!(parse_list_ns(Some("")).unwrap(), params);
     }
 
     #[test]
@@ -202,10 +233,13 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(parse_list(Some("limit=100&offset=10000")).unwrap().offset, 10_000);
+        assert_eq!(
+            parse_list_ns(Some("limit=100&offset=10000")).unwrap().offset,
+            10_000
+        );
         assert_eq!(reason("offset=10001").1, "invalid_offset");
         assert_eq!(reason("offset=01").1, "invalid_offset");
-        assert_eq!(parse_list(Some("offset=0")).unwrap().offset, 0);
+        assert_eq!(parse_list_ns(Some("offset=0")).unwrap().offset, 0);
     }
 
     #[test]
@@ -228,7 +262,7 @@ mod tests {
 
     #[test]
     fn datetimes_must_carry_an_offset_and_plus_must_be_encoded() {
-        let ok = parse_list(Some(
+        let ok = parse_list_ns(Some(
             "start_at=2026-05-01T00:00:00%2B02:00&end_at=2026-05-02T00:00:00Z",
         ))
         .unwrap();
@@ -249,5 +283,57 @@ mod tests {
             (422, "invalid_query", Some("start_at".into()))
         );
         assert_eq!(reason("end_at=yesterday").2.as_deref(), Some("end_at"));
+    }
+
+    #[test]
+    fn nanos_mode_filters_at_nanoseconds() {
+        let params = parse_list_ns(Some(
+            "start_at=2026-05-01T00:00:00.000000001Z&end_at=2026-05-01T00:00:00.000000002Z",
+        ))
+        .unwrap();
+        assert_eq!(params.start_at.unwrap().nanosecond(), 1);
+        assert_eq!(params.end_at.unwrap().nanosecond(), 2);
+    }
+
+    #[test]
+    fn truncate_micros_drops_digits_before_the_range_check() {
+        let parse = |q: &str| parse_list(Some(q), QueryPrecision::TruncateMicros);
+        let params = parse("start_at=2026-05-01T00:00:00.1234567%2B02:00").unwrap();
+        let start = params.start_at.unwrap();
+        assert_eq!(
+            (start.nanosecond(), start.offset().whole_hours()),
+            (123_456_000, 2)
+        );
+        let err = parse("start_at=2026-05-01T00:00:00Z&end_at=2026-05-01T00:00:00.000000001Z").unwrap_err();
+        assert_eq!(
+            (err.status, err.reason_code, err.field.as_deref()),
+            (422, "invalid_query", Some("start_at"))
+        );
+        assert!(parse("start_at=2026-05-01T00:00:00Z&end_at=2026-05-01T00:00:00.000001Z").is_ok());
+    }
+
+    #[test]
+    fn reject_past_micros_names_the_parameter() {
+        let parse = |q: &str| parse_list(Some(q), QueryPrecision::RejectPastMicros);
+        assert!(parse("start_at=2026-05-01T00:00:00.123456Z&end_at=2026-05-02T00:00:00Z").is_ok());
+        for (query, field) in [
+            ("start_at=2026-05-01T00:00:00.1234567Z", "start_at"),
+            ("end_at=2026-05-01T00:00:00.000000000Z", "end_at"),
+            (
+                "start_at=2026-05-01T00:00:00Z&end_at=2026-05-01T00:00:01.0000001%2B02:00",
+                "end_at",
+            ),
+        ] {
+            let err = parse(query).unwrap_err();
+            assert_eq!(
+                (err.status, err.reason_code, err.field.as_deref()),
+                (422, "invalid_query", Some(field)),
+                "{query}"
+            );
+            assert!(err.message.contains("more than 6 digits"), "{}", err.message);
+        }
+        // A malformed value keeps the usual message.
+        let err = parse("start_at=2026-05-01").unwrap_err();
+        assert!(err.message.contains("timezone-aware"));
     }
 }

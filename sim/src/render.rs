@@ -1,6 +1,7 @@
 //! Wire JSON: turns store records and derived content into the exact response bodies of the API,
 //! and formats timestamps (RFC 3339, `Z` or a chosen offset, fractional seconds only when
-//! non-zero).
+//! non-zero). An encounter's `created_at` may be rendered coarser than it is stored (a
+//! [`crate::Rendering`]); every other timestamp is rendered exactly.
 //!
 //! Rendering borrows records through small view types and serializes straight into a `Vec<u8>`;
 //! nothing is converted to `serde_json::Value` first. This module decides no status codes and
@@ -11,6 +12,7 @@ use serde::{Serialize, Serializer};
 use time::{Date, OffsetDateTime, UtcOffset};
 
 use crate::model::{Transcript, Turn};
+use crate::options::{Rendering, Rounding};
 use crate::store::{DocRec, EncRec, Id, Slot, Store, deciseconds, instant};
 
 /// Name of the unknown field added to every object when `extra_fields` is on.
@@ -21,6 +23,18 @@ pub(crate) const EXTRA_FIELD: &str = "x_sim_extension";
 pub(crate) struct RenderOpts {
     pub(crate) offset_timestamps: bool,
     pub(crate) extra_fields: bool,
+    /// Coarser rendering of encounters' `created_at`: the rounding and the checked unit in ns.
+    pub(crate) created_at: Option<(Rounding, i64)>,
+}
+
+impl RenderOpts {
+    /// The `created_at` an encounter is rendered with.
+    fn created_at(&self, nanos: i64) -> i64 {
+        match self.created_at {
+            None => nanos,
+            Some((rounding, unit)) => Rendering::apply(rounding, unit, nanos),
+        }
+    }
 }
 
 /// The value of the unknown field: a nested object, so clients must skip structured unknowns.
@@ -162,7 +176,7 @@ impl Serialize for EncounterView<'_> {
         obj.serialize_field("organization_id", &*store.organization_id)?;
         obj.serialize_field("encounter_type", store.syms.get(rec.encounter_type))?;
         obj.serialize_field("status", store.syms.get(rec.status))?;
-        obj.serialize_field("created_at", &Ts(rec.created, shift))?;
+        obj.serialize_field("created_at", &Ts(self.opts.created_at(rec.created), shift))?;
         obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
         obj.serialize_field("date_of_service", &Ts(rec.date_of_service, shift))?;
         obj.serialize_field("patient", &PatientView { view: self })?;
@@ -542,5 +556,34 @@ mod tests {
             format_ts(ts("2026-05-25T14:00:01Z"), true).as_str(),
             "2026-05-25T10:30:01-03:30"
         );
+    }
+
+    #[test]
+    fn coarse_created_at_truncates_or_rounds_half_up_on_both_sides_of_1970() {
+        let second = 1_000_000_000;
+        let cases = [
+            (Rounding::Truncate, 1_499_999_999, second),
+            (Rounding::Truncate, -1, -second),
+            (Rounding::Truncate, 2 * second, 2 * second),
+            (Rounding::Nearest, 1_499_999_999, second),
+            (Rounding::Nearest, 1_500_000_000, 2 * second),
+            (Rounding::Nearest, -500_000_000, 0),
+            (Rounding::Nearest, -500_000_001, -second),
+        ];
+        for (rounding, nanos, want) in cases {
+            let opts = RenderOpts {
+                created_at: Some((rounding, second)),
+                ..RenderOpts::default()
+            };
+            assert_eq!(opts.created_at(nanos), want, "{rounding:?} {nanos}");
+        }
+        // An odd unit: 3 ns, half is 1.5 ns.
+        assert_eq!(Rendering::apply(Rounding::Nearest, 3, 1), 0);
+        assert_eq!(Rendering::apply(Rounding::Nearest, 3, 2), 3);
+        assert_eq!(
+            Rendering::apply(Rounding::Nearest, i64::MAX, i64::MAX - 1),
+            i64::MAX
+        );
+        assert_eq!(RenderOpts::default().created_at(7), 7);
     }
 }

@@ -392,7 +392,8 @@ fn answer(sim: &Simulator, target: &Target<'_>, authorization: Option<&[u8]>, qu
         );
     }
     if target.route == Route::List {
-        return match query::parse_list(query) {
+        let precision = *read(&inner.query_precision);
+        return match query::parse_list(query, precision) {
             Ok(params) => list(sim, params),
             Err(err) => query_error(inner, err),
         };
@@ -412,6 +413,9 @@ fn answer(sim: &Simulator, target: &Target<'_>, authorization: Option<&[u8]>, qu
 fn list(sim: &Simulator, params: query::ListParams) -> Reply {
     let inner = &*sim.inner;
     let seq = inner.list_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if params.limit == 1 {
+        lock(&inner.stats).list_probe_requests += 1;
+    }
     // Cloned out so the hook runs with no simulator lock held.
     let hook = read(&inner.hook).clone();
     if let Some(hook) = hook {

@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -21,10 +22,10 @@ use crate::model::{
     DocKind, Encounter, FaultRule, KeyState, ListRequest, NewEncounter, RateLimit, Route, Stats, Transcript,
     Unavailable, Visibility,
 };
-use crate::options::SimOptions;
+use crate::options::{QueryPrecision, Rendering, Rounding, SimOptions};
 use crate::render::RenderOpts;
 use crate::server;
-use crate::store::{DocClass, Slot, Store, mix64, now_nanos};
+use crate::store::{DocClass, Slot, Store, instant, mix64, nanos, now_nanos};
 
 /// Called on every valid list request before it is answered, with no simulator lock held, so it
 /// may call any control method (for example, insert a record between two pages).
@@ -55,6 +56,10 @@ pub(crate) struct Inner {
     pub(crate) list_seq: AtomicU64,
     pub(crate) offset_timestamps: AtomicBool,
     pub(crate) extra_fields: AtomicBool,
+    /// Kept here as well as in the store so list queries are judged without the store lock.
+    pub(crate) query_precision: RwLock<QueryPrecision>,
+    /// The checked form of the `created_at` rendering rule (see `RenderOpts::created_at`).
+    pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -77,8 +82,20 @@ impl Inner {
         RenderOpts {
             offset_timestamps: self.offset_timestamps.load(Ordering::Relaxed),
             extra_fields: self.extra_fields.load(Ordering::Relaxed),
+            created_at: *read(&self.render_created_at),
         }
     }
+}
+
+/// A rendering rule with its unit checked: positive and at most `i64::MAX` nanoseconds.
+fn checked_rendering(rendering: Option<Rendering>) -> Result<Option<(Rounding, i64)>, String> {
+    rendering
+        .map(|r| {
+            r.unit_nanos()
+                .map(|unit| (r.rounding, unit))
+                .ok_or_else(|| format!("rendering unit {} must be positive and below 292 years", r.unit))
+        })
+        .transpose()
 }
 
 /// The default key: `ch_sk_sim_` plus 24 base62 characters drawn from the seed.
@@ -100,6 +117,9 @@ impl Simulator {
                 "SimOptions: end must be after start when generating encounters",
             ));
         }
+        let render_created_at = checked_rendering(opts.render_created_at).map_err(|message| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("SimOptions: {message}"))
+        })?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let generation = opts.clone();
@@ -130,6 +150,8 @@ impl Simulator {
                 list_seq: AtomicU64::new(0),
                 offset_timestamps: AtomicBool::new(opts.offset_timestamps),
                 extra_fields: AtomicBool::new(opts.extra_fields),
+                query_precision: RwLock::new(opts.query_precision),
+                render_created_at: RwLock::new(render_created_at),
                 shutdown: CancellationToken::new(),
             }),
         };
@@ -237,6 +259,39 @@ impl Simulator {
         self.inner.extra_fields.store(on, Ordering::Relaxed);
     }
 
+    /// Switches how list queries read `start_at`/`end_at` and whether instants given to later
+    /// control calls (`insert`, `insert_bulk`, `set_encounter_updated_at`, …) are truncated to
+    /// microseconds. Records stored before the switch keep their timestamps.
+    pub fn set_query_precision(&self, precision: QueryPrecision) {
+        let mut store = write(&self.inner.store);
+        store.set_micro_data(precision.micros());
+        *write(&self.inner.query_precision) = precision;
+    }
+
+    /// Sets or clears the coarser rendering of encounters' `created_at` (list and encounter
+    /// detail); filtering, sorting and `total` keep using the stored value.
+    ///
+    /// # Panics
+    /// When the unit is not positive or longer than `i64::MAX` nanoseconds.
+    pub fn set_render_created_at(&self, rendering: Option<Rendering>) {
+        let checked =
+            checked_rendering(rendering).unwrap_or_else(|message| panic!("charthero-sim: {message}"));
+        *write(&self.inner.render_created_at) = checked;
+    }
+
+    /// The `created_at` the API currently renders for an encounter created at `t` (identity
+    /// without a [`Rendering`]), in `t`'s offset. Compare a warehouse, which stores what was
+    /// rendered, with [`Simulator::snapshot`] through this.
+    pub fn rendered_created_at(&self, t: OffsetDateTime) -> OffsetDateTime {
+        let opts = self.inner.render_opts();
+        match opts.created_at {
+            None => t,
+            Some((rounding, unit)) => {
+                instant(Rendering::apply(rounding, unit, nanos(t))).to_offset(t.offset())
+            }
+        }
+    }
+
     // ----- data control -----
 
     /// Inserts an encounter, visible immediately. Its `updated_at` is `max(created_at, now)`.
@@ -247,6 +302,17 @@ impl Simulator {
             .insert(&encounter, now)
             .as_str()
             .to_owned()
+    }
+
+    /// Inserts `count` visible encounters that all share exactly `created_at`, as a batch import
+    /// would, and returns their ids in minting order. Each is shaped like [`NewEncounter::at`]: a
+    /// completed ambient encounter with a new patient and one finalized ambient transcript;
+    /// `updated_at` is `max(created_at, now)`. Costs one pass over the list index plus
+    /// `count log count` (20,000 take milliseconds), not one sorted insert per record.
+    pub fn insert_bulk(&self, created_at: OffsetDateTime, count: usize) -> Vec<String> {
+        let now = now_nanos();
+        let ids = write(&self.inner.store).insert_bulk(created_at, count, now);
+        ids.iter().map(|id| id.as_str().to_owned()).collect()
     }
 
     /// Runs `change` on an existing encounter under the store's write lock; panics (after
@@ -308,6 +374,50 @@ impl Simulator {
         self.mutate(encounter_id, |store, slot, now| {
             Ok(store.add_document(slot, kind, now).as_str().to_owned())
         })
+    }
+
+    /// Moves a document to another encounter, as a vendor fixing a document filed to the wrong
+    /// visit would. The document keeps its id and content; its `updated_at` becomes now (and
+    /// later than the target's current `updated_at`). Both encounters' `updated_at` are then
+    /// **recomputed** as the latest of the encounter's base and its remaining documents'
+    /// `updated_at`, where the base is the encounter's last own change (status or visibility
+    /// change, [`Simulator::restore_status`], [`Simulator::set_encounter_updated_at`]) or else its
+    /// `created_at`. So the source's `updated_at` can go backwards although its documents changed;
+    /// the target's moves forward.
+    ///
+    /// # Panics
+    /// Also when the document is not on `from_encounter`, or both ids are the same encounter.
+    pub fn move_document(&self, from_encounter: &str, document_id: &str, to_encounter: &str) {
+        let result = {
+            let mut store = write(&self.inner.store);
+            match (store.slot(from_encounter), store.slot(to_encounter)) {
+                (Some(from), Some(to)) => store.move_document(from, document_id, to, now_nanos()),
+                (None, _) => Err(format!("unknown encounter {from_encounter}")),
+                (_, None) => Err(format!("unknown encounter {to_encounter}")),
+            }
+        };
+        result.unwrap_or_else(|message| panic!("charthero-sim: {message}"));
+    }
+
+    /// Sets an encounter's `updated_at` to exactly `updated_at`, earlier or later than before
+    /// (truncated to microseconds in the micro [`QueryPrecision`] modes), and makes it the
+    /// encounter's base for later recomputes (see [`Simulator::move_document`]). Nothing else
+    /// changes.
+    pub fn set_encounter_updated_at(&self, encounter_id: &str, updated_at: OffsetDateTime) {
+        self.mutate(encounter_id, |store, slot, _| {
+            store.set_updated(slot, updated_at);
+            Ok(())
+        });
+    }
+
+    /// Sets an encounter's status and sets its `updated_at` to `updated_at` (possibly older than
+    /// before), as a vendor restoring a record from a backup would; see
+    /// [`Simulator::set_encounter_updated_at`].
+    pub fn restore_status(&self, encounter_id: &str, status: &str, updated_at: OffsetDateTime) {
+        self.mutate(encounter_id, |store, slot, _| {
+            store.restore_status(slot, status, updated_at);
+            Ok(())
+        });
     }
 
     /// Finalizes an ambient transcript: status `completed`, audio duration set, the transcript

@@ -245,6 +245,12 @@ pub(crate) struct Store {
     pub(crate) patients: Vec<PatientRec>,
     patient_by_id: HashMap<Box<str>, u32>,
     note_overrides: HashMap<Id, Box<str>>,
+    /// Each mutated encounter's own last change (status or visibility change, restore, explicit
+    /// `updated_at`); an encounter missing here has its `created_at` as base. Kept beside the
+    /// records, not in them, so `EncRec` stays small for the millions never mutated.
+    bases: HashMap<Slot, i64>,
+    /// Keep every stored timestamp at microseconds (the micro `QueryPrecision` modes).
+    micro_data: bool,
     id_seq: u64,
     id_key: u64,
     ambient_docs: u64,
@@ -273,6 +279,8 @@ impl Store {
             patients: Vec::new(),
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
+            bases: HashMap::new(),
+            micro_data: opts.query_precision.micros(),
             id_seq: 0,
             id_key: mix64(opts.seed ^ 0x1d50_f1d5),
             ambient_docs: 0,
@@ -402,10 +410,29 @@ impl Store {
         self.index.sort_unstable();
     }
 
+    /// Switches whether timestamps given from outside are truncated to microseconds from now on;
+    /// what is stored already is left as it is.
+    pub(crate) fn set_micro_data(&mut self, on: bool) {
+        self.micro_data = on;
+    }
+
+    /// An instant given from outside (an inserted `created_at`, an explicit `updated_at`) at the
+    /// store's precision. The wall clock and generated values are microseconds already.
+    pub(crate) fn precise(&self, nanos: i64) -> i64 {
+        if self.micro_data { micros(nanos) } else { nanos }
+    }
+
     pub(crate) fn insert(&mut self, new: &NewEncounter, now: i64) -> Id {
-        let created = nanos(new.created_at);
+        let created = self.precise(nanos(new.created_at));
         // A record that just appeared was last modified now, even when back-dated.
         let updated = created.max(now);
+        let (id, slot) = self.push_new(new, created, updated);
+        self.index_insert(created, id, slot);
+        id
+    }
+
+    /// Appends a record built from `new` with the given instants, without touching the index.
+    pub(crate) fn push_new(&mut self, new: &NewEncounter, created: i64, updated: i64) -> (Id, Slot) {
         let encounter_type = self.syms.intern(&new.encounter_type);
         let status = self.syms.intern(&new.status);
         let patient = self.patient_for(new.patient_id.as_deref());
@@ -428,8 +455,31 @@ impl Store {
             docs,
         });
         self.by_id.insert(id, slot);
-        self.index_insert(created, id, slot);
-        id
+        (id, slot)
+    }
+
+    /// Inserts `count` visible encounters shaped like `NewEncounter::at`, all created at
+    /// `created_at`. The index is merged once: only the entries already at that instant are
+    /// re-sorted with the new ones, so the cost is one pass over the index plus `count log count`.
+    pub(crate) fn insert_bulk(&mut self, created_at: OffsetDateTime, count: usize, now: i64) -> Vec<Id> {
+        let created = self.precise(nanos(created_at));
+        let updated = created.max(now);
+        let new = NewEncounter::at(created_at);
+        self.encounters.reserve(count);
+        self.by_id.reserve(count);
+        let mut fresh: Vec<(i64, Id, Slot)> = (0..count)
+            .map(|_| {
+                let (id, slot) = self.push_new(&new, created, updated);
+                (created, id, slot)
+            })
+            .collect();
+        let ids = fresh.iter().map(|e| e.1).collect();
+        let lo = self.index.partition_point(|e| e.0 < created);
+        let hi = self.index.partition_point(|e| e.0 <= created);
+        fresh.extend_from_slice(&self.index[lo..hi]);
+        fresh.sort_unstable();
+        self.index.splice(lo..hi, fresh);
+        ids
     }
 
     fn index_insert(&mut self, created: i64, id: Id, slot: Slot) {
@@ -504,7 +554,8 @@ impl Store {
         let rec = self.touch(slot, now);
         let was_visible = rec.visibility == Visibility::Visible;
         rec.visibility = visibility;
-        let (created, id) = (rec.created, rec.id);
+        let (created, id, updated) = (rec.created, rec.id, rec.updated);
+        self.bases.insert(slot, updated);
         match (was_visible, visibility == Visibility::Visible) {
             (true, false) => self.index_remove(created, id, slot),
             (false, true) => self.index_insert(created, id, slot),
@@ -514,7 +565,62 @@ impl Store {
 
     pub(crate) fn set_status(&mut self, slot: Slot, status: &str, now: i64) {
         let status = self.syms.intern(status);
-        self.touch(slot, now).status = status;
+        let rec = self.touch(slot, now);
+        rec.status = status;
+        let updated = rec.updated;
+        self.bases.insert(slot, updated);
+    }
+
+    /// Sets `updated_at` to `updated` (earlier or later than before) and makes it the
+    /// encounter's base, as a vendor restoring a row from a backup would.
+    pub(crate) fn set_updated(&mut self, slot: Slot, updated: OffsetDateTime) {
+        let updated = self.precise(nanos(updated));
+        self.encounters[slot as usize].updated = updated;
+        self.bases.insert(slot, updated);
+    }
+
+    /// Sets the status and sets `updated_at` to `updated` (see `set_updated`).
+    pub(crate) fn restore_status(&mut self, slot: Slot, status: &str, updated: OffsetDateTime) {
+        let status = self.syms.intern(status);
+        self.encounters[slot as usize].status = status;
+        self.set_updated(slot, updated);
+    }
+
+    /// Moves a document to another encounter. The document counts as modified now, strictly
+    /// after the target's current `updated_at`; then both encounters' `updated_at` are
+    /// recomputed (see `recompute_updated`), so the source's may go backwards.
+    pub(crate) fn move_document(
+        &mut self,
+        from: Slot,
+        document_id: &str,
+        to: Slot,
+        now: i64,
+    ) -> Result<(), String> {
+        if from == to {
+            return Err(format!("document {document_id} is already on this encounter"));
+        }
+        let source = &mut self.encounters[from as usize];
+        let at = Id::parse(document_id)
+            .and_then(|id| source.docs.iter().position(|d| d.id == id))
+            .ok_or_else(|| format!("no document {document_id} on encounter {}", source.id.as_str()))?;
+        let mut doc = source.docs.remove(at);
+        let target = &mut self.encounters[to as usize];
+        doc.updated = now
+            .max(doc.updated + MICROSECOND)
+            .max(target.updated + MICROSECOND);
+        target.docs.push(doc);
+        self.recompute_updated(from);
+        self.recompute_updated(to);
+        Ok(())
+    }
+
+    /// The recompute rule of a vendor that derives `updated_at` from what remains: the latest of
+    /// the encounter's base (its last own change, else its `created_at`) and its documents'
+    /// `updated_at`.
+    fn recompute_updated(&mut self, slot: Slot) {
+        let rec = &mut self.encounters[slot as usize];
+        let base = self.bases.get(&slot).copied().unwrap_or(rec.created);
+        rec.updated = rec.docs.iter().map(|d| d.updated).fold(base, i64::max);
     }
 
     pub(crate) fn add_document(&mut self, slot: Slot, kind: DocKind, now: i64) -> Id {
@@ -676,10 +782,14 @@ pub(crate) fn instant(nanos: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos)).expect("i64 nanos are in range")
 }
 
+/// Truncates unix nanoseconds to whole microseconds (toward the past).
+pub(crate) fn micros(nanos: i64) -> i64 {
+    nanos - nanos.rem_euclid(MICROSECOND)
+}
+
 /// The wall clock at microsecond precision, the precision of the real API's timestamps.
 pub(crate) fn now_nanos() -> i64 {
-    let now = nanos(OffsetDateTime::now_utc());
-    now - now.rem_euclid(MICROSECOND)
+    micros(nanos(OffsetDateTime::now_utc()))
 }
 
 #[cfg(test)]

@@ -607,3 +607,436 @@ async fn a_million_encounters_generate_in_seconds_and_page_quickly() {
     println!("101 full pages in {:?}", started.elapsed());
     sim.shutdown();
 }
+
+// ----- harsh upstream options -----
+
+fn window(start: &str, end: &str) -> String {
+    format!("/external/v1/encounters?limit=100&sort_order=asc&start_at={start}&end_at={end}")
+}
+
+fn all_timestamps(encounter: &Encounter) -> Vec<OffsetDateTime> {
+    let mut all = vec![
+        encounter.created_at,
+        encounter.updated_at,
+        encounter.date_of_service,
+    ];
+    for doc in &encounter.documents {
+        all.extend([doc.created_at, doc.updated_at]);
+    }
+    all
+}
+
+#[tokio::test]
+async fn nanos_precision_filters_inserted_records_at_nanoseconds() {
+    let sim = Simulator::start(options(20)).await.unwrap();
+    let id = sim.insert(NewEncounter::at(datetime!(2026-03-10 12:00:00.000000001 UTC)));
+    let hit = get(
+        &sim,
+        &window("2026-03-10T12:00:00.000000001Z", "2026-03-10T12:00:00.000000002Z"),
+    )
+    .await
+    .json();
+    assert_eq!(ids(&hit), vec![id]);
+    let miss = get(
+        &sim,
+        &window("2026-03-10T12:00:00Z", "2026-03-10T12:00:00.000000001Z"),
+    )
+    .await
+    .json();
+    assert_eq!(miss["total"], 0);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn truncate_micros_truncates_queries_before_the_range_check_and_stores_micros() {
+    let sim = Simulator::start(SimOptions {
+        query_precision: QueryPrecision::TruncateMicros,
+        ..options(200)
+    })
+    .await
+    .unwrap();
+    let id = sim.insert(NewEncounter::at(datetime!(2026-03-10 12:00:00.123456789 UTC)));
+    assert_eq!(
+        sim.encounter(&id).unwrap().created_at,
+        datetime!(2026-03-10 12:00:00.123456 UTC)
+    );
+    let other = sim.snapshot()[3].encounter_id.clone();
+    sim.set_encounter_updated_at(&other, datetime!(2026-03-11 00:00:00.000000999 UTC));
+    sim.update_status(&id, "amended");
+    sim.add_document(&id, DocKind::Note);
+    for encounter in sim.snapshot() {
+        for at in all_timestamps(&encounter) {
+            assert_eq!(at.nanosecond() % 1_000, 0, "{}: {at}", encounter.encounter_id);
+        }
+    }
+
+    // [t, t + 1 ns) truncates to [t, t): refused exactly as any empty range is.
+    let empty = get(
+        &sim,
+        &window("2026-03-10T12:00:00.123456Z", "2026-03-10T12:00:00.123456001Z"),
+    )
+    .await;
+    assert_eq!((empty.status, empty.reason()), (422, "invalid_query".into()));
+    assert_eq!(empty.json()["field"], "start_at");
+    // A start 999 ns after the record still finds it: the digits are dropped.
+    let found = get(
+        &sim,
+        &window("2026-03-10T12:00:00.123456999Z", "2026-03-10T12:00:00.123457Z"),
+    )
+    .await;
+    assert_eq!(ids(&found.json()), vec![id.clone()]);
+
+    sim.set_query_precision(QueryPrecision::Nanos);
+    let exact = get(
+        &sim,
+        &window("2026-03-10T12:00:00.123456999Z", "2026-03-10T12:00:00.123457Z"),
+    )
+    .await;
+    assert_eq!(exact.json()["total"], 0, "nanosecond filtering again");
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn reject_past_micros_refuses_a_seventh_digit_naming_the_parameter() {
+    let sim = Simulator::start(options(50)).await.unwrap();
+    sim.set_query_precision(QueryPrecision::RejectPastMicros);
+    let six = get(
+        &sim,
+        &window("2026-01-10T00:00:00.123456Z", "2026-02-10T00:00:00.5Z"),
+    )
+    .await;
+    assert_eq!(six.status, 200);
+    for (start, end, field) in [
+        ("2026-01-10T00:00:00.1234567Z", "2026-02-10T00:00:00Z", "start_at"),
+        ("2026-01-10T00:00:00Z", "2026-02-10T00:00:00.000000000Z", "end_at"),
+    ] {
+        let refused = get(&sim, &window(start, end)).await;
+        assert_eq!((refused.status, refused.reason()), (422, "invalid_query".into()));
+        let body = refused.json();
+        assert_eq!(body["field"], field);
+        assert!(
+            body["message"].as_str().unwrap().contains("more than 6 digits"),
+            "{body}"
+        );
+    }
+    let id = sim.insert(NewEncounter::at(datetime!(2026-03-10 12:00:00.000000777 UTC)));
+    assert_eq!(sim.encounter(&id).unwrap().created_at.nanosecond(), 0);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn coarse_rendering_changes_only_the_rendered_created_at() {
+    let second = Rendering {
+        unit: time::Duration::SECOND,
+        rounding: Rounding::Truncate,
+    };
+    let sim = Simulator::start(SimOptions {
+        render_created_at: Some(second),
+        ..options(250)
+    })
+    .await
+    .unwrap();
+    let snapshot = sim.snapshot();
+    let mut items = Vec::new();
+    for offset in [0, 100, 200] {
+        let page = get(
+            &sim,
+            &format!("/external/v1/encounters?sort_order=asc&limit=100&offset={offset}"),
+        )
+        .await
+        .json();
+        assert_eq!(page["total"], 250);
+        items.extend(page["items"].as_array().unwrap().clone());
+    }
+    let mut coarser = 0;
+    for (item, want) in items.iter().zip(&snapshot) {
+        assert_eq!(item["encounter_id"].as_str(), Some(want.encounter_id.as_str()));
+        let rendered = parse_ts(&item["created_at"]);
+        assert_eq!(rendered, sim.rendered_created_at(want.created_at));
+        assert_eq!(rendered.nanosecond(), 0);
+        assert_eq!(parse_ts(&item["updated_at"]), want.updated_at, "only created_at");
+        coarser += usize::from(rendered != want.created_at);
+    }
+    assert!(coarser > 0, "generated data has sub-second created_at values");
+
+    // The filter uses the stored value: the record is in [.5, .7) but shows 10:00:00.
+    let id = sim.insert(NewEncounter::at(datetime!(2026-03-10 10:00:00.6 UTC)));
+    let page = get(&sim, &window("2026-03-10T10:00:00.5Z", "2026-03-10T10:00:00.7Z"))
+        .await
+        .json();
+    assert_eq!(ids(&page), vec![id.clone()]);
+    assert_eq!(page["items"][0]["created_at"], "2026-03-10T10:00:00Z");
+    let detail = |sim: Simulator, id: String| async move {
+        get(&sim, &format!("/external/v1/encounters/{id}")).await.json()["encounter"]["created_at"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(detail(sim.clone(), id.clone()).await, "2026-03-10T10:00:00Z");
+
+    sim.set_render_created_at(Some(Rendering {
+        rounding: Rounding::Nearest,
+        ..second
+    }));
+    assert_eq!(detail(sim.clone(), id.clone()).await, "2026-03-10T10:00:01Z");
+    assert_eq!(
+        sim.rendered_created_at(datetime!(2026-03-10 10:00:00.5 UTC)),
+        datetime!(2026-03-10 10:00:01 UTC)
+    );
+    sim.set_render_created_at(None);
+    assert_eq!(detail(sim.clone(), id.clone()).await, "2026-03-10T10:00:00.6Z");
+    let instant = datetime!(2026-03-10 10:00:00.6 UTC);
+    assert_eq!(sim.rendered_created_at(instant), instant);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn a_rendering_unit_that_is_not_positive_is_refused_at_start() {
+    let zero = Rendering {
+        unit: time::Duration::ZERO,
+        rounding: Rounding::Nearest,
+    };
+    let refused = Simulator::start(SimOptions {
+        render_created_at: Some(zero),
+        ..options(0)
+    })
+    .await;
+    assert_eq!(
+        refused.err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::InvalidInput)
+    );
+}
+
+#[tokio::test]
+async fn one_bulk_instant_pages_by_encounter_id_both_ways_up_to_the_offset_cap() {
+    let t = datetime!(2026-03-05 09:30 UTC);
+    let sim = Simulator::start(SimOptions {
+        bulk_instants: vec![(t, 10_150)],
+        ..options(50)
+    })
+    .await
+    .unwrap();
+    let before = sim.insert(NewEncounter::at(t - time::Duration::NANOSECOND));
+    let after = sim.insert(NewEncounter::at(t + time::Duration::MICROSECOND));
+    let mut expected: Vec<String> = sim
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.created_at == t)
+        .map(|e| e.encounter_id)
+        .collect();
+    assert_eq!(expected.len(), 10_150);
+    assert!(expected.windows(2).all(|w| w[0] < w[1]), "ties by encounter_id");
+
+    let key = sim.api_key();
+    let mut conn = Conn::open(&sim).await;
+    let (start, end) = ("2026-03-05T09:30:00Z", "2026-03-05T09:30:00.000001Z");
+    let mut asc = Vec::new();
+    let mut desc = Vec::new();
+    for offset in (0..=10_000).step_by(100) {
+        for (order, into) in [("asc", &mut asc), ("desc", &mut desc)] {
+            let path = format!(
+                "/external/v1/encounters?limit=100&offset={offset}&sort_order={order}&start_at={start}&end_at={end}"
+            );
+            let page = conn.get(&path, Some(&key)).await.unwrap().json();
+            assert_eq!(page["total"], 10_150);
+            into.extend(ids(&page));
+        }
+    }
+    assert_eq!(asc, expected[..10_100]);
+    expected.reverse();
+    assert_eq!(desc, expected[..10_100], "desc is the exact reverse of asc");
+    assert!(!asc.contains(&before) && !asc.contains(&after) && !desc.contains(&after));
+    let capped = conn
+        .get(
+            &format!("/external/v1/encounters?offset=10001&start_at={start}&end_at={end}"),
+            Some(&key),
+        )
+        .await
+        .unwrap();
+    assert_eq!((capped.status, capped.reason()), (422, "invalid_offset".into()));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn insert_bulk_adds_twenty_thousand_at_one_instant_quickly() {
+    let sim = Simulator::start(options(1_000)).await.unwrap();
+    let t = sim.snapshot()[500].created_at;
+    let ties_before = sim.snapshot().iter().filter(|e| e.created_at == t).count();
+    let started = std::time::Instant::now();
+    let ids_added = sim.insert_bulk(t, 20_000);
+    let elapsed = started.elapsed();
+    assert!(elapsed < std::time::Duration::from_secs(1), "{elapsed:?}");
+    assert_eq!(ids_added.len(), 20_000);
+    let more = sim.insert_bulk(t, 7);
+    assert_eq!(sim.visible_count(), 21_007);
+
+    let snapshot = sim.snapshot();
+    let key = |e: &Encounter| (e.created_at, e.encounter_id.clone());
+    assert!(
+        snapshot.windows(2).all(|w| key(&w[0]) < key(&w[1])),
+        "index stays sorted"
+    );
+    assert_eq!(
+        snapshot.iter().filter(|e| e.created_at == t).count(),
+        ties_before + 20_007
+    );
+    let added = sim.encounter(&more[0]).unwrap();
+    assert_eq!((added.created_at, added.status.as_str()), (t, "completed"));
+    assert!(added.updated_at > t);
+    assert_eq!(added.documents[0].schema_type, "ambient_transcript");
+    assert_eq!(added.documents[0].status.as_deref(), Some("completed"));
+    let detail = get(&sim, &format!("/external/v1/encounters/{}", ids_added[19_999])).await;
+    assert_eq!(detail.status, 200);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn moving_a_document_recomputes_updated_at_so_the_source_goes_backwards() {
+    let sim = Simulator::start(options(0)).await.unwrap();
+    let source = sim.insert(NewEncounter {
+        docs: vec![DocKind::AmbientFinal, DocKind::Note],
+        ..NewEncounter::at(datetime!(2026-02-01 10:00 UTC))
+    });
+    let target = sim.insert(NewEncounter::at(datetime!(2026-02-01 11:00 UTC)));
+    let note = sim.encounter(&source).unwrap().documents[1].document_id.clone();
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    sim.edit_note(&source, &note, "Filed to the wrong visit.");
+    let detail = |id: &str| {
+        let (sim, id) = (sim.clone(), id.to_owned());
+        async move { get(&sim, &format!("/external/v1/encounters/{id}")).await.json()["encounter"].clone() }
+    };
+    let source_before = detail(&source).await;
+    let target_before = detail(&target).await;
+
+    sim.move_document(&source, &note, &target);
+    let source_after = detail(&source).await;
+    let target_after = detail(&target).await;
+    assert_eq!(source_after["documents"].as_array().unwrap().len(), 1);
+    assert!(
+        parse_ts(&source_after["updated_at"]) < parse_ts(&source_before["updated_at"]),
+        "content changed, updated_at went backwards"
+    );
+    let remaining = &sim.encounter(&source).unwrap().documents[0];
+    assert_eq!(parse_ts(&source_after["updated_at"]), remaining.updated_at);
+    assert!(parse_ts(&target_after["updated_at"]) > parse_ts(&target_before["updated_at"]));
+    assert_eq!(target_after["documents"][1]["document_id"], note.as_str());
+
+    let moved = get(
+        &sim,
+        &format!("/external/v1/encounters/{target}/documents/{note}"),
+    )
+    .await
+    .json();
+    assert_eq!(moved["document"]["encounter_id"], target.as_str());
+    assert_eq!(moved["document"]["content"]["text"], "Filed to the wrong visit.");
+    let gone = get(
+        &sim,
+        &format!("/external/v1/encounters/{source}/documents/{note}"),
+    )
+    .await;
+    assert_eq!((gone.status, gone.reason()), (404, "encounter_not_found".into()));
+
+    // Moving the last document leaves only the base: here the created_at.
+    let ambient = remaining.document_id.clone();
+    sim.move_document(&source, &ambient, &target);
+    assert_eq!(
+        sim.encounter(&source).unwrap().updated_at,
+        datetime!(2026-02-01 10:00 UTC)
+    );
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn restore_status_sets_an_older_updated_at_that_later_recomputes_respect() {
+    let sim = Simulator::start(options(0)).await.unwrap();
+    let id = sim.insert(NewEncounter {
+        docs: vec![DocKind::Note],
+        ..NewEncounter::at(datetime!(2026-02-01 10:00 UTC))
+    });
+    let other = sim.insert(NewEncounter::at(datetime!(2026-02-02 10:00 UTC)));
+    sim.update_status(&id, "amended");
+    let amended = sim.encounter(&id).unwrap().updated_at;
+    let restored_at = datetime!(2026-02-01 12:00 UTC);
+    sim.restore_status(&id, "completed", restored_at);
+    let reply = get(&sim, &format!("/external/v1/encounters/{id}")).await.json();
+    assert_eq!(reply["encounter"]["status"], "completed");
+    assert_eq!(parse_ts(&reply["encounter"]["updated_at"]), restored_at);
+    assert!(restored_at < amended);
+
+    sim.set_encounter_updated_at(&other, datetime!(2026-02-02 10:30 UTC));
+    assert_eq!(
+        sim.encounter(&other).unwrap().updated_at,
+        datetime!(2026-02-02 10:30 UTC)
+    );
+    // The restored instant is the base: with no documents left, updated_at falls back to it.
+    let note = sim.encounter(&id).unwrap().documents[0].document_id.clone();
+    sim.move_document(&id, &note, &other);
+    assert_eq!(sim.encounter(&id).unwrap().updated_at, restored_at);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn backdated_inserts_and_old_removals_change_their_window_totals() {
+    let now = OffsetDateTime::now_utc();
+    let sim = Simulator::start(SimOptions {
+        seed: 11,
+        encounters: 600,
+        start: now - time::Duration::days(60),
+        end: now - time::Duration::hours(1),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let encode = |at: OffsetDateTime| at.format(&Rfc3339).unwrap();
+    let around = |at: OffsetDateTime| {
+        window(
+            &encode(at - time::Duration::days(1)),
+            &encode(at + time::Duration::days(1)),
+        )
+    };
+
+    let old = now - time::Duration::days(28);
+    let before = get(&sim, &around(old)).await.json()["total"].as_u64().unwrap();
+    let id = sim.insert(NewEncounter::at(old));
+    let page = get(&sim, &around(old)).await.json();
+    assert_eq!(page["total"].as_u64(), Some(before + 1));
+    assert!(ids(&page).contains(&id));
+    let inserted = sim.encounter(&id).unwrap();
+    assert_eq!(inserted.created_at, old);
+    assert!(
+        inserted.updated_at >= now,
+        "appeared now although created weeks ago"
+    );
+
+    let victim = sim
+        .snapshot()
+        .into_iter()
+        .find(|e| (now - e.created_at - time::Duration::days(20)).abs() < time::Duration::days(2))
+        .expect("a generated encounter about 20 days old");
+    let at = victim.created_at;
+    let before = get(&sim, &around(at)).await.json();
+    assert!(ids(&before).contains(&victim.encounter_id));
+    sim.remove(&victim.encounter_id);
+    let after = get(&sim, &around(at)).await.json();
+    assert_eq!(after["total"].as_u64(), before["total"].as_u64().map(|t| t - 1));
+    assert!(!ids(&after).contains(&victim.encounter_id));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn stats_count_list_requests_and_limit_one_probes_apart() {
+    let sim = Simulator::start(options(10)).await.unwrap();
+    let mut conn = Conn::open(&sim).await;
+    let key = sim.api_key();
+    for query in ["limit=1", "limit=1&sort_order=asc", "limit=2", "limit=0", ""] {
+        conn.get(&format!("/external/v1/encounters?{query}"), Some(&key))
+            .await
+            .unwrap();
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.route(Route::List), 5);
+    assert_eq!(stats.list_probe_requests, 2);
+    sim.reset_stats();
+    assert_eq!(sim.stats().list_probe_requests, 0);
+    sim.shutdown();
+}
