@@ -418,12 +418,16 @@ async fn audit() {
         let old: Vec<String> = sim
             .snapshot()
             .into_iter()
-            .filter(|e| e.created_at < now - time::Duration::days(3) && e.created_at > now - time::Duration::days(28))
+            .filter(|e| {
+                e.created_at < now - time::Duration::days(3) && e.created_at > now - time::Duration::days(28)
+            })
             .map(|e| e.encounter_id)
             .collect();
         for i in 0..changes {
             if i % 2 == 0 {
-                sim.insert(NewEncounter::at(now - time::Duration::seconds(rng.i64(3 * 86_400..28 * 86_400))));
+                sim.insert(NewEncounter::at(
+                    now - time::Duration::seconds(rng.i64(3 * 86_400..28 * 86_400)),
+                ));
             } else {
                 sim.remove(&old[rng.usize(..old.len())]);
             }

@@ -24,6 +24,8 @@ pub struct Metrics {
     limiter_waits: AtomicU64,
     rows_written: AtomicU64,
     cycles: Mutex<BTreeMap<&'static str, u64>>,
+    /// reason → windows that could not be read completely.
+    window_failures: Mutex<BTreeMap<&'static str, u64>>,
     last_success_unix: AtomicI64,
     complete_through_unix: AtomicI64,
 }
@@ -65,6 +67,17 @@ impl Metrics {
         }
     }
 
+    /// A window could not be read completely (`window_unsettled`, `request_bound_exceeded`,
+    /// `instant_overfull`); its cycle failed with the watermark unmoved.
+    pub fn record_window_failure(&self, reason: &'static str) {
+        *self
+            .window_failures
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
     /// The Prometheus text exposition format (0.0.4).
     pub fn render(&self, now: OffsetDateTime) -> String {
         let mut out = String::new();
@@ -103,6 +116,19 @@ impl Metrics {
         for (outcome, n) in self.cycles.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
         }
+        let failures = self.window_failures.lock().expect("metrics lock");
+        if !failures.is_empty() {
+            let name = family(
+                &mut out,
+                "window_failures_total",
+                "counter",
+                "Windows that could not be read completely, by reason (the cycle failed, the watermark stayed).",
+            );
+            for (reason, n) in failures.iter() {
+                let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        drop(failures);
         let name = family(
             &mut out,
             "last_success_timestamp_seconds",
@@ -203,6 +229,7 @@ mod tests {
         m.record_limiter_wait(Duration::from_millis(1500));
         let now = OffsetDateTime::now_utc();
         m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
+        m.record_window_failure("request_bound_exceeded");
         let text = m.render(now);
         assert!(
             text.contains("# TYPE charthero_sync_requests_total counter\n"),
@@ -214,6 +241,7 @@ mod tests {
         assert!(text.contains("charthero_sync_rows_written_total 42\n"));
         assert!(text.contains("charthero_sync_cycles_total{outcome=\"succeeded\"} 1\n"));
         assert!(text.contains("charthero_sync_lag_seconds 120\n"));
+        assert!(text.contains("charthero_sync_window_failures_total{reason=\"request_bound_exceeded\"} 1\n"));
     }
 
     #[test]

@@ -174,3 +174,40 @@ pub fn nth_live_created_ns(
 pub fn purged_ranges(conn: &Connection) -> anyhow::Result<Vec<(i64, i64)>> {
     Ok(super::privacy::purged_ranges(conn)?)
 }
+
+/// Whether a block of upstream records, listed at `offset` of `[start_ns, end_ns)` in time
+/// order, agrees with the warehouse: every record is stored live in the range, and the first and
+/// last sit at their positions among the stored ones. Ties in `created_at` may be ordered
+/// differently upstream, so a position agrees when it lies between the stored records strictly
+/// before that instant and those at or before it.
+pub fn block_agrees(
+    conn: &Connection,
+    start_ns: i64,
+    end_ns: i64,
+    offset: u64,
+    block: &[(String, i64)],
+) -> anyhow::Result<bool> {
+    let mut live = conn.prepare_cached(
+        "SELECT count(*) FROM encounters
+         WHERE encounter_id = ?1 AND removed_at IS NULL AND created_at_ns >= ?2 AND created_at_ns < ?3",
+    )?;
+    for (id, _) in block {
+        let n: i64 = live.query_row(params![id, start_ns, end_ns], |r| r.get(0))?;
+        if n == 0 {
+            return Ok(false);
+        }
+    }
+    let mut before = conn.prepare_cached(
+        "SELECT count(*) FROM encounters
+         WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+    )?;
+    let mut position_agrees = |position: u64, at_ns: i64| -> rusqlite::Result<bool> {
+        let strictly: i64 = before.query_row(params![start_ns, at_ns], |r| r.get(0))?;
+        let through: i64 = before.query_row(params![start_ns, at_ns.saturating_add(1)], |r| r.get(0))?;
+        Ok(strictly as u64 <= position && position < through as u64)
+    };
+    let (Some(first), Some(last)) = (block.first(), block.last()) else {
+        return Ok(true);
+    };
+    Ok(position_agrees(offset, first.1)? && position_agrees(offset + block.len() as u64 - 1, last.1)?)
+}

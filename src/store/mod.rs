@@ -17,8 +17,8 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, Transaction};
 
 pub use audit::{
-    Audit, AuditTally, advance_audit, audit_due, audit_failed, finish_audit, live_count_in_range,
-    nth_live_created_ns, open_audit, purged_ranges,
+    Audit, AuditTally, advance_audit, audit_due, audit_failed, block_agrees, finish_audit,
+    live_count_in_range, nth_live_created_ns, open_audit, purged_ranges,
 };
 pub use content::{
     DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem, claim_work, dead_letter,

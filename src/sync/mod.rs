@@ -129,10 +129,17 @@ impl CycleError {
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             CycleError::Api(e) => e.reason_code(),
+            _ => self.window_failure(),
+        }
+    }
+
+    /// Why a window could not be read completely, if that is what stopped the cycle.
+    pub fn window_failure(&self) -> Option<&'static str> {
+        match self {
             CycleError::Unsettled { .. } => Some("window_unsettled"),
             CycleError::RequestBound { .. } => Some("request_bound_exceeded"),
             CycleError::InstantOverfull { .. } => Some("instant_overfull"),
-            CycleError::Cancelled | CycleError::Other(_) => None,
+            CycleError::Api(_) | CycleError::Cancelled | CycleError::Other(_) => None,
         }
     }
 }
@@ -241,6 +248,9 @@ async fn execute(
         (Err(e), _) | (_, Err(e)) => Err(e),
         _ => Ok(()),
     };
+    if let Some(reason) = result.as_ref().err().and_then(CycleError::window_failure) {
+        ctx.client.metrics().record_window_failure(reason);
+    }
     let disabled_routes = gate.summary();
     let incomplete = counts.dead_letters > 0 || disabled_routes.is_some();
     let end = match &result {
@@ -279,21 +289,21 @@ async fn execute(
         purge_expired(ctx).await?;
     }
     let outcome = end.outcome.as_str();
-    let complete_through = ctx
-        .writer
-        .call(move |c| {
-            store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
-            store::checkpoint(c)?;
-            store::complete_through(c)
-        })
-        .await?;
+    let complete_through = ctx.writer.call(|c| store::complete_through(c)).await?;
     let rows = counts.encounters_new
         + counts.encounters_changed
         + counts.encounters_removed
         + counts.documents_fetched
         + counts.transcripts_fetched
         + counts.recordings_fetched;
+    // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
     ctx.client.metrics().record_cycle(outcome, rows, complete_through);
+    ctx.writer
+        .call(move |c| {
+            store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
+            store::checkpoint(c)
+        })
+        .await?;
     result?;
     let report = CycleReport {
         run_id,

@@ -499,11 +499,12 @@ async fn page_instant(
     page_offsets(ctx, pass, at, at.next(), first, counts, cancel).await
 }
 
-/// Reads `[from, to)` by offsets, given its first ascending page. Pages overlap by one record,
-/// which must match, and every response must report the same total. Ascending offsets reach
-/// [`OFFSET_REACH`] records; the rest is read descending from the other end, so up to twice
-/// that many are reachable. More than that in one microsecond is an error naming the instant
-/// and the count (the rows read are kept); in a wider range the caller narrows first.
+/// Reads `[from, to)` by offsets, given its first ascending page. Consecutive pages overlap by
+/// at least one record, which must be where the previous page put it, and every response must
+/// report the same total. Ascending offsets reach [`OFFSET_REACH`] records; the rest is read
+/// descending from the other end, so up to twice that many are reachable. More than that in one
+/// microsecond is an error naming the instant and the count (the rows read are kept); in a wider
+/// range the caller narrows first.
 async fn page_offsets(
     ctx: &SyncContext,
     pass: &mut Pass,
@@ -514,67 +515,34 @@ async fn page_offsets(
     cancel: &CancellationToken,
 ) -> Result<(), CycleError> {
     let limit = ctx.sync.page_size.get();
-    let step = step(limit);
     let total = first.total;
     pass.total = total;
-    let mut received = first.items.len() as u64;
-    let mut overlap = first.items.last().map(|e| e.encounter_id.clone());
+    let mut front = Chain::new(total, limit);
+    let mut full = front.take(pass, 0, &first);
     pass.absorb(ctx, first.items, counts).await?;
     // Ascending from the front.
-    let mut offset = 0u64;
-    while received == u64::from(limit) && offset + received < total && offset + step <= u64::from(MAX_OFFSET)
-    {
-        offset += step;
+    while full && front.reached < total {
+        let Some(offset) = front.next_offset() else { break };
         let page = pass
-            .list(
-                ctx,
-                from,
-                to,
-                offset as u32,
-                limit,
-                SortOrder::Asc,
-                counts,
-                cancel,
-            )
+            .list(ctx, from, to, offset, limit, SortOrder::Asc, counts, cancel)
             .await?;
-        judge_offset_page(pass, &page, total, overlap.as_deref());
-        received = page.items.len() as u64;
-        overlap = page.items.last().map(|e| e.encounter_id.clone());
+        full = front.take(pass, offset, &page);
         pass.absorb(ctx, page.items, counts).await?;
     }
-    let front = offset + received;
-    if received < u64::from(limit) || front >= total {
+    if !full || front.reached >= total {
         return Ok(());
     }
     // Descending from the back, until the two ends meet.
-    let back_needed = total - front;
-    let mut offset = 0u64;
-    let mut overlap: Option<String> = None;
-    loop {
+    let mut back = Chain::new(total, limit);
+    while let Some(offset) = back.next_offset() {
         let page = pass
-            .list(
-                ctx,
-                from,
-                to,
-                offset as u32,
-                limit,
-                SortOrder::Desc,
-                counts,
-                cancel,
-            )
+            .list(ctx, from, to, offset, limit, SortOrder::Desc, counts, cancel)
             .await?;
-        judge_offset_page(pass, &page, total, overlap.as_deref());
-        let received = page.items.len() as u64;
-        overlap = page.items.last().map(|e| e.encounter_id.clone());
+        let full = back.take(pass, offset, &page);
         pass.absorb(ctx, page.items, counts).await?;
-        let back = offset + received;
-        if received < u64::from(limit) || back >= back_needed {
+        if !full || front.reached + back.reached >= total {
             return Ok(());
         }
-        if offset + step > u64::from(MAX_OFFSET) {
-            break;
-        }
-        offset += step;
     }
     if to == from.next() {
         pass.settle(counts).await?;
@@ -588,14 +556,62 @@ async fn page_offsets(
     Ok(())
 }
 
-/// An offset page agrees with the pages before it: same total, and it starts with the record
-/// the previous page ended with.
-fn judge_offset_page(pass: &mut Pass, page: &EncounterPage, total: u64, overlap: Option<&str>) {
-    if page.total != total {
-        pass.consistent = false;
+/// Offset pages read in one direction: how far they reached, and the last record read with its
+/// position, which the next page must repeat.
+struct Chain {
+    total: u64,
+    limit: u32,
+    /// Positions `[0, reached)`, counted from this chain's end, have been read.
+    reached: u64,
+    last: Option<(u64, String)>,
+    offset: Option<u32>,
+}
+
+impl Chain {
+    fn new(total: u64, limit: u32) -> Chain {
+        Chain {
+            total,
+            limit,
+            reached: 0,
+            last: None,
+            offset: None,
+        }
     }
-    if overlap.is_some() && overlap != page.items.first().map(|e| e.encounter_id.as_str()) {
-        pass.consistent = false;
+
+    /// The next page's offset: one record of overlap (none for pages of one record), the last
+    /// page placed exactly at the offset cap so that [`OFFSET_REACH`] records are reachable;
+    /// `None` once past the cap.
+    fn next_offset(&self) -> Option<u32> {
+        let Some(previous) = self.offset else {
+            return Some(0);
+        };
+        let overlap = u64::from(self.limit >= 2);
+        let next = self.reached.saturating_sub(overlap).min(u64::from(MAX_OFFSET)) as u32;
+        (next > previous).then_some(next)
+    }
+
+    /// Checks a page read at `offset` against the pages before it (same total; the previous
+    /// last record at its position) and records it. Returns whether the page was full.
+    fn take(&mut self, pass: &mut Pass, offset: u32, page: &EncounterPage) -> bool {
+        self.offset = Some(offset);
+        if page.total != self.total {
+            pass.consistent = false;
+        }
+        if let Some((position, id)) = &self.last {
+            let repeated = position
+                .checked_sub(u64::from(offset))
+                .and_then(|i| page.items.get(i as usize));
+            if repeated.map(|e| &e.encounter_id) != Some(id) {
+                pass.consistent = false;
+            }
+        }
+        let received = page.items.len() as u64;
+        if let Some(last) = page.items.last() {
+            let position = u64::from(offset) + received - 1;
+            self.last = Some((position, last.encounter_id.clone()));
+            self.reached = self.reached.max(position + 1);
+        }
+        received == u64::from(self.limit)
     }
 }
 

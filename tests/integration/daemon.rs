@@ -374,3 +374,81 @@ async fn a_full_sync_at_trace_level_logs_no_key_names_transcript_text_or_signed_
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_back() {
+    let env = TestEnv::with_encounters(53, 3_000).await;
+    env.write_key_file(&env.sim.api_key());
+    // Deep revisit off and a long schedule: only the audit can see changes 10 days back.
+    let config = env.write_config_file(ENCOUNTERS_ONLY);
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[sync]\n",
+        "[sync]\nschedule = \"0 0 0 1 1 *\"\nrevisit_deep = \"0s\"\naudit_every = \"2s\"\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let db = env.db_path();
+    let mut daemon = bin(&config);
+    daemon.arg("run");
+    let child = spawn(daemon);
+    wait_for(Duration::from_secs(60), || {
+        db.exists()
+            && reader(&db)
+                .query_row(
+                    "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .is_ok_and(|n| n >= 1)
+    })
+    .await;
+    let now = OffsetDateTime::now_utc();
+    let backdated = env
+        .sim
+        .insert(charthero_sim::NewEncounter::at(now - time::Duration::days(10)));
+    let old = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .find(|e| e.created_at < now - time::Duration::days(12))
+        .unwrap()
+        .encounter_id;
+    env.sim.remove(&old);
+    wait_for(Duration::from_secs(60), || {
+        let conn = reader(&db);
+        let added: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM encounters WHERE encounter_id = ?1",
+                [&backdated],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let removed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM encounters WHERE encounter_id = ?1 AND removed_at IS NOT NULL",
+                [&old],
+                |r| r.get(0),
+            )
+            .unwrap();
+        added == 1 && removed == 1
+    })
+    .await;
+    signal(&child, "-TERM");
+    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    compare(&env.sim, &db).assert_empty();
+    let completed: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM audits WHERE status = 'completed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(completed >= 1);
+    // status reports the audit.
+    let mut status = bin(&config);
+    status.args(["status", "--json"]);
+    let out = run(status).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["audit"]["audit_id"].as_i64().is_some(), "{json}");
+}

@@ -5,6 +5,7 @@ mod api_routes;
 mod cli;
 mod content;
 mod daemon;
+mod harsh;
 mod replication;
 mod support;
 mod sync_quiet;

@@ -225,7 +225,7 @@ pub fn compare(sim: &Simulator, db: &Path) -> Diff {
             organization_id: e.organization_id.clone(),
             encounter_type: Some(e.encounter_type.clone()),
             status: Some(e.status.clone()),
-            created_at: format_utc(e.created_at),
+            created_at: format_utc(sim.rendered_created_at(e.created_at)),
             updated_at: format_utc(e.updated_at),
             date_of_service: Some(format_utc(e.date_of_service)),
             patient: (
