@@ -214,8 +214,8 @@ impl Default for RawSync {
             revisit_deep: "30d".into(),
             revisit_deep_every: "24h".into(),
             // Backdated imports and removals weeks or months back: the daemon re-checks all
-            // completed history by totals this often (a few hundred requests per million
-            // encounters when nothing changed). "0" turns it off.
+            // completed history by totals this often (one request per 500 stored encounters
+            // when nothing changed). "0s" turns it off.
             audit_every: "24h".into(),
         }
     }

@@ -20,7 +20,9 @@ pub struct Audit {
 /// What an audit did, added to its row as it goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AuditTally {
+    /// Top-level ranges compared.
     pub ranges: u64,
+    /// List requests that asked for a total (with a block of records, or `limit=1`).
     pub probes: u64,
     pub differing: u64,
     pub rescanned: u64,
