@@ -22,7 +22,7 @@ use crate::store::{
 };
 use crate::timefmt::{Micros, format_utc};
 
-use window::{Scope, Window};
+use window::{Scope, Window, WindowTarget};
 
 /// Everything a cycle needs, passed explicitly.
 pub struct SyncContext {
@@ -504,6 +504,7 @@ async fn scan_range(
         .then(|| crate::telemetry::Progress::new(from.instant(), to.instant()));
     let listed_before = counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;
     let mut finished = Finished::Yes;
+    let mut target = WindowTarget::new();
     while cursor < to {
         if scan.out_of_time() {
             finished = Finished::Paused;
@@ -515,9 +516,11 @@ async fn scan_range(
             start: cursor,
             end: to,
             reconcile: scan.reconcile,
+            target,
         };
         let span = tracing::debug_span!("window", start = %cursor, kind = ?scan.scope);
-        let end = window::scan(ctx, w, counts, cancel).instrument(span).await?;
+        let window::Completed { end, passes } = window::scan(ctx, w, counts, cancel).instrument(span).await?;
+        target = target.after(passes);
         tracing::debug!(start = %cursor, end = %end, "window complete");
         cursor = end;
         if let Some(p) = &progress {

@@ -18,8 +18,9 @@
 //! the removals it implies and the window's ledger entry commit in one transaction.
 //!
 //! Windows are cut by observed density: the first pass closes the window at a page boundary once
-//! it has seen about [`TARGET_RECORDS`], so the ledger and crash recovery work in windows of a
-//! few thousand records.
+//! it has seen the window's target number of records — [`TARGET_RECORDS`] while upstream is
+//! quiet, fewer while it churns (see [`WindowTarget`]) — so the ledger and crash recovery work in
+//! windows of a few thousand records, and a window that must be verified again is small.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -38,6 +39,44 @@ use crate::timefmt::Micros;
 /// extra request to verify it.
 const TARGET_RECORDS: usize = 5_000;
 
+/// The smallest window target under churn: two pages, so verification stays below half the
+/// requests even when upstream changes on every request.
+const MIN_TARGET_RECORDS: usize = 200;
+
+/// How many records the next window aims at. A window verified on its first pass doubles it (up
+/// to [`TARGET_RECORDS`]); one that needed more passes halves it (down to
+/// [`MIN_TARGET_RECORDS`]). Under churn a pass over a large window almost never agrees with the
+/// totals, and every disagreement re-reads part of it: smaller windows are verified before
+/// upstream changes them, so re-reads stay rare and short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WindowTarget(usize);
+
+impl WindowTarget {
+    pub(super) fn new() -> WindowTarget {
+        WindowTarget(TARGET_RECORDS)
+    }
+
+    fn records(self) -> usize {
+        self.0
+    }
+
+    /// Adjusts the target after a window that took `passes` passes.
+    pub(super) fn after(self, passes: u64) -> WindowTarget {
+        if passes <= 1 {
+            WindowTarget((self.0 * 2).min(TARGET_RECORDS))
+        } else {
+            WindowTarget((self.0 / 2).max(MIN_TARGET_RECORDS))
+        }
+    }
+}
+
+/// A window read completely: where it ended, and how many passes it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Completed {
+    pub end: Micros,
+    pub passes: u64,
+}
+
 /// A window whose observations keep disagreeing is given up for this cycle after this many
 /// passes (its rows are kept; the cycle fails naming the window and the next one scans it
 /// again). Each failed pass halves the window, and a window of one page is a single atomic
@@ -50,6 +89,17 @@ const MAX_PASSES: u64 = 12;
 /// pass disagree (the anchor lies after records not yet read), and offset paging does not use
 /// rendered instants at all.
 const ANCHORED_FAILURES_BEFORE_OFFSETS: u64 = 4;
+
+/// A disagreeing pass over at least this many pages, whose total differs from the records it
+/// saw by at most [`REPAIR_MAX_DIFFERENCE`], is repaired: the disagreement is narrowed by totals
+/// and only the sub-ranges that disagree are read again. Smaller windows are cheaper to re-scan.
+const REPAIR_MIN_PAGES: u64 = 8;
+const REPAIR_MAX_DIFFERENCE: u64 = 3;
+
+/// A repair gives up (and the window is re-scanned narrower) past this many disagreeing
+/// sub-ranges or this many probes.
+const REPAIR_MAX_LEAVES: usize = 4;
+const REPAIR_MAX_PROBES: u64 = 48;
 
 /// How many pages a pass may have queued for the writer without having seen them committed:
 /// paging goes on while the writer commits, and the writer commits what queued up in one
@@ -92,6 +142,8 @@ pub(super) struct Window {
     /// An explicit reconcile: encounters missing from the listing are marked removed even
     /// when the detail route cannot be asked (then as `absent_on_reconcile`).
     pub reconcile: bool,
+    /// How many records the first pass reads before it closes the window.
+    pub target: WindowTarget,
 }
 
 /// How a pass reads its window.
@@ -245,14 +297,17 @@ pub(super) async fn scan(
     w: Window,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<Micros, CycleError> {
+) -> Result<Completed, CycleError> {
     let mut pages = 0;
     let mut end = w.end;
     let mut method = Method::Anchored;
     let mut anchored_failures = 0;
     for pass_no in 1..=MAX_PASSES {
-        let pass = match method {
-            Method::Anchored => anchored_pass(ctx, w.start, end, pass_no == 1, counts, cancel).await?,
+        let mut pass = match method {
+            Method::Anchored => {
+                let cut = (pass_no == 1).then_some(w.target.records());
+                anchored_pass(ctx, w.start, end, cut, counts, cancel).await?
+            }
             Method::Offsets => offset_pass(ctx, w.start, end, counts, cancel).await?,
         };
         pages += pass.pages;
@@ -271,6 +326,20 @@ pub(super) async fn scan(
             method = Method::Offsets;
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
+        }
+        if !pass.consistent
+            && method == Method::Anchored
+            && pass.pages >= REPAIR_MIN_PAGES
+            && pass.total.abs_diff(pass.seen.len() as u64) <= REPAIR_MAX_DIFFERENCE
+        {
+            commit(ctx, std::mem::take(&mut pass.last_page), Vec::new(), None, counts).await?;
+            if let Some(repaired) = repair(ctx, &pass, w.start, end, counts, cancel).await? {
+                counts.rescans += 1;
+                pages += repaired.requests;
+                pass.total = repaired.seen.len() as u64;
+                pass.seen = repaired.seen;
+                pass.consistent = true;
+            }
         }
         if !pass.consistent {
             counts.rescans += 1;
@@ -319,13 +388,106 @@ pub(super) async fn scan(
         };
         commit(ctx, pass.last_page, removals, Some(completion), counts).await?;
         counts.windows += 1;
-        return Ok(end);
+        return Ok(Completed { end, passes: pass_no });
     }
     Err(CycleError::Unsettled {
         start: w.start.to_string(),
         end: end.to_string(),
         passes: MAX_PASSES,
     })
+}
+
+/// A window's records after a repair, and the list requests the repair made.
+struct Repaired {
+    seen: HashMap<String, OffsetDateTime>,
+    requests: u64,
+}
+
+/// Narrows a pass's disagreement by totals — each part split at the median of the records the
+/// pass saw there, both halves probed with `limit=1`, halves whose total equals what the pass saw
+/// in them accepted — and reads again only the small parts that disagree. The window's records
+/// are then the pass's, with each re-read part replaced by what its re-read saw. Every part is
+/// verified by its own observation, as a whole window is by its final total. `None` when the
+/// disagreement is spread too wide (the caller re-scans a narrower window instead).
+async fn repair(
+    ctx: &SyncContext,
+    pass: &Pass,
+    start: Micros,
+    end: Micros,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<Option<Repaired>, CycleError> {
+    let leaf_records = ctx.sync.page_size.get() as usize;
+    let mut instants: Vec<OffsetDateTime> = pass.seen.values().copied().collect();
+    instants.sort_unstable();
+    let seen_in = |lo: Micros, hi: Micros| {
+        let below = |t: Micros| instants.partition_point(|x| *x < t.instant());
+        below(hi) - below(lo)
+    };
+    let mut requests = 0u64;
+    let mut leaves: Vec<(Micros, Micros)> = Vec::new();
+    let mut disagreeing = vec![(start, end)];
+    while let Some((lo, hi)) = disagreeing.pop() {
+        if seen_in(lo, hi) <= leaf_records || hi == lo.next() {
+            leaves.push((lo, hi));
+        } else {
+            let lower = instants.partition_point(|x| *x < lo.instant());
+            let upper = instants.partition_point(|x| *x < hi.instant());
+            let mid = Some(Micros::floor(instants[(lower + upper) / 2]))
+                .filter(|m| *m > lo && *m < hi)
+                .unwrap_or_else(|| lo.midpoint(hi));
+            // Older half last on the stack, so parts are handled oldest first.
+            for (a, b) in [(mid, hi), (lo, mid)] {
+                if requests >= REPAIR_MAX_PROBES {
+                    return Ok(None);
+                }
+                if cancel.is_cancelled() {
+                    return Err(CycleError::Cancelled);
+                }
+                let query = ListQuery {
+                    start_at: Some(a),
+                    end_at: Some(b),
+                    offset: 0,
+                    limit: 1,
+                    sort: SortOrder::Asc,
+                };
+                let total = ctx.client.list_encounters(&query).await?.total;
+                counts.list_requests += 1;
+                requests += 1;
+                if total != seen_in(a, b) as u64 {
+                    disagreeing.push((a, b));
+                }
+            }
+        }
+        if leaves.len() + disagreeing.len() > REPAIR_MAX_LEAVES {
+            return Ok(None);
+        }
+    }
+    let in_leaf = |t: &OffsetDateTime| {
+        leaves
+            .iter()
+            .any(|(lo, hi)| *t >= lo.instant() && *t < hi.instant())
+    };
+    let mut seen: HashMap<String, OffsetDateTime> = pass
+        .seen
+        .iter()
+        .filter(|(_, t)| !in_leaf(t))
+        .map(|(id, t)| (id.clone(), *t))
+        .collect();
+    for (lo, hi) in leaves {
+        let leaf = anchored_pass(ctx, lo, hi, None, counts, cancel).await?;
+        requests += leaf.pages;
+        if !leaf.consistent || leaf.coarse.is_some() || leaf.end != hi {
+            return Ok(None);
+        }
+        commit(ctx, leaf.last_page, Vec::new(), None, counts).await?;
+        seen.extend(leaf.seen);
+    }
+    tracing::debug!(
+        requests,
+        "repaired a disagreeing window by re-reading only what disagreed"
+    );
+    Ok(Some(Repaired { seen, requests }))
 }
 
 /// A response's records must lie inside the requested range, in ascending order, or the
@@ -353,14 +515,14 @@ fn rendering_evidence(items: &[Encounter], from: Micros, to: Micros) -> Option<S
         })
 }
 
-/// One re-anchored pass over `[start, end)`. With `may_cut`, the pass ends the window at the
-/// first page boundary after [`TARGET_RECORDS`] (at the microsecond of that page's last record,
+/// One re-anchored pass over `[start, end)`. With `cut_after`, the pass ends the window at the
+/// first page boundary after that many records (at the microsecond of that page's last record,
 /// whose records then belong to the next window).
 async fn anchored_pass(
     ctx: &SyncContext,
     start: Micros,
     end: Micros,
-    may_cut: bool,
+    cut_after: Option<usize>,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<Pass, CycleError> {
@@ -419,7 +581,7 @@ async fn anchored_pass(
             }
             continue;
         }
-        if may_cut && anchor > start && pass.seen.len() + received >= TARGET_RECORDS {
+        if cut_after.is_some_and(|n| pass.seen.len() + received >= n) && anchor > start {
             // Close the window before `anchor`; its records there are read again by the next one.
             pass.keep_last(ctx, page.items);
             pass.seen.retain(|_, t| *t < anchor.instant());
@@ -745,6 +907,16 @@ mod tests {
         assert_eq!(id_set_hash(&a), id_set_hash(&b));
         let c: HashSet<&str> = ["enc_a"].into_iter().collect();
         assert_ne!(id_set_hash(&a), id_set_hash(&c));
+    }
+
+    #[test]
+    fn the_window_target_halves_under_churn_and_recovers_when_quiet() {
+        let t = WindowTarget::new();
+        assert_eq!(t.records(), TARGET_RECORDS);
+        assert_eq!(t.after(1), t, "never above the quiet target");
+        let churned = t.after(3).after(2).after(2).after(2).after(2).after(2).after(2);
+        assert_eq!(churned.records(), MIN_TARGET_RECORDS);
+        assert_eq!(churned.after(1).records(), 2 * MIN_TARGET_RECORDS);
     }
 
     #[test]
