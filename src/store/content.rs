@@ -35,6 +35,12 @@ pub struct WorkItem {
     pub document_id: String,
     /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
     pub audio_duration_seconds: Option<f64>,
+    /// The document's `content_seq` when claimed: a result saved after paging observed a newer
+    /// change of the document is kept, but does not mark the work done.
+    pub content_seq: i64,
+    /// The `updated_at` of the last document detail fetched, when claimed: a transcript fetched
+    /// for this item is at least that new (`transcripts.fetched_for_updated_at`).
+    pub detail_updated_at: Option<String>,
 }
 
 /// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle), the
@@ -49,7 +55,8 @@ pub fn claim_work(
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<WorkItem>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds
+        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
+                d.detail_updated_at
          FROM (
              SELECT 'document' AS work, document_id FROM documents WHERE detail_state = 'pending'
              UNION ALL
@@ -75,12 +82,15 @@ pub fn claim_work(
                 r.get(1)?,
                 r.get::<_, String>(2)?,
                 r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
             ))
         },
     )?;
     let mut items = Vec::new();
     for row in rows {
-        let (work, encounter_id, document_id, audio_duration_seconds) = row?;
+        let (work, encounter_id, document_id, audio_duration_seconds, content_seq, detail_updated_at) =
+            row?;
         if skip.contains(&work.as_str()) {
             continue;
         }
@@ -97,6 +107,8 @@ pub fn claim_work(
             encounter_id,
             document_id,
             audio_duration_seconds,
+            content_seq,
+            detail_updated_at,
         });
         if items.len() == limit {
             break;
@@ -139,16 +151,22 @@ pub enum DetailOutcome {
     Unavailable,
 }
 
-/// Saves a document detail; for a finished ambient document, queues its transcript (when it
-/// has none, or the document changed since it was fetched) and, with `audio`, its recording.
+/// Saves a document detail. The detail is marked done unless paging observed a newer change
+/// of the document while it was fetched (then it is asked again).
+///
+/// An ambient document's detail is only fetched to learn whether the transcript held is still
+/// current (see `upsert`): its transcript is queued again unless it was fetched after a detail
+/// with this same `updated_at` (`transcripts.fetched_for_updated_at`); an unfinished document
+/// waits. With `audio`, a finished one queues its recording.
 pub fn save_detail(
     tx: &Transaction<'_>,
-    document_id: &str,
+    item: &WorkItem,
     outcome: &DetailOutcome,
     audio: bool,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let now_text = format_utc(now);
+    let document_id = item.document_id.as_str();
     match outcome {
         DetailOutcome::Note {
             format,
@@ -158,7 +176,8 @@ pub fn save_detail(
         } => {
             tx.execute(
                 "UPDATE documents SET content_format = ?2, content_text = ?3, detail_created_at = ?4,
-                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6
+                     detail_updated_at = ?5, changed_at = ?6,
+                     detail_state = CASE WHEN content_seq = ?7 THEN 'done' ELSE detail_state END
                  WHERE document_id = ?1",
                 params![
                     document_id,
@@ -166,7 +185,8 @@ pub fn save_detail(
                     text,
                     format_utc(*created_at),
                     format_utc(*updated_at),
-                    now_text
+                    now_text,
+                    item.content_seq
                 ],
             )?;
         }
@@ -184,19 +204,24 @@ pub fn save_detail(
                     |r| r.get(0),
                 )
                 .optional()?;
-            let transcript_state = if status.as_deref() != Some("completed") {
-                "waiting"
-            } else if fetched_for.flatten().as_deref() == Some(updated.as_str()) {
-                "done"
-            } else {
-                "pending"
-            };
+            // Equality, never order: `updated_at` is data, not a version, but any change of the
+            // document changes it. A transcript fetched without a detail before it (NULL) is of
+            // unknown age, so it is fetched again.
+            let current = fetched_for.flatten().as_deref() == Some(updated.as_str());
+            let requeue = status.as_deref() == Some("completed") && !current;
+            // Re-queueing bumps `content_seq`, so that a transcript fetch already in flight (sent
+            // before this detail was known) does not count as current.
             tx.execute(
                 "UPDATE documents SET status = ?2, audio_duration_seconds = ?3, detail_created_at = ?4,
-                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6,
-                     transcript_state = ?7,
-                     transcript_attempts = CASE WHEN ?7 = 'pending' THEN 0 ELSE transcript_attempts END,
-                     transcript_next_at_ns = NULL,
+                     detail_updated_at = ?5, changed_at = ?6,
+                     detail_state = CASE WHEN content_seq = ?9 THEN 'done' ELSE detail_state END,
+                     transcript_state = CASE WHEN ?2 IS NOT 'completed' THEN 'waiting'
+                                             WHEN ?7 THEN 'pending'
+                                             WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
+                                             ELSE transcript_state END,
+                     transcript_attempts = CASE WHEN ?7 THEN 0 ELSE transcript_attempts END,
+                     transcript_next_at_ns = CASE WHEN ?7 THEN NULL ELSE transcript_next_at_ns END,
+                     content_seq = content_seq + ?7,
                      audio_state = CASE WHEN ?8 AND ?2 = 'completed' AND coalesce(audio_state, '') <> 'done'
                                         THEN 'pending' ELSE audio_state END
                  WHERE document_id = ?1",
@@ -207,15 +232,26 @@ pub fn save_detail(
                     format_utc(*created_at),
                     updated,
                     now_text,
-                    transcript_state,
-                    audio
+                    requeue,
+                    audio,
+                    item.content_seq
                 ],
             )?;
         }
-        DetailOutcome::Unsupported => set_state(tx, "detail_state", document_id, "unsupported")?,
-        DetailOutcome::Unavailable => set_state(tx, "detail_state", document_id, "unavailable")?,
+        DetailOutcome::Unsupported => set_detail_outcome(tx, item, "unsupported")?,
+        DetailOutcome::Unavailable => set_detail_outcome(tx, item, "unavailable")?,
     }
     clear_dead_letter(tx, Work::Document, document_id)?;
+    Ok(())
+}
+
+/// A detail answered with an outcome instead of a document: recorded, unless the document
+/// changed meanwhile (then it is asked again).
+fn set_detail_outcome(conn: &Connection, item: &WorkItem, state: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE documents SET detail_state = ?2 WHERE document_id = ?1 AND content_seq = ?3",
+        params![item.document_id, state, item.content_seq],
+    )?;
     Ok(())
 }
 
@@ -248,14 +284,17 @@ pub struct TranscriptRecord {
     pub turns: Vec<(Option<String>, f64, f64, Option<String>)>,
 }
 
-/// Replaces a document's transcript and turns in one transaction.
+/// Replaces a document's transcript and turns in one transaction, and marks it done unless
+/// paging observed a newer change of the document while it was fetched (then it stays queued).
+/// It is recorded as fetched for the detail `updated_at` known when the item was claimed, which
+/// the transcript is at least as new as (NULL when no detail had been fetched).
 pub fn save_transcript(
     tx: &Transaction<'_>,
-    encounter_id: &str,
-    document_id: &str,
+    item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
     tx.execute(
         "DELETE FROM transcript_turns WHERE document_id = ?1",
         [document_id],
@@ -263,7 +302,7 @@ pub fn save_transcript(
     tx.execute(
         "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
              fetched_at, fetched_for_updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT detail_updated_at FROM documents WHERE document_id = ?1))
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
              provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
              turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
@@ -274,7 +313,8 @@ pub fn save_transcript(
             t.provider,
             t.audio_duration_seconds,
             t.turns.len() as i64,
-            format_utc(now)
+            format_utc(now),
+            item.detail_updated_at
         ],
     )?;
     {
@@ -288,21 +328,23 @@ pub fn save_transcript(
     }
     tx.execute(
         "UPDATE documents SET transcript_state = 'done', transcript_attempts = 0, transcript_next_at_ns = NULL
-         WHERE document_id = ?1",
-        [document_id],
+         WHERE document_id = ?1 AND content_seq = ?2",
+        params![document_id, item.content_seq],
     )?;
     clear_dead_letter(tx, Work::Transcript, document_id)?;
     Ok(())
 }
 
 /// The transcript route said "not yet": try again after the next delay of `schedule`, or, once
-/// the schedule is exhausted, only after the document changes.
+/// the schedule is exhausted, only after the document changes (at once when it changed while
+/// the request was under way).
 pub fn transcript_not_ready(
     conn: &Connection,
-    document_id: &str,
+    item: &WorkItem,
     schedule: &[std::time::Duration],
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let document_id = item.document_id.as_str();
     let attempts: u32 = conn.query_row(
         "SELECT transcript_attempts FROM documents WHERE document_id = ?1",
         [document_id],
@@ -312,21 +354,29 @@ pub fn transcript_not_ready(
     conn.execute(
         "UPDATE documents SET transcript_state = 'not_ready', transcript_attempts = transcript_attempts + 1,
              transcript_next_at_ns = ?2
-         WHERE document_id = ?1",
-        params![document_id, next_at],
+         WHERE document_id = ?1 AND content_seq = ?3",
+        params![document_id, next_at, item.content_seq],
     )?;
     Ok(())
 }
 
-/// Marks a transcript or recording as unavailable for this record (403/404/unsupported).
-pub fn mark_unavailable(conn: &Connection, work: Work, document_id: &str) -> anyhow::Result<()> {
-    let column = match work {
-        Work::Document => "detail_state",
-        Work::Transcript => "transcript_state",
-        Work::Audio => "audio_state",
-    };
-    set_state(conn, column, document_id, "unavailable")?;
-    clear_dead_letter(conn, work, document_id)?;
+/// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
+/// document or transcript that changed while it was asked for stays queued instead.
+pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()> {
+    let document_id = item.document_id.as_str();
+    match item.work {
+        Work::Document => set_detail_outcome(conn, item, "unavailable")?,
+        Work::Transcript => {
+            conn.execute(
+                "UPDATE documents SET transcript_state = 'unavailable'
+                 WHERE document_id = ?1 AND content_seq = ?2",
+                params![document_id, item.content_seq],
+            )?;
+        }
+        // Paging never re-queues a recording, so its outcome always stands.
+        Work::Audio => set_state(conn, "audio_state", document_id, "unavailable")?,
+    }
+    clear_dead_letter(conn, item.work, document_id)?;
     Ok(())
 }
 

@@ -212,32 +212,75 @@ fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::
     Ok(())
 }
 
+/// The document's own change, inside the document upsert's `DO UPDATE`: its summary, its
+/// encounter or its liveness (a position alone is its neighbours' change).
+macro_rules! own_change {
+    () => {
+        "(encounter_id IS NOT excluded.encounter_id OR title IS NOT excluded.title
+          OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
+          OR audio_duration_seconds IS NOT excluded.audio_duration_seconds OR removed_at IS NOT NULL)"
+    };
+}
+
 fn upsert_documents(
     conn: &Connection,
     rec: &EncounterRecord,
     is_new: bool,
     now: &str,
 ) -> rusqlite::Result<()> {
-    let mut upsert = conn.prepare_cached(
+    // What each document needs is decided here, from the summary, so that no request is made
+    // whose answer could not change what we do or store (docs/content.md has the table):
+    // - first sight (insert, or a new `schema_type`): a note or an unknown type is asked once
+    //   (`detail_state = 'pending'`); an ambient document is not (`'skipped'`): its summary says
+    //   whether the transcript is final, so a finished one queues the transcript directly.
+    // - an ambient document whose own summary changed (status, duration, title, variant), that
+    //   moved to another encounter or came back: its transcript is queued again directly (or
+    //   waits, when not final), and a detail check still queued is dropped as useless.
+    // - a note that moved: asked again, as before.
+    // Every update of a row also bumps `content_seq`, so that a fetch in flight cannot mark the
+    // newer state done (see `content::save_detail`).
+    let mut upsert = conn.prepare_cached(concat!(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
-             workflow_variant, audio_duration_seconds, first_seen_at, changed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+             workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
+             transcript_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9,
+             CASE WHEN ?4 = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
+             CASE WHEN ?4 <> 'ambient_transcript' THEN NULL
+                  WHEN ?6 = 'completed' THEN 'pending' ELSE 'waiting' END)
          ON CONFLICT (document_id) DO UPDATE SET
              encounter_id = excluded.encounter_id, position = excluded.position,
              schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
              workflow_variant = excluded.workflow_variant,
              audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
              changed_at = excluded.changed_at,
-             detail_state = CASE WHEN schema_type IS NOT excluded.schema_type THEN 'pending'
-                                 WHEN encounter_id IS NOT excluded.encounter_id
-                                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
-                                 ELSE detail_state END
+             content_seq = content_seq + 1,
+             detail_state = CASE
+                 WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
+                 WHEN schema_type = 'ambient_transcript' THEN
+                     CASE WHEN ", own_change!(), " AND detail_state = 'pending'
+                          THEN CASE WHEN detail_updated_at IS NULL THEN 'skipped' ELSE 'done' END
+                          ELSE detail_state END
+                 WHEN encounter_id IS NOT excluded.encounter_id
+                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
+                 ELSE detail_state END,
+             transcript_state = CASE
+                 WHEN schema_type IS NOT excluded.schema_type
+                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN excluded.transcript_state
+                 ELSE transcript_state END,
+             transcript_attempts = CASE
+                 WHEN schema_type IS NOT excluded.schema_type
+                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN 0
+                 ELSE transcript_attempts END,
+             transcript_next_at_ns = CASE
+                 WHEN schema_type IS NOT excluded.schema_type
+                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN NULL
+                 ELSE transcript_next_at_ns END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
             OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
             OR audio_duration_seconds IS NOT excluded.audio_duration_seconds
-            OR removed_at IS NOT NULL",
-    )?;
+            OR removed_at IS NOT NULL"
+    ))?;
     for (position, d) in rec.documents.iter().enumerate() {
         upsert.execute(params![
             d.document_id,
@@ -257,10 +300,32 @@ fn upsert_documents(
         return Ok(());
     }
     // The encounter changed, and a note's text or a transcript can change without its summary
-    // doing so: ask the document route again (unsupported types excepted).
+    // doing so. A note is asked again (unsupported types excepted). A finished ambient document
+    // whose transcript is held gets a detail check: its `updated_at` tells whether the
+    // transcript changed (`content::save_detail`). A finished one whose transcript route said
+    // "not yet" or "unavailable" is asked again directly: a detail could only lead there.
+    // An unfinished one needs nothing: its summary would say when it finishes.
     conn.prepare_cached(
-        "UPDATE documents SET detail_state = 'pending'
-         WHERE encounter_id = ?1 AND removed_at IS NULL AND detail_state IN ('done', 'unavailable')",
+        "UPDATE documents SET
+             content_seq = content_seq + 1,
+             detail_state = CASE
+                 WHEN schema_type <> 'ambient_transcript' THEN
+                     CASE WHEN detail_state IN ('done', 'unavailable') THEN 'pending' ELSE detail_state END
+                 WHEN status = 'completed' AND transcript_state = 'done' THEN 'pending'
+                 ELSE detail_state END,
+             transcript_state = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
+                      AND transcript_state IN ('not_ready', 'unavailable') THEN 'pending'
+                 ELSE transcript_state END,
+             transcript_attempts = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
+                      AND transcript_state IN ('not_ready', 'unavailable') THEN 0
+                 ELSE transcript_attempts END,
+             transcript_next_at_ns = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
+                      AND transcript_state IN ('not_ready', 'unavailable') THEN NULL
+                 ELSE transcript_next_at_ns END
+         WHERE encounter_id = ?1 AND removed_at IS NULL",
     )?
     .execute([&rec.encounter_id])?;
     // Documents that left the encounter's list are marked, never deleted.

@@ -435,3 +435,91 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
     assert_eq!(left, 0);
     assert_content_equal(&env);
 }
+
+/// What the simulator says a full-content sync must fetch: one document request per note, one
+/// transcript request per finalized ambient transcript, and (asked once, answered 400) one per
+/// document of an unsupported type.
+struct Floor {
+    notes: u64,
+    finalized: u64,
+    unsupported: u64,
+}
+
+fn content_floor(env: &TestEnv) -> Floor {
+    let mut floor = Floor {
+        notes: 0,
+        finalized: 0,
+        unsupported: 0,
+    };
+    for e in env.sim.snapshot() {
+        for d in &e.documents {
+            match d.schema_type.as_str() {
+                "document" => floor.notes += 1,
+                "ambient_transcript" => {
+                    if env.sim.transcript(&e.encounter_id, &d.document_id).is_some() {
+                        floor.finalized += 1;
+                    }
+                }
+                _ => floor.unsupported += 1,
+            }
+        }
+    }
+    floor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content()
+ {
+    let env = TestEnv::with_encounters(29, 3_000).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    let report =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
+    assert!(report.is_complete(), "{report:?}");
+    assert_content_equal(&env);
+    let stats = env.sim.stats();
+    let floor = content_floor(&env);
+    let list = stats.route(SimRoute::List);
+    let minimum = list + floor.notes + floor.finalized;
+    eprintln!(
+        "first full-content sync: {} requests (list {list}, encounter {}, document {}, transcript {}, \
+         audio {}); floor {minimum} (list {list} + notes {} + finalized transcripts {}); \
+         {} unsupported documents; ratio {:.3}",
+        stats.requests,
+        stats.route(SimRoute::Encounter),
+        stats.route(SimRoute::Document),
+        stats.route(SimRoute::Transcript),
+        stats.route(SimRoute::Audio),
+        floor.notes,
+        floor.finalized,
+        floor.unsupported,
+        stats.requests as f64 / minimum as f64,
+    );
+    assert!(
+        stats.requests * 100 <= minimum * 105,
+        "{} requests for a floor of {minimum}: {stats:?}",
+        stats.requests
+    );
+    // Exactly: each note and each unsupported document asked once, each finalized transcript
+    // fetched once, and nothing else.
+    assert_eq!(
+        stats.route(SimRoute::Document),
+        floor.notes + floor.unsupported,
+        "{stats:?}"
+    );
+    assert_eq!(stats.route(SimRoute::Transcript), floor.finalized, "{stats:?}");
+    assert_eq!(stats.route(SimRoute::Encounter), 0, "{stats:?}");
+
+    env.sim.reset_stats();
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+        .await
+        .unwrap();
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.requests,
+        stats.route(SimRoute::List),
+        "an idle cycle makes list requests only: {stats:?}"
+    );
+}
