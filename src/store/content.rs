@@ -279,9 +279,62 @@ fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqli
 pub struct TranscriptRecord {
     pub provider: Option<String>,
     pub audio_duration_seconds: Option<f64>,
-    /// (speaker, start, end, text) in API order; text `None` when the privacy policy does not
-    /// keep transcript text.
-    pub turns: Vec<(Option<String>, f64, f64, Option<String>)>,
+    /// In API order; text `None` when the privacy policy does not keep transcript text.
+    pub turns: Vec<TurnRecord>,
+    /// SHA-256 (hex) of all of the above, so that a transcript fetched again unchanged is not
+    /// rewritten.
+    pub content_sha256: String,
+}
+
+/// A transcript turn as stored: (speaker, start, end, text).
+pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
+
+impl TranscriptRecord {
+    /// The record of a transcript as it will be stored (text already dropped when the privacy
+    /// policy does not keep it), with its digest. Hashing a 2 MB transcript takes milliseconds,
+    /// so callers do it before the write, off the writer thread.
+    pub fn new(
+        provider: Option<String>,
+        audio_duration_seconds: Option<f64>,
+        turns: Vec<TurnRecord>,
+    ) -> TranscriptRecord {
+        use sha2::{Digest, Sha256};
+        // Every field is tagged and length-prefixed, so that no two different records hash the
+        // same bytes; floats by their bits, so that equal means identical.
+        fn text(h: &mut Sha256, t: &Option<String>) {
+            match t {
+                Some(t) => {
+                    h.update([1]);
+                    h.update((t.len() as u64).to_le_bytes());
+                    h.update(t.as_bytes());
+                }
+                None => h.update([0]),
+            }
+        }
+        let mut h = Sha256::new();
+        text(&mut h, &provider);
+        match audio_duration_seconds {
+            Some(d) => {
+                h.update([1]);
+                h.update(d.to_bits().to_le_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.update((turns.len() as u64).to_le_bytes());
+        for (speaker, start, end, t) in &turns {
+            text(&mut h, speaker);
+            h.update(start.to_bits().to_le_bytes());
+            h.update(end.to_bits().to_le_bytes());
+            text(&mut h, t);
+        }
+        let content_sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        TranscriptRecord {
+            provider,
+            audio_duration_seconds,
+            turns,
+            content_sha256,
+        }
+    }
 }
 
 /// Replaces a document's transcript and turns in one transaction, and marks it done unless
@@ -295,36 +348,20 @@ pub fn save_transcript(
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
-    tx.execute(
-        "DELETE FROM transcript_turns WHERE document_id = ?1",
-        [document_id],
-    )?;
-    tx.execute(
-        "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
-             fetched_at, fetched_for_updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
-             provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
-             turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
-             fetched_for_updated_at = excluded.fetched_for_updated_at",
-        params![
-            document_id,
-            encounter_id,
-            t.provider,
-            t.audio_duration_seconds,
-            t.turns.len() as i64,
-            format_utc(now),
-            item.detail_updated_at
-        ],
-    )?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    let stored: Option<Option<String>> = tx
+        .prepare_cached("SELECT content_sha256 FROM transcripts WHERE document_id = ?1")?
+        .query_row([document_id], |r| r.get(0))
+        .optional()?;
+    let unchanged = stored.flatten().as_deref() == Some(t.content_sha256.as_str());
+    if unchanged {
+        // Fetched again (its encounter changed) and identical: only when it was seen changes.
+        tx.execute(
+            "UPDATE transcripts SET encounter_id = ?2, fetched_at = ?3, fetched_for_updated_at = ?4
+             WHERE document_id = ?1",
+            params![document_id, encounter_id, format_utc(now), item.detail_updated_at],
         )?;
-        for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
-            insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
-        }
+    } else {
+        replace_transcript(tx, item, t, now)?;
     }
     tx.execute(
         "UPDATE documents SET transcript_state = 'done', transcript_attempts = 0, transcript_next_at_ns = NULL
@@ -332,6 +369,47 @@ pub fn save_transcript(
         params![document_id, item.content_seq],
     )?;
     clear_dead_letter(tx, Work::Transcript, document_id)?;
+    Ok(())
+}
+
+fn replace_transcript(
+    tx: &Transaction<'_>,
+    item: &WorkItem,
+    t: &TranscriptRecord,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
+    tx.execute(
+        "DELETE FROM transcript_turns WHERE document_id = ?1",
+        [document_id],
+    )?;
+    tx.execute(
+        "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
+             fetched_at, fetched_for_updated_at, content_sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
+             provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
+             turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
+             fetched_for_updated_at = excluded.fetched_for_updated_at,
+             content_sha256 = excluded.content_sha256",
+        params![
+            document_id,
+            encounter_id,
+            t.provider,
+            t.audio_duration_seconds,
+            t.turns.len() as i64,
+            format_utc(now),
+            item.detail_updated_at,
+            t.content_sha256
+        ],
+    )?;
+    let mut insert = tx.prepare_cached(
+            "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+    for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
+        insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
+    }
     Ok(())
 }
 

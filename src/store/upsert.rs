@@ -212,16 +212,6 @@ fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::
     Ok(())
 }
 
-/// The document's own change, inside the document upsert's `DO UPDATE`: its summary, its
-/// encounter or its liveness (a position alone is its neighbours' change).
-macro_rules! own_change {
-    () => {
-        "(encounter_id IS NOT excluded.encounter_id OR title IS NOT excluded.title
-          OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
-          OR audio_duration_seconds IS NOT excluded.audio_duration_seconds OR removed_at IS NOT NULL)"
-    };
-}
-
 fn upsert_documents(
     conn: &Connection,
     rec: &EncounterRecord,
@@ -229,17 +219,14 @@ fn upsert_documents(
     now: &str,
 ) -> rusqlite::Result<()> {
     // What each document needs is decided here, from the summary, so that no request is made
-    // whose answer could not change what we do or store (docs/content.md has the table):
-    // - first sight (insert, or a new `schema_type`): a note or an unknown type is asked once
-    //   (`detail_state = 'pending'`); an ambient document is not (`'skipped'`): its summary says
-    //   whether the transcript is final, so a finished one queues the transcript directly.
-    // - an ambient document whose own summary changed (status, duration, title, variant), that
-    //   moved to another encounter or came back: its transcript is queued again directly (or
-    //   waits, when not final), and a detail check still queued is dropped as useless.
-    // - a note that moved: asked again, as before.
-    // Every update of a row also bumps `content_seq`, so that a fetch in flight cannot mark the
-    // newer state done (see `content::save_detail`).
-    let mut upsert = conn.prepare_cached(concat!(
+    // that the data does not need (docs/content.md has the table). A note or an unknown type is
+    // asked once on first sight (`detail_state = 'pending'`), and again when it moves (the
+    // encounter-wide rule below covers the rest). An ambient document's detail is never asked
+    // (`'skipped'`): its summary says whether the transcript is final, so a finished one queues
+    // the transcript and an unfinished one waits, decided again on every change of the row
+    // (rows are only written for a new or changed encounter). Every update of a row bumps
+    // `content_seq`, so that a fetch in flight cannot mark the newer state done.
+    let mut upsert = conn.prepare_cached(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
              workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
              transcript_state)
@@ -256,31 +243,24 @@ fn upsert_documents(
              content_seq = content_seq + 1,
              detail_state = CASE
                  WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
-                 WHEN schema_type = 'ambient_transcript' THEN
-                     CASE WHEN ", own_change!(), " AND detail_state = 'pending'
-                          THEN CASE WHEN detail_updated_at IS NULL THEN 'skipped' ELSE 'done' END
-                          ELSE detail_state END
-                 WHEN encounter_id IS NOT excluded.encounter_id
+                 WHEN schema_type <> 'ambient_transcript' AND encounter_id IS NOT excluded.encounter_id
                       AND detail_state IN ('done', 'unavailable') THEN 'pending'
                  ELSE detail_state END,
              transcript_state = CASE
-                 WHEN schema_type IS NOT excluded.schema_type
-                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN excluded.transcript_state
-                 ELSE transcript_state END,
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN excluded.transcript_state ELSE transcript_state END,
              transcript_attempts = CASE
-                 WHEN schema_type IS NOT excluded.schema_type
-                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN 0
-                 ELSE transcript_attempts END,
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN 0 ELSE transcript_attempts END,
              transcript_next_at_ns = CASE
-                 WHEN schema_type IS NOT excluded.schema_type
-                      OR (schema_type = 'ambient_transcript' AND ", own_change!(), ") THEN NULL
-                 ELSE transcript_next_at_ns END
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN NULL ELSE transcript_next_at_ns END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
             OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
             OR audio_duration_seconds IS NOT excluded.audio_duration_seconds
-            OR removed_at IS NOT NULL"
-    ))?;
+            OR removed_at IS NOT NULL",
+    )?;
     for (position, d) in rec.documents.iter().enumerate() {
         upsert.execute(params![
             d.document_id,
@@ -300,30 +280,24 @@ fn upsert_documents(
         return Ok(());
     }
     // The encounter changed, and a note's text or a transcript can change without its summary
-    // doing so. A note is asked again (unsupported types excepted). A finished ambient document
-    // whose transcript is held gets a detail check: its `updated_at` tells whether the
-    // transcript changed (`content::save_detail`). A finished one whose transcript route said
-    // "not yet" or "unavailable" is asked again directly: a detail could only lead there.
-    // An unfinished one needs nothing: its summary would say when it finishes.
+    // doing so. A note is asked again (unsupported types excepted); so is a finished ambient
+    // document's transcript: a detail could only say whether the transcript changed, at the
+    // price of the one request that fetches it (`save_transcript` skips the write when it did
+    // not). An unfinished ambient document needs nothing: its summary says when it finishes.
     conn.prepare_cached(
         "UPDATE documents SET
              content_seq = content_seq + 1,
              detail_state = CASE
-                 WHEN schema_type <> 'ambient_transcript' THEN
-                     CASE WHEN detail_state IN ('done', 'unavailable') THEN 'pending' ELSE detail_state END
-                 WHEN status = 'completed' AND transcript_state = 'done' THEN 'pending'
-                 ELSE detail_state END,
+                 WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
+                 THEN 'pending' ELSE detail_state END,
              transcript_state = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
-                      AND transcript_state IN ('not_ready', 'unavailable') THEN 'pending'
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
                  ELSE transcript_state END,
              transcript_attempts = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
-                      AND transcript_state IN ('not_ready', 'unavailable') THEN 0
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
                  ELSE transcript_attempts END,
              transcript_next_at_ns = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed'
-                      AND transcript_state IN ('not_ready', 'unavailable') THEN NULL
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
                  ELSE transcript_next_at_ns END
          WHERE encounter_id = ?1 AND removed_at IS NULL",
     )?

@@ -316,10 +316,10 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
     let item = item.clone();
     match ctx.client.transcript(&item.encounter_id, &item.document_id).await {
         Ok(TranscriptResponse { transcript, .. }) => {
-            let record = TranscriptRecord {
-                provider: transcript.provider,
-                audio_duration_seconds: transcript.audio_duration_seconds,
-                turns: transcript
+            let record = TranscriptRecord::new(
+                transcript.provider,
+                transcript.audio_duration_seconds,
+                transcript
                     .turns
                     .into_iter()
                     .map(|t| {
@@ -331,7 +331,7 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
                         )
                     })
                     .collect(),
-            };
+            );
             Fetched::new(
                 Done::Transcript,
                 ctx.writer
