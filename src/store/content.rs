@@ -154,10 +154,11 @@ pub enum DetailOutcome {
 /// Saves a document detail. The detail is marked done unless paging observed a newer change
 /// of the document while it was fetched (then it is asked again).
 ///
-/// An ambient document's detail is only fetched to learn whether the transcript held is still
-/// current (see `upsert`): its transcript is queued again unless it was fetched after a detail
-/// with this same `updated_at` (`transcripts.fetched_for_updated_at`); an unfinished document
-/// waits. With `audio`, a finished one queues its recording.
+/// Paging never queues an ambient document's detail (its summary decides, see `upsert`); one
+/// arrives only when the route describes as ambient a document the list typed otherwise, or
+/// from a queue an earlier version left. Then its transcript is queued again unless it was
+/// fetched after a detail with this same `updated_at` (`transcripts.fetched_for_updated_at`);
+/// an unfinished document waits; with `audio`, a finished one queues its recording.
 pub fn save_detail(
     tx: &Transaction<'_>,
     item: &WorkItem,
@@ -532,19 +533,21 @@ mod tests {
     use super::*;
     use crate::store::{DocumentRecord, EncounterRecord, commit_page, open_writer};
 
-    #[test]
-    fn claims_skip_the_items_still_being_worked_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
-        let now = OffsetDateTime::now_utc();
-        let document = |id: &str| DocumentRecord {
+    fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
+        DocumentRecord {
             document_id: id.to_owned(),
-            schema_type: "document".to_owned(),
+            schema_type: schema_type.to_owned(),
             title: None,
-            status: None,
+            status: status.map(str::to_owned),
             workflow_variant: None,
             audio_duration_seconds: None,
-        };
+        }
+    }
+
+    /// Writes `docs` as the documents of encounter `enc_1`, as a page would; `hash` stands for
+    /// the record's content (a different hash is a changed encounter).
+    fn page(conn: &mut Connection, hash: &str, docs: Vec<DocumentRecord>) {
+        let now = OffsetDateTime::now_utc();
         let encounter = EncounterRecord {
             encounter_id: "enc_1".to_owned(),
             organization_id: "org_1".to_owned(),
@@ -554,13 +557,265 @@ mod tests {
             updated_at: now,
             date_of_service: None,
             patient: None,
-            documents: vec![document("doc_a"), document("doc_b")],
-            content_hash: "h".to_owned(),
+            documents: docs,
+            content_hash: hash.to_owned(),
             raw_json: "{}".to_owned(),
         };
         let tx = conn.transaction().unwrap();
         commit_page(&tx, &[encounter], &[], None, now).unwrap();
         tx.commit().unwrap();
+    }
+
+    fn states(conn: &Connection, id: &str) -> (String, Option<String>) {
+        conn.query_row(
+            "SELECT detail_state, transcript_state FROM documents WHERE document_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    fn claim(conn: &Connection, work: Work, id: &str) -> Option<WorkItem> {
+        claim_work(conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
+            .unwrap()
+            .into_iter()
+            .find(|i| i.work == work && i.document_id == id)
+    }
+
+    fn transcript(text: &str) -> TranscriptRecord {
+        TranscriptRecord::new(
+            Some("deepgram".to_owned()),
+            Some(12.5),
+            vec![
+                (Some("clinician".to_owned()), 0.0, 1.5, Some("Good morning.".to_owned())),
+                (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
+            ],
+        )
+    }
+
+    fn save(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>) {
+        let tx = conn.transaction().unwrap();
+        f(&tx).unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let first = || {
+            vec![
+                doc("doc_final", "ambient_transcript", Some("completed")),
+                doc("doc_live", "ambient_transcript", Some("processing")),
+                doc("doc_note", "document", None),
+                doc("doc_form", "intake_form", None),
+            ]
+        };
+        page(&mut conn, "h1", first());
+        let pending = || (String::from("pending"), None);
+        assert_eq!(
+            states(&conn, "doc_final"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("waiting".into()))
+        );
+        assert_eq!(states(&conn, "doc_note"), pending());
+        assert_eq!(states(&conn, "doc_form"), pending());
+        for (id, state) in [
+            ("doc_final", "transcript_state = 'done'"),
+            ("doc_note", "detail_state = 'done'"),
+            ("doc_form", "detail_state = 'unsupported'"),
+        ] {
+            conn.execute(
+                &format!("UPDATE documents SET {state} WHERE document_id = ?1"),
+                [id],
+            )
+            .unwrap();
+        }
+        // Listed again unchanged: nothing is written, nothing queued.
+        page(&mut conn, "h1", first());
+        assert_eq!(states(&conn, "doc_final").1.as_deref(), Some("done"));
+        assert_eq!(states(&conn, "doc_note").0, "done");
+
+        // The encounter changed elsewhere (say, a patient field): the note and the finished
+        // transcript are asked again; the unfinished one and the unsupported type are not.
+        page(&mut conn, "h2", first());
+        assert_eq!(
+            states(&conn, "doc_final"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("waiting".into()))
+        );
+        assert_eq!(states(&conn, "doc_note"), pending());
+        assert_eq!(states(&conn, "doc_form").0, "unsupported");
+
+        // The unfinished transcript finishes: queued from its summary, without a detail.
+        let mut finished = first();
+        finished[1].status = Some("completed".to_owned());
+        page(&mut conn, "h3", finished);
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        let documents: Vec<String> = claim_work(&conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.work == Work::Document)
+            .map(|i| i.document_id)
+            .collect();
+        assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
+    }
+
+    #[test]
+    fn a_transcript_fetched_again_unchanged_is_not_rewritten_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        page(
+            &mut conn,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        let item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        // Counts the turns written (a rewrite deletes and inserts them all).
+        conn.execute_batch(
+            "CREATE TEMP TABLE written (n INTEGER NOT NULL); INSERT INTO written VALUES (0);
+             CREATE TEMP TRIGGER count_turns AFTER INSERT ON main.transcript_turns BEGIN
+                 UPDATE written SET n = n + 1;
+             END;",
+        )
+        .unwrap();
+        let written = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT n FROM written", [], |r| r.get(0)).unwrap()
+        };
+        let first = transcript("A headache.");
+        save(&mut conn, |tx| save_transcript(tx, &item, &first, OffsetDateTime::now_utc()));
+        assert_eq!(written(&conn), 2);
+        assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("done"));
+
+        assert_eq!(transcript("A headache.").content_sha256, first.content_sha256);
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &transcript("A headache."), OffsetDateTime::now_utc())
+        });
+        assert_eq!(written(&conn), 2, "identical: not rewritten");
+
+        let changed = transcript("A headache since Tuesday.");
+        assert_ne!(changed.content_sha256, first.content_sha256);
+        save(&mut conn, |tx| save_transcript(tx, &item, &changed, OffsetDateTime::now_utc()));
+        assert_eq!(written(&conn), 4, "changed: rewritten");
+        let (text, sha): (String, String) = conn
+            .query_row(
+                "SELECT (SELECT text FROM transcript_turns WHERE document_id = 'doc_a' AND turn_index = 1),
+                        content_sha256
+                 FROM transcripts WHERE document_id = 'doc_a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((text.as_str(), sha), ("A headache since Tuesday.", changed.content_sha256));
+    }
+
+    #[test]
+    fn work_fetched_before_a_change_was_observed_is_saved_but_stays_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let docs = || {
+            vec![
+                doc("doc_a", "ambient_transcript", Some("completed")),
+                doc("doc_n", "document", None),
+            ]
+        };
+        page(&mut conn, "h1", docs());
+        let transcript_item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(&conn, Work::Document, "doc_n").unwrap();
+        // While both requests are under way, paging sees the encounter change.
+        page(&mut conn, "h2", docs());
+        let now = OffsetDateTime::now_utc();
+        save(&mut conn, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("Old."), now)
+        });
+        let note = DetailOutcome::Note {
+            format: "markdown".to_owned(),
+            text: Some("Old note.".to_owned()),
+            created_at: now,
+            updated_at: now,
+        };
+        save(&mut conn, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(
+            states(&conn, "doc_a").1.as_deref(),
+            Some("pending"),
+            "the transcript may predate the change"
+        );
+        assert_eq!(states(&conn, "doc_n").0, "pending", "the note may predate the change");
+
+        // Claimed again, after the change: done.
+        let transcript_item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(&conn, Work::Document, "doc_n").unwrap();
+        save(&mut conn, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("New."), now)
+        });
+        save(&mut conn, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("done"));
+        assert_eq!(states(&conn, "doc_n").0, "done");
+    }
+
+    #[test]
+    fn v4_moves_an_earlier_versions_queued_ambient_details_onto_the_summary() {
+        use refinery::Target;
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
+        crate::store::embedded::migrations::runner()
+            .set_target(Target::Version(3))
+            .run(&mut conn)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at,
+                 created_at_ns, updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             VALUES ('enc_1', 'org_1', 't', 't', 0, 0, 'h', '{}', 't', 't');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, status,
+                 detail_updated_at, first_seen_at, changed_at, detail_state, transcript_state)
+             VALUES ('doc_new', 'enc_1', 0, 'ambient_transcript', 'completed', NULL, 't', 't', 'pending', NULL),
+                    ('doc_live', 'enc_1', 1, 'ambient_transcript', 'processing', NULL, 't', 't', 'pending', NULL),
+                    ('doc_seen', 'enc_1', 2, 'ambient_transcript', 'completed', '2026-05-25T15:00:00Z', 't', 't', 'pending', 'done'),
+                    ('doc_kept', 'enc_1', 3, 'ambient_transcript', 'completed', '2026-05-25T15:00:00Z', 't', 't', 'done', 'done'),
+                    ('doc_note', 'enc_1', 4, 'document', NULL, NULL, 't', 't', 'pending', NULL);",
+        )
+        .unwrap();
+        crate::store::embedded::migrations::runner().run(&mut conn).unwrap();
+        let all: Vec<(String, String, Option<String>)> = conn
+            .prepare("SELECT document_id, detail_state, transcript_state FROM documents ORDER BY position")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let expect = |id: &str, d: &str, t: Option<&str>| (id.to_owned(), d.to_owned(), t.map(str::to_owned));
+        assert_eq!(
+            all,
+            [
+                expect("doc_new", "skipped", Some("pending")),
+                expect("doc_live", "skipped", Some("waiting")),
+                expect("doc_seen", "done", Some("pending")),
+                expect("doc_kept", "done", Some("done")),
+                expect("doc_note", "pending", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn claims_skip_the_items_still_being_worked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let now = OffsetDateTime::now_utc();
+        page(
+            &mut conn,
+            "h",
+            vec![doc("doc_a", "document", None), doc("doc_b", "document", None)],
+        );
         let claim = |exclude: &HashSet<(Work, String)>| -> Vec<String> {
             claim_work(&conn, 1, &[], exclude, 10, now)
                 .unwrap()

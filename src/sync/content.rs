@@ -1,8 +1,10 @@
-//! Fetching what the encounter list only points at: document details (note text, ambient
-//! metadata), finalized transcripts and, when enabled, recordings. Work comes from the queue the
-//! paging writes into the database, runs concurrently with paging under the same limiter, and
-//! every outcome moves the item on: saved, not ready (retried on a bounded schedule),
-//! unavailable, skipped because its route is closed to this key, or dead-lettered.
+//! Fetching what the encounter list only points at: note details (their text; documents of
+//! unknown types are asked once), finalized transcripts and, when enabled, recordings. What to
+//! fetch is decided by paging, from the list alone (`store::upsert`; ambient details are never
+//! needed); this module only works the queue it writes into the database, concurrently with
+//! paging and under the same limiter, and every outcome moves the item on: saved, not ready
+//! (retried on a bounded schedule), unavailable, skipped because its route is closed to this
+//! key, or dead-lettered.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;

@@ -554,7 +554,8 @@ fn content_requests(env: &TestEnv) -> (u64, u64) {
     )
 }
 
-/// The first and last turn rowids of a stored transcript: they change only when it is rewritten.
+/// The first and last turn rowids of a stored transcript: a rewrite gives its turns new rowids
+/// when transcripts were inserted after it (new rows take rowids above the table's largest).
 fn turn_rowids(env: &TestEnv, document_id: &str) -> (i64, i64) {
     reader(&env.db_path())
         .query_row(
@@ -645,7 +646,8 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
 
     // A transcript that changes with the same summary (re-finalized upstream: the document's
     // updated_at moves, status and duration do not): fetched again. The simulator serves the
-    // same turns, so the stored copy is not rewritten.
+    // same turns, so the stored copy is not rewritten (transcripts were stored after it, so a
+    // rewrite would show in its rowids).
     let before = turn_rowids(&env, &rt_docs[0]);
     env.sim.finalize_transcript(&retranscribed, &rt_docs[0]);
     assert_eq!(sync().await, changed_encounter_cost(&env, &retranscribed));
