@@ -89,8 +89,7 @@ pub fn claim_work(
     )?;
     let mut items = Vec::new();
     for row in rows {
-        let (work, encounter_id, document_id, audio_duration_seconds, content_seq, detail_updated_at) =
-            row?;
+        let (work, encounter_id, document_id, audio_duration_seconds, content_seq, detail_updated_at) = row?;
         if skip.contains(&work.as_str()) {
             continue;
         }
@@ -405,9 +404,9 @@ fn replace_transcript(
         ],
     )?;
     let mut insert = tx.prepare_cached(
-            "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+        "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
+    )?;
     for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
         insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
     }
@@ -587,7 +586,12 @@ mod tests {
             Some("deepgram".to_owned()),
             Some(12.5),
             vec![
-                (Some("clinician".to_owned()), 0.0, 1.5, Some("Good morning.".to_owned())),
+                (
+                    Some("clinician".to_owned()),
+                    0.0,
+                    1.5,
+                    Some("Good morning.".to_owned()),
+                ),
                 (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
             ],
         )
@@ -600,8 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again()
-    {
+    fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
         let first = || {
@@ -662,12 +665,13 @@ mod tests {
             states(&conn, "doc_live"),
             ("skipped".into(), Some("pending".into()))
         );
-        let documents: Vec<String> = claim_work(&conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
-            .unwrap()
-            .into_iter()
-            .filter(|i| i.work == Work::Document)
-            .map(|i| i.document_id)
-            .collect();
+        let documents: Vec<String> =
+            claim_work(&conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.work == Work::Document)
+                .map(|i| i.document_id)
+                .collect();
         assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
     }
 
@@ -689,11 +693,12 @@ mod tests {
              END;",
         )
         .unwrap();
-        let written = |conn: &Connection| -> i64 {
-            conn.query_row("SELECT n FROM written", [], |r| r.get(0)).unwrap()
-        };
+        let written =
+            |conn: &Connection| -> i64 { conn.query_row("SELECT n FROM written", [], |r| r.get(0)).unwrap() };
         let first = transcript("A headache.");
-        save(&mut conn, |tx| save_transcript(tx, &item, &first, OffsetDateTime::now_utc()));
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &first, OffsetDateTime::now_utc())
+        });
         assert_eq!(written(&conn), 2);
         assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("done"));
 
@@ -705,7 +710,9 @@ mod tests {
 
         let changed = transcript("A headache since Tuesday.");
         assert_ne!(changed.content_sha256, first.content_sha256);
-        save(&mut conn, |tx| save_transcript(tx, &item, &changed, OffsetDateTime::now_utc()));
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &changed, OffsetDateTime::now_utc())
+        });
         assert_eq!(written(&conn), 4, "changed: rewritten");
         let (text, sha): (String, String) = conn
             .query_row(
@@ -716,7 +723,10 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((text.as_str(), sha), ("A headache since Tuesday.", changed.content_sha256));
+        assert_eq!(
+            (text.as_str(), sha),
+            ("A headache since Tuesday.", changed.content_sha256)
+        );
     }
 
     #[test]
@@ -750,7 +760,11 @@ mod tests {
             Some("pending"),
             "the transcript may predate the change"
         );
-        assert_eq!(states(&conn, "doc_n").0, "pending", "the note may predate the change");
+        assert_eq!(
+            states(&conn, "doc_n").0,
+            "pending",
+            "the note may predate the change"
+        );
 
         // Claimed again, after the change: done.
         let transcript_item = claim(&conn, Work::Transcript, "doc_a").unwrap();
@@ -785,7 +799,9 @@ mod tests {
                     ('doc_note', 'enc_1', 4, 'document', NULL, NULL, 't', 't', 'pending', NULL);",
         )
         .unwrap();
-        crate::store::embedded::migrations::runner().run(&mut conn).unwrap();
+        crate::store::embedded::migrations::runner()
+            .run(&mut conn)
+            .unwrap();
         let all: Vec<(String, String, Option<String>)> = conn
             .prepare("SELECT document_id, detail_state, transcript_state FROM documents ORDER BY position")
             .unwrap()

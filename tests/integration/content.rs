@@ -548,10 +548,7 @@ fn content_requests(env: &TestEnv) -> (u64, u64) {
         0,
         "{stats:?}"
     );
-    (
-        stats.route(SimRoute::Document),
-        stats.route(SimRoute::Transcript),
-    )
+    (stats.route(SimRoute::Document), stats.route(SimRoute::Transcript))
 }
 
 /// The first and last turn rowids of a stored transcript: a rewrite gives its turns new rowids
@@ -567,8 +564,7 @@ fn turn_rowids(env: &TestEnv, document_id: &str) -> (i64, i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter()
- {
+async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter() {
     let env = TestEnv::with_encounters(30, 0).await;
     let config = env.config();
     let cancel = CancellationToken::new();
@@ -658,8 +654,11 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
     );
 
     // A note edited: the note and the encounter's finished transcript.
-    env.sim
-        .edit_note(&edited, &ed_docs[1], "Edited: recheck BP in 1 week. Größe 1,80 m ✅");
+    env.sim.edit_note(
+        &edited,
+        &ed_docs[1],
+        "Edited: recheck BP in 1 week. Größe 1,80 m ✅",
+    );
     assert_eq!(sync().await, changed_encounter_cost(&env, &edited));
 
     // Documents added: the new note, the new finished transcript and the old one; nothing for
