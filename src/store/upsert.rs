@@ -1,9 +1,10 @@
 //! Idempotent upserts of encounters, patients and document summaries, in the writer's
 //! transaction, and the content work a new or changed document needs (decided from the list
-//! alone: which note details and transcripts to queue; see docs/content.md). Upstream wins: the state read last is the state stored, whatever its
-//! `updated_at` says (a vendor may recompute `updated_at` from what remains, so it can go
-//! backwards); the single writer applies observations in the order the sync read them. An
-//! identical record (by content hash) costs one indexed read and no write.
+//! alone: which note details and transcripts to queue; see docs/content.md). Upstream wins: the
+//! state read last is the state stored, whatever its `updated_at` says (a vendor may recompute
+//! `updated_at` from what remains, so it can go backwards); the single writer applies
+//! observations in the order the sync read them. An identical record (by content hash) costs one
+//! indexed read and no write.
 
 use std::collections::HashSet;
 
