@@ -249,14 +249,29 @@ async fn transcripts() {
     let elapsed = started.elapsed().as_secs_f64();
     let stats = sim.stats();
     let achieved = stats.requests as f64 / elapsed;
+    // The floor the data needs: list pages + one request per note + one per finalized transcript.
+    let (mut notes, mut finalized) = (0u64, 0u64);
+    for e in sim.snapshot() {
+        for d in &e.documents {
+            if d.schema_type == "document" {
+                notes += 1;
+            } else if sim.transcript(&e.encounter_id, &d.document_id).is_some() {
+                finalized += 1;
+            }
+        }
+    }
+    let floor = stats.route(Route::List) + notes + finalized;
     println!(
         "transcripts: {encounters} encounters, {} requests (list {}, document {}, transcript {}) in {elapsed:.2} s; \
-         achieved {achieved:.1} req/s of {rps} configured ({:.1} %); {} rate violations; \
+         {:.3} requests per encounter, {:.3} x the floor of {floor} (list + {notes} notes + {finalized} finalized \
+         transcripts); achieved {achieved:.1} req/s of {rps} configured ({:.1} %); {} rate violations; \
          {} documents, {} transcripts fetched",
         stats.requests,
         stats.route(Route::List),
         stats.route(Route::Document),
         stats.route(Route::Transcript),
+        stats.requests as f64 / encounters as f64,
+        stats.requests as f64 / floor as f64,
         100.0 * achieved / rps,
         stats.rate_violations,
         report.counts.documents_fetched,

@@ -35,6 +35,12 @@ pub struct WorkItem {
     pub document_id: String,
     /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
     pub audio_duration_seconds: Option<f64>,
+    /// The document's `content_seq` when claimed: a result saved after paging observed a newer
+    /// change of the document is kept, but does not mark the work done.
+    pub content_seq: i64,
+    /// The `updated_at` of the last document detail fetched, when claimed: a transcript fetched
+    /// for this item is at least that new (`transcripts.fetched_for_updated_at`).
+    pub detail_updated_at: Option<String>,
 }
 
 /// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle), the
@@ -49,7 +55,8 @@ pub fn claim_work(
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<WorkItem>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds
+        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
+                d.detail_updated_at
          FROM (
              SELECT 'document' AS work, document_id FROM documents WHERE detail_state = 'pending'
              UNION ALL
@@ -75,12 +82,14 @@ pub fn claim_work(
                 r.get(1)?,
                 r.get::<_, String>(2)?,
                 r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
             ))
         },
     )?;
     let mut items = Vec::new();
     for row in rows {
-        let (work, encounter_id, document_id, audio_duration_seconds) = row?;
+        let (work, encounter_id, document_id, audio_duration_seconds, content_seq, detail_updated_at) = row?;
         if skip.contains(&work.as_str()) {
             continue;
         }
@@ -97,6 +106,8 @@ pub fn claim_work(
             encounter_id,
             document_id,
             audio_duration_seconds,
+            content_seq,
+            detail_updated_at,
         });
         if items.len() == limit {
             break;
@@ -139,16 +150,23 @@ pub enum DetailOutcome {
     Unavailable,
 }
 
-/// Saves a document detail; for a finished ambient document, queues its transcript (when it
-/// has none, or the document changed since it was fetched) and, with `audio`, its recording.
+/// Saves a document detail. The detail is marked done unless paging observed a newer change
+/// of the document while it was fetched (then it is asked again).
+///
+/// Paging never queues an ambient document's detail (its summary decides, see `upsert`); one
+/// arrives only when the route describes as ambient a document the list typed otherwise, or
+/// from a queue an earlier version left. Then its transcript is queued again unless it was
+/// fetched after a detail with this same `updated_at` (`transcripts.fetched_for_updated_at`);
+/// an unfinished document waits; with `audio`, a finished one queues its recording.
 pub fn save_detail(
     tx: &Transaction<'_>,
-    document_id: &str,
+    item: &WorkItem,
     outcome: &DetailOutcome,
     audio: bool,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let now_text = format_utc(now);
+    let document_id = item.document_id.as_str();
     match outcome {
         DetailOutcome::Note {
             format,
@@ -158,7 +176,8 @@ pub fn save_detail(
         } => {
             tx.execute(
                 "UPDATE documents SET content_format = ?2, content_text = ?3, detail_created_at = ?4,
-                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6
+                     detail_updated_at = ?5, changed_at = ?6,
+                     detail_state = CASE WHEN content_seq = ?7 THEN 'done' ELSE detail_state END
                  WHERE document_id = ?1",
                 params![
                     document_id,
@@ -166,7 +185,8 @@ pub fn save_detail(
                     text,
                     format_utc(*created_at),
                     format_utc(*updated_at),
-                    now_text
+                    now_text,
+                    item.content_seq
                 ],
             )?;
         }
@@ -184,19 +204,24 @@ pub fn save_detail(
                     |r| r.get(0),
                 )
                 .optional()?;
-            let transcript_state = if status.as_deref() != Some("completed") {
-                "waiting"
-            } else if fetched_for.flatten().as_deref() == Some(updated.as_str()) {
-                "done"
-            } else {
-                "pending"
-            };
+            // Equality, never order: `updated_at` is data, not a version, but any change of the
+            // document changes it. A transcript fetched without a detail before it (NULL) is of
+            // unknown age, so it is fetched again.
+            let current = fetched_for.flatten().as_deref() == Some(updated.as_str());
+            let requeue = status.as_deref() == Some("completed") && !current;
+            // Re-queueing bumps `content_seq`, so that a transcript fetch already in flight (sent
+            // before this detail was known) does not count as current.
             tx.execute(
                 "UPDATE documents SET status = ?2, audio_duration_seconds = ?3, detail_created_at = ?4,
-                     detail_updated_at = ?5, detail_state = 'done', changed_at = ?6,
-                     transcript_state = ?7,
-                     transcript_attempts = CASE WHEN ?7 = 'pending' THEN 0 ELSE transcript_attempts END,
-                     transcript_next_at_ns = NULL,
+                     detail_updated_at = ?5, changed_at = ?6,
+                     detail_state = CASE WHEN content_seq = ?9 THEN 'done' ELSE detail_state END,
+                     transcript_state = CASE WHEN ?2 IS NOT 'completed' THEN 'waiting'
+                                             WHEN ?7 THEN 'pending'
+                                             WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
+                                             ELSE transcript_state END,
+                     transcript_attempts = CASE WHEN ?7 THEN 0 ELSE transcript_attempts END,
+                     transcript_next_at_ns = CASE WHEN ?7 THEN NULL ELSE transcript_next_at_ns END,
+                     content_seq = content_seq + ?7,
                      audio_state = CASE WHEN ?8 AND ?2 = 'completed' AND coalesce(audio_state, '') <> 'done'
                                         THEN 'pending' ELSE audio_state END
                  WHERE document_id = ?1",
@@ -207,15 +232,26 @@ pub fn save_detail(
                     format_utc(*created_at),
                     updated,
                     now_text,
-                    transcript_state,
-                    audio
+                    requeue,
+                    audio,
+                    item.content_seq
                 ],
             )?;
         }
-        DetailOutcome::Unsupported => set_state(tx, "detail_state", document_id, "unsupported")?,
-        DetailOutcome::Unavailable => set_state(tx, "detail_state", document_id, "unavailable")?,
+        DetailOutcome::Unsupported => set_detail_outcome(tx, item, "unsupported")?,
+        DetailOutcome::Unavailable => set_detail_outcome(tx, item, "unavailable")?,
     }
     clear_dead_letter(tx, Work::Document, document_id)?;
+    Ok(())
+}
+
+/// A detail answered with an outcome instead of a document: recorded, unless the document
+/// changed meanwhile (then it is asked again).
+fn set_detail_outcome(conn: &Connection, item: &WorkItem, state: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE documents SET detail_state = ?2 WHERE document_id = ?1 AND content_seq = ?3",
+        params![item.document_id, state, item.content_seq],
+    )?;
     Ok(())
 }
 
@@ -243,66 +279,150 @@ fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqli
 pub struct TranscriptRecord {
     pub provider: Option<String>,
     pub audio_duration_seconds: Option<f64>,
-    /// (speaker, start, end, text) in API order; text `None` when the privacy policy does not
-    /// keep transcript text.
-    pub turns: Vec<(Option<String>, f64, f64, Option<String>)>,
+    /// In API order; text `None` when the privacy policy does not keep transcript text.
+    pub turns: Vec<TurnRecord>,
+    /// SHA-256 (hex) of all of the above, so that a transcript fetched again unchanged is not
+    /// rewritten.
+    pub content_sha256: String,
 }
 
-/// Replaces a document's transcript and turns in one transaction.
+/// A transcript turn as stored: (speaker, start, end, text).
+pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
+
+impl TranscriptRecord {
+    /// The record of a transcript as it will be stored (text already dropped when the privacy
+    /// policy does not keep it), with its digest. Hashing a 2 MB transcript takes milliseconds,
+    /// so callers do it before the write, off the writer thread.
+    pub fn new(
+        provider: Option<String>,
+        audio_duration_seconds: Option<f64>,
+        turns: Vec<TurnRecord>,
+    ) -> TranscriptRecord {
+        use sha2::{Digest, Sha256};
+        // Every field is tagged and length-prefixed, so that no two different records hash the
+        // same bytes; floats by their bits, so that equal means identical.
+        fn text(h: &mut Sha256, t: &Option<String>) {
+            match t {
+                Some(t) => {
+                    h.update([1]);
+                    h.update((t.len() as u64).to_le_bytes());
+                    h.update(t.as_bytes());
+                }
+                None => h.update([0]),
+            }
+        }
+        let mut h = Sha256::new();
+        text(&mut h, &provider);
+        match audio_duration_seconds {
+            Some(d) => {
+                h.update([1]);
+                h.update(d.to_bits().to_le_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.update((turns.len() as u64).to_le_bytes());
+        for (speaker, start, end, t) in &turns {
+            text(&mut h, speaker);
+            h.update(start.to_bits().to_le_bytes());
+            h.update(end.to_bits().to_le_bytes());
+            text(&mut h, t);
+        }
+        let content_sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        TranscriptRecord {
+            provider,
+            audio_duration_seconds,
+            turns,
+            content_sha256,
+        }
+    }
+}
+
+/// Replaces a document's transcript and turns in one transaction, and marks it done unless
+/// paging observed a newer change of the document while it was fetched (then it stays queued).
+/// It is recorded as fetched for the detail `updated_at` known when the item was claimed, which
+/// the transcript is at least as new as (NULL when no detail had been fetched).
 pub fn save_transcript(
     tx: &Transaction<'_>,
-    encounter_id: &str,
-    document_id: &str,
+    item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
+    let stored: Option<Option<String>> = tx
+        .prepare_cached("SELECT content_sha256 FROM transcripts WHERE document_id = ?1")?
+        .query_row([document_id], |r| r.get(0))
+        .optional()?;
+    let unchanged = stored.flatten().as_deref() == Some(t.content_sha256.as_str());
+    if unchanged {
+        // Fetched again (its encounter changed) and identical: only when it was seen changes.
+        tx.execute(
+            "UPDATE transcripts SET encounter_id = ?2, fetched_at = ?3, fetched_for_updated_at = ?4
+             WHERE document_id = ?1",
+            params![document_id, encounter_id, format_utc(now), item.detail_updated_at],
+        )?;
+    } else {
+        replace_transcript(tx, item, t, now)?;
+    }
+    tx.execute(
+        "UPDATE documents SET transcript_state = 'done', transcript_attempts = 0, transcript_next_at_ns = NULL
+         WHERE document_id = ?1 AND content_seq = ?2",
+        params![document_id, item.content_seq],
+    )?;
+    clear_dead_letter(tx, Work::Transcript, document_id)?;
+    Ok(())
+}
+
+fn replace_transcript(
+    tx: &Transaction<'_>,
+    item: &WorkItem,
+    t: &TranscriptRecord,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
     tx.execute(
         "DELETE FROM transcript_turns WHERE document_id = ?1",
         [document_id],
     )?;
     tx.execute(
         "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
-             fetched_at, fetched_for_updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT detail_updated_at FROM documents WHERE document_id = ?1))
+             fetched_at, fetched_for_updated_at, content_sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
              provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
              turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
-             fetched_for_updated_at = excluded.fetched_for_updated_at",
+             fetched_for_updated_at = excluded.fetched_for_updated_at,
+             content_sha256 = excluded.content_sha256",
         params![
             document_id,
             encounter_id,
             t.provider,
             t.audio_duration_seconds,
             t.turns.len() as i64,
-            format_utc(now)
+            format_utc(now),
+            item.detail_updated_at,
+            t.content_sha256
         ],
     )?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
-            insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
-        }
-    }
-    tx.execute(
-        "UPDATE documents SET transcript_state = 'done', transcript_attempts = 0, transcript_next_at_ns = NULL
-         WHERE document_id = ?1",
-        [document_id],
     )?;
-    clear_dead_letter(tx, Work::Transcript, document_id)?;
+    for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
+        insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
+    }
     Ok(())
 }
 
 /// The transcript route said "not yet": try again after the next delay of `schedule`, or, once
-/// the schedule is exhausted, only after the document changes.
+/// the schedule is exhausted, only after the document changes (at once when it changed while
+/// the request was under way).
 pub fn transcript_not_ready(
     conn: &Connection,
-    document_id: &str,
+    item: &WorkItem,
     schedule: &[std::time::Duration],
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let document_id = item.document_id.as_str();
     let attempts: u32 = conn.query_row(
         "SELECT transcript_attempts FROM documents WHERE document_id = ?1",
         [document_id],
@@ -312,21 +432,29 @@ pub fn transcript_not_ready(
     conn.execute(
         "UPDATE documents SET transcript_state = 'not_ready', transcript_attempts = transcript_attempts + 1,
              transcript_next_at_ns = ?2
-         WHERE document_id = ?1",
-        params![document_id, next_at],
+         WHERE document_id = ?1 AND content_seq = ?3",
+        params![document_id, next_at, item.content_seq],
     )?;
     Ok(())
 }
 
-/// Marks a transcript or recording as unavailable for this record (403/404/unsupported).
-pub fn mark_unavailable(conn: &Connection, work: Work, document_id: &str) -> anyhow::Result<()> {
-    let column = match work {
-        Work::Document => "detail_state",
-        Work::Transcript => "transcript_state",
-        Work::Audio => "audio_state",
-    };
-    set_state(conn, column, document_id, "unavailable")?;
-    clear_dead_letter(conn, work, document_id)?;
+/// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
+/// document or transcript that changed while it was asked for stays queued instead.
+pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()> {
+    let document_id = item.document_id.as_str();
+    match item.work {
+        Work::Document => set_detail_outcome(conn, item, "unavailable")?,
+        Work::Transcript => {
+            conn.execute(
+                "UPDATE documents SET transcript_state = 'unavailable'
+                 WHERE document_id = ?1 AND content_seq = ?2",
+                params![document_id, item.content_seq],
+            )?;
+        }
+        // Paging never re-queues a recording, so its outcome always stands.
+        Work::Audio => set_state(conn, "audio_state", document_id, "unavailable")?,
+    }
+    clear_dead_letter(conn, item.work, document_id)?;
     Ok(())
 }
 
@@ -404,19 +532,21 @@ mod tests {
     use super::*;
     use crate::store::{DocumentRecord, EncounterRecord, commit_page, open_writer};
 
-    #[test]
-    fn claims_skip_the_items_still_being_worked_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
-        let now = OffsetDateTime::now_utc();
-        let document = |id: &str| DocumentRecord {
+    fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
+        DocumentRecord {
             document_id: id.to_owned(),
-            schema_type: "document".to_owned(),
+            schema_type: schema_type.to_owned(),
             title: None,
-            status: None,
+            status: status.map(str::to_owned),
             workflow_variant: None,
             audio_duration_seconds: None,
-        };
+        }
+    }
+
+    /// Writes `docs` as the documents of encounter `enc_1`, as a page would; `hash` stands for
+    /// the record's content (a different hash is a changed encounter).
+    fn page(conn: &mut Connection, hash: &str, docs: Vec<DocumentRecord>) {
+        let now = OffsetDateTime::now_utc();
         let encounter = EncounterRecord {
             encounter_id: "enc_1".to_owned(),
             organization_id: "org_1".to_owned(),
@@ -426,13 +556,282 @@ mod tests {
             updated_at: now,
             date_of_service: None,
             patient: None,
-            documents: vec![document("doc_a"), document("doc_b")],
-            content_hash: "h".to_owned(),
+            documents: docs,
+            content_hash: hash.to_owned(),
             raw_json: "{}".to_owned(),
         };
         let tx = conn.transaction().unwrap();
         commit_page(&tx, &[encounter], &[], None, now).unwrap();
         tx.commit().unwrap();
+    }
+
+    fn states(conn: &Connection, id: &str) -> (String, Option<String>) {
+        conn.query_row(
+            "SELECT detail_state, transcript_state FROM documents WHERE document_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    fn claim(conn: &Connection, work: Work, id: &str) -> Option<WorkItem> {
+        claim_work(conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
+            .unwrap()
+            .into_iter()
+            .find(|i| i.work == work && i.document_id == id)
+    }
+
+    fn transcript(text: &str) -> TranscriptRecord {
+        TranscriptRecord::new(
+            Some("deepgram".to_owned()),
+            Some(12.5),
+            vec![
+                (
+                    Some("clinician".to_owned()),
+                    0.0,
+                    1.5,
+                    Some("Good morning.".to_owned()),
+                ),
+                (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
+            ],
+        )
+    }
+
+    fn save(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>) {
+        let tx = conn.transaction().unwrap();
+        f(&tx).unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let first = || {
+            vec![
+                doc("doc_final", "ambient_transcript", Some("completed")),
+                doc("doc_live", "ambient_transcript", Some("processing")),
+                doc("doc_note", "document", None),
+                doc("doc_form", "intake_form", None),
+            ]
+        };
+        page(&mut conn, "h1", first());
+        let pending = || (String::from("pending"), None);
+        assert_eq!(
+            states(&conn, "doc_final"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("waiting".into()))
+        );
+        assert_eq!(states(&conn, "doc_note"), pending());
+        assert_eq!(states(&conn, "doc_form"), pending());
+        for (id, state) in [
+            ("doc_final", "transcript_state = 'done'"),
+            ("doc_note", "detail_state = 'done'"),
+            ("doc_form", "detail_state = 'unsupported'"),
+        ] {
+            conn.execute(
+                &format!("UPDATE documents SET {state} WHERE document_id = ?1"),
+                [id],
+            )
+            .unwrap();
+        }
+        // Listed again unchanged: nothing is written, nothing queued.
+        page(&mut conn, "h1", first());
+        assert_eq!(states(&conn, "doc_final").1.as_deref(), Some("done"));
+        assert_eq!(states(&conn, "doc_note").0, "done");
+
+        // The encounter changed elsewhere (say, a patient field): the note and the finished
+        // transcript are asked again; the unfinished one and the unsupported type are not.
+        page(&mut conn, "h2", first());
+        assert_eq!(
+            states(&conn, "doc_final"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("waiting".into()))
+        );
+        assert_eq!(states(&conn, "doc_note"), pending());
+        assert_eq!(states(&conn, "doc_form").0, "unsupported");
+
+        // The unfinished transcript finishes: queued from its summary, without a detail.
+        let mut finished = first();
+        finished[1].status = Some("completed".to_owned());
+        page(&mut conn, "h3", finished);
+        assert_eq!(
+            states(&conn, "doc_live"),
+            ("skipped".into(), Some("pending".into()))
+        );
+        let documents: Vec<String> =
+            claim_work(&conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.work == Work::Document)
+                .map(|i| i.document_id)
+                .collect();
+        assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
+    }
+
+    #[test]
+    fn a_transcript_fetched_again_unchanged_is_not_rewritten_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        page(
+            &mut conn,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        let item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        // Counts the turns written (a rewrite deletes and inserts them all).
+        conn.execute_batch(
+            "CREATE TEMP TABLE written (n INTEGER NOT NULL); INSERT INTO written VALUES (0);
+             CREATE TEMP TRIGGER count_turns AFTER INSERT ON main.transcript_turns BEGIN
+                 UPDATE written SET n = n + 1;
+             END;",
+        )
+        .unwrap();
+        let written =
+            |conn: &Connection| -> i64 { conn.query_row("SELECT n FROM written", [], |r| r.get(0)).unwrap() };
+        let first = transcript("A headache.");
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &first, OffsetDateTime::now_utc())
+        });
+        assert_eq!(written(&conn), 2);
+        assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("done"));
+
+        assert_eq!(transcript("A headache.").content_sha256, first.content_sha256);
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &transcript("A headache."), OffsetDateTime::now_utc())
+        });
+        assert_eq!(written(&conn), 2, "identical: not rewritten");
+
+        let changed = transcript("A headache since Tuesday.");
+        assert_ne!(changed.content_sha256, first.content_sha256);
+        save(&mut conn, |tx| {
+            save_transcript(tx, &item, &changed, OffsetDateTime::now_utc())
+        });
+        assert_eq!(written(&conn), 4, "changed: rewritten");
+        let (text, sha): (String, String) = conn
+            .query_row(
+                "SELECT (SELECT text FROM transcript_turns WHERE document_id = 'doc_a' AND turn_index = 1),
+                        content_sha256
+                 FROM transcripts WHERE document_id = 'doc_a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (text.as_str(), sha),
+            ("A headache since Tuesday.", changed.content_sha256)
+        );
+    }
+
+    #[test]
+    fn work_fetched_before_a_change_was_observed_is_saved_but_stays_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let docs = || {
+            vec![
+                doc("doc_a", "ambient_transcript", Some("completed")),
+                doc("doc_n", "document", None),
+            ]
+        };
+        page(&mut conn, "h1", docs());
+        let transcript_item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(&conn, Work::Document, "doc_n").unwrap();
+        // While both requests are under way, paging sees the encounter change.
+        page(&mut conn, "h2", docs());
+        let now = OffsetDateTime::now_utc();
+        save(&mut conn, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("Old."), now)
+        });
+        let note = DetailOutcome::Note {
+            format: "markdown".to_owned(),
+            text: Some("Old note.".to_owned()),
+            created_at: now,
+            updated_at: now,
+        };
+        save(&mut conn, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(
+            states(&conn, "doc_a").1.as_deref(),
+            Some("pending"),
+            "the transcript may predate the change"
+        );
+        assert_eq!(
+            states(&conn, "doc_n").0,
+            "pending",
+            "the note may predate the change"
+        );
+
+        // Claimed again, after the change: done.
+        let transcript_item = claim(&conn, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(&conn, Work::Document, "doc_n").unwrap();
+        save(&mut conn, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("New."), now)
+        });
+        save(&mut conn, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("done"));
+        assert_eq!(states(&conn, "doc_n").0, "done");
+    }
+
+    #[test]
+    fn v4_moves_an_earlier_versions_queued_ambient_details_onto_the_summary() {
+        use refinery::Target;
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
+        crate::store::embedded::migrations::runner()
+            .set_target(Target::Version(3))
+            .run(&mut conn)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at,
+                 created_at_ns, updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             VALUES ('enc_1', 'org_1', 't', 't', 0, 0, 'h', '{}', 't', 't');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, status,
+                 detail_updated_at, first_seen_at, changed_at, detail_state, transcript_state)
+             VALUES ('doc_new', 'enc_1', 0, 'ambient_transcript', 'completed', NULL, 't', 't', 'pending', NULL),
+                    ('doc_live', 'enc_1', 1, 'ambient_transcript', 'processing', NULL, 't', 't', 'pending', NULL),
+                    ('doc_seen', 'enc_1', 2, 'ambient_transcript', 'completed', '2026-05-25T15:00:00Z', 't', 't', 'pending', 'done'),
+                    ('doc_kept', 'enc_1', 3, 'ambient_transcript', 'completed', '2026-05-25T15:00:00Z', 't', 't', 'done', 'done'),
+                    ('doc_note', 'enc_1', 4, 'document', NULL, NULL, 't', 't', 'pending', NULL);",
+        )
+        .unwrap();
+        crate::store::embedded::migrations::runner()
+            .run(&mut conn)
+            .unwrap();
+        let all: Vec<(String, String, Option<String>)> = conn
+            .prepare("SELECT document_id, detail_state, transcript_state FROM documents ORDER BY position")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let expect = |id: &str, d: &str, t: Option<&str>| (id.to_owned(), d.to_owned(), t.map(str::to_owned));
+        assert_eq!(
+            all,
+            [
+                expect("doc_new", "skipped", Some("pending")),
+                expect("doc_live", "skipped", Some("waiting")),
+                expect("doc_seen", "done", Some("pending")),
+                expect("doc_kept", "done", Some("done")),
+                expect("doc_note", "pending", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn claims_skip_the_items_still_being_worked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let now = OffsetDateTime::now_utc();
+        page(
+            &mut conn,
+            "h",
+            vec![doc("doc_a", "document", None), doc("doc_b", "document", None)],
+        );
         let claim = |exclude: &HashSet<(Work, String)>| -> Vec<String> {
             claim_work(&conn, 1, &[], exclude, 10, now)
                 .unwrap()

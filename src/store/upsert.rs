@@ -1,8 +1,10 @@
 //! Idempotent upserts of encounters, patients and document summaries, in the writer's
-//! transaction. Upstream wins: the state read last is the state stored, whatever its
-//! `updated_at` says (a vendor may recompute `updated_at` from what remains, so it can go
-//! backwards); the single writer applies observations in the order the sync read them. An
-//! identical record (by content hash) costs one indexed read and no write.
+//! transaction, and the content work a new or changed document needs (decided from the list
+//! alone: which note details and transcripts to queue; see docs/content.md). Upstream wins: the
+//! state read last is the state stored, whatever its `updated_at` says (a vendor may recompute
+//! `updated_at` from what remains, so it can go backwards); the single writer applies
+//! observations in the order the sync read them. An identical record (by content hash) costs one
+//! indexed read and no write.
 
 use std::collections::HashSet;
 
@@ -218,20 +220,43 @@ fn upsert_documents(
     is_new: bool,
     now: &str,
 ) -> rusqlite::Result<()> {
+    // What each document needs is decided here, from the summary, so that no request is made
+    // that the data does not need (docs/content.md has the table). A note or an unknown type is
+    // asked once on first sight (`detail_state = 'pending'`), and again when it moves (the
+    // encounter-wide rule below covers the rest). An ambient document's detail is never asked
+    // (`'skipped'`): its summary says whether the transcript is final, so a finished one queues
+    // the transcript and an unfinished one waits, decided again on every change of the row
+    // (rows are only written for a new or changed encounter). Every update of a row bumps
+    // `content_seq`, so that a fetch in flight cannot mark the newer state done.
     let mut upsert = conn.prepare_cached(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
-             workflow_variant, audio_duration_seconds, first_seen_at, changed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+             workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
+             transcript_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9,
+             CASE WHEN ?4 = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
+             CASE WHEN ?4 <> 'ambient_transcript' THEN NULL
+                  WHEN ?6 = 'completed' THEN 'pending' ELSE 'waiting' END)
          ON CONFLICT (document_id) DO UPDATE SET
              encounter_id = excluded.encounter_id, position = excluded.position,
              schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
              workflow_variant = excluded.workflow_variant,
              audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
              changed_at = excluded.changed_at,
-             detail_state = CASE WHEN schema_type IS NOT excluded.schema_type THEN 'pending'
-                                 WHEN encounter_id IS NOT excluded.encounter_id
-                                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
-                                 ELSE detail_state END
+             content_seq = content_seq + 1,
+             detail_state = CASE
+                 WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
+                 WHEN schema_type <> 'ambient_transcript' AND encounter_id IS NOT excluded.encounter_id
+                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
+                 ELSE detail_state END,
+             transcript_state = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN excluded.transcript_state ELSE transcript_state END,
+             transcript_attempts = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN 0 ELSE transcript_attempts END,
+             transcript_next_at_ns = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN NULL ELSE transcript_next_at_ns END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
             OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
@@ -257,10 +282,26 @@ fn upsert_documents(
         return Ok(());
     }
     // The encounter changed, and a note's text or a transcript can change without its summary
-    // doing so: ask the document route again (unsupported types excepted).
+    // doing so. A note is asked again (unsupported types excepted); so is a finished ambient
+    // document's transcript: a detail could only say whether the transcript changed, at the
+    // price of the one request that fetches it (`save_transcript` skips the write when it did
+    // not). An unfinished ambient document needs nothing: its summary says when it finishes.
     conn.prepare_cached(
-        "UPDATE documents SET detail_state = 'pending'
-         WHERE encounter_id = ?1 AND removed_at IS NULL AND detail_state IN ('done', 'unavailable')",
+        "UPDATE documents SET
+             content_seq = content_seq + 1,
+             detail_state = CASE
+                 WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
+                 THEN 'pending' ELSE detail_state END,
+             transcript_state = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
+                 ELSE transcript_state END,
+             transcript_attempts = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
+                 ELSE transcript_attempts END,
+             transcript_next_at_ns = CASE
+                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
+                 ELSE transcript_next_at_ns END
+         WHERE encounter_id = ?1 AND removed_at IS NULL",
     )?
     .execute([&rec.encounter_id])?;
     // Documents that left the encounter's list are marked, never deleted.

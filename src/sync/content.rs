@@ -1,8 +1,10 @@
-//! Fetching what the encounter list only points at: document details (note text, ambient
-//! metadata), finalized transcripts and, when enabled, recordings. Work comes from the queue the
-//! paging writes into the database, runs concurrently with paging under the same limiter, and
-//! every outcome moves the item on: saved, not ready (retried on a bounded schedule),
-//! unavailable, skipped because its route is closed to this key, or dead-lettered.
+//! Fetching what the encounter list only points at: note details (their text; documents of
+//! unknown types are asked once), finalized transcripts and, when enabled, recordings. What to
+//! fetch is decided by paging, from the list alone (`store::upsert`; ambient details are never
+//! needed); this module only works the queue it writes into the database, concurrently with
+//! paging and under the same limiter, and every outcome moves the item on: saved, not ready
+//! (retried on a bounded schedule), unavailable, skipped because its route is closed to this
+//! key, or dead-lettered.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -96,6 +98,10 @@ pub(super) async fn drain(
         paging_slots
     });
     let mut widened = paging_done.is_cancelled();
+    // Recordings of finished ambient documents are queued once paging is done: paging decides
+    // transcripts from the list alone and knows nothing of `[audio]`, and one pass after it
+    // also catches audio just enabled and recordings purged.
+    let mut audio_queued = !ctx.audio.enabled;
     // Items under way: fetching (at most the slots) or writing what they fetched.
     let max_running = 2 * ctx.max_in_flight;
     // Claimed items not yet started, and the keys of those started and not yet finished (an
@@ -113,6 +119,11 @@ pub(super) async fn drain(
         if !widened && paging_done.is_cancelled() {
             slots.add_permits(ctx.max_in_flight - paging_slots);
             widened = true;
+        }
+        if !audio_queued && paging_done.is_cancelled() {
+            let queued = ctx.writer.call(|c| store::queue_missing_audio(c)).await?;
+            tracing::debug!(queued, "recordings queued");
+            audio_queued = true;
         }
         // Claim more before the queue runs dry, so that no slot idles at a batch's tail; once
         // the backlog is drained, look for new work when idle or every 100 ms.
@@ -294,22 +305,23 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, A
         outcome,
         DetailOutcome::Note { .. } | DetailOutcome::Ambient { .. }
     );
-    let (doc, audio) = (item.document_id.clone(), ctx.audio.enabled);
+    let (item, audio) = (item.clone(), ctx.audio.enabled);
     Fetched::new(
         if fetched { Done::Document } else { Done::Other },
         ctx.writer
-            .write(move |c| store::save_detail(c, &doc, &outcome, audio, OffsetDateTime::now_utc())),
+            .write(move |c| store::save_detail(c, &item, &outcome, audio, OffsetDateTime::now_utc())),
     )
 }
 
 async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
     let doc = item.document_id.clone();
+    let item = item.clone();
     match ctx.client.transcript(&item.encounter_id, &item.document_id).await {
         Ok(TranscriptResponse { transcript, .. }) => {
-            let record = TranscriptRecord {
-                provider: transcript.provider,
-                audio_duration_seconds: transcript.audio_duration_seconds,
-                turns: transcript
+            let record = TranscriptRecord::new(
+                transcript.provider,
+                transcript.audio_duration_seconds,
+                transcript
                     .turns
                     .into_iter()
                     .map(|t| {
@@ -321,19 +333,16 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
                         )
                     })
                     .collect(),
-            };
-            let enc = item.encounter_id.clone();
+            );
             Fetched::new(
                 Done::Transcript,
-                ctx.writer.write(move |c| {
-                    store::save_transcript(c, &enc, &doc, &record, OffsetDateTime::now_utc())
-                }),
+                ctx.writer
+                    .write(move |c| store::save_transcript(c, &item, &record, OffsetDateTime::now_utc())),
             )
         }
         Err(e) if gone(&e) => Fetched::new(
             Done::Other,
-            ctx.writer
-                .write(move |c| store::mark_unavailable(c, Work::Transcript, &doc)),
+            ctx.writer.write(move |c| store::mark_unavailable(c, &item)),
         ),
         // The vendor does not document what an unfinished transcript answers; any other
         // "this resource, not now" status means: not ready yet.
@@ -342,7 +351,7 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
             Fetched::new(
                 Done::Other,
                 ctx.writer.write(move |c| {
-                    store::transcript_not_ready(c, &doc, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
+                    store::transcript_not_ready(c, &item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
                 }),
             )
         }
@@ -367,11 +376,10 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, 
         let link = match ctx.client.audio(&item.encounter_id, &item.document_id).await {
             Ok(link) => link,
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
-                let doc = item.document_id.clone();
+                let item = item.clone();
                 return Fetched::new(
                     Done::Other,
-                    ctx.writer
-                        .write(move |c| store::mark_unavailable(c, Work::Audio, &doc)),
+                    ctx.writer.write(move |c| store::mark_unavailable(c, &item)),
                 );
             }
             Err(e) => return Err(e),

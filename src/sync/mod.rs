@@ -161,7 +161,6 @@ pub async fn run_cycle(
             .await
             .map_err(|e| anyhow::anyhow!("cannot create audio.directory {}: {e}", dir.display()))?;
     }
-    let audio = ctx.audio.enabled;
     let privacy = ctx.privacy;
     let run_id = ctx
         .writer
@@ -173,9 +172,6 @@ pub async fn run_cycle(
                     aborted,
                     "marked runs left running by an earlier process as aborted"
                 );
-            }
-            if audio {
-                store::queue_missing_audio(c)?;
             }
             store::apply_privacy(c, &privacy)?;
             store::start_run(c, trigger, now)

@@ -376,8 +376,8 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
     assert_eq!(report.counts.transcripts_fetched, 1);
     assert_eq!(
         env.sim.stats().route(SimRoute::Document),
-        2,
-        "only the changed encounter's documents"
+        1,
+        "only the changed encounter's note: the finished transcript is queued from its summary"
     );
     assert_content_equal(&env);
 
@@ -434,4 +434,240 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
         .unwrap();
     assert_eq!(left, 0);
     assert_content_equal(&env);
+}
+
+/// What the simulator says a full-content sync must fetch: one document request per note, one
+/// transcript request per finalized ambient transcript, and (asked once, answered 400) one per
+/// document of an unsupported type.
+struct Floor {
+    notes: u64,
+    finalized: u64,
+    unsupported: u64,
+}
+
+fn content_floor(env: &TestEnv) -> Floor {
+    let mut floor = Floor {
+        notes: 0,
+        finalized: 0,
+        unsupported: 0,
+    };
+    for e in env.sim.snapshot() {
+        for d in &e.documents {
+            match d.schema_type.as_str() {
+                "document" => floor.notes += 1,
+                "ambient_transcript" => {
+                    if env.sim.transcript(&e.encounter_id, &d.document_id).is_some() {
+                        floor.finalized += 1;
+                    }
+                }
+                _ => floor.unsupported += 1,
+            }
+        }
+    }
+    floor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content()
+ {
+    let env = TestEnv::with_encounters(29, 3_000).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    let report =
+        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+            .await
+            .unwrap();
+    assert!(report.is_complete(), "{report:?}");
+    assert_content_equal(&env);
+    let stats = env.sim.stats();
+    let floor = content_floor(&env);
+    let list = stats.route(SimRoute::List);
+    let minimum = list + floor.notes + floor.finalized;
+    eprintln!(
+        "first full-content sync: {} requests (list {list}, encounter {}, document {}, transcript {}, \
+         audio {}); floor {minimum} (list {list} + notes {} + finalized transcripts {}); \
+         {} unsupported documents; ratio {:.3}",
+        stats.requests,
+        stats.route(SimRoute::Encounter),
+        stats.route(SimRoute::Document),
+        stats.route(SimRoute::Transcript),
+        stats.route(SimRoute::Audio),
+        floor.notes,
+        floor.finalized,
+        floor.unsupported,
+        stats.requests as f64 / minimum as f64,
+    );
+    assert!(
+        stats.requests * 100 <= minimum * 105,
+        "{} requests for a floor of {minimum}: {stats:?}",
+        stats.requests
+    );
+    // Exactly: each note and each unsupported document asked once, each finalized transcript
+    // fetched once, and nothing else.
+    assert_eq!(
+        stats.route(SimRoute::Document),
+        floor.notes + floor.unsupported,
+        "{stats:?}"
+    );
+    assert_eq!(stats.route(SimRoute::Transcript), floor.finalized, "{stats:?}");
+    assert_eq!(stats.route(SimRoute::Encounter), 0, "{stats:?}");
+
+    env.sim.reset_stats();
+    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+        .await
+        .unwrap();
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.requests,
+        stats.route(SimRoute::List),
+        "an idle cycle makes list requests only: {stats:?}"
+    );
+}
+
+/// What re-listing a changed encounter must cost: one document request per note (its text can
+/// change without its summary saying so) and one transcript request per finished transcript
+/// (likewise; the transcript route answers for the one request a detail would have cost just to
+/// say whether it changed). Nothing for unfinished transcripts or unsupported documents.
+fn changed_encounter_cost(env: &TestEnv, encounter_id: &str) -> (u64, u64) {
+    let e = env.sim.encounter(encounter_id).unwrap();
+    let notes = e.documents.iter().filter(|d| d.schema_type == "document").count();
+    let finished = e
+        .documents
+        .iter()
+        .filter(|d| env.sim.transcript(encounter_id, &d.document_id).is_some())
+        .count();
+    (notes as u64, finished as u64)
+}
+
+/// (document, transcript) requests since the last `reset_stats`, after checking that no other
+/// content route was asked.
+fn content_requests(env: &TestEnv) -> (u64, u64) {
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.route(SimRoute::Encounter) + stats.route(SimRoute::Audio),
+        0,
+        "{stats:?}"
+    );
+    (stats.route(SimRoute::Document), stats.route(SimRoute::Transcript))
+}
+
+/// The first and last turn rowids of a stored transcript: a rewrite gives its turns new rowids
+/// when transcripts were inserted after it (new rows take rowids above the table's largest).
+fn turn_rowids(env: &TestEnv, document_id: &str) -> (i64, i64) {
+    reader(&env.db_path())
+        .query_row(
+            "SELECT min(rowid), max(rowid) FROM transcript_turns WHERE document_id = ?1",
+            [document_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter() {
+    let env = TestEnv::with_encounters(30, 0).await;
+    let config = env.config();
+    let cancel = CancellationToken::new();
+    let now = OffsetDateTime::now_utc();
+    let insert = |hours: i64, docs: Vec<DocKind>| -> (String, Vec<String>) {
+        let id = env.sim.insert(NewEncounter {
+            docs,
+            ..NewEncounter::at(now - time::Duration::hours(hours))
+        });
+        let docs = env
+            .sim
+            .encounter(&id)
+            .unwrap()
+            .documents
+            .into_iter()
+            .map(|d| d.document_id)
+            .collect();
+        (id, docs)
+    };
+    let (finalized_later, fl_docs) = insert(9, vec![DocKind::Ambient, DocKind::Note]);
+    let (retranscribed, rt_docs) = insert(8, vec![DocKind::AmbientFinal, DocKind::Note]);
+    let (edited, ed_docs) = insert(7, vec![DocKind::AmbientFinal, DocKind::Note]);
+    let (grown, _) = insert(6, vec![DocKind::AmbientFinal]);
+    // Never changed: costs nothing after the first sync.
+    insert(
+        5,
+        vec![
+            DocKind::Ambient,
+            DocKind::AmbientFinal,
+            DocKind::Note,
+            DocKind::Unsupported,
+        ],
+    );
+    let sync = || async {
+        env.sim.reset_stats();
+        let report =
+            charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
+                .await
+                .unwrap();
+        assert!(report.is_complete(), "{report:?}");
+        assert_content_equal(&env);
+        content_requests(&env)
+    };
+
+    // First sight: each note and unsupported document asked once, each finished transcript
+    // fetched once, no ambient detail.
+    let floor = content_floor(&env);
+    assert_eq!(
+        sync().await,
+        (floor.notes + floor.unsupported, floor.finalized),
+        "first sync"
+    );
+    assert_eq!((floor.notes, floor.unsupported, floor.finalized), (4, 1, 4));
+    let conn = reader(&env.db_path());
+    let (ambient_details, notes_without_detail): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND detail_updated_at IS NOT NULL),
+                    count(*) FILTER (WHERE schema_type = 'document' AND detail_updated_at IS NULL)
+             FROM documents",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (ambient_details, notes_without_detail),
+        (0, 0),
+        "document timestamps are filled exactly when a detail was fetched"
+    );
+
+    // A transcript finalized later: its summary changes; the note of the same encounter is
+    // asked again, the transcript fetched.
+    env.sim.finalize_transcript(&finalized_later, &fl_docs[0]);
+    assert_eq!(sync().await, changed_encounter_cost(&env, &finalized_later));
+    assert_eq!(sync().await, (0, 0), "idle after the finalization");
+
+    // A transcript that changes with the same summary (re-finalized upstream: the document's
+    // updated_at moves, status and duration do not): fetched again. The simulator serves the
+    // same turns, so the stored copy is not rewritten (transcripts were stored after it, so a
+    // rewrite would show in its rowids).
+    let before = turn_rowids(&env, &rt_docs[0]);
+    env.sim.finalize_transcript(&retranscribed, &rt_docs[0]);
+    assert_eq!(sync().await, changed_encounter_cost(&env, &retranscribed));
+    assert_eq!(
+        turn_rowids(&env, &rt_docs[0]),
+        before,
+        "an identical transcript is not rewritten"
+    );
+
+    // A note edited: the note and the encounter's finished transcript.
+    env.sim.edit_note(
+        &edited,
+        &ed_docs[1],
+        "Edited: recheck BP in 1 week. Größe 1,80 m ✅",
+    );
+    assert_eq!(sync().await, changed_encounter_cost(&env, &edited));
+
+    // Documents added: the new note, the new finished transcript and the old one; nothing for
+    // the unfinished one.
+    env.sim.add_document(&grown, DocKind::Note);
+    env.sim.add_document(&grown, DocKind::AmbientFinal);
+    env.sim.add_document(&grown, DocKind::Ambient);
+    assert_eq!(changed_encounter_cost(&env, &grown), (1, 2));
+    assert_eq!(sync().await, changed_encounter_cost(&env, &grown));
+
+    assert_eq!(sync().await, (0, 0), "idle at the end");
 }
