@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod exit;
 pub mod metrics;
+pub mod plan;
 pub mod secret;
 pub mod status;
 pub mod store;

@@ -6,6 +6,7 @@ mod cli;
 mod content;
 mod daemon;
 mod harsh;
+mod plan;
 mod replication;
 mod support;
 mod sync_quiet;
