@@ -5,7 +5,7 @@
 //! (no timestamps or colours: journald adds its own), `json` (one object per line, for log
 //! shippers). Unset: `text`. `RUST_LOG` filters (default `info` for this program).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::EnvFilter;
 
@@ -58,7 +58,9 @@ impl Progress {
             0.0
         };
         let filled = (done * 30.0).round() as usize;
-        eprint!(
+        // A terminal that went away (EIO) must not panic the sync the way `eprint!` would.
+        let _ = write!(
+            std::io::stderr().lock(),
             "\r\x1b[2Kbackfill [{}{}] {:5.1}%  {records} encounters  elapsed {}  eta {}",
             "#".repeat(filled),
             "-".repeat(30 - filled),
@@ -70,7 +72,7 @@ impl Progress {
 
     pub fn finish(&self) {
         if self.draw {
-            eprintln!();
+            let _ = writeln!(std::io::stderr().lock());
         }
     }
 }

@@ -45,15 +45,19 @@ pub struct CyclePlan {
     /// Stop the backfill at the first window boundary after this long, to let the live sync
     /// have its turn; it resumes from its cursor next time.
     pub backfill_budget: Option<Duration>,
+    /// Then work every backfill still queued or unfinished (`charthero-sync backfill`, an
+    /// interrupted process) to completion, oldest first.
+    pub queued_backfills: bool,
 }
 
 impl CyclePlan {
-    /// `sync [--backfill-from ..]`: everything, to the end.
+    /// `sync [--backfill-from ..]`: everything, to the end, queued backfills included.
     pub fn full(backfill: Option<BackfillRange>) -> CyclePlan {
         CyclePlan {
             live: true,
             backfill,
             backfill_budget: None,
+            queued_backfills: true,
         }
     }
 }
@@ -78,13 +82,15 @@ pub struct CycleReport {
     pub complete_through: Option<OffsetDateTime>,
     /// Routes closed to this key during the cycle, as `route:reason_code` pairs.
     pub disabled_routes: Option<String>,
+    /// A backfill is still queued or unfinished when the cycle ends.
+    pub backfills_pending: bool,
     pub elapsed: Duration,
 }
 
 impl CycleReport {
-    /// Nothing was left undone: no dead letters and no route closed to the key.
+    /// Nothing was left undone: no dead letters, no route closed to the key, no backfill waiting.
     pub fn is_complete(&self) -> bool {
-        self.counts.dead_letters == 0 && self.disabled_routes.is_none()
+        self.counts.dead_letters == 0 && self.disabled_routes.is_none() && !self.backfills_pending
     }
 }
 
@@ -189,6 +195,9 @@ async fn execute(
             )
             .await;
         }
+        if let (Ok(()), true) = (&r, plan.queued_backfills) {
+            r = run_queued_backfills(ctx, run_id, trigger, &mut counts, &stop).await;
+        }
         paging_done.cancel();
         if r.is_err() {
             stop.cancel();
@@ -257,12 +266,12 @@ async fn execute(
         purge_expired(ctx).await?;
     }
     let outcome = end.outcome.as_str();
-    let complete_through = ctx
+    let (complete_through, backfills_pending) = ctx
         .writer
         .call(move |c| {
             store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
             store::checkpoint(c)?;
-            store::complete_through(c)
+            Ok((store::complete_through(c)?, store::next_backfill(c)?.is_some()))
         })
         .await?;
     let rows = counts.encounters_new
@@ -278,6 +287,7 @@ async fn execute(
         counts,
         complete_through,
         disabled_routes,
+        backfills_pending,
         elapsed: started.elapsed(),
     };
     tracing::info!(
@@ -405,6 +415,31 @@ async fn run_backfill(
             .await?;
     }
     result.map(|_| ())
+}
+
+/// Works every queued or unfinished backfill to completion, oldest first. A backfill that is
+/// still queued after it was worked (which would loop forever) ends the cycle with an error.
+async fn run_queued_backfills(
+    ctx: &SyncContext,
+    run_id: i64,
+    trigger: &'static str,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let mut worked = Vec::new();
+    while let Some((start, end)) = ctx.writer.call(|c| store::next_backfill(c)).await? {
+        let range = BackfillRange { start, end };
+        if worked.contains(&range) {
+            return Err(CycleError::Other(anyhow::anyhow!(
+                "the backfill {} .. {} is still queued after it was worked; see `charthero-sync status`",
+                format_utc(start),
+                format_utc(end)
+            )));
+        }
+        worked.push(range);
+        run_backfill(ctx, run_id, range, trigger, None, counts, cancel).await?;
+    }
+    Ok(())
 }
 
 /// Whether a range was scanned to its end.
