@@ -495,7 +495,7 @@ impl RawConfig {
         if !(lo..=hi).contains(&rps) {
             return Err(invalid(
                 "limits.requests_per_second",
-                format!("must be between {lo} and {hi} (got {rps})"),
+                format!("must be between {lo} and {hi} (got {rps:?})"),
             ));
         }
         let nonzero_u32 = |key: &'static str, value: i64, range: (i64, i64)| -> Result<NonZeroU32, ConfigError> {

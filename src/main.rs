@@ -448,6 +448,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 unreachable!("a range with a start is always returned")
             };
             let config = Config::load(&cli.config)?;
+            store::check_location(&config.database.path)?;
             let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             let id = store::queue_backfill(
                 &conn,
@@ -514,6 +515,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     });
                 }
             };
+            store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
             let mut conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             let c = charthero_sync::purge(&mut conn, &config.audio.directory, range, reason)?;
@@ -533,6 +535,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Reindex => {
             let config = Config::load(&cli.config)?;
+            store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
             let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             store::rebuild_search(&conn)?;
@@ -545,7 +548,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let location = store::check_location(&config.database.path);
             match &location {
                 Ok(()) => say!("database.path    ok      {}", config.database.path.display()),
-                Err(e) => say!("database.path    FAILED  {e}"),
+                Err(e) => say!("database.path    FAILED  {}", e.reason()),
             }
             let (key, source) = config::load_api_key(&config.api)?;
             say!("api key          ok      from {source}");

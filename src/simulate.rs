@@ -6,7 +6,7 @@
 //! serving until a signal is the caller's (`main`'s) business.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,7 +44,11 @@ const CONFIG_MARKER: &str = "# Written by `charthero-sync simulate`";
 /// Starts the simulator and writes `api-key` and `config.toml` into `opts.dir` (created if
 /// needed, mode 0700). Refuses a directory whose `config.toml` it did not write.
 pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
-    std::fs::create_dir_all(&opts.dir)
+    // Only its owner may read the key, the configuration and the synthetic "patients".
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.dir)
         .with_context(|| format!("cannot create the directory {}", opts.dir.display()))?;
     let dir = std::fs::canonicalize(&opts.dir)
         .with_context(|| format!("cannot resolve the directory {}", opts.dir.display()))?;

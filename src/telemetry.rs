@@ -17,6 +17,10 @@ pub fn init() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // On a failed write (a closed stderr: `... 2>&1 | head -1`) the subscriber would report
+        // the failure with `eprintln!`, which panics on that same closed stderr. A log line that
+        // cannot be written is dropped instead.
+        .log_internal_errors(false)
         .with_target(false);
     match std::env::var(LOG_FORMAT_ENV).as_deref() {
         Ok("json") => builder.json().flatten_event(true).with_current_span(true).init(),

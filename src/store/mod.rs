@@ -37,6 +37,13 @@ mod embedded {
 #[error("invalid value for `database.path`: {0}")]
 pub struct LocationError(String);
 
+impl LocationError {
+    /// What is wrong, without the `database.path` prefix (for `check`'s table).
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Checks, without creating anything, that a writer can use `path`: its directory exists and
 /// this user may create files in it, and the database (if it exists) is a regular file this user
 /// may read and write. `check` reports the answer; `run`, `sync` and `migrate` refuse to start

@@ -6,6 +6,7 @@ mod cli;
 mod content;
 mod daemon;
 mod replication;
+mod robustness;
 mod support;
 mod sync_quiet;
 mod warehouse;
