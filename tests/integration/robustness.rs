@@ -70,7 +70,10 @@ use Expect::{Accepted, Refused};
 
 /// Every numeric key (and the instants and durations that feed time arithmetic) at its bounds,
 /// just past them, and at absurd values, as TOML literals.
-const BOUNDARIES: &[(&str, &str, &[(&str, Expect)])] = &[
+/// A TOML literal and what must happen to it.
+type Case = (&'static str, Expect);
+
+const BOUNDARIES: &[(&str, &str, &[Case])] = &[
     ("api", "connect_timeout", &[
         ("\"0s\"", Refused), ("\"1ms\"", Accepted), ("\"10m\"", Accepted), ("\"11m\"", Refused),
         ("\"18446744073709551615s\"", Refused), ("\"99999999999999999999d\"", Refused),
