@@ -4,6 +4,7 @@
 mod api_routes;
 mod cli;
 mod content;
+mod install;
 mod daemon;
 mod replication;
 mod robustness;
