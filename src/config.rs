@@ -374,7 +374,8 @@ pub mod bounds {
     pub const WAL_SIZE_LIMIT: (i64, i64) = (0, 1 << 40);
     pub const AUDIO_MAX_BYTES: (i64, i64) = (1, 1 << 36);
 
-    pub const CONNECT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(10 * MINUTE));
+    pub const CONNECT_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(10 * MINUTE));
     pub const READ_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(HOUR));
     /// A recording download is one request: a day is enough for a gigabyte on a slow line.
     pub const REQUEST_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(DAY));
@@ -384,7 +385,8 @@ pub mod bounds {
     pub const OVERLAP: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(365 * DAY));
     /// Ten years: every instant computed as `now - horizon` stays a valid timestamp.
     pub const HORIZON: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_650 * DAY));
-    pub const REVISIT_DEEP_EVERY: (Duration, Duration) = (Duration::from_secs(MINUTE), Duration::from_secs(3_650 * DAY));
+    pub const REVISIT_DEEP_EVERY: (Duration, Duration) =
+        (Duration::from_secs(MINUTE), Duration::from_secs(3_650 * DAY));
     /// A retention (and `purge --older-than`) of a century at most keeps `now - retention` valid.
     pub const RETENTION: (Duration, Duration) = (Duration::from_secs(DAY), Duration::from_secs(36_500 * DAY));
 }
@@ -394,7 +396,10 @@ fn int_in(key: &'static str, value: i64, (lo, hi): (i64, i64)) -> Result<i64, Co
     if (lo..=hi).contains(&value) {
         Ok(value)
     } else {
-        Err(invalid(key, format!("must be between {lo} and {hi} (got {value})")))
+        Err(invalid(
+            key,
+            format!("must be between {lo} and {hi} (got {value})"),
+        ))
     }
 }
 
@@ -449,9 +454,17 @@ impl RawConfig {
         let api = ApiConfig {
             base_url: validate_base_url(&self.api.base_url)?,
             api_key_file: self.api.api_key_file.filter(|p| !p.as_os_str().is_empty()),
-            connect_timeout: duration_in("api.connect_timeout", &self.api.connect_timeout, bounds::CONNECT_TIMEOUT)?,
+            connect_timeout: duration_in(
+                "api.connect_timeout",
+                &self.api.connect_timeout,
+                bounds::CONNECT_TIMEOUT,
+            )?,
             read_timeout: duration_in("api.read_timeout", &self.api.read_timeout, bounds::READ_TIMEOUT)?,
-            request_timeout: duration_in("api.request_timeout", &self.api.request_timeout, bounds::REQUEST_TIMEOUT)?,
+            request_timeout: duration_in(
+                "api.request_timeout",
+                &self.api.request_timeout,
+                bounds::REQUEST_TIMEOUT,
+            )?,
             max_response_bytes: int_as(
                 "api.max_response_bytes",
                 self.api.max_response_bytes,
@@ -463,8 +476,16 @@ impl RawConfig {
         }
         let database = DatabaseConfig {
             path: self.database.path,
-            busy_timeout: duration_in("database.busy_timeout", &self.database.busy_timeout, bounds::BUSY_TIMEOUT)?,
-            wal_size_limit: int_as("database.wal_size_limit", self.database.wal_size_limit, bounds::WAL_SIZE_LIMIT)?,
+            busy_timeout: duration_in(
+                "database.busy_timeout",
+                &self.database.busy_timeout,
+                bounds::BUSY_TIMEOUT,
+            )?,
+            wal_size_limit: int_as(
+                "database.wal_size_limit",
+                self.database.wal_size_limit,
+                bounds::WAL_SIZE_LIMIT,
+            )?,
         };
         let sync = SyncConfig {
             schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
@@ -498,9 +519,10 @@ impl RawConfig {
                 format!("must be between {lo} and {hi} (got {rps:?})"),
             ));
         }
-        let nonzero_u32 = |key: &'static str, value: i64, range: (i64, i64)| -> Result<NonZeroU32, ConfigError> {
-            NonZeroU32::new(int_as(key, value, range)?).ok_or_else(|| invalid(key, "must not be 0"))
-        };
+        let nonzero_u32 =
+            |key: &'static str, value: i64, range: (i64, i64)| -> Result<NonZeroU32, ConfigError> {
+                NonZeroU32::new(int_as(key, value, range)?).ok_or_else(|| invalid(key, "must not be 0"))
+            };
         let limits = Limits {
             requests_per_second: rps,
             burst: nonzero_u32("limits.burst", self.limits.burst, bounds::BURST)?,
@@ -510,7 +532,11 @@ impl RawConfig {
                 bounds::MAX_IN_FLIGHT,
             )?)
             .ok_or_else(|| invalid("limits.max_in_flight", "must not be 0"))?,
-            max_attempts: nonzero_u32("limits.max_attempts", self.limits.max_attempts, bounds::MAX_ATTEMPTS)?,
+            max_attempts: nonzero_u32(
+                "limits.max_attempts",
+                self.limits.max_attempts,
+                bounds::MAX_ATTEMPTS,
+            )?,
             retries_per_cycle: int_as(
                 "limits.retries_per_cycle",
                 self.limits.retries_per_cycle,
@@ -719,7 +745,9 @@ fn load_api_key_from(
         skipped.push(format!("${API_KEY_ENV} (not set)"));
         match credentials_dir {
             None => {
-                skipped.push(format!("$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (CREDENTIALS_DIRECTORY not set)"));
+                skipped.push(format!(
+                    "$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (CREDENTIALS_DIRECTORY not set)"
+                ));
                 None
             }
             Some(dir) => {
@@ -856,6 +884,69 @@ mod tests {
     }
 
     #[test]
+    fn integer_keys_accept_their_bounds_and_refuse_one_past_them_by_name() {
+        let cases = [
+            ("api", "max_response_bytes", bounds::MAX_RESPONSE_BYTES),
+            ("database", "wal_size_limit", bounds::WAL_SIZE_LIMIT),
+            ("sync", "page_size", bounds::PAGE_SIZE),
+            ("limits", "burst", bounds::BURST),
+            ("limits", "max_in_flight", bounds::MAX_IN_FLIGHT),
+            ("limits", "max_attempts", bounds::MAX_ATTEMPTS),
+            ("limits", "retries_per_cycle", bounds::RETRIES_PER_CYCLE),
+            ("audio", "max_bytes", bounds::AUDIO_MAX_BYTES),
+        ];
+        for (section, key, (lo, hi)) in cases {
+            for ok in [lo, hi] {
+                let text = format!("[{section}]\n{key} = {ok}\n");
+                assert!(parse(&text).is_ok(), "{text}");
+            }
+            for bad in [lo - 1, hi + 1, i64::MIN, i64::MAX] {
+                let text = format!("[{section}]\n{key} = {bad}\n");
+                let err = parse(&text).unwrap_err().to_string();
+                assert!(err.contains(&format!("{section}.{key}")), "{text}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_per_second_outside_its_range_is_refused_by_name() {
+        for bad in [
+            "1e-30", "1e-19", "1e-10", "0.0", "-0.0", "-5.0", "nan", "inf", "-inf", "1e10", "10000.5",
+        ] {
+            let err = parse(&format!("[limits]\nrequests_per_second = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("limits.requests_per_second"), "{bad}: {err}");
+        }
+        for ok in ["0.01", "10000", "5"] {
+            assert!(
+                parse(&format!("[limits]\nrequests_per_second = {ok}\n")).is_ok(),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_outside_their_range_are_refused_by_name_and_the_range_is_stated() {
+        let err = parse("[sync]\nsettle_lag = \"8d\"").unwrap_err().to_string();
+        assert!(
+            err.contains("sync.settle_lag") && err.contains("between 0s and 7d"),
+            "{err}"
+        );
+        let err = parse("[api]\nrequest_timeout = \"0s\"").unwrap_err().to_string();
+        assert!(
+            err.contains("api.request_timeout") && err.contains("1ms and 1d"),
+            "{err}"
+        );
+        let err = parse("[privacy]\nretention = \"213503982334601d\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("privacy.retention"), "{err}");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(7_200)), "2h");
+    }
+
+    #[test]
     fn plain_http_is_allowed_only_for_loopback_hosts() {
         for host in [
             "http://127.0.0.1:8080",
@@ -919,6 +1010,8 @@ mod tests {
 
         let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
         assert!(err.contains("no API key found"), "{err}");
+        assert!(err.contains("missing (does not exist)"), "{err}");
+        assert!(err.contains("CREDENTIALS_DIRECTORY not set"), "{err}");
     }
 
     #[test]

@@ -340,7 +340,11 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             };
             let s = simulate::start(&opts).await?;
             let config = s.config_file.display();
-            say!("ChartHero simulator listening at {} ({} encounters)", s.base_url, encounters);
+            say!(
+                "ChartHero simulator listening at {} ({} encounters)",
+                s.base_url,
+                encounters
+            );
             say!("  API key file:  {} (mode 0600)", s.key_file.display());
             say!("  configuration: {config}");
             say!("  warehouse:     {} (kept between runs)", s.database.display());
@@ -622,7 +626,12 @@ fn print_demo_summary(s: &demo::DemoSummary) {
     );
     say!(
         "  warehouse: {} encounters, {} patients, {} documents ({} notes with text), {} transcripts with {} turns",
-        s.encounters, s.patients, s.documents, s.notes, s.transcripts, s.turns
+        s.encounters,
+        s.patients,
+        s.documents,
+        s.notes,
+        s.transcripts,
+        s.turns
     );
     say!(
         "  requests: {} list pages over {} windows, {} document details, {} transcripts; complete through {}",

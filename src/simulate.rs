@@ -75,7 +75,12 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
     write_private(&key_file, &format!("{}\n", sim.api_key()))?;
     let database = dir.join("warehouse.db");
     let base_url = sim.base_url();
-    let config = config_text(&base_url, &key_file, &database, now - time::Duration::days(i64::from(opts.days) + 1));
+    let config = config_text(
+        &base_url,
+        &key_file,
+        &database,
+        now - time::Duration::days(i64::from(opts.days) + 1),
+    );
     write_private(&config_file, &config)?;
     Ok(Simulation {
         sim,

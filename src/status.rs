@@ -326,7 +326,11 @@ impl Status {
             q.documents_pending, q.transcripts_pending, q.transcripts_not_ready, q.recordings_pending
         );
         if !self.disabled_routes.is_empty() {
-            let _ = writeln!(out, "disabled routes (last cycle): {}", self.disabled_routes.join(", "));
+            let _ = writeln!(
+                out,
+                "disabled routes (last cycle): {}",
+                self.disabled_routes.join(", ")
+            );
         }
         if let Some(e) = &self.last_error {
             let _ = writeln!(

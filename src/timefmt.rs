@@ -124,7 +124,11 @@ mod tests {
     #[test]
     fn operator_instants_outside_the_warehouse_range_are_refused() {
         assert!(parse_operator_instant("2026-01-01T00:00:00Z").is_ok());
-        for text in ["0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z", "9999-12-31T23:59:59Z"] {
+        for text in [
+            "0001-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "9999-12-31T23:59:59Z",
+        ] {
             let err = parse_operator_instant(text).unwrap_err();
             assert!(err.contains("outside the supported range"), "{text}: {err}");
         }

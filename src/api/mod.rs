@@ -147,9 +147,12 @@ fn quota(limits: &Limits) -> anyhow::Result<Quota> {
     let period = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
         .ok()
         .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
-        .ok_or_else(|| anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period"))?;
-    let quota = Quota::with_period(period)
-        .ok_or_else(|| anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
+        })?;
+    let quota = Quota::with_period(period).ok_or_else(|| {
+        anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
+    })?;
     Ok(quota.allow_burst(limits.burst))
 }
 

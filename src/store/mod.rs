@@ -66,7 +66,12 @@ pub fn check_location(path: &Path) -> Result<(), LocationError> {
                 shown(dir)
             )));
         }
-        Err(e) => return Err(LocationError(format!("cannot reach the directory {}: {e}", shown(dir)))),
+        Err(e) => {
+            return Err(LocationError(format!(
+                "cannot reach the directory {}: {e}",
+                shown(dir)
+            )));
+        }
     }
     if let Err(e) = access(dir, Access::WRITE_OK | Access::EXEC_OK) {
         return Err(LocationError(format!(
@@ -76,9 +81,8 @@ pub fn check_location(path: &Path) -> Result<(), LocationError> {
     }
     match std::fs::metadata(path) {
         Ok(m) if !m.is_file() => Err(LocationError(format!("{} is not a regular file", shown(path)))),
-        Ok(_) => access(path, Access::READ_OK | Access::WRITE_OK).map_err(|e| {
-            LocationError(format!("this user cannot read and write {} ({e})", shown(path)))
-        }),
+        Ok(_) => access(path, Access::READ_OK | Access::WRITE_OK)
+            .map_err(|e| LocationError(format!("this user cannot read and write {} ({e})", shown(path)))),
         Err(_) => Ok(()),
     }
 }
@@ -119,7 +123,9 @@ pub fn open_reader(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connec
 /// `PRAGMA busy_timeout` in milliseconds, saturating: rusqlite's `busy_timeout` panics above
 /// `i32::MAX` ms (banned in clippy.toml); `database.busy_timeout` is bounded far below anyway.
 pub fn set_busy_timeout(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
-    let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX).min(i64::from(i32::MAX));
+    let ms = i64::try_from(timeout.as_millis())
+        .unwrap_or(i64::MAX)
+        .min(i64::from(i32::MAX));
     conn.pragma_update(None, "busy_timeout", ms)
 }
 
@@ -136,7 +142,10 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     // read-only connection without write access to the directory only if both exist (SQLite
     // 3.22+). The -wal is still checkpointed and cut back to journal_size_limit on close.
     let mut persist: std::os::raw::c_int = 1;
-    conn.file_control(Some(rusqlite::MAIN_DB), rusqlite::FileControl::PersistWal(&mut persist))?;
+    conn.file_control(
+        Some(rusqlite::MAIN_DB),
+        rusqlite::FileControl::PersistWal(&mut persist),
+    )?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // PHI that is overwritten or deleted (a re-fetched transcript, a changed privacy policy, a
@@ -156,14 +165,18 @@ fn share_with_directory_group(path: &Path) {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let Ok(dir_meta) = std::fs::metadata(dir) else { return };
+    let Ok(dir_meta) = std::fs::metadata(dir) else {
+        return;
+    };
     let group = rustix::fs::Gid::from_raw(dir_meta.gid());
     let owner = rustix::process::geteuid();
     for suffix in ["", "-wal", "-shm"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
         let file = std::path::PathBuf::from(name);
-        let Ok(meta) = std::fs::symlink_metadata(&file) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            continue;
+        };
         if !meta.is_file() || (meta.uid() != owner.as_raw() && !owner.is_root()) {
             continue;
         }
@@ -196,7 +209,11 @@ pub fn rebuild_search(conn: &Connection) -> anyhow::Result<()> {
 
 /// Sets how far the WAL is cut back after a checkpoint.
 pub fn set_wal_size_limit(conn: &Connection, bytes: u64) -> anyhow::Result<()> {
-    conn.pragma_update(None, "journal_size_limit", i64::try_from(bytes).unwrap_or(i64::MAX))?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        i64::try_from(bytes).unwrap_or(i64::MAX),
+    )?;
     Ok(())
 }
 

@@ -118,7 +118,13 @@ fn unit_setting(unit: &str, key: &str) -> Option<String> {
 
 fn gid_of(group: &str) -> u32 {
     let out = sh(&format!("getent group {group}"));
-    String::from_utf8_lossy(&out.stdout).split(':').nth(2).unwrap().trim().parse().unwrap()
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// What the service runs as, read from the unit and mapped to this run's names.
@@ -160,14 +166,21 @@ impl ServiceIdentity {
     /// the key in a credentials directory only it can read.
     fn command(&self, credentials: &Path, bin: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", &self.user, "--regid", &self.group, "--init-groups", "--"])
-            .args(["sh", "-c", &format!("umask {} && exec \"$0\" \"$@\"", self.umask)])
-            .arg(bin)
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CREDENTIALS_DIRECTORY", credentials)
-            .env("RUST_LOG", "warn");
+        cmd.args([
+            "--reuid",
+            &self.user,
+            "--regid",
+            &self.group,
+            "--init-groups",
+            "--",
+        ])
+        .args(["sh", "-c", &format!("umask {} && exec \"$0\" \"$@\"", self.umask)])
+        .arg(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CREDENTIALS_DIRECTORY", credentials)
+        .env("RUST_LOG", "warn");
         cmd
     }
 }
@@ -175,7 +188,14 @@ impl ServiceIdentity {
 /// The analyst reading, as the runbook tells analysts to.
 fn analyst_reads(install: &Install, sql: &str) -> Output {
     Command::new("setpriv")
-        .args(["--reuid", &install.analyst, "--regid", "users", "--init-groups", "--"])
+        .args([
+            "--reuid",
+            &install.analyst,
+            "--regid",
+            "users",
+            "--init-groups",
+            "--",
+        ])
         .args(["sqlite3", "-readonly"])
         .arg(install.db())
         .arg(sql)
@@ -190,7 +210,10 @@ fn analyst_count(install: &Install) -> Result<i64, String> {
     if !out.status.success() {
         return Err(text(&out));
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| format!("{e}: {}", text(&out)))
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e}: {}", text(&out)))
 }
 
 /// Why this machine cannot run the test, if it cannot.
@@ -198,7 +221,9 @@ fn missing_prerequisite() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("not running as root (it creates users and groups)".into());
     }
-    for tool in ["useradd", "groupadd", "usermod", "userdel", "setpriv", "runuser", "sqlite3", "getent"] {
+    for tool in [
+        "useradd", "groupadd", "usermod", "userdel", "setpriv", "runuser", "sqlite3", "getent",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -215,7 +240,10 @@ fn missing_prerequisite() -> Option<String> {
 async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while_run_writes_and_after() {
     if let Some(why) = missing_prerequisite() {
         // CI runs as root with the tools .ci/run installs: there, skipping would hide a failure.
-        assert!(std::env::var_os("CI").is_none(), "cannot run the install test in CI: {why}");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot run the install test in CI: {why}"
+        );
         println!("skipped: {why}");
         return;
     }
@@ -225,8 +253,14 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     }
 
     let env = TestEnv::with_encounters(71, 120).await;
-    let tag = format!("{:05x}", (std::process::id() ^ OffsetDateTime::now_utc().nanosecond()) & 0xfffff);
-    let root = tempfile::Builder::new().prefix("charthero-install-").tempdir().unwrap();
+    let tag = format!(
+        "{:05x}",
+        (std::process::id() ^ OffsetDateTime::now_utc().nanosecond()) & 0xfffff
+    );
+    let root = tempfile::Builder::new()
+        .prefix("charthero-install-")
+        .tempdir()
+        .unwrap();
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let install = Install {
         service_user: format!("chsvc-{tag}"),
@@ -242,7 +276,10 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     };
     std::fs::create_dir(root.path().join("bin")).unwrap();
     // alice exists before the runbook adds her to the readers; her own group is `users`.
-    sh(&format!("useradd --no-create-home --no-user-group --shell /bin/sh {}", install.analyst));
+    sh(&format!(
+        "useradd --no-create-home --no-user-group --shell /bin/sh {}",
+        install.analyst
+    ));
     for line in RUNBOOK_INSTALL {
         sh(&install.localize(line));
     }
@@ -253,10 +290,22 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     let mut config = std::fs::read_to_string(&config_path).unwrap();
     let start_at = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
     for (from, to) in [
-        ("base_url = \"https://api.example.test\"".to_owned(), format!("base_url = \"{}\"", env.sim.base_url())),
-        ("start_at = \"2026-01-01T00:00:00Z\"".to_owned(), format!("start_at = \"{start_at}\"")),
-        ("schedule = \"0 */5 * * * *\"".to_owned(), "schedule = \"*/2 * * * * *\"".to_owned()),
-        ("requests_per_second = 5.0".to_owned(), "requests_per_second = 2000.0".to_owned()),
+        (
+            "base_url = \"https://api.example.test\"".to_owned(),
+            format!("base_url = \"{}\"", env.sim.base_url()),
+        ),
+        (
+            "start_at = \"2026-01-01T00:00:00Z\"".to_owned(),
+            format!("start_at = \"{start_at}\""),
+        ),
+        (
+            "schedule = \"0 */5 * * * *\"".to_owned(),
+            "schedule = \"*/2 * * * * *\"".to_owned(),
+        ),
+        (
+            "requests_per_second = 5.0".to_owned(),
+            "requests_per_second = 2000.0".to_owned(),
+        ),
         ("burst = 5".to_owned(), "burst = 100".to_owned()),
         ("settle_lag = \"2m\"".to_owned(), "settle_lag = \"0s\"".to_owned()),
     ] {
@@ -269,7 +318,11 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
 
     // The pre-flight check, as the runbook runs it (the key from the environment).
     let out = sh(&install.localize(RUNBOOK_CHECK));
-    assert!(text(&out).contains("everything this configuration needs works"), "{}", text(&out));
+    assert!(
+        text(&out).contains("everything this configuration needs works"),
+        "{}",
+        text(&out)
+    );
 
     // LoadCredential=: a directory only the service can read, holding a copy of the key file.
     let service = ServiceIdentity::from_unit(&install);
@@ -293,7 +346,12 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     // check, sync, status as the service (the shipped api_key_file is root's: skipped).
     for args in [&["check"][..], &["sync"], &["status"]] {
         let out = run_within(as_service(args), Duration::from_secs(120)).await;
-        assert_eq!(out.status.code(), Some(0), "{args:?} as the service: {}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} as the service: {}",
+            text(&out)
+        );
     }
     assert_eq!(analyst_count(&install), Ok(120), "the analyst reads after sync");
 
@@ -303,7 +361,12 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
         let meta = std::fs::metadata(install.state().join(name))
             .unwrap_or_else(|e| panic!("{name} is missing after sync: {e}"));
         assert_eq!(meta.gid(), readers_gid, "{name} is not in the readers group");
-        assert_eq!(meta.mode() & 0o047, 0o040, "{name}: group may read, others nothing ({:o})", meta.mode());
+        assert_eq!(
+            meta.mode() & 0o047,
+            0o040,
+            "{name}: group may read, others nothing ({:o})",
+            meta.mode()
+        );
     }
     // Read-only means read-only.
     let out = analyst_reads(&install, "DELETE FROM encounters;");
@@ -317,7 +380,9 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     let mut reads = 0;
     let mut grew = false;
     while started.elapsed() < Duration::from_secs(12) {
-        env.sim.insert(NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::seconds(1)));
+        env.sim.insert(NewEncounter::at(
+            OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        ));
         match analyst_count(&install) {
             Ok(n) => {
                 reads += 1;
@@ -330,19 +395,31 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     assert!(reads > 10 && grew, "{reads} reads; saw new rows: {grew}");
 
     let mut daemon = cleanup.daemon.take().unwrap();
-    assert!(Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = tokio::task::spawn_blocking(move || {
         let status = daemon.wait().unwrap();
         let mut err = String::new();
         std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut err).ok();
         (status, err)
     });
-    let (status, stderr) = tokio::time::timeout(Duration::from_secs(30), status).await.unwrap().unwrap();
+    let (status, stderr) = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0), "run did not stop cleanly: {stderr}");
 
     // After it stopped: the -wal and -shm files are still there, and the analyst still reads.
     for name in ["warehouse.db-wal", "warehouse.db-shm"] {
-        assert!(install.state().join(name).exists(), "{name} was removed when run stopped");
+        assert!(
+            install.state().join(name).exists(),
+            "{name} was removed when run stopped"
+        );
     }
     let after = analyst_count(&install).expect("the analyst reads after run stopped");
     assert!(after > 120, "{after}");

@@ -4,8 +4,8 @@
 mod api_routes;
 mod cli;
 mod content;
-mod install;
 mod daemon;
+mod install;
 mod replication;
 mod robustness;
 mod support;

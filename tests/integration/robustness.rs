@@ -26,7 +26,11 @@ impl Toml {
         let mut t = Toml(BTreeMap::new());
         let q = |s: &str| format!("\"{s}\"");
         t.set("api", "base_url", q(&env.sim.base_url()));
-        t.set("api", "api_key_file", q(&env.dir.path().join("api-key").display().to_string()));
+        t.set(
+            "api",
+            "api_key_file",
+            q(&env.dir.path().join("api-key").display().to_string()),
+        );
         t.set("api", "request_timeout", q("10s"));
         t.set("database", "path", q(&db.display().to_string()));
         t.set(
@@ -74,67 +78,213 @@ use Expect::{Accepted, Refused};
 type Case = (&'static str, Expect);
 
 const BOUNDARIES: &[(&str, &str, &[Case])] = &[
-    ("api", "connect_timeout", &[
-        ("\"0s\"", Refused), ("\"1ms\"", Accepted), ("\"10m\"", Accepted), ("\"11m\"", Refused),
-        ("\"18446744073709551615s\"", Refused), ("\"99999999999999999999d\"", Refused),
-    ]),
-    ("api", "read_timeout", &[("\"0s\"", Refused), ("\"1h\"", Accepted), ("\"61m\"", Refused)]),
-    ("api", "request_timeout", &[
-        ("\"0s\"", Refused), ("\"24h\"", Accepted), ("\"25h\"", Refused), ("\"213503982334601d\"", Refused),
-    ]),
-    ("api", "max_response_bytes", &[
-        ("-1", Refused), ("0", Refused), ("65535", Refused), ("65536", Accepted), ("1073741824", Accepted),
-        ("1073741825", Refused), ("9223372036854775807", Refused),
-    ]),
-    ("database", "busy_timeout", &[
-        ("\"0s\"", Refused), ("\"1ms\"", Accepted), ("\"1h\"", Accepted), ("\"25d\"", Refused),
-    ]),
-    ("database", "wal_size_limit", &[
-        ("-1", Refused), ("0", Accepted), ("1099511627776", Accepted), ("9223372036854775807", Refused),
-    ]),
-    ("sync", "page_size", &[
-        ("-1", Refused), ("0", Refused), ("1", Accepted), ("100", Accepted), ("101", Refused),
-        ("4294967297", Refused),
-    ]),
-    ("sync", "settle_lag", &[("\"0s\"", Accepted), ("\"7d\"", Accepted), ("\"8d\"", Refused)]),
-    ("sync", "overlap", &[("\"0s\"", Accepted), ("\"365d\"", Accepted), ("\"366d\"", Refused)]),
-    ("sync", "revisit_recent", &[
-        ("\"0s\"", Accepted), ("\"3650d\"", Accepted), ("\"3651d\"", Refused), ("\"106751991167300d\"", Refused),
-    ]),
-    ("sync", "revisit_deep", &[
-        ("\"0s\"", Accepted), ("\"3650d\"", Accepted), ("\"3651d\"", Refused), ("\"106751991167300d\"", Refused),
-    ]),
-    ("sync", "revisit_deep_every", &[
-        ("\"0s\"", Refused), ("\"59s\"", Refused), ("\"1m\"", Accepted), ("\"3650d\"", Accepted),
-        ("\"3651d\"", Refused),
-    ]),
-    ("sync", "start_at", &[
-        ("\"0001-01-01T00:00:00Z\"", Refused), ("\"1969-12-31T23:59:59Z\"", Refused),
-        ("\"1970-01-01T00:00:00Z\"", Accepted), ("\"2199-12-31T00:00:00Z\"", Accepted),
-        ("\"9999-12-31T23:59:59Z\"", Refused),
-    ]),
-    ("limits", "requests_per_second", &[
-        ("1e-30", Refused), ("1e-19", Refused), ("1e-10", Refused), ("0.0", Refused), ("-1.0", Refused),
-        ("nan", Refused), ("inf", Refused), ("1e10", Refused), ("1.7976931348623157e308", Refused),
-        ("0.01", Accepted), ("10000.0", Accepted), ("5", Accepted),
-    ]),
-    ("limits", "burst", &[
-        ("-1", Refused), ("0", Refused), ("1", Accepted), ("1000", Accepted), ("1001", Refused),
-        ("4294967296", Refused),
-    ]),
-    ("limits", "max_in_flight", &[("0", Refused), ("1", Accepted), ("64", Accepted), ("65", Refused)]),
-    ("limits", "max_attempts", &[("0", Refused), ("1", Accepted), ("20", Accepted), ("21", Refused)]),
-    ("limits", "retries_per_cycle", &[
-        ("-1", Refused), ("0", Accepted), ("1000000", Accepted), ("1000001", Refused),
-    ]),
-    ("audio", "max_bytes", &[
-        ("0", Refused), ("1", Accepted), ("68719476736", Accepted), ("68719476737", Refused),
-    ]),
-    ("privacy", "retention", &[
-        ("\"0s\"", Refused), ("\"1d\"", Accepted), ("\"36500d\"", Accepted), ("\"36501d\"", Refused),
-        ("\"213503982334601d\"", Refused),
-    ]),
-    ("metrics", "listen", &[("\"127.0.0.1:65536\"", Refused), ("\"127.0.0.1:99999999999\"", Refused)]),
+    (
+        "api",
+        "connect_timeout",
+        &[
+            ("\"0s\"", Refused),
+            ("\"1ms\"", Accepted),
+            ("\"10m\"", Accepted),
+            ("\"11m\"", Refused),
+            ("\"18446744073709551615s\"", Refused),
+            ("\"99999999999999999999d\"", Refused),
+        ],
+    ),
+    (
+        "api",
+        "read_timeout",
+        &[("\"0s\"", Refused), ("\"1h\"", Accepted), ("\"61m\"", Refused)],
+    ),
+    (
+        "api",
+        "request_timeout",
+        &[
+            ("\"0s\"", Refused),
+            ("\"24h\"", Accepted),
+            ("\"25h\"", Refused),
+            ("\"213503982334601d\"", Refused),
+        ],
+    ),
+    (
+        "api",
+        "max_response_bytes",
+        &[
+            ("-1", Refused),
+            ("0", Refused),
+            ("65535", Refused),
+            ("65536", Accepted),
+            ("1073741824", Accepted),
+            ("1073741825", Refused),
+            ("9223372036854775807", Refused),
+        ],
+    ),
+    (
+        "database",
+        "busy_timeout",
+        &[
+            ("\"0s\"", Refused),
+            ("\"1ms\"", Accepted),
+            ("\"1h\"", Accepted),
+            ("\"25d\"", Refused),
+        ],
+    ),
+    (
+        "database",
+        "wal_size_limit",
+        &[
+            ("-1", Refused),
+            ("0", Accepted),
+            ("1099511627776", Accepted),
+            ("9223372036854775807", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "page_size",
+        &[
+            ("-1", Refused),
+            ("0", Refused),
+            ("1", Accepted),
+            ("100", Accepted),
+            ("101", Refused),
+            ("4294967297", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "settle_lag",
+        &[("\"0s\"", Accepted), ("\"7d\"", Accepted), ("\"8d\"", Refused)],
+    ),
+    (
+        "sync",
+        "overlap",
+        &[
+            ("\"0s\"", Accepted),
+            ("\"365d\"", Accepted),
+            ("\"366d\"", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "revisit_recent",
+        &[
+            ("\"0s\"", Accepted),
+            ("\"3650d\"", Accepted),
+            ("\"3651d\"", Refused),
+            ("\"106751991167300d\"", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "revisit_deep",
+        &[
+            ("\"0s\"", Accepted),
+            ("\"3650d\"", Accepted),
+            ("\"3651d\"", Refused),
+            ("\"106751991167300d\"", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "revisit_deep_every",
+        &[
+            ("\"0s\"", Refused),
+            ("\"59s\"", Refused),
+            ("\"1m\"", Accepted),
+            ("\"3650d\"", Accepted),
+            ("\"3651d\"", Refused),
+        ],
+    ),
+    (
+        "sync",
+        "start_at",
+        &[
+            ("\"0001-01-01T00:00:00Z\"", Refused),
+            ("\"1969-12-31T23:59:59Z\"", Refused),
+            ("\"1970-01-01T00:00:00Z\"", Accepted),
+            ("\"2199-12-31T00:00:00Z\"", Accepted),
+            ("\"9999-12-31T23:59:59Z\"", Refused),
+        ],
+    ),
+    (
+        "limits",
+        "requests_per_second",
+        &[
+            ("1e-30", Refused),
+            ("1e-19", Refused),
+            ("1e-10", Refused),
+            ("0.0", Refused),
+            ("-1.0", Refused),
+            ("nan", Refused),
+            ("inf", Refused),
+            ("1e10", Refused),
+            ("1.7976931348623157e308", Refused),
+            ("0.01", Accepted),
+            ("10000.0", Accepted),
+            ("5", Accepted),
+        ],
+    ),
+    (
+        "limits",
+        "burst",
+        &[
+            ("-1", Refused),
+            ("0", Refused),
+            ("1", Accepted),
+            ("1000", Accepted),
+            ("1001", Refused),
+            ("4294967296", Refused),
+        ],
+    ),
+    (
+        "limits",
+        "max_in_flight",
+        &[("0", Refused), ("1", Accepted), ("64", Accepted), ("65", Refused)],
+    ),
+    (
+        "limits",
+        "max_attempts",
+        &[("0", Refused), ("1", Accepted), ("20", Accepted), ("21", Refused)],
+    ),
+    (
+        "limits",
+        "retries_per_cycle",
+        &[
+            ("-1", Refused),
+            ("0", Accepted),
+            ("1000000", Accepted),
+            ("1000001", Refused),
+        ],
+    ),
+    (
+        "audio",
+        "max_bytes",
+        &[
+            ("0", Refused),
+            ("1", Accepted),
+            ("68719476736", Accepted),
+            ("68719476737", Refused),
+        ],
+    ),
+    (
+        "privacy",
+        "retention",
+        &[
+            ("\"0s\"", Refused),
+            ("\"1d\"", Accepted),
+            ("\"36500d\"", Accepted),
+            ("\"36501d\"", Refused),
+            ("\"213503982334601d\"", Refused),
+        ],
+    ),
+    (
+        "metrics",
+        "listen",
+        &[
+            ("\"127.0.0.1:65536\"", Refused),
+            ("\"127.0.0.1:99999999999\"", Refused),
+        ],
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +317,10 @@ async fn every_numeric_key_at_and_past_its_bounds_is_refused_by_name_or_works_an
                 match expect {
                     Refused => {
                         assert_eq!(code, Some(2), "{what} was not refused: {all}");
-                        assert!(all.contains(&format!("{section}.{key}")), "{what}: the error does not name the key: {all}");
+                        assert!(
+                            all.contains(&format!("{section}.{key}")),
+                            "{what}: the error does not name the key: {all}"
+                        );
                     }
                     Accepted => assert!(
                         matches!(code, Some(0 | 1)),
@@ -229,9 +382,16 @@ async fn a_closed_stdout_and_stderr_never_panic_any_command() {
     for round in 0..3 {
         for (args, expected) in cases {
             let mut cmd = charthero_sync();
-            cmd.arg("--config").arg(&config).args(*args).env("RUST_LOG", "debug");
+            cmd.arg("--config")
+                .arg(&config)
+                .args(*args)
+                .env("RUST_LOG", "debug");
             let code = exit_code_with_closed_output(cmd, Duration::from_secs(60)).await;
-            assert_eq!(code, Some(*expected), "round {round}: {args:?} with closed output");
+            assert_eq!(
+                code,
+                Some(*expected),
+                "round {round}: {args:?} with closed output"
+            );
         }
     }
 }
@@ -280,10 +440,19 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     let dir = tempfile::tempdir().unwrap();
     let sim_dir = dir.path().join("sim");
     let mut cmd = charthero_sync();
-    cmd.args(["simulate", "--encounters", "150", "--days", "5", "--new-every", "0s", "--dir"])
-        .arg(&sim_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "simulate",
+        "--encounters",
+        "150",
+        "--days",
+        "5",
+        "--new-every",
+        "0s",
+        "--dir",
+    ])
+    .arg(&sim_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut sim = Simulate {
@@ -310,9 +479,15 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     assert!(printed.contains("listening at http://127.0.0.1:"), "{printed}");
     let config = sim_dir.join("config.toml");
     let key = sim_dir.join("api-key");
-    assert!(printed.contains(&config.canonicalize().unwrap().display().to_string()), "{printed}");
+    assert!(
+        printed.contains(&config.canonicalize().unwrap().display().to_string()),
+        "{printed}"
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let key_text = std::fs::read_to_string(&key).unwrap();
     assert!(!printed.contains(key_text.trim()), "the key was printed");
 
@@ -329,20 +504,32 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     assert_eq!(n, 150);
 
     let pid = sim.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let started = Instant::now();
     loop {
         if let Some(status) = sim.child.try_wait().unwrap() {
             assert_eq!(status.code(), Some(0));
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "simulate ignored SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "simulate ignored SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // demo and simulate refuse a --config they would ignore.
     let mut cmd = charthero_sync();
-    cmd.arg("--config").arg(&config).args(["simulate", "--dir"]).arg(&sim_dir);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["simulate", "--dir"])
+        .arg(&sim_dir);
     let out = run_within(cmd, Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("drop --config"), "{}", text(&out));
@@ -373,7 +560,10 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
     assert_eq!(out.status.code(), Some(0), "{printed}");
     assert!(printed.contains("queued backfill 1"), "{printed}");
     // The hint names a command that works the queued backfill, not one that makes another.
-    assert!(printed.contains("`charthero-sync sync` works it now"), "{printed}");
+    assert!(
+        printed.contains("`charthero-sync sync` works it now"),
+        "{printed}"
+    );
     assert!(!printed.contains("--backfill-from"), "{printed}");
 
     let status = || {
@@ -395,12 +585,20 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(rows, vec![(1, "completed".to_owned())], "one backfill, worked by sync");
+    assert_eq!(
+        rows,
+        vec![(1, "completed".to_owned())],
+        "one backfill, worked by sync"
+    );
 
     let out = run_within(status(), Duration::from_secs(30)).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let b = &json["backfills"][0];
-    assert_eq!((b["status"].as_str(), b["requested_by"].as_str()), (Some("completed"), Some("backfill")), "{json}");
+    assert_eq!(
+        (b["status"].as_str(), b["requested_by"].as_str()),
+        (Some("completed"), Some("backfill")),
+        "{json}"
+    );
     assert!(b["finished_at"].is_string(), "{json}");
     crate::support::compare(&env.sim, &env.db_path()).assert_empty();
 }
