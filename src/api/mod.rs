@@ -142,7 +142,7 @@ const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
 /// when some arrive up to 10 ms late and the next ones on time.
 fn quota(limits: &Limits) -> anyhow::Result<Quota> {
     let rps = limits.requests_per_second;
-    // `config` bounds requests_per_second (0.01..=10000), so the period is 101 µs..101 s; the
+    // `config` bounds requests_per_second (0.01..=1e6), so the period is 1.01 µs..101 s; the
     // checks below keep a bad value an error instead of a panic or a limiter that never opens.
     let period = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
         .ok()

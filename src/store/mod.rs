@@ -156,9 +156,11 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives the database files the group of their directory and takes every permission away from
-/// others, where this process owns them and they differ. Best effort: a failure is logged, never
-/// fatal (the files stay usable by the writer; only readers would be affected).
+/// Gives the database files (and the writer lock beside them) the group of their directory and
+/// takes every permission away from others, where this process owns them; run as root, it also
+/// hands them to the directory's owner, so that a `sync` an operator ran as root does not leave
+/// files the service can no longer write. Best effort: a failure is logged, never fatal (the
+/// writer can still use the files; only readers would be affected).
 fn share_with_directory_group(path: &Path) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = match path.parent() {
@@ -169,23 +171,25 @@ fn share_with_directory_group(path: &Path) {
         return;
     };
     let group = rustix::fs::Gid::from_raw(dir_meta.gid());
-    let owner = rustix::process::geteuid();
-    for suffix in ["", "-wal", "-shm"] {
+    let dir_owner = rustix::fs::Uid::from_raw(dir_meta.uid());
+    let me = rustix::process::geteuid();
+    for suffix in ["", "-wal", "-shm", ".lock"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
         let file = std::path::PathBuf::from(name);
         let Ok(meta) = std::fs::symlink_metadata(&file) else {
             continue;
         };
-        if !meta.is_file() || (meta.uid() != owner.as_raw() && !owner.is_root()) {
+        if !meta.is_file() || (meta.uid() != me.as_raw() && !me.is_root()) {
             continue;
         }
-        if meta.gid() != group.as_raw()
-            && let Err(e) = rustix::fs::chown(&file, None, Some(group))
+        let owner = (me.is_root() && meta.uid() != dir_owner.as_raw()).then_some(dir_owner);
+        if (owner.is_some() || meta.gid() != group.as_raw())
+            && let Err(e) = rustix::fs::chown(&file, owner, Some(group))
         {
             tracing::warn!(
                 file = %file.display(),
-                "cannot give the database file its directory's group ({e}); readers in that group may not open it"
+                "cannot give the database file its directory's owner and group ({e}); readers in that group may not open it"
             );
         }
         let mode = meta.permissions().mode() & 0o7777;
@@ -462,6 +466,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 6);
+    }
+
+    #[test]
+    fn the_wal_files_outlive_the_writer_and_belong_to_the_directory_owner_and_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Run as root (as CI is), hand the directory to `nobody` first: the files must follow it.
+        let root = rustix::process::geteuid().is_root();
+        let nobody = rustix::fs::Uid::from_raw(65_534);
+        let nogroup = rustix::fs::Gid::from_raw(65_534);
+        if root {
+            rustix::fs::chown(dir.path(), Some(nobody), Some(nogroup)).unwrap();
+        }
+        let path = dir.path().join("w.db");
+        drop(open_writer(&path, Duration::from_secs(1)).unwrap());
+        let dir_meta = std::fs::metadata(dir.path()).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("w.db{suffix}"));
+            let meta = std::fs::metadata(&file).unwrap_or_else(|e| panic!("w.db{suffix} is gone: {e}"));
+            assert_eq!(meta.gid(), dir_meta.gid(), "w.db{suffix}");
+            if root {
+                assert_eq!(meta.uid(), nobody.as_raw(), "w.db{suffix}");
+            }
+            assert_eq!(meta.mode() & 0o007, 0, "w.db{suffix} is open to others");
+        }
     }
 
     #[tokio::test]

@@ -372,6 +372,33 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     let out = analyst_reads(&install, "DELETE FROM encounters;");
     assert!(!out.status.success(), "the analyst could write: {}", text(&out));
 
+    // An operator runs a writing command as root (reading the key file directly): the files
+    // stay the service's, so the daemon can still write them afterwards.
+    let mut as_root = Command::new(install.bin());
+    as_root
+        .args(["--config", &config_arg, "sync"])
+        .env_remove("CHARTHERO_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    let out = run_within(as_root, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(0), "sync as root: {}", text(&out));
+    let service_uid: u32 = String::from_utf8_lossy(&sh(&format!("id -u {}", install.service_user)).stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    for name in [
+        "warehouse.db",
+        "warehouse.db-wal",
+        "warehouse.db-shm",
+        "warehouse.db.lock",
+    ] {
+        let meta = std::fs::metadata(install.state().join(name)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (service_uid, readers_gid),
+            "{name} after a sync as root"
+        );
+    }
+
     // While `run` writes: new encounters arrive, cycles run every 2 s, the analyst keeps reading.
     let mut daemon = as_service(&["run"]);
     daemon.stdout(Stdio::null()).stderr(Stdio::piped());
