@@ -174,8 +174,23 @@ struct Failure {
 
 impl From<charthero_sync::daemon::lock::LockError> for Failure {
     fn from(e: charthero_sync::daemon::lock::LockError) -> Self {
-        let code = match e {
+        use std::io::ErrorKind;
+        let code = match &e {
             charthero_sync::daemon::lock::LockError::Held { .. } => exit::LOCKED,
+            // Where the database may not live is the configuration's fault: a restart cannot
+            // fix it. Anything else (a full disk, an I/O error) may pass.
+            charthero_sync::daemon::lock::LockError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    ErrorKind::NotFound
+                        | ErrorKind::PermissionDenied
+                        | ErrorKind::ReadOnlyFilesystem
+                        | ErrorKind::NotADirectory
+                        | ErrorKind::IsADirectory
+                ) =>
+            {
+                exit::USAGE
+            }
             charthero_sync::daemon::lock::LockError::Io { .. } => exit::CYCLE_FAILED,
         };
         Failure {

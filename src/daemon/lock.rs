@@ -20,7 +20,7 @@ pub enum LockError {
     )]
     Held { database: PathBuf, holder: String },
     /// The OS error is the `source`, printed once by the `{:#}` chain, not also in this message.
-    #[error("cannot use the lock file {path}")]
+    #[error("cannot use the lock file {path} beside `database.path`")]
     Io { path: PathBuf, source: std::io::Error },
 }
 
