@@ -368,7 +368,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 say!("  charthero-sync --config {config} {command}");
             }
             say!("Serving until Ctrl-C.");
-            let stop = cancel_on_signal();
+            let stop = cancel_on_signal_saying("signal received: stopping the simulator");
             simulate::keep_adding(&s.sim, opts.new_every, &stop).await;
             s.sim.shutdown();
             say!("simulator stopped");
@@ -606,6 +606,13 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
 
 /// A token cancelled by the first SIGINT or SIGTERM; a second signal exits at once.
 fn cancel_on_signal() -> CancellationToken {
+    cancel_on_signal_saying(
+        "signal received: finishing the current page, then stopping (signal again to exit now)",
+    )
+}
+
+/// [`cancel_on_signal`], logging `what` when the first signal arrives.
+fn cancel_on_signal_saying(what: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let child = token.clone();
     tokio::spawn(async move {
@@ -621,9 +628,7 @@ fn cancel_on_signal() -> CancellationToken {
                 complain!("second signal: exiting now");
                 std::process::exit(i32::from(exit::CYCLE_FAILED));
             }
-            tracing::warn!(
-                "signal received: finishing the current page, then stopping (signal again to exit now)"
-            );
+            tracing::warn!("{what}");
             child.cancel();
         }
     });
