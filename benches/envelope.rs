@@ -63,8 +63,8 @@ fn config(sim: &Simulator, db: &Path, rps: f64, burst: u32, in_flight: u32) -> R
         charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(31));
     raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = rps;
-    raw.limits.burst = burst;
-    raw.limits.max_in_flight = in_flight;
+    raw.limits.burst = i64::from(burst);
+    raw.limits.max_in_flight = i64::from(in_flight);
     raw
 }
 

@@ -29,7 +29,8 @@ pub const CREDENTIAL_NAME: &str = "charthero-api-key";
 /// A configuration problem, always naming the key (or file) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The OS error is the `source`, printed once by the `{:#}` chain, not also in this message.
+    #[error("cannot read config file {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
@@ -113,7 +114,7 @@ pub struct RawApi {
     pub connect_timeout: String,
     pub read_timeout: String,
     pub request_timeout: String,
-    pub max_response_bytes: u64,
+    pub max_response_bytes: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +122,7 @@ pub struct RawApi {
 pub struct RawDatabase {
     pub path: PathBuf,
     pub busy_timeout: String,
-    pub wal_size_limit: u64,
+    pub wal_size_limit: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +130,7 @@ pub struct RawDatabase {
 pub struct RawSync {
     pub schedule: String,
     pub start_at: String,
-    pub page_size: u32,
+    pub page_size: i64,
     pub settle_lag: String,
     pub overlap: String,
     pub revisit_recent: String,
@@ -142,10 +143,10 @@ pub struct RawSync {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     pub requests_per_second: f64,
-    pub burst: u32,
-    pub max_in_flight: u32,
-    pub max_attempts: u32,
-    pub retries_per_cycle: u32,
+    pub burst: i64,
+    pub max_in_flight: i64,
+    pub max_attempts: i64,
+    pub retries_per_cycle: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,7 +154,7 @@ pub struct RawLimits {
 pub struct RawAudio {
     pub enabled: bool,
     pub directory: PathBuf,
-    pub max_bytes: u64,
+    pub max_bytes: i64,
 }
 
 impl Default for RawAudio {
@@ -284,7 +285,7 @@ impl PrivacyConfig {
 pub struct ContentConfig {
     /// Document detail: note text and ambient metadata.
     pub details: bool,
-    /// Finalized transcripts (needs `details`, which says when a transcript is final).
+    /// Finalized transcripts (the list's document summary says when one is final).
     pub transcripts: bool,
 }
 
@@ -357,27 +358,142 @@ impl Config {
     }
 }
 
+/// The range every numeric key must fall in. Values outside are configuration errors that name
+/// the key, never a panic, an overflow or a limiter that waits for centuries later on. The bounds
+/// are generous: anything outside them is a typo or a misunderstanding, not a use case.
+pub mod bounds {
+    use std::time::Duration;
+
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+
+    /// One request every 100 s at the slowest (slower would make a cycle last days); a million
+    /// per second at the fastest: in effect no limit (the benchmarks measure ingest with it),
+    /// still a period of 1 µs that the limiter can pace.
+    pub const REQUESTS_PER_SECOND: (f64, f64) = (0.01, 1_000_000.0);
+    pub const BURST: (i64, i64) = (1, 1_000);
+    pub const MAX_IN_FLIGHT: (i64, i64) = (1, 64);
+    pub const MAX_ATTEMPTS: (i64, i64) = (1, 20);
+    pub const RETRIES_PER_CYCLE: (i64, i64) = (0, 1_000_000);
+    /// The API's own `limit` range.
+    pub const PAGE_SIZE: (i64, i64) = (1, 100);
+    pub const MAX_RESPONSE_BYTES: (i64, i64) = (64 * 1024, 1 << 30);
+    pub const WAL_SIZE_LIMIT: (i64, i64) = (0, 1 << 40);
+    pub const AUDIO_MAX_BYTES: (i64, i64) = (1, 1 << 36);
+
+    pub const CONNECT_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(10 * MINUTE));
+    pub const READ_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(HOUR));
+    /// A recording download is one request: a day is enough for a gigabyte on a slow line.
+    pub const REQUEST_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(DAY));
+    /// SQLite takes the busy timeout in milliseconds as a C int; an hour is far below that.
+    pub const BUSY_TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(HOUR));
+    pub const SETTLE_LAG: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(7 * DAY));
+    pub const OVERLAP: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(365 * DAY));
+    /// Ten years: every instant computed as `now - horizon` stays a valid timestamp.
+    pub const HORIZON: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_650 * DAY));
+    pub const REVISIT_DEEP_EVERY: (Duration, Duration) =
+        (Duration::from_secs(MINUTE), Duration::from_secs(3_650 * DAY));
+    /// A retention (and `purge --older-than`) of a century at most keeps `now - retention` valid.
+    pub const RETENTION: (Duration, Duration) = (Duration::from_secs(DAY), Duration::from_secs(36_500 * DAY));
+}
+
+/// `value` if it lies in `lo..=hi`, else an error naming `key` and the range.
+fn int_in(key: &'static str, value: i64, (lo, hi): (i64, i64)) -> Result<i64, ConfigError> {
+    if (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between {lo} and {hi} (got {value})"),
+        ))
+    }
+}
+
+/// An integer key converted to the type the program uses, after its range check.
+fn int_as<T: TryFrom<i64>>(key: &'static str, value: i64, range: (i64, i64)) -> Result<T, ConfigError> {
+    T::try_from(int_in(key, value, range)?)
+        .map_err(|_| invalid(key, format!("{value} does not fit this platform")))
+}
+
+/// A duration key parsed and checked against its range.
+fn duration_in(
+    key: &'static str,
+    text: &str,
+    (lo, hi): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, text)?;
+    if d < lo || d > hi {
+        return Err(invalid(
+            key,
+            format!(
+                "must be between {} and {} (got {:?})",
+                format_duration(lo),
+                format_duration(hi),
+                text.trim()
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// A duration in the config's own notation, in its largest exact unit: `0s`, `250ms`, `7d`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if s.is_multiple_of(secs) {
+            return format!("{}{unit}", s / secs);
+        }
+    }
+    format!("{s}s")
+}
+
 impl RawConfig {
     /// Turns the raw document into typed values, naming the key of the first problem found.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let api = ApiConfig {
             base_url: validate_base_url(&self.api.base_url)?,
-            api_key_file: self.api.api_key_file,
-            connect_timeout: parse_positive_duration("api.connect_timeout", &self.api.connect_timeout)?,
-            read_timeout: parse_positive_duration("api.read_timeout", &self.api.read_timeout)?,
-            request_timeout: parse_positive_duration("api.request_timeout", &self.api.request_timeout)?,
-            max_response_bytes: match usize::try_from(self.api.max_response_bytes) {
-                Ok(n) if n >= 64 * 1024 => n,
-                _ => return Err(invalid("api.max_response_bytes", "must be at least 65536")),
-            },
+            api_key_file: self.api.api_key_file.filter(|p| !p.as_os_str().is_empty()),
+            connect_timeout: duration_in(
+                "api.connect_timeout",
+                &self.api.connect_timeout,
+                bounds::CONNECT_TIMEOUT,
+            )?,
+            read_timeout: duration_in("api.read_timeout", &self.api.read_timeout, bounds::READ_TIMEOUT)?,
+            request_timeout: duration_in(
+                "api.request_timeout",
+                &self.api.request_timeout,
+                bounds::REQUEST_TIMEOUT,
+            )?,
+            max_response_bytes: int_as(
+                "api.max_response_bytes",
+                self.api.max_response_bytes,
+                bounds::MAX_RESPONSE_BYTES,
+            )?,
         };
         if self.database.path.as_os_str().is_empty() {
             return Err(invalid("database.path", "must not be empty"));
         }
         let database = DatabaseConfig {
             path: self.database.path,
-            busy_timeout: parse_positive_duration("database.busy_timeout", &self.database.busy_timeout)?,
-            wal_size_limit: self.database.wal_size_limit,
+            busy_timeout: duration_in(
+                "database.busy_timeout",
+                &self.database.busy_timeout,
+                bounds::BUSY_TIMEOUT,
+            )?,
+            wal_size_limit: int_as(
+                "database.wal_size_limit",
+                self.database.wal_size_limit,
+                bounds::WAL_SIZE_LIMIT,
+            )?,
         };
         let sync = SyncConfig {
             schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
@@ -389,48 +505,53 @@ impl RawConfig {
                     ),
                 )
             })?,
-            start_at: timefmt::parse_rfc3339(&self.sync.start_at)
-                .map_err(|e| invalid("sync.start_at", e))?,
-            page_size: match NonZeroU32::new(self.sync.page_size) {
-                Some(n) if n.get() <= 100 => n,
-                _ => return Err(invalid("sync.page_size", "must be between 1 and 100 (the API's limit range)")),
-            },
-            settle_lag: parse_duration("sync.settle_lag", &self.sync.settle_lag)?,
-            overlap: parse_duration("sync.overlap", &self.sync.overlap)?,
-            revisit_recent: parse_duration("sync.revisit_recent", &self.sync.revisit_recent)?,
-            revisit_deep: parse_duration("sync.revisit_deep", &self.sync.revisit_deep)?,
-            revisit_deep_every: parse_positive_duration(
+            start_at: timefmt::parse_operator_instant(&self.sync.start_at).map_err(|e| invalid("sync.start_at", e))?,
+            page_size: NonZeroU32::new(int_as("sync.page_size", self.sync.page_size, bounds::PAGE_SIZE)?)
+                .ok_or_else(|| invalid("sync.page_size", "must not be 0"))?,
+            settle_lag: duration_in("sync.settle_lag", &self.sync.settle_lag, bounds::SETTLE_LAG)?,
+            overlap: duration_in("sync.overlap", &self.sync.overlap, bounds::OVERLAP)?,
+            revisit_recent: duration_in("sync.revisit_recent", &self.sync.revisit_recent, bounds::HORIZON)?,
+            revisit_deep: duration_in("sync.revisit_deep", &self.sync.revisit_deep, bounds::HORIZON)?,
+            revisit_deep_every: duration_in(
                 "sync.revisit_deep_every",
                 &self.sync.revisit_deep_every,
+                bounds::REVISIT_DEEP_EVERY,
             )?,
             audit_every: parse_duration("sync.audit_every", &self.sync.audit_every)?,
         };
         let rps = self.limits.requests_per_second;
-        if !(rps.is_finite() && rps > 0.0) {
-            return Err(invalid("limits.requests_per_second", "must be a positive number"));
+        let (lo, hi) = bounds::REQUESTS_PER_SECOND;
+        // `contains` is false for NaN, so NaN and the infinities are refused here too.
+        if !(lo..=hi).contains(&rps) {
+            return Err(invalid(
+                "limits.requests_per_second",
+                format!("must be between {lo} and {hi} (got {rps:?})"),
+            ));
         }
+        let nonzero_u32 =
+            |key: &'static str, value: i64, range: (i64, i64)| -> Result<NonZeroU32, ConfigError> {
+                NonZeroU32::new(int_as(key, value, range)?).ok_or_else(|| invalid(key, "must not be 0"))
+            };
         let limits = Limits {
             requests_per_second: rps,
-            burst: NonZeroU32::new(self.limits.burst)
-                .ok_or_else(|| invalid("limits.burst", "must be at least 1"))?,
-            max_in_flight: NonZeroUsize::new(self.limits.max_in_flight as usize)
-                .ok_or_else(|| invalid("limits.max_in_flight", "must be at least 1"))?,
-            max_attempts: NonZeroU32::new(self.limits.max_attempts)
-                .ok_or_else(|| invalid("limits.max_attempts", "must be at least 1"))?,
-            retries_per_cycle: self.limits.retries_per_cycle,
+            burst: nonzero_u32("limits.burst", self.limits.burst, bounds::BURST)?,
+            max_in_flight: NonZeroUsize::new(int_as(
+                "limits.max_in_flight",
+                self.limits.max_in_flight,
+                bounds::MAX_IN_FLIGHT,
+            )?)
+            .ok_or_else(|| invalid("limits.max_in_flight", "must not be 0"))?,
+            max_attempts: nonzero_u32(
+                "limits.max_attempts",
+                self.limits.max_attempts,
+                bounds::MAX_ATTEMPTS,
+            )?,
+            retries_per_cycle: int_as(
+                "limits.retries_per_cycle",
+                self.limits.retries_per_cycle,
+                bounds::RETRIES_PER_CYCLE,
+            )?,
         };
-        if self.content.transcripts && !self.content.details {
-            return Err(invalid(
-                "content.transcripts",
-                "needs content.details = true (the document detail says when a transcript is final)",
-            ));
-        }
-        if self.audio.enabled && !self.content.details {
-            return Err(invalid(
-                "audio.enabled",
-                "needs content.details = true (the document detail says when a recording is final)",
-            ));
-        }
         let content = ContentConfig {
             details: self.content.details,
             transcripts: self.content.transcripts,
@@ -441,13 +562,10 @@ impl RawConfig {
                 "must be set when audio.enabled = true",
             ));
         }
-        if self.audio.max_bytes == 0 {
-            return Err(invalid("audio.max_bytes", "must be greater than zero"));
-        }
         let audio = AudioConfig {
             enabled: self.audio.enabled,
             directory: self.audio.directory,
-            max_bytes: self.audio.max_bytes,
+            max_bytes: int_as("audio.max_bytes", self.audio.max_bytes, bounds::AUDIO_MAX_BYTES)?,
         };
         let privacy = PrivacyConfig {
             patient_names: self.privacy.patient_names,
@@ -466,7 +584,7 @@ impl RawConfig {
             transcript_text: self.privacy.transcript_text,
             retention: match self.privacy.retention.trim() {
                 "" => None,
-                text => Some(parse_positive_duration("privacy.retention", text)?),
+                text => Some(duration_in("privacy.retention", text, bounds::RETENTION)?),
             },
         };
         Ok(Config {
@@ -555,12 +673,9 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
         .ok_or_else(|| invalid(key, format!("{text:?} is too large")))
 }
 
-fn parse_positive_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    let d = parse_duration(key, text)?;
-    if d.is_zero() {
-        return Err(invalid(key, "must be greater than zero"));
-    }
-    Ok(d)
+/// `purge --older-than`: a duration in the range of `privacy.retention`.
+pub fn parse_age(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    duration_in(key, text, bounds::RETENTION)
 }
 
 /// Where the API key was found; reported in logs so operators can tell which source won.
@@ -582,9 +697,14 @@ impl fmt::Display for KeySource {
 }
 
 /// Resolves the API key: `api_key_file`, then `CHARTHERO_API_KEY`, then
-/// `$CREDENTIALS_DIRECTORY/charthero-api-key`; first found wins. A configured file that does not
-/// exist falls through to the next source (under systemd the key usually arrives as a
-/// credential); one that exists but is readable by group or others is refused.
+/// `$CREDENTIALS_DIRECTORY/charthero-api-key`; the first source that yields a key wins.
+///
+/// A configured file that does not exist, or that this user may not read, is skipped: under
+/// systemd the key file is root's (`/etc/charthero-sync/api-key`, mode 0600) and reaches the
+/// service as a credential, so the shipped configuration works both for root (who reads the file)
+/// and for the service (which reads the credential). A file this user *can* read but that is
+/// accessible by group or others is refused. When no source yields a key, the error says why
+/// each one did not.
 pub fn load_api_key(api: &ApiConfig) -> Result<(ApiKey, KeySource), ConfigError> {
     load_api_key_from(
         api,
@@ -598,37 +718,86 @@ fn load_api_key_from(
     env_key: Option<String>,
     credentials_dir: Option<PathBuf>,
 ) -> Result<(ApiKey, KeySource), ConfigError> {
-    if let Some(path) = &api.api_key_file
-        && let Some(key) = read_key_file(path)?
-    {
-        return Ok((key, KeySource::File(path.clone())));
+    let mut skipped = Vec::new();
+    let mut unreadable_file = None;
+    match &api.api_key_file {
+        None => skipped.push("api_key_file (not set)".to_owned()),
+        Some(path) => match read_key_file(path)? {
+            KeyFile::Found(key) => return Ok((key, KeySource::File(path.clone()))),
+            KeyFile::Missing => skipped.push(format!("api_key_file {} (does not exist)", path.display())),
+            KeyFile::Unreadable(e) => {
+                skipped.push(format!(
+                    "api_key_file {} (not readable by this user: {e})",
+                    path.display()
+                ));
+                unreadable_file = Some(path);
+            }
+        },
     }
-    if let Some(text) = env_key {
+    let found = if let Some(text) = env_key {
         let key = ApiKey::new(&text)
             .ok_or_else(|| ConfigError::ApiKey(format!("{API_KEY_ENV} is set but empty")))?;
-        return Ok((key, KeySource::Env));
-    }
-    if let Some(dir) = credentials_dir {
-        let path = dir.join(CREDENTIAL_NAME);
-        if let Some(key) = read_key_file(&path)? {
-            return Ok((key, KeySource::Credential(path)));
+        Some((key, KeySource::Env))
+    } else {
+        skipped.push(format!("${API_KEY_ENV} (not set)"));
+        match credentials_dir {
+            None => {
+                skipped.push(format!(
+                    "$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (CREDENTIALS_DIRECTORY not set)"
+                ));
+                None
+            }
+            Some(dir) => {
+                let path = dir.join(CREDENTIAL_NAME);
+                match read_key_file(&path)? {
+                    KeyFile::Found(key) => Some((key, KeySource::Credential(path))),
+                    KeyFile::Missing => {
+                        skipped.push(format!("{} (does not exist)", path.display()));
+                        None
+                    }
+                    KeyFile::Unreadable(e) => {
+                        skipped.push(format!("{} (not readable by this user: {e})", path.display()));
+                        None
+                    }
+                }
+            }
         }
+    };
+    match found {
+        Some((key, source)) => {
+            if let Some(path) = unreadable_file {
+                tracing::info!(
+                    "api_key_file {} is not readable by this user; using the {source} instead",
+                    path.display()
+                );
+            }
+            Ok((key, source))
+        }
+        None => Err(ConfigError::ApiKey(format!(
+            "no API key found: looked in {}",
+            skipped.join(", ")
+        ))),
     }
-    let file = api.api_key_file.as_ref().map_or_else(
-        || "api_key_file (not set)".to_owned(),
-        |p| format!("api_key_file {}", p.display()),
-    );
-    Err(ConfigError::ApiKey(format!(
-        "no API key found: looked in {file}, ${API_KEY_ENV}, and $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"
-    )))
 }
 
-/// Reads a key file; `Ok(None)` when it does not exist.
-fn read_key_file(path: &Path) -> Result<Option<ApiKey>, ConfigError> {
+/// What a key file gave.
+enum KeyFile {
+    Found(ApiKey),
+    Missing,
+    /// Exists, but this user may not read it (or reach it).
+    Unreadable(std::io::ErrorKind),
+}
+
+/// Reads a key file, refusing one that group or others may access.
+fn read_key_file(path: &Path) -> Result<KeyFile, ConfigError> {
+    use std::io::ErrorKind;
     use std::os::unix::fs::PermissionsExt;
+    // The io::Error's own text is not appended to messages below that already name the kind:
+    // "Permission denied (os error 13)" once is enough.
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(KeyFile::Missing),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(KeyFile::Unreadable(e.kind())),
         Err(e) => {
             return Err(ConfigError::ApiKey(format!(
                 "cannot read API key file {}: {e}",
@@ -644,10 +813,18 @@ fn read_key_file(path: &Path) -> Result<Option<ApiKey>, ConfigError> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::ApiKey(format!("cannot read API key file {}: {e}", path.display())))?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(KeyFile::Unreadable(e.kind())),
+        Err(e) => {
+            return Err(ConfigError::ApiKey(format!(
+                "cannot read API key file {}: {e}",
+                path.display()
+            )));
+        }
+    };
     ApiKey::new(&text)
-        .map(Some)
+        .map(KeyFile::Found)
         .ok_or_else(|| ConfigError::ApiKey(format!("API key file {} is empty", path.display())))
 }
 
@@ -701,6 +878,79 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn integer_keys_accept_their_bounds_and_refuse_one_past_them_by_name() {
+        let cases = [
+            ("api", "max_response_bytes", bounds::MAX_RESPONSE_BYTES),
+            ("database", "wal_size_limit", bounds::WAL_SIZE_LIMIT),
+            ("sync", "page_size", bounds::PAGE_SIZE),
+            ("limits", "burst", bounds::BURST),
+            ("limits", "max_in_flight", bounds::MAX_IN_FLIGHT),
+            ("limits", "max_attempts", bounds::MAX_ATTEMPTS),
+            ("limits", "retries_per_cycle", bounds::RETRIES_PER_CYCLE),
+            ("audio", "max_bytes", bounds::AUDIO_MAX_BYTES),
+        ];
+        for (section, key, (lo, hi)) in cases {
+            for ok in [lo, hi] {
+                let text = format!("[{section}]\n{key} = {ok}\n");
+                assert!(parse(&text).is_ok(), "{text}");
+            }
+            for bad in [lo - 1, hi + 1, i64::MIN, i64::MAX] {
+                let text = format!("[{section}]\n{key} = {bad}\n");
+                let err = parse(&text).unwrap_err().to_string();
+                assert!(err.contains(&format!("{section}.{key}")), "{text}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_per_second_outside_its_range_is_refused_by_name() {
+        for bad in [
+            "1e-30",
+            "1e-19",
+            "1e-10",
+            "0.0",
+            "-0.0",
+            "-5.0",
+            "nan",
+            "inf",
+            "-inf",
+            "1e10",
+            "1000000.5",
+        ] {
+            let err = parse(&format!("[limits]\nrequests_per_second = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("limits.requests_per_second"), "{bad}: {err}");
+        }
+        for ok in ["0.01", "1000000", "5"] {
+            assert!(
+                parse(&format!("[limits]\nrequests_per_second = {ok}\n")).is_ok(),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_outside_their_range_are_refused_by_name_and_the_range_is_stated() {
+        let err = parse("[sync]\nsettle_lag = \"8d\"").unwrap_err().to_string();
+        assert!(
+            err.contains("sync.settle_lag") && err.contains("between 0s and 7d"),
+            "{err}"
+        );
+        let err = parse("[api]\nrequest_timeout = \"0s\"").unwrap_err().to_string();
+        assert!(
+            err.contains("api.request_timeout") && err.contains("1ms and 1d"),
+            "{err}"
+        );
+        let err = parse("[privacy]\nretention = \"213503982334601d\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("privacy.retention"), "{err}");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(7_200)), "2h");
     }
 
     #[test]
@@ -767,6 +1017,8 @@ mod tests {
 
         let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
         assert!(err.contains("no API key found"), "{err}");
+        assert!(err.contains("missing (does not exist)"), "{err}");
+        assert!(err.contains("CREDENTIALS_DIRECTORY not set"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //!
 //! Module map: [`config`] (TOML → validated config, API key sources), [`api`] (HTTP client and
 //! wire types), [`sync`] (windows, paging, change detection), [`store`] (SQLite, migrations,
-//! upserts, the writer thread), [`demo`] (the built-in simulator walkthrough).
+//! upserts, the writer thread), [`demo`] (the built-in simulator walkthrough), [`simulate`] (the
+//! simulator served for the real commands to be pointed at).
+
+// `print!`/`println!` and their stderr twins panic when the stream is closed (EPIPE, e.g.
+// `charthero-sync status 2>&1 | head -1`); output goes through `writeln!` with the error ignored.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod api;
 pub mod check;
@@ -15,6 +20,7 @@ pub mod exit;
 pub mod metrics;
 pub mod plan;
 pub mod secret;
+pub mod simulate;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -1,10 +1,15 @@
 //! The `charthero-sync` binary: parses the command line, loads configuration, sets up logging,
 //! calls into the library, and maps errors to the documented exit codes.
 
+// `print!`/`println!` and their stderr twins panic when the stream is closed (EPIPE, e.g.
+// `charthero-sync status 2>&1 | head -1`); output goes through `writeln!` with the error ignored.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -12,17 +17,20 @@ use charthero_sync::config::{self, Config, ConfigError};
 use charthero_sync::daemon::lock::WriterLock;
 use charthero_sync::daemon::notify::Notifier;
 use charthero_sync::sync::{BackfillRange, CycleError};
-use charthero_sync::{demo, exit, store, timefmt};
+use charthero_sync::{demo, exit, simulate, store, timefmt};
 
 #[derive(Parser)]
 #[command(
     name = "charthero-sync",
     version,
-    about = "Replicate ChartHero encounters into a SQLite warehouse"
+    about = "Replicate ChartHero encounters into a SQLite warehouse",
+    after_help = "Timestamps are RFC 3339 with an offset, e.g. 2026-01-01T00:00:00Z; durations are an integer \
+                  and a unit (ms, s, m, h, d), e.g. 90s, 24h, 365d. Exit codes: 0 ok, 1 failed or work left \
+                  undone, 2 bad usage or configuration, 3 API key refused, 4 another process writes the warehouse."
 )]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, global = true, env = "CHARTHERO_SYNC_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+    /// Configuration file (TOML); see config.example.toml. Not read by `demo` and `simulate`.
+    #[arg(long, global = true, value_name = "PATH", env = "CHARTHERO_SYNC_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -32,75 +40,141 @@ struct Cli {
 enum Command {
     /// Run as a daemon: apply migrations, then sync on the configured schedule until SIGTERM.
     Run {
-        /// Queue a backfill of this created_at range at start (RFC 3339).
-        #[arg(long, value_parser = parse_timestamp)]
+        /// Queue a backfill of encounters created from this instant at start (RFC 3339, e.g.
+        /// 2026-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         backfill_from: Option<OffsetDateTime>,
-        #[arg(long, value_parser = parse_timestamp, requires = "backfill_from")]
+        /// End of that backfill, exclusive (RFC 3339); default: now.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp, requires = "backfill_from")]
         backfill_to: Option<OffsetDateTime>,
     },
-    /// Run one complete sync cycle now, then exit.
+    /// Run one complete sync cycle now, queued backfills included, then exit (0 only if nothing
+    /// was left undone).
     Sync {
-        /// Also re-scan this created_at range completely (RFC 3339).
-        #[arg(long, value_parser = parse_timestamp)]
+        /// Also re-scan encounters created from this instant completely (RFC 3339, e.g.
+        /// 2026-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         backfill_from: Option<OffsetDateTime>,
-        #[arg(long, value_parser = parse_timestamp, requires = "backfill_from")]
+        /// End of that re-scan, exclusive (RFC 3339); default: now.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp, requires = "backfill_from")]
         backfill_to: Option<OffsetDateTime>,
         /// Also re-check the totals of all completed history against the warehouse and
         /// re-scan only the ranges that differ (resumes an unfinished audit).
         #[arg(long)]
         audit: bool,
     },
-    /// Queue a backfill for a running daemon to pick up.
+    /// Queue a backfill for `run` (or the next `sync`) to work; prints its id.
     Backfill {
-        #[arg(long, value_parser = parse_timestamp)]
+        /// Re-scan encounters created from this instant (RFC 3339, e.g. 2026-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         from: OffsetDateTime,
-        #[arg(long, value_parser = parse_timestamp)]
+        /// Up to this instant, exclusive (RFC 3339); default: now.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         to: Option<OffsetDateTime>,
     },
-    /// Show recent runs, watermarks, lag and row counts.
+    /// Show recent runs, watermarks, lag, row counts, backfills and the last error.
     Status {
+        /// Print one JSON object instead of text (for scripts and monitoring).
         #[arg(long)]
         json: bool,
     },
-    /// Validate the configuration, reach the API, and probe which routes and scopes work.
+    /// Validate the configuration and the database location, reach the API, and probe which
+    /// routes and scopes work.
     Check,
+    /// Estimate the first backfill — encounters, requests and hours at the configured rate —
+    /// from one `limit=1` request per month of the range and three sample pages.
+    Plan {
+        /// Print the estimate as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Remove encounters completely (rows, search entries, history, recordings): those older
     /// than --older-than (default: privacy.retention), or created in --from .. --to.
     Purge {
-        #[arg(long, value_parser = parse_age, conflicts_with_all = ["from", "to"])]
+        /// Age of the encounters to remove, by created_at: an integer and a unit (ms, s, m, h, d),
+        /// e.g. 365d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_age, conflicts_with_all = ["from", "to"])]
         older_than: Option<std::time::Duration>,
-        #[arg(long, value_parser = parse_timestamp)]
+        /// Remove encounters created from this instant (RFC 3339, e.g. 2026-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         from: Option<OffsetDateTime>,
-        #[arg(long, value_parser = parse_timestamp, requires = "from")]
+        /// Up to this instant, exclusive (RFC 3339); default: now.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp, requires = "from")]
         to: Option<OffsetDateTime>,
     },
     /// Rebuild the full-text search indexes over transcript turns and note text.
     Reindex,
     /// Start the built-in ChartHero simulator and sync it into a local demo database.
     Demo {
-        /// Where to write the demo warehouse.
-        #[arg(long, default_value = "charthero-demo.db")]
+        /// Where to write the demo warehouse (a file an earlier `demo` created is replaced).
+        #[arg(long, value_name = "PATH", default_value = "charthero-demo.db")]
         database: PathBuf,
-        /// How many encounters the simulator generates.
-        #[arg(long, default_value_t = 3_000)]
-        encounters: usize,
-        /// Over how many days before now they were created.
-        #[arg(long, default_value_t = 60)]
-        days: i64,
-        /// Seed of the synthetic dataset.
-        #[arg(long, default_value_t = 42)]
+        /// How many encounters the simulator generates (1 to 1000000).
+        #[arg(long, value_name = "N", default_value_t = 3_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        encounters: u32,
+        /// Over how many days before now they were created (1 to 3650).
+        #[arg(long, value_name = "DAYS", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// Seed of the synthetic dataset (any unsigned 64-bit integer).
+        #[arg(long, value_name = "N", default_value_t = 42)]
         seed: u64,
+    },
+    /// Serve the built-in ChartHero simulator on loopback until Ctrl-C, with an API key file and
+    /// a ready configuration file, to try `check`, `sync`, `run` and `status` against.
+    Simulate {
+        /// Directory for the key file (api-key), the configuration (config.toml) and the
+        /// warehouse (warehouse.db); created if missing.
+        #[arg(long, value_name = "DIR", default_value = "charthero-simulator")]
+        dir: PathBuf,
+        /// How many encounters the simulator starts with (0 to 1000000).
+        #[arg(long, value_name = "N", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        encounters: u32,
+        /// Over how many days before now they were created (1 to 3650).
+        #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// Seed of the synthetic dataset (any unsigned 64-bit integer).
+        #[arg(long, value_name = "N", default_value_t = 42)]
+        seed: u64,
+        /// Add a new encounter this often while serving: an integer and a unit (ms, s, m, h, d),
+        /// e.g. 30s; 0s adds none.
+        #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_interval)]
+        new_every: std::time::Duration,
     },
 }
 
 fn parse_timestamp(text: &str) -> Result<OffsetDateTime, String> {
-    timefmt::parse_rfc3339(text)
+    timefmt::parse_operator_instant(text)
 }
 
 fn parse_age(text: &str) -> Result<std::time::Duration, String> {
-    config::parse_duration("--older-than", text).map_err(|e| e.to_string())
+    config::parse_age("--older-than", text).map_err(|e| e.to_string())
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = config::parse_duration("--new-every", text).map_err(|e| e.to_string())?;
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err("must be at most 1d".to_owned());
+    }
+    Ok(d)
+}
+
+/// Writes a line to stdout. A closed stdout (`charthero-sync status | head -1`) must not panic
+/// the way `println!` does on EPIPE: the output is dropped and the command finishes normally.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// [`say!`] for stderr: a closed stderr (`... 2>&1 | head -1`) is ignored, never a panic.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
 }
 
 /// An error on its way to an exit code.
@@ -111,12 +185,36 @@ struct Failure {
 
 impl From<charthero_sync::daemon::lock::LockError> for Failure {
     fn from(e: charthero_sync::daemon::lock::LockError) -> Self {
-        let code = match e {
+        use std::io::ErrorKind;
+        let code = match &e {
             charthero_sync::daemon::lock::LockError::Held { .. } => exit::LOCKED,
+            // Where the database may not live is the configuration's fault: a restart cannot
+            // fix it. Anything else (a full disk, an I/O error) may pass.
+            charthero_sync::daemon::lock::LockError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    ErrorKind::NotFound
+                        | ErrorKind::PermissionDenied
+                        | ErrorKind::ReadOnlyFilesystem
+                        | ErrorKind::NotADirectory
+                        | ErrorKind::IsADirectory
+                ) =>
+            {
+                exit::USAGE
+            }
             charthero_sync::daemon::lock::LockError::Io { .. } => exit::CYCLE_FAILED,
         };
         Failure {
             code,
+            error: e.into(),
+        }
+    }
+}
+
+impl From<store::LocationError> for Failure {
+    fn from(e: store::LocationError) -> Self {
+        Failure {
+            code: exit::USAGE,
             error: e.into(),
         }
     }
@@ -163,15 +261,17 @@ fn prepare_writer(
     what: &str,
 ) -> Result<(Config, charthero_sync::secret::ApiKey, WriterLock), Failure> {
     let config = Config::load(path)?;
+    store::check_location(&config.database.path)?;
     let (key, source) = config::load_api_key(&config.api)?;
     tracing::info!(%source, "API key loaded");
     let lock = WriterLock::acquire(&config.database.path, what)?;
     Ok((config, key, lock))
 }
 
-/// The backfill range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults
-/// to now and must be after the start.
-fn backfill_range(
+/// The range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults to now and
+/// must be after the start. `what` names the range in the error ("backfill", "purge").
+fn created_range(
+    what: &str,
     from: Option<OffsetDateTime>,
     to: Option<OffsetDateTime>,
 ) -> Result<Option<BackfillRange>, Failure> {
@@ -181,7 +281,7 @@ fn backfill_range(
         return Err(Failure {
             code: exit::USAGE,
             error: anyhow::anyhow!(
-                "the backfill start ({}) must be before its end ({})",
+                "the {what} start ({}) must be before its end ({})",
                 timefmt::format_utc(start),
                 timefmt::format_utc(end)
             ),
@@ -190,26 +290,46 @@ fn backfill_range(
     Ok(Some(BackfillRange { start, end }))
 }
 
+/// `demo` and `simulate` make their own configuration; a `--config` given to them on the command
+/// line would be silently ignored, so it is refused instead. (`CHARTHERO_SYNC_CONFIG` in the
+/// environment is meant for the other commands and is ignored.)
+fn refuse_config_flag(command: &str, given: bool) -> Result<(), Failure> {
+    if given {
+        return Err(Failure {
+            code: exit::USAGE,
+            error: anyhow::anyhow!(
+                "`{command}` does not read a configuration file (it runs the built-in simulator with its own); drop --config"
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let config_flag_given = matches.value_source("config") == Some(ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     charthero_sync::telemetry::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            complain!("error: cannot start the async runtime: {e}");
             return ExitCode::from(exit::CYCLE_FAILED);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, config_flag_given)) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            complain!("error: {:#}", f.error);
             ExitCode::from(f.code)
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<(), Failure> {
+async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
     match cli.command {
         Command::Demo {
             database,
@@ -217,10 +337,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             days,
             seed,
         } => {
+            refuse_config_flag("demo", config_flag_given)?;
             let opts = demo::DemoOptions {
                 database,
-                encounters,
-                days,
+                encounters: encounters as usize,
+                days: i64::from(days),
                 seed,
             };
             let cancel = cancel_on_signal();
@@ -228,11 +349,48 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             print_demo_summary(&summary);
             Ok(())
         }
+        Command::Simulate {
+            dir,
+            encounters,
+            days,
+            seed,
+            new_every,
+        } => {
+            refuse_config_flag("simulate", config_flag_given)?;
+            let opts = simulate::SimulateOptions {
+                dir,
+                encounters: encounters as usize,
+                days,
+                seed,
+                new_every,
+            };
+            let s = simulate::start(&opts).await?;
+            let config = s.config_file.display();
+            say!(
+                "ChartHero simulator listening at {} ({} encounters)",
+                s.base_url,
+                encounters
+            );
+            say!("  API key file:  {} (mode 0600)", s.key_file.display());
+            say!("  configuration: {config}");
+            say!("  warehouse:     {} (kept between runs)", s.database.display());
+            say!("Try, in another terminal:");
+            for command in ["check", "sync", "status", "run"] {
+                say!("  charthero-sync --config {config} {command}");
+            }
+            say!("Serving until Ctrl-C.");
+            let stop = cancel_on_signal_saying("signal received: stopping the simulator");
+            simulate::keep_adding(&s.sim, opts.new_every, &stop).await;
+            s.sim.shutdown();
+            say!("simulator stopped");
+            Ok(())
+        }
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
+            store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
             store::open_writer(&config.database.path, config.database.busy_timeout)?;
-            println!("database {} is up to date", config.database.path.display());
+            say!("database {} is up to date", config.database.path.display());
             Ok(())
         }
         Command::Sync {
@@ -240,7 +398,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             backfill_to,
             audit,
         } => {
-            let backfill = backfill_range(backfill_from, backfill_to)?;
+            let backfill = created_range("backfill", backfill_from, backfill_to)?;
             let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync sync")?;
             let cancel = cancel_on_signal();
             let report = charthero_sync::sync_once(
@@ -252,7 +410,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             )
             .await?;
             let c = report.counts;
-            println!(
+            say!(
                 "sync {}: {} new, {} changed, {} unchanged, {} removed encounters; {} documents, {} transcripts, \
                  {} recordings fetched; {} list requests, {} retries; complete through {}",
                 if report.is_complete() {
@@ -277,11 +435,16 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure {
                     code: exit::CYCLE_FAILED,
                     error: anyhow::anyhow!(
-                        "the cycle left work undone: {} item(s) dead-lettered (retried next cycle){}",
+                        "the cycle left work undone: {} item(s) dead-lettered (retried next cycle){}{}",
                         c.dead_letters,
                         report
                             .disabled_routes
-                            .map_or_else(String::new, |d| format!("; routes closed to this key: {d}"))
+                            .map_or_else(String::new, |d| format!("; routes closed to this key: {d}")),
+                        if report.backfills_pending {
+                            "; a backfill queued during the cycle is still waiting (see `status`)"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }
@@ -291,7 +454,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             backfill_from,
             backfill_to,
         } => {
-            let backfill = backfill_range(backfill_from, backfill_to)?;
+            let backfill = created_range("backfill", backfill_from, backfill_to)?;
             let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync run")?;
             let ctx = charthero_sync::connect(&config, &key)?;
             if let Some(r) = backfill {
@@ -319,8 +482,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Backfill { from, to } => {
-            let range = backfill_range(Some(from), to)?.expect("from is given");
+            let Some(range) = created_range("backfill", Some(from), to)? else {
+                unreachable!("a range with a start is always returned")
+            };
             let config = Config::load(&cli.config)?;
+            store::check_location(&config.database.path)?;
             let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             let id = store::queue_backfill(
                 &conn,
@@ -329,15 +495,15 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 "backfill",
                 OffsetDateTime::now_utc(),
             )?;
-            println!(
+            say!(
                 "queued backfill {id}: {} .. {}",
                 timefmt::format_utc(range.start),
                 timefmt::format_utc(range.end)
             );
             if WriterLock::acquire(&config.database.path, "charthero-sync backfill (probe)").is_ok() {
-                println!(
-                    "note: no daemon is running on this warehouse; `charthero-sync run` will pick the backfill up, \
-                     or run `charthero-sync sync --backfill-from ...` now"
+                say!(
+                    "note: no daemon is running on this warehouse; `charthero-sync run` will pick backfill {id} up, \
+                     or `charthero-sync sync` works it now"
                 );
             }
             Ok(())
@@ -353,21 +519,25 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .into());
             }
             let conn = store::open_reader(path, config.database.busy_timeout)?;
-            let status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
+            let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
+            status.estimate_backfills(&conn, &config)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
                 );
             } else {
-                print!("{}", status.render());
+                say!("{}", status.render().trim_end());
             }
             Ok(())
         }
         Command::Purge { older_than, from, to } => {
             let config = Config::load(&cli.config)?;
             let (range, reason) = match (from, older_than.or(config.privacy.retention)) {
-                (Some(_), _) => (backfill_range(from, to)?.expect("from is given"), "range"),
+                (Some(start), _) => match created_range("purge", Some(start), to)? {
+                    Some(range) => (range, "range"),
+                    None => unreachable!("a range with a start is always returned"),
+                },
                 (None, Some(age)) => (
                     BackfillRange {
                         start: OffsetDateTime::UNIX_EPOCH,
@@ -384,10 +554,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     });
                 }
             };
+            store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
             let mut conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             let c = charthero_sync::purge(&mut conn, &config.audio.directory, range, reason)?;
-            println!(
+            say!(
                 "purged encounters created {} .. {}: {} encounters, {} documents, {} transcripts ({} turns), \
                  {} recordings, {} history rows",
                 timefmt::format_utc(range.start),
@@ -403,21 +574,51 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reindex => {
             let config = Config::load(&cli.config)?;
+            store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
             let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
             store::rebuild_search(&conn)?;
-            println!("search indexes rebuilt");
+            say!("search indexes rebuilt");
+            Ok(())
+        }
+        Command::Plan { json } => {
+            let config = Config::load(&cli.config)?;
+            let (key, _) = config::load_api_key(&config.api)?;
+            let client = charthero_sync::api::Client::new(&config.api, &config.limits, &key)?;
+            let plan = charthero_sync::plan::estimate(&config, &client, OffsetDateTime::now_utc())
+                .await
+                .map_err(|e| Failure {
+                    code: if e.is_auth() {
+                        exit::AUTH_REFUSED
+                    } else {
+                        exit::CYCLE_FAILED
+                    },
+                    error: anyhow::anyhow!("cannot estimate the backfill: {e}"),
+                })?;
+            if json {
+                say!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).map_err(anyhow::Error::from)?
+                );
+            } else {
+                say!("{}", plan.render().trim_end());
+            }
             Ok(())
         }
         Command::Check => {
             let config = Config::load(&cli.config)?;
-            println!("config           ok      {}", cli.config.display());
+            say!("config           ok      {}", cli.config.display());
+            let location = store::check_location(&config.database.path);
+            match &location {
+                Ok(()) => say!("database.path    ok      {}", config.database.path.display()),
+                Err(e) => say!("database.path    FAILED  {}", e.reason()),
+            }
             let (key, source) = config::load_api_key(&config.api)?;
-            println!("api key          ok      from {source}");
+            say!("api key          ok      from {source}");
             let client = charthero_sync::api::Client::new(&config.api, &config.limits, &key)?;
             let probes = charthero_sync::check::probe_routes(&config, &client).await;
             for p in &probes {
-                println!("{}", p.describe());
+                say!("{}", p.describe());
             }
             let refused = probes
                 .iter()
@@ -433,6 +634,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .filter(|p| p.needed && !p.works())
                 .map(|p| p.route.as_str())
                 .collect();
+            location?;
             if !failed.is_empty() {
                 return Err(anyhow::anyhow!(
                     "routes this configuration needs do not work: {}",
@@ -440,7 +642,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 )
                 .into());
             }
-            println!("everything this configuration needs works");
+            say!("everything this configuration needs works");
             Ok(())
         }
     }
@@ -448,6 +650,13 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
 
 /// A token cancelled by the first SIGINT or SIGTERM; a second signal exits at once.
 fn cancel_on_signal() -> CancellationToken {
+    cancel_on_signal_saying(
+        "signal received: finishing the current page, then stopping (signal again to exit now)",
+    )
+}
+
+/// [`cancel_on_signal`], logging `what` when the first signal arrives.
+fn cancel_on_signal_saying(what: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let child = token.clone();
     tokio::spawn(async move {
@@ -460,12 +669,10 @@ fn cancel_on_signal() -> CancellationToken {
                 _ = term.recv() => {}
             }
             if n > 0 {
-                eprintln!("second signal: exiting now");
+                complain!("second signal: exiting now");
                 std::process::exit(i32::from(exit::CYCLE_FAILED));
             }
-            tracing::warn!(
-                "signal received: finishing the current page, then stopping (signal again to exit now)"
-            );
+            tracing::warn!("{what}");
             child.cancel();
         }
     });
@@ -474,18 +681,23 @@ fn cancel_on_signal() -> CancellationToken {
 
 fn print_demo_summary(s: &demo::DemoSummary) {
     let c = s.report.counts;
-    println!();
-    println!(
+    say!();
+    say!(
         "Synced {} simulated ChartHero encounters into {} in {:.1} s.",
         s.simulator_encounters,
         s.database.display(),
         s.elapsed.as_secs_f64()
     );
-    println!(
+    say!(
         "  warehouse: {} encounters, {} patients, {} documents ({} notes with text), {} transcripts with {} turns",
-        s.encounters, s.patients, s.documents, s.notes, s.transcripts, s.turns
+        s.encounters,
+        s.patients,
+        s.documents,
+        s.notes,
+        s.transcripts,
+        s.turns
     );
-    println!(
+    say!(
         "  requests: {} list pages over {} windows, {} document details, {} transcripts; complete through {}",
         c.list_requests,
         c.windows,
@@ -495,10 +707,10 @@ fn print_demo_summary(s: &demo::DemoSummary) {
             .complete_through
             .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
     );
-    println!();
-    println!("Try it:");
+    say!();
+    say!("Try it:");
     for (title, sql) in demo::EXAMPLE_QUERIES {
-        println!("  -- {title}");
-        println!("  sqlite3 {} \"{sql}\"", s.database.display());
+        say!("  -- {title}");
+        say!("  sqlite3 {} \"{sql}\"", s.database.display());
     }
 }

@@ -19,15 +19,16 @@ pub struct Status {
     pub queue: Queue,
     /// The most recent cycles, newest first.
     pub runs: Vec<Run>,
-    /// Backfills not yet completed, and the last completed one.
+    /// Every backfill queued or running, and the most recent completed ones, oldest first.
     pub backfills: Vec<Backfill>,
     /// The newest history audit (running or completed), if any ever ran.
     pub audit: Option<Audit>,
     pub dead_letter_count: i64,
     /// The oldest dead letters (at most 20).
     pub dead_letters: Vec<DeadLetter>,
-    /// Routes the last finished cycle found closed to the key, as `route:reason_code` pairs.
-    pub disabled_routes: Option<String>,
+    /// Routes the last finished cycle found closed to the key, as `route:reason_code` pairs;
+    /// empty when every route worked.
+    pub disabled_routes: Vec<String>,
     /// The error of the last cycle that did not succeed, if the last cycle did not.
     pub last_error: Option<LastError>,
 }
@@ -77,13 +78,22 @@ pub struct Backfill {
     pub range_start: String,
     pub range_end: String,
     pub cursor: Option<String>,
+    /// `queued` (waiting for `run` or `sync`), `running` (started; an interrupted one resumes),
+    /// `completed`.
     pub status: String,
+    /// Who asked for it: `backfill`, `run` or `sync`.
+    pub requested_by: String,
+    pub requested_at: String,
+    pub finished_at: Option<String>,
     /// Share of the range scanned, 0..=1.
     pub progress: f64,
     pub windows: i64,
     pub encounters_seen: i64,
     pub encounters_removed: i64,
     pub error: Option<String>,
+    /// Seconds until an unfinished backfill completes at the configured rate, by the model of
+    /// `charthero-sync plan` (see [`Status::estimate_backfills`]); `None` when unknown.
+    pub eta_seconds: Option<f64>,
 }
 
 /// A history audit: completed history re-checked by totals (`sync --audit`, `audit_every`).
@@ -125,6 +135,9 @@ pub struct LastError {
     pub error: Option<String>,
     pub reason_code: Option<String>,
 }
+
+/// How many completed backfills `status` lists (newest), besides every unfinished one.
+const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
 
 fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
     conn.query_row(sql, [], |r| r.get(0))
@@ -196,20 +209,25 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
     let backfills = conn
         .prepare(
             "SELECT backfill_id, range_start, range_end, cursor, status, windows, encounters_seen,
-                    encounters_removed, error
+                    encounters_removed, error, requested_by, requested_at, finished_at
              FROM backfills
              WHERE status <> 'completed'
-                OR backfill_id = (SELECT max(backfill_id) FROM backfills WHERE status = 'completed')
+                OR backfill_id IN (SELECT backfill_id FROM backfills WHERE status = 'completed'
+                                   ORDER BY backfill_id DESC LIMIT ?1)
              ORDER BY backfill_id",
         )?
-        .query_map([], |r| {
+        .query_map([COMPLETED_BACKFILLS_SHOWN], |r| {
             Ok(Backfill {
                 backfill_id: r.get(0)?,
                 range_start: r.get(1)?,
                 range_end: r.get(2)?,
                 cursor: r.get(3)?,
                 status: r.get(4)?,
+                requested_by: r.get(9)?,
+                requested_at: r.get(10)?,
+                finished_at: r.get(11)?,
                 progress: 0.0,
+                eta_seconds: None,
                 windows: r.get(5)?,
                 encounters_seen: r.get(6)?,
                 encounters_removed: r.get(7)?,
@@ -240,14 +258,22 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let disabled_routes: Option<String> = conn
+    let disabled_routes: Vec<String> = conn
         .query_row(
             "SELECT disabled_routes FROM sync_runs WHERE outcome <> 'running' ORDER BY run_id DESC LIMIT 1",
             [],
             |r| r.get(0),
         )
         .optional()?
-        .flatten();
+        .flatten()
+        .map(|d: String| {
+            d.split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     let last_error = conn
         .query_row(
             "SELECT run_id, outcome, error, reason_code FROM sync_runs
@@ -304,6 +330,57 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
     })
 }
 
+impl Status {
+    /// Fills in the ETA of every unfinished backfill with the request model of
+    /// `charthero-sync plan`: the encounters still to list — those stored in the rest of the
+    /// range, or as many as the density seen so far predicts, whichever is more — times the
+    /// requests each takes (list pages, and the content the configuration fetches in the
+    /// proportions the warehouse holds), at `limits.requests_per_second`.
+    pub fn estimate_backfills(
+        &mut self,
+        conn: &Connection,
+        config: &crate::config::Config,
+    ) -> anyhow::Result<()> {
+        let (encounters, notes, finished, other): (i64, i64, i64, i64) = conn.query_row(
+            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
+                    count(*) FILTER (WHERE schema_type = 'document'),
+                    count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND status = 'completed'),
+                    count(*) FILTER (WHERE schema_type NOT IN ('document', 'ambient_transcript'))
+             FROM documents WHERE removed_at IS NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let per = encounters.max(1) as f64;
+        let mix = crate::plan::ContentMix {
+            notes: notes as f64 / per,
+            finished_transcripts: finished as f64 / per,
+            other_documents: other as f64 / per,
+        };
+        for b in self.backfills.iter_mut().filter(|b| b.status != "completed") {
+            let (Ok(end), Ok(from)) = (
+                parse_rfc3339(&b.range_end),
+                parse_rfc3339(b.cursor.as_deref().unwrap_or(&b.range_start)),
+            ) else {
+                continue;
+            };
+            let stored: i64 = conn.query_row(
+                "SELECT count(*) FROM encounters WHERE created_at_ns >= ?1 AND created_at_ns < ?2",
+                [crate::timefmt::unix_nanos(from), crate::timefmt::unix_nanos(end)],
+                |r| r.get(0),
+            )?;
+            let predicted = (b.progress > 0.0 && b.encounters_seen > 0)
+                .then(|| b.encounters_seen as f64 * (1.0 - b.progress) / b.progress);
+            if predicted.is_none() && stored == 0 {
+                continue;
+            }
+            let remaining = predicted.unwrap_or(0.0).max(stored as f64).round() as u64;
+            let (list, content) = crate::plan::requests_for(remaining, &mix, config);
+            b.eta_seconds = Some((list + content) as f64 / config.limits.requests_per_second);
+        }
+        Ok(())
+    }
+}
+
 fn progress(b: &Backfill) -> f64 {
     if b.status == "completed" {
         return 1.0;
@@ -352,8 +429,12 @@ impl Status {
             "queue: {} documents, {} transcripts ({} not ready yet), {} recordings",
             q.documents_pending, q.transcripts_pending, q.transcripts_not_ready, q.recordings_pending
         );
-        if let Some(d) = &self.disabled_routes {
-            let _ = writeln!(out, "disabled routes (last cycle): {d}");
+        if !self.disabled_routes.is_empty() {
+            let _ = writeln!(
+                out,
+                "disabled routes (last cycle): {}",
+                self.disabled_routes.join(", ")
+            );
         }
         if let Some(e) = &self.last_error {
             let _ = writeln!(
@@ -375,15 +456,27 @@ impl Status {
                 d.work, d.document_id, d.encounter_id, d.attempts, d.last_failed_at, d.last_error
             );
         }
+        if self.backfills.is_empty() {
+            let _ = writeln!(out, "backfills: none");
+        }
         for b in &self.backfills {
             let _ = writeln!(
                 out,
-                "backfill #{} {} .. {}: {} {:.0}% ({} encounters seen, {} removed){}",
+                "backfill #{} {} .. {}: {} {:.0}%{}, requested by {} at {}{} ({} encounters seen, {} removed){}",
                 b.backfill_id,
                 b.range_start,
                 b.range_end,
                 b.status,
                 b.progress * 100.0,
+                b.eta_seconds.map_or_else(String::new, |s| format!(
+                    " (about {} to go)",
+                    crate::plan::duration_text(s)
+                )),
+                b.requested_by,
+                b.requested_at,
+                b.finished_at
+                    .as_deref()
+                    .map_or_else(String::new, |f| format!(", finished {f}")),
                 b.encounters_seen,
                 b.encounters_removed,
                 b.error

@@ -5,7 +5,7 @@
 //! (no timestamps or colours: journald adds its own), `json` (one object per line, for log
 //! shippers). Unset: `text`. `RUST_LOG` filters (default `info` for this program).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::EnvFilter;
 
@@ -17,6 +17,10 @@ pub fn init() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // On a failed write (a closed stderr: `... 2>&1 | head -1`) the subscriber would report
+        // the failure with `eprintln!`, which panics on that same closed stderr. A log line that
+        // cannot be written is dropped instead.
+        .log_internal_errors(false)
         .with_target(false);
     match std::env::var(LOG_FORMAT_ENV).as_deref() {
         Ok("json") => builder.json().flatten_event(true).with_current_span(true).init(),
@@ -58,7 +62,9 @@ impl Progress {
             0.0
         };
         let filled = (done * 30.0).round() as usize;
-        eprint!(
+        // A terminal that went away (EIO) must not panic the sync the way `eprint!` would.
+        let _ = write!(
+            std::io::stderr().lock(),
             "\r\x1b[2Kbackfill [{}{}] {:5.1}%  {records} encounters  elapsed {}  eta {}",
             "#".repeat(filled),
             "-".repeat(30 - filled),
@@ -70,7 +76,7 @@ impl Progress {
 
     pub fn finish(&self) {
         if self.draw {
-            eprintln!();
+            let _ = writeln!(std::io::stderr().lock());
         }
     }
 }

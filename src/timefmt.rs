@@ -20,6 +20,27 @@ pub fn parse_rfc3339(text: &str) -> Result<OffsetDateTime, String> {
     }
 }
 
+/// The earliest and latest instants an operator may name (`sync.start_at`, `--backfill-from`,
+/// `purge --from`, ...): the warehouse orders time by i64 nanoseconds, which end in 2262.
+pub const OPERATOR_RANGE: (OffsetDateTime, OffsetDateTime) = (
+    time::macros::datetime!(1970-01-01 00:00:00 UTC),
+    time::macros::datetime!(2200-01-01 00:00:00 UTC),
+);
+
+/// [`parse_rfc3339`] for instants an operator types, which must also lie in [`OPERATOR_RANGE`].
+pub fn parse_operator_instant(text: &str) -> Result<OffsetDateTime, String> {
+    let t = parse_rfc3339(text)?;
+    let (earliest, latest) = OPERATOR_RANGE;
+    if t < earliest || t >= latest {
+        return Err(format!(
+            "{text:?} is outside the supported range {} .. {}",
+            format_utc(earliest),
+            format_utc(latest)
+        ));
+    }
+    Ok(t)
+}
+
 /// A date (`2026-05-25`) or a date-time without an offset: the common mistake worth naming.
 fn looks_naive(text: &str) -> bool {
     let b = text.as_bytes();
@@ -110,13 +131,19 @@ impl std::fmt::Display for Micros {
 
 /// Nanoseconds since the Unix epoch, for ordering and arithmetic in SQL.
 pub fn unix_nanos(t: OffsetDateTime) -> i64 {
-    // i64 nanoseconds cover the years 1678..2262, far beyond any encounter.
-    t.unix_timestamp_nanos() as i64
+    // i64 nanoseconds cover the years 1678..2262, far beyond any encounter; an instant outside
+    // saturates instead of wrapping around to the other end of time.
+    let nanos = t.unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// The inverse of [`unix_nanos`].
 pub fn from_unix_nanos(nanos: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(nanos as i128).expect("i64 nanoseconds are always in range")
+    // The one sanctioned call: i64 nanoseconds (years 1677..2262) are always inside `time`'s
+    // range (years -9999..=9999), so the error branch cannot be taken.
+    #[allow(clippy::disallowed_methods)]
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos));
+    t.unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 #[cfg(test)]
@@ -163,6 +190,25 @@ mod tests {
         let old = parse_rfc3339("1969-12-31T23:59:59.9999995Z").unwrap();
         assert_eq!(Micros::floor(old).to_string(), "1969-12-31T23:59:59.999999Z");
         assert_eq!(Micros::ceil(old).to_string(), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn operator_instants_outside_the_warehouse_range_are_refused() {
+        assert!(parse_operator_instant("2026-01-01T00:00:00Z").is_ok());
+        for text in [
+            "0001-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            let err = parse_operator_instant(text).unwrap_err();
+            assert!(err.contains("outside the supported range"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn nanos_saturate_instead_of_wrapping() {
+        let far = parse_rfc3339("9999-01-01T00:00:00Z").unwrap();
+        assert_eq!(unix_nanos(far), i64::MAX);
     }
 
     #[test]

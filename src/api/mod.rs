@@ -140,11 +140,20 @@ const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
 /// ([`JITTER_ALLOWANCE_SECONDS`]): requests permitted within 1 s + 10 ms arrive within any
 /// server second, so pacing at rps / 1.01 keeps what the server counts within rps + burst even
 /// when some arrive up to 10 ms late and the next ones on time.
-fn quota(limits: &Limits) -> Quota {
-    let period = Duration::from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / limits.requests_per_second);
-    Quota::with_period(period)
-        .expect("requests_per_second is validated finite and positive")
-        .allow_burst(limits.burst)
+fn quota(limits: &Limits) -> anyhow::Result<Quota> {
+    let rps = limits.requests_per_second;
+    // `config` bounds requests_per_second (0.01..=1e6), so the period is 1.01 µs..101 s; the
+    // checks below keep a bad value an error instead of a panic or a limiter that never opens.
+    let period = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
+        .ok()
+        .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
+        .ok_or_else(|| {
+            anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
+        })?;
+    let quota = Quota::with_period(period).ok_or_else(|| {
+        anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
+    })?;
+    Ok(quota.allow_burst(limits.burst))
 }
 
 impl Client {
@@ -170,7 +179,7 @@ impl Client {
                 api_root,
                 auth,
                 max_body: api.max_response_bytes,
-                limiter: RateLimiter::direct(quota(limits)),
+                limiter: RateLimiter::direct(quota(limits)?),
                 in_flight: Semaphore::new(limits.max_in_flight.get()),
                 retry: RetryPolicy {
                     max_attempts: limits.max_attempts.get(),

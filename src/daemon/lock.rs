@@ -19,7 +19,8 @@ pub enum LockError {
         "the warehouse {database} is being written by another process ({holder}); only one `run` or `sync` may write it at a time"
     )]
     Held { database: PathBuf, holder: String },
-    #[error("cannot open the lock file {path}: {source}")]
+    /// The OS error is the `source`, printed once by the `{:#}` chain, not also in this message.
+    #[error("cannot use the lock file {path} beside `database.path`")]
     Io { path: PathBuf, source: std::io::Error },
 }
 

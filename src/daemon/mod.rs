@@ -32,14 +32,14 @@ const FAILURE_BACKOFF_CAP: Duration = Duration::from_secs(15 * 60);
 pub fn next_fire(schedule: &cron::Schedule, now: OffsetDateTime) -> Option<OffsetDateTime> {
     let now_chrono = chrono::DateTime::<chrono::Utc>::from_timestamp(now.unix_timestamp(), now.nanosecond())?;
     let next = schedule.after(&now_chrono).next()?;
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(next.timestamp_nanos_opt()?)).ok()
+    Some(crate::timefmt::from_unix_nanos(next.timestamp_nanos_opt()?))
 }
 
 fn failure_backoff(failures: u32) -> Duration {
     let exp = FAILURE_BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(10));
     let ceiling = exp.min(FAILURE_BACKOFF_CAP);
     // Jitter between half and all of the ceiling: spread out, but never hammering.
-    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+    Duration::try_from_secs_f64(ceiling.as_secs_f64() * (0.5 + fastrand::f64() / 2.0)).unwrap_or(ceiling)
 }
 
 /// Runs until `shutdown` is cancelled. `Err` only for what must end the daemon: a refused key
@@ -95,6 +95,8 @@ pub async fn run(
             backfill,
             audit,
             budget: Some(until_next_live),
+            // The loop itself takes the queue one slice at a time, between live cycles.
+            queued_backfills: false,
         };
         notifier.status(match (live, backfill.is_some()) {
             (true, _) => "syncing",

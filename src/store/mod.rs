@@ -37,9 +37,70 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// Why the warehouse's location cannot work; a configuration error naming `database.path`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for `database.path`: {0}")]
+pub struct LocationError(String);
+
+impl LocationError {
+    /// What is wrong, without the `database.path` prefix (for `check`'s table).
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks, without creating anything, that a writer can use `path`: its directory exists and
+/// this user may create files in it, and the database (if it exists) is a regular file this user
+/// may read and write. `check` reports the answer; `run`, `sync` and `migrate` refuse to start
+/// (exit 2) instead of failing later on the lock file, in a restart loop.
+pub fn check_location(path: &Path) -> Result<(), LocationError> {
+    use rustix::fs::{Access, access};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let shown = |p: &Path| p.display().to_string();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(LocationError(format!("{} is not a directory", shown(dir))));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LocationError(format!(
+                "the directory {} does not exist; create it (the runbook's `install -d`, or systemd's StateDirectory=)",
+                shown(dir)
+            )));
+        }
+        Err(e) => {
+            return Err(LocationError(format!(
+                "cannot reach the directory {}: {e}",
+                shown(dir)
+            )));
+        }
+    }
+    if let Err(e) = access(dir, Access::WRITE_OK | Access::EXEC_OK) {
+        return Err(LocationError(format!(
+            "this user cannot create files in {} ({e}); the database, its -wal/-shm and lock files live there",
+            shown(dir)
+        )));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(LocationError(format!("{} is not a regular file", shown(path)))),
+        Ok(_) => access(path, Access::READ_OK | Access::WRITE_OK)
+            .map_err(|e| LocationError(format!("this user cannot read and write {} ({e})", shown(path)))),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Opens (creating if needed) the warehouse for writing, applies pending migrations, and
 /// returns the connection. Parent directories must exist: creating them is the operator's (or
 /// systemd's `StateDirectory=`) decision.
+///
+/// The database and its `-wal`/`-shm` files are given the group of their directory (as a setgid
+/// directory would) and no access for others, so analysts in that group (`charthero-readers`)
+/// can read them whoever started the writer; and the WAL is *persistent*: closing the last
+/// connection leaves `-wal` (empty after the checkpoint) and `-shm` in place, because a reader
+/// who may not create files in the directory cannot open a WAL database without them.
 pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
     let mut conn =
         Connection::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
@@ -48,6 +109,7 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connec
     embedded::migrations::runner()
         .run(&mut conn)
         .with_context(|| format!("cannot apply migrations to {}", path.display()))?;
+    share_with_directory_group(path);
     Ok(conn)
 }
 
@@ -58,20 +120,37 @@ pub fn open_reader(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connec
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .with_context(|| format!("cannot open database {} read-only", path.display()))?;
-    conn.busy_timeout(busy_timeout)?;
+    set_busy_timeout(&conn, busy_timeout)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
+}
+
+/// `PRAGMA busy_timeout` in milliseconds, saturating: rusqlite's `busy_timeout` panics above
+/// `i32::MAX` ms (banned in clippy.toml); `database.busy_timeout` is bounded far below anyway.
+pub fn set_busy_timeout(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
+    let ms = i64::try_from(timeout.as_millis())
+        .unwrap_or(i64::MAX)
+        .min(i64::from(i32::MAX));
+    conn.pragma_update(None, "busy_timeout", ms)
 }
 
 /// The pragmas every writing connection gets. WAL lets analysts read while we write;
 /// `synchronous=NORMAL` is durable across application crashes in WAL mode (a power loss can
 /// only roll back the last transactions, never corrupt).
 fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
-    conn.busy_timeout(busy_timeout)?;
+    set_busy_timeout(conn, busy_timeout)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         anyhow::bail!("the database refused WAL mode (got {mode}); is it on a network filesystem?");
     }
+    // Keep -wal and -shm when the last connection closes: SQLite can open a WAL database on a
+    // read-only connection without write access to the directory only if both exist (SQLite
+    // 3.22+). The -wal is still checkpointed and cut back to journal_size_limit on close.
+    let mut persist: std::os::raw::c_int = 1;
+    conn.file_control(
+        Some(rusqlite::MAIN_DB),
+        rusqlite::FileControl::PersistWal(&mut persist),
+    )?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // PHI that is overwritten or deleted (a re-fetched transcript, a changed privacy policy, a
@@ -80,6 +159,51 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     Ok(())
+}
+
+/// Gives the database files (and the writer lock beside them) the group of their directory and
+/// takes every permission away from others, where this process owns them; run as root, it also
+/// hands them to the directory's owner, so that a `sync` an operator ran as root does not leave
+/// files the service can no longer write. Best effort: a failure is logged, never fatal (the
+/// writer can still use the files; only readers would be affected).
+fn share_with_directory_group(path: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(dir_meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let group = rustix::fs::Gid::from_raw(dir_meta.gid());
+    let dir_owner = rustix::fs::Uid::from_raw(dir_meta.uid());
+    let me = rustix::process::geteuid();
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = std::path::PathBuf::from(name);
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            continue;
+        };
+        if !meta.is_file() || (meta.uid() != me.as_raw() && !me.is_root()) {
+            continue;
+        }
+        let owner = (me.is_root() && meta.uid() != dir_owner.as_raw()).then_some(dir_owner);
+        if (owner.is_some() || meta.gid() != group.as_raw())
+            && let Err(e) = rustix::fs::chown(&file, owner, Some(group))
+        {
+            tracing::warn!(
+                file = %file.display(),
+                "cannot give the database file its directory's owner and group ({e}); readers in that group may not open it"
+            );
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o007 != 0
+            && let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & !0o007))
+        {
+            tracing::warn!(file = %file.display(), "cannot remove others' access to the database file ({e})");
+        }
+    }
 }
 
 /// Rebuilds both full-text indexes from the text they index.
@@ -94,7 +218,11 @@ pub fn rebuild_search(conn: &Connection) -> anyhow::Result<()> {
 
 /// Sets how far the WAL is cut back after a checkpoint.
 pub fn set_wal_size_limit(conn: &Connection, bytes: u64) -> anyhow::Result<()> {
-    conn.pragma_update(None, "journal_size_limit", bytes as i64)?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        i64::try_from(bytes).unwrap_or(i64::MAX),
+    )?;
     Ok(())
 }
 
@@ -343,6 +471,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 6);
+    }
+
+    #[test]
+    fn the_wal_files_outlive_the_writer_and_belong_to_the_directory_owner_and_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Run as root (as CI is), hand the directory to `nobody` first: the files must follow it.
+        let root = rustix::process::geteuid().is_root();
+        let nobody = rustix::fs::Uid::from_raw(65_534);
+        let nogroup = rustix::fs::Gid::from_raw(65_534);
+        if root {
+            rustix::fs::chown(dir.path(), Some(nobody), Some(nogroup)).unwrap();
+        }
+        let path = dir.path().join("w.db");
+        drop(open_writer(&path, Duration::from_secs(1)).unwrap());
+        let dir_meta = std::fs::metadata(dir.path()).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("w.db{suffix}"));
+            let meta = std::fs::metadata(&file).unwrap_or_else(|e| panic!("w.db{suffix} is gone: {e}"));
+            assert_eq!(meta.gid(), dir_meta.gid(), "w.db{suffix}");
+            if root {
+                assert_eq!(meta.uid(), nobody.as_raw(), "w.db{suffix}");
+            }
+            assert_eq!(meta.mode() & 0o007, 0, "w.db{suffix} is open to others");
+        }
     }
 
     #[tokio::test]

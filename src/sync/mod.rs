@@ -43,7 +43,10 @@ pub struct CyclePlan {
     pub live: bool,
     /// Re-scan this range completely (resuming an interrupted backfill of the same range).
     pub backfill: Option<BackfillRange>,
-    /// Audit completed history after the backfill (resuming an unfinished audit).
+    /// Then work every backfill still queued or unfinished (`charthero-sync backfill`, an
+    /// interrupted process) to completion, oldest first.
+    pub queued_backfills: bool,
+    /// Audit completed history after the backfills (resuming an unfinished audit).
     pub audit: bool,
     /// Stop the backfill and the audit at the first window (or audit range) boundary after
     /// this long, to let the live sync have its turn; each resumes from its cursor next time.
@@ -51,11 +54,12 @@ pub struct CyclePlan {
 }
 
 impl CyclePlan {
-    /// `sync [--backfill-from ..] [--audit]`: everything, to the end.
+    /// `sync [--backfill-from ..] [--audit]`: everything, to the end, queued backfills included.
     pub fn full(backfill: Option<BackfillRange>, audit: bool) -> CyclePlan {
         CyclePlan {
             live: true,
             backfill,
+            queued_backfills: true,
             audit,
             budget: None,
         }
@@ -82,13 +86,15 @@ pub struct CycleReport {
     pub complete_through: Option<OffsetDateTime>,
     /// Routes closed to this key during the cycle, as `route:reason_code` pairs.
     pub disabled_routes: Option<String>,
+    /// A backfill is still queued or unfinished when the cycle ends.
+    pub backfills_pending: bool,
     pub elapsed: Duration,
 }
 
 impl CycleReport {
-    /// Nothing was left undone: no dead letters and no route closed to the key.
+    /// Nothing was left undone: no dead letters, no route closed to the key, no backfill waiting.
     pub fn is_complete(&self) -> bool {
-        self.counts.dead_letters == 0 && self.disabled_routes.is_none()
+        self.counts.dead_letters == 0 && self.disabled_routes.is_none() && !self.backfills_pending
     }
 }
 
@@ -210,6 +216,11 @@ async fn execute(
         if let (Ok(Finished::Yes), Some(range)) = (&r, plan.backfill) {
             r = run_backfill(ctx, run_id, range, trigger, deadline, &mut counts, &stop).await;
         }
+        if let (Ok(Finished::Yes), true) = (&r, plan.queued_backfills) {
+            r = run_queued_backfills(ctx, run_id, trigger, &mut counts, &stop)
+                .await
+                .map(|()| Finished::Yes);
+        }
         if let (Ok(Finished::Yes), true) = (&r, plan.audit) {
             r = audit::run(ctx, run_id, trigger, deadline, &mut counts, &stop).await;
         }
@@ -285,7 +296,10 @@ async fn execute(
         purge_expired(ctx).await?;
     }
     let outcome = end.outcome.as_str();
-    let complete_through = ctx.writer.call(|c| store::complete_through(c)).await?;
+    let (complete_through, backfills_pending) = ctx
+        .writer
+        .call(|c| Ok((store::complete_through(c)?, store::next_backfill(c)?.is_some())))
+        .await?;
     let rows = counts.encounters_new
         + counts.encounters_changed
         + counts.encounters_removed
@@ -306,6 +320,7 @@ async fn execute(
         counts,
         complete_through,
         disabled_routes,
+        backfills_pending,
         elapsed: started.elapsed(),
     };
     tracing::info!(
@@ -460,6 +475,31 @@ async fn run_backfill(
             .await?;
     }
     result
+}
+
+/// Works every queued or unfinished backfill to completion, oldest first. A backfill that is
+/// still queued after it was worked (which would loop forever) ends the cycle with an error.
+async fn run_queued_backfills(
+    ctx: &SyncContext,
+    run_id: i64,
+    trigger: &'static str,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(), CycleError> {
+    let mut worked = Vec::new();
+    while let Some((start, end)) = ctx.writer.call(|c| store::next_backfill(c)).await? {
+        let range = BackfillRange { start, end };
+        if worked.contains(&range) {
+            return Err(CycleError::Other(anyhow::anyhow!(
+                "the backfill {} .. {} is still queued after it was worked; see `charthero-sync status`",
+                format_utc(start),
+                format_utc(end)
+            )));
+        }
+        worked.push(range);
+        run_backfill(ctx, run_id, range, trigger, None, counts, cancel).await?;
+    }
+    Ok(())
 }
 
 /// Whether a range was scanned to its end.

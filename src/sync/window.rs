@@ -174,6 +174,9 @@ struct Pass {
     pages: u64,
     /// Pages queued for the writer, oldest first, whose commit has not been awaited yet.
     uncommitted: VecDeque<Pending<PageCounts>>,
+    /// The content hashes of the last page read, by ID: re-anchoring reads its last records
+    /// again, and an identical copy is not sent to the writer twice (nor counted as unchanged).
+    previous: HashMap<String, String>,
 }
 
 impl Pass {
@@ -188,7 +191,29 @@ impl Pass {
             last_page: Vec::new(),
             pages: 0,
             uncommitted: VecDeque::new(),
+            previous: HashMap::new(),
         }
+    }
+
+    /// Maps a page to warehouse records, leaving out records identical to their copy on the
+    /// previous page, and remembers this page's.
+    fn records(&mut self, ctx: &SyncContext, items: Vec<Encounter>) -> Vec<EncounterRecord> {
+        self.note_seen(&items);
+        let records: Vec<EncounterRecord> = items
+            .into_iter()
+            .map(|e| encounter_record(e, &ctx.privacy))
+            .collect();
+        let previous = std::mem::replace(
+            &mut self.previous,
+            records
+                .iter()
+                .map(|r| (r.encounter_id.clone(), r.content_hash.clone()))
+                .collect(),
+        );
+        records
+            .into_iter()
+            .filter(|r| previous.get(&r.encounter_id) != Some(&r.content_hash))
+            .collect()
     }
 
     /// The most list requests this pass may make, given what it has read so far: a few for
@@ -250,11 +275,7 @@ impl Pass {
         items: Vec<Encounter>,
         counts: &mut RunCounts,
     ) -> Result<(), CycleError> {
-        self.note_seen(&items);
-        let records = items
-            .into_iter()
-            .map(|e| encounter_record(e, &ctx.privacy))
-            .collect();
+        let records = self.records(ctx, items);
         if self.uncommitted.len() >= MAX_UNCOMMITTED_PAGES
             && let Some(oldest) = self.uncommitted.pop_front()
         {
@@ -267,11 +288,7 @@ impl Pass {
 
     /// Holds a page back to commit with the window's completion.
     fn keep_last(&mut self, ctx: &SyncContext, items: Vec<Encounter>) {
-        self.note_seen(&items);
-        self.last_page = items
-            .into_iter()
-            .map(|e| encounter_record(e, &ctx.privacy))
-            .collect();
+        self.last_page = self.records(ctx, items);
     }
 
     /// Waits until every page this pass queued is stored: what a pass saw is stored before

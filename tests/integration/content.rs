@@ -264,7 +264,11 @@ async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs() {
         .await
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["disabled_routes"], "audio:missing_scope", "{json}");
+    assert_eq!(
+        json["disabled_routes"],
+        serde_json::json!(["audio:missing_scope"]),
+        "{json}"
+    );
     assert_eq!(json["runs"][0]["outcome"], "partial");
 }
 

@@ -343,3 +343,60 @@ pub async fn run(mut cmd: std::process::Command) -> std::process::Output {
         .await
         .unwrap()
 }
+
+/// The binary with none of the environment that would change what it reads.
+pub fn charthero_sync() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
+    cmd.env_remove("CHARTHERO_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("CHARTHERO_SYNC_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Runs a command to completion like [`run`], but kills it and fails the test if it takes longer
+/// than `limit`: a hang is a bug, not a slow test.
+pub async fn run_within(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let described = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waited = tokio::task::spawn_blocking(move || {
+        // Drain both pipes on their own threads so a chatty child never blocks on a full pipe.
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut out, &mut b).ok();
+            b
+        });
+        let err = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut err, &mut b).ok();
+            b
+        });
+        let status = child.wait().unwrap();
+        std::process::Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
+    });
+    match tokio::time::timeout(limit, waited).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .ok();
+            panic!("{described} did not finish within {limit:?}");
+        }
+    }
+}
