@@ -76,6 +76,7 @@ mod access;
 mod content;
 mod faults;
 mod generate;
+mod id;
 mod model;
 mod options;
 mod query;
@@ -85,6 +86,7 @@ mod simulator;
 mod store;
 #[cfg(test)]
 mod tests;
+mod timestamp;
 
 pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,

@@ -25,11 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::content;
 use crate::faults::RateVerdict;
+use crate::id::{Id, fnv64, mix64};
 use crate::model::{Fault, ListRequest, Route, Visibility};
 use crate::query::{self, QueryError};
 use crate::render::{self, DocDetail};
 use crate::simulator::{Inner, Simulator, lock, read};
-use crate::store::{DocClass, Id, fnv64, mix64, nanos, now_nanos};
+use crate::store::DocClass;
+use crate::timestamp::{nanos, now_nanos};
 
 /// Lifetime of signed audio URLs; the vendor's example shows 15 minutes.
 const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;

@@ -18,6 +18,7 @@ use crate::access::{ALL_SCOPES, Access};
 use crate::content;
 use crate::faults::{FaultBook, RateWindow};
 use crate::generate;
+use crate::id::mix64;
 use crate::model::{
     DocKind, Encounter, FaultRule, KeyState, ListRequest, NewEncounter, RateLimit, Route, Stats, Transcript,
     Unavailable, Visibility,
@@ -25,7 +26,8 @@ use crate::model::{
 use crate::options::{QueryPrecision, Rendering, Rounding, SimOptions};
 use crate::render::RenderOpts;
 use crate::server;
-use crate::store::{DocClass, Slot, Store, instant, mix64, nanos, now_nanos};
+use crate::store::{DocClass, Slot, Store};
+use crate::timestamp::{instant, nanos, now_nanos};
 
 /// Called on every valid list request before it is answered, with no simulator lock held, so it
 /// may call any control method (for example, insert a record between two pages).
