@@ -83,6 +83,7 @@ mod query;
 mod render;
 mod server;
 mod simulator;
+mod state;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -93,4 +94,4 @@ pub use model::{
     Route, Stats, Transcript, Turn, Unavailable, Visibility,
 };
 pub use options::{QueryPrecision, Rendering, Rounding, SimOptions};
-pub use simulator::{ListHook, Simulator};
+pub use state::{ListHook, Simulator};
