@@ -10,4 +10,5 @@ mod plan;
 mod replication;
 mod support;
 mod sync_quiet;
+mod tidy;
 mod warehouse;
