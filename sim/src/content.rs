@@ -1,11 +1,21 @@
 //! Derived content: note markdown, transcript turns, audio durations and the media WAV bytes,
-//! all computed on demand from `(seed, document_id)`.
+//! all computed on demand from `(seed, document_id)` and the [`ContentParams`] that shape them;
+//! also the word lists generated records draw titles, names and unsupported types from.
 //!
 //! Nothing here is stored, so a million documents cost no text memory, and the same seed always
-//! yields the same bytes. This module knows nothing about encounters, locking or HTTP.
+//! yields the same bytes. This module knows nothing about encounters, the store, locking or HTTP.
 
+use crate::id::{Id, fnv64, mix64};
 use crate::model::{Transcript, Turn};
-use crate::store::{ContentParams, Id, fnv64, mix64};
+
+/// Generation parameters that also govern run-time additions and derived content.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ContentParams {
+    pub(crate) seed: u64,
+    pub(crate) turns_per_transcript: (u32, u32),
+    pub(crate) unicode_every: u32,
+    pub(crate) large_transcript_every: u32,
+}
 
 /// Titles of generated markdown notes.
 pub(crate) const NOTE_TITLES: &[&str] = &[
@@ -140,6 +150,11 @@ pub(crate) fn audio_duration_ds(seed: u64, doc: &Id, large: bool) -> u32 {
     }
 }
 
+/// Tenths of a second as the seconds value the API reports.
+pub(crate) fn deciseconds(ds: u32) -> f64 {
+    f64::from(ds) / 10.0
+}
+
 fn doc_rng(seed: u64, doc: &Id, salt: u64) -> fastrand::Rng {
     fastrand::Rng::with_seed(mix64(seed ^ fnv64(doc.as_str().as_bytes()) ^ mix64(salt)))
 }
@@ -220,7 +235,7 @@ pub(crate) fn transcript(params: &ContentParams, doc: &Id, audio_ds: u32, large:
     }
     Transcript {
         provider: "deepgram".to_owned(),
-        audio_duration_seconds: Some(crate::store::deciseconds(audio_ds)),
+        audio_duration_seconds: Some(deciseconds(audio_ds)),
         turns,
     }
 }
@@ -256,8 +271,6 @@ pub(crate) fn wav_bytes(seed: u64, document_id: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
-    use crate::{DocKind, SimOptions};
 
     fn params(unicode_every: u32) -> ContentParams {
         ContentParams {
@@ -269,8 +282,7 @@ mod tests {
     }
 
     fn some_doc() -> Id {
-        let mut store = Store::new(&SimOptions::default());
-        store.new_doc(DocKind::AmbientFinal, 0, 0).id
+        Id::mint(b"doc", 0, mix64(1))
     }
 
     #[test]

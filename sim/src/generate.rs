@@ -8,7 +8,8 @@
 
 use crate::model::{DocKind, NewEncounter, Visibility};
 use crate::options::SimOptions;
-use crate::store::{EncRec, Store, micros, nanos};
+use crate::store::{EncRec, Store};
+use crate::timestamp::{micros, nanos};
 
 const SECOND: i64 = 1_000_000_000;
 const MINUTE: i64 = 60 * SECOND;

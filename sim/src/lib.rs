@@ -76,19 +76,22 @@ mod access;
 mod content;
 mod faults;
 mod generate;
+mod id;
 mod model;
 mod options;
 mod query;
 mod render;
 mod server;
 mod simulator;
+mod state;
 mod store;
 #[cfg(test)]
 mod tests;
+mod timestamp;
 
 pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,
     Route, Stats, Transcript, Turn, Unavailable, Visibility,
 };
 pub use options::{QueryPrecision, Rendering, Rounding, SimOptions};
-pub use simulator::{ListHook, Simulator};
+pub use state::{ListHook, Simulator};

@@ -3,8 +3,9 @@
 //! descriptions of misbehaviour (`FaultRule`, `Fault`, `RateLimit`) and of traffic (`Stats`,
 //! `ListRequest`).
 //!
-//! These are plain values. This module does not store, render or serve anything; the compact
-//! in-memory representation lives in `store` and the wire JSON in `render`.
+//! These are plain values; their `Serialize` is the canonical wire shape with UTC timestamps
+//! (through `timestamp`'s helpers). This module does not store, render or serve anything; the
+//! compact in-memory representation lives in `store` and the wire JSON in `render`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -30,15 +31,15 @@ pub struct Encounter {
     pub status: String,
     /// Creation instant; the list route filters and sorts on it. The API may render it coarser
     /// (see [`crate::Simulator::rendered_created_at`]).
-    #[serde(serialize_with = "crate::render::serialize_instant")]
+    #[serde(serialize_with = "crate::timestamp::serialize_instant")]
     pub created_at: OffsetDateTime,
     /// Last modification instant. Mutations bump it, except those that recompute or restore it
     /// and may move it backwards ([`crate::Simulator::move_document`],
     /// [`crate::Simulator::restore_status`], [`crate::Simulator::set_encounter_updated_at`]).
-    #[serde(serialize_with = "crate::render::serialize_instant")]
+    #[serde(serialize_with = "crate::timestamp::serialize_instant")]
     pub updated_at: OffsetDateTime,
     /// When the visit took place.
-    #[serde(serialize_with = "crate::render::serialize_instant")]
+    #[serde(serialize_with = "crate::timestamp::serialize_instant")]
     pub date_of_service: OffsetDateTime,
     /// The encounter's patient.
     pub patient: Patient,
@@ -61,7 +62,7 @@ pub struct Patient {
     /// Family name; may contain non-ASCII characters.
     pub last_name: Option<String>,
     /// Plain calendar date.
-    #[serde(serialize_with = "crate::render::serialize_opt_date")]
+    #[serde(serialize_with = "crate::timestamp::serialize_opt_date")]
     pub date_of_birth: Option<Date>,
 }
 
@@ -81,10 +82,10 @@ pub struct Document {
     /// Recording length; `None` for notes and for ambient transcripts still processing.
     pub audio_duration_seconds: Option<f64>,
     /// Creation instant (served by document detail only).
-    #[serde(serialize_with = "crate::render::serialize_instant")]
+    #[serde(serialize_with = "crate::timestamp::serialize_instant")]
     pub created_at: OffsetDateTime,
     /// Last modification instant (served by document detail only).
-    #[serde(serialize_with = "crate::render::serialize_instant")]
+    #[serde(serialize_with = "crate::timestamp::serialize_instant")]
     pub updated_at: OffsetDateTime,
 }
 

@@ -1,7 +1,8 @@
 //! Wire JSON: turns store records and derived content into the exact response bodies of the API,
-//! and formats timestamps (RFC 3339, `Z` or a chosen offset, fractional seconds only when
-//! non-zero). An encounter's `created_at` may be rendered coarser than it is stored (a
-//! [`crate::Rendering`]); every other timestamp is rendered exactly.
+//! and decides how each response renders its timestamps: in UTC (`Z`) or shifted to another
+//! offset (`offset_timestamps`), and an encounter's `created_at` possibly coarser than it is
+//! stored (a [`crate::Rendering`]); every other timestamp is rendered exactly. The RFC 3339 text
+//! itself comes from `timestamp`.
 //!
 //! Rendering borrows records through small view types and serializes straight into a `Vec<u8>`;
 //! nothing is converted to `serde_json::Value` first. This module decides no status codes and
@@ -9,11 +10,14 @@
 
 use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
-use time::{Date, OffsetDateTime, UtcOffset};
+use time::UtcOffset;
 
+use crate::content::deciseconds;
+use crate::id::Id;
 use crate::model::{Transcript, Turn};
 use crate::options::{Rendering, Rounding};
-use crate::store::{DocRec, EncRec, Id, Slot, Store, deciseconds, instant};
+use crate::store::{DocRec, EncRec, Slot, Store};
+use crate::timestamp::{TsText, format_date, format_datetime, instant};
 
 /// Name of the unknown field added to every object when `extra_fields` is on.
 pub(crate) const EXTRA_FIELD: &str = "x_sim_extension";
@@ -49,29 +53,6 @@ impl Serialize for Extra {
     }
 }
 
-/// Formatted RFC 3339 text on the stack (the longest form is 35 bytes).
-pub(crate) struct TsText {
-    buf: [u8; 40],
-    len: usize,
-}
-
-impl TsText {
-    pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).expect("timestamps are ASCII")
-    }
-
-    fn push(&mut self, byte: u8) {
-        self.buf[self.len] = byte;
-        self.len += 1;
-    }
-
-    fn digits(&mut self, value: u32, width: usize) {
-        for i in (0..width).rev() {
-            self.push(b'0' + ((value / 10u32.pow(i as u32)) % 10) as u8);
-        }
-    }
-}
-
 /// Offsets used in `offset_timestamps` mode; both signs and a half-hour offset exercise the
 /// client's normalization.
 const OFFSETS: [(i8, i8); 2] = [(2, 0), (-3, -30)];
@@ -85,66 +66,6 @@ pub(crate) fn format_ts(nanos: i64, shifted: bool) -> TsText {
         at = at.to_offset(UtcOffset::from_hms(h, m, 0).expect("valid offset"));
     }
     format_datetime(at)
-}
-
-fn format_datetime(at: OffsetDateTime) -> TsText {
-    let mut out = TsText { buf: [0; 40], len: 0 };
-    out.digits(at.year() as u32, 4);
-    out.push(b'-');
-    out.digits(u32::from(u8::from(at.month())), 2);
-    out.push(b'-');
-    out.digits(u32::from(at.day()), 2);
-    out.push(b'T');
-    out.digits(u32::from(at.hour()), 2);
-    out.push(b':');
-    out.digits(u32::from(at.minute()), 2);
-    out.push(b':');
-    out.digits(u32::from(at.second()), 2);
-    let mut fraction = at.nanosecond();
-    if fraction != 0 {
-        out.push(b'.');
-        let mut width = 9;
-        while fraction.is_multiple_of(10) {
-            fraction /= 10;
-            width -= 1;
-        }
-        out.digits(fraction, width);
-    }
-    let offset = at.offset();
-    if offset.is_utc() {
-        out.push(b'Z');
-    } else {
-        let seconds = offset.whole_seconds();
-        out.push(if seconds < 0 { b'-' } else { b'+' });
-        let minutes = seconds.unsigned_abs() / 60;
-        out.digits(minutes / 60, 2);
-        out.push(b':');
-        out.digits(minutes % 60, 2);
-    }
-    out
-}
-
-/// `YYYY-MM-DD`.
-pub(crate) fn format_date(date: Date) -> String {
-    format!(
-        "{:04}-{:02}-{:02}",
-        date.year(),
-        u8::from(date.month()),
-        date.day()
-    )
-}
-
-/// Serde helper for public types: canonical UTC RFC 3339.
-pub(crate) fn serialize_instant<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(format_datetime(at.to_offset(UtcOffset::UTC)).as_str())
-}
-
-/// Serde helper for public types: optional plain date.
-pub(crate) fn serialize_opt_date<S: Serializer>(date: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
-    match date {
-        Some(date) => s.serialize_str(&format_date(*date)),
-        None => s.serialize_none(),
-    }
 }
 
 /// A timestamp field rendered per `RenderOpts`.
@@ -525,8 +446,8 @@ mod tests {
     use super::*;
 
     fn ts(text: &str) -> i64 {
-        let at = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
-        crate::store::nanos(at)
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+        crate::timestamp::nanos(at)
     }
 
     #[test]

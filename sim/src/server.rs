@@ -4,8 +4,9 @@
 //!
 //! Each connection is raced against its own kill token (used to drop connections on purpose)
 //! and the server's shutdown token; dropping the hyper connection future closes the socket.
-//! This module owns no data: it reads the store through short read locks and renders outside
-//! them where content has to be derived. No TLS, no HTTP/2.
+//! This module owns no data: it works on the shared state defined in `state`, reads the store
+//! through short read locks and renders outside them where content has to be derived. It calls
+//! no control method of `simulator` (only a list hook may). No TLS, no HTTP/2.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -25,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::content;
 use crate::faults::RateVerdict;
+use crate::id::{Id, fnv64, mix64};
 use crate::model::{Fault, ListRequest, Route, Visibility};
 use crate::query::{self, QueryError};
 use crate::render::{self, DocDetail};
-use crate::simulator::{Inner, Simulator, lock, read};
-use crate::store::{DocClass, Id, fnv64, mix64, nanos, now_nanos};
+use crate::state::{Inner, Simulator, lock, read};
+use crate::store::DocClass;
+use crate::timestamp::{nanos, now_nanos};
 
 /// Lifetime of signed audio URLs; the vendor's example shows 15 minutes.
 const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;

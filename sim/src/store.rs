@@ -1,76 +1,22 @@
 //! The in-memory data set: compact encounter and document records, the patient pool, and the
 //! sorted index of visible encounters that makes every list page `O(log n + limit)`.
 //!
-//! Records are deliberately small (fixed-size ids, interned strings, integer timestamps) so a
-//! million encounters fit comfortably in memory. Note text and transcript turns are never stored:
-//! `content` derives them from the seed and the document id, and only edited notes are kept here.
-//! This module does no I/O, no locking and no JSON; the `Simulator` wraps it in a lock and
-//! `render` turns records into wire bytes.
+//! Records are deliberately small (fixed-size ids minted through `id`, interned strings, integer
+//! timestamps as `timestamp` defines them) so a million encounters fit comfortably in memory.
+//! Note text and transcript turns are never stored: `content` derives them from the seed and the
+//! document id, and only edited notes are kept here. This module does no I/O, no locking and no
+//! JSON; the `Simulator` wraps it in a lock and `render` turns records into wire bytes.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 
 use time::{Date, OffsetDateTime};
 
-use crate::content;
+use crate::content::{self, ContentParams, deciseconds};
+use crate::id::{Id, mix64};
 use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Visibility};
 use crate::options::SimOptions;
-
-/// Length of every simulator-minted id: a 3-letter prefix, `_`, and 12 base62 characters.
-pub(crate) const ID_LEN: usize = 16;
-
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-
-/// One microsecond in nanoseconds: the minimum step by which a mutation advances `updated_at`.
-const MICROSECOND: i64 = 1_000;
-
-/// A fixed-size ASCII id. Byte order equals string order, so sorting by `Id` is sorting by the
-/// id string, which is how the API breaks `created_at` ties.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct Id([u8; ID_LEN]);
-
-impl Id {
-    /// Mints the `seq`-th id. The 11-character tail is a bijective mix of `seq`, so distinct
-    /// sequence numbers can never collide, while the ids look random and carry no time order.
-    fn mint(prefix: &[u8; 3], seq: u64, key: u64) -> Id {
-        let mut bytes = [0u8; ID_LEN];
-        bytes[..3].copy_from_slice(prefix);
-        bytes[3] = b'_';
-        bytes[4] = BASE62[(mix64(seq ^ key.rotate_left(29)) % 62) as usize];
-        // 62^11 > 2^64, so 11 digits hold any u64 and the encoding stays injective.
-        let mut value = mix64(seq.wrapping_add(key));
-        for byte in bytes[5..].iter_mut().rev() {
-            *byte = BASE62[(value % 62) as usize];
-            value /= 62;
-        }
-        Id(bytes)
-    }
-
-    /// Interprets a path segment as an id; anything of the wrong length cannot exist.
-    pub(crate) fn parse(text: &str) -> Option<Id> {
-        <[u8; ID_LEN]>::try_from(text.as_bytes()).ok().map(Id)
-    }
-
-    pub(crate) fn as_str(&self) -> &str {
-        // Minted ids are ASCII and parsed ids come from a `&str` of exactly this length.
-        std::str::from_utf8(&self.0).expect("ids are valid UTF-8")
-    }
-}
-
-/// SplitMix64's finalizer: a bijection on `u64` with good avalanche, used for ids and seeds.
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a: a stable hash (unlike `DefaultHasher`, guaranteed not to change between Rust releases),
-/// so derived text depends only on the seed and the id.
-pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+use crate::timestamp::{MICROSECOND, instant, micros, nanos};
 
 /// Handle of an interned string: its index plus one, so `Option<Sym>` stays four bytes (document
 /// records hold three of them, a million encounters hold about two million documents).
@@ -212,15 +158,6 @@ impl EncRec {
         let id = Id::parse(document_id)?;
         self.docs.iter_mut().find(|d| d.id == id)
     }
-}
-
-/// Generation parameters that also govern run-time additions and derived content.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ContentParams {
-    pub(crate) seed: u64,
-    pub(crate) turns_per_transcript: (u32, u32),
-    pub(crate) unicode_every: u32,
-    pub(crate) large_transcript_every: u32,
 }
 
 /// Position of an encounter in `Store::encounters`; never reused, records are never deleted.
@@ -767,31 +704,6 @@ fn ordered((a, b): (u32, u32)) -> (u32, u32) {
     (a.min(b), a.max(b))
 }
 
-/// Tenths of a second as the seconds value the API reports.
-pub(crate) fn deciseconds(ds: u32) -> f64 {
-    f64::from(ds) / 10.0
-}
-
-/// Unix nanoseconds of an instant, saturated to the `i64` range (years 1677..=2262).
-pub(crate) fn nanos(at: OffsetDateTime) -> i64 {
-    let n = at.unix_timestamp_nanos();
-    i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
-}
-
-pub(crate) fn instant(nanos: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos)).expect("i64 nanos are in range")
-}
-
-/// Truncates unix nanoseconds to whole microseconds (toward the past).
-pub(crate) fn micros(nanos: i64) -> i64 {
-    nanos - nanos.rem_euclid(MICROSECOND)
-}
-
-/// The wall clock at microsecond precision, the precision of the real API's timestamps.
-pub(crate) fn now_nanos() -> i64 {
-    micros(nanos(OffsetDateTime::now_utc()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,19 +720,6 @@ mod tests {
             std::mem::size_of::<EncRec>() <= 80,
             "{}",
             std::mem::size_of::<EncRec>()
-        );
-    }
-
-    #[test]
-    fn minted_ids_are_unique_fixed_length_and_not_time_ordered() {
-        let key = mix64(42);
-        let ids: Vec<Id> = (0..10_000).map(|seq| Id::mint(b"enc", seq, key)).collect();
-        let unique: std::collections::HashSet<_> = ids.iter().collect();
-        assert_eq!(unique.len(), ids.len());
-        assert!(ids.iter().all(|id| id.as_str().starts_with("enc_")));
-        assert!(
-            ids.windows(2).any(|w| w[0] > w[1]),
-            "ids must not follow minting order"
         );
     }
 

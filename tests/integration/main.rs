@@ -12,4 +12,5 @@ mod replication;
 mod robustness;
 mod support;
 mod sync_quiet;
+mod tidy;
 mod warehouse;
