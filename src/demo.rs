@@ -85,7 +85,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let config = raw.validate()?;
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
-    let ctx = crate::connect(&config, &key)?;
+    let ctx = crate::connect(&config, &key).await?;
     ctx.writer
         .call(|c| {
             c.execute(

@@ -359,7 +359,16 @@ async fn purge_expired(ctx: &SyncContext) -> Result<(), CycleError> {
     };
     let dir = ctx.audio.directory.clone();
     ctx.writer
-        .call(move |c| crate::purge(c, &dir, range, "retention"))
+        .call(move |c| {
+            store::purge(
+                c,
+                &dir,
+                range.start,
+                range.end,
+                "retention",
+                OffsetDateTime::now_utc(),
+            )
+        })
         .await?;
     Ok(())
 }
