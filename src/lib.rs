@@ -41,13 +41,12 @@ pub async fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContex
         config.database.busy_timeout,
         config.database.wal_size_limit,
     );
-    let conn = tokio::task::spawn_blocking(move || {
+    let conn = store::blocking(move || {
         let conn = store::open_writer(&path, busy)?;
         store::set_wal_size_limit(&conn, wal_limit)?;
-        anyhow::Ok(conn)
+        Ok(conn)
     })
-    .await
-    .map_err(|e| anyhow::anyhow!("opening the warehouse was interrupted: {e}"))??;
+    .await?;
     Ok(SyncContext {
         client: api::Client::new(&config.api, &config.limits, key)?,
         writer: store::Writer::spawn(conn),

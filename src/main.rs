@@ -268,18 +268,6 @@ fn prepare_writer(
     Ok((config, key, lock))
 }
 
-/// Runs SQLite work on a blocking thread: rusqlite blocks, and no async task calls it.
-async fn blocking<T, F>(f: F) -> Result<T, Failure>
-where
-    T: Send + 'static,
-    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
-{
-    let answer = tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| anyhow::anyhow!("the database work was interrupted: {e}"))?;
-    Ok(answer?)
-}
-
 /// The range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults to now and
 /// must be after the start. `what` names the range in the error ("backfill", "purge").
 fn created_range(
@@ -402,7 +390,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
             let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            blocking(move || store::open_writer(&path, busy).map(drop)).await?;
+            store::blocking(move || store::open_writer(&path, busy).map(drop)).await?;
             say!("database {} is up to date", config.database.path.display());
             Ok(())
         }
@@ -482,7 +470,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             store::check_location(&config.database.path)?;
             // Only the queue row: the daemon, which holds the writer lock, may be running.
             let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            let id = blocking(move || {
+            let id = store::blocking(move || {
                 let conn = store::open_current(&path, busy)?;
                 store::queue_backfill(
                     &conn,
@@ -518,7 +506,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             }
             let status = {
                 let config = config.clone();
-                blocking(move || {
+                store::blocking(move || {
                     let conn = store::open_reader(&config.database.path, config.database.busy_timeout)?;
                     let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
                     status.estimate_backfills(&conn, &config)?;
@@ -566,7 +554,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 config.database.busy_timeout,
                 config.audio.directory.clone(),
             );
-            let c = blocking(move || {
+            let c = store::blocking(move || {
                 let mut conn = store::open_writer(&path, busy)?;
                 store::purge(
                     &mut conn,
@@ -597,7 +585,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
             let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            blocking(move || store::rebuild_search(&store::open_writer(&path, busy)?)).await?;
+            store::blocking(move || store::rebuild_search(&store::open_writer(&path, busy)?)).await?;
             say!("search indexes rebuilt");
             Ok(())
         }

@@ -113,6 +113,19 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connec
     Ok(conn)
 }
 
+/// Runs SQLite work on a blocking thread: rusqlite blocks, and no async task calls it (the
+/// sync goes through [`Writer`]; one-shot work such as opening, migrating or a command's few
+/// queries comes here).
+pub async fn blocking<T, F>(f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("the database work was interrupted: {e}"))?
+}
+
 /// Opens an existing warehouse to add a row next to a running daemon (`charthero-sync backfill`
 /// queues one), without migrating it — migrations belong to the one writer that holds the lock —
 /// and only if its schema is exactly the one this release knows: an older one needs `migrate`
