@@ -429,9 +429,15 @@ async fn plan() {
         .unwrap();
     let probes = sim.stats().requests;
     sim.reset_stats();
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &CancellationToken::new())
-        .await
-        .unwrap();
+    charthero_sync::sync_once(
+        &cfg,
+        &key(&sim),
+        "bench",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let stats = sim.stats();
     println!(
         "plan: {encounters} encounters; estimated {} encounters and {} requests ({} list + {} content) from {probes} \
