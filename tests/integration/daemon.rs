@@ -434,7 +434,11 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
             )
             .unwrap();
         let audited: i64 = conn
-            .query_row("SELECT count(*) FROM audits WHERE status = 'completed'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM audits WHERE status = 'completed'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         added == 1 && removed == 1 && audited >= 1
     })
