@@ -110,7 +110,7 @@ const NEARLY_FULL_BYTES: u64 = 64 * 1024 + 24;
 
 /// Bytes available to this user on the filesystem holding `path` (its directory is measured:
 /// the database itself may not exist yet).
-pub fn free_bytes(path: &Path) -> Option<u64> {
+fn free_bytes(path: &Path) -> Option<u64> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -28,7 +28,7 @@ pub use content::{
     mark_unavailable, queue_missing_audio, save_detail, save_recording, save_transcript,
     transcript_not_ready,
 };
-pub use error::{StoreError, StoreErrorKind, free_bytes};
+pub use error::{StoreError, StoreErrorKind};
 pub use ledger::{
     Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
     deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
