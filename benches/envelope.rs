@@ -8,7 +8,8 @@
 //! written again without HTTP; runs `list` first, and `list` named alone skips it), `transcripts`
 //! (full content at a rate limit), `latency` (50 ms injected per request), `idle` (a quiet
 //! incremental cycle), `churn` (a backfill while upstream mutates), `audit` (the history audit of
-//! a 1M warehouse with 0, 10 and 100 changes), `dlt` (the peer, if
+//! a 1M warehouse with 0, 10 and 100 changes), `plan` (the estimate against the full-content
+//! backfill of 20,000 encounters it predicts), `dlt` (the peer, if
 //! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
 //! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
@@ -414,6 +415,45 @@ async fn churn() {
     );
 }
 
+/// `charthero-sync plan` against the backfill it predicts: full content, 20,000 encounters.
+async fn plan() {
+    let encounters = size(20_000, 500);
+    let sim = start_sim(encounters).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 8)
+        .validate()
+        .unwrap();
+    let client = charthero_sync::api::Client::new(&cfg.api, &cfg.limits, &key(&sim)).unwrap();
+    let estimate = charthero_sync::plan::estimate(&cfg, &client, OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    let probes = sim.stats().requests;
+    sim.reset_stats();
+    charthero_sync::sync_once(
+        &cfg,
+        &key(&sim),
+        "bench",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let stats = sim.stats();
+    println!(
+        "plan: {encounters} encounters; estimated {} encounters and {} requests ({} list + {} content) from {probes} \
+         requests; actual {} requests (list {}, document {}, transcript {}): error {:+.1} %",
+        estimate.encounters,
+        estimate.total_requests,
+        estimate.list_requests,
+        estimate.content_requests,
+        stats.requests,
+        stats.route(Route::List),
+        stats.route(Route::Document),
+        stats.route(Route::Transcript),
+        100.0 * (estimate.total_requests as f64 / stats.requests as f64 - 1.0)
+    );
+}
+
 /// The history audit on a list-only warehouse: its list requests with 0, 10 and 100 changes
 /// (half backdated inserts, half removals, 3–28 days old), each followed by an equality check.
 async fn audit() {
@@ -638,6 +678,9 @@ fn main() {
         }
         if wanted("audit") {
             audit().await;
+        }
+        if wanted("plan") {
+            plan().await;
         }
     });
 }

@@ -55,7 +55,8 @@ pub struct DemoSummary {
 
 pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
-    prepare_database(&opts.database)?;
+    let database = opts.database.clone();
+    store::blocking(move || prepare_database(&database)).await?;
     let now = OffsetDateTime::now_utc();
     let sim = Simulator::start(SimOptions {
         seed: opts.seed,
@@ -85,7 +86,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let config = raw.validate()?;
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
-    let ctx = crate::connect(&config, &key)?;
+    let ctx = crate::connect(&config, &key).await?;
     ctx.writer
         .call(|c| {
             c.execute(
@@ -100,20 +101,32 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     drop(ctx);
     sim.shutdown();
 
-    let conn = store::open_reader(&opts.database, config.database.busy_timeout)?;
-    let count = |table: &str| -> anyhow::Result<i64> {
-        Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
-    };
+    let (database, busy) = (opts.database.clone(), config.database.busy_timeout);
+    let [encounters, patients, documents, notes, transcripts, turns] = store::blocking(move || {
+        let conn = store::open_reader(&database, busy)?;
+        let count = |table: &str| -> anyhow::Result<i64> {
+            Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+        };
+        Ok([
+            count("encounters")?,
+            count("patients")?,
+            count("documents")?,
+            count("documents WHERE content_text IS NOT NULL")?,
+            count("transcripts")?,
+            count("transcript_turns")?,
+        ])
+    })
+    .await?;
     Ok(DemoSummary {
         database: opts.database.clone(),
         simulator_encounters: opts.encounters,
         report,
-        encounters: count("encounters")?,
-        patients: count("patients")?,
-        documents: count("documents")?,
-        notes: count("documents WHERE content_text IS NOT NULL")?,
-        transcripts: count("transcripts")?,
-        turns: count("transcript_turns")?,
+        encounters,
+        patients,
+        documents,
+        notes,
+        transcripts,
+        turns,
         elapsed: started.elapsed(),
     })
 }

@@ -31,12 +31,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::secret::ApiKey;
-use crate::sync::{BackfillRange, CycleError, CycleReport, SyncContext};
+use crate::sync::{CycleError, CycleReport, SyncContext};
 
-/// Opens (and migrates) the warehouse and builds the context a cycle needs.
-pub fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
-    let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
-    store::set_wal_size_limit(&conn, config.database.wal_size_limit)?;
+/// Opens (and migrates) the warehouse and builds the context a cycle needs. Opening and
+/// migrating block, so they run on a blocking thread, never on the async runtime's workers.
+pub async fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
+    let (path, busy, wal_limit) = (
+        config.database.path.clone(),
+        config.database.busy_timeout,
+        config.database.wal_size_limit,
+    );
+    let conn = store::blocking(move || {
+        let conn = store::open_writer(&path, busy)?;
+        store::set_wal_size_limit(&conn, wal_limit)?;
+        Ok(conn)
+    })
+    .await?;
     Ok(SyncContext {
         client: api::Client::new(&config.api, &config.limits, key)?,
         writer: store::Writer::spawn(conn),
@@ -56,40 +66,6 @@ pub async fn sync_once(
     plan: sync::CyclePlan,
     cancel: &CancellationToken,
 ) -> Result<CycleReport, CycleError> {
-    let ctx = connect(config, key)?;
+    let ctx = connect(config, key).await?;
     sync::run_cycle(&ctx, trigger, plan, cancel).await
-}
-
-/// Purges every encounter created in `[start, end)` — rows, search entries, history, orphaned
-/// patients — and deletes recording files nothing references any more.
-pub fn purge(
-    conn: &mut rusqlite::Connection,
-    audio_dir: &std::path::Path,
-    range: BackfillRange,
-    reason: &str,
-) -> anyhow::Result<store::PurgeCounts> {
-    let counts = store::purge(
-        conn,
-        range.start,
-        range.end,
-        reason,
-        time::OffsetDateTime::now_utc(),
-    )?;
-    for file in &counts.orphaned_files {
-        let path = audio_dir.join(file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
-        }
-    }
-    tracing::info!(
-        encounters = counts.encounters,
-        documents = counts.documents,
-        transcripts = counts.transcripts,
-        recordings = counts.recordings,
-        reason,
-        "purged"
-    );
-    Ok(counts)
 }

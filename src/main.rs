@@ -408,7 +408,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let config = Config::load(&cli.config)?;
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
-            store::open_writer(&config.database.path, config.database.busy_timeout)?;
+            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
+            store::blocking(move || Ok(store::open_writer(&path, busy).map(drop)?)).await?;
             say!("database {} is up to date", config.database.path.display());
             Ok(())
         }
@@ -475,28 +476,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         } => {
             let backfill = created_range("backfill", backfill_from, backfill_to)?;
             let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync run")?;
-            let ctx = charthero_sync::connect(&config, &key)?;
-            if let Some(r) = backfill {
-                let id = ctx
-                    .writer
-                    .call(move |c| store::queue_backfill(c, r.start, r.end, "run", OffsetDateTime::now_utc()))
-                    .await?;
-                tracing::info!(backfill_id = id, "backfill queued");
-            }
             let shutdown = cancel_on_signal();
-            if let Some(addr) = config.metrics_listen {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
-                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-                tokio::spawn(charthero_sync::metrics::serve(
-                    listener,
-                    ctx.client.metrics().clone(),
-                    shutdown.clone(),
-                ));
-            }
-            let notifier = Notifier::from_env();
-            charthero_sync::daemon::run(&ctx, &config.sync.schedule, &shutdown, &notifier).await?;
+            charthero_sync::daemon::serve(&config, &key, backfill, &Notifier::from_env(), &shutdown).await?;
             tracing::info!("stopped");
             Ok(())
         }
@@ -506,14 +487,19 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             };
             let config = Config::load(&cli.config)?;
             store::check_location(&config.database.path)?;
-            let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
-            let id = store::queue_backfill(
-                &conn,
-                range.start,
-                range.end,
-                "backfill",
-                OffsetDateTime::now_utc(),
-            )?;
+            // Only the queue row: the daemon, which holds the writer lock, may be running.
+            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
+            let id = store::blocking(move || {
+                let conn = store::open_current(&path, busy)?;
+                store::queue_backfill(
+                    &conn,
+                    range.start,
+                    range.end,
+                    "backfill",
+                    OffsetDateTime::now_utc(),
+                )
+            })
+            .await?;
             say!(
                 "queued backfill {id}: {} .. {}",
                 timefmt::format_utc(range.start),
@@ -537,9 +523,16 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 )
                 .into());
             }
-            let conn = store::open_reader(path, config.database.busy_timeout)?;
-            let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
-            status.estimate_backfills(&conn, &config)?;
+            let status = {
+                let config = config.clone();
+                store::blocking(move || {
+                    let conn = store::open_reader(&config.database.path, config.database.busy_timeout)?;
+                    let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
+                    status.estimate_backfills(&conn, &config)?;
+                    Ok(status)
+                })
+                .await?
+            };
             if json {
                 say!(
                     "{}",
@@ -575,8 +568,23 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             };
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
-            let mut conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
-            let c = charthero_sync::purge(&mut conn, &config.audio.directory, range, reason)?;
+            let (path, busy, audio) = (
+                config.database.path.clone(),
+                config.database.busy_timeout,
+                config.audio.directory.clone(),
+            );
+            let c = store::blocking(move || {
+                let mut conn = store::open_writer(&path, busy)?;
+                store::purge(
+                    &mut conn,
+                    &audio,
+                    range.start,
+                    range.end,
+                    reason,
+                    OffsetDateTime::now_utc(),
+                )
+            })
+            .await?;
             say!(
                 "purged encounters created {} .. {}: {} encounters, {} documents, {} transcripts ({} turns), \
                  {} recordings, {} history rows",
@@ -595,8 +603,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let config = Config::load(&cli.config)?;
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
-            let conn = store::open_writer(&config.database.path, config.database.busy_timeout)?;
-            store::rebuild_search(&conn)?;
+            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
+            store::blocking(move || store::rebuild_search(&store::open_writer(&path, busy)?)).await?;
             say!("search indexes rebuilt");
             Ok(())
         }

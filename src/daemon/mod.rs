@@ -1,9 +1,13 @@
-//! `charthero-sync run`: the daemon. Syncs at start and then on the cron schedule, one cycle at
-//! a time; works queued backfills, then the history audit when it is due, between live cycles
-//! in slices that end before the next live cycle is due, so the live sync is never starved; tells systemd it is ready, alive (watchdog, only while the loop makes progress) and
-//! stopping; stops at a unit boundary on the first signal. Only start-up errors, a refused key
-//! and a corrupt warehouse end it; a failed cycle (a full disk or a busy database included) is
-//! recorded and retried with capped, jittered backoff.
+//! `charthero-sync run`: the daemon. [`serve`] is its one entry point: it opens the warehouse,
+//! queues a backfill if asked, serves metrics if configured, and runs [`run`], the loop: a sync
+//! at start and then on the cron schedule, one cycle at a time; queued backfills, then the
+//! history audit when it is due, between live cycles in slices that end before the next live
+//! cycle is due, so the live sync is never starved. It tells systemd it is ready, alive
+//! (watchdog, only while the loop makes progress) and stopping, and stops at a unit boundary
+//! once its shutdown token is cancelled. Only start-up errors, a refused key and a corrupt
+//! warehouse end it; a failed cycle (a full disk or a busy database included) is recorded and
+//! retried with capped, jittered backoff. Signals, the writer lock and the process belong to the
+//! caller (`main.rs`).
 
 pub mod lock;
 pub mod notify;
@@ -13,6 +17,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
+use crate::secret::ApiKey;
 use crate::store::StoreError;
 use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
 use crate::timefmt::format_utc;
@@ -42,6 +48,38 @@ fn failure_backoff(failures: u32) -> Duration {
     let ceiling = exp.min(FAILURE_BACKOFF_CAP);
     // Jitter between half and all of the ceiling: spread out, but never hammering.
     Duration::try_from_secs_f64(ceiling.as_secs_f64() * (0.5 + fastrand::f64() / 2.0)).unwrap_or(ceiling)
+}
+
+/// The daemon, wired: opens (and migrates) the warehouse, queues `backfill` if given, serves
+/// Prometheus metrics on `metrics.listen` if configured, and runs the loop until `shutdown` is
+/// cancelled. The caller holds the writer lock and turns signals into `shutdown`.
+pub async fn serve(
+    config: &Config,
+    key: &ApiKey,
+    backfill: Option<BackfillRange>,
+    notifier: &Notifier,
+    shutdown: &CancellationToken,
+) -> Result<(), CycleError> {
+    let ctx = crate::connect(config, key).await?;
+    if let Some(r) = backfill {
+        let id = ctx
+            .writer
+            .call(move |c| crate::store::queue_backfill(c, r.start, r.end, "run", OffsetDateTime::now_utc()))
+            .await?;
+        tracing::info!(backfill_id = id, "backfill queued");
+    }
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            ctx.client.metrics().clone(),
+            shutdown.clone(),
+        ));
+    }
+    run(&ctx, &config.sync.schedule, shutdown, notifier).await
 }
 
 /// Runs until `shutdown` is cancelled. `Err` only for what must end the daemon: a refused key

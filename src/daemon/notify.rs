@@ -12,6 +12,14 @@ pub struct Notifier {
 }
 
 impl Notifier {
+    /// A notifier that says nothing: the daemon run in-process (tests, embedding).
+    pub fn silent() -> Notifier {
+        Notifier {
+            socket: None,
+            watchdog: None,
+        }
+    }
+
     /// Reads `NOTIFY_SOCKET` and `WATCHDOG_USEC` (honouring `WATCHDOG_PID`).
     pub fn from_env() -> Notifier {
         let socket = std::env::var("NOTIFY_SOCKET").ok().and_then(|path| {

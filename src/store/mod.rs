@@ -124,6 +124,61 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     Ok(conn)
 }
 
+/// Runs SQLite work on a blocking thread: rusqlite blocks, and no async task calls it (the
+/// sync goes through [`Writer`]; one-shot work such as opening, migrating or a command's few
+/// queries comes here).
+pub async fn blocking<T, F>(f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("the database work was interrupted: {e}"))?
+}
+
+/// Opens an existing warehouse to add a row next to a running daemon (`charthero-sync backfill`
+/// queues one), without migrating it — migrations belong to the one writer that holds the lock —
+/// and only if its schema is exactly the one this release knows: an older one needs `migrate`
+/// (or a daemon start) first, a newer one was written by a newer release.
+pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the warehouse {} (does it exist? `charthero-sync migrate` creates it)",
+            path.display()
+        )
+    })?;
+    set_busy_timeout(&conn, busy_timeout)?;
+    let applied: i64 = conn
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    let known = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0);
+    match applied.cmp(&known) {
+        std::cmp::Ordering::Equal => Ok(conn),
+        std::cmp::Ordering::Less => anyhow::bail!(
+            "the warehouse {} has schema version {applied}; this release needs {known}: run              `charthero-sync migrate` (or start the daemon once) first",
+            path.display()
+        ),
+        std::cmp::Ordering::Greater => anyhow::bail!(
+            "the warehouse {} has schema version {applied}, newer than this release knows ({known}):              use the release that wrote it",
+            path.display()
+        ),
+    }
+}
+
 /// Opens the warehouse read-only, for `status` and for tests; works while the daemon writes.
 pub fn open_reader(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
     let conn = Connection::open_with_flags(

@@ -120,10 +120,13 @@ pub struct PurgeCounts {
     pub orphaned_files: Vec<String>,
 }
 
-/// Removes every encounter created in `[start, end)` and everything hanging off it; records the
-/// purge (counts only), which also keeps the sync from bringing those encounters back.
+/// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
+/// search entries, history, orphaned patients — records the purge (counts only), which also
+/// keeps the sync from bringing those encounters back, and deletes the recording files under
+/// `audio_dir` that nothing references any more.
 pub fn purge(
     conn: &mut Connection,
+    audio_dir: &std::path::Path,
     start: OffsetDateTime,
     end: OffsetDateTime,
     reason: &str,
@@ -206,6 +209,22 @@ pub fn purge(
     conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
     conn.pragma_update(None, "secure_delete", "OFF")?;
     scrub(conn)?;
+    for file in &counts.orphaned_files {
+        let path = audio_dir.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
+        }
+    }
+    tracing::info!(
+        encounters = counts.encounters,
+        documents = counts.documents,
+        transcripts = counts.transcripts,
+        recordings = counts.recordings,
+        reason,
+        "purged"
+    );
     Ok(counts)
 }
 

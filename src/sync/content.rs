@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{CycleError, SyncContext, hex};
+use super::record::hex;
+use super::{CycleError, SyncContext};
 use crate::api::wire::{DocumentDetail, TranscriptResponse};
 use crate::api::{ApiError, ApiErrorKind, ErrorClass};
 use crate::store::{

@@ -5,23 +5,21 @@
 
 mod audit;
 mod content;
+mod record;
 mod window;
 
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
-use crate::config::{AudioConfig, BirthDate, ContentConfig, PrivacyConfig, SyncConfig};
-use crate::store::{
-    self, DocumentRecord, EncounterRecord, PatientRecord, RunCounts, RunEnd, RunOutcome, StoreError, Writer,
-};
+use crate::config::{AudioConfig, ContentConfig, PrivacyConfig, SyncConfig};
+use crate::store::{self, RunCounts, RunEnd, RunOutcome, StoreError, Writer};
 use crate::timefmt::{Micros, format_utc};
 
+pub use record::encounter_record;
 use window::{Scope, Window, WindowTarget};
 
 /// Everything a cycle needs, passed explicitly.
@@ -374,7 +372,16 @@ async fn purge_expired(ctx: &SyncContext) -> Result<(), CycleError> {
     };
     let dir = ctx.audio.directory.clone();
     ctx.writer
-        .call(move |c| crate::purge(c, &dir, range, "retention"))
+        .call(move |c| {
+            store::purge(
+                c,
+                &dir,
+                range.start,
+                range.end,
+                "retention",
+                OffsetDateTime::now_utc(),
+            )
+        })
         .await?;
     Ok(())
 }
@@ -583,89 +590,4 @@ async fn scan_range(
         p.finish();
     }
     Ok(finished)
-}
-
-/// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the
-/// columns and in the stored JSON). The content hash is over the record as received, so change
-/// detection does not depend on the policy.
-pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
-    let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
-    let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
-    let raw_json = if redact {
-        redact_patient(&e.raw, privacy)
-    } else {
-        e.raw
-    };
-    EncounterRecord {
-        encounter_id: e.encounter_id,
-        organization_id: e.organization_id,
-        encounter_type: e.encounter_type,
-        status: e.status,
-        created_at: e.created_at.0,
-        updated_at: e.updated_at.0,
-        date_of_service: e.date_of_service.map(|t| t.0),
-        patient: e.patient.map(|p| PatientRecord {
-            patient_id: p.patient_id,
-            first_name: p.first_name.filter(|_| privacy.patient_names),
-            last_name: p.last_name.filter(|_| privacy.patient_names),
-            date_of_birth: p.date_of_birth.and_then(|d| match privacy.date_of_birth {
-                BirthDate::Full => Some(d.to_string()),
-                BirthDate::YearOnly => Some(format!("{:04}", d.year())),
-                BirthDate::Omit => None,
-            }),
-        }),
-        documents: e
-            .documents
-            .into_iter()
-            .map(|d| DocumentRecord {
-                document_id: d.document_id,
-                schema_type: d.schema_type,
-                title: d.title,
-                status: d.status,
-                workflow_variant: d.workflow_variant,
-                audio_duration_seconds: d.audio_duration_seconds,
-            })
-            .collect(),
-        content_hash,
-        raw_json,
-    }
-}
-
-/// The record's JSON without the patient fields the policy does not keep.
-fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
-    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(raw) else {
-        return raw.to_owned();
-    };
-    if let Some(p) = value.get_mut("patient").and_then(|p| p.as_object_mut()) {
-        if !privacy.patient_names {
-            p.remove("first_name");
-            p.remove("last_name");
-        }
-        match privacy.date_of_birth {
-            BirthDate::Full => {}
-            BirthDate::Omit => {
-                p.remove("date_of_birth");
-            }
-            BirthDate::YearOnly => {
-                if let Some(year) = p
-                    .get("date_of_birth")
-                    .and_then(|d| d.as_str())
-                    .map(|d| d.chars().take(4).collect::<String>())
-                {
-                    p.insert("date_of_birth".into(), serde_json::Value::String(year));
-                }
-            }
-        }
-    }
-    value.to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
 }

@@ -28,7 +28,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::{CycleError, SyncContext, encounter_record};
+use super::record::{encounter_record, hex};
+use super::{CycleError, SyncContext};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
 use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
@@ -892,7 +893,7 @@ fn id_set_hash(ids: &HashSet<&str>) -> String {
         h.update(id.as_bytes());
         h.update(b"\n");
     }
-    super::hex(&h.finalize())
+    hex(&h.finalize())
 }
 
 #[cfg(test)]

@@ -237,3 +237,54 @@ async fn purge_and_reindex_work_from_the_command_line() {
         .unwrap();
     assert_eq!((left, purges), (0, 1));
 }
+
+#[tokio::test]
+async fn backfill_only_queues_and_refuses_a_schema_it_does_not_know() {
+    let env = TestEnv::with_encounters(2, 10).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = env.write_config_file("");
+    let cmd = |args: &[&str]| {
+        let mut c = bin();
+        c.arg("--config").arg(&config).args(args);
+        c
+    };
+    // No warehouse yet: backfill does not create one.
+    let out = run(cmd(&["backfill", "--from", "2026-01-01T00:00:00Z"])).await;
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("migrate"), "{}", text(&out));
+    assert!(!env.db_path().exists());
+
+    assert_eq!(run(cmd(&["migrate"])).await.status.code(), Some(0));
+    let out = run(cmd(&["backfill", "--from", "2026-01-01T00:00:00Z"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("queued backfill 1"), "{}", text(&out));
+
+    // A warehouse one migration behind: backfill does not migrate it (the daemon owns that).
+    let latest: i64 = reader(&env.db_path())
+        .query_row("SELECT max(version) FROM refinery_schema_history", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let writer = rusqlite::Connection::open(env.db_path()).unwrap();
+    writer
+        .execute("DELETE FROM refinery_schema_history WHERE version = ?1", [latest])
+        .unwrap();
+    let out = run(cmd(&["backfill", "--from", "2026-01-01T00:00:00Z"])).await;
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("charthero-sync migrate"), "{}", text(&out));
+    // One written by a newer release.
+    writer
+        .execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+             VALUES (?1, 'future', '2030-01-01T00:00:00Z', '0'), (?2, 'restored', '2030-01-01T00:00:00Z', '0')",
+            [latest + 1, latest],
+        )
+        .unwrap();
+    let out = run(cmd(&["backfill", "--from", "2026-01-01T00:00:00Z"])).await;
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("newer than this release"), "{}", text(&out));
+    let queued: i64 = reader(&env.db_path())
+        .query_row("SELECT count(*) FROM backfills", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(queued, 1, "refused backfills queue nothing");
+}

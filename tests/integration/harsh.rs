@@ -37,10 +37,7 @@ async fn sync_against_microsecond_server(precision: QueryPrecision) {
     raw.content.details = false;
     raw.content.transcripts = false;
     let config = raw.validate().unwrap();
-    let cancel = CancellationToken::new();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap_or_else(|e| panic!("{precision:?}: {e:#}"));
+    let report = env.sync(&config, live()).await;
     assert!(report.is_complete());
     compare(&env.sim, &env.db_path()).assert_empty();
     // A reconcile with nanosecond bounds, and a repeat cycle, stay exact.
@@ -48,15 +45,7 @@ async fn sync_against_microsecond_server(precision: QueryPrecision) {
         start: instant - time::Duration::nanoseconds(1),
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{precision:?} reconcile: {e:#}"));
+    env.sync(&config, CyclePlan::full(Some(range), false)).await;
     compare(&env.sim, &env.db_path()).assert_empty();
 }
 
@@ -85,8 +74,8 @@ async fn sync_with_coarse_rendering(rounding: Rounding, span: time::Duration) {
     })
     .await;
     let config = env.encounters_only_config();
-    let cancel = CancellationToken::new();
-    let result = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel).await;
+    let result =
+        charthero_sync::sync_once(&config, &env.key(), "test", live(), &CancellationToken::new()).await;
     let list_requests = env.sim.stats().route(SimRoute::List);
     // The bound the algorithm promises: per window, 12 passes of at most 72 + 6 pages per 99
     // records; here one window. Far below the 100,000 an unbounded cursor sent.
@@ -127,10 +116,7 @@ async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends() {
     let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
     env.sim.insert_bulk(instant, 20_200);
     let config = env.encounters_only_config();
-    let cancel = CancellationToken::new();
-    let report = charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    let report = env.sync(&config, live()).await;
     assert!(report.is_complete());
     compare(&env.sim, &env.db_path()).assert_empty();
     // Ascending offsets reach 10,100 and descending ones the other 10,100: 102 + 102 pages.
@@ -206,17 +192,12 @@ async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
         .map(|id| env.sim.encounter(&id).unwrap())
         .collect();
     let config = env.encounters_only_config();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, live()).await;
     // A document filed to the wrong visit moves away: its old encounter's updated_at is
     // recomputed from what remains, older than the one stored.
     let (from, to) = (&recent[0], &recent[1]);
     let doc = env.sim.add_document(&from.encounter_id, DocKind::Note);
-    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, live()).await;
     let before = env.sim.encounter(&from.encounter_id).unwrap().updated_at;
     env.sim.move_document(&from.encounter_id, &doc, &to.encounter_id);
     let after = env.sim.encounter(&from.encounter_id).unwrap().updated_at;
@@ -225,9 +206,7 @@ async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
     let restored = &recent[2];
     env.sim
         .restore_status(&restored.encounter_id, "in_progress", restored.created_at);
-    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, live()).await;
     compare(&env.sim, &env.db_path()).assert_empty();
     let conn = reader(&env.db_path());
     let (holder, removed): (String, Option<String>) = conn
@@ -240,20 +219,7 @@ async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
     assert_eq!(holder, to.encounter_id, "the document moved with upstream");
     assert_eq!(removed, None);
     // And a reconcile of everything ends equal too.
-    let range = BackfillRange {
-        start: config.sync.start_at,
-        end: OffsetDateTime::now_utc(),
-    };
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
-    compare(&env.sim, &env.db_path()).assert_empty();
+    env.reconcile_and_compare(&config).await;
 }
 
 /// The history audit: 20 changes 3–28 days old in a 60,000-encounter list-only warehouse — late
@@ -266,14 +232,9 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
     raw.content.transcripts = false;
     raw.sync.revisit_deep = "0s".into();
     let config = raw.validate().unwrap();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, live()).await;
     // Nothing changed: an audit costs one request per 500 encounters.
-    let quiet = charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, true), &cancel)
-        .await
-        .unwrap();
+    let quiet = env.sync(&config, CyclePlan::full(None, true)).await;
     let quiet_requests = last_audit_requests(&env);
     assert!(quiet.is_complete());
 
@@ -296,16 +257,11 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
         }
     }
     // The live cycle alone does not see them.
-    charthero_sync::sync_once(&config, &env.key(), "test", live(), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, live()).await;
     let before = compare(&env.sim, &env.db_path());
     assert_eq!(before.missing.len() + before.ghosts.len(), 20, "{before:?}");
 
-    let audited =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, true), &cancel)
-            .await
-            .unwrap();
+    let audited = env.sync(&config, CyclePlan::full(None, true)).await;
     let audit_requests = last_audit_requests(&env);
     assert!(audited.is_complete());
     compare(&env.sim, &env.db_path()).assert_empty();
@@ -316,15 +272,7 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
         start: config.sync.start_at,
         end: now,
     };
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    env.sync(&config, CyclePlan::full(Some(range), false)).await;
     let reconcile_requests: i64 = reader(&env.db_path())
         .query_row(
             "SELECT sum(pages) FROM sync_windows WHERE kind = 'backfill'",

@@ -5,6 +5,7 @@ mod api_routes;
 mod cli;
 mod content;
 mod daemon;
+mod daemon_loop;
 mod harsh;
 mod install;
 mod plan;

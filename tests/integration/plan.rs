@@ -3,7 +3,6 @@
 
 use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::TestEnv;
 
@@ -22,15 +21,7 @@ async fn the_plan_estimates_the_first_backfill_within_ten_percent() {
     assert!(plan.hours > 0.0);
 
     env.sim.reset_stats();
-    let report = charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete());
     let actual = env.sim.stats().requests;
     let error = plan.total_requests as f64 / actual as f64 - 1.0;

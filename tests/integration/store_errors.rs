@@ -151,7 +151,9 @@ async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_sp
     // The same through the library, as the daemon sees it: a classified, retryable error.
     let mut raw = env.raw_config();
     raw.database.path = db.clone();
-    let ctx = charthero_sync::connect(&raw.validate().unwrap(), &env.key()).unwrap();
+    let ctx = charthero_sync::connect(&raw.validate().unwrap(), &env.key())
+        .await
+        .unwrap();
     let cancel = CancellationToken::new();
     let err = run_cycle(&ctx, "sync", CyclePlan::full(None, false), &cancel)
         .await

@@ -8,6 +8,7 @@ use std::time::Duration;
 use charthero_sim::{SimOptions, Simulator};
 use charthero_sync::config::{Config, RawConfig};
 use charthero_sync::secret::ApiKey;
+use charthero_sync::sync::{BackfillRange, CyclePlan, CycleReport};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
@@ -66,6 +67,30 @@ impl TestEnv {
         raw.content.details = false;
         raw.content.transcripts = false;
         raw.validate().expect("test config is valid")
+    }
+
+    /// One cycle of `plan` against this simulator; a failure panics with its whole chain.
+    pub async fn sync(&self, config: &Config, plan: CyclePlan) -> CycleReport {
+        charthero_sync::sync_once(
+            config,
+            &self.key(),
+            "test",
+            plan,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the cycle failed: {e:#}"))
+    }
+
+    /// A reconcile of everything from `sync.start_at` to now, after which the warehouse must
+    /// equal the simulator entity by entity.
+    pub async fn reconcile_and_compare(&self, config: &Config) {
+        let range = BackfillRange {
+            start: config.sync.start_at,
+            end: OffsetDateTime::now_utc(),
+        };
+        self.sync(config, CyclePlan::full(Some(range), false)).await;
+        compare(&self.sim, &self.db_path()).assert_empty();
     }
 
     /// Writes the config as TOML into the temp dir, for tests that run the binary.

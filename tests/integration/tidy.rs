@@ -100,6 +100,27 @@ fn the_api_client_never_touches_sqlite_and_the_store_never_does_network_io() {
     );
 }
 
+#[test]
+fn sqlite_is_used_only_where_it_runs_off_the_async_workers() {
+    // The store (its Writer thread and `store::blocking`), and two read-only helpers whose
+    // synchronous functions are called through `store::blocking`: nothing else may name rusqlite,
+    // so no async task can call it directly.
+    let allowed = ["src/store/", "src/status.rs", "src/demo.rs"];
+    assert!(
+        !mentions("src/store", "rusqlite").is_empty(),
+        "the check reads the store"
+    );
+    let elsewhere: Vec<String> = mentions("src", "rusqlite")
+        .into_iter()
+        .filter(|hit| !allowed.iter().any(|a| hit.starts_with(a)))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "ARCHITECTURE.md: async tasks never call rusqlite, but it is named outside the store:\n{}",
+        elsewhere.join("\n")
+    );
+}
+
 /// The code of a file without comments: whole comment lines (doc comments included) are
 /// dropped, and a trailing `//` comment is cut where `//` follows whitespace (so `http://` in a
 /// string survives).

@@ -369,7 +369,15 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         end: cut,
     };
     let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
-    let counts = charthero_sync::purge(&mut conn, &config.audio.directory, range, "range").unwrap();
+    let counts = charthero_sync::store::purge(
+        &mut conn,
+        &config.audio.directory,
+        range.start,
+        range.end,
+        "range",
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
     drop(conn);
     assert_eq!(counts.encounters as usize, old.len());
     // Generated text repeats across encounters: a canary still held by a kept row is not a leak.
