@@ -10,3 +10,6 @@ pub const USAGE: u8 = 2;
 pub const AUTH_REFUSED: u8 = 3;
 /// Another process holds the warehouse's writer lock; the message names it.
 pub const LOCKED: u8 = 4;
+/// The warehouse is corrupt or not a SQLite database (`StoreErrorKind::Corrupt`): the process
+/// stopped writing it. Restarting cannot help; restore or rebuild it (docs/operations.md).
+pub const STORE_CORRUPT: u8 = 5;

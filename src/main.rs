@@ -26,7 +26,8 @@ use charthero_sync::{demo, exit, simulate, store, timefmt};
     about = "Replicate ChartHero encounters into a SQLite warehouse",
     after_help = "Timestamps are RFC 3339 with an offset, e.g. 2026-01-01T00:00:00Z; durations are an integer \
                   and a unit (ms, s, m, h, d), e.g. 90s, 24h, 365d. Exit codes: 0 ok, 1 failed or work left \
-                  undone, 2 bad usage or configuration, 3 API key refused, 4 another process writes the warehouse."
+                  undone (a full disk included), 2 bad usage or configuration, 3 API key refused, 4 another process \
+                  writes the warehouse, 5 the warehouse is corrupt."
 )]
 struct Cli {
     /// Configuration file (TOML); see config.example.toml. Not read by `demo` and `simulate`.
@@ -229,11 +230,29 @@ impl From<ConfigError> for Failure {
     }
 }
 
+/// The exit code of a failure that may be the warehouse's: a corrupt one has its own.
+fn store_failure_code(e: Option<&store::StoreError>) -> u8 {
+    if e.is_some_and(store::StoreError::is_fatal) {
+        exit::STORE_CORRUPT
+    } else {
+        exit::CYCLE_FAILED
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
         Failure {
-            code: exit::CYCLE_FAILED,
+            code: store_failure_code(error.chain().find_map(|c| c.downcast_ref())),
             error,
+        }
+    }
+}
+
+impl From<store::StoreError> for Failure {
+    fn from(e: store::StoreError) -> Self {
+        Failure {
+            code: store_failure_code(Some(&e)),
+            error: e.into(),
         }
     }
 }
@@ -242,7 +261,7 @@ impl From<CycleError> for Failure {
     fn from(e: CycleError) -> Self {
         let code = match &e {
             CycleError::Api(api) if api.is_auth() => exit::AUTH_REFUSED,
-            _ => exit::CYCLE_FAILED,
+            _ => store_failure_code(e.store_error()),
         };
         if let CycleError::Api(api) = &e {
             tracing::error!(reason_code = api.reason_code().unwrap_or("none"), "{api}");
@@ -390,7 +409,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
             let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            store::blocking(move || store::open_writer(&path, busy).map(drop)).await?;
+            store::blocking(move || Ok(store::open_writer(&path, busy).map(drop)?)).await?;
             say!("database {} is up to date", config.database.path.display());
             Ok(())
         }

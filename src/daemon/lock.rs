@@ -63,18 +63,26 @@ impl WriterLock {
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
-        file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        write!(
-            file,
-            "pid {} ({what}) since {}",
-            std::process::id(),
-            crate::timefmt::format_utc(time::OffsetDateTime::now_utc())
-        )
-        .map_err(io)?;
-        file.flush().map_err(io)?;
+        // The lock is held; saying who holds it is a courtesy. On a full disk it cannot be
+        // written, and the command goes on to fail (or succeed) on the database itself, whose
+        // error names the free bytes, instead of on this file.
+        if let Err(e) = describe_holder(&mut file, what) {
+            tracing::warn!(lock = %path.display(), "cannot write the lock holder's name: {e}");
+        }
         Ok(WriterLock { _file: file })
     }
+}
+
+fn describe_holder(file: &mut File, what: &str) -> std::io::Result<()> {
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    write!(
+        file,
+        "pid {} ({what}) since {}",
+        std::process::id(),
+        crate::timefmt::format_utc(time::OffsetDateTime::now_utc())
+    )?;
+    file.flush()
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 //! history audit when it is due, between live cycles in slices that end before the next live
 //! cycle is due, so the live sync is never starved. It tells systemd it is ready, alive
 //! (watchdog, only while the loop makes progress) and stopping, and stops at a unit boundary
-//! once its shutdown token is cancelled. Only start-up errors and a refused key end it; a failed
-//! cycle is recorded and retried with capped, jittered backoff. Signals, the writer lock and
-//! the process belong to the caller (`main.rs`).
+//! once its shutdown token is cancelled. Only start-up errors, a refused key and a corrupt
+//! warehouse end it; a failed cycle (a full disk or a busy database included) is recorded and
+//! retried with capped, jittered backoff. Signals, the writer lock and the process belong to the
+//! caller (`main.rs`).
 
 pub mod lock;
 pub mod notify;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::secret::ApiKey;
+use crate::store::StoreError;
 use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
 use crate::timefmt::format_utc;
 use notify::Notifier;
@@ -81,7 +83,7 @@ pub async fn serve(
 }
 
 /// Runs until `shutdown` is cancelled. `Err` only for what must end the daemon: a refused key
-/// (401) or a broken database.
+/// (401) or a corrupt warehouse (`StoreError::is_fatal`).
 pub async fn run(
     ctx: &SyncContext,
     schedule: &cron::Schedule,
@@ -99,21 +101,25 @@ pub async fn run(
             break;
         }
         let now = OffsetDateTime::now_utc();
-        let backfill = ctx
-            .writer
-            .call(|c| crate::store::next_backfill(c))
-            .await?
-            .map(|(start, end)| BackfillRange { start, end });
         let live = now >= next_live;
-        let audit_every = time::Duration::try_from(ctx.sync.audit_every).unwrap_or(time::Duration::MAX);
-        // The audit works between live cycles only, after queued backfills.
-        let audit = !live
-            && backfill.is_none()
-            && !ctx.sync.audit_every.is_zero()
-            && ctx
-                .writer
-                .call(move |c| crate::store::audit_due(c, audit_every, now))
-                .await?;
+        let (backfill, audit) = match queued_work(ctx, live, now).await {
+            Ok(work) => work,
+            Err(e) if is_fatal(&e) => return Err(stop_for(e, notifier)),
+            Err(e) => {
+                // Like a failed cycle: a busy or full database is retried with backoff.
+                failures += 1;
+                tracing::error!(
+                    failures,
+                    reason_code = e.reason_code().unwrap_or("none"),
+                    "cannot read the backfill queue or the audit schedule: {e:#}"
+                );
+                notifier.status("cannot read the warehouse; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(failure_backoff(failures)) => continue,
+                }
+            }
+        };
         if !live && backfill.is_none() && !audit {
             notifier.watchdog_ping();
             let wait = ((next_live - now).unsigned_abs()).min(tick);
@@ -166,6 +172,7 @@ pub async fn run(
                 notifier.stopping();
                 return Err(CycleError::Api(e));
             }
+            Err(e) if is_fatal(&e) => return Err(stop_for(e, notifier)),
             Err(e) => {
                 failures += 1;
                 let retry_at = now + failure_backoff(failures);
@@ -193,6 +200,43 @@ pub async fn run(
     }
     notifier.stopping();
     Ok(())
+}
+
+/// What the loop works when no live cycle is due: the oldest queued backfill, else the history
+/// audit if it is due.
+async fn queued_work(
+    ctx: &SyncContext,
+    live: bool,
+    now: OffsetDateTime,
+) -> Result<(Option<BackfillRange>, bool), CycleError> {
+    let backfill = ctx
+        .writer
+        .call(|c| crate::store::next_backfill(c))
+        .await?
+        .map(|(start, end)| BackfillRange { start, end });
+    let audit_every = time::Duration::try_from(ctx.sync.audit_every).unwrap_or(time::Duration::MAX);
+    // The audit works between live cycles only, after queued backfills.
+    let audit = !live
+        && backfill.is_none()
+        && !ctx.sync.audit_every.is_zero()
+        && ctx
+            .writer
+            .call(move |c| crate::store::audit_due(c, audit_every, now))
+            .await?;
+    Ok((backfill, audit))
+}
+
+/// A corrupt warehouse ends the daemon (exit `STORE_CORRUPT`): every further write risks
+/// spreading the damage, and a restart cannot repair it. Busy, full or unwritable is retried.
+fn is_fatal(e: &CycleError) -> bool {
+    e.store_error().is_some_and(StoreError::is_fatal)
+}
+
+/// Logs why the daemon stops and tells systemd, then hands the error back for the exit code.
+fn stop_for(e: CycleError, notifier: &Notifier) -> CycleError {
+    tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
+    notifier.stopping();
+    e
 }
 
 /// Drives `cycle` while pinging the systemd watchdog, but only while requests keep completing:

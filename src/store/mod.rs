@@ -1,15 +1,18 @@
 //! The SQLite warehouse: connection setup (pragmas on every connection), embedded refinery
 //! migrations, and the single writer thread through which every write goes. The store never does
 //! network I/O, and async tasks never call rusqlite directly: they send closures to [`Writer`].
+//! Errors leave the store's entry points ([`open_writer`], [`Writer`]'s answers) as a classified
+//! [`StoreError`] naming the database path; functions a closure calls keep `anyhow` contexts.
 
 mod audit;
 mod content;
+mod error;
 mod ledger;
 mod privacy;
 mod upsert;
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -25,6 +28,7 @@ pub use content::{
     mark_unavailable, queue_missing_audio, save_detail, save_recording, save_transcript,
     transcript_not_ready,
 };
+pub use error::{StoreError, StoreErrorKind};
 pub use ledger::{
     Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
     deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
@@ -101,14 +105,21 @@ pub fn check_location(path: &Path) -> Result<(), LocationError> {
 /// can read them whoever started the writer; and the WAL is *persistent*: closing the last
 /// connection leaves `-wal` (empty after the checkpoint) and `-shm` in place, because a reader
 /// who may not create files in the directory cannot open a WAL database without them.
-pub fn open_writer(path: &Path, busy_timeout: Duration) -> anyhow::Result<Connection> {
-    let mut conn =
-        Connection::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
+///
+/// Errors are classified ([`StoreError`]): a file that is not a database or is damaged is
+/// `Corrupt`, a full disk `DiskFull`, and so on.
+pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let fail = |e: anyhow::Error| StoreError::new(path, e);
+    let mut conn = Connection::open(path)
+        .with_context(|| format!("cannot open database {}", path.display()))
+        .map_err(fail)?;
     configure(&conn, busy_timeout)
-        .with_context(|| format!("cannot configure database {}", path.display()))?;
+        .with_context(|| format!("cannot configure database {}", path.display()))
+        .map_err(fail)?;
     embedded::migrations::runner()
         .run(&mut conn)
-        .with_context(|| format!("cannot apply migrations to {}", path.display()))?;
+        .with_context(|| format!("cannot apply migrations to {}", path.display()))
+        .map_err(fail)?;
     share_with_directory_group(path);
     Ok(conn)
 }
@@ -315,22 +326,46 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 4_096;
 /// a 100,000-encounter backfill. It is most of the process's memory (see BENCHMARKS.md).
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
 
+/// Why a group's transaction did not commit, for every write in it: the message, and the kind
+/// of the error that caused it (writes rolled back because the disk was full fail as
+/// `DiskFull` too).
+#[derive(Debug, Clone)]
+struct Abort {
+    why: String,
+    kind: StoreErrorKind,
+}
+
+impl Abort {
+    /// `what` happened because of `e`; the message is `e`'s cause (the headline naming the
+    /// database is added once, by the `StoreError` each write is answered with).
+    fn new(what: &str, e: &StoreError) -> Abort {
+        Abort {
+            why: format!("{what}: {:#}", e.cause()),
+            kind: e.kind(),
+        }
+    }
+}
+
 /// A grouped write after it ran (or could not run): whether it failed, and how to answer its
 /// caller once the transaction has ended.
 struct Ran {
-    error: Option<String>,
+    error: Option<Abort>,
     /// Given why the transaction did not commit, if it did not.
     answer: Answer,
 }
 
-type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+type Answer = Box<dyn FnOnce(Option<&Abort>, &Path) + Send>;
 
-/// A grouped write: given the shared transaction, or why none could be started.
-type GroupedWrite = Box<dyn FnOnce(Result<&Transaction<'_>, &str>) -> Ran + Send>;
+/// A grouped write: given the shared transaction, or why none could be started, and the
+/// database's path (for its errors).
+type GroupedWrite = Box<dyn FnOnce(Result<&Transaction<'_>, &Abort>, &Path) -> Ran + Send>;
+
+/// A write on its own: given the connection and the database's path.
+type AloneWrite = Box<dyn FnOnce(&mut Connection, &Path) + Send>;
 
 enum Job {
     /// Runs on its own, outside any transaction (it may open its own).
-    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
+    Alone(AloneWrite),
     /// Runs inside a write transaction shared with the grouped writes queued behind it; given
     /// the error instead when no transaction could be started.
     Grouped(GroupedWrite),
@@ -343,35 +378,48 @@ enum Job {
 /// such writes queue up, and the next transaction takes all of them and commits once. Every
 /// write is answered only after its transaction ended, so "answered Ok" means committed. If one
 /// write of a group fails, the whole transaction rolls back and every write in it fails.
+///
+/// Every answer's error is a [`StoreError`] naming the database and classified by the first
+/// rusqlite error in the closure's error chain (or, for a write rolled back with its group, by
+/// the error that rolled the group back).
 pub struct Writer {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<thread::JoinHandle<()>>,
+    /// The database file, for errors raised on this side of the channel.
+    path: Arc<Path>,
 }
 
 /// A write queued with [`Writer::write`]; resolves once it has committed (or failed).
 pub struct Pending<T> {
-    answer: anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<T>>>,
+    answer: Result<tokio::sync::oneshot::Receiver<Result<T, StoreError>>, StoreError>,
+    path: Arc<Path>,
 }
 
 impl<T> std::future::IntoFuture for Pending<T>
 where
     T: Send + 'static,
 {
-    type Output = anyhow::Result<T>;
-    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<T>> + Send>>;
+    type Output = Result<T, StoreError>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            self.answer?
-                .await
-                .map_err(|_| anyhow::anyhow!("the database writer thread stopped during a write"))?
+            self.answer?.await.map_err(|_| {
+                StoreError::new(
+                    &self.path,
+                    anyhow::anyhow!("the database writer thread stopped during a write"),
+                )
+            })?
         })
     }
 }
 
 impl Writer {
     pub fn spawn(mut conn: Connection) -> Writer {
+        // SQLite's own name for the main database: absolute, whatever the configuration said.
+        let path: Arc<Path> = Path::new(conn.path().filter(|p| !p.is_empty()).unwrap_or(":memory:")).into();
         let (tx, rx) = mpsc::channel::<Job>();
+        let thread_path = path.clone();
         let thread = thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -379,10 +427,10 @@ impl Writer {
                 while let Some(job) = next {
                     let held = match job {
                         Job::Alone(f) => {
-                            f(&mut conn);
+                            f(&mut conn, &thread_path);
                             None
                         }
-                        Job::Grouped(f) => run_group(&mut conn, f, &rx),
+                        Job::Grouped(f) => run_group(&mut conn, &thread_path, f, &rx),
                     };
                     next = held.or_else(|| rx.recv().ok());
                 }
@@ -391,30 +439,35 @@ impl Writer {
         Writer {
             jobs: Some(tx),
             thread: Some(thread),
+            path,
         }
     }
 
-    fn send(&self, job: Job) -> anyhow::Result<()> {
+    fn send(&self, job: Job) -> Result<(), StoreError> {
         self.jobs
             .as_ref()
             .expect("jobs is only taken in drop")
             .send(job)
-            .map_err(|_| anyhow::anyhow!("the database writer thread has stopped"))
+            .map_err(|_| self.stopped("the database writer thread has stopped"))
+    }
+
+    fn stopped(&self, what: &'static str) -> StoreError {
+        StoreError::new(&self.path, anyhow::anyhow!(what))
     }
 
     /// Runs `f` on the writer thread, outside any transaction, and returns its result.
-    pub async fn call<T, F>(&self, f: F) -> anyhow::Result<T>
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Job::Alone(Box::new(move |conn| {
+        self.send(Job::Alone(Box::new(move |conn, path| {
             // The receiver is gone only if the caller was cancelled; the work is done either way.
-            let _ = tx.send(f(conn));
+            let _ = tx.send(f(conn).map_err(|e| StoreError::new(path, e)));
         })))?;
         rx.await
-            .map_err(|_| anyhow::anyhow!("the database writer thread stopped during a write"))?
+            .map_err(|_| self.stopped("the database writer thread stopped during a write"))?
     }
 
     /// Queues `f` to run inside a write transaction (possibly shared with other queued writes)
@@ -426,16 +479,27 @@ impl Writer {
         F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = Job::Grouped(Box::new(move |transaction| {
+        let job = Job::Grouped(Box::new(move |transaction, path| {
             let result = match transaction {
-                Ok(t) => f(t),
-                Err(e) => Err(anyhow::anyhow!("{e}")),
+                Ok(t) => f(t).map_err(|e| StoreError::new(path, e)),
+                Err(abort) => Err(StoreError::with_kind(
+                    path,
+                    abort.kind,
+                    anyhow::anyhow!("{}", abort.why),
+                )),
             };
             Ran {
-                error: result.as_ref().err().map(|e| format!("{e:#}")),
-                answer: Box::new(move |aborted| {
+                error: result
+                    .as_ref()
+                    .err()
+                    .map(|e| Abort::new("another write in the same transaction failed", e)),
+                answer: Box::new(move |aborted, path| {
                     let answer = match (result, aborted) {
-                        (Ok(_), Some(why)) => Err(anyhow::anyhow!("the write was not committed: {why}")),
+                        (Ok(_), Some(abort)) => Err(StoreError::with_kind(
+                            path,
+                            abort.kind,
+                            anyhow::anyhow!("the write was not committed: {}", abort.why),
+                        )),
                         (result, _) => result,
                     };
                     let _ = tx.send(answer);
@@ -444,29 +508,38 @@ impl Writer {
         }));
         Pending {
             answer: self.send(job).map(|()| rx),
+            path: self.path.clone(),
         }
     }
 }
 
 /// Runs `first` and the grouped writes queued behind it in one transaction, then answers them
 /// all. Returns a job it took from the queue but could not add to the group.
-fn run_group(conn: &mut Connection, first: GroupedWrite, rx: &mpsc::Receiver<Job>) -> Option<Job> {
+fn run_group(
+    conn: &mut Connection,
+    path: &Path,
+    first: GroupedWrite,
+    rx: &mpsc::Receiver<Job>,
+) -> Option<Job> {
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            let why = format!("cannot start a write transaction: {e}");
-            (first(Err(&why)).answer)(Some(&why));
+            let abort = Abort::new(
+                "cannot start a write transaction",
+                &StoreError::new(path, e.into()),
+            );
+            (first(Err(&abort), path).answer)(Some(&abort), path);
             return None;
         }
     };
     let started = std::time::Instant::now();
-    let mut ran = vec![first(Ok(&tx))];
+    let mut ran = vec![first(Ok(&tx), path)];
     let mut failure = ran[0].error.clone();
     let mut held = None;
     while failure.is_none() && ran.len() < MAX_GROUP_WRITES && started.elapsed() < MAX_GROUP_TIME {
         match rx.try_recv() {
             Ok(Job::Grouped(f)) => {
-                let r = f(Ok(&tx));
+                let r = f(Ok(&tx), path);
                 failure = r.error.clone();
                 ran.push(r);
             }
@@ -477,13 +550,17 @@ fn run_group(conn: &mut Connection, first: GroupedWrite, rx: &mpsc::Receiver<Job
             Err(_) => break,
         }
     }
-    // Dropping the transaction rolls it back.
+    // Dropping the transaction rolls it back (also when COMMIT itself failed: rusqlite's drop
+    // issues the ROLLBACK that SQLite asks for after SQLITE_FULL or SQLITE_IOERR).
     let aborted = match failure {
-        Some(e) => Some(format!("another write in the same transaction failed: {e}")),
-        None => tx.commit().err().map(|e| format!("cannot commit: {e}")),
+        Some(abort) => Some(abort),
+        None => tx
+            .commit()
+            .err()
+            .map(|e| Abort::new("cannot commit", &StoreError::new(path, e.into()))),
     };
     for r in ran {
-        (r.answer)(aborted.as_deref());
+        (r.answer)(aborted.as_ref(), path);
     }
     held
 }
@@ -571,6 +648,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        assert_eq!(err.kind(), StoreErrorKind::Other);
     }
 
     /// Holds the writer thread until the returned sender is dropped, so that writes queue up.

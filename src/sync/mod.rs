@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::api::{ApiError, Client};
 use crate::config::{AudioConfig, ContentConfig, PrivacyConfig, SyncConfig};
-use crate::store::{self, RunCounts, RunEnd, RunOutcome, Writer};
+use crate::store::{self, RunCounts, RunEnd, RunOutcome, StoreError, Writer};
 use crate::timefmt::{Micros, format_utc};
 
 pub use record::encounter_record;
@@ -124,6 +124,9 @@ pub enum CycleError {
          reaches 20200 of them from both ends, so the rest cannot be listed; what was read is kept"
     )]
     InstantOverfull { instant: String, count: u64 },
+    /// The warehouse failed (full disk, busy, corrupt, not writable, I/O); it says which.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -133,7 +136,19 @@ impl CycleError {
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             CycleError::Api(e) => e.reason_code(),
-            _ => self.window_failure(),
+            _ => self
+                .window_failure()
+                .or_else(|| self.store_error().and_then(StoreError::reason_code)),
+        }
+    }
+
+    /// The warehouse's error, if that is what stopped the cycle: the `Store` variant, or a
+    /// `StoreError` inside `Other`'s chain (opening the warehouse goes through `anyhow`).
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            CycleError::Store(e) => Some(e),
+            CycleError::Other(e) => e.chain().find_map(|c| c.downcast_ref::<StoreError>()),
+            _ => None,
         }
     }
 
@@ -143,7 +158,7 @@ impl CycleError {
             CycleError::Unsettled { .. } => Some("window_unsettled"),
             CycleError::RequestBound { .. } => Some("request_bound_exceeded"),
             CycleError::InstantOverfull { .. } => Some("instant_overfull"),
-            CycleError::Api(_) | CycleError::Cancelled | CycleError::Other(_) => None,
+            CycleError::Api(_) | CycleError::Cancelled | CycleError::Store(_) | CycleError::Other(_) => None,
         }
     }
 }

@@ -11,6 +11,7 @@ mod install;
 mod plan;
 mod replication;
 mod robustness;
+mod store_errors;
 mod support;
 mod sync_quiet;
 mod tidy;
