@@ -309,25 +309,33 @@ async fn execute(
         purge_expired(ctx).await?;
     }
     let outcome = end.outcome.as_str();
-    let (complete_through, backfills_pending) = ctx
-        .writer
-        .call(|c| Ok((store::complete_through(c)?, store::next_backfill(c)?.is_some())))
-        .await?;
     let rows = counts.encounters_new
         + counts.encounters_changed
         + counts.encounters_removed
         + counts.documents_fetched
         + counts.transcripts_fetched
         + counts.recordings_fetched;
-    // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
-    ctx.client.metrics().record_cycle(outcome, rows, complete_through);
-    ctx.writer
-        .call(move |c| {
-            store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
-            store::checkpoint(c)
-        })
-        .await?;
-    result?;
+    let bookkeeping = async {
+        let (complete_through, backfills_pending) = ctx
+            .writer
+            .call(|c| Ok((store::complete_through(c)?, store::next_backfill(c)?.is_some())))
+            .await?;
+        // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
+        ctx.client.metrics().record_cycle(outcome, rows, complete_through);
+        ctx.writer
+            .call(move |c| {
+                store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
+                store::checkpoint(c)
+            })
+            .await?;
+        Ok::<_, CycleError>((complete_through, backfills_pending))
+    }
+    .await;
+    // The cycle's own error wins over a bookkeeping failure it caused (a full disk, say).
+    let (complete_through, backfills_pending) = match (result, bookkeeping) {
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(done)) => done,
+    };
     let report = CycleReport {
         run_id,
         counts,
