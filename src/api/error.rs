@@ -145,6 +145,9 @@ impl ApiError {
             (403, _) => ErrorClass::OperatorMustAct,
             (404 | 409 | 410, _) => ErrorClass::ResourceUnavailable,
             (400, Some("unsupported_document_type")) => ErrorClass::ResourceUnavailable,
+            // The vendor's 400 and 422 always carry a reason_code: one without is not its
+            // documented answer (a proxy's page, a body cut short), so it is asked again.
+            (400 | 422, None) => ErrorClass::Retryable,
             _ => ErrorClass::OurBug,
         }
     }
@@ -208,6 +211,22 @@ mod tests {
         ];
         for (code, reason, class) in table {
             assert_eq!(status(code, reason).class(), class, "{code} {reason}");
+        }
+    }
+
+    #[test]
+    fn a_400_without_the_documented_error_body_is_asked_again() {
+        for code in [400, 422] {
+            let e = ApiError {
+                route: Route::Document,
+                kind: ApiErrorKind::Status {
+                    status: code,
+                    reason_code: None,
+                    field: None,
+                    retry_after: None,
+                },
+            };
+            assert_eq!(e.class(), ErrorClass::Retryable, "{code}");
         }
     }
 

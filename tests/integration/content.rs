@@ -146,7 +146,14 @@ async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
     let stats = env.sim.stats();
     assert_eq!(stats.faults_injected, 30, "every fault fired: {stats:?}");
     assert!(report.counts.retries >= 20, "{:?}", report.counts);
-    assert!(report.is_complete(), "{report:?}");
+    let dead: Vec<(String, String, Option<String>, String)> = reader(&env.db_path())
+        .prepare("SELECT work, document_id, reason_code, last_error FROM dead_letters")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(report.is_complete(), "{report:?}; dead letters: {dead:?}");
     assert_content_equal(&env);
     assert_eq!(
         stats.rate_violations, 0,
