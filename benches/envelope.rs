@@ -75,6 +75,17 @@ fn list_only(mut raw: RawConfig) -> RawConfig {
     raw
 }
 
+/// One cycle of `plan`; the benchmark stops on a failed cycle.
+async fn sync(
+    sim: &Simulator,
+    cfg: &charthero_sync::config::Config,
+    plan: CyclePlan,
+) -> charthero_sync::sync::CycleReport {
+    charthero_sync::sync_once(cfg, &key(sim), "bench", plan, &CancellationToken::new())
+        .await
+        .expect("the cycle completes")
+}
+
 fn key(sim: &Simulator) -> ApiKey {
     ApiKey::new(&sim.api_key()).unwrap()
 }
@@ -238,15 +249,7 @@ async fn transcripts() {
         .validate()
         .unwrap();
     let started = Instant::now();
-    let report = charthero_sync::sync_once(
-        &cfg,
-        &key(&sim),
-        "bench",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("the sync completes");
+    let report = sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let stats = sim.stats();
     let achieved = stats.requests as f64 / elapsed;
@@ -300,15 +303,7 @@ async fn latency() {
         .validate()
         .unwrap();
     let started = Instant::now();
-    charthero_sync::sync_once(
-        &cfg,
-        &key(&sim),
-        "bench",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let requests = sim.stats().requests as f64;
     let ceiling = rps.min(f64::from(in_flight) / 0.050);
@@ -328,15 +323,10 @@ async fn idle() {
     let cfg = config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 8)
         .validate()
         .unwrap();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     sim.reset_stats();
     let started = Instant::now();
-    let report = charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    let report = sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     let stats = sim.stats();
     println!(
         "idle: quiet incremental cycle over {encounters} encounters in {:.3} s: {} list, {} document, {} transcript \
@@ -389,15 +379,7 @@ async fn churn() {
         start: cfg.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(
-        &cfg,
-        &key(&sim),
-        "bench",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    sync(&sim, &cfg, CyclePlan::full(Some(range), false)).await;
     // Mutations may insert just before sync.start_at, which is outside what is replicated.
     let expected = sim
         .snapshot()
@@ -429,15 +411,7 @@ async fn plan() {
         .unwrap();
     let probes = sim.stats().requests;
     sim.reset_stats();
-    charthero_sync::sync_once(
-        &cfg,
-        &key(&sim),
-        "bench",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     let stats = sim.stats();
     println!(
         "plan: {encounters} encounters; estimated {} encounters and {} requests ({} list + {} content) from {probes} \
@@ -463,10 +437,7 @@ async fn audit() {
     let mut raw = list_only(config(&sim, &dir.path().join("w.db"), 100_000.0, 1_000, 4));
     raw.sync.revisit_deep = "0s".into();
     let cfg = raw.validate().unwrap();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    sync(&sim, &cfg, CyclePlan::full(None, false)).await;
     let mut rng = fastrand::Rng::with_seed(11);
     for changes in [0, 10, 100] {
         let now = OffsetDateTime::now_utc();
@@ -488,9 +459,7 @@ async fn audit() {
             }
         }
         let started = Instant::now();
-        charthero_sync::sync_once(&cfg, &key(&sim), "bench", CyclePlan::full(None, true), &cancel)
-            .await
-            .unwrap();
+        sync(&sim, &cfg, CyclePlan::full(None, true)).await;
         let elapsed = started.elapsed().as_secs_f64();
         let conn = charthero_sync::store::open_reader(&cfg.database.path, Duration::from_secs(5)).unwrap();
         let (probes, requests, rescanned): (i64, i64, i64) = conn

@@ -40,15 +40,7 @@ async fn unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte() {
         ..sim_options(21, 300)
     })
     .await;
-    let report = charthero_sync::sync_once(
-        &env.config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&env.config(), CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_content_equal(&env);
     let conn = reader(&env.db_path());
@@ -134,15 +126,7 @@ async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
             });
         }
     }
-    let report = charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     let stats = env.sim.stats();
     assert_eq!(stats.faults_injected, 30, "every fault fired: {stats:?}");
     assert!(report.counts.retries >= 20, "{:?}", report.counts);
@@ -287,15 +271,7 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
     raw.audio.directory = env.dir.path().join("audio");
     let config = raw.validate().unwrap();
     let audio_dir = config.audio.directory.clone();
-    let report = charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert!(report.counts.recordings_fetched > 0);
     let conn = reader(&env.db_path());
@@ -346,7 +322,6 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
 async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again() {
     let env = TestEnv::with_encounters(27, 0).await;
     let config = env.config();
-    let cancel = CancellationToken::new();
     let id = env.sim.insert(NewEncounter {
         docs: vec![DocKind::Ambient, DocKind::Note],
         ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(5))
@@ -359,9 +334,7 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
         .into_iter()
         .map(|d| d.document_id)
         .collect();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     assert_eq!(
         env.sim.stats().route(SimRoute::Transcript),
         0,
@@ -380,10 +353,7 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
     env.sim
         .edit_note(&id, &docs[1], "Addendum: follow up in 2 weeks. Ça va ✅");
     env.sim.reset_stats();
-    let report =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-            .await
-            .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert_eq!(report.counts.transcripts_fetched, 1);
     assert_eq!(
         env.sim.stats().route(SimRoute::Document),
@@ -394,9 +364,7 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
 
     // Nothing changed: the transcript is never fetched twice.
     env.sim.reset_stats();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     let stats = env.sim.stats();
     assert_eq!(
         stats.route(SimRoute::Transcript) + stats.route(SimRoute::Document),
@@ -411,17 +379,13 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
     let mut raw = env.raw_config();
     raw.limits.max_attempts = 2;
     let config = raw.validate().unwrap();
-    let cancel = CancellationToken::new();
     env.sim.push_fault(FaultRule {
         route: Some(SimRoute::Transcript),
         skip: 0,
         times: 10_000,
         fault: Fault::status(500, "internal_error"),
     });
-    let report =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-            .await
-            .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(!report.is_complete());
     assert!(report.counts.dead_letters > 0);
     let dead: i64 = reader(&env.db_path())
@@ -434,10 +398,7 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
     assert_eq!(dead as u64, report.counts.dead_letters);
 
     env.sim.clear_faults();
-    let report =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-            .await
-            .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.counts.transcripts_fetched as i64, dead);
     let left: i64 = reader(&env.db_path())
@@ -483,11 +444,7 @@ async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floo
  {
     let env = TestEnv::with_encounters(29, 3_000).await;
     let config = env.config();
-    let cancel = CancellationToken::new();
-    let report =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-            .await
-            .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_content_equal(&env);
     let stats = env.sim.stats();
@@ -524,9 +481,7 @@ async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floo
     assert_eq!(stats.route(SimRoute::Encounter), 0, "{stats:?}");
 
     env.sim.reset_stats();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     let stats = env.sim.stats();
     assert_eq!(
         stats.requests,
@@ -578,7 +533,6 @@ fn turn_rowids(env: &TestEnv, document_id: &str) -> (i64, i64) {
 async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter() {
     let env = TestEnv::with_encounters(30, 0).await;
     let config = env.config();
-    let cancel = CancellationToken::new();
     let now = OffsetDateTime::now_utc();
     let insert = |hours: i64, docs: Vec<DocKind>| -> (String, Vec<String>) {
         let id = env.sim.insert(NewEncounter {
@@ -611,10 +565,7 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
     );
     let sync = || async {
         env.sim.reset_stats();
-        let report =
-            charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-                .await
-                .unwrap();
+        let report = env.sync(&config, CyclePlan::full(None, false)).await;
         assert!(report.is_complete(), "{report:?}");
         assert_content_equal(&env);
         content_requests(&env)

@@ -107,15 +107,7 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
             start: config.sync.start_at,
             end: OffsetDateTime::now_utc(),
         };
-        let report = charthero_sync::sync_once(
-            &config,
-            &env.key(),
-            "test",
-            CyclePlan::full(Some(range), false),
-            &cancel,
-        )
-        .await
-        .unwrap();
+        let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
         rescans += report.counts.rescans;
         compare(&env.sim, &env.db_path()).assert_empty();
 
@@ -169,15 +161,9 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
     for _ in 0..300 {
         env.sim.insert(NewEncounter::at(instant));
     }
-    let report = charthero_sync::sync_once(
-        &env.encounters_only_config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env
+        .sync(&env.encounters_only_config(), CyclePlan::full(None, false))
+        .await;
     compare(&env.sim, &env.db_path()).assert_empty();
     assert_eq!(count(&env.db_path(), "encounters"), 25_300);
     assert!(
@@ -206,16 +192,10 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
 async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon() {
     let env = TestEnv::with_encounters(31, 3_000).await;
     let config = env.config();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     let before = OffsetDateTime::now_utc();
     env.sim.reset_stats();
-    let second =
-        charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-            .await
-            .unwrap();
+    let second = env.sync(&config, CyclePlan::full(None, false)).await;
 
     let stats = env.sim.stats();
     assert_eq!(
@@ -261,10 +241,7 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
 async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone() {
     let env = TestEnv::with_encounters(41, 800).await;
     let config = env.encounters_only_config();
-    let cancel = CancellationToken::new();
-    let first = charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    let first = env.sync(&config, CyclePlan::full(None, false)).await;
     let ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
     // Old enough to be outside the revisit horizon: only a reconcile finds these.
     env.sim.remove(&ids[0]);
@@ -273,15 +250,7 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc() - time::Duration::days(10),
     };
-    let report = charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
     assert_eq!(report.counts.encounters_removed, 2, "{:?}", report.counts);
     let conn = reader(&env.db_path());
     let reasons: Vec<String> = ids[..2]
@@ -309,15 +278,7 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
     );
 
     env.sim.restore(&ids[0]);
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    env.sync(&config, CyclePlan::full(Some(range), false)).await;
     compare(&env.sim, &env.db_path()).assert_empty();
     let removed: Option<String> = conn
         .query_row(

@@ -10,15 +10,9 @@ use crate::support::{TestEnv, compare, count, reader, sim_options};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
     let env = TestEnv::with_encounters(2026, 20_000).await;
-    let report = charthero_sync::sync_once(
-        &env.encounters_only_config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env
+        .sync(&env.encounters_only_config(), CyclePlan::full(None, false))
+        .await;
     compare(&env.sim, &env.db_path()).assert_empty();
     let db = env.db_path();
     assert_eq!(count(&db, "encounters"), 20_000);
@@ -62,10 +56,7 @@ async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
 async fn a_second_cycle_without_upstream_changes_writes_nothing() {
     let env = TestEnv::with_encounters(11, 1_500).await;
     let cfg = env.encounters_only_config();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&cfg, CyclePlan::full(None, false)).await;
     let changes_before: i64 = reader(&env.db_path())
         .query_row(
             "SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL",
@@ -73,9 +64,7 @@ async fn a_second_cycle_without_upstream_changes_writes_nothing() {
             |r| r.get(0),
         )
         .unwrap();
-    let second = charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    let second = env.sync(&cfg, CyclePlan::full(None, false)).await;
     assert_eq!(
         second.counts.encounters_new + second.counts.encounters_changed,
         0,
@@ -94,15 +83,7 @@ async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized()
         ..sim_options(5, 400)
     })
     .await;
-    charthero_sync::sync_once(
-        &env.config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    env.sync(&env.config(), CyclePlan::full(None, false)).await;
     compare(&env.sim, &env.db_path()).assert_empty();
     assert_eq!(
         crate::support::compare_content(&env.sim, &env.db_path()),
@@ -119,14 +100,10 @@ async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clea
     let env = TestEnv::with_encounters(12, 600).await;
     let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&cfg, CyclePlan::full(None, false)).await;
     env.sim
         .push_fault(FaultRule::once(Some(SimRoute::List), Fault::TruncatedJson));
-    let report = charthero_sync::sync_once(&cfg, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    let report = env.sync(&cfg, CyclePlan::full(None, false)).await;
     assert_eq!(report.counts.retries, 1);
 
     env.sim.push_fault(FaultRule {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use charthero_sim::Simulator;
 use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::{TestEnv, compare, reader};
 
@@ -150,10 +149,7 @@ fn docs_schema_md_documents_exactly_the_tables_and_columns_of_the_migrations() {
 async fn views_search_history_and_every_documented_query_work_on_a_synced_dataset() {
     let env = TestEnv::with_encounters(61, 400).await;
     let config = env.config();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     let db = env.db_path();
     let conn = reader(&db);
     let snapshot = env.sim.snapshot();
@@ -237,15 +233,7 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(range), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    env.sync(&config, CyclePlan::full(Some(range), false)).await;
     let changes: Vec<(String, Option<String>)> = conn
         .prepare("SELECT change, status FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id")
         .unwrap()
@@ -288,16 +276,7 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
     let env = TestEnv::with_encounters(62, 150).await;
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(
-        &env.config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    env.sync(&env.config(), CyclePlan::full(None, false)).await;
     let db = env.db_path();
     let marks = canaries(&env.sim, &all_ids(&env.sim));
     assert!(marks.len() > 50, "too few canaries: {}", marks.len());
@@ -312,9 +291,7 @@ async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
     raw.privacy.note_text = false;
     raw.privacy.transcript_text = false;
     let strict = raw.validate().unwrap();
-    charthero_sync::sync_once(&strict, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&strict, CyclePlan::full(None, false)).await;
     let leaked: Vec<&String> = marks.iter().filter(|m| on_disk(&db, m)).collect();
     assert!(
         leaked.is_empty(),
@@ -342,10 +319,7 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
     raw.audio.enabled = true;
     raw.audio.directory = env.dir.path().join("audio");
     let config = raw.validate().unwrap();
-    let cancel = CancellationToken::new();
-    charthero_sync::sync_once(&config, &env.key(), "test", CyclePlan::full(None, false), &cancel)
-        .await
-        .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
     let db = env.db_path();
     let snapshot = env.sim.snapshot();
     let cut = snapshot[snapshot.len() / 2].created_at;
@@ -425,15 +399,7 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         start: config.sync.start_at,
         end: OffsetDateTime::now_utc(),
     };
-    charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(Some(all), false),
-        &cancel,
-    )
-    .await
-    .unwrap();
+    env.sync(&config, CyclePlan::full(Some(all), false)).await;
     let back: i64 = reader(&db)
         .query_row(
             "SELECT count(*) FROM encounters WHERE created_at_ns < ?1",
@@ -483,15 +449,7 @@ print(queries, errors)
                 .expect("python3 is available")
         })
         .collect();
-    let report = charthero_sync::sync_once(
-        &config,
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete());
     std::fs::write(&stop, "").unwrap();
     let mut total = 0;
