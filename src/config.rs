@@ -517,7 +517,7 @@ impl RawConfig {
                 &self.sync.revisit_deep_every,
                 bounds::REVISIT_DEEP_EVERY,
             )?,
-            audit_every: parse_duration("sync.audit_every", &self.sync.audit_every)?,
+            audit_every: duration_in("sync.audit_every", &self.sync.audit_every, bounds::HORIZON)?,
         };
         let rps = self.limits.requests_per_second;
         let (lo, hi) = bounds::REQUESTS_PER_SECOND;

@@ -363,10 +363,10 @@ impl Status {
             ) else {
                 continue;
             };
-            let stored: i64 = conn.query_row(
-                "SELECT count(*) FROM encounters WHERE created_at_ns >= ?1 AND created_at_ns < ?2",
-                [crate::timefmt::unix_nanos(from), crate::timefmt::unix_nanos(end)],
-                |r| r.get(0),
+            let stored = crate::store::live_count_in_range(
+                conn,
+                crate::timefmt::unix_nanos(from),
+                crate::timefmt::unix_nanos(end),
             )?;
             let predicted = (b.progress > 0.0 && b.encounters_seen > 0)
                 .then(|| b.encounters_seen as f64 * (1.0 - b.progress) / b.progress);

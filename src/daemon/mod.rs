@@ -214,7 +214,8 @@ async fn queued_work(
         .call(|c| crate::store::next_backfill(c))
         .await?
         .map(|(start, end)| BackfillRange { start, end });
-    let audit_every = time::Duration::try_from(ctx.sync.audit_every).unwrap_or(time::Duration::MAX);
+    // Bounded by config (at most ten years), so the conversion and the sum cannot overflow.
+    let audit_every = time::Duration::try_from(ctx.sync.audit_every).unwrap_or(time::Duration::ZERO);
     // The audit works between live cycles only, after queued backfills.
     let audit = !live
         && backfill.is_none()

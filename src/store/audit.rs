@@ -93,7 +93,14 @@ pub fn audit_due(conn: &Connection, every: time::Duration, now: OffsetDateTime) 
         .flatten();
     let since = match last {
         Some(t) => Some(t),
-        None => conn.query_row("SELECT min(completed_at) FROM sync_windows", [], |r| r.get(0))?,
+        // The first window ever completed (rowid order is completion order; no scan).
+        None => conn
+            .query_row(
+                "SELECT completed_at FROM sync_windows ORDER BY window_id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?,
     };
     Ok(match since {
         None => false,
@@ -172,11 +179,6 @@ pub fn nth_live_created_ns(
         .optional()?)
 }
 
-/// `created_at_ns` ranges `[start, end)` removed by a purge: never re-synced, so never audited.
-pub fn purged_ranges(conn: &Connection) -> anyhow::Result<Vec<(i64, i64)>> {
-    Ok(super::privacy::purged_ranges(conn)?)
-}
-
 /// Whether a block of upstream records, listed at `offset` of `[start_ns, end_ns)` in time
 /// order, agrees with the warehouse: every record is stored live in the range, and the first and
 /// last sit at their positions among the stored ones. Ties in `created_at` may be ordered
@@ -199,14 +201,10 @@ pub fn block_agrees(
             return Ok(false);
         }
     }
-    let mut before = conn.prepare_cached(
-        "SELECT count(*) FROM encounters
-         WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
-    )?;
-    let mut position_agrees = |position: u64, at_ns: i64| -> rusqlite::Result<bool> {
-        let strictly: i64 = before.query_row(params![start_ns, at_ns], |r| r.get(0))?;
-        let through: i64 = before.query_row(params![start_ns, at_ns.saturating_add(1)], |r| r.get(0))?;
-        Ok(strictly as u64 <= position && position < through as u64)
+    let position_agrees = |position: u64, at_ns: i64| -> anyhow::Result<bool> {
+        let strictly = live_count_in_range(conn, start_ns, at_ns)?;
+        let through = live_count_in_range(conn, start_ns, at_ns.saturating_add(1))?;
+        Ok(strictly <= position && position < through)
     };
     let (Some(first), Some(last)) = (block.first(), block.last()) else {
         return Ok(true);

@@ -327,7 +327,7 @@ impl TranscriptRecord {
             h.update(end.to_bits().to_le_bytes());
             text(&mut h, t);
         }
-        let content_sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let content_sha256 = super::hex(&h.finalize());
         TranscriptRecord {
             provider,
             audio_duration_seconds,
@@ -347,7 +347,7 @@ pub fn save_transcript(
     t: &TranscriptRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
+    let document_id = item.document_id.as_str();
     let stored: Option<Option<String>> = tx
         .prepare_cached("SELECT content_sha256 FROM transcripts WHERE document_id = ?1")?
         .query_row([document_id], |r| r.get(0))
@@ -356,9 +356,8 @@ pub fn save_transcript(
     if unchanged {
         // Fetched again (its encounter changed) and identical: only when it was seen changes.
         tx.execute(
-            "UPDATE transcripts SET encounter_id = ?2, fetched_at = ?3, fetched_for_updated_at = ?4
-             WHERE document_id = ?1",
-            params![document_id, encounter_id, format_utc(now), item.detail_updated_at],
+            "UPDATE transcripts SET fetched_at = ?2, fetched_for_updated_at = ?3 WHERE document_id = ?1",
+            params![document_id, format_utc(now), item.detail_updated_at],
         )?;
     } else {
         replace_transcript(tx, item, t, now)?;
@@ -378,7 +377,7 @@ fn replace_transcript(
     t: &TranscriptRecord,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let (encounter_id, document_id) = (item.encounter_id.as_str(), item.document_id.as_str());
+    let document_id = item.document_id.as_str();
     tx.execute(
         "DELETE FROM transcript_turns WHERE document_id = ?1",
         [document_id],
@@ -386,7 +385,9 @@ fn replace_transcript(
     tx.execute(
         "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
              fetched_at, fetched_for_updated_at, content_sha256)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         -- The document's encounter as stored now: paging may have moved it since the claim
+         -- (the documents_moved trigger keeps the two in step from then on).
+         VALUES (?1, (SELECT encounter_id FROM documents WHERE document_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
              provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
              turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
@@ -394,7 +395,6 @@ fn replace_transcript(
              content_sha256 = excluded.content_sha256",
         params![
             document_id,
-            encounter_id,
             t.provider,
             t.audio_duration_seconds,
             t.turns.len() as i64,

@@ -21,7 +21,7 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 
 pub use audit::{
     Audit, AuditTally, advance_audit, audit_due, audit_failed, block_agrees, finish_audit,
-    live_count_in_range, nth_live_created_ns, open_audit, purged_ranges,
+    live_count_in_range, nth_live_created_ns, open_audit,
 };
 pub use content::{
     DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem, claim_work, dead_letter,
@@ -34,7 +34,7 @@ pub use ledger::{
     deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
     queue_backfill, set_deep_revisit_at, start_run,
 };
-pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge};
+pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 
 mod embedded {
@@ -124,6 +124,17 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     Ok(conn)
 }
 
+/// Lowercase hex of a digest: content hashes, transcript digests, recording file names.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 /// Runs SQLite work on a blocking thread: rusqlite blocks, and no async task calls it (the
 /// sync goes through [`Writer`]; one-shot work such as opening, migrating or a command's few
 /// queries comes here).
@@ -153,13 +164,21 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
         )
     })?;
     set_busy_timeout(&conn, busy_timeout)?;
-    let applied: i64 = conn
-        .query_row(
+    // A busy or damaged database is reported as such, not as a schema to migrate.
+    let has_history: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')",
+        [],
+        |r| r.get(0),
+    )?;
+    let applied: i64 = if has_history {
+        conn.query_row(
             "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
             [],
             |r| r.get(0),
-        )
-        .unwrap_or(0);
+        )?
+    } else {
+        0
+    };
     let known = embedded::migrations::runner()
         .get_migrations()
         .iter()
@@ -169,11 +188,13 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
     match applied.cmp(&known) {
         std::cmp::Ordering::Equal => Ok(conn),
         std::cmp::Ordering::Less => anyhow::bail!(
-            "the warehouse {} has schema version {applied}; this release needs {known}: run              `charthero-sync migrate` (or start the daemon once) first",
+            "the warehouse {} has schema version {applied}; this release needs {known}: run \
+             `charthero-sync migrate` (or start the daemon once) first",
             path.display()
         ),
         std::cmp::Ordering::Greater => anyhow::bail!(
-            "the warehouse {} has schema version {applied}, newer than this release knows ({known}):              use the release that wrote it",
+            "the warehouse {} has schema version {applied}, newer than this release knows ({known}): \
+             use the release that wrote it",
             path.display()
         ),
     }

@@ -231,7 +231,7 @@ pub fn purge(
 /// Whether an encounter created at `created_at` lies in a purged range (and must not be stored).
 /// The `created_at` ranges `[start_ns, end_ns)` purged so far: encounters in them are never
 /// stored again. Few rows (one per purge), read once per page.
-pub(super) fn purged_ranges(conn: &Connection) -> rusqlite::Result<Vec<(i64, i64)>> {
+pub fn purged_ranges(conn: &Connection) -> rusqlite::Result<Vec<(i64, i64)>> {
     conn.prepare_cached("SELECT range_start_ns, range_end_ns FROM purges")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect()

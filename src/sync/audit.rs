@@ -77,7 +77,7 @@ pub(super) async fn run(
             deadline: None,
         },
         audit_id: audit.audit_id,
-        purged: ctx.writer.call(|c| store::purged_ranges(c)).await?,
+        purged: ctx.writer.call(|c| Ok(store::purged_ranges(c)?)).await?,
     };
     let result = auditor.audit(from, to, deadline, counts, cancel).await;
     let audit_id = audit.audit_id;

@@ -17,10 +17,10 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::record::hex;
 use super::{CycleError, SyncContext};
 use crate::api::wire::{DocumentDetail, TranscriptResponse};
 use crate::api::{ApiError, ApiErrorKind, ErrorClass};
+use crate::store::hex;
 use crate::store::{
     self, DetailOutcome, Pending, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem,
 };

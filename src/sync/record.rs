@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::wire::Encounter;
 use crate::config::{BirthDate, PrivacyConfig};
-use crate::store::{DocumentRecord, EncounterRecord, PatientRecord};
+use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, hex};
 
 /// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the
 /// columns and in the stored JSON). The content hash is over the record as received, so change
@@ -82,14 +82,4 @@ fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
         }
     }
     value.to_string()
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
 }

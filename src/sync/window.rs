@@ -28,10 +28,11 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::record::{encounter_record, hex};
+use super::record::encounter_record;
 use super::{CycleError, SyncContext};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
+use crate::store::hex;
 use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
 use crate::timefmt::Micros;
 
