@@ -71,10 +71,7 @@ const ENVIRONMENT: [(&str, &str); 5] = [
         "RUST_LOG",
         "Filters the log (e.g. info, charthero_sync=debug). Logs go to stderr.",
     ),
-    (
-        "CHARTHERO_LOG_FORMAT",
-        "text (the default), journald or json.",
-    ),
+    ("CHARTHERO_LOG_FORMAT", "text (the default), journald or json."),
 ];
 
 const FILES: [(&str, &str); 6] = [
@@ -139,11 +136,7 @@ pub fn write_all(cmd: Command, dir: &Path, date: &str) -> std::io::Result<Vec<Pa
     cmd.build();
     let mut written = Vec::new();
 
-    let source = format!(
-        "{} {}",
-        cmd.get_name(),
-        cmd.get_version().unwrap_or_default()
-    );
+    let source = format!("{} {}", cmd.get_name(), cmd.get_version().unwrap_or_default());
     let main = dir.join("charthero-sync.1");
     write_file(&main, &render_main_page(&cmd, date, &source)?)?;
     written.push(main);
@@ -193,7 +186,9 @@ fn render_main_page(cmd: &Command, date: &str, source: &str) -> std::io::Result<
     let mut roff = Roff::default();
     roff.control("SH", ["EXIT STATUS"]);
     for (code, meaning) in EXIT_STATUS {
-        roff.control("TP", []).text([bold(code.to_string())]).text([roman(meaning)]);
+        roff.control("TP", [])
+            .text([bold(code.to_string())])
+            .text([roman(meaning)]);
     }
     roff.control("SH", ["ENVIRONMENT"]);
     for (name, meaning) in ENVIRONMENT {
@@ -248,7 +243,13 @@ mod tests {
             ]
         );
         let main = std::fs::read_to_string(dir.path().join("charthero-sync.1")).unwrap();
-        for section in ["EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO", "charthero\\-sync\\-sync(1)"] {
+        for section in [
+            "EXIT STATUS",
+            "ENVIRONMENT",
+            "FILES",
+            "SEE ALSO",
+            "charthero\\-sync\\-sync(1)",
+        ] {
             assert!(main.contains(section), "{section} missing from:\n{main}");
         }
         assert!(main.contains("1.2.3 (abc1234)") && main.contains("2026-01-01"));
