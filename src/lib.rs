@@ -5,7 +5,8 @@
 //! Module map: [`config`] (TOML → validated config, API key sources), [`api`] (HTTP client and
 //! wire types), [`sync`] (windows, paging, change detection), [`store`] (SQLite, migrations,
 //! upserts, the writer thread), [`demo`] (the built-in simulator walkthrough), [`simulate`] (the
-//! simulator served for the real commands to be pointed at).
+//! simulator served for the real commands to be pointed at), [`generate`] (man pages and shell
+//! completions from the clap definition, for the Debian package).
 
 // `print!`/`println!` and their stderr twins panic when the stream is closed (EPIPE, e.g.
 // `charthero-sync status 2>&1 | head -1`); output goes through `writeln!` with the error ignored.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod exit;
+pub mod generate;
 pub mod metrics;
 pub mod plan;
 pub mod secret;

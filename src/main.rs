@@ -22,7 +22,8 @@ use charthero_sync::{demo, exit, simulate, store, timefmt};
 #[derive(Parser)]
 #[command(
     name = "charthero-sync",
-    version,
+    // The git revision from build.rs: `charthero-sync 0.1.0 (1a2b3c4)`.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CHARTHERO_GIT_REV"), ")"),
     about = "Replicate ChartHero encounters into a SQLite warehouse",
     after_help = "Timestamps are RFC 3339 with an offset, e.g. 2026-01-01T00:00:00Z; durations are an integer \
                   and a unit (ms, s, m, h, d), e.g. 90s, 24h, 365d. Exit codes: 0 ok, 1 failed or work left \
@@ -142,6 +143,17 @@ enum Command {
         /// e.g. 30s; 0s adds none.
         #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_interval)]
         new_every: std::time::Duration,
+    },
+    /// Write the man pages and the bash, zsh and fish completions into a directory (used by
+    /// packaging/build-deb).
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write into; created if missing.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Date printed in the man pages (YYYY-MM-DD); the package passes its commit's date.
+        #[arg(long, value_name = "YYYY-MM-DD", default_value = "")]
+        date: String,
     },
 }
 
@@ -402,6 +414,17 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             simulate::keep_adding(&s.sim, opts.new_every, &stop).await;
             s.sim.shutdown();
             say!("simulator stopped");
+            Ok(())
+        }
+        Command::Generate { dir, date } => {
+            let written =
+                charthero_sync::generate::write_all(Cli::command(), &dir, &date).map_err(|e| Failure {
+                    code: exit::CYCLE_FAILED,
+                    error: anyhow::anyhow!("cannot write into {}: {e}", dir.display()),
+                })?;
+            for path in written {
+                say!("{}", path.display());
+            }
             Ok(())
         }
         Command::Migrate => {
