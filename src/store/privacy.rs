@@ -1,13 +1,16 @@
 //! Keeping only the PHI the partner decided to keep: applying a (changed) privacy policy to rows
 //! already stored, and purging encounters completely — rows, full-text entries, history, orphaned
-//! patients — relying on `secure_delete` (on for every writing connection) and a truncating WAL
-//! checkpoint so that no bytes remain in the database or its WAL. Recording files are returned for the caller to delete.
+//! patients. No bytes of removed PHI remain in the database or its WAL: `secure_delete` (on for
+//! every writing connection) zeroes deleted cells, each search index is merged into one segment
+//! (which drops its deleted entries; FTS5's own secure-delete is not used, since it makes the index
+//! unreadable to SQLite before 3.42), then VACUUM and a truncating WAL checkpoint. Recording files
+//! are returned for the caller to delete.
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use crate::config::{BirthDate, PrivacyConfig};
-use crate::timefmt::{format_utc, unix_nanos};
+use crate::timefmt::{format_stored, unix_nanos};
 
 const POLICY_KEY: &str = "privacy_policy";
 
@@ -85,9 +88,24 @@ pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::
         params![POLICY_KEY, fingerprint],
     )?;
     tx.commit()?;
+    compact_search(conn)?;
     scrub(conn)?;
     tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
     Ok(true)
+}
+
+/// Merges each full-text index into a single segment ('optimize'). A deleted row's entries stay
+/// in the segment that indexed it, cancelled by a delete marker in a newer one, until a merge
+/// reaches them; merging everything into one segment drops both, and `secure_delete` zeroes the
+/// pages of the old segments as they are freed. (Measured against 'rebuild', which re-tokenizes
+/// all stored text: see BENCHMARKS.md, "Analysts' queries".)
+pub(crate) fn compact_search(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('optimize')",
+        [],
+    )?;
+    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
+    Ok(())
 }
 
 /// Rewrites the database from its live content only (`VACUUM`), then checkpoints the WAL into it
@@ -185,9 +203,9 @@ pub fn purge(
              encounters, documents, transcripts, turns, recordings, history_rows)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
-            format_utc(now),
-            format_utc(start),
-            format_utc(end),
+            format_stored(now),
+            format_stored(start),
+            format_stored(end),
             unix_nanos(start),
             unix_nanos(end),
             reason,
@@ -200,14 +218,7 @@ pub fn purge(
         ],
     )?;
     tx.commit()?;
-    // Deleted FTS entries are gone from the index (secure-delete); merge what is left so no
-    // freed segment keeps old tokens, then let secure_delete zero the freed pages.
-    conn.execute(
-        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('optimize')",
-        [],
-    )?;
-    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
-    conn.pragma_update(None, "secure_delete", "OFF")?;
+    compact_search(conn)?;
     scrub(conn)?;
     for file in &counts.orphaned_files {
         let path = audio_dir.join(file);
