@@ -192,7 +192,12 @@ pub fn queue_backfill(
     conn.execute(
         "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at)
          VALUES (?1, ?2, 'queued', ?3, ?4)",
-        params![format_stored(start), format_stored(end), requested_by, format_stored(now)],
+        params![
+            format_stored(start),
+            format_stored(end),
+            requested_by,
+            format_stored(now)
+        ],
     )?;
     Ok(conn.last_insert_rowid())
 }

@@ -652,7 +652,9 @@ mod tests {
         )
         .unwrap();
         let version: i64 = conn
-            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| r.get(0))
+            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(version, 5, "the old schema's secure-delete wrote format 5");
     }
@@ -714,14 +716,26 @@ mod tests {
             assert_eq!(config, vec![("version".to_owned(), 4)], "{table}");
         }
         let hits: i64 = conn
-            .query_row("SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'metformin'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'metformin'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         let gone: i64 = conn
-            .query_row("SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'lisinopril'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'lisinopril'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!((hits, gone), (1, 0));
         let sql: String = conn
-            .query_row("SELECT sql FROM sqlite_master WHERE name = 'notes_fts'", [], |r| r.get(0))
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'notes_fts'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(sql.contains(r#"content="documents""#), "{sql}");
     }
@@ -740,7 +754,9 @@ mod tests {
         .unwrap();
         privacy::compact_search(&conn).unwrap();
         let version: i64 = conn
-            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| r.get(0))
+            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(version, 4);
         let left: i64 = conn
