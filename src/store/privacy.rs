@@ -312,18 +312,28 @@ mod tests {
         let path = dir.path().join("w.db");
         let word = "zanthoxylumcanary";
         let mut conn = warehouse_with(&path, word);
-        assert!(on_disk(&path, "xylumcanary"), "the index never held the term: the test proves nothing");
+        assert!(
+            on_disk(&path, "xylumcanary"),
+            "the index never held the term: the test proves nothing"
+        );
         let at = |s: i64| crate::timefmt::from_unix_nanos(s * 1_000_000_000);
         let counts = purge(&mut conn, dir.path(), at(5), at(10), "range", at(1_000)).unwrap();
         assert_eq!(counts.encounters, 5);
         // The index keeps answering for the rest, in the format SQLite 3.40 reads.
         let left: i64 = conn
-            .query_row("SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'cough'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'cough'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(left, 299 - 4);
         drop(conn);
         // Terms are stored prefix-compressed: the tail of the word is what a leaf would keep.
-        assert!(!on_disk(&path, "xylumcanary"), "the purged term is still in the file");
+        assert!(
+            !on_disk(&path, "xylumcanary"),
+            "the purged term is still in the file"
+        );
         assert!(!on_disk(&path, "since monday"));
     }
 
@@ -342,7 +352,10 @@ mod tests {
         };
         assert!(apply_privacy(&mut conn, &strict).unwrap());
         drop(conn);
-        assert!(!on_disk(&path, "xylumcanary"), "the dropped term is still in the file");
+        assert!(
+            !on_disk(&path, "xylumcanary"),
+            "the dropped term is still in the file"
+        );
         assert!(!on_disk(&path, "cough number"));
     }
 }

@@ -397,25 +397,14 @@ async fn duckdb_reads_every_view_through_its_sqlite_scanner_and_casts_timestamps
     // The cast reads the same instant the text holds (DuckDB keeps microseconds).
     let newest = parse_rfc3339(report["newest_text"].as_str().unwrap()).unwrap();
     let cast = report["newest_cast"].as_str().unwrap();
-    let micros = newest.microsecond();
-    let expected = if micros == 0 {
-        format!(
-            "{}",
-            newest
-                .format(time::macros::format_description!(
-                    "[year]-[month]-[day] [hour]:[minute]:[second]"
-                ))
-                .unwrap()
-        )
-    } else {
-        format!(
-            "{}.{micros:06}",
-            newest
-                .format(time::macros::format_description!(
-                    "[year]-[month]-[day] [hour]:[minute]:[second]"
-                ))
-                .unwrap()
-        )
+    let seconds = newest
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second]"
+        ))
+        .unwrap();
+    let expected = match newest.microsecond() {
+        0 => seconds,
+        micros => format!("{seconds}.{micros:06}"),
     };
     assert_eq!(cast, expected);
 }
