@@ -274,7 +274,7 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
     assert_eq!(status, "completed");
     assert_eq!(
         cursor,
-        charthero_sync::timefmt::Micros::ceil(range.end).to_string()
+        charthero_sync::timefmt::format_stored(charthero_sync::timefmt::Micros::ceil(range.end).instant())
     );
 
     env.sim.restore(&ids[0]);
