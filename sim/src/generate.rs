@@ -247,4 +247,37 @@ mod tests {
             .count();
         assert!(business * 2 > all.len(), "clustered in clinic hours: {business}");
     }
+
+    #[test]
+    fn nanosecond_timestamps_render_every_precision_from_none_to_nine_digits() {
+        let digits = |t: time::OffsetDateTime| format!("{:09}", t.nanosecond()).trim_end_matches('0').len();
+        let fine = SimOptions {
+            nanosecond_timestamps: true,
+            ..options(5)
+        };
+        let store = generate(&fine);
+        let all: Vec<_> = store.visible_slots().map(|slot| store.to_public(slot)).collect();
+        let seen: std::collections::BTreeSet<usize> = all
+            .iter()
+            .flat_map(|e| [digits(e.created_at), digits(e.updated_at)])
+            .collect();
+        assert_eq!(seen, (0..=9).collect());
+        assert!(
+            all.iter().all(|e| e.created_at >= fine.start
+                && e.created_at < fine.end
+                && e.updated_at >= e.created_at)
+        );
+        // Only with nanosecond queries: a server at microseconds keeps at most six digits.
+        let micro = SimOptions {
+            query_precision: crate::options::QueryPrecision::TruncateMicros,
+            ..fine
+        };
+        let store = generate(&micro);
+        assert!(
+            store
+                .visible_slots()
+                .map(|slot| store.to_public(slot))
+                .all(|e| digits(e.created_at) <= 6 && digits(e.updated_at) <= 6)
+        );
+    }
 }

@@ -444,6 +444,8 @@ async fn every_stored_timestamp_has_one_width_so_text_order_is_time_order() {
     };
     env.sync(&config, CyclePlan::full(Some(range), true)).await;
     let db = env.db_path();
+    // Nine digits hold every instant exactly: the warehouse equals the simulator value for value.
+    crate::support::compare(&env.sim, &db).assert_empty();
     let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
     charthero_sync::store::purge(
         &mut conn,
