@@ -166,10 +166,13 @@ CREATE INDEX documents_by_encounter ON documents (encounter_id, removed_at, sche
 CREATE INDEX documents_by_type ON documents (schema_type, removed_at, encounter_id, audio_duration_seconds);
 CREATE INDEX documents_by_type_and_detail ON documents (schema_type, detail_updated_at);
 
--- 4. transcript_text as DuckDB's sqlite scanner can parse it too (DuckDB reads a view's SQL with
---    its own parser, and `char(10)` is a type name there): the separator is a newline written
---    inside the string literal, which SQLite and DuckDB both read. Still no group_concat(... ORDER
---    BY ...), which SQLite before 3.44 cannot parse.
+-- 4. transcript_text as DuckDB's sqlite scanner reads it too. DuckDB parses a view's SQL with its
+--    own parser (where `char(10)` is a type name: the separator is now a newline written inside
+--    the string literal, which both read), and it does not keep a subquery's ORDER BY when it
+--    aggregates in parallel (on 100,000 encounters every transcript came out shuffled). A window
+--    ordered by turn_index fixes the order in both engines; group_concat(... ORDER BY ...), which
+--    SQLite before 3.44 cannot parse, is still not used. The frame is the whole transcript and
+--    only its first row is read, so the text is built once (linear even for a 2 MB transcript).
 DROP VIEW transcript_text;
 CREATE VIEW transcript_text AS
 SELECT
@@ -178,10 +181,10 @@ SELECT
     t.provider,
     t.audio_duration_seconds,
     t.turn_count,
-    (SELECT group_concat(line, '
-')
-       FROM (SELECT coalesce(tt.speaker, 'unknown') || ': ' || tt.text AS line
+    (SELECT w.text
+       FROM (SELECT group_concat(coalesce(tt.speaker, 'unknown') || ': ' || tt.text, '
+') OVER (ORDER BY tt.turn_index ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS text
                FROM transcript_turns tt
-              WHERE tt.document_id = t.document_id AND tt.text IS NOT NULL
-              ORDER BY tt.turn_index)) AS text
+              WHERE tt.document_id = t.document_id AND tt.text IS NOT NULL) w
+      LIMIT 1) AS text
 FROM transcripts t;
