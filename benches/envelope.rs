@@ -9,7 +9,9 @@
 //! (full content at a rate limit), `latency` (50 ms injected per request), `idle` (a quiet
 //! incremental cycle), `churn` (a backfill while upstream mutates), `audit` (the history audit of
 //! a 1M warehouse with 0, 10 and 100 changes), `plan` (the estimate against the full-content
-//! backfill of 20,000 encounters it predicts), `dlt` (the peer, if
+//! backfill of 20,000 encounters it predicts), `queries` (every documented query and view of
+//! docs/schema.md on a full-content warehouse of 100,000 encounters, timed by
+//! benches/analyst_queries.py with Python's sqlite3), `dlt` (the peer, if
 //! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
 //! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
@@ -612,6 +614,53 @@ async fn dlt() {
     }
 }
 
+/// The analysts' queries: a full-content warehouse of 100,000 encounters over a year (the shape
+/// `demo` builds), then benches/analyst_queries.py runs every SQL block of docs/schema.md and
+/// reads every view five times each with Python's sqlite3 (3.40.1 on Debian 12, the oldest
+/// SQLite the schema serves), and fails on a plan that scans a table in a per-row subquery.
+async fn queries() {
+    let encounters = size(100_000, 1_500);
+    let now = OffsetDateTime::now_utc();
+    let sim = Simulator::start(SimOptions {
+        seed: 42,
+        encounters,
+        start: now - time::Duration::days(365),
+        end: now - time::Duration::hours(1),
+        ..SimOptions::default()
+    })
+    .await
+    .expect("simulator starts");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("w.db");
+    let mut raw = config(&sim, &db, 5_000.0, 200, 8);
+    raw.sync.start_at = charthero_sync::timefmt::format_utc(now - time::Duration::days(366));
+    let cfg = raw.validate().unwrap();
+    let started = Instant::now();
+    sync(&sim, &cfg, CyclePlan::full(None, false)).await;
+    let size_mib = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    println!(
+        "queries: warehouse of {encounters} encounters, {} documents, {} turns, {size_mib:.0} MiB, synced in {:.0} s",
+        count(&db, "documents"),
+        count(&db, "transcript_turns"),
+        started.elapsed().as_secs_f64()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/analyst_queries.py");
+    let out = match Command::new("python3").arg(script).arg(&db).arg("5").output() {
+        Ok(out) => out,
+        Err(e) => {
+            println!("queries: skipped, python3 cannot be started ({e})");
+            return;
+        }
+    };
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "analyst_queries.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sim.shutdown();
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -650,6 +699,9 @@ fn main() {
         }
         if wanted("plan") {
             plan().await;
+        }
+        if wanted("queries") {
+            queries().await;
         }
     });
 }

@@ -1,6 +1,7 @@
-//! Timestamps as the warehouse stores them: RFC 3339 in UTC with a `Z`, fractional seconds only
-//! when present, plus integer nanoseconds for ordering (text with and without fractions does not
-//! sort correctly). Parsing accepts any RFC 3339 offset and normalizes to UTC.
+//! Timestamps: parsing RFC 3339 (any offset, normalized to UTC), the text people and the API see
+//! ([`format_utc`]: fractional seconds only when present), and the one text format the warehouse
+//! stores ([`format_stored`]: always nine fractional digits, so that text order is time order and
+//! every instant is exact), plus integer nanoseconds and [`Micros`], the list bounds.
 
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
@@ -70,6 +71,25 @@ pub fn format_utc(t: OffsetDateTime) -> String {
         out.push_str(frac.trim_end_matches('0'));
     }
     out.push('Z');
+    out
+}
+
+/// The width of every timestamp the warehouse stores: `2026-05-25T14:00:00.000000000Z`.
+pub const STORED_WIDTH: usize = 30;
+
+/// Formats an instant as the warehouse stores it: RFC 3339 in UTC with exactly nine fractional
+/// digits, `2026-05-25T14:00:00.250000000Z`. One fixed width makes text order time order in every
+/// column (the product contract), and nine digits keep every instant exact, whatever precision
+/// ChartHero sent (migration V5 brought older rows to this width). Every timestamp the store
+/// writes comes from here.
+pub fn format_stored(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    let mut out = t
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]"
+        ))
+        .expect("a UTC date-time in years 0..=9999 always formats");
+    out.push_str(&format!(".{:09}Z", t.nanosecond()));
     out
 }
 
@@ -209,6 +229,34 @@ mod tests {
     fn nanos_saturate_instead_of_wrapping() {
         let far = parse_rfc3339("9999-01-01T00:00:00Z").unwrap();
         assert_eq!(unix_nanos(far), i64::MAX);
+    }
+
+    #[test]
+    fn stored_timestamps_have_one_width_and_sort_as_their_instants() {
+        let texts = [
+            "2026-05-25T14:00:00Z",
+            "2026-05-25T14:00:00.000000001Z",
+            "2026-05-25T14:00:00.1Z",
+            "2026-05-25T14:00:00.123456789Z",
+            "2026-05-25T14:00:00.5Z",
+            "2026-05-25T14:00:01Z",
+            "2026-05-25T16:00:01.5+02:00",
+        ];
+        let stored: Vec<String> = texts
+            .iter()
+            .map(|t| format_stored(parse_rfc3339(t).unwrap()))
+            .collect();
+        assert_eq!(stored[0], "2026-05-25T14:00:00.000000000Z");
+        assert_eq!(stored[4], "2026-05-25T14:00:00.500000000Z");
+        assert_eq!(stored[6], "2026-05-25T14:00:01.500000000Z");
+        for (text, s) in texts.iter().zip(&stored) {
+            assert_eq!(s.len(), STORED_WIDTH, "{s}");
+            // Exact: parsing the stored text gives the instant back.
+            assert_eq!(parse_rfc3339(s).unwrap(), parse_rfc3339(text).unwrap());
+        }
+        let mut sorted = stored.clone();
+        sorted.sort();
+        assert_eq!(sorted, stored, "text order is time order");
     }
 
     #[test]

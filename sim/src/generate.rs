@@ -37,19 +37,30 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         let rng = &mut store.rng;
         // About 2% share the previous record's created_at exactly, as a batch import would, so
         // the encounter_id tie-break is exercised.
+        let fine = opts.nanosecond_timestamps && !opts.query_precision.micros();
         let created = match previous_created {
             Some(previous) if rng.u32(0..100) < 2 => previous,
+            _ if fine => {
+                // Any nanosecond of the second sampled, then truncated to a random precision.
+                let at = sample_created(rng, start, end, false) + rng.i64(0..SECOND);
+                at_any_precision(rng, at.min(end - 1)).max(start)
+            }
             _ => sample_created(rng, start, end, opts.query_precision.micros()),
         };
         previous_created = Some(created);
         // Generated timestamps have at most microsecond precision, like the database behind the
-        // real API; created_at may be coarser (see `sample_created`).
-        let updated = micros(
-            created
-                + rng
-                    .i64(5 * MINUTE..=180 * MINUTE)
-                    .min((end - created).max(SECOND)),
-        );
+        // real API (unless `nanosecond_timestamps`); created_at may be coarser (see
+        // `sample_created`).
+        let updated = created
+            + rng
+                .i64(5 * MINUTE..=180 * MINUTE)
+                .min((end - created).max(SECOND));
+        // At least five minutes after `created`: truncating to a whole minute keeps it after.
+        let updated = if fine {
+            at_any_precision(rng, updated).max(created)
+        } else {
+            micros(updated)
+        };
         let date_of_service = if rng.u32(0..100) < 80 {
             created
         } else {
@@ -111,6 +122,16 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         }
     }
     store.rebuild_index();
+}
+
+/// `at` truncated to a random precision from whole minutes down to the nanosecond, so that its
+/// text has anything from 0 to 9 fractional digits.
+fn at_any_precision(rng: &mut fastrand::Rng, at: i64) -> i64 {
+    let unit = match rng.u32(0..11) {
+        10 => MINUTE,
+        digits => 10_i64.pow(9 - digits),
+    };
+    at - at.rem_euclid(unit)
 }
 
 /// A creation instant in `[start, end)`, weighted toward weekday clinic hours, truncated to a
@@ -225,5 +246,38 @@ mod tests {
             .filter(|e| (13..23).contains(&e.created_at.hour()))
             .count();
         assert!(business * 2 > all.len(), "clustered in clinic hours: {business}");
+    }
+
+    #[test]
+    fn nanosecond_timestamps_render_every_precision_from_none_to_nine_digits() {
+        let digits = |t: time::OffsetDateTime| format!("{:09}", t.nanosecond()).trim_end_matches('0').len();
+        let fine = SimOptions {
+            nanosecond_timestamps: true,
+            ..options(5)
+        };
+        let store = generate(&fine);
+        let all: Vec<_> = store.visible_slots().map(|slot| store.to_public(slot)).collect();
+        let seen: std::collections::BTreeSet<usize> = all
+            .iter()
+            .flat_map(|e| [digits(e.created_at), digits(e.updated_at)])
+            .collect();
+        assert_eq!(seen, (0..=9).collect());
+        assert!(
+            all.iter().all(|e| e.created_at >= fine.start
+                && e.created_at < fine.end
+                && e.updated_at >= e.created_at)
+        );
+        // Only with nanosecond queries: a server at microseconds keeps at most six digits.
+        let micro = SimOptions {
+            query_precision: crate::options::QueryPrecision::TruncateMicros,
+            ..fine
+        };
+        let store = generate(&micro);
+        assert!(
+            store
+                .visible_slots()
+                .map(|slot| store.to_public(slot))
+                .all(|e| digits(e.created_at) <= 6 && digits(e.updated_at) <= 6)
+        );
     }
 }

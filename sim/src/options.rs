@@ -57,6 +57,11 @@ pub struct SimOptions {
     /// `(created_at, count)`, `count` encounters sharing exactly that `created_at` (shaped like
     /// `NewEncounter::at`, with `updated_at` equal to `created_at`). Default empty.
     pub bulk_instants: Vec<(OffsetDateTime, usize)>,
+    /// Generate `created_at` and `updated_at` at every precision from whole minutes down to the
+    /// nanosecond (0 to 9 fractional digits as rendered), instead of whole minutes down to the
+    /// microsecond. Only with [`QueryPrecision::Nanos`] (the micro modes keep microseconds at
+    /// most). Default `false`.
+    pub nanosecond_timestamps: bool,
 }
 
 /// How the list route treats sub-microsecond digits in `start_at`/`end_at`, and the precision of
@@ -148,6 +153,7 @@ impl Default for SimOptions {
             query_precision: QueryPrecision::Nanos,
             render_created_at: None,
             bulk_instants: Vec::new(),
+            nanosecond_timestamps: false,
         }
     }
 }

@@ -6,7 +6,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use crate::timefmt::{format_utc, parse_rfc3339};
+use crate::timefmt::{format_stored, parse_rfc3339};
 
 /// An audit being worked on: `[start, end)` of completed history, audited up to `cursor`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,11 +57,11 @@ pub fn open_audit(
             cursor: parse(&c, "cursor")?,
         });
     }
-    let start_text = format_utc(start);
+    let start_text = format_stored(start);
     conn.execute(
         "INSERT INTO audits (range_start, range_end, cursor, status, requested_by, started_at)
          VALUES (?1, ?2, ?1, 'running', ?3, ?4)",
-        params![start_text, format_utc(end), requested_by, format_utc(now)],
+        params![start_text, format_stored(end), requested_by, format_stored(now)],
     )?;
     Ok(Audit {
         audit_id: conn.last_insert_rowid(),
@@ -121,7 +121,7 @@ pub fn advance_audit(
          WHERE audit_id = ?1",
         params![
             audit_id,
-            format_utc(cursor),
+            format_stored(cursor),
             tally.ranges as i64,
             tally.probes as i64,
             tally.differing as i64,
@@ -136,7 +136,7 @@ pub fn advance_audit(
 pub fn finish_audit(conn: &Connection, audit_id: i64, now: OffsetDateTime) -> anyhow::Result<()> {
     conn.execute(
         "UPDATE audits SET status = 'completed', finished_at = ?2, error = NULL WHERE audit_id = ?1",
-        params![audit_id, format_utc(now)],
+        params![audit_id, format_stored(now)],
     )?;
     Ok(())
 }

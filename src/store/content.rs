@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
-use crate::timefmt::{format_utc, unix_nanos};
+use crate::timefmt::{format_stored, unix_nanos};
 
 /// The kinds of content work, as named in `dead_letters.work`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,7 +165,7 @@ pub fn save_detail(
     audio: bool,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let now_text = format_utc(now);
+    let now_text = format_stored(now);
     let document_id = item.document_id.as_str();
     match outcome {
         DetailOutcome::Note {
@@ -183,8 +183,8 @@ pub fn save_detail(
                     document_id,
                     format,
                     text,
-                    format_utc(*created_at),
-                    format_utc(*updated_at),
+                    format_stored(*created_at),
+                    format_stored(*updated_at),
                     now_text,
                     item.content_seq
                 ],
@@ -196,7 +196,7 @@ pub fn save_detail(
             created_at,
             updated_at,
         } => {
-            let updated = format_utc(*updated_at);
+            let updated = format_stored(*updated_at);
             let fetched_for: Option<Option<String>> = tx
                 .query_row(
                     "SELECT fetched_for_updated_at FROM transcripts WHERE document_id = ?1",
@@ -229,7 +229,7 @@ pub fn save_detail(
                     document_id,
                     status,
                     audio_duration_seconds,
-                    format_utc(*created_at),
+                    format_stored(*created_at),
                     updated,
                     now_text,
                     requeue,
@@ -357,7 +357,7 @@ pub fn save_transcript(
         // Fetched again (its encounter changed) and identical: only when it was seen changes.
         tx.execute(
             "UPDATE transcripts SET fetched_at = ?2, fetched_for_updated_at = ?3 WHERE document_id = ?1",
-            params![document_id, format_utc(now), item.detail_updated_at],
+            params![document_id, format_stored(now), item.detail_updated_at],
         )?;
     } else {
         replace_transcript(tx, item, t, now)?;
@@ -398,7 +398,7 @@ fn replace_transcript(
             t.provider,
             t.audio_duration_seconds,
             t.turns.len() as i64,
-            format_utc(now),
+            format_stored(now),
             item.detail_updated_at,
             t.content_sha256
         ],
@@ -488,7 +488,7 @@ pub fn save_recording(
             r.size_bytes as i64,
             r.sha256,
             r.duration_seconds,
-            format_utc(now)
+            format_stored(now)
         ],
     )?;
     set_state(tx, "audio_state", document_id, "done")?;
@@ -516,7 +516,7 @@ pub fn dead_letter(
             item.work.as_str(),
             item.document_id,
             item.encounter_id,
-            format_utc(now),
+            format_stored(now),
             run_id,
             reason_code,
             error

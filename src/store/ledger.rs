@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
-use crate::timefmt::{format_utc, parse_rfc3339, unix_nanos};
+use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 const COMPLETE_THROUGH: &str = "complete_through";
 const DEEP_REVISIT_AT: &str = "deep_revisit_at";
@@ -41,8 +41,8 @@ pub(super) fn record_window(
         w.run_id,
         w.kind,
         w.backfill_id,
-        format_utc(w.start_at),
-        format_utc(w.end_at),
+        format_stored(w.start_at),
+        format_stored(w.end_at),
         unix_nanos(w.start_at),
         unix_nanos(w.end_at),
         w.records_seen as i64,
@@ -51,7 +51,7 @@ pub(super) fn record_window(
         w.passes as i64,
         w.removed as i64,
         w.id_set_hash,
-        format_utc(now),
+        format_stored(now),
     ])?;
     if w.advances_watermark && complete_through(tx)?.is_none_or(|t| t < w.end_at) {
         set_state(tx, COMPLETE_THROUGH, w.end_at)?;
@@ -64,7 +64,7 @@ pub(super) fn record_window(
         )?
         .execute(params![
             id,
-            format_utc(w.end_at),
+            format_stored(w.end_at),
             w.records_seen as i64,
             w.removed as i64
         ])?;
@@ -87,7 +87,7 @@ fn set_state(conn: &Connection, name: &str, value: OffsetDateTime) -> rusqlite::
         "INSERT INTO sync_state (name, value) VALUES (?1, ?2)
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
     )?
-    .execute(params![name, format_utc(value)])?;
+    .execute(params![name, format_stored(value)])?;
     Ok(())
 }
 
@@ -141,7 +141,7 @@ pub fn open_backfill(
     requested_by: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<Backfill> {
-    let (start_text, end_text) = (format_utc(start), format_utc(end));
+    let (start_text, end_text) = (format_stored(start), format_stored(end));
     let existing: Option<(i64, Option<String>)> = conn
         .query_row(
             "SELECT backfill_id, cursor FROM backfills
@@ -151,7 +151,7 @@ pub fn open_backfill(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let now_text = format_utc(now);
+    let now_text = format_stored(now);
     let (backfill_id, cursor) = match existing {
         Some((id, cursor)) => {
             conn.execute(
@@ -192,7 +192,12 @@ pub fn queue_backfill(
     conn.execute(
         "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at)
          VALUES (?1, ?2, 'queued', ?3, ?4)",
-        params![format_utc(start), format_utc(end), requested_by, format_utc(now)],
+        params![
+            format_stored(start),
+            format_stored(end),
+            requested_by,
+            format_stored(now)
+        ],
     )?;
     Ok(conn.last_insert_rowid())
 }
@@ -225,7 +230,7 @@ pub fn finish_backfill(
     match error {
         None => conn.execute(
             "UPDATE backfills SET status = 'completed', finished_at = ?2, error = NULL WHERE backfill_id = ?1",
-            params![backfill_id, format_utc(now)],
+            params![backfill_id, format_stored(now)],
         )?,
         Some(e) => conn.execute("UPDATE backfills SET error = ?2 WHERE backfill_id = ?1", params![backfill_id, e])?,
     };
@@ -299,14 +304,14 @@ pub fn abort_stale_runs(conn: &Connection, now: OffsetDateTime) -> anyhow::Resul
         "UPDATE sync_runs SET outcome = 'aborted', finished_at = ?1,
              error = coalesce(error, 'the process stopped before the cycle finished')
          WHERE outcome = 'running'",
-        [format_utc(now)],
+        [format_stored(now)],
     )?)
 }
 
 pub fn start_run(conn: &Connection, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
     conn.execute(
         "INSERT INTO sync_runs (started_at, outcome, trigger) VALUES (?1, 'running', ?2)",
-        params![format_utc(now), trigger],
+        params![format_stored(now), trigger],
     )?;
     Ok(conn.last_insert_rowid())
 }
@@ -334,7 +339,7 @@ pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateT
          WHERE run_id = ?1",
         params![
             run_id,
-            format_utc(now),
+            format_stored(now),
             outcome,
             counts.list_requests as i64,
             counts.detail_requests as i64,

@@ -626,6 +626,147 @@ mod tests {
         assert_eq!(tables, 6);
     }
 
+    /// A warehouse written by the release before V5: timestamps of every precision, and search
+    /// indexes that FTS5's secure-delete has already turned into file format 5.
+    fn v4_warehouse(path: &Path) {
+        let mut conn = Connection::open(path).unwrap();
+        embedded::migrations::runner()
+            .set_target(refinery::Target::Version(4))
+            .run(&mut conn)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO patients VALUES ('p1', 'Ada', 'Lovelace', '1815-12-10', '2026-05-25T14:00:00Z', '2026-05-25T14:00:00.5Z');
+             INSERT INTO encounters VALUES ('e1', 'o', 'ambient', 'completed', '2026-05-25T14:00:00.123456789Z',
+                 '2026-05-25T15:00:00Z', '2026-05-25T14:00:00.1Z', 'p1', NULL, NULL, 0, 0, 'h', '{}',
+                 '2026-05-25T14:00:00.000001Z', '2026-05-25T14:00:00.12Z');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                                    first_seen_at, changed_at, detail_updated_at)
+                 VALUES ('d1', 'e1', 0, 'document', 'metformin twice daily', '2026-05-25T14:00:00Z',
+                         '2026-05-25T14:00:00Z', 'not a timestamp');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                                    first_seen_at, changed_at)
+                 VALUES ('d2', 'e1', 1, 'document', 'lisinopril', '2026-05-25T14:00:00Z', '2026-05-25T14:00:00Z');
+             DELETE FROM documents WHERE document_id = 'd2';
+             INSERT INTO sync_state VALUES ('complete_through', '2026-05-25T16:00:00.25Z'),
+                                           ('privacy_policy', 'names=true');",
+        )
+        .unwrap();
+        let version: i64 = conn
+            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(version, 5, "the old schema's secure-delete wrote format 5");
+    }
+
+    #[test]
+    fn v5_pads_every_timestamp_to_one_width_keeps_the_instants_and_rewrites_search_to_format_4() {
+        use crate::timefmt::{STORED_WIDTH, format_stored, parse_rfc3339};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        v4_warehouse(&path);
+        let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        let row: Vec<String> = conn
+            .query_row(
+                "SELECT created_at, updated_at, date_of_service, first_seen_at, changed_at FROM encounters",
+                [],
+                |r| (0..5).map(|i| r.get(i)).collect(),
+            )
+            .unwrap();
+        let before = [
+            "2026-05-25T14:00:00.123456789Z",
+            "2026-05-25T15:00:00Z",
+            "2026-05-25T14:00:00.1Z",
+            "2026-05-25T14:00:00.000001Z",
+            "2026-05-25T14:00:00.12Z",
+        ];
+        for (old, new) in before.iter().zip(&row) {
+            assert_eq!(new.len(), STORED_WIDTH, "{new}");
+            assert_eq!(*new, format_stored(parse_rfc3339(old).unwrap()));
+        }
+        assert_eq!(row[1], "2026-05-25T15:00:00.000000000Z");
+        let (complete, policy): (String, String) = conn
+            .query_row(
+                "SELECT (SELECT value FROM sync_state WHERE name = 'complete_through'),
+                        (SELECT value FROM sync_state WHERE name = 'privacy_policy')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(complete, "2026-05-25T16:00:00.250000000Z");
+        assert_eq!(policy, "names=true");
+        // What is not a timestamp is left alone; padding is not a change of the encounter.
+        let odd: String = conn
+            .query_row("SELECT detail_updated_at FROM documents", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(odd, "not a timestamp");
+        let history: i64 = conn
+            .query_row("SELECT count(*) FROM encounter_history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(history, 1, "only the insert's 'created'");
+        // Both indexes: format 4, no secure-delete, still finding what they index.
+        for table in ["notes_fts", "transcript_turns_fts"] {
+            let config: Vec<(String, i64)> = conn
+                .prepare(&format!("SELECT k, v FROM {table}_config ORDER BY k"))
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(config, vec![("version".to_owned(), 4)], "{table}");
+        }
+        let hits: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'metformin'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let gone: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'lisinopril'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!((hits, gone), (1, 0));
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'notes_fts'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains(r#"content="documents""#), "{sql}");
+    }
+
+    #[test]
+    fn deletes_keep_the_search_index_in_the_format_sqlite_3_40_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        conn.execute_batch(
+            "INSERT INTO encounters VALUES ('e1', 'o', NULL, NULL, 't', 't', NULL, NULL, NULL, NULL, 0, 0, 'h', '{}', 't', 't');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text, first_seen_at, changed_at)
+                 VALUES ('d1', 'e1', 0, 'document', 'metformin', 't', 't');
+             UPDATE documents SET content_text = 'insulin';
+             DELETE FROM documents;",
+        )
+        .unwrap();
+        privacy::compact_search(&conn).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT v FROM notes_fts_config WHERE k = 'version'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(version, 4);
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM notes_fts_data", [], |r| r.get(0))
+            .unwrap();
+        // After the merge only the structure and averages records remain: no segment holds a
+        // term of the deleted rows.
+        assert!(left <= 2, "{left} records left in notes_fts_data");
+    }
+
     #[test]
     fn the_wal_files_outlive_the_writer_and_belong_to_the_directory_owner_and_group() {
         use std::os::unix::fs::MetadataExt;

@@ -1,13 +1,16 @@
 //! Keeping only the PHI the partner decided to keep: applying a (changed) privacy policy to rows
 //! already stored, and purging encounters completely — rows, full-text entries, history, orphaned
-//! patients — relying on `secure_delete` (on for every writing connection) and a truncating WAL
-//! checkpoint so that no bytes remain in the database or its WAL. Recording files are returned for the caller to delete.
+//! patients. No bytes of removed PHI remain in the database or its WAL: `secure_delete` (on for
+//! every writing connection) zeroes deleted cells, each search index is merged into one segment
+//! (which drops its deleted entries; FTS5's own secure-delete is not used, since it makes the index
+//! unreadable to SQLite before 3.42), then VACUUM and a truncating WAL checkpoint. Recording files
+//! are returned for the caller to delete.
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use crate::config::{BirthDate, PrivacyConfig};
-use crate::timefmt::{format_utc, unix_nanos};
+use crate::timefmt::{format_stored, unix_nanos};
 
 const POLICY_KEY: &str = "privacy_policy";
 
@@ -85,9 +88,24 @@ pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::
         params![POLICY_KEY, fingerprint],
     )?;
     tx.commit()?;
+    compact_search(conn)?;
     scrub(conn)?;
     tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
     Ok(true)
+}
+
+/// Merges each full-text index into a single segment ('optimize'). A deleted row's entries stay
+/// in the segment that indexed it, cancelled by a delete marker in a newer one, until a merge
+/// reaches them; merging everything into one segment drops both, and `secure_delete` zeroes the
+/// pages of the old segments as they are freed. (Measured against 'rebuild', which re-tokenizes
+/// all stored text: see BENCHMARKS.md, "Analysts' queries".)
+pub(crate) fn compact_search(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('optimize')",
+        [],
+    )?;
+    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
+    Ok(())
 }
 
 /// Rewrites the database from its live content only (`VACUUM`), then checkpoints the WAL into it
@@ -185,9 +203,9 @@ pub fn purge(
              encounters, documents, transcripts, turns, recordings, history_rows)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
-            format_utc(now),
-            format_utc(start),
-            format_utc(end),
+            format_stored(now),
+            format_stored(start),
+            format_stored(end),
             unix_nanos(start),
             unix_nanos(end),
             reason,
@@ -200,14 +218,7 @@ pub fn purge(
         ],
     )?;
     tx.commit()?;
-    // Deleted FTS entries are gone from the index (secure-delete); merge what is left so no
-    // freed segment keeps old tokens, then let secure_delete zero the freed pages.
-    conn.execute(
-        "INSERT INTO transcript_turns_fts (transcript_turns_fts) VALUES ('optimize')",
-        [],
-    )?;
-    conn.execute("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", [])?;
-    conn.pragma_update(None, "secure_delete", "OFF")?;
+    compact_search(conn)?;
     scrub(conn)?;
     for file in &counts.orphaned_files {
         let path = audio_dir.join(file);
@@ -248,4 +259,103 @@ pub fn last_retention_purge(conn: &Connection) -> anyhow::Result<Option<OffsetDa
         .optional()?;
     text.map(|t| crate::timefmt::parse_rfc3339(&t).map_err(|e| anyhow::anyhow!("corrupt purge time: {e}")))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether the database file or its WAL holds `needle` anywhere, free pages included.
+    fn on_disk(db: &Path, needle: &str) -> bool {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        [db.to_owned(), wal.into()].iter().any(|p| {
+            let bytes = std::fs::read(p).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+    }
+
+    /// Encounter `n` (created at second `n`) with a note and a transcript turn each holding
+    /// `word`, among 300 others whose text is ordinary, so the indexes have many segments.
+    fn warehouse_with(path: &Path, word: &str) -> Connection {
+        let conn = crate::store::open_writer(path, Duration::from_secs(5)).unwrap();
+        for n in 0..300_i64 {
+            let (e, d, t) = (format!("e{n}"), format!("d{n}"), format!("t{n}"));
+            let text = if n == 7 {
+                format!("patient reports {word} since monday")
+            } else {
+                format!("patient reports cough number {n}")
+            };
+            conn.execute_batch(&format!(
+                "INSERT INTO encounters VALUES ('{e}', 'o', NULL, NULL, 't', 't', NULL, NULL, NULL, NULL,
+                     {ns}, 0, 'h', '{{}}', 't', 't');
+                 INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                     first_seen_at, changed_at) VALUES ('{d}', '{e}', 0, 'document', '{text}', 't', 't');
+                 INSERT INTO documents (document_id, encounter_id, position, schema_type, first_seen_at,
+                     changed_at) VALUES ('{t}', '{e}', 1, 'ambient_transcript', 't', 't');
+                 INSERT INTO transcripts (document_id, encounter_id, turn_count, fetched_at)
+                     VALUES ('{t}', '{e}', 1, 't');
+                 INSERT INTO transcript_turns VALUES ('{t}', 0, 'patient', 0, 1, '{text}');",
+                ns = n * 1_000_000_000
+            ))
+            .unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn a_purge_leaves_no_search_term_of_the_purged_text_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let word = "zanthoxylumcanary";
+        let mut conn = warehouse_with(&path, word);
+        assert!(
+            on_disk(&path, "xylumcanary"),
+            "the index never held the term: the test proves nothing"
+        );
+        let at = |s: i64| crate::timefmt::from_unix_nanos(s * 1_000_000_000);
+        let counts = purge(&mut conn, dir.path(), at(5), at(10), "range", at(1_000)).unwrap();
+        assert_eq!(counts.encounters, 5);
+        // The index keeps answering for the rest, in the format SQLite 3.40 reads.
+        let left: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'cough'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 299 - 4);
+        drop(conn);
+        // Terms are stored prefix-compressed: the tail of the word is what a leaf would keep.
+        assert!(
+            !on_disk(&path, "xylumcanary"),
+            "the purged term is still in the file"
+        );
+        assert!(!on_disk(&path, "since monday"));
+    }
+
+    #[test]
+    fn a_privacy_change_leaves_no_search_term_of_the_dropped_text_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let word = "zanthoxylumcanary";
+        let mut conn = warehouse_with(&path, word);
+        let strict = PrivacyConfig {
+            patient_names: true,
+            date_of_birth: BirthDate::Full,
+            note_text: false,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(apply_privacy(&mut conn, &strict).unwrap());
+        drop(conn);
+        assert!(
+            !on_disk(&path, "xylumcanary"),
+            "the dropped term is still in the file"
+        );
+        assert!(!on_disk(&path, "cough number"));
+    }
 }

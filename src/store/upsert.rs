@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
 use super::ledger::{self, WindowCompletion};
-use crate::timefmt::{format_utc, unix_nanos};
+use crate::timefmt::{format_stored, unix_nanos};
 
 /// An encounter as the warehouse stores it (mapped from the wire type by the sync).
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ pub fn commit_page(
     completion: Option<&WindowCompletion>,
     now: OffsetDateTime,
 ) -> anyhow::Result<PageCounts> {
-    let now_text = format_utc(now);
+    let now_text = format_stored(now);
     let mut counts = PageCounts::default();
     let purged = super::privacy::purged_ranges(tx)?;
     for rec in records {
@@ -176,9 +176,9 @@ fn upsert_encounter(
         rec.organization_id,
         rec.encounter_type,
         rec.status,
-        format_utc(rec.created_at),
-        format_utc(rec.updated_at),
-        rec.date_of_service.map(format_utc),
+        format_stored(rec.created_at),
+        format_stored(rec.updated_at),
+        rec.date_of_service.map(format_stored),
         rec.patient.as_ref().map(|p| &p.patient_id),
         created_ns,
         updated_ns,

@@ -196,7 +196,7 @@ fn analyst_reads(install: &Install, sql: &str) -> Output {
             "--init-groups",
             "--",
         ])
-        .args(["sqlite3", "-readonly"])
+        .args(["sqlite3", "-readonly", "-cmd", ".timeout 5000"])
         .arg(install.db())
         .arg(sql)
         .env_clear()

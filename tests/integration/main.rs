@@ -1,6 +1,7 @@
 //! The integration tests: the real client, sync and binary against the real simulator over
 //! loopback and real SQLite files. One binary, so it builds and links once.
 
+mod analysts;
 mod api_routes;
 mod cli;
 mod content;

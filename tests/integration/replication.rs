@@ -174,7 +174,7 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
     let at_instant: i64 = reader(&env.db_path())
         .query_row(
             "SELECT count(*) FROM encounters WHERE created_at = ?1",
-            [charthero_sync::timefmt::format_utc(instant)],
+            [charthero_sync::timefmt::format_stored(instant)],
             |r| r.get(0),
         )
         .unwrap();
@@ -224,7 +224,7 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
     );
     assert_eq!(second.counts.encounters_new + second.counts.encounters_changed, 0);
     let conn = reader(&env.db_path());
-    let since = charthero_sync::timefmt::format_utc(before);
+    let since = charthero_sync::timefmt::format_stored(before);
     for table in ["encounters", "patients", "documents"] {
         let changed: i64 = conn
             .query_row(
@@ -274,7 +274,7 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
     assert_eq!(status, "completed");
     assert_eq!(
         cursor,
-        charthero_sync::timefmt::Micros::ceil(range.end).to_string()
+        charthero_sync::timefmt::format_stored(charthero_sync::timefmt::Micros::ceil(range.end).instant())
     );
 
     env.sim.restore(&ids[0]);

@@ -9,7 +9,7 @@ use charthero_sim::{SimOptions, Simulator};
 use charthero_sync::config::{Config, RawConfig};
 use charthero_sync::secret::ApiKey;
 use charthero_sync::sync::{BackfillRange, CyclePlan, CycleReport};
-use charthero_sync::timefmt::format_utc;
+use charthero_sync::timefmt::{format_stored, format_utc};
 use time::OffsetDateTime;
 
 /// A running simulator and a temporary directory holding the warehouse.
@@ -250,9 +250,9 @@ pub fn compare(sim: &Simulator, db: &Path) -> Diff {
             organization_id: e.organization_id.clone(),
             encounter_type: Some(e.encounter_type.clone()),
             status: Some(e.status.clone()),
-            created_at: format_utc(sim.rendered_created_at(e.created_at)),
-            updated_at: format_utc(e.updated_at),
-            date_of_service: Some(format_utc(e.date_of_service)),
+            created_at: format_stored(sim.rendered_created_at(e.created_at)),
+            updated_at: format_stored(e.updated_at),
+            date_of_service: Some(format_stored(e.date_of_service)),
             patient: (
                 e.patient.patient_id.clone(),
                 e.patient.first_name.clone(),

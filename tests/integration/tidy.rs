@@ -101,6 +101,22 @@ fn the_api_client_never_touches_sqlite_and_the_store_never_does_network_io() {
 }
 
 #[test]
+fn the_store_formats_every_timestamp_in_the_one_stored_width() {
+    // `format_utc` drops trailing zeros (for people and the API); a value written with it would
+    // sort wrongly as text among the fixed-width ones (ARCHITECTURE.md).
+    assert!(
+        !mentions("src/store", "format_stored").is_empty(),
+        "the check reads the store"
+    );
+    let variable_width = mentions("src/store", "format_utc");
+    assert!(
+        variable_width.is_empty(),
+        "ARCHITECTURE.md: the store writes timestamps only with timefmt::format_stored, but:\n{}",
+        variable_width.join("\n")
+    );
+}
+
+#[test]
 fn sqlite_is_used_only_where_it_runs_off_the_async_workers() {
     // The store (its Writer thread and `store::blocking`), and two read-only helpers whose
     // synchronous functions are called through `store::blocking`: nothing else may name rusqlite,
