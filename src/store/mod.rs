@@ -30,9 +30,9 @@ pub use content::{
 };
 pub use error::{StoreError, StoreErrorKind};
 pub use ledger::{
-    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
-    deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
-    queue_backfill, set_deep_revisit_at, start_run,
+    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, claim_organization_id,
+    complete_through, deep_revisit_at, finish_backfill, finish_run, known_organization_id, live_ids_in_range,
+    next_backfill, open_backfill, queue_backfill, set_deep_revisit_at, start_run,
 };
 pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
