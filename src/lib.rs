@@ -64,6 +64,9 @@ pub async fn connect_organizations(
     })
     .await?;
     let writer = Arc::new(store::Writer::spawn(conn));
+    // A configuration of several keys confirms each key's clinic before its first write.
+    let verify =
+        config.organizations.len() > 1 || config.organizations[0].name != crate::config::DEFAULT_ORGANIZATION;
     let ceiling = api::Ceiling::new(&config.limits.ceiling())?;
     keys.into_iter()
         .map(|(org, key)| {
@@ -78,7 +81,7 @@ pub async fn connect_organizations(
             let mut sync = config.sync.clone();
             sync.start_at = org.start_at;
             Ok(SyncContext {
-                org: OrgScope::new(&org.name, org.organization_id.clone()),
+                org: OrgScope::new(&org.name, org.organization_id.clone(), verify),
                 client,
                 writer: writer.clone(),
                 sync,

@@ -34,14 +34,25 @@ pub struct OrgScope {
     pub expected_id: Option<String>,
     /// What the warehouse knows this organization reads (loaded at the start of every cycle).
     known_id: Mutex<Option<Arc<str>>>,
+    /// Whether the key's clinic is to be confirmed once, before this context's first cycle
+    /// writes anything (configurations with `[[organizations]]`), and whether it was.
+    verify: bool,
+    verified: std::sync::atomic::AtomicBool,
 }
 
 impl OrgScope {
-    pub fn new(name: &str, expected_id: Option<String>) -> OrgScope {
+    /// `verify`: confirm the key's clinic with one `limit=1` list request before the first
+    /// cycle of this context writes anything. With several keys in one configuration a key
+    /// put under the wrong name is a real operator error, and a cycle whose windows happen to
+    /// list nothing would otherwise not notice it while its removal checks and content
+    /// requests run under the wrong key.
+    pub fn new(name: &str, expected_id: Option<String>, verify: bool) -> OrgScope {
         OrgScope {
             name: name.into(),
             expected_id,
             known_id: Mutex::new(None),
+            verify,
+            verified: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -293,7 +304,41 @@ async fn load_organization(ctx: &SyncContext) -> Result<(), CycleError> {
             found: format!("{known} (what this warehouse holds for it)"),
         });
     }
+    let known = match (known, &ctx.org.expected_id) {
+        (None, Some(expected)) => {
+            // A configured clinic is recorded before the first write, like a learnt one.
+            let (name, id) = (ctx.org.name.clone(), expected.clone());
+            let claim = ctx
+                .writer
+                .call(move |c| store::claim_organization_id(c, &name, &id, OffsetDateTime::now_utc()))
+                .await?;
+            if let Err(holder) = claim {
+                return Err(CycleError::WrongOrganization {
+                    organization: ctx.org.name.to_string(),
+                    expected: format!("organization {holder} of this warehouse already reads it"),
+                    found: expected.clone(),
+                });
+            }
+            Some(expected.clone())
+        }
+        (known, _) => known,
+    };
     ctx.org.set_known(known.as_deref());
+    if ctx.org.verify && !ctx.org.verified.load(std::sync::atomic::Ordering::Relaxed) {
+        // The newest encounter the key can see, whatever its date.
+        let page = ctx
+            .client
+            .list_encounters(&crate::api::ListQuery {
+                start_at: None,
+                end_at: None,
+                offset: 0,
+                limit: 1,
+                sort: crate::api::SortOrder::Desc,
+            })
+            .await?;
+        admit(ctx, &page.items).await?;
+        ctx.org.verified.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(())
 }
 

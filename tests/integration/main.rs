@@ -8,6 +8,7 @@ mod daemon;
 mod daemon_loop;
 mod harsh;
 mod install;
+mod organizations;
 mod plan;
 mod replication;
 mod robustness;
