@@ -28,6 +28,8 @@ pub struct Metrics {
     window_failures: Mutex<BTreeMap<&'static str, u64>>,
     last_success_unix: AtomicI64,
     complete_through_unix: AtomicI64,
+    /// Set when the organization's sync stopped because its key was refused: the reason code.
+    stopped: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -65,6 +67,11 @@ impl Metrics {
             self.complete_through_unix
                 .store(t.unix_timestamp(), Ordering::Relaxed);
         }
+    }
+
+    /// The organization's sync stopped: its key was refused (`reason_code`, e.g. `revoked_key`).
+    pub fn record_stopped(&self, reason_code: &str) {
+        *self.stopped.lock().expect("metrics lock") = Some(reason_code.to_owned());
     }
 
     /// A window could not be read completely (`window_unsettled`, `request_bound_exceeded`,
@@ -155,6 +162,22 @@ pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -
         for (org, m) in orgs {
             for (reason, n) in m.window_failures.lock().expect("metrics lock").iter() {
                 let _ = writeln!(out, "{name}{{organization=\"{org}\",reason=\"{reason}\"}} {n}");
+            }
+        }
+    }
+    let name = family(
+        &mut out,
+        "organization_stopped",
+        "gauge",
+        "1 when the organization's sync stopped because its key was refused, labelled with why.",
+    );
+    for (org, m) in orgs {
+        match m.stopped.lock().expect("metrics lock").as_deref() {
+            Some(reason) => {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\",reason_code=\"{reason}\"}} 1");
+            }
+            None => {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\"}} 0");
             }
         }
     }
@@ -272,6 +295,7 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
         m.record_window_failure("request_bound_exceeded");
+        m.record_stopped("revoked_key");
         let text = render(&[("northside".to_owned(), std::sync::Arc::new(m))], now);
         assert!(
             text.contains("# TYPE charthero_sync_requests_total counter\n"),
@@ -288,6 +312,9 @@ mod tests {
                 "charthero_sync_cycles_total{organization=\"northside\",outcome=\"succeeded\"} 1\n"
             )
         );
+        assert!(text.contains(
+            "charthero_sync_organization_stopped{organization=\"northside\",reason_code=\"revoked_key\"} 1\n"
+        ));
         assert!(text.contains("charthero_sync_lag_seconds{organization=\"northside\"} 120\n"));
         assert!(text.contains("charthero_sync_window_failures_total{organization=\"northside\",reason=\"request_bound_exceeded\"} 1\n"));
     }

@@ -124,6 +124,11 @@ pub async fn run(
             let result = run_organization(ctx, schedule, stop_all, notifier).await;
             if let Err(e) = &result {
                 tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
+                if e.key_refused() {
+                    ctx.client
+                        .metrics()
+                        .record_stopped(e.reason_code().unwrap_or("key_refused"));
+                }
                 if is_fatal(e) {
                     stop_all.cancel();
                 }

@@ -547,3 +547,93 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
         bad.first()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
+    let sims = Simulator::start_organizations(vec![
+        org_options(171, 120, "org_live"),
+        org_options(172, 50, "org_gone"),
+    ])
+    .await
+    .unwrap();
+    sims[1].set_key_state(&sims[1].api_key(), KeyState::Revoked);
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = charthero_sync::config::RawConfig::default();
+    raw.api.base_url = sims[0].base_url();
+    raw.api.api_key_file = None;
+    raw.database.path = dir.path().join("warehouse.db");
+    raw.sync.start_at =
+        charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
+    raw.sync.settle_lag = "0s".into();
+    raw.sync.schedule = "* * * * * *".into();
+    raw.limits.requests_per_second = 2_000.0;
+    raw.limits.burst = 100;
+    for name in ["live", "gone"] {
+        raw.organizations.push(charthero_sync::config::RawOrganization {
+            name: name.into(),
+            ..Default::default()
+        });
+    }
+    let config = raw.validate().unwrap();
+    let keys = config
+        .organizations
+        .iter()
+        .cloned()
+        .zip([&sims[0], &sims[1]])
+        .map(|(org, sim)| (org, charthero_sync::secret::ApiKey::new(&sim.api_key()).unwrap()))
+        .collect();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            charthero_sync::daemon::serve_organizations(
+                &config,
+                keys,
+                None,
+                &charthero_sync::daemon::notify::Notifier::silent(),
+                &shutdown,
+            )
+            .await
+        })
+    };
+    // The live organization keeps its schedule after the other stopped: new encounters arrive.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let late = sims[0].insert(NewEncounter::at(OffsetDateTime::now_utc()));
+    let db = config.database.path.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen: i64 = reader(&db)
+            .query_row(
+                "SELECT count(*) FROM encounters WHERE encounter_id = ?1",
+                [&late],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if seen == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the live organization stopped syncing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        !daemon.is_finished(),
+        "the daemon ended with one organization still healthy"
+    );
+    shutdown.cancel();
+    daemon.await.unwrap().expect("a clean shutdown");
+    compare_organization(&sims[0], &db).assert_empty();
+    let conn = reader(&db);
+    let status =
+        charthero_sync::status::read(&conn, OffsetDateTime::now_utc(), &["live".into(), "gone".into()])
+            .unwrap();
+    let gone = status.organizations.iter().find(|o| o.name == "gone").unwrap();
+    assert_eq!(
+        (gone.state.as_str(), gone.reason_code.as_deref()),
+        ("stopped", Some("revoked_key"))
+    );
+    // One refused request, then nothing more with that key.
+    assert_eq!(sims[1].stats().status(401), 1, "{:?}", sims[1].stats());
+}
