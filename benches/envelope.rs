@@ -421,7 +421,7 @@ async fn daemon_latency(
             organization_id: Some(sim.organization_id()),
             requests_per_second: Some(*rps),
             burst: Some(10),
-            max_in_flight: Some(4),
+            max_in_flight: Some(8),
             ..Default::default()
         });
     }

@@ -1281,4 +1281,101 @@ mod tests {
         assert!(err.contains("0644"), "{err}");
         assert!(!err.contains("canary"), "{err}");
     }
+
+    #[test]
+    fn without_organizations_the_api_key_is_the_one_organization_default() {
+        let cfg = parse("[limits]\nrequests_per_second = 7.0\n").unwrap();
+        assert_eq!(cfg.organizations.len(), 1);
+        let o = &cfg.organizations[0];
+        assert_eq!(o.name, DEFAULT_ORGANIZATION);
+        assert_eq!(o.key.env, API_KEY_ENV);
+        assert_eq!(o.key.credential, CREDENTIAL_NAME);
+        assert_eq!(o.key.file, cfg.api.api_key_file);
+        assert_eq!(o.budget, cfg.limits.ceiling());
+        assert_eq!(o.start_at, cfg.sync.start_at);
+    }
+
+    #[test]
+    fn organizations_take_their_own_keys_and_budgets_and_default_the_rest() {
+        let cfg = parse(
+            "[limits]\nrequests_per_second = 10.0\nburst = 9\n\n\
+             [[organizations]]\nname = \"north-side\"\norganization_id = \"org_7Df4\"\n\
+             api_key_file = \"/etc/charthero-sync/keys/north\"\nrequests_per_second = 2.5\nmax_in_flight = 2\n\n\
+             [[organizations]]\nname = \"river_2\"\nstart_at = \"2025-06-01T00:00:00Z\"\n\
+             base_url = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let [north, river] = [&cfg.organizations[0], &cfg.organizations[1]];
+        assert_eq!(north.name, "north-side");
+        assert_eq!(north.organization_id.as_deref(), Some("org_7Df4"));
+        assert_eq!(north.key.env, "CHARTHERO_API_KEY_NORTH_SIDE");
+        assert_eq!(north.key.credential, "charthero-api-key.north-side");
+        assert_eq!(north.key.file.as_deref(), Some(Path::new("/etc/charthero-sync/keys/north")));
+        assert_eq!(
+            (north.budget.requests_per_second, north.budget.burst.get(), north.budget.max_in_flight.get()),
+            (2.5, 9, 2)
+        );
+        assert_eq!(river.key.file, None);
+        assert_eq!(river.key.env, "CHARTHERO_API_KEY_RIVER_2");
+        assert_eq!(river.budget, cfg.limits.ceiling());
+        assert_eq!(river.base_url.as_str(), "http://127.0.0.1:9/");
+        assert_eq!(crate::timefmt::format_utc(river.start_at), "2025-06-01T00:00:00Z");
+        assert_eq!(north.start_at, cfg.sync.start_at);
+        let one = cfg.select_organizations(&["river_2".into()]).unwrap();
+        assert_eq!(one.len(), 1);
+        let err = cfg.select_organizations(&["east".into()]).unwrap_err().to_string();
+        assert!(err.contains("east") && err.contains("north-side, river_2"), "{err}");
+    }
+
+    #[test]
+    fn organization_errors_name_the_organization_and_the_key() {
+        let org = |body: &str| format!("[[organizations]]\nname = \"north\"\n{body}\n");
+        let cases = [
+            ("[[organizations]]\nname = \"North\"\n".to_owned(), "organizations[0].name"),
+            ("[[organizations]]\nname = \"\"\n".to_owned(), "organizations[0].name"),
+            (
+                format!("{}{}", org(""), org("")),
+                "organizations.north.name",
+            ),
+            (org("burst = 0"), "organizations.north.burst"),
+            (org("max_in_flight = 65"), "organizations.north.max_in_flight"),
+            (org("requests_per_second = -1.0"), "organizations.north.requests_per_second"),
+            (org("base_url = \"http://api.example.test\""), "organizations.north.base_url"),
+            (org("start_at = \"yesterday\""), "organizations.north.start_at"),
+            (org("organization_id = \" \""), "organizations.north.organization_id"),
+            (
+                format!(
+                    "{}[[organizations]]\nname = \"south\"\norganization_id = \"org_1\"\n",
+                    org("organization_id = \"org_1\"")
+                ),
+                "organizations.south.organization_id",
+            ),
+            (org("api_key = \"ch_sk_never_here\""), "api_key"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_organizations_key_comes_from_its_file_then_its_variable_then_its_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join("charthero-api-key.north");
+        std::fs::write(&cred, "ch_sk_north_credential").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let cfg = parse("[[organizations]]\nname = \"north\"\n").unwrap();
+        let sources = &cfg.organizations[0].key;
+        let (key, src) = load_api_key_from(sources, Some("ch_sk_north_env".into()), Some(cred_dir.clone())).unwrap();
+        assert_eq!(
+            (key.expose(), src),
+            ("ch_sk_north_env", KeySource::Env("CHARTHERO_API_KEY_NORTH".into()))
+        );
+        let (key, src) = load_api_key_from(sources, None, Some(cred_dir)).unwrap();
+        assert_eq!((key.expose(), src), ("ch_sk_north_credential", KeySource::Credential(cred)));
+        let err = load_api_key_from(sources, None, None).unwrap_err().to_string();
+        assert!(err.contains("$CHARTHERO_API_KEY_NORTH (not set)"), "{err}");
+    }
 }

@@ -820,7 +820,7 @@ fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> R
                         "{api}"
                     );
                 }
-                if e.key_refused() && e.reason_code() != Some("org_scope_only_required") {
+                if e.key_refused() {
                     refused.push(format!("{who}{e:#}"));
                 } else if e.store_error().is_some_and(store::StoreError::is_fatal) {
                     corrupt.get_or_insert(Failure::from(e));

@@ -64,8 +64,8 @@ pub struct OrganizationStatus {
     pub backfills_pending: i64,
 }
 
-/// Reason codes that mean the organization's key is refused (401, not organization-scoped, or
-/// the key reads another clinic): the sync of that organization stops until the operator acts.
+/// Reason codes that mean the organization's key is refused (401, or the key reads another
+/// clinic): the sync of that organization stops until the operator acts.
 pub const KEY_REFUSED_CODES: &[&str] = &[
     "missing_bearer",
     "api_keys_disabled",
@@ -75,7 +75,6 @@ pub const KEY_REFUSED_CODES: &[&str] = &[
     "disabled_key",
     "revoked_key",
     "expired_key",
-    "org_scope_only_required",
     "organization_mismatch",
 ];
 

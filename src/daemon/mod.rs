@@ -242,11 +242,7 @@ async fn run_organization(
                 ));
             }
             Err(CycleError::Cancelled) => break,
-            Err(e @ (CycleError::Api(_) | CycleError::WrongOrganization { .. }))
-                if e.key_refused() && e.reason_code() != Some("org_scope_only_required") =>
-            {
-                return Err(e);
-            }
+            Err(e) if e.key_refused() => return Err(e),
             Err(e) if is_fatal(&e) => return Err(e),
             Err(e) => {
                 failures += 1;

@@ -231,12 +231,12 @@ impl CycleError {
         }
     }
 
-    /// The organization's key was refused — by ChartHero (401, or 403 `org_scope_only_required`)
-    /// or by us (it reads another clinic): nothing more is sent with it until the operator acts;
-    /// the other organizations go on.
+    /// The organization's key was refused — by ChartHero (401) or by us (it reads another
+    /// clinic): nothing more is sent with it until the operator acts; the other organizations go
+    /// on. (A 403 such as `org_scope_only_required` fails the cycle, which is retried.)
     pub fn key_refused(&self) -> bool {
         match self {
-            CycleError::Api(e) => e.is_auth() || e.reason_code() == Some("org_scope_only_required"),
+            CycleError::Api(e) => e.is_auth(),
             CycleError::WrongOrganization { .. } => true,
             _ => false,
         }

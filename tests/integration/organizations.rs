@@ -637,3 +637,65 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
     // One refused request, then nothing more with that key.
     assert_eq!(sims[1].stats().status(401), 1, "{:?}", sims[1].stats());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_error() {
+    let sims = Simulator::start_organizations(vec![
+        org_options(181, 40, "org_alpha"),
+        org_options(182, 30, "org_beta"),
+    ])
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+    write_private(&a, &sims[0].api_key());
+    write_private(&b, &sims[1].api_key());
+    let start_at = OffsetDateTime::now_utc() - time::Duration::days(61);
+    let config = config_text(
+        dir.path(),
+        &sims[0].base_url(),
+        start_at,
+        &[
+            OrgEntry {
+                name: "alpha",
+                organization_id: None,
+                api_key_file: Some(a),
+            },
+            OrgEntry {
+                name: "beta",
+                organization_id: None,
+                api_key_file: Some(b),
+            },
+        ],
+    );
+    let cmd = |args: &[&str]| {
+        let mut cmd = charthero_sync();
+        cmd.args(["--config", config.to_str().unwrap()]).args(args);
+        cmd
+    };
+    let out = run(cmd(&["sync", "--organization", "nope"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("alpha, beta"), "{}", text(&out));
+
+    let out = run(cmd(&["sync", "--organization", "alpha"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(sims[1].stats().requests, 0, "beta was not selected");
+    compare_organization(&sims[0], &dir.path().join("warehouse.db")).assert_empty();
+
+    let out = run(cmd(&["backfill", "--from", &charthero_sync::timefmt::format_utc(start_at), "--organization", "beta"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("of organization beta"), "{}", text(&out));
+    let status = status_json(&config);
+    assert_eq!(organization(&status, "alpha")["state"], "ok");
+    assert_eq!(organization(&status, "beta")["state"], "never_synced");
+    assert_eq!(organization(&status, "beta")["backfills_pending"], 1);
+
+    let out = run(cmd(&["check"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    for line in ["organization alpha", "organization beta", "org_alpha (not configured", "org_beta (not configured"] {
+        assert!(text(&out).contains(line), "{line}: {}", text(&out));
+    }
+    let mut status = cmd(&["status"]);
+    let out = std::process::Command::output(&mut status).unwrap();
+    assert!(text(&out).contains("organization beta (clinic not known yet): never_synced"), "{}", text(&out));
+}
