@@ -1310,9 +1310,16 @@ mod tests {
         assert_eq!(north.organization_id.as_deref(), Some("org_7Df4"));
         assert_eq!(north.key.env, "CHARTHERO_API_KEY_NORTH_SIDE");
         assert_eq!(north.key.credential, "charthero-api-key.north-side");
-        assert_eq!(north.key.file.as_deref(), Some(Path::new("/etc/charthero-sync/keys/north")));
         assert_eq!(
-            (north.budget.requests_per_second, north.budget.burst.get(), north.budget.max_in_flight.get()),
+            north.key.file.as_deref(),
+            Some(Path::new("/etc/charthero-sync/keys/north"))
+        );
+        assert_eq!(
+            (
+                north.budget.requests_per_second,
+                north.budget.burst.get(),
+                north.budget.max_in_flight.get()
+            ),
             (2.5, 9, 2)
         );
         assert_eq!(river.key.file, None);
@@ -1323,26 +1330,44 @@ mod tests {
         assert_eq!(north.start_at, cfg.sync.start_at);
         let one = cfg.select_organizations(&["river_2".into()]).unwrap();
         assert_eq!(one.len(), 1);
-        let err = cfg.select_organizations(&["east".into()]).unwrap_err().to_string();
-        assert!(err.contains("east") && err.contains("north-side, river_2"), "{err}");
+        let err = cfg
+            .select_organizations(&["east".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("east") && err.contains("north-side, river_2"),
+            "{err}"
+        );
     }
 
     #[test]
     fn organization_errors_name_the_organization_and_the_key() {
         let org = |body: &str| format!("[[organizations]]\nname = \"north\"\n{body}\n");
         let cases = [
-            ("[[organizations]]\nname = \"North\"\n".to_owned(), "organizations[0].name"),
-            ("[[organizations]]\nname = \"\"\n".to_owned(), "organizations[0].name"),
             (
-                format!("{}{}", org(""), org("")),
-                "organizations.north.name",
+                "[[organizations]]\nname = \"North\"\n".to_owned(),
+                "organizations[0].name",
             ),
+            (
+                "[[organizations]]\nname = \"\"\n".to_owned(),
+                "organizations[0].name",
+            ),
+            (format!("{}{}", org(""), org("")), "organizations.north.name"),
             (org("burst = 0"), "organizations.north.burst"),
             (org("max_in_flight = 65"), "organizations.north.max_in_flight"),
-            (org("requests_per_second = -1.0"), "organizations.north.requests_per_second"),
-            (org("base_url = \"http://api.example.test\""), "organizations.north.base_url"),
+            (
+                org("requests_per_second = -1.0"),
+                "organizations.north.requests_per_second",
+            ),
+            (
+                org("base_url = \"http://api.example.test\""),
+                "organizations.north.base_url",
+            ),
             (org("start_at = \"yesterday\""), "organizations.north.start_at"),
-            (org("organization_id = \" \""), "organizations.north.organization_id"),
+            (
+                org("organization_id = \" \""),
+                "organizations.north.organization_id",
+            ),
             (
                 format!(
                     "{}[[organizations]]\nname = \"south\"\norganization_id = \"org_1\"\n",
@@ -1368,13 +1393,20 @@ mod tests {
         std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
         let cfg = parse("[[organizations]]\nname = \"north\"\n").unwrap();
         let sources = &cfg.organizations[0].key;
-        let (key, src) = load_api_key_from(sources, Some("ch_sk_north_env".into()), Some(cred_dir.clone())).unwrap();
+        let (key, src) =
+            load_api_key_from(sources, Some("ch_sk_north_env".into()), Some(cred_dir.clone())).unwrap();
         assert_eq!(
             (key.expose(), src),
-            ("ch_sk_north_env", KeySource::Env("CHARTHERO_API_KEY_NORTH".into()))
+            (
+                "ch_sk_north_env",
+                KeySource::Env("CHARTHERO_API_KEY_NORTH".into())
+            )
         );
         let (key, src) = load_api_key_from(sources, None, Some(cred_dir)).unwrap();
-        assert_eq!((key.expose(), src), ("ch_sk_north_credential", KeySource::Credential(cred)));
+        assert_eq!(
+            (key.expose(), src),
+            ("ch_sk_north_credential", KeySource::Credential(cred))
+        );
         let err = load_api_key_from(sources, None, None).unwrap_err().to_string();
         assert!(err.contains("$CHARTHERO_API_KEY_NORTH (not set)"), "{err}");
     }
