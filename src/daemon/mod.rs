@@ -1,17 +1,19 @@
-//! `charthero-sync run`: the daemon. [`serve`] is its one entry point: it opens the warehouse,
-//! queues a backfill if asked, serves metrics if configured, and runs [`run`], the loop: a sync
-//! at start and then on the cron schedule, one cycle at a time; queued backfills, then the
-//! history audit when it is due, between live cycles in slices that end before the next live
-//! cycle is due, so the live sync is never starved. It tells systemd it is ready, alive
-//! (watchdog, only while the loop makes progress) and stopping, and stops at a unit boundary
-//! once its shutdown token is cancelled. Only start-up errors, a refused key and a corrupt
-//! warehouse end it; a failed cycle (a full disk or a busy database included) is recorded and
+//! `charthero-sync run`: the daemon. [`serve_organizations`] is its one entry point: it opens
+//! the warehouse, queues a backfill if asked, serves metrics if configured, and runs [`run`]: one
+//! loop per organization, side by side — a sync at start and then on the cron schedule, one
+//! cycle at a time; queued backfills, then the history audit when it is due, between live cycles
+//! in slices that end before the next live cycle is due, so the live sync is never starved, and
+//! one organization's work never holds up another's. It tells systemd it is ready, alive
+//! (watchdog, only while every organization's cycle makes progress) and stopping, and stops at a
+//! unit boundary once its shutdown token is cancelled. Only start-up errors, a corrupt warehouse
+//! and every organization's key refused end it (one refused key stops its organization only); a failed cycle (a full disk or a busy database included) is recorded and
 //! retried with capped, jittered backoff. Signals, the writer lock and the process belong to the
 //! caller (`main.rs`).
 
 pub mod lock;
 pub mod notify;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -117,11 +119,14 @@ pub async fn run(
 ) -> Result<(), CycleError> {
     notifier.ready("started; first cycle running");
     let stop_all = shutdown.child_token();
-    let loops = contexts.iter().map(|ctx| {
+    // Which organizations are inside a cycle: the watchdog is fed only while every one of them
+    // makes progress, so one wedged organization is not hidden by the others' idle loops.
+    let busy: Vec<AtomicBool> = contexts.iter().map(|_| AtomicBool::new(false)).collect();
+    let loops = contexts.iter().zip(&busy).map(|(ctx, busy)| {
         let stop_all = &stop_all;
         let span = tracing::info_span!("organization", organization = %ctx.org.name);
         async move {
-            let result = run_organization(ctx, schedule, stop_all, notifier).await;
+            let result = run_organization(ctx, schedule, stop_all, notifier, busy).await;
             if let Err(e) = &result {
                 tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
                 if e.key_refused() {
@@ -137,7 +142,26 @@ pub async fn run(
         }
         .instrument(span)
     });
-    let results = futures_util::future::join_all(loops).await;
+    let watchdog = async {
+        let Some(limit) = notifier.watchdog() else {
+            return std::future::pending().await;
+        };
+        let mut interval = tokio::time::interval((limit / 3).min(QUEUE_POLL));
+        loop {
+            interval.tick().await;
+            let progressing = contexts
+                .iter()
+                .zip(&busy)
+                .all(|(ctx, busy)| !busy.load(Ordering::Relaxed) || ctx.client.idle_for() < limit / 2);
+            if progressing {
+                notifier.watchdog_ping();
+            }
+        }
+    };
+    let results = tokio::select! {
+        results = futures_util::future::join_all(loops) => results,
+        never = watchdog => never,
+    };
     notifier.stopping();
     let mut errors: Vec<CycleError> = results.into_iter().filter_map(Result::err).collect();
     if let Some(i) = errors.iter().position(is_fatal) {
@@ -157,6 +181,7 @@ async fn run_organization(
     schedule: &cron::Schedule,
     shutdown: &CancellationToken,
     notifier: &Notifier,
+    busy: &AtomicBool,
 ) -> Result<(), CycleError> {
     let status = |what: &str| {
         if ctx.org.name.as_ref() == crate::config::DEFAULT_ORGANIZATION {
@@ -195,7 +220,6 @@ async fn run_organization(
             }
         };
         if !live && backfill.is_none() && !audit {
-            notifier.watchdog_ping();
             let wait = ((next_live - now).unsigned_abs()).min(tick);
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -221,13 +245,9 @@ async fn run_organization(
             (false, true) => "backfilling",
             (false, false) => "auditing history",
         });
-        let result = with_watchdog(
-            ctx,
-            notifier,
-            tick,
-            crate::sync::run_cycle(ctx, "run", plan, shutdown),
-        )
-        .await;
+        busy.store(true, Ordering::Relaxed);
+        let result = crate::sync::run_cycle(ctx, "run", plan, shutdown).await;
+        busy.store(false, Ordering::Relaxed);
         let now = OffsetDateTime::now_utc();
         match result {
             Ok(report) => {
@@ -305,31 +325,6 @@ async fn queued_work(
 /// spreading the damage, and a restart cannot repair it. Busy, full or unwritable is retried.
 fn is_fatal(e: &CycleError) -> bool {
     e.store_error().is_some_and(StoreError::is_fatal)
-}
-
-/// Drives `cycle` while pinging the systemd watchdog, but only while requests keep completing:
-/// a wedged cycle stops the pings and systemd restarts the service.
-async fn with_watchdog<T>(
-    ctx: &SyncContext,
-    notifier: &Notifier,
-    tick: Duration,
-    cycle: impl std::future::Future<Output = T>,
-) -> T {
-    let Some(watchdog) = notifier.watchdog() else {
-        return cycle.await;
-    };
-    tokio::pin!(cycle);
-    let mut interval = tokio::time::interval(tick);
-    loop {
-        tokio::select! {
-            out = &mut cycle => return out,
-            _ = interval.tick() => {
-                if ctx.client.idle_for() < watchdog / 2 {
-                    notifier.watchdog_ping();
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
