@@ -6,9 +6,9 @@
 //! one organization's work never holds up another's. It tells systemd it is ready, alive
 //! (watchdog, only while every organization's cycle makes progress) and stopping, and stops at a
 //! unit boundary once its shutdown token is cancelled. Only start-up errors, a corrupt warehouse
-//! and every organization's key refused end it (one refused key stops its organization only); a failed cycle (a full disk or a busy database included) is recorded and
-//! retried with capped, jittered backoff. Signals, the writer lock and the process belong to the
-//! caller (`main.rs`).
+//! and every organization's key refused end it (one refused key stops its organization only); a
+//! failed cycle (a full disk or a busy database included) is recorded and retried with capped,
+//! jittered backoff. Signals, the writer lock and the process belong to the caller (`main.rs`).
 
 pub mod lock;
 pub mod notify;
