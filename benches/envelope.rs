@@ -11,7 +11,10 @@
 //! a 1M warehouse with 0, 10 and 100 changes), `plan` (the estimate against the full-content
 //! backfill of 20,000 encounters it predicts), `queries` (every documented query and view of
 //! docs/schema.md on a full-content warehouse of 100,000 encounters, timed by
-//! benches/analyst_queries.py with Python's sqlite3), `dlt` (the peer, if
+//! benches/analyst_queries.py with Python's sqlite3), `fairness` (two organizations in one
+//! daemon: one backfilling 100k with full content while the other's new encounters arrive; the
+//! second's creation-to-warehouse latency, against the same organization alone), `dlt` (the
+//! peer, if
 //! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
 //! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
@@ -399,6 +402,169 @@ async fn churn() {
     );
 }
 
+/// Syncs the last of `orgs` (name, simulator, key budget) once, then runs the daemon over all of
+/// them for `run_for`, while one new encounter a second arrives in `watched` (the last); returns each new encounter's creation-to-warehouse
+/// latency in seconds (`first_seen_at` minus its `created_at`), sorted, the host's requests
+/// while the daemon ran, and its ceiling violations (all along).
+async fn daemon_latency(
+    orgs: &[(&str, &Simulator, f64)],
+    watched: &Simulator,
+    ceiling: (f64, u32),
+    interval: u64,
+    run_for: Duration,
+) -> (Vec<f64>, u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("w.db");
+    let mut raw = config(orgs[0].1, &db, ceiling.0, ceiling.1, 8);
+    raw.sync.schedule = format!("*/{interval} * * * * *");
+    raw.sync.audit_every = "0s".into();
+    for (name, sim, rps) in orgs {
+        raw.organizations.push(charthero_sync::config::RawOrganization {
+            name: (*name).to_owned(),
+            organization_id: Some(sim.organization_id()),
+            requests_per_second: Some(*rps),
+            burst: Some(10),
+            max_in_flight: Some(8),
+            ..Default::default()
+        });
+    }
+    let cfg = raw.validate().unwrap();
+    let keys: Vec<_> = orgs
+        .iter()
+        .zip(&cfg.organizations)
+        .map(|((_, sim, _), org)| (org.clone(), key(sim)))
+        .collect();
+    // The watched organization (the last) is already in sync when the measurement starts.
+    let watched_key = keys.last().cloned().into_iter().collect();
+    let first = charthero_sync::sync_organizations(
+        &cfg,
+        watched_key,
+        "bench",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        first.iter().all(|c| c.result.is_ok()),
+        "the first sync of the watched organization failed"
+    );
+    let (requests_before, _) = orgs[0].1.host_stats();
+    let shutdown = CancellationToken::new();
+    let daemon = {
+        let (cfg, shutdown) = (cfg.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            charthero_sync::daemon::serve_organizations(
+                &cfg,
+                keys,
+                None,
+                &charthero_sync::daemon::notify::Notifier::silent(),
+                &shutdown,
+            )
+            .await
+        })
+    };
+    let mut created = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < run_for {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let at = OffsetDateTime::now_utc();
+        created.push((watched.insert(NewEncounter::at(at)), at));
+    }
+    // The last ones get one more schedule interval (and a cycle) to arrive.
+    tokio::time::sleep(Duration::from_secs(interval + 2)).await;
+    shutdown.cancel();
+    daemon.await.unwrap().expect("the daemon stops cleanly");
+    let conn = charthero_sync::store::open_reader(&db, Duration::from_secs(5)).unwrap();
+    let mut latencies: Vec<f64> = created
+        .iter()
+        .map(|(id, at)| {
+            let seen: String = conn
+                .query_row(
+                    "SELECT first_seen_at FROM encounters WHERE encounter_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap_or_else(|_| {
+                    let runs: Vec<(String, String, Option<String>)> = conn
+                        .prepare("SELECT organization, outcome, error FROM sync_runs")
+                        .unwrap()
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect();
+                    panic!("{id} created {at} never reached the warehouse; runs: {runs:?}")
+                });
+            (charthero_sync::timefmt::parse_rfc3339(&seen).unwrap() - *at).as_seconds_f64()
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let (requests, violations) = orgs[0].1.host_stats();
+    (latencies, requests - requests_before, violations)
+}
+
+/// Fairness: organization A backfills 100k encounters with full content (its first cycle lists
+/// all history and fetches every note and transcript) at the whole process ceiling, while one
+/// new encounter a second arrives in organization B; B's creation-to-warehouse latency, against
+/// B alone in the same daemon setup. The schedule is every 10 s (2 s in the smoke test).
+async fn fairness() {
+    let a_size = size(100_000, 2_000);
+    let run_for = Duration::from_secs(size(90, 6) as u64);
+    let interval = size(10, 2) as u64;
+    let now = OffsetDateTime::now_utc();
+    let opts = |seed: u64, encounters: usize, id: &str| SimOptions {
+        seed,
+        encounters,
+        start: now - time::Duration::days(30),
+        end: now - time::Duration::hours(1),
+        organization_id: id.to_owned(),
+        ..SimOptions::default()
+    };
+    let ceiling = (200.0, 20);
+    let percentile = |l: &[f64], p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
+
+    let alone = Simulator::start_organizations(vec![opts(32, 200, "org_b")])
+        .await
+        .unwrap();
+    let (base, _, _) = daemon_latency(&[("b", &alone[0], 50.0)], &alone[0], ceiling, interval, run_for).await;
+    alone[0].shutdown();
+
+    let sims = Simulator::start_organizations(vec![opts(31, a_size, "org_a"), opts(32, 200, "org_b")])
+        .await
+        .unwrap();
+    sims[0].set_host_rate_limit(Some(RateLimit {
+        requests_per_second: ceiling.0,
+        burst: ceiling.1,
+        enforce: false,
+    }));
+    let (shared, requests, violations) = daemon_latency(
+        &[("a", &sims[0], ceiling.0), ("b", &sims[1], 50.0)],
+        &sims[1],
+        ceiling,
+        interval,
+        run_for,
+    )
+    .await;
+    let a_requests = sims[0].stats().requests;
+    println!(
+        "fairness: B's creation-to-warehouse latency while A backfills {a_size} with full content ({a_requests} \
+         requests in {:.0} s, the host at {:.0} req/s of a {} req/s ceiling, {violations} ceiling violations): \
+         median {:.1} s, p95 {:.1} s, max {:.1} s over {} encounters; B alone: median {:.1} s, max {:.1} s; \
+         schedule every {interval} s",
+        run_for.as_secs_f64() + interval as f64 + 2.0,
+        requests as f64 / (run_for.as_secs_f64() + interval as f64 + 2.0),
+        ceiling.0,
+        percentile(&shared, 0.5),
+        percentile(&shared, 0.95),
+        shared[shared.len() - 1],
+        shared.len(),
+        percentile(&base, 0.5),
+        base[base.len() - 1],
+    );
+    assert_eq!(violations, 0, "the process exceeded its ceiling");
+    sims[0].shutdown();
+}
+
 /// `charthero-sync plan` against the backfill it predicts: full content, 20,000 encounters.
 async fn plan() {
     let encounters = size(20_000, 500);
@@ -702,6 +868,9 @@ fn main() {
         }
         if wanted("queries") {
             queries().await;
+        }
+        if wanted("fairness") {
+            fairness().await;
         }
     });
 }

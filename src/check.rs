@@ -7,7 +7,7 @@
 use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
-use crate::config::Config;
+use crate::config::{Config, Organization};
 use crate::timefmt::Micros;
 
 /// An ID no record has: probing with it mints nothing (no signed URL) and reads nothing.
@@ -128,4 +128,48 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
         });
     }
     probes
+}
+
+/// Lists one encounter to see which clinic the key reads: `Err` (a line to print) when
+/// `organization_id` is configured and the key reads another, so `check` refuses the key before
+/// any sync writes a row of the wrong clinic.
+pub async fn probe_organization(org: &Organization, client: &Client) -> Result<String, String> {
+    let page = client
+        .list_encounters(&ListQuery {
+            start_at: None,
+            end_at: None,
+            offset: 0,
+            limit: 1,
+            sort: SortOrder::Desc,
+        })
+        .await;
+    let found = match page {
+        Ok(p) => p.items.into_iter().next().map(|e| e.organization_id),
+        Err(e) => {
+            return Ok(format!(
+                "{:<16} ?       not known: {}",
+                "organization_id",
+                explain(&e)
+            ));
+        }
+    };
+    match (&org.organization_id, found) {
+        (_, None) => Ok(format!(
+            "{:<16} ?       not known: the key lists no encounter yet",
+            "organization_id"
+        )),
+        (Some(expected), Some(found)) if *expected != found => Err(format!(
+            "{:<16} FAILED  the key lists encounters of {found}, but organization_id = {expected:?} is \
+             configured for {}: refused",
+            "organization_id", org.name
+        )),
+        (Some(_), Some(found)) => Ok(format!(
+            "{:<16} ok      {found} (as configured)",
+            "organization_id"
+        )),
+        (None, Some(found)) => Ok(format!(
+            "{:<16} ok      {found} (not configured; the first sync records it and holds the key to it)",
+            "organization_id"
+        )),
+    }
 }

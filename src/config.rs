@@ -36,6 +36,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A key of one `[[organizations]]` entry: `key` is `organizations.<name>.<key>`.
+    #[error("invalid value for `{key}`: {message}")]
+    InOrganization { key: String, message: String },
     #[error("{0}")]
     ApiKey(String),
 }
@@ -59,6 +62,24 @@ pub struct RawConfig {
     pub audio: RawAudio,
     pub metrics: RawMetrics,
     pub privacy: RawPrivacy,
+    /// Several organizations, each with its own key; empty: the `[api]` key is the one
+    /// organization `default`.
+    pub organizations: Vec<RawOrganization>,
+}
+
+/// One `[[organizations]]` entry as written. Absent keys take the value of `[api]`, `[sync]`
+/// or `[limits]` (the budget of a key defaults to the whole process's ceiling).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOrganization {
+    pub name: String,
+    pub organization_id: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub start_at: Option<String>,
+    pub base_url: Option<String>,
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<i64>,
+    pub max_in_flight: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +270,82 @@ pub struct Config {
     /// Where `run` serves Prometheus metrics (loopback only), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub privacy: PrivacyConfig,
+    /// Never empty: without `[[organizations]]`, the one organization `default` of `[api]`.
+    pub organizations: Vec<Organization>,
+}
+
+/// The name of the one organization a configuration without `[[organizations]]` defines.
+pub const DEFAULT_ORGANIZATION: &str = "default";
+
+/// One clinic organization: its name, its key's sources and budget, where its history starts.
+#[derive(Debug, Clone)]
+pub struct Organization {
+    /// `[a-z0-9_-]{1,32}`: in logs, status, metrics, the CLI and the warehouse's bookkeeping.
+    pub name: String,
+    /// ChartHero's id the key must read, when configured; a key listing another is refused.
+    pub organization_id: Option<String>,
+    pub base_url: Url,
+    pub start_at: OffsetDateTime,
+    pub key: KeySources,
+    /// This key's own budget; `[limits]` caps the whole process on top of it.
+    pub budget: Budget,
+}
+
+/// Where one organization's API key is looked for, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySources {
+    pub file: Option<PathBuf>,
+    /// `CHARTHERO_API_KEY`, or `CHARTHERO_API_KEY_<NAME>` (upper-cased, `-` → `_`).
+    pub env: String,
+    /// Under `$CREDENTIALS_DIRECTORY`: `charthero-api-key`, or `charthero-api-key.<name>`.
+    pub credential: String,
+}
+
+/// A rate and concurrency budget: of one key, or of the whole process (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub requests_per_second: f64,
+    pub burst: NonZeroU32,
+    pub max_in_flight: NonZeroUsize,
+}
+
+impl Limits {
+    /// The process-wide ceiling every request passes besides its key's budget.
+    pub fn ceiling(&self) -> Budget {
+        Budget {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
+impl Config {
+    /// The organizations `--organization` names (all when `names` is empty), in configuration
+    /// order; an unknown name is an error that lists the configured ones.
+    pub fn select_organizations(&self, names: &[String]) -> Result<Vec<Organization>, ConfigError> {
+        if names.is_empty() {
+            return Ok(self.organizations.clone());
+        }
+        for n in names {
+            if !self.organizations.iter().any(|o| &o.name == n) {
+                let known: Vec<&str> = self.organizations.iter().map(|o| o.name.as_str()).collect();
+                return Err(ConfigError::InOrganization {
+                    key: "--organization".into(),
+                    message: format!(
+                        "no organization named {n:?} is configured (configured: {})",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(self
+            .organizations
+            .iter()
+            .filter(|o| names.contains(&o.name))
+            .cloned()
+            .collect())
+    }
 }
 
 /// How much of a patient's date of birth the warehouse keeps.
@@ -587,6 +684,7 @@ impl RawConfig {
                 text => Some(duration_in("privacy.retention", text, bounds::RETENTION)?),
             },
         };
+        let organizations = validate_organizations(self.organizations, &api, &sync, &limits)?;
         Ok(Config {
             api,
             database,
@@ -595,6 +693,7 @@ impl RawConfig {
             content,
             audio,
             privacy,
+            organizations,
             metrics_listen: match self.metrics.listen.trim() {
                 "" => None,
                 text => Some(crate::metrics::parse_listen(text).map_err(|e| invalid("metrics.listen", e))?),
@@ -603,30 +702,156 @@ impl RawConfig {
     }
 }
 
+/// The organizations of `[[organizations]]`, or the one `default` organization of `[api]`.
+/// Errors name the organization and the key (`organizations.northside.burst`).
+fn validate_organizations(
+    raw: Vec<RawOrganization>,
+    api: &ApiConfig,
+    sync: &SyncConfig,
+    limits: &Limits,
+) -> Result<Vec<Organization>, ConfigError> {
+    if raw.is_empty() {
+        return Ok(vec![Organization {
+            name: DEFAULT_ORGANIZATION.to_owned(),
+            organization_id: None,
+            base_url: api.base_url.clone(),
+            start_at: sync.start_at,
+            key: KeySources {
+                file: api.api_key_file.clone(),
+                env: API_KEY_ENV.to_owned(),
+                credential: CREDENTIAL_NAME.to_owned(),
+            },
+            budget: limits.ceiling(),
+        }]);
+    }
+    let mut out: Vec<Organization> = Vec::with_capacity(raw.len());
+    for (i, o) in raw.into_iter().enumerate() {
+        let valid_name = !o.name.is_empty()
+            && o.name.len() <= 32
+            && o.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(ConfigError::InOrganization {
+                key: format!("organizations[{i}].name"),
+                message: format!("{:?} must be 1 to 32 of a-z, 0-9, _ and -", o.name),
+            });
+        }
+        let name = o.name;
+        let at = |e: ConfigError| match e {
+            ConfigError::Invalid { key, message } => ConfigError::InOrganization {
+                key: format!("organizations.{name}.{key}"),
+                message,
+            },
+            other => other,
+        };
+        if out.iter().any(|p| p.name == name) {
+            return Err(ConfigError::InOrganization {
+                key: format!("organizations.{name}.name"),
+                message: "is used by two organizations; names must be unique".into(),
+            });
+        }
+        let organization_id = o.organization_id.map(|id| id.trim().to_owned());
+        if let Some(id) = &organization_id {
+            if id.is_empty() {
+                return Err(at(invalid("organization_id", "must not be empty when given")));
+            }
+            if let Some(p) = out
+                .iter()
+                .find(|p| p.organization_id.as_deref() == Some(id.as_str()))
+            {
+                return Err(at(invalid(
+                    "organization_id",
+                    format!(
+                        "{id:?} is already the organization_id of {}; one clinic, one key",
+                        p.name
+                    ),
+                )));
+            }
+        }
+        let base_url = match o.base_url {
+            Some(text) => validate_url("base_url", &text).map_err(at)?,
+            None => api.base_url.clone(),
+        };
+        let start_at = match o.start_at {
+            Some(text) => timefmt::parse_operator_instant(&text).map_err(|e| at(invalid("start_at", e)))?,
+            None => sync.start_at,
+        };
+        let requests_per_second = match o.requests_per_second {
+            Some(rps) => rate_in("requests_per_second", rps).map_err(at)?,
+            None => limits.requests_per_second,
+        };
+        let burst = match o.burst {
+            Some(b) => NonZeroU32::new(int_as("burst", b, bounds::BURST).map_err(at)?)
+                .ok_or_else(|| at(invalid("burst", "must not be 0")))?,
+            None => limits.burst,
+        };
+        let max_in_flight = match o.max_in_flight {
+            Some(m) => NonZeroUsize::new(int_as("max_in_flight", m, bounds::MAX_IN_FLIGHT).map_err(at)?)
+                .ok_or_else(|| at(invalid("max_in_flight", "must not be 0")))?,
+            None => limits.max_in_flight,
+        };
+        let suffix = name.to_ascii_uppercase().replace('-', "_");
+        out.push(Organization {
+            organization_id,
+            base_url,
+            start_at,
+            key: KeySources {
+                file: o.api_key_file.filter(|p| !p.as_os_str().is_empty()),
+                env: format!("{API_KEY_ENV}_{suffix}"),
+                credential: format!("{CREDENTIAL_NAME}.{name}"),
+            },
+            budget: Budget {
+                requests_per_second,
+                burst,
+                max_in_flight,
+            },
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// A requests-per-second value inside [`bounds::REQUESTS_PER_SECOND`].
+fn rate_in(key: &'static str, rps: f64) -> Result<f64, ConfigError> {
+    let (lo, hi) = bounds::REQUESTS_PER_SECOND;
+    // `contains` is false for NaN, so NaN and the infinities are refused here too.
+    if !(lo..=hi).contains(&rps) {
+        return Err(invalid(
+            key,
+            format!("must be between {lo} and {hi} (got {rps:?})"),
+        ));
+    }
+    Ok(rps)
+}
+
 fn validate_base_url(text: &str) -> Result<Url, ConfigError> {
-    const KEY: &str = "api.base_url";
-    let mut url = Url::parse(text).map_err(|e| invalid(KEY, format!("{text:?} is not a URL: {e}")))?;
+    validate_url("api.base_url", text)
+}
+
+fn validate_url(key: &'static str, text: &str) -> Result<Url, ConfigError> {
+    let mut url = Url::parse(text).map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid(
-            KEY,
+            key,
             "must not carry credentials; the key comes from api_key_file",
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(KEY, "must not have a query or fragment"));
+        return Err(invalid(key, "must not have a query or fragment"));
     }
     match url.scheme() {
         "https" => {}
         "http" if url.host().is_some_and(|h| is_loopback_host(&h)) => {}
         "http" => {
             return Err(invalid(
-                KEY,
+                key,
                 "must use https:// (plain http:// is only allowed for a loopback host such as 127.0.0.1)",
             ));
         }
         other => {
             return Err(invalid(
-                KEY,
+                key,
                 format!("unsupported scheme {other:?}; use https://"),
             ));
         }
@@ -682,7 +907,8 @@ pub fn parse_age(key: &'static str, text: &str) -> Result<Duration, ConfigError>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     File(PathBuf),
-    Env,
+    /// The environment variable's name.
+    Env(String),
     Credential(PathBuf),
 }
 
@@ -690,7 +916,7 @@ impl fmt::Display for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeySource::File(p) => write!(f, "api_key_file {}", p.display()),
-            KeySource::Env => write!(f, "environment variable {API_KEY_ENV}"),
+            KeySource::Env(name) => write!(f, "environment variable {name}"),
             KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
         }
     }
@@ -706,21 +932,40 @@ impl fmt::Display for KeySource {
 /// accessible by group or others is refused. When no source yields a key, the error says why
 /// each one did not.
 pub fn load_api_key(api: &ApiConfig) -> Result<(ApiKey, KeySource), ConfigError> {
+    load_key(&KeySources {
+        file: api.api_key_file.clone(),
+        env: API_KEY_ENV.to_owned(),
+        credential: CREDENTIAL_NAME.to_owned(),
+    })
+}
+
+/// Resolves one organization's key from its sources (see [`load_api_key`] for the rules); an
+/// error names the organization.
+pub fn load_organization_key(org: &Organization) -> Result<(ApiKey, KeySource), ConfigError> {
+    load_key(&org.key).map_err(|e| match e {
+        ConfigError::ApiKey(message) => ConfigError::ApiKey(format!("organization {}: {message}", org.name)),
+        other => other,
+    })
+}
+
+fn load_key(sources: &KeySources) -> Result<(ApiKey, KeySource), ConfigError> {
     load_api_key_from(
-        api,
-        std::env::var(API_KEY_ENV).ok(),
+        sources,
+        std::env::var(&sources.env).ok(),
         std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
     )
 }
 
 fn load_api_key_from(
-    api: &ApiConfig,
+    sources: &KeySources,
     env_key: Option<String>,
     credentials_dir: Option<PathBuf>,
 ) -> Result<(ApiKey, KeySource), ConfigError> {
+    let env_name = sources.env.as_str();
+    let credential_name = sources.credential.as_str();
     let mut skipped = Vec::new();
     let mut unreadable_file = None;
-    match &api.api_key_file {
+    match &sources.file {
         None => skipped.push("api_key_file (not set)".to_owned()),
         Some(path) => match read_key_file(path)? {
             KeyFile::Found(key) => return Ok((key, KeySource::File(path.clone()))),
@@ -735,20 +980,20 @@ fn load_api_key_from(
         },
     }
     let found = if let Some(text) = env_key {
-        let key = ApiKey::new(&text)
-            .ok_or_else(|| ConfigError::ApiKey(format!("{API_KEY_ENV} is set but empty")))?;
-        Some((key, KeySource::Env))
+        let key =
+            ApiKey::new(&text).ok_or_else(|| ConfigError::ApiKey(format!("{env_name} is set but empty")))?;
+        Some((key, KeySource::Env(env_name.to_owned())))
     } else {
-        skipped.push(format!("${API_KEY_ENV} (not set)"));
+        skipped.push(format!("${env_name} (not set)"));
         match credentials_dir {
             None => {
                 skipped.push(format!(
-                    "$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (CREDENTIALS_DIRECTORY not set)"
+                    "$CREDENTIALS_DIRECTORY/{credential_name} (CREDENTIALS_DIRECTORY not set)"
                 ));
                 None
             }
             Some(dir) => {
-                let path = dir.join(CREDENTIAL_NAME);
+                let path = dir.join(credential_name);
                 match read_key_file(&path)? {
                     KeyFile::Found(key) => Some((key, KeySource::Credential(path))),
                     KeyFile::Missing => {
@@ -983,10 +1228,10 @@ mod tests {
         assert!(parse_duration("k", "-5s").is_err());
     }
 
-    fn api_with_key_file(path: Option<PathBuf>) -> ApiConfig {
+    fn api_with_key_file(path: Option<PathBuf>) -> KeySources {
         let mut raw = RawConfig::default();
         raw.api.api_key_file = path;
-        raw.validate().unwrap().api
+        raw.validate().unwrap().organizations.remove(0).key
     }
 
     #[test]
@@ -1007,7 +1252,10 @@ mod tests {
 
         let api = api_with_key_file(Some(dir.path().join("missing")));
         let (key, src) = load_api_key_from(&api, Some("ch_sk_env".into()), Some(cred_dir.clone())).unwrap();
-        assert_eq!((key.expose(), src), ("ch_sk_env", KeySource::Env));
+        assert_eq!(
+            (key.expose(), src),
+            ("ch_sk_env", KeySource::Env(API_KEY_ENV.into()))
+        );
 
         let (key, src) = load_api_key_from(&api, None, Some(cred_dir)).unwrap();
         assert_eq!(
@@ -1032,5 +1280,134 @@ mod tests {
         assert!(err.contains(&file.display().to_string()), "{err}");
         assert!(err.contains("0644"), "{err}");
         assert!(!err.contains("canary"), "{err}");
+    }
+
+    #[test]
+    fn without_organizations_the_api_key_is_the_one_organization_default() {
+        let cfg = parse("[limits]\nrequests_per_second = 7.0\n").unwrap();
+        assert_eq!(cfg.organizations.len(), 1);
+        let o = &cfg.organizations[0];
+        assert_eq!(o.name, DEFAULT_ORGANIZATION);
+        assert_eq!(o.key.env, API_KEY_ENV);
+        assert_eq!(o.key.credential, CREDENTIAL_NAME);
+        assert_eq!(o.key.file, cfg.api.api_key_file);
+        assert_eq!(o.budget, cfg.limits.ceiling());
+        assert_eq!(o.start_at, cfg.sync.start_at);
+    }
+
+    #[test]
+    fn organizations_take_their_own_keys_and_budgets_and_default_the_rest() {
+        let cfg = parse(
+            "[limits]\nrequests_per_second = 10.0\nburst = 9\n\n\
+             [[organizations]]\nname = \"north-side\"\norganization_id = \"org_7Df4\"\n\
+             api_key_file = \"/etc/charthero-sync/keys/north\"\nrequests_per_second = 2.5\nmax_in_flight = 2\n\n\
+             [[organizations]]\nname = \"river_2\"\nstart_at = \"2025-06-01T00:00:00Z\"\n\
+             base_url = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let [north, river] = [&cfg.organizations[0], &cfg.organizations[1]];
+        assert_eq!(north.name, "north-side");
+        assert_eq!(north.organization_id.as_deref(), Some("org_7Df4"));
+        assert_eq!(north.key.env, "CHARTHERO_API_KEY_NORTH_SIDE");
+        assert_eq!(north.key.credential, "charthero-api-key.north-side");
+        assert_eq!(
+            north.key.file.as_deref(),
+            Some(Path::new("/etc/charthero-sync/keys/north"))
+        );
+        assert_eq!(
+            (
+                north.budget.requests_per_second,
+                north.budget.burst.get(),
+                north.budget.max_in_flight.get()
+            ),
+            (2.5, 9, 2)
+        );
+        assert_eq!(river.key.file, None);
+        assert_eq!(river.key.env, "CHARTHERO_API_KEY_RIVER_2");
+        assert_eq!(river.budget, cfg.limits.ceiling());
+        assert_eq!(river.base_url.as_str(), "http://127.0.0.1:9/");
+        assert_eq!(crate::timefmt::format_utc(river.start_at), "2025-06-01T00:00:00Z");
+        assert_eq!(north.start_at, cfg.sync.start_at);
+        let one = cfg.select_organizations(&["river_2".into()]).unwrap();
+        assert_eq!(one.len(), 1);
+        let err = cfg
+            .select_organizations(&["east".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("east") && err.contains("north-side, river_2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn organization_errors_name_the_organization_and_the_key() {
+        let org = |body: &str| format!("[[organizations]]\nname = \"north\"\n{body}\n");
+        let cases = [
+            (
+                "[[organizations]]\nname = \"North\"\n".to_owned(),
+                "organizations[0].name",
+            ),
+            (
+                "[[organizations]]\nname = \"\"\n".to_owned(),
+                "organizations[0].name",
+            ),
+            (format!("{}{}", org(""), org("")), "organizations.north.name"),
+            (org("burst = 0"), "organizations.north.burst"),
+            (org("max_in_flight = 65"), "organizations.north.max_in_flight"),
+            (
+                org("requests_per_second = -1.0"),
+                "organizations.north.requests_per_second",
+            ),
+            (
+                org("base_url = \"http://api.example.test\""),
+                "organizations.north.base_url",
+            ),
+            (org("start_at = \"yesterday\""), "organizations.north.start_at"),
+            (
+                org("organization_id = \" \""),
+                "organizations.north.organization_id",
+            ),
+            (
+                format!(
+                    "{}[[organizations]]\nname = \"south\"\norganization_id = \"org_1\"\n",
+                    org("organization_id = \"org_1\"")
+                ),
+                "organizations.south.organization_id",
+            ),
+            (org("api_key = \"ch_sk_never_here\""), "api_key"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_organizations_key_comes_from_its_file_then_its_variable_then_its_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join("charthero-api-key.north");
+        std::fs::write(&cred, "ch_sk_north_credential").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let cfg = parse("[[organizations]]\nname = \"north\"\n").unwrap();
+        let sources = &cfg.organizations[0].key;
+        let (key, src) =
+            load_api_key_from(sources, Some("ch_sk_north_env".into()), Some(cred_dir.clone())).unwrap();
+        assert_eq!(
+            (key.expose(), src),
+            (
+                "ch_sk_north_env",
+                KeySource::Env("CHARTHERO_API_KEY_NORTH".into())
+            )
+        );
+        let (key, src) = load_api_key_from(sources, None, Some(cred_dir)).unwrap();
+        assert_eq!(
+            (key.expose(), src),
+            ("ch_sk_north_credential", KeySource::Credential(cred))
+        );
+        let err = load_api_key_from(sources, None, None).unwrap_err().to_string();
+        assert!(err.contains("$CHARTHERO_API_KEY_NORTH (not set)"), "{err}");
     }
 }

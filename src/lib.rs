@@ -29,15 +29,31 @@ pub mod sync;
 pub mod telemetry;
 pub mod timefmt;
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Organization};
 use crate::secret::ApiKey;
-use crate::sync::{CycleError, CycleReport, SyncContext};
+use crate::sync::{CycleError, CycleReport, OrgScope, SyncContext};
 
-/// Opens (and migrates) the warehouse and builds the context a cycle needs. Opening and
-/// migrating block, so they run on a blocking thread, never on the async runtime's workers.
+/// Opens (and migrates) the warehouse and builds the context a cycle of the configuration's
+/// first organization needs (a configuration without `[[organizations]]` has exactly one,
+/// `default`). Opening and migrating block, so they run on a blocking thread, never on the
+/// async runtime's workers.
 pub async fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContext> {
+    let org = config.organizations[0].clone();
+    let mut contexts = connect_organizations(config, vec![(org, key.clone())]).await?;
+    Ok(contexts.remove(0))
+}
+
+/// Opens (and migrates) the warehouse once and builds one context per organization: each with
+/// its own client (key, base URL, budget, 401 latch, metrics) under one shared ceiling
+/// (`[limits]`), all writing through the one writer thread.
+pub async fn connect_organizations(
+    config: &Config,
+    keys: Vec<(Organization, ApiKey)>,
+) -> anyhow::Result<Vec<SyncContext>> {
     let (path, busy, wal_limit) = (
         config.database.path.clone(),
         config.database.busy_timeout,
@@ -49,15 +65,35 @@ pub async fn connect(config: &Config, key: &ApiKey) -> anyhow::Result<SyncContex
         Ok(conn)
     })
     .await?;
-    Ok(SyncContext {
-        client: api::Client::new(&config.api, &config.limits, key)?,
-        writer: store::Writer::spawn(conn),
-        sync: config.sync.clone(),
-        content: config.content,
-        privacy: config.privacy,
-        audio: config.audio.clone(),
-        max_in_flight: config.limits.max_in_flight.get(),
-    })
+    let writer = Arc::new(store::Writer::spawn(conn));
+    // A configuration of several keys confirms each key's clinic before its first write.
+    let verify =
+        config.organizations.len() > 1 || config.organizations[0].name != crate::config::DEFAULT_ORGANIZATION;
+    let ceiling = api::Ceiling::new(&config.limits.ceiling())?;
+    keys.into_iter()
+        .map(|(org, key)| {
+            let client = api::Client::for_organization(
+                &config.api,
+                &org,
+                &config.limits,
+                ceiling.clone(),
+                &key,
+                Arc::default(),
+            )?;
+            let mut sync = config.sync.clone();
+            sync.start_at = org.start_at;
+            Ok(SyncContext {
+                org: OrgScope::new(&org.name, org.organization_id.clone(), verify),
+                client,
+                writer: writer.clone(),
+                sync,
+                content: config.content,
+                privacy: config.privacy,
+                audio: config.audio.clone(),
+                max_in_flight: org.budget.max_in_flight.get(),
+            })
+        })
+        .collect()
 }
 
 /// `charthero-sync sync [--backfill-from ..] [--audit]`: one complete sync cycle now.
@@ -70,4 +106,30 @@ pub async fn sync_once(
 ) -> Result<CycleReport, CycleError> {
     let ctx = connect(config, key).await?;
     sync::run_cycle(&ctx, trigger, plan, cancel).await
+}
+
+/// One organization's cycle of [`sync_organizations`].
+pub struct OrganizationCycle {
+    pub organization: String,
+    pub result: Result<CycleReport, CycleError>,
+}
+
+/// One complete cycle of every organization in `keys`, all at once: each under its own key and
+/// budget, the process under `[limits]`. One organization's failure (a refused key, a closed
+/// route) never stops the others. Fails as a whole only when the warehouse cannot be opened.
+pub async fn sync_organizations(
+    config: &Config,
+    keys: Vec<(Organization, ApiKey)>,
+    trigger: &'static str,
+    plan: sync::CyclePlan,
+    cancel: &CancellationToken,
+) -> Result<Vec<OrganizationCycle>, CycleError> {
+    let contexts = connect_organizations(config, keys).await?;
+    let cycles = contexts.iter().map(|ctx| async move {
+        OrganizationCycle {
+            organization: ctx.org.name.to_string(),
+            result: sync::run_cycle(ctx, trigger, plan, cancel).await,
+        }
+    });
+    Ok(futures_util::future::join_all(cycles).await)
 }

@@ -49,6 +49,10 @@ enum Command {
         /// End of that backfill, exclusive (RFC 3339); default: now.
         #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp, requires = "backfill_from")]
         backfill_to: Option<OffsetDateTime>,
+        /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
+        /// every configured organization.
+        #[arg(long = "organization", value_name = "NAME")]
+        organizations: Vec<String>,
     },
     /// Run one complete sync cycle now, queued backfills included, then exit (0 only if nothing
     /// was left undone).
@@ -64,6 +68,10 @@ enum Command {
         /// re-scan only the ranges that differ (resumes an unfinished audit).
         #[arg(long)]
         audit: bool,
+        /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
+        /// every configured organization.
+        #[arg(long = "organization", value_name = "NAME")]
+        organizations: Vec<String>,
     },
     /// Queue a backfill for `run` (or the next `sync`) to work; prints its id.
     Backfill {
@@ -73,6 +81,10 @@ enum Command {
         /// Up to this instant, exclusive (RFC 3339); default: now.
         #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
         to: Option<OffsetDateTime>,
+        /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
+        /// every configured organization.
+        #[arg(long = "organization", value_name = "NAME")]
+        organizations: Vec<String>,
     },
     /// Show recent runs, watermarks, lag, row counts, backfills and the last error.
     Status {
@@ -81,8 +93,13 @@ enum Command {
         json: bool,
     },
     /// Validate the configuration and the database location, reach the API, and probe which
-    /// routes and scopes work.
-    Check,
+    /// routes and scopes work, for each organization's key.
+    Check {
+        /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
+        /// every configured organization.
+        #[arg(long = "organization", value_name = "NAME")]
+        organizations: Vec<String>,
+    },
     /// Estimate the first backfill — encounters, requests and hours at the configured rate —
     /// from one `limit=1` request per month of the range and three sample pages.
     Plan {
@@ -285,18 +302,33 @@ impl From<CycleError> for Failure {
     }
 }
 
-/// What a command that syncs needs first: the validated config, the API key (its source is
-/// logged, never the key), and the warehouse's writer lock.
+/// The selected organizations and their keys (each key's source is logged, never the key).
+type OrganizationKeys = Vec<(config::Organization, charthero_sync::secret::ApiKey)>;
+
+/// What a command that syncs needs first: the validated config, the selected organizations'
+/// API keys, and the warehouse's writer lock.
 fn prepare_writer(
     path: &std::path::Path,
     what: &str,
-) -> Result<(Config, charthero_sync::secret::ApiKey, WriterLock), Failure> {
+    organizations: &[String],
+) -> Result<(Config, OrganizationKeys, WriterLock), Failure> {
     let config = Config::load(path)?;
     store::check_location(&config.database.path)?;
-    let (key, source) = config::load_api_key(&config.api)?;
-    tracing::info!(%source, "API key loaded");
+    let keys = load_keys(&config, organizations)?;
     let lock = WriterLock::acquire(&config.database.path, what)?;
-    Ok((config, key, lock))
+    Ok((config, keys, lock))
+}
+
+fn load_keys(config: &Config, organizations: &[String]) -> Result<OrganizationKeys, Failure> {
+    config
+        .select_organizations(organizations)?
+        .into_iter()
+        .map(|org| {
+            let (key, source) = config::load_organization_key(&org)?;
+            tracing::info!(organization = %org.name, %source, "API key loaded");
+            Ok((org, key))
+        })
+        .collect()
 }
 
 /// The range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults to now and
@@ -440,94 +472,92 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             backfill_from,
             backfill_to,
             audit,
+            organizations,
         } => {
             let backfill = created_range("backfill", backfill_from, backfill_to)?;
-            let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync sync")?;
+            let (config, keys, _lock) = prepare_writer(&cli.config, "charthero-sync sync", &organizations)?;
+            let several = keys.len() > 1 || keys[0].0.name != config::DEFAULT_ORGANIZATION;
             let cancel = cancel_on_signal();
-            let report = charthero_sync::sync_once(
+            let cycles = charthero_sync::sync_organizations(
                 &config,
-                &key,
+                keys,
                 "sync",
                 charthero_sync::sync::CyclePlan::full(backfill, audit),
                 &cancel,
             )
             .await?;
-            let c = report.counts;
-            say!(
-                "sync {}: {} new, {} changed, {} unchanged, {} removed encounters; {} documents, {} transcripts, \
-                 {} recordings fetched; {} list requests, {} retries; complete through {}",
-                if report.is_complete() {
-                    "complete"
-                } else {
-                    "incomplete"
-                },
-                c.encounters_new,
-                c.encounters_changed,
-                c.encounters_unchanged,
-                c.encounters_removed,
-                c.documents_fetched,
-                c.transcripts_fetched,
-                c.recordings_fetched,
-                c.list_requests,
-                c.retries,
-                report
-                    .complete_through
-                    .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
-            );
-            if !report.is_complete() {
-                return Err(Failure {
-                    code: exit::CYCLE_FAILED,
-                    error: anyhow::anyhow!(
-                        "the cycle left work undone: {} item(s) dead-lettered (retried next cycle){}{}",
-                        c.dead_letters,
-                        report
-                            .disabled_routes
-                            .map_or_else(String::new, |d| format!("; routes closed to this key: {d}")),
-                        if report.backfills_pending {
-                            "; a backfill queued during the cycle is still waiting (see `status`)"
-                        } else {
-                            ""
-                        }
-                    ),
-                });
-            }
-            Ok(())
+            sync_exit(cycles, several)
         }
         Command::Run {
             backfill_from,
             backfill_to,
+            organizations,
         } => {
             let backfill = created_range("backfill", backfill_from, backfill_to)?;
-            let (config, key, _lock) = prepare_writer(&cli.config, "charthero-sync run")?;
+            let (config, keys, _lock) = prepare_writer(&cli.config, "charthero-sync run", &organizations)?;
             let shutdown = cancel_on_signal();
-            charthero_sync::daemon::serve(&config, &key, backfill, &Notifier::from_env(), &shutdown).await?;
+            charthero_sync::daemon::serve_organizations(
+                &config,
+                keys,
+                backfill,
+                &Notifier::from_env(),
+                &shutdown,
+            )
+            .await?;
             tracing::info!("stopped");
             Ok(())
         }
-        Command::Backfill { from, to } => {
+        Command::Backfill {
+            from,
+            to,
+            organizations,
+        } => {
             let Some(range) = created_range("backfill", Some(from), to)? else {
                 unreachable!("a range with a start is always returned")
             };
             let config = Config::load(&cli.config)?;
+            let names: Vec<String> = config
+                .select_organizations(&organizations)?
+                .into_iter()
+                .map(|o| o.name)
+                .collect();
             store::check_location(&config.database.path)?;
-            // Only the queue row: the daemon, which holds the writer lock, may be running.
+            // Only the queue rows: the daemon, which holds the writer lock, may be running.
             let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            let id = store::blocking(move || {
+            let queued = store::blocking(move || {
                 let conn = store::open_current(&path, busy)?;
-                store::queue_backfill(
-                    &conn,
-                    range.start,
-                    range.end,
-                    "backfill",
-                    OffsetDateTime::now_utc(),
-                )
+                names
+                    .into_iter()
+                    .map(|name| {
+                        let id = store::queue_backfill(
+                            &conn,
+                            &name,
+                            range.start,
+                            range.end,
+                            "backfill",
+                            OffsetDateTime::now_utc(),
+                        )?;
+                        Ok((name, id))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
             })
             .await?;
-            say!(
-                "queued backfill {id}: {} .. {}",
-                timefmt::format_utc(range.start),
-                timefmt::format_utc(range.end)
-            );
+            for (name, id) in &queued {
+                if name == config::DEFAULT_ORGANIZATION {
+                    say!(
+                        "queued backfill {id}: {} .. {}",
+                        timefmt::format_utc(range.start),
+                        timefmt::format_utc(range.end)
+                    );
+                } else {
+                    say!(
+                        "queued backfill {id} of organization {name}: {} .. {}",
+                        timefmt::format_utc(range.start),
+                        timefmt::format_utc(range.end)
+                    );
+                }
+            }
+            let id = queued.last().map_or(0, |(_, id)| *id);
             if WriterLock::acquire(&config.database.path, "charthero-sync backfill (probe)").is_ok() {
                 say!(
                     "note: no daemon is running on this warehouse; `charthero-sync run` will pick backfill {id} up, \
@@ -550,7 +580,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 let config = config.clone();
                 store::blocking(move || {
                     let conn = store::open_reader(&config.database.path, config.database.busy_timeout)?;
-                    let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc())?;
+                    let names: Vec<String> = config.organizations.iter().map(|o| o.name.clone()).collect();
+                    let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc(), &names)?;
                     status.estimate_backfills(&conn, &config)?;
                     Ok(status)
                 })
@@ -633,8 +664,17 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Plan { json } => {
             let config = Config::load(&cli.config)?;
-            let (key, _) = config::load_api_key(&config.api)?;
-            let client = charthero_sync::api::Client::new(&config.api, &config.limits, &key)?;
+            // The first organization's key (the only one without `[[organizations]]`).
+            let org = &config.organizations[0];
+            let (key, _) = config::load_organization_key(org)?;
+            let client = charthero_sync::api::Client::for_organization(
+                &config.api,
+                org,
+                &config.limits,
+                charthero_sync::api::Ceiling::new(&config.limits.ceiling())?,
+                &key,
+                std::sync::Arc::default(),
+            )?;
             let plan = charthero_sync::plan::estimate(&config, &client, OffsetDateTime::now_utc())
                 .await
                 .map_err(|e| Failure {
@@ -655,7 +695,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Check => {
+        Command::Check { organizations } => {
             let config = Config::load(&cli.config)?;
             say!("config           ok      {}", cli.config.display());
             let location = store::check_location(&config.database.path);
@@ -663,29 +703,74 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 Ok(()) => say!("database.path    ok      {}", config.database.path.display()),
                 Err(e) => say!("database.path    FAILED  {}", e.reason()),
             }
-            let (key, source) = config::load_api_key(&config.api)?;
-            say!("api key          ok      from {source}");
-            let client = charthero_sync::api::Client::new(&config.api, &config.limits, &key)?;
-            let probes = charthero_sync::check::probe_routes(&config, &client).await;
-            for p in &probes {
-                say!("{}", p.describe());
+            let selected = config.select_organizations(&organizations)?;
+            let several = selected.len() > 1 || selected[0].name != config::DEFAULT_ORGANIZATION;
+            let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
+            let mut refused = Vec::new();
+            let mut failed = Vec::new();
+            for org in &selected {
+                if several {
+                    say!("organization {}", org.name);
+                }
+                let (key, source) = config::load_organization_key(org)?;
+                say!("api key          ok      from {source}");
+                let client = charthero_sync::api::Client::for_organization(
+                    &config.api,
+                    org,
+                    &config.limits,
+                    ceiling.clone(),
+                    &key,
+                    std::sync::Arc::default(),
+                )?;
+                let probes = charthero_sync::check::probe_routes(&config, &client).await;
+                for p in &probes {
+                    say!("{}", p.describe());
+                }
+                match charthero_sync::check::probe_organization(org, &client).await {
+                    Ok(line) => say!("{line}"),
+                    Err(line) => {
+                        say!("{line}");
+                        refused.push(format!("{}: the key reads another organization", org.name));
+                    }
+                }
+                if let Some(e) = probes
+                    .iter()
+                    .find_map(|p| p.result.as_ref().err().filter(|e| e.is_auth()))
+                {
+                    refused.push(format!("{}: ChartHero refused the API key: {}", org.name, e.kind));
+                }
+                failed.extend(
+                    probes
+                        .iter()
+                        .filter(|p| p.needed && !p.works())
+                        .map(|p| format!("{} {}", org.name, p.route.as_str())),
+                );
             }
-            let refused = probes
-                .iter()
-                .find_map(|p| p.result.as_ref().err().filter(|e| e.is_auth()));
-            if let Some(e) = refused {
+            if !refused.is_empty() {
+                let message = if several {
+                    refused.join("; ")
+                } else {
+                    // One organization: the message it always had.
+                    refused[0]
+                        .split_once(": ")
+                        .map_or(refused[0].as_str(), |(_, m)| m)
+                        .to_owned()
+                };
                 return Err(Failure {
                     code: exit::AUTH_REFUSED,
-                    error: anyhow::anyhow!("ChartHero refused the API key: {}", e.kind),
+                    error: anyhow::anyhow!("{message}"),
                 });
             }
-            let failed: Vec<&str> = probes
-                .iter()
-                .filter(|p| p.needed && !p.works())
-                .map(|p| p.route.as_str())
-                .collect();
             location?;
             if !failed.is_empty() {
+                let failed: Vec<String> = if several {
+                    failed
+                } else {
+                    failed
+                        .iter()
+                        .map(|f| f.split_once(' ').map_or(f.as_str(), |(_, r)| r).to_owned())
+                        .collect()
+                };
                 return Err(anyhow::anyhow!(
                     "routes this configuration needs do not work: {}",
                     failed.join(", ")
@@ -696,6 +781,96 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// What `sync` prints and exits with: one line per organization; 3 when any organization's key
+/// was refused (the others were still synced), 5 for a corrupt warehouse, else 1 when anything
+/// was left undone or failed, else 0.
+fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> Result<(), Failure> {
+    let mut refused = Vec::new();
+    let mut corrupt = None;
+    let mut undone = Vec::new();
+    for cycle in cycles {
+        let who = if several {
+            format!("organization {}: ", cycle.organization)
+        } else {
+            String::new()
+        };
+        match cycle.result {
+            Ok(report) => {
+                let c = report.counts;
+                say!(
+                    "{who}sync {}: {} new, {} changed, {} unchanged, {} removed encounters; {} documents, {} transcripts, \
+                     {} recordings fetched; {} list requests, {} retries; complete through {}",
+                    if report.is_complete() {
+                        "complete"
+                    } else {
+                        "incomplete"
+                    },
+                    c.encounters_new,
+                    c.encounters_changed,
+                    c.encounters_unchanged,
+                    c.encounters_removed,
+                    c.documents_fetched,
+                    c.transcripts_fetched,
+                    c.recordings_fetched,
+                    c.list_requests,
+                    c.retries,
+                    report
+                        .complete_through
+                        .map_or_else(|| "(nothing yet)".to_owned(), timefmt::format_utc)
+                );
+                if !report.is_complete() {
+                    undone.push(format!(
+                        "{who}the cycle left work undone: {} item(s) dead-lettered (retried next cycle){}{}",
+                        c.dead_letters,
+                        report
+                            .disabled_routes
+                            .map_or_else(String::new, |d| format!("; routes closed to this key: {d}")),
+                        if report.backfills_pending {
+                            "; a backfill queued during the cycle is still waiting (see `status`)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+            Err(e) => {
+                if let CycleError::Api(api) = &e {
+                    tracing::error!(
+                        organization = %cycle.organization,
+                        reason_code = api.reason_code().unwrap_or("none"),
+                        "{api}"
+                    );
+                }
+                if e.key_refused() {
+                    refused.push(format!("{who}{e:#}"));
+                } else if e.store_error().is_some_and(store::StoreError::is_fatal) {
+                    corrupt.get_or_insert(Failure::from(e));
+                } else if several {
+                    undone.push(format!("{who}{e:#}"));
+                } else {
+                    return Err(Failure::from(e));
+                }
+            }
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Failure {
+            code: exit::AUTH_REFUSED,
+            error: anyhow::anyhow!("{}", refused.join("; ")),
+        });
+    }
+    if let Some(f) = corrupt {
+        return Err(f);
+    }
+    if !undone.is_empty() {
+        return Err(Failure {
+            code: exit::CYCLE_FAILED,
+            error: anyhow::anyhow!("{}", undone.join("; ")),
+        });
+    }
+    Ok(())
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM; a second signal exits at once.

@@ -28,6 +28,8 @@ pub struct Metrics {
     window_failures: Mutex<BTreeMap<&'static str, u64>>,
     last_success_unix: AtomicI64,
     complete_through_unix: AtomicI64,
+    /// Set when the organization's sync stopped because its key was refused: the reason code.
+    stopped: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -67,6 +69,11 @@ impl Metrics {
         }
     }
 
+    /// The organization's sync stopped: its key was refused (`reason_code`, e.g. `revoked_key`).
+    pub fn record_stopped(&self, reason_code: &str) {
+        *self.stopped.lock().expect("metrics lock") = Some(reason_code.to_owned());
+    }
+
     /// A window could not be read completely (`window_unsettled`, `request_bound_exceeded`,
     /// `instant_overfull`); its cycle failed with the watermark unmoved.
     pub fn record_window_failure(&self, reason: &'static str) {
@@ -77,77 +84,138 @@ impl Metrics {
             .entry(reason)
             .or_default() += 1;
     }
+}
 
-    /// The Prometheus text exposition format (0.0.4).
-    pub fn render(&self, now: OffsetDateTime) -> String {
-        let mut out = String::new();
-        let name = family(
-            &mut out,
-            "requests_total",
-            "counter",
-            "HTTP requests by route and status (0: no response).",
-        );
-        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
-        }
-        let name = family(
-            &mut out,
-            "rate_limiter_wait_seconds_total",
-            "counter",
-            "Time requests spent waiting for the rate limiter.",
-        );
-        let secs = self.limiter_wait_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name} {secs}");
-        let name = family(
-            &mut out,
-            "rate_limiter_waits_total",
-            "counter",
-            "Requests that waited for the rate limiter.",
-        );
-        let _ = writeln!(out, "{name} {}", self.limiter_waits.load(Ordering::Relaxed));
-        let name = family(
-            &mut out,
-            "rows_written_total",
-            "counter",
-            "Encounters, documents, transcripts and recordings written or marked.",
-        );
-        let _ = writeln!(out, "{name} {}", self.rows_written.load(Ordering::Relaxed));
-        let name = family(&mut out, "cycles_total", "counter", "Sync cycles by outcome.");
-        for (outcome, n) in self.cycles.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
-        }
-        let failures = self.window_failures.lock().expect("metrics lock");
-        if !failures.is_empty() {
-            let name = family(
-                &mut out,
-                "window_failures_total",
-                "counter",
-                "Windows that could not be read completely, by reason (the cycle failed, the watermark stayed).",
+/// One organization's counters, under its name.
+pub type Labelled = Vec<(String, std::sync::Arc<Metrics>)>;
+
+/// The Prometheus text exposition format (0.0.4): every family once, with one sample per
+/// organization, labelled `organization="<name>"` first.
+pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -> String {
+    let mut out = String::new();
+    let name = family(
+        &mut out,
+        "requests_total",
+        "counter",
+        "HTTP requests by route and status (0: no response).",
+    );
+    for (org, m) in orgs {
+        for ((route, status), n) in m.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{organization=\"{org}\",route=\"{route}\",status=\"{status}\"}} {n}"
             );
-            for (reason, n) in failures.iter() {
-                let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+        }
+    }
+    let name = family(
+        &mut out,
+        "rate_limiter_wait_seconds_total",
+        "counter",
+        "Time requests spent waiting for the rate limiter (the key's budget and the process's ceiling).",
+    );
+    for (org, m) in orgs {
+        let secs = m.limiter_wait_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}{{organization=\"{org}\"}} {secs}");
+    }
+    let name = family(
+        &mut out,
+        "rate_limiter_waits_total",
+        "counter",
+        "Requests that waited for the rate limiter.",
+    );
+    for (org, m) in orgs {
+        let _ = writeln!(
+            out,
+            "{name}{{organization=\"{org}\"}} {}",
+            m.limiter_waits.load(Ordering::Relaxed)
+        );
+    }
+    let name = family(
+        &mut out,
+        "rows_written_total",
+        "counter",
+        "Encounters, documents, transcripts and recordings written or marked.",
+    );
+    for (org, m) in orgs {
+        let _ = writeln!(
+            out,
+            "{name}{{organization=\"{org}\"}} {}",
+            m.rows_written.load(Ordering::Relaxed)
+        );
+    }
+    let name = family(&mut out, "cycles_total", "counter", "Sync cycles by outcome.");
+    for (org, m) in orgs {
+        for (outcome, n) in m.cycles.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "{name}{{organization=\"{org}\",outcome=\"{outcome}\"}} {n}");
+        }
+    }
+    if orgs
+        .iter()
+        .any(|(_, m)| !m.window_failures.lock().expect("metrics lock").is_empty())
+    {
+        let name = family(
+            &mut out,
+            "window_failures_total",
+            "counter",
+            "Windows that could not be read completely, by reason (the cycle failed, the watermark stayed).",
+        );
+        for (org, m) in orgs {
+            for (reason, n) in m.window_failures.lock().expect("metrics lock").iter() {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\",reason=\"{reason}\"}} {n}");
             }
         }
-        drop(failures);
+    }
+    let name = family(
+        &mut out,
+        "organization_stopped",
+        "gauge",
+        "1 when the organization's sync stopped because its key was refused, labelled with why.",
+    );
+    for (org, m) in orgs {
+        match m.stopped.lock().expect("metrics lock").as_deref() {
+            Some(reason) => {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\",reason_code=\"{reason}\"}} 1");
+            }
+            None => {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\"}} 0");
+            }
+        }
+    }
+    let name = family(
+        &mut out,
+        "last_success_timestamp_seconds",
+        "gauge",
+        "When the last cycle succeeded (0: never).",
+    );
+    for (org, m) in orgs {
+        let _ = writeln!(
+            out,
+            "{name}{{organization=\"{org}\"}} {}",
+            m.last_success_unix.load(Ordering::Relaxed)
+        );
+    }
+    if orgs
+        .iter()
+        .any(|(_, m)| m.complete_through_unix.load(Ordering::Relaxed) > 0)
+    {
         let name = family(
             &mut out,
-            "last_success_timestamp_seconds",
+            "lag_seconds",
             "gauge",
-            "When the last cycle succeeded (0: never).",
+            "Now minus complete_through: how far behind the warehouse is known complete.",
         );
-        let _ = writeln!(out, "{name} {}", self.last_success_unix.load(Ordering::Relaxed));
-        let through = self.complete_through_unix.load(Ordering::Relaxed);
-        if through > 0 {
-            let name = family(
-                &mut out,
-                "lag_seconds",
-                "gauge",
-                "Now minus complete_through: how far behind the warehouse is known complete.",
-            );
-            let _ = writeln!(out, "{name} {}", now.unix_timestamp() - through);
+        for (org, m) in orgs {
+            let through = m.complete_through_unix.load(Ordering::Relaxed);
+            if through > 0 {
+                let _ = writeln!(
+                    out,
+                    "{name}{{organization=\"{org}\"}} {}",
+                    now.unix_timestamp() - through
+                );
+            }
         }
-        out
     }
+    out
 }
 
 /// Writes a family's HELP and TYPE lines and returns its full name.
@@ -171,11 +239,8 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Labelled, shutdown: CancellationToken) {
+    let metrics = std::sync::Arc::new(metrics);
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -194,7 +259,7 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 async move {
                     let (status, body) = if req.uri().path() == "/metrics" {
-                        (200, metrics.render(OffsetDateTime::now_utc()))
+                        (200, render(&metrics, OffsetDateTime::now_utc()))
                     } else {
                         (404, "not found; try /metrics\n".to_owned())
                     };
@@ -230,18 +295,28 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
         m.record_window_failure("request_bound_exceeded");
-        let text = m.render(now);
+        m.record_stopped("revoked_key");
+        let text = render(&[("northside".to_owned(), std::sync::Arc::new(m))], now);
         assert!(
             text.contains("# TYPE charthero_sync_requests_total counter\n"),
             "{text}"
         );
-        assert!(text.contains("charthero_sync_requests_total{route=\"list_encounters\",status=\"200\"} 2\n"));
-        assert!(text.contains("charthero_sync_requests_total{route=\"transcript\",status=\"429\"} 1\n"));
-        assert!(text.contains("charthero_sync_rate_limiter_wait_seconds_total 1.5\n"));
-        assert!(text.contains("charthero_sync_rows_written_total 42\n"));
-        assert!(text.contains("charthero_sync_cycles_total{outcome=\"succeeded\"} 1\n"));
-        assert!(text.contains("charthero_sync_lag_seconds 120\n"));
-        assert!(text.contains("charthero_sync_window_failures_total{reason=\"request_bound_exceeded\"} 1\n"));
+        assert!(text.contains("charthero_sync_requests_total{organization=\"northside\",route=\"list_encounters\",status=\"200\"} 2\n"));
+        assert!(text.contains("charthero_sync_requests_total{organization=\"northside\",route=\"transcript\",status=\"429\"} 1\n"));
+        assert!(
+            text.contains("charthero_sync_rate_limiter_wait_seconds_total{organization=\"northside\"} 1.5\n")
+        );
+        assert!(text.contains("charthero_sync_rows_written_total{organization=\"northside\"} 42\n"));
+        assert!(
+            text.contains(
+                "charthero_sync_cycles_total{organization=\"northside\",outcome=\"succeeded\"} 1\n"
+            )
+        );
+        assert!(text.contains(
+            "charthero_sync_organization_stopped{organization=\"northside\",reason_code=\"revoked_key\"} 1\n"
+        ));
+        assert!(text.contains("charthero_sync_lag_seconds{organization=\"northside\"} 120\n"));
+        assert!(text.contains("charthero_sync_window_failures_total{organization=\"northside\",reason=\"request_bound_exceeded\"} 1\n"));
     }
 
     #[test]

@@ -11,10 +11,13 @@ use crate::timefmt::{format_utc, parse_rfc3339};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    /// Everything created before this instant is known to be complete.
+    /// Everything created before this instant is known to be complete (of every organization:
+    /// the watermark of the one furthest behind).
     pub complete_through: Option<String>,
     /// Seconds between `complete_through` and now.
     pub lag_seconds: Option<i64>,
+    /// One entry per organization, configured or found in the warehouse, in that order.
+    pub organizations: Vec<OrganizationStatus>,
     pub rows: Rows,
     pub queue: Queue,
     /// The most recent cycles, newest first.
@@ -32,6 +35,48 @@ pub struct Status {
     /// The error of the last cycle that did not succeed, if the last cycle did not.
     pub last_error: Option<LastError>,
 }
+
+/// One organization: where its sync stands, and whether (and why) it is stopped.
+#[derive(Debug, Serialize)]
+pub struct OrganizationStatus {
+    /// The configured name (`default` without `[[organizations]]`).
+    pub name: String,
+    /// ChartHero's id of the clinic, once known (configured or learnt from its first page).
+    pub organization_id: Option<String>,
+    pub complete_through: Option<String>,
+    pub lag_seconds: Option<i64>,
+    /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `failing` (it
+    /// failed; retried), `stopped` (its key was refused: nothing is sent with it until the
+    /// operator acts), `never_synced`.
+    pub state: String,
+    /// Why, when not `ok`: the upstream `reason_code` (e.g. `revoked_key`) or ours (e.g.
+    /// `organization_mismatch`).
+    pub reason_code: Option<String>,
+    pub last_run: Option<Run>,
+    pub last_error: Option<LastError>,
+    /// Routes the last finished cycle found closed to this key (`route:reason_code`).
+    pub disabled_routes: Vec<String>,
+    pub encounters: i64,
+    pub encounters_removed: i64,
+    pub documents: i64,
+    pub transcripts: i64,
+    pub dead_letters: i64,
+    pub backfills_pending: i64,
+}
+
+/// Reason codes that mean the organization's key is refused (401, or the key reads another
+/// clinic): the sync of that organization stops until the operator acts.
+pub const KEY_REFUSED_CODES: &[&str] = &[
+    "missing_bearer",
+    "api_keys_disabled",
+    "test_prefix_not_allowed",
+    "malformed_token",
+    "invalid_key",
+    "disabled_key",
+    "revoked_key",
+    "expired_key",
+    "organization_mismatch",
+];
 
 #[derive(Debug, Serialize)]
 pub struct Rows {
@@ -57,6 +102,7 @@ pub struct Queue {
 #[derive(Debug, Serialize)]
 pub struct Run {
     pub run_id: i64,
+    pub organization: String,
     pub trigger: String,
     pub started_at: String,
     pub finished_at: Option<String>,
@@ -75,6 +121,7 @@ pub struct Run {
 #[derive(Debug, Serialize)]
 pub struct Backfill {
     pub backfill_id: i64,
+    pub organization: String,
     pub range_start: String,
     pub range_end: String,
     pub cursor: Option<String>,
@@ -100,6 +147,7 @@ pub struct Backfill {
 #[derive(Debug, Serialize)]
 pub struct Audit {
     pub audit_id: i64,
+    pub organization: String,
     pub status: String,
     pub range_start: String,
     pub range_end: String,
@@ -119,6 +167,7 @@ pub struct Audit {
 
 #[derive(Debug, Serialize)]
 pub struct DeadLetter {
+    pub organization: String,
     pub work: String,
     pub encounter_id: String,
     pub document_id: String,
@@ -143,9 +192,163 @@ fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
     conn.query_row(sql, [], |r| r.get(0))
 }
 
-/// Reads the status from the warehouse.
-pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
-    let complete_through = crate::store::complete_through(conn)?;
+const RUN_COLUMNS: &str = "run_id, trigger, started_at, finished_at, outcome, list_requests, encounters_new,
+    encounters_changed, encounters_removed, documents_fetched, transcripts_fetched, recordings_fetched,
+    retries, dead_letters, organization";
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+    Ok(Run {
+        run_id: r.get(0)?,
+        trigger: r.get(1)?,
+        started_at: r.get(2)?,
+        finished_at: r.get(3)?,
+        outcome: r.get(4)?,
+        list_requests: r.get(5)?,
+        encounters_new: r.get(6)?,
+        encounters_changed: r.get(7)?,
+        encounters_removed: r.get(8)?,
+        documents_fetched: r.get(9)?,
+        transcripts_fetched: r.get(10)?,
+        recordings_fetched: r.get(11)?,
+        retries: r.get(12)?,
+        dead_letters: r.get(13)?,
+        organization: r.get(14)?,
+    })
+}
+
+fn split_routes(d: Option<String>) -> Vec<String> {
+    d.map(|d| {
+        d.split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// One organization's entry.
+fn read_organization(
+    conn: &Connection,
+    name: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<OrganizationStatus> {
+    let complete_through = crate::store::complete_through(conn, name)?;
+    let organization_id = crate::store::known_organization_id(conn, name)?;
+    let last_run = conn
+        .query_row(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM sync_runs WHERE organization = ?1 AND outcome <> 'running'
+                 ORDER BY run_id DESC LIMIT 1"
+            ),
+            [name],
+            run_row,
+        )
+        .optional()?;
+    let (last_error, disabled_routes) = match &last_run {
+        Some(run) => conn.query_row(
+            "SELECT error, reason_code, disabled_routes FROM sync_runs WHERE run_id = ?1",
+            [run.run_id],
+            |r| {
+                Ok((
+                    LastError {
+                        run_id: run.run_id,
+                        outcome: run.outcome.clone(),
+                        error: r.get(0)?,
+                        reason_code: r.get(1)?,
+                    },
+                    split_routes(r.get(2)?),
+                ))
+            },
+        )?,
+        None => (
+            LastError {
+                run_id: 0,
+                outcome: String::new(),
+                error: None,
+                reason_code: None,
+            },
+            Vec::new(),
+        ),
+    };
+    let last_error = (last_run.is_some() && last_error.outcome != "succeeded").then_some(last_error);
+    let reason_code = last_error.as_ref().and_then(|e| e.reason_code.clone());
+    let state = match (&last_run, &last_error) {
+        (None, _) => "never_synced",
+        (Some(_), None) => "ok",
+        (Some(_), Some(_))
+            if reason_code
+                .as_deref()
+                .is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) =>
+        {
+            "stopped"
+        }
+        (Some(run), Some(_)) if run.outcome == "partial" => "incomplete",
+        (Some(_), Some(_)) => "failing",
+    };
+    let per_org = |sql: &str| -> rusqlite::Result<i64> {
+        conn.query_row(sql, [organization_id.as_deref()], |r| r.get(0))
+    };
+    let per_name = |sql: &str| -> rusqlite::Result<i64> { conn.query_row(sql, [name], |r| r.get(0)) };
+    Ok(OrganizationStatus {
+        name: name.to_owned(),
+        complete_through: complete_through.map(format_utc),
+        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        state: state.to_owned(),
+        reason_code,
+        last_run,
+        last_error,
+        disabled_routes,
+        encounters: per_org(
+            "SELECT count(*) FROM encounters WHERE organization_id = ?1 AND removed_at IS NULL",
+        )?,
+        encounters_removed: per_org(
+            "SELECT count(*) FROM encounters WHERE organization_id = ?1 AND removed_at IS NOT NULL",
+        )?,
+        documents: per_org(
+            "SELECT count(*) FROM documents WHERE organization_id = ?1 AND removed_at IS NULL",
+        )?,
+        transcripts: per_org("SELECT count(*) FROM transcripts WHERE organization_id = ?1")?,
+        dead_letters: per_name("SELECT count(*) FROM dead_letters WHERE organization = ?1")?,
+        backfills_pending: per_name(
+            "SELECT count(*) FROM backfills WHERE organization = ?1 AND status IN ('queued', 'running')",
+        )?,
+        organization_id,
+    })
+}
+
+/// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
+/// those named in `configured` first (in that order), then any other the warehouse holds
+/// bookkeeping for.
+pub fn read(conn: &Connection, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
+    let mut names: Vec<String> = configured.to_vec();
+    let stored: Vec<String> = conn
+        .prepare(
+            "SELECT organization FROM organizations
+             UNION SELECT DISTINCT organization FROM sync_runs
+             ORDER BY 1",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for n in stored {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let organizations = names
+        .iter()
+        .map(|n| read_organization(conn, n, now))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The organization furthest behind; none while any has never completed a window.
+    let complete_through =
+        if organizations.is_empty() || organizations.iter().any(|o| o.complete_through.is_none()) {
+            None
+        } else {
+            organizations
+                .iter()
+                .filter_map(|o| o.complete_through.as_deref().and_then(|t| parse_rfc3339(t).ok()))
+                .min()
+        };
     let rows = Rows {
         encounters: count(conn, "SELECT count(*) FROM encounters WHERE removed_at IS NULL")?,
         encounters_removed: count(
@@ -181,35 +384,15 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
         )?,
     };
     let runs = conn
-        .prepare(
-            "SELECT run_id, trigger, started_at, finished_at, outcome, list_requests, encounters_new,
-                    encounters_changed, encounters_removed, documents_fetched, transcripts_fetched,
-                    recordings_fetched, retries, dead_letters
-             FROM sync_runs ORDER BY run_id DESC LIMIT 10",
-        )?
-        .query_map([], |r| {
-            Ok(Run {
-                run_id: r.get(0)?,
-                trigger: r.get(1)?,
-                started_at: r.get(2)?,
-                finished_at: r.get(3)?,
-                outcome: r.get(4)?,
-                list_requests: r.get(5)?,
-                encounters_new: r.get(6)?,
-                encounters_changed: r.get(7)?,
-                encounters_removed: r.get(8)?,
-                documents_fetched: r.get(9)?,
-                transcripts_fetched: r.get(10)?,
-                recordings_fetched: r.get(11)?,
-                retries: r.get(12)?,
-                dead_letters: r.get(13)?,
-            })
-        })?
+        .prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM sync_runs ORDER BY run_id DESC LIMIT 10"
+        ))?
+        .query_map([], run_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let backfills = conn
         .prepare(
             "SELECT backfill_id, range_start, range_end, cursor, status, windows, encounters_seen,
-                    encounters_removed, error, requested_by, requested_at, finished_at
+                    encounters_removed, error, requested_by, requested_at, finished_at, organization
              FROM backfills
              WHERE status <> 'completed'
                 OR backfill_id IN (SELECT backfill_id FROM backfills WHERE status = 'completed'
@@ -219,6 +402,7 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
         .query_map([COMPLETED_BACKFILLS_SHOWN], |r| {
             Ok(Backfill {
                 backfill_id: r.get(0)?,
+                organization: r.get(12)?,
                 range_start: r.get(1)?,
                 range_end: r.get(2)?,
                 cursor: r.get(3)?,
@@ -243,11 +427,13 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let dead_letters = conn
         .prepare(
-            "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error
+            "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error,
+                    organization
              FROM dead_letters ORDER BY first_failed_at LIMIT 20",
         )?
         .query_map([], |r| {
             Ok(DeadLetter {
+                organization: r.get(7)?,
                 work: r.get(0)?,
                 encounter_id: r.get(1)?,
                 document_id: r.get(2)?,
@@ -293,12 +479,13 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
     let audit = conn
         .query_row(
             "SELECT audit_id, status, range_start, range_end, cursor, started_at, finished_at, ranges,
-                 probes, differing, rescanned, list_requests, error
+                 probes, differing, rescanned, list_requests, error, organization
              FROM audits ORDER BY audit_id DESC LIMIT 1",
             [],
             |r| {
                 Ok(Audit {
                     audit_id: r.get(0)?,
+                    organization: r.get(13)?,
                     status: r.get(1)?,
                     range_start: r.get(2)?,
                     range_end: r.get(3)?,
@@ -318,6 +505,7 @@ pub fn read(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<Status> {
     Ok(Status {
         complete_through: complete_through.map(format_utc),
         lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        organizations,
         rows,
         queue,
         runs,
@@ -363,8 +551,10 @@ impl Status {
             ) else {
                 continue;
             };
+            let organization_id = crate::store::known_organization_id(conn, &b.organization)?;
             let stored = crate::store::live_count_in_range(
                 conn,
+                organization_id.as_deref(),
                 crate::timefmt::unix_nanos(from),
                 crate::timefmt::unix_nanos(end),
             )?;
@@ -409,6 +599,23 @@ impl Status {
             self.lag_seconds
                 .map_or_else(String::new, |l| format!("  (lag {l} s)"))
         );
+        for o in &self.organizations {
+            let _ = writeln!(
+                out,
+                "organization {} ({}): {}{}; complete through {}{}; {} encounters, {} dead letters",
+                o.name,
+                o.organization_id.as_deref().unwrap_or("clinic not known yet"),
+                o.state,
+                o.reason_code
+                    .as_deref()
+                    .map_or_else(String::new, |c| format!(" ({c})")),
+                o.complete_through.as_deref().unwrap_or("(nothing yet)"),
+                o.lag_seconds
+                    .map_or_else(String::new, |l| format!(" (lag {l} s)")),
+                o.encounters,
+                o.dead_letters,
+            );
+        }
         let r = &self.rows;
         let _ = writeln!(
             out,

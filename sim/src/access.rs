@@ -80,6 +80,11 @@ impl Access {
     }
 
     /// Returns `false` when the key is unknown.
+    /// Whether `token` is one of this organization's keys (whatever its state).
+    pub(crate) fn knows(&self, token: &str) -> bool {
+        self.keys.contains_key(token)
+    }
+
     pub(crate) fn set_state(&mut self, key: &str, state: KeyState) -> bool {
         self.keys.get_mut(key).map(|k| k.state = state).is_some()
     }

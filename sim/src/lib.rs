@@ -59,6 +59,14 @@
 //! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from
 //!   `stats().route(Route::List)`, which counts every list request.
 //!
+//! ## Several organizations on one host
+//! [`Simulator::start_organizations`] serves several clinic organizations on one port, as
+//! ChartHero does: each has its own data set, `organization_id`, keys and scopes, routes,
+//! faults, rate window (server-counted violations of its key) and statistics, and a request goes
+//! to the organization whose key it carries (an unknown key answers `invalid_key`). The host
+//! also counts every request of all keys against one host-wide window
+//! ([`Simulator::set_host_rate_limit`], [`Simulator::host_stats`]).
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use charthero_sim::{SimOptions, Simulator};

@@ -254,6 +254,27 @@ async fn handle(
     kill: CancellationToken,
     request: Request<Incoming>,
 ) -> Result<Response<SimBody>, Infallible> {
+    // On a host of several organizations, the request belongs to the one whose key it carries
+    // (a media URL to the one holding the document); the host counts every API request.
+    let sim = match sim.inner.host.clone() {
+        None => sim,
+        Some(host) => {
+            let path = request.uri().path();
+            let tenant = match path.strip_prefix("/media/") {
+                Some(file) => media_tenant(&host, file, request.uri().query()),
+                None => {
+                    host.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let verdict = lock(&host.rate).arrive(tokio::time::Instant::now());
+                    if matches!(verdict, RateVerdict::Violation { .. }) {
+                        host.rate_violations
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    host.tenant_for(request.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
+                }
+            };
+            tenant.unwrap_or(sim)
+        }
+    };
     let inner = &*sim.inner;
     let path = request.uri().path();
     if let Some(file) = path.strip_prefix("/media/") {
@@ -597,6 +618,25 @@ fn method_not_allowed(inner: &Inner) -> Reply {
     );
     reply.allow_get = true;
     reply
+}
+
+/// The organization of a host that signed this media URL (its token matches that
+/// organization's secret).
+fn media_tenant(host: &crate::state::Host, file: &str, query: Option<&str>) -> Option<Simulator> {
+    let document_id = file.strip_suffix(".wav")?;
+    let mut token = None;
+    let mut expires = None;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "token" => token = Some(value.into_owned()),
+            "expires" => expires = value.parse::<i64>().ok(),
+            _ => {}
+        }
+    }
+    let (token, expires) = (token?, expires?);
+    host.tenants()
+        .into_iter()
+        .find(|s| media_token(&s.inner, document_id, expires) == token)
 }
 
 /// The signed media URL route (not part of the API: no bearer, no rate limit, no faults).

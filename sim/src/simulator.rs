@@ -25,7 +25,7 @@ use crate::model::{
 };
 use crate::options::{QueryPrecision, Rendering, Rounding, SimOptions};
 use crate::server;
-use crate::state::{Inner, ListHook, Simulator, lock, read, write};
+use crate::state::{Host, Inner, ListHook, Simulator, lock, read, write};
 use crate::store::{DocClass, Slot, Store};
 use crate::timestamp::{instant, nanos, now_nanos};
 
@@ -53,6 +53,50 @@ impl Simulator {
     ///
     /// Fails with `InvalidInput` when encounters are requested over an empty time range.
     pub async fn start(opts: SimOptions) -> io::Result<Simulator> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let sim = Simulator::build(opts, listener.local_addr()?, None).await?;
+        tokio::spawn(server::serve(listener, sim.clone()));
+        Ok(sim)
+    }
+
+    /// Several organizations on one host (one loopback port), as ChartHero serves them: one
+    /// simulator per `SimOptions` — its own data set (give each its own `seed` and
+    /// `organization_id`), default key, scopes, routes, faults, per-key rate window and
+    /// statistics — and a request goes to the organization whose key it carries. Every handle's
+    /// [`Simulator::base_url`] is the host's; [`Simulator::host_stats`] counts what the host
+    /// received from all keys together. [`Simulator::shutdown`] on any handle stops the host.
+    pub async fn start_organizations(organizations: Vec<SimOptions>) -> io::Result<Vec<Simulator>> {
+        if organizations.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "start_organizations needs at least one organization",
+            ));
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let host = Arc::new(Host {
+            tenants: RwLock::new(Vec::new()),
+            rate: Mutex::default(),
+            rate_violations: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        let mut sims = Vec::with_capacity(organizations.len());
+        for opts in organizations {
+            let sim = Simulator::build(opts, addr, Some((host.clone(), shutdown.clone()))).await?;
+            write(&host.tenants).push(Arc::downgrade(&sim.inner));
+            sims.push(sim);
+        }
+        tokio::spawn(server::serve(listener, sims[0].clone()));
+        Ok(sims)
+    }
+
+    /// Generates the data set and builds the handle, without serving.
+    async fn build(
+        opts: SimOptions,
+        addr: SocketAddr,
+        host: Option<(Arc<Host>, CancellationToken)>,
+    ) -> io::Result<Simulator> {
         if opts.encounters > 0 && opts.end <= opts.start {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -62,8 +106,6 @@ impl Simulator {
         let render_created_at = checked_rendering(opts.render_created_at).map_err(|message| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("SimOptions: {message}"))
         })?;
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
         let generation = opts.clone();
         let store = tokio::task::spawn_blocking(move || {
             let mut store = Store::new(&generation);
@@ -76,7 +118,11 @@ impl Simulator {
         let mut access = Access::default();
         access.production = opts.production;
         access.add_key(&api_key, &ALL_SCOPES);
-        let sim = Simulator {
+        let (host, shutdown) = match host {
+            Some((host, shutdown)) => (Some(host), shutdown),
+            None => (None, CancellationToken::new()),
+        };
+        Ok(Simulator {
             inner: Arc::new(Inner {
                 addr,
                 base_url: format!("http://{addr}"),
@@ -94,11 +140,31 @@ impl Simulator {
                 extra_fields: AtomicBool::new(opts.extra_fields),
                 query_precision: RwLock::new(opts.query_precision),
                 render_created_at: RwLock::new(render_created_at),
-                shutdown: CancellationToken::new(),
+                shutdown,
+                host,
             }),
-        };
-        tokio::spawn(server::serve(listener, sim.clone()));
-        Ok(sim)
+        })
+    }
+
+    /// On a host of several organizations: every API request the host received (all keys) and
+    /// how many exceeded the host-wide limit set with [`Simulator::set_host_rate_limit`].
+    /// `(0, 0)` for a lone simulator.
+    pub fn host_stats(&self) -> (u64, u64) {
+        self.inner.host.as_ref().map_or((0, 0), |h| {
+            (
+                h.requests.load(Ordering::Relaxed),
+                h.rate_violations.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// On a host of several organizations: sets the host-wide limit that all keys together are
+    /// counted against (never enforced; only counted). No effect on a lone simulator.
+    pub fn set_host_rate_limit(&self, limit: Option<RateLimit>) {
+        if let Some(h) = &self.inner.host {
+            lock(&h.rate).set(limit.map(|l| RateLimit { enforce: false, ..l }));
+            h.rate_violations.store(0, Ordering::Relaxed);
+        }
     }
 
     /// `http://127.0.0.1:PORT`; clients append `/external/v1`.

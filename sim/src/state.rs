@@ -54,6 +54,45 @@ pub(crate) struct Inner {
     /// The checked form of the `created_at` rendering rule (see `RenderOpts::created_at`).
     pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
     pub(crate) shutdown: CancellationToken,
+    /// Set when this simulator is one organization of a host serving several on one port
+    /// (`Simulator::start_organizations`): the host routes each request by its key.
+    pub(crate) host: Option<Arc<Host>>,
+}
+
+/// One host serving several organizations on one port, as ChartHero does: each organization
+/// has its own data set, keys, routes, faults, rate window and statistics; a request goes to
+/// the organization whose key it carries. The host also counts every API request against one
+/// host-wide rate window, so a test can check a client's total rate across all its keys.
+pub(crate) struct Host {
+    /// Every organization of the host, in the order given; weak, so the handles own them.
+    pub(crate) tenants: RwLock<Vec<std::sync::Weak<Inner>>>,
+    pub(crate) rate: Mutex<RateWindow>,
+    pub(crate) rate_violations: AtomicU64,
+    pub(crate) requests: AtomicU64,
+}
+
+impl Host {
+    /// The organization whose key `authorization` carries; the first one when no organization
+    /// knows the key (it then answers `invalid_key` or `missing_bearer` as a lone one would).
+    pub(crate) fn tenant_for(&self, authorization: Option<&[u8]>) -> Option<Simulator> {
+        let tenants = self.tenants();
+        let token = authorization
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| h.split_once(' '))
+            .map(|(_, t)| t.trim_start_matches(' '));
+        token
+            .and_then(|t| tenants.iter().find(|s| read(&s.inner.access).knows(t)).cloned())
+            .or_else(|| tenants.into_iter().next())
+    }
+
+    /// Every organization of the host still alive, in the order given.
+    pub(crate) fn tenants(&self) -> Vec<Simulator> {
+        read(&self.tenants)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|inner| Simulator { inner })
+            .collect()
+    }
 }
 
 // A panic inside a control closure or hook must not wedge the simulator for the rest of a test

@@ -1040,3 +1040,86 @@ async fn stats_count_list_requests_and_limit_one_probes_apart() {
     assert_eq!(sim.stats().list_probe_requests, 0);
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn a_host_of_several_organizations_answers_each_key_from_its_own_clinic() {
+    let sims = Simulator::start_organizations(vec![
+        SimOptions {
+            organization_id: "org_a".into(),
+            ..options(30)
+        },
+        SimOptions {
+            seed: 12,
+            organization_id: "org_b".into(),
+            ..options(20)
+        },
+    ])
+    .await
+    .unwrap();
+    let (a, b) = (&sims[0], &sims[1]);
+    assert_eq!(a.base_url(), b.base_url());
+    assert_ne!(a.api_key(), b.api_key());
+    b.set_rate_limit(Some(RateLimit {
+        requests_per_second: 1.0,
+        burst: 0,
+        enforce: false,
+    }));
+    a.set_host_rate_limit(Some(RateLimit {
+        requests_per_second: 1.0,
+        burst: 1,
+        enforce: false,
+    }));
+    let mut conn = Conn::open(a).await;
+    for (sim, id, total) in [(a, "org_a", 30), (b, "org_b", 20)] {
+        let page = conn
+            .get("/external/v1/encounters?limit=100", Some(&sim.api_key()))
+            .await
+            .unwrap()
+            .json();
+        assert_eq!(page["total"], total);
+        assert!(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["organization_id"] == id)
+        );
+        // One clinic's encounter is not found with the other's key.
+        let other = if sim.api_key() == a.api_key() { b } else { a };
+        let theirs = &other.snapshot()[0].encounter_id;
+        let reply = conn
+            .get(&format!("/external/v1/encounters/{theirs}"), Some(&sim.api_key()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (reply.status, reply.reason()),
+            (404, "encounter_not_found".to_owned())
+        );
+    }
+    // Revoking one clinic's key leaves the other's working; an unknown key is invalid.
+    b.set_key_state(&b.api_key(), KeyState::Revoked);
+    let reply = conn
+        .get("/external/v1/encounters", Some(&b.api_key()))
+        .await
+        .unwrap();
+    assert_eq!((reply.status, reply.reason()), (401, "revoked_key".to_owned()));
+    let reply = conn
+        .get("/external/v1/encounters", Some(&a.api_key()))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    let reply = conn
+        .get("/external/v1/encounters", Some("ch_sk_nobody"))
+        .await
+        .unwrap();
+    assert_eq!((reply.status, reply.reason()), (401, "invalid_key".to_owned()));
+    // Each clinic counts its own key's requests and violations; the host counts them all.
+    assert_eq!(a.stats().requests, 4, "{:?}", a.stats());
+    assert_eq!(b.stats().requests, 3, "{:?}", b.stats());
+    assert!(b.stats().rate_violations >= 1);
+    assert_eq!(a.stats().rate_violations, 0);
+    let (requests, violations) = a.host_stats();
+    assert_eq!(requests, 7);
+    assert!(violations >= 5, "{violations}");
+    a.shutdown();
+}

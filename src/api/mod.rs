@@ -3,6 +3,7 @@
 //! cap, transient failures retried (see `retry`), errors classified by [`ApiError`]. After a 401
 //! it sends nothing more. It never touches SQLite.
 
+pub mod budget;
 mod error;
 pub mod retry;
 pub mod wire;
@@ -12,13 +13,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
 use url::Url;
 
 pub use error::{ApiError, ApiErrorKind, ErrorClass};
@@ -29,7 +28,10 @@ use wire::{
     RawPage, SchemaTypeProbe, TranscriptResponse,
 };
 
-use crate::config::{ApiConfig, Limits};
+pub use budget::Ceiling;
+use budget::KeyBudget;
+
+use crate::config::{ApiConfig, Limits, Organization};
 use crate::metrics::Metrics;
 use crate::secret::ApiKey;
 use crate::timefmt::Micros;
@@ -108,8 +110,8 @@ struct Inner {
     api_root: Url,
     auth: HeaderValue,
     max_body: usize,
-    limiter: DefaultDirectRateLimiter,
-    in_flight: Semaphore,
+    /// This key's rate and in-flight budget, and the process's ceiling over all keys.
+    key_budget: KeyBudget,
     retry: RetryPolicy,
     retries_per_cycle: u32,
     budget: RetryBudget,
@@ -131,33 +133,37 @@ impl fmt::Debug for Client {
     }
 }
 
-/// How late a request may reach the server relative to the limiter's clock (task scheduling,
-/// connection pool, network) without the server seeing more than `requests_per_second + burst`
-/// requests in any second.
-const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
-
-/// The limiter's quota: `requests_per_second` with bursts of `burst`, paced 1 % slower
-/// ([`JITTER_ALLOWANCE_SECONDS`]): requests permitted within 1 s + 10 ms arrive within any
-/// server second, so pacing at rps / 1.01 keeps what the server counts within rps + burst even
-/// when some arrive up to 10 ms late and the next ones on time.
-fn quota(limits: &Limits) -> anyhow::Result<Quota> {
-    let rps = limits.requests_per_second;
-    // `config` bounds requests_per_second (0.01..=1e6), so the period is 1.01 µs..101 s; the
-    // checks below keep a bad value an error instead of a panic or a limiter that never opens.
-    let period = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
-        .ok()
-        .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
-        .ok_or_else(|| {
-            anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
-        })?;
-    let quota = Quota::with_period(period).ok_or_else(|| {
-        anyhow::anyhow!("limits.requests_per_second = {rps} gives no usable request period")
-    })?;
-    Ok(quota.allow_burst(limits.burst))
-}
-
 impl Client {
+    /// A client of one key that alone has the whole of `[limits]` (a configuration of one
+    /// organization; tests and tools).
     pub fn new(api: &ApiConfig, limits: &Limits, key: &ApiKey) -> anyhow::Result<Client> {
+        let ceiling = Ceiling::new(&limits.ceiling())?;
+        let budget = KeyBudget::new(&limits.ceiling(), "limits.", ceiling)?;
+        Client::build(api, &api.base_url, budget, limits, key, Arc::default())
+    }
+
+    /// The client of one organization's key: its own base URL and budget, under the `ceiling`
+    /// every organization's client of this process shares; `metrics` are this organization's.
+    pub fn for_organization(
+        api: &ApiConfig,
+        org: &Organization,
+        limits: &Limits,
+        ceiling: Arc<Ceiling>,
+        key: &ApiKey,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Client> {
+        let budget = KeyBudget::new(&org.budget, &format!("organizations.{}.", org.name), ceiling)?;
+        Client::build(api, &org.base_url, budget, limits, key, metrics)
+    }
+
+    fn build(
+        api: &ApiConfig,
+        base_url: &Url,
+        budget: KeyBudget,
+        limits: &Limits,
+        key: &ApiKey,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("charthero-sync/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(api.connect_timeout)
@@ -170,7 +176,7 @@ impl Client {
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
             .map_err(|_| anyhow::anyhow!("the API key contains characters not allowed in an HTTP header"))?;
         auth.set_sensitive(true);
-        let mut api_root = api.base_url.clone();
+        let mut api_root = base_url.clone();
         let path = format!("{}/external/v1/", api_root.path().trim_end_matches('/'));
         api_root.set_path(&path);
         Ok(Client {
@@ -179,8 +185,7 @@ impl Client {
                 api_root,
                 auth,
                 max_body: api.max_response_bytes,
-                limiter: RateLimiter::direct(quota(limits)?),
-                in_flight: Semaphore::new(limits.max_in_flight.get()),
+                key_budget: budget,
                 retry: RetryPolicy {
                     max_attempts: limits.max_attempts.get(),
                     ..RetryPolicy::default()
@@ -191,7 +196,7 @@ impl Client {
                 paused_until: Mutex::new(None),
                 refused: Mutex::new(None),
                 last_activity: Mutex::new(std::time::Instant::now()),
-                metrics: Arc::default(),
+                metrics,
             }),
         })
         .inspect(|c| c.begin_cycle())
@@ -413,8 +418,8 @@ impl Client {
     }
 
     /// Sends one GET and returns the response once its status is known to be a success. Every
-    /// request of the process passes here: the 401 latch, the `Retry-After` pause, the in-flight
-    /// bound and the rate limiter, in that order.
+    /// request of the process passes here: the 401 latch, the `Retry-After` pause, then the
+    /// key's and the process's in-flight bounds and rate buckets (`budget`), in that order.
     async fn start(&self, route: Route, url: Url, with_key: bool) -> Result<reqwest::Response, ApiError> {
         if let Some(reason_code) = self.inner.refused.lock().expect("refused lock").clone() {
             return Err(fail(
@@ -431,15 +436,8 @@ impl Client {
         if let Some(until) = pause {
             tokio::time::sleep_until(until).await;
         }
-        let _permit = self
-            .inner
-            .in_flight
-            .acquire()
-            .await
-            .expect("the in-flight semaphore is never closed");
-        let waited = std::time::Instant::now();
-        self.inner.limiter.until_ready().await;
-        self.inner.metrics.record_limiter_wait(waited.elapsed());
+        let (_slot, waited) = self.inner.key_budget.admit().await;
+        self.inner.metrics.record_limiter_wait(waited);
         let mut headers = HeaderMap::new();
         if with_key {
             headers.insert(AUTHORIZATION, self.inner.auth.clone());

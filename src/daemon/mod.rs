@@ -1,23 +1,27 @@
-//! `charthero-sync run`: the daemon. [`serve`] is its one entry point: it opens the warehouse,
-//! queues a backfill if asked, serves metrics if configured, and runs [`run`], the loop: a sync
-//! at start and then on the cron schedule, one cycle at a time; queued backfills, then the
-//! history audit when it is due, between live cycles in slices that end before the next live
-//! cycle is due, so the live sync is never starved. It tells systemd it is ready, alive
-//! (watchdog, only while the loop makes progress) and stopping, and stops at a unit boundary
-//! once its shutdown token is cancelled. Only start-up errors, a refused key and a corrupt
-//! warehouse end it; a failed cycle (a full disk or a busy database included) is recorded and
-//! retried with capped, jittered backoff. Signals, the writer lock and the process belong to the
-//! caller (`main.rs`).
+//! `charthero-sync run`: the daemon. [`serve_organizations`] is its one entry point: it opens
+//! the warehouse, queues a backfill if asked, serves metrics if configured, and runs [`run`]: one
+//! loop per organization, side by side — a sync at start and then on the cron schedule, one
+//! cycle at a time; queued backfills, then the history audit when it is due, between live cycles
+//! in slices that end before the next live cycle is due, so the live sync is never starved, and
+//! one organization's work never holds up another's. It tells systemd it is ready, alive
+//! (watchdog, only while every organization's cycle makes progress) and stopping, and stops at a
+//! unit boundary once its shutdown token is cancelled. Only start-up errors, a corrupt warehouse
+//! and every organization's key refused end it (one refused key stops its organization only); a
+//! failed cycle (a full disk or a busy database included) is recorded and retried with capped,
+//! jittered backoff. Signals, the writer lock and the process belong to the caller (`main.rs`).
 
 pub mod lock;
 pub mod notify;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use tracing::Instrument;
+
+use crate::config::{Config, Organization};
 use crate::secret::ApiKey;
 use crate::store::StoreError;
 use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
@@ -50,9 +54,8 @@ fn failure_backoff(failures: u32) -> Duration {
     Duration::try_from_secs_f64(ceiling.as_secs_f64() * (0.5 + fastrand::f64() / 2.0)).unwrap_or(ceiling)
 }
 
-/// The daemon, wired: opens (and migrates) the warehouse, queues `backfill` if given, serves
-/// Prometheus metrics on `metrics.listen` if configured, and runs the loop until `shutdown` is
-/// cancelled. The caller holds the writer lock and turns signals into `shutdown`.
+/// The daemon of a configuration's first organization (a configuration without
+/// `[[organizations]]` has exactly one): see [`serve_organizations`].
 pub async fn serve(
     config: &Config,
     key: &ApiKey,
@@ -60,37 +63,133 @@ pub async fn serve(
     notifier: &Notifier,
     shutdown: &CancellationToken,
 ) -> Result<(), CycleError> {
-    let ctx = crate::connect(config, key).await?;
+    let keys = vec![(config.organizations[0].clone(), key.clone())];
+    serve_organizations(config, keys, backfill, notifier, shutdown).await
+}
+
+/// The daemon, wired: opens (and migrates) the warehouse, queues `backfill` for every
+/// organization if given, serves Prometheus metrics (labelled by organization) on
+/// `metrics.listen` if configured, and runs every organization's loop until `shutdown` is
+/// cancelled. The caller holds the writer lock and turns signals into `shutdown`.
+pub async fn serve_organizations(
+    config: &Config,
+    keys: Vec<(Organization, ApiKey)>,
+    backfill: Option<BackfillRange>,
+    notifier: &Notifier,
+    shutdown: &CancellationToken,
+) -> Result<(), CycleError> {
+    let contexts = crate::connect_organizations(config, keys).await?;
     if let Some(r) = backfill {
-        let id = ctx
-            .writer
-            .call(move |c| crate::store::queue_backfill(c, r.start, r.end, "run", OffsetDateTime::now_utc()))
-            .await?;
-        tracing::info!(backfill_id = id, "backfill queued");
+        for ctx in &contexts {
+            let org = ctx.org.name.clone();
+            let id = ctx
+                .writer
+                .call(move |c| {
+                    crate::store::queue_backfill(c, &org, r.start, r.end, "run", OffsetDateTime::now_utc())
+                })
+                .await?;
+            tracing::info!(organization = %ctx.org.name, backfill_id = id, "backfill queued");
+        }
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            ctx.client.metrics().clone(),
-            shutdown.clone(),
-        ));
+        let labelled = contexts
+            .iter()
+            .map(|c| (c.org.name.to_string(), c.client.metrics().clone()))
+            .collect();
+        tokio::spawn(crate::metrics::serve(listener, labelled, shutdown.clone()));
     }
-    run(&ctx, &config.sync.schedule, shutdown, notifier).await
+    run(&contexts, &config.sync.schedule, shutdown, notifier).await
 }
 
-/// Runs until `shutdown` is cancelled. `Err` only for what must end the daemon: a refused key
-/// (401) or a corrupt warehouse (`StoreError::is_fatal`).
+/// Runs every organization's loop side by side until `shutdown` is cancelled: one organization's
+/// backfill, failure or refused key never holds up another's live cycles. An organization whose
+/// key is refused (401, or a key that reads another clinic) stops alone, named in the log and
+/// in `status`; the others go on. `Err` only for what must end the daemon: a corrupt warehouse
+/// (`StoreError::is_fatal`, which stops every organization), or every organization's key
+/// refused.
 pub async fn run(
-    ctx: &SyncContext,
+    contexts: &[SyncContext],
     schedule: &cron::Schedule,
     shutdown: &CancellationToken,
     notifier: &Notifier,
 ) -> Result<(), CycleError> {
     notifier.ready("started; first cycle running");
+    let stop_all = shutdown.child_token();
+    // Which organizations are inside a cycle: the watchdog is fed only while every one of them
+    // makes progress, so one wedged organization is not hidden by the others' idle loops.
+    let busy: Vec<AtomicBool> = contexts.iter().map(|_| AtomicBool::new(false)).collect();
+    let loops = contexts.iter().zip(&busy).map(|(ctx, busy)| {
+        let stop_all = &stop_all;
+        let span = tracing::info_span!("organization", organization = %ctx.org.name);
+        async move {
+            let result = run_organization(ctx, schedule, stop_all, notifier, busy).await;
+            if let Err(e) = &result {
+                tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
+                if e.key_refused() {
+                    ctx.client
+                        .metrics()
+                        .record_stopped(e.reason_code().unwrap_or("key_refused"));
+                }
+                if is_fatal(e) {
+                    stop_all.cancel();
+                }
+            }
+            result
+        }
+        .instrument(span)
+    });
+    let watchdog = async {
+        let Some(limit) = notifier.watchdog() else {
+            return std::future::pending().await;
+        };
+        let mut interval = tokio::time::interval((limit / 3).min(QUEUE_POLL));
+        loop {
+            interval.tick().await;
+            let progressing = contexts
+                .iter()
+                .zip(&busy)
+                .all(|(ctx, busy)| !busy.load(Ordering::Relaxed) || ctx.client.idle_for() < limit / 2);
+            if progressing {
+                notifier.watchdog_ping();
+            }
+        }
+    };
+    let results = tokio::select! {
+        results = futures_util::future::join_all(loops) => results,
+        never = watchdog => never,
+    };
+    notifier.stopping();
+    let mut errors: Vec<CycleError> = results.into_iter().filter_map(Result::err).collect();
+    if let Some(i) = errors.iter().position(is_fatal) {
+        return Err(errors.swap_remove(i));
+    }
+    if errors.len() == contexts.len() && !errors.is_empty() {
+        return Err(errors.swap_remove(0));
+    }
+    Ok(())
+}
+
+/// One organization's loop: a live cycle at start and then on the schedule, its queued
+/// backfills and audits in slices between them. Returns when `shutdown` is cancelled, or with
+/// the error that stops this organization: its key refused, or a corrupt warehouse.
+async fn run_organization(
+    ctx: &SyncContext,
+    schedule: &cron::Schedule,
+    shutdown: &CancellationToken,
+    notifier: &Notifier,
+    busy: &AtomicBool,
+) -> Result<(), CycleError> {
+    let status = |what: &str| {
+        if ctx.org.name.as_ref() == crate::config::DEFAULT_ORGANIZATION {
+            notifier.status(what);
+        } else {
+            notifier.status(&format!("{}: {what}", ctx.org.name));
+        }
+    };
     let mut next_live = OffsetDateTime::now_utc();
     let mut failures = 0u32;
     let tick = notifier
@@ -104,7 +203,7 @@ pub async fn run(
         let live = now >= next_live;
         let (backfill, audit) = match queued_work(ctx, live, now).await {
             Ok(work) => work,
-            Err(e) if is_fatal(&e) => return Err(stop_for(e, notifier)),
+            Err(e) if is_fatal(&e) => return Err(e),
             Err(e) => {
                 // Like a failed cycle: a busy or full database is retried with backoff.
                 failures += 1;
@@ -113,7 +212,7 @@ pub async fn run(
                     reason_code = e.reason_code().unwrap_or("none"),
                     "cannot read the backfill queue or the audit schedule: {e:#}"
                 );
-                notifier.status("cannot read the warehouse; retrying");
+                status("cannot read the warehouse; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(failure_backoff(failures)) => continue,
@@ -121,7 +220,6 @@ pub async fn run(
             }
         };
         if !live && backfill.is_none() && !audit {
-            notifier.watchdog_ping();
             let wait = ((next_live - now).unsigned_abs()).min(tick);
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -142,18 +240,14 @@ pub async fn run(
             // The loop itself takes the queue one slice at a time, between live cycles.
             queued_backfills: false,
         };
-        notifier.status(match (live, backfill.is_some()) {
+        status(match (live, backfill.is_some()) {
             (true, _) => "syncing",
             (false, true) => "backfilling",
             (false, false) => "auditing history",
         });
-        let result = with_watchdog(
-            ctx,
-            notifier,
-            tick,
-            crate::sync::run_cycle(ctx, "run", plan, shutdown),
-        )
-        .await;
+        busy.store(true, Ordering::Relaxed);
+        let result = crate::sync::run_cycle(ctx, "run", plan, shutdown).await;
+        busy.store(false, Ordering::Relaxed);
         let now = OffsetDateTime::now_utc();
         match result {
             Ok(report) => {
@@ -161,18 +255,15 @@ pub async fn run(
                 if live {
                     next_live = next_fire(schedule, now).unwrap_or(now + Duration::from_secs(300));
                 }
-                notifier.status(&format!(
+                status(&format!(
                     "idle; complete through {}; next cycle {}",
                     report.complete_through.map_or_else(|| "-".to_owned(), format_utc),
                     format_utc(next_live)
                 ));
             }
             Err(CycleError::Cancelled) => break,
-            Err(CycleError::Api(e)) if e.is_auth() => {
-                notifier.stopping();
-                return Err(CycleError::Api(e));
-            }
-            Err(e) if is_fatal(&e) => return Err(stop_for(e, notifier)),
+            Err(e) if e.key_refused() => return Err(e),
+            Err(e) if is_fatal(&e) => return Err(e),
             Err(e) => {
                 failures += 1;
                 let retry_at = now + failure_backoff(failures);
@@ -184,7 +275,7 @@ pub async fn run(
                     next_attempt = %format_utc(next_live),
                     "cycle failed: {e:#}"
                 );
-                notifier.status(&format!(
+                status(&format!(
                     "last cycle failed; next attempt {}",
                     format_utc(next_live)
                 ));
@@ -198,7 +289,6 @@ pub async fn run(
             }
         }
     }
-    notifier.stopping();
     Ok(())
 }
 
@@ -209,9 +299,10 @@ async fn queued_work(
     live: bool,
     now: OffsetDateTime,
 ) -> Result<(Option<BackfillRange>, bool), CycleError> {
+    let org = ctx.org.name.clone();
     let backfill = ctx
         .writer
-        .call(|c| crate::store::next_backfill(c))
+        .call(move |c| crate::store::next_backfill(c, &org))
         .await?
         .map(|(start, end)| BackfillRange { start, end });
     // Bounded by config (at most ten years), so the conversion and the sum cannot overflow.
@@ -222,7 +313,10 @@ async fn queued_work(
         && !ctx.sync.audit_every.is_zero()
         && ctx
             .writer
-            .call(move |c| crate::store::audit_due(c, audit_every, now))
+            .call({
+                let org = ctx.org.name.clone();
+                move |c| crate::store::audit_due(c, &org, audit_every, now)
+            })
             .await?;
     Ok((backfill, audit))
 }
@@ -231,38 +325,6 @@ async fn queued_work(
 /// spreading the damage, and a restart cannot repair it. Busy, full or unwritable is retried.
 fn is_fatal(e: &CycleError) -> bool {
     e.store_error().is_some_and(StoreError::is_fatal)
-}
-
-/// Logs why the daemon stops and tells systemd, then hands the error back for the exit code.
-fn stop_for(e: CycleError, notifier: &Notifier) -> CycleError {
-    tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
-    notifier.stopping();
-    e
-}
-
-/// Drives `cycle` while pinging the systemd watchdog, but only while requests keep completing:
-/// a wedged cycle stops the pings and systemd restarts the service.
-async fn with_watchdog<T>(
-    ctx: &SyncContext,
-    notifier: &Notifier,
-    tick: Duration,
-    cycle: impl std::future::Future<Output = T>,
-) -> T {
-    let Some(watchdog) = notifier.watchdog() else {
-        return cycle.await;
-    };
-    tokio::pin!(cycle);
-    let mut interval = tokio::time::interval(tick);
-    loop {
-        tokio::select! {
-            out = &mut cycle => return out,
-            _ = interval.tick() => {
-                if ctx.client.idle_for() < watchdog / 2 {
-                    notifier.watchdog_ping();
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

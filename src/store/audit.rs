@@ -36,6 +36,7 @@ fn parse(text: &str, what: &str) -> anyhow::Result<OffsetDateTime> {
 /// Resumes the unfinished audit, or starts one of `[start, end)`.
 pub fn open_audit(
     conn: &Connection,
+    organization: &str,
     start: OffsetDateTime,
     end: OffsetDateTime,
     requested_by: &str,
@@ -43,9 +44,10 @@ pub fn open_audit(
 ) -> anyhow::Result<Audit> {
     let running: Option<(i64, String, String, String)> = conn
         .query_row(
-            "SELECT audit_id, range_start, range_end, cursor FROM audits WHERE status = 'running'
+            "SELECT audit_id, range_start, range_end, cursor FROM audits
+             WHERE status = 'running' AND organization = ?1
              ORDER BY audit_id LIMIT 1",
-            [],
+            [organization],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
@@ -59,9 +61,15 @@ pub fn open_audit(
     }
     let start_text = format_stored(start);
     conn.execute(
-        "INSERT INTO audits (range_start, range_end, cursor, status, requested_by, started_at)
-         VALUES (?1, ?2, ?1, 'running', ?3, ?4)",
-        params![start_text, format_stored(end), requested_by, format_stored(now)],
+        "INSERT INTO audits (range_start, range_end, cursor, status, requested_by, started_at, organization)
+         VALUES (?1, ?2, ?1, 'running', ?3, ?4, ?5)",
+        params![
+            start_text,
+            format_stored(end),
+            requested_by,
+            format_stored(now),
+            organization
+        ],
     )?;
     Ok(Audit {
         audit_id: conn.last_insert_rowid(),
@@ -74,10 +82,15 @@ pub fn open_audit(
 /// Whether the daemon should work on an audit: one is unfinished, or the last one completed
 /// `every` ago — or, before the first audit, `every` after the first window was completed (the
 /// first cycle has just listed all history).
-pub fn audit_due(conn: &Connection, every: time::Duration, now: OffsetDateTime) -> anyhow::Result<bool> {
+pub fn audit_due(
+    conn: &Connection,
+    organization: &str,
+    every: time::Duration,
+    now: OffsetDateTime,
+) -> anyhow::Result<bool> {
     let running: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM audits WHERE status = 'running')",
-        [],
+        "SELECT EXISTS (SELECT 1 FROM audits WHERE status = 'running' AND organization = ?1)",
+        [organization],
         |r| r.get(0),
     )?;
     if running {
@@ -85,8 +98,8 @@ pub fn audit_due(conn: &Connection, every: time::Duration, now: OffsetDateTime) 
     }
     let last: Option<String> = conn
         .query_row(
-            "SELECT max(finished_at) FROM audits WHERE status = 'completed'",
-            [],
+            "SELECT max(finished_at) FROM audits WHERE status = 'completed' AND organization = ?1",
+            [organization],
             |r| r.get(0),
         )
         .optional()?
@@ -96,8 +109,8 @@ pub fn audit_due(conn: &Connection, every: time::Duration, now: OffsetDateTime) 
         // The first window ever completed (rowid order is completion order; no scan).
         None => conn
             .query_row(
-                "SELECT completed_at FROM sync_windows ORDER BY window_id LIMIT 1",
-                [],
+                "SELECT completed_at FROM sync_windows WHERE organization = ?1 ORDER BY window_id LIMIT 1",
+                [organization],
                 |r| r.get(0),
             )
             .optional()?,
@@ -150,14 +163,20 @@ pub fn audit_failed(conn: &Connection, audit_id: i64, error: &str) -> anyhow::Re
     Ok(())
 }
 
-/// Live (not removed) encounters stored with `start_ns <= created_at_ns < end_ns`.
-pub fn live_count_in_range(conn: &Connection, start_ns: i64, end_ns: i64) -> anyhow::Result<u64> {
+/// Live (not removed) encounters of `organization_id` stored with
+/// `start_ns <= created_at_ns < end_ns` (none while the organization is not known yet).
+pub fn live_count_in_range(
+    conn: &Connection,
+    organization_id: Option<&str>,
+    start_ns: i64,
+    end_ns: i64,
+) -> anyhow::Result<u64> {
     let n: i64 = conn
         .prepare_cached(
             "SELECT count(*) FROM encounters
-             WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+             WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
         )?
-        .query_row(params![start_ns, end_ns], |r| r.get(0))?;
+        .query_row(params![start_ns, end_ns, organization_id], |r| r.get(0))?;
     Ok(n as u64)
 }
 
@@ -165,6 +184,7 @@ pub fn live_count_in_range(conn: &Connection, start_ns: i64, end_ns: i64) -> any
 /// `end_ns`, in time order; `None` when there are not that many.
 pub fn nth_live_created_ns(
     conn: &Connection,
+    organization_id: Option<&str>,
     start_ns: i64,
     end_ns: i64,
     n: u64,
@@ -172,10 +192,10 @@ pub fn nth_live_created_ns(
     Ok(conn
         .prepare_cached(
             "SELECT created_at_ns FROM encounters
-             WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL
+             WHERE organization_id = ?4 AND created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL
              ORDER BY created_at_ns LIMIT 1 OFFSET ?3",
         )?
-        .query_row(params![start_ns, end_ns, n as i64], |r| r.get(0))
+        .query_row(params![start_ns, end_ns, n as i64, organization_id], |r| r.get(0))
         .optional()?)
 }
 
@@ -186,6 +206,7 @@ pub fn nth_live_created_ns(
 /// before that instant and those at or before it.
 pub fn block_agrees(
     conn: &Connection,
+    organization_id: Option<&str>,
     start_ns: i64,
     end_ns: i64,
     offset: u64,
@@ -193,17 +214,18 @@ pub fn block_agrees(
 ) -> anyhow::Result<bool> {
     let mut live = conn.prepare_cached(
         "SELECT count(*) FROM encounters
-         WHERE encounter_id = ?1 AND removed_at IS NULL AND created_at_ns >= ?2 AND created_at_ns < ?3",
+         WHERE encounter_id = ?1 AND removed_at IS NULL AND created_at_ns >= ?2 AND created_at_ns < ?3
+           AND organization_id = ?4",
     )?;
     for (id, _) in block {
-        let n: i64 = live.query_row(params![id, start_ns, end_ns], |r| r.get(0))?;
+        let n: i64 = live.query_row(params![id, start_ns, end_ns, organization_id], |r| r.get(0))?;
         if n == 0 {
             return Ok(false);
         }
     }
     let position_agrees = |position: u64, at_ns: i64| -> anyhow::Result<bool> {
-        let strictly = live_count_in_range(conn, start_ns, at_ns)?;
-        let through = live_count_in_range(conn, start_ns, at_ns.saturating_add(1))?;
+        let strictly = live_count_in_range(conn, organization_id, start_ns, at_ns)?;
+        let through = live_count_in_range(conn, organization_id, start_ns, at_ns.saturating_add(1))?;
         Ok(strictly <= position && position < through)
     };
     let (Some(first), Some(last)) = (block.first(), block.last()) else {

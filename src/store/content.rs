@@ -43,11 +43,13 @@ pub struct WorkItem {
     pub detail_updated_at: Option<String>,
 }
 
-/// Up to `limit` items due now, skipping kinds in `skip` (routes disabled this cycle), the
+/// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
+/// not known yet), skipping kinds in `skip` (routes disabled this cycle), the
 /// items in `exclude` (claimed earlier and still being worked on) and items that already failed
 /// in this run. Documents of removed encounters are never worked on.
 pub fn claim_work(
     conn: &Connection,
+    organization_id: Option<&str>,
     run_id: i64,
     skip: &[Work],
     exclude: &HashSet<(Work, String)>,
@@ -68,14 +70,19 @@ pub fn claim_work(
          ) w
          JOIN documents d ON d.document_id = w.document_id
          JOIN encounters e ON e.encounter_id = d.encounter_id
-         WHERE d.removed_at IS NULL AND e.removed_at IS NULL
+         WHERE d.removed_at IS NULL AND e.removed_at IS NULL AND e.organization_id = ?4
            AND NOT EXISTS (SELECT 1 FROM dead_letters x
                            WHERE x.work = w.work AND x.document_id = w.document_id AND x.last_run_id = ?1)
          LIMIT ?3",
     )?;
     let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
     let rows = stmt.query_map(
-        params![run_id, unix_nanos(now), (limit + exclude.len() + 64) as i64],
+        params![
+            run_id,
+            unix_nanos(now),
+            (limit + exclude.len() + 64) as i64,
+            organization_id
+        ],
         |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -117,14 +124,16 @@ pub fn claim_work(
 }
 
 /// Queues a recording for every finished ambient document that has none (audio was just
-/// enabled, or a recording was purged). Returns how many were queued.
-pub fn queue_missing_audio(conn: &Connection) -> anyhow::Result<usize> {
+/// enabled, or a recording was purged), among `organization_id`'s documents. Returns how many
+/// were queued.
+pub fn queue_missing_audio(conn: &Connection, organization_id: Option<&str>) -> anyhow::Result<usize> {
     Ok(conn.execute(
         "UPDATE documents SET audio_state = 'pending'
          WHERE schema_type = 'ambient_transcript' AND status = 'completed' AND removed_at IS NULL
+           AND organization_id = ?1
            AND (audio_state IS NULL OR (audio_state = 'done'
                 AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.document_id = documents.document_id)))",
-        [],
+        [organization_id],
     )?)
 }
 
@@ -384,10 +393,11 @@ fn replace_transcript(
     )?;
     tx.execute(
         "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
-             fetched_at, fetched_for_updated_at, content_sha256)
+             fetched_at, fetched_for_updated_at, content_sha256, organization_id)
          -- The document's encounter as stored now: paging may have moved it since the claim
          -- (the documents_moved trigger keeps the two in step from then on).
-         VALUES (?1, (SELECT encounter_id FROM documents WHERE document_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)
+         VALUES (?1, (SELECT encounter_id FROM documents WHERE document_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7,
+             (SELECT organization_id FROM documents WHERE document_id = ?1))
          ON CONFLICT (document_id) DO UPDATE SET encounter_id = excluded.encounter_id,
              provider = excluded.provider, audio_duration_seconds = excluded.audio_duration_seconds,
              turn_count = excluded.turn_count, fetched_at = excluded.fetched_at,
@@ -403,12 +413,26 @@ fn replace_transcript(
             t.content_sha256
         ],
     )?;
+    let organization_id: Option<String> = tx
+        .prepare_cached("SELECT organization_id FROM documents WHERE document_id = ?1")?
+        .query_row([document_id], |r| r.get(0))
+        .optional()?
+        .flatten();
     let mut insert = tx.prepare_cached(
-        "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text,
+             organization_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for (i, (speaker, start, end, text)) in t.turns.iter().enumerate() {
-        insert.execute(params![document_id, i as i64, speaker, start, end, text])?;
+        insert.execute(params![
+            document_id,
+            i as i64,
+            speaker,
+            start,
+            end,
+            text,
+            organization_id
+        ])?;
     }
     Ok(())
 }
@@ -476,8 +500,9 @@ pub fn save_recording(
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     tx.execute(
-        "INSERT INTO recordings (document_id, encounter_id, path, size_bytes, sha256, duration_seconds, fetched_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO recordings (document_id, encounter_id, path, size_bytes, sha256, duration_seconds, fetched_at,
+             organization_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, (SELECT organization_id FROM documents WHERE document_id = ?1))
          ON CONFLICT (document_id) DO UPDATE SET path = excluded.path, size_bytes = excluded.size_bytes,
              sha256 = excluded.sha256, duration_seconds = excluded.duration_seconds,
              fetched_at = excluded.fetched_at",
@@ -499,6 +524,7 @@ pub fn save_recording(
 /// Records work that exhausted its retries in this run; it stays queued for the next cycle.
 pub fn dead_letter(
     conn: &Connection,
+    organization: &str,
     item: &WorkItem,
     run_id: i64,
     reason_code: Option<&str>,
@@ -507,8 +533,8 @@ pub fn dead_letter(
 ) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
-             last_run_id, reason_code, last_error)
-         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5, ?6, ?7)
+             last_run_id, reason_code, last_error, organization)
+         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (work, document_id) DO UPDATE SET attempts = attempts + 1,
              last_failed_at = excluded.last_failed_at, last_run_id = excluded.last_run_id,
              reason_code = excluded.reason_code, last_error = excluded.last_error",
@@ -519,7 +545,8 @@ pub fn dead_letter(
             format_stored(now),
             run_id,
             reason_code,
-            error
+            error,
+            organization
         ],
     )?;
     Ok(())
@@ -575,10 +602,18 @@ mod tests {
     }
 
     fn claim(conn: &Connection, work: Work, id: &str) -> Option<WorkItem> {
-        claim_work(conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
-            .unwrap()
-            .into_iter()
-            .find(|i| i.work == work && i.document_id == id)
+        claim_work(
+            conn,
+            Some("org_1"),
+            1,
+            &[],
+            &HashSet::new(),
+            100,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .into_iter()
+        .find(|i| i.work == work && i.document_id == id)
     }
 
     fn transcript(text: &str) -> TranscriptRecord {
@@ -665,13 +700,20 @@ mod tests {
             states(&conn, "doc_live"),
             ("skipped".into(), Some("pending".into()))
         );
-        let documents: Vec<String> =
-            claim_work(&conn, 1, &[], &HashSet::new(), 100, OffsetDateTime::now_utc())
-                .unwrap()
-                .into_iter()
-                .filter(|i| i.work == Work::Document)
-                .map(|i| i.document_id)
-                .collect();
+        let documents: Vec<String> = claim_work(
+            &conn,
+            Some("org_1"),
+            1,
+            &[],
+            &HashSet::new(),
+            100,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.work == Work::Document)
+        .map(|i| i.document_id)
+        .collect();
         assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
     }
 
@@ -833,7 +875,7 @@ mod tests {
             vec![doc("doc_a", "document", None), doc("doc_b", "document", None)],
         );
         let claim = |exclude: &HashSet<(Work, String)>| -> Vec<String> {
-            claim_work(&conn, 1, &[], exclude, 10, now)
+            claim_work(&conn, Some("org_1"), 1, &[], exclude, 10, now)
                 .unwrap()
                 .into_iter()
                 .map(|i| i.document_id)

@@ -12,6 +12,8 @@ const DEEP_REVISIT_AT: &str = "deep_revisit_at";
 /// A window whose every page has been read; recorded in the same transaction as its last page.
 #[derive(Debug, Clone)]
 pub struct WindowCompletion {
+    /// The configured organization name whose ledger and watermark this window belongs to.
+    pub organization: std::sync::Arc<str>,
     pub run_id: i64,
     pub kind: &'static str,
     pub backfill_id: Option<i64>,
@@ -34,8 +36,8 @@ pub(super) fn record_window(
 ) -> anyhow::Result<()> {
     tx.prepare_cached(
         "INSERT INTO sync_windows (run_id, kind, backfill_id, start_at, end_at, start_at_ns, end_at_ns,
-             records_seen, total, pages, passes, removed, id_set_hash, completed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             records_seen, total, pages, passes, removed, id_set_hash, completed_at, organization)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         w.run_id,
@@ -52,9 +54,10 @@ pub(super) fn record_window(
         w.removed as i64,
         w.id_set_hash,
         format_stored(now),
+        &*w.organization,
     ])?;
-    if w.advances_watermark && complete_through(tx)?.is_none_or(|t| t < w.end_at) {
-        set_state(tx, COMPLETE_THROUGH, w.end_at)?;
+    if w.advances_watermark && complete_through(tx, &w.organization)?.is_none_or(|t| t < w.end_at) {
+        set_state(tx, &w.organization, COMPLETE_THROUGH, w.end_at)?;
     }
     if let Some(id) = w.backfill_id {
         tx.prepare_cached(
@@ -72,53 +75,106 @@ pub(super) fn record_window(
     Ok(())
 }
 
-fn get_state(conn: &Connection, name: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+fn get_state(conn: &Connection, organization: &str, name: &str) -> anyhow::Result<Option<OffsetDateTime>> {
     let text: Option<String> = conn
-        .query_row("SELECT value FROM sync_state WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT value FROM organization_state WHERE organization = ?1 AND name = ?2")?
+        .query_row([organization, name], |r| r.get(0))
         .optional()?;
-    text.map(|t| parse_rfc3339(&t).map_err(|e| anyhow::anyhow!("corrupt {name} in sync_state: {e}")))
-        .transpose()
+    text.map(|t| {
+        parse_rfc3339(&t).map_err(|e| {
+            anyhow::anyhow!("corrupt {name} of organization {organization} in organization_state: {e}")
+        })
+    })
+    .transpose()
 }
 
-fn set_state(conn: &Connection, name: &str, value: OffsetDateTime) -> rusqlite::Result<()> {
+fn set_state(
+    conn: &Connection,
+    organization: &str,
+    name: &str,
+    value: OffsetDateTime,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO sync_state (name, value) VALUES (?1, ?2)
-         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "INSERT INTO organization_state (organization, name, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT (organization, name) DO UPDATE SET value = excluded.value",
     )?
-    .execute(params![name, format_stored(value)])?;
+    .execute(params![organization, name, format_stored(value)])?;
     Ok(())
 }
 
-/// Everything created before this instant has been listed completely (assuming records become
-/// visible within the settle lag; see ARCHITECTURE.md).
-pub fn complete_through(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
-    get_state(conn, COMPLETE_THROUGH)
+/// Everything `organization` created before this instant has been listed completely (assuming
+/// records become visible within the settle lag; see ARCHITECTURE.md).
+pub fn complete_through(conn: &Connection, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+    get_state(conn, organization, COMPLETE_THROUGH)
 }
 
-/// When the last deep revisit completed.
-pub fn deep_revisit_at(conn: &Connection) -> anyhow::Result<Option<OffsetDateTime>> {
-    get_state(conn, DEEP_REVISIT_AT)
+/// When `organization`'s last deep revisit completed.
+pub fn deep_revisit_at(conn: &Connection, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+    get_state(conn, organization, DEEP_REVISIT_AT)
 }
 
-pub fn set_deep_revisit_at(conn: &Connection, at: OffsetDateTime) -> anyhow::Result<()> {
-    Ok(set_state(conn, DEEP_REVISIT_AT, at)?)
+pub fn set_deep_revisit_at(conn: &Connection, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
+    Ok(set_state(conn, organization, DEEP_REVISIT_AT, at)?)
 }
 
-/// IDs of live (not removed) encounters created in `[start, end)`: the candidates for removal
-/// when a complete listing of that window does not show them.
+/// The ChartHero `organization_id` the configured `organization` reads, once known.
+pub fn known_organization_id(conn: &Connection, organization: &str) -> anyhow::Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT organization_id FROM organizations WHERE organization = ?1")?
+        .query_row([organization], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
+}
+
+/// Records that `organization` reads ChartHero's `organization_id`. Refused (`Err` naming the
+/// other name) when another configured organization already reads it: two keys of one clinic,
+/// or keys mixed up between clinics. Idempotent for the same pair.
+pub fn claim_organization_id(
+    conn: &Connection,
+    organization: &str,
+    organization_id: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<Result<(), String>> {
+    let holder: Option<String> = conn
+        .query_row(
+            "SELECT organization FROM organizations WHERE organization_id = ?1",
+            [organization_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match holder {
+        Some(h) if h == organization => Ok(Ok(())),
+        Some(h) => Ok(Err(h)),
+        None => {
+            conn.execute(
+                "INSERT INTO organizations (organization, organization_id, first_seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (organization) DO UPDATE SET organization_id = excluded.organization_id
+                 WHERE organization_id IS NULL",
+                params![organization, organization_id, format_stored(now)],
+            )?;
+            Ok(Ok(()))
+        }
+    }
+}
+
+/// IDs of `organization_id`'s live (not removed) encounters created in `[start, end)`: the
+/// candidates for removal when a complete listing of that window does not show them. Another
+/// organization's rows are never candidates.
 pub fn live_ids_in_range(
     conn: &Connection,
+    organization_id: &str,
     start: OffsetDateTime,
     end: OffsetDateTime,
 ) -> anyhow::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT encounter_id FROM encounters
-         WHERE created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+         WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
     )?;
     let ids = stmt
-        .query_map(params![unix_nanos(start), unix_nanos(end)], |r| r.get(0))?
+        .query_map(
+            params![unix_nanos(start), unix_nanos(end), organization_id],
+            |r| r.get(0),
+        )?
         .collect::<rusqlite::Result<_>>()?;
     Ok(ids)
 }
@@ -136,6 +192,7 @@ pub struct Backfill {
 /// Starts a backfill of `[start, end)`, or resumes the unfinished one with exactly that range.
 pub fn open_backfill(
     conn: &Connection,
+    organization: &str,
     start: OffsetDateTime,
     end: OffsetDateTime,
     requested_by: &str,
@@ -146,8 +203,9 @@ pub fn open_backfill(
         .query_row(
             "SELECT backfill_id, cursor FROM backfills
              WHERE range_start = ?1 AND range_end = ?2 AND status IN ('queued', 'running')
+               AND organization = ?3
              ORDER BY backfill_id LIMIT 1",
-            params![start_text, end_text],
+            params![start_text, end_text, organization],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
@@ -166,9 +224,10 @@ pub fn open_backfill(
         }
         None => {
             conn.execute(
-                "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at, started_at)
-                 VALUES (?1, ?2, 'running', ?3, ?4, ?4)",
-                params![start_text, end_text, requested_by, now_text],
+                "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at, started_at,
+                     organization)
+                 VALUES (?1, ?2, 'running', ?3, ?4, ?4, ?5)",
+                params![start_text, end_text, requested_by, now_text, organization],
             )?;
             (conn.last_insert_rowid(), start)
         }
@@ -181,34 +240,40 @@ pub fn open_backfill(
     })
 }
 
-/// Queues a backfill of `[start, end)` for a running daemon; returns its id.
+/// Queues a backfill of `[start, end)` of `organization` for a running daemon; returns its id.
 pub fn queue_backfill(
     conn: &Connection,
+    organization: &str,
     start: OffsetDateTime,
     end: OffsetDateTime,
     requested_by: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<i64> {
     conn.execute(
-        "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at)
-         VALUES (?1, ?2, 'queued', ?3, ?4)",
+        "INSERT INTO backfills (range_start, range_end, status, requested_by, requested_at, organization)
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
         params![
             format_stored(start),
             format_stored(end),
             requested_by,
-            format_stored(now)
+            format_stored(now),
+            organization
         ],
     )?;
     Ok(conn.last_insert_rowid())
 }
 
-/// The oldest backfill not yet completed, if any.
-pub fn next_backfill(conn: &Connection) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
+/// The oldest backfill of `organization` not yet completed, if any.
+pub fn next_backfill(
+    conn: &Connection,
+    organization: &str,
+) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
     let row: Option<(String, String)> = conn
         .query_row(
-            "SELECT range_start, range_end FROM backfills WHERE status IN ('queued', 'running')
+            "SELECT range_start, range_end FROM backfills
+             WHERE status IN ('queued', 'running') AND organization = ?1
              ORDER BY backfill_id LIMIT 1",
-            [],
+            [organization],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
@@ -298,20 +363,28 @@ impl RunCounts {
     }
 }
 
-/// Marks runs left 'running' by a process that died as 'aborted'; returns how many.
-pub fn abort_stale_runs(conn: &Connection, now: OffsetDateTime) -> anyhow::Result<usize> {
+/// Marks `organization`'s runs left 'running' by a process that died as 'aborted'; returns how
+/// many. (Only one process writes the warehouse, and it runs one cycle per organization at a
+/// time, so a 'running' row of this organization at the start of its cycle is stale; another
+/// organization's running cycle is not.)
+pub fn abort_stale_runs(conn: &Connection, organization: &str, now: OffsetDateTime) -> anyhow::Result<usize> {
     Ok(conn.execute(
         "UPDATE sync_runs SET outcome = 'aborted', finished_at = ?1,
              error = coalesce(error, 'the process stopped before the cycle finished')
-         WHERE outcome = 'running'",
-        [format_stored(now)],
+         WHERE outcome = 'running' AND organization = ?2",
+        params![format_stored(now), organization],
     )?)
 }
 
-pub fn start_run(conn: &Connection, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
+pub fn start_run(
+    conn: &Connection,
+    organization: &str,
+    trigger: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<i64> {
     conn.execute(
-        "INSERT INTO sync_runs (started_at, outcome, trigger) VALUES (?1, 'running', ?2)",
-        params![format_stored(now), trigger],
+        "INSERT INTO sync_runs (started_at, outcome, trigger, organization) VALUES (?1, 'running', ?2, ?3)",
+        params![format_stored(now), trigger, organization],
     )?;
     Ok(conn.last_insert_rowid())
 }

@@ -30,9 +30,9 @@ pub use content::{
 };
 pub use error::{StoreError, StoreErrorKind};
 pub use ledger::{
-    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, complete_through,
-    deep_revisit_at, finish_backfill, finish_run, live_ids_in_range, next_backfill, open_backfill,
-    queue_backfill, set_deep_revisit_at, start_run,
+    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, claim_organization_id,
+    complete_through, deep_revisit_at, finish_backfill, finish_run, known_organization_id, live_ids_in_range,
+    next_backfill, open_backfill, queue_backfill, set_deep_revisit_at, start_run,
 };
 pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
@@ -687,7 +687,9 @@ mod tests {
         assert_eq!(row[1], "2026-05-25T15:00:00.000000000Z");
         let (complete, policy): (String, String) = conn
             .query_row(
-                "SELECT (SELECT value FROM sync_state WHERE name = 'complete_through'),
+                // V6 moved the watermark to organization `default`, as V5 padded it.
+                "SELECT (SELECT value FROM organization_state
+                          WHERE organization = 'default' AND name = 'complete_through'),
                         (SELECT value FROM sync_state WHERE name = 'privacy_policy')",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),

@@ -298,7 +298,8 @@ mod tests {
                      changed_at) VALUES ('{t}', '{e}', 1, 'ambient_transcript', 't', 't');
                  INSERT INTO transcripts (document_id, encounter_id, turn_count, fetched_at)
                      VALUES ('{t}', '{e}', 1, 't');
-                 INSERT INTO transcript_turns VALUES ('{t}', 0, 'patient', 0, 1, '{text}');",
+                 INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds,
+                     end_seconds, text) VALUES ('{t}', 0, 'patient', 0, 1, '{text}');",
                 ns = n * 1_000_000_000
             ))
             .unwrap();

@@ -155,7 +155,7 @@ fn upsert_encounter(
         }
     }
     if let Some(p) = &rec.patient {
-        upsert_patient(conn, p, now)?;
+        upsert_patient(conn, p, &rec.organization_id, now)?;
     }
     conn.prepare_cached(
         "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
@@ -189,12 +189,18 @@ fn upsert_encounter(
     upsert_documents(conn, rec, is_new, now)
 }
 
-fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::Result<()> {
+fn upsert_patient(
+    conn: &Connection,
+    p: &PatientRecord,
+    organization_id: &str,
+    now: &str,
+) -> rusqlite::Result<()> {
     // A response without names (a key lacking patients:read, or a terse record) must not erase
     // names learnt earlier, so absent fields keep what is stored.
     conn.prepare_cached(
-        "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+        "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at,
+             organization_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
          ON CONFLICT (patient_id) DO UPDATE SET
              first_name = coalesce(excluded.first_name, first_name),
              last_name = coalesce(excluded.last_name, last_name),
@@ -209,7 +215,8 @@ fn upsert_patient(conn: &Connection, p: &PatientRecord, now: &str) -> rusqlite::
         p.first_name,
         p.last_name,
         p.date_of_birth,
-        now
+        now,
+        organization_id
     ])?;
     Ok(())
 }
@@ -231,11 +238,11 @@ fn upsert_documents(
     let mut upsert = conn.prepare_cached(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
              workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
-             transcript_state)
+             transcript_state, organization_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9,
              CASE WHEN ?4 = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
              CASE WHEN ?4 <> 'ambient_transcript' THEN NULL
-                  WHEN ?6 = 'completed' THEN 'pending' ELSE 'waiting' END)
+                  WHEN ?6 = 'completed' THEN 'pending' ELSE 'waiting' END, ?10)
          ON CONFLICT (document_id) DO UPDATE SET
              encounter_id = excluded.encounter_id, position = excluded.position,
              schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
@@ -274,6 +281,7 @@ fn upsert_documents(
             d.workflow_variant,
             d.audio_duration_seconds,
             now,
+            rec.organization_id,
         ])?;
     }
     if is_new {

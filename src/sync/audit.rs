@@ -54,7 +54,8 @@ pub(super) async fn run(
     cancel: &CancellationToken,
 ) -> Result<Finished, CycleError> {
     let now = OffsetDateTime::now_utc();
-    let Some(watermark) = ctx.writer.call(|c| store::complete_through(c)).await? else {
+    let org = ctx.org.name.clone();
+    let Some(watermark) = ctx.writer.call(move |c| store::complete_through(c, &org)).await? else {
         tracing::info!("no completed history to audit yet");
         return Ok(Finished::Yes);
     };
@@ -64,7 +65,10 @@ pub(super) async fn run(
     }
     let audit = ctx
         .writer
-        .call(move |c| store::open_audit(c, start, watermark, requested_by, now))
+        .call({
+            let org = ctx.org.name.clone();
+            move |c| store::open_audit(c, &org, start, watermark, requested_by, now)
+        })
         .await?;
     let (from, to) = (Micros::floor(audit.cursor), Micros::floor(audit.end));
     tracing::info!(audit_id = audit.audit_id, from = %from, to = %to, "auditing history");
@@ -142,7 +146,10 @@ impl Auditor<'_> {
             let nth = self
                 .ctx
                 .writer
-                .call(move |c| store::nth_live_created_ns(c, at, stop.as_nanos(), size))
+                .call({
+                    let org_id = self.ctx.org.id();
+                    move |c| store::nth_live_created_ns(c, org_id.as_deref(), at, stop.as_nanos(), size)
+                })
                 .await?;
             size = RANGE_RECORDS;
             let end = match nth.map(|ns| Micros::floor(from_unix_nanos(ns))) {
@@ -195,7 +202,10 @@ impl Auditor<'_> {
         let agrees = self
             .ctx
             .writer
-            .call(move |c| store::block_agrees(c, a_ns, b_ns, offset, &block))
+            .call({
+                let org_id = self.ctx.org.id();
+                move |c| store::block_agrees(c, org_id.as_deref(), a_ns, b_ns, offset, &block)
+            })
             .await?;
         if !agrees {
             // The total agrees but the records do not: changes that cancel in the count.
@@ -237,7 +247,10 @@ impl Auditor<'_> {
             let median = self
                 .ctx
                 .writer
-                .call(move |c| store::nth_live_created_ns(c, a_ns, b_ns, local / 2))
+                .call({
+                    let org_id = self.ctx.org.id();
+                    move |c| store::nth_live_created_ns(c, org_id.as_deref(), a_ns, b_ns, local / 2)
+                })
                 .await?
                 .map(|ns| Micros::floor(from_unix_nanos(ns)))
                 .filter(|m| *m > a && *m < b);
@@ -260,7 +273,10 @@ impl Auditor<'_> {
         Ok(self
             .ctx
             .writer
-            .call(move |c| store::live_count_in_range(c, a_ns, b_ns))
+            .call({
+                let org_id = self.ctx.org.id();
+                move |c| store::live_count_in_range(c, org_id.as_deref(), a_ns, b_ns)
+            })
             .await?)
     }
 

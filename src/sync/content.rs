@@ -122,7 +122,11 @@ pub(super) async fn drain(
             widened = true;
         }
         if !audio_queued && paging_done.is_cancelled() {
-            let queued = ctx.writer.call(|c| store::queue_missing_audio(c)).await?;
+            let org_id = ctx.org.id();
+            let queued = ctx
+                .writer
+                .call(move |c| store::queue_missing_audio(c, org_id.as_deref()))
+                .await?;
             tracing::debug!(queued, "recordings queued");
             audio_queued = true;
         }
@@ -144,10 +148,19 @@ pub(super) async fn drain(
             }
             let mut exclude = busy.clone();
             exclude.extend(queue.iter().map(|i| (i.work, i.document_id.clone())));
+            let org_id = ctx.org.id();
             let batch = ctx
                 .writer
                 .call(move |c| {
-                    store::claim_work(c, run_id, &skip, &exclude, BATCH, OffsetDateTime::now_utc())
+                    store::claim_work(
+                        c,
+                        org_id.as_deref(),
+                        run_id,
+                        &skip,
+                        &exclude,
+                        BATCH,
+                        OffsetDateTime::now_utc(),
+                    )
                 })
                 .await?;
             more = batch.len() == BATCH;
@@ -252,10 +265,12 @@ async fn process_item(
     );
     let message = err.to_string();
     let reason = err.reason_code().map(str::to_owned);
+    let org = ctx.org.name.clone();
     ctx.writer
         .write(move |c| {
             store::dead_letter(
                 c,
+                &org,
                 &item,
                 run_id,
                 reason.as_deref(),

@@ -8,12 +8,14 @@ mod content;
 mod record;
 mod window;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
 use crate::config::{AudioConfig, ContentConfig, PrivacyConfig, SyncConfig};
 use crate::store::{self, RunCounts, RunEnd, RunOutcome, StoreError, Writer};
@@ -22,10 +24,60 @@ use crate::timefmt::{Micros, format_utc};
 pub use record::encounter_record;
 use window::{Scope, Window, WindowTarget};
 
+/// Which organization a cycle syncs: its configured name (the warehouse's bookkeeping key) and
+/// ChartHero's `organization_id` its key reads — configured, or learnt from the first page and
+/// then held to.
+#[derive(Debug)]
+pub struct OrgScope {
+    pub name: Arc<str>,
+    /// `organization_id` from the configuration, if given.
+    pub expected_id: Option<String>,
+    /// What the warehouse knows this organization reads (loaded at the start of every cycle).
+    known_id: Mutex<Option<Arc<str>>>,
+    /// Whether the key's clinic is to be confirmed once, before this context's first cycle
+    /// writes anything (configurations with `[[organizations]]`), and whether it was.
+    verify: bool,
+    verified: std::sync::atomic::AtomicBool,
+}
+
+impl OrgScope {
+    /// `verify`: confirm the key's clinic with one `limit=1` list request before the first
+    /// cycle of this context writes anything. With several keys in one configuration a key
+    /// put under the wrong name is a real operator error, and a cycle whose windows happen to
+    /// list nothing would otherwise not notice it while its removal checks and content
+    /// requests run under the wrong key.
+    pub fn new(name: &str, expected_id: Option<String>, verify: bool) -> OrgScope {
+        OrgScope {
+            name: name.into(),
+            expected_id,
+            known_id: Mutex::new(None),
+            verify,
+            verified: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// ChartHero's id of this organization, once configured or learnt.
+    pub fn id(&self) -> Option<Arc<str>> {
+        self.known_id
+            .lock()
+            .expect("organization lock")
+            .clone()
+            .or_else(|| self.expected_id.as_deref().map(Arc::from))
+    }
+
+    fn set_known(&self, id: Option<&str>) {
+        *self.known_id.lock().expect("organization lock") = id.map(Arc::from);
+    }
+}
+
 /// Everything a cycle needs, passed explicitly.
 pub struct SyncContext {
+    /// The organization this context syncs; every store call of its cycles is scoped to it.
+    pub org: OrgScope,
     pub client: Client,
-    pub writer: Writer,
+    /// The one writer thread of the warehouse, shared by every organization's context.
+    pub writer: Arc<Writer>,
+    /// `[sync]`, with `start_at` this organization's.
     pub sync: SyncConfig,
     pub content: ContentConfig,
     pub audio: AudioConfig,
@@ -127,6 +179,18 @@ pub enum CycleError {
     /// The warehouse failed (full disk, busy, corrupt, not writable, I/O); it says which.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The key reads another clinic than this organization's: refused before anything of it
+    /// is written (keys mixed up between clinics).
+    #[error(
+        "the key of organization {organization} lists encounters of organization_id {found}, but {expected}; \
+         refused before anything was written: give this organization its own clinic's key"
+    )]
+    WrongOrganization {
+        organization: String,
+        /// What was expected, as a phrase ("organization_id = \"org_a\" is configured").
+        expected: String,
+        found: String,
+    },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -136,6 +200,7 @@ impl CycleError {
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             CycleError::Api(e) => e.reason_code(),
+            CycleError::WrongOrganization { .. } => Some("organization_mismatch"),
             _ => self
                 .window_failure()
                 .or_else(|| self.store_error().and_then(StoreError::reason_code)),
@@ -158,9 +223,123 @@ impl CycleError {
             CycleError::Unsettled { .. } => Some("window_unsettled"),
             CycleError::RequestBound { .. } => Some("request_bound_exceeded"),
             CycleError::InstantOverfull { .. } => Some("instant_overfull"),
-            CycleError::Api(_) | CycleError::Cancelled | CycleError::Store(_) | CycleError::Other(_) => None,
+            CycleError::Api(_)
+            | CycleError::Cancelled
+            | CycleError::Store(_)
+            | CycleError::WrongOrganization { .. }
+            | CycleError::Other(_) => None,
         }
     }
+
+    /// The organization's key was refused — by ChartHero (401) or by us (it reads another
+    /// clinic): nothing more is sent with it until the operator acts; the other organizations go
+    /// on. (A 403 such as `org_scope_only_required` fails the cycle, which is retried.)
+    pub fn key_refused(&self) -> bool {
+        match self {
+            CycleError::Api(e) => e.is_auth(),
+            CycleError::WrongOrganization { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Holds a page (or a detail) to the organization's clinic before anything of it is written:
+/// every encounter must carry the configured `organization_id`, or, when none is configured,
+/// the one this organization's key listed first (recorded in `organizations`; an id another
+/// configured organization already reads is refused too).
+pub(crate) async fn admit(ctx: &SyncContext, items: &[Encounter]) -> Result<(), CycleError> {
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    let refuse = |expected: String, found: &str| CycleError::WrongOrganization {
+        organization: ctx.org.name.to_string(),
+        expected,
+        found: found.to_owned(),
+    };
+    let known = ctx.org.id();
+    let reference: Arc<str> = match known {
+        Some(id) => id,
+        None => {
+            // The first page this organization ever lists: claim its clinic.
+            let (name, id) = (ctx.org.name.clone(), first.organization_id.clone());
+            let claim = ctx
+                .writer
+                .call(move |c| store::claim_organization_id(c, &name, &id, OffsetDateTime::now_utc()))
+                .await?;
+            if let Err(holder) = claim {
+                return Err(refuse(
+                    format!("organization {holder} of this warehouse already reads it"),
+                    &first.organization_id,
+                ));
+            }
+            ctx.org.set_known(Some(&first.organization_id));
+            tracing::info!(organization_id = %first.organization_id, "organization identified");
+            Arc::from(first.organization_id.as_str())
+        }
+    };
+    if let Some(other) = items.iter().find(|e| *e.organization_id != *reference) {
+        let expected = match &ctx.org.expected_id {
+            Some(id) => format!("organization_id = {id:?} is configured"),
+            None => format!("the warehouse holds organization_id {reference:?} for it"),
+        };
+        return Err(refuse(expected, &other.organization_id));
+    }
+    Ok(())
+}
+
+/// Loads what the warehouse knows of the organization's clinic, refusing a configured
+/// `organization_id` that contradicts it.
+async fn load_organization(ctx: &SyncContext) -> Result<(), CycleError> {
+    let name = ctx.org.name.clone();
+    let known = ctx
+        .writer
+        .call(move |c| store::known_organization_id(c, &name))
+        .await?;
+    if let (Some(expected), Some(known)) = (&ctx.org.expected_id, &known)
+        && expected != known
+    {
+        return Err(CycleError::WrongOrganization {
+            organization: ctx.org.name.to_string(),
+            expected: format!("organization_id = {expected:?} is configured"),
+            found: format!("{known} (what this warehouse holds for it)"),
+        });
+    }
+    let known = match (known, &ctx.org.expected_id) {
+        (None, Some(expected)) => {
+            // A configured clinic is recorded before the first write, like a learnt one.
+            let (name, id) = (ctx.org.name.clone(), expected.clone());
+            let claim = ctx
+                .writer
+                .call(move |c| store::claim_organization_id(c, &name, &id, OffsetDateTime::now_utc()))
+                .await?;
+            if let Err(holder) = claim {
+                return Err(CycleError::WrongOrganization {
+                    organization: ctx.org.name.to_string(),
+                    expected: format!("organization {holder} of this warehouse already reads it"),
+                    found: expected.clone(),
+                });
+            }
+            Some(expected.clone())
+        }
+        (known, _) => known,
+    };
+    ctx.org.set_known(known.as_deref());
+    if ctx.org.verify && !ctx.org.verified.load(std::sync::atomic::Ordering::Relaxed) {
+        // The newest encounter the key can see, whatever its date.
+        let page = ctx
+            .client
+            .list_encounters(&crate::api::ListQuery {
+                start_at: None,
+                end_at: None,
+                offset: 0,
+                limit: 1,
+                sort: crate::api::SortOrder::Desc,
+            })
+            .await?;
+        admit(ctx, &page.items).await?;
+        ctx.org.verified.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Runs one cycle — the live and revisit ranges, then `backfill` if given, and concurrently the
@@ -181,11 +360,12 @@ pub async fn run_cycle(
             .map_err(|e| anyhow::anyhow!("cannot create audio.directory {}: {e}", dir.display()))?;
     }
     let privacy = ctx.privacy;
+    let org = ctx.org.name.clone();
     let run_id = ctx
         .writer
         .call(move |c| {
             let now = OffsetDateTime::now_utc();
-            let aborted = store::abort_stale_runs(c, now)?;
+            let aborted = store::abort_stale_runs(c, &org, now)?;
             if aborted > 0 {
                 tracing::warn!(
                     aborted,
@@ -193,10 +373,10 @@ pub async fn run_cycle(
                 );
             }
             store::apply_privacy(c, &privacy)?;
-            store::start_run(c, trigger, now)
+            store::start_run(c, &org, trigger, now)
         })
         .await?;
-    let span = tracing::info_span!("cycle", run_id, trigger);
+    let span = tracing::info_span!("cycle", organization = %ctx.org.name, run_id, trigger);
     execute(ctx, run_id, plan, trigger, cancel, started)
         .instrument(span)
         .await
@@ -218,8 +398,11 @@ async fn execute(
     let mut counts = RunCounts::default();
     let mut content_counts = RunCounts::default();
     let deadline = plan.budget.map(|b| Instant::now() + b);
+    let identified = load_organization(ctx).await;
     let paging = async {
-        let mut r = if plan.live {
+        let mut r = if let Err(e) = identified {
+            Err(e)
+        } else if plan.live {
             sync_recent(ctx, run_id, &mut counts, &stop)
                 .await
                 .map(|()| Finished::Yes)
@@ -316,9 +499,15 @@ async fn execute(
         + counts.transcripts_fetched
         + counts.recordings_fetched;
     let bookkeeping = async {
+        let org = ctx.org.name.clone();
         let (complete_through, backfills_pending) = ctx
             .writer
-            .call(|c| Ok((store::complete_through(c)?, store::next_backfill(c)?.is_some())))
+            .call(move |c| {
+                Ok((
+                    store::complete_through(c, &org)?,
+                    store::next_backfill(c, &org)?.is_some(),
+                ))
+            })
             .await?;
         // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
         ctx.client.metrics().record_cycle(outcome, rows, complete_through);
@@ -402,9 +591,15 @@ async fn sync_recent(
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<(), CycleError> {
+    let org = ctx.org.name.clone();
     let (watermark, deep_at) = ctx
         .writer
-        .call(|c| Ok((store::complete_through(c)?, store::deep_revisit_at(c)?)))
+        .call(move |c| {
+            Ok((
+                store::complete_through(c, &org)?,
+                store::deep_revisit_at(c, &org)?,
+            ))
+        })
         .await?;
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
@@ -439,8 +634,9 @@ async fn sync_recent(
     .await?;
     // The first cycle reads all history, which covers the deep horizon too.
     if deep_due && from <= now - s.revisit_deep {
+        let org = ctx.org.name.clone();
         ctx.writer
-            .call(move |c| store::set_deep_revisit_at(c, now))
+            .call(move |c| store::set_deep_revisit_at(c, &org, now))
             .await?;
     }
     Ok(())
@@ -464,10 +660,18 @@ async fn run_backfill(
     counts: &mut RunCounts,
     cancel: &CancellationToken,
 ) -> Result<Finished, CycleError> {
+    let org = ctx.org.name.clone();
     let bf = ctx
         .writer
         .call(move |c| {
-            store::open_backfill(c, range.start, range.end, requested_by, OffsetDateTime::now_utc())
+            store::open_backfill(
+                c,
+                &org,
+                range.start,
+                range.end,
+                requested_by,
+                OffsetDateTime::now_utc(),
+            )
         })
         .await?;
     tracing::info!(
@@ -517,7 +721,11 @@ async fn run_queued_backfills(
     cancel: &CancellationToken,
 ) -> Result<(), CycleError> {
     let mut worked = Vec::new();
-    while let Some((start, end)) = ctx.writer.call(|c| store::next_backfill(c)).await? {
+    loop {
+        let org = ctx.org.name.clone();
+        let Some((start, end)) = ctx.writer.call(move |c| store::next_backfill(c, &org)).await? else {
+            break;
+        };
         let range = BackfillRange { start, end };
         if worked.contains(&range) {
             return Err(CycleError::Other(anyhow::anyhow!(

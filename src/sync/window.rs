@@ -261,6 +261,7 @@ impl Pass {
         let page = ctx.client.list_encounters(&query).await?;
         counts.list_requests += 1;
         self.pages += 1;
+        super::admit(ctx, &page.items).await?;
         Ok(page)
     }
 
@@ -389,6 +390,7 @@ pub(super) async fn scan(
         let seen: HashSet<&str> = pass.seen.keys().map(String::as_str).collect();
         let removals = find_removals(ctx, &window, &seen, counts).await?;
         let completion = WindowCompletion {
+            organization: ctx.org.name.clone(),
             run_id: w.run_id,
             kind: w.scope.ledger_kind(end),
             backfill_id: match w.scope {
@@ -853,16 +855,23 @@ async fn find_removals(
     counts: &mut RunCounts,
 ) -> Result<Vec<Removal>, CycleError> {
     let (start, end) = (w.start.instant(), w.end.instant());
+    // Only this organization's rows are candidates; before it is known it has none.
+    let Some(org_id) = ctx.org.id() else {
+        return Ok(Vec::new());
+    };
     let stored = ctx
         .writer
-        .call(move |c| store::live_ids_in_range(c, start, end))
+        .call(move |c| store::live_ids_in_range(c, &org_id, start, end))
         .await?;
     let mut removals = Vec::new();
     let mut still_there = Vec::new();
     for encounter_id in stored.into_iter().filter(|id| !seen.contains(id.as_str())) {
         counts.detail_requests += 1;
         match ctx.client.encounter(&encounter_id).await {
-            Ok(e) => still_there.push(encounter_record(e, &ctx.privacy)),
+            Ok(e) => {
+                super::admit(ctx, std::slice::from_ref(&e)).await?;
+                still_there.push(encounter_record(e, &ctx.privacy));
+            }
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let reason = e.reason_code().unwrap_or("encounter_not_found").to_owned();
                 tracing::debug!(encounter_id, reason, "encounter gone upstream");

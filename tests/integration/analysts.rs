@@ -537,7 +537,8 @@ async fn every_stored_timestamp_has_one_width_so_text_order_is_time_order() {
         "backfills.cursor",
         "audits.cursor",
         "purges.range_end",
-        "sync_state.value",
+        "organization_state.value",
+        "organizations.first_seen_at",
     ] {
         assert!(checked.contains(column), "{column} was not checked: {checked:?}");
     }

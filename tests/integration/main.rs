@@ -9,6 +9,7 @@ mod daemon;
 mod daemon_loop;
 mod harsh;
 mod install;
+mod organizations;
 mod packaging;
 mod plan;
 mod replication;

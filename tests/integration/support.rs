@@ -189,6 +189,17 @@ type DocRow = (
 
 /// Compares every live encounter, its patient and its document summaries.
 pub fn compare(sim: &Simulator, db: &Path) -> Diff {
+    compare_where(sim, db, None)
+}
+
+/// [`compare`] for one organization of a host: the warehouse's encounters of the simulator's
+/// `organization_id` against that organization's data set (another organization's rows are
+/// neither missing nor ghosts here).
+pub fn compare_organization(sim: &Simulator, db: &Path) -> Diff {
+    compare_where(sim, db, Some(&sim.organization_id()))
+}
+
+fn compare_where(sim: &Simulator, db: &Path, organization_id: Option<&str>) -> Diff {
     let conn = reader(db);
     let mut docs: BTreeMap<String, Vec<DocRow>> = BTreeMap::new();
     let mut stmt = conn
@@ -216,11 +227,11 @@ pub fn compare(sim: &Simulator, db: &Path) -> Diff {
                     e.updated_at, e.date_of_service, p.patient_id, p.first_name, p.last_name,
                     p.date_of_birth
              FROM encounters e LEFT JOIN patients p USING (patient_id)
-             WHERE e.removed_at IS NULL",
+             WHERE e.removed_at IS NULL AND (?1 IS NULL OR e.organization_id = ?1)",
         )
         .unwrap();
     let mut stored: BTreeMap<String, Row> = stmt
-        .query_map([], |r| {
+        .query_map([organization_id], |r| {
             let id: String = r.get(0)?;
             Ok((
                 id,

@@ -1,0 +1,215 @@
+//! Request budgets: each key's own rate and in-flight bound ([`KeyBudget`]) and the process's
+//! ceiling over all keys ([`Ceiling`], `[limits]`). A request starts only when both rate buckets
+//! admit it *at the same instant*, and both are charged at that instant: waiting for one bucket
+//! after being charged by the other would send requests later than they were admitted, and
+//! requests admitted over a longer span than a second could then reach the server within one.
+//! The in-flight bounds are semaphores, the key's taken before the ceiling's, and the ceiling's
+//! only once the key's own bucket is ready, so a key waiting for its own budget does not hold
+//! slots of the ceiling. This module knows nothing of HTTP.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+use crate::config::Budget;
+
+/// How late a request may reach the server relative to its admission (task scheduling,
+/// connection pool, network) without the server seeing more than `requests_per_second + burst`
+/// requests in any second: buckets pace 1 % slower than configured, so requests admitted within
+/// 1 s + 10 ms arrive within any server second even when some arrive up to 10 ms late.
+const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
+
+/// A generic cell rate algorithm bucket: `burst` requests at once, then one per `interval`.
+#[derive(Debug)]
+struct Bucket {
+    interval: Duration,
+    /// `interval × (burst − 1)`: how far ahead of now the theoretical arrival time may run.
+    tolerance: Duration,
+    /// The theoretical arrival time of the next request.
+    tat: Instant,
+}
+
+impl Bucket {
+    fn new(budget: &Budget, what: &str) -> anyhow::Result<Bucket> {
+        let rps = budget.requests_per_second;
+        // `config` bounds requests_per_second (0.01..=1e6), so the interval is 1.01 µs..101 s;
+        // the check keeps a bad value an error instead of a panic or a bucket that never opens.
+        let interval = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
+            .ok()
+            .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{what} requests_per_second = {rps} gives no usable request period")
+            })?;
+        Ok(Bucket {
+            interval,
+            tolerance: interval.saturating_mul(budget.burst.get() - 1),
+            tat: Instant::now(),
+        })
+    }
+
+    /// The earliest instant at which one more request conforms.
+    fn earliest(&self) -> Instant {
+        self.tat.checked_sub(self.tolerance).unwrap_or(self.tat)
+    }
+
+    fn charge(&mut self, now: Instant) {
+        self.tat = self.tat.max(now) + self.interval;
+    }
+}
+
+/// The whole process's ceiling (`[limits]`), shared by every organization's client.
+#[derive(Debug)]
+pub struct Ceiling {
+    bucket: Mutex<Bucket>,
+    in_flight: Semaphore,
+}
+
+impl Ceiling {
+    pub fn new(budget: &Budget) -> anyhow::Result<Arc<Ceiling>> {
+        Ok(Arc::new(Ceiling {
+            bucket: Mutex::new(Bucket::new(budget, "limits.")?),
+            in_flight: Semaphore::new(budget.max_in_flight.get()),
+        }))
+    }
+}
+
+/// One key's budget, with the ceiling it shares.
+#[derive(Debug)]
+pub struct KeyBudget {
+    bucket: Mutex<Bucket>,
+    in_flight: Semaphore,
+    ceiling: Arc<Ceiling>,
+}
+
+/// A request's place in flight: the key's and the ceiling's slots, released on drop.
+pub struct Slot<'a> {
+    _key: SemaphorePermit<'a>,
+    _ceiling: SemaphorePermit<'a>,
+}
+
+impl KeyBudget {
+    pub fn new(budget: &Budget, what: &str, ceiling: Arc<Ceiling>) -> anyhow::Result<KeyBudget> {
+        Ok(KeyBudget {
+            bucket: Mutex::new(Bucket::new(budget, what)?),
+            in_flight: Semaphore::new(budget.max_in_flight.get()),
+            ceiling,
+        })
+    }
+
+    /// Waits for an in-flight slot of the key, then of the ceiling, then for the instant both
+    /// rate buckets admit a request, and charges both. Returns the slot and how long the rate
+    /// wait took.
+    pub async fn admit(&self) -> (Slot<'_>, Duration) {
+        let key = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the key's semaphore is never closed");
+        let started = Instant::now();
+        // Wait for the key's own bucket before taking a slot of the ceiling, so that a key
+        // paced slower than the others does not sit on the ceiling's slots while it waits.
+        loop {
+            let at = self.bucket.lock().expect("bucket lock").earliest();
+            if at <= Instant::now() {
+                break;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        let ceiling = self
+            .ceiling
+            .in_flight
+            .acquire()
+            .await
+            .expect("the ceiling's semaphore is never closed");
+        loop {
+            let wake = {
+                // Always the key's lock first, then the ceiling's: no two orders, no deadlock.
+                let mut own = self.bucket.lock().expect("bucket lock");
+                let mut all = self.ceiling.bucket.lock().expect("ceiling lock");
+                let now = Instant::now();
+                let at = own.earliest().max(all.earliest());
+                if at <= now {
+                    own.charge(now);
+                    all.charge(now);
+                    None
+                } else {
+                    Some(at)
+                }
+            };
+            match wake {
+                None => break,
+                Some(at) => tokio::time::sleep_until(at).await,
+            }
+        }
+        (
+            Slot {
+                _key: key,
+                _ceiling: ceiling,
+            },
+            started.elapsed(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU32, NonZeroUsize};
+
+    use super::*;
+
+    fn budget(rps: f64, burst: u32, in_flight: usize) -> Budget {
+        Budget {
+            requests_per_second: rps,
+            burst: NonZeroU32::new(burst).unwrap(),
+            max_in_flight: NonZeroUsize::new(in_flight).unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_gets_its_burst_then_its_rate_and_the_ceiling_caps_two_keys_together() {
+        let ceiling = Ceiling::new(&budget(10.0, 2, 8)).unwrap();
+        let a = Arc::new(KeyBudget::new(&budget(8.0, 2, 4), "a.", ceiling.clone()).unwrap());
+        let b = Arc::new(KeyBudget::new(&budget(8.0, 2, 4), "b.", ceiling).unwrap());
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for key in [a, b] {
+            tasks.push(tokio::spawn(async move {
+                let mut at = Vec::new();
+                for _ in 0..20 {
+                    let (_slot, _) = key.admit().await;
+                    at.push(Instant::now() - start);
+                }
+                at
+            }));
+        }
+        let mut all = Vec::new();
+        let mut per_key = Vec::new();
+        for t in tasks {
+            let at = t.await.unwrap();
+            all.extend(at.iter().copied());
+            per_key.push(at);
+        }
+        all.sort();
+        // In any one second: at most rate + burst, for each key and for both together.
+        let max_in_a_second = |times: &[Duration]| {
+            times
+                .iter()
+                .map(|&t0| {
+                    times
+                        .iter()
+                        .filter(|&&t| t >= t0 && t < t0 + Duration::from_secs(1))
+                        .count()
+                })
+                .max()
+                .unwrap()
+        };
+        assert!(max_in_a_second(&all) <= 12, "{all:?}");
+        for at in &per_key {
+            assert!(max_in_a_second(at) <= 10, "{at:?}");
+        }
+        // Both keys made progress: the ceiling is shared, not taken by one.
+        assert!(per_key.iter().all(|at| at.len() == 20));
+    }
+}
