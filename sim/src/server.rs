@@ -620,10 +620,8 @@ fn method_not_allowed(inner: &Inner) -> Reply {
     reply
 }
 
-/// The organization of a host that signed this media URL (its token matches that
-/// organization's secret).
-fn media_tenant(host: &crate::state::Host, file: &str, query: Option<&str>) -> Option<Simulator> {
-    let document_id = file.strip_suffix(".wav")?;
+/// The `token` and `expires` of a signed media URL's query, each if present and well-formed.
+fn signature(query: Option<&str>) -> (Option<String>, Option<i64>) {
     let mut token = None;
     let mut expires = None;
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -633,6 +631,14 @@ fn media_tenant(host: &crate::state::Host, file: &str, query: Option<&str>) -> O
             _ => {}
         }
     }
+    (token, expires)
+}
+
+/// The organization of a host that signed this media URL (its token matches that
+/// organization's secret).
+fn media_tenant(host: &crate::state::Host, file: &str, query: Option<&str>) -> Option<Simulator> {
+    let document_id = file.strip_suffix(".wav")?;
+    let (token, expires) = signature(query);
     let (token, expires) = (token?, expires?);
     host.tenants()
         .into_iter()
@@ -648,16 +654,7 @@ fn media(inner: &Inner, method: &Method, file: &str, query: Option<&str>) -> Rep
     let Some(document_id) = file.strip_suffix(".wav").filter(|d| Id::parse(d).is_some()) else {
         return error(inner, 404, Some("not_found"), "No such recording.", None);
     };
-    let mut token = None;
-    let mut expires = None;
-    for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*key {
-            "token" => token = Some(value.into_owned()),
-            "expires" => expires = value.parse::<i64>().ok(),
-            _ => {}
-        }
-    }
-    let (Some(token), Some(expires)) = (token, expires) else {
+    let (Some(token), Some(expires)) = signature(query) else {
         return forbidden("invalid_signature", "The signed URL is incomplete.");
     };
     if token != media_token(inner, document_id, expires) {

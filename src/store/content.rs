@@ -601,7 +601,8 @@ mod tests {
         .unwrap()
     }
 
-    fn claim(conn: &Connection, work: Work, id: &str) -> Option<WorkItem> {
+    /// Everything organization `org_1` may claim now, up to 100 items.
+    fn claimable(conn: &Connection) -> Vec<WorkItem> {
         claim_work(
             conn,
             Some("org_1"),
@@ -612,8 +613,12 @@ mod tests {
             OffsetDateTime::now_utc(),
         )
         .unwrap()
-        .into_iter()
-        .find(|i| i.work == work && i.document_id == id)
+    }
+
+    fn claim(conn: &Connection, work: Work, id: &str) -> Option<WorkItem> {
+        claimable(conn)
+            .into_iter()
+            .find(|i| i.work == work && i.document_id == id)
     }
 
     fn transcript(text: &str) -> TranscriptRecord {
@@ -700,20 +705,11 @@ mod tests {
             states(&conn, "doc_live"),
             ("skipped".into(), Some("pending".into()))
         );
-        let documents: Vec<String> = claim_work(
-            &conn,
-            Some("org_1"),
-            1,
-            &[],
-            &HashSet::new(),
-            100,
-            OffsetDateTime::now_utc(),
-        )
-        .unwrap()
-        .into_iter()
-        .filter(|i| i.work == Work::Document)
-        .map(|i| i.document_id)
-        .collect();
+        let documents: Vec<String> = claimable(&conn)
+            .into_iter()
+            .filter(|i| i.work == Work::Document)
+            .map(|i| i.document_id)
+            .collect();
         assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
     }
 

@@ -68,6 +68,18 @@ fn org_options(seed: u64, encounters: usize, organization_id: &str) -> SimOption
     }
 }
 
+/// One simulator host serving a clinic per `(seed, encounters, organization_id)`.
+async fn clinics(clinics: &[(u64, usize, &str)]) -> Vec<Simulator> {
+    Simulator::start_organizations(
+        clinics
+            .iter()
+            .map(|&(seed, encounters, id)| org_options(seed, encounters, id))
+            .collect(),
+    )
+    .await
+    .unwrap()
+}
+
 fn watch_budgets(sims: &[Simulator]) {
     for sim in sims {
         sim.set_rate_limit(Some(RateLimit {
@@ -156,13 +168,12 @@ fn organization<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clinics_one_churning_one_revoked_end_equal_isolated_and_within_every_budget() {
-    let sims = Simulator::start_organizations(vec![
-        org_options(151, 300, "org_north"),
-        org_options(152, 150, "org_south"),
-        org_options(153, 200, "org_east"),
+    let sims = clinics(&[
+        (151, 300, "org_north"),
+        (152, 150, "org_south"),
+        (153, 200, "org_east"),
     ])
-    .await
-    .unwrap();
+    .await;
     let [north, south, east] = [&sims[0], &sims[1], &sims[2]];
     watch_budgets(&sims);
     let dir = tempfile::tempdir().unwrap();
@@ -319,12 +330,7 @@ async fn three_clinics_one_churning_one_revoked_end_equal_isolated_and_within_ev
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_of_another_clinic_is_refused_by_check_and_by_sync_before_any_write() {
-    let sims = Simulator::start_organizations(vec![
-        org_options(161, 80, "org_real"),
-        org_options(162, 60, "org_next_door"),
-    ])
-    .await
-    .unwrap();
+    let sims = clinics(&[(161, 80, "org_real"), (162, 60, "org_next_door")]).await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("clinic.key");
     write_private(&key, &sims[0].api_key());
@@ -558,12 +564,7 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
-    let sims = Simulator::start_organizations(vec![
-        org_options(171, 120, "org_live"),
-        org_options(172, 50, "org_gone"),
-    ])
-    .await
-    .unwrap();
+    let sims = clinics(&[(171, 120, "org_live"), (172, 50, "org_gone")]).await;
     sims[1].set_key_state(&sims[1].api_key(), KeyState::Revoked);
     let dir = tempfile::tempdir().unwrap();
     let mut raw = charthero_sync::config::RawConfig::default();
@@ -648,12 +649,7 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_error() {
-    let sims = Simulator::start_organizations(vec![
-        org_options(181, 40, "org_alpha"),
-        org_options(182, 30, "org_beta"),
-    ])
-    .await
-    .unwrap();
+    let sims = clinics(&[(181, 40, "org_alpha"), (182, 30, "org_beta")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
     write_private(&a, &sims[0].api_key());
