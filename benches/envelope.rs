@@ -574,9 +574,10 @@ async fn plan() {
         .validate()
         .unwrap();
     let client = charthero_sync::api::Client::new(&cfg.api, &cfg.limits, &key(&sim)).unwrap();
-    let estimate = charthero_sync::plan::estimate(&cfg, &client, OffsetDateTime::now_utc())
-        .await
-        .unwrap();
+    let estimate =
+        charthero_sync::plan::estimate(&cfg, &cfg.organizations[0], &client, OffsetDateTime::now_utc())
+            .await
+            .unwrap();
     let probes = sim.stats().requests;
     sim.reset_stats();
     sync(&sim, &cfg, CyclePlan::full(None, false)).await;

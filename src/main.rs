@@ -101,11 +101,17 @@ enum Command {
         organizations: Vec<String>,
     },
     /// Estimate the first backfill — encounters, requests and hours at the configured rate —
-    /// from one `limit=1` request per month of the range and three sample pages.
+    /// from one `limit=1` request per month of the range and three sample pages, for each
+    /// organization's key.
     Plan {
-        /// Print the estimate as JSON.
+        /// Print the estimate as JSON: one object with one organization configured, else an
+        /// array of them (each names its `organization`).
         #[arg(long)]
         json: bool,
+        /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
+        /// every configured organization.
+        #[arg(long = "organization", value_name = "NAME")]
+        organizations: Vec<String>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -662,36 +668,46 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             say!("search indexes rebuilt");
             Ok(())
         }
-        Command::Plan { json } => {
+        Command::Plan { json, organizations } => {
             let config = Config::load(&cli.config)?;
-            // The first organization's key (the only one without `[[organizations]]`).
-            let org = &config.organizations[0];
-            let (key, _) = config::load_organization_key(org)?;
-            let client = charthero_sync::api::Client::for_organization(
-                &config.api,
-                org,
-                &config.limits,
-                charthero_sync::api::Ceiling::new(&config.limits.ceiling())?,
-                &key,
-                std::sync::Arc::default(),
-            )?;
-            let plan = charthero_sync::plan::estimate(&config, &client, OffsetDateTime::now_utc())
-                .await
-                .map_err(|e| Failure {
-                    code: if e.is_auth() {
-                        exit::AUTH_REFUSED
-                    } else {
-                        exit::CYCLE_FAILED
-                    },
-                    error: anyhow::anyhow!("cannot estimate the backfill: {e}"),
-                })?;
+            let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
+            let mut plans = Vec::new();
+            for org in config.select_organizations(&organizations)? {
+                let (key, _) = config::load_organization_key(&org)?;
+                let client = charthero_sync::api::Client::for_organization(
+                    &config.api,
+                    &org,
+                    &config.limits,
+                    ceiling.clone(),
+                    &key,
+                    std::sync::Arc::default(),
+                )?;
+                let plan = charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc())
+                    .await
+                    .map_err(|e| Failure {
+                        code: if e.is_auth() {
+                            exit::AUTH_REFUSED
+                        } else {
+                            exit::CYCLE_FAILED
+                        },
+                        error: anyhow::anyhow!("cannot estimate the backfill of {}: {e}", org.name),
+                    })?;
+                plans.push(plan);
+            }
+            let several = config.organizations.len() > 1;
             if json {
-                say!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).map_err(anyhow::Error::from)?
-                );
+                let text = match &plans[..] {
+                    [one] if !several => serde_json::to_string_pretty(one),
+                    all => serde_json::to_string_pretty(all),
+                };
+                say!("{}", text.map_err(anyhow::Error::from)?);
             } else {
-                say!("{}", plan.render().trim_end());
+                for plan in &plans {
+                    if several {
+                        say!("organization     {}", plan.organization);
+                    }
+                    say!("{}", plan.render().trim_end());
+                }
             }
             Ok(())
         }

@@ -12,7 +12,7 @@ use time::{Date, Month, OffsetDateTime, Time};
 
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client, ListQuery, SortOrder};
-use crate::config::Config;
+use crate::config::{Config, Organization};
 use crate::timefmt::{Micros, format_utc};
 
 /// Encounters sampled per sample page.
@@ -85,6 +85,8 @@ pub struct MonthCount {
 /// The estimate.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    /// The `[[organizations]]` name (`default` without it) whose key was asked.
+    pub organization: String,
     pub range_start: String,
     pub range_end: String,
     pub months: Vec<MonthCount>,
@@ -94,7 +96,7 @@ pub struct Plan {
     pub list_requests: u64,
     pub content_requests: u64,
     pub total_requests: u64,
-    /// `limits.requests_per_second`.
+    /// The organization's `requests_per_second`, at most `limits.requests_per_second`.
     pub configured_rate: f64,
     /// The median latency of the plan's own requests, in seconds.
     pub latency_seconds: f64,
@@ -141,10 +143,17 @@ fn next_month(d: Date) -> Date {
     Date::from_calendar_date(year, month, 1).unwrap_or(d)
 }
 
-/// Asks for the totals and samples and builds the estimate for the range the first backfill of
-/// `config` would list: `[sync.start_at, now − settle_lag)`.
-pub async fn estimate(config: &Config, client: &Client, now: OffsetDateTime) -> Result<Plan, ApiError> {
-    let start = config.sync.start_at;
+/// Asks for the totals and samples through `client` (the organization's key) and builds the
+/// estimate for the range the first backfill of `organization` would list:
+/// `[start_at, now − settle_lag)`, at its budget under the `[limits]` ceiling. The estimate is for
+/// the organization alone: clinics backfilling at the same time share the ceiling.
+pub async fn estimate(
+    config: &Config,
+    organization: &Organization,
+    client: &Client,
+    now: OffsetDateTime,
+) -> Result<Plan, ApiError> {
+    let start = organization.start_at;
     let end = (now - config.sync.settle_lag).max(start);
     let bounds = month_bounds(start, end);
     let mut latencies = Vec::new();
@@ -187,8 +196,15 @@ pub async fn estimate(config: &Config, client: &Client, now: OffsetDateTime) -> 
     let (list, content) = requests_for(encounters, &mix, config);
     latencies.sort_by(f64::total_cmp);
     let latency = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
-    let configured = config.limits.requests_per_second;
-    let in_flight = config.limits.max_in_flight.get() as f64;
+    let configured = organization
+        .budget
+        .requests_per_second
+        .min(config.limits.requests_per_second);
+    let in_flight = organization
+        .budget
+        .max_in_flight
+        .min(config.limits.max_in_flight)
+        .get() as f64;
     let effective = if latency > 0.0 {
         configured.min(in_flight / latency)
     } else {
@@ -196,6 +212,7 @@ pub async fn estimate(config: &Config, client: &Client, now: OffsetDateTime) -> 
     };
     let total = list + content;
     Ok(Plan {
+        organization: organization.name.clone(),
         range_start: format_utc(start),
         range_end: format_utc(end),
         months,

@@ -718,4 +718,22 @@ async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_
         "{}",
         text(&out)
     );
+
+    // The plan asks each clinic's own key for its own range.
+    let out = run(cmd(&["plan", "--json"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let plans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["organization"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert_eq!(plans[0]["encounters"], 40);
+    assert_eq!(plans[1]["encounters"], 30);
+    let out = run(cmd(&["plan", "--organization", "beta"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("organization     beta"), "{}", text(&out));
+    assert!(!text(&out).contains("alpha"), "{}", text(&out));
 }

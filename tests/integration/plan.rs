@@ -11,9 +11,14 @@ async fn the_plan_estimates_the_first_backfill_within_ten_percent() {
     let env = TestEnv::with_encounters(81, 5_000).await;
     let config = env.config();
     let client = charthero_sync::api::Client::new(&config.api, &config.limits, &env.key()).unwrap();
-    let plan = charthero_sync::plan::estimate(&config, &client, OffsetDateTime::now_utc())
-        .await
-        .unwrap();
+    let plan = charthero_sync::plan::estimate(
+        &config,
+        &config.organizations[0],
+        &client,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
     let planned = env.sim.stats().requests;
     assert!(planned <= 12, "the plan itself is cheap: {planned} requests");
     assert_eq!(plan.probe_requests, planned);
