@@ -87,15 +87,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
     let ctx = crate::connect(&config, &key).await?;
-    ctx.writer
-        .call(|c| {
-            c.execute(
-                "INSERT INTO sync_state (name, value) VALUES (?1, 'yes') ON CONFLICT DO NOTHING",
-                [DEMO_MARKER],
-            )?;
-            Ok(())
-        })
-        .await?;
+    ctx.writer.call(|c| c.set_marker(DEMO_MARKER)).await?;
     let report =
         crate::sync::run_cycle(&ctx, "demo", crate::sync::CyclePlan::full(None, false), cancel).await?;
     drop(ctx);
@@ -103,7 +95,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
 
     let (database, busy) = (opts.database.clone(), config.database.busy_timeout);
     let [encounters, patients, documents, notes, transcripts, turns] = store::blocking(move || {
-        let conn = store::open_reader(&database, busy)?;
+        let conn = store::sqlite::open_reader(&database, busy)?;
         let count = |table: &str| -> anyhow::Result<i64> {
             Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
         };

@@ -233,8 +233,8 @@ fn read_organization(
     name: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<OrganizationStatus> {
-    let complete_through = crate::store::complete_through(conn, name)?;
-    let organization_id = crate::store::known_organization_id(conn, name)?;
+    let complete_through = crate::store::sqlite::complete_through(conn, name)?;
+    let organization_id = crate::store::sqlite::known_organization_id(conn, name)?;
     let last_run = conn
         .query_row(
             &format!(
@@ -551,8 +551,8 @@ impl Status {
             ) else {
                 continue;
             };
-            let organization_id = crate::store::known_organization_id(conn, &b.organization)?;
-            let stored = crate::store::live_count_in_range(
+            let organization_id = crate::store::sqlite::known_organization_id(conn, &b.organization)?;
+            let stored = crate::store::sqlite::live_count_in_range(
                 conn,
                 organization_id.as_deref(),
                 crate::timefmt::unix_nanos(from),

@@ -362,7 +362,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         std::fs::write(&path, vec![0x5a_u8; 8192]).unwrap();
-        let e = super::super::open_writer(&path, Duration::from_secs(1)).unwrap_err();
+        let e = crate::store::sqlite::open_writer(&path, Duration::from_secs(1)).unwrap_err();
         assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:#}");
         assert!(e.is_fatal());
         assert!(format!("{e:#}").contains(&path.display().to_string()), "{e:#}");
@@ -420,7 +420,7 @@ mod tests {
             .execute_batch("CREATE TABLE t (x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
             .unwrap();
         let other = rusqlite::Connection::open(&path).unwrap();
-        super::super::set_busy_timeout(&other, Duration::ZERO).unwrap();
+        crate::store::sqlite::set_busy_timeout(&other, Duration::ZERO).unwrap();
         let err = other.execute("INSERT INTO t VALUES (2)", []).unwrap_err();
         let e = StoreError::new(&path, err.into());
         assert_eq!(e.kind(), StoreErrorKind::Busy, "{e:#}");

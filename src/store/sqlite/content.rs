@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use crate::timefmt::{format_stored, unix_nanos};
@@ -168,7 +168,7 @@ pub enum DetailOutcome {
 /// fetched after a detail with this same `updated_at` (`transcripts.fetched_for_updated_at`);
 /// an unfinished document waits; with `audio`, a finished one queues its recording.
 pub fn save_detail(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     outcome: &DetailOutcome,
     audio: bool,
@@ -336,7 +336,7 @@ impl TranscriptRecord {
             h.update(end.to_bits().to_le_bytes());
             text(&mut h, t);
         }
-        let content_sha256 = super::hex(&h.finalize());
+        let content_sha256 = crate::store::hex(&h.finalize());
         TranscriptRecord {
             provider,
             audio_duration_seconds,
@@ -351,7 +351,7 @@ impl TranscriptRecord {
 /// It is recorded as fetched for the detail `updated_at` known when the item was claimed, which
 /// the transcript is at least as new as (NULL when no detail had been fetched).
 pub fn save_transcript(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
@@ -381,7 +381,7 @@ pub fn save_transcript(
 }
 
 fn replace_transcript(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
@@ -493,7 +493,7 @@ pub struct RecordingRecord {
 }
 
 pub fn save_recording(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     encounter_id: &str,
     document_id: &str,
     r: &RecordingRecord,
@@ -557,7 +557,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{DocumentRecord, EncounterRecord, commit_page, open_writer};
+    use crate::store::sqlite::{DocumentRecord, EncounterRecord, commit_page, open_writer};
 
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {
@@ -632,7 +632,7 @@ mod tests {
         )
     }
 
-    fn save(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>) {
+    fn save(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<()>) {
         let tx = conn.transaction().unwrap();
         f(&tx).unwrap();
         tx.commit().unwrap();
@@ -824,7 +824,7 @@ mod tests {
         use refinery::Target;
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
-        crate::store::embedded::migrations::runner()
+        crate::store::sqlite::embedded::migrations::runner()
             .set_target(Target::Version(3))
             .run(&mut conn)
             .unwrap();
@@ -841,7 +841,7 @@ mod tests {
                     ('doc_note', 'enc_1', 4, 'document', NULL, NULL, 't', 't', 'pending', NULL);",
         )
         .unwrap();
-        crate::store::embedded::migrations::runner()
+        crate::store::sqlite::embedded::migrations::runner()
             .run(&mut conn)
             .unwrap();
         let all: Vec<(String, String, Option<String>)> = conn

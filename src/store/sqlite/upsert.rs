@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::ledger::{self, WindowCompletion};
@@ -77,9 +77,9 @@ enum Existing {
 }
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
-/// of the window, in the caller's transaction (see [`super::Writer::write`]): a crash leaves all or nothing.
+/// of the window, in the caller's transaction (see [`crate::store::Writer::write`]): a crash leaves all or nothing.
 pub fn commit_page(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     records: &[EncounterRecord],
     removals: &[Removal],
     completion: Option<&WindowCompletion>,

@@ -281,7 +281,7 @@ mod tests {
     /// Encounter `n` (created at second `n`) with a note and a transcript turn each holding
     /// `word`, among 300 others whose text is ordinary, so the indexes have many segments.
     fn warehouse_with(path: &Path, word: &str) -> Connection {
-        let conn = crate::store::open_writer(path, Duration::from_secs(5)).unwrap();
+        let conn = crate::store::sqlite::open_writer(path, Duration::from_secs(5)).unwrap();
         for n in 0..300_i64 {
             let (e, d, t) = (format!("e{n}"), format!("d{n}"), format!("t{n}"));
             let text = if n == 7 {

@@ -1,7 +1,7 @@
 //! Sync bookkeeping: the `sync_runs` row of every cycle, the window ledger, backfill progress,
 //! and the `complete_through` watermark (everything created before it is known complete).
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
@@ -30,7 +30,7 @@ pub struct WindowCompletion {
 }
 
 pub(super) fn record_window(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     w: &WindowCompletion,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
