@@ -578,11 +578,11 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let status = {
                 let config = config.clone();
                 store::blocking(move || {
-                    let conn =
-                        store::sqlite::open_reader(&config.database.path, config.database.busy_timeout)?;
+                    let warehouse = store::open_reader(&config.database)?;
                     let names: Vec<String> = config.organizations.iter().map(|o| o.name.clone()).collect();
-                    let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc(), &names)?;
-                    status.estimate_backfills(&conn, &config)?;
+                    let mut status =
+                        charthero_sync::status::read(warehouse.as_ref(), OffsetDateTime::now_utc(), &names)?;
+                    status.estimate_backfills(warehouse.as_ref(), &config)?;
                     Ok(status)
                 })
                 .await?

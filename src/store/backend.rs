@@ -16,6 +16,7 @@ use super::{
     Removal, RunEnd, TranscriptRecord, WindowCompletion, Work, WorkItem,
 };
 use crate::config::PrivacyConfig;
+use crate::status::Status;
 
 /// How a write transaction ended ([`Backend::write_group`]).
 #[derive(Debug)]
@@ -92,10 +93,49 @@ pub trait WriteTx {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// One open warehouse, owned by one thread at a time (the [`super::Writer`]'s, or a one-shot
-/// command's `store::blocking` closure). Methods outside [`Backend::write_group`] run outside any
-/// shared transaction; those that change several rows at once open their own.
-pub trait Backend: Send {
+/// Every row of the warehouse's main tables, removed ones included (the demo's summary).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableCounts {
+    pub encounters: i64,
+    pub patients: i64,
+    pub documents: i64,
+    /// Documents with text.
+    pub notes: i64,
+    pub transcripts: i64,
+    pub turns: i64,
+}
+
+/// What may be read from a warehouse, also on a read-only connection next to a running writer
+/// (`status`, the demo's summary): never a write.
+pub trait Reader: Send {
+    /// The live watermark: every record created before it is stored.
+    fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
+    /// ChartHero's `organization_id` recorded for a configured name.
+    fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>>;
+    /// Stored live encounters created in `[start_ns, end_ns)`.
+    fn live_count_in_range(
+        &self,
+        organization_id: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> anyhow::Result<u64>;
+    /// `charthero-sync status`: the whole warehouse, and one entry per organization (those in
+    /// `configured` first, in that order, then any other it holds bookkeeping for).
+    fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status>;
+    /// Live encounters, and the live documents that are notes, finished transcripts and
+    /// anything else (the content mix of a backfill's ETA).
+    fn live_content_counts(&self) -> anyhow::Result<[i64; 4]>;
+    /// Every row of the main tables.
+    fn table_counts(&self) -> anyhow::Result<TableCounts>;
+    /// A flag [`Backend::set_marker`] set, if it is set.
+    fn marker(&self, name: &str) -> anyhow::Result<Option<String>>;
+}
+
+/// One open warehouse for writing, owned by one thread at a time (the [`super::Writer`]'s, or a
+/// one-shot command's `store::blocking` closure). Every [`Reader`] read is here too. Methods
+/// outside [`Backend::write_group`] run outside any shared transaction; those that change
+/// several rows at once open their own.
+pub trait Backend: Reader {
     /// What errors name as the database (the file, for SQLite).
     fn location(&self) -> PathBuf;
 
@@ -105,13 +145,9 @@ pub trait Backend: Send {
 
     // Run and window bookkeeping (the ledger), per configured organization name.
 
-    /// The live watermark: every record created before it is stored.
-    fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
     /// When the last deep revisit ran.
     fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
     fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()>;
-    /// ChartHero's `organization_id` recorded for a configured name.
-    fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>>;
     /// Records the name's `organization_id`, or answers the one already recorded if it differs.
     fn claim_organization_id(
         &self,
@@ -176,13 +212,6 @@ pub trait Backend: Send {
     fn advance_audit(&self, audit_id: i64, cursor: OffsetDateTime, tally: &AuditTally) -> anyhow::Result<()>;
     fn finish_audit(&self, audit_id: i64, now: OffsetDateTime) -> anyhow::Result<()>;
     fn audit_failed(&self, audit_id: i64, error: &str) -> anyhow::Result<()>;
-    /// Stored live encounters created in `[start_ns, end_ns)`.
-    fn live_count_in_range(
-        &self,
-        organization_id: Option<&str>,
-        start_ns: i64,
-        end_ns: i64,
-    ) -> anyhow::Result<u64>;
     /// `created_at` (unix ns) of the `n`th stored live encounter in the range.
     fn nth_live_created_ns(
         &self,

@@ -11,7 +11,7 @@ mod writer;
 
 use std::path::Path;
 
-pub use backend::{Backend, GroupEnd, WriteTx};
+pub use backend::{Backend, GroupEnd, Reader, TableCounts, WriteTx};
 pub use error::{StoreError, StoreErrorKind};
 pub use sqlite::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
@@ -26,6 +26,14 @@ use crate::config::DatabaseConfig;
 /// caller holds the writer lock. Errors are classified ([`StoreError`]).
 pub fn open(database: &DatabaseConfig) -> Result<Box<dyn Backend>, StoreError> {
     Ok(Box::new(sqlite::open_writer(
+        &database.path,
+        database.busy_timeout,
+    )?))
+}
+
+/// Opens the warehouse read-only (`status`, the demo's summary); works while the daemon writes.
+pub fn open_reader(database: &DatabaseConfig) -> anyhow::Result<Box<dyn Reader>> {
+    Ok(Box::new(sqlite::open_reader(
         &database.path,
         database.busy_timeout,
     )?))
@@ -106,9 +114,9 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// Runs SQLite work on a blocking thread: rusqlite blocks, and no async task calls it (the
-/// sync goes through [`Writer`]; one-shot work such as opening, migrating or a command's few
-/// queries comes here).
+/// Runs warehouse work on a blocking thread: every backend blocks, and no async task calls one
+/// (the sync goes through [`Writer`]; one-shot work such as opening, migrating or a command's
+/// few queries comes here).
 pub async fn blocking<T, F>(f: F) -> anyhow::Result<T>
 where
     T: Send + 'static,

@@ -81,7 +81,7 @@ pub(super) async fn run(
             deadline: None,
         },
         audit_id: audit.audit_id,
-        purged: ctx.writer.call(|c| Ok(c.purged_ranges()?)).await?,
+        purged: ctx.writer.call(|c| c.purged_ranges()).await?,
     };
     let result = auditor.audit(from, to, deadline, counts, cancel).await;
     let audit_id = audit.audit_id;

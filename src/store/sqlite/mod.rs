@@ -7,8 +7,10 @@
 
 mod audit;
 mod content;
+mod error;
 mod ledger;
 mod privacy;
+mod status;
 mod upsert;
 
 use std::collections::HashSet;
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use time::OffsetDateTime;
 
 pub use audit::{
@@ -36,8 +38,10 @@ pub use ledger::{
 pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
 
-use super::{Backend, GroupEnd, StoreError, WriteTx};
+use super::{Backend, GroupEnd, Reader, StoreError, TableCounts, WriteTx};
 use crate::config::PrivacyConfig;
+use crate::status::Status;
+pub(crate) use error::classify;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -329,6 +333,50 @@ impl WriteTx for Connection {
     }
 }
 
+/// The warehouse's reads, on any connection: the writer's, or [`open_reader`]'s read-only one.
+impl Reader for Connection {
+    fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+        complete_through(self, organization)
+    }
+    fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
+        known_organization_id(self, organization)
+    }
+    fn live_count_in_range(
+        &self,
+        organization_id: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> anyhow::Result<u64> {
+        live_count_in_range(self, organization_id, start_ns, end_ns)
+    }
+    fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
+        status::read_status(self, now, configured)
+    }
+    fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
+        status::live_content_counts(self)
+    }
+    fn table_counts(&self) -> anyhow::Result<TableCounts> {
+        let count = |table: &str| -> anyhow::Result<i64> {
+            Ok(self.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+        };
+        Ok(TableCounts {
+            encounters: count("encounters")?,
+            patients: count("patients")?,
+            documents: count("documents")?,
+            notes: count("documents WHERE content_text IS NOT NULL")?,
+            transcripts: count("transcripts")?,
+            turns: count("transcript_turns")?,
+        })
+    }
+    fn marker(&self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .query_row("SELECT value FROM sync_state WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+}
+
 /// The warehouse on one connection: the writer's ([`open_writer`]) or `backfill`'s
 /// ([`open_current`]).
 impl Backend for Connection {
@@ -358,17 +406,11 @@ impl Backend for Connection {
         }
     }
 
-    fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-        complete_through(self, organization)
-    }
     fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         deep_revisit_at(self, organization)
     }
     fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
         set_deep_revisit_at(self, organization, at)
-    }
-    fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
-        known_organization_id(self, organization)
     }
     fn claim_organization_id(
         &self,
@@ -454,14 +496,6 @@ impl Backend for Connection {
     fn audit_failed(&self, audit_id: i64, error: &str) -> anyhow::Result<()> {
         audit_failed(self, audit_id, error)
     }
-    fn live_count_in_range(
-        &self,
-        organization_id: Option<&str>,
-        start_ns: i64,
-        end_ns: i64,
-    ) -> anyhow::Result<u64> {
-        live_count_in_range(self, organization_id, start_ns, end_ns)
-    }
     fn nth_live_created_ns(
         &self,
         organization_id: Option<&str>,
@@ -545,7 +579,6 @@ mod tests {
     use std::future::IntoFuture;
 
     use futures_util::FutureExt;
-    use rusqlite::OptionalExtension;
 
     use super::*;
     use crate::store::{StoreErrorKind, Writer};
