@@ -1,10 +1,11 @@
-//! The store seam: [`Backend`], every operation the sync, content, audit, daemon and one-shot
-//! commands ask of the warehouse, and [`WriteTx`], the writes that run inside the writer's
-//! shared (group-committed) transaction. Callers see only these traits, the record types and
-//! [`super::StoreError`]; no database library's types appear in a signature here, so a second
-//! backend implements the same two traits. What the operations do (SQL, schema, migrations) is
-//! the implementation's (`store::sqlite`); how writes are queued and grouped is
-//! [`super::Writer`]'s.
+//! The store seam: [`Reader`] (what `status` and the demo read, also on a read-only
+//! connection), [`Backend`] (every operation the sync, content, audit, daemon and one-shot
+//! commands ask of the warehouse) and [`WriteTx`] (the writes that run inside the writer's
+//! shared, group-committed transaction). Callers see only these traits, the record types
+//! (`store::records`) and [`super::StoreError`]; no database library's types appear in a
+//! signature here, so a second backend implements the same three traits. What the operations
+//! do (SQL, schema, migrations) is the implementation's (`store::sqlite`); how writes are
+//! queued and grouped is [`super::Writer`]'s.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@
 
 mod backend;
 mod error;
+mod records;
 pub mod sqlite;
 mod writer;
 
@@ -13,10 +14,10 @@ use std::path::Path;
 
 pub use backend::{Backend, GroupEnd, Reader, TableCounts, WriteTx};
 pub use error::{StoreError, StoreErrorKind};
-pub use sqlite::{
+pub use records::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
-    PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, WindowCompletion,
-    Work, WorkItem,
+    PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
+    WindowCompletion, Work, WorkItem,
 };
 pub use writer::{Pending, Writer};
 

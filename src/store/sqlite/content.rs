@@ -7,41 +7,8 @@ use std::collections::HashSet;
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use crate::store::{DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem};
 use crate::timefmt::{format_stored, unix_nanos};
-
-/// The kinds of content work, as named in `dead_letters.work`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Work {
-    Document,
-    Transcript,
-    Audio,
-}
-
-impl Work {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Work::Document => "document",
-            Work::Transcript => "transcript",
-            Work::Audio => "audio",
-        }
-    }
-}
-
-/// One unit of content work.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkItem {
-    pub work: Work,
-    pub encounter_id: String,
-    pub document_id: String,
-    /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
-    pub audio_duration_seconds: Option<f64>,
-    /// The document's `content_seq` when claimed: a result saved after paging observed a newer
-    /// change of the document is kept, but does not mark the work done.
-    pub content_seq: i64,
-    /// The `updated_at` of the last document detail fetched, when claimed: a transcript fetched
-    /// for this item is at least that new (`transcripts.fetched_for_updated_at`).
-    pub detail_updated_at: Option<String>,
-}
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
 /// not known yet), skipping kinds in `skip` (routes disabled this cycle), the
@@ -135,28 +102,6 @@ pub fn queue_missing_audio(conn: &Connection, organization_id: Option<&str>) -> 
                 AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.document_id = documents.document_id)))",
         [organization_id],
     )?)
-}
-
-/// What the document route said about a document.
-#[derive(Debug, Clone)]
-pub enum DetailOutcome {
-    Note {
-        format: String,
-        /// `None` when the privacy policy does not keep note text.
-        text: Option<String>,
-        created_at: OffsetDateTime,
-        updated_at: OffsetDateTime,
-    },
-    Ambient {
-        status: Option<String>,
-        audio_duration_seconds: Option<f64>,
-        created_at: OffsetDateTime,
-        updated_at: OffsetDateTime,
-    },
-    /// 400 `unsupported_document_type`: recorded, not asked again unless the type changes.
-    Unsupported,
-    /// 403/404 for this record.
-    Unavailable,
 }
 
 /// Saves a document detail. The detail is marked done unless paging observed a newer change
@@ -281,69 +226,6 @@ fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqli
     conn.prepare_cached("DELETE FROM dead_letters WHERE work = ?1 AND document_id = ?2")?
         .execute(params![work.as_str(), document_id])?;
     Ok(())
-}
-
-/// A transcript as the warehouse stores it.
-#[derive(Debug, Clone)]
-pub struct TranscriptRecord {
-    pub provider: Option<String>,
-    pub audio_duration_seconds: Option<f64>,
-    /// In API order; text `None` when the privacy policy does not keep transcript text.
-    pub turns: Vec<TurnRecord>,
-    /// SHA-256 (hex) of all of the above, so that a transcript fetched again unchanged is not
-    /// rewritten.
-    pub content_sha256: String,
-}
-
-/// A transcript turn as stored: (speaker, start, end, text).
-pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
-
-impl TranscriptRecord {
-    /// The record of a transcript as it will be stored (text already dropped when the privacy
-    /// policy does not keep it), with its digest. Hashing a 2 MB transcript takes milliseconds,
-    /// so callers do it before the write, off the writer thread.
-    pub fn new(
-        provider: Option<String>,
-        audio_duration_seconds: Option<f64>,
-        turns: Vec<TurnRecord>,
-    ) -> TranscriptRecord {
-        use sha2::{Digest, Sha256};
-        // Every field is tagged and length-prefixed, so that no two different records hash the
-        // same bytes; floats by their bits, so that equal means identical.
-        fn text(h: &mut Sha256, t: &Option<String>) {
-            match t {
-                Some(t) => {
-                    h.update([1]);
-                    h.update((t.len() as u64).to_le_bytes());
-                    h.update(t.as_bytes());
-                }
-                None => h.update([0]),
-            }
-        }
-        let mut h = Sha256::new();
-        text(&mut h, &provider);
-        match audio_duration_seconds {
-            Some(d) => {
-                h.update([1]);
-                h.update(d.to_bits().to_le_bytes());
-            }
-            None => h.update([0]),
-        }
-        h.update((turns.len() as u64).to_le_bytes());
-        for (speaker, start, end, t) in &turns {
-            text(&mut h, speaker);
-            h.update(start.to_bits().to_le_bytes());
-            h.update(end.to_bits().to_le_bytes());
-            text(&mut h, t);
-        }
-        let content_sha256 = crate::store::hex(&h.finalize());
-        TranscriptRecord {
-            provider,
-            audio_duration_seconds,
-            turns,
-            content_sha256,
-        }
-    }
 }
 
 /// Replaces a document's transcript and turns in one transaction, and marks it done unless
@@ -482,16 +364,6 @@ pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()
     Ok(())
 }
 
-/// A downloaded recording.
-#[derive(Debug, Clone)]
-pub struct RecordingRecord {
-    /// Relative to the audio directory.
-    pub path: String,
-    pub size_bytes: u64,
-    pub sha256: String,
-    pub duration_seconds: Option<f64>,
-}
-
 pub fn save_recording(
     tx: &Connection,
     encounter_id: &str,
@@ -557,7 +429,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::sqlite::{DocumentRecord, EncounterRecord, commit_page, open_writer};
+    use crate::store::sqlite::{commit_page, open_writer};
+    use crate::store::{DocumentRecord, EncounterRecord};
 
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {

@@ -22,23 +22,26 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use time::OffsetDateTime;
 
 pub use audit::{
-    Audit, AuditTally, advance_audit, audit_due, audit_failed, block_agrees, finish_audit,
-    live_count_in_range, nth_live_created_ns, open_audit,
+    advance_audit, audit_due, audit_failed, block_agrees, finish_audit, live_count_in_range,
+    nth_live_created_ns, open_audit,
 };
 pub use content::{
-    DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem, claim_work, dead_letter,
-    mark_unavailable, queue_missing_audio, save_detail, save_recording, save_transcript,
-    transcript_not_ready,
+    claim_work, dead_letter, mark_unavailable, queue_missing_audio, save_detail, save_recording,
+    save_transcript, transcript_not_ready,
 };
 pub use ledger::{
-    Backfill, RunCounts, RunEnd, RunOutcome, WindowCompletion, abort_stale_runs, claim_organization_id,
-    complete_through, deep_revisit_at, finish_backfill, finish_run, known_organization_id, live_ids_in_range,
-    next_backfill, open_backfill, queue_backfill, set_deep_revisit_at, start_run,
+    abort_stale_runs, claim_organization_id, complete_through, deep_revisit_at, finish_backfill, finish_run,
+    known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill,
+    set_deep_revisit_at, start_run,
 };
-pub use privacy::{PurgeCounts, apply_privacy, last_retention_purge, purge, purged_ranges};
-pub use upsert::{DocumentRecord, EncounterRecord, PageCounts, PatientRecord, Removal, commit_page};
+pub use privacy::{apply_privacy, last_retention_purge, purge, purged_ranges};
+pub use upsert::commit_page;
 
-use super::{Backend, GroupEnd, Reader, StoreError, TableCounts, WriteTx};
+use super::{
+    Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
+    Reader, RecordingRecord, Removal, RunEnd, StoreError, TableCounts, TranscriptRecord, WindowCompletion,
+    Work, WorkItem, WriteTx,
+};
 use crate::config::PrivacyConfig;
 use crate::status::Status;
 pub(crate) use error::classify;

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use crate::config::{BirthDate, PrivacyConfig};
+use crate::store::PurgeCounts;
 use crate::timefmt::{format_stored, unix_nanos};
 
 const POLICY_KEY: &str = "privacy_policy";
@@ -123,19 +124,6 @@ fn scrub(conn: &Connection) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// What a purge removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PurgeCounts {
-    pub encounters: u64,
-    pub documents: u64,
-    pub transcripts: u64,
-    pub turns: u64,
-    pub recordings: u64,
-    pub history_rows: u64,
-    /// Recording files (relative to the audio directory) no longer referenced by any row.
-    pub orphaned_files: Vec<String>,
 }
 
 /// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
