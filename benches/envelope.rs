@@ -96,7 +96,7 @@ fn key(sim: &Simulator) -> ApiKey {
 }
 
 fn count(db: &Path, table: &str) -> i64 {
-    charthero_sync::store::open_reader(db, Duration::from_secs(5))
+    charthero_sync::store::sqlite::open_reader(db, Duration::from_secs(5))
         .unwrap()
         .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
         .unwrap()
@@ -202,7 +202,7 @@ async fn list() -> Vec<(usize, f64, tempfile::TempDir)> {
 /// JSON and written through `store::commit_page` into a fresh database, eight pages of 100 per
 /// transaction — no HTTP, no paging, no rate limit.
 fn bound(source: &Path) -> f64 {
-    let conn = charthero_sync::store::open_reader(source, Duration::from_secs(5)).unwrap();
+    let conn = charthero_sync::store::sqlite::open_reader(source, Duration::from_secs(5)).unwrap();
     let raws: Vec<String> = conn
         .prepare("SELECT raw_json FROM encounters ORDER BY created_at_ns")
         .unwrap()
@@ -220,7 +220,7 @@ fn bound(source: &Path) -> f64 {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let mut conn =
-        charthero_sync::store::open_writer(&dir.path().join("b.db"), Duration::from_secs(5)).unwrap();
+        charthero_sync::store::sqlite::open_writer(&dir.path().join("b.db"), Duration::from_secs(5)).unwrap();
     let started = Instant::now();
     let mut rows = 0;
     // Pages of 100, eight to a transaction: what the sync's writer commits when it is the
@@ -228,9 +228,10 @@ fn bound(source: &Path) -> f64 {
     for group in records.chunks(800) {
         let tx = conn.transaction().unwrap();
         for page in group.chunks(100) {
-            rows += charthero_sync::store::commit_page(&tx, page, &[], None, OffsetDateTime::now_utc())
-                .unwrap()
-                .new;
+            rows +=
+                charthero_sync::store::sqlite::commit_page(&tx, page, &[], None, OffsetDateTime::now_utc())
+                    .unwrap()
+                    .new;
         }
         tx.commit().unwrap();
     }
@@ -475,7 +476,7 @@ async fn daemon_latency(
     tokio::time::sleep(Duration::from_secs(interval + 2)).await;
     shutdown.cancel();
     daemon.await.unwrap().expect("the daemon stops cleanly");
-    let conn = charthero_sync::store::open_reader(&db, Duration::from_secs(5)).unwrap();
+    let conn = charthero_sync::store::sqlite::open_reader(&db, Duration::from_secs(5)).unwrap();
     let mut latencies: Vec<f64> = created
         .iter()
         .map(|(id, at)| {
@@ -630,7 +631,8 @@ async fn audit() {
         let started = Instant::now();
         sync(&sim, &cfg, CyclePlan::full(None, true)).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let conn = charthero_sync::store::open_reader(&cfg.database.path, Duration::from_secs(5)).unwrap();
+        let conn =
+            charthero_sync::store::sqlite::open_reader(&cfg.database.path, Duration::from_secs(5)).unwrap();
         let (probes, requests, rescanned): (i64, i64, i64) = conn
             .query_row(
                 "SELECT probes, list_requests, rescanned FROM audits ORDER BY audit_id DESC LIMIT 1",
@@ -746,7 +748,8 @@ async fn dlt() {
                 let cfg = write_config(&raw, dir.path(), &sim.api_key());
                 run_child(&cfg).await;
                 let conn =
-                    charthero_sync::store::open_reader(&raw.database.path, Duration::from_secs(5)).unwrap();
+                    charthero_sync::store::sqlite::open_reader(&raw.database.path, Duration::from_secs(5))
+                        .unwrap();
                 let ids = conn
                     .prepare("SELECT encounter_id FROM encounters WHERE removed_at IS NULL")
                     .unwrap()

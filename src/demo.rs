@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use charthero_sim::{SimOptions, Simulator};
-use rusqlite::OptionalExtension;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -87,66 +86,45 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
     let ctx = crate::connect(&config, &key).await?;
-    ctx.writer
-        .call(|c| {
-            c.execute(
-                "INSERT INTO sync_state (name, value) VALUES (?1, 'yes') ON CONFLICT DO NOTHING",
-                [DEMO_MARKER],
-            )?;
-            Ok(())
-        })
-        .await?;
+    ctx.writer.call(|c| c.set_marker(DEMO_MARKER)).await?;
     let report =
         crate::sync::run_cycle(&ctx, "demo", crate::sync::CyclePlan::full(None, false), cancel).await?;
     drop(ctx);
     sim.shutdown();
 
-    let (database, busy) = (opts.database.clone(), config.database.busy_timeout);
-    let [encounters, patients, documents, notes, transcripts, turns] = store::blocking(move || {
-        let conn = store::open_reader(&database, busy)?;
-        let count = |table: &str| -> anyhow::Result<i64> {
-            Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
-        };
-        Ok([
-            count("encounters")?,
-            count("patients")?,
-            count("documents")?,
-            count("documents WHERE content_text IS NOT NULL")?,
-            count("transcripts")?,
-            count("transcript_turns")?,
-        ])
-    })
-    .await?;
+    let database = config.database.clone();
+    let counts = store::blocking(move || store::open_reader(&database)?.table_counts()).await?;
     Ok(DemoSummary {
         database: opts.database.clone(),
         simulator_encounters: opts.encounters,
         report,
-        encounters,
-        patients,
-        documents,
-        notes,
-        transcripts,
-        turns,
+        encounters: counts.encounters,
+        patients: counts.patients,
+        documents: counts.documents,
+        notes: counts.notes,
+        transcripts: counts.transcripts,
+        turns: counts.turns,
         elapsed: started.elapsed(),
     })
 }
+
+/// How long the check of an existing file waits for a lock (the default of a new SQLite connection).
+const DEMO_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Removes a previous demo database; refuses any other existing file.
 fn prepare_database(path: &Path) -> anyhow::Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("cannot open existing {}", path.display()))?;
-    let marker: Option<String> = conn
-        .query_row(
-            "SELECT value FROM sync_state WHERE name = ?1",
-            [DEMO_MARKER],
-            |r| r.get(0),
-        )
-        .optional()
-        .unwrap_or(None);
-    drop(conn);
+    let existing = store::open_reader(&crate::config::DatabaseConfig {
+        path: path.to_owned(),
+        busy_timeout: DEMO_BUSY_TIMEOUT,
+        wal_size_limit: 0,
+    })
+    .with_context(|| format!("cannot open existing {}", path.display()))?;
+    // Anything that cannot be read as a warehouse with the marker is not the demo's.
+    let marker = existing.marker(DEMO_MARKER).unwrap_or(None);
+    drop(existing);
     if marker.is_none() {
         bail!(
             "{} exists and was not created by `charthero-sync demo`; choose another path with --database",

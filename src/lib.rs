@@ -54,18 +54,14 @@ pub async fn connect_organizations(
     config: &Config,
     keys: Vec<(Organization, ApiKey)>,
 ) -> anyhow::Result<Vec<SyncContext>> {
-    let (path, busy, wal_limit) = (
-        config.database.path.clone(),
-        config.database.busy_timeout,
-        config.database.wal_size_limit,
-    );
-    let conn = store::blocking(move || {
-        let conn = store::open_writer(&path, busy)?;
-        store::set_wal_size_limit(&conn, wal_limit)?;
-        Ok(conn)
+    let database = config.database.clone();
+    let backend = store::blocking(move || {
+        let backend = store::open(&database)?;
+        backend.set_wal_size_limit(database.wal_size_limit)?;
+        Ok(backend)
     })
     .await?;
-    let writer = Arc::new(store::Writer::spawn(conn));
+    let writer = Arc::new(store::Writer::spawn(backend));
     // A configuration of several keys confirms each key's clinic before its first write.
     let verify =
         config.organizations.len() > 1 || config.organizations[0].name != crate::config::DEFAULT_ORGANIZATION;

@@ -469,8 +469,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let config = Config::load(&cli.config)?;
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
-            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            store::blocking(move || Ok(store::open_writer(&path, busy).map(drop)?)).await?;
+            let database = config.database.clone();
+            store::blocking(move || Ok(store::open(&database).map(drop)?)).await?;
             say!("database {} is up to date", config.database.path.display());
             Ok(())
         }
@@ -529,14 +529,13 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 .collect();
             store::check_location(&config.database.path)?;
             // Only the queue rows: the daemon, which holds the writer lock, may be running.
-            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
+            let database = config.database.clone();
             let queued = store::blocking(move || {
-                let conn = store::open_current(&path, busy)?;
+                let warehouse = store::open_current(&database)?;
                 names
                     .into_iter()
                     .map(|name| {
-                        let id = store::queue_backfill(
-                            &conn,
+                        let id = warehouse.queue_backfill(
                             &name,
                             range.start,
                             range.end,
@@ -585,10 +584,11 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let status = {
                 let config = config.clone();
                 store::blocking(move || {
-                    let conn = store::open_reader(&config.database.path, config.database.busy_timeout)?;
+                    let warehouse = store::open_reader(&config.database)?;
                     let names: Vec<String> = config.organizations.iter().map(|o| o.name.clone()).collect();
-                    let mut status = charthero_sync::status::read(&conn, OffsetDateTime::now_utc(), &names)?;
-                    status.estimate_backfills(&conn, &config)?;
+                    let mut status =
+                        charthero_sync::status::read(warehouse.as_ref(), OffsetDateTime::now_utc(), &names)?;
+                    status.estimate_backfills(warehouse.as_ref(), &config)?;
                     Ok(status)
                 })
                 .await?
@@ -628,15 +628,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             };
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
-            let (path, busy, audio) = (
-                config.database.path.clone(),
-                config.database.busy_timeout,
-                config.audio.directory.clone(),
-            );
+            let (database, audio) = (config.database.clone(), config.audio.directory.clone());
             let c = store::blocking(move || {
-                let mut conn = store::open_writer(&path, busy)?;
-                store::purge(
-                    &mut conn,
+                store::open(&database)?.purge(
                     &audio,
                     range.start,
                     range.end,
@@ -663,8 +657,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let config = Config::load(&cli.config)?;
             store::check_location(&config.database.path)?;
             let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
-            let (path, busy) = (config.database.path.clone(), config.database.busy_timeout);
-            store::blocking(move || store::rebuild_search(&store::open_writer(&path, busy)?)).await?;
+            let database = config.database.clone();
+            store::blocking(move || store::open(&database)?.rebuild_search()).await?;
             say!("search indexes rebuilt");
             Ok(())
         }

@@ -1,13 +1,13 @@
-//! `charthero-sync status`: what the warehouse says about the sync, read on a read-only
-//! connection so it works while the daemon writes. Text for people, `--json` for scripts.
+//! `charthero-sync status`: what the warehouse says about the sync, read through the store's
+//! read-only [`crate::store::Reader`] so it works while the daemon writes (the queries are the
+//! backend's). Text for people, `--json` for scripts.
 
 use std::fmt::Write;
 
-use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::timefmt::{format_utc, parse_rfc3339};
+use crate::timefmt::parse_rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -185,337 +185,15 @@ pub struct LastError {
     pub reason_code: Option<String>,
 }
 
-/// How many completed backfills `status` lists (newest), besides every unfinished one.
-const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
-
-fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
-    conn.query_row(sql, [], |r| r.get(0))
-}
-
-const RUN_COLUMNS: &str = "run_id, trigger, started_at, finished_at, outcome, list_requests, encounters_new,
-    encounters_changed, encounters_removed, documents_fetched, transcripts_fetched, recordings_fetched,
-    retries, dead_letters, organization";
-
-fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
-    Ok(Run {
-        run_id: r.get(0)?,
-        trigger: r.get(1)?,
-        started_at: r.get(2)?,
-        finished_at: r.get(3)?,
-        outcome: r.get(4)?,
-        list_requests: r.get(5)?,
-        encounters_new: r.get(6)?,
-        encounters_changed: r.get(7)?,
-        encounters_removed: r.get(8)?,
-        documents_fetched: r.get(9)?,
-        transcripts_fetched: r.get(10)?,
-        recordings_fetched: r.get(11)?,
-        retries: r.get(12)?,
-        dead_letters: r.get(13)?,
-        organization: r.get(14)?,
-    })
-}
-
-fn split_routes(d: Option<String>) -> Vec<String> {
-    d.map(|d| {
-        d.split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
-/// One organization's entry.
-fn read_organization(
-    conn: &Connection,
-    name: &str,
-    now: OffsetDateTime,
-) -> anyhow::Result<OrganizationStatus> {
-    let complete_through = crate::store::complete_through(conn, name)?;
-    let organization_id = crate::store::known_organization_id(conn, name)?;
-    let last_run = conn
-        .query_row(
-            &format!(
-                "SELECT {RUN_COLUMNS} FROM sync_runs WHERE organization = ?1 AND outcome <> 'running'
-                 ORDER BY run_id DESC LIMIT 1"
-            ),
-            [name],
-            run_row,
-        )
-        .optional()?;
-    let (last_error, disabled_routes) = match &last_run {
-        Some(run) => conn.query_row(
-            "SELECT error, reason_code, disabled_routes FROM sync_runs WHERE run_id = ?1",
-            [run.run_id],
-            |r| {
-                Ok((
-                    LastError {
-                        run_id: run.run_id,
-                        outcome: run.outcome.clone(),
-                        error: r.get(0)?,
-                        reason_code: r.get(1)?,
-                    },
-                    split_routes(r.get(2)?),
-                ))
-            },
-        )?,
-        None => (
-            LastError {
-                run_id: 0,
-                outcome: String::new(),
-                error: None,
-                reason_code: None,
-            },
-            Vec::new(),
-        ),
-    };
-    let last_error = (last_run.is_some() && last_error.outcome != "succeeded").then_some(last_error);
-    let reason_code = last_error.as_ref().and_then(|e| e.reason_code.clone());
-    let state = match (&last_run, &last_error) {
-        (None, _) => "never_synced",
-        (Some(_), None) => "ok",
-        (Some(_), Some(_))
-            if reason_code
-                .as_deref()
-                .is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) =>
-        {
-            "stopped"
-        }
-        (Some(run), Some(_)) if run.outcome == "partial" => "incomplete",
-        (Some(_), Some(_)) => "failing",
-    };
-    let per_org = |sql: &str| -> rusqlite::Result<i64> {
-        conn.query_row(sql, [organization_id.as_deref()], |r| r.get(0))
-    };
-    let per_name = |sql: &str| -> rusqlite::Result<i64> { conn.query_row(sql, [name], |r| r.get(0)) };
-    Ok(OrganizationStatus {
-        name: name.to_owned(),
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
-        state: state.to_owned(),
-        reason_code,
-        last_run,
-        last_error,
-        disabled_routes,
-        encounters: per_org(
-            "SELECT count(*) FROM encounters WHERE organization_id = ?1 AND removed_at IS NULL",
-        )?,
-        encounters_removed: per_org(
-            "SELECT count(*) FROM encounters WHERE organization_id = ?1 AND removed_at IS NOT NULL",
-        )?,
-        documents: per_org(
-            "SELECT count(*) FROM documents WHERE organization_id = ?1 AND removed_at IS NULL",
-        )?,
-        transcripts: per_org("SELECT count(*) FROM transcripts WHERE organization_id = ?1")?,
-        dead_letters: per_name("SELECT count(*) FROM dead_letters WHERE organization = ?1")?,
-        backfills_pending: per_name(
-            "SELECT count(*) FROM backfills WHERE organization = ?1 AND status IN ('queued', 'running')",
-        )?,
-        organization_id,
-    })
-}
-
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
 /// bookkeeping for.
-pub fn read(conn: &Connection, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
-    let mut names: Vec<String> = configured.to_vec();
-    let stored: Vec<String> = conn
-        .prepare(
-            "SELECT organization FROM organizations
-             UNION SELECT DISTINCT organization FROM sync_runs
-             ORDER BY 1",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for n in stored {
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
-    let organizations = names
-        .iter()
-        .map(|n| read_organization(conn, n, now))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // The organization furthest behind; none while any has never completed a window.
-    let complete_through =
-        if organizations.is_empty() || organizations.iter().any(|o| o.complete_through.is_none()) {
-            None
-        } else {
-            organizations
-                .iter()
-                .filter_map(|o| o.complete_through.as_deref().and_then(|t| parse_rfc3339(t).ok()))
-                .min()
-        };
-    let rows = Rows {
-        encounters: count(conn, "SELECT count(*) FROM encounters WHERE removed_at IS NULL")?,
-        encounters_removed: count(
-            conn,
-            "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
-        )?,
-        patients: count(conn, "SELECT count(*) FROM patients")?,
-        documents: count(conn, "SELECT count(*) FROM documents WHERE removed_at IS NULL")?,
-        notes_with_text: count(
-            conn,
-            "SELECT count(*) FROM documents WHERE content_text IS NOT NULL",
-        )?,
-        transcripts: count(conn, "SELECT count(*) FROM transcripts")?,
-        transcript_turns: count(conn, "SELECT count(*) FROM transcript_turns")?,
-        recordings: count(conn, "SELECT count(*) FROM recordings")?,
-    };
-    let queue = Queue {
-        documents_pending: count(
-            conn,
-            "SELECT count(*) FROM documents WHERE detail_state = 'pending'",
-        )?,
-        transcripts_pending: count(
-            conn,
-            "SELECT count(*) FROM documents WHERE transcript_state = 'pending'",
-        )?,
-        transcripts_not_ready: count(
-            conn,
-            "SELECT count(*) FROM documents WHERE transcript_state = 'not_ready'",
-        )?,
-        recordings_pending: count(
-            conn,
-            "SELECT count(*) FROM documents WHERE audio_state = 'pending'",
-        )?,
-    };
-    let runs = conn
-        .prepare(&format!(
-            "SELECT {RUN_COLUMNS} FROM sync_runs ORDER BY run_id DESC LIMIT 10"
-        ))?
-        .query_map([], run_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let backfills = conn
-        .prepare(
-            "SELECT backfill_id, range_start, range_end, cursor, status, windows, encounters_seen,
-                    encounters_removed, error, requested_by, requested_at, finished_at, organization
-             FROM backfills
-             WHERE status <> 'completed'
-                OR backfill_id IN (SELECT backfill_id FROM backfills WHERE status = 'completed'
-                                   ORDER BY backfill_id DESC LIMIT ?1)
-             ORDER BY backfill_id",
-        )?
-        .query_map([COMPLETED_BACKFILLS_SHOWN], |r| {
-            Ok(Backfill {
-                backfill_id: r.get(0)?,
-                organization: r.get(12)?,
-                range_start: r.get(1)?,
-                range_end: r.get(2)?,
-                cursor: r.get(3)?,
-                status: r.get(4)?,
-                requested_by: r.get(9)?,
-                requested_at: r.get(10)?,
-                finished_at: r.get(11)?,
-                progress: 0.0,
-                eta_seconds: None,
-                windows: r.get(5)?,
-                encounters_seen: r.get(6)?,
-                encounters_removed: r.get(7)?,
-                error: r.get(8)?,
-            })
-        })?
-        .map(|b| {
-            b.map(|mut b| {
-                b.progress = progress(&b);
-                b
-            })
-        })
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let dead_letters = conn
-        .prepare(
-            "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error,
-                    organization
-             FROM dead_letters ORDER BY first_failed_at LIMIT 20",
-        )?
-        .query_map([], |r| {
-            Ok(DeadLetter {
-                organization: r.get(7)?,
-                work: r.get(0)?,
-                encounter_id: r.get(1)?,
-                document_id: r.get(2)?,
-                attempts: r.get(3)?,
-                last_failed_at: r.get(4)?,
-                reason_code: r.get(5)?,
-                last_error: r.get(6)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let disabled_routes: Vec<String> = conn
-        .query_row(
-            "SELECT disabled_routes FROM sync_runs WHERE outcome <> 'running' ORDER BY run_id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten()
-        .map(|d: String| {
-            d.split(',')
-                .map(str::trim)
-                .filter(|r| !r.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let last_error = conn
-        .query_row(
-            "SELECT run_id, outcome, error, reason_code FROM sync_runs
-             WHERE outcome <> 'running' ORDER BY run_id DESC LIMIT 1",
-            [],
-            |r| {
-                Ok(LastError {
-                    run_id: r.get(0)?,
-                    outcome: r.get(1)?,
-                    error: r.get(2)?,
-                    reason_code: r.get(3)?,
-                })
-            },
-        )
-        .optional()?
-        .filter(|e| e.outcome != "succeeded");
-    let audit = conn
-        .query_row(
-            "SELECT audit_id, status, range_start, range_end, cursor, started_at, finished_at, ranges,
-                 probes, differing, rescanned, list_requests, error, organization
-             FROM audits ORDER BY audit_id DESC LIMIT 1",
-            [],
-            |r| {
-                Ok(Audit {
-                    audit_id: r.get(0)?,
-                    organization: r.get(13)?,
-                    status: r.get(1)?,
-                    range_start: r.get(2)?,
-                    range_end: r.get(3)?,
-                    cursor: r.get(4)?,
-                    started_at: r.get(5)?,
-                    finished_at: r.get(6)?,
-                    ranges: r.get(7)?,
-                    probes: r.get(8)?,
-                    differing: r.get(9)?,
-                    rescanned: r.get(10)?,
-                    list_requests: r.get(11)?,
-                    error: r.get(12)?,
-                })
-            },
-        )
-        .optional()?;
-    Ok(Status {
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
-        organizations,
-        rows,
-        queue,
-        runs,
-        backfills,
-        audit,
-        dead_letter_count: count(conn, "SELECT count(*) FROM dead_letters")?,
-        dead_letters,
-        disabled_routes,
-        last_error,
-    })
+pub fn read(
+    warehouse: &dyn crate::store::Reader,
+    now: OffsetDateTime,
+    configured: &[String],
+) -> anyhow::Result<Status> {
+    warehouse.status(now, configured)
 }
 
 impl Status {
@@ -526,18 +204,10 @@ impl Status {
     /// proportions the warehouse holds), at `limits.requests_per_second`.
     pub fn estimate_backfills(
         &mut self,
-        conn: &Connection,
+        warehouse: &dyn crate::store::Reader,
         config: &crate::config::Config,
     ) -> anyhow::Result<()> {
-        let (encounters, notes, finished, other): (i64, i64, i64, i64) = conn.query_row(
-            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
-                    count(*) FILTER (WHERE schema_type = 'document'),
-                    count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND status = 'completed'),
-                    count(*) FILTER (WHERE schema_type NOT IN ('document', 'ambient_transcript'))
-             FROM documents WHERE removed_at IS NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )?;
+        let [encounters, notes, finished, other] = warehouse.live_content_counts()?;
         let per = encounters.max(1) as f64;
         let mix = crate::plan::ContentMix {
             notes: notes as f64 / per,
@@ -551,9 +221,8 @@ impl Status {
             ) else {
                 continue;
             };
-            let organization_id = crate::store::known_organization_id(conn, &b.organization)?;
-            let stored = crate::store::live_count_in_range(
-                conn,
+            let organization_id = warehouse.known_organization_id(&b.organization)?;
+            let stored = warehouse.live_count_in_range(
                 organization_id.as_deref(),
                 crate::timefmt::unix_nanos(from),
                 crate::timefmt::unix_nanos(end),
@@ -571,7 +240,25 @@ impl Status {
     }
 }
 
-fn progress(b: &Backfill) -> f64 {
+/// An organization's state from its last finished run and whether that run ended in error:
+/// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run) or
+/// `failing`.
+pub(crate) fn organization_state(
+    last_run: Option<&Run>,
+    failed: bool,
+    reason_code: Option<&str>,
+) -> &'static str {
+    match (last_run, failed) {
+        (None, _) => "never_synced",
+        (Some(_), false) => "ok",
+        (Some(_), true) if reason_code.is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) => "stopped",
+        (Some(run), true) if run.outcome == "partial" => "incomplete",
+        (Some(_), true) => "failing",
+    }
+}
+
+/// How far a backfill's cursor is through its range, 0 to 1.
+pub(crate) fn progress(b: &Backfill) -> f64 {
     if b.status == "completed" {
         return 1.0;
     }

@@ -84,9 +84,7 @@ pub async fn serve_organizations(
             let org = ctx.org.name.clone();
             let id = ctx
                 .writer
-                .call(move |c| {
-                    crate::store::queue_backfill(c, &org, r.start, r.end, "run", OffsetDateTime::now_utc())
-                })
+                .call(move |c| c.queue_backfill(&org, r.start, r.end, "run", OffsetDateTime::now_utc()))
                 .await?;
             tracing::info!(organization = %ctx.org.name, backfill_id = id, "backfill queued");
         }
@@ -302,7 +300,7 @@ async fn queued_work(
     let org = ctx.org.name.clone();
     let backfill = ctx
         .writer
-        .call(move |c| crate::store::next_backfill(c, &org))
+        .call(move |c| c.next_backfill(&org))
         .await?
         .map(|(start, end)| BackfillRange { start, end });
     // Bounded by config (at most ten years), so the conversion and the sum cannot overflow.
@@ -315,7 +313,7 @@ async fn queued_work(
             .writer
             .call({
                 let org = ctx.org.name.clone();
-                move |c| crate::store::audit_due(c, &org, audit_every, now)
+                move |c| c.audit_due(&org, audit_every, now)
             })
             .await?;
     Ok((backfill, audit))

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CycleError, Finished, RangeScan, Scope, SyncContext, history_start, scan_range};
 use crate::api::wire::EncounterPage;
 use crate::api::{ListQuery, MAX_OFFSET, SortOrder};
-use crate::store::{self, AuditTally, RunCounts};
+use crate::store::{AuditTally, RunCounts};
 use crate::timefmt::{Micros, from_unix_nanos, unix_nanos};
 
 /// Each top-level range holds about this many stored encounters and costs one request when
@@ -55,7 +55,7 @@ pub(super) async fn run(
 ) -> Result<Finished, CycleError> {
     let now = OffsetDateTime::now_utc();
     let org = ctx.org.name.clone();
-    let Some(watermark) = ctx.writer.call(move |c| store::complete_through(c, &org)).await? else {
+    let Some(watermark) = ctx.writer.call(move |c| c.complete_through(&org)).await? else {
         tracing::info!("no completed history to audit yet");
         return Ok(Finished::Yes);
     };
@@ -67,7 +67,7 @@ pub(super) async fn run(
         .writer
         .call({
             let org = ctx.org.name.clone();
-            move |c| store::open_audit(c, &org, start, watermark, requested_by, now)
+            move |c| c.open_audit(&org, start, watermark, requested_by, now)
         })
         .await?;
     let (from, to) = (Micros::floor(audit.cursor), Micros::floor(audit.end));
@@ -81,22 +81,20 @@ pub(super) async fn run(
             deadline: None,
         },
         audit_id: audit.audit_id,
-        purged: ctx.writer.call(|c| Ok(store::purged_ranges(c)?)).await?,
+        purged: ctx.writer.call(|c| c.purged_ranges()).await?,
     };
     let result = auditor.audit(from, to, deadline, counts, cancel).await;
     let audit_id = audit.audit_id;
     match &result {
         Ok(Finished::Yes) => {
             ctx.writer
-                .call(move |c| store::finish_audit(c, audit_id, OffsetDateTime::now_utc()))
+                .call(move |c| c.finish_audit(audit_id, OffsetDateTime::now_utc()))
                 .await?;
         }
         Ok(Finished::Paused) | Err(CycleError::Cancelled) => {}
         Err(e) => {
             let error = format!("{e:#}");
-            ctx.writer
-                .call(move |c| store::audit_failed(c, audit_id, &error))
-                .await?;
+            ctx.writer.call(move |c| c.audit_failed(audit_id, &error)).await?;
         }
     }
     result
@@ -148,7 +146,7 @@ impl Auditor<'_> {
                 .writer
                 .call({
                     let org_id = self.ctx.org.id();
-                    move |c| store::nth_live_created_ns(c, org_id.as_deref(), at, stop.as_nanos(), size)
+                    move |c| c.nth_live_created_ns(org_id.as_deref(), at, stop.as_nanos(), size)
                 })
                 .await?;
             size = RANGE_RECORDS;
@@ -166,7 +164,7 @@ impl Auditor<'_> {
             let audit_id = self.audit_id;
             self.ctx
                 .writer
-                .call(move |c| store::advance_audit(c, audit_id, end.instant(), &tally))
+                .call(move |c| c.advance_audit(audit_id, end.instant(), &tally))
                 .await?;
             cursor = end;
         }
@@ -204,7 +202,7 @@ impl Auditor<'_> {
             .writer
             .call({
                 let org_id = self.ctx.org.id();
-                move |c| store::block_agrees(c, org_id.as_deref(), a_ns, b_ns, offset, &block)
+                move |c| c.block_agrees(org_id.as_deref(), a_ns, b_ns, offset, &block)
             })
             .await?;
         if !agrees {
@@ -249,7 +247,7 @@ impl Auditor<'_> {
                 .writer
                 .call({
                     let org_id = self.ctx.org.id();
-                    move |c| store::nth_live_created_ns(c, org_id.as_deref(), a_ns, b_ns, local / 2)
+                    move |c| c.nth_live_created_ns(org_id.as_deref(), a_ns, b_ns, local / 2)
                 })
                 .await?
                 .map(|ns| Micros::floor(from_unix_nanos(ns)))
@@ -275,7 +273,7 @@ impl Auditor<'_> {
             .writer
             .call({
                 let org_id = self.ctx.org.id();
-                move |c| store::live_count_in_range(c, org_id.as_deref(), a_ns, b_ns)
+                move |c| c.live_count_in_range(org_id.as_deref(), a_ns, b_ns)
             })
             .await?)
     }

@@ -21,9 +21,7 @@ use super::{CycleError, SyncContext};
 use crate::api::wire::{DocumentDetail, TranscriptResponse};
 use crate::api::{ApiError, ApiErrorKind, ErrorClass};
 use crate::store::hex;
-use crate::store::{
-    self, DetailOutcome, Pending, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem,
-};
+use crate::store::{DetailOutcome, Pending, RecordingRecord, RunCounts, TranscriptRecord, Work, WorkItem};
 
 /// Items claimed from the queue at a time; bounds memory whatever the backlog.
 const BATCH: usize = 128;
@@ -125,7 +123,7 @@ pub(super) async fn drain(
             let org_id = ctx.org.id();
             let queued = ctx
                 .writer
-                .call(move |c| store::queue_missing_audio(c, org_id.as_deref()))
+                .call(move |c| c.queue_missing_audio(org_id.as_deref()))
                 .await?;
             tracing::debug!(queued, "recordings queued");
             audio_queued = true;
@@ -152,8 +150,7 @@ pub(super) async fn drain(
             let batch = ctx
                 .writer
                 .call(move |c| {
-                    store::claim_work(
-                        c,
+                    c.claim_work(
                         org_id.as_deref(),
                         run_id,
                         &skip,
@@ -268,8 +265,7 @@ async fn process_item(
     let org = ctx.org.name.clone();
     ctx.writer
         .write(move |c| {
-            store::dead_letter(
-                c,
+            c.dead_letter(
                 &org,
                 &item,
                 run_id,
@@ -325,7 +321,7 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, A
     Fetched::new(
         if fetched { Done::Document } else { Done::Other },
         ctx.writer
-            .write(move |c| store::save_detail(c, &item, &outcome, audio, OffsetDateTime::now_utc())),
+            .write(move |c| c.save_detail(&item, &outcome, audio, OffsetDateTime::now_utc())),
     )
 }
 
@@ -353,13 +349,10 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
             Fetched::new(
                 Done::Transcript,
                 ctx.writer
-                    .write(move |c| store::save_transcript(c, &item, &record, OffsetDateTime::now_utc())),
+                    .write(move |c| c.save_transcript(&item, &record, OffsetDateTime::now_utc())),
             )
         }
-        Err(e) if gone(&e) => Fetched::new(
-            Done::Other,
-            ctx.writer.write(move |c| store::mark_unavailable(c, &item)),
-        ),
+        Err(e) if gone(&e) => Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item))),
         // The vendor does not document what an unfinished transcript answers; any other
         // "this resource, not now" status means: not ready yet.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
@@ -367,7 +360,7 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
             Fetched::new(
                 Done::Other,
                 ctx.writer.write(move |c| {
-                    store::transcript_not_ready(c, &item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
+                    c.transcript_not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
                 }),
             )
         }
@@ -393,10 +386,7 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, 
             Ok(link) => link,
             Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
                 let item = item.clone();
-                return Fetched::new(
-                    Done::Other,
-                    ctx.writer.write(move |c| store::mark_unavailable(c, &item)),
-                );
+                return Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item)));
             }
             Err(e) => return Err(e),
         };
@@ -441,7 +431,7 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, 
     Fetched::new(
         Done::Recording,
         ctx.writer
-            .write(move |c| store::save_recording(c, &enc, &doc, &record, OffsetDateTime::now_utc())),
+            .write(move |c| c.save_recording(&enc, &doc, &record, OffsetDateTime::now_utc())),
     )
 }
 

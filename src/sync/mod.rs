@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
 use crate::config::{AudioConfig, ContentConfig, PrivacyConfig, SyncConfig};
-use crate::store::{self, RunCounts, RunEnd, RunOutcome, StoreError, Writer};
+use crate::store::{RunCounts, RunEnd, RunOutcome, StoreError, Writer};
 use crate::timefmt::{Micros, format_utc};
 
 pub use record::encounter_record;
@@ -264,7 +264,7 @@ pub(crate) async fn admit(ctx: &SyncContext, items: &[Encounter]) -> Result<(), 
             let (name, id) = (ctx.org.name.clone(), first.organization_id.clone());
             let claim = ctx
                 .writer
-                .call(move |c| store::claim_organization_id(c, &name, &id, OffsetDateTime::now_utc()))
+                .call(move |c| c.claim_organization_id(&name, &id, OffsetDateTime::now_utc()))
                 .await?;
             if let Err(holder) = claim {
                 return Err(refuse(
@@ -291,10 +291,7 @@ pub(crate) async fn admit(ctx: &SyncContext, items: &[Encounter]) -> Result<(), 
 /// `organization_id` that contradicts it.
 async fn load_organization(ctx: &SyncContext) -> Result<(), CycleError> {
     let name = ctx.org.name.clone();
-    let known = ctx
-        .writer
-        .call(move |c| store::known_organization_id(c, &name))
-        .await?;
+    let known = ctx.writer.call(move |c| c.known_organization_id(&name)).await?;
     if let (Some(expected), Some(known)) = (&ctx.org.expected_id, &known)
         && expected != known
     {
@@ -310,7 +307,7 @@ async fn load_organization(ctx: &SyncContext) -> Result<(), CycleError> {
             let (name, id) = (ctx.org.name.clone(), expected.clone());
             let claim = ctx
                 .writer
-                .call(move |c| store::claim_organization_id(c, &name, &id, OffsetDateTime::now_utc()))
+                .call(move |c| c.claim_organization_id(&name, &id, OffsetDateTime::now_utc()))
                 .await?;
             if let Err(holder) = claim {
                 return Err(CycleError::WrongOrganization {
@@ -365,15 +362,15 @@ pub async fn run_cycle(
         .writer
         .call(move |c| {
             let now = OffsetDateTime::now_utc();
-            let aborted = store::abort_stale_runs(c, &org, now)?;
+            let aborted = c.abort_stale_runs(&org, now)?;
             if aborted > 0 {
                 tracing::warn!(
                     aborted,
                     "marked runs left running by an earlier process as aborted"
                 );
             }
-            store::apply_privacy(c, &privacy)?;
-            store::start_run(c, &org, trigger, now)
+            c.apply_privacy(&privacy)?;
+            c.start_run(&org, trigger, now)
         })
         .await?;
     let span = tracing::info_span!("cycle", organization = %ctx.org.name, run_id, trigger);
@@ -502,19 +499,14 @@ async fn execute(
         let org = ctx.org.name.clone();
         let (complete_through, backfills_pending) = ctx
             .writer
-            .call(move |c| {
-                Ok((
-                    store::complete_through(c, &org)?,
-                    store::next_backfill(c, &org)?.is_some(),
-                ))
-            })
+            .call(move |c| Ok((c.complete_through(&org)?, c.next_backfill(&org)?.is_some())))
             .await?;
         // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
         ctx.client.metrics().record_cycle(outcome, rows, complete_through);
         ctx.writer
             .call(move |c| {
-                store::finish_run(c, run_id, &end, OffsetDateTime::now_utc())?;
-                store::checkpoint(c)
+                c.finish_run(run_id, &end, OffsetDateTime::now_utc())?;
+                c.checkpoint()
             })
             .await?;
         Ok::<_, CycleError>((complete_through, backfills_pending))
@@ -559,7 +551,7 @@ async fn purge_expired(ctx: &SyncContext) -> Result<(), CycleError> {
         return Ok(());
     };
     let now = OffsetDateTime::now_utc();
-    let last = ctx.writer.call(|c| store::last_retention_purge(c)).await?;
+    let last = ctx.writer.call(|c| c.last_retention_purge()).await?;
     if last.is_some_and(|t| now - t < time::Duration::days(1)) {
         return Ok(());
     }
@@ -570,8 +562,7 @@ async fn purge_expired(ctx: &SyncContext) -> Result<(), CycleError> {
     let dir = ctx.audio.directory.clone();
     ctx.writer
         .call(move |c| {
-            store::purge(
-                c,
+            c.purge(
                 &dir,
                 range.start,
                 range.end,
@@ -594,12 +585,7 @@ async fn sync_recent(
     let org = ctx.org.name.clone();
     let (watermark, deep_at) = ctx
         .writer
-        .call(move |c| {
-            Ok((
-                store::complete_through(c, &org)?,
-                store::deep_revisit_at(c, &org)?,
-            ))
-        })
+        .call(move |c| Ok((c.complete_through(&org)?, c.deep_revisit_at(&org)?)))
         .await?;
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
@@ -635,9 +621,7 @@ async fn sync_recent(
     // The first cycle reads all history, which covers the deep horizon too.
     if deep_due && from <= now - s.revisit_deep {
         let org = ctx.org.name.clone();
-        ctx.writer
-            .call(move |c| store::set_deep_revisit_at(c, &org, now))
-            .await?;
+        ctx.writer.call(move |c| c.set_deep_revisit_at(&org, now)).await?;
     }
     Ok(())
 }
@@ -664,8 +648,7 @@ async fn run_backfill(
     let bf = ctx
         .writer
         .call(move |c| {
-            store::open_backfill(
-                c,
+            c.open_backfill(
                 &org,
                 range.start,
                 range.end,
@@ -703,9 +686,7 @@ async fn run_backfill(
     let error = result.as_ref().err().map(|e| format!("{e:#}"));
     if finished || error.is_some() {
         ctx.writer
-            .call(move |c| {
-                store::finish_backfill(c, bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc())
-            })
+            .call(move |c| c.finish_backfill(bf.backfill_id, error.as_deref(), OffsetDateTime::now_utc()))
             .await?;
     }
     result
@@ -723,7 +704,7 @@ async fn run_queued_backfills(
     let mut worked = Vec::new();
     loop {
         let org = ctx.org.name.clone();
-        let Some((start, end)) = ctx.writer.call(move |c| store::next_backfill(c, &org)).await? else {
+        let Some((start, end)) = ctx.writer.call(move |c| c.next_backfill(&org)).await? else {
             break;
         };
         let range = BackfillRange { start, end };

@@ -33,7 +33,7 @@ use super::{CycleError, SyncContext};
 use crate::api::wire::{Encounter, EncounterPage};
 use crate::api::{ErrorClass, ListQuery, MAX_OFFSET, SortOrder};
 use crate::store::hex;
-use crate::store::{self, EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
+use crate::store::{EncounterRecord, PageCounts, Pending, Removal, RunCounts, WindowCompletion};
 use crate::timefmt::Micros;
 
 /// Close a window at the first page boundary after this many records: the ledger and crash
@@ -815,8 +815,7 @@ fn queue_commit(
     completion: Option<WindowCompletion>,
 ) -> Pending<PageCounts> {
     ctx.writer.write(move |tx| {
-        store::commit_page(
-            tx,
+        tx.commit_page(
             &records,
             &removals,
             completion.as_ref(),
@@ -861,7 +860,7 @@ async fn find_removals(
     };
     let stored = ctx
         .writer
-        .call(move |c| store::live_ids_in_range(c, &org_id, start, end))
+        .call(move |c| c.live_ids_in_range(&org_id, start, end))
         .await?;
     let mut removals = Vec::new();
     let mut still_there = Vec::new();

@@ -140,8 +140,8 @@ async fn sqlite_3_40_searches_and_runs_every_documented_query_after_a_purge_and_
     // A purge deletes rows of both indexes (turns and notes of the oldest third).
     let snapshot = env.sim.snapshot();
     let cut = snapshot[snapshot.len() / 3].created_at;
-    let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
-    let purged = charthero_sync::store::purge(
+    let mut conn = charthero_sync::store::sqlite::open_writer(&db, Duration::from_secs(5)).unwrap();
+    let purged = charthero_sync::store::sqlite::purge(
         &mut conn,
         &env.dir.path().join("audio"),
         OffsetDateTime::UNIX_EPOCH,
@@ -457,8 +457,8 @@ async fn every_stored_timestamp_has_one_width_so_text_order_is_time_order() {
     let db = env.db_path();
     // Nine digits hold every instant exactly: the warehouse equals the simulator value for value.
     crate::support::compare(&env.sim, &db).assert_empty();
-    let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
-    charthero_sync::store::purge(
+    let mut conn = charthero_sync::store::sqlite::open_writer(&db, Duration::from_secs(5)).unwrap();
+    charthero_sync::store::sqlite::purge(
         &mut conn,
         &config.audio.directory,
         OffsetDateTime::UNIX_EPOCH,

@@ -506,7 +506,8 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
 
     // Opening migrates: every row kept, every data row in the clinic, the watermark moved.
     {
-        let conn = charthero_sync::store::open_writer(&db, std::time::Duration::from_secs(5)).unwrap();
+        let conn =
+            charthero_sync::store::sqlite::open_writer(&db, std::time::Duration::from_secs(5)).unwrap();
         let after = table_counts(&conn);
         for (table, n) in &before {
             let kept = after.iter().find(|(t, _)| t == table).map(|(_, n)| *n);

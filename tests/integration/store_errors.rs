@@ -273,7 +273,7 @@ fn succeeded_runs(db: &Path) -> i64 {
     if !db.exists() {
         return 0;
     }
-    charthero_sync::store::open_reader(db, Duration::from_secs(5))
+    charthero_sync::store::sqlite::open_reader(db, Duration::from_secs(5))
         .and_then(|conn| {
             Ok(conn.query_row(
                 "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",

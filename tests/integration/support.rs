@@ -131,7 +131,7 @@ pub fn sim_options(seed: u64, encounters: usize) -> SimOptions {
 }
 
 pub fn reader(path: &Path) -> rusqlite::Connection {
-    charthero_sync::store::open_reader(path, Duration::from_secs(5)).unwrap()
+    charthero_sync::store::sqlite::open_reader(path, Duration::from_secs(5)).unwrap()
 }
 
 /// Differences between the warehouse and the simulator's visible state.

@@ -102,7 +102,8 @@ fn all_ids(sim: &Simulator) -> BTreeSet<String> {
 #[test]
 fn docs_schema_md_documents_exactly_the_tables_and_columns_of_the_migrations() {
     let dir = tempfile::tempdir().unwrap();
-    let conn = charthero_sync::store::open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+    let conn =
+        charthero_sync::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema.md")).unwrap();
     // `### \`name\`` starts a table's section; its rows start with "| `column` |".
     let mut documented: Vec<(String, Vec<String>)> = Vec::new();
@@ -342,8 +343,8 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         start: OffsetDateTime::UNIX_EPOCH,
         end: cut,
     };
-    let mut conn = charthero_sync::store::open_writer(&db, Duration::from_secs(5)).unwrap();
-    let counts = charthero_sync::store::purge(
+    let mut conn = charthero_sync::store::sqlite::open_writer(&db, Duration::from_secs(5)).unwrap();
+    let counts = charthero_sync::store::sqlite::purge(
         &mut conn,
         &config.audio.directory,
         range.start,
@@ -418,7 +419,7 @@ async fn eight_reader_processes_during_a_sync_see_no_errors_and_the_wal_stays_bo
     raw.limits.requests_per_second = 1_500.0;
     let config = raw.validate().unwrap();
     let db = env.db_path();
-    drop(charthero_sync::store::open_writer(&db, Duration::from_secs(1)).unwrap());
+    drop(charthero_sync::store::sqlite::open_writer(&db, Duration::from_secs(1)).unwrap());
     let stop = env.dir.path().join("stop");
     let script = r#"
 import os, sqlite3, sys

@@ -4,44 +4,11 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use crate::store::{DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem};
 use crate::timefmt::{format_stored, unix_nanos};
-
-/// The kinds of content work, as named in `dead_letters.work`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Work {
-    Document,
-    Transcript,
-    Audio,
-}
-
-impl Work {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Work::Document => "document",
-            Work::Transcript => "transcript",
-            Work::Audio => "audio",
-        }
-    }
-}
-
-/// One unit of content work.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkItem {
-    pub work: Work,
-    pub encounter_id: String,
-    pub document_id: String,
-    /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
-    pub audio_duration_seconds: Option<f64>,
-    /// The document's `content_seq` when claimed: a result saved after paging observed a newer
-    /// change of the document is kept, but does not mark the work done.
-    pub content_seq: i64,
-    /// The `updated_at` of the last document detail fetched, when claimed: a transcript fetched
-    /// for this item is at least that new (`transcripts.fetched_for_updated_at`).
-    pub detail_updated_at: Option<String>,
-}
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
 /// not known yet), skipping kinds in `skip` (routes disabled this cycle), the
@@ -137,28 +104,6 @@ pub fn queue_missing_audio(conn: &Connection, organization_id: Option<&str>) -> 
     )?)
 }
 
-/// What the document route said about a document.
-#[derive(Debug, Clone)]
-pub enum DetailOutcome {
-    Note {
-        format: String,
-        /// `None` when the privacy policy does not keep note text.
-        text: Option<String>,
-        created_at: OffsetDateTime,
-        updated_at: OffsetDateTime,
-    },
-    Ambient {
-        status: Option<String>,
-        audio_duration_seconds: Option<f64>,
-        created_at: OffsetDateTime,
-        updated_at: OffsetDateTime,
-    },
-    /// 400 `unsupported_document_type`: recorded, not asked again unless the type changes.
-    Unsupported,
-    /// 403/404 for this record.
-    Unavailable,
-}
-
 /// Saves a document detail. The detail is marked done unless paging observed a newer change
 /// of the document while it was fetched (then it is asked again).
 ///
@@ -168,7 +113,7 @@ pub enum DetailOutcome {
 /// fetched after a detail with this same `updated_at` (`transcripts.fetched_for_updated_at`);
 /// an unfinished document waits; with `audio`, a finished one queues its recording.
 pub fn save_detail(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     outcome: &DetailOutcome,
     audio: bool,
@@ -283,75 +228,12 @@ fn clear_dead_letter(conn: &Connection, work: Work, document_id: &str) -> rusqli
     Ok(())
 }
 
-/// A transcript as the warehouse stores it.
-#[derive(Debug, Clone)]
-pub struct TranscriptRecord {
-    pub provider: Option<String>,
-    pub audio_duration_seconds: Option<f64>,
-    /// In API order; text `None` when the privacy policy does not keep transcript text.
-    pub turns: Vec<TurnRecord>,
-    /// SHA-256 (hex) of all of the above, so that a transcript fetched again unchanged is not
-    /// rewritten.
-    pub content_sha256: String,
-}
-
-/// A transcript turn as stored: (speaker, start, end, text).
-pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
-
-impl TranscriptRecord {
-    /// The record of a transcript as it will be stored (text already dropped when the privacy
-    /// policy does not keep it), with its digest. Hashing a 2 MB transcript takes milliseconds,
-    /// so callers do it before the write, off the writer thread.
-    pub fn new(
-        provider: Option<String>,
-        audio_duration_seconds: Option<f64>,
-        turns: Vec<TurnRecord>,
-    ) -> TranscriptRecord {
-        use sha2::{Digest, Sha256};
-        // Every field is tagged and length-prefixed, so that no two different records hash the
-        // same bytes; floats by their bits, so that equal means identical.
-        fn text(h: &mut Sha256, t: &Option<String>) {
-            match t {
-                Some(t) => {
-                    h.update([1]);
-                    h.update((t.len() as u64).to_le_bytes());
-                    h.update(t.as_bytes());
-                }
-                None => h.update([0]),
-            }
-        }
-        let mut h = Sha256::new();
-        text(&mut h, &provider);
-        match audio_duration_seconds {
-            Some(d) => {
-                h.update([1]);
-                h.update(d.to_bits().to_le_bytes());
-            }
-            None => h.update([0]),
-        }
-        h.update((turns.len() as u64).to_le_bytes());
-        for (speaker, start, end, t) in &turns {
-            text(&mut h, speaker);
-            h.update(start.to_bits().to_le_bytes());
-            h.update(end.to_bits().to_le_bytes());
-            text(&mut h, t);
-        }
-        let content_sha256 = super::hex(&h.finalize());
-        TranscriptRecord {
-            provider,
-            audio_duration_seconds,
-            turns,
-            content_sha256,
-        }
-    }
-}
-
 /// Replaces a document's transcript and turns in one transaction, and marks it done unless
 /// paging observed a newer change of the document while it was fetched (then it stays queued).
 /// It is recorded as fetched for the detail `updated_at` known when the item was claimed, which
 /// the transcript is at least as new as (NULL when no detail had been fetched).
 pub fn save_transcript(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
@@ -381,7 +263,7 @@ pub fn save_transcript(
 }
 
 fn replace_transcript(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     item: &WorkItem,
     t: &TranscriptRecord,
     now: OffsetDateTime,
@@ -482,18 +364,8 @@ pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()
     Ok(())
 }
 
-/// A downloaded recording.
-#[derive(Debug, Clone)]
-pub struct RecordingRecord {
-    /// Relative to the audio directory.
-    pub path: String,
-    pub size_bytes: u64,
-    pub sha256: String,
-    pub duration_seconds: Option<f64>,
-}
-
 pub fn save_recording(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     encounter_id: &str,
     document_id: &str,
     r: &RecordingRecord,
@@ -557,7 +429,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{DocumentRecord, EncounterRecord, commit_page, open_writer};
+    use crate::store::sqlite::{commit_page, open_writer};
+    use crate::store::{DocumentRecord, EncounterRecord};
 
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {
@@ -637,7 +510,7 @@ mod tests {
         )
     }
 
-    fn save(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>) {
+    fn save(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<()>) {
         let tx = conn.transaction().unwrap();
         f(&tx).unwrap();
         tx.commit().unwrap();
@@ -820,7 +693,7 @@ mod tests {
         use refinery::Target;
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
-        crate::store::embedded::migrations::runner()
+        crate::store::sqlite::embedded::migrations::runner()
             .set_target(Target::Version(3))
             .run(&mut conn)
             .unwrap();
@@ -837,7 +710,7 @@ mod tests {
                     ('doc_note', 'enc_1', 4, 'document', NULL, NULL, 't', 't', 'pending', NULL);",
         )
         .unwrap();
-        crate::store::embedded::migrations::runner()
+        crate::store::sqlite::embedded::migrations::runner()
             .run(&mut conn)
             .unwrap();
         let all: Vec<(String, String, Option<String>)> = conn

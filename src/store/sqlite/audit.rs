@@ -6,28 +6,8 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use crate::store::{Audit, AuditTally};
 use crate::timefmt::{format_stored, parse_rfc3339};
-
-/// An audit being worked on: `[start, end)` of completed history, audited up to `cursor`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Audit {
-    pub audit_id: i64,
-    pub start: OffsetDateTime,
-    pub end: OffsetDateTime,
-    pub cursor: OffsetDateTime,
-}
-
-/// What an audit did, added to its row as it goes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AuditTally {
-    /// Top-level ranges compared.
-    pub ranges: u64,
-    /// List requests that asked for a total (with a block of records, or `limit=1`).
-    pub probes: u64,
-    pub differing: u64,
-    pub rescanned: u64,
-    pub list_requests: u64,
-}
 
 fn parse(text: &str, what: &str) -> anyhow::Result<OffsetDateTime> {
     parse_rfc3339(text).map_err(|e| anyhow::anyhow!("corrupt audit {what}: {e}"))

@@ -1,36 +1,17 @@
 //! Sync bookkeeping: the `sync_runs` row of every cycle, the window ledger, backfill progress,
 //! and the `complete_through` watermark (everything created before it is known complete).
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use crate::store::{Backfill, RunEnd, WindowCompletion};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 const COMPLETE_THROUGH: &str = "complete_through";
 const DEEP_REVISIT_AT: &str = "deep_revisit_at";
 
-/// A window whose every page has been read; recorded in the same transaction as its last page.
-#[derive(Debug, Clone)]
-pub struct WindowCompletion {
-    /// The configured organization name whose ledger and watermark this window belongs to.
-    pub organization: std::sync::Arc<str>,
-    pub run_id: i64,
-    pub kind: &'static str,
-    pub backfill_id: Option<i64>,
-    pub start_at: OffsetDateTime,
-    pub end_at: OffsetDateTime,
-    pub records_seen: u64,
-    pub total: u64,
-    pub pages: u64,
-    pub passes: u64,
-    pub removed: u64,
-    pub id_set_hash: String,
-    /// Move `complete_through` up to `end_at` (never down).
-    pub advances_watermark: bool,
-}
-
 pub(super) fn record_window(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     w: &WindowCompletion,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
@@ -179,16 +160,6 @@ pub fn live_ids_in_range(
     Ok(ids)
 }
 
-/// A backfill being worked on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backfill {
-    pub backfill_id: i64,
-    pub start: OffsetDateTime,
-    pub end: OffsetDateTime,
-    /// Scanned completely up to here; `start` when nothing is done yet.
-    pub cursor: OffsetDateTime,
-}
-
 /// Starts a backfill of `[start, end)`, or resumes the unfinished one with exactly that range.
 pub fn open_backfill(
     conn: &Connection,
@@ -302,67 +273,6 @@ pub fn finish_backfill(
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutcome {
-    Succeeded,
-    /// Ran to the end but left work undone: dead letters or routes disabled for the cycle.
-    Partial,
-    Failed,
-    /// Stopped on request (a signal) before finishing.
-    Aborted,
-}
-
-impl RunOutcome {
-    /// The value of `sync_runs.outcome`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Succeeded => "succeeded",
-            RunOutcome::Partial => "partial",
-            RunOutcome::Failed => "failed",
-            RunOutcome::Aborted => "aborted",
-        }
-    }
-}
-
-/// Counters of one cycle, written to its `sync_runs` row.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunCounts {
-    pub list_requests: u64,
-    pub detail_requests: u64,
-    pub windows: u64,
-    pub encounters_new: u64,
-    pub encounters_changed: u64,
-    pub encounters_unchanged: u64,
-    pub encounters_removed: u64,
-    pub rescans: u64,
-    pub splits: u64,
-    pub documents_fetched: u64,
-    pub transcripts_fetched: u64,
-    pub recordings_fetched: u64,
-    pub retries: u64,
-    pub dead_letters: u64,
-}
-
-impl RunCounts {
-    /// Adds counters gathered by a concurrent part of the same cycle.
-    pub fn merge(&mut self, o: &RunCounts) {
-        self.list_requests += o.list_requests;
-        self.detail_requests += o.detail_requests;
-        self.windows += o.windows;
-        self.encounters_new += o.encounters_new;
-        self.encounters_changed += o.encounters_changed;
-        self.encounters_unchanged += o.encounters_unchanged;
-        self.encounters_removed += o.encounters_removed;
-        self.rescans += o.rescans;
-        self.splits += o.splits;
-        self.documents_fetched += o.documents_fetched;
-        self.transcripts_fetched += o.transcripts_fetched;
-        self.recordings_fetched += o.recordings_fetched;
-        self.retries += o.retries;
-        self.dead_letters += o.dead_letters;
-    }
-}
-
 /// Marks `organization`'s runs left 'running' by a process that died as 'aborted'; returns how
 /// many. (Only one process writes the warehouse, and it runs one cycle per organization at a
 /// time, so a 'running' row of this organization at the start of its cycle is stale; another
@@ -387,17 +297,6 @@ pub fn start_run(
         params![format_stored(now), trigger, organization],
     )?;
     Ok(conn.last_insert_rowid())
-}
-
-/// How a cycle ended, for its `sync_runs` row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunEnd {
-    pub outcome: RunOutcome,
-    pub counts: RunCounts,
-    /// `route:reason_code` pairs, comma-separated.
-    pub disabled_routes: Option<String>,
-    pub error: Option<String>,
-    pub reason_code: Option<String>,
 }
 
 pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {

@@ -8,68 +8,12 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use super::ledger::{self, WindowCompletion};
+use super::ledger;
+use crate::store::{EncounterRecord, PageCounts, PatientRecord, Removal, WindowCompletion};
 use crate::timefmt::{format_stored, unix_nanos};
-
-/// An encounter as the warehouse stores it (mapped from the wire type by the sync).
-#[derive(Debug, Clone)]
-pub struct EncounterRecord {
-    pub encounter_id: String,
-    pub organization_id: String,
-    pub encounter_type: Option<String>,
-    pub status: Option<String>,
-    pub created_at: OffsetDateTime,
-    pub updated_at: OffsetDateTime,
-    pub date_of_service: Option<OffsetDateTime>,
-    pub patient: Option<PatientRecord>,
-    pub documents: Vec<DocumentRecord>,
-    pub content_hash: String,
-    pub raw_json: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct PatientRecord {
-    pub patient_id: String,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    /// `YYYY-MM-DD`.
-    pub date_of_birth: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct DocumentRecord {
-    pub document_id: String,
-    pub schema_type: String,
-    pub title: Option<String>,
-    pub status: Option<String>,
-    pub workflow_variant: Option<String>,
-    pub audio_duration_seconds: Option<f64>,
-}
-
-/// What one page did to the warehouse.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageCounts {
-    pub new: u64,
-    pub changed: u64,
-    pub unchanged: u64,
-    /// Inside a purged range, so ignored (a purge is never undone by a re-listing).
-    pub purged: u64,
-    /// Previously marked removed and seen again.
-    pub revived: u64,
-    /// Newly marked removed.
-    pub removed: u64,
-}
-
-/// An encounter found gone upstream, and why (`encounter_not_found`, `demo_training_denied`,
-/// `cross_organization_denied`, `absent_on_reconcile`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Removal {
-    pub encounter_id: String,
-    pub reason: String,
-}
 
 enum Existing {
     Absent,
@@ -77,9 +21,9 @@ enum Existing {
 }
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
-/// of the window, in the caller's transaction (see [`super::Writer::write`]): a crash leaves all or nothing.
+/// of the window, in the caller's transaction (see [`crate::store::Writer::write`]): a crash leaves all or nothing.
 pub fn commit_page(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     records: &[EncounterRecord],
     removals: &[Removal],
     completion: Option<&WindowCompletion>,

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use crate::config::{BirthDate, PrivacyConfig};
+use crate::store::PurgeCounts;
 use crate::timefmt::{format_stored, unix_nanos};
 
 const POLICY_KEY: &str = "privacy_policy";
@@ -123,19 +124,6 @@ fn scrub(conn: &Connection) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// What a purge removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PurgeCounts {
-    pub encounters: u64,
-    pub documents: u64,
-    pub transcripts: u64,
-    pub turns: u64,
-    pub recordings: u64,
-    pub history_rows: u64,
-    /// Recording files (relative to the audio directory) no longer referenced by any row.
-    pub orphaned_files: Vec<String>,
 }
 
 /// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
@@ -281,7 +269,7 @@ mod tests {
     /// Encounter `n` (created at second `n`) with a note and a transcript turn each holding
     /// `word`, among 300 others whose text is ordinary, so the indexes have many segments.
     fn warehouse_with(path: &Path, word: &str) -> Connection {
-        let conn = crate::store::open_writer(path, Duration::from_secs(5)).unwrap();
+        let conn = crate::store::sqlite::open_writer(path, Duration::from_secs(5)).unwrap();
         for n in 0..300_i64 {
             let (e, d, t) = (format!("e{n}"), format!("d{n}"), format!("t{n}"));
             let text = if n == 7 {

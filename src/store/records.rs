@@ -1,0 +1,328 @@
+//! The records and counts that cross the store seam: what the sync hands the warehouse (a
+//! page's encounters, removals, a window's completion, content results) and what the
+//! warehouse answers (counts, backfills, audits, work items). Plain data, shared by every
+//! backend; how they are stored is the backend's.
+
+use time::OffsetDateTime;
+
+/// An encounter as the warehouse stores it (mapped from the wire type by the sync).
+#[derive(Debug, Clone)]
+pub struct EncounterRecord {
+    pub encounter_id: String,
+    pub organization_id: String,
+    pub encounter_type: Option<String>,
+    pub status: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub date_of_service: Option<OffsetDateTime>,
+    pub patient: Option<PatientRecord>,
+    pub documents: Vec<DocumentRecord>,
+    pub content_hash: String,
+    pub raw_json: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PatientRecord {
+    pub patient_id: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub date_of_birth: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DocumentRecord {
+    pub document_id: String,
+    pub schema_type: String,
+    pub title: Option<String>,
+    pub status: Option<String>,
+    pub workflow_variant: Option<String>,
+    pub audio_duration_seconds: Option<f64>,
+}
+
+/// What one page did to the warehouse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    pub new: u64,
+    pub changed: u64,
+    pub unchanged: u64,
+    /// Inside a purged range, so ignored (a purge is never undone by a re-listing).
+    pub purged: u64,
+    /// Previously marked removed and seen again.
+    pub revived: u64,
+    /// Newly marked removed.
+    pub removed: u64,
+}
+
+/// An encounter found gone upstream, and why (`encounter_not_found`, `demo_training_denied`,
+/// `cross_organization_denied`, `absent_on_reconcile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub encounter_id: String,
+    pub reason: String,
+}
+
+/// A window whose every page has been read; recorded in the same transaction as its last page.
+#[derive(Debug, Clone)]
+pub struct WindowCompletion {
+    /// The configured organization name whose ledger and watermark this window belongs to.
+    pub organization: std::sync::Arc<str>,
+    pub run_id: i64,
+    pub kind: &'static str,
+    pub backfill_id: Option<i64>,
+    pub start_at: OffsetDateTime,
+    pub end_at: OffsetDateTime,
+    pub records_seen: u64,
+    pub total: u64,
+    pub pages: u64,
+    pub passes: u64,
+    pub removed: u64,
+    pub id_set_hash: String,
+    /// Move `complete_through` up to `end_at` (never down).
+    pub advances_watermark: bool,
+}
+
+/// A backfill being worked on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backfill {
+    pub backfill_id: i64,
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+    /// Scanned completely up to here; `start` when nothing is done yet.
+    pub cursor: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Succeeded,
+    /// Ran to the end but left work undone: dead letters or routes disabled for the cycle.
+    Partial,
+    Failed,
+    /// Stopped on request (a signal) before finishing.
+    Aborted,
+}
+
+impl RunOutcome {
+    /// The value of `sync_runs.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Partial => "partial",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// Counters of one cycle, written to its `sync_runs` row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub list_requests: u64,
+    pub detail_requests: u64,
+    pub windows: u64,
+    pub encounters_new: u64,
+    pub encounters_changed: u64,
+    pub encounters_unchanged: u64,
+    pub encounters_removed: u64,
+    pub rescans: u64,
+    pub splits: u64,
+    pub documents_fetched: u64,
+    pub transcripts_fetched: u64,
+    pub recordings_fetched: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
+}
+
+impl RunCounts {
+    /// Adds counters gathered by a concurrent part of the same cycle.
+    pub fn merge(&mut self, o: &RunCounts) {
+        self.list_requests += o.list_requests;
+        self.detail_requests += o.detail_requests;
+        self.windows += o.windows;
+        self.encounters_new += o.encounters_new;
+        self.encounters_changed += o.encounters_changed;
+        self.encounters_unchanged += o.encounters_unchanged;
+        self.encounters_removed += o.encounters_removed;
+        self.rescans += o.rescans;
+        self.splits += o.splits;
+        self.documents_fetched += o.documents_fetched;
+        self.transcripts_fetched += o.transcripts_fetched;
+        self.recordings_fetched += o.recordings_fetched;
+        self.retries += o.retries;
+        self.dead_letters += o.dead_letters;
+    }
+}
+
+/// How a cycle ended, for its `sync_runs` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEnd {
+    pub outcome: RunOutcome,
+    pub counts: RunCounts,
+    /// `route:reason_code` pairs, comma-separated.
+    pub disabled_routes: Option<String>,
+    pub error: Option<String>,
+    pub reason_code: Option<String>,
+}
+
+/// An audit being worked on: `[start, end)` of completed history, audited up to `cursor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub audit_id: i64,
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+    pub cursor: OffsetDateTime,
+}
+
+/// What an audit did, added to its row as it goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditTally {
+    /// Top-level ranges compared.
+    pub ranges: u64,
+    /// List requests that asked for a total (with a block of records, or `limit=1`).
+    pub probes: u64,
+    pub differing: u64,
+    pub rescanned: u64,
+    pub list_requests: u64,
+}
+
+/// The kinds of content work, as named in `dead_letters.work`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Work {
+    Document,
+    Transcript,
+    Audio,
+}
+
+impl Work {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Work::Document => "document",
+            Work::Transcript => "transcript",
+            Work::Audio => "audio",
+        }
+    }
+}
+
+/// One unit of content work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkItem {
+    pub work: Work,
+    pub encounter_id: String,
+    pub document_id: String,
+    /// The document's `audio_duration_seconds`, for recordings whose header says nothing.
+    pub audio_duration_seconds: Option<f64>,
+    /// The document's `content_seq` when claimed: a result saved after paging observed a newer
+    /// change of the document is kept, but does not mark the work done.
+    pub content_seq: i64,
+    /// The `updated_at` of the last document detail fetched, when claimed: a transcript fetched
+    /// for this item is at least that new (`transcripts.fetched_for_updated_at`).
+    pub detail_updated_at: Option<String>,
+}
+
+/// What the document route said about a document.
+#[derive(Debug, Clone)]
+pub enum DetailOutcome {
+    Note {
+        format: String,
+        /// `None` when the privacy policy does not keep note text.
+        text: Option<String>,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    },
+    Ambient {
+        status: Option<String>,
+        audio_duration_seconds: Option<f64>,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    },
+    /// 400 `unsupported_document_type`: recorded, not asked again unless the type changes.
+    Unsupported,
+    /// 403/404 for this record.
+    Unavailable,
+}
+
+/// A transcript as the warehouse stores it.
+#[derive(Debug, Clone)]
+pub struct TranscriptRecord {
+    pub provider: Option<String>,
+    pub audio_duration_seconds: Option<f64>,
+    /// In API order; text `None` when the privacy policy does not keep transcript text.
+    pub turns: Vec<TurnRecord>,
+    /// SHA-256 (hex) of all of the above, so that a transcript fetched again unchanged is not
+    /// rewritten.
+    pub content_sha256: String,
+}
+
+impl TranscriptRecord {
+    /// The record of a transcript as it will be stored (text already dropped when the privacy
+    /// policy does not keep it), with its digest. Hashing a 2 MB transcript takes milliseconds,
+    /// so callers do it before the write, off the writer thread.
+    pub fn new(
+        provider: Option<String>,
+        audio_duration_seconds: Option<f64>,
+        turns: Vec<TurnRecord>,
+    ) -> TranscriptRecord {
+        use sha2::{Digest, Sha256};
+        // Every field is tagged and length-prefixed, so that no two different records hash the
+        // same bytes; floats by their bits, so that equal means identical.
+        fn text(h: &mut Sha256, t: &Option<String>) {
+            match t {
+                Some(t) => {
+                    h.update([1]);
+                    h.update((t.len() as u64).to_le_bytes());
+                    h.update(t.as_bytes());
+                }
+                None => h.update([0]),
+            }
+        }
+        let mut h = Sha256::new();
+        text(&mut h, &provider);
+        match audio_duration_seconds {
+            Some(d) => {
+                h.update([1]);
+                h.update(d.to_bits().to_le_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.update((turns.len() as u64).to_le_bytes());
+        for (speaker, start, end, t) in &turns {
+            text(&mut h, speaker);
+            h.update(start.to_bits().to_le_bytes());
+            h.update(end.to_bits().to_le_bytes());
+            text(&mut h, t);
+        }
+        let content_sha256 = crate::store::hex(&h.finalize());
+        TranscriptRecord {
+            provider,
+            audio_duration_seconds,
+            turns,
+            content_sha256,
+        }
+    }
+}
+
+/// A downloaded recording.
+#[derive(Debug, Clone)]
+pub struct RecordingRecord {
+    /// Relative to the audio directory.
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub duration_seconds: Option<f64>,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeCounts {
+    pub encounters: u64,
+    pub documents: u64,
+    pub transcripts: u64,
+    pub turns: u64,
+    pub recordings: u64,
+    pub history_rows: u64,
+    /// Recording files (relative to the audio directory) no longer referenced by any row.
+    pub orphaned_files: Vec<String>,
+}
+
+/// A transcript turn as stored: (speaker, start, end, text).
+pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
