@@ -187,13 +187,26 @@ pub struct LastError {
 
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
-/// bookkeeping for.
+/// bookkeeping for. The backend reads the facts; each organization's state and each backfill's
+/// progress are decided here, the same for every backend.
 pub fn read(
     warehouse: &dyn crate::store::Reader,
     now: OffsetDateTime,
     configured: &[String],
 ) -> anyhow::Result<Status> {
-    warehouse.status(now, configured)
+    let mut status = warehouse.status(now, configured)?;
+    for o in &mut status.organizations {
+        o.state = organization_state(
+            o.last_run.as_ref(),
+            o.last_error.is_some(),
+            o.reason_code.as_deref(),
+        )
+        .to_owned();
+    }
+    for b in &mut status.backfills {
+        b.progress = progress(b);
+    }
+    Ok(status)
 }
 
 impl Status {
@@ -243,11 +256,7 @@ impl Status {
 /// An organization's state from its last finished run and whether that run ended in error:
 /// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run) or
 /// `failing`.
-pub(crate) fn organization_state(
-    last_run: Option<&Run>,
-    failed: bool,
-    reason_code: Option<&str>,
-) -> &'static str {
+fn organization_state(last_run: Option<&Run>, failed: bool, reason_code: Option<&str>) -> &'static str {
     match (last_run, failed) {
         (None, _) => "never_synced",
         (Some(_), false) => "ok",
@@ -258,7 +267,7 @@ pub(crate) fn organization_state(
 }
 
 /// How far a backfill's cursor is through its range, 0 to 1.
-pub(crate) fn progress(b: &Backfill) -> f64 {
+fn progress(b: &Backfill) -> f64 {
     if b.status == "completed" {
         return 1.0;
     }

@@ -5,10 +5,7 @@
 use rusqlite::{Connection, OptionalExtension};
 use time::OffsetDateTime;
 
-use crate::status::{
-    Audit, Backfill, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status, organization_state,
-    progress,
-};
+use crate::status::{Audit, Backfill, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status};
 use crate::timefmt::{format_utc, parse_rfc3339};
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
@@ -99,7 +96,6 @@ fn read_organization(
     };
     let last_error = (last_run.is_some() && last_error.outcome != "succeeded").then_some(last_error);
     let reason_code = last_error.as_ref().and_then(|e| e.reason_code.clone());
-    let state = organization_state(last_run.as_ref(), last_error.is_some(), reason_code.as_deref());
     let per_org = |sql: &str| -> rusqlite::Result<i64> {
         conn.query_row(sql, [organization_id.as_deref()], |r| r.get(0))
     };
@@ -108,7 +104,8 @@ fn read_organization(
         name: name.to_owned(),
         complete_through: complete_through.map(format_utc),
         lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
-        state: state.to_owned(),
+        // Decided from the facts above by `status::read`.
+        state: String::new(),
         reason_code,
         last_run,
         last_error,
@@ -224,6 +221,7 @@ pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]
                 requested_by: r.get(9)?,
                 requested_at: r.get(10)?,
                 finished_at: r.get(11)?,
+                // Derived from the range and cursor by `status::read`.
                 progress: 0.0,
                 eta_seconds: None,
                 windows: r.get(5)?,
@@ -232,12 +230,6 @@ pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]
                 error: r.get(8)?,
             })
         })?
-        .map(|b| {
-            b.map(|mut b| {
-                b.progress = progress(&b);
-                b
-            })
-        })
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let dead_letters = conn
         .prepare(
