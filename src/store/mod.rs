@@ -1,11 +1,14 @@
 //! The warehouse seam: what the sync, content, audit and daemon code may ask of the warehouse
 //! ([`Backend`], [`WriteTx`]), the record types they pass, the single [`Writer`] thread every
 //! write of the sync goes through (group commit), and [`StoreError`], the classified error every
-//! entry point answers with. The implementation is [`sqlite`] (connection setup, migrations,
-//! SQL); nothing outside it names the database library. The store never does network I/O.
+//! entry point answers with. The implementations are [`sqlite`] (connection setup, migrations,
+//! SQL) and [`postgres`] (migrations and SQL on a connection it is handed); nothing outside them
+//! names a database library. The store never does network I/O of its own: a PostgreSQL
+//! warehouse's only traffic is its database connection.
 
 mod backend;
 mod error;
+pub mod postgres;
 mod records;
 pub mod sqlite;
 mod writer;

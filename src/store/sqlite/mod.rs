@@ -47,7 +47,7 @@ use crate::status::Status;
 pub(crate) use error::classify;
 
 mod embedded {
-    refinery::embed_migrations!("migrations");
+    refinery::embed_migrations!("migrations/sqlite");
 }
 
 /// Opens (creating if needed) the warehouse for writing, applies pending migrations, and
