@@ -15,6 +15,16 @@
 --   * The read-only role charthero_readers (NOLOGIN) gets USAGE on the schema and SELECT on every
 --     table and view, now and (default privileges) in later migrations.
 
+-- Everything below is created in the first existing schema of the search_path.
+DO $$
+BEGIN
+    IF current_schema() IS NULL THEN
+        RAISE EXCEPTION 'no schema to create the warehouse in: the search_path (%) names no existing schema',
+            current_setting('search_path');
+    END IF;
+END
+$$;
+
 CREATE TABLE patients (
     patient_id      text PRIMARY KEY,
     first_name      text,
@@ -381,16 +391,13 @@ FROM transcripts t;
 -- connection's search_path selected (current_schema()), never a name written here.
 DO $$
 BEGIN
-    IF current_schema() IS NULL THEN
-        RAISE EXCEPTION 'no schema is selected: the search_path names no existing schema';
-    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'charthero_readers') THEN
         BEGIN
             CREATE ROLE charthero_readers NOLOGIN;
         EXCEPTION
             WHEN insufficient_privilege THEN
-                RAISE EXCEPTION 'the role % may not create the read-only role charthero_readers', current_user
-                    USING HINT = 'ask a DBA to run `CREATE ROLE charthero_readers NOLOGIN` first, then migrate again';
+                RAISE EXCEPTION 'the role % may not create the read-only role charthero_readers: ask a DBA to run `CREATE ROLE charthero_readers NOLOGIN` first, then migrate again',
+                    current_user;
             -- Another warehouse's migration created it at the same moment.
             WHEN duplicate_object OR unique_violation THEN
                 NULL;

@@ -8,7 +8,10 @@
 //! A statement may not update one row twice, while SQLite's loop may meet an encounter (or a
 //! document, moved between encounters while the sync paged) twice in one page. The page is
 //! therefore cut into rounds in which every encounter and document appears once, applied in
-//! order: the result is the loop's, record after record.
+//! order: the result is the loop's, record after record, with one exception that does not
+//! matter: when a document moves between two encounters of one round and the page lists the
+//! one it left first, SQLite bumps its `content_seq` once more (the counter only has to change
+//! when the document may have; both backends bump it at least once).
 
 use std::collections::{HashMap, HashSet};
 
