@@ -4,6 +4,7 @@
 //! its page, history, and the read-only role. Each test skips, saying why, where no server can
 //! run (and fails instead under `CHARTHERO_REQUIRE_POSTGRES=1`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use charthero_sim::pgcluster::{self, PgDatabase};
@@ -684,4 +685,132 @@ fn a_migrating_role_that_may_not_create_roles_is_told_what_the_dba_runs() {
     assert!(shown.contains("CREATE ROLE charthero_readers NOLOGIN"), "{shown}");
     cluster.psql("CREATE ROLE charthero_readers NOLOGIN;").unwrap();
     open_writer(connect(&db), db.url.clone()).expect("migrates once the role exists");
+}
+
+/// The live encounters (status, `updated_at_ns`), the number of documents and every row's
+/// version, read on a connection of its own (on a blocking thread: the synchronous client runs
+/// a runtime of its own, which may not be started inside the test's).
+async fn stored_state(db: &PgDatabase) -> (BTreeMap<String, (String, i64)>, i64, Vec<(String, String)>) {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut check = connect(&db);
+        let live = check
+            .query(
+                "SELECT encounter_id, status, updated_at_ns FROM encounters WHERE removed_at IS NULL",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get(0).unwrap(),
+                    (r.try_get(1).unwrap(), r.try_get(2).unwrap()),
+                )
+            })
+            .collect();
+        let documents = check
+            .query_one("SELECT count(*) FROM documents", &[])
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        (live, documents, row_versions(&mut check))
+    })
+    .await
+    .unwrap()
+}
+
+/// A list-only cycle of the sync against the simulator, written through the writer thread into
+/// PostgreSQL (the context is built here as `crate::connect_organizations` builds it, with this
+/// backend in place of the configured one), then a second cycle that finds nothing new.
+///
+/// Ignored until `apply_privacy`, `audit_due`, `claim_work`, `queue_missing_audio` and
+/// `last_retention_purge` (the pgcontent and pgstatus work) are merged: a cycle asks each of them
+/// even when it lists only. With those five answering "nothing to do" it passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the PostgreSQL content, privacy and audit functions (issue 17, pgcontent/pgstatus)"]
+async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
+    use std::sync::Arc;
+
+    use crate::sync::{CyclePlan, OrgScope, SyncContext, run_cycle};
+
+    let Some((db, backend)) = tokio::task::spawn_blocking(|| warehouse("cycle")).await.unwrap() else {
+        return;
+    };
+    let now = OffsetDateTime::now_utc();
+    let sim = charthero_sim::Simulator::start(charthero_sim::SimOptions {
+        seed: 17,
+        encounters: 600,
+        start: now - time::Duration::days(60),
+        end: now - time::Duration::hours(1),
+        ..charthero_sim::SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut raw = crate::config::RawConfig::default();
+    raw.api.base_url = sim.base_url();
+    raw.api.api_key_file = None;
+    raw.api.request_timeout = "10s".into();
+    raw.database.path = "unused-by-this-test.db".into();
+    raw.sync.start_at = crate::timefmt::format_utc(now - time::Duration::days(61));
+    raw.sync.settle_lag = "0s".into();
+    raw.limits.requests_per_second = 5_000.0;
+    raw.limits.burst = 200;
+    raw.limits.max_in_flight = 8;
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    let config = raw.validate().unwrap();
+    let org = config.organizations[0].clone();
+    let key = crate::secret::ApiKey::new(&sim.api_key()).unwrap();
+    let ceiling = crate::api::Ceiling::new(&config.limits.ceiling()).unwrap();
+    let client = crate::api::Client::for_organization(
+        &config.api,
+        &org,
+        &config.limits,
+        ceiling,
+        &key,
+        Arc::default(),
+    )
+    .unwrap();
+    let mut sync = config.sync.clone();
+    sync.start_at = org.start_at;
+    let ctx = SyncContext {
+        org: OrgScope::new(&org.name, org.organization_id.clone(), false),
+        client,
+        writer: Arc::new(crate::store::Writer::spawn(Box::new(backend))),
+        sync,
+        content: config.content,
+        privacy: config.privacy,
+        audio: config.audio.clone(),
+        max_in_flight: org.budget.max_in_flight.get(),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let first = run_cycle(&ctx, "test", CyclePlan::full(None, false), &cancel)
+        .await
+        .unwrap_or_else(|e| panic!("the first cycle failed: {e:#}"));
+    assert_eq!(first.counts.encounters_new, 600);
+
+    let expected: BTreeMap<String, (String, i64)> = sim
+        .snapshot()
+        .into_iter()
+        .map(|e| (e.encounter_id, (e.status, unix_nanos(e.updated_at))))
+        .collect();
+    let listed: usize = sim.snapshot().iter().map(|e| e.documents.len()).sum();
+    let (live, documents, before) = stored_state(&db).await;
+    assert_eq!(live, expected);
+    assert_eq!(usize::try_from(documents).unwrap(), listed);
+
+    let second = run_cycle(&ctx, "test", CyclePlan::full(None, false), &cancel)
+        .await
+        .unwrap_or_else(|e| panic!("the second cycle failed: {e:#}"));
+    assert_eq!(
+        (second.counts.encounters_new, second.counts.encounters_changed),
+        (0, 0)
+    );
+    let (_, _, after) = stored_state(&db).await;
+    assert_eq!(after, before, "a cycle over unchanged data rewrote rows");
+    let watermark = ctx.writer.call(|c| c.complete_through("default")).await.unwrap();
+    assert!(
+        watermark.is_some_and(|w| w > now - time::Duration::hours(1)),
+        "{watermark:?}"
+    );
 }
