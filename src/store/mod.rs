@@ -11,6 +11,7 @@ mod error;
 pub mod postgres;
 mod records;
 pub mod sqlite;
+mod transfer;
 mod writer;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ pub use records::{
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
     WindowCompletion, Work, WorkItem,
 };
+pub use transfer::{CopyRefused, CopyReport, TableCopied, sqlite_to_postgres};
 pub use writer::{Pending, Writer};
 
 use crate::config::DatabaseConfig;

@@ -11,6 +11,7 @@
 
 mod audit;
 mod content;
+pub(crate) mod import;
 mod ledger;
 mod privacy;
 mod status;

@@ -8,6 +8,7 @@
 mod audit;
 mod content;
 mod error;
+pub(crate) mod export;
 mod ledger;
 mod privacy;
 mod status;
