@@ -5,6 +5,7 @@ mod analysts;
 mod api_routes;
 mod cli;
 mod content;
+mod copy;
 mod daemon;
 mod daemon_loop;
 mod harsh;
