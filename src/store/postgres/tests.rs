@@ -1,8 +1,9 @@
 //! The PostgreSQL backend against a throwaway server (`charthero_sim::pgcluster`): migrations,
 //! the schema-version rule, pages compared column by column with what the SQLite backend stores
 //! for the same records, identical pages that write nothing, removals, the watermark moving with
-//! its page, history, and the read-only role. Each test skips, saying why, where no server can
-//! run (and fails instead under `CHARTHERO_REQUIRE_POSTGRES=1`).
+//! its page, history, the views and full-text search against SQLite's, and the read-only role.
+//! Each test skips, saying why, where no server can run (and fails instead under
+//! `CHARTHERO_REQUIRE_POSTGRES=1`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -813,4 +814,79 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
         watermark.is_some_and(|w| w > now - time::Duration::hours(1)),
         "{watermark:?}"
     );
+}
+
+#[test]
+fn the_views_and_search_answer_as_on_sqlite() {
+    let Some((db, mut pg)) = warehouse("views") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqlite =
+        crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+    let mut check = connect(&db);
+    let (page, _, _, now) = scenario().remove(0);
+    commit(&mut pg, &page, &[], None, now);
+    commit(&mut sqlite, &page, &[], None, now);
+    // A transcript and its turns, as the content queue stores them (out of order on purpose).
+    let rows = "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
+                    fetched_at, organization_id)
+                VALUES ('doc_t1', 'enc_a', 'scribe', 61.5, 3, '2026-05-25T15:30:00.000000000Z', 'org_1');
+                INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text,
+                    organization_id)
+                VALUES ('doc_t1', 2, NULL, 9.0, 12.5, 'Metformin twice daily.', 'org_1'),
+                       ('doc_t1', 0, 'clinician', 0.0, 4.0, 'How is the chest pain?', 'org_1'),
+                       ('doc_t1', 1, 'patient', 4.0, 9.0, NULL, 'org_1');
+                UPDATE documents SET content_format = 'markdown', content_text = 'Follow up in two weeks.'
+                 WHERE document_id = 'doc_n1';";
+    sqlite.execute_batch(rows).unwrap();
+    check.batch_execute(rows).unwrap();
+    for (view, order) in [
+        ("encounter_overview", "encounter_id"),
+        ("transcript_text", "document_id"),
+    ] {
+        assert_eq!(
+            pg_rows(&mut check, view, order, &[]),
+            sqlite_rows(&sqlite, &mut check, view, order, &[]),
+            "{view}"
+        );
+    }
+    let text: String = check
+        .query_one(
+            "SELECT text FROM transcript_text WHERE document_id = 'doc_t1'",
+            &[],
+        )
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(
+        text,
+        "clinician: How is the chest pain?\nunknown: Metformin twice daily."
+    );
+    let hits = |check: &mut Client, sql: &str, term: &str| -> Vec<String> {
+        check
+            .query(sql, &[&term])
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect()
+    };
+    let turns = "SELECT document_id || '/' || turn_index FROM transcript_turns
+                  WHERE text_tsv @@ websearch_to_tsquery('simple', $1) ORDER BY turn_index";
+    let notes = "SELECT document_id FROM documents WHERE content_tsv @@ websearch_to_tsquery('simple', $1)";
+    assert_eq!(hits(&mut check, turns, "metformin"), ["doc_t1/2"]);
+    assert_eq!(hits(&mut check, turns, "\"chest pain\""), ["doc_t1/0"]);
+    assert_eq!(hits(&mut check, notes, "\"follow up\""), ["doc_n1"]);
+    check
+        .execute(
+            "UPDATE documents SET content_text = NULL WHERE document_id = 'doc_n1'",
+            &[],
+        )
+        .unwrap();
+    assert!(
+        hits(&mut check, notes, "follow").is_empty(),
+        "the index follows the text"
+    );
+    pg.rebuild_search().unwrap();
+    assert_eq!(hits(&mut check, turns, "metformin"), ["doc_t1/2"]);
 }
