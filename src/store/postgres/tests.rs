@@ -140,7 +140,7 @@ type Page = (
 /// The pages of the round trip, each with the time it is committed at: new encounters sharing a
 /// patient (one without names), then changes (a note dropped, a title changed, a note added, a
 /// document moved between encounters, an encounter listed twice), a removal completing a
-/// window, and the removed encounter listed again.
+/// window, the removed encounter listed again, and a change of `updated_at` by a nanosecond.
 fn scenario() -> Vec<Page> {
     let p1 = || Some(patient("pat_1", Some("Ada"), Some("Lovelace")));
     let p1_terse = || Some(patient("pat_1", None, None));
@@ -192,6 +192,9 @@ fn scenario() -> Vec<Page> {
         reason: "encounter_not_found".to_owned(),
     }];
     let revived = vec![encounter("enc_c", 3, "c3", "signed", None, vec![])];
+    // Only updated_at's nanoseconds change: history as on SQLite, which compares the exact text.
+    let mut touched = encounter("enc_b", 2, "b3", "completed", p1(), vec![]);
+    touched.updated_at += time::Duration::nanoseconds(1);
     vec![
         (first, vec![], None, datetime!(2026-05-25 15:00:00.000000001 UTC)),
         (second, vec![], None, datetime!(2026-05-25 16:00:00 UTC)),
@@ -202,6 +205,7 @@ fn scenario() -> Vec<Page> {
             datetime!(2026-05-25 17:00:00 UTC),
         ),
         (revived, vec![], None, datetime!(2026-05-25 18:00:00 UTC)),
+        (vec![touched], vec![], None, datetime!(2026-05-25 19:00:00 UTC)),
     ]
 }
 
