@@ -14,6 +14,7 @@ use postgres::{Client, NoTls};
 use time::macros::datetime;
 
 use super::*;
+use crate::store::sqlite::rows_as_text;
 use crate::store::{DocumentRecord, PatientRecord, RunCounts, RunOutcome};
 use crate::timefmt::{parse_rfc3339, unix_nanos};
 
@@ -268,8 +269,9 @@ fn pg_rows(pg: &mut Client, table: &str, order: &str, skip: &[&str]) -> Vec<Vec<
         .collect()
 }
 
+/// The same columns of `table` in the SQLite warehouse `sqlite` reads from (its rows as text).
 fn sqlite_rows(
-    conn: &rusqlite::Connection,
+    sqlite: &dyn Fn(&str) -> Vec<Vec<Option<String>>>,
     pg: &mut Client,
     table: &str,
     order: &str,
@@ -280,38 +282,36 @@ fn sqlite_rows(
         .filter(|(c, _)| !skip.contains(&c.as_str()))
         .collect();
     let list: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
-    let sql = format!("SELECT {} FROM {table} ORDER BY {order}", list.join(", "));
-    let mut stmt = conn.prepare(&sql).unwrap();
-    let mut rows = stmt.query([]).unwrap();
-    let mut out = Vec::new();
-    while let Some(row) = rows.next().unwrap() {
-        out.push(
-            cols.iter()
-                .enumerate()
-                .map(|(i, (name, ty))| {
-                    let v = match ty.as_str() {
-                        "text" => row.get::<_, Option<String>>(i).unwrap().map(Value::Text),
-                        "bigint" => row.get::<_, Option<i64>>(i).unwrap().map(Value::Int),
-                        "double precision" => row.get::<_, Option<f64>>(i).unwrap().map(Value::Real),
-                        "boolean" => row.get::<_, Option<bool>>(i).unwrap().map(Value::Bool),
-                        "timestamp with time zone" => row
-                            .get::<_, Option<String>>(i)
-                            .unwrap()
-                            .map(|t| Value::Micros(unix_nanos(parse_rfc3339(&t).unwrap()).div_euclid(1000))),
-                        other => panic!("column {table}.{name} of type {other}"),
-                    };
-                    (name.clone(), v.unwrap_or(Value::Null))
-                })
-                .collect(),
-        );
-    }
-    out
+    sqlite(&format!(
+        "SELECT {} FROM {table} ORDER BY {order}",
+        list.join(", ")
+    ))
+    .into_iter()
+    .map(|row| {
+        cols.iter()
+            .zip(row)
+            .map(|((name, ty), text)| {
+                let v = text.map(|t| match ty.as_str() {
+                    "text" => Value::Text(t),
+                    "bigint" => Value::Int(t.parse().unwrap()),
+                    "double precision" => Value::Real(t.parse().unwrap()),
+                    "boolean" => Value::Bool(t != "0"),
+                    "timestamp with time zone" => {
+                        Value::Micros(unix_nanos(parse_rfc3339(&t).unwrap()).div_euclid(1000))
+                    }
+                    other => panic!("column {table}.{name} of type {other}"),
+                });
+                (name.clone(), v.unwrap_or(Value::Null))
+            })
+            .collect()
+    })
+    .collect()
 }
 
 /// Every table the sync's pages write, compared row by row and column by column (history by
 /// encounter and order of its changes: the two backends number it differently when one page
 /// changes several encounters).
-fn assert_same_rows(conn: &rusqlite::Connection, pg: &mut Client, after: &str) {
+fn assert_same_rows(sqlite: &dyn Fn(&str) -> Vec<Vec<Option<String>>>, pg: &mut Client, after: &str) {
     for (table, order, skip) in [
         ("patients", "patient_id", &[][..]),
         ("encounters", "encounter_id", &[][..]),
@@ -325,9 +325,9 @@ fn assert_same_rows(conn: &rusqlite::Connection, pg: &mut Client, after: &str) {
         ("sync_windows", "window_id", &[][..]),
         ("organization_state", "organization, name", &[][..]),
     ] {
-        let sqlite = sqlite_rows(conn, pg, table, order, skip);
+        let from_sqlite = sqlite_rows(sqlite, pg, table, order, skip);
         let postgres = pg_rows(pg, table, order, skip);
-        assert_eq!(postgres, sqlite, "{table} after {after}");
+        assert_eq!(postgres, from_sqlite, "{table} after {after}");
     }
 }
 
@@ -410,7 +410,11 @@ fn pages_store_exactly_what_the_sqlite_backend_stores() {
         let from_pg = commit(&mut pg, &records, &removals, completion.as_ref(), now);
         let from_sqlite = commit(&mut sqlite, &records, &removals, completion.as_ref(), now);
         assert_eq!(from_pg, from_sqlite, "counts of page {i}");
-        assert_same_rows(&sqlite, &mut check, &format!("page {i}"));
+        assert_same_rows(
+            &|sql| rows_as_text(&sqlite, sql).unwrap(),
+            &mut check,
+            &format!("page {i}"),
+        );
     }
     let finished = datetime!(2026-05-25 19:00:00.5 UTC);
     let end = RunEnd {
@@ -425,7 +429,7 @@ fn pages_store_exactly_what_the_sqlite_backend_stores() {
     };
     pg.finish_run(1, &end, finished).unwrap();
     sqlite.finish_run(1, &end, finished).unwrap();
-    assert_same_rows(&sqlite, &mut check, "the run");
+    assert_same_rows(&|sql| rows_as_text(&sqlite, sql).unwrap(), &mut check, "the run");
     let history: Vec<String> = check
         .query(
             "SELECT change FROM encounter_history WHERE encounter_id = 'enc_c' ORDER BY history_id",
@@ -756,7 +760,7 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
     raw.api.api_key_file = None;
     raw.api.request_timeout = "10s".into();
     raw.database.path = "unused-by-this-test.db".into();
-    raw.sync.start_at = crate::timefmt::format_utc(now - time::Duration::days(61));
+    raw.sync.start_at = crate::timefmt::format_stored(now - time::Duration::days(61));
     raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = 5_000.0;
     raw.limits.burst = 200;
@@ -851,7 +855,13 @@ fn the_views_and_search_answer_as_on_sqlite() {
     ] {
         assert_eq!(
             pg_rows(&mut check, view, order, &[]),
-            sqlite_rows(&sqlite, &mut check, view, order, &[]),
+            sqlite_rows(
+                &|sql| rows_as_text(&sqlite, sql).unwrap(),
+                &mut check,
+                view,
+                order,
+                &[]
+            ),
             "{view}"
         );
     }
