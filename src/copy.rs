@@ -83,7 +83,11 @@ pub fn summary(report: &CopyReport) -> Vec<String> {
         .collect();
     let seconds = report.elapsed.as_secs_f64();
     #[allow(clippy::cast_precision_loss)] // a rate for people: a rounding error does not matter
-    let rate = if seconds > 0.0 { report.rows() as f64 / seconds } else { 0.0 };
+    let rate = if seconds > 0.0 {
+        report.rows() as f64 / seconds
+    } else {
+        0.0
+    };
     lines.push(format!(
         "copied {} tables, {} rows in {seconds:.2} s ({rate:.0} rows/s); every table's row count verified",
         report.tables.len(),

@@ -79,7 +79,9 @@ impl CopyReport {
 /// tables, should a SQLite build list them as ordinary tables), and migration bookkeeping, which
 /// each backend keeps for its own migrations.
 fn derived_in_sqlite(table: &str) -> bool {
-    table == "refinery_schema_history" || table.starts_with("notes_fts") || table.starts_with("transcript_turns_fts")
+    table == "refinery_schema_history"
+        || table.starts_with("notes_fts")
+        || table.starts_with("transcript_turns_fts")
 }
 
 /// Copies the SQLite warehouse at `source` (of exactly this release's schema; it is never
@@ -137,7 +139,9 @@ pub fn sqlite_to_postgres(
         let expected = snapshot.count(&name)?;
         let rows = import.copy_table(index, &mut |sink| snapshot.for_each_row(&name, &columns, sink))?;
         if rows != expected {
-            anyhow::bail!("{name}: the source holds {expected} rows but {rows} were copied; nothing was committed");
+            anyhow::bail!(
+                "{name}: the source holds {expected} rows but {rows} were copied; nothing was committed"
+            );
         }
         let done = TableCopied {
             table: name,
@@ -169,7 +173,10 @@ pub fn sqlite_to_postgres(
 
 /// Every way the source's tables and columns differ from the destination's, by name; empty when
 /// every destination column has a source column and the other way round.
-fn shape_difference(source: &[(String, Vec<String>)], destination: &[postgres::import::Table]) -> Vec<String> {
+fn shape_difference(
+    source: &[(String, Vec<String>)],
+    destination: &[postgres::import::Table],
+) -> Vec<String> {
     let mut out = Vec::new();
     for (name, columns) in source {
         match destination.iter().find(|t| &t.name == name) {

@@ -21,16 +21,18 @@ use crate::support::TestEnv;
 
 /// A new database in the shared cluster (None, reason printed, where there is none).
 fn pg_database(name: &str) -> Option<PgDatabase> {
-    Some(pgcluster::shared()?.create_database(name).expect("a test database"))
+    Some(
+        pgcluster::shared()?
+            .create_database(name)
+            .expect("a test database"),
+    )
 }
 
 /// A connection as the database's owner with the warehouse's schema on its search_path. The
 /// synchronous client runs a runtime of its own: connect, use and drop it on a blocking thread.
 fn connect(db: &PgDatabase) -> Client {
     let mut config: postgres::Config = db.url.parse().expect("the test database's URL");
-    config
-        .password(&db.password)
-        .options("-c search_path=charthero");
+    config.password(&db.password).options("-c search_path=charthero");
     config.connect(NoTls).expect("a connection to the test database")
 }
 
@@ -197,11 +199,16 @@ fn pg_holdings(client: &mut Client) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synced_sqlite_warehouse_copies_into_postgresql_value_for_value_with_its_watermark() {
-    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_equal")).await.unwrap() else {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_equal"))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let (env, config) = synced_source(1701, 400).await;
-    let report = copy(&env.db_path(), &db).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let report = copy(&env.db_path(), &db)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     let (source, pg) = (env.db_path(), db.clone());
     let filled = tokio::task::spawn_blocking(move || {
@@ -246,7 +253,13 @@ async fn a_synced_sqlite_warehouse_copies_into_postgresql_value_for_value_with_i
     }
     assert_eq!(report.tables.len(), filled.len());
     let summary = charthero_sync::copy::summary(&report);
-    assert!(summary.last().unwrap().contains(&format!("{} rows", report.rows())), "{summary:?}");
+    assert!(
+        summary
+            .last()
+            .unwrap()
+            .contains(&format!("{} rows", report.rows())),
+        "{summary:?}"
+    );
 
     // The watermark (and the history not re-created by triggers: counts above are equal).
     let (database, pg) = (config.database.clone(), db.clone());
@@ -289,11 +302,16 @@ async fn a_synced_sqlite_warehouse_copies_into_postgresql_value_for_value_with_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_holds_data_is_refused_and_left_as_it_was() {
-    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_refused")).await.unwrap() else {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_refused"))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let (env, _) = synced_source(1702, 60).await;
-    copy(&env.db_path(), &db).await.unwrap_or_else(|e| panic!("{e:#}"));
+    copy(&env.db_path(), &db)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let pg = db.clone();
     let before = tokio::task::spawn_blocking(move || pg_holdings(&mut connect(&pg)))
         .await
@@ -304,7 +322,10 @@ async fn a_destination_that_holds_data_is_refused_and_left_as_it_was() {
         .downcast_ref::<CopyRefused>()
         .unwrap_or_else(|| panic!("not a refusal: {err:#}"));
     let text = refused.to_string();
-    assert!(matches!(refused, CopyRefused::DestinationNotEmpty { .. }), "{text}");
+    assert!(
+        matches!(refused, CopyRefused::DestinationNotEmpty { .. }),
+        "{text}"
+    );
     assert!(text.contains("encounters: "), "{text}");
     assert!(text.contains("sync_runs: "), "{text}");
     let pg = db.clone();
@@ -316,7 +337,10 @@ async fn a_destination_that_holds_data_is_refused_and_left_as_it_was() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_fails_after_most_tables_leaves_the_destination_empty() {
-    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_rollback")).await.unwrap() else {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_rollback"))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let (env, _) = synced_source(1703, 60).await;
@@ -337,5 +361,152 @@ async fn a_copy_that_fails_after_most_tables_leaves_the_destination_empty() {
     let held = tokio::task::spawn_blocking(move || pg_holdings(&mut connect(&pg)))
         .await
         .unwrap();
+    assert!(held.is_empty(), "{held:?}");
+}
+
+/// The environment variable that makes [`copier_killed_by_the_test`] copy: the source path, the
+/// database URL and its password, one per line.
+const CHILD_SPEC: &str = "CHARTHERO_COPY_CHILD";
+
+/// The `application_name` the killed copier's connection carries, so the test can watch it.
+const CHILD_APPLICATION: &str = "charthero-copy-killed";
+
+/// The process `a_copy_killed_midway_leaves_the_destination_empty` kills: this test binary run
+/// again for this test alone, copying what [`CHILD_SPEC`] names. Without it, it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the copier a_copy_killed_midway_leaves_the_destination_empty starts and kills"]
+async fn copier_killed_by_the_test() {
+    let Ok(spec) = std::env::var(CHILD_SPEC) else {
+        return;
+    };
+    let mut lines = spec.lines().map(str::to_owned);
+    let (source, url, password) = (
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+    );
+    let client = tokio::task::spawn_blocking(move || {
+        let mut config: postgres::Config = url.parse().unwrap();
+        config
+            .password(&password)
+            .application_name(CHILD_APPLICATION)
+            .options("-c search_path=charthero");
+        config.connect(NoTls).unwrap()
+    })
+    .await
+    .unwrap();
+    charthero_sync::copy::run(
+        source.into(),
+        Duration::from_secs(5),
+        client,
+        "postgresql://copy-test".to_owned(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Kills the child when dropped, whatever the test's outcome.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the killed copier's server session is doing: (state, query), or None once it is gone.
+fn copier_session(client: &mut Client) -> Option<(String, String)> {
+    client
+        .query_opt(
+            "SELECT coalesce(state, ''), query FROM pg_stat_activity WHERE application_name = $1",
+            &[&CHILD_APPLICATION],
+        )
+        .unwrap()
+        .map(|r| (r.try_get(0).unwrap(), r.try_get(1).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_killed_midway_leaves_the_destination_empty() {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_killed"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (env, _) = synced_source(1704, 60).await;
+    // A ledger large enough to be caught filling: sync_windows comes after every data table but
+    // the transcripts, so most of the copy has been streamed when the process dies.
+    let conn = rusqlite::Connection::open(env.db_path()).unwrap();
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000)
+         INSERT INTO sync_windows (run_id, kind, backfill_id, start_at, end_at, start_at_ns, end_at_ns,
+             records_seen, total, pages, passes, removed, id_set_hash, completed_at, organization)
+         SELECT run_id, kind, backfill_id, start_at, end_at, start_at_ns, end_at_ns, records_seen, total, pages,
+                passes, removed, id_set_hash, completed_at, organization
+           FROM sync_windows, n WHERE window_id = (SELECT min(window_id) FROM sync_windows)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+
+    let spec = format!("{}\n{}\n{}", env.db_path().display(), db.url, db.password);
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "copy::copier_killed_by_the_test",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_SPEC, spec)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pg = db.clone();
+    let killed_in = tokio::task::spawn_blocking(move || {
+        let mut watch = connect(&pg);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the copy never reached sync_windows"
+            );
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("the copier ended ({status}) before it could be killed");
+            }
+            if let Some((state, query)) = copier_session(&mut watch)
+                && state == "active"
+                && query.starts_with("COPY \"sync_windows\"")
+            {
+                child.0.kill().unwrap(); // SIGKILL
+                child.0.wait().unwrap();
+                break query;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(killed_in.contains("sync_windows"), "{killed_in}");
+
+    // The server ends the dead client's session (rolling its transaction back); afterwards the
+    // warehouse holds nothing, and no transaction is left that could still commit.
+    let pg = db.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        let mut check = connect(&pg);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while copier_session(&mut check).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the killed copier's session lingers"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pg_holdings(&mut check)
+    })
+    .await
+    .unwrap();
     assert!(held.is_empty(), "{held:?}");
 }

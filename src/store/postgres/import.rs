@@ -289,7 +289,10 @@ impl<'a> Import<'a> {
         let types: Vec<Type> = table.columns.iter().map(|c| c.kind.pg_type()).collect();
         let copy = self
             .tx
-            .copy_in(&format!("COPY {name} ({}) FROM STDIN (FORMAT binary)", list.join(", ")))
+            .copy_in(&format!(
+                "COPY {name} ({}) FROM STDIN (FORMAT binary)",
+                list.join(", ")
+            ))
             .with_context(|| format!("cannot start copying into {}", table.name))?;
         let mut writer = BinaryCopyInWriter::new(copy, &types);
         let mut row = 0_u64;
@@ -304,7 +307,12 @@ impl<'a> Import<'a> {
                 })
                 .collect::<anyhow::Result<Vec<Bound<'_>>>>()?;
             if values.len() != table.columns.len() {
-                anyhow::bail!("{}, row {row}: {} values for {} columns", table.name, values.len(), table.columns.len());
+                anyhow::bail!(
+                    "{}, row {row}: {} values for {} columns",
+                    table.name,
+                    values.len(),
+                    table.columns.len()
+                );
             }
             writer
                 .write_raw(values.iter())

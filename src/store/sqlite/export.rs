@@ -58,7 +58,9 @@ impl<'c> Snapshot<'c> {
     pub fn count(&mut self, table: &str) -> anyhow::Result<u64> {
         let n: i64 = self
             .tx
-            .query_row(&format!("SELECT count(*) FROM {}", quoted(table)), [], |r| r.get(0))
+            .query_row(&format!("SELECT count(*) FROM {}", quoted(table)), [], |r| {
+                r.get(0)
+            })
             .with_context(|| format!("cannot count the rows of {table}"))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
