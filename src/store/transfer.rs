@@ -36,6 +36,16 @@ pub type RowSink<'s> = dyn FnMut(&[Cell<'_>]) -> anyhow::Result<()> + 's;
 #[derive(Debug, thiserror::Error)]
 pub enum CopyRefused {
     #[error(
+        "the source {source_path} has schema version {version}, but this release copies only version {known}: \
+         migrate an older warehouse first (`charthero-sync migrate` with its SQLite configuration), or copy a \
+         newer one with the release that wrote it"
+    )]
+    SourceSchema {
+        source_path: String,
+        version: i64,
+        known: i64,
+    },
+    #[error(
         "the destination {location} already holds data ({holdings}); `copy` fills only a migrated, empty \
          warehouse: give it a new database or schema (`database.url`, `database.schema`)"
     )]
@@ -84,8 +94,8 @@ fn derived_in_sqlite(table: &str) -> bool {
         || table.starts_with("transcript_turns_fts")
 }
 
-/// Copies the SQLite warehouse at `source` (of exactly this release's schema; it is never
-/// written) into the PostgreSQL warehouse on `destination` (migrated here first; it must hold
+/// Copies the SQLite warehouse at `source` (of exactly this release's schema; it is only read,
+/// in one snapshot) into the PostgreSQL warehouse on `destination` (migrated here first; it must hold
 /// no data), all in one PostgreSQL transaction, and checks afterwards that every table holds as
 /// many rows as the source's. `on_table` hears of each table as it is filled. The caller holds
 /// both writer locks.
@@ -97,8 +107,20 @@ pub fn sqlite_to_postgres(
     on_table: &mut dyn FnMut(&TableCopied),
 ) -> anyhow::Result<CopyReport> {
     let started = Instant::now();
-    let mut conn = sqlite::open_current(source, busy_timeout).map_err(|e| StoreError::new(source, e))?;
+    let mut conn = sqlite::open_reader(source, busy_timeout).map_err(|e| StoreError::new(source, e))?;
     let mut snapshot = Snapshot::begin(&mut conn).map_err(|e| StoreError::new(source, e))?;
+    let version = snapshot
+        .schema_version()
+        .map_err(|e| StoreError::new(source, e))?;
+    let known = sqlite::latest_version();
+    if version != known {
+        return Err(CopyRefused::SourceSchema {
+            source_path: source.display().to_string(),
+            version,
+            known,
+        }
+        .into());
+    }
     let source_tables: Vec<(String, Vec<String>)> = snapshot
         .tables()?
         .into_iter()

@@ -510,3 +510,28 @@ async fn a_copy_killed_midway_leaves_the_destination_empty() {
     .unwrap();
     assert!(held.is_empty(), "{held:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_of_an_older_schema_is_refused_with_what_to_run_and_is_not_written() {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_old_source"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("v4.db");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v4-warehouse.db");
+    std::fs::copy(fixture, &source).unwrap();
+    let err = copy(&source, &db).await.unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<CopyRefused>(),
+            Some(CopyRefused::SourceSchema { version: 4, .. })
+        ),
+        "{text}"
+    );
+    assert!(text.contains("charthero-sync migrate"), "{text}");
+    assert_eq!(std::fs::read(&source).unwrap(), std::fs::read(fixture).unwrap());
+}

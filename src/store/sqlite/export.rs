@@ -28,6 +28,23 @@ impl<'c> Snapshot<'c> {
         Ok(Snapshot { tx })
     }
 
+    /// The newest migration applied to the warehouse (0: none, not a warehouse of this program).
+    pub fn schema_version(&mut self) -> anyhow::Result<i64> {
+        let has_history: bool = self.tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_history {
+            return Ok(0);
+        }
+        Ok(self.tx.query_row(
+            "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Every ordinary table (not views, not FTS5 virtual tables or their shadow tables, not
     /// SQLite's own) with its columns in declaration order.
     pub fn tables(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>> {

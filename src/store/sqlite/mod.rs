@@ -110,12 +110,7 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
     } else {
         0
     };
-    let known = embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| i64::from(m.version()))
-        .max()
-        .unwrap_or(0);
+    let known = latest_version();
     match applied.cmp(&known) {
         std::cmp::Ordering::Equal => Ok(conn),
         std::cmp::Ordering::Less => anyhow::bail!(
@@ -129,6 +124,16 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
             path.display()
         ),
     }
+}
+
+/// The newest migration this release embeds: the schema version of a current warehouse.
+pub fn latest_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Opens the warehouse read-only, for `status` and for tests; works while the daemon writes.
