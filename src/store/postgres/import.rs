@@ -29,6 +29,7 @@ use crate::timefmt::parse_rfc3339;
 #[derive(Debug, Clone)]
 pub struct Table {
     pub name: String,
+    oid: u32,
     /// The columns a copied row supplies (not the generated ones), in table order.
     columns: Vec<Column>,
     /// Identity columns, whose sequences must continue after the copied ids.
@@ -157,7 +158,7 @@ fn bind<'a>(cell: Cell<'a>, kind: Kind) -> Result<Bound<'a>, &'static str> {
 /// The warehouse's tables (in the schema the search_path selects, refinery's history left out),
 /// parents before the tables whose foreign keys name them.
 fn read_tables(db: &mut impl GenericClient) -> anyhow::Result<Vec<Table>> {
-    let mut found: Vec<(u32, Table)> = Vec::new();
+    let mut found: Vec<Table> = Vec::new();
     for row in db.query(
         "SELECT c.oid, c.relname,
                 EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
@@ -193,15 +194,13 @@ fn read_tables(db: &mut impl GenericClient) -> anyhow::Result<Vec<Table>> {
             }
             columns.push(Column { name: column, kind });
         }
-        found.push((
+        found.push(Table {
+            name,
             oid,
-            Table {
-                name,
-                columns,
-                identities,
-                has_user_triggers: row.try_get(2)?,
-            },
-        ));
+            columns,
+            identities,
+            has_user_triggers: row.try_get(2)?,
+        });
     }
     let mut parents: Vec<(u32, u32)> = Vec::new();
     for row in db.query(
@@ -217,15 +216,56 @@ fn read_tables(db: &mut impl GenericClient) -> anyhow::Result<Vec<Table>> {
     while !found.is_empty() {
         let ready = found
             .iter()
-            .position(|(oid, _)| {
+            .position(|t| {
                 parents
                     .iter()
-                    .all(|(child, parent)| child != oid || !found.iter().any(|(o, _)| o == parent))
+                    .all(|&(child, parent)| child != t.oid || !found.iter().any(|o| o.oid == parent))
             })
             .context("the warehouse's foreign keys form a cycle; `copy` cannot order its tables")?;
-        ordered.push(found.remove(ready).1);
+        ordered.push(found.remove(ready));
     }
     Ok(ordered)
+}
+
+/// Drops, inside the transaction, the indexes of `table` that back no constraint and its foreign
+/// keys, and answers the statements that make them again once its rows are in: one build of each
+/// index and one check of each foreign key over the whole table cost a fraction of maintaining
+/// them row by row (a GIN index above all), the way `pg_restore` loads data before indexes and
+/// constraints. They come back under the same names and definitions before the next table, and
+/// a copy that stops rolls the drops back with everything else.
+fn set_aside_indexes_and_foreign_keys(
+    tx: &mut Transaction<'_>,
+    table: &Table,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut rebuild = Vec::new();
+    let name = quoted(&table.name);
+    for row in tx.query(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid)
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE i.indrelid = $1 AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+          ORDER BY c.relname",
+        &[&table.oid],
+    )? {
+        let (index, definition): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        tx.batch_execute(&format!("DROP INDEX {}", quoted(&index)))
+            .with_context(|| format!("cannot set the index {index} aside"))?;
+        rebuild.push((format!("the index {index}"), definition));
+    }
+    for row in tx.query(
+        "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+          WHERE conrelid = $1 AND contype = 'f' ORDER BY conname",
+        &[&table.oid],
+    )? {
+        let (constraint, definition): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let constraint = quoted(&constraint);
+        tx.batch_execute(&format!("ALTER TABLE {name} DROP CONSTRAINT {constraint}"))
+            .with_context(|| format!("cannot set the foreign key {constraint} aside"))?;
+        rebuild.push((
+            format!("the foreign key {constraint}"),
+            format!("ALTER TABLE {name} ADD CONSTRAINT {constraint} {definition}"),
+        ));
+    }
+    Ok(rebuild)
 }
 
 /// The import's one transaction on the destination warehouse.
@@ -285,6 +325,7 @@ impl<'a> Import<'a> {
                 .with_context(|| format!("cannot disable the triggers of {}", table.name))?;
             self.disabled.push(index);
         }
+        let rebuilt = set_aside_indexes_and_foreign_keys(&mut self.tx, table)?;
         let list: Vec<String> = table.columns.iter().map(|c| quoted(&c.name)).collect();
         let types: Vec<Type> = table.columns.iter().map(|c| c.kind.pg_type()).collect();
         let copy = self
@@ -318,9 +359,15 @@ impl<'a> Import<'a> {
                 .write_raw(values.iter())
                 .with_context(|| format!("cannot copy row {row} into {}", table.name))
         })?;
-        writer
+        let rows = writer
             .finish()
-            .with_context(|| format!("cannot finish copying into {}", table.name))
+            .with_context(|| format!("cannot finish copying into {}", table.name))?;
+        for (what, sql) in rebuilt {
+            self.tx
+                .batch_execute(&sql)
+                .with_context(|| format!("cannot build {what} of {} again", table.name))?;
+        }
+        Ok(rows)
     }
 
     /// Continues every identity column after its copied ids, enables the triggers again and
