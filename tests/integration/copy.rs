@@ -182,6 +182,37 @@ fn sqlite_rows(conn: &rusqlite::Connection, table: &str, columns: &[(String, Str
     rows
 }
 
+/// The warehouse's indexes, constraints and triggers (with whether each fires), as definitions.
+fn schema_objects(client: &mut Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema()
+             UNION ALL
+             SELECT c.conrelid::regclass::text || ' ' || c.conname || ' ' || pg_get_constraintdef(c.oid)
+               FROM pg_constraint c WHERE c.connamespace = current_schema()::regnamespace
+             UNION ALL
+             SELECT t.tgrelid::regclass::text || ' ' || t.tgname || ' ' || t.tgenabled::text
+               FROM pg_trigger t JOIN pg_class r ON r.oid = t.tgrelid
+              WHERE r.relnamespace = current_schema()::regnamespace AND NOT t.tgisinternal
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get(0).unwrap())
+        .collect()
+}
+
+/// [`schema_objects`] of a warehouse just migrated, in a database of its own named `name`.
+fn fresh_schema_objects(name: &str) -> Vec<String> {
+    let db = pg_database(name).expect("the cluster of the calling test");
+    let backend = store::postgres::open_writer(connect(&db), db.url.clone()).unwrap();
+    drop(backend);
+    let objects = schema_objects(&mut connect(&db));
+    assert!(objects.len() > 30, "the schema's objects are read: {objects:?}");
+    objects
+}
+
 /// Row counts of every table of the destination that holds rows.
 fn pg_holdings(client: &mut Client) -> Vec<(String, i64)> {
     pg_columns(client)
@@ -276,10 +307,15 @@ async fn a_synced_sqlite_warehouse_copies_into_postgresql_value_for_value_with_i
     assert!(sqlite_mark.is_some());
     assert_eq!(pg_mark, sqlite_mark);
 
-    // Identity columns continue after the copied ids.
+    // Identity columns continue after the copied ids; the indexes and foreign keys set aside
+    // during the copy and the triggers disabled are back as a migration makes them.
     let pg = db.clone();
     tokio::task::spawn_blocking(move || {
         let mut client = connect(&pg);
+        assert_eq!(
+            schema_objects(&mut client),
+            fresh_schema_objects("copy_equal_reference")
+        );
         let max: i64 = client
             .query_one("SELECT max(run_id) FROM sync_runs", &[])
             .unwrap()
@@ -358,10 +394,21 @@ async fn a_copy_that_fails_after_most_tables_leaves_the_destination_empty() {
     assert!(text.contains("sync_windows.completed_at"), "{text}");
     assert!(!text.contains("not a time"), "the value is not echoed: {text}");
     let pg = db.clone();
-    let held = tokio::task::spawn_blocking(move || pg_holdings(&mut connect(&pg)))
-        .await
-        .unwrap();
+    let (held, objects, fresh) = tokio::task::spawn_blocking(move || {
+        let mut client = connect(&pg);
+        (
+            pg_holdings(&mut client),
+            schema_objects(&mut client),
+            fresh_schema_objects("copy_rollback_reference"),
+        )
+    })
+    .await
+    .unwrap();
     assert!(held.is_empty(), "{held:?}");
+    assert_eq!(
+        objects, fresh,
+        "the indexes, keys and triggers are as the migration made them"
+    );
 }
 
 /// The environment variable that makes [`copier_killed_by_the_test`] copy: the source path, the
