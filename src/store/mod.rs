@@ -3,8 +3,9 @@
 //! write of the sync goes through (group commit), and [`StoreError`], the classified error every
 //! entry point answers with. The implementations are [`sqlite`] (connection setup, migrations,
 //! SQL) and [`postgres`] (migrations and SQL on a connection it is handed); nothing outside them
-//! names a database library. The store never does network I/O of its own: a PostgreSQL
-//! warehouse's only traffic is its database connection.
+//! names a database library but `transfer`, where `copy` moves a warehouse from one to the
+//! other. The store never does network I/O of its own: a PostgreSQL warehouse's only traffic is
+//! its database connection.
 
 mod backend;
 mod error;

@@ -1,7 +1,7 @@
 //! The SQLite implementation of the store seam: connection setup (pragmas on every
 //! connection), embedded refinery migrations, the SQL of every [`Backend`] and [`WriteTx`]
-//! operation (`upsert`, `ledger`, `audit`, `content`, `privacy`), and the read-only connection
-//! `status` and tests use. The only module that names rusqlite; it runs on the writer thread or
+//! operation (`upsert`, `ledger`, `audit`, `content`, `privacy`), the read-only connection
+//! `status` and tests use, and `export`, every table read back for `charthero-sync copy`. The only module that names rusqlite; it runs on the writer thread or
 //! in `store::blocking`, never on an async worker. Functions here keep `anyhow` contexts; the
 //! seam's entry points classify them into a [`StoreError`] naming the database path.
 
