@@ -1717,4 +1717,201 @@ mod tests {
         let err = load_api_key_from(sources, None, None).unwrap_err().to_string();
         assert!(err.contains("$CHARTHERO_API_KEY_NORTH (not set)"), "{err}");
     }
+
+    fn postgres(text: &str) -> PostgresConfig {
+        match parse(text).unwrap().database.target {
+            DatabaseTarget::Postgres(pg) => pg,
+            DatabaseTarget::Sqlite { path } => panic!("{text}: a SQLite target {}", path.display()),
+        }
+    }
+
+    #[test]
+    fn path_and_url_are_mutually_exclusive_and_the_error_names_both() {
+        let err = parse(
+            "[database]\npath = \"/var/lib/w.db\"\nurl = \"postgresql://charthero@db.example.internal/warehouse\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database.path") && err.contains("database.url"),
+            "{err}"
+        );
+        // Without url the default file is the warehouse, as always.
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.database.sqlite_path(), Some(Path::new(DEFAULT_DATABASE_PATH)));
+        assert_eq!(cfg.database.target.to_string(), DEFAULT_DATABASE_PATH);
+        // The PostgreSQL keys mean nothing to a SQLite warehouse.
+        for key in ["schema = \"s\"", "password_file = \"/p\"", "ca_file = \"/c\""] {
+            let err = parse(&format!("[database]\n{key}\n")).unwrap_err().to_string();
+            assert!(err.contains("database.url"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_refused_without_echoing_it() {
+        for url in [
+            "postgresql://charthero:pw_canary@db.example.internal/warehouse",
+            "postgres://charthero:pw_canary@127.0.0.1:5432/warehouse?sslmode=require",
+            "host=db.example.internal user=charthero password=pw_canary dbname=warehouse",
+        ] {
+            let err = parse(&format!("[database]\nurl = \"{url}\"\n")).unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert!(text.contains("database.url"), "{text}");
+            assert!(text.contains("password_file"), "{text}");
+            assert!(
+                !text.contains("canary") && !text.contains("example.internal"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_key_value_strings_and_unix_sockets_are_accepted_and_displayed_without_secrets() {
+        let pg =
+            postgres("[database]\nurl = \"postgresql://charthero@db.example.internal:5433/warehouse\"\n");
+        assert_eq!(
+            pg.to_string(),
+            "postgresql://charthero@db.example.internal:5433/warehouse (schema charthero)"
+        );
+        assert!(!pg.is_local());
+        assert_eq!(
+            pg.connection.get_connect_timeout(),
+            Some(&DEFAULT_PG_CONNECT_TIMEOUT)
+        );
+        let pg = postgres(
+            "[database]\nurl = \"host=/run/postgresql user=charthero dbname=warehouse connect_timeout=3\"\n\
+             schema = \"clinic_2\"\n",
+        );
+        assert_eq!(
+            pg.to_string(),
+            "postgresql://charthero@/run/postgresql:5432/warehouse (schema clinic_2)"
+        );
+        assert!(pg.is_local());
+        assert_eq!(pg.connection.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        for local in ["127.0.0.2", "localhost", "[::1]"] {
+            let pg = postgres(&format!(
+                "[database]\nurl = \"postgres://u@{local}/w?sslmode=disable\"\n"
+            ));
+            assert!(pg.is_local(), "{local}");
+        }
+        for bad in [
+            "mysql://u@h/db",
+            "postgresql://@h/db",
+            "postgresql:///db?user=u",
+            "port=notanumber host=h user=u",
+        ] {
+            let err = parse(&format!("[database]\nurl = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("database.url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_remote_host_without_tls_is_refused_before_any_network() {
+        let err =
+            parse("[database]\nurl = \"postgresql://charthero@10.255.255.1/warehouse?sslmode=disable\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("database.url") && err.contains("sslmode=disable is refused"),
+            "{err}"
+        );
+        // One remote host among loopback ones is enough to require TLS.
+        let err = parse("[database]\nurl = \"host=127.0.0.1,10.255.255.1 user=u sslmode=disable\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode=disable is refused"), "{err}");
+    }
+
+    #[test]
+    fn the_schema_must_be_a_plain_postgres_identifier() {
+        let url = "url = \"postgresql://u@127.0.0.1/w\"";
+        for ok in ["charthero", "_x", "clinic_2", &"a".repeat(63)] {
+            assert_eq!(
+                postgres(&format!("[database]\n{url}\nschema = \"{ok}\"\n")).schema,
+                ok
+            );
+        }
+        for bad in [
+            "",
+            "Charthero",
+            "2x",
+            "pg_catalog",
+            "a-b",
+            "x; DROP TABLE t",
+            &"a".repeat(64),
+        ] {
+            let err = parse(&format!("[database]\n{url}\nschema = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("database.schema"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_database_password_comes_from_its_file_then_its_variable_then_its_credential_or_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "pw_from_file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join(DATABASE_PASSWORD_CREDENTIAL);
+        std::fs::write(&cred, "pw_from_credential").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let pg = postgres(&format!(
+            "[database]\nurl = \"postgresql://u@127.0.0.1/w\"\npassword_file = \"{}\"\n",
+            file.display()
+        ));
+        assert_eq!(pg.password.env, DATABASE_PASSWORD_ENV);
+        let find = |sources: &KeySources, env: Option<&str>, creds: Option<&Path>| {
+            find_secret::<crate::secret::DatabasePasswordKind>(
+                &DATABASE_PASSWORD,
+                sources,
+                env.map(str::to_owned),
+                creds.map(Path::to_owned),
+            )
+            .unwrap()
+        };
+        let (pw, src) = find(&pg.password, Some("pw_env"), Some(&cred_dir)).unwrap();
+        assert_eq!(pw.expose(), "pw_from_file");
+        assert_eq!(
+            src.to_string(),
+            format!("database.password_file {}", file.display())
+        );
+        let mut sources = pg.password.clone();
+        sources.file = Some(dir.path().join("missing"));
+        let (pw, src) = find(&sources, Some("pw_env"), Some(&cred_dir)).unwrap();
+        assert_eq!(
+            (pw.expose(), src),
+            ("pw_env", KeySource::Env(DATABASE_PASSWORD_ENV.into()))
+        );
+        let (pw, src) = find(&sources, None, Some(&cred_dir)).unwrap();
+        assert_eq!(
+            (pw.expose(), src),
+            ("pw_from_credential", KeySource::Credential(cred))
+        );
+        // None at all is fine (trust, peer or certificate authentication); the sources are
+        // listed for the message of a refused connection.
+        let looked = find(&sources, None, None).unwrap_err().join(", ");
+        assert!(
+            looked.contains("database.password_file") && looked.contains(DATABASE_PASSWORD_ENV),
+            "{looked}"
+        );
+        // A file others may read is refused, naming it, never showing the password.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err =
+            find_secret::<crate::secret::DatabasePasswordKind>(&DATABASE_PASSWORD, &pg.password, None, None)
+                .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(
+            text.contains("database password file") && text.contains("0640"),
+            "{text}"
+        );
+        assert!(!text.contains("pw_from_file"), "{text}");
+        // Neither Debug of the configuration nor Display of the target shows a password.
+        let shown = format!("{pg:?} {pg}");
+        assert!(!shown.contains("pw_"), "{shown}");
+    }
 }

@@ -152,6 +152,12 @@ impl StoreError {
         &self.cause
     }
 
+    /// Whether the database is a server's (its location is a `postgresql://` name) rather than
+    /// a file.
+    fn is_server(&self) -> bool {
+        self.location.starts_with("postgresql://")
+    }
+
     /// See [`StoreErrorKind::is_retryable`].
     pub fn is_retryable(&self) -> bool {
         self.kind.is_retryable()
@@ -177,6 +183,27 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = &self.location;
         match self.kind {
+            // A server's data: the message of SQLite's file would send the operator to the
+            // wrong place.
+            StoreErrorKind::Corrupt if self.is_server() => write!(
+                f,
+                "database {path} reports corrupt data; stopped writing it: have its administrator \
+                 check the server (docs/postgres.md, \"Backups\")"
+            )?,
+            StoreErrorKind::NotWritable if self.is_server() => write!(
+                f,
+                "database {path} cannot be written: the role lacks a privilege on the schema, or the \
+                 server is read-only (a standby); grant the privilege or point database.url at the primary"
+            )?,
+            StoreErrorKind::Busy if self.is_server() => write!(
+                f,
+                "database {path} is busy: a lock conflict, deadlock or cancelled statement; the next \
+                 attempt retries"
+            )?,
+            StoreErrorKind::DiskFull { .. } if self.is_server() => write!(
+                f,
+                "the disk of the database server of {path} is full; free space there, the next attempt resumes"
+            )?,
             StoreErrorKind::DiskFull {
                 free_bytes: Some(free),
             } => write!(
