@@ -9,7 +9,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 
 use charthero_sync::config::{Config, DatabaseTarget, PostgresConfig};
 use charthero_sync::daemon::lock::{LockError, WriterLock};
@@ -19,7 +18,7 @@ const PORT: u16 = 55442;
 /// The password of role `warehouse_writer`; no error or log may show it.
 const PASSWORD: &str = "pw_canary_right_4711";
 
-/// The cluster, started once for this test binary and stopped when it exits.
+/// The throwaway cluster; stopped (immediate mode) and deleted when dropped.
 struct TlsCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -158,29 +157,32 @@ fn postgres_bin() -> Option<PathBuf> {
     found.pop()
 }
 
-/// The shared cluster, or `None` (with the reason printed) where this machine cannot run one
-/// and PostgreSQL is not required.
-fn cluster() -> Option<&'static Mutex<TlsCluster>> {
-    static CLUSTER: OnceLock<Option<Mutex<TlsCluster>>> = OnceLock::new();
-    CLUSTER
-        .get_or_init(|| {
-            let required = std::env::var_os("CHARTHERO_REQUIRE_POSTGRES").is_some_and(|v| v == "1");
-            let missing = match postgres_bin() {
-                None => Some("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb)"),
-                Some(_) if Command::new("openssl").arg("version").output().is_err() => Some("no openssl"),
-                Some(_) if !rustix::process::geteuid().is_root() => {
-                    Some("not root (the cluster runs as the unprivileged user pgtest)")
-                }
-                Some(_) => None,
-            };
-            if let Some(why) = missing {
-                assert!(!required, "CHARTHERO_REQUIRE_POSTGRES=1 but {why}");
-                eprintln!("skipped: {why}");
-                return None;
-            }
-            Some(Mutex::new(start_cluster(postgres_bin().unwrap())))
-        })
-        .as_ref()
+/// A new cluster, or `None` (with the reason printed) where this machine cannot run one and
+/// PostgreSQL is not required. It stops when dropped.
+fn cluster() -> Option<TlsCluster> {
+    let required = std::env::var_os("CHARTHERO_REQUIRE_POSTGRES").is_some_and(|v| v == "1");
+    let missing = match postgres_bin() {
+        None => Some("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb)"),
+        Some(_) if Command::new("openssl").arg("version").output().is_err() => Some("no openssl"),
+        Some(_) if !rustix::process::geteuid().is_root() => {
+            Some("not root (the cluster runs as the unprivileged user pgtest)")
+        }
+        Some(bin) => return Some(start_cluster(bin)),
+    };
+    let why = missing.unwrap_or_default();
+    assert!(!required, "CHARTHERO_REQUIRE_POSTGRES=1 but {why}");
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// One cluster for every check (initdb and two CAs take seconds; the port is fixed).
+#[test]
+fn tls_passwords_schemas_and_the_writer_lock_work_against_a_real_server() {
+    let Some(cluster) = cluster() else { return };
+    tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(&cluster);
+    a_wrong_password_names_its_sources_and_never_the_password();
+    a_schema_the_role_may_not_create_is_a_clear_error();
+    one_writer_per_schema_the_second_is_refused_naming_the_holder();
 }
 
 fn start_cluster(bin: PathBuf) -> TlsCluster {
@@ -232,9 +234,9 @@ fn start_cluster(bin: PathBuf) -> TlsCluster {
     let cluster = TlsCluster { dir, bin };
     cluster.psql(&format!(
         "CREATE ROLE warehouse_writer LOGIN PASSWORD '{PASSWORD}'; \
-         CREATE ROLE no_create LOGIN PASSWORD '{PASSWORD}'; \
-         CREATE DATABASE warehouse OWNER warehouse_writer;"
+         CREATE ROLE no_create LOGIN PASSWORD '{PASSWORD}'"
     ));
+    cluster.psql("CREATE DATABASE warehouse OWNER warehouse_writer");
     cluster
 }
 
@@ -266,10 +268,7 @@ fn pg_config(
     }
 }
 
-#[test]
-fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file() {
-    let Some(cluster) = cluster() else { return };
-    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(cluster: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
 
     let pg = pg_config(
@@ -318,10 +317,7 @@ fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file() {
     assert_eq!(store::describe_postgres(&pg).unwrap().transport, Transport::Local);
 }
 
-#[test]
 fn a_wrong_password_names_its_sources_and_never_the_password() {
-    let Some(cluster) = cluster() else { return };
-    let _cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let pg = pg_config(
         dir.path(),
@@ -353,10 +349,7 @@ fn a_wrong_password_names_its_sources_and_never_the_password() {
     );
 }
 
-#[test]
 fn a_schema_the_role_may_not_create_is_a_clear_error() {
-    let Some(cluster) = cluster() else { return };
-    let _cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let pg = pg_config(dir.path(), "no_create", "", "not_mine", PASSWORD, None);
     let err = format!(
@@ -382,10 +375,7 @@ fn a_schema_the_role_may_not_create_is_a_clear_error() {
     store::postgres::connect::connect_existing(&pg, "charthero-sync test").unwrap();
 }
 
-#[test]
 fn one_writer_per_schema_the_second_is_refused_naming_the_holder() {
-    let Some(cluster) = cluster() else { return };
-    let _cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let target = |schema: &str| {
         DatabaseTarget::Postgres(pg_config(
