@@ -183,6 +183,7 @@ fn tls_passwords_schemas_and_the_writer_lock_work_against_a_real_server() {
     a_wrong_password_names_its_sources_and_never_the_password();
     a_schema_the_role_may_not_create_is_a_clear_error();
     one_writer_per_schema_the_second_is_refused_naming_the_holder();
+    check_reports_tls_the_server_the_schema_and_the_readers_role(&cluster);
 }
 
 fn start_cluster(bin: PathBuf) -> TlsCluster {
@@ -406,4 +407,53 @@ fn one_writer_per_schema_the_second_is_refused_naming_the_holder() {
     drop(first);
     let again = WriterLock::acquire(&target("lock_a"), "charthero-sync sync").unwrap();
     drop((other, again));
+}
+
+fn check_reports_tls_the_server_the_schema_and_the_readers_role(cluster: &TlsCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg_config(
+        dir.path(),
+        "warehouse_writer",
+        "?sslmode=require",
+        "checked",
+        PASSWORD,
+        Some(&cluster.ca()),
+    );
+    let database = charthero_sync::config::DatabaseConfig {
+        target: DatabaseTarget::Postgres(pg),
+        ..charthero_sync::config::DatabaseConfig::sqlite(dir.path().join("unused.db"))
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (lines, outcome) = runtime.block_on(charthero_sync::check::check_database(&database));
+    let text = lines.join("\n");
+    assert!(outcome.is_ok(), "{text}");
+    assert!(
+        text.contains("database.url     ok      postgresql://warehouse_writer@127.0.0.1:55442/warehouse (schema checked)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("database.tls     ok      TLS, certificate verified"),
+        "{text}"
+    );
+    assert!(text.contains("database.server  ok      PostgreSQL 1"), "{text}");
+    assert!(
+        text.contains("database.schema  note    not created yet"),
+        "{text}"
+    );
+    assert!(text.contains("database.readers"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    // A server that does not answer fails the check, naming the target and what to check.
+    let unreachable = Config::parse(
+        "[database]\nurl = \"postgresql://warehouse_writer@127.0.0.1:1/warehouse\"\n",
+        Path::new("test.toml"),
+    )
+    .unwrap()
+    .database;
+    let (lines, outcome) = runtime.block_on(charthero_sync::check::check_database(&unreachable));
+    assert!(outcome.is_err());
+    let text = lines.join("\n");
+    assert!(
+        text.contains("database.url     FAILED") && text.contains("host and port"),
+        "{text}"
+    );
 }
