@@ -87,6 +87,7 @@ mod generate;
 mod id;
 mod model;
 mod options;
+pub mod pgcluster;
 mod query;
 mod render;
 mod server;

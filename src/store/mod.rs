@@ -1,10 +1,11 @@
 //! The warehouse seam: what the sync, content, audit and daemon code may ask of the warehouse
 //! ([`Backend`], [`WriteTx`]), the record types they pass, the single [`Writer`] thread every
 //! write of the sync goes through (group commit), and [`StoreError`], the classified error every
-//! entry point answers with. The implementations are [`sqlite`] (a file) and [`postgres`] (a
-//! schema on a server), chosen by [`DatabaseTarget`]; nothing outside them names their database
-//! library. The store makes no network request of its own: a PostgreSQL backend speaks only to
-//! its database server.
+//! entry point answers with. The implementations are [`sqlite`] (connection setup, migrations,
+//! SQL) and [`postgres`] (migrations and SQL on a connection it is handed; the connection itself
+//! from [`postgres::connect`]), chosen by [`DatabaseTarget`]; nothing outside them names a
+//! database library. The store never does network I/O of its own: a PostgreSQL warehouse's only
+//! traffic is its database connection.
 
 mod backend;
 mod error;
@@ -56,7 +57,7 @@ pub fn open_reader(database: &DatabaseConfig) -> anyhow::Result<Box<dyn Reader>>
         DatabaseTarget::Sqlite { path } => Ok(Box::new(sqlite::open_reader(path, database.busy_timeout)?)),
         DatabaseTarget::Postgres(pg) => {
             let client = postgres::connect::connect_existing(pg, APPLICATION_NAME)?;
-            Ok(Box::new(postgres::open_reader(client, pg.to_string())?))
+            Ok(Box::new(postgres::open_reader(client, pg.to_string())))
         }
     }
 }

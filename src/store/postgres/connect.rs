@@ -212,12 +212,12 @@ fn set_schema(client: &mut Client, pg: &PostgresConfig, schema_use: SchemaUse) -
             &[schema],
         )
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot look up the schema"))?
-        .get(0);
+        .try_get(0)?;
     if !exists {
         let user: String = client
             .query_one("SELECT current_user::text", &[])
             .with_context(|| format!("PostgreSQL warehouse {pg}: cannot read current_user"))?
-            .get(0);
+            .try_get(0)?;
         if schema_use == SchemaUse::MustExist {
             anyhow::bail!(
                 "PostgreSQL warehouse {pg}: schema {schema} does not exist (or role {user} may not see \
@@ -331,7 +331,7 @@ fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Cl
     let taken: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot take the writer lock"))?
-        .get(0);
+        .try_get(0)?;
     if taken {
         return Ok(Ok(client));
     }
@@ -353,9 +353,10 @@ fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Cl
         .first()
         .map(|row| {
             let (app, addr, pid, since): (String, String, i32, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            format!("{app} from {addr}, server pid {pid}, since {since}")
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+            Ok::<_, postgres::Error>(format!("{app} from {addr}, server pid {pid}, since {since}"))
         })
+        .transpose()?
         .unwrap_or_else(|| "holder unknown".to_owned())))
 }
 
@@ -386,12 +387,12 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
     let server_version: String = client
         .query_one("SHOW server_version", &[])
         .with_context(fail)?
-        .get(0);
+        .try_get(0)?;
     let history = format!("{}.refinery_schema_history", pg.schema);
     let has_history: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&history])
         .with_context(fail)?
-        .get(0);
+        .try_get(0)?;
     let schema_version = if has_history {
         client
             .query_one(
@@ -402,7 +403,7 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
                 &[],
             )
             .with_context(fail)?
-            .get(0)
+            .try_get(0)?
     } else {
         None
     };
@@ -412,7 +413,7 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
             &[],
         )
         .with_context(fail)?
-        .get(0);
+        .try_get(0)?;
     Ok(ServerReport {
         transport,
         server_version,

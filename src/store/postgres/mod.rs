@@ -1,40 +1,470 @@
-//! STAND-IN for pgcore's `store::postgres` in the pgops worktree only, so that the seam's
-//! dispatch compiles here. At merge pgcore's `mod.rs` replaces this file whole and gains the
-//! two lines `pub mod connect;` and `pub mod error;`. Its three functions have pgcore's
-//! signatures and refuse to open anything.
+//! The PostgreSQL implementation of the store seam: embedded refinery migrations
+//! (`migrations/postgres`), the schema-version rules of `open_current`, and the trait impls,
+//! each dispatching to a submodule function that mirrors SQLite's (`upsert`, `ledger`, `audit`,
+//! `content`, `privacy`, `status`): `f(db: &mut impl postgres::GenericClient, …)` with the SQLite
+//! function's other parameters and result. Every statement names tables unqualified: the
+//! connection's `search_path` selects the warehouse's schema.
+//!
+//! It does not connect (the caller hands it a `postgres::Client` with its search_path set), hold
+//! the writer lock, or classify errors into a `StoreError`: those belong to the callers. Like the
+//! SQLite backend it is blocking, and runs on the writer thread or in `store::blocking`: the
+//! synchronous `postgres` client drives a runtime of its own, which panics when started (or
+//! dropped) on an async worker.
 
+mod audit;
 pub mod connect;
+mod content;
 pub mod error;
+mod ledger;
+mod privacy;
+mod status;
+mod upsert;
 
+use std::cell::{RefCell, RefMut};
+use std::collections::HashSet;
 use std::path::Path;
-use std::time::Duration;
 
-use super::{Backend, Reader};
+use anyhow::Context;
+use postgres::{Client, Transaction};
+use time::OffsetDateTime;
 
-fn not_merged<T>(location: &str) -> anyhow::Result<T> {
-    anyhow::bail!("{location}: the PostgreSQL backend is not merged into this worktree")
+use super::{
+    Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
+    Reader, RecordingRecord, Removal, RunEnd, TableCounts, TranscriptRecord, WindowCompletion, Work,
+    WorkItem, WriteTx,
+};
+use crate::config::PrivacyConfig;
+use crate::status::Status;
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
 }
 
-pub fn open_writer(_client: postgres::Client, location: String) -> anyhow::Result<impl Backend + use<>> {
-    let refused = not_merged(&location);
-    if refused.is_ok() {
-        return Ok(super::sqlite::open_writer(Path::new(&location), Duration::ZERO)?);
+/// A PostgreSQL warehouse on one connection: the writer's ([`open_writer`]), `backfill`'s
+/// ([`open_current`]) or a reader's ([`open_reader`]). Trait methods take `&self`; the client is
+/// used by one method at a time, on one thread.
+pub struct PgBackend {
+    client: RefCell<Client>,
+    /// What errors name as the database (the URL without its password).
+    location: String,
+}
+
+/// Applies pending migrations on `client` (its search_path selects the warehouse's schema) and
+/// returns the backend; the caller holds the writer lock.
+pub fn open_writer(mut client: Client, location: String) -> anyhow::Result<PgBackend> {
+    embedded::migrations::runner()
+        .run(&mut client)
+        .with_context(|| format!("cannot apply migrations to {location}"))?;
+    Ok(PgBackend {
+        client: RefCell::new(client),
+        location,
+    })
+}
+
+/// The warehouse on `client` without migrating it (migrations belong to the one writer that
+/// holds the lock), and only if its schema is exactly the one this release knows: an older one
+/// needs `migrate` (or a daemon start) first, a newer one was written by a newer release.
+pub fn open_current(mut client: Client, location: String) -> anyhow::Result<PgBackend> {
+    let applied = applied_version(&mut client)
+        .with_context(|| format!("cannot read the schema version of {location}"))?;
+    let known = latest_version();
+    match applied.cmp(&known) {
+        std::cmp::Ordering::Equal => Ok(PgBackend {
+            client: RefCell::new(client),
+            location,
+        }),
+        std::cmp::Ordering::Less => anyhow::bail!(
+            "the warehouse {location} has schema version {applied}; this release needs {known}: run \
+             `charthero-sync migrate` (or start the daemon once) first"
+        ),
+        std::cmp::Ordering::Greater => anyhow::bail!(
+            "the warehouse {location} has schema version {applied}, newer than this release knows ({known}): \
+             use the release that wrote it"
+        ),
     }
-    refused
 }
 
-pub fn open_current(_client: postgres::Client, location: String) -> anyhow::Result<impl Backend + use<>> {
-    let refused = not_merged(&location);
-    if refused.is_ok() {
-        return super::sqlite::open_current(Path::new(&location), Duration::ZERO);
+/// The warehouse on `client` for reading only (`status`, the demo's summary).
+pub fn open_reader(client: Client, location: String) -> PgBackend {
+    PgBackend {
+        client: RefCell::new(client),
+        location,
     }
-    refused
 }
 
-pub fn open_reader(_client: postgres::Client, location: String) -> anyhow::Result<impl Reader + use<>> {
-    let refused = not_merged(&location);
-    if refused.is_ok() {
-        return super::sqlite::open_reader(Path::new(&location), Duration::ZERO);
+/// The newest migration applied to the schema the search_path selects (0: none).
+fn applied_version(client: &mut Client) -> anyhow::Result<i64> {
+    let has_history: bool = client
+        .query_one("SELECT to_regclass('refinery_schema_history') IS NOT NULL", &[])?
+        .try_get(0)?;
+    if !has_history {
+        return Ok(0);
     }
-    refused
+    let version: i32 = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
+            &[],
+        )?
+        .try_get(0)?;
+    Ok(i64::from(version))
 }
+
+/// The newest migration this release embeds.
+fn latest_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+impl PgBackend {
+    /// The connection, for one method's statements.
+    fn db(&self) -> RefMut<'_, Client> {
+        self.client.borrow_mut()
+    }
+}
+
+/// The writes of a group, inside its open transaction.
+pub struct PgTx<'a> {
+    tx: RefCell<Transaction<'a>>,
+}
+
+impl<'a> PgTx<'a> {
+    fn db(&self) -> RefMut<'_, Transaction<'a>> {
+        self.tx.borrow_mut()
+    }
+}
+
+impl WriteTx for PgTx<'_> {
+    fn commit_page(
+        &self,
+        records: &[EncounterRecord],
+        removals: &[Removal],
+        completion: Option<&WindowCompletion>,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<PageCounts> {
+        upsert::commit_page(&mut *self.db(), records, removals, completion, now)
+    }
+    fn save_detail(
+        &self,
+        item: &WorkItem,
+        outcome: &DetailOutcome,
+        audio: bool,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        content::save_detail(&mut *self.db(), item, outcome, audio, now)
+    }
+    fn save_transcript(
+        &self,
+        item: &WorkItem,
+        t: &TranscriptRecord,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        content::save_transcript(&mut *self.db(), item, t, now)
+    }
+    fn transcript_not_ready(
+        &self,
+        item: &WorkItem,
+        schedule: &[std::time::Duration],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        content::transcript_not_ready(&mut *self.db(), item, schedule, now)
+    }
+    fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()> {
+        content::mark_unavailable(&mut *self.db(), item)
+    }
+    fn save_recording(
+        &self,
+        encounter_id: &str,
+        document_id: &str,
+        r: &RecordingRecord,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        content::save_recording(&mut *self.db(), encounter_id, document_id, r, now)
+    }
+    fn dead_letter(
+        &self,
+        organization: &str,
+        item: &WorkItem,
+        run_id: i64,
+        reason_code: Option<&str>,
+        error: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        content::dead_letter(
+            &mut *self.db(),
+            organization,
+            item,
+            run_id,
+            reason_code,
+            error,
+            now,
+        )
+    }
+    /// A `PgTx` borrows the backend's client, so it is not `'static` and cannot be an `Any`;
+    /// this backend's tests run their own statements on the backend, outside the group.
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any {
+        &()
+    }
+}
+
+impl Reader for PgBackend {
+    fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+        ledger::complete_through(&mut *self.db(), organization)
+    }
+    fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
+        ledger::known_organization_id(&mut *self.db(), organization)
+    }
+    fn live_count_in_range(
+        &self,
+        organization_id: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> anyhow::Result<u64> {
+        audit::live_count_in_range(&mut *self.db(), organization_id, start_ns, end_ns)
+    }
+    fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
+        status::read_status(&mut *self.db(), now, configured)
+    }
+    fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
+        status::live_content_counts(&mut *self.db())
+    }
+    fn table_counts(&self) -> anyhow::Result<TableCounts> {
+        let row = self.db().query_one(
+            "SELECT (SELECT count(*) FROM encounters), (SELECT count(*) FROM patients),
+                    (SELECT count(*) FROM documents),
+                    (SELECT count(*) FROM documents WHERE content_text IS NOT NULL),
+                    (SELECT count(*) FROM transcripts), (SELECT count(*) FROM transcript_turns)",
+            &[],
+        )?;
+        Ok(TableCounts {
+            encounters: row.try_get(0)?,
+            patients: row.try_get(1)?,
+            documents: row.try_get(2)?,
+            notes: row.try_get(3)?,
+            transcripts: row.try_get(4)?,
+            turns: row.try_get(5)?,
+        })
+    }
+    fn marker(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let row = self
+            .db()
+            .query_opt("SELECT value FROM sync_state WHERE name = $1", &[&name])?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+}
+
+impl Backend for PgBackend {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    /// One PostgreSQL transaction. A statement that fails aborts it (every later statement
+    /// would fail too), and the writer stops the group at its first failed write and asks for a
+    /// rollback, exactly as on SQLite; dropping the transaction rolls it back. With one writer per
+    /// warehouse (the advisory lock) and readers that never write, no serialization failure or
+    /// deadlock can end a group: the default READ COMMITTED isolation is enough.
+    fn write_group(&mut self, body: &mut dyn FnMut(&dyn WriteTx) -> bool) -> GroupEnd {
+        let tx = match self.client.get_mut().transaction() {
+            Ok(tx) => tx,
+            Err(e) => return GroupEnd::CannotBegin(e.into()),
+        };
+        let group = PgTx { tx: RefCell::new(tx) };
+        if !body(&group) {
+            return GroupEnd::RolledBack;
+        }
+        match group.tx.into_inner().commit() {
+            Ok(()) => GroupEnd::Committed,
+            Err(e) => GroupEnd::CannotCommit(e.into()),
+        }
+    }
+
+    fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+        ledger::deep_revisit_at(&mut *self.db(), organization)
+    }
+    fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
+        ledger::set_deep_revisit_at(&mut *self.db(), organization, at)
+    }
+    fn claim_organization_id(
+        &self,
+        organization: &str,
+        organization_id: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Result<(), String>> {
+        ledger::claim_organization_id(&mut *self.db(), organization, organization_id, now)
+    }
+    fn live_ids_in_range(
+        &self,
+        organization_id: &str,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+    ) -> anyhow::Result<Vec<String>> {
+        ledger::live_ids_in_range(&mut *self.db(), organization_id, start, end)
+    }
+    fn open_backfill(
+        &self,
+        organization: &str,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        requested_by: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Backfill> {
+        ledger::open_backfill(&mut *self.db(), organization, start, end, requested_by, now)
+    }
+    fn queue_backfill(
+        &self,
+        organization: &str,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        requested_by: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<i64> {
+        ledger::queue_backfill(&mut *self.db(), organization, start, end, requested_by, now)
+    }
+    fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
+        ledger::next_backfill(&mut *self.db(), organization)
+    }
+    fn finish_backfill(
+        &self,
+        backfill_id: i64,
+        error: Option<&str>,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        ledger::finish_backfill(&mut *self.db(), backfill_id, error, now)
+    }
+    fn abort_stale_runs(&self, organization: &str, now: OffsetDateTime) -> anyhow::Result<usize> {
+        ledger::abort_stale_runs(&mut *self.db(), organization, now)
+    }
+    fn start_run(&self, organization: &str, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
+        ledger::start_run(&mut *self.db(), organization, trigger, now)
+    }
+    fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
+        ledger::finish_run(&mut *self.db(), run_id, end, now)
+    }
+
+    fn open_audit(
+        &self,
+        organization: &str,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        requested_by: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Audit> {
+        audit::open_audit(&mut *self.db(), organization, start, end, requested_by, now)
+    }
+    fn audit_due(
+        &self,
+        organization: &str,
+        every: time::Duration,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool> {
+        audit::audit_due(&mut *self.db(), organization, every, now)
+    }
+    fn advance_audit(&self, audit_id: i64, cursor: OffsetDateTime, tally: &AuditTally) -> anyhow::Result<()> {
+        audit::advance_audit(&mut *self.db(), audit_id, cursor, tally)
+    }
+    fn finish_audit(&self, audit_id: i64, now: OffsetDateTime) -> anyhow::Result<()> {
+        audit::finish_audit(&mut *self.db(), audit_id, now)
+    }
+    fn audit_failed(&self, audit_id: i64, error: &str) -> anyhow::Result<()> {
+        audit::audit_failed(&mut *self.db(), audit_id, error)
+    }
+    fn nth_live_created_ns(
+        &self,
+        organization_id: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+        n: u64,
+    ) -> anyhow::Result<Option<i64>> {
+        audit::nth_live_created_ns(&mut *self.db(), organization_id, start_ns, end_ns, n)
+    }
+    fn block_agrees(
+        &self,
+        organization_id: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+        offset: u64,
+        block: &[(String, i64)],
+    ) -> anyhow::Result<bool> {
+        audit::block_agrees(&mut *self.db(), organization_id, start_ns, end_ns, offset, block)
+    }
+
+    fn claim_work(
+        &self,
+        organization_id: Option<&str>,
+        run_id: i64,
+        skip: &[Work],
+        exclude: &HashSet<(Work, String)>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Vec<WorkItem>> {
+        content::claim_work(
+            &mut *self.db(),
+            organization_id,
+            run_id,
+            skip,
+            exclude,
+            limit,
+            now,
+        )
+    }
+    fn queue_missing_audio(&self, organization_id: Option<&str>) -> anyhow::Result<usize> {
+        content::queue_missing_audio(&mut *self.db(), organization_id)
+    }
+
+    fn apply_privacy(&mut self, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
+        privacy::apply_privacy(self.client.get_mut(), privacy)
+    }
+    fn purge(
+        &mut self,
+        audio_dir: &Path,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<PurgeCounts> {
+        privacy::purge(self.client.get_mut(), audio_dir, start, end, reason, now)
+    }
+    fn purged_ranges(&self) -> anyhow::Result<Vec<(i64, i64)>> {
+        privacy::purged_ranges(&mut *self.db())
+    }
+    fn last_retention_purge(&self) -> anyhow::Result<Option<OffsetDateTime>> {
+        privacy::last_retention_purge(&mut *self.db())
+    }
+
+    /// Nothing to do: PostgreSQL makes a transaction durable in its WAL at COMMIT, and moving
+    /// the WAL into the tables (its CHECKPOINT) and recycling it is the server's own schedule
+    /// (`checkpoint_timeout`, `max_wal_size`), which only a superuser may force.
+    fn checkpoint(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Nothing to do: the server's WAL size is the server's setting (`max_wal_size`,
+    /// `wal_keep_size`), not a client's; `database.wal_size_limit` is SQLite's.
+    fn set_wal_size_limit(&self, _bytes: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Rebuilds both full-text indexes (the GIN indexes over the generated tsvector columns).
+    fn rebuild_search(&self) -> anyhow::Result<()> {
+        self.db()
+            .batch_execute("REINDEX INDEX documents_search; REINDEX INDEX transcript_turns_search;")?;
+        Ok(())
+    }
+    fn set_marker(&self, name: &str) -> anyhow::Result<()> {
+        self.db().execute(
+            "INSERT INTO sync_state (name, value) VALUES ($1, 'yes') ON CONFLICT DO NOTHING",
+            &[&name],
+        )?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests;

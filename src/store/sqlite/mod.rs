@@ -47,7 +47,7 @@ use crate::status::Status;
 pub(crate) use error::classify;
 
 mod embedded {
-    refinery::embed_migrations!("migrations");
+    refinery::embed_migrations!("migrations/sqlite");
 }
 
 /// Opens (creating if needed) the warehouse for writing, applies pending migrations, and
@@ -258,6 +258,32 @@ pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
     tracing::warn!("readers kept the WAL from being truncated; it is cut back at the next checkpoint");
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+/// Every row `sql` answers, each value as text (`None` for NULL, numbers as Rust renders them),
+/// for tests that compare this backend's rows with another backend's.
+#[cfg(test)]
+pub(crate) fn rows_as_text(conn: &Connection, sql: &str) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare(sql)?;
+    let width = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let values = (0..width)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    ValueRef::Null => None,
+                    ValueRef::Integer(n) => Some(n.to_string()),
+                    ValueRef::Real(x) => Some(x.to_string()),
+                    ValueRef::Text(t) => Some(String::from_utf8(t.to_vec())?),
+                    ValueRef::Blob(_) => anyhow::bail!("column {i} of {sql:?} is a blob"),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        out.push(values);
+    }
+    Ok(out)
 }
 
 /// WAL pages after which a commit copies the WAL into the database. SQLite's default (1,000
