@@ -1,81 +1,43 @@
 //! The PostgreSQL warehouse's operations against a real server: verified TLS to a private CA
 //! (`database.ca_file`) and its refusal with another CA, the password from its file and the
 //! message of a wrong one (naming the sources, never the password), the schema a role may not
-//! create, and the one-writer advisory lock per schema. The server is a throwaway cluster of
-//! the distribution's PostgreSQL with `ssl = on` and SCRAM passwords over TCP, its CA and
-//! certificate made by `openssl` in a temp dir, on loopback port 55442. Without PostgreSQL or
-//! openssl the tests skip, unless `CHARTHERO_REQUIRE_POSTGRES=1` (CI), where they fail.
+//! create, the one-writer advisory lock per schema, and `check`'s report. The server is a
+//! throwaway cluster of its own (`charthero_sim::pgcluster`), switched to `ssl = on` with a CA
+//! and certificate made by `openssl` in a temp dir. Without PostgreSQL or openssl the test
+//! skips, unless `CHARTHERO_REQUIRE_POSTGRES=1` (CI), where it fails.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use charthero_sim::pgcluster::{self, PgCluster, PgDatabase};
 use charthero_sync::config::{Config, DatabaseTarget, PostgresConfig};
 use charthero_sync::daemon::lock::{LockError, WriterLock};
 use charthero_sync::store::{self, Transport};
 
-const PORT: u16 = 55442;
-/// The password of role `warehouse_writer`; no error or log may show it.
+/// The password of role `pgops_no_create`; no error or log may show it (nor the cluster's
+/// own random password of the database's owner).
 const PASSWORD: &str = "pw_canary_right_4711";
 
-/// The throwaway cluster; stopped (immediate mode) and deleted when dropped.
+/// A cluster serving TLS with a certificate for 127.0.0.1 from a private CA.
 struct TlsCluster {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
+    cluster: PgCluster,
+    /// The warehouse's database and its owner role.
+    db: PgDatabase,
+    certs: tempfile::TempDir,
 }
 
 impl TlsCluster {
     fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
+        self.certs.path().join("ca.crt")
     }
 
     fn other_ca(&self) -> PathBuf {
-        self.dir.path().join("other-ca.crt")
+        self.certs.path().join("other-ca.crt")
     }
 
-    fn psql(&self, sql: &str) {
-        let out = Command::new("runuser")
-            .args(["-u", "pgtest", "--"])
-            .arg(self.bin.join("psql"))
-            .args([
-                "-h",
-                &self.dir.path().display().to_string(),
-                "-p",
-                &PORT.to_string(),
-            ])
-            .args([
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for TlsCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "pgtest", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args([
-                "-D",
-                &self.dir.path().join("data").display().to_string(),
-                "-m",
-                "immediate",
-                "stop",
-            ])
-            .output();
+    fn port(&self) -> u16 {
+        self.cluster.port()
     }
 }
 
@@ -108,7 +70,7 @@ fn make_ca(dir: &Path, name: &str) {
         .arg(dir.join(format!("{name}.crt"))));
 }
 
-/// The server's key and certificate for 127.0.0.1 and localhost, issued by `ca`.
+/// The server's key and certificate for 127.0.0.1 and localhost, issued by `dir/ca.crt`.
 fn make_server_cert(dir: &Path) {
     let (key, csr, crt) = (
         dir.join("server.key"),
@@ -147,116 +109,83 @@ fn make_server_cert(dir: &Path) {
         .arg(&crt));
 }
 
-fn postgres_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-/// A new cluster, or `None` (with the reason printed) where this machine cannot run one and
-/// PostgreSQL is not required. It stops when dropped.
-fn cluster() -> Option<TlsCluster> {
-    let required = std::env::var_os("CHARTHERO_REQUIRE_POSTGRES").is_some_and(|v| v == "1");
-    let missing = match postgres_bin() {
-        None => Some("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb)"),
-        Some(_) if Command::new("openssl").arg("version").output().is_err() => Some("no openssl"),
-        Some(_) if !rustix::process::geteuid().is_root() => {
-            Some("not root (the cluster runs as the unprivileged user pgtest)")
+/// A cluster of its own (its TLS settings change), or `None` where there is no PostgreSQL or no
+/// openssl and neither is required.
+fn tls_cluster() -> Option<TlsCluster> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        let required = std::env::var("CHARTHERO_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+        assert!(!required, "CHARTHERO_REQUIRE_POSTGRES=1 but openssl is missing");
+        eprintln!("skipped: no openssl to make the test CA");
+        return None;
+    }
+    let cluster = pgcluster::require_or_skip()?;
+    let certs = tempfile::tempdir().unwrap();
+    make_ca(certs.path(), "ca");
+    make_ca(certs.path(), "other-ca");
+    make_server_cert(certs.path());
+    // The server reads its key and certificate from its own directory, owned by its user; it
+    // refuses a key others may read.
+    let server_dir = cluster.socket_dir();
+    for f in ["server.key", "server.crt"] {
+        let to = server_dir.join(format!("tls-{f}"));
+        std::fs::copy(certs.path().join(f), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+        run(Command::new("chown").arg("--reference").arg(server_dir).arg(&to));
+    }
+    cluster
+        .psql(&format!(
+            "ALTER SYSTEM SET ssl_cert_file = '{}';\nALTER SYSTEM SET ssl_key_file = '{}';\n\
+             ALTER SYSTEM SET ssl = on;\nSELECT pg_reload_conf();",
+            server_dir.join("tls-server.crt").display(),
+            server_dir.join("tls-server.key").display()
+        ))
+        .unwrap();
+    // The reload is asynchronous: wait until new sessions see it.
+    for _ in 0..50 {
+        if cluster.psql("SHOW ssl").unwrap().trim() == "on" {
+            break;
         }
-        Some(bin) => return Some(start_cluster(bin)),
-    };
-    let why = missing.unwrap_or_default();
-    assert!(!required, "CHARTHERO_REQUIRE_POSTGRES=1 but {why}");
-    eprintln!("skipped: {why}");
-    None
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(cluster.psql("SHOW ssl").unwrap().trim(), "on");
+    let db = cluster.create_database("pgops").unwrap();
+    cluster
+        .psql(&format!(
+            "CREATE ROLE pgops_no_create LOGIN PASSWORD '{PASSWORD}';"
+        ))
+        .unwrap();
+    Some(TlsCluster { cluster, db, certs })
 }
 
-/// One cluster for every check (initdb and two CAs take seconds; the port is fixed).
+/// One cluster for every check (initdb and the CAs take seconds).
 #[test]
 fn tls_passwords_schemas_and_the_writer_lock_work_against_a_real_server() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = tls_cluster() else { return };
     tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(&cluster);
-    a_wrong_password_names_its_sources_and_never_the_password();
-    a_schema_the_role_may_not_create_is_a_clear_error();
-    one_writer_per_schema_the_second_is_refused_naming_the_holder();
+    a_wrong_password_names_its_sources_and_never_the_password(&cluster);
+    a_schema_the_role_may_not_create_is_a_clear_error(&cluster);
+    one_writer_per_schema_the_second_is_refused_naming_the_holder(&cluster);
     check_reports_tls_the_server_the_schema_and_the_readers_role(&cluster);
 }
 
-fn start_cluster(bin: PathBuf) -> TlsCluster {
-    if Command::new("id")
-        .arg("pgtest")
-        .output()
-        .is_ok_and(|o| !o.status.success())
-    {
-        run(Command::new("useradd").args(["-r", "-M", "pgtest"]));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    make_ca(dir.path(), "ca");
-    make_ca(dir.path(), "other-ca");
-    make_server_cert(dir.path());
-    let data = dir.path().join("data");
-    run(Command::new("chown").arg("pgtest").arg(dir.path()));
-    run(Command::new("runuser")
-        .args(["-u", "pgtest", "--"])
-        .arg(bin.join("initdb"))
-        .args(["-A", "trust", "-U", "postgres", "-D"])
-        .arg(&data));
-    for f in ["server.key", "server.crt"] {
-        let to = data.join(f);
-        std::fs::copy(dir.path().join(f), &to).unwrap();
-        run(Command::new("chown").arg("pgtest").arg(&to));
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    // Passwords over TCP (TLS or not); the unix socket, the test's own psql, trusts.
-    std::fs::write(
-        data.join("pg_hba.conf"),
-        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-    )
-    .unwrap();
-    let log = dir.path().join("log");
-    run(Command::new("runuser")
-        .args(["-u", "pgtest", "--"])
-        .arg(bin.join("pg_ctl"))
-        .arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(&log)
-        .arg("-o")
-        .arg(format!(
-            "-p {PORT} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c password_encryption=scram-sha-256",
-            dir.path().display()
-        ))
-        .args(["-w", "start"]));
-    let cluster = TlsCluster { dir, bin };
-    cluster.psql(&format!(
-        "CREATE ROLE warehouse_writer LOGIN PASSWORD '{PASSWORD}'; \
-         CREATE ROLE no_create LOGIN PASSWORD '{PASSWORD}'"
-    ));
-    cluster.psql("CREATE DATABASE warehouse OWNER warehouse_writer");
-    cluster
-}
-
-/// A validated PostgreSQL configuration for this cluster: `url` query options appended, the
-/// password in a 0600 file holding `password`.
+/// A validated PostgreSQL configuration for `user` on the cluster's database, query `options`
+/// appended to the URL, the password in a 0600 file holding `password`.
 fn pg_config(
+    c: &TlsCluster,
     dir: &Path,
-    user: &str,
+    (user, password): (&str, &str),
     options: &str,
     schema: &str,
-    password: &str,
     ca: Option<&Path>,
 ) -> PostgresConfig {
     let password_file = dir.join(format!("password-{user}-{schema}"));
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut text = format!(
-        "[database]\nurl = \"postgresql://{user}@127.0.0.1:{PORT}/warehouse{options}\"\nschema = \"{schema}\"\n\
+        "[database]\nurl = \"postgresql://{user}@127.0.0.1:{}/{}{options}\"\nschema = \"{schema}\"\n\
          password_file = \"{}\"\n",
+        c.port(),
+        c.db.name,
         password_file.display()
     );
     if let Some(ca) = ca {
@@ -269,31 +198,34 @@ fn pg_config(
     }
 }
 
-fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(cluster: &TlsCluster) {
-    let dir = tempfile::tempdir().unwrap();
+impl TlsCluster {
+    /// The database's owner and its password.
+    fn owner(&self) -> (&str, &str) {
+        (&self.db.user, &self.db.password)
+    }
 
-    let pg = pg_config(
-        dir.path(),
-        "warehouse_writer",
-        "?sslmode=require",
-        "tls_ok",
-        PASSWORD,
-        Some(&cluster.ca()),
-    );
+    /// `postgresql://owner@127.0.0.1:port/db (schema s)`.
+    fn shown(&self, schema: &str) -> String {
+        format!(
+            "postgresql://{}@127.0.0.1:{}/{} (schema {schema})",
+            self.db.user,
+            self.port(),
+            self.db.name
+        )
+    }
+}
+
+fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(c: &TlsCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let require = "?sslmode=require";
+    let pg = pg_config(c, dir.path(), c.owner(), require, "tls_ok", Some(&c.ca()));
     let report = store::describe_postgres(&pg).expect("verified TLS to the private CA");
     assert_eq!(report.transport, Transport::VerifiedTls);
     assert!(report.server_version.starts_with(char::is_numeric), "{report:?}");
     assert_eq!(report.schema_version, None);
 
-    let wrong = cluster.other_ca();
-    let pg = pg_config(
-        dir.path(),
-        "warehouse_writer",
-        "?sslmode=require",
-        "tls_ok",
-        PASSWORD,
-        Some(&wrong),
-    );
+    let wrong = c.other_ca();
+    let pg = pg_config(c, dir.path(), c.owner(), require, "tls_ok", Some(&wrong));
     let err = format!("{:#}", store::describe_postgres(&pg).unwrap_err());
     assert!(err.contains("TLS failed"), "{err}");
     assert!(
@@ -302,30 +234,23 @@ fn tls_is_verified_against_ca_file_and_another_ca_is_refused_naming_ca_file(clus
     );
 
     // Without ca_file only the public roots are trusted: the private CA is not among them.
-    let pg = pg_config(
-        dir.path(),
-        "warehouse_writer",
-        "?sslmode=require",
-        "tls_ok",
-        PASSWORD,
-        None,
-    );
+    let pg = pg_config(c, dir.path(), c.owner(), require, "tls_ok", None);
     let err = format!("{:#}", store::describe_postgres(&pg).unwrap_err());
     assert!(err.contains("set database.ca_file"), "{err}");
 
     // Loopback without sslmode=require goes without TLS.
-    let pg = pg_config(dir.path(), "warehouse_writer", "", "tls_ok", PASSWORD, None);
+    let pg = pg_config(c, dir.path(), c.owner(), "", "tls_ok", None);
     assert_eq!(store::describe_postgres(&pg).unwrap().transport, Transport::Local);
 }
 
-fn a_wrong_password_names_its_sources_and_never_the_password() {
+fn a_wrong_password_names_its_sources_and_never_the_password(c: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
     let pg = pg_config(
+        c,
         dir.path(),
-        "warehouse_writer",
+        (&c.db.user, "pw_canary_wrong_0815"),
         "",
         "pw",
-        "pw_canary_wrong_0815",
         None,
     );
     let err = store::open(&charthero_sync::config::DatabaseConfig {
@@ -336,64 +261,51 @@ fn a_wrong_password_names_its_sources_and_never_the_password() {
     .unwrap_err();
     let text = format!("{err:#} {err:?}");
     assert!(
-        text.contains("refused role warehouse_writer's credentials"),
+        text.contains(&format!("refused role {}'s credentials", c.db.user)),
         "{text}"
     );
     assert!(
         text.contains("the password came from the database.password_file"),
         "{text}"
     );
-    assert!(!text.contains("canary"), "{text}");
     assert!(
-        err.location()
-            .starts_with("postgresql://warehouse_writer@127.0.0.1:55442/warehouse")
+        !text.contains("canary") && !text.contains(&c.db.password),
+        "{text}"
     );
+    assert_eq!(err.location(), c.shown("pw"));
 }
 
-fn a_schema_the_role_may_not_create_is_a_clear_error() {
+fn a_schema_the_role_may_not_create_is_a_clear_error(c: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
-    let pg = pg_config(dir.path(), "no_create", "", "not_mine", PASSWORD, None);
-    let err = format!(
-        "{:#}",
-        store::postgres::connect::connect(&pg, "charthero-sync test")
-            .map(drop)
-            .unwrap_err()
-    );
+    let pg = pg_config(c, dir.path(), ("pgops_no_create", PASSWORD), "", "not_mine", None);
+    let connect =
+        |pg: &PostgresConfig| store::postgres::connect::connect(pg, "charthero-sync test").map(drop);
+    let existing =
+        |pg: &PostgresConfig| store::postgres::connect::connect_existing(pg, "charthero-sync test").map(drop);
+    let err = format!("{:#}", connect(&pg).unwrap_err());
     assert!(
-        err.contains("schema not_mine does not exist and role no_create may not create it"),
+        err.contains("schema not_mine does not exist and role pgops_no_create may not create it"),
         "{err}"
     );
-    let err = format!(
-        "{:#}",
-        store::postgres::connect::connect_existing(&pg, "charthero-sync test")
-            .map(drop)
-            .unwrap_err()
-    );
+    assert!(!err.contains(PASSWORD), "{err}");
+    let err = format!("{:#}", existing(&pg).unwrap_err());
     assert!(err.contains("run `charthero-sync migrate` first"), "{err}");
-    // The writer may create its schema; then it exists for readers too.
-    let pg = pg_config(dir.path(), "warehouse_writer", "", "created_here", PASSWORD, None);
-    store::postgres::connect::connect(&pg, "charthero-sync test").unwrap();
-    store::postgres::connect::connect_existing(&pg, "charthero-sync test").unwrap();
+    // The database's owner may create its schema; then it exists for readers too.
+    let pg = pg_config(c, dir.path(), c.owner(), "", "created_here", None);
+    connect(&pg).unwrap();
+    existing(&pg).unwrap();
 }
 
-fn one_writer_per_schema_the_second_is_refused_naming_the_holder() {
+fn one_writer_per_schema_the_second_is_refused_naming_the_holder(c: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
-    let target = |schema: &str| {
-        DatabaseTarget::Postgres(pg_config(
-            dir.path(),
-            "warehouse_writer",
-            "",
-            schema,
-            PASSWORD,
-            None,
-        ))
-    };
+    let target =
+        |schema: &str| DatabaseTarget::Postgres(pg_config(c, dir.path(), c.owner(), "", schema, None));
     let first = WriterLock::acquire(&target("lock_a"), "charthero-sync run").unwrap();
     let err = WriterLock::acquire(&target("lock_a"), "charthero-sync sync").unwrap_err();
     let LockError::Held { database, holder } = &err else {
         panic!("{err:#}")
     };
-    assert!(database.ends_with("(schema lock_a)"), "{database}");
+    assert_eq!(*database, c.shown("lock_a"));
     assert!(
         holder.contains(&format!("charthero-sync run (pid {})", std::process::id())),
         "{holder}"
@@ -409,15 +321,15 @@ fn one_writer_per_schema_the_second_is_refused_naming_the_holder() {
     drop((other, again));
 }
 
-fn check_reports_tls_the_server_the_schema_and_the_readers_role(cluster: &TlsCluster) {
+fn check_reports_tls_the_server_the_schema_and_the_readers_role(c: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
     let pg = pg_config(
+        c,
         dir.path(),
-        "warehouse_writer",
+        c.owner(),
         "?sslmode=require",
         "checked",
-        PASSWORD,
-        Some(&cluster.ca()),
+        Some(&c.ca()),
     );
     let database = charthero_sync::config::DatabaseConfig {
         target: DatabaseTarget::Postgres(pg),
@@ -428,7 +340,7 @@ fn check_reports_tls_the_server_the_schema_and_the_readers_role(cluster: &TlsClu
     let text = lines.join("\n");
     assert!(outcome.is_ok(), "{text}");
     assert!(
-        text.contains("database.url     ok      postgresql://warehouse_writer@127.0.0.1:55442/warehouse (schema checked)"),
+        text.contains(&format!("database.url     ok      {}", c.shown("checked"))),
         "{text}"
     );
     assert!(
@@ -441,10 +353,20 @@ fn check_reports_tls_the_server_the_schema_and_the_readers_role(cluster: &TlsClu
         "{text}"
     );
     assert!(text.contains("database.readers"), "{text}");
-    assert!(!text.contains(PASSWORD), "{text}");
+    assert!(!text.contains(&c.db.password), "{text}");
+    // Migrated: the schema is this release's and the readers' role exists.
+    store::open(&database).unwrap();
+    let (lines, outcome) = runtime.block_on(charthero_sync::check::check_database(&database));
+    let text = lines.join("\n");
+    assert!(outcome.is_ok(), "{text}");
+    assert!(text.contains("this release's"), "{text}");
+    assert!(
+        text.contains("database.readers ok      role charthero_readers exists"),
+        "{text}"
+    );
     // A server that does not answer fails the check, naming the target and what to check.
     let unreachable = Config::parse(
-        "[database]\nurl = \"postgresql://warehouse_writer@127.0.0.1:1/warehouse\"\n",
+        "[database]\nurl = \"postgresql://nobody@127.0.0.1:1/warehouse\"\n",
         Path::new("test.toml"),
     )
     .unwrap()
