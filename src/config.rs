@@ -14,7 +14,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::secret::{ApiKey, DatabasePassword, Secret, SecretKind};
+use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind};
 use crate::timefmt;
 
 /// Where the daemon looks for its configuration when neither `--config` nor
@@ -457,17 +457,22 @@ impl DatabaseConfig {
 
     /// A SQLite warehouse at `path` with the default settings (the demo, tests).
     pub fn sqlite(path: PathBuf) -> DatabaseConfig {
-        let mut raw = RawDatabase::default();
-        raw.path = Some(path);
-        validate_database(raw).expect("the default database settings are valid")
+        validate_database(RawDatabase {
+            path: Some(path),
+            ..RawDatabase::default()
+        })
+        .expect("the default database settings are valid")
     }
 }
 
 /// The warehouse: a SQLite file or a schema on a PostgreSQL server.
 #[derive(Debug, Clone)]
 pub enum DatabaseTarget {
-    Sqlite { path: PathBuf },
-    Postgres(PostgresConfig),
+    Sqlite {
+        path: PathBuf,
+    },
+    /// Boxed: the parsed connection settings are large, and a target is passed around often.
+    Postgres(Box<PostgresConfig>),
 }
 
 /// The file path, or `postgresql://user@host:port/db (schema charthero)`: what messages,
@@ -847,12 +852,12 @@ fn validate_database(raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
                  warehouse or url for a PostgreSQL one, not both",
             ));
         }
-        DatabaseTarget::Postgres(validate_postgres(
+        DatabaseTarget::Postgres(Box::new(validate_postgres(
             url,
             raw.schema,
             raw.password_file,
             raw.ca_file,
-        )?)
+        )?))
     };
     Ok(DatabaseConfig {
         target,
@@ -1173,6 +1178,9 @@ impl fmt::Display for KeySource {
     }
 }
 
+/// A secret and where it was found, or (`Err`) why each source did not yield it.
+pub type SecretLookup<K> = Result<(Secret<K>, KeySource), Vec<String>>;
+
 /// What a secret is called in messages, and the error its problems become.
 struct SecretLabel {
     /// "API key", "database password".
@@ -1244,7 +1252,7 @@ fn load_api_key_from(
 /// authentication failure can name them.
 pub fn load_database_password(
     pg: &PostgresConfig,
-) -> Result<Result<(DatabasePassword, KeySource), Vec<String>>, ConfigError> {
+) -> Result<SecretLookup<DatabasePasswordKind>, ConfigError> {
     find_secret(
         &DATABASE_PASSWORD,
         &pg.password,
@@ -1260,7 +1268,7 @@ fn find_secret<K: SecretKind>(
     sources: &KeySources,
     env_value: Option<String>,
     credentials_dir: Option<PathBuf>,
-) -> Result<Result<(Secret<K>, KeySource), Vec<String>>, ConfigError> {
+) -> Result<SecretLookup<K>, ConfigError> {
     let env_name = sources.env.as_str();
     let credential_name = sources.credential.as_str();
     let file_key = label.file_key;
@@ -1720,7 +1728,7 @@ mod tests {
 
     fn postgres(text: &str) -> PostgresConfig {
         match parse(text).unwrap().database.target {
-            DatabaseTarget::Postgres(pg) => pg,
+            DatabaseTarget::Postgres(pg) => *pg,
             DatabaseTarget::Sqlite { path } => panic!("{text}: a SQLite target {}", path.display()),
         }
     }

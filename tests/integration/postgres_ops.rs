@@ -193,7 +193,7 @@ fn pg_config(
     }
     let config = Config::parse(&text, Path::new("test.toml")).unwrap();
     match config.database.target {
-        DatabaseTarget::Postgres(pg) => pg,
+        DatabaseTarget::Postgres(pg) => *pg,
         DatabaseTarget::Sqlite { .. } => unreachable!("a url is a PostgreSQL target"),
     }
 }
@@ -254,7 +254,7 @@ fn a_wrong_password_names_its_sources_and_never_the_password(c: &TlsCluster) {
         None,
     );
     let err = store::open(&charthero_sync::config::DatabaseConfig {
-        target: DatabaseTarget::Postgres(pg.clone()),
+        target: DatabaseTarget::Postgres(Box::new(pg.clone())),
         ..charthero_sync::config::DatabaseConfig::sqlite(dir.path().join("unused.db"))
     })
     .map(drop)
@@ -298,8 +298,9 @@ fn a_schema_the_role_may_not_create_is_a_clear_error(c: &TlsCluster) {
 
 fn one_writer_per_schema_the_second_is_refused_naming_the_holder(c: &TlsCluster) {
     let dir = tempfile::tempdir().unwrap();
-    let target =
-        |schema: &str| DatabaseTarget::Postgres(pg_config(c, dir.path(), c.owner(), "", schema, None));
+    let target = |schema: &str| {
+        DatabaseTarget::Postgres(Box::new(pg_config(c, dir.path(), c.owner(), "", schema, None)))
+    };
     let first = WriterLock::acquire(&target("lock_a"), "charthero-sync run").unwrap();
     let err = WriterLock::acquire(&target("lock_a"), "charthero-sync sync").unwrap_err();
     let LockError::Held { database, holder } = &err else {
@@ -332,7 +333,7 @@ fn check_reports_tls_the_server_the_schema_and_the_readers_role(c: &TlsCluster) 
         Some(&c.ca()),
     );
     let database = charthero_sync::config::DatabaseConfig {
-        target: DatabaseTarget::Postgres(pg),
+        target: DatabaseTarget::Postgres(Box::new(pg)),
         ..charthero_sync::config::DatabaseConfig::sqlite(dir.path().join("unused.db"))
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();

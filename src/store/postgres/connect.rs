@@ -14,7 +14,7 @@ use postgres::{Client, NoTls};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::config::{self, KeySource, PostgresConfig};
+use crate::config::{self, PostgresConfig};
 
 /// How the connection to the server is protected, for `check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +142,7 @@ fn open_session(pg: &PostgresConfig, application_name: &str) -> anyhow::Result<(
 fn advise(
     pg: &PostgresConfig,
     e: &postgres::Error,
-    password: &Result<(crate::secret::DatabasePassword, KeySource), Vec<String>>,
+    password: &config::SecretLookup<crate::secret::DatabasePasswordKind>,
 ) -> String {
     let credentials = || match password {
         Ok((_, source)) => format!("the password came from the {source}"),
