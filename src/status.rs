@@ -11,6 +11,8 @@ use crate::timefmt::parse_rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// Which warehouse this is.
+    pub database: Database,
     /// Everything created before this instant is known to be complete (of every organization:
     /// the watermark of the one furthest behind).
     pub complete_through: Option<String>,
@@ -34,6 +36,15 @@ pub struct Status {
     pub disabled_routes: Vec<String>,
     /// The error of the last cycle that did not succeed, if the last cycle did not.
     pub last_error: Option<LastError>,
+}
+
+/// The warehouse `status` read: its backend and where it is.
+#[derive(Debug, Serialize)]
+pub struct Database {
+    /// `sqlite` or `postgresql`.
+    pub backend: &'static str,
+    /// The SQLite file, or the PostgreSQL URL (never with a password).
+    pub location: String,
 }
 
 /// One organization: where its sync stands, and whether (and why) it is stopped.

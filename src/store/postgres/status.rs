@@ -7,7 +7,9 @@
 use postgres::{GenericClient, Row};
 use time::OffsetDateTime;
 
-use crate::status::{Audit, Backfill, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status};
+use crate::status::{
+    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
+};
 use crate::timefmt::{format_stored, format_utc, parse_rfc3339};
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
@@ -118,10 +120,13 @@ fn read_organization(
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
 /// bookkeeping for (in byte order, as SQLite sorts them, whatever the database's collation).
+/// `location` is what the report names as the database: the URL without its password (the one
+/// parameter SQLite's does not take; it reads its file's path from the connection).
 pub fn read_status(
     db: &mut impl GenericClient,
     now: OffsetDateTime,
     configured: &[String],
+    location: &str,
 ) -> anyhow::Result<Status> {
     let mut names: Vec<String> = configured.to_vec();
     for r in db.query(
@@ -278,6 +283,10 @@ pub fn read_status(
         })
         .transpose()?;
     Ok(Status {
+        database: Database {
+            backend: "postgresql",
+            location: location.to_owned(),
+        },
         complete_through: complete_through.map(format_utc),
         lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
         organizations,
@@ -472,16 +481,22 @@ pub(super) mod tests {
         }
     }
 
-    /// `status --json` as `charthero-sync status` computes it, backfill estimates included.
+    /// `status --json` as `charthero-sync status` computes it, backfill estimates included,
+    /// and, taken out of it, its `database` (the one part that differs between the backends).
     fn status_json(
         reader: &dyn crate::store::Reader,
         now: OffsetDateTime,
         configured: &[String],
-    ) -> serde_json::Value {
+    ) -> (serde_json::Value, serde_json::Value) {
         let config = Config::parse("", Path::new("test.toml")).unwrap();
         let mut status = crate::status::read(reader, now, configured).unwrap();
         status.estimate_backfills(reader, &config).unwrap();
-        serde_json::to_value(&status).unwrap()
+        let mut json = serde_json::to_value(&status).unwrap();
+        let database = json
+            .as_object_mut()
+            .and_then(|o| o.remove("database"))
+            .expect("status names its database");
+        (json, database)
     }
 
     #[test]
@@ -492,10 +507,19 @@ pub(super) mod tests {
         let now = datetime!(2026-05-25 12:00:00 UTC);
         for configured in [vec![], vec!["default".to_owned()]] {
             assert_eq!(
-                status_json(&w.pg, now, &configured),
-                status_json(&w.sqlite, now, &configured)
+                status_json(&w.pg, now, &configured).0,
+                status_json(&w.sqlite, now, &configured).0
             );
         }
+        // Each names its backend and where it is: the URL (no password in it), the file.
+        let (_, pg) = status_json(&w.pg, now, &[]);
+        assert_eq!(pg["backend"], "postgresql");
+        assert_eq!(pg["location"], w.pg.location.as_str());
+        assert!(w.pg.location.starts_with("postgresql://"), "{pg}");
+        let (_, sqlite) = status_json(&w.sqlite, now, &[]);
+        assert_eq!(sqlite["backend"], "sqlite");
+        assert_eq!(sqlite["location"], w.sqlite.path().unwrap());
+        assert!(w.sqlite.path().unwrap().ends_with("w.db"), "{sqlite}");
         w.both(|b| b.live_content_counts());
         w.both(|b| b.table_counts().map(|c| format!("{c:?}")));
     }
@@ -680,12 +704,12 @@ pub(super) mod tests {
             vec!["beta".to_owned()],
             vec![],
         ] {
-            let pg = status_json(&w.pg, now, &configured);
-            let sqlite = status_json(&w.sqlite, now, &configured);
+            let (pg, _) = status_json(&w.pg, now, &configured);
+            let (sqlite, _) = status_json(&w.sqlite, now, &configured);
             assert_eq!(pg, sqlite, "status with {configured:?} configured");
         }
         // What the comparison covers, read from one of them.
-        let status = status_json(&w.pg, now, &["default".to_owned()]);
+        let (status, _) = status_json(&w.pg, now, &["default".to_owned()]);
         let names: Vec<&str> = status["organizations"]
             .as_array()
             .unwrap()

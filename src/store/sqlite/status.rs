@@ -5,7 +5,9 @@
 use rusqlite::{Connection, OptionalExtension};
 use time::OffsetDateTime;
 
-use crate::status::{Audit, Backfill, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status};
+use crate::status::{
+    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
+};
 use crate::timefmt::{format_utc, parse_rfc3339};
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
@@ -309,6 +311,11 @@ pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]
         )
         .optional()?;
     Ok(Status {
+        database: Database {
+            backend: "sqlite",
+            // The main database's file (empty for a temporary one).
+            location: conn.path().unwrap_or_default().to_owned(),
+        },
         complete_through: complete_through.map(format_utc),
         lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
         organizations,
