@@ -2,8 +2,9 @@
 //! on PostgreSQL (mirrors `store::sqlite::audit`, with the same semantics). The range reads are
 //! served by the index `encounters_by_organization (organization_id, created_at_ns, removed_at)`:
 //! each is one index range scan of the organization's `[start_ns, end_ns)`, never a table scan.
-//! Audit times are `timestamptz` (microseconds); the audit moves its cursor in whole microseconds
-//! (`timefmt::Micros`), so nothing it reads back is rounded.
+//! Audit times are `timestamptz` (microseconds): `sync::audit` moves the cursor in whole
+//! microseconds and reads the range back only through `Micros::floor`, which the truncation to
+//! microseconds does not change (for instants after 2000-01-01, from which the driver truncates).
 
 use std::collections::BTreeSet;
 
@@ -134,7 +135,7 @@ pub fn live_count_in_range(
             &[&start_ns, &end_ns, &organization_id],
         )?
         .try_get(0)?;
-    Ok(n.unsigned_abs())
+    Ok(u64::try_from(n)?)
 }
 
 /// The `created_at_ns` of the `n`-th (0-based) live encounter at or after `start_ns` and before
@@ -192,7 +193,7 @@ pub fn block_agrees(
             &[&ids, &start_ns, &end_ns, &organization_id],
         )?
         .try_get(0)?;
-    if stored.unsigned_abs() != ids.len() as u64 {
+    if usize::try_from(stored)? != ids.len() {
         return Ok(false);
     }
     // Every record lies in the range, so every bound below lies in (start_ns, end_ns].
@@ -218,7 +219,7 @@ pub fn block_agrees(
             &bounds[3],
         ],
     )?;
-    let count = |i: usize| -> anyhow::Result<u64> { Ok(r.try_get::<_, i64>(i)?.unsigned_abs()) };
+    let count = |i: usize| -> anyhow::Result<u64> { Ok(u64::try_from(r.try_get::<_, i64>(i)?)?) };
     let agrees = |position: u64, strictly: u64, through: u64| strictly <= position && position < through;
     Ok(agrees(offset, count(0)?, count(1)?)
         && agrees(

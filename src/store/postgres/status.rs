@@ -82,7 +82,8 @@ fn read_organization(
     )?;
     let (last_run, last_error, disabled_routes) = match &last {
         Some(r) => {
-            let (error, routes) = run_end(r, 15)?;
+            // The run's end follows its RUN_COLUMNS.
+            let (error, routes) = run_end(r, RUN_COLUMNS.split(',').count())?;
             (Some(run_row(r)?), error, routes)
         }
         None => (None, None, Vec::new()),
