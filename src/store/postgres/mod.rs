@@ -7,7 +7,9 @@
 //!
 //! It does not connect (the caller hands it a `postgres::Client` with its search_path set), hold
 //! the writer lock, or classify errors into a `StoreError`: those belong to the callers. Like the
-//! SQLite backend it is blocking, and runs on the writer thread or in `store::blocking`.
+//! SQLite backend it is blocking, and runs on the writer thread or in `store::blocking`: the
+//! synchronous `postgres` client drives a runtime of its own, which panics when started (or
+//! dropped) on an async worker.
 
 mod audit;
 mod content;

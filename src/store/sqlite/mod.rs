@@ -260,6 +260,32 @@ pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every row `sql` answers, each value as text (`None` for NULL, numbers as Rust renders them),
+/// for tests that compare this backend's rows with another backend's.
+#[cfg(test)]
+pub(crate) fn rows_as_text(conn: &Connection, sql: &str) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare(sql)?;
+    let width = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let values = (0..width)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    ValueRef::Null => None,
+                    ValueRef::Integer(n) => Some(n.to_string()),
+                    ValueRef::Real(x) => Some(x.to_string()),
+                    ValueRef::Text(t) => Some(String::from_utf8(t.to_vec())?),
+                    ValueRef::Blob(_) => anyhow::bail!("column {i} of {sql:?} is a blob"),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        out.push(values);
+    }
+    Ok(out)
+}
+
 /// WAL pages after which a commit copies the WAL into the database. SQLite's default (1,000
 /// pages, 4 MB) makes a bulk load spend much of its time checkpointing (and fsyncing); 16 MB
 /// checkpoints a fourth as often. `database.wal_size_limit` still bounds what is kept afterwards.
