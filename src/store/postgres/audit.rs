@@ -235,19 +235,16 @@ mod tests {
 
     use super::*;
     use crate::store::Removal;
-    use crate::store::postgres::status::tests::{encounter, pair, window};
+    use crate::store::postgres::status::tests::{Pair, encounter, pair, window};
     use crate::timefmt::unix_nanos;
 
     /// The audit's row, as both backends store it (status, counts and error).
-    fn audit_row(w: &mut super::super::status::tests::Pair, audit_id: i64) -> String {
-        let sql = "SELECT status || ' ' || ranges || ' ' || probes || ' ' || differing || ' ' || rescanned
-                          || ' ' || list_requests || ' ' || coalesce(error, '-')
-                   FROM audits WHERE audit_id = ";
-        let sql = format!("{sql}{audit_id}");
-        let pg: String = w.pg.db().query_one(&sql, &[]).unwrap().try_get(0).unwrap();
-        let sqlite: String = w.sqlite.query_row(&sql, [], |r| r.get(0)).unwrap();
-        assert_eq!(pg, sqlite);
-        pg
+    fn audit_row(w: &mut Pair, audit_id: i64) -> String {
+        w.value(&format!(
+            "SELECT status || ' ' || ranges || ' ' || probes || ' ' || differing || ' ' || rescanned
+                    || ' ' || list_requests || ' ' || coalesce(error, '-')
+             FROM audits WHERE audit_id = {audit_id}"
+        ))
     }
 
     #[test]
@@ -396,7 +393,7 @@ mod tests {
         );
 
         let (start, end) = (base, at(44) + 1);
-        let agrees = |w: &mut super::super::status::tests::Pair, offset: u64, block: &[(String, i64)]| {
+        let agrees = |w: &mut Pair, offset: u64, block: &[(String, i64)]| {
             w.both(|b| b.block_agrees(Some("org_1"), start, end, offset, block))
         };
         // Every block of the true listing agrees, at its offset only (or one where ties allow).

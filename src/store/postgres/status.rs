@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::status::{
     Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
 };
-use crate::timefmt::{format_stored, format_utc, parse_rfc3339};
+use crate::timefmt::format_stored;
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
 const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
@@ -65,11 +65,7 @@ fn run_end(r: &Row, at: usize) -> Result<(Option<LastError>, Vec<String>), postg
 }
 
 /// One organization's entry.
-fn read_organization(
-    db: &mut impl GenericClient,
-    name: &str,
-    now: OffsetDateTime,
-) -> anyhow::Result<OrganizationStatus> {
+fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<OrganizationStatus> {
     let complete_through = super::ledger::complete_through(db, name)?;
     let organization_id = super::ledger::known_organization_id(db, name)?;
     let last = db.query_opt(
@@ -100,8 +96,9 @@ fn read_organization(
     )?;
     Ok(OrganizationStatus {
         name: name.to_owned(),
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        // Rendered, with its lag, by `status::read`.
+        complete_through: complete_through.map(format_stored),
+        lag_seconds: None,
         // Decided from the facts above by `status::read`.
         state: String::new(),
         reason_code,
@@ -121,11 +118,12 @@ fn read_organization(
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
 /// bookkeeping for (in byte order, as SQLite sorts them, whatever the database's collation).
-/// `location` is what the report names as the database: the URL without its password (the one
-/// parameter SQLite's does not take; it reads its file's path from the connection).
+/// Whatever depends on the time (watermarks, lags) is `status::read`'s. `location` is what the
+/// report names as the database: the URL without its password (the one parameter SQLite's does
+/// not take; it reads its file's path from the connection).
 pub fn read_status(
     db: &mut impl GenericClient,
-    now: OffsetDateTime,
+    _now: OffsetDateTime,
     configured: &[String],
     location: &str,
 ) -> anyhow::Result<Status> {
@@ -143,18 +141,8 @@ pub fn read_status(
     }
     let organizations = names
         .iter()
-        .map(|n| read_organization(db, n, now))
+        .map(|n| read_organization(db, n))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // The organization furthest behind; none while any has never completed a window.
-    let complete_through =
-        if organizations.is_empty() || organizations.iter().any(|o| o.complete_through.is_none()) {
-            None
-        } else {
-            organizations
-                .iter()
-                .filter_map(|o| o.complete_through.as_deref().and_then(|t| parse_rfc3339(t).ok()))
-                .min()
-        };
     let c = db.query_one(
         "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 (SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL),
@@ -288,8 +276,9 @@ pub fn read_status(
             backend: "postgresql",
             location: location.to_owned(),
         },
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        // The organization furthest behind: decided by `status::read`.
+        complete_through: None,
+        lag_seconds: None,
         organizations,
         rows,
         queue,
@@ -322,7 +311,7 @@ pub fn live_content_counts(db: &mut impl GenericClient) -> anyhow::Result<[i64; 
 #[cfg(test)]
 pub(super) mod tests {
     use std::fmt::Debug;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::time::Duration;
 
     use charthero_sim::pgcluster;
@@ -339,7 +328,10 @@ pub(super) mod tests {
 
     /// One warehouse per backend, given the same calls.
     pub(in crate::store::postgres) struct Pair {
-        pub sqlite: rusqlite::Connection,
+        pub sqlite: Box<dyn Backend>,
+        /// The SQLite warehouse's file, for statements outside the seam (on a connection of
+        /// their own).
+        pub sqlite_path: PathBuf,
         pub pg: PgBackend,
         _dir: tempfile::TempDir,
     }
@@ -355,10 +347,11 @@ pub(super) mod tests {
         let client = config.connect(NoTls).expect("a connection to the test database");
         let pg = open_writer(client, db.url.clone()).expect("migrations apply");
         let dir = tempfile::tempdir().unwrap();
-        let sqlite =
-            crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+        let sqlite_path = dir.path().join("w.db");
+        let sqlite = crate::store::sqlite::open_writer(&sqlite_path, Duration::from_secs(5)).unwrap();
         Some(Pair {
-            sqlite,
+            sqlite: Box::new(sqlite),
+            sqlite_path,
             pg,
             _dir: dir,
         })
@@ -367,7 +360,7 @@ pub(super) mod tests {
     impl Pair {
         /// Calls `f` on both backends and returns its answer, which must be the same on both.
         pub fn both<T: Debug + PartialEq>(&mut self, f: impl Fn(&mut dyn Backend) -> anyhow::Result<T>) -> T {
-            let sqlite = f(&mut self.sqlite).expect("the SQLite backend answers");
+            let sqlite = f(&mut *self.sqlite).expect("the SQLite backend answers");
             let pg = f(&mut self.pg).expect("the PostgreSQL backend answers");
             assert_eq!(pg, sqlite, "PostgreSQL (left) and SQLite (right) differ");
             sqlite
@@ -375,8 +368,21 @@ pub(super) mod tests {
 
         /// Runs the same SQL on both warehouses (for the tables the seam's content calls fill).
         pub fn sql(&mut self, sql: &str) {
-            self.sqlite.execute_batch(sql).unwrap();
+            crate::store::sqlite::open_writer(&self.sqlite_path, Duration::from_secs(5))
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap();
             self.pg.db().batch_execute(sql).unwrap();
+        }
+
+        /// The one value `sql` answers, as text, the same on both warehouses.
+        pub fn value(&mut self, sql: &str) -> String {
+            let sqlite =
+                crate::store::sqlite::open_reader(&self.sqlite_path, Duration::from_secs(5)).unwrap();
+            let sqlite = crate::store::sqlite::rows_as_text(&sqlite, sql).unwrap();
+            let pg: Option<String> = self.pg.db().query_one(sql, &[]).unwrap().try_get(0).unwrap();
+            assert_eq!(sqlite, [[pg.clone()]], "{sql}");
+            pg.expect("a value")
         }
 
         /// Commits one page in its own write group on both backends.
@@ -509,7 +515,7 @@ pub(super) mod tests {
         for configured in [vec![], vec!["default".to_owned()]] {
             assert_eq!(
                 status_json(&w.pg, now, &configured).0,
-                status_json(&w.sqlite, now, &configured).0
+                status_json(&*w.sqlite, now, &configured).0
             );
         }
         // Each names its backend and where it is: the URL (no password in it), the file.
@@ -517,10 +523,9 @@ pub(super) mod tests {
         assert_eq!(pg["backend"], "postgresql");
         assert_eq!(pg["location"], w.pg.location.as_str());
         assert!(w.pg.location.starts_with("postgresql://"), "{pg}");
-        let (_, sqlite) = status_json(&w.sqlite, now, &[]);
+        let (_, sqlite) = status_json(&*w.sqlite, now, &[]);
         assert_eq!(sqlite["backend"], "sqlite");
-        assert_eq!(sqlite["location"], w.sqlite.path().unwrap());
-        assert!(w.sqlite.path().unwrap().ends_with("w.db"), "{sqlite}");
+        assert_eq!(sqlite["location"], w.sqlite_path.to_str().unwrap());
         w.both(|b| b.live_content_counts());
         w.both(|b| b.table_counts().map(|c| format!("{c:?}")));
     }
@@ -706,7 +711,7 @@ pub(super) mod tests {
             vec![],
         ] {
             let (pg, _) = status_json(&w.pg, now, &configured);
-            let (sqlite, _) = status_json(&w.sqlite, now, &configured);
+            let (sqlite, _) = status_json(&*w.sqlite, now, &configured);
             assert_eq!(pg, sqlite, "status with {configured:?} configured");
         }
         // What the comparison covers, read from one of them.
