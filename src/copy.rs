@@ -7,61 +7,69 @@
 //! transaction: a copy that stops anywhere leaves the destination empty.
 //!
 //! The writer locks of both warehouses are the binary's to take, like every writing command's;
-//! the copy itself is `store::sqlite_to_postgres`.
+//! the copy itself is `store::sqlite_to_postgres`; this module checks the arguments, connects,
+//! runs it off the async workers and words the summary.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use crate::store::{self, CopyReport, TableCopied};
+use crate::config::{DatabaseConfig, DatabaseTarget};
+use crate::store::{self, CopyReport, StoreError, TableCopied};
 
-/// Why the source cannot be copied; the operator named the wrong file (exit 2).
+/// Why `copy` cannot start with these arguments and this configuration: the operator named the
+/// wrong file or configuration (exit 2).
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum UsageError {
     #[error("--from {0}: no such file")]
     Missing(PathBuf),
     #[error("--from {0}: not a regular file")]
     NotAFile(PathBuf),
     #[error("--from {path}: cannot read it ({source})")]
     Unreadable { path: PathBuf, source: std::io::Error },
+    #[error(
+        "`copy` writes into a PostgreSQL warehouse, but the configuration names the SQLite file {0} \
+         (`database.path`): configure the destination with `database.url` instead"
+    )]
+    NotPostgres(PathBuf),
 }
 
-/// Checks that `from` names an existing regular file, before any lock file is made beside it.
-pub fn check_source(from: &Path) -> Result<(), SourceError> {
+/// Checks, before any lock is taken (the SQLite lock is a file beside `from`), that `from` names
+/// an existing regular file and that the configured warehouse is a PostgreSQL one.
+pub fn check_arguments(from: &Path, database: &DatabaseConfig) -> Result<(), UsageError> {
+    if let DatabaseTarget::Sqlite { path } = &database.target {
+        return Err(UsageError::NotPostgres(path.clone()));
+    }
     match std::fs::metadata(from) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(SourceError::NotAFile(from.to_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SourceError::Missing(from.to_owned())),
-        Err(source) => Err(SourceError::Unreadable {
+        Ok(_) => Err(UsageError::NotAFile(from.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError::Missing(from.to_owned())),
+        Err(source) => Err(UsageError::Unreadable {
             path: from.to_owned(),
             source,
         }),
     }
 }
 
-/// Copies the SQLite warehouse `from` into the PostgreSQL warehouse on `destination` (`location`
-/// names it in messages, never with a password), on a blocking thread; each table is logged as
-/// it is filled. The caller holds both writer locks.
-pub async fn run(
-    from: PathBuf,
-    busy_timeout: Duration,
-    destination: postgres::Client,
-    location: String,
-) -> anyhow::Result<CopyReport> {
+/// Copies the SQLite warehouse `from` into the PostgreSQL warehouse `database` names (connected,
+/// migrated and filled on a blocking thread); each table is logged as it is filled. The caller
+/// holds both writer locks.
+pub async fn run(from: PathBuf, database: &DatabaseConfig) -> anyhow::Result<CopyReport> {
+    let pg = match &database.target {
+        DatabaseTarget::Postgres(pg) => pg.clone(),
+        DatabaseTarget::Sqlite { path } => return Err(UsageError::NotPostgres(path.clone()).into()),
+    };
+    let busy_timeout = database.busy_timeout;
     store::blocking(move || {
-        store::sqlite_to_postgres(
-            &from,
-            busy_timeout,
-            destination,
-            location,
-            &mut |t: &TableCopied| {
-                tracing::info!(
-                    table = %t.table,
-                    rows = t.rows,
-                    seconds = t.elapsed.as_secs_f64(),
-                    "table copied"
-                );
-            },
-        )
+        let location = pg.to_string();
+        let client = store::postgres::connect::connect(&pg, store::APPLICATION_NAME)
+            .map_err(|e| StoreError::new(&location, e))?;
+        store::sqlite_to_postgres(&from, busy_timeout, client, location, &mut |t: &TableCopied| {
+            tracing::info!(
+                table = %t.table,
+                rows = t.rows,
+                seconds = t.elapsed.as_secs_f64(),
+                "table copied"
+            );
+        })
     })
     .await
 }

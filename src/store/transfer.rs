@@ -107,11 +107,12 @@ pub fn sqlite_to_postgres(
     on_table: &mut dyn FnMut(&TableCopied),
 ) -> anyhow::Result<CopyReport> {
     let started = Instant::now();
-    let mut conn = sqlite::open_reader(source, busy_timeout).map_err(|e| StoreError::new(source, e))?;
-    let mut snapshot = Snapshot::begin(&mut conn).map_err(|e| StoreError::new(source, e))?;
+    let mut conn =
+        sqlite::open_reader(source, busy_timeout).map_err(|e| StoreError::new(source.display(), e))?;
+    let mut snapshot = Snapshot::begin(&mut conn).map_err(|e| StoreError::new(source.display(), e))?;
     let version = snapshot
         .schema_version()
-        .map_err(|e| StoreError::new(source, e))?;
+        .map_err(|e| StoreError::new(source.display(), e))?;
     let known = sqlite::latest_version();
     if version != known {
         return Err(CopyRefused::SourceSchema {

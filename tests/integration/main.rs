@@ -13,6 +13,7 @@ mod install;
 mod organizations;
 mod packaging;
 mod plan;
+mod postgres_ops;
 mod replication;
 mod robustness;
 mod store_errors;

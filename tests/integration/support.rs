@@ -51,7 +51,7 @@ impl TestEnv {
         raw.api.base_url = self.sim.base_url();
         raw.api.api_key_file = None;
         raw.api.request_timeout = "10s".into();
-        raw.database.path = self.db_path();
+        raw.database.path = Some(self.db_path());
         raw.sync.start_at = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
         raw.sync.settle_lag = "0s".into();
         raw.limits.requests_per_second = 5_000.0;

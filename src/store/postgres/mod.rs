@@ -13,7 +13,9 @@
 //! dropped) on an async worker.
 
 mod audit;
+pub mod connect;
 mod content;
+pub mod error;
 pub(crate) mod import;
 mod ledger;
 mod privacy;
@@ -22,7 +24,7 @@ mod upsert;
 
 use std::cell::{RefCell, RefMut};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use postgres::{Client, Transaction};
@@ -227,7 +229,7 @@ impl Reader for PgBackend {
         audit::live_count_in_range(&mut *self.db(), organization_id, start_ns, end_ns)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
-        status::read_status(&mut *self.db(), now, configured)
+        status::read_status(&mut *self.db(), now, configured, &self.location)
     }
     fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
         status::live_content_counts(&mut *self.db())
@@ -258,8 +260,8 @@ impl Reader for PgBackend {
 }
 
 impl Backend for PgBackend {
-    fn location(&self) -> PathBuf {
-        PathBuf::from(&self.location)
+    fn location(&self) -> String {
+        self.location.clone()
     }
 
     /// One PostgreSQL transaction. A statement that fails aborts it (every later statement

@@ -759,7 +759,7 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
     raw.api.request_timeout = "10s".into();
-    raw.database.path = "unused-by-this-test.db".into();
+    raw.database.path = Some("unused-by-this-test.db".into());
     raw.sync.start_at = crate::timefmt::format_stored(now - time::Duration::days(61));
     raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = 5_000.0;

@@ -15,7 +15,7 @@ mod status;
 mod upsert;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -64,7 +64,7 @@ mod embedded {
 /// Errors are classified ([`StoreError`]): a file that is not a database or is damaged is
 /// `Corrupt`, a full disk `DiskFull`, and so on.
 pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let fail = |e: anyhow::Error| StoreError::new(path, e);
+    let fail = |e: anyhow::Error| StoreError::new(path.display(), e);
     let mut conn = Connection::open(path)
         .with_context(|| format!("cannot open database {}", path.display()))
         .map_err(fail)?;
@@ -415,13 +415,12 @@ impl Reader for Connection {
 /// The warehouse on one connection: the writer's ([`open_writer`]) or `backfill`'s
 /// ([`open_current`]).
 impl Backend for Connection {
-    fn location(&self) -> PathBuf {
+    fn location(&self) -> String {
         // SQLite's own name for the main database: absolute, whatever the configuration said.
-        PathBuf::from(
-            Connection::path(self)
-                .filter(|p| !p.is_empty())
-                .unwrap_or(":memory:"),
-        )
+        Connection::path(self)
+            .filter(|p| !p.is_empty())
+            .unwrap_or(":memory:")
+            .to_owned()
     }
 
     fn write_group(&mut self, body: &mut dyn FnMut(&dyn WriteTx) -> bool) -> GroupEnd {
