@@ -595,3 +595,43 @@ async fn after_a_copy_the_next_sync_against_postgresql_lists_only_its_horizon() 
         assert_eq!(env.sim.stats().route(route), 0, "{route:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_prints_every_table_and_exits_2_on_a_second_copy_or_a_sqlite_destination() {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_command"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (env, _) = synced_source(1706, 40).await;
+    let config = env.dir.path().join("postgres.toml");
+    std::fs::write(&config, pg_config_text(&db, env.dir.path())).unwrap();
+    let copy_into = |config: &Path| {
+        let mut cmd = crate::support::charthero_sync();
+        cmd.arg("--config")
+            .arg(config)
+            .arg("copy")
+            .arg("--from")
+            .arg(env.db_path());
+        cmd
+    };
+
+    let out = crate::support::run(copy_into(&config)).await;
+    let text = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("transcript_turns"), "{text}");
+    assert!(text.contains("copied 16 tables"), "{text}");
+    assert!(text.contains("row count verified"), "{text}");
+
+    let out = crate::support::run(copy_into(&config)).await;
+    let text = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("already holds data"), "{text}");
+
+    let sqlite = env.write_config_file("");
+    let out = crate::support::run(copy_into(&sqlite)).await;
+    let text = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("`database.url`"), "{text}");
+}
