@@ -446,3 +446,595 @@ pub fn dead_letter(
     )?;
     Ok(())
 }
+
+/// The queue's rules against a real server (`charthero_sim::pgcluster`), ported from SQLite's
+/// tests; each skips, saying why, where no server can run. The helpers serve `privacy`'s tests
+/// too.
+#[cfg(test)]
+pub(super) mod tests {
+    use std::time::Duration;
+
+    use charthero_sim::pgcluster::{self, PgDatabase};
+    use postgres::{Client, NoTls, Transaction};
+
+    use super::*;
+    use crate::store::postgres::{open_writer, upsert};
+    use crate::store::{DocumentRecord, EncounterRecord, PatientRecord};
+
+    /// A migrated warehouse in a new database `name` of the shared cluster, and the owner's
+    /// connection to it (None, reason printed, where there is no server).
+    pub(in crate::store::postgres) fn warehouse(name: &str) -> Option<(PgDatabase, Client)> {
+        let db = pgcluster::shared()?
+            .create_database(name)
+            .expect("a test database");
+        let mut config: postgres::Config = db.url.parse().expect("the test database's URL");
+        config.password(&db.password).options("-c search_path=charthero");
+        let client = config.connect(NoTls).expect("a connection to the test database");
+        let backend = open_writer(client, db.url.clone()).expect("migrations apply");
+        Some((db, backend.client.into_inner()))
+    }
+
+    pub(in crate::store::postgres) fn doc(
+        id: &str,
+        schema_type: &str,
+        status: Option<&str>,
+    ) -> DocumentRecord {
+        DocumentRecord {
+            document_id: id.to_owned(),
+            schema_type: schema_type.to_owned(),
+            title: None,
+            status: status.map(str::to_owned),
+            workflow_variant: None,
+            audio_duration_seconds: None,
+        }
+    }
+
+    /// Encounter `id` of `org_1`, created at `created_at`; `hash` stands for the record's
+    /// content (a different hash is a changed encounter).
+    pub(in crate::store::postgres) fn encounter(
+        id: &str,
+        created_at: OffsetDateTime,
+        hash: &str,
+        patient: Option<PatientRecord>,
+        docs: Vec<DocumentRecord>,
+    ) -> EncounterRecord {
+        EncounterRecord {
+            encounter_id: id.to_owned(),
+            organization_id: "org_1".to_owned(),
+            encounter_type: None,
+            status: None,
+            created_at,
+            updated_at: created_at,
+            date_of_service: None,
+            patient,
+            documents: docs,
+            content_hash: hash.to_owned(),
+            raw_json: "{}".to_owned(),
+        }
+    }
+
+    /// Runs `f` in a transaction of its own and commits it, as a write group would.
+    pub(in crate::store::postgres) fn save<T>(
+        client: &mut Client,
+        f: impl FnOnce(&mut Transaction<'_>) -> anyhow::Result<T>,
+    ) -> T {
+        let mut tx = client.transaction().unwrap();
+        let out = f(&mut tx).unwrap();
+        tx.commit().unwrap();
+        out
+    }
+
+    /// Writes `docs` as the documents of encounter `enc_1`, as a page would.
+    fn page(client: &mut Client, hash: &str, docs: Vec<DocumentRecord>) {
+        let now = OffsetDateTime::now_utc();
+        let record = encounter("enc_1", now, hash, None, docs);
+        save(client, |tx| upsert::commit_page(tx, &[record], &[], None, now));
+    }
+
+    fn states(client: &mut Client, id: &str) -> (String, Option<String>) {
+        let row = client
+            .query_one(
+                "SELECT detail_state, transcript_state FROM documents WHERE document_id = $1",
+                &[&id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    /// Everything organization `org_1` may claim at `now` in run 1, up to 100 items.
+    fn claimable_at(client: &mut Client, now: OffsetDateTime) -> Vec<WorkItem> {
+        claim_work(client, Some("org_1"), 1, &[], &HashSet::new(), 100, now).unwrap()
+    }
+
+    fn claimable(client: &mut Client) -> Vec<WorkItem> {
+        claimable_at(client, OffsetDateTime::now_utc())
+    }
+
+    pub(in crate::store::postgres) fn claim(client: &mut Client, work: Work, id: &str) -> Option<WorkItem> {
+        claimable(client)
+            .into_iter()
+            .find(|i| i.work == work && i.document_id == id)
+    }
+
+    pub(in crate::store::postgres) fn transcript(text: &str) -> TranscriptRecord {
+        TranscriptRecord::new(
+            Some("deepgram".to_owned()),
+            Some(12.5),
+            vec![
+                (
+                    Some("clinician".to_owned()),
+                    0.0,
+                    1.5,
+                    Some("Good morning.".to_owned()),
+                ),
+                (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
+            ],
+        )
+    }
+
+    #[test]
+    fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again() {
+        let Some((_db, mut client)) = warehouse("content_summary") else {
+            return;
+        };
+        let c = &mut client;
+        let first = || {
+            vec![
+                doc("doc_final", "ambient_transcript", Some("completed")),
+                doc("doc_live", "ambient_transcript", Some("processing")),
+                doc("doc_note", "document", None),
+                doc("doc_form", "intake_form", None),
+            ]
+        };
+        page(c, "h1", first());
+        let pending = || (String::from("pending"), None);
+        assert_eq!(states(c, "doc_final"), ("skipped".into(), Some("pending".into())));
+        assert_eq!(states(c, "doc_live"), ("skipped".into(), Some("waiting".into())));
+        assert_eq!(states(c, "doc_note"), pending());
+        assert_eq!(states(c, "doc_form"), pending());
+        for (id, state) in [
+            ("doc_final", "transcript_state = 'done'"),
+            ("doc_note", "detail_state = 'done'"),
+            ("doc_form", "detail_state = 'unsupported'"),
+        ] {
+            c.execute(
+                &format!("UPDATE documents SET {state} WHERE document_id = $1"),
+                &[&id],
+            )
+            .unwrap();
+        }
+        // Listed again unchanged: nothing is written, nothing queued.
+        page(c, "h1", first());
+        assert_eq!(states(c, "doc_final").1.as_deref(), Some("done"));
+        assert_eq!(states(c, "doc_note").0, "done");
+
+        // The encounter changed elsewhere (say, a patient field): the note and the finished
+        // transcript are asked again; the unfinished one and the unsupported type are not.
+        page(c, "h2", first());
+        assert_eq!(states(c, "doc_final"), ("skipped".into(), Some("pending".into())));
+        assert_eq!(states(c, "doc_live"), ("skipped".into(), Some("waiting".into())));
+        assert_eq!(states(c, "doc_note"), pending());
+        assert_eq!(states(c, "doc_form").0, "unsupported");
+
+        // The unfinished transcript finishes: queued from its summary, without a detail.
+        let mut finished = first();
+        finished[1].status = Some("completed".to_owned());
+        page(c, "h3", finished);
+        assert_eq!(states(c, "doc_live"), ("skipped".into(), Some("pending".into())));
+        let documents: Vec<String> = claimable(c)
+            .into_iter()
+            .filter(|i| i.work == Work::Document)
+            .map(|i| i.document_id)
+            .collect();
+        assert_eq!(documents, ["doc_note"], "no ambient detail is ever queued");
+    }
+
+    /// Each turn's row version (`xmin`) and place (`ctid`): a rewrite changes both.
+    fn turn_versions(client: &mut Client) -> Vec<String> {
+        client
+            .query(
+                "SELECT xmin::text || ctid::text FROM transcript_turns ORDER BY document_id, turn_index",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[test]
+    fn a_transcript_fetched_again_unchanged_is_not_rewritten_and_a_changed_one_is() {
+        let Some((_db, mut client)) = warehouse("content_transcript_digest") else {
+            return;
+        };
+        let c = &mut client;
+        page(
+            c,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        let item = claim(c, Work::Transcript, "doc_a").unwrap();
+        let first = transcript("A headache.");
+        save(c, |tx| {
+            save_transcript(tx, &item, &first, OffsetDateTime::now_utc())
+        });
+        let written = turn_versions(c);
+        assert_eq!(written.len(), 2);
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("done"));
+
+        assert_eq!(transcript("A headache.").content_sha256, first.content_sha256);
+        save(c, |tx| {
+            save_transcript(tx, &item, &transcript("A headache."), OffsetDateTime::now_utc())
+        });
+        assert_eq!(turn_versions(c), written, "identical: not rewritten");
+
+        let changed = transcript("A headache since Tuesday.");
+        assert_ne!(changed.content_sha256, first.content_sha256);
+        save(c, |tx| {
+            save_transcript(tx, &item, &changed, OffsetDateTime::now_utc())
+        });
+        let rewritten = turn_versions(c);
+        assert_eq!(rewritten.len(), 2);
+        assert!(
+            rewritten.iter().all(|v| !written.contains(v)),
+            "changed: rewritten"
+        );
+        let row = c
+            .query_one(
+                "SELECT (SELECT text FROM transcript_turns WHERE document_id = 'doc_a' AND turn_index = 1),
+                        content_sha256, turn_count, encounter_id, organization_id
+                 FROM transcripts WHERE document_id = 'doc_a'",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "A headache since Tuesday.");
+        assert_eq!(row.get::<_, String>(1), changed.content_sha256);
+        assert_eq!(row.get::<_, i64>(2), 2);
+        assert_eq!(row.get::<_, String>(3), "enc_1");
+        assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("org_1"));
+        // The turns are searchable as soon as they are stored.
+        let found: i64 = c
+            .query_one(
+                "SELECT count(*) FROM transcript_turns WHERE text_tsv @@ to_tsquery('simple', 'tuesday')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(found, 1);
+    }
+
+    #[test]
+    fn work_fetched_before_a_change_was_observed_is_saved_but_stays_queued() {
+        let Some((_db, mut client)) = warehouse("content_in_flight") else {
+            return;
+        };
+        let c = &mut client;
+        let docs = || {
+            vec![
+                doc("doc_a", "ambient_transcript", Some("completed")),
+                doc("doc_n", "document", None),
+            ]
+        };
+        page(c, "h1", docs());
+        let transcript_item = claim(c, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(c, Work::Document, "doc_n").unwrap();
+        // While both requests are under way, paging sees the encounter change.
+        page(c, "h2", docs());
+        let now = OffsetDateTime::now_utc();
+        save(c, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("Old."), now)
+        });
+        let note = DetailOutcome::Note {
+            format: "markdown".to_owned(),
+            text: Some("Old note.".to_owned()),
+            created_at: now,
+            updated_at: now,
+        };
+        save(c, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(
+            states(c, "doc_a").1.as_deref(),
+            Some("pending"),
+            "the transcript may predate the change"
+        );
+        assert_eq!(states(c, "doc_n").0, "pending", "the note may predate the change");
+        let text: Option<String> = c
+            .query_one(
+                "SELECT content_text FROM documents WHERE document_id = 'doc_n'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(text.as_deref(), Some("Old note."), "saved all the same");
+
+        // Claimed again, after the change: done.
+        let transcript_item = claim(c, Work::Transcript, "doc_a").unwrap();
+        let note_item = claim(c, Work::Document, "doc_n").unwrap();
+        save(c, |tx| {
+            save_transcript(tx, &transcript_item, &transcript("New."), now)
+        });
+        save(c, |tx| save_detail(tx, &note_item, &note, false, now));
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("done"));
+        assert_eq!(states(c, "doc_n").0, "done");
+    }
+
+    #[test]
+    fn an_ambient_detail_asks_the_transcript_again_only_when_it_was_fetched_for_another_updated_at() {
+        let Some((_db, mut client)) = warehouse("content_ambient_detail") else {
+            return;
+        };
+        let c = &mut client;
+        page(
+            c,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        // A detail queued by an earlier version, with an instant finer than PostgreSQL keeps.
+        c.batch_execute("UPDATE documents SET detail_state = 'pending'")
+            .unwrap();
+        let updated_at = time::macros::datetime!(2026-05-25 15:00:00.123456789 UTC);
+        let ambient = |status: &str, updated_at| DetailOutcome::Ambient {
+            status: Some(status.to_owned()),
+            audio_duration_seconds: Some(61.5),
+            created_at: updated_at,
+            updated_at,
+        };
+        let detail = claim(c, Work::Document, "doc_a").unwrap();
+        let now = OffsetDateTime::now_utc();
+        save(c, |tx| {
+            save_detail(tx, &detail, &ambient("completed", updated_at), true, now)
+        });
+        assert_eq!(states(c, "doc_a"), ("done".into(), Some("pending".into())));
+        // The transcript is fetched for the detail it was claimed after, and recorded so.
+        let item = claim(c, Work::Transcript, "doc_a").unwrap();
+        assert_eq!(
+            item.detail_updated_at.as_deref(),
+            Some("2026-05-25T15:00:00.123456000Z")
+        );
+        save(c, |tx| save_transcript(tx, &item, &transcript("Hello."), now));
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("done"));
+
+        // The same detail again: the transcript is current, and the recording was queued.
+        c.batch_execute("UPDATE documents SET detail_state = 'pending'")
+            .unwrap();
+        let detail = claim(c, Work::Document, "doc_a").unwrap();
+        save(c, |tx| {
+            save_detail(tx, &detail, &ambient("completed", updated_at), true, now)
+        });
+        let row = c
+            .query_one(
+                "SELECT transcript_state, audio_state, audio_duration_seconds FROM documents",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("done"));
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("pending"));
+        assert_eq!(row.get::<_, Option<f64>>(2), Some(61.5));
+
+        // A detail with another updated_at: the transcript is asked again, and a fetch that
+        // was in flight before it no longer counts as current.
+        c.batch_execute("UPDATE documents SET detail_state = 'pending'")
+            .unwrap();
+        let detail = claim(c, Work::Document, "doc_a").unwrap();
+        let in_flight = WorkItem {
+            work: Work::Transcript,
+            ..detail.clone()
+        };
+        let later = updated_at + time::Duration::seconds(1);
+        save(c, |tx| {
+            save_detail(tx, &detail, &ambient("completed", later), true, now)
+        });
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("pending"));
+        save(c, |tx| {
+            save_transcript(tx, &in_flight, &transcript("Hello."), now)
+        });
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("pending"));
+
+        // Not finished (any more): it waits.
+        c.batch_execute("UPDATE documents SET detail_state = 'pending'")
+            .unwrap();
+        let detail = claim(c, Work::Document, "doc_a").unwrap();
+        save(c, |tx| {
+            save_detail(tx, &detail, &ambient("processing", later), true, now)
+        });
+        assert_eq!(states(c, "doc_a"), ("done".into(), Some("waiting".into())));
+    }
+
+    #[test]
+    fn claims_leave_out_busy_items_skipped_routes_other_organizations_and_this_runs_dead_letters() {
+        let Some((_db, mut client)) = warehouse("content_claims") else {
+            return;
+        };
+        let c = &mut client;
+        let now = OffsetDateTime::now_utc();
+        page(
+            c,
+            "h",
+            vec![
+                doc("doc_a", "document", None),
+                doc("doc_b", "document", None),
+                doc("doc_t", "ambient_transcript", Some("completed")),
+            ],
+        );
+        let mut claim_ids =
+            |org: Option<&str>, run: i64, skip: &[Work], exclude: &HashSet<(Work, String)>, limit| {
+                let mut ids: Vec<String> = claim_work(c, org, run, skip, exclude, limit, now)
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| i.document_id)
+                    .collect();
+                ids.sort();
+                ids
+            };
+        let none = HashSet::new();
+        assert_eq!(
+            claim_ids(Some("org_1"), 1, &[], &none, 10),
+            ["doc_a", "doc_b", "doc_t"]
+        );
+        assert_eq!(claim_ids(Some("org_1"), 1, &[], &none, 2).len(), 2);
+        assert!(
+            claim_ids(None, 1, &[], &none, 10).is_empty(),
+            "organization not known yet"
+        );
+        assert!(claim_ids(Some("org_2"), 1, &[], &none, 10).is_empty());
+        let busy = HashSet::from([(Work::Document, "doc_a".to_owned())]);
+        assert_eq!(claim_ids(Some("org_1"), 1, &[], &busy, 10), ["doc_b", "doc_t"]);
+        // Skipping is applied before the limit: the one transcript comes back, not nothing.
+        assert_eq!(
+            claim_ids(Some("org_1"), 1, &[Work::Document], &none, 1),
+            ["doc_t"]
+        );
+
+        // A dead letter keeps its item out for the rest of its run, and counts the cycles.
+        let item = claim(c, Work::Document, "doc_b").unwrap();
+        for run in [1, 2] {
+            save(c, |tx| {
+                dead_letter(tx, "default", &item, run, Some("server_error"), "HTTP 500", now)
+            });
+        }
+        let mut claim_ids = |run: i64| -> Vec<String> {
+            let mut ids: Vec<String> = claim_work(c, Some("org_1"), run, &[], &none, 10, now)
+                .unwrap()
+                .into_iter()
+                .map(|i| i.document_id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(claim_ids(2), ["doc_a", "doc_t"]);
+        assert_eq!(claim_ids(3), ["doc_a", "doc_b", "doc_t"]);
+        let row = c
+            .query_one(
+                "SELECT attempts, last_run_id, reason_code, organization FROM dead_letters",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 2);
+        assert_eq!(row.get::<_, i64>(1), 2);
+        assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("server_error"));
+        assert_eq!(row.get::<_, String>(3), "default");
+        // Settled at last: the dead letter goes.
+        save(c, |tx| {
+            save_detail(tx, &item, &DetailOutcome::Unsupported, false, now)
+        });
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0);
+        assert_eq!(states(c, "doc_b").0, "unsupported");
+    }
+
+    #[test]
+    fn a_transcript_not_ready_is_asked_again_on_schedule_then_only_after_a_change() {
+        let Some((_db, mut client)) = warehouse("content_not_ready") else {
+            return;
+        };
+        let c = &mut client;
+        page(
+            c,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        let schedule = [Duration::from_secs(60)];
+        let now = OffsetDateTime::now_utc();
+        let item = claim(c, Work::Transcript, "doc_a").unwrap();
+        save(c, |tx| transcript_not_ready(tx, &item, &schedule, now));
+        let due = |c: &mut Client, at| claimable_at(c, at).iter().any(|i| i.document_id == "doc_a");
+        assert!(!due(c, now + time::Duration::seconds(59)));
+        assert!(due(c, now + time::Duration::seconds(60)));
+        // The schedule is exhausted: only a change of the document asks it again.
+        save(c, |tx| transcript_not_ready(tx, &item, &schedule, now));
+        assert!(!due(c, now + time::Duration::days(365)));
+        let row = c
+            .query_one(
+                "SELECT transcript_state, transcript_attempts, transcript_next_at_ns FROM documents",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("not_ready"));
+        assert_eq!(row.get::<_, i64>(1), 2);
+        assert_eq!(row.get::<_, Option<i64>>(2), None);
+        page(
+            c,
+            "h2",
+            vec![doc("doc_a", "ambient_transcript", Some("completed"))],
+        );
+        assert!(due(c, now));
+        // The route then says it is gone for good.
+        let item = claim(c, Work::Transcript, "doc_a").unwrap();
+        save(c, |tx| mark_unavailable(tx, &item));
+        assert_eq!(states(c, "doc_a").1.as_deref(), Some("unavailable"));
+        assert!(claimable(c).is_empty());
+    }
+
+    #[test]
+    fn recordings_are_queued_for_finished_ambient_documents_without_one_and_settled_once_saved() {
+        let Some((_db, mut client)) = warehouse("content_recordings") else {
+            return;
+        };
+        let c = &mut client;
+        page(
+            c,
+            "h1",
+            vec![
+                doc("doc_a", "ambient_transcript", Some("completed")),
+                doc("doc_b", "ambient_transcript", Some("completed")),
+                doc("doc_live", "ambient_transcript", Some("processing")),
+                doc("doc_n", "document", None),
+            ],
+        );
+        assert_eq!(queue_missing_audio(c, Some("org_2")).unwrap(), 0);
+        assert_eq!(queue_missing_audio(c, Some("org_1")).unwrap(), 2);
+        assert_eq!(
+            queue_missing_audio(c, Some("org_1")).unwrap(),
+            0,
+            "already queued"
+        );
+        let now = OffsetDateTime::now_utc();
+        let a = claim(c, Work::Audio, "doc_a").unwrap();
+        save(c, |tx| dead_letter(tx, "default", &a, 1, None, "timed out", now));
+        let recording = RecordingRecord {
+            path: "ab12.m4a".to_owned(),
+            size_bytes: 4096,
+            sha256: "ab12".to_owned(),
+            duration_seconds: Some(61.5),
+        };
+        save(c, |tx| {
+            save_recording(tx, &a.encounter_id, &a.document_id, &recording, now)
+        });
+        let b = claim(c, Work::Audio, "doc_b").unwrap();
+        save(c, |tx| mark_unavailable(tx, &b));
+        let audio: Vec<(String, Option<String>)> = c
+            .query(
+                "SELECT document_id, audio_state FROM documents ORDER BY document_id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expect = |id: &str, state: Option<&str>| (id.to_owned(), state.map(str::to_owned));
+        assert_eq!(
+            audio,
+            [
+                expect("doc_a", Some("done")),
+                expect("doc_b", Some("unavailable")),
+                expect("doc_live", None),
+                expect("doc_n", None),
+            ]
+        );
+        let row = c
+            .query_one(
+                "SELECT path, size_bytes, organization_id, (SELECT count(*) FROM dead_letters) FROM recordings",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "ab12.m4a");
+        assert_eq!(row.get::<_, i64>(1), 4096);
+        assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("org_1"));
+        assert_eq!(row.get::<_, i64>(3), 0, "the dead letter is settled");
+        // The file's row goes (a purge): queued again.
+        c.batch_execute("DELETE FROM recordings").unwrap();
+        assert_eq!(queue_missing_audio(c, Some("org_1")).unwrap(), 1);
+    }
+}
