@@ -263,3 +263,316 @@ pub fn last_retention_purge(db: &mut impl GenericClient) -> anyhow::Result<Optio
         .map(|r| r.try_get(0))
         .transpose()?)
 }
+
+/// Policies and purges against a real server (`charthero_sim::pgcluster`), and the PHI canaries:
+/// a unique term written into a note, transcript turns and a patient's name must be in no file
+/// of the cluster's `base/` once purged or dropped by the policy. Each test skips, saying why,
+/// where no server can run.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use charthero_sim::pgcluster;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::store::postgres::content::tests::{claim, doc, encounter, save, transcript, warehouse};
+    use crate::store::postgres::{content, upsert};
+    use crate::store::{DetailOutcome, PatientRecord, Work};
+    use crate::timefmt::from_unix_nanos;
+
+    /// The instant `s` seconds after the epoch (encounters here are created then).
+    fn at(s: i64) -> OffsetDateTime {
+        from_unix_nanos(s * 1_000_000_000)
+    }
+
+    /// Whether any file under the cluster's `base/` (every database's tables, indexes, TOAST
+    /// and catalogs) holds `needle`, after a checkpoint wrote every changed page to them.
+    fn on_disk(needle: &str) -> bool {
+        let cluster = pgcluster::shared().expect("the cluster the warehouse is in");
+        cluster.psql("CHECKPOINT").expect("a checkpoint");
+        fn holds(dir: &Path, needle: &[u8]) -> bool {
+            // Files come and go while other tests run: what cannot be read is not there.
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return false;
+            };
+            entries.flatten().any(|entry| {
+                let path = entry.path();
+                if path.is_dir() {
+                    holds(&path, needle)
+                } else {
+                    std::fs::read(&path)
+                        .unwrap_or_default()
+                        .windows(needle.len())
+                        .any(|w| w == needle)
+                }
+            })
+        }
+        holds(&cluster.data_dir().join("base"), needle.as_bytes())
+    }
+
+    /// 300 encounters (encounter `n` created at second `n`) with a note and a transcript turn
+    /// of ordinary text each (`"<name> cough number <n> today"`, in no other test's database), and
+    /// encounter 7, stored through the sync's own writes, whose
+    /// patient's last name, note and patient turn hold `word`.
+    fn warehouse_with(name: &str, word: &str) -> Option<Client> {
+        let (_db, mut c) = warehouse(name)?;
+        let filler = format!(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at, created_at_ns,
+                 updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             SELECT 'e' || n, 'org_1', to_timestamp(n), to_timestamp(n), n * 1000000000::bigint, n * 1000000000::bigint, 'h',
+                    '{{}}', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                 detail_state, first_seen_at, changed_at)
+             SELECT 'd' || n, 'e' || n, 0, 'document', '{name} cough number ' || n || ' today', 'done', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, detail_state,
+                 first_seen_at, changed_at)
+             SELECT 't' || n, 'e' || n, 1, 'ambient_transcript', 'skipped', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO transcripts (document_id, encounter_id, turn_count, fetched_at)
+             SELECT 't' || n, 'e' || n, 1, now() FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+             SELECT 't' || n, 0, 'patient', 0, 1, '{name} cough number ' || n || ' today'
+               FROM generate_series(0, 299) n WHERE n <> 7;"
+        );
+        c.batch_execute(&filler).unwrap();
+        let patient = PatientRecord {
+            patient_id: "p7".to_owned(),
+            first_name: Some("Ada".to_owned()),
+            last_name: Some(word.to_owned()),
+            date_of_birth: Some("1970-01-02".to_owned()),
+        };
+        let mut record = encounter(
+            "e7",
+            at(7),
+            "h7",
+            Some(patient),
+            vec![
+                doc("d7", "document", None),
+                doc("t7", "ambient_transcript", Some("completed")),
+            ],
+        );
+        record.raw_json = format!(
+            r#"{{"id":"e7","patient":{{"id":"p7","first_name":"Ada","last_name":"{word}","date_of_birth":"1970-01-02"}}}}"#
+        );
+        let now = OffsetDateTime::now_utc();
+        save(&mut c, |tx| upsert::commit_page(tx, &[record], &[], None, now));
+        let note = claim(&mut c, Work::Document, "d7").expect("the note is queued");
+        let text = format!("patient reports {word} since monday");
+        let detail = DetailOutcome::Note {
+            format: "markdown".to_owned(),
+            text: Some(text.clone()),
+            created_at: now,
+            updated_at: now,
+        };
+        save(&mut c, |tx| content::save_detail(tx, &note, &detail, false, now));
+        let turns = claim(&mut c, Work::Transcript, "t7").expect("the transcript is queued");
+        save(&mut c, |tx| {
+            content::save_transcript(tx, &turns, &transcript(&text), now)
+        });
+        Some(c)
+    }
+
+    fn count(c: &mut Client, sql: &str) -> i64 {
+        c.query_one(sql, &[]).unwrap().get(0)
+    }
+
+    #[test]
+    fn a_purge_leaves_no_byte_of_the_purged_text_in_the_clusters_files() {
+        let word = "zanthoxylumpurgecanary";
+        let Some(mut c) = warehouse_with("privacy_purge_canary", word) else {
+            return;
+        };
+        assert!(
+            on_disk(word),
+            "the term never reached the files: the test proves nothing"
+        );
+        let audio = tempfile::tempdir().unwrap();
+        let counts = purge(&mut c, audio.path(), at(5), at(10), "range", at(1_000)).unwrap();
+        assert_eq!((counts.encounters, counts.documents, counts.turns), (5, 10, 6));
+        // The search index keeps answering for the rest.
+        let left = count(
+            &mut c,
+            "SELECT count(*) FROM documents WHERE content_tsv @@ to_tsquery('simple', 'cough')",
+        );
+        assert_eq!(left, 299 - 4);
+        assert!(!on_disk(word), "the purged term is still in a file under base/");
+        assert!(!on_disk("privacy_purge_canary cough number 8 today"));
+    }
+
+    #[test]
+    fn a_privacy_change_leaves_no_byte_of_the_dropped_text_in_the_clusters_files() {
+        let word = "zanthoxylumpolicycanary";
+        let Some(mut c) = warehouse_with("privacy_policy_canary", word) else {
+            return;
+        };
+        assert!(
+            on_disk(word),
+            "the term never reached the files: the test proves nothing"
+        );
+        let strict = PrivacyConfig {
+            patient_names: false,
+            date_of_birth: BirthDate::Full,
+            note_text: false,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(apply_privacy(&mut c, &strict).unwrap());
+        assert!(!on_disk(word), "the dropped term is still in a file under base/");
+        assert!(!on_disk("privacy_policy_canary cough number 8 today"));
+    }
+
+    #[test]
+    fn a_privacy_policy_is_applied_to_stored_rows_once() {
+        let Some(mut c) = warehouse_with("privacy_policy_rows", "Lovelace") else {
+            return;
+        };
+        let policy = |date_of_birth| PrivacyConfig {
+            patient_names: false,
+            date_of_birth,
+            note_text: true,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(apply_privacy(&mut c, &policy(BirthDate::YearOnly)).unwrap());
+        assert!(
+            !apply_privacy(&mut c, &policy(BirthDate::YearOnly)).unwrap(),
+            "once"
+        );
+        let patient = |c: &mut Client| -> (Option<String>, Option<String>, Option<String>, String) {
+            let row = c
+                .query_one(
+                    "SELECT first_name, last_name, date_of_birth,
+                            (SELECT raw_json FROM encounters WHERE encounter_id = 'e7')
+                       FROM patients",
+                    &[],
+                )
+                .unwrap();
+            (row.get(0), row.get(1), row.get(2), row.get(3))
+        };
+        let (first, last, born, raw) = patient(&mut c);
+        assert_eq!((first, last, born.as_deref()), (None, None, Some("1970")));
+        let raw: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(
+            raw,
+            serde_json::json!({"id": "e7", "patient": {"id": "p7", "date_of_birth": "1970"}})
+        );
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM transcript_turns WHERE text IS NOT NULL"
+            ),
+            0
+        );
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM documents WHERE content_text IS NOT NULL"
+            ),
+            300,
+            "notes are kept"
+        );
+        assert!(apply_privacy(&mut c, &policy(BirthDate::Omit)).unwrap());
+        let (_, _, born, raw) = patient(&mut c);
+        assert_eq!(born, None);
+        assert_eq!(raw, r#"{"id": "e7", "patient": {"id": "p7"}}"#);
+    }
+
+    #[test]
+    fn a_purge_removes_the_range_and_what_hangs_off_it_and_keeps_it_from_coming_back() {
+        let Some((_db, mut c)) = warehouse("privacy_purge_rows") else {
+            return;
+        };
+        let patient = |id: &str| PatientRecord {
+            patient_id: id.to_owned(),
+            first_name: Some("Ada".to_owned()),
+            last_name: None,
+            date_of_birth: None,
+        };
+        let records = [
+            ("e1", 1, "p1", "a.m4a"),
+            ("e2", 2, "p2", "b.m4a"),
+            ("e3", 3, "p2", "a.m4a"),
+        ]
+        .map(|(id, s, p, _)| {
+            encounter(
+                id,
+                at(s),
+                "h",
+                Some(patient(p)),
+                vec![doc(&format!("t{s}"), "ambient_transcript", Some("completed"))],
+            )
+        });
+        let now = OffsetDateTime::now_utc();
+        save(&mut c, |tx| upsert::commit_page(tx, &records, &[], None, now));
+        let audio = tempfile::tempdir().unwrap();
+        for (s, file) in [(1, "a.m4a"), (2, "b.m4a"), (3, "a.m4a")] {
+            let (document, encounter) = (format!("t{s}"), format!("e{s}"));
+            let item = claim(&mut c, Work::Transcript, &document).unwrap();
+            save(&mut c, |tx| {
+                content::save_transcript(tx, &item, &transcript("Hello."), now)
+            });
+            let recording = crate::store::RecordingRecord {
+                path: file.to_owned(),
+                size_bytes: 3,
+                sha256: file.to_owned(),
+                duration_seconds: None,
+            };
+            save(&mut c, |tx| {
+                content::save_recording(tx, &encounter, &document, &recording, now)
+            });
+            std::fs::write(audio.path().join(file), b"abc").unwrap();
+        }
+        let counts = purge(&mut c, audio.path(), at(1), at(3), "range", now).unwrap();
+        assert_eq!(
+            counts,
+            PurgeCounts {
+                encounters: 2,
+                documents: 2,
+                transcripts: 2,
+                turns: 4,
+                recordings: 2,
+                history_rows: 2,
+                orphaned_files: vec!["b.m4a".to_owned()],
+            }
+        );
+        assert!(audio.path().join("a.m4a").exists(), "e3 still has it");
+        assert!(!audio.path().join("b.m4a").exists());
+        let left: Vec<String> = c
+            .query("SELECT patient_id FROM patients", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(left, ["p2"], "p1 had no encounter left");
+        assert_eq!(purged_ranges(&mut c).unwrap(), [(1_000_000_000, 3_000_000_000)]);
+        assert_eq!(last_retention_purge(&mut c).unwrap(), None);
+        let row = c
+            .query_one(
+                "SELECT range_start, range_end, reason, encounters, turns, history_rows FROM purges",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, OffsetDateTime>(0), at(1));
+        assert_eq!(row.get::<_, OffsetDateTime>(1), at(3));
+        assert_eq!(row.get::<_, String>(2), "range");
+        assert_eq!(
+            (row.get::<_, i64>(3), row.get::<_, i64>(4), row.get::<_, i64>(5)),
+            (2, 4, 2)
+        );
+
+        // Listed again (a revisit, a backfill): not stored.
+        let again = save(&mut c, |tx| {
+            upsert::commit_page(tx, &records[..1], &[], None, now)
+        });
+        assert_eq!((again.purged, again.new), (1, 0));
+        assert_eq!(count(&mut c, "SELECT count(*) FROM encounters"), 1);
+
+        let retention_at = datetime!(2026-05-25 03:00:00.123456 UTC);
+        let nothing = purge(&mut c, audio.path(), at(0), at(1), "retention", retention_at).unwrap();
+        assert_eq!(nothing, PurgeCounts::default());
+        assert_eq!(last_retention_purge(&mut c).unwrap(), Some(retention_at));
+    }
+}
