@@ -538,7 +538,7 @@ pub(super) mod tests {
                 &[&id],
             )
             .unwrap();
-        (row.get(0), row.get(1))
+        (row.try_get(0).unwrap(), row.try_get(1).unwrap())
     }
 
     /// Everything organization `org_1` may claim at `now` in run 1, up to 100 items.
@@ -638,7 +638,7 @@ pub(super) mod tests {
             )
             .unwrap()
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| r.try_get(0).unwrap())
             .collect()
     }
 
@@ -687,11 +687,14 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, String>(0), "A headache since Tuesday.");
-        assert_eq!(row.get::<_, String>(1), changed.content_sha256);
-        assert_eq!(row.get::<_, i64>(2), 2);
-        assert_eq!(row.get::<_, String>(3), "enc_1");
-        assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("org_1"));
+        assert_eq!(row.try_get::<_, String>(0).unwrap(), "A headache since Tuesday.");
+        assert_eq!(row.try_get::<_, String>(1).unwrap(), changed.content_sha256);
+        assert_eq!(row.try_get::<_, i64>(2).unwrap(), 2);
+        assert_eq!(row.try_get::<_, String>(3).unwrap(), "enc_1");
+        assert_eq!(
+            row.try_get::<_, Option<String>>(4).unwrap().as_deref(),
+            Some("org_1")
+        );
         // The turns are searchable as soon as they are stored.
         let found: i64 = c
             .query_one(
@@ -699,7 +702,8 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap()
-            .get(0);
+            .try_get(0)
+            .unwrap();
         assert_eq!(found, 1);
     }
 
@@ -743,7 +747,8 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap()
-            .get(0);
+            .try_get(0)
+            .unwrap();
         assert_eq!(text.as_deref(), Some("Old note."), "saved all the same");
 
         // Claimed again, after the change: done.
@@ -806,9 +811,15 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("done"));
-        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("pending"));
-        assert_eq!(row.get::<_, Option<f64>>(2), Some(61.5));
+        assert_eq!(
+            row.try_get::<_, Option<String>>(0).unwrap().as_deref(),
+            Some("done")
+        );
+        assert_eq!(
+            row.try_get::<_, Option<String>>(1).unwrap().as_deref(),
+            Some("pending")
+        );
+        assert_eq!(row.try_get::<_, Option<f64>>(2).unwrap(), Some(61.5));
 
         // A detail with another updated_at: the transcript is asked again, and a fetch that
         // was in flight before it no longer counts as current.
@@ -908,10 +919,13 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, i64>(0), 2);
-        assert_eq!(row.get::<_, i64>(1), 2);
-        assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("server_error"));
-        assert_eq!(row.get::<_, String>(3), "default");
+        assert_eq!(row.try_get::<_, i64>(0).unwrap(), 2);
+        assert_eq!(row.try_get::<_, i64>(1).unwrap(), 2);
+        assert_eq!(
+            row.try_get::<_, Option<String>>(2).unwrap().as_deref(),
+            Some("server_error")
+        );
+        assert_eq!(row.try_get::<_, String>(3).unwrap(), "default");
         // Settled at last: the dead letter goes.
         save(c, |tx| {
             save_detail(tx, &item, &DetailOutcome::Unsupported, false, now)
@@ -919,7 +933,8 @@ pub(super) mod tests {
         let left: i64 = c
             .query_one("SELECT count(*) FROM dead_letters", &[])
             .unwrap()
-            .get(0);
+            .try_get(0)
+            .unwrap();
         assert_eq!(left, 0);
         assert_eq!(states(c, "doc_b").0, "unsupported");
     }
@@ -951,9 +966,12 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("not_ready"));
-        assert_eq!(row.get::<_, i64>(1), 2);
-        assert_eq!(row.get::<_, Option<i64>>(2), None);
+        assert_eq!(
+            row.try_get::<_, Option<String>>(0).unwrap().as_deref(),
+            Some("not_ready")
+        );
+        assert_eq!(row.try_get::<_, i64>(1).unwrap(), 2);
+        assert_eq!(row.try_get::<_, Option<i64>>(2).unwrap(), None);
         page(
             c,
             "h2",
@@ -1011,7 +1029,7 @@ pub(super) mod tests {
             )
             .unwrap()
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.try_get(0).unwrap(), r.try_get(1).unwrap()))
             .collect();
         let expect = |id: &str, state: Option<&str>| (id.to_owned(), state.map(str::to_owned));
         assert_eq!(
@@ -1029,10 +1047,13 @@ pub(super) mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, String>(0), "ab12.m4a");
-        assert_eq!(row.get::<_, i64>(1), 4096);
-        assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("org_1"));
-        assert_eq!(row.get::<_, i64>(3), 0, "the dead letter is settled");
+        assert_eq!(row.try_get::<_, String>(0).unwrap(), "ab12.m4a");
+        assert_eq!(row.try_get::<_, i64>(1).unwrap(), 4096);
+        assert_eq!(
+            row.try_get::<_, Option<String>>(2).unwrap().as_deref(),
+            Some("org_1")
+        );
+        assert_eq!(row.try_get::<_, i64>(3).unwrap(), 0, "the dead letter is settled");
         // The file's row goes (a purge): queued again.
         c.batch_execute("DELETE FROM recordings").unwrap();
         assert_eq!(queue_missing_audio(c, Some("org_1")).unwrap(), 1);

@@ -376,7 +376,7 @@ mod tests {
     }
 
     fn count(c: &mut Client, sql: &str) -> i64 {
-        c.query_one(sql, &[]).unwrap().get(0)
+        c.query_one(sql, &[]).unwrap().try_get(0).unwrap()
     }
 
     #[test]
@@ -448,7 +448,7 @@ mod tests {
             )
             .unwrap()
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| r.try_get(0).unwrap())
             .collect();
         assert!(leaked.is_empty(), "PHI in the statistics of {leaked:?}");
     }
@@ -479,7 +479,12 @@ mod tests {
                     &[],
                 )
                 .unwrap();
-            (row.get(0), row.get(1), row.get(2), row.get(3))
+            (
+                row.try_get(0).unwrap(),
+                row.try_get(1).unwrap(),
+                row.try_get(2).unwrap(),
+                row.try_get(3).unwrap(),
+            )
         };
         let (first, last, born, raw) = patient(&mut c);
         assert_eq!((first, last, born.as_deref()), (None, None, Some("1970")));
@@ -573,7 +578,7 @@ mod tests {
             .query("SELECT patient_id FROM patients", &[])
             .unwrap()
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| r.try_get(0).unwrap())
             .collect();
         assert_eq!(left, ["p2"], "p1 had no encounter left");
         assert_eq!(purged_ranges(&mut c).unwrap(), [(1_000_000_000, 3_000_000_000)]);
@@ -584,11 +589,15 @@ mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!(row.get::<_, OffsetDateTime>(0), at(1));
-        assert_eq!(row.get::<_, OffsetDateTime>(1), at(3));
-        assert_eq!(row.get::<_, String>(2), "range");
+        assert_eq!(row.try_get::<_, OffsetDateTime>(0).unwrap(), at(1));
+        assert_eq!(row.try_get::<_, OffsetDateTime>(1).unwrap(), at(3));
+        assert_eq!(row.try_get::<_, String>(2).unwrap(), "range");
         assert_eq!(
-            (row.get::<_, i64>(3), row.get::<_, i64>(4), row.get::<_, i64>(5)),
+            (
+                row.try_get::<_, i64>(3).unwrap(),
+                row.try_get::<_, i64>(4).unwrap(),
+                row.try_get::<_, i64>(5).unwrap()
+            ),
             (2, 4, 2)
         );
 
