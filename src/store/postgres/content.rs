@@ -1058,4 +1058,368 @@ pub(super) mod tests {
         c.batch_execute("DELETE FROM recordings").unwrap();
         assert_eq!(queue_missing_audio(c, Some("org_1")).unwrap(), 1);
     }
+
+    /// How a column is read on both backends to compare it: as text, as a number, as an instant
+    /// (to PostgreSQL's microseconds; SQLite keeps nanoseconds) or as JSON (PostgreSQL's edits
+    /// normalize it through `jsonb`, SQLite's minify it).
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Text,
+        Real,
+        Time,
+        Json,
+    }
+
+    /// A column's name and how it is compared.
+    type Column<'a> = (&'a str, Kind);
+
+    #[derive(Debug, PartialEq)]
+    enum Cell {
+        Null,
+        Text(String),
+        Real(f64),
+        Json(serde_json::Value),
+    }
+
+    fn cell(kind: Kind, text: Option<String>) -> Cell {
+        match (kind, text) {
+            (_, None) => Cell::Null,
+            (Kind::Real, Some(t)) => Cell::Real(t.parse().unwrap()),
+            (Kind::Json, Some(t)) => Cell::Json(serde_json::from_str(&t).unwrap()),
+            (Kind::Text | Kind::Time, Some(t)) => Cell::Text(t),
+        }
+    }
+
+    /// The rows of `table` on both backends, `columns` read as their kinds say.
+    fn both_rows(
+        sqlite: &rusqlite::Connection,
+        pg: &mut Client,
+        table: &str,
+        order: &str,
+        columns: &[Column],
+    ) -> (Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
+        let list = |time: fn(&str) -> String, other: fn(&str) -> String| -> String {
+            columns
+                .iter()
+                .map(|&(c, k)| match k {
+                    Kind::Time => time(c),
+                    _ => other(c),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sql = format!(
+            "SELECT {} FROM {table} ORDER BY {order}",
+            list(
+                |c| format!("substr({c}, 1, 26)"),
+                |c| format!("CAST({c} AS TEXT)")
+            )
+        );
+        let mut stmt = sqlite.prepare(&sql).unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        let mut from_sqlite = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            from_sqlite.push(
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(_, k))| cell(k, row.get(i).unwrap()))
+                    .collect(),
+            );
+        }
+        let sql = format!(
+            "SELECT {} FROM {table} ORDER BY {order}",
+            list(
+                |c| format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"),
+                |c| format!("{c}::text")
+            )
+        );
+        let from_pg = pg
+            .query(&sql, &[])
+            .unwrap()
+            .iter()
+            .map(|row| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(_, k))| cell(k, row.try_get(i).unwrap()))
+                    .collect()
+            })
+            .collect();
+        (from_sqlite, from_pg)
+    }
+
+    /// Every table the queue and the privacy policy write, compared between the backends.
+    fn assert_same_rows(sqlite: &rusqlite::Connection, pg: &mut Client, after: &str) {
+        use Kind::{Json, Real, Text, Time};
+        let tables: [(&str, &str, &[Column]); 6] = [
+            (
+                "documents",
+                "document_id",
+                &[
+                    ("document_id", Text),
+                    ("status", Text),
+                    ("audio_duration_seconds", Real),
+                    ("content_format", Text),
+                    ("content_text", Text),
+                    ("detail_created_at", Time),
+                    ("detail_updated_at", Time),
+                    ("changed_at", Time),
+                    ("detail_state", Text),
+                    ("transcript_state", Text),
+                    ("transcript_attempts", Text),
+                    ("transcript_next_at_ns", Text),
+                    ("audio_state", Text),
+                    ("content_seq", Text),
+                ],
+            ),
+            (
+                "transcripts",
+                "document_id",
+                &[
+                    ("document_id", Text),
+                    ("encounter_id", Text),
+                    ("provider", Text),
+                    ("audio_duration_seconds", Real),
+                    ("turn_count", Text),
+                    ("fetched_at", Time),
+                    ("fetched_for_updated_at", Time),
+                    ("content_sha256", Text),
+                    ("organization_id", Text),
+                ],
+            ),
+            (
+                "transcript_turns",
+                "document_id, turn_index",
+                &[
+                    ("document_id", Text),
+                    ("turn_index", Text),
+                    ("speaker", Text),
+                    ("start_seconds", Real),
+                    ("end_seconds", Real),
+                    ("text", Text),
+                    ("organization_id", Text),
+                ],
+            ),
+            (
+                "recordings",
+                "document_id",
+                &[
+                    ("document_id", Text),
+                    ("encounter_id", Text),
+                    ("path", Text),
+                    ("size_bytes", Text),
+                    ("sha256", Text),
+                    ("duration_seconds", Real),
+                    ("fetched_at", Time),
+                    ("organization_id", Text),
+                ],
+            ),
+            (
+                "dead_letters",
+                "work, document_id",
+                &[
+                    ("work", Text),
+                    ("document_id", Text),
+                    ("encounter_id", Text),
+                    ("attempts", Text),
+                    ("first_failed_at", Time),
+                    ("last_failed_at", Time),
+                    ("last_run_id", Text),
+                    ("reason_code", Text),
+                    ("last_error", Text),
+                    ("organization", Text),
+                ],
+            ),
+            (
+                "encounters e JOIN patients p USING (patient_id)",
+                "encounter_id",
+                &[
+                    ("encounter_id", Text),
+                    ("raw_json", Json),
+                    ("first_name", Text),
+                    ("last_name", Text),
+                    ("date_of_birth", Text),
+                ],
+            ),
+        ];
+        for (table, order, columns) in tables {
+            let (sqlite, postgres) = both_rows(sqlite, pg, table, order, columns);
+            assert_eq!(postgres, sqlite, "{table} after {after}");
+        }
+    }
+
+    /// The claims of run `run_id` at `now`, in a stable order.
+    fn sorted_claims(b: &dyn crate::store::Backend, run_id: i64, now: OffsetDateTime) -> Vec<WorkItem> {
+        let mut items = b
+            .claim_work(Some("org_1"), run_id, &[], &HashSet::new(), 100, now)
+            .unwrap();
+        items.sort_by(|a, b| (a.work.as_str(), &a.document_id).cmp(&(b.work.as_str(), &b.document_id)));
+        items
+    }
+
+    /// One step of the queue's life, through the seam as the content workers call it.
+    fn step(
+        b: &mut dyn crate::store::Backend,
+        f: &mut dyn FnMut(&dyn crate::store::WriteTx) -> anyhow::Result<()>,
+    ) {
+        let end = b.write_group(&mut |tx| {
+            f(tx).unwrap();
+            true
+        });
+        assert!(matches!(end, crate::store::GroupEnd::Committed), "{end:?}");
+    }
+
+    #[test]
+    fn the_queue_and_the_privacy_policy_store_what_the_sqlite_backend_stores() {
+        use crate::config::{BirthDate, PrivacyConfig};
+        use crate::store::Backend;
+
+        let Some((_db, client)) = warehouse("content_same_as_sqlite") else {
+            return;
+        };
+        let mut pg = super::super::PgBackend {
+            client: std::cell::RefCell::new(client),
+            location: "test".to_owned(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut sqlite =
+            crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+        let t0 = time::macros::datetime!(2026-05-25 14:00:00.123456 UTC);
+        let patient = || PatientRecord {
+            patient_id: "pat_1".to_owned(),
+            first_name: Some("Ada".to_owned()),
+            last_name: Some("Lovelace".to_owned()),
+            date_of_birth: Some("1970-01-02".to_owned()),
+        };
+        let page = |hash: &str, live_status: &str| {
+            let mut record = encounter(
+                "enc_1",
+                t0,
+                hash,
+                Some(patient()),
+                vec![
+                    doc("doc_n", "document", None),
+                    doc("doc_t", "ambient_transcript", Some("completed")),
+                    doc("doc_f", "intake_form", None),
+                    doc("doc_l", "ambient_transcript", Some(live_status)),
+                ],
+            );
+            record.raw_json = format!(
+                r#"{{"id":"enc_1","hash":"{hash}","patient":{{"id":"pat_1","first_name":"Ada","last_name":"Lovelace","date_of_birth":"1970-01-02"}}}}"#
+            );
+            record
+        };
+        let backends: [&mut dyn Backend; 2] = [&mut sqlite, &mut pg];
+        let mut claims: Vec<Vec<Vec<WorkItem>>> = Vec::new();
+        for b in backends {
+            let mut seen = Vec::new();
+            let at = |s: i64| t0 + time::Duration::seconds(s);
+            step(b, &mut |tx| {
+                tx.commit_page(&[page("h1", "processing")], &[], None, at(1))
+                    .map(drop)
+            });
+            let first = sorted_claims(b, 1, at(2));
+            seen.push(first.clone());
+            let [form, note, transcript_item] = [&first[0], &first[1], &first[2]].map(Clone::clone);
+            assert_eq!(
+                [
+                    form.document_id.as_str(),
+                    &note.document_id,
+                    &transcript_item.document_id
+                ],
+                ["doc_f", "doc_n", "doc_t"]
+            );
+            step(b, &mut |tx| {
+                tx.save_detail(&form, &DetailOutcome::Unsupported, true, at(3))?;
+                let text = DetailOutcome::Note {
+                    format: "markdown".to_owned(),
+                    text: Some("Headache.".to_owned()),
+                    created_at: at(-60),
+                    updated_at: at(-30),
+                };
+                tx.save_detail(&note, &text, true, at(3))?;
+                tx.save_transcript(&transcript_item, &transcript("A headache."), at(3))
+            });
+            // The encounter changes, the live recording finishes; the note fails this run.
+            step(b, &mut |tx| {
+                tx.commit_page(&[page("h2", "completed")], &[], None, at(4))
+                    .map(drop)
+            });
+            let second = sorted_claims(b, 1, at(5));
+            seen.push(second.clone());
+            step(b, &mut |tx| {
+                for item in &second {
+                    match (item.work, item.document_id.as_str()) {
+                        (Work::Document, _) => {
+                            tx.dead_letter("default", item, 1, Some("server_error"), "HTTP 500", at(6))?
+                        }
+                        (Work::Transcript, "doc_l") => {
+                            tx.transcript_not_ready(item, &[Duration::from_secs(60)], at(6))?
+                        }
+                        (Work::Transcript, _) => {
+                            tx.save_transcript(item, &transcript("A headache."), at(6))?
+                        }
+                        (Work::Audio, _) => unreachable!("audio is not queued yet"),
+                    }
+                }
+                Ok(())
+            });
+            assert_eq!(b.queue_missing_audio(Some("org_1")).unwrap(), 2);
+            let third = sorted_claims(b, 1, at(70));
+            seen.push(third.clone());
+            step(b, &mut |tx| {
+                for item in &third {
+                    match (item.work, item.document_id.as_str()) {
+                        (Work::Audio, "doc_t") => {
+                            let r = RecordingRecord {
+                                path: "ab.m4a".to_owned(),
+                                size_bytes: 10,
+                                sha256: "ab".to_owned(),
+                                duration_seconds: Some(61.5),
+                            };
+                            tx.save_recording(&item.encounter_id, &item.document_id, &r, at(71))?
+                        }
+                        _ => tx.mark_unavailable(item)?,
+                    }
+                }
+                Ok(())
+            });
+            seen.push(sorted_claims(b, 2, at(80)));
+            claims.push(seen);
+        }
+        assert_eq!(claims[0], claims[1], "claims");
+        assert_same_rows(&sqlite, pg.client.get_mut(), "the queue's work");
+
+        let strict = PrivacyConfig {
+            patient_names: false,
+            date_of_birth: BirthDate::YearOnly,
+            note_text: false,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(sqlite.apply_privacy(&strict).unwrap());
+        assert!(pg.apply_privacy(&strict).unwrap());
+        assert_same_rows(&sqlite, pg.client.get_mut(), "a privacy change");
+
+        let audio = tempfile::tempdir().unwrap();
+        std::fs::write(audio.path().join("ab.m4a"), b"abc").unwrap();
+        let range = (t0, t0 + time::Duration::seconds(1));
+        let purged_at = t0 + time::Duration::days(1);
+        let from_sqlite = sqlite
+            .purge(audio.path(), range.0, range.1, "retention", purged_at)
+            .unwrap();
+        let from_pg = pg
+            .purge(audio.path(), range.0, range.1, "retention", purged_at)
+            .unwrap();
+        assert_eq!(from_pg, from_sqlite, "purge counts");
+        assert_eq!(from_pg.orphaned_files, ["ab.m4a"]);
+        assert!(!audio.path().join("ab.m4a").exists());
+        assert_eq!(pg.purged_ranges().unwrap(), sqlite.purged_ranges().unwrap());
+        assert_eq!(
+            pg.last_retention_purge().unwrap(),
+            sqlite.last_retention_purge().unwrap()
+        );
+        assert_same_rows(&sqlite, pg.client.get_mut(), "a purge");
+    }
 }
