@@ -1090,9 +1090,10 @@ pub(super) mod tests {
         }
     }
 
-    /// The rows of `table` on both backends, `columns` read as their kinds say.
+    /// The rows of `table` on both backends (the SQLite warehouse read on a connection of its
+    /// own, as `status` reads it), `columns` read as their kinds say.
     fn both_rows(
-        sqlite: &rusqlite::Connection,
+        sqlite: &std::path::Path,
         pg: &mut Client,
         table: &str,
         order: &str,
@@ -1115,6 +1116,7 @@ pub(super) mod tests {
                 |c| format!("CAST({c} AS TEXT)")
             )
         );
+        let sqlite = crate::store::sqlite::open_reader(sqlite, Duration::from_secs(5)).unwrap();
         let mut stmt = sqlite.prepare(&sql).unwrap();
         let mut rows = stmt.query([]).unwrap();
         let mut from_sqlite = Vec::new();
@@ -1150,7 +1152,7 @@ pub(super) mod tests {
     }
 
     /// Every table the queue and the privacy policy write, compared between the backends.
-    fn assert_same_rows(sqlite: &rusqlite::Connection, pg: &mut Client, after: &str) {
+    fn assert_same_rows(sqlite: &std::path::Path, pg: &mut Client, after: &str) {
         use Kind::{Json, Real, Text, Time};
         let tables: [(&str, &str, &[Column]); 6] = [
             (
@@ -1283,8 +1285,8 @@ pub(super) mod tests {
             location: "test".to_owned(),
         };
         let dir = tempfile::tempdir().unwrap();
-        let mut sqlite =
-            crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+        let path = dir.path().join("w.db");
+        let mut sqlite = crate::store::sqlite::open_writer(&path, Duration::from_secs(5)).unwrap();
         let t0 = time::macros::datetime!(2026-05-25 14:00:00.123456 UTC);
         let patient = || PatientRecord {
             patient_id: "pat_1".to_owned(),
@@ -1389,7 +1391,7 @@ pub(super) mod tests {
             claims.push(seen);
         }
         assert_eq!(claims[0], claims[1], "claims");
-        assert_same_rows(&sqlite, pg.client.get_mut(), "the queue's work");
+        assert_same_rows(&path, pg.client.get_mut(), "the queue's work");
 
         let strict = PrivacyConfig {
             patient_names: false,
@@ -1400,7 +1402,7 @@ pub(super) mod tests {
         };
         assert!(sqlite.apply_privacy(&strict).unwrap());
         assert!(pg.apply_privacy(&strict).unwrap());
-        assert_same_rows(&sqlite, pg.client.get_mut(), "a privacy change");
+        assert_same_rows(&path, pg.client.get_mut(), "a privacy change");
 
         let audio = tempfile::tempdir().unwrap();
         std::fs::write(audio.path().join("ab.m4a"), b"abc").unwrap();
@@ -1420,6 +1422,6 @@ pub(super) mod tests {
             pg.last_retention_purge().unwrap(),
             sqlite.last_retention_purge().unwrap()
         );
-        assert_same_rows(&sqlite, pg.client.get_mut(), "a purge");
+        assert_same_rows(&path, pg.client.get_mut(), "a purge");
     }
 }
