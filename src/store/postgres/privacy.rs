@@ -430,7 +430,6 @@ mod tests {
     /// cannot see them) until that catalog is vacuumed, which only a superuser may force. So the
     /// columns that hold PHI must collect no statistics at all (`SET STATISTICS 0`).
     #[test]
-    #[ignore = "needs V1 to set STATISTICS 0 on the PHI columns (pgcontent's schema request, issue 17)"]
     fn analyze_copies_no_phi_into_the_planners_statistics() {
         let word = "zanthoxylumstatisticscanary";
         let Some(mut c) = warehouse_with("privacy_statistics", word) else {
