@@ -553,11 +553,7 @@ async fn a_source_of_an_older_schema_is_refused_with_what_to_run_and_is_not_writ
 }
 
 /// The point of `copy`: the sync goes on in PostgreSQL where it stopped in SQLite.
-///
-/// Ignored until the PostgreSQL content and privacy functions (pgcontent) are in main: every
-/// cycle applies the privacy policy and claims content work, which answer "not supported yet".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the PostgreSQL content and privacy functions (issue 17, pgcontent)"]
 async fn after_a_copy_the_next_sync_against_postgresql_lists_only_its_horizon() {
     let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_then_sync"))
         .await
