@@ -12,6 +12,7 @@ mod install;
 mod organizations;
 mod packaging;
 mod plan;
+mod postgres;
 mod replication;
 mod robustness;
 mod store_errors;
