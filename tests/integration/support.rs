@@ -356,6 +356,21 @@ impl Warehouse {
         self.row::<(T,)>(sql, params).0
     }
 
+    /// Whether the warehouse exists and holds the table `name` (a daemon may not have created
+    /// it yet).
+    pub fn has_table(&self, name: &str) -> bool {
+        match self {
+            Warehouse::Sqlite(path) => {
+                path.exists()
+                    && self.scalar::<i64>(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        &[&name],
+                    ) > 0
+            }
+            Warehouse::Postgres(_) => self.scalar("SELECT to_regclass(?1) IS NOT NULL", &[&name]),
+        }
+    }
+
     /// Runs `sql` (no parameters) to its end without reading its values; answers how many
     /// rows it returned (for queries whose columns need no checking, of any type).
     pub fn row_count(&self, sql: &str) -> usize {
