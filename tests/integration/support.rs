@@ -371,6 +371,17 @@ impl Warehouse {
         }
     }
 
+    /// What PostgreSQL's autovacuum does on its own within a minute of a sync: `ANALYZE`, which
+    /// keeps a sample of each column's values (most common values, histogram bounds) in the
+    /// catalog `pg_statistic`, readable through the view `pg_stats` by everyone who may read the
+    /// column. SQLite gathers no statistics on its own: nothing to do there.
+    pub fn gather_statistics(&self) {
+        if let Warehouse::Postgres(pg) = self {
+            pg.with_client(|client| client.batch_execute("ANALYZE"))
+                .expect("ANALYZE");
+        }
+    }
+
     /// Runs `sql` (no parameters) to its end without reading its values; answers how many
     /// rows it returned (for queries whose columns need no checking, of any type).
     pub fn row_count(&self, sql: &str) -> usize {
@@ -471,6 +482,27 @@ impl Warehouse {
                     .collect()
             }
         }
+    }
+}
+
+impl PgWarehouse {
+    /// The columns (`table.column`) whose planner statistics (`pg_stats`: most common values and
+    /// elements, histogram bounds) hold `needle`: what every reader of the column may see.
+    pub fn statistics_holding(&self, needle: &str) -> Vec<String> {
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT tablename::text || '.' || attname::text FROM pg_stats
+                     WHERE schemaname = current_schema()
+                       AND strpos(concat_ws(' ', most_common_vals::text, histogram_bounds::text,
+                                            most_common_elems::text), $1) > 0",
+                    &[&needle],
+                )
+                .expect("pg_stats")
+                .iter()
+                .map(|r| r.try_get(0).expect("a column's name"))
+                .collect()
+        })
     }
 }
 

@@ -49,9 +49,14 @@ fn canaries(sim: &Simulator, encounter_ids: &BTreeSet<String>) -> Vec<String> {
     out.into_iter().collect()
 }
 
-/// Where a leaked value lives: the live rows holding it, or else only deleted data.
+/// Where a leaked value lives: the live rows holding it, PostgreSQL's planner statistics, or
+/// else only deleted data.
 fn locate(db: &Warehouse, needle: &str) -> String {
-    format!("rows: {:?}", db.rows_holding(needle))
+    let statistics = db
+        .postgres()
+        .map(|pg| pg.statistics_holding(needle))
+        .unwrap_or_default();
+    format!("rows: {:?}; statistics: {statistics:?}", db.rows_holding(needle))
 }
 
 fn all_ids(sim: &Simulator) -> BTreeSet<String> {
@@ -240,6 +245,8 @@ async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes(backend: Bac
     let db = &env.warehouse;
     let marks = canaries(&env.sim, &all_ids(&env.sim));
     assert!(marks.len() > 50, "too few canaries: {}", marks.len());
+    // PostgreSQL's statistics sample the stored values; a policy change must not leave them there.
+    db.gather_statistics();
     let image = db.disk_image();
     assert!(
         marks.iter().any(|m| holds(&image, m)),
@@ -299,6 +306,8 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back(backend:
         .collect();
     assert!(marks.iter().any(|m| holds(&db.disk_image(), m)));
     let files_before = std::fs::read_dir(&config.audio.directory).unwrap().count();
+    // PostgreSQL's statistics sample the stored values; a purge must not leave them there.
+    db.gather_statistics();
 
     let range = BackfillRange {
         start: OffsetDateTime::UNIX_EPOCH,
