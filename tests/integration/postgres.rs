@@ -80,6 +80,29 @@ async fn a_sync_killed_at_random_points_mid_page_and_mid_content_ends_equal_with
         .replace("settle_lag = \"0s\"", "settle_lag = \"0s\"\npage_size = 25");
     std::fs::write(&config, slow).unwrap();
     let mut rng = fastrand::Rng::with_seed(79);
+    // A kill inside the migration: PostgreSQL's DDL is transactional, so the schema is there
+    // completely and recorded, or not at all (the next run migrates).
+    let mut migrating = command(&config, &["migrate"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
+    migrating.kill().ok();
+    tokio::task::spawn_blocking(move || migrating.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let recorded = env.warehouse.has_table("refinery_schema_history")
+        && env
+            .warehouse
+            .scalar::<i64>("SELECT count(*) FROM refinery_schema_history", &[])
+            > 0;
+    assert_eq!(
+        recorded,
+        env.warehouse.has_table("encounters"),
+        "a killed migration left the schema half made"
+    );
     // Each point: once the simulator has answered a few more requests of the route (a list page
     // being stored, a note or transcript being saved), and a few milliseconds more, SIGKILL.
     let points = [
