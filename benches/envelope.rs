@@ -64,7 +64,7 @@ fn config(sim: &Simulator, db: &Path, rps: f64, burst: u32, in_flight: u32) -> R
     let mut raw = RawConfig::default();
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
-    raw.database.path = db.to_owned();
+    raw.database.path = Some(db.to_owned());
     raw.sync.start_at =
         charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(31));
     raw.sync.settle_lag = "0s".into();
@@ -116,7 +116,7 @@ fn write_config(raw: &RawConfig, dir: &Path, key: &str) -> PathBuf {
          [content]\ndetails = {}\ntranscripts = {}\n",
         raw.api.base_url,
         key_path.display(),
-        raw.database.path.display(),
+        raw.database.path.as_deref().unwrap_or(Path::new("")).display(),
         raw.sync.start_at,
         raw.limits.requests_per_second,
         raw.limits.burst,
@@ -176,7 +176,10 @@ async fn list() -> Vec<(usize, f64, tempfile::TempDir)> {
         let cfg = write_config(&raw, dir.path(), &sim.api_key());
         let (elapsed, peak_kib) = run_child(&cfg).await;
         let stats = sim.stats();
-        assert_eq!(count(&raw.database.path, "encounters") as usize, n);
+        assert_eq!(
+            count(raw.database.path.as_deref().expect("a SQLite file"), "encounters") as usize,
+            n
+        );
         let minimum = n.div_ceil(100) as f64;
         let rate = n as f64 / elapsed.as_secs_f64();
         println!(
@@ -392,7 +395,11 @@ async fn churn() {
         .iter()
         .filter(|e| e.created_at >= cfg.sync.start_at)
         .count() as i64;
-    let missing = expected - count(&cfg.database.path, "encounters WHERE removed_at IS NULL");
+    let missing = expected
+        - count(
+            cfg.database.sqlite_path().expect("a SQLite file"),
+            "encounters WHERE removed_at IS NULL",
+        );
     println!(
         "churn: {n} encounters, {} mutations during the backfill, {list} list requests = {:.3} x the minimum {}; \
          re-scans {}; missing after a reconcile: {missing}",
@@ -631,8 +638,11 @@ async fn audit() {
         let started = Instant::now();
         sync(&sim, &cfg, CyclePlan::full(None, true)).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let conn =
-            charthero_sync::store::sqlite::open_reader(&cfg.database.path, Duration::from_secs(5)).unwrap();
+        let conn = charthero_sync::store::sqlite::open_reader(
+            cfg.database.sqlite_path().expect("a SQLite file"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         let (probes, requests, rescanned): (i64, i64, i64) = conn
             .query_row(
                 "SELECT probes, list_requests, rescanned FROM audits ORDER BY audit_id DESC LIMIT 1",
@@ -645,7 +655,11 @@ async fn audit() {
             .iter()
             .filter(|e| e.created_at >= cfg.sync.start_at)
             .count() as i64;
-        let missing = expected - count(&cfg.database.path, "encounters WHERE removed_at IS NULL");
+        let missing = expected
+            - count(
+                cfg.database.sqlite_path().expect("a SQLite file"),
+                "encounters WHERE removed_at IS NULL",
+            );
         println!(
             "audit: {n} encounters, {changes} changes: {requests} list requests ({probes} probes, {rescanned} ranges \
              re-scanned) = {:.2} % of a full reconcile's minimum {}; {elapsed:.1} s; difference after: {missing}",
@@ -747,9 +761,11 @@ async fn dlt() {
                 let raw = list_only(config(&sim, &dir.path().join("w.db"), 1_000_000.0, 1_000, 4));
                 let cfg = write_config(&raw, dir.path(), &sim.api_key());
                 run_child(&cfg).await;
-                let conn =
-                    charthero_sync::store::sqlite::open_reader(&raw.database.path, Duration::from_secs(5))
-                        .unwrap();
+                let conn = charthero_sync::store::sqlite::open_reader(
+                    raw.database.path.as_deref().expect("a SQLite file"),
+                    Duration::from_secs(5),
+                )
+                .unwrap();
                 let ids = conn
                     .prepare("SELECT encounter_id FROM encounters WHERE removed_at IS NULL")
                     .unwrap()

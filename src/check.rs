@@ -2,12 +2,15 @@
 //! authenticates, and probes every route with harmless requests to learn which scopes and
 //! enablements the key has — ChartHero has no "which scopes do I have" route. The API checks
 //! authentication, enablement and scopes before it looks anything up, so a 404 for an ID that
-//! does not exist proves a route is open to the key without touching real records.
+//! does not exist proves a route is open to the key without touching real records. Also reports
+//! the warehouse: a SQLite file's location, or a PostgreSQL server's transport, version, schema
+//! and readers' role ([`check_database`]).
 
 use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
-use crate::config::{Config, Organization};
+use crate::config::{Config, DatabaseConfig, DatabaseTarget, Organization};
+use crate::store::{self, LocationError};
 use crate::timefmt::Micros;
 
 /// An ID no record has: probing with it mints nothing (no signed URL) and reads nothing.
@@ -172,4 +175,81 @@ pub async fn probe_organization(org: &Organization, client: &Client) -> Result<S
             "organization_id"
         )),
     }
+}
+
+/// Why `check` found the warehouse unusable.
+#[derive(Debug)]
+pub enum DatabaseProblem {
+    /// A location this host's configuration gets wrong (exit 2).
+    Location(LocationError),
+    /// The PostgreSQL server cannot be reached, refuses the role, or fails TLS.
+    Server(anyhow::Error),
+}
+
+/// The database's lines of `check`'s table, and whether a writer can use it. SQLite: the
+/// location check (nothing is created). PostgreSQL: connects without creating anything and
+/// reports the transport (TLS state), the server's version, the schema version applied (and
+/// whether it is this release's) and whether the role `charthero_readers` exists.
+pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(), DatabaseProblem>) {
+    let pg = match &database.target {
+        DatabaseTarget::Sqlite { path } => {
+            return match store::check_location(&database.target) {
+                Ok(()) => (
+                    vec![format!("database.path    ok      {}", path.display())],
+                    Ok(()),
+                ),
+                Err(e) => (
+                    vec![format!("database.path    FAILED  {}", e.reason())],
+                    Err(DatabaseProblem::Location(e)),
+                ),
+            };
+        }
+        DatabaseTarget::Postgres(pg) => pg.clone(),
+    };
+    if let Err(e) = store::check_location(&database.target) {
+        return (
+            vec![format!("{:<16} FAILED  {}", e.key(), e.reason())],
+            Err(DatabaseProblem::Location(e)),
+        );
+    }
+    let shown = pg.to_string();
+    let db = database.clone();
+    let report = store::blocking(move || {
+        let report = store::describe_postgres(&pg)?;
+        // Whether the schema is exactly this release's: what `backfill` requires, and what a
+        // writer reaches by migrating.
+        let current = match report.schema_version {
+            Some(_) => store::open_current(&db).map(drop).map_err(|e| format!("{e:#}")),
+            None => Err("not created yet; `migrate` (or the first `run`/`sync`) creates it".to_owned()),
+        };
+        Ok((report, current))
+    })
+    .await;
+    let (report, current) = match report {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                vec![format!("database.url     FAILED  {e:#}")],
+                Err(DatabaseProblem::Server(e)),
+            );
+        }
+    };
+    let mut lines = vec![
+        format!("database.url     ok      {shown}"),
+        format!("database.tls     ok      {}", report.transport),
+        format!("database.server  ok      PostgreSQL {}", report.server_version),
+    ];
+    lines.push(match (report.schema_version, current) {
+        (Some(v), Ok(())) => format!("database.schema  ok      version {v}, this release's"),
+        (Some(v), Err(why)) => format!("database.schema  note    version {v}: {why}"),
+        (None, Err(why)) => format!("database.schema  note    {why}"),
+        (None, Ok(())) => "database.schema  ok      this release's".to_owned(),
+    });
+    lines.push(if report.readers_role {
+        "database.readers ok      role charthero_readers exists".to_owned()
+    } else {
+        "database.readers note    role charthero_readers does not exist yet; the first migration creates it"
+            .to_owned()
+    });
+    (lines, Ok(()))
 }

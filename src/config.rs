@@ -1,6 +1,7 @@
 //! Configuration: TOML text → [`RawConfig`] (serde, every default in one place, unknown keys
-//! rejected) → validated [`Config`] of parsed types. Also resolves the API key from its three
-//! sources. This module never opens the database or the network.
+//! rejected) → validated [`Config`] of parsed types, the warehouse a [`DatabaseTarget`] (a SQLite
+//! file or a PostgreSQL server). Also resolves the secrets from their three sources each: the API
+//! keys and the database password. This module never opens the database or the network.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -13,7 +14,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::secret::ApiKey;
+use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind};
 use crate::timefmt;
 
 /// Where the daemon looks for its configuration when neither `--config` nor
@@ -25,6 +26,19 @@ pub const API_KEY_ENV: &str = "CHARTHERO_API_KEY";
 
 /// File name systemd's `LoadCredential=` places under `$CREDENTIALS_DIRECTORY`.
 pub const CREDENTIAL_NAME: &str = "charthero-api-key";
+
+/// The environment variable that carries the PostgreSQL password when no password file is
+/// configured.
+pub const DATABASE_PASSWORD_ENV: &str = "CHARTHERO_DATABASE_PASSWORD";
+
+/// The database password's file name under `$CREDENTIALS_DIRECTORY`.
+pub const DATABASE_PASSWORD_CREDENTIAL: &str = "charthero-database-password";
+
+/// The PostgreSQL schema the warehouse lives in unless `database.schema` says otherwise.
+pub const DEFAULT_SCHEMA: &str = "charthero";
+
+/// How long connecting to PostgreSQL may take unless the URL's `connect_timeout` says otherwise.
+pub const DEFAULT_PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A configuration problem, always naming the key (or file) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +55,9 @@ pub enum ConfigError {
     InOrganization { key: String, message: String },
     #[error("{0}")]
     ApiKey(String),
+    /// The database password's file is unsafe or unreadable, or its variable is empty.
+    #[error("{0}")]
+    DatabasePassword(String),
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -141,7 +158,16 @@ pub struct RawApi {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawDatabase {
-    pub path: PathBuf,
+    /// A SQLite file; absent with `url` unset: the default file.
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL connection string (`postgresql://…` or libpq `key=value`), instead of `path`.
+    pub url: String,
+    /// The PostgreSQL schema; absent: [`DEFAULT_SCHEMA`].
+    pub schema: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// A PEM bundle of the CAs a PostgreSQL server's certificate may chain to, besides the
+    /// public roots.
+    pub ca_file: Option<PathBuf>,
     pub busy_timeout: String,
     pub wal_size_limit: i64,
 }
@@ -206,7 +232,11 @@ impl Default for RawApi {
 impl Default for RawDatabase {
     fn default() -> Self {
         RawDatabase {
-            path: PathBuf::from("/var/lib/charthero-sync/warehouse.db"),
+            path: None,
+            url: String::new(),
+            schema: None,
+            password_file: None,
+            ca_file: None,
             busy_timeout: "5s".into(),
             // Long-lived readers can hold the WAL open; after each checkpoint it is cut back to
             // this size.
@@ -404,11 +434,111 @@ pub struct ApiConfig {
     pub max_response_bytes: usize,
 }
 
+/// Where the SQLite warehouse lives unless `database.path` or `database.url` says otherwise.
+pub const DEFAULT_DATABASE_PATH: &str = "/var/lib/charthero-sync/warehouse.db";
+
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    pub path: PathBuf,
+    pub target: DatabaseTarget,
+    /// SQLite only: how long a statement waits for another connection's lock.
     pub busy_timeout: Duration,
+    /// SQLite only: the size the WAL is cut back to after a checkpoint.
     pub wal_size_limit: u64,
+}
+
+impl DatabaseConfig {
+    /// The SQLite file, when the warehouse is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.target {
+            DatabaseTarget::Sqlite { path } => Some(path),
+            DatabaseTarget::Postgres(_) => None,
+        }
+    }
+
+    /// A SQLite warehouse at `path` with the default settings (the demo, tests).
+    pub fn sqlite(path: PathBuf) -> DatabaseConfig {
+        validate_database(RawDatabase {
+            path: Some(path),
+            ..RawDatabase::default()
+        })
+        .expect("the default database settings are valid")
+    }
+}
+
+/// The warehouse: a SQLite file or a schema on a PostgreSQL server.
+#[derive(Debug, Clone)]
+pub enum DatabaseTarget {
+    Sqlite {
+        path: PathBuf,
+    },
+    /// Boxed: the parsed connection settings are large, and a target is passed around often.
+    Postgres(Box<PostgresConfig>),
+}
+
+/// The file path, or `postgresql://user@host:port/db (schema charthero)`: what messages,
+/// errors and `check` name the warehouse by. Never a password.
+impl fmt::Display for DatabaseTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseTarget::Sqlite { path } => write!(f, "{}", path.display()),
+            DatabaseTarget::Postgres(pg) => write!(f, "{pg}"),
+        }
+    }
+}
+
+/// A PostgreSQL warehouse: `database.url` parsed (never carrying a password), its schema, and
+/// where its password and private CA come from.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Hosts, port, user, database, `sslmode`, `connect_timeout` (default
+    /// [`DEFAULT_PG_CONNECT_TIMEOUT`]); no password.
+    pub connection: postgres::Config,
+    /// `[a-z_][a-z0-9_]{0,62}`, not `pg_*`: every statement runs with it as `search_path`.
+    pub schema: String,
+    /// `database.password_file`, `CHARTHERO_DATABASE_PASSWORD`, the systemd credential.
+    pub password: KeySources,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PostgresConfig {
+    /// Whether every host is a unix socket or a loopback address: only then may the connection
+    /// go without TLS (verified TLS is required to any other host).
+    pub fn is_local(&self) -> bool {
+        let c = &self.connection;
+        c.get_hosts().iter().all(|h| match h {
+            postgres::config::Host::Tcp(name) => is_loopback_name(name),
+            postgres::config::Host::Unix(_) => true,
+        }) && c.get_hostaddrs().iter().all(IpAddr::is_loopback)
+    }
+}
+
+impl fmt::Display for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.connection;
+        let user = c.get_user().unwrap_or_default();
+        let hosts: Vec<String> = c
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    postgres::config::Host::Tcp(name) if name.contains(':') => format!("[{name}]"),
+                    postgres::config::Host::Tcp(name) => name.clone(),
+                    postgres::config::Host::Unix(dir) => dir.display().to_string(),
+                };
+                let ports = c.get_ports();
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect();
+        let db = c.get_dbname().unwrap_or(user);
+        write!(
+            f,
+            "postgresql://{user}@{}/{db} (schema {})",
+            hosts.join(","),
+            self.schema
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -576,22 +706,7 @@ impl RawConfig {
                 bounds::MAX_RESPONSE_BYTES,
             )?,
         };
-        if self.database.path.as_os_str().is_empty() {
-            return Err(invalid("database.path", "must not be empty"));
-        }
-        let database = DatabaseConfig {
-            path: self.database.path,
-            busy_timeout: duration_in(
-                "database.busy_timeout",
-                &self.database.busy_timeout,
-                bounds::BUSY_TIMEOUT,
-            )?,
-            wal_size_limit: int_as(
-                "database.wal_size_limit",
-                self.database.wal_size_limit,
-                bounds::WAL_SIZE_LIMIT,
-            )?,
-        };
+        let database = validate_database(self.database)?;
         let sync = SyncConfig {
             schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
                 invalid(
@@ -700,6 +815,133 @@ impl RawConfig {
             },
         })
     }
+}
+
+/// `[database]`: a SQLite `path` (the default) or a PostgreSQL `url`, never both.
+fn validate_database(raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
+    let busy_timeout = duration_in("database.busy_timeout", &raw.busy_timeout, bounds::BUSY_TIMEOUT)?;
+    let wal_size_limit = int_as(
+        "database.wal_size_limit",
+        raw.wal_size_limit,
+        bounds::WAL_SIZE_LIMIT,
+    )?;
+    let url = raw.url.trim();
+    let target = if url.is_empty() {
+        for (key, set) in [
+            ("database.schema", raw.schema.is_some()),
+            ("database.password_file", raw.password_file.is_some()),
+            ("database.ca_file", raw.ca_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "applies only to a PostgreSQL warehouse (database.url); a SQLite warehouse has none",
+                ));
+            }
+        }
+        let path = raw.path.unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE_PATH));
+        if path.as_os_str().is_empty() {
+            return Err(invalid("database.path", "must not be empty"));
+        }
+        DatabaseTarget::Sqlite { path }
+    } else {
+        if raw.path.is_some() {
+            return Err(invalid(
+                "database.url",
+                "database.path and database.url are mutually exclusive: set path for a SQLite \
+                 warehouse or url for a PostgreSQL one, not both",
+            ));
+        }
+        DatabaseTarget::Postgres(Box::new(validate_postgres(
+            url,
+            raw.schema,
+            raw.password_file,
+            raw.ca_file,
+        )?))
+    };
+    Ok(DatabaseConfig {
+        target,
+        busy_timeout,
+        wal_size_limit,
+    })
+}
+
+/// `database.url` and the keys that go with it. No message quotes the URL: a password typed
+/// into it by mistake must not end up in a log.
+fn validate_postgres(
+    url: &str,
+    schema: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+) -> Result<PostgresConfig, ConfigError> {
+    use postgres::config::SslMode;
+    let key = "database.url";
+    let is_url = url.starts_with("postgresql://") || url.starts_with("postgres://");
+    if url.contains("://") && !is_url {
+        return Err(invalid(
+            key,
+            "must be a postgresql:// or postgres:// URL, or a libpq key=value string",
+        ));
+    }
+    // tokio-postgres's parse errors name the option at fault, never its value.
+    let mut connection = postgres::Config::from_str(url)
+        .map_err(|e| invalid(key, format!("is not a PostgreSQL connection string: {e}")))?;
+    if connection.get_password().is_some() {
+        return Err(invalid(
+            key,
+            "must not carry a password; put it in database.password_file, the environment \
+             variable CHARTHERO_DATABASE_PASSWORD or the systemd credential charthero-database-password",
+        ));
+    }
+    if connection.get_hosts().is_empty() {
+        return Err(invalid(
+            key,
+            "names no host; e.g. postgresql://charthero@db.example.internal:5432/warehouse, or \
+             host=/run/postgresql for the local socket",
+        ));
+    }
+    if connection.get_user().is_none_or(str::is_empty) {
+        return Err(invalid(
+            key,
+            "names no user; e.g. postgresql://charthero@db.example.internal:5432/warehouse",
+        ));
+    }
+    if connection.get_connect_timeout().is_none() {
+        connection.connect_timeout(DEFAULT_PG_CONNECT_TIMEOUT);
+    }
+    let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+    let valid_schema = !schema.is_empty()
+        && schema.len() <= 63
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+        && !schema.starts_with("pg_")
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid_schema {
+        return Err(invalid(
+            "database.schema",
+            format!("{schema:?} must be 1 to 63 of a-z, 0-9 and _, not starting with a digit or pg_"),
+        ));
+    }
+    let pg = PostgresConfig {
+        connection,
+        schema,
+        password: KeySources {
+            file: password_file.filter(|p| !p.as_os_str().is_empty()),
+            env: DATABASE_PASSWORD_ENV.to_owned(),
+            credential: DATABASE_PASSWORD_CREDENTIAL.to_owned(),
+        },
+        ca_file: ca_file.filter(|p| !p.as_os_str().is_empty()),
+    };
+    if !pg.is_local() && pg.connection.get_ssl_mode() == SslMode::Disable {
+        return Err(invalid(
+            key,
+            "sslmode=disable is refused for a host that is not loopback or a unix socket: the \
+             password and patient data would cross the network in clear; use TLS (sslmode=require, \
+             and database.ca_file for a private CA)",
+        ));
+    }
+    Ok(pg)
 }
 
 /// The organizations of `[[organizations]]`, or the one `default` organization of `[api]`.
@@ -863,10 +1105,20 @@ fn validate_url(key: &'static str, text: &str) -> Result<Url, ConfigError> {
 
 fn is_loopback_host(host: &url::Host<&str>) -> bool {
     match host {
-        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Domain(d) => is_loopback_name(d),
         url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
         url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
     }
+}
+
+/// `localhost` or a loopback address (127.0.0.0/8, ::1, bracketed or not).
+fn is_loopback_name(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Parses durations written as an integer and a unit: `250ms`, `10s`, `5m`, `48h`, `30d`.
@@ -903,10 +1155,14 @@ pub fn parse_age(key: &'static str, text: &str) -> Result<Duration, ConfigError>
     duration_in(key, text, bounds::RETENTION)
 }
 
-/// Where the API key was found; reported in logs so operators can tell which source won.
+/// Where a secret was found; reported in logs so operators can tell which source won.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    File(PathBuf),
+    /// The configured file; `key` is its TOML key (`api_key_file`, `database.password_file`).
+    File {
+        key: &'static str,
+        path: PathBuf,
+    },
     /// The environment variable's name.
     Env(String),
     Credential(PathBuf),
@@ -915,12 +1171,36 @@ pub enum KeySource {
 impl fmt::Display for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KeySource::File(p) => write!(f, "api_key_file {}", p.display()),
+            KeySource::File { key, path } => write!(f, "{key} {}", path.display()),
             KeySource::Env(name) => write!(f, "environment variable {name}"),
             KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
         }
     }
 }
+
+/// A secret and where it was found, or (`Err`) why each source did not yield it.
+pub type SecretLookup<K> = Result<(Secret<K>, KeySource), Vec<String>>;
+
+/// What a secret is called in messages, and the error its problems become.
+struct SecretLabel {
+    /// "API key", "database password".
+    noun: &'static str,
+    /// The TOML key of its file.
+    file_key: &'static str,
+    error: fn(String) -> ConfigError,
+}
+
+const API_KEY: SecretLabel = SecretLabel {
+    noun: "API key",
+    file_key: "api_key_file",
+    error: ConfigError::ApiKey,
+};
+
+const DATABASE_PASSWORD: SecretLabel = SecretLabel {
+    noun: "database password",
+    file_key: "database.password_file",
+    error: ConfigError::DatabasePassword,
+};
 
 /// Resolves the API key: `api_key_file`, then `CHARTHERO_API_KEY`, then
 /// `$CREDENTIALS_DIRECTORY/charthero-api-key`; the first source that yields a key wins.
@@ -961,28 +1241,65 @@ fn load_api_key_from(
     env_key: Option<String>,
     credentials_dir: Option<PathBuf>,
 ) -> Result<(ApiKey, KeySource), ConfigError> {
+    find_secret(&API_KEY, sources, env_key, credentials_dir)?
+        .map_err(|looked| ConfigError::ApiKey(format!("no API key found: looked in {}", looked.join(", "))))
+}
+
+/// Resolves the PostgreSQL password by the API key's rules (see [`load_api_key`]):
+/// `database.password_file`, then `CHARTHERO_DATABASE_PASSWORD`, then
+/// `$CREDENTIALS_DIRECTORY/charthero-database-password`. Finding none is not an error: the server
+/// may authenticate by trust, peer or certificate; the sources looked in are returned so that an
+/// authentication failure can name them.
+pub fn load_database_password(
+    pg: &PostgresConfig,
+) -> Result<SecretLookup<DatabasePasswordKind>, ConfigError> {
+    find_secret(
+        &DATABASE_PASSWORD,
+        &pg.password,
+        std::env::var(&pg.password.env).ok(),
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    )
+}
+
+/// The first of `sources` that yields a secret, or (inner `Err`) why each one did not. A file
+/// that exists but is unsafe or broken is an error, not skipped.
+fn find_secret<K: SecretKind>(
+    label: &SecretLabel,
+    sources: &KeySources,
+    env_value: Option<String>,
+    credentials_dir: Option<PathBuf>,
+) -> Result<SecretLookup<K>, ConfigError> {
     let env_name = sources.env.as_str();
     let credential_name = sources.credential.as_str();
+    let file_key = label.file_key;
     let mut skipped = Vec::new();
     let mut unreadable_file = None;
     match &sources.file {
-        None => skipped.push("api_key_file (not set)".to_owned()),
-        Some(path) => match read_key_file(path)? {
-            KeyFile::Found(key) => return Ok((key, KeySource::File(path.clone()))),
-            KeyFile::Missing => skipped.push(format!("api_key_file {} (does not exist)", path.display())),
-            KeyFile::Unreadable(e) => {
+        None => skipped.push(format!("{file_key} (not set)")),
+        Some(path) => match read_secret_file(label, path)? {
+            SecretFile::Found(secret) => {
+                return Ok(Ok((
+                    secret,
+                    KeySource::File {
+                        key: file_key,
+                        path: path.clone(),
+                    },
+                )));
+            }
+            SecretFile::Missing => skipped.push(format!("{file_key} {} (does not exist)", path.display())),
+            SecretFile::Unreadable(e) => {
                 skipped.push(format!(
-                    "api_key_file {} (not readable by this user: {e})",
+                    "{file_key} {} (not readable by this user: {e})",
                     path.display()
                 ));
                 unreadable_file = Some(path);
             }
         },
     }
-    let found = if let Some(text) = env_key {
-        let key =
-            ApiKey::new(&text).ok_or_else(|| ConfigError::ApiKey(format!("{env_name} is set but empty")))?;
-        Some((key, KeySource::Env(env_name.to_owned())))
+    let found = if let Some(text) = env_value {
+        let secret =
+            Secret::new(&text).ok_or_else(|| (label.error)(format!("{env_name} is set but empty")))?;
+        Some((secret, KeySource::Env(env_name.to_owned())))
     } else {
         skipped.push(format!("${env_name} (not set)"));
         match credentials_dir {
@@ -994,13 +1311,13 @@ fn load_api_key_from(
             }
             Some(dir) => {
                 let path = dir.join(credential_name);
-                match read_key_file(&path)? {
-                    KeyFile::Found(key) => Some((key, KeySource::Credential(path))),
-                    KeyFile::Missing => {
+                match read_secret_file(label, &path)? {
+                    SecretFile::Found(secret) => Some((secret, KeySource::Credential(path))),
+                    SecretFile::Missing => {
                         skipped.push(format!("{} (does not exist)", path.display()));
                         None
                     }
-                    KeyFile::Unreadable(e) => {
+                    SecretFile::Unreadable(e) => {
                         skipped.push(format!("{} (not readable by this user: {e})", path.display()));
                         None
                     }
@@ -1008,69 +1325,58 @@ fn load_api_key_from(
             }
         }
     };
-    match found {
-        Some((key, source)) => {
+    Ok(match found {
+        Some((secret, source)) => {
             if let Some(path) = unreadable_file {
                 tracing::info!(
-                    "api_key_file {} is not readable by this user; using the {source} instead",
+                    "{file_key} {} is not readable by this user; using the {source} instead",
                     path.display()
                 );
             }
-            Ok((key, source))
+            Ok((secret, source))
         }
-        None => Err(ConfigError::ApiKey(format!(
-            "no API key found: looked in {}",
-            skipped.join(", ")
-        ))),
-    }
+        None => Err(skipped),
+    })
 }
 
-/// What a key file gave.
-enum KeyFile {
-    Found(ApiKey),
+/// What a secret's file gave.
+enum SecretFile<K: SecretKind> {
+    Found(Secret<K>),
     Missing,
     /// Exists, but this user may not read it (or reach it).
     Unreadable(std::io::ErrorKind),
 }
 
-/// Reads a key file, refusing one that group or others may access.
-fn read_key_file(path: &Path) -> Result<KeyFile, ConfigError> {
+/// Reads a secret's file, refusing one that group or others may access.
+fn read_secret_file<K: SecretKind>(label: &SecretLabel, path: &Path) -> Result<SecretFile<K>, ConfigError> {
     use std::io::ErrorKind;
     use std::os::unix::fs::PermissionsExt;
+    let noun = label.noun;
+    let fail = |message: String| (label.error)(message);
     // The io::Error's own text is not appended to messages below that already name the kind:
     // "Permission denied (os error 13)" once is enough.
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(KeyFile::Missing),
-        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(KeyFile::Unreadable(e.kind())),
-        Err(e) => {
-            return Err(ConfigError::ApiKey(format!(
-                "cannot read API key file {}: {e}",
-                path.display()
-            )));
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(SecretFile::Missing),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(SecretFile::Unreadable(e.kind())),
+        Err(e) => return Err(fail(format!("cannot read {noun} file {}: {e}", path.display()))),
     };
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(ConfigError::ApiKey(format!(
-            "API key file {} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
+        return Err(fail(format!(
+            "{noun} file {} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
             path.display(),
             path.display()
         )));
     }
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(KeyFile::Unreadable(e.kind())),
-        Err(e) => {
-            return Err(ConfigError::ApiKey(format!(
-                "cannot read API key file {}: {e}",
-                path.display()
-            )));
-        }
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(SecretFile::Unreadable(e.kind())),
+        Err(e) => return Err(fail(format!("cannot read {noun} file {}: {e}", path.display()))),
     };
-    ApiKey::new(&text)
-        .map(KeyFile::Found)
-        .ok_or_else(|| ConfigError::ApiKey(format!("API key file {} is empty", path.display())))
+    Secret::new(&text)
+        .map(SecretFile::Found)
+        .ok_or_else(|| fail(format!("{noun} file {} is empty", path.display())))
 }
 
 #[cfg(test)]
@@ -1248,7 +1554,16 @@ mod tests {
 
         let api = api_with_key_file(Some(file.clone()));
         let (key, src) = load_api_key_from(&api, Some("ch_sk_env".into()), Some(cred_dir.clone())).unwrap();
-        assert_eq!((key.expose(), src), ("ch_sk_from_file", KeySource::File(file)));
+        assert_eq!(
+            (key.expose(), src),
+            (
+                "ch_sk_from_file",
+                KeySource::File {
+                    key: "api_key_file",
+                    path: file
+                }
+            )
+        );
 
         let api = api_with_key_file(Some(dir.path().join("missing")));
         let (key, src) = load_api_key_from(&api, Some("ch_sk_env".into()), Some(cred_dir.clone())).unwrap();
@@ -1409,5 +1724,202 @@ mod tests {
         );
         let err = load_api_key_from(sources, None, None).unwrap_err().to_string();
         assert!(err.contains("$CHARTHERO_API_KEY_NORTH (not set)"), "{err}");
+    }
+
+    fn postgres(text: &str) -> PostgresConfig {
+        match parse(text).unwrap().database.target {
+            DatabaseTarget::Postgres(pg) => *pg,
+            DatabaseTarget::Sqlite { path } => panic!("{text}: a SQLite target {}", path.display()),
+        }
+    }
+
+    #[test]
+    fn path_and_url_are_mutually_exclusive_and_the_error_names_both() {
+        let err = parse(
+            "[database]\npath = \"/var/lib/w.db\"\nurl = \"postgresql://charthero@db.example.internal/warehouse\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database.path") && err.contains("database.url"),
+            "{err}"
+        );
+        // Without url the default file is the warehouse, as always.
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.database.sqlite_path(), Some(Path::new(DEFAULT_DATABASE_PATH)));
+        assert_eq!(cfg.database.target.to_string(), DEFAULT_DATABASE_PATH);
+        // The PostgreSQL keys mean nothing to a SQLite warehouse.
+        for key in ["schema = \"s\"", "password_file = \"/p\"", "ca_file = \"/c\""] {
+            let err = parse(&format!("[database]\n{key}\n")).unwrap_err().to_string();
+            assert!(err.contains("database.url"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_refused_without_echoing_it() {
+        for url in [
+            "postgresql://charthero:pw_canary@db.example.internal/warehouse",
+            "postgres://charthero:pw_canary@127.0.0.1:5432/warehouse?sslmode=require",
+            "host=db.example.internal user=charthero password=pw_canary dbname=warehouse",
+        ] {
+            let err = parse(&format!("[database]\nurl = \"{url}\"\n")).unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert!(text.contains("database.url"), "{text}");
+            assert!(text.contains("password_file"), "{text}");
+            assert!(
+                !text.contains("canary") && !text.contains("example.internal"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_key_value_strings_and_unix_sockets_are_accepted_and_displayed_without_secrets() {
+        let pg =
+            postgres("[database]\nurl = \"postgresql://charthero@db.example.internal:5433/warehouse\"\n");
+        assert_eq!(
+            pg.to_string(),
+            "postgresql://charthero@db.example.internal:5433/warehouse (schema charthero)"
+        );
+        assert!(!pg.is_local());
+        assert_eq!(
+            pg.connection.get_connect_timeout(),
+            Some(&DEFAULT_PG_CONNECT_TIMEOUT)
+        );
+        let pg = postgres(
+            "[database]\nurl = \"host=/run/postgresql user=charthero dbname=warehouse connect_timeout=3\"\n\
+             schema = \"clinic_2\"\n",
+        );
+        assert_eq!(
+            pg.to_string(),
+            "postgresql://charthero@/run/postgresql:5432/warehouse (schema clinic_2)"
+        );
+        assert!(pg.is_local());
+        assert_eq!(pg.connection.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        for local in ["127.0.0.2", "localhost", "[::1]"] {
+            let pg = postgres(&format!(
+                "[database]\nurl = \"postgres://u@{local}/w?sslmode=disable\"\n"
+            ));
+            assert!(pg.is_local(), "{local}");
+        }
+        for bad in [
+            "mysql://u@h/db",
+            "postgresql://@h/db",
+            "postgresql:///db?user=u",
+            "port=notanumber host=h user=u",
+        ] {
+            let err = parse(&format!("[database]\nurl = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("database.url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_remote_host_without_tls_is_refused_before_any_network() {
+        let err =
+            parse("[database]\nurl = \"postgresql://charthero@10.255.255.1/warehouse?sslmode=disable\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("database.url") && err.contains("sslmode=disable is refused"),
+            "{err}"
+        );
+        // One remote host among loopback ones is enough to require TLS.
+        let err = parse("[database]\nurl = \"host=127.0.0.1,10.255.255.1 user=u sslmode=disable\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode=disable is refused"), "{err}");
+    }
+
+    #[test]
+    fn the_schema_must_be_a_plain_postgres_identifier() {
+        let url = "url = \"postgresql://u@127.0.0.1/w\"";
+        for ok in ["charthero", "_x", "clinic_2", &"a".repeat(63)] {
+            assert_eq!(
+                postgres(&format!("[database]\n{url}\nschema = \"{ok}\"\n")).schema,
+                ok
+            );
+        }
+        for bad in [
+            "",
+            "Charthero",
+            "2x",
+            "pg_catalog",
+            "a-b",
+            "x; DROP TABLE t",
+            &"a".repeat(64),
+        ] {
+            let err = parse(&format!("[database]\n{url}\nschema = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("database.schema"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_database_password_comes_from_its_file_then_its_variable_then_its_credential_or_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "pw_from_file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join(DATABASE_PASSWORD_CREDENTIAL);
+        std::fs::write(&cred, "pw_from_credential").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let pg = postgres(&format!(
+            "[database]\nurl = \"postgresql://u@127.0.0.1/w\"\npassword_file = \"{}\"\n",
+            file.display()
+        ));
+        assert_eq!(pg.password.env, DATABASE_PASSWORD_ENV);
+        let find = |sources: &KeySources, env: Option<&str>, creds: Option<&Path>| {
+            find_secret::<crate::secret::DatabasePasswordKind>(
+                &DATABASE_PASSWORD,
+                sources,
+                env.map(str::to_owned),
+                creds.map(Path::to_owned),
+            )
+            .unwrap()
+        };
+        let (pw, src) = find(&pg.password, Some("pw_env"), Some(&cred_dir)).unwrap();
+        assert_eq!(pw.expose(), "pw_from_file");
+        assert_eq!(
+            src.to_string(),
+            format!("database.password_file {}", file.display())
+        );
+        let mut sources = pg.password.clone();
+        sources.file = Some(dir.path().join("missing"));
+        let (pw, src) = find(&sources, Some("pw_env"), Some(&cred_dir)).unwrap();
+        assert_eq!(
+            (pw.expose(), src),
+            ("pw_env", KeySource::Env(DATABASE_PASSWORD_ENV.into()))
+        );
+        let (pw, src) = find(&sources, None, Some(&cred_dir)).unwrap();
+        assert_eq!(
+            (pw.expose(), src),
+            ("pw_from_credential", KeySource::Credential(cred))
+        );
+        // None at all is fine (trust, peer or certificate authentication); the sources are
+        // listed for the message of a refused connection.
+        let looked = find(&sources, None, None).unwrap_err().join(", ");
+        assert!(
+            looked.contains("database.password_file") && looked.contains(DATABASE_PASSWORD_ENV),
+            "{looked}"
+        );
+        // A file others may read is refused, naming it, never showing the password.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err =
+            find_secret::<crate::secret::DatabasePasswordKind>(&DATABASE_PASSWORD, &pg.password, None, None)
+                .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(
+            text.contains("database password file") && text.contains("0640"),
+            "{text}"
+        );
+        assert!(!text.contains("pw_from_file"), "{text}");
+        // Neither Debug of the configuration nor Display of the target shows a password.
+        let shown = format!("{pg:?} {pg}");
+        assert!(!shown.contains("pw_"), "{shown}");
     }
 }

@@ -1,6 +1,7 @@
 //! `charthero-sync demo`: the built-in walkthrough. Starts the ChartHero simulator on a random
-//! loopback port with a realistic dataset, syncs it into a local demo database with the real
-//! sync code, and reports what happened. It refuses to touch a database it did not create.
+//! loopback port with a realistic dataset, syncs it into a demo warehouse (a local file, or a
+//! schema on a PostgreSQL server: `--database postgresql://…`) with the real sync code, and
+//! reports what happened. It refuses to touch a warehouse it did not create.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,7 +11,7 @@ use charthero_sim::{SimOptions, Simulator};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RawConfig;
+use crate::config::{DatabaseConfig, DatabaseTarget, RawConfig};
 use crate::secret::ApiKey;
 use crate::store;
 use crate::sync::CycleReport;
@@ -18,9 +19,29 @@ use crate::sync::CycleReport;
 /// Marks a database as created by `demo`, so a later demo may replace it.
 const DEMO_MARKER: &str = "demo_database";
 
+/// Where the demo writes: `--database PATH` or `--database postgresql://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoDatabase {
+    File(PathBuf),
+    /// A PostgreSQL connection string (no password: it comes from the usual sources); the
+    /// warehouse goes to the default schema.
+    Postgres(String),
+}
+
+impl DemoDatabase {
+    /// `postgresql://…` or `postgres://…` is a server; anything else a file path.
+    pub fn parse(text: &str) -> DemoDatabase {
+        if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+            DemoDatabase::Postgres(text.to_owned())
+        } else {
+            DemoDatabase::File(PathBuf::from(text))
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    pub database: PathBuf,
+    pub database: DemoDatabase,
     pub encounters: usize,
     pub days: i64,
     pub seed: u64,
@@ -29,7 +50,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
-            database: PathBuf::from("charthero-demo.db"),
+            database: DemoDatabase::File(PathBuf::from("charthero-demo.db")),
             encounters: 3_000,
             days: 60,
             seed: 42,
@@ -40,7 +61,10 @@ impl Default for DemoOptions {
 /// What the demo did, for the summary it prints.
 #[derive(Debug, Clone)]
 pub struct DemoSummary {
-    pub database: PathBuf,
+    /// The file's path, or `postgresql://user@host:port/db (schema charthero)`.
+    pub database: String,
+    /// `--database postgresql://…` as given (it never carries a password), for `psql`.
+    pub postgres_url: Option<String>,
     pub simulator_encounters: usize,
     pub report: CycleReport,
     pub encounters: i64,
@@ -54,8 +78,11 @@ pub struct DemoSummary {
 
 pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
-    let database = opts.database.clone();
-    store::blocking(move || prepare_database(&database)).await?;
+    let mut raw_database = crate::config::RawDatabase::default();
+    match &opts.database {
+        DemoDatabase::File(path) => raw_database.path = Some(path.clone()),
+        DemoDatabase::Postgres(url) => raw_database.url = url.clone(),
+    }
     let now = OffsetDateTime::now_utc();
     let sim = Simulator::start(SimOptions {
         seed: opts.seed,
@@ -75,7 +102,7 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let mut raw = RawConfig::default();
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
-    raw.database.path = opts.database.clone();
+    raw.database = raw_database;
     raw.sync.start_at = crate::timefmt::format_utc(now - time::Duration::days(opts.days + 1));
     // The simulator is local; a brisk but still bounded rate keeps the demo short while
     // exercising the same limiter a production sync uses.
@@ -83,6 +110,8 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     raw.limits.burst = 50;
     raw.limits.max_in_flight = 8;
     let config = raw.validate()?;
+    let database = config.database.clone();
+    store::blocking(move || prepare_database(&database)).await?;
     let key = ApiKey::new(&sim.api_key()).context("the simulator produced an empty key")?;
 
     let ctx = crate::connect(&config, &key).await?;
@@ -95,7 +124,11 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     let database = config.database.clone();
     let counts = store::blocking(move || store::open_reader(&database)?.table_counts()).await?;
     Ok(DemoSummary {
-        database: opts.database.clone(),
+        database: config.database.target.to_string(),
+        postgres_url: match &opts.database {
+            DemoDatabase::Postgres(url) => Some(url.clone()),
+            DemoDatabase::File(_) => None,
+        },
         simulator_encounters: opts.encounters,
         report,
         encounters: counts.encounters,
@@ -108,24 +141,41 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     })
 }
 
-/// How long the check of an existing file waits for a lock (the default of a new SQLite connection).
-const DEMO_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Removes a previous demo warehouse; refuses any other existing one.
+fn prepare_database(database: &DatabaseConfig) -> anyhow::Result<()> {
+    match &database.target {
+        DatabaseTarget::Sqlite { path } => prepare_file(database, path),
+        DatabaseTarget::Postgres(pg) => {
+            // A schema without migration history holds no warehouse: the sync creates it.
+            if store::describe_postgres(pg)?.schema_version.is_none() {
+                return Ok(());
+            }
+            if !was_created_by_demo(database) {
+                bail!(
+                    "{} holds a warehouse not created by `charthero-sync demo`; choose another database \
+                     or schema with --database",
+                    database.target
+                );
+            }
+            store::drop_postgres_schema(pg)
+        }
+    }
+}
 
-/// Removes a previous demo database; refuses any other existing file.
-fn prepare_database(path: &Path) -> anyhow::Result<()> {
+/// Whether the warehouse carries the demo's marker; anything that cannot be read as a
+/// warehouse with the marker is not the demo's.
+fn was_created_by_demo(database: &DatabaseConfig) -> bool {
+    store::open_reader(database)
+        .and_then(|existing| existing.marker(DEMO_MARKER))
+        .is_ok_and(|marker| marker.is_some())
+}
+
+/// Removes a previous demo file with its `-wal` and `-shm`; refuses any other existing file.
+fn prepare_file(database: &DatabaseConfig, path: &Path) -> anyhow::Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let existing = store::open_reader(&crate::config::DatabaseConfig {
-        path: path.to_owned(),
-        busy_timeout: DEMO_BUSY_TIMEOUT,
-        wal_size_limit: 0,
-    })
-    .with_context(|| format!("cannot open existing {}", path.display()))?;
-    // Anything that cannot be read as a warehouse with the marker is not the demo's.
-    let marker = existing.marker(DEMO_MARKER).unwrap_or(None);
-    drop(existing);
-    if marker.is_none() {
+    if !was_created_by_demo(database) {
         bail!(
             "{} exists and was not created by `charthero-sync demo`; choose another path with --database",
             path.display()
@@ -143,7 +193,12 @@ fn prepare_database(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Example queries printed after the demo, each a one-liner for `sqlite3`.
+/// The first example query in PostgreSQL's dialect, where `created_at` is a `timestamptz`.
+pub const POSTGRES_PER_DAY_QUERY: &str = "SELECT created_at::date AS day, encounter_type, count(*) FROM encounters \
+     WHERE removed_at IS NULL GROUP BY 1, 2 ORDER BY 1 DESC LIMIT 10;";
+
+/// Example queries printed after the demo, each a one-liner for `sqlite3` (for `psql`, the
+/// first is [`POSTGRES_PER_DAY_QUERY`]).
 pub const EXAMPLE_QUERIES: [(&str, &str); 3] = [
     (
         "Encounters per day and type",

@@ -133,9 +133,12 @@ enum Command {
     Reindex,
     /// Start the built-in ChartHero simulator and sync it into a local demo database.
     Demo {
-        /// Where to write the demo warehouse (a file an earlier `demo` created is replaced).
-        #[arg(long, value_name = "PATH", default_value = "charthero-demo.db")]
-        database: PathBuf,
+        /// Where to write the demo warehouse: a file (one an earlier `demo` created is replaced),
+        /// or a PostgreSQL URL without a password (postgresql://user@host/db; schema charthero,
+        /// which an earlier `demo` created is replaced; the password comes from
+        /// CHARTHERO_DATABASE_PASSWORD).
+        #[arg(long, value_name = "PATH|URL", default_value = "charthero-demo.db")]
+        database: String,
         /// How many encounters the simulator generates (1 to 1000000).
         #[arg(long, value_name = "N", default_value_t = 3_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         encounters: u32,
@@ -238,7 +241,10 @@ impl From<charthero_sync::daemon::lock::LockError> for Failure {
             {
                 exit::USAGE
             }
-            charthero_sync::daemon::lock::LockError::Io { .. } => exit::CYCLE_FAILED,
+            // An unreachable or restarting server may come back; a refused role is in its
+            // message, which says what to set.
+            charthero_sync::daemon::lock::LockError::Io { .. }
+            | charthero_sync::daemon::lock::LockError::Server(_) => exit::CYCLE_FAILED,
         };
         Failure {
             code,
@@ -319,9 +325,9 @@ fn prepare_writer(
     organizations: &[String],
 ) -> Result<(Config, OrganizationKeys, WriterLock), Failure> {
     let config = Config::load(path)?;
-    store::check_location(&config.database.path)?;
+    store::check_location(&config.database.target)?;
     let keys = load_keys(&config, organizations)?;
-    let lock = WriterLock::acquire(&config.database.path, what)?;
+    let lock = WriterLock::acquire(&config.database.target, what)?;
     Ok((config, keys, lock))
 }
 
@@ -408,7 +414,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         } => {
             refuse_config_flag("demo", config_flag_given)?;
             let opts = demo::DemoOptions {
-                database,
+                database: demo::DemoDatabase::parse(&database),
                 encounters: encounters as usize,
                 days: i64::from(days),
                 seed,
@@ -467,11 +473,11 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
-            store::check_location(&config.database.path)?;
-            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync migrate")?;
+            store::check_location(&config.database.target)?;
+            let _lock = WriterLock::acquire(&config.database.target, "charthero-sync migrate")?;
             let database = config.database.clone();
             store::blocking(move || Ok(store::open(&database).map(drop)?)).await?;
-            say!("database {} is up to date", config.database.path.display());
+            say!("database {} is up to date", config.database.target);
             Ok(())
         }
         Command::Sync {
@@ -527,7 +533,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 .into_iter()
                 .map(|o| o.name)
                 .collect();
-            store::check_location(&config.database.path)?;
+            store::check_location(&config.database.target)?;
             // Only the queue rows: the daemon, which holds the writer lock, may be running.
             let database = config.database.clone();
             let queued = store::blocking(move || {
@@ -563,7 +569,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 }
             }
             let id = queued.last().map_or(0, |(_, id)| *id);
-            if WriterLock::acquire(&config.database.path, "charthero-sync backfill (probe)").is_ok() {
+            if WriterLock::acquire(&config.database.target, "charthero-sync backfill (probe)").is_ok() {
                 say!(
                     "note: no daemon is running on this warehouse; `charthero-sync run` will pick backfill {id} up, \
                      or `charthero-sync sync` works it now"
@@ -573,8 +579,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
-            let path = &config.database.path;
-            if !path.exists() {
+            if let config::DatabaseTarget::Sqlite { path } = &config.database.target
+                && !path.exists()
+            {
                 return Err(anyhow::anyhow!(
                     "no warehouse at {}: run `charthero-sync migrate` or `sync` first",
                     path.display()
@@ -626,8 +633,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     });
                 }
             };
-            store::check_location(&config.database.path)?;
-            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync purge")?;
+            store::check_location(&config.database.target)?;
+            let _lock = WriterLock::acquire(&config.database.target, "charthero-sync purge")?;
             let (database, audio) = (config.database.clone(), config.audio.directory.clone());
             let c = store::blocking(move || {
                 store::open(&database)?.purge(
@@ -655,8 +662,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Reindex => {
             let config = Config::load(&cli.config)?;
-            store::check_location(&config.database.path)?;
-            let _lock = WriterLock::acquire(&config.database.path, "charthero-sync reindex")?;
+            store::check_location(&config.database.target)?;
+            let _lock = WriterLock::acquire(&config.database.target, "charthero-sync reindex")?;
             let database = config.database.clone();
             store::blocking(move || store::open(&database)?.rebuild_search()).await?;
             say!("search indexes rebuilt");
@@ -708,10 +715,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         Command::Check { organizations } => {
             let config = Config::load(&cli.config)?;
             say!("config           ok      {}", cli.config.display());
-            let location = store::check_location(&config.database.path);
-            match &location {
-                Ok(()) => say!("database.path    ok      {}", config.database.path.display()),
-                Err(e) => say!("database.path    FAILED  {}", e.reason()),
+            let (lines, database) = charthero_sync::check::check_database(&config.database).await;
+            for line in lines {
+                say!("{line}");
             }
             let selected = config.select_organizations(&organizations)?;
             let several = selected.len() > 1 || selected[0].name != config::DEFAULT_ORGANIZATION;
@@ -771,7 +777,11 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     error: anyhow::anyhow!("{message}"),
                 });
             }
-            location?;
+            match database {
+                Ok(()) => {}
+                Err(charthero_sync::check::DatabaseProblem::Location(e)) => return Err(e.into()),
+                Err(charthero_sync::check::DatabaseProblem::Server(e)) => return Err(e.into()),
+            }
             if !failed.is_empty() {
                 let failed: Vec<String> = if several {
                     failed
@@ -920,7 +930,7 @@ fn print_demo_summary(s: &demo::DemoSummary) {
     say!(
         "Synced {} simulated ChartHero encounters into {} in {:.1} s.",
         s.simulator_encounters,
-        s.database.display(),
+        s.database,
         s.elapsed.as_secs_f64()
     );
     say!(
@@ -944,8 +954,17 @@ fn print_demo_summary(s: &demo::DemoSummary) {
     );
     say!();
     say!("Try it:");
-    for (title, sql) in demo::EXAMPLE_QUERIES {
+    for (i, (title, sql)) in demo::EXAMPLE_QUERIES.into_iter().enumerate() {
         say!("  -- {title}");
-        say!("  sqlite3 {} \"{sql}\"", s.database.display());
+        match &s.postgres_url {
+            None => say!("  sqlite3 {} \"{sql}\"", s.database),
+            Some(url) => {
+                let sql = if i == 0 { demo::POSTGRES_PER_DAY_QUERY } else { sql };
+                say!(
+                    "  psql \"{url}\" -c \"SET search_path TO {}; {sql}\"",
+                    charthero_sync::config::DEFAULT_SCHEMA
+                );
+            }
+        }
     }
 }

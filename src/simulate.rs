@@ -178,7 +178,9 @@ mod tests {
         };
         let s = start(&opts).await.unwrap();
         let config = crate::config::Config::load(&s.config_file).unwrap();
-        assert_eq!(config.database.path, s.database);
+        assert!(
+            matches!(&config.database.target, crate::config::DatabaseTarget::Sqlite { path } if *path == s.database)
+        );
         assert_eq!(config.api.api_key_file.as_deref(), Some(s.key_file.as_path()));
         let mode = std::fs::metadata(&s.key_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

@@ -273,9 +273,11 @@ BEGIN
     RETURN NULL;
 END;
 $$;
-CREATE TRIGGER encounters_history_update AFTER UPDATE OF status, updated_at, removed_at ON encounters
+-- updated_at_ns too: SQLite compares the nanosecond text, and timestamptz keeps microseconds.
+CREATE TRIGGER encounters_history_update AFTER UPDATE OF status, updated_at, updated_at_ns, removed_at ON encounters
     FOR EACH ROW
     WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.updated_at IS DISTINCT FROM NEW.updated_at
+          OR OLD.updated_at_ns IS DISTINCT FROM NEW.updated_at_ns
           OR (OLD.removed_at IS NULL) <> (NEW.removed_at IS NULL))
     EXECUTE FUNCTION encounters_history_update();
 

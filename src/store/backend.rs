@@ -8,7 +8,7 @@
 //! queued and grouped is [`super::Writer`]'s.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use time::OffsetDateTime;
 
@@ -137,8 +137,9 @@ pub trait Reader: Send {
 /// outside [`Backend::write_group`] run outside any shared transaction; those that change
 /// several rows at once open their own.
 pub trait Backend: Reader {
-    /// What errors name as the database (the file, for SQLite).
-    fn location(&self) -> PathBuf;
+    /// What errors name the database by: the file for SQLite, `postgresql://user@host:port/db
+    /// (schema s)` for PostgreSQL (never a password).
+    fn location(&self) -> String;
 
     /// Starts a write transaction, runs `body` in it, and commits if `body` answers `true`, else
     /// rolls back. The writer thread's group commit is built on this.

@@ -1,11 +1,13 @@
 //! `StoreError`, the one error type at the store's entry points ([`super::Writer`]'s answers,
-//! [`super::open`] and its migrations): it names the database path and classifies itself —
-//! disk full, busy, corrupt, not writable, other I/O, or none of these — so that callers branch
+//! [`super::open`] and its migrations): it names the database (its file, or its server and
+//! schema) and classifies itself — disk full, busy, corrupt, not writable, other I/O, server
+//! unavailable, or none of these — by the first SQLite or PostgreSQL error in its cause's
+//! chain (`sqlite::classify`, `postgres::error::classify`), so that callers branch
 //! on what can be done about it (retry, or stop and call a person) instead of on message text.
 //! It classifies errors that reach it; it does not retry, log, or decide the daemon's policy.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What went wrong with the warehouse, as far as it changes what anyone should do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,10 @@ pub enum StoreErrorKind {
     NotWritable,
     /// Any other `SQLITE_IOERR`: the kernel reported an I/O error. Possibly transient.
     Io,
+    /// The database server cannot be reached, closed the connection, is shutting down or
+    /// restarting, or is out of a resource (connections, memory). Transient: the next attempt
+    /// reconnects.
+    Unavailable,
     /// Not a condition of the database file: a statement this program got wrong, a constraint,
     /// a stored value it cannot parse, a writer thread that stopped. A bug to report.
     Other,
@@ -40,7 +46,10 @@ impl StoreErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            StoreErrorKind::DiskFull { .. } | StoreErrorKind::Busy | StoreErrorKind::Io
+            StoreErrorKind::DiskFull { .. }
+                | StoreErrorKind::Busy
+                | StoreErrorKind::Io
+                | StoreErrorKind::Unavailable
         )
     }
 
@@ -67,6 +76,7 @@ impl StoreErrorKind {
             StoreErrorKind::Corrupt => Some("database_corrupt"),
             StoreErrorKind::NotWritable => Some("database_not_writable"),
             StoreErrorKind::Io => Some("database_io_error"),
+            StoreErrorKind::Unavailable => Some("database_unavailable"),
             StoreErrorKind::Other => None,
         }
     }
@@ -87,36 +97,41 @@ pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// A failed operation on the warehouse at `path`, classified by [`StoreErrorKind`].
+/// A failed operation on the warehouse at `location`, classified by [`StoreErrorKind`].
 ///
-/// Its message names the path (and, for a full disk, the free bytes) and what to do; the
+/// Its message names the database (and, for a full disk, the free bytes) and what to do; the
 /// original error chain (the database's message, the contexts added on the way) follows as its
 /// `source()`, so `{:#}` prints everything. For [`StoreErrorKind::Other`] the message is the
-/// original one, prefixed with the path.
+/// original one, prefixed with the location.
 #[derive(Debug)]
 pub struct StoreError {
-    path: PathBuf,
+    location: String,
     kind: StoreErrorKind,
     cause: anyhow::Error,
 }
 
 impl StoreError {
     /// Classifies `cause` by the first database error in its chain (a `StoreError` already in
-    /// it is kept as it is, not wrapped twice).
-    pub fn new(path: &Path, cause: anyhow::Error) -> StoreError {
+    /// it is kept as it is, not wrapped twice). `location` is what the database is called in
+    /// messages ([`super::Backend::location`]): a SQLite file's path (whose filesystem a full
+    /// disk is measured on), or a PostgreSQL server and schema.
+    pub fn new(location: impl fmt::Display, cause: anyhow::Error) -> StoreError {
         let cause = match cause.downcast::<StoreError>() {
             Ok(already) => return already,
             Err(cause) => cause,
         };
-        let kind = super::sqlite::classify(&cause, path).unwrap_or(StoreErrorKind::Other);
-        StoreError::with_kind(path, kind, cause)
+        let location = location.to_string();
+        let kind = super::sqlite::classify(&cause, Path::new(&location))
+            .or_else(|| super::postgres::error::classify(&cause))
+            .unwrap_or(StoreErrorKind::Other);
+        StoreError::with_kind(location, kind, cause)
     }
 
     /// A `StoreError` whose kind is already known (a write rolled back because another write
     /// of its transaction failed is classified like that failure).
-    pub fn with_kind(path: &Path, kind: StoreErrorKind, cause: anyhow::Error) -> StoreError {
+    pub fn with_kind(location: impl fmt::Display, kind: StoreErrorKind, cause: anyhow::Error) -> StoreError {
         StoreError {
-            path: path.to_owned(),
+            location: location.to_string(),
             kind,
             cause,
         }
@@ -126,14 +141,21 @@ impl StoreError {
         self.kind
     }
 
-    /// The database file this error is about.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The database this error is about: a file's path, or `postgresql://user@host:port/db
+    /// (schema s)`.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// The error as it was raised, before classification.
     pub(super) fn cause(&self) -> &anyhow::Error {
         &self.cause
+    }
+
+    /// Whether the database is a server's (its location is a `postgresql://` name) rather than
+    /// a file.
+    fn is_server(&self) -> bool {
+        self.location.starts_with("postgresql://")
     }
 
     /// See [`StoreErrorKind::is_retryable`].
@@ -159,8 +181,29 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = self.path.display();
+        let path = &self.location;
         match self.kind {
+            // A server's data: the message of SQLite's file would send the operator to the
+            // wrong place.
+            StoreErrorKind::Corrupt if self.is_server() => write!(
+                f,
+                "database {path} reports corrupt data; stopped writing it: have its administrator \
+                 check the server (docs/postgres.md, \"Backups\")"
+            )?,
+            StoreErrorKind::NotWritable if self.is_server() => write!(
+                f,
+                "database {path} cannot be written: the role lacks a privilege on the schema, or the \
+                 server is read-only (a standby); grant the privilege or point database.url at the primary"
+            )?,
+            StoreErrorKind::Busy if self.is_server() => write!(
+                f,
+                "database {path} is busy: a lock conflict, deadlock or cancelled statement; the next \
+                 attempt retries"
+            )?,
+            StoreErrorKind::DiskFull { .. } if self.is_server() => write!(
+                f,
+                "the disk of the database server of {path} is full; free space there, the next attempt resumes"
+            )?,
             StoreErrorKind::DiskFull {
                 free_bytes: Some(free),
             } => write!(
@@ -187,6 +230,11 @@ impl fmt::Display for StoreError {
                  read-only to this user; fix its owner, mode or mount"
             )?,
             StoreErrorKind::Io => write!(f, "I/O error on database {path}")?,
+            StoreErrorKind::Unavailable => write!(
+                f,
+                "database {path} is unavailable: the server cannot be reached, closed the \
+                 connection or is out of resources; the next attempt reconnects"
+            )?,
             StoreErrorKind::Other => write!(f, "database {path}: {}", self.cause)?,
         }
         // Like anyhow's `{:#}`: the causes, outermost first.

@@ -2,9 +2,10 @@
 //! ([`Backend`], [`WriteTx`]), the record types they pass, the single [`Writer`] thread every
 //! write of the sync goes through (group commit), and [`StoreError`], the classified error every
 //! entry point answers with. The implementations are [`sqlite`] (connection setup, migrations,
-//! SQL) and [`postgres`] (migrations and SQL on a connection it is handed); nothing outside them
-//! names a database library. The store never does network I/O of its own: a PostgreSQL
-//! warehouse's only traffic is its database connection.
+//! SQL) and [`postgres`] (migrations and SQL on a connection it is handed; the connection itself
+//! from [`postgres::connect`]), chosen by [`DatabaseTarget`]; nothing outside them names a
+//! database library. The store never does network I/O of its own: a PostgreSQL warehouse's only
+//! traffic is its database connection.
 
 mod backend;
 mod error;
@@ -17,6 +18,11 @@ use std::path::Path;
 
 pub use backend::{Backend, GroupEnd, Reader, TableCounts, WriteTx};
 pub use error::{StoreError, StoreErrorKind};
+/// What `check` and the writer lock need of a PostgreSQL server, past the seam.
+pub use postgres::connect::{
+    ServerReport, Transport, WriterLease, describe as describe_postgres, drop_schema as drop_postgres_schema,
+    try_writer_lock as try_postgres_writer_lock,
+};
 pub use records::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
@@ -24,43 +30,92 @@ pub use records::{
 };
 pub use writer::{Pending, Writer};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, DatabaseTarget};
+
+/// The `application_name` of the process's PostgreSQL connections (`pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "charthero-sync";
 
 /// Opens (creating if needed) the warehouse for writing and applies pending migrations; the
 /// caller holds the writer lock. Errors are classified ([`StoreError`]).
 pub fn open(database: &DatabaseConfig) -> Result<Box<dyn Backend>, StoreError> {
-    Ok(Box::new(sqlite::open_writer(
-        &database.path,
-        database.busy_timeout,
-    )?))
+    match &database.target {
+        DatabaseTarget::Sqlite { path } => Ok(Box::new(sqlite::open_writer(path, database.busy_timeout)?)),
+        DatabaseTarget::Postgres(pg) => {
+            let location = pg.to_string();
+            let fail = |e| StoreError::new(&location, e);
+            let client = postgres::connect::connect(pg, APPLICATION_NAME).map_err(fail)?;
+            Ok(Box::new(
+                postgres::open_writer(client, location.clone()).map_err(fail)?,
+            ))
+        }
+    }
 }
 
 /// Opens the warehouse read-only (`status`, the demo's summary); works while the daemon writes.
 pub fn open_reader(database: &DatabaseConfig) -> anyhow::Result<Box<dyn Reader>> {
-    Ok(Box::new(sqlite::open_reader(
-        &database.path,
-        database.busy_timeout,
-    )?))
+    match &database.target {
+        DatabaseTarget::Sqlite { path } => Ok(Box::new(sqlite::open_reader(path, database.busy_timeout)?)),
+        DatabaseTarget::Postgres(pg) => {
+            let client = postgres::connect::connect_existing(pg, APPLICATION_NAME)?;
+            Ok(Box::new(postgres::open_reader(client, pg.to_string())))
+        }
+    }
 }
 
 /// Opens an existing warehouse of exactly this release's schema without migrating it, to add a
 /// row next to a running daemon (`charthero-sync backfill`).
 pub fn open_current(database: &DatabaseConfig) -> anyhow::Result<Box<dyn Backend>> {
-    Ok(Box::new(sqlite::open_current(
-        &database.path,
-        database.busy_timeout,
-    )?))
+    match &database.target {
+        DatabaseTarget::Sqlite { path } => Ok(Box::new(sqlite::open_current(path, database.busy_timeout)?)),
+        DatabaseTarget::Postgres(pg) => {
+            let client = postgres::connect::connect_existing(pg, APPLICATION_NAME)?;
+            Ok(Box::new(postgres::open_current(client, pg.to_string())?))
+        }
+    }
 }
 
-/// Why the warehouse's location cannot work; a configuration error naming `database.path`.
+/// Why the warehouse's location cannot work; a configuration error naming its key
+/// (`database.path`, `database.ca_file`).
 #[derive(Debug, thiserror::Error)]
-#[error("invalid value for `database.path`: {0}")]
-pub struct LocationError(String);
+#[error("invalid value for `{key}`: {reason}")]
+pub struct LocationError {
+    key: &'static str,
+    reason: String,
+}
 
 impl LocationError {
-    /// What is wrong, without the `database.path` prefix (for `check`'s table).
+    fn path(reason: String) -> LocationError {
+        LocationError {
+            key: "database.path",
+            reason,
+        }
+    }
+
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        self.key
+    }
+
+    /// What is wrong, without the key's prefix (for `check`'s table).
     pub fn reason(&self) -> &str {
-        &self.0
+        &self.reason
+    }
+}
+
+/// Checks, without creating anything or connecting, what can be checked of the warehouse's
+/// location on this host: for SQLite ([`check_file_location`]) the file and its directory; for
+/// PostgreSQL that `database.ca_file`, if set, is a file this user can read (the server itself
+/// is reached by `check` and at start).
+pub fn check_location(target: &DatabaseTarget) -> Result<(), LocationError> {
+    match target {
+        DatabaseTarget::Sqlite { path } => check_file_location(path),
+        DatabaseTarget::Postgres(pg) => match &pg.ca_file {
+            Some(ca) => std::fs::File::open(ca).map(drop).map_err(|e| LocationError {
+                key: "database.ca_file",
+                reason: format!("cannot read {}: {e}", ca.display()),
+            }),
+            None => Ok(()),
+        },
     }
 }
 
@@ -68,7 +123,7 @@ impl LocationError {
 /// this user may create files in it, and the database (if it exists) is a regular file this user
 /// may read and write. `check` reports the answer; `run`, `sync` and `migrate` refuse to start
 /// (exit 2) instead of failing later on the lock file, in a restart loop.
-pub fn check_location(path: &Path) -> Result<(), LocationError> {
+fn check_file_location(path: &Path) -> Result<(), LocationError> {
     use rustix::fs::{Access, access};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -78,31 +133,35 @@ pub fn check_location(path: &Path) -> Result<(), LocationError> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(LocationError(format!("{} is not a directory", shown(dir))));
+            return Err(LocationError::path(format!("{} is not a directory", shown(dir))));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(LocationError(format!(
+            return Err(LocationError::path(format!(
                 "the directory {} does not exist; create it (the runbook's `install -d`, or systemd's StateDirectory=)",
                 shown(dir)
             )));
         }
         Err(e) => {
-            return Err(LocationError(format!(
+            return Err(LocationError::path(format!(
                 "cannot reach the directory {}: {e}",
                 shown(dir)
             )));
         }
     }
     if let Err(e) = access(dir, Access::WRITE_OK | Access::EXEC_OK) {
-        return Err(LocationError(format!(
+        return Err(LocationError::path(format!(
             "this user cannot create files in {} ({e}); the database, its -wal/-shm and lock files live there",
             shown(dir)
         )));
     }
     match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => Err(LocationError(format!("{} is not a regular file", shown(path)))),
-        Ok(_) => access(path, Access::READ_OK | Access::WRITE_OK)
-            .map_err(|e| LocationError(format!("this user cannot read and write {} ({e})", shown(path)))),
+        Ok(m) if !m.is_file() => Err(LocationError::path(format!(
+            "{} is not a regular file",
+            shown(path)
+        ))),
+        Ok(_) => access(path, Access::READ_OK | Access::WRITE_OK).map_err(|e| {
+            LocationError::path(format!("this user cannot read and write {} ({e})", shown(path)))
+        }),
         Err(_) => Ok(()),
     }
 }

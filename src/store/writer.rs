@@ -3,7 +3,6 @@
 //! [`StoreError`]. It owns one [`Backend`] and knows nothing of what a write does; async tasks
 //! never touch the backend themselves.
 
-use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
@@ -44,14 +43,14 @@ struct Ran {
     answer: Answer,
 }
 
-type Answer = Box<dyn FnOnce(Option<&Abort>, &Path) + Send>;
+type Answer = Box<dyn FnOnce(Option<&Abort>, &str) + Send>;
 
 /// A grouped write: given the shared transaction, or why none could be started, and the
 /// database's path (for its errors).
-type GroupedWrite = Box<dyn FnOnce(Result<&dyn WriteTx, &Abort>, &Path) -> Ran + Send>;
+type GroupedWrite = Box<dyn FnOnce(Result<&dyn WriteTx, &Abort>, &str) -> Ran + Send>;
 
 /// A write on its own: given the backend and the database's path.
-type AloneWrite = Box<dyn FnOnce(&mut dyn Backend, &Path) + Send>;
+type AloneWrite = Box<dyn FnOnce(&mut dyn Backend, &str) + Send>;
 
 enum Job {
     /// Runs on its own, outside any transaction (it may open its own).
@@ -76,13 +75,13 @@ pub struct Writer {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<thread::JoinHandle<()>>,
     /// The database file, for errors raised on this side of the channel.
-    path: Arc<Path>,
+    path: Arc<str>,
 }
 
 /// A write queued with [`Writer::write`]; resolves once it has committed (or failed).
 pub struct Pending<T> {
     answer: Result<tokio::sync::oneshot::Receiver<Result<T, StoreError>>, StoreError>,
-    path: Arc<Path>,
+    path: Arc<str>,
 }
 
 impl<T> std::future::IntoFuture for Pending<T>
@@ -106,7 +105,7 @@ where
 
 impl Writer {
     pub fn spawn(mut backend: Box<dyn Backend>) -> Writer {
-        let path: Arc<Path> = backend.location().into();
+        let path: Arc<str> = backend.location().into();
         let (tx, rx) = mpsc::channel::<Job>();
         let thread_path = path.clone();
         let thread = thread::Builder::new()
@@ -206,7 +205,7 @@ impl Writer {
 /// all. Returns a job it took from the queue but could not add to the group.
 fn run_group(
     backend: &mut dyn Backend,
-    path: &Path,
+    path: &str,
     first: GroupedWrite,
     rx: &mpsc::Receiver<Job>,
 ) -> Option<Job> {

@@ -496,7 +496,7 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
     let mut raw = charthero_sync::config::RawConfig::default();
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
-    raw.database.path = db.clone();
+    raw.database.path = Some(db.clone());
     raw.sync.start_at = "2026-01-01T00:00:00Z".into();
     raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = 5_000.0;
@@ -571,7 +571,7 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
     let mut raw = charthero_sync::config::RawConfig::default();
     raw.api.base_url = sims[0].base_url();
     raw.api.api_key_file = None;
-    raw.database.path = dir.path().join("warehouse.db");
+    raw.database.path = Some(dir.path().join("warehouse.db"));
     raw.sync.start_at =
         charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
     raw.sync.settle_lag = "0s".into();
@@ -609,7 +609,11 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
     // The live organization keeps its schedule after the other stopped: new encounters arrive.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let late = sims[0].insert(NewEncounter::at(OffsetDateTime::now_utc()));
-    let db = config.database.path.clone();
+    let db = config
+        .database
+        .sqlite_path()
+        .expect("a SQLite warehouse")
+        .to_owned();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let seen: i64 = reader(&db)

@@ -150,7 +150,7 @@ async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_sp
 
     // The same through the library, as the daemon sees it: a classified, retryable error.
     let mut raw = env.raw_config();
-    raw.database.path = db.clone();
+    raw.database.path = Some(db.clone());
     let ctx = charthero_sync::connect(&raw.validate().unwrap(), &env.key())
         .await
         .unwrap();
@@ -168,7 +168,7 @@ async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_sp
         panic!("{err:#} is {:?}", store.kind());
     };
     assert!(store.is_retryable() && !store.is_fatal(), "{err:#}");
-    assert_eq!(store.path(), db.as_path());
+    assert_eq!(store.location(), db.display().to_string());
     let message = format!("{err:#}");
     assert!(
         message.contains(&shown) && message.contains(&format!("({free} bytes free")),

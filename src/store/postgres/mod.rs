@@ -7,10 +7,14 @@
 //!
 //! It does not connect (the caller hands it a `postgres::Client` with its search_path set), hold
 //! the writer lock, or classify errors into a `StoreError`: those belong to the callers. Like the
-//! SQLite backend it is blocking, and runs on the writer thread or in `store::blocking`.
+//! SQLite backend it is blocking, and runs on the writer thread or in `store::blocking`: the
+//! synchronous `postgres` client drives a runtime of its own, which panics when started (or
+//! dropped) on an async worker.
 
 mod audit;
+pub mod connect;
 mod content;
+pub mod error;
 mod ledger;
 mod privacy;
 mod status;
@@ -18,7 +22,7 @@ mod upsert;
 
 use std::cell::{RefCell, RefMut};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use postgres::{Client, Transaction};
@@ -223,7 +227,7 @@ impl Reader for PgBackend {
         audit::live_count_in_range(&mut *self.db(), organization_id, start_ns, end_ns)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
-        status::read_status(&mut *self.db(), now, configured)
+        status::read_status(&mut *self.db(), now, configured, &self.location)
     }
     fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
         status::live_content_counts(&mut *self.db())
@@ -254,8 +258,8 @@ impl Reader for PgBackend {
 }
 
 impl Backend for PgBackend {
-    fn location(&self) -> PathBuf {
-        PathBuf::from(&self.location)
+    fn location(&self) -> String {
+        self.location.clone()
     }
 
     /// One PostgreSQL transaction. A statement that fails aborts it (every later statement

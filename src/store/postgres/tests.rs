@@ -1,8 +1,9 @@
 //! The PostgreSQL backend against a throwaway server (`charthero_sim::pgcluster`): migrations,
 //! the schema-version rule, pages compared column by column with what the SQLite backend stores
 //! for the same records, identical pages that write nothing, removals, the watermark moving with
-//! its page, history, and the read-only role. Each test skips, saying why, where no server can
-//! run (and fails instead under `CHARTHERO_REQUIRE_POSTGRES=1`).
+//! its page, history, the views and full-text search against SQLite's, and the read-only role.
+//! Each test skips, saying why, where no server can run (and fails instead under
+//! `CHARTHERO_REQUIRE_POSTGRES=1`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use postgres::{Client, NoTls};
 use time::macros::datetime;
 
 use super::*;
+use crate::store::sqlite::rows_as_text;
 use crate::store::{DocumentRecord, PatientRecord, RunCounts, RunOutcome};
 use crate::timefmt::{parse_rfc3339, unix_nanos};
 
@@ -139,7 +141,7 @@ type Page = (
 /// The pages of the round trip, each with the time it is committed at: new encounters sharing a
 /// patient (one without names), then changes (a note dropped, a title changed, a note added, a
 /// document moved between encounters, an encounter listed twice), a removal completing a
-/// window, and the removed encounter listed again.
+/// window, the removed encounter listed again, and a change of `updated_at` by a nanosecond.
 fn scenario() -> Vec<Page> {
     let p1 = || Some(patient("pat_1", Some("Ada"), Some("Lovelace")));
     let p1_terse = || Some(patient("pat_1", None, None));
@@ -191,6 +193,9 @@ fn scenario() -> Vec<Page> {
         reason: "encounter_not_found".to_owned(),
     }];
     let revived = vec![encounter("enc_c", 3, "c3", "signed", None, vec![])];
+    // Only updated_at's nanoseconds change: history as on SQLite, which compares the exact text.
+    let mut touched = encounter("enc_b", 2, "b3", "completed", p1(), vec![]);
+    touched.updated_at += time::Duration::nanoseconds(1);
     vec![
         (first, vec![], None, datetime!(2026-05-25 15:00:00.000000001 UTC)),
         (second, vec![], None, datetime!(2026-05-25 16:00:00 UTC)),
@@ -201,6 +206,7 @@ fn scenario() -> Vec<Page> {
             datetime!(2026-05-25 17:00:00 UTC),
         ),
         (revived, vec![], None, datetime!(2026-05-25 18:00:00 UTC)),
+        (vec![touched], vec![], None, datetime!(2026-05-25 19:00:00 UTC)),
     ]
 }
 
@@ -263,8 +269,9 @@ fn pg_rows(pg: &mut Client, table: &str, order: &str, skip: &[&str]) -> Vec<Vec<
         .collect()
 }
 
+/// The same columns of `table` in the SQLite warehouse `sqlite` reads from (its rows as text).
 fn sqlite_rows(
-    conn: &rusqlite::Connection,
+    sqlite: &dyn Fn(&str) -> Vec<Vec<Option<String>>>,
     pg: &mut Client,
     table: &str,
     order: &str,
@@ -275,38 +282,36 @@ fn sqlite_rows(
         .filter(|(c, _)| !skip.contains(&c.as_str()))
         .collect();
     let list: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
-    let sql = format!("SELECT {} FROM {table} ORDER BY {order}", list.join(", "));
-    let mut stmt = conn.prepare(&sql).unwrap();
-    let mut rows = stmt.query([]).unwrap();
-    let mut out = Vec::new();
-    while let Some(row) = rows.next().unwrap() {
-        out.push(
-            cols.iter()
-                .enumerate()
-                .map(|(i, (name, ty))| {
-                    let v = match ty.as_str() {
-                        "text" => row.get::<_, Option<String>>(i).unwrap().map(Value::Text),
-                        "bigint" => row.get::<_, Option<i64>>(i).unwrap().map(Value::Int),
-                        "double precision" => row.get::<_, Option<f64>>(i).unwrap().map(Value::Real),
-                        "boolean" => row.get::<_, Option<bool>>(i).unwrap().map(Value::Bool),
-                        "timestamp with time zone" => row
-                            .get::<_, Option<String>>(i)
-                            .unwrap()
-                            .map(|t| Value::Micros(unix_nanos(parse_rfc3339(&t).unwrap()).div_euclid(1000))),
-                        other => panic!("column {table}.{name} of type {other}"),
-                    };
-                    (name.clone(), v.unwrap_or(Value::Null))
-                })
-                .collect(),
-        );
-    }
-    out
+    sqlite(&format!(
+        "SELECT {} FROM {table} ORDER BY {order}",
+        list.join(", ")
+    ))
+    .into_iter()
+    .map(|row| {
+        cols.iter()
+            .zip(row)
+            .map(|((name, ty), text)| {
+                let v = text.map(|t| match ty.as_str() {
+                    "text" => Value::Text(t),
+                    "bigint" => Value::Int(t.parse().unwrap()),
+                    "double precision" => Value::Real(t.parse().unwrap()),
+                    "boolean" => Value::Bool(t != "0"),
+                    "timestamp with time zone" => {
+                        Value::Micros(unix_nanos(parse_rfc3339(&t).unwrap()).div_euclid(1000))
+                    }
+                    other => panic!("column {table}.{name} of type {other}"),
+                });
+                (name.clone(), v.unwrap_or(Value::Null))
+            })
+            .collect()
+    })
+    .collect()
 }
 
 /// Every table the sync's pages write, compared row by row and column by column (history by
 /// encounter and order of its changes: the two backends number it differently when one page
 /// changes several encounters).
-fn assert_same_rows(conn: &rusqlite::Connection, pg: &mut Client, after: &str) {
+fn assert_same_rows(sqlite: &dyn Fn(&str) -> Vec<Vec<Option<String>>>, pg: &mut Client, after: &str) {
     for (table, order, skip) in [
         ("patients", "patient_id", &[][..]),
         ("encounters", "encounter_id", &[][..]),
@@ -320,9 +325,9 @@ fn assert_same_rows(conn: &rusqlite::Connection, pg: &mut Client, after: &str) {
         ("sync_windows", "window_id", &[][..]),
         ("organization_state", "organization, name", &[][..]),
     ] {
-        let sqlite = sqlite_rows(conn, pg, table, order, skip);
+        let from_sqlite = sqlite_rows(sqlite, pg, table, order, skip);
         let postgres = pg_rows(pg, table, order, skip);
-        assert_eq!(postgres, sqlite, "{table} after {after}");
+        assert_eq!(postgres, from_sqlite, "{table} after {after}");
     }
 }
 
@@ -405,7 +410,11 @@ fn pages_store_exactly_what_the_sqlite_backend_stores() {
         let from_pg = commit(&mut pg, &records, &removals, completion.as_ref(), now);
         let from_sqlite = commit(&mut sqlite, &records, &removals, completion.as_ref(), now);
         assert_eq!(from_pg, from_sqlite, "counts of page {i}");
-        assert_same_rows(&sqlite, &mut check, &format!("page {i}"));
+        assert_same_rows(
+            &|sql| rows_as_text(&sqlite, sql).unwrap(),
+            &mut check,
+            &format!("page {i}"),
+        );
     }
     let finished = datetime!(2026-05-25 19:00:00.5 UTC);
     let end = RunEnd {
@@ -420,7 +429,7 @@ fn pages_store_exactly_what_the_sqlite_backend_stores() {
     };
     pg.finish_run(1, &end, finished).unwrap();
     sqlite.finish_run(1, &end, finished).unwrap();
-    assert_same_rows(&sqlite, &mut check, "the run");
+    assert_same_rows(&|sql| rows_as_text(&sqlite, sql).unwrap(), &mut check, "the run");
     let history: Vec<String> = check
         .query(
             "SELECT change FROM encounter_history WHERE encounter_id = 'enc_c' ORDER BY history_id",
@@ -750,8 +759,8 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
     raw.api.base_url = sim.base_url();
     raw.api.api_key_file = None;
     raw.api.request_timeout = "10s".into();
-    raw.database.path = "unused-by-this-test.db".into();
-    raw.sync.start_at = crate::timefmt::format_utc(now - time::Duration::days(61));
+    raw.database.path = Some("unused-by-this-test.db".into());
+    raw.sync.start_at = crate::timefmt::format_stored(now - time::Duration::days(61));
     raw.sync.settle_lag = "0s".into();
     raw.limits.requests_per_second = 5_000.0;
     raw.limits.burst = 200;
@@ -813,4 +822,85 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
         watermark.is_some_and(|w| w > now - time::Duration::hours(1)),
         "{watermark:?}"
     );
+}
+
+#[test]
+fn the_views_and_search_answer_as_on_sqlite() {
+    let Some((db, mut pg)) = warehouse("views") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqlite =
+        crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+    let mut check = connect(&db);
+    let (page, _, _, now) = scenario().remove(0);
+    commit(&mut pg, &page, &[], None, now);
+    commit(&mut sqlite, &page, &[], None, now);
+    // A transcript and its turns, as the content queue stores them (out of order on purpose).
+    let rows = "INSERT INTO transcripts (document_id, encounter_id, provider, audio_duration_seconds, turn_count,
+                    fetched_at, organization_id)
+                VALUES ('doc_t1', 'enc_a', 'scribe', 61.5, 3, '2026-05-25T15:30:00.000000000Z', 'org_1');
+                INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text,
+                    organization_id)
+                VALUES ('doc_t1', 2, NULL, 9.0, 12.5, 'Metformin twice daily.', 'org_1'),
+                       ('doc_t1', 0, 'clinician', 0.0, 4.0, 'How is the chest pain?', 'org_1'),
+                       ('doc_t1', 1, 'patient', 4.0, 9.0, NULL, 'org_1');
+                UPDATE documents SET content_format = 'markdown', content_text = 'Follow up in two weeks.'
+                 WHERE document_id = 'doc_n1';";
+    sqlite.execute_batch(rows).unwrap();
+    check.batch_execute(rows).unwrap();
+    for (view, order) in [
+        ("encounter_overview", "encounter_id"),
+        ("transcript_text", "document_id"),
+    ] {
+        assert_eq!(
+            pg_rows(&mut check, view, order, &[]),
+            sqlite_rows(
+                &|sql| rows_as_text(&sqlite, sql).unwrap(),
+                &mut check,
+                view,
+                order,
+                &[]
+            ),
+            "{view}"
+        );
+    }
+    let text: String = check
+        .query_one(
+            "SELECT text FROM transcript_text WHERE document_id = 'doc_t1'",
+            &[],
+        )
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(
+        text,
+        "clinician: How is the chest pain?\nunknown: Metformin twice daily."
+    );
+    let hits = |check: &mut Client, sql: &str, term: &str| -> Vec<String> {
+        check
+            .query(sql, &[&term])
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect()
+    };
+    let turns = "SELECT document_id || '/' || turn_index FROM transcript_turns
+                  WHERE text_tsv @@ websearch_to_tsquery('simple', $1) ORDER BY turn_index";
+    let notes = "SELECT document_id FROM documents WHERE content_tsv @@ websearch_to_tsquery('simple', $1)";
+    assert_eq!(hits(&mut check, turns, "metformin"), ["doc_t1/2"]);
+    assert_eq!(hits(&mut check, turns, "\"chest pain\""), ["doc_t1/0"]);
+    assert_eq!(hits(&mut check, notes, "\"follow up\""), ["doc_n1"]);
+    check
+        .execute(
+            "UPDATE documents SET content_text = NULL WHERE document_id = 'doc_n1'",
+            &[],
+        )
+        .unwrap();
+    assert!(
+        hits(&mut check, notes, "follow").is_empty(),
+        "the index follows the text"
+    );
+    pg.rebuild_search().unwrap();
+    assert_eq!(hits(&mut check, turns, "metformin"), ["doc_t1/2"]);
 }

@@ -83,7 +83,7 @@ mod tests {
             (ffi::SQLITE_IOERR_FSYNC, "database_io_error"),
         ];
         for (code, reason) in table {
-            let e = StoreError::new(path, sqlite(code));
+            let e = StoreError::new(path.display(), sqlite(code));
             assert_eq!(e.reason_code(), Some(reason), "result code {code}");
         }
         for code in [
@@ -93,13 +93,13 @@ mod tests {
             ffi::SQLITE_MISUSE,
         ] {
             assert_eq!(
-                StoreError::new(path, sqlite(code)).kind(),
+                StoreError::new(path.display(), sqlite(code)).kind(),
                 StoreErrorKind::Other,
                 "{code}"
             );
         }
         // Not from SQLite at all.
-        let parse = StoreError::new(path, anyhow::anyhow!("corrupt backfill cursor: bad"));
+        let parse = StoreError::new(path.display(), anyhow::anyhow!("corrupt backfill cursor: bad"));
         assert_eq!(parse.kind(), StoreErrorKind::Other);
     }
 
@@ -129,7 +129,7 @@ mod tests {
     fn the_message_names_the_path_and_keeps_the_chain() {
         let path = Path::new("/srv/x/warehouse.db");
         let full = StoreError::with_kind(
-            path,
+            path.display(),
             StoreErrorKind::DiskFull {
                 free_bytes: Some(4096),
             },
@@ -147,12 +147,12 @@ mod tests {
         // Wrapped in anyhow, the chain is printed once.
         assert_eq!(format!("{:#}", anyhow::Error::new(full)), text);
         // `Other` keeps the original message after the path, and is not wrapped twice.
-        let other = StoreError::new(path, anyhow::anyhow!("no such table: nope"));
+        let other = StoreError::new(path.display(), anyhow::anyhow!("no such table: nope"));
         assert_eq!(
             other.to_string(),
             "database /srv/x/warehouse.db: no such table: nope"
         );
-        let again = StoreError::new(Path::new("/elsewhere"), anyhow::Error::new(other));
+        let again = StoreError::new(Path::new("/elsewhere").display(), anyhow::Error::new(other));
         assert_eq!(
             format!("{again:#}"),
             "database /srv/x/warehouse.db: no such table: nope"
@@ -193,7 +193,7 @@ mod tests {
         let err = conn
             .query_row("SELECT count(*), max(x) FROM t", [], |r| r.get::<_, i64>(0))
             .unwrap_err();
-        let e = StoreError::new(&path, anyhow::Error::new(err).context("counting"));
+        let e = StoreError::new(path.display(), anyhow::Error::new(err).context("counting"));
         assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:#}");
     }
 
@@ -208,7 +208,7 @@ mod tests {
         let conn =
             rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
         let err = conn.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
-        let e = StoreError::new(&path, err.into());
+        let e = StoreError::new(path.display(), err.into());
         assert_eq!(e.kind(), StoreErrorKind::NotWritable, "{e:#}");
         assert!(!e.is_retryable() && e.operator_must_act());
     }
@@ -224,7 +224,7 @@ mod tests {
         let other = rusqlite::Connection::open(&path).unwrap();
         crate::store::sqlite::set_busy_timeout(&other, Duration::ZERO).unwrap();
         let err = other.execute("INSERT INTO t VALUES (2)", []).unwrap_err();
-        let e = StoreError::new(&path, err.into());
+        let e = StoreError::new(path.display(), err.into());
         assert_eq!(e.kind(), StoreErrorKind::Busy, "{e:#}");
         assert!(e.is_retryable() && !e.operator_must_act());
     }
@@ -243,7 +243,7 @@ mod tests {
                  INSERT INTO t SELECT randomblob(200) FROM c;",
             )
             .unwrap_err();
-        let e = StoreError::new(&path, err.into());
+        let e = StoreError::new(path.display(), err.into());
         let StoreErrorKind::DiskFull {
             free_bytes: Some(free),
         } = e.kind()

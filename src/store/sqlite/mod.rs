@@ -14,7 +14,7 @@ mod status;
 mod upsert;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,7 +63,7 @@ mod embedded {
 /// Errors are classified ([`StoreError`]): a file that is not a database or is damaged is
 /// `Corrupt`, a full disk `DiskFull`, and so on.
 pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let fail = |e: anyhow::Error| StoreError::new(path, e);
+    let fail = |e: anyhow::Error| StoreError::new(path.display(), e);
     let mut conn = Connection::open(path)
         .with_context(|| format!("cannot open database {}", path.display()))
         .map_err(fail)?;
@@ -260,6 +260,32 @@ pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every row `sql` answers, each value as text (`None` for NULL, numbers as Rust renders them),
+/// for tests that compare this backend's rows with another backend's.
+#[cfg(test)]
+pub(crate) fn rows_as_text(conn: &Connection, sql: &str) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare(sql)?;
+    let width = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let values = (0..width)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    ValueRef::Null => None,
+                    ValueRef::Integer(n) => Some(n.to_string()),
+                    ValueRef::Real(x) => Some(x.to_string()),
+                    ValueRef::Text(t) => Some(String::from_utf8(t.to_vec())?),
+                    ValueRef::Blob(_) => anyhow::bail!("column {i} of {sql:?} is a blob"),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        out.push(values);
+    }
+    Ok(out)
+}
+
 /// WAL pages after which a commit copies the WAL into the database. SQLite's default (1,000
 /// pages, 4 MB) makes a bulk load spend much of its time checkpointing (and fsyncing); 16 MB
 /// checkpoints a fourth as often. `database.wal_size_limit` still bounds what is kept afterwards.
@@ -383,13 +409,12 @@ impl Reader for Connection {
 /// The warehouse on one connection: the writer's ([`open_writer`]) or `backfill`'s
 /// ([`open_current`]).
 impl Backend for Connection {
-    fn location(&self) -> PathBuf {
+    fn location(&self) -> String {
         // SQLite's own name for the main database: absolute, whatever the configuration said.
-        PathBuf::from(
-            Connection::path(self)
-                .filter(|p| !p.is_empty())
-                .unwrap_or(":memory:"),
-        )
+        Connection::path(self)
+            .filter(|p| !p.is_empty())
+            .unwrap_or(":memory:")
+            .to_owned()
     }
 
     fn write_group(&mut self, body: &mut dyn FnMut(&dyn WriteTx) -> bool) -> GroupEnd {
