@@ -215,7 +215,7 @@ pub fn reader(path: &Path) -> rusqlite::Connection {
 /// A test's warehouse: a SQLite file, or a PostgreSQL database of the shared cluster.
 pub enum Warehouse {
     Sqlite(PathBuf),
-    Postgres(PgWarehouse),
+    Postgres(Box<PgWarehouse>),
 }
 
 /// A database of the shared throwaway cluster, owned by its own login role, holding the
@@ -243,12 +243,12 @@ impl Warehouse {
                     .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
                 let password_file = dir.join("database-password");
                 write_secret(&password_file, &database.password);
-                Warehouse::Postgres(PgWarehouse {
+                Warehouse::Postgres(Box::new(PgWarehouse {
                     database,
                     schema: "charthero".to_owned(),
                     password_file,
                     client: Mutex::new(None),
-                })
+                }))
             }
         }
     }
@@ -485,27 +485,6 @@ impl Warehouse {
     }
 }
 
-impl PgWarehouse {
-    /// The columns (`table.column`) whose planner statistics (`pg_stats`: most common values and
-    /// elements, histogram bounds) hold `needle`: what every reader of the column may see.
-    pub fn statistics_holding(&self, needle: &str) -> Vec<String> {
-        self.with_client(|client| {
-            client
-                .query(
-                    "SELECT tablename::text || '.' || attname::text FROM pg_stats
-                     WHERE schemaname = current_schema()
-                       AND strpos(concat_ws(' ', most_common_vals::text, histogram_bounds::text,
-                                            most_common_elems::text), $1) > 0",
-                    &[&needle],
-                )
-                .expect("pg_stats")
-                .iter()
-                .map(|r| r.try_get(0).expect("a column's name"))
-                .collect()
-        })
-    }
-}
-
 /// The analysts' queries of docs/schema.md in PostgreSQL's dialect
 /// (tests/fixtures/postgres-queries.sql, which the docs cite), one statement each.
 pub fn postgres_queries() -> Vec<String> {
@@ -561,6 +540,25 @@ impl PgWarehouse {
                 );
             }
             f(client.as_mut().expect("connected above"))
+        })
+    }
+
+    /// The columns (`table.column`) whose planner statistics (`pg_stats`: most common values and
+    /// elements, histogram bounds) hold `needle`: what every reader of the column may see.
+    pub fn statistics_holding(&self, needle: &str) -> Vec<String> {
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT tablename::text || '.' || attname::text FROM pg_stats
+                     WHERE schemaname = current_schema()
+                       AND strpos(concat_ws(' ', most_common_vals::text, histogram_bounds::text,
+                                            most_common_elems::text), $1) > 0",
+                    &[&needle],
+                )
+                .expect("pg_stats")
+                .iter()
+                .map(|r| r.try_get(0).expect("a column's name"))
+                .collect()
         })
     }
 }
@@ -1108,7 +1106,7 @@ pub fn compare_content<'a>(sim: &Simulator, db: impl Into<Db<'a>>) -> Vec<String
             .into_iter()
             .collect();
         let mut turns: BTreeMap<String, Vec<Turn>> = BTreeMap::new();
-        let stored: Vec<(String, Option<String>, f64, f64, Option<String>)> = w.rows(
+        let stored = w.rows::<(String, Option<String>, f64, f64, Option<String>)>(
             "SELECT document_id, speaker, start_seconds, end_seconds, text FROM transcript_turns
              ORDER BY document_id, turn_index",
             &[],
