@@ -408,19 +408,6 @@ SELECT
       WHERE tt.document_id = t.document_id AND tt.text IS NOT NULL) AS text
 FROM transcripts t;
 
--- No planner statistics on columns holding PHI: ANALYZE (autovacuum runs it on its own, and
--- privacy.rs's `VACUUM (FULL, ANALYZE)`) would copy a sample of their values — names, birth dates,
--- note and transcript words, raw records — into the catalog pg_statistic, whose old versions stay
--- in its file as dead tuples after a privacy change or a purge has removed the rows (and which
--- every reader of the column sees through pg_stats until the next ANALYZE). No query of the sync
--- or of docs/schema.md filters on these columns' values.
-ALTER TABLE patients ALTER COLUMN first_name SET STATISTICS 0, ALTER COLUMN last_name SET STATISTICS 0,
-    ALTER COLUMN date_of_birth SET STATISTICS 0;
-ALTER TABLE encounters ALTER COLUMN raw_json SET STATISTICS 0;
-ALTER TABLE documents ALTER COLUMN title SET STATISTICS 0, ALTER COLUMN content_text SET STATISTICS 0,
-    ALTER COLUMN content_tsv SET STATISTICS 0;
-ALTER TABLE transcript_turns ALTER COLUMN text SET STATISTICS 0, ALTER COLUMN text_tsv SET STATISTICS 0;
-
 -- The read-only role analysts' logins are granted. Created here if missing; a migrating role that
 -- may not create roles gets a message naming what a DBA runs first. The schema is whichever the
 -- connection's search_path selected (current_schema()), never a name written here.
