@@ -1,5 +1,6 @@
 //! The integration tests: the real client, sync and binary against the real simulator over
-//! loopback and real SQLite files. One binary, so it builds and links once.
+//! loopback and real SQLite files, and real PostgreSQL databases of a throwaway cluster where
+//! one can run (support.rs's `both_backends!`). One binary, so it builds and links once.
 
 mod analysts;
 mod api_routes;
@@ -13,6 +14,7 @@ mod install;
 mod organizations;
 mod packaging;
 mod plan;
+mod postgres;
 mod postgres_ops;
 mod replication;
 mod robustness;
