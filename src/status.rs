@@ -7,12 +7,14 @@ use std::fmt::Write;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::timefmt::parse_rfc3339;
+use crate::timefmt::{format_utc, parse_rfc3339};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// Which warehouse this is.
+    pub database: Database,
     /// Everything created before this instant is known to be complete (of every organization:
-    /// the watermark of the one furthest behind).
+    /// the watermark of the one furthest behind; decided by [`read`]).
     pub complete_through: Option<String>,
     /// Seconds between `complete_through` and now.
     pub lag_seconds: Option<i64>,
@@ -36,6 +38,15 @@ pub struct Status {
     pub last_error: Option<LastError>,
 }
 
+/// The warehouse `status` read: its backend and where it is.
+#[derive(Debug, Serialize)]
+pub struct Database {
+    /// `sqlite` or `postgresql`.
+    pub backend: &'static str,
+    /// The SQLite file, or the PostgreSQL URL (never with a password).
+    pub location: String,
+}
+
 /// One organization: where its sync stands, and whether (and why) it is stopped.
 #[derive(Debug, Serialize)]
 pub struct OrganizationStatus {
@@ -43,6 +54,8 @@ pub struct OrganizationStatus {
     pub name: String,
     /// ChartHero's id of the clinic, once known (configured or learnt from its first page).
     pub organization_id: Option<String>,
+    /// Its watermark: the backend reads it as stored (`timefmt::format_stored`), [`read`]
+    /// renders it for people and derives `lag_seconds` from it.
     pub complete_through: Option<String>,
     pub lag_seconds: Option<i64>,
     /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `failing` (it
@@ -187,15 +200,26 @@ pub struct LastError {
 
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
-/// bookkeeping for. The backend reads the facts; each organization's state and each backfill's
-/// progress are decided here, the same for every backend.
+/// bookkeeping for. The backend reads the facts; each organization's state, watermark and lag,
+/// the warehouse's (the organization furthest behind) and each backfill's progress are decided
+/// here, the same for every backend.
 pub fn read(
     warehouse: &dyn crate::store::Reader,
     now: OffsetDateTime,
     configured: &[String],
 ) -> anyhow::Result<Status> {
     let mut status = warehouse.status(now, configured)?;
+    let mut watermarks = Vec::with_capacity(status.organizations.len());
     for o in &mut status.organizations {
+        let through = o
+            .complete_through
+            .as_deref()
+            .map(parse_rfc3339)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("corrupt complete_through of organization {}: {e}", o.name))?;
+        o.complete_through = through.map(format_utc);
+        o.lag_seconds = through.map(|t| (now - t).whole_seconds());
+        watermarks.push(through);
         o.state = organization_state(
             o.last_run.as_ref(),
             o.last_error.is_some(),
@@ -203,6 +227,14 @@ pub fn read(
         )
         .to_owned();
     }
+    // The organization furthest behind; none while any has never completed a window (or there
+    // is none).
+    let through = watermarks
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|w| w.into_iter().min());
+    status.complete_through = through.map(format_utc);
+    status.lag_seconds = through.map(|t| (now - t).whole_seconds());
     for b in &mut status.backfills {
         b.progress = progress(b);
     }

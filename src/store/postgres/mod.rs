@@ -227,7 +227,7 @@ impl Reader for PgBackend {
         audit::live_count_in_range(&mut *self.db(), organization_id, start_ns, end_ns)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
-        status::read_status(&mut *self.db(), now, configured)
+        status::read_status(&mut *self.db(), now, configured, &self.location)
     }
     fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
         status::live_content_counts(&mut *self.db())

@@ -5,8 +5,10 @@
 use rusqlite::{Connection, OptionalExtension};
 use time::OffsetDateTime;
 
-use crate::status::{Audit, Backfill, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status};
-use crate::timefmt::{format_utc, parse_rfc3339};
+use crate::status::{
+    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
+};
+use crate::timefmt::format_stored;
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
 const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
@@ -51,11 +53,7 @@ fn split_routes(d: Option<String>) -> Vec<String> {
 }
 
 /// One organization's entry.
-fn read_organization(
-    conn: &Connection,
-    name: &str,
-    now: OffsetDateTime,
-) -> anyhow::Result<OrganizationStatus> {
+fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<OrganizationStatus> {
     let complete_through = super::complete_through(conn, name)?;
     let organization_id = super::known_organization_id(conn, name)?;
     let last_run = conn
@@ -102,8 +100,9 @@ fn read_organization(
     let per_name = |sql: &str| -> rusqlite::Result<i64> { conn.query_row(sql, [name], |r| r.get(0)) };
     Ok(OrganizationStatus {
         name: name.to_owned(),
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        // Rendered, with its lag, by `status::read`.
+        complete_through: complete_through.map(format_stored),
+        lag_seconds: None,
         // Decided from the facts above by `status::read`.
         state: String::new(),
         reason_code,
@@ -130,8 +129,8 @@ fn read_organization(
 
 /// Reads the status from the warehouse: the whole warehouse, and one entry per organization —
 /// those named in `configured` first (in that order), then any other the warehouse holds
-/// bookkeeping for.
-pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
+/// bookkeeping for. Whatever depends on the time (watermarks, lags) is `status::read`'s.
+pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
     let mut names: Vec<String> = configured.to_vec();
     let stored: Vec<String> = conn
         .prepare(
@@ -148,18 +147,8 @@ pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]
     }
     let organizations = names
         .iter()
-        .map(|n| read_organization(conn, n, now))
+        .map(|n| read_organization(conn, n))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // The organization furthest behind; none while any has never completed a window.
-    let complete_through =
-        if organizations.is_empty() || organizations.iter().any(|o| o.complete_through.is_none()) {
-            None
-        } else {
-            organizations
-                .iter()
-                .filter_map(|o| o.complete_through.as_deref().and_then(|t| parse_rfc3339(t).ok()))
-                .min()
-        };
     let rows = Rows {
         encounters: count(conn, "SELECT count(*) FROM encounters WHERE removed_at IS NULL")?,
         encounters_removed: count(
@@ -309,8 +298,14 @@ pub fn read_status(conn: &Connection, now: OffsetDateTime, configured: &[String]
         )
         .optional()?;
     Ok(Status {
-        complete_through: complete_through.map(format_utc),
-        lag_seconds: complete_through.map(|t| (now - t).whole_seconds()),
+        database: Database {
+            backend: "sqlite",
+            // The main database's file (empty for a temporary one).
+            location: conn.path().unwrap_or_default().to_owned(),
+        },
+        // The organization furthest behind: decided by `status::read`.
+        complete_through: None,
+        lag_seconds: None,
         organizations,
         rows,
         queue,
