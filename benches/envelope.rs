@@ -117,9 +117,7 @@ fn write_config(raw: &RawConfig, dir: &Path, key: &str) -> PathBuf {
 /// [`write_config`] with `database` as the lines of the `[database]` section.
 fn write_config_for(raw: &RawConfig, dir: &Path, key: &str, database: &str) -> PathBuf {
     let key_path = dir.join("api-key");
-    std::fs::write(&key_path, key).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_secret(&key_path, key);
     let path = dir.join("config.toml");
     let text = format!(
         "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[database]\n{database}\
@@ -137,6 +135,13 @@ fn write_config_for(raw: &RawConfig, dir: &Path, key: &str, database: &str) -> P
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Writes a secret file the binary accepts: readable by its owner only.
+fn write_secret(path: &Path, secret: &str) {
+    std::fs::write(path, secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Runs `charthero-sync sync` as a child process; returns its wall time and peak RSS (KiB),
@@ -397,7 +402,12 @@ impl Warehouse<'_> {
                 let others = "SELECT count(*) FROM pg_stat_activity \
                               WHERE datname = current_database() AND backend_type = 'client backend' \
                               AND pid <> pg_backend_pid()";
+                let deadline = Instant::now() + Duration::from_secs(30);
                 while Self::psql(cluster, db, others) != "0" {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the sync's sessions outlived it by 30 s"
+                    );
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let row = Self::psql(
@@ -473,26 +483,21 @@ async fn backends() {
                 d.schema_type != "document" && sim.transcript(&e.encounter_id, &d.document_id).is_some()
             })
             .count();
-        let mut warehouses = vec![None];
-        if cluster.is_some() {
-            warehouses.push(Some(format!("bench_{case}")));
-        }
-        for pg_name in warehouses {
+        // SQLite, then PostgreSQL when there is a server.
+        for server in [None].into_iter().chain(cluster.as_ref().map(Some)) {
             let dir = tempfile::tempdir().unwrap();
-            let warehouse = match (&cluster, pg_name) {
-                (Some(cluster), Some(name)) => {
-                    let db = cluster.create_database(&name).unwrap();
+            let warehouse = match server {
+                Some(cluster) => {
+                    let db = cluster.create_database(&format!("bench_{case}")).unwrap();
                     let password_file = dir.path().join("database-password");
-                    std::fs::write(&password_file, &db.password).unwrap();
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+                    write_secret(&password_file, &db.password);
                     Warehouse::Postgres {
                         cluster,
                         db,
                         password_file,
                     }
                 }
-                _ => Warehouse::Sqlite(dir.path().join("w.db")),
+                None => Warehouse::Sqlite(dir.path().join("w.db")),
             };
             let mut raw = config(&sim, &dir.path().join("w.db"), rps, burst, 4);
             if content {
