@@ -345,6 +345,26 @@ CREATE TABLE organization_state (
     PRIMARY KEY (organization, name)
 );
 
+-- The columns that hold PHI collect no planner statistics: ANALYZE (autovacuum runs it on its
+-- own) copies column values into pg_statistic (histogram bounds, most common values and
+-- lexemes), where a purge or a privacy change cannot reach them (that catalog is vacuumed only
+-- when the server decides, or by a superuser). Predicates on these columns get PostgreSQL's
+-- default estimates; full-text search uses its GIN indexes regardless.
+-- Test: store::postgres::privacy::tests::analyze_copies_no_phi_into_the_planners_statistics.
+ALTER TABLE patients
+    ALTER COLUMN first_name SET STATISTICS 0,
+    ALTER COLUMN last_name SET STATISTICS 0,
+    ALTER COLUMN date_of_birth SET STATISTICS 0;
+ALTER TABLE encounters
+    ALTER COLUMN raw_json SET STATISTICS 0;
+ALTER TABLE documents
+    ALTER COLUMN title SET STATISTICS 0,
+    ALTER COLUMN content_text SET STATISTICS 0,
+    ALTER COLUMN content_tsv SET STATISTICS 0;
+ALTER TABLE transcript_turns
+    ALTER COLUMN text SET STATISTICS 0,
+    ALTER COLUMN text_tsv SET STATISTICS 0;
+
 -- One row per live encounter: patient, document counts, transcript availability.
 CREATE VIEW encounter_overview AS
 SELECT

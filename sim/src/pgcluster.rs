@@ -220,7 +220,9 @@ impl PgCluster {
         }
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// The cluster's data directory (`base/` holds the databases' files), for tests that look
+    /// at what the server keeps on disk.
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
 

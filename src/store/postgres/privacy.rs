@@ -1,24 +1,246 @@
-//! Privacy policy changes and purges on PostgreSQL (mirrors `store::sqlite::privacy`).
+//! Keeping only the PHI the partner decided to keep, on PostgreSQL (the rules of
+//! `store::sqlite::privacy`): applying a (changed) privacy policy to rows already stored, and
+//! purging encounters completely — rows, history, orphaned patients — with the purged range
+//! recorded so that the sync never stores those encounters again. Recording files nothing
+//! references any more are deleted.
+//!
+//! Removing PHI from the files: PostgreSQL never overwrites a row in place. A deleted or updated
+//! row stays in the table's file as a dead tuple until VACUUM, and even plain VACUUM only marks
+//! its space free (the bytes linger until reused); the same holds for the GIN search indexes and
+//! TOAST. So after a purge, or a policy change that overwrote anything, every table it changed is
+//! rewritten with `VACUUM (FULL, ANALYZE)`: new files holding only the live rows, indexes rebuilt,
+//! the old files truncated at commit. What this cannot reach, and `docs/postgres.md` must say:
+//! the server's WAL (`pg_wal`, and any WAL archive) holds the removed rows until the server
+//! recycles it, and base backups, `pg_dump` files and replicas' own WAL and backups keep them
+//! until they age out under the team's retention.
+//!
+//! `apply_privacy` and `purge` take the `Client` itself, not any `GenericClient`: VACUUM cannot
+//! run inside a transaction block, so these two open their own transaction, commit it, then
+//! rewrite the tables outside it.
 
-use postgres::GenericClient;
+use anyhow::Context;
+use postgres::{Client, GenericClient};
 use time::OffsetDateTime;
 
-use crate::config::PrivacyConfig;
+use crate::config::{BirthDate, PrivacyConfig};
 use crate::store::PurgeCounts;
+use crate::timefmt::unix_nanos;
 
-pub fn apply_privacy(_db: &mut impl GenericClient, _privacy: &PrivacyConfig) -> anyhow::Result<bool> {
-    anyhow::bail!("the PostgreSQL backend does not support privacy policies yet")
+const POLICY_KEY: &str = "privacy_policy";
+
+/// Brings stored rows in line with `privacy` when the policy differs from the one last applied,
+/// then rewrites the tables it changed (see the module's header: `VACUUM FULL` holds an
+/// exclusive lock on each table while it rewrites it, so analysts' queries on those tables wait,
+/// and it needs free disk space for a copy of the table). Returns whether a new policy was
+/// applied.
+///
+/// `raw_json` is edited through `jsonb`, so an edited record's text comes back normalized (keys
+/// reordered, whitespace dropped), as SQLite's JSON functions minify it; its `content_hash`
+/// stays the hash of the record as received, so an unchanged record is not written again.
+pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
+    let fingerprint = privacy.fingerprint();
+    let applied: Option<String> = db
+        .query_opt("SELECT value FROM sync_state WHERE name = $1", &[&POLICY_KEY])?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    if applied.as_deref() == Some(fingerprint.as_str()) {
+        return Ok(false);
+    }
+    let mut changed: Vec<&'static str> = Vec::new();
+    let mut tx = db.transaction()?;
+    let mut update = |table: &'static str, sql: &str| -> anyhow::Result<()> {
+        let rows = tx
+            .execute(sql, &[])
+            .with_context(|| format!("cannot apply the privacy policy to {table}"))?;
+        if rows > 0 && !changed.contains(&table) {
+            changed.push(table);
+        }
+        Ok(())
+    };
+    if !privacy.patient_names {
+        update(
+            "patients",
+            "UPDATE patients SET first_name = NULL, last_name = NULL
+             WHERE first_name IS NOT NULL OR last_name IS NOT NULL",
+        )?;
+        update(
+            "encounters",
+            "UPDATE encounters
+                SET raw_json = (raw_json::jsonb #- '{patient,first_name}' #- '{patient,last_name}')::text
+              WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
+                AND (raw_json::jsonb -> 'patient') ?| array['first_name', 'last_name']",
+        )?;
+    }
+    match privacy.date_of_birth {
+        BirthDate::Full => {}
+        BirthDate::YearOnly => {
+            update(
+                "patients",
+                "UPDATE patients SET date_of_birth = substr(date_of_birth, 1, 4)
+                 WHERE length(date_of_birth) > 4",
+            )?;
+            update(
+                "encounters",
+                "UPDATE encounters
+                    SET raw_json = jsonb_set(raw_json::jsonb, '{patient,date_of_birth}',
+                                             to_jsonb(substr(raw_json::jsonb #>> '{patient,date_of_birth}', 1, 4)))::text
+                  WHERE length(raw_json::jsonb #>> '{patient,date_of_birth}') > 4",
+            )?;
+        }
+        BirthDate::Omit => {
+            update(
+                "patients",
+                "UPDATE patients SET date_of_birth = NULL WHERE date_of_birth IS NOT NULL",
+            )?;
+            update(
+                "encounters",
+                "UPDATE encounters SET raw_json = (raw_json::jsonb #- '{patient,date_of_birth}')::text
+                  WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
+                    AND (raw_json::jsonb -> 'patient') ? 'date_of_birth'",
+            )?;
+        }
+    }
+    if !privacy.note_text {
+        update(
+            "documents",
+            "UPDATE documents SET content_text = NULL WHERE content_text IS NOT NULL",
+        )?;
+    }
+    if !privacy.transcript_text {
+        update(
+            "transcript_turns",
+            "UPDATE transcript_turns SET text = NULL WHERE text IS NOT NULL",
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO sync_state (name, value) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        &[&POLICY_KEY, &fingerprint],
+    )?;
+    tx.commit()?;
+    scrub(db, &changed)?;
+    tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
+    Ok(true)
 }
 
+/// Rewrites `tables` from their live rows only and refreshes their statistics
+/// (`VACUUM (FULL, ANALYZE)`, one statement, outside any transaction): the dead row versions that
+/// still hold removed text, in the tables, their TOAST and their indexes (the GIN search indexes
+/// too), are left behind in the old files, which PostgreSQL truncates when the command ends.
+///
+/// It blocks: each table is locked ACCESS EXCLUSIVE while it is rewritten, so readers of that
+/// table (the `charthero_readers` role's queries) wait for it, and it waits for queries already
+/// running on it. It needs free space for a copy of each table and its indexes.
+fn scrub(db: &mut Client, tables: &[&'static str]) -> anyhow::Result<()> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    db.batch_execute(&format!("VACUUM (FULL, ANALYZE) {}", tables.join(", ")))
+        .with_context(|| format!("cannot rewrite {} to remove deleted data", tables.join(", ")))?;
+    Ok(())
+}
+
+/// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
+/// history, orphaned patients — in one transaction, records the purge (counts only), which also
+/// keeps the sync from bringing those encounters back, rewrites the tables it deleted from (see
+/// [`scrub`]: it blocks their readers while it runs), and deletes the recording files under
+/// `audio_dir` that nothing references any more.
 pub fn purge(
-    _db: &mut impl GenericClient,
-    _audio_dir: &std::path::Path,
-    _start: OffsetDateTime,
-    _end: OffsetDateTime,
-    _reason: &str,
-    _now: OffsetDateTime,
+    db: &mut Client,
+    audio_dir: &std::path::Path,
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    reason: &str,
+    now: OffsetDateTime,
 ) -> anyhow::Result<PurgeCounts> {
-    anyhow::bail!("the PostgreSQL backend does not support purges yet")
+    let range: [&(dyn postgres::types::ToSql + Sync); 2] = [&unix_nanos(start), &unix_nanos(end)];
+    // Encounters go last, so this set stays the same through every statement before.
+    let in_range = "encounter_id IN (SELECT encounter_id FROM encounters
+                                     WHERE created_at_ns >= $1 AND created_at_ns < $2)";
+    let doc_filter = format!("document_id IN (SELECT document_id FROM documents WHERE {in_range})");
+    let mut tx = db.transaction()?;
+    let files: Vec<String> = tx
+        .query(&format!("SELECT path FROM recordings WHERE {doc_filter}"), &range)?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let mut changed: Vec<&'static str> = Vec::new();
+    let mut delete = |table: &'static str, filter: &str| -> anyhow::Result<u64> {
+        let rows = tx
+            .execute(&format!("DELETE FROM {table} WHERE {filter}"), &range)
+            .with_context(|| format!("cannot purge {table}"))?;
+        if rows > 0 {
+            changed.push(table);
+        }
+        Ok(rows)
+    };
+    let mut counts = PurgeCounts {
+        turns: delete("transcript_turns", &doc_filter)?,
+        transcripts: delete("transcripts", &doc_filter)?,
+        recordings: delete("recordings", &doc_filter)?,
+        ..PurgeCounts::default()
+    };
+    delete("dead_letters", &doc_filter)?;
+    counts.documents = delete("documents", in_range)?;
+    counts.history_rows = delete("encounter_history", in_range)?;
+    counts.encounters = delete("encounters", in_range)?;
+    // A patient with no encounter left is PHI about nobody we keep.
+    let orphans = tx.execute(
+        "DELETE FROM patients p WHERE NOT EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = p.patient_id)",
+        &[],
+    )?;
+    if orphans > 0 {
+        changed.push("patients");
+    }
+    counts.orphaned_files = tx
+        .query(
+            "SELECT f.path FROM unnest($1::text[]) WITH ORDINALITY AS f(path, n)
+              WHERE NOT EXISTS (SELECT 1 FROM recordings r WHERE r.path = f.path)
+              ORDER BY f.n",
+            &[&files],
+        )?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    tx.execute(
+        "INSERT INTO purges (purged_at, range_start, range_end, range_start_ns, range_end_ns, reason,
+             encounters, documents, transcripts, turns, recordings, history_rows)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[
+            &now,
+            &start,
+            &end,
+            &unix_nanos(start),
+            &unix_nanos(end),
+            &reason,
+            &count(counts.encounters),
+            &count(counts.documents),
+            &count(counts.transcripts),
+            &count(counts.turns),
+            &count(counts.recordings),
+            &count(counts.history_rows),
+        ],
+    )?;
+    tx.commit()?;
+    scrub(db, &changed)?;
+    for file in &counts.orphaned_files {
+        let path = audio_dir.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
+        }
+    }
+    tracing::info!(
+        encounters = counts.encounters,
+        documents = counts.documents,
+        transcripts = counts.transcripts,
+        recordings = counts.recordings,
+        reason,
+        "purged"
+    );
+    Ok(counts)
 }
 
 /// The `created_at` ranges `[start_ns, end_ns)` purged so far: encounters in them are never
@@ -31,6 +253,363 @@ pub fn purged_ranges(db: &mut impl GenericClient) -> anyhow::Result<Vec<(i64, i6
         .collect::<Result<_, postgres::Error>>()?)
 }
 
-pub fn last_retention_purge(_db: &mut impl GenericClient) -> anyhow::Result<Option<OffsetDateTime>> {
-    anyhow::bail!("the PostgreSQL backend does not support purges yet")
+/// When the last retention purge ran.
+pub fn last_retention_purge(db: &mut impl GenericClient) -> anyhow::Result<Option<OffsetDateTime>> {
+    Ok(db
+        .query_opt(
+            "SELECT purged_at FROM purges WHERE reason = 'retention' ORDER BY purge_id DESC LIMIT 1",
+            &[],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()?)
+}
+
+/// Policies and purges against a real server (`charthero_sim::pgcluster`), and the PHI canaries:
+/// a unique term written into a note, transcript turns and a patient's name must be in no file
+/// of the cluster's `base/` once purged or dropped by the policy. Each test skips, saying why,
+/// where no server can run.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use charthero_sim::pgcluster;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::store::postgres::content::tests::{claim, doc, encounter, save, transcript, warehouse};
+    use crate::store::postgres::{content, upsert};
+    use crate::store::{DetailOutcome, PatientRecord, Work};
+    use crate::timefmt::from_unix_nanos;
+
+    /// The instant `s` seconds after the epoch (encounters here are created then).
+    fn at(s: i64) -> OffsetDateTime {
+        from_unix_nanos(s * 1_000_000_000)
+    }
+
+    /// Whether any file under the cluster's `base/` (every database's tables, indexes, TOAST
+    /// and catalogs) holds `needle`, after a checkpoint wrote every changed page to them.
+    fn on_disk(needle: &str) -> bool {
+        let cluster = pgcluster::shared().expect("the cluster the warehouse is in");
+        cluster.psql("CHECKPOINT").expect("a checkpoint");
+        fn holds(dir: &Path, needle: &[u8]) -> bool {
+            // Files come and go while other tests run: what cannot be read is not there.
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return false;
+            };
+            entries.flatten().any(|entry| {
+                let path = entry.path();
+                if path.is_dir() {
+                    holds(&path, needle)
+                } else {
+                    std::fs::read(&path)
+                        .unwrap_or_default()
+                        .windows(needle.len())
+                        .any(|w| w == needle)
+                }
+            })
+        }
+        holds(&cluster.data_dir().join("base"), needle.as_bytes())
+    }
+
+    /// 300 encounters (encounter `n` created at second `n`) with a note and a transcript turn
+    /// of ordinary text each (`"<name> cough number <n> today"`, in no other test's database), and
+    /// encounter 7, stored through the sync's own writes, whose
+    /// patient's last name, note and patient turn hold `word`.
+    fn warehouse_with(name: &str, word: &str) -> Option<Client> {
+        let (_db, mut c) = warehouse(name)?;
+        let filler = format!(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at, created_at_ns,
+                 updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             SELECT 'e' || n, 'org_1', to_timestamp(n), to_timestamp(n), n * 1000000000::bigint, n * 1000000000::bigint, 'h',
+                    '{{}}', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                 detail_state, first_seen_at, changed_at)
+             SELECT 'd' || n, 'e' || n, 0, 'document', '{name} cough number ' || n || ' today', 'done', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, detail_state,
+                 first_seen_at, changed_at)
+             SELECT 't' || n, 'e' || n, 1, 'ambient_transcript', 'skipped', now(), now()
+               FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO transcripts (document_id, encounter_id, turn_count, fetched_at)
+             SELECT 't' || n, 'e' || n, 1, now() FROM generate_series(0, 299) n WHERE n <> 7;
+             INSERT INTO transcript_turns (document_id, turn_index, speaker, start_seconds, end_seconds, text)
+             SELECT 't' || n, 0, 'patient', 0, 1, '{name} cough number ' || n || ' today'
+               FROM generate_series(0, 299) n WHERE n <> 7;"
+        );
+        c.batch_execute(&filler).unwrap();
+        let patient = PatientRecord {
+            patient_id: "p7".to_owned(),
+            first_name: Some("Ada".to_owned()),
+            last_name: Some(word.to_owned()),
+            date_of_birth: Some("1970-01-02".to_owned()),
+        };
+        let mut record = encounter(
+            "e7",
+            at(7),
+            "h7",
+            Some(patient),
+            vec![
+                doc("d7", "document", None),
+                doc("t7", "ambient_transcript", Some("completed")),
+            ],
+        );
+        record.raw_json = format!(
+            r#"{{"id":"e7","patient":{{"id":"p7","first_name":"Ada","last_name":"{word}","date_of_birth":"1970-01-02"}}}}"#
+        );
+        let now = OffsetDateTime::now_utc();
+        save(&mut c, |tx| upsert::commit_page(tx, &[record], &[], None, now));
+        let note = claim(&mut c, Work::Document, "d7").expect("the note is queued");
+        let text = format!("patient reports {word} since monday");
+        let detail = DetailOutcome::Note {
+            format: "markdown".to_owned(),
+            text: Some(text.clone()),
+            created_at: now,
+            updated_at: now,
+        };
+        save(&mut c, |tx| content::save_detail(tx, &note, &detail, false, now));
+        let turns = claim(&mut c, Work::Transcript, "t7").expect("the transcript is queued");
+        save(&mut c, |tx| {
+            content::save_transcript(tx, &turns, &transcript(&text), now)
+        });
+        Some(c)
+    }
+
+    fn count(c: &mut Client, sql: &str) -> i64 {
+        c.query_one(sql, &[]).unwrap().try_get(0).unwrap()
+    }
+
+    #[test]
+    fn a_purge_leaves_no_byte_of_the_purged_text_in_the_clusters_files() {
+        let word = "zanthoxylumpurgecanary";
+        let Some(mut c) = warehouse_with("privacy_purge_canary", word) else {
+            return;
+        };
+        assert!(
+            on_disk(word),
+            "the term never reached the files: the test proves nothing"
+        );
+        let audio = tempfile::tempdir().unwrap();
+        let counts = purge(&mut c, audio.path(), at(5), at(10), "range", at(1_000)).unwrap();
+        assert_eq!((counts.encounters, counts.documents, counts.turns), (5, 10, 6));
+        // The search index keeps answering for the rest.
+        let left = count(
+            &mut c,
+            "SELECT count(*) FROM documents WHERE content_tsv @@ to_tsquery('simple', 'cough')",
+        );
+        assert_eq!(left, 299 - 4);
+        assert!(!on_disk(word), "the purged term is still in a file under base/");
+        assert!(!on_disk("privacy_purge_canary cough number 8 today"));
+    }
+
+    #[test]
+    fn a_privacy_change_leaves_no_byte_of_the_dropped_text_in_the_clusters_files() {
+        let word = "zanthoxylumpolicycanary";
+        let Some(mut c) = warehouse_with("privacy_policy_canary", word) else {
+            return;
+        };
+        assert!(
+            on_disk(word),
+            "the term never reached the files: the test proves nothing"
+        );
+        let strict = PrivacyConfig {
+            patient_names: false,
+            date_of_birth: BirthDate::Full,
+            note_text: false,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(apply_privacy(&mut c, &strict).unwrap());
+        assert!(!on_disk(word), "the dropped term is still in a file under base/");
+        assert!(!on_disk("privacy_policy_canary cough number 8 today"));
+    }
+
+    /// ANALYZE (autovacuum runs it on its own) copies column values into `pg_statistic`: a
+    /// histogram's bounds, the most common values and lexemes. The purge's own ANALYZE replaces
+    /// them, but the replaced catalog rows stay in its files (compressed, so the canaries above
+    /// cannot see them) until that catalog is vacuumed, which only a superuser may force. So the
+    /// columns that hold PHI must collect no statistics at all (`SET STATISTICS 0`).
+    #[test]
+    fn analyze_copies_no_phi_into_the_planners_statistics() {
+        let word = "zanthoxylumstatisticscanary";
+        let Some(mut c) = warehouse_with("privacy_statistics", word) else {
+            return;
+        };
+        c.batch_execute("ANALYZE").unwrap();
+        let leaked: Vec<String> = c
+            .query(
+                "SELECT tablename || '.' || attname FROM pg_stats
+                  WHERE schemaname = current_schema()
+                    AND concat(most_common_vals::text, histogram_bounds::text, most_common_elems::text)
+                        LIKE '%' || $1 || '%'
+                  ORDER BY 1",
+                &[&word],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect();
+        assert!(leaked.is_empty(), "PHI in the statistics of {leaked:?}");
+    }
+
+    #[test]
+    fn a_privacy_policy_is_applied_to_stored_rows_once() {
+        let Some(mut c) = warehouse_with("privacy_policy_rows", "Lovelace") else {
+            return;
+        };
+        let policy = |date_of_birth| PrivacyConfig {
+            patient_names: false,
+            date_of_birth,
+            note_text: true,
+            transcript_text: false,
+            retention: None,
+        };
+        assert!(apply_privacy(&mut c, &policy(BirthDate::YearOnly)).unwrap());
+        assert!(
+            !apply_privacy(&mut c, &policy(BirthDate::YearOnly)).unwrap(),
+            "once"
+        );
+        let patient = |c: &mut Client| -> (Option<String>, Option<String>, Option<String>, String) {
+            let row = c
+                .query_one(
+                    "SELECT first_name, last_name, date_of_birth,
+                            (SELECT raw_json FROM encounters WHERE encounter_id = 'e7')
+                       FROM patients",
+                    &[],
+                )
+                .unwrap();
+            (
+                row.try_get(0).unwrap(),
+                row.try_get(1).unwrap(),
+                row.try_get(2).unwrap(),
+                row.try_get(3).unwrap(),
+            )
+        };
+        let (first, last, born, raw) = patient(&mut c);
+        assert_eq!((first, last, born.as_deref()), (None, None, Some("1970")));
+        let raw: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(
+            raw,
+            serde_json::json!({"id": "e7", "patient": {"id": "p7", "date_of_birth": "1970"}})
+        );
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM transcript_turns WHERE text IS NOT NULL"
+            ),
+            0
+        );
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM documents WHERE content_text IS NOT NULL"
+            ),
+            300,
+            "notes are kept"
+        );
+        assert!(apply_privacy(&mut c, &policy(BirthDate::Omit)).unwrap());
+        let (_, _, born, raw) = patient(&mut c);
+        assert_eq!(born, None);
+        assert_eq!(raw, r#"{"id": "e7", "patient": {"id": "p7"}}"#);
+    }
+
+    #[test]
+    fn a_purge_removes_the_range_and_what_hangs_off_it_and_keeps_it_from_coming_back() {
+        let Some((_db, mut c)) = warehouse("privacy_purge_rows") else {
+            return;
+        };
+        let patient = |id: &str| PatientRecord {
+            patient_id: id.to_owned(),
+            first_name: Some("Ada".to_owned()),
+            last_name: None,
+            date_of_birth: None,
+        };
+        let records = [
+            ("e1", 1, "p1", "a.m4a"),
+            ("e2", 2, "p2", "b.m4a"),
+            ("e3", 3, "p2", "a.m4a"),
+        ]
+        .map(|(id, s, p, _)| {
+            encounter(
+                id,
+                at(s),
+                "h",
+                Some(patient(p)),
+                vec![doc(&format!("t{s}"), "ambient_transcript", Some("completed"))],
+            )
+        });
+        let now = OffsetDateTime::now_utc();
+        save(&mut c, |tx| upsert::commit_page(tx, &records, &[], None, now));
+        let audio = tempfile::tempdir().unwrap();
+        for (s, file) in [(1, "a.m4a"), (2, "b.m4a"), (3, "a.m4a")] {
+            let (document, encounter) = (format!("t{s}"), format!("e{s}"));
+            let item = claim(&mut c, Work::Transcript, &document).unwrap();
+            save(&mut c, |tx| {
+                content::save_transcript(tx, &item, &transcript("Hello."), now)
+            });
+            let recording = crate::store::RecordingRecord {
+                path: file.to_owned(),
+                size_bytes: 3,
+                sha256: file.to_owned(),
+                duration_seconds: None,
+            };
+            save(&mut c, |tx| {
+                content::save_recording(tx, &encounter, &document, &recording, now)
+            });
+            std::fs::write(audio.path().join(file), b"abc").unwrap();
+        }
+        let counts = purge(&mut c, audio.path(), at(1), at(3), "range", now).unwrap();
+        assert_eq!(
+            counts,
+            PurgeCounts {
+                encounters: 2,
+                documents: 2,
+                transcripts: 2,
+                turns: 4,
+                recordings: 2,
+                history_rows: 2,
+                orphaned_files: vec!["b.m4a".to_owned()],
+            }
+        );
+        assert!(audio.path().join("a.m4a").exists(), "e3 still has it");
+        assert!(!audio.path().join("b.m4a").exists());
+        let left: Vec<String> = c
+            .query("SELECT patient_id FROM patients", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect();
+        assert_eq!(left, ["p2"], "p1 had no encounter left");
+        assert_eq!(purged_ranges(&mut c).unwrap(), [(1_000_000_000, 3_000_000_000)]);
+        assert_eq!(last_retention_purge(&mut c).unwrap(), None);
+        let row = c
+            .query_one(
+                "SELECT range_start, range_end, reason, encounters, turns, history_rows FROM purges",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.try_get::<_, OffsetDateTime>(0).unwrap(), at(1));
+        assert_eq!(row.try_get::<_, OffsetDateTime>(1).unwrap(), at(3));
+        assert_eq!(row.try_get::<_, String>(2).unwrap(), "range");
+        assert_eq!(
+            (
+                row.try_get::<_, i64>(3).unwrap(),
+                row.try_get::<_, i64>(4).unwrap(),
+                row.try_get::<_, i64>(5).unwrap()
+            ),
+            (2, 4, 2)
+        );
+
+        // Listed again (a revisit, a backfill): not stored.
+        let again = save(&mut c, |tx| {
+            upsert::commit_page(tx, &records[..1], &[], None, now)
+        });
+        assert_eq!((again.purged, again.new), (1, 0));
+        assert_eq!(count(&mut c, "SELECT count(*) FROM encounters"), 1);
+
+        let retention_at = datetime!(2026-05-25 03:00:00.123456 UTC);
+        let nothing = purge(&mut c, audio.path(), at(0), at(1), "retention", retention_at).unwrap();
+        assert_eq!(nothing, PurgeCounts::default());
+        assert_eq!(last_retention_purge(&mut c).unwrap(), Some(retention_at));
+    }
 }

@@ -731,12 +731,7 @@ async fn stored_state(db: &PgDatabase) -> (BTreeMap<String, (String, i64)>, i64,
 /// A list-only cycle of the sync against the simulator, written through the writer thread into
 /// PostgreSQL (the context is built here as `crate::connect_organizations` builds it, with this
 /// backend in place of the configured one), then a second cycle that finds nothing new.
-///
-/// Ignored until `apply_privacy`, `audit_due`, `claim_work`, `queue_missing_audio` and
-/// `last_retention_purge` (the pgcontent and pgstatus work) are merged: a cycle asks each of them
-/// even when it lists only. With those five answering "nothing to do" it passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the PostgreSQL content, privacy and audit functions (issue 17, pgcontent/pgstatus)"]
 async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
     use std::sync::Arc;
 
