@@ -372,19 +372,42 @@ impl Warehouse<'_> {
         }
     }
 
-    /// Zeroes the server's counters a run reports (WAL, the database's transactions).
-    fn reset_counters(&self) {
-        if let Warehouse::Postgres { cluster, db, .. } = self {
-            Self::psql(
-                cluster,
-                db,
-                "SELECT pg_stat_reset(); SELECT pg_stat_reset_shared('wal');",
+    /// Waits until no session but ours is connected to the PostgreSQL warehouse: the sync's
+    /// end after it exits, and flush their statistics as they end.
+    fn quiesce(cluster: &PgCluster, db: &PgDatabase) {
+        let others = "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND backend_type = 'client backend' \
+                      AND pid <> pg_backend_pid()";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Self::psql(cluster, db, others) != "0" {
+            assert!(
+                Instant::now() < deadline,
+                "the sync's sessions outlived it by 30 s"
             );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// The warehouse's size on disk, and for PostgreSQL what the run cost the server.
-    fn footprint(&self) -> String {
+    /// Zeroes the server's counters a run reports (WAL, the database's transactions); answers
+    /// the server's CPU time so far (0 for SQLite).
+    fn reset_counters(&self) -> Duration {
+        match self {
+            Warehouse::Sqlite(_) => Duration::ZERO,
+            Warehouse::Postgres { cluster, db, .. } => {
+                Self::quiesce(cluster, db);
+                Self::psql(
+                    cluster,
+                    db,
+                    "SELECT pg_stat_reset(); SELECT pg_stat_reset_shared('wal');",
+                );
+                server_cpu(cluster)
+            }
+        }
+    }
+
+    /// The warehouse's size on disk, and for PostgreSQL what the run cost the server since
+    /// [`Warehouse::reset_counters`] answered `cpu_before`.
+    fn footprint(&self, cpu_before: Duration) -> String {
         let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
         match self {
             Warehouse::Sqlite(path) => {
@@ -397,41 +420,59 @@ impl Warehouse<'_> {
                 )
             }
             Warehouse::Postgres { cluster, db, .. } => {
-                // The sync's server sessions end after it exits; their statistics are flushed
-                // when they end.
-                let others = "SELECT count(*) FROM pg_stat_activity \
-                              WHERE datname = current_database() AND backend_type = 'client backend' \
-                              AND pid <> pg_backend_pid()";
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while Self::psql(cluster, db, others) != "0" {
-                    assert!(
-                        Instant::now() < deadline,
-                        "the sync's sessions outlived it by 30 s"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                Self::quiesce(cluster, db);
+                let cpu = server_cpu(cluster) - cpu_before;
                 let row = Self::psql(
                     cluster,
                     db,
                     "SELECT pg_database_size(current_database()), \
                      (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c \
                       WHERE c.relnamespace = 'charthero'::regnamespace AND c.relkind IN ('r', 'm')), \
-                     (SELECT wal_bytes FROM pg_stat_wal), (SELECT wal_records FROM pg_stat_wal), \
-                     (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())",
+                     wal_bytes, wal_records, wal_sync, \
+                     (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) \
+                     FROM pg_stat_wal",
                 );
                 let v: Vec<f64> = row.split('|').map(|f| f.parse().unwrap()).collect();
                 format!(
                     "pg_database_size {:.1} MiB (the schema's tables and indexes {:.1} MiB); \
-                     WAL {:.1} MiB in {:.0} records; {:.0} transactions committed",
+                     WAL {:.1} MiB in {:.0} records, {:.0} WAL syncs; {:.0} transactions committed; \
+                     server CPU {:.2} s",
                     mib(v[0]),
                     mib(v[1]),
                     mib(v[2]),
                     v[3],
-                    v[4]
+                    v[4],
+                    v[5],
+                    cpu.as_secs_f64()
                 )
             }
         }
     }
+}
+
+/// The CPU time the cluster's server has used: the postmaster's, its running processes' and
+/// that of the sessions it has reaped (from /proc, in USER_HZ ticks of 10 ms).
+fn server_cpu(cluster: &PgCluster) -> Duration {
+    let pidfile = std::fs::read_to_string(cluster.socket_dir().join("data/postmaster.pid")).unwrap();
+    let postmaster = pidfile.lines().next().unwrap().trim().to_owned();
+    // utime, stime, cutime, cstime: fields 14 to 17 of /proc/PID/stat, counted after the
+    // parenthesized command name (field 2, which may hold spaces).
+    let ticks = |pid: &str| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some((_, fields)) = stat.rsplit_once(')') else {
+            return 0;
+        };
+        fields
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum()
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children")).unwrap_or_default();
+    let total = ticks(&postmaster) + children.split_whitespace().map(ticks).sum::<u64>();
+    Duration::from_millis(total * 10)
 }
 
 /// SQLite and PostgreSQL side by side in one run: a list-only backfill, then a full content one
@@ -510,8 +551,19 @@ async fn backends() {
                 raw = list_only(raw);
             }
             let cfg = write_config_for(&raw, dir.path(), &sim.api_key(), &warehouse.database_toml());
+            // The schema is created before the timed sync, so neither the time nor the WAL
+            // counts it.
+            let migrated = Command::new(env!("CARGO_BIN_EXE_charthero-sync"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("migrate")
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(migrated.success(), "the migration failed");
             sim.reset_stats();
-            warehouse.reset_counters();
+            let cpu_before = warehouse.reset_counters();
             let (elapsed, peak_kib) = run_child(&cfg).await;
             let stats = sim.stats();
             assert_eq!(
@@ -550,7 +602,7 @@ async fn backends() {
                 stats.requests as f64 / n as f64,
                 stats.requests,
                 stats.route(Route::List),
-                warehouse.footprint(),
+                warehouse.footprint(cpu_before),
             );
         }
         sim.shutdown();
