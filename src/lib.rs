@@ -15,6 +15,7 @@
 pub mod api;
 pub mod check;
 pub mod config;
+pub mod copy;
 pub mod daemon;
 pub mod demo;
 pub mod exit;

@@ -115,6 +115,17 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Copy a SQLite warehouse into the PostgreSQL warehouse `database.url` names, bookkeeping
+    /// included (watermark, ledger, content queue, dead letters, history), so the next `sync`
+    /// lists only what is new. The destination is migrated and must hold no data; everything
+    /// commits in one transaction (a copy that stops leaves it empty), then every table's row
+    /// count is verified. Stop the daemon first: both warehouses' writer locks are taken.
+    Copy {
+        /// The SQLite warehouse to copy. It is only read, and must be of this release's schema:
+        /// an older one is refused (run `migrate` with its SQLite configuration first).
+        #[arg(long, value_name = "PATH")]
+        from: PathBuf,
+    },
     /// Remove encounters completely (rows, search entries, history, recordings): those older
     /// than --older-than (default: privacy.retention), or created in --from .. --to.
     Purge {
@@ -478,6 +489,32 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let database = config.database.clone();
             store::blocking(move || Ok(store::open(&database).map(drop)?)).await?;
             say!("database {} is up to date", config.database.target);
+            Ok(())
+        }
+        Command::Copy { from } => {
+            let config = Config::load(&cli.config)?;
+            charthero_sync::copy::check_arguments(&from, &config.database).map_err(|e| Failure {
+                code: exit::USAGE,
+                error: e.into(),
+            })?;
+            let source = config::DatabaseTarget::Sqlite { path: from.clone() };
+            let _source_lock = WriterLock::acquire(&source, "charthero-sync copy")?;
+            let _lock = WriterLock::acquire(&config.database.target, "charthero-sync copy")?;
+            let report = charthero_sync::copy::run(from, &config.database)
+                .await
+                .map_err(|error| {
+                    if error.chain().any(|c| c.is::<store::CopyRefused>()) {
+                        Failure {
+                            code: exit::USAGE,
+                            error,
+                        }
+                    } else {
+                        Failure::from(error)
+                    }
+                })?;
+            for line in charthero_sync::copy::summary(&report) {
+                say!("{line}");
+            }
             Ok(())
         }
         Command::Sync {

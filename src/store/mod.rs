@@ -4,14 +4,16 @@
 //! entry point answers with. The implementations are [`sqlite`] (connection setup, migrations,
 //! SQL) and [`postgres`] (migrations and SQL on a connection it is handed; the connection itself
 //! from [`postgres::connect`]), chosen by [`DatabaseTarget`]; nothing outside them names a
-//! database library. The store never does network I/O of its own: a PostgreSQL warehouse's only
-//! traffic is its database connection.
+//! database library but `transfer`, where `copy` moves a warehouse from one to the other. The
+//! store never does network I/O of its own: a PostgreSQL warehouse's only traffic is its
+//! database connection.
 
 mod backend;
 mod error;
 pub mod postgres;
 mod records;
 pub mod sqlite;
+mod transfer;
 mod writer;
 
 use std::path::Path;
@@ -28,6 +30,7 @@ pub use records::{
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
     WindowCompletion, Work, WorkItem,
 };
+pub use transfer::{CopyRefused, CopyReport, TableCopied, sqlite_to_postgres};
 pub use writer::{Pending, Writer};
 
 use crate::config::{DatabaseConfig, DatabaseTarget};
@@ -164,6 +167,44 @@ fn check_file_location(path: &Path) -> Result<(), LocationError> {
         }),
         Err(_) => Ok(()),
     }
+}
+
+/// The SET clause of the UPDATE that re-queues a changed encounter's live documents, the same
+/// rule on every backend (docs/content.md): a note is asked again (unsupported types excepted),
+/// and so is a finished ambient document's transcript — a detail could only say whether the
+/// transcript changed, at the price of the one request that fetches it (`save_transcript`
+/// skips the write when it did not); an unfinished ambient document needs nothing, its summary
+/// says when it finishes. `content_seq` tells work fetched before the change from work after.
+macro_rules! requeue_changed_documents {
+    () => {
+        "content_seq = content_seq + 1,
+         detail_state = CASE
+             WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
+             THEN 'pending' ELSE detail_state END,
+         transcript_state = CASE
+             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
+             ELSE transcript_state END,
+         transcript_attempts = CASE
+             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
+             ELSE transcript_attempts END,
+         transcript_next_at_ns = CASE
+             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
+             ELSE transcript_next_at_ns END"
+    };
+}
+use requeue_changed_documents;
+
+/// The routes a run disabled, stored as one comma-separated text (`sync_runs.disabled_routes`).
+fn split_routes(stored: Option<String>) -> Vec<String> {
+    stored
+        .map(|d| {
+            d.split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Lowercase hex of a digest: content hashes, transcript digests, recording file names.

@@ -326,3 +326,21 @@ pub struct PurgeCounts {
 
 /// A transcript turn as stored: (speaker, start, end, text).
 pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
+
+/// A two-turn finished transcript whose second turn says `text` (the backends' tests).
+#[cfg(test)]
+pub(crate) fn sample_transcript(text: &str) -> TranscriptRecord {
+    TranscriptRecord::new(
+        Some("deepgram".to_owned()),
+        Some(12.5),
+        vec![
+            (
+                Some("clinician".to_owned()),
+                0.0,
+                1.5,
+                Some("Good morning.".to_owned()),
+            ),
+            (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
+        ],
+    )
+}

@@ -1,5 +1,6 @@
 //! Notes, transcripts and recordings: fetched completely, byte for byte, politely (never above
-//! the configured rate, retries included), through every fault the upstream can throw.
+//! the configured rate, retries included), through every fault the upstream can throw. Every
+//! test runs on SQLite and on PostgreSQL.
 
 use std::time::Duration;
 
@@ -10,11 +11,11 @@ use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{TestEnv, compare, compare_content, reader, sim_options};
+use crate::support::{Backend, TestEnv, both_backends, compare, compare_content, holds, sim_options};
 
 fn assert_content_equal(env: &TestEnv) {
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let bad = compare_content(&env.sim, &env.db_path());
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let bad = compare_content(&env.sim, &env.warehouse);
     assert!(
         bad.is_empty(),
         "{} documents differ, e.g. {:?}",
@@ -32,28 +33,37 @@ fn watch_rate(env: &TestEnv, rps: f64, burst: u32) {
     }));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte() {
-    let env = TestEnv::start(SimOptions {
-        large_transcript_every: 25,
-        unicode_every: 2,
-        ..sim_options(21, 300)
-    })
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte
+);
+async fn unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            large_transcript_every: 25,
+            unicode_every: 2,
+            ..sim_options(21, 300)
+        },
+    )
     .await;
     let report = env.sync(&env.config(), CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_content_equal(&env);
-    let conn = reader(&env.db_path());
-    let (largest, exotic): (i64, i64) = conn
-        .query_row(
-            "SELECT (SELECT max(total) FROM (SELECT sum(length(CAST(text AS BLOB))) AS total
+    let db = &env.warehouse;
+    let (largest, exotic): (i64, i64) = db.row(
+        db.pick(
+            "SELECT (SELECT max(total) FROM (SELECT sum(octet_length(text)) AS total
                                              FROM transcript_turns GROUP BY document_id)),
                     (SELECT count(*) FROM transcript_turns
                      WHERE text LIKE '%👩‍⚕️%' OR text GLOB '*[一-龥]*' OR text LIKE '%é%')",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+            "SELECT (SELECT max(total) FROM (SELECT sum(octet_length(text)) AS total
+                                             FROM transcript_turns GROUP BY document_id) t),
+                    (SELECT count(*) FROM transcript_turns
+                     WHERE text LIKE '%👩‍⚕️%' OR text ~ '[一-龥]' OR text LIKE '%é%')",
+        ),
+        &[],
+    );
     assert!(
         largest > 1_900_000,
         "the largest transcript has only {largest} bytes"
@@ -62,23 +72,23 @@ async fn unicode_and_a_two_megabyte_transcript_round_trip_byte_for_byte() {
         exotic > 0,
         "no emoji, CJK or combining marks reached the warehouse"
     );
-    let unsupported: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM documents WHERE detail_state = 'unsupported'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let unsupported: i64 = db.scalar(
+        "SELECT count(*) FROM documents WHERE detail_state = 'unsupported'",
+        &[],
+    );
     assert!(
         unsupported > 0,
         "the dataset should hold unsupported document types"
     );
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_fault_matrix_ends_equal_with_no_rate_violations
+);
 /// Each fault, at several positions of each route, during one full content sync.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
-    let env = TestEnv::with_encounters(22, 400).await;
+async fn the_fault_matrix_ends_equal_with_no_rate_violations(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 22, 400).await;
     let mut raw = env.raw_config();
     raw.limits.requests_per_second = 300.0;
     raw.limits.burst = 10;
@@ -130,13 +140,10 @@ async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
     let stats = env.sim.stats();
     assert_eq!(stats.faults_injected, 30, "every fault fired: {stats:?}");
     assert!(report.counts.retries >= 20, "{:?}", report.counts);
-    let dead: Vec<(String, String, Option<String>, String)> = reader(&env.db_path())
-        .prepare("SELECT work, document_id, reason_code, last_error FROM dead_letters")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let dead: Vec<(String, String, Option<String>, String)> = env.warehouse.rows(
+        "SELECT work, document_id, reason_code, last_error FROM dead_letters",
+        &[],
+    );
     assert!(report.is_complete(), "{report:?}; dead letters: {dead:?}");
     assert_content_equal(&env);
     assert_eq!(
@@ -145,9 +152,12 @@ async fn the_fault_matrix_ends_equal_with_no_rate_violations() {
     );
 }
 
-#[tokio::test]
-async fn fatal_errors_fail_fast_without_a_retry_storm() {
-    let env = TestEnv::with_encounters(23, 200).await;
+both_backends!(
+    #[tokio::test]
+    fatal_errors_fail_fast_without_a_retry_storm
+);
+async fn fatal_errors_fail_fast_without_a_retry_storm(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 23, 200).await;
     env.sim.push_fault(FaultRule {
         route: Some(SimRoute::List),
         skip: 0,
@@ -171,9 +181,12 @@ async fn fatal_errors_fail_fast_without_a_retry_storm() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3() {
-    let env = TestEnv::with_encounters(24, 3_000).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3
+);
+async fn a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 24, 3_000).await;
     env.write_key_file(&env.sim.api_key());
     let config = env.write_config_file("");
     let key = env.sim.api_key();
@@ -196,22 +209,24 @@ async fn a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3() {
     let refused = env.sim.stats().status(401);
     // Requests already in flight when the first 401 arrived may also be refused; no new one is sent.
     assert!((1..=8).contains(&refused), "{refused} requests were refused");
-    let conn = reader(&env.db_path());
-    let (outcome, reason): (String, String) = conn
-        .query_row("SELECT outcome, reason_code FROM sync_runs", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
+    let (outcome, reason): (String, String) = env
+        .warehouse
+        .row("SELECT outcome, reason_code FROM sync_runs", &[]);
     assert_eq!((outcome.as_str(), reason.as_str()), ("failed", "revoked_key"));
-    let integrity: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
+    if let Some(path) = env.warehouse.sqlite_path() {
+        let integrity: String = crate::support::reader(path)
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs() {
-    let env = TestEnv::with_encounters(25, 150).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    without_recordings_read_audio_is_disabled_and_everything_else_syncs
+);
+async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 25, 150).await;
     env.sim.add_key(
         "ch_sk_no_audio",
         &["encounters:read", "patients:read", "documents:read"],
@@ -263,9 +278,12 @@ async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs() {
     assert_eq!(json["runs"][0]["outcome"], "partial");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
-    let env = TestEnv::with_encounters(26, 60).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    recordings_are_stored_by_content_hash_and_the_signed_url_never_is
+);
+async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 26, 60).await;
     let mut raw = env.raw_config();
     raw.audio.enabled = true;
     raw.audio.directory = env.dir.path().join("audio");
@@ -274,15 +292,10 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert!(report.counts.recordings_fetched > 0);
-    let conn = reader(&env.db_path());
-    let mut stmt = conn
-        .prepare("SELECT path, size_bytes, sha256, duration_seconds FROM recordings")
-        .unwrap();
-    let rows: Vec<(String, i64, String, Option<f64>)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(String, i64, String, Option<f64>)> = env.warehouse.rows(
+        "SELECT path, size_bytes, sha256, duration_seconds FROM recordings",
+        &[],
+    );
     assert_eq!(rows.len() as u64, report.counts.recordings_fetched);
     for (path, size, sha, duration) in &rows {
         let bytes = std::fs::read(audio_dir.join(path)).unwrap();
@@ -296,14 +309,13 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
         assert_eq!(path, &format!("{sha}.wav"));
         assert!(duration.is_some_and(|d| d > 0.0));
     }
-    drop(stmt);
-    drop(conn);
-    let db = std::fs::read(env.db_path()).unwrap();
-    let wal = std::fs::read(env.dir.path().join("warehouse.db-wal")).unwrap_or_default();
-    for haystack in [&db, &wal] {
-        let text = String::from_utf8_lossy(haystack);
-        assert!(!text.contains("token="), "a signed URL was stored");
-        assert!(!text.contains("/media/"), "a signed URL was stored");
+    let image = env.warehouse.disk_image();
+    for needle in ["token=", "/media/"] {
+        assert!(
+            !holds(&image, needle),
+            "a signed URL was stored: {:?}",
+            env.warehouse.rows_holding(needle)
+        );
     }
     let leftovers = std::fs::read_dir(&audio_dir)
         .unwrap()
@@ -318,9 +330,12 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is() {
     assert_eq!(leftovers, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again() {
-    let env = TestEnv::with_encounters(27, 0).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    transcripts_wait_for_finalization_and_changed_notes_are_fetched_again
+);
+async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 27, 0).await;
     let config = env.config();
     let id = env.sim.insert(NewEncounter {
         docs: vec![DocKind::Ambient, DocKind::Note],
@@ -340,13 +355,10 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
         0,
         "an unfinished transcript is not asked for"
     );
-    let state: String = reader(&env.db_path())
-        .query_row(
-            "SELECT transcript_state FROM documents WHERE document_id = ?1",
-            [&docs[0]],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let state: String = env.warehouse.scalar(
+        "SELECT transcript_state FROM documents WHERE document_id = ?1",
+        &[&docs[0]],
+    );
     assert_eq!(state, "waiting");
 
     env.sim.finalize_transcript(&id, &docs[0]);
@@ -373,9 +385,12 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
-    let env = TestEnv::with_encounters(28, 40).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle
+);
+async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 28, 40).await;
     let mut raw = env.raw_config();
     raw.limits.max_attempts = 2;
     let config = raw.validate().unwrap();
@@ -388,22 +403,16 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle() {
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(!report.is_complete());
     assert!(report.counts.dead_letters > 0);
-    let dead: i64 = reader(&env.db_path())
-        .query_row(
-            "SELECT count(*) FROM dead_letters WHERE work = 'transcript'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let dead: i64 = env
+        .warehouse
+        .scalar("SELECT count(*) FROM dead_letters WHERE work = 'transcript'", &[]);
     assert_eq!(dead as u64, report.counts.dead_letters);
 
     env.sim.clear_faults();
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.counts.transcripts_fetched as i64, dead);
-    let left: i64 = reader(&env.db_path())
-        .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
-        .unwrap();
+    let left: i64 = env.warehouse.scalar("SELECT count(*) FROM dead_letters", &[]);
     assert_eq!(left, 0);
     assert_content_equal(&env);
 }
@@ -439,10 +448,11 @@ fn content_floor(env: &TestEnv) -> Floor {
     floor
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content()
- {
-    let env = TestEnv::with_encounters(29, 3_000).await;
+both_backends!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content);
+async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 29, 3_000).await;
     let config = env.config();
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
@@ -517,21 +527,30 @@ fn content_requests(env: &TestEnv) -> (u64, u64) {
     (stats.route(SimRoute::Document), stats.route(SimRoute::Transcript))
 }
 
-/// The first and last turn rowids of a stored transcript: a rewrite gives its turns new rowids
-/// when transcripts were inserted after it (new rows take rowids above the table's largest).
-fn turn_rowids(env: &TestEnv, document_id: &str) -> (i64, i64) {
-    reader(&env.db_path())
-        .query_row(
-            "SELECT min(rowid), max(rowid) FROM transcript_turns WHERE document_id = ?1",
-            [document_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
+/// The stored versions of a transcript's turns. On SQLite the first and last rowids: a rewrite
+/// gives its turns new rowids when transcripts were inserted after it (new rows take rowids
+/// above the table's largest). On PostgreSQL each turn's writing transaction and place (`xmin`,
+/// `ctid`), which any rewrite changes.
+fn turn_rowids(env: &TestEnv, document_id: &str) -> String {
+    let db = &env.warehouse;
+    db.scalar(
+        db.pick(
+            "SELECT min(rowid) || '..' || max(rowid) FROM transcript_turns WHERE document_id = ?1",
+            "SELECT string_agg(xmin::text || '@' || ctid::text, ',' ORDER BY turn_index)
+             FROM transcript_turns WHERE document_id = ?1",
+        ),
+        &[&document_id],
+    )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter() {
-    let env = TestEnv::with_encounters(30, 0).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter
+);
+async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_transcript_of_its_encounter(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 30, 0).await;
     let config = env.config();
     let now = OffsetDateTime::now_utc();
     let insert = |hours: i64, docs: Vec<DocKind>| -> (String, Vec<String>) {
@@ -580,16 +599,12 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
         "first sync"
     );
     assert_eq!((floor.notes, floor.unsupported, floor.finalized), (4, 1, 4));
-    let conn = reader(&env.db_path());
-    let (ambient_details, notes_without_detail): (i64, i64) = conn
-        .query_row(
-            "SELECT count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND detail_updated_at IS NOT NULL),
-                    count(*) FILTER (WHERE schema_type = 'document' AND detail_updated_at IS NULL)
-             FROM documents",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (ambient_details, notes_without_detail): (i64, i64) = env.warehouse.row(
+        "SELECT count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND detail_updated_at IS NOT NULL),
+                count(*) FILTER (WHERE schema_type = 'document' AND detail_updated_at IS NULL)
+         FROM documents",
+        &[],
+    );
     assert_eq!(
         (ambient_details, notes_without_detail),
         (0, 0),

@@ -1,5 +1,6 @@
 //! The daemon as systemd runs it: the real binary, signals, the writer lock, the backfill
-//! queue, `status --json`, `check`, sd_notify, and logs searched for secrets and PHI.
+//! queue, `status --json`, `check`, sd_notify, and logs searched for secrets and PHI. The
+//! backfill, resume and audit tests run on SQLite and on PostgreSQL.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -9,7 +10,9 @@ use std::time::{Duration, Instant};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
-use crate::support::{ENCOUNTERS_ONLY, TestEnv, compare, reader, run, text};
+use crate::support::{
+    Backend, ENCOUNTERS_ONLY, TestEnv, Warehouse, both_backends, compare, reader, run, text,
+};
 
 fn bin(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
@@ -59,17 +62,21 @@ async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn backfill_state(db: &Path) -> Option<(String, Option<String>)> {
-    if !db.exists() {
+fn backfill_state(db: &Warehouse) -> Option<(String, Option<String>)> {
+    if !db.has_table("backfills") {
         return None;
     }
-    reader(db)
-        .query_row(
-            "SELECT status, cursor FROM backfills ORDER BY backfill_id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .ok()
+    db.rows(
+        "SELECT status, cursor FROM backfills ORDER BY backfill_id DESC LIMIT 1",
+        &[],
+    )
+    .pop()
+}
+
+/// Whether the daemon has finished at least `n` cycles.
+fn succeeded_runs(db: &Warehouse, n: i64) -> bool {
+    db.has_table("sync_runs")
+        && db.scalar::<i64>("SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'", &[]) >= n
 }
 
 /// A config whose live range is empty (start_at = now), so the work is the backfill, at a rate
@@ -95,18 +102,21 @@ fn backfill_config(env: &TestEnv, rps: u32) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality() {
-    let env = TestEnv::with_encounters(51, 20_000).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality
+);
+async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 51, 20_000).await;
     env.write_key_file(&env.sim.api_key());
     let config = backfill_config(&env, 100);
     let from = format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
-    let db = env.db_path();
+    let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.args(["run", "--backfill-from", &from]);
     let child = spawn(daemon);
     wait_for(Duration::from_secs(60), || {
-        backfill_state(&db).is_some_and(|(_, cursor)| cursor.is_some())
+        backfill_state(db).is_some_and(|(_, cursor)| cursor.is_some())
     })
     .await;
 
@@ -121,12 +131,13 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality()
     let (code, took) = wait_exit(child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(10), "{took:?}");
-    let conn = reader(&db);
-    let integrity: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
-    let (status, _) = backfill_state(&db).unwrap();
+    if let Some(path) = db.sqlite_path() {
+        let integrity: String = reader(path)
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
+    }
+    let (status, _) = backfill_state(db).unwrap();
     assert_eq!(
         status, "running",
         "an interrupted backfill stays queued to resume"
@@ -136,39 +147,30 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality()
     again.arg("run");
     let child = spawn(again);
     wait_for(Duration::from_secs(120), || {
-        backfill_state(&db).is_some_and(|(s, _)| s == "completed")
+        backfill_state(db).is_some_and(|(s, _)| s == "completed")
     })
     .await;
     signal(&child, "-TERM");
     let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
-    compare(&env.sim, &db).assert_empty();
-    let backfills: i64 = conn
-        .query_row("SELECT count(*) FROM backfills", [], |r| r.get(0))
-        .unwrap();
+    compare(&env.sim, db).assert_empty();
+    let backfills: i64 = db.scalar("SELECT count(*) FROM backfills", &[]);
     assert_eq!(backfills, 1, "the restart resumed the same backfill");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress() {
-    let env = TestEnv::with_encounters(52, 15_000).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
+);
+async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 52, 15_000).await;
     env.write_key_file(&env.sim.api_key());
     let config = backfill_config(&env, 25);
-    let db = env.db_path();
+    let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.arg("run");
     let child = spawn(daemon);
-    wait_for(Duration::from_secs(30), || {
-        db.exists()
-            && reader(&db)
-                .query_row(
-                    "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .is_ok_and(|n| n > 0)
-    })
-    .await;
+    wait_for(Duration::from_secs(30), || succeeded_runs(db, 1)).await;
 
     let mut queue = bin(&config);
     queue.args([
@@ -211,7 +213,7 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
     );
     signal(&child, "-TERM");
     wait_exit(child, Duration::from_secs(10)).await;
-    compare(&env.sim, &db).assert_empty();
+    compare(&env.sim, db).assert_empty();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,9 +380,12 @@ async fn a_full_sync_at_trace_level_logs_no_key_names_transcript_text_or_signed_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_back() {
-    let env = TestEnv::with_encounters(53, 3_000).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_back
+);
+async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_back(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 53, 3_000).await;
     env.write_key_file(&env.sim.api_key());
     // Deep revisit off and a long schedule: only the audit can see changes 10 days back.
     let config = env.write_config_file(ENCOUNTERS_ONLY);
@@ -390,21 +395,11 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
         1,
     );
     std::fs::write(&config, text).unwrap();
-    let db = env.db_path();
+    let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.arg("run");
     let child = spawn(daemon);
-    wait_for(Duration::from_secs(60), || {
-        db.exists()
-            && reader(&db)
-                .query_row(
-                    "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .is_ok_and(|n| n >= 1)
-    })
-    .await;
+    wait_for(Duration::from_secs(60), || succeeded_runs(db, 1)).await;
     let now = OffsetDateTime::now_utc();
     let backdated = env
         .sim
@@ -418,35 +413,19 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
         .encounter_id;
     env.sim.remove(&old);
     wait_for(Duration::from_secs(60), || {
-        let conn = reader(&db);
-        let added: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM encounters WHERE encounter_id = ?1",
-                [&backdated],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let removed: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM encounters WHERE encounter_id = ?1 AND removed_at IS NOT NULL",
-                [&old],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let audited: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM audits WHERE status = 'completed'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let (added, removed, audited): (i64, i64, i64) = db.row(
+            "SELECT (SELECT count(*) FROM encounters WHERE encounter_id = ?1),
+                    (SELECT count(*) FROM encounters WHERE encounter_id = ?2 AND removed_at IS NOT NULL),
+                    (SELECT count(*) FROM audits WHERE status = 'completed')",
+            &[&backdated, &old],
+        );
         added == 1 && removed == 1 && audited >= 1
     })
     .await;
     signal(&child, "-TERM");
     let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
-    compare(&env.sim, &db).assert_empty();
+    compare(&env.sim, db).assert_empty();
     // status reports the audit.
     let mut status = bin(&config);
     status.args(["status", "--json"]);

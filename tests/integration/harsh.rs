@@ -3,7 +3,7 @@
 //! digits), render `created_at` coarser than they filter and sort, stamp bulk imports with one
 //! instant, recompute `updated_at` backwards, and change history weeks back. Every test ends by
 //! comparing the warehouse with the simulator entity by entity, or with a clear error inside a
-//! request bound it asserts.
+//! request bound it asserts; every test runs on SQLite and on PostgreSQL.
 
 use charthero_sim::{
     DocKind, NewEncounter, QueryPrecision, Rendering, Rounding, Route as SimRoute, SimOptions,
@@ -13,7 +13,7 @@ use charthero_sync::timefmt::Micros;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{TestEnv, compare, count, reader, sim_options};
+use crate::support::{Backend, TestEnv, both_backends, compare, count, sim_options};
 
 fn live() -> CyclePlan {
     CyclePlan::full(None, false)
@@ -21,11 +21,14 @@ fn live() -> CyclePlan {
 
 /// Generated history plus a dense microsecond and records a nanosecond apart, against a server
 /// that only understands microseconds.
-async fn sync_against_microsecond_server(precision: QueryPrecision) {
-    let env = TestEnv::start(SimOptions {
-        query_precision: precision,
-        ..sim_options(71, 2_000)
-    })
+async fn sync_against_microsecond_server(backend: Backend, precision: QueryPrecision) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            query_precision: precision,
+            ..sim_options(71, 2_000)
+        },
+    )
     .await;
     let instant = OffsetDateTime::now_utc() - time::Duration::days(3);
     for _ in 0..250 {
@@ -39,39 +42,48 @@ async fn sync_against_microsecond_server(precision: QueryPrecision) {
     let config = raw.validate().unwrap();
     let report = env.sync(&config, live()).await;
     assert!(report.is_complete());
-    compare(&env.sim, &env.db_path()).assert_empty();
+    compare(&env.sim, &env.warehouse).assert_empty();
     // A reconcile with nanosecond bounds, and a repeat cycle, stay exact.
     let range = BackfillRange {
         start: instant - time::Duration::nanoseconds(1),
         end: OffsetDateTime::now_utc(),
     };
     env.sync(&config, CyclePlan::full(Some(range), false)).await;
-    compare(&env.sim, &env.db_path()).assert_empty();
+    compare(&env.sim, &env.warehouse).assert_empty();
 }
 
-#[tokio::test]
-async fn a_server_that_truncates_past_six_fractional_digits_is_synced_exactly() {
-    sync_against_microsecond_server(QueryPrecision::TruncateMicros).await;
+both_backends!(
+    #[tokio::test]
+    a_server_that_truncates_past_six_fractional_digits_is_synced_exactly
+);
+async fn a_server_that_truncates_past_six_fractional_digits_is_synced_exactly(backend: Backend) {
+    sync_against_microsecond_server(backend, QueryPrecision::TruncateMicros).await;
 }
 
-#[tokio::test]
-async fn a_server_that_rejects_past_six_fractional_digits_is_synced_exactly() {
-    sync_against_microsecond_server(QueryPrecision::RejectPastMicros).await;
+both_backends!(
+    #[tokio::test]
+    a_server_that_rejects_past_six_fractional_digits_is_synced_exactly
+);
+async fn a_server_that_rejects_past_six_fractional_digits_is_synced_exactly(backend: Backend) {
+    sync_against_microsecond_server(backend, QueryPrecision::RejectPastMicros).await;
 }
 
 /// 1,600 encounters in `span`, rendered to whole seconds: many share a rendered second while
 /// the server filters and sorts by microseconds (in 20 s, a rendered second holds most of a page).
-async fn sync_with_coarse_rendering(rounding: Rounding, span: time::Duration) {
+async fn sync_with_coarse_rendering(backend: Backend, rounding: Rounding, span: time::Duration) {
     let now = OffsetDateTime::now_utc();
-    let env = TestEnv::start(SimOptions {
-        start: now - time::Duration::days(2),
-        end: now - time::Duration::days(2) + span,
-        render_created_at: Some(Rendering {
-            unit: time::Duration::seconds(1),
-            rounding,
-        }),
-        ..sim_options(72, 1_600)
-    })
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            start: now - time::Duration::days(2),
+            end: now - time::Duration::days(2) + span,
+            render_created_at: Some(Rendering {
+                unit: time::Duration::seconds(1),
+                rounding,
+            }),
+            ..sim_options(72, 1_600)
+        },
+    )
     .await;
     let config = env.encounters_only_config();
     let result =
@@ -87,7 +99,7 @@ async fn sync_with_coarse_rendering(rounding: Rounding, span: time::Duration) {
     match result {
         Ok(report) => {
             assert!(report.is_complete());
-            compare(&env.sim, &env.db_path()).assert_empty();
+            compare(&env.sim, &env.warehouse).assert_empty();
         }
         Err(e @ (CycleError::RequestBound { .. } | CycleError::Unsettled { .. })) => {
             let text = e.to_string();
@@ -98,27 +110,40 @@ async fn sync_with_coarse_rendering(rounding: Rounding, span: time::Duration) {
     eprintln!("{rounding:?} over {span}: {list_requests} list requests for 1,600 encounters");
 }
 
-#[tokio::test]
-async fn created_at_rendered_coarser_than_it_sorts_truncated_is_synced_within_a_request_bound() {
-    sync_with_coarse_rendering(Rounding::Truncate, time::Duration::minutes(4)).await;
-    sync_with_coarse_rendering(Rounding::Truncate, time::Duration::seconds(20)).await;
+both_backends!(
+    #[tokio::test]
+    created_at_rendered_coarser_than_it_sorts_truncated_is_synced_within_a_request_bound
+);
+async fn created_at_rendered_coarser_than_it_sorts_truncated_is_synced_within_a_request_bound(
+    backend: Backend,
+) {
+    sync_with_coarse_rendering(backend, Rounding::Truncate, time::Duration::minutes(4)).await;
+    sync_with_coarse_rendering(backend, Rounding::Truncate, time::Duration::seconds(20)).await;
 }
 
-#[tokio::test]
-async fn created_at_rendered_coarser_than_it_sorts_rounded_is_synced_within_a_request_bound() {
-    sync_with_coarse_rendering(Rounding::Nearest, time::Duration::minutes(4)).await;
-    sync_with_coarse_rendering(Rounding::Nearest, time::Duration::seconds(20)).await;
+both_backends!(
+    #[tokio::test]
+    created_at_rendered_coarser_than_it_sorts_rounded_is_synced_within_a_request_bound
+);
+async fn created_at_rendered_coarser_than_it_sorts_rounded_is_synced_within_a_request_bound(
+    backend: Backend,
+) {
+    sync_with_coarse_rendering(backend, Rounding::Nearest, time::Duration::minutes(4)).await;
+    sync_with_coarse_rendering(backend, Rounding::Nearest, time::Duration::seconds(20)).await;
 }
 
-#[tokio::test]
-async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends() {
-    let env = TestEnv::with_encounters(73, 300).await;
+both_backends!(
+    #[tokio::test]
+    up_to_20200_encounters_on_one_instant_are_read_from_both_ends
+);
+async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 73, 300).await;
     let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
     env.sim.insert_bulk(instant, 20_200);
     let config = env.encounters_only_config();
     let report = env.sync(&config, live()).await;
     assert!(report.is_complete());
-    compare(&env.sim, &env.db_path()).assert_empty();
+    compare(&env.sim, &env.warehouse).assert_empty();
     // Ascending offsets reach 10,100 and descending ones the other 10,100: 102 + 102 pages.
     assert!(
         report.counts.list_requests < 20_500 / 99 + 60,
@@ -127,9 +152,12 @@ async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends() {
     );
 }
 
-#[tokio::test]
-async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_are_kept() {
-    let env = TestEnv::with_encounters(74, 200).await;
+both_backends!(
+    #[tokio::test]
+    more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_are_kept
+);
+async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_are_kept(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 74, 200).await;
     let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
     env.sim.insert_bulk(instant, 20_350);
     let config = env.encounters_only_config();
@@ -143,34 +171,27 @@ async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_
     );
     assert!(text.contains(&Micros::floor(instant).to_string()), "{text}");
     assert_eq!(err.reason_code(), Some("instant_overfull"));
-    let conn = reader(&env.db_path());
-    let at_instant: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM encounters WHERE created_at_ns = ?1",
-            [charthero_sync::timefmt::unix_nanos(instant)],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let db = &env.warehouse;
+    let at_instant: i64 = db.scalar(
+        "SELECT count(*) FROM encounters WHERE created_at_ns = ?1",
+        &[&charthero_sync::timefmt::unix_nanos(instant)],
+    );
     assert_eq!(at_instant, 20_200, "what both ends reach is kept");
-    let (outcome, reason): (String, String) = conn
-        .query_row(
-            "SELECT outcome, reason_code FROM sync_runs ORDER BY run_id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (outcome, reason): (String, String) = db.row(
+        "SELECT outcome, reason_code FROM sync_runs ORDER BY run_id DESC LIMIT 1",
+        &[],
+    );
     assert_eq!(
         (outcome.as_str(), reason.as_str()),
         ("failed", "instant_overfull")
     );
     // The watermark did not pass the unread instant.
-    let through: Option<String> = conn
-        .query_row(
-            "SELECT value FROM sync_state WHERE name = 'complete_through'",
-            [],
-            |r| r.get(0),
+    let through: Option<String> = db
+        .optional_row::<(String,)>(
+            "SELECT value FROM organization_state WHERE name = 'complete_through'",
+            &[],
         )
-        .ok();
+        .map(|(t,)| t);
     assert!(
         through
             .as_deref()
@@ -179,9 +200,12 @@ async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_
     );
 }
 
-#[tokio::test]
-async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
-    let env = TestEnv::with_encounters(75, 400).await;
+both_backends!(
+    #[tokio::test]
+    the_state_read_last_wins_even_when_its_updated_at_is_older
+);
+async fn the_state_read_last_wins_even_when_its_updated_at_is_older(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 75, 400).await;
     // Three encounters inside the recent revisit horizon, which every cycle lists again.
     let recent: Vec<_> = (1..=3)
         .map(|h| {
@@ -207,26 +231,25 @@ async fn the_state_read_last_wins_even_when_its_updated_at_is_older() {
     env.sim
         .restore_status(&restored.encounter_id, "in_progress", restored.created_at);
     env.sync(&config, live()).await;
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let conn = reader(&env.db_path());
-    let (holder, removed): (String, Option<String>) = conn
-        .query_row(
-            "SELECT encounter_id, removed_at FROM documents WHERE document_id = ?1",
-            [&doc],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let (holder, removed): (String, Option<String>) = env.warehouse.row(
+        "SELECT encounter_id, removed_at FROM documents WHERE document_id = ?1",
+        &[&doc],
+    );
     assert_eq!(holder, to.encounter_id, "the document moved with upstream");
     assert_eq!(removed, None);
     // And a reconcile of everything ends equal too.
     env.reconcile_and_compare(&config).await;
 }
 
+both_backends!(
+    #[tokio::test]
+    an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile
+);
 /// The history audit: 20 changes 3–28 days old in a 60,000-encounter list-only warehouse — late
 /// backdated records and removals — that neither the live cycle nor the recent revisit sees.
-#[tokio::test]
-async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
-    let env = TestEnv::with_encounters(76, 60_000).await;
+async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 76, 60_000).await;
     let mut raw = env.raw_config();
     raw.content.details = false;
     raw.content.transcripts = false;
@@ -258,14 +281,14 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
     }
     // The live cycle alone does not see them.
     env.sync(&config, live()).await;
-    let before = compare(&env.sim, &env.db_path());
+    let before = compare(&env.sim, &env.warehouse);
     assert_eq!(before.missing.len() + before.ghosts.len(), 20, "{before:?}");
 
     let audited = env.sync(&config, CyclePlan::full(None, true)).await;
     let audit_requests = last_audit_requests(&env);
     assert!(audited.is_complete());
-    compare(&env.sim, &env.db_path()).assert_empty();
-    assert_eq!(count(&env.db_path(), "audits"), 2);
+    compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(count(&env.warehouse, "audits"), 2);
 
     // What a full reconcile of the same history costs.
     let range = BackfillRange {
@@ -273,14 +296,11 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
         end: now,
     };
     env.sync(&config, CyclePlan::full(Some(range), false)).await;
-    let reconcile_requests: i64 = reader(&env.db_path())
-        .query_row(
-            "SELECT sum(pages) FROM sync_windows WHERE kind = 'backfill'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    compare(&env.sim, &env.db_path()).assert_empty();
+    let reconcile_requests: i64 = env.warehouse.scalar(
+        "SELECT CAST(sum(pages) AS bigint) FROM sync_windows WHERE kind = 'backfill'",
+        &[],
+    );
+    compare(&env.sim, &env.warehouse).assert_empty();
     eprintln!(
         "audit: {quiet_requests} list requests with no change, {audit_requests} with 20 changes; \
          full reconcile {reconcile_requests}"
@@ -294,11 +314,8 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile() {
 
 /// The list requests of the newest audit, as its row records them.
 fn last_audit_requests(env: &TestEnv) -> i64 {
-    reader(&env.db_path())
-        .query_row(
-            "SELECT list_requests FROM audits ORDER BY audit_id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
+    env.warehouse.scalar(
+        "SELECT list_requests FROM audits ORDER BY audit_id DESC LIMIT 1",
+        &[],
+    )
 }

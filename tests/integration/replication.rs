@@ -1,7 +1,7 @@
 //! Replication against an upstream that changes while we page: removals behind the cursor,
 //! late-visible inserts into windows already read, updates during paging, fresh inserts at now,
 //! dense windows and instants, crashes at random moments. Every test ends by comparing the
-//! warehouse with the simulator entity by entity.
+//! warehouse with the simulator entity by entity, and runs on SQLite and on PostgreSQL.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{TestEnv, compare, count, reader, sim_options};
+use crate::support::{Backend, TestEnv, both_backends, compare, count, sim_options};
 
 /// Mutations a chaos hook performed, to check how the warehouse recorded them.
 #[derive(Default)]
@@ -78,11 +78,14 @@ fn chaos_hook(seed: u64, state: Arc<Mutex<Chaos>>) -> charthero_sim::ListHook {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_seeds() {
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_seeds
+);
+async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_seeds(backend: Backend) {
     let mut rescans = 0;
     for seed in 1..=10u64 {
-        let env = TestEnv::with_encounters(seed, 2_500).await;
+        let env = TestEnv::with_encounters_on(backend, seed, 2_500).await;
         let mut raw = env.raw_config();
         // Small pages make many requests per window, so the chaos lands mid-window.
         raw.sync.page_size = 40;
@@ -109,19 +112,18 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
         };
         let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
         rescans += report.counts.rescans;
-        compare(&env.sim, &env.db_path()).assert_empty();
+        let db = &env.warehouse;
+        compare(&env.sim, db).assert_empty();
 
         let chaos = chaos.lock().unwrap();
         assert!(chaos.mutations > 10, "seed {seed}: the hook barely ran");
-        let conn = reader(&env.db_path());
         for id in chaos.removed.iter().chain(&chaos.unavailable) {
-            let reason: Option<String> = conn
-                .query_row(
+            let reason: Option<String> = db
+                .optional_row::<(Option<String>,)>(
                     "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
-                    [id],
-                    |r| r.get(0),
+                    &[id],
                 )
-                .unwrap_or(None);
+                .and_then(|(reason,)| reason);
             let expected = match env.sim.visibility(id) {
                 Some(Visibility::Removed) => "encounter_not_found",
                 Some(Visibility::Unavailable(Unavailable::CrossOrganization)) => "cross_organization_denied",
@@ -133,13 +135,10 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
                 assert_eq!(reason, expected, "seed {seed}: {id}");
             }
         }
-        let dupes: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM (SELECT document_id FROM documents GROUP BY document_id HAVING count(*) > 1)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let dupes: i64 = db.scalar(
+            "SELECT count(*) FROM (SELECT document_id FROM documents GROUP BY document_id HAVING count(*) > 1) d",
+            &[],
+        );
         assert_eq!(dupes, 0);
     }
     assert!(
@@ -148,14 +147,22 @@ async fn mixed_churn_while_paging_converges_exactly_after_a_reconcile_over_ten_s
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_out_complete() {
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_out_complete
+);
+async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_out_complete(
+    backend: Backend,
+) {
     let day = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT) - time::Duration::days(3);
-    let env = TestEnv::start(SimOptions {
-        start: day,
-        end: day + time::Duration::days(1),
-        ..sim_options(25, 25_000)
-    })
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            start: day,
+            end: day + time::Duration::days(1),
+            ..sim_options(25, 25_000)
+        },
+    )
     .await;
     let instant = day + time::Duration::hours(12);
     for _ in 0..300 {
@@ -164,20 +171,18 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
     let report = env
         .sync(&env.encounters_only_config(), CyclePlan::full(None, false))
         .await;
-    compare(&env.sim, &env.db_path()).assert_empty();
-    assert_eq!(count(&env.db_path(), "encounters"), 25_300);
+    let db = &env.warehouse;
+    compare(&env.sim, db).assert_empty();
+    assert_eq!(count(db, "encounters"), 25_300);
     assert!(
         report.counts.splits > 0,
         "a 25,300-record day must be split: {:?}",
         report.counts
     );
-    let at_instant: i64 = reader(&env.db_path())
-        .query_row(
-            "SELECT count(*) FROM encounters WHERE created_at = ?1",
-            [charthero_sync::timefmt::format_stored(instant)],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let at_instant: i64 = db.scalar(
+        "SELECT count(*) FROM encounters WHERE created_at = ?1",
+        &[&charthero_sync::timefmt::format_stored(instant)],
+    );
     assert!(at_instant >= 300);
     // Re-anchoring keeps the cost near the ceil(N/100) minimum even here.
     let minimum = 25_300f64 / 100.0;
@@ -188,9 +193,12 @@ async fn twenty_five_thousand_in_one_day_and_three_hundred_in_one_instant_come_o
     );
 }
 
-#[tokio::test]
-async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon() {
-    let env = TestEnv::with_encounters(31, 3_000).await;
+both_backends!(
+    #[tokio::test]
+    a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
+);
+async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 31, 3_000).await;
     let config = env.config();
     env.sync(&config, CyclePlan::full(None, false)).await;
     let before = OffsetDateTime::now_utc();
@@ -223,23 +231,22 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
         second.counts.list_requests
     );
     assert_eq!(second.counts.encounters_new + second.counts.encounters_changed, 0);
-    let conn = reader(&env.db_path());
     let since = charthero_sync::timefmt::format_stored(before);
     for table in ["encounters", "patients", "documents"] {
-        let changed: i64 = conn
-            .query_row(
-                &format!("SELECT count(*) FROM {table} WHERE changed_at >= ?1"),
-                [&since],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let changed: i64 = env.warehouse.scalar(
+            &format!("SELECT count(*) FROM {table} WHERE changed_at >= ?1"),
+            &[&since],
+        );
         assert_eq!(changed, 0, "{table} rows changed on a quiet cycle");
     }
 }
 
-#[tokio::test]
-async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone() {
-    let env = TestEnv::with_encounters(41, 800).await;
+both_backends!(
+    #[tokio::test]
+    a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone
+);
+async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alone(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 41, 800).await;
     let config = env.encounters_only_config();
     let first = env.sync(&config, CyclePlan::full(None, false)).await;
     let ids: Vec<_> = env.sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
@@ -252,25 +259,19 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
     };
     let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
     assert_eq!(report.counts.encounters_removed, 2, "{:?}", report.counts);
-    let conn = reader(&env.db_path());
+    let db = &env.warehouse;
     let reasons: Vec<String> = ids[..2]
         .iter()
         .map(|id| {
-            conn.query_row(
+            db.scalar(
                 "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
-                [id],
-                |r| r.get(0),
+                &[id],
             )
-            .unwrap()
         })
         .collect();
     assert_eq!(reasons, ["encounter_not_found", "demo_training_denied"]);
     assert!(report.complete_through >= first.complete_through);
-    let (status, cursor): (String, String) = conn
-        .query_row("SELECT status, cursor FROM backfills", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
+    let (status, cursor): (String, String) = db.row("SELECT status, cursor FROM backfills", &[]);
     assert_eq!(status, "completed");
     assert_eq!(
         cursor,
@@ -279,25 +280,25 @@ async fn a_backfill_marks_removals_revives_returns_and_leaves_the_watermark_alon
 
     env.sim.restore(&ids[0]);
     env.sync(&config, CyclePlan::full(Some(range), false)).await;
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let removed: Option<String> = conn
-        .query_row(
-            "SELECT removed_at FROM encounters WHERE encounter_id = ?1",
-            [&ids[0]],
-            |r| r.get(0),
-        )
-        .unwrap();
+    compare(&env.sim, db).assert_empty();
+    let removed: Option<String> = db.scalar(
+        "SELECT removed_at FROM encounters WHERE encounter_id = ?1",
+        &[&ids[0]],
+    );
     assert_eq!(removed, None, "a record that came back is revived");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal
+);
+async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal(backend: Backend) {
     let kills = if std::env::var_os("CHARTHERO_SOAK").is_some() {
         100
     } else {
         20
     };
-    let env = TestEnv::with_encounters(77, 20_000).await;
+    let env = TestEnv::with_encounters_on(backend, 77, 20_000).await;
     env.write_key_file(&env.sim.api_key());
     let config_path = env.write_config_file(crate::support::ENCOUNTERS_ONLY);
     // Live time starts now, so the work is the backfill of the whole dataset.
@@ -315,6 +316,12 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
     std::fs::write(&config_path, text).unwrap();
     let from = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61));
     let to = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc());
+    // Migrated first: the kills are meant for the backfill (a PostgreSQL schema takes about a
+    // second to create on a loaded machine, longer than many of the delays below).
+    let mut migrate = crate::support::charthero_sync();
+    migrate.arg("--config").arg(&config_path).arg("migrate");
+    let out = crate::support::run(migrate).await;
+    assert!(out.status.success(), "{}", crate::support::text(&out));
     let spawn = move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_charthero-sync"))
             .arg("--config")
@@ -346,39 +353,39 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "the final run failed");
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let conn = reader(&env.db_path());
-    let integrity: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
-    assert_eq!(count(&env.db_path(), "encounters"), 20_000);
-    let (aborted, backfills, unfinished, other): (i64, i64, i64, i64) = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM sync_runs WHERE outcome = 'aborted'), (SELECT count(*) FROM backfills),
-                    (SELECT count(*) FROM backfills WHERE status <> 'completed'),
-                    (SELECT count(*) FROM sync_runs WHERE outcome NOT IN ('aborted', 'succeeded'))",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
+    let db = &env.warehouse;
+    compare(&env.sim, db).assert_empty();
+    if let Some(path) = db.sqlite_path() {
+        let integrity: String = crate::support::reader(path)
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
+    }
+    assert_eq!(count(db, "encounters"), 20_000);
+    let (aborted, backfills, unfinished, other): (i64, i64, i64, i64) = db.row(
+        "SELECT (SELECT count(*) FROM sync_runs WHERE outcome = 'aborted'), (SELECT count(*) FROM backfills),
+                (SELECT count(*) FROM backfills WHERE status <> 'completed'),
+                (SELECT count(*) FROM sync_runs WHERE outcome NOT IN ('aborted', 'succeeded'))",
+        &[],
+    );
     // Every killed run that had written its row is marked aborted by the next one; a kill that
     // lands before the row exists (a slow start on a loaded machine) leaves nothing to mark, so
     // only most of the kills, not all but one, are required to show up.
-    assert_eq!(other, 0, "a killed run was left running (or failed)");
+    let left: Vec<(i64, String, Option<String>)> = db.rows(
+        "SELECT run_id, outcome, error FROM sync_runs WHERE outcome NOT IN ('aborted', 'succeeded')",
+        &[],
+    );
+    assert_eq!(other, 0, "a killed run was left running (or failed): {left:?}");
     assert!(
         aborted >= (kills - finished_early) as i64 / 2,
         "killed runs are marked aborted: {aborted} of {kills} kills ({finished_early} finished early)"
     );
     // Restarts resume the interrupted backfill: a new backfill row appears only after the
     // previous one completed (a run may complete it just before its kill lands).
-    let rows: Vec<(String, Option<String>)> = conn
-        .prepare("SELECT requested_at, finished_at FROM backfills ORDER BY backfill_id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(String, Option<String>)> = db.rows(
+        "SELECT requested_at, finished_at FROM backfills ORDER BY backfill_id",
+        &[],
+    );
     let parse = |t: &str| charthero_sync::timefmt::parse_rfc3339(t).unwrap();
     for pair in rows.windows(2) {
         let finished = pair[0]
@@ -396,17 +403,20 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal() {
     assert_eq!(unfinished, 0);
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    soak_list_requests_per_encounter_for_a_100k_backfill
+);
 /// Measures list requests per encounter for a 100k backfill, quiet and churning, against the
 /// ceil(N/100) minimum. Heavy: runs only with `CHARTHERO_SOAK=1` (add `--nocapture` to see it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
+async fn soak_list_requests_per_encounter_for_a_100k_backfill(backend: Backend) {
     if std::env::var_os("CHARTHERO_SOAK").is_none() {
         return;
     }
     let n = 100_000usize;
     let minimum = n.div_ceil(100) as f64;
     for churn in [false, true] {
-        let env = TestEnv::with_encounters(100, n).await;
+        let env = TestEnv::with_encounters_on(backend, 100, n).await;
         let config = env.encounters_only_config();
         let chaos = Arc::new(Mutex::new(Chaos::default()));
         if churn {
@@ -448,6 +458,6 @@ async fn soak_list_requests_per_encounter_for_a_100k_backfill() {
         )
         .await
         .unwrap();
-        compare(&env.sim, &env.db_path()).assert_empty();
+        compare(&env.sim, &env.warehouse).assert_empty();
     }
 }

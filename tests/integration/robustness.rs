@@ -1,7 +1,8 @@
 //! Input the binary does not control: every numeric configuration key at and beyond its bounds,
 //! closed stdout/stderr, a missing database directory. None of it may panic (exit 101) or hang;
 //! bad values are configuration errors (exit 2) that name the key. Also the two newcomer paths:
-//! `simulate`, and a backfill queued without a daemon.
+//! `simulate`, and a backfill queued without a daemon. The closed-output and queued-backfill
+//! tests run on SQLite and on PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
-use crate::support::{TestEnv, charthero_sync, reader, run_within, text};
+use crate::support::{Backend, TestEnv, both_backends, charthero_sync, reader, run_within, text};
 
 /// Exit status of a panicking Rust program.
 const PANICKED: i32 = 101;
@@ -360,9 +361,12 @@ async fn exit_code_with_closed_output(mut cmd: Command, limit: Duration) -> Opti
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_stdout_and_stderr_never_panic_any_command() {
-    let env = TestEnv::with_encounters(62, 50).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_closed_stdout_and_stderr_never_panic_any_command
+);
+async fn a_closed_stdout_and_stderr_never_panic_any_command(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 62, 50).await;
     env.write_key_file(&env.sim.api_key());
     let config = env.write_config_file(crate::support::ENCOUNTERS_ONLY);
     let from = format_utc(OffsetDateTime::now_utc() - time::Duration::days(3));
@@ -535,9 +539,14 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     assert!(text(&out).contains("drop --config"), "{}", text(&out));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_status_lists_it() {
-    let env = TestEnv::with_encounters(64, 300).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_status_lists_it
+);
+async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_status_lists_it(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 64, 300).await;
     env.write_key_file(&env.sim.api_key());
     let config = env.write_config_file(crate::support::ENCOUNTERS_ONLY);
     let sync = || {
@@ -578,13 +587,10 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
 
     let out = run_within(sync(), Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let rows: Vec<(i64, String)> = reader(&env.db_path())
-        .prepare("SELECT backfill_id, status FROM backfills ORDER BY backfill_id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(i64, String)> = env.warehouse.rows(
+        "SELECT backfill_id, status FROM backfills ORDER BY backfill_id",
+        &[],
+    );
     assert_eq!(
         rows,
         vec![(1, "completed".to_owned())],
@@ -600,5 +606,5 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
         "{json}"
     );
     assert!(b["finished_at"].is_string(), "{json}");
-    crate::support::compare(&env.sim, &env.db_path()).assert_empty();
+    crate::support::compare(&env.sim, &env.warehouse).assert_empty();
 }

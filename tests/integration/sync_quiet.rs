@@ -1,21 +1,24 @@
 //! A sync of a quiet simulator: the warehouse ends equal to upstream, record by record, and a
-//! second cycle changes nothing.
+//! second cycle changes nothing. Every test runs on SQLite and on PostgreSQL.
 
 use charthero_sim::{Fault, FaultRule, Route as SimRoute, SimOptions};
 use charthero_sync::sync::{CycleError, CyclePlan};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{TestEnv, compare, count, reader, sim_options};
+use crate::support::{Backend, TestEnv, both_backends, compare, compare_content, count, sim_options};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
-    let env = TestEnv::with_encounters(2026, 20_000).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_quiet_sync_of_20000_encounters_equals_the_simulator
+);
+async fn a_quiet_sync_of_20000_encounters_equals_the_simulator(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 2026, 20_000).await;
     let report = env
         .sync(&env.encounters_only_config(), CyclePlan::full(None, false))
         .await;
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let db = env.db_path();
-    assert_eq!(count(&db, "encounters"), 20_000);
+    let db = &env.warehouse;
+    compare(&env.sim, db).assert_empty();
+    assert_eq!(count(db, "encounters"), 20_000);
     assert_eq!(report.counts.encounters_new, 20_000);
     // Records re-read at a page's anchor or a window's cut are not reported as unchanged:
     // a first sync found only new records. (Windows cut by density re-read a handful.)
@@ -31,39 +34,34 @@ async fn a_quiet_sync_of_20000_encounters_equals_the_simulator() {
         ids.dedup();
         ids.len()
     };
-    assert_eq!(count(&db, "patients") as usize, patients);
+    assert_eq!(count(db, "patients") as usize, patients);
     // Close to the minimum of ceil(N / 100) list requests: the first probe and splits add few.
     assert!(report.counts.list_requests <= 200 + 20, "{:?}", report.counts);
-    let (outcome, windows): (String, i64) = reader(&db)
-        .query_row(
-            "SELECT outcome, windows FROM sync_runs WHERE run_id = ?1",
-            [report.run_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (outcome, windows): (String, i64) = db.row(
+        "SELECT outcome, windows FROM sync_runs WHERE run_id = ?1",
+        &[&report.run_id],
+    );
     assert_eq!(outcome, "succeeded");
     assert!(
         windows >= 3,
         "20,000 records need several windows under the offset cap"
     );
-    let ledger_records: i64 = reader(&db)
-        .query_row("SELECT sum(records_seen) FROM sync_windows", [], |r| r.get(0))
-        .unwrap();
+    let ledger_records: i64 = db.scalar("SELECT CAST(sum(records_seen) AS bigint) FROM sync_windows", &[]);
     assert_eq!(ledger_records, 20_000);
 }
 
-#[tokio::test]
-async fn a_second_cycle_without_upstream_changes_writes_nothing() {
-    let env = TestEnv::with_encounters(11, 1_500).await;
+both_backends!(
+    #[tokio::test]
+    a_second_cycle_without_upstream_changes_writes_nothing
+);
+async fn a_second_cycle_without_upstream_changes_writes_nothing(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 11, 1_500).await;
     let cfg = env.encounters_only_config();
     env.sync(&cfg, CyclePlan::full(None, false)).await;
-    let changes_before: i64 = reader(&env.db_path())
-        .query_row(
-            "SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let changes_before: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE changed_at IS NOT NULL",
+        &[],
+    );
     let second = env.sync(&cfg, CyclePlan::full(None, false)).await;
     assert_eq!(
         second.counts.encounters_new + second.counts.encounters_changed,
@@ -72,32 +70,38 @@ async fn a_second_cycle_without_upstream_changes_writes_nothing() {
         second.counts
     );
     assert_eq!(changes_before, 1_500);
-    compare(&env.sim, &env.db_path()).assert_empty();
+    compare(&env.sim, &env.warehouse).assert_empty();
 }
 
-#[tokio::test]
-async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized() {
-    let env = TestEnv::start(SimOptions {
-        offset_timestamps: true,
-        extra_fields: true,
-        ..sim_options(5, 400)
-    })
+both_backends!(
+    #[tokio::test]
+    offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized
+);
+async fn offsets_other_than_utc_and_unknown_fields_are_accepted_and_normalized(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            offset_timestamps: true,
+            extra_fields: true,
+            ..sim_options(5, 400)
+        },
+    )
     .await;
     env.sync(&env.config(), CyclePlan::full(None, false)).await;
-    compare(&env.sim, &env.db_path()).assert_empty();
-    assert_eq!(
-        crate::support::compare_content(&env.sim, &env.db_path()),
-        Vec::<String>::new()
-    );
-    let sample: String = reader(&env.db_path())
-        .query_row("SELECT created_at FROM encounters LIMIT 1", [], |r| r.get(0))
-        .unwrap();
+    compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(compare_content(&env.sim, &env.warehouse), Vec::<String>::new());
+    let sample: String = env
+        .warehouse
+        .scalar("SELECT created_at FROM encounters LIMIT 1", &[]);
     assert!(sample.ends_with('Z'), "{sample}");
 }
 
-#[tokio::test]
-async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clear_error() {
-    let env = TestEnv::with_encounters(12, 600).await;
+both_backends!(
+    #[tokio::test]
+    a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clear_error
+);
+async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clear_error(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 12, 600).await;
     let cfg = env.encounters_only_config();
     let cancel = CancellationToken::new();
     env.sync(&cfg, CyclePlan::full(None, false)).await;
@@ -118,14 +122,11 @@ async fn a_truncated_page_is_retried_and_one_that_stays_broken_fails_with_a_clea
     assert!(matches!(err, CycleError::Api(_)), "{err}");
     assert!(err.to_string().contains("malformed response body"), "{err}");
     env.sim.clear_faults();
-    compare(&env.sim, &env.db_path()).assert_empty();
-    let (outcome, error, retries): (String, String, i64) = reader(&env.db_path())
-        .query_row(
-            "SELECT outcome, error, retries FROM sync_runs ORDER BY run_id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let (outcome, error, retries): (String, String, i64) = env.warehouse.row(
+        "SELECT outcome, error, retries FROM sync_runs ORDER BY run_id DESC LIMIT 1",
+        &[],
+    );
     assert_eq!(outcome, "failed");
     assert!(error.contains("malformed"), "{error}");
     assert_eq!(retries, 5, "max_attempts = 6 means five retries, then the error");

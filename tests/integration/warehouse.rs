@@ -1,26 +1,17 @@
 //! The warehouse analysts query: the documented schema, views, full-text search, change
 //! history, privacy controls and purges (verified on the raw database and WAL bytes), and
-//! concurrent readers during a sync.
+//! concurrent readers during a sync. Views, search, history, privacy and purges run on SQLite
+//! and on PostgreSQL (whose concurrent readers are tested in postgres.rs); the documented
+//! schema and the reader processes read SQLite files.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use charthero_sim::Simulator;
 use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
 
-use crate::support::{TestEnv, compare, reader};
-
-/// Whether the database file or its WAL contains `needle` anywhere, deleted pages included.
-fn on_disk(db: &Path, needle: &str) -> bool {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    [db.to_owned(), wal.into()].iter().any(|p| {
-        let bytes = std::fs::read(p).unwrap_or_default();
-        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
-}
+use crate::support::{Backend, TestEnv, Warehouse, both_backends, compare, holds};
 
 /// PHI canaries of the given encounters: distinctive names, birth dates, a transcript
 /// sentence and a note line each.
@@ -58,41 +49,14 @@ fn canaries(sim: &Simulator, encounter_ids: &BTreeSet<String>) -> Vec<String> {
     out.into_iter().collect()
 }
 
-/// Where a leaked value lives: the tables and columns holding it, or "free space / WAL".
-fn locate(db: &Path, needle: &str) -> String {
-    let conn = reader(db);
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let mut found = Vec::new();
-    for t in tables {
-        let cols: Vec<String> = conn
-            .prepare(&format!("SELECT name FROM pragma_table_info('{t}')"))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        for c in cols {
-            let n: i64 = conn
-                .query_row(
-                    &format!("SELECT count(*) FROM \"{t}\" WHERE CAST(\"{c}\" AS TEXT) LIKE ?1"),
-                    [format!("%{needle}%")],
-                    |r| r.get(0),
-                )
-                .unwrap_or(0);
-            if n > 0 {
-                found.push(format!("{t}.{c}"));
-            }
-        }
-    }
-    let wal = std::fs::read(format!("{}-wal", db.display())).unwrap_or_default();
-    let in_wal = wal.windows(needle.len()).any(|w| w == needle.as_bytes());
-    format!("rows: {found:?}; in WAL: {in_wal}; WAL bytes: {}", wal.len())
+/// Where a leaked value lives: the live rows holding it, PostgreSQL's planner statistics, or
+/// else only deleted data.
+fn locate(db: &Warehouse, needle: &str) -> String {
+    let statistics = db
+        .postgres()
+        .map(|pg| pg.statistics_holding(needle))
+        .unwrap_or_default();
+    format!("rows: {:?}; statistics: {statistics:?}", db.rows_holding(needle))
 }
 
 fn all_ids(sim: &Simulator) -> BTreeSet<String> {
@@ -146,27 +110,24 @@ fn docs_schema_md_documents_exactly_the_tables_and_columns_of_the_migrations() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn views_search_history_and_every_documented_query_work_on_a_synced_dataset() {
-    let env = TestEnv::with_encounters(61, 400).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    views_search_history_and_every_documented_query_work_on_a_synced_dataset
+);
+async fn views_search_history_and_every_documented_query_work_on_a_synced_dataset(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 61, 400).await;
     let config = env.config();
     env.sync(&config, CyclePlan::full(None, false)).await;
-    let db = env.db_path();
-    let conn = reader(&db);
+    let db = &env.warehouse;
     let snapshot = env.sim.snapshot();
 
-    let overview: i64 = conn
-        .query_row("SELECT count(*) FROM encounter_overview", [], |r| r.get(0))
-        .unwrap();
+    let overview: i64 = db.scalar("SELECT count(*) FROM encounter_overview", &[]);
     assert_eq!(overview as usize, snapshot.len());
     let e = &snapshot[0];
-    let (docs, with_name): (i64, Option<String>) = conn
-        .query_row(
-            "SELECT document_count, last_name FROM encounter_overview WHERE encounter_id = ?1",
-            [&e.encounter_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (docs, with_name): (i64, Option<String>) = db.row(
+        "SELECT document_count, last_name FROM encounter_overview WHERE encounter_id = ?1",
+        &[&e.encounter_id],
+    );
     assert_eq!(docs as usize, e.documents.len());
     assert_eq!(with_name, e.patient.last_name);
 
@@ -185,13 +146,10 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
         .iter()
         .map(|t| format!("{}: {}", t.speaker, t.text))
         .collect();
-    let text: String = conn
-        .query_row(
-            "SELECT text FROM transcript_text WHERE document_id = ?1",
-            [&doc.document_id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let text: String = db.scalar(
+        "SELECT text FROM transcript_text WHERE document_id = ?1",
+        &[&doc.document_id],
+    );
     assert_eq!(text, expected.join("\n"));
 
     // Full-text search finds a distinctive word of that transcript in that document.
@@ -201,29 +159,31 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
         .flat_map(|t| t.text.split(|c: char| !c.is_alphabetic()))
         .find(|w| w.len() >= 9);
     if let Some(word) = word {
-        let found: Vec<String> = conn
-            .prepare(
+        let found: Vec<String> = match backend {
+            Backend::Sqlite => db.column(
                 "SELECT DISTINCT tt.document_id FROM transcript_turns_fts f
                  JOIN transcript_turns tt ON tt.rowid = f.rowid WHERE transcript_turns_fts MATCH ?1",
-            )
-            .unwrap()
-            .query_map([format!("\"{word}\"")], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+                &[&format!("\"{word}\"")],
+            ),
+            Backend::Postgres => db.column(
+                "SELECT DISTINCT document_id FROM transcript_turns
+                 WHERE text_tsv @@ phraseto_tsquery('simple', ?1)",
+                &[&word],
+            ),
+        };
         assert!(
             found.contains(&doc.document_id),
             "{word} not found in {}",
             doc.document_id
         );
     }
-    let notes_indexed: i64 = conn
-        .query_row(
+    let notes_indexed: i64 = db.scalar(
+        db.pick(
             "SELECT count(*) FROM notes_fts WHERE notes_fts MATCH 'patient OR plan OR follow'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+            "SELECT count(*) FROM documents WHERE content_tsv @@ to_tsquery('simple', 'patient | plan | follow')",
+        ),
+        &[],
+    );
     assert!(notes_indexed > 0);
 
     // History: a status change and a removal are each one appended row.
@@ -235,54 +195,61 @@ async fn views_search_history_and_every_documented_query_work_on_a_synced_datase
         end: OffsetDateTime::now_utc(),
     };
     env.sync(&config, CyclePlan::full(Some(range), false)).await;
-    let changes: Vec<(String, Option<String>)> = conn
-        .prepare("SELECT change, status FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id")
-        .unwrap()
-        .query_map([&enc.encounter_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let changes: Vec<(String, Option<String>)> = db.rows(
+        "SELECT change, status FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id",
+        &[&enc.encounter_id],
+    );
     assert_eq!(changes.first().map(|c| c.0.as_str()), Some("created"));
     assert_eq!(
         changes.last(),
         Some(&("changed".to_owned(), Some("amended".to_owned())))
     );
-    let removed: String = conn
-        .query_row(
-            "SELECT change FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id DESC LIMIT 1",
-            [&gone],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let removed: String = db.scalar(
+        "SELECT change FROM encounter_history WHERE encounter_id = ?1 ORDER BY history_id DESC LIMIT 1",
+        &[&gone],
+    );
     assert_eq!(removed, "removed");
 
-    // Every SQL block of docs/schema.md runs.
-    let doc_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema.md")).unwrap();
-    let mut ran = 0;
-    for block in doc_text.split("```sql").skip(1) {
-        let sql = block
-            .split("```")
-            .next()
-            .unwrap()
-            .replace("doc_...", &doc.document_id);
-        let sql = sql.lines().map(str::trim).collect::<Vec<_>>().join("\n");
-        let mut stmt = conn.prepare(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let mut rows = stmt.query([]).unwrap();
-        while rows.next().unwrap().is_some() {}
-        ran += 1;
+    // Every SQL block of docs/schema.md runs on SQLite, every query of its PostgreSQL version
+    // (tests/fixtures/postgres-queries.sql, which the docs cite) on PostgreSQL.
+    let queries = match backend {
+        Backend::Sqlite => documented_queries(),
+        Backend::Postgres => crate::support::postgres_queries(),
+    };
+    for sql in &queries {
+        db.row_count(sql);
     }
-    assert!(ran >= 12, "{ran} documented queries");
+    assert!(queries.len() >= 12, "{} documented queries", queries.len());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
-    let env = TestEnv::with_encounters(62, 150).await;
+/// The SQL blocks of docs/schema.md.
+fn documented_queries() -> Vec<String> {
+    let doc_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema.md")).unwrap();
+    doc_text
+        .split("```sql")
+        .skip(1)
+        .map(|block| {
+            let sql = block.split("```").next().unwrap();
+            sql.lines().map(str::trim).collect::<Vec<_>>().join("\n")
+        })
+        .collect()
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    turning_phi_off_removes_it_from_the_database_and_wal_bytes
+);
+async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 62, 150).await;
     env.sync(&env.config(), CyclePlan::full(None, false)).await;
-    let db = env.db_path();
+    let db = &env.warehouse;
     let marks = canaries(&env.sim, &all_ids(&env.sim));
     assert!(marks.len() > 50, "too few canaries: {}", marks.len());
+    // PostgreSQL's statistics sample the stored values; a policy change must not leave them there.
+    db.gather_statistics();
+    let image = db.disk_image();
     assert!(
-        marks.iter().any(|m| on_disk(&db, m)),
+        marks.iter().any(|m| holds(&image, m)),
         "the canaries were never stored: the test proves nothing"
     );
 
@@ -293,35 +260,36 @@ async fn turning_phi_off_removes_it_from_the_database_and_wal_bytes() {
     raw.privacy.transcript_text = false;
     let strict = raw.validate().unwrap();
     env.sync(&strict, CyclePlan::full(None, false)).await;
-    let leaked: Vec<&String> = marks.iter().filter(|m| on_disk(&db, m)).collect();
+    let image = db.disk_image();
+    let leaked: Vec<&String> = marks.iter().filter(|m| holds(&image, m)).collect();
     assert!(
         leaked.is_empty(),
         "{} canaries remain on disk, e.g. {:?}: {}",
         leaked.len(),
         leaked.first(),
-        leaked.first().map(|m| locate(&db, m)).unwrap_or_default()
+        leaked.first().map(|m| locate(db, m)).unwrap_or_default()
     );
     // Encounters, documents and timings are still all there.
-    compare(&env.sim, &db).assert_empty_except_patients();
-    let years: i64 = reader(&db)
-        .query_row(
-            "SELECT count(*) FROM patients WHERE length(date_of_birth) = 4",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    compare(&env.sim, db).assert_empty_except_patients();
+    let years: i64 = db.scalar(
+        "SELECT count(*) FROM patients WHERE length(date_of_birth) = 4",
+        &[],
+    );
     assert!(years > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
-    let env = TestEnv::with_encounters(63, 300).await;
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    purge_removes_a_range_completely_and_keeps_it_from_coming_back
+);
+async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 63, 300).await;
     let mut raw = env.raw_config();
     raw.audio.enabled = true;
     raw.audio.directory = env.dir.path().join("audio");
     let config = raw.validate().unwrap();
     env.sync(&config, CyclePlan::full(None, false)).await;
-    let db = env.db_path();
+    let db = &env.warehouse;
     let snapshot = env.sim.snapshot();
     let cut = snapshot[snapshot.len() / 2].created_at;
     let old: BTreeSet<String> = snapshot
@@ -336,63 +304,55 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         .into_iter()
         .filter(|m| !keep.contains(m))
         .collect();
-    assert!(marks.iter().any(|m| on_disk(&db, m)));
+    assert!(marks.iter().any(|m| holds(&db.disk_image(), m)));
     let files_before = std::fs::read_dir(&config.audio.directory).unwrap().count();
+    // PostgreSQL's statistics sample the stored values; a purge must not leave them there.
+    db.gather_statistics();
 
     let range = BackfillRange {
         start: OffsetDateTime::UNIX_EPOCH,
         end: cut,
     };
-    let mut conn = charthero_sync::store::sqlite::open_writer(&db, Duration::from_secs(5)).unwrap();
-    let counts = charthero_sync::store::sqlite::purge(
-        &mut conn,
-        &config.audio.directory,
-        range.start,
-        range.end,
-        "range",
-        OffsetDateTime::now_utc(),
-    )
+    let (database, audio) = (config.database.clone(), config.audio.directory.clone());
+    let counts = charthero_sync::store::blocking(move || {
+        let mut store = charthero_sync::store::open(&database)?;
+        store.purge(&audio, range.start, range.end, "range", OffsetDateTime::now_utc())
+    })
+    .await
     .unwrap();
-    drop(conn);
     assert_eq!(counts.encounters as usize, old.len());
     // Generated text repeats across encounters: a canary still held by a kept row is not a leak.
+    let image = db.disk_image();
     let leaked: Vec<&String> = marks
         .iter()
-        .filter(|m| on_disk(&db, m) && locate(&db, m).starts_with("rows: []"))
+        .filter(|m| holds(&image, m) && db.rows_holding(m).is_empty())
         .collect();
     assert!(
         leaked.is_empty(),
         "{} canaries remain on disk outside live rows, e.g. {:?}: {}",
         leaked.len(),
         leaked.first(),
-        leaked.first().map(|m| locate(&db, m)).unwrap_or_default()
+        leaked.first().map(|m| locate(db, m)).unwrap_or_default()
     );
     assert!(
-        marks.iter().filter(|m| !on_disk(&db, m)).count() > marks.len() / 2,
+        marks.iter().filter(|m| !holds(&image, m)).count() > marks.len() / 2,
         "most canaries of purged encounters should be gone entirely"
     );
     for id in &old {
-        assert!(!on_disk(&db, id), "purged encounter {id} still on disk");
+        assert!(!holds(&image, id), "purged encounter {id} still on disk");
     }
     // Files are content-addressed and may be shared: exactly the referenced ones remain.
     let files: BTreeSet<String> = std::fs::read_dir(&config.audio.directory)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let referenced: BTreeSet<String> = reader(&db)
-        .prepare("SELECT DISTINCT path FROM recordings")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
+    let referenced: BTreeSet<String> = db
+        .column("SELECT DISTINCT path FROM recordings", &[])
+        .into_iter()
         .collect();
     assert_eq!(files, referenced);
     assert!(counts.recordings > 0 && files.len() <= files_before);
-    let recorded: (i64, i64) = reader(&db)
-        .query_row("SELECT encounters, documents FROM purges", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
+    let recorded: (i64, i64) = db.row("SELECT encounters, documents FROM purges", &[]);
     assert_eq!(recorded.0 as u64, counts.encounters);
 
     // A reconcile over the purged range lists those encounters again and stores none of them.
@@ -401,13 +361,10 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back() {
         end: OffsetDateTime::now_utc(),
     };
     env.sync(&config, CyclePlan::full(Some(all), false)).await;
-    let back: i64 = reader(&db)
-        .query_row(
-            "SELECT count(*) FROM encounters WHERE created_at_ns < ?1",
-            [cut.unix_timestamp_nanos() as i64],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let back: i64 = db.scalar(
+        "SELECT count(*) FROM encounters WHERE created_at_ns < ?1",
+        &[&(cut.unix_timestamp_nanos() as i64)],
+    );
     assert_eq!(back, 0);
 }
 

@@ -556,21 +556,7 @@ pub(super) mod tests {
             .find(|i| i.work == work && i.document_id == id)
     }
 
-    pub(in crate::store::postgres) fn transcript(text: &str) -> TranscriptRecord {
-        TranscriptRecord::new(
-            Some("deepgram".to_owned()),
-            Some(12.5),
-            vec![
-                (
-                    Some("clinician".to_owned()),
-                    0.0,
-                    1.5,
-                    Some("Good morning.".to_owned()),
-                ),
-                (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
-            ],
-        )
-    }
+    pub(in crate::store::postgres) use crate::store::records::sample_transcript as transcript;
 
     #[test]
     fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again() {

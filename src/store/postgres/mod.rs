@@ -3,7 +3,8 @@
 //! each dispatching to a submodule function that mirrors SQLite's (`upsert`, `ledger`, `audit`,
 //! `content`, `privacy`, `status`): `f(db: &mut impl postgres::GenericClient, …)` with the SQLite
 //! function's other parameters and result. Every statement names tables unqualified: the
-//! connection's `search_path` selects the warehouse's schema.
+//! connection's `search_path` selects the warehouse's schema. `import` fills an empty warehouse
+//! from another one (`charthero-sync copy`).
 //!
 //! It does not connect (the caller hands it a `postgres::Client` with its search_path set), hold
 //! the writer lock, or classify errors into a `StoreError`: those belong to the callers. Like the
@@ -15,6 +16,7 @@ mod audit;
 pub mod connect;
 mod content;
 pub mod error;
+pub(crate) mod import;
 mod ledger;
 mod privacy;
 mod status;

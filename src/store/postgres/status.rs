@@ -40,17 +40,6 @@ fn run_row(r: &Row) -> Result<Run, postgres::Error> {
     })
 }
 
-fn split_routes(d: Option<String>) -> Vec<String> {
-    d.map(|d| {
-        d.split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
 /// The error of a finished run (`None` when it succeeded) and the routes it disabled, from
 /// `run_id, outcome, error, reason_code, disabled_routes` at `at..at + 5` of `r`.
 fn run_end(r: &Row, at: usize) -> Result<(Option<LastError>, Vec<String>), postgres::Error> {
@@ -60,7 +49,7 @@ fn run_end(r: &Row, at: usize) -> Result<(Option<LastError>, Vec<String>), postg
         error: r.try_get(at + 2)?,
         reason_code: r.try_get(at + 3)?,
     };
-    let routes = split_routes(r.try_get(at + 4)?);
+    let routes = super::super::split_routes(r.try_get(at + 4)?);
     Ok(((error.outcome != "succeeded").then_some(error), routes))
 }
 

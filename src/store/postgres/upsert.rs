@@ -367,21 +367,11 @@ fn upsert_documents(
         return Ok(());
     }
     tx.execute(
-        "UPDATE documents SET
-             content_seq = content_seq + 1,
-             detail_state = CASE
-                 WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
-                 THEN 'pending' ELSE detail_state END,
-             transcript_state = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
-                 ELSE transcript_state END,
-             transcript_attempts = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
-                 ELSE transcript_attempts END,
-             transcript_next_at_ns = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
-                 ELSE transcript_next_at_ns END
-         WHERE encounter_id = ANY($1::text[]) AND removed_at IS NULL",
+        concat!(
+            "UPDATE documents SET ",
+            super::super::requeue_changed_documents!(),
+            " WHERE encounter_id = ANY($1::text[]) AND removed_at IS NULL"
+        ),
         &[&changed],
     )?;
     // Documents that left their encounter's list are marked, never deleted. Every document the

@@ -429,6 +429,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::store::records::sample_transcript as transcript;
     use crate::store::sqlite::{commit_page, open_writer};
     use crate::store::{DocumentRecord, EncounterRecord};
 
@@ -492,22 +493,6 @@ mod tests {
         claimable(conn)
             .into_iter()
             .find(|i| i.work == work && i.document_id == id)
-    }
-
-    fn transcript(text: &str) -> TranscriptRecord {
-        TranscriptRecord::new(
-            Some("deepgram".to_owned()),
-            Some(12.5),
-            vec![
-                (
-                    Some("clinician".to_owned()),
-                    0.0,
-                    1.5,
-                    Some("Good morning.".to_owned()),
-                ),
-                (Some("patient".to_owned()), 1.75, 3.0, Some(text.to_owned())),
-            ],
-        )
     }
 
     fn save(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<()>) {

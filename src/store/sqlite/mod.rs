@@ -1,13 +1,14 @@
 //! The SQLite implementation of the store seam: connection setup (pragmas on every
 //! connection), embedded refinery migrations, the SQL of every [`Backend`] and [`WriteTx`]
-//! operation (`upsert`, `ledger`, `audit`, `content`, `privacy`), and the read-only connection
-//! `status` and tests use. The only module that names rusqlite; it runs on the writer thread or
+//! operation (`upsert`, `ledger`, `audit`, `content`, `privacy`), the read-only connection
+//! `status` and tests use, and `export`, every table read back for `charthero-sync copy`. The only module that names rusqlite; it runs on the writer thread or
 //! in `store::blocking`, never on an async worker. Functions here keep `anyhow` contexts; the
 //! seam's entry points classify them into a [`StoreError`] naming the database path.
 
 mod audit;
 mod content;
 mod error;
+pub(crate) mod export;
 mod ledger;
 mod privacy;
 mod status;
@@ -109,12 +110,7 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
     } else {
         0
     };
-    let known = embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| i64::from(m.version()))
-        .max()
-        .unwrap_or(0);
+    let known = latest_version();
     match applied.cmp(&known) {
         std::cmp::Ordering::Equal => Ok(conn),
         std::cmp::Ordering::Less => anyhow::bail!(
@@ -128,6 +124,16 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
             path.display()
         ),
     }
+}
+
+/// The newest migration this release embeds: the schema version of a current warehouse.
+pub fn latest_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Opens the warehouse read-only, for `status` and for tests; works while the daemon writes.

@@ -41,17 +41,6 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
     })
 }
 
-fn split_routes(d: Option<String>) -> Vec<String> {
-    d.map(|d| {
-        d.split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
 /// One organization's entry.
 fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<OrganizationStatus> {
     let complete_through = super::complete_through(conn, name)?;
@@ -78,7 +67,7 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
                         error: r.get(0)?,
                         reason_code: r.get(1)?,
                     },
-                    split_routes(r.get(2)?),
+                    super::super::split_routes(r.get(2)?),
                 ))
             },
         )?,

@@ -234,27 +234,12 @@ fn upsert_documents(
         return Ok(());
     }
     // The encounter changed, and a note's text or a transcript can change without its summary
-    // doing so. A note is asked again (unsupported types excepted); so is a finished ambient
-    // document's transcript: a detail could only say whether the transcript changed, at the
-    // price of the one request that fetches it (`save_transcript` skips the write when it did
-    // not). An unfinished ambient document needs nothing: its summary says when it finishes.
-    conn.prepare_cached(
-        "UPDATE documents SET
-             content_seq = content_seq + 1,
-             detail_state = CASE
-                 WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
-                 THEN 'pending' ELSE detail_state END,
-             transcript_state = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
-                 ELSE transcript_state END,
-             transcript_attempts = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
-                 ELSE transcript_attempts END,
-             transcript_next_at_ns = CASE
-                 WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
-                 ELSE transcript_next_at_ns END
-         WHERE encounter_id = ?1 AND removed_at IS NULL",
-    )?
+    // doing so: its documents are queued again (`requeue_changed_documents`).
+    conn.prepare_cached(concat!(
+        "UPDATE documents SET ",
+        super::super::requeue_changed_documents!(),
+        " WHERE encounter_id = ?1 AND removed_at IS NULL"
+    ))?
     .execute([&rec.encounter_id])?;
     // Documents that left the encounter's list are marked, never deleted.
     let current: HashSet<&str> = rec.documents.iter().map(|d| d.document_id.as_str()).collect();
