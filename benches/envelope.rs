@@ -1,21 +1,24 @@
 //! The performance envelope, measured against the in-process simulator over loopback with the
-//! real sync and real SQLite files. Prints numbers; asserts only correctness (equal row counts,
-//! zero rate violations), never time.
+//! real sync and real SQLite files (and, in `backends`, a real PostgreSQL server). Prints
+//! numbers; asserts only correctness (equal row counts, zero rate violations), never time.
 //!
 //! `cargo bench --bench envelope -- [scenario...]` runs at full size; with no scenario, all run.
 //! Scenarios: `list` (list-only backfills of 100k and 1M, as a child process whose peak RSS is
 //! read from /proc; `CHARTHERO_BENCH_LIST_SIZES=100000` picks sizes), `bound` (the same rows
 //! written again without HTTP; runs `list` first, and `list` named alone skips it), `transcripts`
-//! (full content at a rate limit), `latency` (50 ms injected per request), `idle` (a quiet
-//! incremental cycle), `churn` (a backfill while upstream mutates), `audit` (the history audit of
-//! a 1M warehouse with 0, 10 and 100 changes), `plan` (the estimate against the full-content
-//! backfill of 20,000 encounters it predicts), `queries` (every documented query and view of
-//! docs/schema.md on a full-content warehouse of 100,000 encounters, timed by
-//! benches/analyst_queries.py with Python's sqlite3), `fairness` (two organizations in one
-//! daemon: one backfilling 100k with full content while the other's new encounters arrive; the
-//! second's creation-to-warehouse latency, against the same organization alone), `dlt` (the
-//! peer, if
-//! `CHARTHERO_BENCH_PYTHON` names a Python with dlt and duckdb; see benches/run.sh).
+//! (full content at a rate limit), `backends` (SQLite and PostgreSQL side by side: a list-only
+//! backfill of 100k and the full content one of `transcripts`, into each backend in turn, as a
+//! child process; PostgreSQL on a throwaway cluster from `charthero_sim::pgcluster`, skipped
+//! with the reason printed when there is no server unless `CHARTHERO_REQUIRE_POSTGRES=1`),
+//! `latency` (50 ms injected per request), `idle` (a quiet incremental cycle), `churn` (a
+//! backfill while upstream mutates), `audit` (the history audit of a 1M warehouse with 0, 10 and
+//! 100 changes), `plan` (the estimate against the full-content backfill of 20,000 encounters it
+//! predicts), `queries` (every documented query and view of docs/schema.md on a full-content
+//! warehouse of 100,000 encounters, timed by benches/analyst_queries.py with Python's sqlite3),
+//! `fairness` (two organizations in one daemon: one backfilling 100k with full content while
+//! the other's new encounters arrive; the second's creation-to-warehouse latency, against the
+//! same organization alone), `dlt` (the peer, if `CHARTHERO_BENCH_PYTHON` names a Python with
+//! dlt and duckdb; see benches/run.sh).
 //! `cargo test --bench envelope` runs every scenario small, as a smoke test.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use charthero_sim::pgcluster::{PgCluster, PgDatabase};
 use charthero_sim::{Fault, FaultRule, ListRequest, NewEncounter, RateLimit, Route, SimOptions, Simulator};
 use charthero_sync::config::RawConfig;
 use charthero_sync::secret::ApiKey;
@@ -102,21 +106,26 @@ fn count(db: &Path, table: &str) -> i64 {
         .unwrap()
 }
 
-/// Writes `raw` as a TOML file the binary can read (only the keys the benchmarks change).
+/// Writes `raw` as a TOML file the binary can read (only the keys the benchmarks change), the
+/// warehouse being the SQLite file `raw.database.path`.
 fn write_config(raw: &RawConfig, dir: &Path, key: &str) -> PathBuf {
+    let path = raw.database.path.as_deref().expect("a SQLite file");
+    let database = format!("path = \"{}\"\n", path.display());
+    write_config_for(raw, dir, key, &database)
+}
+
+/// [`write_config`] with `database` as the lines of the `[database]` section.
+fn write_config_for(raw: &RawConfig, dir: &Path, key: &str, database: &str) -> PathBuf {
     let key_path = dir.join("api-key");
-    std::fs::write(&key_path, key).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_secret(&key_path, key);
     let path = dir.join("config.toml");
     let text = format!(
-        "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[database]\npath = \"{}\"\n\
+        "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[database]\n{database}\
          [sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\
          [limits]\nrequests_per_second = {:.1}\nburst = {}\nmax_in_flight = {}\n\
          [content]\ndetails = {}\ntranscripts = {}\n",
         raw.api.base_url,
         key_path.display(),
-        raw.database.path.as_deref().unwrap_or(Path::new("")).display(),
         raw.sync.start_at,
         raw.limits.requests_per_second,
         raw.limits.burst,
@@ -126,6 +135,13 @@ fn write_config(raw: &RawConfig, dir: &Path, key: &str) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Writes a secret file the binary accepts: readable by its owner only.
+fn write_secret(path: &Path, secret: &str) {
+    std::fs::write(path, secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Runs `charthero-sync sync` as a child process; returns its wall time and peak RSS (KiB),
@@ -243,10 +259,16 @@ fn bound(source: &Path) -> f64 {
     rate
 }
 
+/// The size and rate limit (requests per second) of the full content backfill that
+/// `transcripts` and `backends` run.
+fn content_load() -> (usize, f64) {
+    if full_size() { (2_000, 200.0) } else { (150, 100.0) }
+}
+
 /// A full content backfill (notes and transcripts) under a rate limit: the achieved request
 /// rate against the configured one, and the violations the server counted.
 async fn transcripts() {
-    let (encounters, rps) = if full_size() { (2_000, 200.0) } else { (150, 100.0) };
+    let (encounters, rps) = content_load();
     let sim = start_sim(encounters).await;
     sim.set_rate_limit(Some(RateLimit {
         requests_per_second: rps,
@@ -294,6 +316,297 @@ async fn transcripts() {
         stats.rate_violations, 0,
         "the client exceeded its configured rate"
     );
+}
+
+/// The warehouse a `backends` run writes: a SQLite file, or a database of its own on the
+/// scenario's throwaway PostgreSQL cluster (its password in a 0600 file named by
+/// `password_file`).
+enum Warehouse<'a> {
+    Sqlite(PathBuf),
+    Postgres {
+        cluster: &'a PgCluster,
+        db: PgDatabase,
+        password_file: PathBuf,
+    },
+}
+
+impl Warehouse<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Warehouse::Sqlite(_) => "sqlite",
+            Warehouse::Postgres { .. } => "postgresql",
+        }
+    }
+
+    /// The lines of the configuration's `[database]` section.
+    fn database_toml(&self) -> String {
+        match self {
+            Warehouse::Sqlite(path) => format!("path = \"{}\"\n", path.display()),
+            Warehouse::Postgres {
+                db, password_file, ..
+            } => format!(
+                "url = \"{}\"\nschema = \"charthero\"\npassword_file = \"{}\"\n",
+                db.url,
+                password_file.display()
+            ),
+        }
+    }
+
+    /// Runs `sql` in the PostgreSQL warehouse as the superuser; its rows, `|` between columns.
+    fn psql(cluster: &PgCluster, db: &PgDatabase, sql: &str) -> String {
+        cluster
+            .psql_in(&db.name, sql)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn count(&self, table: &str) -> i64 {
+        match self {
+            Warehouse::Sqlite(path) => count(path, table),
+            Warehouse::Postgres { cluster, db, .. } => {
+                Self::psql(cluster, db, &format!("SELECT count(*) FROM charthero.{table}"))
+                    .parse()
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Waits until no session but ours is connected to the PostgreSQL warehouse: the sync's
+    /// end after it exits, and flush their statistics as they end.
+    fn quiesce(cluster: &PgCluster, db: &PgDatabase) {
+        let others = "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND backend_type = 'client backend' \
+                      AND pid <> pg_backend_pid()";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Self::psql(cluster, db, others) != "0" {
+            assert!(
+                Instant::now() < deadline,
+                "the sync's sessions outlived it by 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Zeroes the server's counters a run reports (WAL, the database's transactions); answers
+    /// the server's CPU time so far (0 for SQLite).
+    fn reset_counters(&self) -> Duration {
+        match self {
+            Warehouse::Sqlite(_) => Duration::ZERO,
+            Warehouse::Postgres { cluster, db, .. } => {
+                Self::quiesce(cluster, db);
+                Self::psql(
+                    cluster,
+                    db,
+                    "SELECT pg_stat_reset(); SELECT pg_stat_reset_shared('wal');",
+                );
+                server_cpu(cluster)
+            }
+        }
+    }
+
+    /// The warehouse's size on disk, and for PostgreSQL what the run cost the server since
+    /// [`Warehouse::reset_counters`] answered `cpu_before`.
+    fn footprint(&self, cpu_before: Duration) -> String {
+        let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+        match self {
+            Warehouse::Sqlite(path) => {
+                let wal = PathBuf::from(format!("{}-wal", path.display()));
+                let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64;
+                format!(
+                    "file {:.1} MiB (+ WAL {:.1} MiB)",
+                    mib(size(path)),
+                    mib(size(&wal))
+                )
+            }
+            Warehouse::Postgres { cluster, db, .. } => {
+                Self::quiesce(cluster, db);
+                let cpu = server_cpu(cluster) - cpu_before;
+                let row = Self::psql(
+                    cluster,
+                    db,
+                    "SELECT pg_database_size(current_database()), \
+                     (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c \
+                      WHERE c.relnamespace = 'charthero'::regnamespace AND c.relkind IN ('r', 'm')), \
+                     wal_bytes, wal_records, wal_sync, \
+                     (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) \
+                     FROM pg_stat_wal",
+                );
+                let v: Vec<f64> = row.split('|').map(|f| f.parse().unwrap()).collect();
+                format!(
+                    "pg_database_size {:.1} MiB (the schema's tables and indexes {:.1} MiB); \
+                     WAL {:.1} MiB in {:.0} records, {:.0} WAL syncs; {:.0} transactions committed; \
+                     server CPU {:.2} s",
+                    mib(v[0]),
+                    mib(v[1]),
+                    mib(v[2]),
+                    v[3],
+                    v[4],
+                    v[5],
+                    cpu.as_secs_f64()
+                )
+            }
+        }
+    }
+}
+
+/// The CPU time the cluster's server has used: the postmaster's, its running processes' and
+/// that of the sessions it has reaped (from /proc, in USER_HZ ticks of 10 ms).
+fn server_cpu(cluster: &PgCluster) -> Duration {
+    let pidfile = std::fs::read_to_string(cluster.socket_dir().join("data/postmaster.pid")).unwrap();
+    let postmaster = pidfile.lines().next().unwrap().trim().to_owned();
+    // utime, stime, cutime, cstime: fields 14 to 17 of /proc/PID/stat, counted after the
+    // parenthesized command name (field 2, which may hold spaces).
+    let ticks = |pid: &str| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some((_, fields)) = stat.rsplit_once(')') else {
+            return 0;
+        };
+        fields
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum()
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children")).unwrap_or_default();
+    let total = ticks(&postmaster) + children.split_whitespace().map(ticks).sum::<u64>();
+    Duration::from_millis(total * 10)
+}
+
+/// SQLite and PostgreSQL side by side in one run: a list-only backfill, then a full content one
+/// at the rate limit `transcripts` uses, into each backend in turn, the sync a child process;
+/// the same simulated data for both. PostgreSQL is a throwaway cluster (server defaults, fsync
+/// on, data directory on the same disk as the SQLite file), skipped when there is none unless
+/// `CHARTHERO_REQUIRE_POSTGRES=1`.
+async fn backends() {
+    let cluster = charthero_sim::pgcluster::require_or_skip();
+    match &cluster {
+        Some(cluster) => println!(
+            "backends: postgresql server {}",
+            cluster
+                .psql(
+                    "SELECT format('%s; fsync %s, synchronous_commit %s, shared_buffers %s, \
+                     max_wal_size %s, wal_level %s', version(), current_setting('fsync'), \
+                     current_setting('synchronous_commit'), current_setting('shared_buffers'), \
+                     current_setting('max_wal_size'), current_setting('wal_level'))"
+                )
+                .unwrap()
+                .trim()
+        ),
+        None => println!(
+            "backends: postgresql skipped: no PostgreSQL server could be started (the reason is on stderr)"
+        ),
+    }
+    for content in [false, true] {
+        let (case, n, rps, burst) = if content {
+            let (n, rps) = content_load();
+            ("content", n, rps, 5)
+        } else {
+            ("list", size(100_000, 2_000), 1_000_000.0, 1_000)
+        };
+        let sim = start_sim(n).await;
+        // What a complete warehouse holds: every document, each note's detail, a transcript for
+        // each finished recording.
+        let snapshot = sim.snapshot();
+        let documents: Vec<_> = snapshot
+            .iter()
+            .flat_map(|e| e.documents.iter().map(move |d| (e, d)))
+            .collect();
+        let notes = documents
+            .iter()
+            .filter(|(_, d)| d.schema_type == "document")
+            .count();
+        let finished = documents
+            .iter()
+            .filter(|(e, d)| {
+                d.schema_type != "document" && sim.transcript(&e.encounter_id, &d.document_id).is_some()
+            })
+            .count();
+        // SQLite, then PostgreSQL when there is a server.
+        for server in [None].into_iter().chain(cluster.as_ref().map(Some)) {
+            let dir = tempfile::tempdir().unwrap();
+            let warehouse = match server {
+                Some(cluster) => {
+                    let db = cluster.create_database(&format!("bench_{case}")).unwrap();
+                    let password_file = dir.path().join("database-password");
+                    write_secret(&password_file, &db.password);
+                    Warehouse::Postgres {
+                        cluster,
+                        db,
+                        password_file,
+                    }
+                }
+                None => Warehouse::Sqlite(dir.path().join("w.db")),
+            };
+            let mut raw = config(&sim, &dir.path().join("w.db"), rps, burst, 4);
+            if content {
+                sim.set_rate_limit(Some(RateLimit {
+                    requests_per_second: rps,
+                    burst,
+                    enforce: false,
+                }));
+            } else {
+                raw = list_only(raw);
+            }
+            let cfg = write_config_for(&raw, dir.path(), &sim.api_key(), &warehouse.database_toml());
+            // The schema is created before the timed sync, so neither the time nor the WAL
+            // counts it.
+            let migrated = Command::new(env!("CARGO_BIN_EXE_charthero-sync"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("migrate")
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(migrated.success(), "the migration failed");
+            sim.reset_stats();
+            let cpu_before = warehouse.reset_counters();
+            let (elapsed, peak_kib) = run_child(&cfg).await;
+            let stats = sim.stats();
+            assert_eq!(
+                warehouse.count("encounters") as usize,
+                n,
+                "{} {case}",
+                warehouse.name()
+            );
+            if content {
+                let stored = |table: &str| warehouse.count(table) as usize;
+                assert_eq!(
+                    stored("documents"),
+                    documents.len(),
+                    "{} {case}",
+                    warehouse.name()
+                );
+                assert_eq!(
+                    stored("documents WHERE schema_type = 'document' AND detail_state = 'done'"),
+                    notes,
+                    "{} {case}",
+                    warehouse.name()
+                );
+                assert_eq!(stored("transcripts"), finished, "{} {case}", warehouse.name());
+            }
+            // Rate violations are reported, not asserted: `transcripts` asserts them; here one
+            // counted on a loaded machine would cost the comparison the other backend's numbers.
+            println!(
+                "backends: {case} {}: {n} encounters in {:.2} s = {:.0} encounters/s; peak RSS {:.1} MiB; \
+                 {:.3} requests per encounter ({} requests, {} list; {:.1} req/s, {} rate violations); {}",
+                warehouse.name(),
+                elapsed.as_secs_f64(),
+                n as f64 / elapsed.as_secs_f64(),
+                peak_kib as f64 / 1024.0,
+                stats.requests as f64 / n as f64,
+                stats.requests,
+                stats.route(Route::List),
+                stats.requests as f64 / elapsed.as_secs_f64(),
+                stats.rate_violations,
+                warehouse.footprint(cpu_before),
+            );
+        }
+        sim.shutdown();
+    }
 }
 
 /// 50 ms added to every response: throughput against min(rps, max_in_flight / RTT).
@@ -867,6 +1180,9 @@ fn main() {
         }
         if wanted("transcripts") {
             transcripts().await;
+        }
+        if wanted("backends") {
+            backends().await;
         }
         if wanted("latency") {
             latency().await;

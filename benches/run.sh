@@ -14,5 +14,5 @@ export CHARTHERO_BENCH_PYTHON="$PWD/$venv/bin/python"
 cargo bench --bench envelope --no-run
 for run in $(seq "${RUNS:-5}"); do
     echo "## run $run"
-    cargo bench --bench envelope -- "$@" 2>/dev/null | grep -E '^(list|bound|transcripts|latency|idle|churn|audit|plan|fairness|queries|dlt):'
+    cargo bench --bench envelope -- "$@" 2>/dev/null | grep -E '^(list|bound|transcripts|backends|latency|idle|churn|audit|plan|fairness|queries|dlt):'
 done
