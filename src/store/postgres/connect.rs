@@ -45,13 +45,18 @@ enum SchemaUse {
 
 /// Connects a writer (`run`, `sync`, `migrate`, `purge`, `reindex`): its `search_path` is the
 /// schema, created when missing if the role may create it; no `statement_timeout` (a large
-/// group commit or purge takes as long as it takes).
+/// group commit or purge takes as long as it takes); and `synchronous_commit = off`, SQLite's
+/// `synchronous = NORMAL`: a commit does not wait for its WAL flush, so a server crash can lose
+/// the last few commits — never part of one, and never out of order, so the watermark and the
+/// content queue fall back together and the next cycle fetches again what they lost. Each
+/// fetched note or transcript commits on its own (the content worker waits for it), and at
+/// ~11 ms per flushed commit the content sync could not keep 200 requests/s (BENCHMARKS.md).
 pub fn connect(pg: &PostgresConfig, application_name: &str) -> anyhow::Result<Client> {
     let (mut client, _) = open_session(pg, application_name)?;
     set_schema(&mut client, pg, SchemaUse::CreateIfMissing)?;
     client
-        .batch_execute("SET statement_timeout = 0")
-        .with_context(|| format!("PostgreSQL warehouse {pg}: cannot set statement_timeout"))?;
+        .batch_execute("SET statement_timeout = 0; SET synchronous_commit = off")
+        .with_context(|| format!("PostgreSQL warehouse {pg}: cannot configure the writer's session"))?;
     Ok(client)
 }
 
