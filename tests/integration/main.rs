@@ -13,6 +13,7 @@ mod organizations;
 mod packaging;
 mod plan;
 mod postgres_ops;
+mod postgres_outage;
 mod replication;
 mod robustness;
 mod store_errors;
