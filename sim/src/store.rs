@@ -198,7 +198,10 @@ pub(crate) struct Store {
 impl Store {
     pub(crate) fn new(opts: &SimOptions) -> Store {
         let mut syms = Interner::default();
-        let vocab = Vocab::new(&mut syms);
+        let mut vocab = Vocab::new(&mut syms);
+        if opts.nul_in_text {
+            vocab.first_names.push(syms.intern("Ada\u{0}Null"));
+        }
         Store {
             organization_id: opts.organization_id.as_str().into(),
             params: ContentParams {
@@ -206,6 +209,7 @@ impl Store {
                 turns_per_transcript: ordered(opts.turns_per_transcript),
                 unicode_every: opts.unicode_every,
                 large_transcript_every: opts.large_transcript_every,
+                nul_in_text: opts.nul_in_text,
             },
             syms,
             vocab,
@@ -635,6 +639,7 @@ impl Store {
                 seed: self.params.seed,
                 title: doc.title.map(|t| self.syms.get(t).to_owned()),
                 unicode: doc.unicode,
+                nul: self.params.nul_in_text,
             },
         }
     }
@@ -682,6 +687,8 @@ pub(crate) enum NoteText {
         seed: u64,
         title: Option<String>,
         unicode: bool,
+        /// Append `content::NUL_SUFFIX` to a unicode note.
+        nul: bool,
     },
 }
 
@@ -689,8 +696,17 @@ impl NoteText {
     pub(crate) fn into_text(self, doc: &Id) -> String {
         match self {
             NoteText::Edited(text) => text,
-            NoteText::Derived { seed, title, unicode } => {
-                content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode)
+            NoteText::Derived {
+                seed,
+                title,
+                unicode,
+                nul,
+            } => {
+                let mut text = content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode);
+                if unicode && nul {
+                    text.push_str(content::NUL_SUFFIX);
+                }
+                text
             }
         }
     }

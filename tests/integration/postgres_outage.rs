@@ -163,7 +163,7 @@ async fn every_session_of_a_running_daemon_terminated_it_reconnects_and_converge
     assert!(ended >= 2, "the writer's and the lock's sessions: {ended}");
     let changed = env.sim.snapshot()[7].encounter_id.clone();
     env.sim
-        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc() - time::Duration::minutes(5));
+        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc());
     assert!(!equal(cluster, &db, &env.sim));
 
     // A failed cycle is retried after 15-30 s (the daemon's failure backoff).
@@ -271,7 +271,7 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
     // Every session of the daemon ends and another session takes the write lock at once.
     let key = write_lock_key("charthero");
     let url = format!(
-        "{} application_name=other-writer",
+        "{}?application_name=other-writer",
         cluster.superuser_url(&db.name)
     );
     let (taken_tx, taken_rx) = std::sync::mpsc::channel();
@@ -314,8 +314,88 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
     holder.join().unwrap();
     let changed = env.sim.snapshot()[3].encounter_id.clone();
     env.sim
-        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc() - time::Duration::minutes(5));
+        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc());
     let out = run_within(bin(&config, &["sync"]), Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(equal(cluster, &db, &env.sim));
+}
+
+/// Upstream text with NUL (`SimOptions::nul_in_text`: a first name, unicode notes and turns):
+/// a sync into PostgreSQL completes, its rows carry U+FFFD where NUL was and raw_json is the
+/// exact JSON (`\u0000`); a privacy change editing raw_json through jsonb does not fail on it;
+/// SQLite stores NUL unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_with_nul_is_stored_with_the_replacement_character_in_postgres_and_unchanged_in_sqlite() {
+    let Some(cluster) = pgcluster::shared() else {
+        return;
+    };
+    let db = cluster.create_database("outage_nul").unwrap();
+    let env = TestEnv::start(charthero_sim::SimOptions {
+        nul_in_text: true,
+        patients: 20,
+        ..sim_options(174, 300)
+    })
+    .await;
+    let config = pg_config_file(&env, &db);
+    let out = run_within(bin(&config, &["sync"]), Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(equal(cluster, &db, &env.sim));
+    let count = |sql: &str| -> i64 { cluster.psql_in(&db.name, sql).unwrap().trim().parse().unwrap() };
+    assert!(
+        count("SELECT count(*) FROM charthero.patients WHERE first_name = 'Ada' || chr(65533) || 'Null'") > 0
+    );
+    assert!(count("SELECT count(*) FROM charthero.documents WHERE content_text LIKE '%' || chr(65533)") > 0);
+    assert!(count("SELECT count(*) FROM charthero.transcript_turns WHERE text LIKE '%' || chr(65533)") > 0);
+
+    // SQLite: the same upstream, NUL kept; raw_json identical in both.
+    let sqlite = env.config();
+    env.sync(&sqlite, charthero_sync::sync::CyclePlan::full(None, false))
+        .await;
+    let conn = crate::support::reader(&env.db_path());
+    let (id, raw): (String, String) = conn
+        .query_row(
+            "SELECT e.encounter_id, e.raw_json FROM encounters e JOIN patients p USING (patient_id)
+             WHERE p.first_name = 'Ada' || char(0) || 'Null' LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(raw.contains("Ada\\u0000Null"), "{raw}");
+    let pg_raw = cluster
+        .psql_in(
+            &db.name,
+            &format!("SELECT raw_json FROM charthero.encounters WHERE encounter_id = '{id}'"),
+        )
+        .unwrap();
+    assert_eq!(
+        pg_raw.trim_end_matches('\n'),
+        raw,
+        "raw_json is the exact JSON text"
+    );
+    let nul_turns: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM transcript_turns WHERE instr(text, char(0)) > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(nul_turns > 0);
+
+    // A privacy change edits raw_json through jsonb: NUL does not fail it.
+    let text_config = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text_config}\n[privacy]\npatient_names = false\n"),
+    )
+    .unwrap();
+    let out = run_within(bin(&config, &["sync"]), Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        count("SELECT count(*) FROM charthero.patients WHERE first_name IS NOT NULL"),
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM charthero.encounters WHERE raw_json LIKE '%first_name%'"),
+        0
+    );
 }

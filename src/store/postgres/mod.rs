@@ -18,6 +18,7 @@ pub mod error;
 mod ledger;
 mod privacy;
 mod status;
+mod text;
 mod upsert;
 
 use std::cell::{RefCell, RefMut};
@@ -214,7 +215,13 @@ impl WriteTx for PgTx<'_> {
         completion: Option<&WindowCompletion>,
         now: OffsetDateTime,
     ) -> anyhow::Result<PageCounts> {
-        upsert::commit_page(&mut *self.db(), records, removals, completion, now)
+        upsert::commit_page(
+            &mut *self.db(),
+            &text::records(records),
+            removals,
+            completion,
+            now,
+        )
     }
     fn save_detail(
         &self,
@@ -223,7 +230,7 @@ impl WriteTx for PgTx<'_> {
         audio: bool,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        content::save_detail(&mut *self.db(), item, outcome, audio, now)
+        content::save_detail(&mut *self.db(), item, &text::outcome(outcome), audio, now)
     }
     fn save_transcript(
         &self,
@@ -231,7 +238,7 @@ impl WriteTx for PgTx<'_> {
         t: &TranscriptRecord,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        content::save_transcript(&mut *self.db(), item, t, now)
+        content::save_transcript(&mut *self.db(), item, &text::transcript(t), now)
     }
     fn transcript_not_ready(
         &self,

@@ -57,6 +57,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
         }
         Ok(())
     };
+    // jsonb cannot hold U+0000: a record whose JSON escapes one (`\u0000`) is read as jsonb
+    // with U+FFFD in its place (the text columns' replacement, `text.rs`), so editing it never
+    // fails; the edited record's raw_json carries `\ufffd` there.
     if !privacy.patient_names {
         update(
             "patients",
@@ -66,9 +69,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
         update(
             "encounters",
             "UPDATE encounters
-                SET raw_json = (raw_json::jsonb #- '{patient,first_name}' #- '{patient,last_name}')::text
-              WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
-                AND (raw_json::jsonb -> 'patient') ?| array['first_name', 'last_name']",
+                SET raw_json = (replace(raw_json, '\\u0000', '\\ufffd')::jsonb #- '{patient,first_name}' #- '{patient,last_name}')::text
+              WHERE jsonb_typeof(replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') = 'object'
+                AND (replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') ?| array['first_name', 'last_name']",
         )?;
     }
     match privacy.date_of_birth {
@@ -82,9 +85,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
             update(
                 "encounters",
                 "UPDATE encounters
-                    SET raw_json = jsonb_set(raw_json::jsonb, '{patient,date_of_birth}',
-                                             to_jsonb(substr(raw_json::jsonb #>> '{patient,date_of_birth}', 1, 4)))::text
-                  WHERE length(raw_json::jsonb #>> '{patient,date_of_birth}') > 4",
+                    SET raw_json = jsonb_set(replace(raw_json, '\\u0000', '\\ufffd')::jsonb, '{patient,date_of_birth}',
+                                             to_jsonb(substr(replace(raw_json, '\\u0000', '\\ufffd')::jsonb #>> '{patient,date_of_birth}', 1, 4)))::text
+                  WHERE length(replace(raw_json, '\\u0000', '\\ufffd')::jsonb #>> '{patient,date_of_birth}') > 4",
             )?;
         }
         BirthDate::Omit => {
@@ -94,9 +97,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
             )?;
             update(
                 "encounters",
-                "UPDATE encounters SET raw_json = (raw_json::jsonb #- '{patient,date_of_birth}')::text
-                  WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
-                    AND (raw_json::jsonb -> 'patient') ? 'date_of_birth'",
+                "UPDATE encounters SET raw_json = (replace(raw_json, '\\u0000', '\\ufffd')::jsonb #- '{patient,date_of_birth}')::text
+                  WHERE jsonb_typeof(replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') = 'object'
+                    AND (replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') ? 'date_of_birth'",
             )?;
         }
     }
