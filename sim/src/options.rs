@@ -62,8 +62,8 @@ pub struct SimOptions {
     /// microsecond. Only with [`QueryPrecision::Nanos`] (the micro modes keep microseconds at
     /// most). Default `false`.
     pub nanosecond_timestamps: bool,
-    /// Put U+0000 (NUL, which JSON sends as `\u0000`) into text, as some upstream editors do: one
-    /// more first name of the patient pool (`Ada\0Null`), and every unicode note and unicode
+    /// Put U+0000 (NUL, which JSON sends as `\u0000`) into text, as some upstream editors do: every
+    /// third first name of the patient pool gets `\0Null` appended, and every unicode note and unicode
     /// transcript turn (see `unicode_every`) ends with ` \0`. SQLite stores it; PostgreSQL's
     /// `text` cannot hold it. Default `false`.
     pub nul_in_text: bool,

@@ -200,7 +200,10 @@ impl Store {
         let mut syms = Interner::default();
         let mut vocab = Vocab::new(&mut syms);
         if opts.nul_in_text {
-            vocab.first_names.push(syms.intern("Ada\u{0}Null"));
+            for name in vocab.first_names.iter_mut().step_by(3) {
+                let with_nul = format!("{}\u{0}Null", syms.get(*name));
+                *name = syms.intern(&with_nul);
+            }
         }
         Store {
             organization_id: opts.organization_id.as_str().into(),

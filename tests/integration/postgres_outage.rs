@@ -280,18 +280,26 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
     let name = db.name.clone();
     let holder = std::thread::spawn(move || {
         let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let ended = other
-            .query(
-                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
-                 WHERE datname = $1 AND application_name LIKE $2",
-                &[&name, &pattern],
-            )
-            .unwrap()
-            .len();
-        let taken: bool = other
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .unwrap()
-            .get(0);
+        // Terminate and take at once; again if the daemon reconnected in between.
+        let (mut ended, mut taken) = (0, false);
+        for _ in 0..50 {
+            ended += other
+                .query(
+                    "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name LIKE $2",
+                    &[&name, &pattern],
+                )
+                .unwrap()
+                .len();
+            taken = other
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .unwrap()
+                .get(0);
+            if taken {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         taken_tx.send((ended, taken)).unwrap();
         release_rx.recv().ok();
     });
@@ -342,7 +350,8 @@ async fn text_with_nul_is_stored_with_the_replacement_character_in_postgres_and_
     assert!(equal(cluster, &db, &env.sim));
     let count = |sql: &str| -> i64 { cluster.psql_in(&db.name, sql).unwrap().trim().parse().unwrap() };
     assert!(
-        count("SELECT count(*) FROM charthero.patients WHERE first_name = 'Ada' || chr(65533) || 'Null'") > 0
+        count("SELECT count(*) FROM charthero.patients WHERE first_name LIKE '%' || chr(65533) || 'Null'")
+            > 0
     );
     assert!(count("SELECT count(*) FROM charthero.documents WHERE content_text LIKE '%' || chr(65533)") > 0);
     assert!(count("SELECT count(*) FROM charthero.transcript_turns WHERE text LIKE '%' || chr(65533)") > 0);
@@ -355,12 +364,12 @@ async fn text_with_nul_is_stored_with_the_replacement_character_in_postgres_and_
     let (id, raw): (String, String) = conn
         .query_row(
             "SELECT e.encounter_id, e.raw_json FROM encounters e JOIN patients p USING (patient_id)
-             WHERE p.first_name = 'Ada' || char(0) || 'Null' LIMIT 1",
+             WHERE instr(p.first_name, char(0)) > 0 LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert!(raw.contains("Ada\\u0000Null"), "{raw}");
+    assert!(raw.contains("\\u0000Null"), "{raw}");
     let pg_raw = cluster
         .psql_in(
             &db.name,

@@ -138,28 +138,26 @@ impl PgBackend {
         self
     }
 
-    /// The connection, for one method's statements; a writer's lost session is replaced first.
+    /// The connection, for one method's statements; a writer's session is checked first (and
+    /// replaced when lost, see [`PgBackend::check_write_lock`]).
     fn db(&self) -> anyhow::Result<RefMut<'_, Client>> {
-        self.revive()?;
+        self.check_write_lock()?;
         Ok(self.client.borrow_mut())
     }
 
-    /// The connection for a method that needs the `Client` itself (a transaction, VACUUM).
+    /// The connection for a method that needs the `Client` itself (a transaction, VACUUM),
+    /// checked like [`PgBackend::db`]'s.
     fn session(&mut self) -> anyhow::Result<&mut Client> {
-        self.revive()?;
+        self.check_write_lock()?;
         Ok(self.client.get_mut())
     }
 
-    /// Replaces a writer's closed session: a new one from the same configuration (search_path
-    /// included) holding the write lock. A session that died without the client noticing yet
-    /// fails its next statement (`Unavailable`, retried by the caller) and is replaced then.
+    /// Replaces a writer's lost session: a new one from the same configuration (search_path
+    /// included) holding the write lock.
     fn revive(&self) -> anyhow::Result<()> {
         let Some(pg) = &self.reconnect else {
             return Ok(());
         };
-        if !self.client.borrow().is_closed() {
-            return Ok(());
-        }
         tracing::warn!(database = %self.location, "the warehouse's session was lost; reconnecting");
         let client = connect::connect_writer(pg, super::APPLICATION_NAME)?;
         // The old client is closed: dropping it sends nothing.
@@ -177,10 +175,17 @@ impl PgBackend {
         let Some(schema) = self.reconnect.as_ref().map(|pg| pg.schema.as_str()) else {
             return Ok(());
         };
-        self.revive()?;
+        if self.client.borrow().is_closed() {
+            self.revive()?;
+        }
         let checked = connect::holds_write_lock(&mut *self.client.borrow_mut(), schema);
         let held = match checked {
-            Err(e) if self.client.borrow().is_closed() => {
+            // The client may not know its socket is closed until it uses it (nor mark itself
+            // closed afterwards): a lost connection is told by its error's kind.
+            Err(e)
+                if self.client.borrow().is_closed()
+                    || error::classify(&e) == Some(crate::store::StoreErrorKind::Unavailable) =>
+            {
                 tracing::debug!(database = %self.location, "the warehouse's session was found closed: {e:#}");
                 self.revive()?;
                 connect::holds_write_lock(&mut *self.client.borrow_mut(), schema)?
@@ -418,7 +423,6 @@ impl Backend for PgBackend {
         ledger::abort_stale_runs(&mut *self.db()?, organization, now)
     }
     fn start_run(&self, organization: &str, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
-        self.check_write_lock()?;
         ledger::start_run(&mut *self.db()?, organization, trigger, now)
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
@@ -496,7 +500,6 @@ impl Backend for PgBackend {
     }
 
     fn apply_privacy(&mut self, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
-        self.check_write_lock()?;
         privacy::apply_privacy(self.session()?, privacy)
     }
     fn purge(
@@ -507,7 +510,6 @@ impl Backend for PgBackend {
         reason: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<PurgeCounts> {
-        self.check_write_lock()?;
         privacy::purge(self.session()?, audio_dir, start, end, reason, now)
     }
     fn purged_ranges(&self) -> anyhow::Result<Vec<(i64, i64)>> {
