@@ -142,8 +142,8 @@ fn sessions(cluster: &PgCluster, db: &PgDatabase, pattern: &str) -> usize {
 
 /// An operator terminates every session of the running daemon (its writer's and its lock's):
 /// the daemon notices at its next unit of work, reconnects, retakes its write lock and goes on
-/// by itself; the warehouse then equals the simulator, including a change made upstream after
-/// the termination.
+/// by itself; the warehouse then equals the simulator, including encounters created upstream
+/// after the termination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_session_of_a_running_daemon_terminated_it_reconnects_and_converges() {
     let Some(cluster) = pgcluster::shared() else {
@@ -161,9 +161,7 @@ async fn every_session_of_a_running_daemon_terminated_it_reconnects_and_converge
 
     let ended = terminate_sessions(cluster, &db, "charthero-sync%");
     assert!(ended >= 2, "the writer's and the lock's sessions: {ended}");
-    let changed = env.sim.snapshot()[7].encounter_id.clone();
-    env.sim
-        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc());
+    env.sim.insert_bulk(OffsetDateTime::now_utc(), 5);
     assert!(!equal(cluster, &db, &env.sim));
 
     // A failed cycle is retried after 15-30 s (the daemon's failure backoff).
@@ -294,7 +292,8 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
             taken = other
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
                 .unwrap()
-                .get(0);
+                .try_get(0)
+                .unwrap();
             if taken {
                 break;
             }
@@ -320,9 +319,7 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
 
     release_tx.send(()).unwrap();
     holder.join().unwrap();
-    let changed = env.sim.snapshot()[3].encounter_id.clone();
-    env.sim
-        .set_encounter_updated_at(&changed, OffsetDateTime::now_utc());
+    env.sim.insert_bulk(OffsetDateTime::now_utc(), 5);
     let out = run_within(bin(&config, &["sync"]), Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(equal(cluster, &db, &env.sim));
