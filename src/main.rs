@@ -282,9 +282,10 @@ impl From<ConfigError> for Failure {
     }
 }
 
-/// The exit code of a failure that may be the warehouse's: a corrupt one has its own.
+/// The exit code of a failure that may be the warehouse's: a corrupt one has its own (a lost
+/// writer lock, also fatal, is a failed cycle: a restart takes the lock again when it is free).
 fn store_failure_code(e: Option<&store::StoreError>) -> u8 {
-    if e.is_some_and(store::StoreError::is_fatal) {
+    if e.is_some_and(|e| e.kind() == store::StoreErrorKind::Corrupt) {
         exit::STORE_CORRUPT
     } else {
         exit::CYCLE_FAILED

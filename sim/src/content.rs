@@ -15,7 +15,12 @@ pub(crate) struct ContentParams {
     pub(crate) turns_per_transcript: (u32, u32),
     pub(crate) unicode_every: u32,
     pub(crate) large_transcript_every: u32,
+    /// `SimOptions::nul_in_text`.
+    pub(crate) nul_in_text: bool,
 }
+
+/// What `SimOptions::nul_in_text` appends to unicode notes and turns.
+pub(crate) const NUL_SUFFIX: &str = " \u{0}";
 
 /// Titles of generated markdown notes.
 pub(crate) const NOTE_TITLES: &[&str] = &[
@@ -220,6 +225,9 @@ pub(crate) fn transcript(params: &ContentParams, doc: &Id, audio_ds: u32, large:
         if params.unicode_every != 0 && (i + 1).is_multiple_of(u64::from(params.unicode_every)) {
             text.push(' ');
             text.push_str(UNICODE_SNIPPETS[rng.usize(..UNICODE_SNIPPETS.len())]);
+            if params.nul_in_text {
+                text.push_str(NUL_SUFFIX);
+            }
         }
         // Speech at roughly 14 characters per second, inside this turn's share of the recording;
         // the rest of the share is silence, so turns never overlap.
@@ -278,6 +286,7 @@ mod tests {
             turns_per_transcript: (20, 80),
             unicode_every,
             large_transcript_every: 0,
+            nul_in_text: false,
         }
     }
 

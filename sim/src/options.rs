@@ -62,6 +62,11 @@ pub struct SimOptions {
     /// microsecond. Only with [`QueryPrecision::Nanos`] (the micro modes keep microseconds at
     /// most). Default `false`.
     pub nanosecond_timestamps: bool,
+    /// Put U+0000 (NUL, which JSON sends as `\u0000`) into text, as some upstream editors do: every
+    /// third first name of the patient pool gets `\0Null` appended, and every unicode note and unicode
+    /// transcript turn (see `unicode_every`) ends with ` \0`. SQLite stores it; PostgreSQL's
+    /// `text` cannot hold it. Default `false`.
+    pub nul_in_text: bool,
 }
 
 /// How the list route treats sub-microsecond digits in `start_at`/`end_at`, and the precision of
@@ -154,6 +159,7 @@ impl Default for SimOptions {
             render_created_at: None,
             bulk_instants: Vec::new(),
             nanosecond_timestamps: false,
+            nul_in_text: false,
         }
     }
 }

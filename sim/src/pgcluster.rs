@@ -271,7 +271,19 @@ impl PgCluster {
             .map_err(|e| format!("cannot write pg_hba.conf: {e}"))
     }
 
+    /// Restarts the server on the same port (`pg_ctl restart -m fast`): every session is ended
+    /// (open transactions roll back), and the server accepts connections again when this
+    /// returns. For tests of clients that must survive a server restart.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast"], "restart")
+    }
+
     fn start_server(&self) -> Result<(), String> {
+        self.pg_ctl(&[], "start")
+    }
+
+    /// `pg_ctl <args> <action>` with the server's options, waiting for it to be up.
+    fn pg_ctl(&self, args: &[&str], action: &str) -> Result<(), String> {
         let options = format!(
             "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c password_encryption=scram-sha-256",
             self.port,
@@ -283,7 +295,8 @@ impl PgCluster {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.dir.join("server.log"))
-            .args(["-o", &options, "-w", "-t", "60", "start"]))
+            .args(args)
+            .args(["-o", &options, "-w", "-t", "60", action]))
         .map_err(|e| {
             let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
             format!("{e}; server log: {}", log.trim())

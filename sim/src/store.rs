@@ -198,7 +198,13 @@ pub(crate) struct Store {
 impl Store {
     pub(crate) fn new(opts: &SimOptions) -> Store {
         let mut syms = Interner::default();
-        let vocab = Vocab::new(&mut syms);
+        let mut vocab = Vocab::new(&mut syms);
+        if opts.nul_in_text {
+            for name in vocab.first_names.iter_mut().step_by(3) {
+                let with_nul = format!("{}\u{0}Null", syms.get(*name));
+                *name = syms.intern(&with_nul);
+            }
+        }
         Store {
             organization_id: opts.organization_id.as_str().into(),
             params: ContentParams {
@@ -206,6 +212,7 @@ impl Store {
                 turns_per_transcript: ordered(opts.turns_per_transcript),
                 unicode_every: opts.unicode_every,
                 large_transcript_every: opts.large_transcript_every,
+                nul_in_text: opts.nul_in_text,
             },
             syms,
             vocab,
@@ -635,6 +642,7 @@ impl Store {
                 seed: self.params.seed,
                 title: doc.title.map(|t| self.syms.get(t).to_owned()),
                 unicode: doc.unicode,
+                nul: self.params.nul_in_text,
             },
         }
     }
@@ -682,6 +690,8 @@ pub(crate) enum NoteText {
         seed: u64,
         title: Option<String>,
         unicode: bool,
+        /// Append `content::NUL_SUFFIX` to a unicode note.
+        nul: bool,
     },
 }
 
@@ -689,8 +699,17 @@ impl NoteText {
     pub(crate) fn into_text(self, doc: &Id) -> String {
         match self {
             NoteText::Edited(text) => text,
-            NoteText::Derived { seed, title, unicode } => {
-                content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode)
+            NoteText::Derived {
+                seed,
+                title,
+                unicode,
+                nul,
+            } => {
+                let mut text = content::note_text(seed, doc, title.as_deref().unwrap_or("Note"), unicode);
+                if unicode && nul {
+                    text.push_str(content::NUL_SUFFIX);
+                }
+                text
             }
         }
     }

@@ -320,7 +320,9 @@ async fn queued_work(
 }
 
 /// A corrupt warehouse ends the daemon (exit `STORE_CORRUPT`): every further write risks
-/// spreading the damage, and a restart cannot repair it. Busy, full or unwritable is retried.
+/// spreading the damage, and a restart cannot repair it. So does a lost writer lock (exit 1:
+/// another process may write now; the service manager's restart waits for the lock). Busy,
+/// full, unwritable or an unavailable server is retried.
 fn is_fatal(e: &CycleError) -> bool {
     e.store_error().is_some_and(StoreError::is_fatal)
 }

@@ -34,6 +34,10 @@ pub enum StoreErrorKind {
     /// restarting, or is out of a resource (connections, memory). Transient: the next attempt
     /// reconnects.
     Unavailable,
+    /// This process no longer holds the warehouse's one-writer lock (its PostgreSQL session
+    /// ended and another process took the lock before it could reconnect, or another process
+    /// writes it already): it must stop writing at once, never write beside the other writer.
+    LockLost,
     /// Not a condition of the database file: a statement this program got wrong, a constraint,
     /// a stored value it cannot parse, a writer thread that stopped. A bug to report.
     Other,
@@ -62,10 +66,12 @@ impl StoreErrorKind {
         )
     }
 
-    /// Whether the process must stop writing this warehouse at once: only corruption, where
-    /// every further write risks spreading the damage. `run` exits with `exit::STORE_CORRUPT`.
+    /// Whether the process must stop writing this warehouse at once: corruption, where every
+    /// further write risks spreading the damage (`run` exits with `exit::STORE_CORRUPT`), or a
+    /// lost writer lock, where another process may be writing (`run` exits with
+    /// `exit::CYCLE_FAILED`; its service manager restarts it, and the restart waits its turn).
     pub fn is_fatal(self) -> bool {
-        self == StoreErrorKind::Corrupt
+        matches!(self, StoreErrorKind::Corrupt | StoreErrorKind::LockLost)
     }
 
     /// A stable code for logs, `sync_runs.reason_code` and alerts; `None` for [`Other`](Self::Other).
@@ -77,6 +83,7 @@ impl StoreErrorKind {
             StoreErrorKind::NotWritable => Some("database_not_writable"),
             StoreErrorKind::Io => Some("database_io_error"),
             StoreErrorKind::Unavailable => Some("database_unavailable"),
+            StoreErrorKind::LockLost => Some("writer_lock_lost"),
             StoreErrorKind::Other => None,
         }
     }
@@ -234,6 +241,12 @@ impl fmt::Display for StoreError {
                 f,
                 "database {path} is unavailable: the server cannot be reached, closed the \
                  connection or is out of resources; the next attempt reconnects"
+            )?,
+            StoreErrorKind::LockLost => write!(
+                f,
+                "database {path}: another process holds the warehouse's writer lock (this process's \
+                 session ended and was taken over, or another process writes it already); this \
+                 process stopped writing so that only one process writes it"
             )?,
             StoreErrorKind::Other => write!(f, "database {path}: {}", self.cause)?,
         }

@@ -46,9 +46,12 @@ pub fn open(database: &DatabaseConfig) -> Result<Box<dyn Backend>, StoreError> {
         DatabaseTarget::Postgres(pg) => {
             let location = pg.to_string();
             let fail = |e| StoreError::new(&location, e);
-            let client = postgres::connect::connect(pg, APPLICATION_NAME).map_err(fail)?;
+            // The session that migrates and writes holds the write lock for its whole life.
+            let client = postgres::connect::connect_writer(pg, APPLICATION_NAME).map_err(fail)?;
             Ok(Box::new(
-                postgres::open_writer(client, location.clone()).map_err(fail)?,
+                postgres::open_writer(client, location.clone())
+                    .map_err(fail)?
+                    .reconnecting((**pg).clone()),
             ))
         }
     }

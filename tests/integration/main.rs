@@ -16,6 +16,7 @@ mod packaging;
 mod plan;
 mod postgres;
 mod postgres_ops;
+mod postgres_outage;
 mod replication;
 mod robustness;
 mod store_errors;

@@ -388,7 +388,7 @@ mod tests {
         );
         // Past any table's size (SQLite would read u64::MAX as OFFSET -1, i.e. 0).
         assert_eq!(
-            nth_live_created_ns(&mut *w.pg.db(), Some("org_1"), base, i64::MAX, u64::MAX).unwrap(),
+            nth_live_created_ns(&mut *w.pg.db().unwrap(), Some("org_1"), base, i64::MAX, u64::MAX).unwrap(),
             None
         );
 

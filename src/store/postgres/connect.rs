@@ -340,9 +340,13 @@ fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Cl
     if taken {
         return Ok(Ok(client));
     }
-    // A bigint advisory lock is listed with its high half as classid and its low half as objid.
-    let high = i64::from((key >> 32) as u32);
-    let low = i64::from(key as u32);
+    Ok(Err(lock_holder(&mut client, pg, key)?))
+}
+
+/// Who holds the advisory lock `key`: the `application_name`, address, server pid and start of
+/// the session holding it, or `holder unknown` when it was released meanwhile.
+fn lock_holder(client: &mut Client, pg: &PostgresConfig, key: i64) -> anyhow::Result<String> {
+    let (high, low) = lock_halves(key);
     let holders = client
         .query(
             "SELECT coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'), \
@@ -354,7 +358,7 @@ fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Cl
             &[&high, &low],
         )
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot read who holds the writer lock"))?;
-    Ok(Err(holders
+    Ok(holders
         .first()
         .map(|row| {
             let (app, addr, pid, since): (String, String, i32, String) =
@@ -362,7 +366,55 @@ fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Cl
             Ok::<_, postgres::Error>(format!("{app} from {addr}, server pid {pid}, since {since}"))
         })
         .transpose()?
-        .unwrap_or_else(|| "holder unknown".to_owned())))
+        .unwrap_or_else(|| "holder unknown".to_owned()))
+}
+
+/// A bigint advisory lock is listed in `pg_locks` with its high half as `classid` and its low
+/// half as `objid` (`objsubid` 1).
+fn lock_halves(key: i64) -> (i64, i64) {
+    (i64::from((key >> 32) as u32), i64::from(key as u32))
+}
+
+/// The advisory-lock key the writing session itself holds (see [`connect_writer`]): distinct
+/// from [`writer_lock_key`], which the process's [`WriterLease`] holds on its own session. A
+/// schema name never contains `/`, so no schema's lock key is another's write key.
+pub fn write_lock_key(schema: &str) -> i64 {
+    writer_lock_key(&format!("{schema}/writes"))
+}
+
+/// Connects the session that writes ([`connect`]) and takes the schema's write lock on it
+/// ([`write_lock_key`]), which it then holds for its whole life: every write of this process
+/// goes through a session holding that lock, so no two processes ever write one schema, even
+/// when a lease's session or the writer's own session was terminated and another process
+/// started meanwhile. When another session holds the write lock, the error is a
+/// [`WriteLockHeld`](super::error::WriteLockHeld) naming it (classified `LockLost`).
+pub fn connect_writer(pg: &PostgresConfig, application_name: &str) -> anyhow::Result<Client> {
+    let mut client = connect(pg, application_name)?;
+    let key = write_lock_key(&pg.schema);
+    let taken: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .with_context(|| format!("PostgreSQL warehouse {pg}: cannot take the write lock"))?
+        .try_get(0)?;
+    if taken {
+        return Ok(client);
+    }
+    let holder = lock_holder(&mut client, pg, key)?;
+    Err(anyhow::Error::new(super::error::WriteLockHeld { holder }))
+}
+
+/// Whether the session of `db` holds the schema's write lock (it took it when it connected, and
+/// a session lock is released only with the session: a `false` here means a bug, or an
+/// `pg_advisory_unlock_all` someone ran on this very session).
+pub fn holds_write_lock(db: &mut impl postgres::GenericClient, schema: &str) -> anyhow::Result<bool> {
+    let (high, low) = lock_halves(write_lock_key(schema));
+    Ok(db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = pg_backend_pid() AND objsubid = 1 \
+                 AND classid::text::bigint = $1 AND objid::text::bigint = $2)",
+            &[&high, &low],
+        )?
+        .try_get(0)?)
 }
 
 /// Drops the schema and everything in it (`demo`, replacing a warehouse it created).

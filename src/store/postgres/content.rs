@@ -1269,6 +1269,7 @@ pub(super) mod tests {
         let mut pg = super::super::PgBackend {
             client: std::cell::RefCell::new(client),
             location: "test".to_owned(),
+            reconnect: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");

@@ -5,9 +5,21 @@
 
 use crate::store::StoreErrorKind;
 
+/// The writer's session could not (re)take the warehouse's write lock: another process holds
+/// it (named, as its `application_name` and address say). Classified as
+/// [`StoreErrorKind::LockLost`].
+#[derive(Debug, thiserror::Error)]
+#[error("the warehouse's write lock is held by another process ({holder})")]
+pub struct WriteLockHeld {
+    pub holder: String,
+}
+
 /// The kind of the first PostgreSQL error in `cause`'s chain; `None` when there is none (the
 /// error did not come from PostgreSQL).
 pub(crate) fn classify(cause: &anyhow::Error) -> Option<StoreErrorKind> {
+    if cause.chain().any(|e| e.is::<WriteLockHeld>()) {
+        return Some(StoreErrorKind::LockLost);
+    }
     let e = cause.chain().find_map(|e| e.downcast_ref::<postgres::Error>())?;
     Some(match e.code() {
         Some(code) => of_sqlstate(code.code()),

@@ -20,6 +20,7 @@ pub(crate) mod import;
 mod ledger;
 mod privacy;
 mod status;
+mod text;
 mod upsert;
 
 use std::cell::{RefCell, RefMut};
@@ -35,7 +36,7 @@ use super::{
     Reader, RecordingRecord, Removal, RunEnd, TableCounts, TranscriptRecord, WindowCompletion, Work,
     WorkItem, WriteTx,
 };
-use crate::config::PrivacyConfig;
+use crate::config::{PostgresConfig, PrivacyConfig};
 use crate::status::Status;
 
 mod embedded {
@@ -49,6 +50,10 @@ pub struct PgBackend {
     client: RefCell<Client>,
     /// What errors name as the database (the URL without its password).
     location: String,
+    /// The writer's configuration, to reconnect (and retake the write lock) when its session
+    /// is lost ([`PgBackend::reconnecting`]); `None` for a reader or `backfill`'s connection,
+    /// whose dead session fails every call until it is reopened.
+    reconnect: Option<Box<PostgresConfig>>,
 }
 
 /// Applies pending migrations on `client` (its search_path selects the warehouse's schema) and
@@ -60,6 +65,7 @@ pub fn open_writer(mut client: Client, location: String) -> anyhow::Result<PgBac
     Ok(PgBackend {
         client: RefCell::new(client),
         location,
+        reconnect: None,
     })
 }
 
@@ -74,6 +80,7 @@ pub fn open_current(mut client: Client, location: String) -> anyhow::Result<PgBa
         std::cmp::Ordering::Equal => Ok(PgBackend {
             client: RefCell::new(client),
             location,
+            reconnect: None,
         }),
         std::cmp::Ordering::Less => anyhow::bail!(
             "the warehouse {location} has schema version {applied}; this release needs {known}: run \
@@ -91,6 +98,7 @@ pub fn open_reader(client: Client, location: String) -> PgBackend {
     PgBackend {
         client: RefCell::new(client),
         location,
+        reconnect: None,
     }
 }
 
@@ -122,9 +130,76 @@ fn latest_version() -> i64 {
 }
 
 impl PgBackend {
-    /// The connection, for one method's statements.
-    fn db(&self) -> RefMut<'_, Client> {
-        self.client.borrow_mut()
+    /// The writer's backend, whose client came from [`connect::connect_writer`] with `pg` (its
+    /// session holds the write lock): when that session is lost (the server restarted, an
+    /// operator terminated it, the network dropped it), the next call reconnects with the same
+    /// configuration and retakes the write lock before any statement, and fails with
+    /// `WriteLockHeld` (`StoreErrorKind::LockLost`) if another process took it meanwhile.
+    pub fn reconnecting(mut self, pg: PostgresConfig) -> PgBackend {
+        self.reconnect = Some(Box::new(pg));
+        self
+    }
+
+    /// The connection, for one method's statements; a writer's session is checked first (and
+    /// replaced when lost, see [`PgBackend::check_write_lock`]).
+    fn db(&self) -> anyhow::Result<RefMut<'_, Client>> {
+        self.check_write_lock()?;
+        Ok(self.client.borrow_mut())
+    }
+
+    /// The connection for a method that needs the `Client` itself (a transaction, VACUUM),
+    /// checked like [`PgBackend::db`]'s.
+    fn session(&mut self) -> anyhow::Result<&mut Client> {
+        self.check_write_lock()?;
+        Ok(self.client.get_mut())
+    }
+
+    /// Replaces a writer's lost session: a new one from the same configuration (search_path
+    /// included) holding the write lock.
+    fn revive(&self) -> anyhow::Result<()> {
+        let Some(pg) = &self.reconnect else {
+            return Ok(());
+        };
+        tracing::warn!(database = %self.location, "the warehouse's session was lost; reconnecting");
+        let client = connect::connect_writer(pg, super::APPLICATION_NAME)?;
+        // The old client is closed: dropping it sends nothing.
+        drop(self.client.replace(client));
+        tracing::info!(database = %self.location, "reconnected to the warehouse; the write lock is held again");
+        Ok(())
+    }
+
+    /// Before a writer's unit of work (a write group, a run's start, a purge, a privacy
+    /// change): checks, in one round trip, that its session is alive and holds the write lock.
+    /// A session found dead is replaced once (and the lock retaken), so the first write after a
+    /// server restart or a terminated session does not fail just because the client learns of
+    /// the closed socket by using it. No-op for a reader.
+    fn check_write_lock(&self) -> anyhow::Result<()> {
+        let Some(schema) = self.reconnect.as_ref().map(|pg| pg.schema.as_str()) else {
+            return Ok(());
+        };
+        if self.client.borrow().is_closed() {
+            self.revive()?;
+        }
+        let checked = connect::holds_write_lock(&mut *self.client.borrow_mut(), schema);
+        let held = match checked {
+            // The client may not know its socket is closed until it uses it (nor mark itself
+            // closed afterwards): a lost connection is told by its error's kind.
+            Err(e)
+                if self.client.borrow().is_closed()
+                    || error::classify(&e) == Some(crate::store::StoreErrorKind::Unavailable) =>
+            {
+                tracing::debug!(database = %self.location, "the warehouse's session was found closed: {e:#}");
+                self.revive()?;
+                connect::holds_write_lock(&mut *self.client.borrow_mut(), schema)?
+            }
+            held => held?,
+        };
+        if !held {
+            anyhow::bail!(error::WriteLockHeld {
+                holder: "unknown: this process's session no longer holds it".to_owned()
+            });
+        }
+        Ok(())
     }
 }
 
@@ -147,7 +222,13 @@ impl WriteTx for PgTx<'_> {
         completion: Option<&WindowCompletion>,
         now: OffsetDateTime,
     ) -> anyhow::Result<PageCounts> {
-        upsert::commit_page(&mut *self.db(), records, removals, completion, now)
+        upsert::commit_page(
+            &mut *self.db(),
+            &text::records(records),
+            removals,
+            completion,
+            now,
+        )
     }
     fn save_detail(
         &self,
@@ -156,7 +237,7 @@ impl WriteTx for PgTx<'_> {
         audio: bool,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        content::save_detail(&mut *self.db(), item, outcome, audio, now)
+        content::save_detail(&mut *self.db(), item, &text::outcome(outcome), audio, now)
     }
     fn save_transcript(
         &self,
@@ -164,7 +245,7 @@ impl WriteTx for PgTx<'_> {
         t: &TranscriptRecord,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        content::save_transcript(&mut *self.db(), item, t, now)
+        content::save_transcript(&mut *self.db(), item, &text::transcript(t), now)
     }
     fn transcript_not_ready(
         &self,
@@ -215,10 +296,10 @@ impl WriteTx for PgTx<'_> {
 
 impl Reader for PgBackend {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-        ledger::complete_through(&mut *self.db(), organization)
+        ledger::complete_through(&mut *self.db()?, organization)
     }
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
-        ledger::known_organization_id(&mut *self.db(), organization)
+        ledger::known_organization_id(&mut *self.db()?, organization)
     }
     fn live_count_in_range(
         &self,
@@ -226,16 +307,16 @@ impl Reader for PgBackend {
         start_ns: i64,
         end_ns: i64,
     ) -> anyhow::Result<u64> {
-        audit::live_count_in_range(&mut *self.db(), organization_id, start_ns, end_ns)
+        audit::live_count_in_range(&mut *self.db()?, organization_id, start_ns, end_ns)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
-        status::read_status(&mut *self.db(), now, configured, &self.location)
+        status::read_status(&mut *self.db()?, now, configured, &self.location)
     }
     fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
-        status::live_content_counts(&mut *self.db())
+        status::live_content_counts(&mut *self.db()?)
     }
     fn table_counts(&self) -> anyhow::Result<TableCounts> {
-        let row = self.db().query_one(
+        let row = self.db()?.query_one(
             "SELECT (SELECT count(*) FROM encounters), (SELECT count(*) FROM patients),
                     (SELECT count(*) FROM documents),
                     (SELECT count(*) FROM documents WHERE content_text IS NOT NULL),
@@ -253,7 +334,7 @@ impl Reader for PgBackend {
     }
     fn marker(&self, name: &str) -> anyhow::Result<Option<String>> {
         let row = self
-            .db()
+            .db()?
             .query_opt("SELECT value FROM sync_state WHERE name = $1", &[&name])?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
@@ -270,6 +351,9 @@ impl Backend for PgBackend {
     /// warehouse (the advisory lock) and readers that never write, no serialization failure or
     /// deadlock can end a group: the default READ COMMITTED isolation is enough.
     fn write_group(&mut self, body: &mut dyn FnMut(&dyn WriteTx) -> bool) -> GroupEnd {
+        if let Err(e) = self.check_write_lock() {
+            return GroupEnd::CannotBegin(e);
+        }
         let tx = match self.client.get_mut().transaction() {
             Ok(tx) => tx,
             Err(e) => return GroupEnd::CannotBegin(e.into()),
@@ -285,10 +369,10 @@ impl Backend for PgBackend {
     }
 
     fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-        ledger::deep_revisit_at(&mut *self.db(), organization)
+        ledger::deep_revisit_at(&mut *self.db()?, organization)
     }
     fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
-        ledger::set_deep_revisit_at(&mut *self.db(), organization, at)
+        ledger::set_deep_revisit_at(&mut *self.db()?, organization, at)
     }
     fn claim_organization_id(
         &self,
@@ -296,7 +380,7 @@ impl Backend for PgBackend {
         organization_id: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<Result<(), String>> {
-        ledger::claim_organization_id(&mut *self.db(), organization, organization_id, now)
+        ledger::claim_organization_id(&mut *self.db()?, organization, organization_id, now)
     }
     fn live_ids_in_range(
         &self,
@@ -304,7 +388,7 @@ impl Backend for PgBackend {
         start: OffsetDateTime,
         end: OffsetDateTime,
     ) -> anyhow::Result<Vec<String>> {
-        ledger::live_ids_in_range(&mut *self.db(), organization_id, start, end)
+        ledger::live_ids_in_range(&mut *self.db()?, organization_id, start, end)
     }
     fn open_backfill(
         &self,
@@ -314,7 +398,7 @@ impl Backend for PgBackend {
         requested_by: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<Backfill> {
-        ledger::open_backfill(&mut *self.db(), organization, start, end, requested_by, now)
+        ledger::open_backfill(&mut *self.db()?, organization, start, end, requested_by, now)
     }
     fn queue_backfill(
         &self,
@@ -324,10 +408,10 @@ impl Backend for PgBackend {
         requested_by: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<i64> {
-        ledger::queue_backfill(&mut *self.db(), organization, start, end, requested_by, now)
+        ledger::queue_backfill(&mut *self.db()?, organization, start, end, requested_by, now)
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
-        ledger::next_backfill(&mut *self.db(), organization)
+        ledger::next_backfill(&mut *self.db()?, organization)
     }
     fn finish_backfill(
         &self,
@@ -335,16 +419,16 @@ impl Backend for PgBackend {
         error: Option<&str>,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        ledger::finish_backfill(&mut *self.db(), backfill_id, error, now)
+        ledger::finish_backfill(&mut *self.db()?, backfill_id, error, now)
     }
     fn abort_stale_runs(&self, organization: &str, now: OffsetDateTime) -> anyhow::Result<usize> {
-        ledger::abort_stale_runs(&mut *self.db(), organization, now)
+        ledger::abort_stale_runs(&mut *self.db()?, organization, now)
     }
     fn start_run(&self, organization: &str, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
-        ledger::start_run(&mut *self.db(), organization, trigger, now)
+        ledger::start_run(&mut *self.db()?, organization, trigger, now)
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
-        ledger::finish_run(&mut *self.db(), run_id, end, now)
+        ledger::finish_run(&mut *self.db()?, run_id, end, now)
     }
 
     fn open_audit(
@@ -355,7 +439,7 @@ impl Backend for PgBackend {
         requested_by: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<Audit> {
-        audit::open_audit(&mut *self.db(), organization, start, end, requested_by, now)
+        audit::open_audit(&mut *self.db()?, organization, start, end, requested_by, now)
     }
     fn audit_due(
         &self,
@@ -363,16 +447,16 @@ impl Backend for PgBackend {
         every: time::Duration,
         now: OffsetDateTime,
     ) -> anyhow::Result<bool> {
-        audit::audit_due(&mut *self.db(), organization, every, now)
+        audit::audit_due(&mut *self.db()?, organization, every, now)
     }
     fn advance_audit(&self, audit_id: i64, cursor: OffsetDateTime, tally: &AuditTally) -> anyhow::Result<()> {
-        audit::advance_audit(&mut *self.db(), audit_id, cursor, tally)
+        audit::advance_audit(&mut *self.db()?, audit_id, cursor, tally)
     }
     fn finish_audit(&self, audit_id: i64, now: OffsetDateTime) -> anyhow::Result<()> {
-        audit::finish_audit(&mut *self.db(), audit_id, now)
+        audit::finish_audit(&mut *self.db()?, audit_id, now)
     }
     fn audit_failed(&self, audit_id: i64, error: &str) -> anyhow::Result<()> {
-        audit::audit_failed(&mut *self.db(), audit_id, error)
+        audit::audit_failed(&mut *self.db()?, audit_id, error)
     }
     fn nth_live_created_ns(
         &self,
@@ -381,7 +465,7 @@ impl Backend for PgBackend {
         end_ns: i64,
         n: u64,
     ) -> anyhow::Result<Option<i64>> {
-        audit::nth_live_created_ns(&mut *self.db(), organization_id, start_ns, end_ns, n)
+        audit::nth_live_created_ns(&mut *self.db()?, organization_id, start_ns, end_ns, n)
     }
     fn block_agrees(
         &self,
@@ -391,7 +475,7 @@ impl Backend for PgBackend {
         offset: u64,
         block: &[(String, i64)],
     ) -> anyhow::Result<bool> {
-        audit::block_agrees(&mut *self.db(), organization_id, start_ns, end_ns, offset, block)
+        audit::block_agrees(&mut *self.db()?, organization_id, start_ns, end_ns, offset, block)
     }
 
     fn claim_work(
@@ -404,7 +488,7 @@ impl Backend for PgBackend {
         now: OffsetDateTime,
     ) -> anyhow::Result<Vec<WorkItem>> {
         content::claim_work(
-            &mut *self.db(),
+            &mut *self.db()?,
             organization_id,
             run_id,
             skip,
@@ -414,11 +498,11 @@ impl Backend for PgBackend {
         )
     }
     fn queue_missing_audio(&self, organization_id: Option<&str>) -> anyhow::Result<usize> {
-        content::queue_missing_audio(&mut *self.db(), organization_id)
+        content::queue_missing_audio(&mut *self.db()?, organization_id)
     }
 
     fn apply_privacy(&mut self, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
-        privacy::apply_privacy(self.client.get_mut(), privacy)
+        privacy::apply_privacy(self.session()?, privacy)
     }
     fn purge(
         &mut self,
@@ -428,13 +512,13 @@ impl Backend for PgBackend {
         reason: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<PurgeCounts> {
-        privacy::purge(self.client.get_mut(), audio_dir, start, end, reason, now)
+        privacy::purge(self.session()?, audio_dir, start, end, reason, now)
     }
     fn purged_ranges(&self) -> anyhow::Result<Vec<(i64, i64)>> {
-        privacy::purged_ranges(&mut *self.db())
+        privacy::purged_ranges(&mut *self.db()?)
     }
     fn last_retention_purge(&self) -> anyhow::Result<Option<OffsetDateTime>> {
-        privacy::last_retention_purge(&mut *self.db())
+        privacy::last_retention_purge(&mut *self.db()?)
     }
 
     /// Nothing to do: PostgreSQL makes a transaction durable in its WAL at COMMIT, and moving
@@ -450,12 +534,12 @@ impl Backend for PgBackend {
     }
     /// Rebuilds both full-text indexes (the GIN indexes over the generated tsvector columns).
     fn rebuild_search(&self) -> anyhow::Result<()> {
-        self.db()
+        self.db()?
             .batch_execute("REINDEX INDEX documents_search; REINDEX INDEX transcript_turns_search;")?;
         Ok(())
     }
     fn set_marker(&self, name: &str) -> anyhow::Result<()> {
-        self.db().execute(
+        self.db()?.execute(
             "INSERT INTO sync_state (name, value) VALUES ($1, 'yes') ON CONFLICT DO NOTHING",
             &[&name],
         )?;

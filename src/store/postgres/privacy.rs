@@ -57,6 +57,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
         }
         Ok(())
     };
+    // jsonb cannot hold U+0000: a record whose JSON escapes one (`\u0000`) is read as jsonb
+    // with U+FFFD in its place (the text columns' replacement, `text.rs`), so editing it never
+    // fails; the edited record's raw_json carries `\ufffd` there.
     if !privacy.patient_names {
         update(
             "patients",
@@ -66,9 +69,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
         update(
             "encounters",
             "UPDATE encounters
-                SET raw_json = (raw_json::jsonb #- '{patient,first_name}' #- '{patient,last_name}')::text
-              WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
-                AND (raw_json::jsonb -> 'patient') ?| array['first_name', 'last_name']",
+                SET raw_json = (replace(raw_json, '\\u0000', '\\ufffd')::jsonb #- '{patient,first_name}' #- '{patient,last_name}')::text
+              WHERE jsonb_typeof(replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') = 'object'
+                AND (replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') ?| array['first_name', 'last_name']",
         )?;
     }
     match privacy.date_of_birth {
@@ -82,9 +85,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
             update(
                 "encounters",
                 "UPDATE encounters
-                    SET raw_json = jsonb_set(raw_json::jsonb, '{patient,date_of_birth}',
-                                             to_jsonb(substr(raw_json::jsonb #>> '{patient,date_of_birth}', 1, 4)))::text
-                  WHERE length(raw_json::jsonb #>> '{patient,date_of_birth}') > 4",
+                    SET raw_json = jsonb_set(replace(raw_json, '\\u0000', '\\ufffd')::jsonb, '{patient,date_of_birth}',
+                                             to_jsonb(substr(replace(raw_json, '\\u0000', '\\ufffd')::jsonb #>> '{patient,date_of_birth}', 1, 4)))::text
+                  WHERE length(replace(raw_json, '\\u0000', '\\ufffd')::jsonb #>> '{patient,date_of_birth}') > 4",
             )?;
         }
         BirthDate::Omit => {
@@ -94,9 +97,9 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
             )?;
             update(
                 "encounters",
-                "UPDATE encounters SET raw_json = (raw_json::jsonb #- '{patient,date_of_birth}')::text
-                  WHERE jsonb_typeof(raw_json::jsonb -> 'patient') = 'object'
-                    AND (raw_json::jsonb -> 'patient') ? 'date_of_birth'",
+                "UPDATE encounters SET raw_json = (replace(raw_json, '\\u0000', '\\ufffd')::jsonb #- '{patient,date_of_birth}')::text
+                  WHERE jsonb_typeof(replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') = 'object'
+                    AND (replace(raw_json, '\\u0000', '\\ufffd')::jsonb -> 'patient') ? 'date_of_birth'",
             )?;
         }
     }
@@ -131,13 +134,98 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
 /// It blocks: each table is locked ACCESS EXCLUSIVE while it is rewritten, so readers of that
 /// table (the `charthero_readers` role's queries) wait for it, and it waits for queries already
 /// running on it. It needs free space for a copy of each table and its indexes.
+///
+/// A long analyst query holding a lock on a table would make it wait without end, so it waits
+/// at most [`SCRUB_LOCK_TIMEOUT`] for its locks (`lock_timeout`), [`SCRUB_ATTEMPTS`] times. If it
+/// still cannot, the rows are already removed and only the rewrite remains: the tables are
+/// recorded in `sync_state` (`scrub_pending`), a warning and the error say so, and the next
+/// purge or privacy change (or `charthero-sync purge` of an empty range) rewrites them first.
 fn scrub(db: &mut Client, tables: &[&'static str]) -> anyhow::Result<()> {
-    if tables.is_empty() {
+    scrub_waiting(db, tables, SCRUB_LOCK_TIMEOUT)
+}
+
+/// How long the rewrite waits for its table locks, per attempt.
+const SCRUB_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How many times the rewrite is tried before it is left pending.
+const SCRUB_ATTEMPTS: u32 = 3;
+/// The `sync_state` entry listing the tables whose rewrite is pending (comma-separated).
+const SCRUB_PENDING: &str = "scrub_pending";
+
+fn scrub_waiting(
+    db: &mut Client,
+    tables: &[&'static str],
+    lock_timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let pending: Option<String> = db
+        .query_opt("SELECT value FROM sync_state WHERE name = $1", &[&SCRUB_PENDING])?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    let mut all: Vec<&str> = tables.to_vec();
+    // Only known table names are ever recorded; anything else in the entry is ignored.
+    let known = [
+        "encounters",
+        "patients",
+        "documents",
+        "transcripts",
+        "transcript_turns",
+        "recordings",
+    ];
+    for t in pending.as_deref().unwrap_or("").split(',') {
+        if let Some(k) = known.iter().find(|k| **k == t)
+            && !all.contains(k)
+        {
+            all.push(k);
+        }
+    }
+    if all.is_empty() {
         return Ok(());
     }
-    db.batch_execute(&format!("VACUUM (FULL, ANALYZE) {}", tables.join(", ")))
-        .with_context(|| format!("cannot rewrite {} to remove deleted data", tables.join(", ")))?;
-    Ok(())
+    let list = all.join(", ");
+    db.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis()))?;
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        match db.batch_execute(&format!("VACUUM (FULL, ANALYZE) {list}")) {
+            Ok(()) => break Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.code() == "55P03") && attempt < SCRUB_ATTEMPTS => {
+                tracing::warn!(tables = %list, attempt, "the rewrite waited too long for a table lock (a long query?); trying again");
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    db.batch_execute("RESET lock_timeout")?;
+    match result {
+        Ok(()) => {
+            if pending.is_some() {
+                db.execute("DELETE FROM sync_state WHERE name = $1", &[&SCRUB_PENDING])?;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let locked = e.code().is_some_and(|c| c.code() == "55P03");
+            db.execute(
+                "INSERT INTO sync_state (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&SCRUB_PENDING, &all.join(",")],
+            )?;
+            let what = format!(
+                "the rows are removed, but rewriting {list} (VACUUM FULL, which removes the old row \
+                 versions still holding their text from the files) {}; it is recorded as pending and \
+                 the next purge or privacy change does it first",
+                if locked {
+                    format!(
+                        "could not get its table locks within {} s, {SCRUB_ATTEMPTS} times (a long query \
+                         holds them: end it, or run `charthero-sync purge` again later)",
+                        lock_timeout.as_secs()
+                    )
+                } else {
+                    "failed".to_owned()
+                }
+            );
+            tracing::warn!("{what}");
+            Err(anyhow::Error::new(e).context(what))
+        }
+    }
 }
 
 /// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
@@ -377,6 +465,56 @@ mod tests {
 
     fn count(c: &mut Client, sql: &str) -> i64 {
         c.query_one(sql, &[]).unwrap().try_get(0).unwrap()
+    }
+
+    /// A reader holding ACCESS SHARE on a table in an open transaction: the rewrite gives up
+    /// after its lock timeout and attempts, says the rows are removed and the rewrite pending,
+    /// records it, and the next scrub (with nothing new to rewrite) does it once the reader is
+    /// gone.
+    #[test]
+    fn a_rewrite_blocked_by_a_long_reader_is_left_pending_and_done_by_the_next_one() {
+        let Some((db, mut c)) = warehouse("scrub_blocked") else {
+            return;
+        };
+        let mut config: postgres::Config = db.url.parse().unwrap();
+        config.password(&db.password).options("-c search_path=charthero");
+        let mut analyst = config.connect(postgres::NoTls).unwrap();
+        let mut long_query = analyst.transaction().unwrap();
+        long_query
+            .query_one("SELECT count(*) FROM documents", &[])
+            .unwrap();
+        let short = std::time::Duration::from_millis(200);
+        let error = scrub_waiting(&mut c, &["documents"], short).unwrap_err();
+        let message = format!("{error:#}");
+        assert!(message.contains("the rows are removed"), "{message}");
+        assert!(message.contains("pending"), "{message}");
+        assert!(
+            message.contains("lock_timeout") || message.contains("lock"),
+            "{message}"
+        );
+        let pending: String = c
+            .query_one("SELECT value FROM sync_state WHERE name = 'scrub_pending'", &[])
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(pending, "documents");
+        long_query.commit().unwrap();
+        scrub_waiting(&mut c, &[], short).unwrap();
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
+            ),
+            0
+        );
+        assert_eq!(
+            c.query_one("SHOW lock_timeout", &[])
+                .unwrap()
+                .try_get::<_, String>(0)
+                .unwrap(),
+            "0",
+            "the session's lock_timeout is reset"
+        );
     }
 
     #[test]

@@ -361,7 +361,7 @@ pub(super) mod tests {
                 .unwrap()
                 .execute_batch(sql)
                 .unwrap();
-            self.pg.db().batch_execute(sql).unwrap();
+            self.pg.db().unwrap().batch_execute(sql).unwrap();
         }
 
         /// The one value `sql` answers, as text, the same on both warehouses.
@@ -369,7 +369,14 @@ pub(super) mod tests {
             let sqlite =
                 crate::store::sqlite::open_reader(&self.sqlite_path, Duration::from_secs(5)).unwrap();
             let sqlite = crate::store::sqlite::rows_as_text(&sqlite, sql).unwrap();
-            let pg: Option<String> = self.pg.db().query_one(sql, &[]).unwrap().try_get(0).unwrap();
+            let pg: Option<String> = self
+                .pg
+                .db()
+                .unwrap()
+                .query_one(sql, &[])
+                .unwrap()
+                .try_get(0)
+                .unwrap();
             assert_eq!(sqlite, [[pg.clone()]], "{sql}");
             pg.expect("a value")
         }

@@ -340,6 +340,7 @@ fn migrations_apply_twice_without_change() {
     let again = open_writer(connect(&db), db.url.clone()).expect("migrations apply again");
     let applied: i64 = again
         .db()
+        .unwrap()
         .query_one("SELECT count(*) FROM refinery_schema_history", &[])
         .unwrap()
         .try_get(0)
@@ -363,6 +364,7 @@ fn open_current_refuses_an_older_or_newer_schema() {
     let backend = open_writer(connect(&db), db.url.clone()).unwrap();
     backend
         .db()
+        .unwrap()
         .execute(
             "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
              VALUES (999, 'future', '2030-01-01T00:00:00Z', '0')",
@@ -588,6 +590,7 @@ fn the_ledger_keeps_runs_backfills_and_organizations_per_organization() {
     assert_eq!(pg.abort_stale_runs("default", now).unwrap(), 0);
     let outcome: String = pg
         .db()
+        .unwrap()
         .query_one("SELECT outcome FROM sync_runs WHERE run_id = $1", &[&b])
         .unwrap()
         .try_get(0)
