@@ -89,6 +89,9 @@ async fn a_failing_upstream_is_retried_with_backoff_never_spun_on() {
         .unwrap();
     raw.api.base_url = format!("http://{closed}");
     raw.limits.max_attempts = 1;
+    // The retry comes at the backoff or the next scheduled cycle, whichever is sooner; with the
+    // default schedule (every 5 minutes) a failure just before a fire retried within 3 s.
+    raw.sync.schedule = "0 0 0 1 1 *".into();
     let config = raw.validate().unwrap();
     let shutdown = CancellationToken::new();
     let daemon = {
