@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use crate::model::{KeyState, Route};
 
-/// Every scope the API knows, in bit order.
-pub(crate) const ALL_SCOPES: [&str; 4] = [
+/// Every scope the API knows, in bit order (a key granted all of them may call every route).
+pub const ALL_SCOPES: [&str; 4] = [
     "encounters:read",
     "patients:read",
     "documents:read",

@@ -98,6 +98,7 @@ mod store;
 mod tests;
 mod timestamp;
 
+pub use access::ALL_SCOPES;
 pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,
     Route, Stats, Transcript, Turn, Unavailable, Visibility,

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use charthero_sim::ALL_SCOPES;
+
 use crate::support::{TestEnv, compare, reader, run, text};
 
 fn bin() -> Command {
@@ -54,15 +56,7 @@ async fn bad_configuration_exits_2_with_a_message_naming_the_key() {
 async fn sync_at_trace_level_succeeds_and_never_prints_the_key() {
     let env = TestEnv::with_encounters(8, 300).await;
     let canary = "ch_sk_canary_5f2e9d1c";
-    env.sim.add_key(
-        canary,
-        &[
-            "encounters:read",
-            "patients:read",
-            "documents:read",
-            "recordings:read",
-        ],
-    );
+    env.sim.add_key(canary, &ALL_SCOPES);
     env.write_key_file(canary);
     let config = env.write_config_file("");
     let out = run({

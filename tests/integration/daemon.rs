@@ -7,11 +7,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use charthero_sim::ALL_SCOPES;
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
 use crate::support::{
-    Backend, ENCOUNTERS_ONLY, TestEnv, Warehouse, both_backends, compare, reader, run, text,
+    Backend, ENCOUNTERS_ONLY, TestEnv, Warehouse, both_backends, compare, reader, run, text, wait_exit,
+    wait_for,
 };
 
 fn bin(config: &Path) -> Command {
@@ -36,30 +38,6 @@ fn signal(child: &Child, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-/// Waits for the child to exit, at most `limit`; returns its exit code and how long it took.
-async fn wait_exit(mut child: Child, limit: Duration) -> (Option<i32>, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status.code(), started.elapsed());
-        }
-        if started.elapsed() > limit {
-            child.kill().ok();
-            panic!("the daemon did not exit within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls `check` until it returns true, at most `limit`.
-async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "condition not met within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn backfill_state(db: &Warehouse) -> Option<(String, Option<String>)> {
@@ -114,8 +92,8 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality(b
     let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.args(["run", "--backfill-from", &from]);
-    let child = spawn(daemon);
-    wait_for(Duration::from_secs(60), || {
+    let mut child = spawn(daemon);
+    wait_for("the backfill's first cursor", Duration::from_secs(60), || {
         backfill_state(db).is_some_and(|(_, cursor)| cursor.is_some())
     })
     .await;
@@ -128,7 +106,9 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality(b
     assert!(text(&out).contains("charthero-sync run"), "{}", text(&out));
 
     signal(&child, "-TERM");
-    let (code, took) = wait_exit(child, Duration::from_secs(10)).await;
+    let stopping = Instant::now();
+    let code = wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
+    let took = stopping.elapsed();
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(10), "{took:?}");
     if let Some(path) = db.sqlite_path() {
@@ -145,13 +125,15 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality(b
 
     let mut again = bin(&config);
     again.arg("run");
-    let child = spawn(again);
-    wait_for(Duration::from_secs(120), || {
-        backfill_state(db).is_some_and(|(s, _)| s == "completed")
-    })
+    let mut child = spawn(again);
+    wait_for(
+        "the resumed backfill's completion",
+        Duration::from_secs(120),
+        || backfill_state(db).is_some_and(|(s, _)| s == "completed"),
+    )
     .await;
     signal(&child, "-TERM");
-    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    let code = wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
     compare(&env.sim, db).assert_empty();
     let backfills: i64 = db.scalar("SELECT count(*) FROM backfills", &[]);
@@ -169,8 +151,11 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
     let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.arg("run");
-    let child = spawn(daemon);
-    wait_for(Duration::from_secs(30), || succeeded_runs(db, 1)).await;
+    let mut child = spawn(daemon);
+    wait_for("the first cycle", Duration::from_secs(30), || {
+        succeeded_runs(db, 1)
+    })
+    .await;
 
     let mut queue = bin(&config);
     queue.args([
@@ -212,7 +197,7 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
         "status --json never showed the backfill in progress"
     );
     signal(&child, "-TERM");
-    wait_exit(child, Duration::from_secs(10)).await;
+    wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
     compare(&env.sim, db).assert_empty();
 }
 
@@ -234,7 +219,7 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served
         .arg("run")
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "600000");
-    let child = spawn(daemon);
+    let mut child = spawn(daemon);
     let mut messages = Vec::new();
     let mut buf = [0u8; 4096];
     let started = Instant::now();
@@ -245,7 +230,7 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served
     }
     assert!(messages[0].starts_with("READY=1"), "{messages:?}");
     let db = env.db_path();
-    wait_for(Duration::from_secs(20), || {
+    wait_for("a succeeded run", Duration::from_secs(20), || {
         reader(&db)
             .query_row(
                 "SELECT count(*) FROM sync_runs WHERE outcome = 'succeeded'",
@@ -269,7 +254,7 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served
         assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
     }
     signal(&child, "-TERM");
-    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    let code = wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
     let mut stopping = false;
     socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
@@ -326,15 +311,7 @@ async fn check_passes_with_a_full_key_and_names_a_missing_recordings_scope() {
 async fn a_full_sync_at_trace_level_logs_no_key_names_transcript_text_or_signed_urls() {
     let env = TestEnv::with_encounters(55, 120).await;
     let canary_key = "ch_sk_canary_4b1d";
-    env.sim.add_key(
-        canary_key,
-        &[
-            "encounters:read",
-            "patients:read",
-            "documents:read",
-            "recordings:read",
-        ],
-    );
+    env.sim.add_key(canary_key, &ALL_SCOPES);
     env.write_key_file(canary_key);
     let audio = format!(
         "\n[audio]\nenabled = true\ndirectory = \"{}\"\n",
@@ -398,8 +375,11 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
     let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.arg("run");
-    let child = spawn(daemon);
-    wait_for(Duration::from_secs(60), || succeeded_runs(db, 1)).await;
+    let mut child = spawn(daemon);
+    wait_for("the first cycle", Duration::from_secs(60), || {
+        succeeded_runs(db, 1)
+    })
+    .await;
     let now = OffsetDateTime::now_utc();
     let backdated = env
         .sim
@@ -412,18 +392,22 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
         .unwrap()
         .encounter_id;
     env.sim.remove(&old);
-    wait_for(Duration::from_secs(60), || {
-        let (added, removed, audited): (i64, i64, i64) = db.row(
-            "SELECT (SELECT count(*) FROM encounters WHERE encounter_id = ?1),
+    wait_for(
+        "the audit's repair of a backdated and a removed encounter",
+        Duration::from_secs(60),
+        || {
+            let (added, removed, audited): (i64, i64, i64) = db.row(
+                "SELECT (SELECT count(*) FROM encounters WHERE encounter_id = ?1),
                     (SELECT count(*) FROM encounters WHERE encounter_id = ?2 AND removed_at IS NOT NULL),
                     (SELECT count(*) FROM audits WHERE status = 'completed')",
-            &[&backdated, &old],
-        );
-        added == 1 && removed == 1 && audited >= 1
-    })
+                &[&backdated, &old],
+            );
+            added == 1 && removed == 1 && audited >= 1
+        },
+    )
     .await;
     signal(&child, "-TERM");
-    let (code, _) = wait_exit(child, Duration::from_secs(10)).await;
+    let code = wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
     compare(&env.sim, db).assert_empty();
     // status reports the audit.

@@ -2,14 +2,14 @@
 //! with a cancellation token instead of signals (the binary-level signal and sd_notify tests
 //! are in `daemon.rs`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use charthero_sim::KeyState;
 use charthero_sync::daemon::notify::Notifier;
 use charthero_sync::sync::CycleError;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{TestEnv, compare, reader};
+use crate::support::{TestEnv, compare, reader, wait_for};
 
 fn runs(env: &TestEnv, outcome: &str) -> i64 {
     if !env.db_path().exists() {
@@ -24,12 +24,17 @@ fn runs(env: &TestEnv, outcome: &str) -> i64 {
         .unwrap_or(0)
 }
 
-async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "condition not met within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Cancels `shutdown` and waits for the `serve` task: it must return promptly, and cleanly.
+async fn cancel_and_join<E: std::fmt::Debug>(
+    shutdown: &CancellationToken,
+    daemon: tokio::task::JoinHandle<Result<(), E>>,
+) {
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .expect("serve returns promptly after cancellation")
+        .unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,14 +49,12 @@ async fn serve_syncs_at_start_and_returns_when_its_token_is_cancelled() {
             charthero_sync::daemon::serve(&config, &key, None, &Notifier::silent(), &shutdown).await
         })
     };
-    wait_for(Duration::from_secs(30), || runs(&env, "succeeded") >= 1).await;
+    wait_for("a succeeded cycle", Duration::from_secs(30), || {
+        runs(&env, "succeeded") >= 1
+    })
+    .await;
     compare(&env.sim, &env.db_path()).assert_empty();
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .expect("serve returns promptly after cancellation")
-        .unwrap();
-    assert!(stopped.is_ok(), "{stopped:?}");
+    cancel_and_join(&shutdown, daemon).await;
     assert_eq!(runs(&env, "running"), 0);
 }
 
@@ -100,14 +103,12 @@ async fn a_failing_upstream_is_retried_with_backoff_never_spun_on() {
             charthero_sync::daemon::serve(&config, &key, None, &Notifier::silent(), &shutdown).await
         })
     };
-    wait_for(Duration::from_secs(20), || runs(&env, "failed") >= 1).await;
+    wait_for("a failed cycle", Duration::from_secs(20), || {
+        runs(&env, "failed") >= 1
+    })
+    .await;
     // The first backoff is at least 15 s (30 s with jitter down to half): nothing more in 3 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(runs(&env, "failed"), 1);
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .expect("serve returns promptly after cancellation")
-        .unwrap();
-    assert!(stopped.is_ok(), "{stopped:?}");
+    cancel_and_join(&shutdown, daemon).await;
 }

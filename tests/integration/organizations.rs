@@ -61,6 +61,34 @@ fn config_text(dir: &Path, base_url: &str, start_at: OffsetDateTime, orgs: &[Org
     path
 }
 
+/// The configuration of two organizations, alpha and beta, with their keys in the files given
+/// and no `organization_id` (each learnt from its first page).
+fn alpha_and_beta(
+    dir: &Path,
+    base_url: &str,
+    start_at: OffsetDateTime,
+    alpha_key: &Path,
+    beta_key: &Path,
+) -> PathBuf {
+    config_text(
+        dir,
+        base_url,
+        start_at,
+        &[
+            OrgEntry {
+                name: "alpha",
+                organization_id: None,
+                api_key_file: Some(alpha_key.to_owned()),
+            },
+            OrgEntry {
+                name: "beta",
+                organization_id: None,
+                api_key_file: Some(beta_key.to_owned()),
+            },
+        ],
+    )
+}
+
 fn org_options(seed: u64, encounters: usize, organization_id: &str) -> SimOptions {
     SimOptions {
         organization_id: organization_id.to_owned(),
@@ -382,25 +410,7 @@ async fn a_key_of_another_clinic_is_refused_by_check_and_by_sync_before_any_writ
     let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
     write_private(&a, &sims[0].api_key());
     write_private(&b, &sims[1].api_key());
-    let entries = |a: &Path, b: &Path| {
-        config_text(
-            dir.path(),
-            &sims[0].base_url(),
-            start_at,
-            &[
-                OrgEntry {
-                    name: "alpha",
-                    organization_id: None,
-                    api_key_file: Some(a.to_owned()),
-                },
-                OrgEntry {
-                    name: "beta",
-                    organization_id: None,
-                    api_key_file: Some(b.to_owned()),
-                },
-            ],
-        )
-    };
+    let entries = |a: &Path, b: &Path| alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, a, b);
     let config = entries(&a, &b);
     let mut sync = charthero_sync();
     sync.args(["--config", config.to_str().unwrap(), "sync"]);
@@ -660,23 +670,7 @@ async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_
     write_private(&a, &sims[0].api_key());
     write_private(&b, &sims[1].api_key());
     let start_at = OffsetDateTime::now_utc() - time::Duration::days(61);
-    let config = config_text(
-        dir.path(),
-        &sims[0].base_url(),
-        start_at,
-        &[
-            OrgEntry {
-                name: "alpha",
-                organization_id: None,
-                api_key_file: Some(a),
-            },
-            OrgEntry {
-                name: "beta",
-                organization_id: None,
-                api_key_file: Some(b),
-            },
-        ],
-    );
+    let config = alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, &a, &b);
     let cmd = |args: &[&str]| {
         let mut cmd = charthero_sync();
         cmd.args(["--config", config.to_str().unwrap()]).args(args);

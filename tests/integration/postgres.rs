@@ -20,8 +20,8 @@ use postgres::error::SqlState;
 use time::OffsetDateTime;
 
 use crate::support::{
-    Backend, ENCOUNTERS_ONLY, PgWarehouse, TestEnv, charthero_sync, compare, compare_content, count,
-    off_runtime, postgres_queries, run_within, text,
+    Backend, ENCOUNTERS_ONLY, KillOnDrop, PgWarehouse, TestEnv, charthero_sync, compare, compare_content,
+    count, off_runtime, postgres_queries, run_within, text, wait_for,
 };
 
 /// A simulator of `encounters` and a PostgreSQL warehouse, or `None` (the reason printed) where
@@ -46,16 +46,17 @@ fn advisory_locks(env: &TestEnv) -> i64 {
     )
 }
 
-/// Waits up to `limit` for `check`; answers whether it came true.
-async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
+/// `charthero-sync --config <config> <args…>` started with errors-only logging and no output,
+/// killed if the test drops it.
+fn spawn_quiet(config: &std::path::Path, args: &[&str]) -> KillOnDrop {
+    KillOnDrop(
+        command(config, args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// `charthero-sync --config <config> <args…>`.
@@ -118,30 +119,27 @@ async fn a_sync_killed_at_random_points_mid_page_and_mid_content_ends_equal_with
     let mut landed: Vec<SimRoute> = Vec::new();
     for route in points {
         // A killed writer's sessions end with its sockets; the lock must be free again.
-        assert!(
-            wait_for(Duration::from_secs(10), || advisory_locks(&env) == 0).await,
-            "the writer lock outlived the killed process"
-        );
+        wait_for(
+            "the killed process's writer lock released",
+            Duration::from_secs(10),
+            || advisory_locks(&env) == 0,
+        )
+        .await;
         let target = env.sim.stats().route(route) + rng.u64(1..20);
         let delay = Duration::from_millis(rng.u64(0..15));
-        let mut child = command(&config, &["sync"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let reached = wait_for(Duration::from_secs(60), || {
+        let mut child = spawn_quiet(&config, &["sync"]);
+        wait_for("the kill point or the run's end", Duration::from_secs(60), || {
             env.sim.stats().route(route) >= target || child.try_wait().is_ok_and(|s| s.is_some())
         })
         .await;
         tokio::time::sleep(delay).await;
         let finished = child.try_wait().unwrap();
         child.kill().ok();
-        tokio::task::spawn_blocking(move || child.wait())
+        tokio::task::spawn_blocking(move || child.0.wait())
             .await
             .unwrap()
             .unwrap();
-        if reached && finished.is_none() {
+        if finished.is_none() {
             landed.push(route);
         } else {
             eprintln!("kill point {route:?}: the run ended first ({finished:?})");
@@ -161,10 +159,12 @@ async fn a_sync_killed_at_random_points_mid_page_and_mid_content_ends_equal_with
         "no kill landed mid-content: {landed:?}"
     );
 
-    assert!(
-        wait_for(Duration::from_secs(10), || advisory_locks(&env) == 0).await,
-        "the writer lock outlived the killed process"
-    );
+    wait_for(
+        "the killed process's writer lock released",
+        Duration::from_secs(10),
+        || advisory_locks(&env) == 0,
+    )
+    .await;
     let out = run_within(command(&config, &["sync"]), Duration::from_secs(300)).await;
     assert_eq!(out.status.code(), Some(0), "the final run: {}", text(&out));
     let db = &env.warehouse;
@@ -203,20 +203,17 @@ async fn a_second_writer_on_the_same_schema_exits_with_the_lock_error() {
     };
     env.write_key_file(&env.sim.api_key());
     let config = env.write_config_file(ENCOUNTERS_ONLY);
-    let mut daemon = command(&config, &["run"])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let holding = wait_for(Duration::from_secs(30), || advisory_locks(&env) >= 1).await;
+    let mut daemon = spawn_quiet(&config, &["run"]);
+    wait_for("the daemon's writer lock", Duration::from_secs(30), || {
+        advisory_locks(&env) >= 1
+    })
+    .await;
     let second = run_within(command(&config, &["sync"]), Duration::from_secs(60)).await;
     daemon.kill().ok();
-    tokio::task::spawn_blocking(move || daemon.wait())
+    tokio::task::spawn_blocking(move || daemon.0.wait())
         .await
         .unwrap()
         .unwrap();
-    assert!(holding, "the daemon never took the writer lock");
     let shown = text(&second);
     assert_eq!(second.status.code(), Some(4), "{shown}");
     assert!(shown.contains("another process"), "{shown}");
@@ -226,10 +223,12 @@ async fn a_second_writer_on_the_same_schema_exits_with_the_lock_error() {
     );
     assert!(!shown.contains(&pg(&env).database.password), "{shown}");
 
-    assert!(
-        wait_for(Duration::from_secs(10), || advisory_locks(&env) == 0).await,
-        "the writer lock outlived the daemon"
-    );
+    wait_for(
+        "the killed daemon's writer lock released",
+        Duration::from_secs(10),
+        || advisory_locks(&env) == 0,
+    )
+    .await;
     let out = run_within(command(&config, &["sync"]), Duration::from_secs(60)).await;
     assert_eq!(
         out.status.code(),

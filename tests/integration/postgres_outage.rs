@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use charthero_sim::Simulator;
 use charthero_sim::pgcluster::{self, PgCluster, PgDatabase};
@@ -14,7 +14,9 @@ use charthero_sync::store::postgres::connect::write_lock_key;
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
-use crate::support::{TestEnv, charthero_sync, run_within, sim_options, text};
+use crate::support::{
+    KillOnDrop, TestEnv, charthero_sync, run_within, sim_options, text, wait_exit, wait_for,
+};
 
 /// A config file for the binary: this simulator, the PostgreSQL database `db` (its password in
 /// a 0600 file), a cycle every 2 seconds.
@@ -55,27 +57,35 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// Polls `check` until it holds, at most `limit`; `what` names it in the failure.
-async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// A daemon running against a fresh database of the shared cluster, and what it was started
+/// with.
+struct Running {
+    db: PgDatabase,
+    env: TestEnv,
+    config: PathBuf,
+    log: PathBuf,
+    daemon: KillOnDrop,
 }
 
-/// Waits for the child to exit, at most `limit`; its exit code.
-async fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if started.elapsed() > limit {
-            child.kill().ok();
-            panic!("the process did not exit within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Creates the database `name`, starts a simulator of `encounters` (`seed`) and the daemon
+/// (its log in `daemon.log`), and waits until its first cycle has made the warehouse equal to
+/// the simulator.
+async fn daemon_after_first_cycle(cluster: &PgCluster, name: &str, seed: u64, encounters: usize) -> Running {
+    let db = cluster.create_database(name).unwrap();
+    let env = TestEnv::start(sim_options(seed, encounters)).await;
+    let config = pg_config_file(&env, &db);
+    let log = env.dir.path().join("daemon.log");
+    let daemon = KillOnDrop(spawn_daemon(&config, &log));
+    wait_for("the first cycle", Duration::from_secs(60), || {
+        equal(cluster, &db, &env.sim)
+    })
+    .await;
+    Running {
+        db,
+        env,
+        config,
+        log,
+        daemon,
     }
 }
 
@@ -149,15 +159,13 @@ async fn every_session_of_a_running_daemon_terminated_it_reconnects_and_converge
     let Some(cluster) = pgcluster::shared() else {
         return;
     };
-    let db = cluster.create_database("outage_terminate").unwrap();
-    let env = TestEnv::start(sim_options(171, 400)).await;
-    let config = pg_config_file(&env, &db);
-    let log = env.dir.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &log);
-    wait_for("the first cycle", Duration::from_secs(60), || {
-        equal(cluster, &db, &env.sim)
-    })
-    .await;
+    let Running {
+        db,
+        env,
+        log,
+        mut daemon,
+        ..
+    } = daemon_after_first_cycle(cluster, "outage_terminate", 171, 400).await;
 
     let ended = terminate_sessions(cluster, &db, "charthero-sync%");
     assert!(ended >= 2, "the writer's and the lock's sessions: {ended}");
@@ -181,7 +189,10 @@ async fn every_session_of_a_running_daemon_terminated_it_reconnects_and_converge
         "a new writer session"
     );
     terminate(&daemon);
-    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).await, Some(0));
+    assert_eq!(
+        wait_exit("the daemon", &mut daemon, Duration::from_secs(20)).await,
+        Some(0)
+    );
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("reconnecting"), "{log}");
 }
@@ -219,7 +230,7 @@ async fn a_server_restart_during_a_sync_loses_nothing_and_the_next_sync_complete
         "committed pages survive the restart: {after} < {before}"
     );
 
-    let code = wait_exit(&mut sync, Duration::from_secs(120)).await;
+    let code = wait_exit("the sync", &mut sync, Duration::from_secs(120)).await;
     let mut err = String::new();
     std::io::Read::read_to_string(sync.stderr.as_mut().unwrap(), &mut err).unwrap();
     // The restart ended the sync's session mid-cycle: the cycle fails as a whole.
@@ -243,15 +254,13 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
     let Some(cluster) = pgcluster::shared() else {
         return;
     };
-    let db = cluster.create_database("outage_lock").unwrap();
-    let env = TestEnv::start(sim_options(173, 300)).await;
-    let config = pg_config_file(&env, &db);
-    let log = env.dir.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &log);
-    wait_for("the first cycle", Duration::from_secs(60), || {
-        equal(cluster, &db, &env.sim)
-    })
-    .await;
+    let Running {
+        db,
+        env,
+        config,
+        log,
+        mut daemon,
+    } = daemon_after_first_cycle(cluster, "outage_lock", 173, 300).await;
 
     // Only the lease's session ended: a second `sync` takes the lease's lock, but the daemon's
     // writing session still holds the write lock, so the second is refused and writes nothing.
@@ -307,7 +316,7 @@ async fn a_writer_whose_lock_was_taken_meanwhile_stops_and_never_writes_beside_t
     let runs_before = cluster
         .psql_in(&db.name, "SELECT count(*) FROM charthero.sync_runs")
         .unwrap();
-    let code = wait_exit(&mut daemon, Duration::from_secs(90)).await;
+    let code = wait_exit("the daemon", &mut daemon, Duration::from_secs(90)).await;
     assert_eq!(code, Some(1), "the daemon stops once it cannot retake its lock");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("writer lock"), "{log}");

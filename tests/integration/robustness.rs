@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
-use crate::support::{Backend, TestEnv, both_backends, charthero_sync, reader, run_within, text};
+use crate::support::{Backend, TestEnv, both_backends, charthero_sync, reader, run_within, text, wait_exit};
 
 /// Exit status of a panicking Rust program.
 const PANICKED: i32 = 101;
@@ -346,19 +346,9 @@ async fn exit_code_with_closed_output(mut cmd: Command, limit: Duration) -> Opti
     cmd.stdin(Stdio::null())
         .stdout(pipe.try_clone().unwrap())
         .stderr(pipe);
-    let described = format!("{cmd:?}");
+    let described = format!("{cmd:?} with a closed stdout/stderr");
     let mut child = cmd.spawn().unwrap();
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if started.elapsed() > limit {
-            child.kill().ok();
-            panic!("{described} hung with a closed stdout/stderr");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_exit(&described, &mut child, limit).await
 }
 
 both_backends!(

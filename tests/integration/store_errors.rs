@@ -12,14 +12,15 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use charthero_sync::store::StoreErrorKind;
 use charthero_sync::sync::{CyclePlan, run_cycle};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    ENCOUNTERS_ONLY, TestEnv, charthero_sync, compare, compare_content, reader, run_within, text,
+    ENCOUNTERS_ONLY, KillOnDrop, TestEnv, charthero_sync, compare, compare_content, reader, run_within, text,
+    wait_exit, wait_for,
 };
 
 /// A tmpfs mounted on a fresh directory; unmounted when dropped, whatever happened to the test
@@ -230,42 +231,13 @@ fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
     lines
 }
 
-/// Kills the daemon if the test ends without having stopped it.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            child.kill().ok();
-            child.wait().ok();
-        }
+/// Sends `sig` (if any) to the daemon and waits for its exit code, at most `limit`.
+async fn stop_daemon(daemon: &mut KillOnDrop, sig: Option<&str>, limit: Duration) -> Option<i32> {
+    if let Some(sig) = sig {
+        let pid = daemon.id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
     }
-}
-
-impl Daemon {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().unwrap()
-    }
-
-    /// Sends `sig` and waits for the exit code, at most `limit`.
-    async fn stop_with(&mut self, sig: Option<&str>, limit: Duration) -> Option<i32> {
-        if let Some(sig) = sig {
-            let pid = self.child().id().to_string();
-            assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
-        }
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child().try_wait().unwrap() {
-                self.0 = None;
-                return status.code();
-            }
-            assert!(
-                started.elapsed() < limit,
-                "the daemon did not exit within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_exit("the daemon", daemon, limit).await
 }
 
 /// Runs recorded as succeeded (0 while the warehouse cannot be read yet).
@@ -282,14 +254,6 @@ fn succeeded_runs(db: &Path) -> i64 {
             )?)
         })
         .unwrap_or(0)
-}
-
-async fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what} not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,8 +273,8 @@ async fn the_daemon_keeps_retrying_on_a_full_disk_and_resumes_to_equality_when_s
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut daemon = Daemon(Some(run.spawn().unwrap()));
-    let log = collect_stderr(daemon.child());
+    let mut daemon = KillOnDrop(run.spawn().unwrap());
+    let log = collect_stderr(&mut daemon);
     let full = format!("the disk holding database {} is full (", db.display());
     let failures = || {
         log.lock()
@@ -321,16 +285,12 @@ async fn the_daemon_keeps_retrying_on_a_full_disk_and_resumes_to_equality_when_s
     };
     // Failed cycles, one after the other, and the daemon is still running.
     wait_for(
-        Duration::from_secs(120),
         "two failed cycles on the full disk",
+        Duration::from_secs(120),
         || failures() >= 2,
     )
     .await;
-    assert!(
-        daemon.child().try_wait().unwrap().is_none(),
-        "{:?}",
-        log.lock().unwrap()
-    );
+    assert!(daemon.try_wait().unwrap().is_none(), "{:?}", log.lock().unwrap());
     assert!(
         log.lock().unwrap().iter().any(|l| l.contains("disk_full")),
         "the log names the reason_code: {:?}",
@@ -339,15 +299,15 @@ async fn the_daemon_keeps_retrying_on_a_full_disk_and_resumes_to_equality_when_s
 
     disk.resize("64m");
     wait_for(
-        Duration::from_secs(120),
         "a successful cycle after space returned",
+        Duration::from_secs(120),
         || succeeded_runs(&db) > 0,
     )
     .await;
     compare(&env.sim, &db).assert_empty();
     assert_eq!(compare_content(&env.sim, &db), Vec::<String>::new());
     assert_eq!(
-        daemon.stop_with(Some("-TERM"), Duration::from_secs(30)).await,
+        stop_daemon(&mut daemon, Some("-TERM"), Duration::from_secs(30)).await,
         Some(0),
         "{:?}",
         log.lock().unwrap()
@@ -408,9 +368,9 @@ async fn a_daemon_whose_warehouse_turns_corrupt_says_stopping_and_exits_5() {
         .env("NOTIFY_SOCKET", &socket_path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut daemon = Daemon(Some(run.spawn().unwrap()));
-    let log = collect_stderr(daemon.child());
-    wait_for(Duration::from_secs(60), "the first cycle", || {
+    let mut daemon = KillOnDrop(run.spawn().unwrap());
+    let log = collect_stderr(&mut daemon);
+    wait_for("the first cycle", Duration::from_secs(60), || {
         succeeded_runs(&db) > 0
     })
     .await;
@@ -428,7 +388,7 @@ async fn a_daemon_whose_warehouse_turns_corrupt_says_stopping_and_exits_5() {
     drop(conn);
     damage_pages(&db);
 
-    let code = daemon.stop_with(None, Duration::from_secs(30)).await;
+    let code = stop_daemon(&mut daemon, None, Duration::from_secs(30)).await;
     let said = log.lock().unwrap().join("\n");
     assert_eq!(code, Some(5), "{said}");
     assert!(

@@ -1223,3 +1223,58 @@ pub async fn run_within(mut cmd: std::process::Command, limit: Duration) -> std:
         }
     }
 }
+
+/// Polls `check` until it holds, and fails the test naming `what` if it has not within `limit`.
+/// The first polls come quickly, so a test that acts on the event (a kill point) acts soon
+/// after it; later ones every 100 ms at most, since some checks compare a whole warehouse.
+pub async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(10);
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `child` to exit and returns its exit code; if it has not within `limit`, kills it
+/// and fails the test naming `what` (a hang is a bug, not a slow test).
+pub async fn wait_exit(what: &str, child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A spawned process that is killed and reaped when dropped, so a test that fails midway
+/// leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Both fail harmlessly on a process already waited for.
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
