@@ -372,7 +372,8 @@ impl Fault {
 /// Rate limit over all API requests (the media route is exempt).
 ///
 /// A violation is counted whenever more than `ceil(requests_per_second) + burst` requests have
-/// arrived within the trailing one-second window (the arriving request included).
+/// arrived within the trailing one-second window (the arriving request included), less a 50 ms
+/// tolerance for requests sent on time but delayed unevenly on the way (see `faults.rs`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
     /// Sustained rate.
