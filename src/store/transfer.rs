@@ -50,6 +50,7 @@ pub enum CopyRefused {
          warehouse: give it a new database or schema (`database.url`, `database.schema`)"
     )]
     DestinationNotEmpty { location: String, holdings: String },
+
     #[error(
         "the source {source_path} and the destination {location} do not have the same tables and columns \
          ({difference}); both must be at this release's schema"
@@ -92,7 +93,12 @@ fn derived_in_sqlite(table: &str) -> bool {
     table == "refinery_schema_history"
         || table.starts_with("notes_fts")
         || table.starts_with("transcript_turns_fts")
+        || STAGING.contains(&table)
 }
+
+/// SQLite's staging tables of backfill pages, empty once merged (the writer's next operation
+/// merges what a crash left; `copy` merges it before its snapshot).
+const STAGING: [&str; 2] = ["staged_encounters", "staged_documents"];
 
 /// Copies the SQLite warehouse at `source` (of exactly this release's schema; it is only read,
 /// in one snapshot) into the PostgreSQL warehouse on `destination` (migrated here first; it must hold
@@ -121,6 +127,15 @@ pub fn sqlite_to_postgres(
             known,
         }
         .into());
+    }
+    if snapshot.count(STAGING[0])? > 0 {
+        // Pages a crashed backfill staged: merged first, as the next writer would (the caller
+        // holds the source's writer lock), then the snapshot starts again.
+        drop(snapshot);
+        let writer = sqlite::open_writer(source, busy_timeout)?;
+        sqlite::staging::merge_before(&writer).map_err(|e| StoreError::new(source.display(), e))?;
+        drop(writer);
+        snapshot = Snapshot::begin(&mut conn).map_err(|e| StoreError::new(source.display(), e))?;
     }
     let source_tables: Vec<(String, Vec<String>)> = snapshot
         .tables()?

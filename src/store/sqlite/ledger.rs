@@ -140,7 +140,8 @@ pub fn claim_organization_id(
 
 /// IDs of `organization_id`'s live (not removed) encounters created in `[start, end)`: the
 /// candidates for removal when a complete listing of that window does not show them. Another
-/// organization's rows are never candidates.
+/// organization's rows are never candidates. Staged encounters (`staging`) count as stored: they
+/// were listed, and will be merged live.
 pub fn live_ids_in_range(
     conn: &Connection,
     organization_id: &str,
@@ -149,7 +150,10 @@ pub fn live_ids_in_range(
 ) -> anyhow::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT encounter_id FROM encounters
-         WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL",
+         WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2 AND removed_at IS NULL
+         UNION
+         SELECT encounter_id FROM staged_encounters
+         WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2",
     )?;
     let ids = stmt
         .query_map(

@@ -11,6 +11,7 @@ mod error;
 pub(crate) mod export;
 mod ledger;
 mod privacy;
+pub(crate) mod staging;
 mod status;
 mod upsert;
 
@@ -40,8 +41,8 @@ pub use upsert::commit_page;
 
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
-    Reader, RecordingRecord, Removal, RunEnd, StoreError, TableCounts, TranscriptRecord, WindowCompletion,
-    Work, WorkItem, WriteTx,
+    Reader, RecordingRecord, Removal, RunEnd, RunOutcome, StoreError, TableCounts, TranscriptRecord,
+    WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::PrivacyConfig;
 use crate::status::Status;
@@ -321,6 +322,7 @@ impl WriteTx for Connection {
         audio: bool,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         save_detail(self, item, outcome, audio, now)
     }
     fn save_transcript(
@@ -329,6 +331,7 @@ impl WriteTx for Connection {
         t: &TranscriptRecord,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         save_transcript(self, item, t, now)
     }
     fn transcript_not_ready(
@@ -337,9 +340,11 @@ impl WriteTx for Connection {
         schedule: &[Duration],
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         transcript_not_ready(self, item, schedule, now)
     }
     fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         mark_unavailable(self, item)
     }
     fn save_recording(
@@ -349,6 +354,7 @@ impl WriteTx for Connection {
         r: &RecordingRecord,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         save_recording(self, encounter_id, document_id, r, now)
     }
     fn dead_letter(
@@ -360,6 +366,7 @@ impl WriteTx for Connection {
         error: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         dead_letter(self, organization, item, run_id, reason_code, error, now)
     }
     #[cfg(test)]
@@ -382,15 +389,19 @@ impl Reader for Connection {
         start_ns: i64,
         end_ns: i64,
     ) -> anyhow::Result<u64> {
+        staging::merge_before(self)?;
         live_count_in_range(self, organization_id, start_ns, end_ns)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
+        staging::merge_before(self)?;
         status::read_status(self, now, configured)
     }
     fn live_content_counts(&self) -> anyhow::Result<[i64; 4]> {
+        staging::merge_before(self)?;
         status::live_content_counts(self)
     }
     fn table_counts(&self) -> anyhow::Result<TableCounts> {
+        staging::merge_before(self)?;
         let count = |table: &str| -> anyhow::Result<i64> {
             Ok(self.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
         };
@@ -480,6 +491,8 @@ impl Backend for Connection {
         requested_by: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<i64> {
+        // Only the queue row: `backfill` calls this next to a running writer, whose staged
+        // rows are its own to merge.
         queue_backfill(self, organization, start, end, requested_by, now)
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
@@ -500,6 +513,12 @@ impl Backend for Connection {
         start_run(self, organization, trigger, now)
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
+        // A cycle that ran to the end leaves its rows visible to analysts; a failed or aborted
+        // one records how it ended even if the merge could not run (a full disk), and the next
+        // cycle's first read of the warehouse merges.
+        if matches!(end.outcome, RunOutcome::Succeeded | RunOutcome::Partial) {
+            staging::merge_before(self)?;
+        }
         finish_run(self, run_id, end, now)
     }
 
@@ -537,6 +556,7 @@ impl Backend for Connection {
         end_ns: i64,
         n: u64,
     ) -> anyhow::Result<Option<i64>> {
+        staging::merge_before(self)?;
         nth_live_created_ns(self, organization_id, start_ns, end_ns, n)
     }
     fn block_agrees(
@@ -547,6 +567,7 @@ impl Backend for Connection {
         offset: u64,
         block: &[(String, i64)],
     ) -> anyhow::Result<bool> {
+        staging::merge_before(self)?;
         block_agrees(self, organization_id, start_ns, end_ns, offset, block)
     }
 
@@ -559,13 +580,24 @@ impl Backend for Connection {
         limit: usize,
         now: OffsetDateTime,
     ) -> anyhow::Result<Vec<WorkItem>> {
+        // A list-only cycle still asks (with every kind skipped): nothing to claim, so nothing
+        // to merge for, and a backfill's staged pages keep growing to a full merge.
+        if [Work::Document, Work::Transcript, Work::Audio]
+            .iter()
+            .all(|w| skip.contains(w))
+        {
+            return Ok(Vec::new());
+        }
+        staging::merge_before(self)?;
         claim_work(self, organization_id, run_id, skip, exclude, limit, now)
     }
     fn queue_missing_audio(&self, organization_id: Option<&str>) -> anyhow::Result<usize> {
+        staging::merge_before(self)?;
         queue_missing_audio(self, organization_id)
     }
 
     fn apply_privacy(&mut self, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
+        staging::merge_before(self)?;
         apply_privacy(self, privacy)
     }
     fn purge(
@@ -576,6 +608,7 @@ impl Backend for Connection {
         reason: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<PurgeCounts> {
+        staging::merge_before(self)?;
         purge(self, audio_dir, start, end, reason, now)
     }
     fn purged_ranges(&self) -> anyhow::Result<Vec<(i64, i64)>> {
@@ -592,6 +625,7 @@ impl Backend for Connection {
         set_wal_size_limit(self, bytes)
     }
     fn rebuild_search(&self) -> anyhow::Result<()> {
+        staging::merge_before(self)?;
         rebuild_search(self)
     }
     fn set_marker(&self, name: &str) -> anyhow::Result<()> {

@@ -4,16 +4,69 @@
 //! state read last is the state stored, whatever its `updated_at` says (a vendor may recompute
 //! `updated_at` from what remains, so it can go backwards); the single writer applies
 //! observations in the order the sync read them. An identical record (by content hash) costs one
-//! indexed read and no write.
+//! indexed read and no write. A backfill's page is staged instead and merged in bulk by
+//! `staging`, with the same statements' conflict rules.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use super::ledger;
+use super::{ledger, staging};
 use crate::store::{EncounterRecord, PageCounts, PatientRecord, Removal, WindowCompletion};
 use crate::timefmt::{format_stored, unix_nanos};
+
+/// What a stored patient row takes from a new observation of its patient: a response without
+/// names (a key lacking patients:read, or a terse record) must not erase names learnt earlier,
+/// so absent fields keep what is stored; an identical observation writes nothing.
+pub(super) const PATIENT_SEEN_AGAIN: &str = "ON CONFLICT (patient_id) DO UPDATE SET
+             first_name = coalesce(excluded.first_name, first_name),
+             last_name = coalesce(excluded.last_name, last_name),
+             date_of_birth = coalesce(excluded.date_of_birth, date_of_birth),
+             changed_at = excluded.changed_at
+         WHERE coalesce(excluded.first_name, first_name) IS NOT first_name
+            OR coalesce(excluded.last_name, last_name) IS NOT last_name
+            OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth";
+
+/// What a stored document row takes from a new observation of its summary (see
+/// `upsert_documents` for the content work it decides).
+pub(super) const DOCUMENT_SEEN_AGAIN: &str = "ON CONFLICT (document_id) DO UPDATE SET
+             encounter_id = excluded.encounter_id, position = excluded.position,
+             schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
+             workflow_variant = excluded.workflow_variant,
+             audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
+             changed_at = excluded.changed_at,
+             content_seq = content_seq + 1,
+             detail_state = CASE
+                 WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
+                 WHEN schema_type <> 'ambient_transcript' AND encounter_id IS NOT excluded.encounter_id
+                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
+                 ELSE detail_state END,
+             transcript_state = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN excluded.transcript_state ELSE transcript_state END,
+             transcript_attempts = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN 0 ELSE transcript_attempts END,
+             transcript_next_at_ns = CASE
+                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
+                 THEN NULL ELSE transcript_next_at_ns END
+         WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
+            OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
+            OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
+            OR audio_duration_seconds IS NOT excluded.audio_duration_seconds
+            OR removed_at IS NOT NULL";
+
+/// `detail_state, transcript_state` of a document seen for the first time, given the SQL
+/// expressions of its `schema_type` and `status`.
+pub(super) fn new_document_work(schema_type: &str, status: &str) -> String {
+    format!(
+        "CASE WHEN {schema_type} = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
+         CASE WHEN {schema_type} <> 'ambient_transcript' THEN NULL
+              WHEN {status} = 'completed' THEN 'pending' ELSE 'waiting' END"
+    )
+}
 
 enum Existing {
     Absent,
@@ -32,8 +85,16 @@ pub fn commit_page(
     let now_text = format_stored(now);
     let mut counts = PageCounts::default();
     let purged = super::privacy::purged_ranges(tx)?;
-    for rec in records {
-        upsert_encounter(tx, rec, &purged, &now_text, &mut counts)?;
+    if removals.is_empty() && staging::stageable(tx, records)? {
+        staging::stage(tx, records, &purged, &now_text, &mut counts)?;
+    } else {
+        if !records.is_empty() || !removals.is_empty() {
+            // What was read before this page is applied before it.
+            staging::merge(tx)?;
+        }
+        for rec in records {
+            upsert_encounter(tx, rec, &purged, &now_text, Patient::Upsert, &mut counts)?;
+        }
     }
     let mut mark = tx.prepare_cached(
         "UPDATE encounters SET removed_at = ?2, removed_reason = ?3, changed_at = ?2
@@ -49,11 +110,22 @@ pub fn commit_page(
     Ok(counts)
 }
 
-fn upsert_encounter(
+/// Whether [`upsert_encounter`] writes the record's patient: a merge of staged pages writes all
+/// their patients first, in the order they were read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Patient {
+    Upsert,
+    AlreadyWritten,
+}
+
+/// Upserts one encounter read at `now` (new, changed, revived or identical) with its patient
+/// and documents, counting what it did.
+pub(super) fn upsert_encounter(
     conn: &Connection,
     rec: &EncounterRecord,
     purged: &[(i64, i64)],
     now: &str,
+    patient: Patient,
     counts: &mut PageCounts,
 ) -> rusqlite::Result<()> {
     let existing = conn
@@ -98,7 +170,7 @@ fn upsert_encounter(
             counts.changed += 1;
         }
     }
-    if let Some(p) = &rec.patient {
+    if let Some(p) = rec.patient.as_ref().filter(|_| patient == Patient::Upsert) {
         upsert_patient(conn, p, &rec.organization_id, now)?;
     }
     conn.prepare_cached(
@@ -139,22 +211,14 @@ fn upsert_patient(
     organization_id: &str,
     now: &str,
 ) -> rusqlite::Result<()> {
-    // A response without names (a key lacking patients:read, or a terse record) must not erase
-    // names learnt earlier, so absent fields keep what is stored.
-    conn.prepare_cached(
-        "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at,
-             organization_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
-         ON CONFLICT (patient_id) DO UPDATE SET
-             first_name = coalesce(excluded.first_name, first_name),
-             last_name = coalesce(excluded.last_name, last_name),
-             date_of_birth = coalesce(excluded.date_of_birth, date_of_birth),
-             changed_at = excluded.changed_at
-         WHERE coalesce(excluded.first_name, first_name) IS NOT first_name
-            OR coalesce(excluded.last_name, last_name) IS NOT last_name
-            OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth",
-    )?
-    .execute(params![
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at,
+                 changed_at, organization_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6) {PATIENT_SEEN_AGAIN}"
+        )
+    });
+    conn.prepare_cached(&SQL)?.execute(params![
         p.patient_id,
         p.first_name,
         p.last_name,
@@ -179,41 +243,16 @@ fn upsert_documents(
     // the transcript and an unfinished one waits, decided again on every change of the row
     // (rows are only written for a new or changed encounter). Every update of a row bumps
     // `content_seq`, so that a fetch in flight cannot mark the newer state done.
-    let mut upsert = conn.prepare_cached(
-        "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
-             workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
-             transcript_state, organization_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9,
-             CASE WHEN ?4 = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
-             CASE WHEN ?4 <> 'ambient_transcript' THEN NULL
-                  WHEN ?6 = 'completed' THEN 'pending' ELSE 'waiting' END, ?10)
-         ON CONFLICT (document_id) DO UPDATE SET
-             encounter_id = excluded.encounter_id, position = excluded.position,
-             schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
-             workflow_variant = excluded.workflow_variant,
-             audio_duration_seconds = excluded.audio_duration_seconds, removed_at = NULL,
-             changed_at = excluded.changed_at,
-             content_seq = content_seq + 1,
-             detail_state = CASE
-                 WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
-                 WHEN schema_type <> 'ambient_transcript' AND encounter_id IS NOT excluded.encounter_id
-                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
-                 ELSE detail_state END,
-             transcript_state = CASE
-                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
-                 THEN excluded.transcript_state ELSE transcript_state END,
-             transcript_attempts = CASE
-                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
-                 THEN 0 ELSE transcript_attempts END,
-             transcript_next_at_ns = CASE
-                 WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
-                 THEN NULL ELSE transcript_next_at_ns END
-         WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
-            OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
-            OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
-            OR audio_duration_seconds IS NOT excluded.audio_duration_seconds
-            OR removed_at IS NOT NULL",
-    )?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
+                 workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
+                 transcript_state, organization_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, {}, ?10) {DOCUMENT_SEEN_AGAIN}",
+            new_document_work("?4", "?6")
+        )
+    });
+    let mut upsert = conn.prepare_cached(&SQL)?;
     for (position, d) in rec.documents.iter().enumerate() {
         upsert.execute(params![
             d.document_id,
