@@ -370,10 +370,10 @@ mod tests {
             status: Some(format!("status {version}")),
             created_at: created,
             updated_at: created + time::Duration::milliseconds(i64::from(version.len() as u32)),
-            date_of_service: (n % 3 == 0).then_some(created),
-            patient: (n % 5 != 0).then(|| PatientRecord {
+            date_of_service: n.is_multiple_of(3).then_some(created),
+            patient: (!n.is_multiple_of(5)).then(|| PatientRecord {
                 patient_id: format!("pat_{}", n % 7),
-                first_name: (n % 2 == 0).then(|| format!("First{version}")),
+                first_name: n.is_multiple_of(2).then(|| format!("First{version}")),
                 last_name: Some("Last".to_owned()),
                 date_of_birth: None,
             }),
