@@ -513,13 +513,22 @@ impl Backend for Connection {
         start_run(self, organization, trigger, now)
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
-        // A cycle that ran to the end leaves its rows visible to analysts; a failed or aborted
-        // one records how it ended even if the merge could not run (a full disk), and the next
-        // cycle's first read of the warehouse merges.
-        if matches!(end.outcome, RunOutcome::Succeeded | RunOutcome::Partial) {
-            staging::merge_before(self)?;
-        }
-        finish_run(self, run_id, end, now)
+        // Every cycle leaves the rows it read visible to analysts. If the merge cannot run (a
+        // full disk), the run still ends — as failed, with the merge's error, if it had not
+        // failed already — and the next cycle's first read of the warehouse merges.
+        let Err(merge) = staging::merge_before(self) else {
+            return finish_run(self, run_id, end, now);
+        };
+        let failed = match end.outcome {
+            RunOutcome::Succeeded | RunOutcome::Partial => RunEnd {
+                outcome: RunOutcome::Failed,
+                error: Some(format!("cannot merge the staged rows: {merge:#}")),
+                ..end.clone()
+            },
+            RunOutcome::Failed | RunOutcome::Aborted => end.clone(),
+        };
+        finish_run(self, run_id, &failed, now)?;
+        Err(merge)
     }
 
     fn open_audit(

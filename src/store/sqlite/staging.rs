@@ -15,11 +15,11 @@
 //! of the writer's connection that reads or writes the warehouse's rows merges first
 //! ([`merge_before`]; the removal check reads staged IDs as stored ones; bookkeeping — runs,
 //! windows, backfills, audits, organization state — does not, so that it works on a full disk
-//! and between a backfill's windows), a cycle that ends well merges, a page outside a backfill merges before its
-//! own upserts (observations stay in the order they were read), and 100,000 staged encounters
-//! merge at once; what a crash left is merged by the next writer's first operation. Analysts on their own
-//! connections see a staged encounter once it is merged: within one merge of 100,000 records
-//! during a backfill, at the end of every cycle otherwise.
+//! and between a backfill's windows), every cycle's end merges, a page outside a backfill
+//! merges before its own upserts (observations stay in the order they were read), and 100,000
+//! staged encounters merge at once; what a crash left is merged by the next writer's first
+//! operation. Analysts on their own connections see a staged encounter once it is merged:
+//! within one merge of 100,000 records during a backfill, at the end of every cycle otherwise.
 //!
 //! A merge gives the warehouse exactly what record-by-record upserts of the same pages in the
 //! same order would have: patients take every staged observation in read order; an encounter
