@@ -431,15 +431,26 @@ async fn execute(
         }
         r
     };
-    let both = async { tokio::join!(paging, content) };
-    let abandon = async {
+    // Each half is abandoned on its own once the grace after a stop request has passed, so the
+    // error of a half that failed (and asked the other to stop) is kept even when the other
+    // cannot stop in time.
+    let abandon = || async {
         stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let (paged, fetched) = tokio::select! {
-        both = both => both,
-        () = abandon => (Err(CycleError::Cancelled), Err(CycleError::Cancelled)),
+    let paging = async {
+        tokio::select! {
+            r = paging => r,
+            () = abandon() => Err(CycleError::Cancelled),
+        }
     };
+    let content = async {
+        tokio::select! {
+            r = content => r,
+            () = abandon() => Err(CycleError::Cancelled),
+        }
+    };
+    let (paged, fetched) = tokio::join!(paging, content);
     counts.merge(&content_counts);
     counts.retries = ctx.client.retries_used();
     // The first real error wins over the cancellation it caused in the other half.

@@ -183,6 +183,57 @@ async fn fatal_errors_fail_fast_without_a_retry_storm(backend: Backend) {
 
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_list_error_stays_the_cycles_error_when_content_cannot_stop_within_the_grace
+);
+/// Paging fails for good while every content request hangs for 30 s: the content half is
+/// abandoned after the stop grace, and the cycle still fails with paging's error (it used to
+/// fail as "cancelled", hiding a revoked key behind exit 1).
+async fn a_list_error_stays_the_cycles_error_when_content_cannot_stop_within_the_grace(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 25, 600).await;
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::Document),
+        skip: 0,
+        times: 1_000,
+        fault: Fault::Delay(Duration::from_secs(30)),
+    });
+    // The third list request takes a second (content is in flight by then); from the fifth on,
+    // the key is refused.
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::List),
+        skip: 2,
+        times: 1,
+        fault: Fault::Delay(Duration::from_secs(1)),
+    });
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::List),
+        skip: 3,
+        times: 100,
+        fault: Fault::status(401, "revoked_key"),
+    });
+    let started = std::time::Instant::now();
+    let err = charthero_sync::sync_once(
+        &env.config(),
+        &env.key(),
+        "test",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.reason_code(), Some("revoked_key"), "{err}");
+    assert!(
+        env.sim.stats().route(SimRoute::Document) >= 1,
+        "content was in flight"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "abandoned after the grace, not after the hung requests: {:?}",
+        started.elapsed()
+    );
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3
 );
 async fn a_key_revoked_mid_run_stops_within_one_request_with_exit_code_3(backend: Backend) {
