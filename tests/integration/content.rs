@@ -9,7 +9,6 @@ use charthero_sim::{
 };
 use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::{Backend, TestEnv, both_backends, compare, compare_content, holds, sim_options};
 
@@ -164,15 +163,7 @@ async fn fatal_errors_fail_fast_without_a_retry_storm(backend: Backend) {
         times: 100,
         fault: Fault::status(400, "unsupported_filter"),
     });
-    let err = charthero_sync::sync_once(
-        &env.config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = env.sync_error(&env.config(), CyclePlan::full(None, false)).await;
     assert!(err.to_string().contains("unsupported_filter"), "{err}");
     assert_eq!(
         env.sim.stats().route(SimRoute::List),
@@ -211,15 +202,7 @@ async fn a_list_error_stays_the_cycles_error_when_content_cannot_stop_within_the
         fault: Fault::status(401, "revoked_key"),
     });
     let started = std::time::Instant::now();
-    let err = charthero_sync::sync_once(
-        &env.config(),
-        &env.key(),
-        "test",
-        CyclePlan::full(None, false),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = env.sync_error(&env.config(), CyclePlan::full(None, false)).await;
     assert_eq!(err.reason_code(), Some("revoked_key"), "{err}");
     assert!(
         env.sim.stats().route(SimRoute::Document) >= 1,

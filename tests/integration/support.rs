@@ -142,8 +142,12 @@ impl TestEnv {
         raw.validate().expect("test config is valid")
     }
 
-    /// One cycle of `plan` against this simulator; a failure panics with its whole chain.
-    pub async fn sync(&self, config: &Config, plan: CyclePlan) -> CycleReport {
+    /// One cycle of `plan` against this simulator.
+    async fn cycle(
+        &self,
+        config: &Config,
+        plan: CyclePlan,
+    ) -> Result<CycleReport, charthero_sync::sync::CycleError> {
         charthero_sync::sync_once(
             config,
             &self.key(),
@@ -152,7 +156,21 @@ impl TestEnv {
             &tokio_util::sync::CancellationToken::new(),
         )
         .await
-        .unwrap_or_else(|e| panic!("the cycle failed: {e:#}"))
+    }
+
+    /// One cycle of `plan` against this simulator; a failure panics with its whole chain.
+    pub async fn sync(&self, config: &Config, plan: CyclePlan) -> CycleReport {
+        self.cycle(config, plan)
+            .await
+            .unwrap_or_else(|e| panic!("the cycle failed: {e:#}"))
+    }
+
+    /// One cycle of `plan` that must fail: its error.
+    pub async fn sync_error(&self, config: &Config, plan: CyclePlan) -> charthero_sync::sync::CycleError {
+        match self.cycle(config, plan).await {
+            Ok(report) => panic!("the cycle succeeded: {report:?}"),
+            Err(e) => e,
+        }
     }
 
     /// A reconcile of everything from `sync.start_at` to now, after which the warehouse must

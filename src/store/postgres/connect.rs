@@ -333,15 +333,38 @@ pub fn try_writer_lock(pg: &PostgresConfig, holder: &str) -> anyhow::Result<Resu
 fn take_writer_lock(pg: &PostgresConfig, name: &str) -> anyhow::Result<Result<Client, String>> {
     let (mut client, _) = open_session(pg, name)?;
     let key = writer_lock_key(&pg.schema);
-    let taken: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+    if take_or_wait(&mut client, key)
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot take the writer lock"))?
-        .try_get(0)?;
-    if taken {
+    {
         return Ok(Ok(client));
     }
     Ok(Err(lock_holder(&mut client, pg, key)?))
 }
+
+/// Takes the session-level advisory lock `key` on `client`, waiting up to [`LOCK_WAIT`] if
+/// another session holds it; answers whether it was taken. The wait is for a session that is
+/// ending: the server releases a session's locks only once its backend has exited, a moment
+/// after the process before this one closed it (or after a terminated session), so a writer
+/// started right after another must not take that moment for a second writer.
+fn take_or_wait(client: &mut Client, key: i64) -> Result<bool, postgres::Error> {
+    if client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+        .try_get(0)?
+    {
+        return Ok(true);
+    }
+    client.batch_execute(&format!("SET lock_timeout = '{}ms'", LOCK_WAIT.as_millis()))?;
+    let waited = client.query_one("SELECT pg_advisory_lock($1)", &[&key]);
+    client.batch_execute("RESET lock_timeout")?;
+    match waited {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long [`take_or_wait`] waits for a lock another session holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Who holds the advisory lock `key`: the `application_name`, address, server pid and start of
 /// the session holding it, or `holder unknown` when it was released meanwhile.
@@ -391,11 +414,9 @@ pub fn write_lock_key(schema: &str) -> i64 {
 pub fn connect_writer(pg: &PostgresConfig, application_name: &str) -> anyhow::Result<Client> {
     let mut client = connect(pg, application_name)?;
     let key = write_lock_key(&pg.schema);
-    let taken: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+    if take_or_wait(&mut client, key)
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot take the write lock"))?
-        .try_get(0)?;
-    if taken {
+    {
         return Ok(client);
     }
     let holder = lock_holder(&mut client, pg, key)?;
