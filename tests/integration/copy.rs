@@ -631,3 +631,61 @@ async fn the_command_prints_every_table_and_exits_2_on_a_second_copy_or_a_sqlite
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("`database.url`"), "{text}");
 }
+
+/// A backfill that crashed on SQLite leaves pages staged (durable, not yet in `encounters`):
+/// `copy` merges them before its snapshot, so the destination holds them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_rows_a_crash_left_are_merged_before_the_copy() {
+    let Some(db) = tokio::task::spawn_blocking(|| pg_database("copy_staged"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (env, _) = synced_source(1703, 60).await;
+    let path = env.db_path();
+    let conn = store::sqlite::open_writer(&path, Duration::from_secs(5)).unwrap();
+    let organization_id: String = conn
+        .query_row("SELECT organization_id FROM encounters LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    let stored: i64 = conn
+        .query_row("SELECT count(*) FROM encounters", [], |r| r.get(0))
+        .unwrap();
+    // A page of 60 from a year the warehouse holds nothing of: staged, then the process dies.
+    let created = time::macros::datetime!(2021-06-01 09:00:00 UTC);
+    let page: Vec<store::EncounterRecord> = (0..60)
+        .map(|i| store::EncounterRecord {
+            encounter_id: format!("enc_staged_{i:02}"),
+            organization_id: organization_id.clone(),
+            encounter_type: Some("visit".to_owned()),
+            status: Some("completed".to_owned()),
+            created_at: created + time::Duration::minutes(i),
+            updated_at: created + time::Duration::minutes(i),
+            date_of_service: None,
+            patient: None,
+            documents: Vec::new(),
+            content_hash: format!("hash {i}"),
+            raw_json: format!(r#"{{"encounter_id":"enc_staged_{i:02}"}}"#),
+        })
+        .collect();
+    let tx = conn.unchecked_transaction().unwrap();
+    store::sqlite::commit_page(&tx, &page, &[], None, OffsetDateTime::now_utc()).unwrap();
+    tx.commit().unwrap();
+    let staged = |conn: &rusqlite::Connection| -> i64 {
+        conn.query_row("SELECT count(*) FROM staged_encounters", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(staged(&conn), 60);
+    drop(conn);
+
+    let report = copy(&path, &db).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let copied = report
+        .tables
+        .iter()
+        .find(|t| t.table == "encounters")
+        .map(|t| t.rows);
+    assert_eq!(copied, Some(stored as u64 + 60));
+    assert!(report.tables.iter().all(|t| !t.table.starts_with("staged_")));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(staged(&conn), 0, "the source's staged rows were merged");
+}
