@@ -606,7 +606,7 @@ impl Backend for Connection {
     }
 
     fn apply_privacy(&mut self, privacy: &PrivacyConfig) -> anyhow::Result<bool> {
-        staging::merge_before(self)?;
+        // Merges first only when the policy changed (a cycle's start calls this every time).
         apply_privacy(self, privacy)
     }
     fn purge(

@@ -29,6 +29,7 @@ pub fn apply_privacy(conn: &mut Connection, privacy: &PrivacyConfig) -> anyhow::
     if applied.as_deref() == Some(fingerprint.as_str()) {
         return Ok(false);
     }
+    super::staging::merge_before(conn)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if !privacy.patient_names {
         tx.execute(
