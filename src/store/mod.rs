@@ -233,3 +233,14 @@ where
         .await
         .map_err(|e| anyhow::anyhow!("the database work was interrupted: {e}"))?
 }
+
+/// The newest migration a backend's embedded `runner` holds: the schema version of a current
+/// warehouse (0 for none).
+fn newest_migration(runner: &refinery::Runner) -> i64 {
+    runner
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}

@@ -121,12 +121,7 @@ fn applied_version(client: &mut Client) -> anyhow::Result<i64> {
 
 /// The newest migration this release embeds.
 fn latest_version() -> i64 {
-    embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| i64::from(m.version()))
-        .max()
-        .unwrap_or(0)
+    super::newest_migration(&embedded::migrations::runner())
 }
 
 impl PgBackend {

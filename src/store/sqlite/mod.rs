@@ -129,12 +129,7 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
 
 /// The newest migration this release embeds: the schema version of a current warehouse.
 pub fn latest_version() -> i64 {
-    embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| i64::from(m.version()))
-        .max()
-        .unwrap_or(0)
+    super::newest_migration(&embedded::migrations::runner())
 }
 
 /// Opens the warehouse read-only, for `status` and for tests; works while the daemon writes.

@@ -289,16 +289,17 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
     }
     // Everything else is new: encounters in key order (their `created` history rows follow,
     // by trigger, in the same order), then their documents in the encounters' order.
-    conn.prepare_cached(
-        "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
              updated_at, date_of_service, patient_id, removed_at, removed_reason, created_at_ns,
              updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
          SELECT encounter_id, organization_id, encounter_type, status, created_at,
                 updated_at, date_of_service, patient_id, NULL, NULL,
                 created_at_ns, updated_at_ns, content_hash, raw_json, observed_at, observed_at
            FROM staged_encounters WHERE one_by_one = 0 ORDER BY encounter_id",
-    )?
-    .execute([])?;
+        )?
+        .execute([])?;
     conn.prepare_cached(&format!(
         "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
              workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
@@ -312,10 +313,9 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
         new_document_work("d.schema_type", "d.status")
     ))?
     .execute([])?;
-    let merged: i64 = conn.query_row("SELECT count(*) FROM staged_encounters", [], |r| r.get(0))?;
     conn.execute_batch("DELETE FROM staged_documents; DELETE FROM staged_encounters;")?;
     tracing::debug!(
-        staged = merged,
+        staged = inserted + one_by_one.len(),
         one_by_one = one_by_one.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "merged staged encounters"
