@@ -120,10 +120,9 @@ fn config_file(env: &TestEnv, db: &Path, sync_extra: &str, extra: &str) -> PathB
     path
 }
 
-/// Content on (notes and transcripts make the warehouse large quickly): 1,200 encounters need
-/// far more than the 6 MB tmpfs (an empty warehouse of 16 KiB pages and the WAL of its
-/// migrations take about 2.6 MB of it).
-const ENCOUNTERS: usize = 1200;
+/// Content on (notes and transcripts make the warehouse large quickly): 600 encounters need
+/// about 5 MB, far more than the 3 MB tmpfs.
+const ENCOUNTERS: usize = 600;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_space_returns_the_next_cycle_ends_equal()
@@ -133,7 +132,7 @@ async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_sp
     }
     let env = TestEnv::with_encounters(81, ENCOUNTERS).await;
     env.write_key_file(&env.sim.api_key());
-    let disk = Tmpfs::mount("6m");
+    let disk = Tmpfs::mount("3m");
     let db = disk.path().join("warehouse.db");
     let shown = db.display().to_string();
 
@@ -177,7 +176,7 @@ async fn a_full_disk_fails_the_cycle_naming_the_path_and_free_bytes_and_after_sp
         "{message}"
     );
     assert_eq!(err.reason_code(), Some("disk_full"));
-    assert!(free < 1024 * 1024, "{free} bytes free on a full 6 MB tmpfs?");
+    assert!(free < 1024 * 1024, "{free} bytes free on a full 3 MB tmpfs?");
 
     // Space returns; the next cycle of the same writer (its connection saw SQLITE_FULL) ends
     // equal to the simulator.
@@ -264,7 +263,7 @@ async fn the_daemon_keeps_retrying_on_a_full_disk_and_resumes_to_equality_when_s
     }
     let env = TestEnv::with_encounters(82, ENCOUNTERS).await;
     env.write_key_file(&env.sim.api_key());
-    let disk = Tmpfs::mount("6m");
+    let disk = Tmpfs::mount("3m");
     let db = disk.path().join("warehouse.db");
     // A cycle every second: a failed cycle is retried at the next fire (sooner than the backoff).
     let config = config_file(&env, &db, "schedule = \"* * * * * *\"\n", "");

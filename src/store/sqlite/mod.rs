@@ -158,9 +158,6 @@ pub fn set_busy_timeout(conn: &Connection, timeout: Duration) -> rusqlite::Resul
 /// only roll back the last transactions, never corrupt).
 fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     set_busy_timeout(conn, busy_timeout)?;
-    // Only a new file takes it (before WAL mode and the first table); a warehouse keeps the
-    // page size it was created with.
-    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         anyhow::bail!("the database refused WAL mode (got {mode}); is it on a network filesystem?");
@@ -178,12 +175,7 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     // PHI that is overwritten or deleted (a re-fetched transcript, a changed privacy policy, a
     // purge) is zeroed on the spot instead of lingering in free space until a VACUUM.
     conn.pragma_update(None, "secure_delete", "ON")?;
-    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        WAL_AUTOCHECKPOINT_BYTES / page_size.max(512),
-    )?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     Ok(())
 }
@@ -296,17 +288,10 @@ pub(crate) fn rows_as_text(conn: &Connection, sql: &str) -> anyhow::Result<Vec<V
     Ok(out)
 }
 
-/// The page size of a new warehouse: 16 KiB instead of SQLite's 4 KiB. A backfill's merge
-/// rewrites the leaves of indexes spanning the whole warehouse; with larger pages it moves the
-/// same bytes in a quarter of the reads and writes (a 100,000-encounter list-only backfill
-/// 6.4–7.3 s → 5.5–6.0 s, 1,000,000 115 s → 92 s; BENCHMARKS.md).
-const PAGE_SIZE: i64 = 16_384;
-
-/// WAL bytes after which a commit copies the WAL into the database, whatever the page size.
-/// SQLite's default (1,000 pages, 4 MB at 4 KiB) makes a bulk load spend much of its time
-/// checkpointing (and fsyncing); 16 MiB checkpoints a fourth as often and keeps the WAL small
-/// next to a small warehouse. `database.wal_size_limit` still bounds what is kept afterwards.
-const WAL_AUTOCHECKPOINT_BYTES: i64 = 16 << 20;
+/// WAL pages after which a commit copies the WAL into the database. SQLite's default (1,000
+/// pages, 4 MB) makes a bulk load spend much of its time checkpointing (and fsyncing); 16 MB
+/// checkpoints a fourth as often. `database.wal_size_limit` still bounds what is kept afterwards.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 4_096;
 
 /// Page cache of the writing connection, in KiB (SQLite's default is 2 MiB). Random
 /// 16-character keys touch index pages all over the file; with 16 MiB the hot index pages stay
@@ -695,27 +680,6 @@ mod tests {
         let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
         let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!((mode.as_str(), fk, sync), ("wal", 1, 1));
-        // A new file gets 16 KiB pages; the autocheckpoint is the same bytes at any page size.
-        let pragma = |conn: &Connection, name: &str| -> i64 {
-            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
-                .unwrap()
-        };
-        assert_eq!(pragma(&conn, "page_size"), PAGE_SIZE);
-        assert_eq!(
-            pragma(&conn, "wal_autocheckpoint") * PAGE_SIZE,
-            WAL_AUTOCHECKPOINT_BYTES
-        );
-        let old = dir.path().join("old.db");
-        Connection::open(&old)
-            .unwrap()
-            .execute_batch("PRAGMA page_size = 4096; CREATE TABLE t (x);")
-            .unwrap();
-        let old = open_writer(&old, Duration::from_secs(1)).unwrap();
-        assert_eq!(pragma(&old, "page_size"), 4096);
-        assert_eq!(
-            pragma(&old, "wal_autocheckpoint") * 4096,
-            WAL_AUTOCHECKPOINT_BYTES
-        );
         let tables: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN
