@@ -95,6 +95,10 @@ pub const KEY_REFUSED_CODES: &[&str] = &[
 pub struct Rows {
     pub encounters: i64,
     pub encounters_removed: i64,
+    /// Encounters a SQLite backfill has read and staged that its next merge writes into the
+    /// tables (docs/operations.md, "How a backfill is written"); not in the counts above yet.
+    /// Always 0 on PostgreSQL, which does not stage.
+    pub encounters_staged: i64,
     pub patients: i64,
     pub documents: i64,
     pub notes_with_text: i64,
@@ -347,10 +351,18 @@ impl Status {
         let r = &self.rows;
         let _ = writeln!(
             out,
-            "rows: {} encounters ({} removed), {} patients, {} documents ({} notes with text), \
+            "rows: {} encounters ({} removed{}), {} patients, {} documents ({} notes with text), \
              {} transcripts ({} turns), {} recordings",
             r.encounters,
             r.encounters_removed,
+            if r.encounters_staged > 0 {
+                format!(
+                    "; {} more read and staged, written at the next merge",
+                    r.encounters_staged
+                )
+            } else {
+                String::new()
+            },
             r.patients,
             r.documents,
             r.notes_with_text,

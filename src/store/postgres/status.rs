@@ -151,6 +151,7 @@ pub fn read_status(
     let rows = Rows {
         encounters: c.try_get(0)?,
         encounters_removed: c.try_get(1)?,
+        encounters_staged: 0,
         patients: c.try_get(2)?,
         documents: c.try_get(3)?,
         notes_with_text: c.try_get(4)?,

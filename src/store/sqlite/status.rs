@@ -144,6 +144,7 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
             conn,
             "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
         )?,
+        encounters_staged: count(conn, "SELECT count(*) FROM staged_encounters")?,
         patients: count(conn, "SELECT count(*) FROM patients")?,
         documents: count(conn, "SELECT count(*) FROM documents WHERE removed_at IS NULL")?,
         notes_with_text: count(
