@@ -41,6 +41,7 @@ pub fn claim_work(
         .map(|(work, document_id)| (work.as_str(), document_id.as_str()))
         .unzip();
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    refresh_statistics(db)?;
     let rows = db.query(
         "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
@@ -91,6 +92,31 @@ pub fn claim_work(
             })
         })
         .collect()
+}
+
+/// Tables the claim joins whose planner statistics are stale: more than 1,000 rows changed since
+/// their last ANALYZE, and more than a fifth of what they hold.
+const STALE_STATISTICS: &str = "SELECT relname FROM pg_stat_user_tables
+     WHERE relid IN ('documents'::regclass, 'encounters'::regclass)
+       AND n_mod_since_analyze > 1000 AND n_mod_since_analyze > n_live_tup / 5";
+
+/// Analyzes the tables the claim joins when a backfill has grown them since their statistics
+/// were taken. Autovacuum's analyze comes a minute or more later; until then the planner
+/// believes a freshly loaded organization has one encounter and drives the claim from it,
+/// scanning every due document once per encounter: 300–490 ms a claim of 128 items at 4,000
+/// due (BENCHMARKS.md, "SQLite and PostgreSQL side by side"). The check is one catalog read.
+fn refresh_statistics(db: &mut impl GenericClient) -> anyhow::Result<()> {
+    let stale: Vec<String> = db
+        .query(STALE_STATISTICS, &[])?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    for table in stale {
+        // From the catalog, not from input: `documents` or `encounters`.
+        db.batch_execute(&format!("ANALYZE {table}"))
+            .with_context(|| format!("cannot analyze {table}"))?;
+    }
+    Ok(())
 }
 
 /// Queues a recording for every finished ambient document that has none (audio was just
@@ -557,6 +583,67 @@ pub(super) mod tests {
     }
 
     pub(in crate::store::postgres) use crate::store::records::sample_transcript as transcript;
+
+    /// What the planner believes `table` holds (-1: never analyzed).
+    fn planner_rows(client: &mut Client, table: &str) -> f32 {
+        client
+            .query_one(
+                "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
+            )
+            .unwrap()
+            .try_get(0)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_claim_after_a_bulk_load_analyzes_the_tables_it_joins_and_only_then() {
+        let Some((_db, mut client)) = warehouse("content_statistics") else {
+            return;
+        };
+        let c = &mut client;
+        let now = OffsetDateTime::now_utc();
+        let records: Vec<EncounterRecord> = (0..1500)
+            .map(|n| {
+                encounter(
+                    &format!("enc_{n:04}"),
+                    now,
+                    "v1",
+                    None,
+                    vec![doc(&format!("doc_{n:04}"), "document", None)],
+                )
+            })
+            .collect();
+        save(c, |tx| upsert::commit_page(tx, &records, &[], None, now));
+        // The server counts the page's rows as changed since the (never taken) statistics once
+        // this session reports them; a session reports when idle, at most once a second.
+        c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+        assert_eq!(planner_rows(c, "documents"), -1.0);
+        assert_eq!(claimable(c).len(), 100);
+        assert_eq!(planner_rows(c, "documents"), 1500.0);
+        assert_eq!(planner_rows(c, "encounters"), 1500.0);
+        // Fresh statistics are not taken again: a few changes do not reach the threshold.
+        save(c, |tx| {
+            tx.execute(
+                "UPDATE documents SET title = 'x' WHERE document_id < 'doc_0010'",
+                &[],
+            )?;
+            Ok(())
+        });
+        c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+        let analyzed = |c: &mut Client| -> i64 {
+            c.query_one(
+                "SELECT analyze_count FROM pg_stat_user_tables WHERE relid = 'documents'::regclass",
+                &[],
+            )
+            .unwrap()
+            .try_get(0)
+            .unwrap()
+        };
+        let before = analyzed(c);
+        assert_eq!(claimable(c).len(), 100);
+        assert_eq!(analyzed(c), before);
+    }
 
     #[test]
     fn the_summary_decides_ambient_work_and_a_changed_encounter_asks_notes_and_finished_transcripts_again() {
