@@ -194,6 +194,13 @@ pub enum Work {
 }
 
 impl Work {
+    /// Whether `skip` names every kind: a claim would find nothing (a list-only cycle).
+    pub fn all_skipped(skip: &[Work]) -> bool {
+        [Work::Document, Work::Transcript, Work::Audio]
+            .iter()
+            .all(|w| skip.contains(w))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Work::Document => "document",

@@ -35,6 +35,14 @@ pub fn claim_work(
     limit: usize,
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<WorkItem>> {
+    // A list-only cycle still asks, with every kind skipped: nothing to claim, and no reason to
+    // analyze the tables its backfill is growing.
+    let Some(organization_id) = organization_id else {
+        return Ok(Vec::new());
+    };
+    if Work::all_skipped(skip) {
+        return Ok(Vec::new());
+    }
     let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
     let (busy_work, busy_documents): (Vec<&str>, Vec<&str>) = exclude
         .iter()
@@ -618,6 +626,11 @@ pub(super) mod tests {
         // The server counts the page's rows as changed since the (never taken) statistics once
         // this session reports them; a session reports when idle, at most once a second.
         c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+        assert_eq!(planner_rows(c, "documents"), -1.0);
+        // A list-only cycle's claim (every kind skipped) neither claims nor analyzes.
+        let all = [Work::Document, Work::Transcript, Work::Audio];
+        let none = claim_work(c, Some("org_1"), 1, &all, &HashSet::new(), 100, now).unwrap();
+        assert!(none.is_empty());
         assert_eq!(planner_rows(c, "documents"), -1.0);
         assert_eq!(claimable(c).len(), 100);
         assert_eq!(planner_rows(c, "documents"), 1500.0);

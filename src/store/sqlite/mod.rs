@@ -586,10 +586,7 @@ impl Backend for Connection {
     ) -> anyhow::Result<Vec<WorkItem>> {
         // A list-only cycle still asks (with every kind skipped): nothing to claim, so nothing
         // to merge for, and a backfill's staged pages keep growing to a full merge.
-        if [Work::Document, Work::Transcript, Work::Audio]
-            .iter()
-            .all(|w| skip.contains(w))
-        {
+        if Work::all_skipped(skip) {
             return Ok(Vec::new());
         }
         staging::merge_before(self)?;
