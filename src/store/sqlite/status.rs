@@ -21,6 +21,21 @@ const RUN_COLUMNS: &str = "run_id, trigger, started_at, finished_at, outcome, li
     encounters_changed, encounters_removed, documents_fetched, transcripts_fetched, recordings_fetched,
     retries, dead_letters, organization";
 
+/// Encounters staged for the next merge; none in a warehouse an older release wrote (before the
+/// staging tables of V7), which `status` may read before `migrate` ran.
+fn staged_encounters(conn: &Connection) -> rusqlite::Result<i64> {
+    let staging: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'staged_encounters')",
+        [],
+        |r| r.get(0),
+    )?;
+    if staging {
+        count(conn, "SELECT count(*) FROM staged_encounters")
+    } else {
+        Ok(0)
+    }
+}
+
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
     Ok(Run {
         run_id: r.get(0)?,
@@ -144,7 +159,7 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
             conn,
             "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
         )?,
-        encounters_staged: count(conn, "SELECT count(*) FROM staged_encounters")?,
+        encounters_staged: staged_encounters(conn)?,
         patients: count(conn, "SELECT count(*) FROM patients")?,
         documents: count(conn, "SELECT count(*) FROM documents WHERE removed_at IS NULL")?,
         notes_with_text: count(
@@ -322,4 +337,30 @@ pub fn live_content_counts(conn: &Connection) -> anyhow::Result<[i64; 4]> {
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     Ok([encounters, notes, finished, other])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    /// `status` of the new release reads a warehouse an older one wrote, before `migrate` (the
+    /// package is upgraded while the old daemon still runs): V6 has no staging tables.
+    #[test]
+    fn status_reads_a_warehouse_written_before_the_staging_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::embedded::migrations::runner()
+            .set_target(refinery::Target::Version(6))
+            .run(&mut conn)
+            .unwrap();
+        drop(conn);
+        let reader = super::super::open_reader(&path, Duration::from_secs(1)).unwrap();
+        let status = read_status(&reader, OffsetDateTime::now_utc(), &[]).unwrap();
+        assert_eq!((status.rows.encounters, status.rows.encounters_staged), (0, 0));
+    }
 }
