@@ -194,11 +194,11 @@ pub enum Work {
 }
 
 impl Work {
+    pub const ALL: [Work; 3] = [Work::Document, Work::Transcript, Work::Audio];
+
     /// Whether `skip` names every kind: a claim would find nothing (a list-only cycle).
     pub fn all_skipped(skip: &[Work]) -> bool {
-        [Work::Document, Work::Transcript, Work::Audio]
-            .iter()
-            .all(|w| skip.contains(w))
+        Work::ALL.iter().all(|w| skip.contains(w))
     }
 
     pub fn as_str(self) -> &'static str {

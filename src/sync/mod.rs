@@ -120,6 +120,21 @@ impl CyclePlan {
 /// requests are abandoned (the unit's transaction then never commits).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// What `half` answers, or `Cancelled` once [`SHUTDOWN_GRACE`] has passed after `stop` was
+/// asked and it still has not answered (it is then dropped).
+async fn within_grace(
+    half: impl std::future::Future<Output = Result<(), CycleError>>,
+    stop: &CancellationToken,
+) -> Result<(), CycleError> {
+    tokio::select! {
+        r = half => r,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Err(CycleError::Cancelled),
+    }
+}
+
 /// A `created_at` range to re-scan completely: `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackfillRange {
@@ -431,26 +446,9 @@ async fn execute(
         }
         r
     };
-    // Each half is abandoned on its own once the grace after a stop request has passed, so the
-    // error of a half that failed (and asked the other to stop) is kept even when the other
-    // cannot stop in time.
-    let abandon = || async {
-        stop.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    let paging = async {
-        tokio::select! {
-            r = paging => r,
-            () = abandon() => Err(CycleError::Cancelled),
-        }
-    };
-    let content = async {
-        tokio::select! {
-            r = content => r,
-            () = abandon() => Err(CycleError::Cancelled),
-        }
-    };
-    let (paged, fetched) = tokio::join!(paging, content);
+    // Each half is abandoned on its own, so the error of a half that failed (and asked the
+    // other to stop) is kept even when the other cannot stop in time.
+    let (paged, fetched) = tokio::join!(within_grace(paging, &stop), within_grace(content, &stop));
     counts.merge(&content_counts);
     counts.retries = ctx.client.retries_used();
     // The first real error wins over the cancellation it caused in the other half.

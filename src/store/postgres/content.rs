@@ -628,8 +628,7 @@ pub(super) mod tests {
         c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
         assert_eq!(planner_rows(c, "documents"), -1.0);
         // A list-only cycle's claim (every kind skipped) neither claims nor analyzes.
-        let all = [Work::Document, Work::Transcript, Work::Audio];
-        let none = claim_work(c, Some("org_1"), 1, &all, &HashSet::new(), 100, now).unwrap();
+        let none = claim_work(c, Some("org_1"), 1, &Work::ALL, &HashSet::new(), 100, now).unwrap();
         assert!(none.is_empty());
         assert_eq!(planner_rows(c, "documents"), -1.0);
         assert_eq!(claimable(c).len(), 100);
