@@ -103,5 +103,5 @@ pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,
     Route, Stats, Transcript, Turn, Unavailable, Visibility,
 };
-pub use options::{QueryPrecision, Rendering, Rounding, SimOptions};
+pub use options::{PageCap, QueryPrecision, Rendering, Rounding, SimOptions};
 pub use state::{ListHook, Simulator};

@@ -67,6 +67,21 @@ pub struct SimOptions {
     /// transcript turn (see `unicode_every`) ends with ` \0`. SQLite stores it; PostgreSQL's
     /// `text` cannot hold it. Default `false`.
     pub nul_in_text: bool,
+    /// Hold every list page to fewer records than `limit` asks for, as a server may (the
+    /// envelope echoes the server's own `limit`); `total` stays the count of matching records.
+    /// Default `None`: a page holds `min(limit, remaining)` records. Can be switched later with
+    /// `set_page_cap`; `start` rejects a cap of 0.
+    pub page_cap: Option<PageCap>,
+}
+
+/// How many records a list page holds at most, whatever `limit` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageCap {
+    /// The most records a page holds (at least 1).
+    pub max: u32,
+    /// Each page holds a pseudo-random number of records from 1 to `max` (as a server that
+    /// filters after its LIMIT would), instead of exactly `max` while that many remain.
+    pub varying: bool,
 }
 
 /// How the list route treats sub-microsecond digits in `start_at`/`end_at`, and the precision of
@@ -160,6 +175,7 @@ impl Default for SimOptions {
             bulk_instants: Vec::new(),
             nanosecond_timestamps: false,
             nul_in_text: false,
+            page_cap: None,
         }
     }
 }

@@ -456,18 +456,27 @@ fn list(sim: &Simulator, params: query::ListParams) -> Reply {
         );
     }
     let opts = inner.render_opts();
+    // The server's own page size, echoed in the envelope.
+    let limit = match *read(&inner.page_cap) {
+        None => params.limit,
+        Some(cap) if cap.varying => {
+            let most = u64::from(params.limit.min(cap.max));
+            1 + (crate::id::mix64(inner.seed ^ seq) % most) as u32
+        }
+        Some(cap) => params.limit.min(cap.max),
+    };
     let store = read(&inner.store);
     let page = store.page(
         params.start_at.map(nanos),
         params.end_at.map(nanos),
         params.offset as usize,
-        params.limit as usize,
+        limit as usize,
         params.sort_desc,
     );
     Reply::json(render::list_body(
         &store,
         &page.slots,
-        params.limit,
+        limit,
         params.offset,
         page.total,
         opts,

@@ -23,7 +23,7 @@ use crate::model::{
     DocKind, Encounter, FaultRule, KeyState, NewEncounter, RateLimit, Route, Stats, Transcript, Unavailable,
     Visibility,
 };
-use crate::options::{QueryPrecision, Rendering, Rounding, SimOptions};
+use crate::options::{PageCap, QueryPrecision, Rendering, Rounding, SimOptions};
 use crate::server;
 use crate::state::{Host, Inner, ListHook, Simulator, lock, read, write};
 use crate::store::{DocClass, Slot, Store};
@@ -38,6 +38,14 @@ fn checked_rendering(rendering: Option<Rendering>) -> Result<Option<(Rounding, i
                 .ok_or_else(|| format!("rendering unit {} must be positive and below 292 years", r.unit))
         })
         .transpose()
+}
+
+/// A page cap with its `max` checked: at least one record.
+fn checked_page_cap(cap: Option<PageCap>) -> Result<Option<PageCap>, String> {
+    match cap {
+        Some(PageCap { max: 0, .. }) => Err("a page cap must allow at least one record".into()),
+        cap => Ok(cap),
+    }
 }
 
 /// The default key: `ch_sk_sim_` plus 24 base62 characters drawn from the seed.
@@ -106,6 +114,9 @@ impl Simulator {
         let render_created_at = checked_rendering(opts.render_created_at).map_err(|message| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("SimOptions: {message}"))
         })?;
+        let page_cap = checked_page_cap(opts.page_cap).map_err(|message| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("SimOptions: {message}"))
+        })?;
         let generation = opts.clone();
         let store = tokio::task::spawn_blocking(move || {
             let mut store = Store::new(&generation);
@@ -140,6 +151,7 @@ impl Simulator {
                 extra_fields: AtomicBool::new(opts.extra_fields),
                 query_precision: RwLock::new(opts.query_precision),
                 render_created_at: RwLock::new(render_created_at),
+                page_cap: RwLock::new(page_cap),
                 shutdown,
                 host,
             }),
@@ -285,6 +297,15 @@ impl Simulator {
         let checked =
             checked_rendering(rendering).unwrap_or_else(|message| panic!("charthero-sim: {message}"));
         *write(&self.inner.render_created_at) = checked;
+    }
+
+    /// Sets or clears the cap on the records a list page holds (see [`SimOptions::page_cap`]).
+    ///
+    /// # Panics
+    /// When the cap's `max` is 0.
+    pub fn set_page_cap(&self, cap: Option<PageCap>) {
+        let checked = checked_page_cap(cap).unwrap_or_else(|message| panic!("charthero-sim: {message}"));
+        *write(&self.inner.page_cap) = checked;
     }
 
     /// The `created_at` the API currently renders for an encounter created at `t` (identity

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::Access;
 use crate::faults::{FaultBook, RateWindow};
 use crate::model::{ListRequest, Stats};
-use crate::options::{QueryPrecision, Rounding};
+use crate::options::{PageCap, QueryPrecision, Rounding};
 use crate::render::RenderOpts;
 use crate::store::Store;
 
@@ -53,6 +53,7 @@ pub(crate) struct Inner {
     pub(crate) query_precision: RwLock<QueryPrecision>,
     /// The checked form of the `created_at` rendering rule (see `RenderOpts::created_at`).
     pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
+    pub(crate) page_cap: RwLock<Option<PageCap>>,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.

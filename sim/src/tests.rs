@@ -1123,3 +1123,68 @@ async fn a_host_of_several_organizations_answers_each_key_from_its_own_clinic() 
     assert!(violations >= 5, "{violations}");
     a.shutdown();
 }
+
+#[tokio::test]
+async fn a_page_cap_holds_pages_short_echoes_the_servers_limit_and_keeps_the_total() {
+    let sim = Simulator::start(SimOptions {
+        page_cap: Some(PageCap {
+            max: 30,
+            varying: false,
+        }),
+        ..options(100)
+    })
+    .await
+    .unwrap();
+    let expected: Vec<_> = sim.snapshot().into_iter().map(|e| e.encounter_id).collect();
+    let page = get(&sim, "/external/v1/encounters?limit=100&sort_order=asc")
+        .await
+        .json();
+    assert_eq!(
+        (page["limit"].as_u64(), page["total"].as_u64()),
+        (Some(30), Some(100))
+    );
+    assert_eq!(ids(&page), expected[..30]);
+    // Below the cap, the request's own limit holds.
+    let page = get(&sim, "/external/v1/encounters?limit=7&sort_order=asc")
+        .await
+        .json();
+    assert_eq!((page["limit"].as_u64(), ids(&page).len()), (Some(7), 7));
+    // Varying: every page between 1 and the cap, and not all the same size.
+    sim.set_page_cap(Some(PageCap {
+        max: 30,
+        varying: true,
+    }));
+    let mut sizes = std::collections::BTreeSet::new();
+    for offset in 0..20 {
+        let page = get(
+            &sim,
+            &format!("/external/v1/encounters?limit=100&offset={offset}&sort_order=asc"),
+        )
+        .await
+        .json();
+        let items = ids(&page);
+        assert_eq!(page["limit"].as_u64(), Some(items.len() as u64));
+        assert_eq!(items, expected[offset..offset + items.len()]);
+        sizes.insert(items.len());
+    }
+    assert!(
+        sizes.len() > 3 && sizes.iter().all(|n| (1..=30).contains(n)),
+        "{sizes:?}"
+    );
+    sim.set_page_cap(None);
+    let page = get(&sim, "/external/v1/encounters?limit=100").await.json();
+    assert_eq!(ids(&page).len(), 100);
+    let refused = Simulator::start(SimOptions {
+        page_cap: Some(PageCap {
+            max: 0,
+            varying: false,
+        }),
+        ..options(0)
+    })
+    .await;
+    assert_eq!(
+        refused.err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::InvalidInput)
+    );
+    sim.shutdown();
+}

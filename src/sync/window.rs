@@ -174,6 +174,9 @@ struct Pass {
     /// The final page, held back to commit with the window's completion.
     last_page: Vec<EncounterRecord>,
     pages: u64,
+    /// The most records one page of this pass held: the server's page size when it holds
+    /// pages to fewer records than `limit` asks for.
+    largest_page: u32,
     /// Pages queued for the writer, oldest first, whose commit has not been awaited yet.
     uncommitted: VecDeque<Pending<PageCounts>>,
     /// The content hashes of the last page read, by ID: re-anchoring reads its last records
@@ -192,6 +195,7 @@ impl Pass {
             coarse: None,
             last_page: Vec::new(),
             pages: 0,
+            largest_page: 0,
             uncommitted: VecDeque::new(),
             previous: HashMap::new(),
         }
@@ -223,7 +227,11 @@ impl Pass {
     /// the pages its records fill. Every request that adds no record uses up the fixed part, so
     /// a server that never lets the cursor advance ends the pass instead of spinning.
     fn request_bound(&self, limit: u32) -> u64 {
-        72 + 6 * (self.seen.len() as u64).div_ceil(step(limit))
+        let page = match self.largest_page {
+            0 => limit,
+            served => limit.min(served),
+        };
+        72 + 6 * (self.seen.len() as u64).div_ceil(step(page))
     }
 
     /// One list request of this pass: counted, bounded, cancellable.
@@ -261,6 +269,9 @@ impl Pass {
         let page = ctx.client.list_encounters(&query).await?;
         counts.list_requests += 1;
         self.pages += 1;
+        self.largest_page = self
+            .largest_page
+            .max(u32::try_from(page.items.len()).unwrap_or(u32::MAX));
         super::admit(ctx, &page.items).await?;
         Ok(page)
     }
@@ -565,17 +576,24 @@ async fn anchored_pass(
             pass.absorb(ctx, page.items, counts).await?;
             break;
         }
-        let starts_as_expected = page.items.len() >= expected_prefix.len()
-            && page
-                .items
-                .iter()
-                .zip(&expected_prefix)
-                .all(|(e, id)| &e.encounter_id == id);
+        // A page the server held to fewer records than the prefix must hold its start; a record
+        // removed from the prefix's end shows in the end-of-pass total check.
+        let starts_as_expected = page
+            .items
+            .iter()
+            .zip(&expected_prefix)
+            .all(|(e, id)| &e.encounter_id == id);
         if !starts_as_expected {
             pass.consistent = false;
         }
         let received = page.items.len();
-        if received < limit as usize || received as u64 >= page.total {
+        // The pass ends on a page that holds every record left in `[cursor, end)`, or on an
+        // empty one (a server whose total counts records it does not show; the end-of-pass
+        // total check then disagrees). A short page that does not hold the rest (the server's
+        // pages are smaller than `limit`, or it filters after its LIMIT) is read on from its
+        // last record like a full one: ending there lost every later record. Every page
+        // that does not end the pass moves the cursor forward (below), so this terminates.
+        if received as u64 >= page.total || received == 0 {
             pass.keep_last(ctx, page.items);
             break;
         }
@@ -591,8 +609,10 @@ async fn anchored_pass(
             .count();
         // Every record is at or after `cursor`, so `anchor == cursor` means the whole page is
         // one microsecond: re-anchoring could not move. Half a page or more in the last
-        // microsecond would make re-anchoring crawl, so that microsecond is offset-paged.
-        if tail == received || (limit >= 4 && 2 * tail >= limit as usize) {
+        // microsecond would make re-anchoring crawl, so that microsecond is offset-paged. A
+        // page is what the server holds: `limit`, or less if its pages are smaller.
+        let page_size = limit.min(pass.largest_page) as usize;
+        if tail == received || (page_size >= 4 && 2 * tail >= page_size) {
             pass.absorb(ctx, page.items, counts).await?;
             page_instant(ctx, &mut pass, anchor, counts, cancel).await?;
             cursor = anchor.next();
@@ -617,6 +637,10 @@ async fn anchored_pass(
             .collect();
         cursor = anchor;
         pass.absorb(ctx, page.items, counts).await?;
+    }
+    if pass.pages == 1 && pass.end == end && (pass.seen.len() as u64) < pass.total {
+        // One page, and it held fewer records than the window's total (an empty page).
+        pass.consistent = false;
     }
     if pass.pages > 1 && pass.coarse.is_none() {
         // One cheap request closes the observation: if the window's total now equals the
@@ -761,29 +785,35 @@ impl Chain {
         }
     }
 
-    /// The next page's offset: one record of overlap (none for pages of one record), the last
-    /// page placed exactly at the offset cap so that [`OFFSET_REACH`] records are reachable;
-    /// `None` once past the cap.
+    /// The next page's offset: one record of overlap (none for pages of one record, or after
+    /// a page the server held to one record), the last page placed exactly at the offset cap so
+    /// that [`OFFSET_REACH`] records are reachable; `None` once past the cap.
     fn next_offset(&self) -> Option<u32> {
         let Some(previous) = self.offset else {
             return Some(0);
         };
         let overlap = u64::from(self.limit >= 2);
-        let next = self.reached.saturating_sub(overlap).min(u64::from(MAX_OFFSET)) as u32;
+        let mut next = self.reached.saturating_sub(overlap);
+        if next <= u64::from(previous) {
+            next = self.reached;
+        }
+        let next = next.min(u64::from(MAX_OFFSET)) as u32;
         (next > previous).then_some(next)
     }
 
     /// Checks a page read at `offset` against the pages before it (same total; the previous
-    /// last record at its position) and records it. Returns whether the page was full.
+    /// last record at its position) and records it. Returns whether more records may follow:
+    /// the page was full, or short but not at the end (a server whose pages are smaller than
+    /// `limit`).
     fn take(&mut self, pass: &mut Pass, offset: u32, page: &EncounterPage) -> bool {
         self.offset = Some(offset);
         if page.total != self.total {
             pass.consistent = false;
         }
-        if let Some((position, id)) = &self.last {
-            let repeated = position
-                .checked_sub(u64::from(offset))
-                .and_then(|i| page.items.get(i as usize));
+        if let Some((position, id)) = &self.last
+            && *position >= u64::from(offset)
+        {
+            let repeated = page.items.get((*position - u64::from(offset)) as usize);
             if repeated.map(|e| &e.encounter_id) != Some(id) {
                 pass.consistent = false;
             }
@@ -794,7 +824,7 @@ impl Chain {
             self.last = Some((position, last.encounter_id.clone()));
             self.reached = self.reached.max(position + 1);
         }
-        received == u64::from(self.limit)
+        received > 0 && (received == u64::from(self.limit) || self.reached < self.total)
     }
 }
 
@@ -871,11 +901,27 @@ async fn find_removals(
                 super::admit(ctx, std::slice::from_ref(&e)).await?;
                 still_there.push(encounter_record(e, &ctx.privacy));
             }
-            Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
-                let reason = e.reason_code().unwrap_or("encounter_not_found").to_owned();
-                tracing::debug!(encounter_id, reason, "encounter gone upstream");
-                removals.push(Removal { encounter_id, reason });
-            }
+            Err(e) if e.class() == ErrorClass::ResourceUnavailable => match e.reason_code() {
+                // Only the contract's answers prove the encounter gone for this key; a 404 from
+                // a gateway (an HTML page, no reason code) or a 409/410 the contract does not
+                // list proves nothing: the encounter stays live, and the next pass over this
+                // window asks again.
+                Some(
+                    reason @ ("encounter_not_found" | "cross_organization_denied" | "demo_training_denied"),
+                ) => {
+                    tracing::debug!(encounter_id, reason, "encounter gone upstream");
+                    removals.push(Removal {
+                        encounter_id,
+                        reason: reason.to_owned(),
+                    });
+                }
+                reason => tracing::warn!(
+                    encounter_id,
+                    status = e.status(),
+                    reason,
+                    "the encounter route answered with no documented reason; not marking the encounter removed"
+                ),
+            },
             Err(e) if e.class() == ErrorClass::OperatorMustAct && !e.is_auth() && w.reconcile => {
                 // The detail route is closed to this key, but a reconcile's listing is complete:
                 // absence is the evidence.

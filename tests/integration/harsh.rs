@@ -1,12 +1,13 @@
 //! Replication against upstreams harsher than the default simulator, each behaviour inside the
 //! API contract: servers that parse datetimes to microseconds (rejecting or truncating more
-//! digits), render `created_at` coarser than they filter and sort, stamp bulk imports with one
-//! instant, recompute `updated_at` backwards, and change history weeks back. Every test ends by
+//! digits), render `created_at` coarser than they filter and sort, hold list pages to fewer
+//! records than `limit` asks for, stamp bulk imports with one instant, recompute `updated_at`
+//! backwards, and change history weeks back. Every test ends by
 //! comparing the warehouse with the simulator entity by entity, or with a clear error inside a
 //! request bound it asserts; every test runs on SQLite and on PostgreSQL.
 
 use charthero_sim::{
-    DocKind, NewEncounter, QueryPrecision, Rendering, Rounding, Route as SimRoute, SimOptions,
+    DocKind, NewEncounter, PageCap, QueryPrecision, Rendering, Rounding, Route as SimRoute, SimOptions,
 };
 use charthero_sync::sync::{BackfillRange, CycleError, CyclePlan};
 use charthero_sync::timefmt::Micros;
@@ -130,6 +131,110 @@ async fn created_at_rendered_coarser_than_it_sorts_rounded_is_synced_within_a_re
 ) {
     sync_with_coarse_rendering(backend, Rounding::Nearest, time::Duration::minutes(4)).await;
     sync_with_coarse_rendering(backend, Rounding::Nearest, time::Duration::seconds(20)).await;
+}
+
+/// 3,000 generated encounters and 250 on one microsecond (read by offsets inside an anchored
+/// window) against a server that holds list pages to fewer records than `limit` asks for.
+/// Returns the list requests of the first cycle.
+async fn sync_with_short_pages(backend: Backend, cap: PageCap) -> u64 {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            page_cap: Some(cap),
+            ..sim_options(74, 3_000)
+        },
+    )
+    .await;
+    let instant = OffsetDateTime::now_utc() - time::Duration::days(3);
+    for _ in 0..250 {
+        env.sim.insert(NewEncounter::at(instant));
+    }
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{cap:?}: {report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let list_requests = env.sim.stats().route(SimRoute::List);
+    // New records on both sides of the watermark (behind it within the revisit horizon): the
+    // next cycle is exact too.
+    let now = OffsetDateTime::now_utc();
+    env.sim.insert(NewEncounter::at(now - time::Duration::hours(1)));
+    env.sim.insert(NewEncounter::at(now - time::Duration::seconds(5)));
+    env.sync(&config, live()).await;
+    compare(&env.sim, &env.warehouse).assert_empty();
+    list_requests
+}
+
+both_backends!(
+    #[tokio::test]
+    list_pages_the_server_holds_short_are_read_to_the_end
+);
+async fn list_pages_the_server_holds_short_are_read_to_the_end(backend: Backend) {
+    // A fixed page size below ours: 3,250 records need at least 88 pages of 37.
+    let fixed = sync_with_short_pages(
+        backend,
+        PageCap {
+            max: 37,
+            varying: false,
+        },
+    )
+    .await;
+    assert!(
+        (88..=88 * 3 / 2).contains(&fixed),
+        "{fixed} list requests for 3,250 records in pages of 37"
+    );
+    // Pages of 1 to 60 records, as a server filtering after its LIMIT gives: about 30 each.
+    let varying = sync_with_short_pages(
+        backend,
+        PageCap {
+            max: 60,
+            varying: true,
+        },
+    )
+    .await;
+    assert!(
+        varying <= 3_250 / 30 * 3 / 2,
+        "{varying} list requests for 3,250 records in pages of 1 to 60"
+    );
+    eprintln!("short pages: {fixed} list requests (37 each), {varying} (1 to 60)");
+}
+
+both_backends!(
+    #[tokio::test]
+    short_pages_of_a_server_rendering_coarser_than_it_sorts_are_read_by_offsets_to_the_end
+);
+async fn short_pages_of_a_server_rendering_coarser_than_it_sorts_are_read_by_offsets_to_the_end(
+    backend: Backend,
+) {
+    // Offset paging (the rendered `created_at` cannot anchor) with pages of 37: each offset
+    // step follows the records a page held, not `limit`.
+    let start = OffsetDateTime::now_utc() - time::Duration::days(2);
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            start,
+            end: start + time::Duration::minutes(4),
+            render_created_at: Some(Rendering {
+                unit: time::Duration::seconds(1),
+                rounding: Rounding::Truncate,
+            }),
+            page_cap: Some(PageCap {
+                max: 37,
+                varying: false,
+            }),
+            ..sim_options(75, 1_600)
+        },
+    )
+    .await;
+    let report = env.sync(&env.encounters_only_config(), live()).await;
+    assert!(report.is_complete());
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let list_requests = env.sim.stats().route(SimRoute::List);
+    let bound = 12 * (72 + 6 * 1_600u64.div_ceil(36));
+    assert!(
+        list_requests <= bound,
+        "{list_requests} list requests (bound {bound})"
+    );
+    eprintln!("coarse rendering, pages of 37: {list_requests} list requests for 1,600 encounters");
 }
 
 both_backends!(

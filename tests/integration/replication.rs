@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use charthero_sim::{ListRequest, NewEncounter, SimOptions, Simulator, Unavailable, Visibility};
+use charthero_sim::{
+    Fault, FaultRule, ListRequest, NewEncounter, Route, SimOptions, Simulator, Unavailable, Visibility,
+};
 use charthero_sync::sync::{BackfillRange, CyclePlan};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -239,6 +241,46 @@ async fn a_second_quiet_cycle_changes_no_rows_and_only_lists_the_revisit_horizon
         );
         assert_eq!(changed, 0, "{table} rows changed on a quiet cycle");
     }
+}
+
+both_backends!(
+    #[tokio::test]
+    only_the_contracts_answers_mark_an_encounter_removed
+);
+async fn only_the_contracts_answers_mark_an_encounter_removed(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 44, 300).await;
+    let config = env.encounters_only_config();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    let gone = env.sim.snapshot()[0].encounter_id.clone();
+    env.sim.remove(&gone);
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc() - time::Duration::days(10),
+    };
+    let removed_reason = || -> Option<String> {
+        env.warehouse.scalar(
+            "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
+            &[&gone],
+        )
+    };
+    // A gateway's HTML 404, then a 409 and a 410 the contract does not list: no evidence.
+    for fault in [
+        Fault::HtmlStatus(404),
+        Fault::status(409, "conflict"),
+        Fault::status(410, "gone"),
+    ] {
+        env.sim
+            .push_fault(FaultRule::once(Some(Route::Encounter), fault.clone()));
+        let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+        assert_eq!(report.counts.encounters_removed, 0, "{fault:?}");
+        assert_eq!(removed_reason(), None, "{fault:?}");
+    }
+    assert_eq!(env.sim.stats().route(Route::Encounter), 3);
+    // The documented answer.
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+    assert_eq!(report.counts.encounters_removed, 1);
+    assert_eq!(removed_reason().as_deref(), Some("encounter_not_found"));
+    compare(&env.sim, &env.warehouse).assert_empty();
 }
 
 both_backends!(
