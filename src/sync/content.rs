@@ -368,13 +368,19 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
     }
 }
 
-/// The record itself is gone or not ours, as opposed to "not ready yet".
+/// The record itself is gone or not ours, as opposed to "not ready yet" — and as opposed to a
+/// route closed to the key or the organization (403 `route_not_allowed`, `missing_scope`, …),
+/// which the route gate reports and a later cycle retries once the operator or vendor acted.
 fn gone(e: &ApiError) -> bool {
-    e.status() == Some(403)
-        || matches!(
-            e.reason_code(),
-            Some("encounter_not_found" | "unsupported_document_type")
+    matches!(
+        e.reason_code(),
+        Some(
+            "encounter_not_found"
+                | "unsupported_document_type"
+                | "cross_organization_denied"
+                | "demo_training_denied"
         )
+    )
 }
 
 async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {

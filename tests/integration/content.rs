@@ -314,6 +314,38 @@ async fn without_recordings_read_audio_is_disabled_and_everything_else_syncs(bac
 
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_transcript_route_closed_to_the_organization_is_reported_and_fetched_once_enabled
+);
+async fn a_transcript_route_closed_to_the_organization_is_reported_and_fetched_once_enabled(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 29, 150).await;
+    let config = env.raw_config().validate().unwrap();
+    for reason in ["route_not_allowed", "organization_not_allowlisted"] {
+        env.sim.disable_route(SimRoute::Transcript, reason);
+        let report = env.sync(&config, CyclePlan::full(None, false)).await;
+        assert_eq!(
+            report.disabled_routes.as_deref(),
+            Some(format!("transcript:{reason}").as_str()),
+            "{report:?}"
+        );
+        assert_eq!(report.counts.transcripts_fetched, 0);
+        // Waiting for the vendor is not "unavailable": nothing is given up for good.
+        let given_up: i64 = env.warehouse.scalar(
+            "SELECT count(*) FROM documents WHERE transcript_state = 'unavailable'",
+            &[],
+        );
+        assert_eq!(given_up, 0, "{reason}");
+    }
+    env.sim.enable_route(SimRoute::Transcript);
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert!(report.counts.transcripts_fetched > 0);
+    assert_content_equal(&env);
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     recordings_are_stored_by_content_hash_and_the_signed_url_never_is
 );
 async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is(backend: Backend) {
