@@ -72,6 +72,11 @@ pub struct SimOptions {
     /// Default `None`: a page holds `min(limit, remaining)` records. Can be switched later with
     /// `set_page_cap`; `start` rejects a cap of 0.
     pub page_cap: Option<PageCap>,
+    /// The list's `total` also counts the encounters unavailable to the key (403
+    /// `cross_organization_denied`/`demo_training_denied` on their detail routes), which it
+    /// does not list, as a server that counts before it filters by access would. Default
+    /// `false`. Can be switched later with `set_total_counts_unavailable`.
+    pub total_counts_unavailable: bool,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -176,6 +181,7 @@ impl Default for SimOptions {
             nanosecond_timestamps: false,
             nul_in_text: false,
             page_cap: None,
+            total_counts_unavailable: false,
         }
     }
 }

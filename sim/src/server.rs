@@ -473,12 +473,20 @@ fn list(sim: &Simulator, params: query::ListParams) -> Reply {
         limit as usize,
         params.sort_desc,
     );
+    let unlisted = if inner
+        .total_counts_unavailable
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        store.unavailable_in(params.start_at.map(nanos), params.end_at.map(nanos))
+    } else {
+        0
+    };
     Reply::json(render::list_body(
         &store,
         &page.slots,
         limit,
         params.offset,
-        page.total,
+        page.total + unlisted,
         opts,
     ))
 }

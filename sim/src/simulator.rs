@@ -152,6 +152,7 @@ impl Simulator {
                 query_precision: RwLock::new(opts.query_precision),
                 render_created_at: RwLock::new(render_created_at),
                 page_cap: RwLock::new(page_cap),
+                total_counts_unavailable: AtomicBool::new(opts.total_counts_unavailable),
                 shutdown,
                 host,
             }),
@@ -306,6 +307,14 @@ impl Simulator {
     pub fn set_page_cap(&self, cap: Option<PageCap>) {
         let checked = checked_page_cap(cap).unwrap_or_else(|message| panic!("charthero-sim: {message}"));
         *write(&self.inner.page_cap) = checked;
+    }
+
+    /// Switches whether the list's `total` counts encounters unavailable to the key (see
+    /// [`SimOptions::total_counts_unavailable`]).
+    pub fn set_total_counts_unavailable(&self, counts: bool) {
+        self.inner
+            .total_counts_unavailable
+            .store(counts, Ordering::Relaxed);
     }
 
     /// The `created_at` the API currently renders for an encounter created at `t` (identity

@@ -54,6 +54,7 @@ pub(crate) struct Inner {
     /// The checked form of the `created_at` rendering rule (see `RenderOpts::created_at`).
     pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
     pub(crate) page_cap: RwLock<Option<PageCap>>,
+    pub(crate) total_counts_unavailable: AtomicBool,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.

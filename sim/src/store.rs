@@ -179,6 +179,8 @@ pub(crate) struct Store {
     by_id: HashMap<Id, Slot>,
     /// Visible encounters ordered by `(created_at, encounter_id)`.
     index: Vec<(i64, Id, Slot)>,
+    /// Encounters unavailable to the key, ordered the same way (see `unavailable_in`).
+    unavailable: Vec<(i64, Id, Slot)>,
     pub(crate) patients: Vec<PatientRec>,
     patient_by_id: HashMap<Box<str>, u32>,
     note_overrides: HashMap<Id, Box<str>>,
@@ -220,6 +222,7 @@ impl Store {
             encounters: Vec::new(),
             by_id: HashMap::new(),
             index: Vec::new(),
+            unavailable: Vec::new(),
             patients: Vec::new(),
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
@@ -505,6 +508,26 @@ impl Store {
             (false, true) => self.index_insert(created, id, slot),
             _ => {}
         }
+        let key = (created, id, slot);
+        let at = self.unavailable.partition_point(|entry| *entry < key);
+        let listed = self.unavailable.get(at) == Some(&key);
+        match (listed, matches!(visibility, Visibility::Unavailable(_))) {
+            (false, true) => self.unavailable.insert(at, key),
+            (true, false) => {
+                self.unavailable.remove(at);
+            }
+            _ => {}
+        }
+    }
+
+    /// How many encounters unavailable to the key were created in `[start, end)`: what a list
+    /// total that counts them adds (`SimOptions::total_counts_unavailable`).
+    pub(crate) fn unavailable_in(&self, start: Option<i64>, end: Option<i64>) -> usize {
+        let lo = start.map_or(0, |s| self.unavailable.partition_point(|e| e.0 < s));
+        let hi = end.map_or(self.unavailable.len(), |e| {
+            self.unavailable.partition_point(|x| x.0 < e)
+        });
+        hi.saturating_sub(lo)
     }
 
     pub(crate) fn set_status(&mut self, slot: Slot, status: &str, now: i64) {

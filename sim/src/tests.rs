@@ -1188,3 +1188,48 @@ async fn a_page_cap_holds_pages_short_echoes_the_servers_limit_and_keeps_the_tot
     );
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn a_total_that_counts_unavailable_encounters_counts_them_in_their_range_only() {
+    let sim = Simulator::start(SimOptions {
+        total_counts_unavailable: true,
+        ..options(100)
+    })
+    .await
+    .unwrap();
+    let snapshot = sim.snapshot();
+    for e in &snapshot[10..13] {
+        sim.mark_unavailable(&e.encounter_id, Unavailable::DemoTraining);
+    }
+    let page = get(&sim, "/external/v1/encounters?limit=100").await.json();
+    assert_eq!((ids(&page).len(), page["total"].as_u64()), (97, Some(100)));
+    // Only the ranges that hold them count them.
+    let at = |e: &Encounter| e.created_at.format(&Rfc3339).unwrap().replace('+', "%2B");
+    let before = get(
+        &sim,
+        &format!("/external/v1/encounters?limit=1&end_at={}", at(&snapshot[10])),
+    )
+    .await
+    .json();
+    assert_eq!(before["total"].as_u64(), Some(10));
+    let around = get(
+        &sim,
+        &format!(
+            "/external/v1/encounters?limit=100&start_at={}&end_at={}",
+            at(&snapshot[10]),
+            at(&snapshot[14])
+        ),
+    )
+    .await
+    .json();
+    assert_eq!((ids(&around).len(), around["total"].as_u64()), (1, Some(4)));
+    // Restored or removed, an encounter is counted as the list shows it.
+    sim.restore(&snapshot[10].encounter_id);
+    sim.remove(&snapshot[11].encounter_id);
+    let page = get(&sim, "/external/v1/encounters?limit=100").await.json();
+    assert_eq!((ids(&page).len(), page["total"].as_u64()), (98, Some(99)));
+    sim.set_total_counts_unavailable(false);
+    let page = get(&sim, "/external/v1/encounters?limit=100").await.json();
+    assert_eq!(page["total"].as_u64(), Some(98));
+    sim.shutdown();
+}

@@ -169,6 +169,10 @@ struct Pass {
     total: u64,
     /// Every observation agreed (see the module docs).
     consistent: bool,
+    /// Upstream changed between two responses of this pass (a page did not start where the
+    /// one before it ended, or the total moved between offset pages), as opposed to the
+    /// final total alone disagreeing with the records seen.
+    shifted: bool,
     /// Evidence that the server renders `created_at` coarser than it filters and sorts.
     coarse: Option<String>,
     /// The final page, held back to commit with the window's completion.
@@ -192,6 +196,7 @@ impl Pass {
             seen: HashMap::new(),
             total: 0,
             consistent: true,
+            shifted: false,
             coarse: None,
             last_page: Vec::new(),
             pages: 0,
@@ -276,6 +281,11 @@ impl Pass {
         Ok(page)
     }
 
+    fn saw_a_shift(&mut self) {
+        self.consistent = false;
+        self.shifted = true;
+    }
+
     fn note_seen(&mut self, items: &[Encounter]) {
         self.seen
             .extend(items.iter().map(|e| (e.encounter_id.clone(), e.created_at.0)));
@@ -315,6 +325,40 @@ impl Pass {
     }
 }
 
+/// A pass whose final total exceeded the records it saw, kept to judge the next (narrower)
+/// pass by: a server whose totals count records it never lists (encounters the key may not
+/// see) disagrees by the same count over the same records every time, while a record that
+/// appeared behind the cursor is listed by the next pass.
+struct Disagreement {
+    end: Micros,
+    seen: HashMap<String, OffsetDateTime>,
+    excess: u64,
+}
+
+impl Disagreement {
+    fn of(pass: &mut Pass) -> Option<Disagreement> {
+        let excess = pass.total.checked_sub(pass.seen.len() as u64)?;
+        (excess > 0 && !pass.shifted && pass.coarse.is_none()).then(|| Disagreement {
+            end: pass.end,
+            seen: std::mem::take(&mut pass.seen),
+            excess,
+        })
+    }
+
+    /// Whether `pass`, over a range this one covered, changed nothing in it: it listed exactly
+    /// this pass's records of that range, no response moved under it, and its total exceeds
+    /// them by the same count.
+    fn repeats_in(&self, pass: &Pass) -> bool {
+        let excess = pass.total.saturating_sub(pass.seen.len() as u64);
+        excess == self.excess
+            && !pass.shifted
+            && pass.coarse.is_none()
+            && pass.end <= self.end
+            && pass.seen.keys().all(|id| self.seen.contains_key(id))
+            && pass.seen.len() == self.seen.values().filter(|t| **t < pass.end.instant()).count()
+    }
+}
+
 /// Offset step between pages: one record of overlap, which must match.
 fn step(limit: u32) -> u64 {
     u64::from(limit.saturating_sub(1).max(1))
@@ -333,6 +377,7 @@ pub(super) async fn scan(
     let mut end = w.end;
     let mut method = Method::Anchored;
     let mut anchored_failures = 0;
+    let mut disagreement: Option<Disagreement> = None;
     for pass_no in 1..=MAX_PASSES {
         let mut pass = match method {
             Method::Anchored => {
@@ -367,10 +412,20 @@ pub(super) async fn scan(
             if let Some(repaired) = repair(ctx, &pass, w.start, end, counts, cancel).await? {
                 counts.rescans += 1;
                 pages += repaired.requests;
-                pass.total = repaired.seen.len() as u64;
+                pass.total = repaired.seen.len() as u64 + repaired.unlisted;
                 pass.seen = repaired.seen;
                 pass.consistent = true;
             }
+        }
+        if !pass.consistent && disagreement.as_ref().is_some_and(|d| d.repeats_in(&pass)) {
+            tracing::warn!(
+                start = %w.start,
+                end = %end,
+                unlisted = pass.total - pass.seen.len() as u64,
+                "the list's total counts records it does not list, the same ones on two passes \
+                 (encounters this key may not see); the window is complete"
+            );
+            pass.consistent = true;
         }
         if !pass.consistent {
             counts.rescans += 1;
@@ -394,6 +449,7 @@ pub(super) async fn scan(
                 ?method,
                 "upstream changed while paging; re-scanning the window"
             );
+            disagreement = Disagreement::of(&mut pass);
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
         }
@@ -429,9 +485,11 @@ pub(super) async fn scan(
     })
 }
 
-/// A window's records after a repair, and the list requests the repair made.
+/// A window's records after a repair, the records its totals count but the list does not
+/// show, and the list requests the repair made.
 struct Repaired {
     seen: HashMap<String, OffsetDateTime>,
+    unlisted: u64,
     requests: u64,
 }
 
@@ -439,8 +497,11 @@ struct Repaired {
 /// pass saw there, both halves probed with `limit=1`, halves whose total equals what the pass saw
 /// in them accepted — and reads again only the small parts that disagree. The window's records
 /// are then the pass's, with each re-read part replaced by what its re-read saw. Every part is
-/// verified by its own observation, as a whole window is by its final total. `None` when the
-/// disagreement is spread too wide (the caller re-scans a narrower window instead).
+/// verified by its own observation, as a whole window is by its final total — or, when its
+/// total still exceeds what it lists, by listing exactly the records the pass saw there under
+/// the same total as its probe: records the server counts and never lists (see
+/// [`Disagreement`]). `None` when the disagreement is spread too wide (the caller re-scans a
+/// narrower window instead).
 async fn repair(
     ctx: &SyncContext,
     pass: &Pass,
@@ -457,11 +518,12 @@ async fn repair(
         below(hi) - below(lo)
     };
     let mut requests = 0u64;
-    let mut leaves: Vec<(Micros, Micros)> = Vec::new();
-    let mut disagreeing = vec![(start, end)];
-    while let Some((lo, hi)) = disagreeing.pop() {
+    // Each part with the total its probe reported.
+    let mut leaves: Vec<(Micros, Micros, u64)> = Vec::new();
+    let mut disagreeing = vec![(start, end, pass.total)];
+    while let Some((lo, hi, total)) = disagreeing.pop() {
         if seen_in(lo, hi) <= leaf_records || hi == lo.next() {
-            leaves.push((lo, hi));
+            leaves.push((lo, hi, total));
         } else {
             let lower = instants.partition_point(|x| *x < lo.instant());
             let upper = instants.partition_point(|x| *x < hi.instant());
@@ -487,7 +549,7 @@ async fn repair(
                 counts.list_requests += 1;
                 requests += 1;
                 if total != seen_in(a, b) as u64 {
-                    disagreeing.push((a, b));
+                    disagreeing.push((a, b, total));
                 }
             }
         }
@@ -498,7 +560,7 @@ async fn repair(
     let in_leaf = |t: &OffsetDateTime| {
         leaves
             .iter()
-            .any(|(lo, hi)| *t >= lo.instant() && *t < hi.instant())
+            .any(|(lo, hi, _)| *t >= lo.instant() && *t < hi.instant())
     };
     let mut seen: HashMap<String, OffsetDateTime> = pass
         .seen
@@ -506,11 +568,28 @@ async fn repair(
         .filter(|(_, t)| !in_leaf(t))
         .map(|(id, t)| (id.clone(), *t))
         .collect();
-    for (lo, hi) in leaves {
+    let mut unlisted = 0;
+    for (lo, hi, probed) in leaves {
         let leaf = anchored_pass(ctx, lo, hi, None, counts, cancel).await?;
         requests += leaf.pages;
-        if !leaf.consistent || leaf.coarse.is_some() || leaf.end != hi {
+        if leaf.coarse.is_some() || leaf.end != hi {
             return Ok(None);
+        }
+        if !leaf.consistent {
+            let excess = leaf.total.saturating_sub(leaf.seen.len() as u64);
+            let same_records =
+                leaf.seen.len() == seen_in(lo, hi) && leaf.seen.keys().all(|id| pass.seen.contains_key(id));
+            if leaf.shifted || excess == 0 || leaf.total != probed || !same_records {
+                return Ok(None);
+            }
+            tracing::warn!(
+                start = %lo,
+                end = %hi,
+                unlisted = excess,
+                "the list's total counts records it does not list, the same ones twice \
+                 (encounters this key may not see); the range is complete"
+            );
+            unlisted += excess;
         }
         commit(ctx, leaf.last_page, Vec::new(), None, counts).await?;
         seen.extend(leaf.seen);
@@ -519,7 +598,11 @@ async fn repair(
         requests,
         "repaired a disagreeing window by re-reading only what disagreed"
     );
-    Ok(Some(Repaired { seen, requests }))
+    Ok(Some(Repaired {
+        seen,
+        unlisted,
+        requests,
+    }))
 }
 
 /// A response's records must lie inside the requested range, in ascending order, or the
@@ -584,7 +667,7 @@ async fn anchored_pass(
             .zip(&expected_prefix)
             .all(|(e, id)| &e.encounter_id == id);
         if !starts_as_expected {
-            pass.consistent = false;
+            pass.saw_a_shift();
         }
         let received = page.items.len();
         // The pass ends on a page that holds every record left in `[cursor, end)`, or on an
@@ -759,7 +842,7 @@ async fn page_offsets(
         });
     }
     // A wider range grew past what offsets reach while we paged: re-scan it (narrower).
-    pass.consistent = false;
+    pass.saw_a_shift();
     Ok(())
 }
 
@@ -808,14 +891,14 @@ impl Chain {
     fn take(&mut self, pass: &mut Pass, offset: u32, page: &EncounterPage) -> bool {
         self.offset = Some(offset);
         if page.total != self.total {
-            pass.consistent = false;
+            pass.saw_a_shift();
         }
         if let Some((position, id)) = &self.last
             && *position >= u64::from(offset)
         {
             let repeated = page.items.get((*position - u64::from(offset)) as usize);
             if repeated.map(|e| &e.encounter_id) != Some(id) {
-                pass.consistent = false;
+                pass.saw_a_shift();
             }
         }
         let received = page.items.len() as u64;
