@@ -8,7 +8,7 @@ use std::fmt;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use time::{Date, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::timefmt;
 
@@ -36,15 +36,6 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&timefmt::format_utc(self.0))
     }
-}
-
-fn deserialize_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
-    let text: Option<&str> = Option::deserialize(d)?;
-    text.map(|t| {
-        Date::parse(t, time::macros::format_description!("[year]-[month]-[day]"))
-            .map_err(|_| de::Error::custom("date_of_birth is not a YYYY-MM-DD date"))
-    })
-    .transpose()
 }
 
 /// One page of `GET /encounters`.
@@ -116,8 +107,10 @@ pub struct Patient {
     pub first_name: Option<String>,
     #[serde(default)]
     pub last_name: Option<String>,
-    #[serde(default, deserialize_with = "deserialize_date")]
-    pub date_of_birth: Option<Date>,
+    /// `YYYY-MM-DD` by the contract; kept as text so that one malformed value cannot stop a
+    /// page from decoding (`sync::record` parses it).
+    #[serde(default)]
+    pub date_of_birth: Option<String>,
 }
 
 /// A document as summarised inside an encounter.

@@ -4,6 +4,7 @@
 //! Nothing here does I/O.
 
 use sha2::{Digest, Sha256};
+use time::Date;
 
 use crate::api::wire::Encounter;
 use crate::config::{BirthDate, PrivacyConfig};
@@ -14,6 +15,22 @@ use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, hex};
 /// detection does not depend on the policy.
 pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
     let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
+    let patient = e.patient.map(|p| {
+        let born = p
+            .date_of_birth
+            .as_deref()
+            .and_then(|text| birth_date(text, &e.encounter_id, &p.patient_id));
+        PatientRecord {
+            date_of_birth: born.and_then(|d| match privacy.date_of_birth {
+                BirthDate::Full => Some(d.to_string()),
+                BirthDate::YearOnly => Some(format!("{:04}", d.year())),
+                BirthDate::Omit => None,
+            }),
+            patient_id: p.patient_id,
+            first_name: p.first_name.filter(|_| privacy.patient_names),
+            last_name: p.last_name.filter(|_| privacy.patient_names),
+        }
+    });
     let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
     let raw_json = if redact {
         redact_patient(&e.raw, privacy)
@@ -28,16 +45,7 @@ pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecor
         created_at: e.created_at.0,
         updated_at: e.updated_at.0,
         date_of_service: e.date_of_service.map(|t| t.0),
-        patient: e.patient.map(|p| PatientRecord {
-            patient_id: p.patient_id,
-            first_name: p.first_name.filter(|_| privacy.patient_names),
-            last_name: p.last_name.filter(|_| privacy.patient_names),
-            date_of_birth: p.date_of_birth.and_then(|d| match privacy.date_of_birth {
-                BirthDate::Full => Some(d.to_string()),
-                BirthDate::YearOnly => Some(format!("{:04}", d.year())),
-                BirthDate::Omit => None,
-            }),
-        }),
+        patient,
         documents: e
             .documents
             .into_iter()
@@ -53,6 +61,25 @@ pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecor
         content_hash,
         raw_json,
     }
+}
+
+/// A `date_of_birth` as the contract gives it (`YYYY-MM-DD`), or `None`: empty means unknown,
+/// and anything else is logged by the record's IDs (never the value, which is PHI) and stored
+/// as NULL, the record's JSON keeping it as received — one malformed value must not stop a
+/// clinic's sync.
+fn birth_date(text: &str, encounter_id: &str, patient_id: &str) -> Option<Date> {
+    if text.is_empty() {
+        return None;
+    }
+    Date::parse(text, time::macros::format_description!("[year]-[month]-[day]"))
+        .inspect_err(|_| {
+            tracing::warn!(
+                encounter_id,
+                patient_id,
+                "date_of_birth is not a YYYY-MM-DD date; stored as NULL"
+            );
+        })
+        .ok()
 }
 
 /// The record's JSON without the patient fields the policy does not keep.
@@ -82,4 +109,52 @@ fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
         }
     }
     value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(date_of_birth: BirthDate) -> PrivacyConfig {
+        PrivacyConfig {
+            patient_names: true,
+            date_of_birth,
+            note_text: true,
+            transcript_text: true,
+            retention: None,
+        }
+    }
+
+    fn listed(date_of_birth: &str) -> Encounter {
+        Encounter::parse(&format!(
+            r#"{{"encounter_id": "enc_1", "organization_id": "org_1", "encounter_type": "ambient",
+                "status": "completed", "created_at": "2026-05-01T10:00:00Z",
+                "updated_at": "2026-05-01T10:05:00Z", "date_of_service": null,
+                "patient": {{"patient_id": "pat_1", "first_name": "Jane", "last_name": "Doe",
+                             "date_of_birth": {date_of_birth}}},
+                "documents": []}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_malformed_date_of_birth_is_stored_as_null_and_the_record_is_kept() {
+        for bad in [r#""01/02/1970""#, r#""""#, r#""1970-13-45""#, r#""unknown""#] {
+            let record = encounter_record(listed(bad), &policy(BirthDate::Full));
+            let patient = record.patient.as_ref().unwrap();
+            assert_eq!(patient.date_of_birth, None, "{bad}");
+            assert_eq!(patient.first_name.as_deref(), Some("Jane"), "{bad}");
+            // The JSON as received, under a policy that keeps the full date.
+            assert!(record.raw_json.contains(bad), "{bad}: {}", record.raw_json);
+        }
+        let record = encounter_record(listed(r#""1970-01-02""#), &policy(BirthDate::YearOnly));
+        assert_eq!(record.patient.unwrap().date_of_birth.as_deref(), Some("1970"));
+        assert!(
+            record.raw_json.contains(r#""date_of_birth":"1970""#),
+            "{}",
+            record.raw_json
+        );
+        let record = encounter_record(listed("null"), &policy(BirthDate::Full));
+        assert_eq!(record.patient.unwrap().date_of_birth, None);
+    }
 }
