@@ -29,8 +29,8 @@ fn list_requests(encounters: u64) -> u64 {
 pub struct ContentMix {
     /// Notes (`schema_type = 'document'`): one detail request each.
     pub notes: f64,
-    /// Ambient transcripts whose list summary says `completed`: one transcript request each
-    /// (and a recording, when audio is on).
+    /// Ambient transcripts whose list summary may be final (`store::may_be_final`): one
+    /// transcript request each (and a recording, when audio is on).
     pub finished_transcripts: f64,
     /// Other document types: one detail request each, answered `unsupported_document_type`.
     pub other_documents: f64,
@@ -44,7 +44,7 @@ impl ContentMix {
         for d in encounters.iter().flat_map(|e| &e.documents) {
             match d.schema_type.as_str() {
                 "document" => mix.notes += 1.0,
-                "ambient_transcript" if d.status.as_deref() == Some("completed") => {
+                "ambient_transcript" if crate::store::may_be_final(d.status.as_deref()) => {
                     mix.finished_transcripts += 1.0;
                 }
                 "ambient_transcript" => {}

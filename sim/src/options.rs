@@ -77,6 +77,11 @@ pub struct SimOptions {
     /// does not list, as a server that counts before it filters by access would. Default
     /// `false`. Can be switched later with `set_total_counts_unavailable`.
     pub total_counts_unavailable: bool,
+    /// The `status` of an ambient transcript document once its transcript is final (the
+    /// contract shows `completed` and says the enum is not documented; the vendor's overview
+    /// speaks of "finalized transcript data"). Unfinished ones stay `processing`. Default
+    /// `completed`.
+    pub final_document_status: String,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -182,6 +187,7 @@ impl Default for SimOptions {
             nul_in_text: false,
             page_cap: None,
             total_counts_unavailable: false,
+            final_document_status: "completed".to_owned(),
         }
     }
 }

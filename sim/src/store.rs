@@ -58,6 +58,8 @@ pub(crate) struct Vocab {
     pub(crate) in_progress: Sym,
     pub(crate) pending_review: Sym,
     pub(crate) processing: Sym,
+    /// The status of an ambient transcript document whose transcript is final.
+    pub(crate) final_document: Sym,
     pub(crate) ambient_transcript: Sym,
     pub(crate) document: Sym,
     pub(crate) ambient_title: Sym,
@@ -70,7 +72,7 @@ pub(crate) struct Vocab {
 }
 
 impl Vocab {
-    fn new(syms: &mut Interner) -> Vocab {
+    fn new(syms: &mut Interner, final_document: &str) -> Vocab {
         let mut all = |list: &[&str]| list.iter().map(|s| syms.intern(s)).collect::<Vec<_>>();
         let note_titles = all(content::NOTE_TITLES);
         let first_names = all(content::FIRST_NAMES);
@@ -86,6 +88,7 @@ impl Vocab {
             in_progress: syms.intern("in_progress"),
             pending_review: syms.intern("pending_review"),
             processing: syms.intern("processing"),
+            final_document: syms.intern(final_document),
             ambient_transcript: syms.intern("ambient_transcript"),
             document: syms.intern("document"),
             ambient_title: syms.intern("Ambient transcript"),
@@ -200,7 +203,7 @@ pub(crate) struct Store {
 impl Store {
     pub(crate) fn new(opts: &SimOptions) -> Store {
         let mut syms = Interner::default();
-        let mut vocab = Vocab::new(&mut syms);
+        let mut vocab = Vocab::new(&mut syms, &opts.final_document_status);
         if opts.nul_in_text {
             for name in vocab.first_names.iter_mut().step_by(3) {
                 let with_nul = format!("{}\u{0}Null", syms.get(*name));
@@ -316,7 +319,7 @@ impl Store {
                 self.ambient_docs += 1;
                 if kind == DocKind::AmbientFinal {
                     doc.is_final = true;
-                    doc.status = Some(v.completed);
+                    doc.status = Some(v.final_document);
                     doc.audio_ds = Some(content::audio_duration_ds(self.params.seed, &doc.id, doc.large));
                 } else {
                     doc.status = Some(v.processing);
@@ -632,7 +635,7 @@ impl Store {
         }
         self.change_doc(slot, document_id, now, |doc, vocab, params| {
             doc.is_final = true;
-            doc.status = Some(vocab.completed);
+            doc.status = Some(vocab.final_document);
             doc.audio_ds = Some(content::audio_duration_ds(params.seed, &doc.id, doc.large));
         });
         Ok(())

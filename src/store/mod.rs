@@ -172,27 +172,76 @@ fn check_file_location(path: &Path) -> Result<(), LocationError> {
     }
 }
 
+/// The statuses of an ambient transcript document that say its transcript is not final yet,
+/// as SQL literals. The contract shows only `completed` and leaves the enum undocumented (the
+/// vendor's overview speaks of "finalized transcript data"): a document in any other state —
+/// another word for final, or none at all — may be final, so its transcript is asked for, and a
+/// "not yet" answer is retried on the not-ready schedule (docs/content.md). The same list as
+/// [`UNFINISHED_DOCUMENT_STATUSES`].
+macro_rules! unfinished_document_statuses {
+    () => {
+        "'processing', 'in_progress', 'pending', 'queued', 'recording', 'uploading', 'transcribing', 'draft'"
+    };
+}
+
+use unfinished_document_statuses;
+
+/// [`unfinished_document_statuses!`] for Rust code.
+const UNFINISHED_DOCUMENT_STATUSES: [&str; 8] = [
+    "processing",
+    "in_progress",
+    "pending",
+    "queued",
+    "recording",
+    "uploading",
+    "transcribing",
+    "draft",
+];
+
+/// Whether an ambient transcript document with this `status` may have a final transcript.
+pub(crate) fn may_be_final(status: Option<&str>) -> bool {
+    let status = status.unwrap_or_default().to_lowercase();
+    !UNFINISHED_DOCUMENT_STATUSES.contains(&status.as_str())
+}
+
+/// SQL: [`may_be_final`] of the status the SQL expression `status` gives.
+pub(crate) fn may_be_final_sql(status: &str) -> String {
+    format!(
+        "lower(coalesce({status}, '')) NOT IN ({})",
+        unfinished_document_statuses!()
+    )
+}
+
 /// The SET clause of the UPDATE that re-queues a changed encounter's live documents, the same
 /// rule on every backend (docs/content.md): a note is asked again (unsupported types excepted),
-/// and so is a finished ambient document's transcript — a detail could only say whether the
-/// transcript changed, at the price of the one request that fetches it (`save_transcript`
-/// skips the write when it did not); an unfinished ambient document needs nothing, its summary
-/// says when it finishes. `content_seq` tells work fetched before the change from work after.
+/// and so is the transcript of an ambient document that may be final ([`may_be_final`]) — a
+/// detail could only say whether the transcript changed, at the price of the one request that
+/// fetches it (`save_transcript` skips the write when it did not); an unfinished ambient
+/// document needs nothing, its summary says when it finishes. `content_seq` tells work fetched
+/// before the change from work after.
 macro_rules! requeue_changed_documents {
     () => {
-        "content_seq = content_seq + 1,
+        concat!(
+            "content_seq = content_seq + 1,
          detail_state = CASE
              WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
              THEN 'pending' ELSE detail_state END,
          transcript_state = CASE
-             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 'pending'
+             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
+            $crate::store::unfinished_document_statuses!(),
+            ") THEN 'pending'
              ELSE transcript_state END,
          transcript_attempts = CASE
-             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN 0
+             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
+            $crate::store::unfinished_document_statuses!(),
+            ") THEN 0
              ELSE transcript_attempts END,
          transcript_next_at_ns = CASE
-             WHEN schema_type = 'ambient_transcript' AND status = 'completed' THEN NULL
+             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
+            $crate::store::unfinished_document_statuses!(),
+            ") THEN NULL
              ELSE transcript_next_at_ns END"
+        )
     };
 }
 use requeue_changed_documents;
@@ -243,4 +292,22 @@ fn newest_migration(runner: &refinery::Runner) -> i64 {
         .map(|m| i64::from(m.version()))
         .max()
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_sql_list_of_unfinished_statuses_is_the_rust_one_and_anything_else_may_be_final() {
+        let quoted: Vec<String> = super::UNFINISHED_DOCUMENT_STATUSES
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(unfinished_document_statuses!(), quoted.join(", "));
+        for status in [Some("completed"), Some("Finalized"), Some("signed"), None] {
+            assert!(super::may_be_final(status), "{status:?}");
+        }
+        for status in ["processing", "Processing", "in_progress", "draft"] {
+            assert!(!super::may_be_final(Some(status)), "{status}");
+        }
+    }
 }

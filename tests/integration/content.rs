@@ -514,6 +514,53 @@ fn content_floor(env: &TestEnv) -> Floor {
     floor
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    transcripts_final_under_another_status_word_are_fetched_and_unfinished_ones_are_not_asked
+);
+async fn transcripts_final_under_another_status_word_are_fetched_and_unfinished_ones_are_not_asked(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            final_document_status: "finalized".to_owned(),
+            ..sim_options(31, 600)
+        },
+    )
+    .await;
+    // One still processing within the revisit horizon, to finish later.
+    let recent = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Ambient, DocKind::Note],
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
+    });
+    let config = env.config();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_content_equal(&env);
+    let floor = content_floor(&env);
+    assert!(floor.finalized > 100, "{}", floor.finalized);
+    // Each final transcript once; the `processing` ones are not asked.
+    assert_eq!(env.sim.stats().route(SimRoute::Transcript), floor.finalized);
+    let document = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .find(|e| e.encounter_id == recent)
+        .and_then(|e| {
+            e.documents
+                .into_iter()
+                .find(|d| d.schema_type == "ambient_transcript")
+        })
+        .expect("the recent encounter's ambient document");
+    assert_eq!(document.status.as_deref(), Some("processing"));
+    env.sim.finalize_transcript(&recent, &document.document_id);
+    env.sim.reset_stats();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.counts.transcripts_fetched >= 1, "{report:?}");
+    assert_content_equal(&env);
+}
+
 both_backends!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content);
 async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content(
     backend: Backend,

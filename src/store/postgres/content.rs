@@ -202,14 +202,15 @@ pub fn save_detail(
                 .transpose()?
                 .flatten()
                 .unwrap_or(false);
-            let requeue = status.as_deref() == Some("completed") && !current;
+            let final_ = crate::store::may_be_final(status.as_deref());
+            let requeue = final_ && !current;
             // Re-queueing bumps `content_seq`, so that a transcript fetch already in flight (sent
             // before this detail was known) does not count as current.
             db.execute(
                 "UPDATE documents SET status = $2, audio_duration_seconds = $3, detail_created_at = $4,
                      detail_updated_at = $5, changed_at = $6,
                      detail_state = CASE WHEN content_seq = $9 THEN 'done' ELSE detail_state END,
-                     transcript_state = CASE WHEN $2 IS DISTINCT FROM 'completed' THEN 'waiting'
+                     transcript_state = CASE WHEN NOT $10 THEN 'waiting'
                                              WHEN $7 THEN 'pending'
                                              WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
                                              ELSE transcript_state END,
@@ -229,6 +230,7 @@ pub fn save_detail(
                     &requeue,
                     &audio,
                     &item.content_seq,
+                    &final_,
                 ],
             )?;
         }

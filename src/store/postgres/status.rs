@@ -286,11 +286,15 @@ pub fn read_status(
 /// else: the content mix `status` estimates a backfill's requests with.
 pub fn live_content_counts(db: &mut impl GenericClient) -> anyhow::Result<[i64; 4]> {
     let r = db.query_one(
-        "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
+        concat!(
+            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 count(*) FILTER (WHERE schema_type = 'document'),
-                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND status = 'completed'),
+                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
+                crate::store::unfinished_document_statuses!(),
+                ")),
                 count(*) FILTER (WHERE schema_type NOT IN ('document', 'ambient_transcript'))
-         FROM documents WHERE removed_at IS NULL",
+         FROM documents WHERE removed_at IS NULL"
+        ),
         &[],
     )?;
     Ok([r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?])

@@ -295,14 +295,17 @@ fn upsert_documents(
     }
     if !ids.is_empty() {
         tx.execute(
-            "INSERT INTO documents AS d (document_id, encounter_id, position, schema_type, title, status,
+            concat!(
+                "INSERT INTO documents AS d (document_id, encounter_id, position, schema_type, title, status,
                  workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
                  transcript_state, organization_id)
              SELECT u.document_id, u.encounter_id, u.position, u.schema_type, u.title, u.status,
                     u.workflow_variant, u.audio_duration_seconds, $10, $10,
                     CASE WHEN u.schema_type = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
                     CASE WHEN u.schema_type <> 'ambient_transcript' THEN NULL
-                         WHEN u.status = 'completed' THEN 'pending' ELSE 'waiting' END,
+                         WHEN lower(coalesce(u.status, '')) NOT IN (",
+                super::super::unfinished_document_statuses!(),
+                ") THEN 'pending' ELSE 'waiting' END,
                     u.organization_id
                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                            $7::text[], $8::float8[], $9::text[])
@@ -340,7 +343,8 @@ fn upsert_documents(
                 OR d.status IS DISTINCT FROM EXCLUDED.status
                 OR d.workflow_variant IS DISTINCT FROM EXCLUDED.workflow_variant
                 OR d.audio_duration_seconds IS DISTINCT FROM EXCLUDED.audio_duration_seconds
-                OR d.removed_at IS NOT NULL",
+                OR d.removed_at IS NOT NULL"
+            ),
             &[
                 &ids,
                 &encounters,

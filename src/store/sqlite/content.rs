@@ -162,14 +162,15 @@ pub fn save_detail(
             // document changes it. A transcript fetched without a detail before it (NULL) is of
             // unknown age, so it is fetched again.
             let current = fetched_for.flatten().as_deref() == Some(updated.as_str());
-            let requeue = status.as_deref() == Some("completed") && !current;
+            let final_ = crate::store::may_be_final(status.as_deref());
+            let requeue = final_ && !current;
             // Re-queueing bumps `content_seq`, so that a transcript fetch already in flight (sent
             // before this detail was known) does not count as current.
             tx.execute(
                 "UPDATE documents SET status = ?2, audio_duration_seconds = ?3, detail_created_at = ?4,
                      detail_updated_at = ?5, changed_at = ?6,
                      detail_state = CASE WHEN content_seq = ?9 THEN 'done' ELSE detail_state END,
-                     transcript_state = CASE WHEN ?2 IS NOT 'completed' THEN 'waiting'
+                     transcript_state = CASE WHEN NOT ?10 THEN 'waiting'
                                              WHEN ?7 THEN 'pending'
                                              WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
                                              ELSE transcript_state END,
@@ -188,7 +189,8 @@ pub fn save_detail(
                     now_text,
                     requeue,
                     audio,
-                    item.content_seq
+                    item.content_seq,
+                    final_
                 ],
             )?;
         }

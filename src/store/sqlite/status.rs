@@ -328,11 +328,15 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
 /// else: the content mix `status` estimates a backfill's requests with.
 pub fn live_content_counts(conn: &Connection) -> anyhow::Result<[i64; 4]> {
     let (encounters, notes, finished, other) = conn.query_row(
-        "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
+        concat!(
+            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 count(*) FILTER (WHERE schema_type = 'document'),
-                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND status = 'completed'),
+                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
+                crate::store::unfinished_document_statuses!(),
+                ")),
                 count(*) FILTER (WHERE schema_type NOT IN ('document', 'ambient_transcript'))
-         FROM documents WHERE removed_at IS NULL",
+         FROM documents WHERE removed_at IS NULL"
+        ),
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;

@@ -64,7 +64,8 @@ pub(super) fn new_document_work(schema_type: &str, status: &str) -> String {
     format!(
         "CASE WHEN {schema_type} = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
          CASE WHEN {schema_type} <> 'ambient_transcript' THEN NULL
-              WHEN {status} = 'completed' THEN 'pending' ELSE 'waiting' END"
+              WHEN {} THEN 'pending' ELSE 'waiting' END",
+        crate::store::may_be_final_sql(status)
     )
 }
 
