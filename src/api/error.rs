@@ -51,6 +51,9 @@ pub enum ApiErrorKind {
     LinkExpired,
     /// Writing a download to disk failed (full disk, permissions).
     LocalIo(String),
+    /// The server asked for no requests until `until` (`Retry-After` longer than the longest
+    /// wait a request is held for): nothing is sent to it with this key before then.
+    Paused { until: time::OffsetDateTime },
 }
 
 impl fmt::Display for ApiErrorKind {
@@ -86,6 +89,11 @@ impl fmt::Display for ApiErrorKind {
             ApiErrorKind::Decode(msg) => write!(f, "malformed response body: {msg}"),
             ApiErrorKind::LinkExpired => f.write_str("the signed URL expired before it could be used"),
             ApiErrorKind::LocalIo(msg) => write!(f, "cannot write the download: {msg}"),
+            ApiErrorKind::Paused { until } => write!(
+                f,
+                "ChartHero asked for no requests until {} (Retry-After); none is sent before then",
+                crate::timefmt::format_utc(*until)
+            ),
         }
     }
 }
@@ -120,12 +128,21 @@ impl ApiError {
         self.status() == Some(401)
     }
 
+    /// The server asked for a pause longer than a request is held for: no request is sent
+    /// before it ends, and nothing is retried meanwhile.
+    pub fn is_paused(&self) -> bool {
+        matches!(self.kind, ApiErrorKind::Paused { .. })
+    }
+
     pub fn class(&self) -> ErrorClass {
         let (status, reason) = match &self.kind {
             ApiErrorKind::Status {
                 status, reason_code, ..
             } => (*status, reason_code.as_deref()),
-            ApiErrorKind::Timeout | ApiErrorKind::Transport(_) | ApiErrorKind::Decode(_) => {
+            ApiErrorKind::Timeout
+            | ApiErrorKind::Transport(_)
+            | ApiErrorKind::Decode(_)
+            | ApiErrorKind::Paused { .. } => {
                 return ErrorClass::Retryable;
             }
             // Retrying cannot make the body smaller or the disk emptier: a person must act.

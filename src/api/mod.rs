@@ -434,6 +434,10 @@ impl Client {
         }
         let pause = *self.inner.paused_until.lock().expect("pause lock");
         if let Some(until) = pause {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left > self.inner.retry.retry_after_max {
+                return Err(paused(route, left));
+            }
             tokio::time::sleep_until(until).await;
         }
         let (_slot, waited) = self.inner.key_budget.admit().await;
@@ -461,10 +465,22 @@ impl Client {
                 *self.inner.refused.lock().expect("refused lock") = Some(e.reason_code().map(str::to_owned));
             }
             if let (Some(429 | 503), Some(after)) = (e.status(), e.retry_after()) {
-                // The server asked everyone to wait, not just this request.
-                let until = tokio::time::Instant::now() + after.min(self.inner.retry.retry_after_max);
+                // The server asked everyone to wait, not just this request: the whole wait,
+                // however long (up to a day). A wait longer than a request is held for ends
+                // this request, and every later one fails at once until the pause is over.
+                let after = after.min(retry::PAUSE_MAX);
+                let until = tokio::time::Instant::now() + after;
                 let mut pause = self.inner.paused_until.lock().expect("pause lock");
                 *pause = Some(pause.map_or(until, |p| p.max(until)));
+                if after > self.inner.retry.retry_after_max {
+                    tracing::warn!(
+                        route = route.as_str(),
+                        status = e.status(),
+                        retry_after_s = after.as_secs(),
+                        "ChartHero asked for a pause longer than a request waits; no request is sent until it is over"
+                    );
+                    return Err(paused(route, after));
+                }
             }
         }
         result
@@ -530,6 +546,17 @@ fn transport_kind(e: reqwest::Error) -> ApiErrorKind {
         source = s.source();
     }
     ApiErrorKind::Transport(msg)
+}
+
+/// The error of a request not sent (or ended) because the server asked for no requests for
+/// `left` more.
+fn paused(route: Route, left: Duration) -> ApiError {
+    ApiError {
+        route,
+        kind: ApiErrorKind::Paused {
+            until: OffsetDateTime::now_utc() + left,
+        },
+    }
 }
 
 fn decode(route: Route, e: &serde_json::Error) -> ApiError {

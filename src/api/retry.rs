@@ -1,5 +1,7 @@
 //! When and how long to wait before trying a failed request again. 429 and 503 honour
-//! `Retry-After` (clamped); other transient failures back off exponentially with full jitter.
+//! `Retry-After` up to `retry_after_max`; a longer one pauses every request of the key instead
+//! (`api::Client::start`) and is not retried; other transient failures back off exponentially
+//! with full jitter.
 //! Retries are bounded per request and per cycle, so a failing upstream is never hammered.
 
 use std::future::Future;
@@ -18,7 +20,8 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// The largest backoff ceiling.
     pub cap: Duration,
-    /// The longest `Retry-After` honoured; longer values are clamped to it.
+    /// The longest `Retry-After` a request waits for; a longer one pauses the key's requests
+    /// until it has passed (up to [`PAUSE_MAX`]) and ends the request with the pause.
     pub retry_after_max: Duration,
 }
 
@@ -33,6 +36,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The longest pause a `Retry-After` can impose: a day, whatever the server says.
+pub const PAUSE_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Even a server that says `Retry-After: 0` gets this much breathing room.
 const RETRY_AFTER_MIN: Duration = Duration::from_millis(250);
 
@@ -40,11 +46,11 @@ impl RetryPolicy {
     /// The wait before the next attempt after `failures` failed attempts (1-based), or `None`
     /// when the error must not be retried.
     pub fn delay(&self, err: &ApiError, failures: u32, rng: &mut fastrand::Rng) -> Option<Duration> {
-        if err.class() != ErrorClass::Retryable || failures >= self.max_attempts {
+        if err.class() != ErrorClass::Retryable || err.is_paused() || failures >= self.max_attempts {
             return None;
         }
         if let Some(after) = err.retry_after() {
-            return Some(after.clamp(RETRY_AFTER_MIN, self.retry_after_max));
+            return (after <= self.retry_after_max).then(|| after.max(RETRY_AFTER_MIN));
         }
         // Full jitter (uniform between zero and the exponential ceiling) spreads retries of many
         // clients and requests instead of synchronising them.
@@ -140,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_honoured_and_clamped() {
+    fn retry_after_is_honoured_up_to_its_maximum_and_a_longer_one_is_not_retried() {
         let p = RetryPolicy::default();
         let mut rng = fastrand::Rng::with_seed(1);
         let d = |e: &ApiError, rng: &mut fastrand::Rng| p.delay(e, 1, rng);
@@ -149,9 +155,10 @@ mod tests {
             Some(Duration::from_secs(7))
         );
         assert_eq!(
-            d(&status(503, Some(Duration::from_secs(3600))), &mut rng),
+            d(&status(503, Some(p.retry_after_max)), &mut rng),
             Some(p.retry_after_max)
         );
+        assert_eq!(d(&status(503, Some(Duration::from_secs(3600))), &mut rng), None);
         assert_eq!(
             d(&status(429, Some(Duration::ZERO)), &mut rng),
             Some(RETRY_AFTER_MIN)

@@ -246,7 +246,8 @@ async fn process_item(
         }
         Err(e) => e,
     };
-    if err.is_auth() {
+    // A refused key, or a pause the server asked for: nothing else can be fetched either.
+    if err.is_auth() || err.is_paused() {
         return Err(err.into());
     }
     if err.status() == Some(403) && err.class() == ErrorClass::OperatorMustAct {

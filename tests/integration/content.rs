@@ -761,3 +761,45 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
 
     assert_eq!(sync().await, (0, 0), "idle at the end");
 }
+
+/// A `Retry-After` longer than a request waits (an hourly quota, say) pauses every request of
+/// the key until it has passed: the cycle ends at once naming the time, the next cycle of the
+/// same process sends nothing, and nothing is retried meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_over() {
+    let env = TestEnv::with_encounters(32, 300).await;
+    let config = env.encounters_only_config();
+    let ctx = charthero_sync::connect(&config, &env.key()).await.unwrap();
+    env.sim.push_fault(FaultRule::once(
+        Some(SimRoute::List),
+        Fault::Status {
+            status: 429,
+            reason_code: None,
+            retry_after: Some("600".to_owned()),
+        },
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        let cycle = charthero_sync::sync::run_cycle(&ctx, "test", CyclePlan::full(None, false), &cancel);
+        let text = match cycle.await {
+            Ok(report) => panic!("the cycle succeeded: {report:?}"),
+            Err(e) => format!("{:#}", anyhow::Error::from(e)),
+        };
+        assert!(
+            text.contains("no requests until") && text.contains("Retry-After"),
+            "{text}"
+        );
+        // Only the request that was answered 429: no retry, and nothing in the second cycle.
+        assert_eq!(env.sim.stats().route(SimRoute::List), 1, "{text}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A new process asks again and, the quota back, syncs.
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
