@@ -82,6 +82,9 @@ pub struct SimOptions {
     /// speaks of "finalized transcript data"). Unfinished ones stay `processing`. Default
     /// `completed`.
     pub final_document_status: String,
+    /// Render `"documents": null` for an encounter without documents, instead of `[]` (the
+    /// contract shows an array; a server may send null for none). Default `false`.
+    pub null_empty_documents: bool,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -188,6 +191,7 @@ impl Default for SimOptions {
             page_cap: None,
             total_counts_unavailable: false,
             final_document_status: "completed".to_owned(),
+            null_empty_documents: false,
         }
     }
 }

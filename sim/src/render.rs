@@ -29,6 +29,8 @@ pub(crate) struct RenderOpts {
     pub(crate) extra_fields: bool,
     /// Coarser rendering of encounters' `created_at`: the rounding and the checked unit in ns.
     pub(crate) created_at: Option<(Rounding, i64)>,
+    /// `"documents": null` for an encounter without documents.
+    pub(crate) null_empty_documents: bool,
 }
 
 impl RenderOpts {
@@ -101,7 +103,11 @@ impl Serialize for EncounterView<'_> {
         obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
         obj.serialize_field("date_of_service", &Ts(rec.date_of_service, shift))?;
         obj.serialize_field("patient", &PatientView { view: self })?;
-        obj.serialize_field("documents", &DocumentsView { view: self })?;
+        if self.opts.null_empty_documents && rec.docs.is_empty() {
+            obj.serialize_field("documents", &None::<()>)?;
+        } else {
+            obj.serialize_field("documents", &DocumentsView { view: self })?;
+        }
         if self.opts.extra_fields {
             obj.serialize_field(EXTRA_FIELD, &Extra)?;
         }

@@ -55,6 +55,7 @@ pub(crate) struct Inner {
     pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
     pub(crate) page_cap: RwLock<Option<PageCap>>,
     pub(crate) total_counts_unavailable: AtomicBool,
+    pub(crate) null_empty_documents: bool,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.
@@ -117,6 +118,7 @@ impl Inner {
             offset_timestamps: self.offset_timestamps.load(Ordering::Relaxed),
             extra_fields: self.extra_fields.load(Ordering::Relaxed),
             created_at: *read(&self.render_created_at),
+            null_empty_documents: self.null_empty_documents,
         }
     }
 }

@@ -38,6 +38,11 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// A list that may come as `null`: no items.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
 /// One page of `GET /encounters`.
 #[derive(Debug)]
 pub struct EncounterPage {
@@ -78,7 +83,8 @@ pub struct Encounter {
     pub date_of_service: Option<Timestamp>,
     #[serde(default)]
     pub patient: Option<Patient>,
-    #[serde(default)]
+    /// An array by the contract; `null` (as a server may send for none) is read as no documents.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub documents: Vec<DocumentSummary>,
     /// The record exactly as received.
     #[serde(skip)]

@@ -285,6 +285,55 @@ async fn a_total_that_counts_encounters_the_key_cannot_see_still_completes_every
 
 both_backends!(
     #[tokio::test]
+    documents_sent_as_null_are_read_as_none_and_a_list_emptied_so_marks_them_removed
+);
+async fn documents_sent_as_null_are_read_as_none_and_a_list_emptied_so_marks_them_removed(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            docs_per_encounter: (0, 2),
+            null_empty_documents: true,
+            ..sim_options(77, 600)
+        },
+    )
+    .await;
+    let without = env
+        .sim
+        .snapshot()
+        .iter()
+        .filter(|e| e.documents.is_empty())
+        .count();
+    assert!(without > 100, "{without} encounters without documents");
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    // An encounter whose only document moves away is then listed with `"documents": null`.
+    let now = OffsetDateTime::now_utc();
+    let from = env.sim.insert(NewEncounter::at(now - time::Duration::hours(2)));
+    let to = env.sim.insert(NewEncounter::at(now - time::Duration::hours(1)));
+    env.sync(&config, live()).await;
+    let moved = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .find(|e| e.encounter_id == from)
+        .unwrap()
+        .documents[0]
+        .document_id
+        .clone();
+    env.sim.move_document(&from, &moved, &to);
+    env.sync(&config, live()).await;
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let owner: String = env.warehouse.scalar(
+        "SELECT encounter_id FROM documents WHERE document_id = ?1 AND removed_at IS NULL",
+        &[&moved],
+    );
+    assert_eq!(owner, to);
+}
+
+both_backends!(
+    #[tokio::test]
     up_to_20200_encounters_on_one_instant_are_read_from_both_ends
 );
 async fn up_to_20200_encounters_on_one_instant_are_read_from_both_ends(backend: Backend) {
