@@ -186,6 +186,20 @@ macro_rules! unfinished_document_statuses {
 
 use unfinished_document_statuses;
 
+/// [`may_be_final`] as SQL over the status column (or expression) `$status`, a literal.
+macro_rules! may_be_final_sql {
+    ($status:literal) => {
+        concat!(
+            "lower(coalesce(",
+            $status,
+            ", '')) NOT IN (",
+            $crate::store::unfinished_document_statuses!(),
+            ")"
+        )
+    };
+}
+use may_be_final_sql;
+
 /// [`unfinished_document_statuses!`] for Rust code.
 const UNFINISHED_DOCUMENT_STATUSES: [&str; 8] = [
     "processing",
@@ -204,8 +218,8 @@ pub(crate) fn may_be_final(status: Option<&str>) -> bool {
     !UNFINISHED_DOCUMENT_STATUSES.contains(&status.as_str())
 }
 
-/// SQL: [`may_be_final`] of the status the SQL expression `status` gives.
-pub(crate) fn may_be_final_sql(status: &str) -> String {
+/// [`may_be_final_sql!`] over an SQL expression known only at run time.
+pub(crate) fn may_be_final_over(status: &str) -> String {
     format!(
         "lower(coalesce({status}, '')) NOT IN ({})",
         unfinished_document_statuses!()
@@ -227,19 +241,19 @@ macro_rules! requeue_changed_documents {
              WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
              THEN 'pending' ELSE detail_state END,
          transcript_state = CASE
-             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
-            $crate::store::unfinished_document_statuses!(),
-            ") THEN 'pending'
+             WHEN schema_type = 'ambient_transcript' AND ",
+            $crate::store::may_be_final_sql!("status"),
+            " THEN 'pending'
              ELSE transcript_state END,
          transcript_attempts = CASE
-             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
-            $crate::store::unfinished_document_statuses!(),
-            ") THEN 0
+             WHEN schema_type = 'ambient_transcript' AND ",
+            $crate::store::may_be_final_sql!("status"),
+            " THEN 0
              ELSE transcript_attempts END,
          transcript_next_at_ns = CASE
-             WHEN schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
-            $crate::store::unfinished_document_statuses!(),
-            ") THEN NULL
+             WHEN schema_type = 'ambient_transcript' AND ",
+            $crate::store::may_be_final_sql!("status"),
+            " THEN NULL
              ELSE transcript_next_at_ns END"
         )
     };
@@ -303,6 +317,10 @@ mod tests {
             .map(|s| format!("'{s}'"))
             .collect();
         assert_eq!(unfinished_document_statuses!(), quoted.join(", "));
+        assert_eq!(
+            may_be_final_sql!("d.status"),
+            super::may_be_final_over("d.status")
+        );
         for status in [Some("completed"), Some("Finalized"), Some("signed"), None] {
             assert!(super::may_be_final(status), "{status:?}");
         }

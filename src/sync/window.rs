@@ -232,11 +232,16 @@ impl Pass {
     /// the pages its records fill. Every request that adds no record uses up the fixed part, so
     /// a server that never lets the cursor advance ends the pass instead of spinning.
     fn request_bound(&self, limit: u32) -> u64 {
-        let page = match self.largest_page {
+        72 + 6 * (self.seen.len() as u64).div_ceil(step(self.page_size(limit)))
+    }
+
+    /// Records a full page holds: `limit`, or the largest page the server returned in this
+    /// pass when its pages are smaller.
+    fn page_size(&self, limit: u32) -> u32 {
+        match self.largest_page {
             0 => limit,
             served => limit.min(served),
-        };
-        72 + 6 * (self.seen.len() as u64).div_ceil(step(page))
+        }
     }
 
     /// One list request of this pass: counted, bounded, cancellable.
@@ -694,7 +699,7 @@ async fn anchored_pass(
         // one microsecond: re-anchoring could not move. Half a page or more in the last
         // microsecond would make re-anchoring crawl, so that microsecond is offset-paged. A
         // page is what the server holds: `limit`, or less if its pages are smaller.
-        let page_size = limit.min(pass.largest_page) as usize;
+        let page_size = pass.page_size(limit) as usize;
         if tail == received || (page_size >= 4 && 2 * tail >= page_size) {
             pass.absorb(ctx, page.items, counts).await?;
             page_instant(ctx, &mut pass, anchor, counts, cancel).await?;

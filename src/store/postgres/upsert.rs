@@ -303,9 +303,9 @@ fn upsert_documents(
                     u.workflow_variant, u.audio_duration_seconds, $10, $10,
                     CASE WHEN u.schema_type = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
                     CASE WHEN u.schema_type <> 'ambient_transcript' THEN NULL
-                         WHEN lower(coalesce(u.status, '')) NOT IN (",
-                super::super::unfinished_document_statuses!(),
-                ") THEN 'pending' ELSE 'waiting' END,
+                         WHEN ",
+                super::super::may_be_final_sql!("u.status"),
+                " THEN 'pending' ELSE 'waiting' END,
                     u.organization_id
                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                            $7::text[], $8::float8[], $9::text[])

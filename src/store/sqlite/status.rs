@@ -331,9 +331,9 @@ pub fn live_content_counts(conn: &Connection) -> anyhow::Result<[i64; 4]> {
         concat!(
             "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 count(*) FILTER (WHERE schema_type = 'document'),
-                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND lower(coalesce(status, '')) NOT IN (",
-                crate::store::unfinished_document_statuses!(),
-                ")),
+                count(*) FILTER (WHERE schema_type = 'ambient_transcript' AND ",
+            crate::store::may_be_final_sql!("status"),
+            "),
                 count(*) FILTER (WHERE schema_type NOT IN ('document', 'ambient_transcript'))
          FROM documents WHERE removed_at IS NULL"
         ),

@@ -65,7 +65,7 @@ pub(super) fn new_document_work(schema_type: &str, status: &str) -> String {
         "CASE WHEN {schema_type} = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
          CASE WHEN {schema_type} <> 'ambient_transcript' THEN NULL
               WHEN {} THEN 'pending' ELSE 'waiting' END",
-        crate::store::may_be_final_sql(status)
+        crate::store::may_be_final_over(status)
     )
 }
 
