@@ -99,8 +99,11 @@ pub(super) async fn drain(
     let mut widened = paging_done.is_cancelled();
     // Recordings of finished ambient documents are queued once paging is done: paging decides
     // transcripts from the list alone and knows nothing of `[audio]`, and one pass after it
-    // also catches audio just enabled and recordings purged.
+    // also catches audio just enabled and recordings purged. Once the rest is done, one more
+    // pass queues the recordings of documents whose transcript this cycle fetched: a fetched
+    // transcript proves its recording final, whatever word the document's status uses.
     let mut audio_queued = !ctx.audio.enabled;
+    let mut audio_requeued = !ctx.audio.enabled;
     // Items under way: fetching (at most the slots) or writing what they fetched.
     let max_running = 2 * ctx.max_in_flight;
     // Claimed items not yet started, and the keys of those started and not yet finished (an
@@ -163,6 +166,19 @@ pub(super) async fn drain(
             more = batch.len() == BATCH;
             claimed_at = Instant::now();
             if batch.is_empty() && queue.is_empty() && running.is_empty() {
+                if paging_finished && !audio_requeued {
+                    audio_requeued = true;
+                    let org_id = ctx.org.id();
+                    let queued = ctx
+                        .writer
+                        .call(move |c| c.queue_missing_audio(org_id.as_deref()))
+                        .await?;
+                    if queued > 0 {
+                        tracing::debug!(queued, "recordings of transcripts fetched this cycle queued");
+                        more = true;
+                        continue;
+                    }
+                }
                 if paging_finished {
                     return Ok(());
                 }

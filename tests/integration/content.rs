@@ -561,6 +561,74 @@ async fn transcripts_final_under_another_status_word_are_fetched_and_unfinished_
     assert_content_equal(&env);
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    recordings_of_documents_final_under_another_status_word_arrive_with_their_transcripts
+);
+async fn recordings_of_documents_final_under_another_status_word_arrive_with_their_transcripts(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            final_document_status: "finalized".to_owned(),
+            ..sim_options(32, 300)
+        },
+    )
+    .await;
+    let recent = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Ambient],
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
+    });
+    let mut raw = env.raw_config();
+    raw.audio.enabled = true;
+    raw.audio.directory = env.dir.path().join("audio");
+    let config = raw.validate().unwrap();
+    let recordings_of_transcripts = || -> (i64, i64) {
+        let row: Vec<(i64, i64)> = env.warehouse.rows(
+            "SELECT (SELECT count(*) FROM transcripts),
+                    (SELECT count(*) FROM recordings r JOIN transcripts t ON t.document_id = r.document_id)",
+            &[],
+        );
+        row[0]
+    };
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    // No document says `completed`; every one whose transcript was fetched gets its recording
+    // in the same cycle, with one audio request each, and the unfinished one none.
+    let (transcripts, recorded) = recordings_of_transcripts();
+    assert!(transcripts > 50, "{transcripts}");
+    assert_eq!(recorded, transcripts);
+    assert_eq!(report.counts.recordings_fetched, transcripts as u64);
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), transcripts as u64);
+    let (document_id, status): (String, Option<String>) = env
+        .warehouse
+        .rows(
+            "SELECT d.document_id, d.status FROM documents d
+              WHERE d.encounter_id = ?1 AND d.schema_type = 'ambient_transcript'",
+            &[&recent],
+        )
+        .pop()
+        .expect("the recent ambient document");
+    assert_eq!(status.as_deref(), Some("processing"));
+    let recorded_recent: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM recordings WHERE document_id = ?1",
+        &[&document_id],
+    );
+    assert_eq!(recorded_recent, 0);
+    // Once it is final (and its transcript fetched), its recording follows.
+    env.sim.finalize_transcript(&recent, &document_id);
+    env.sim.reset_stats();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    let recorded_recent: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM recordings WHERE document_id = ?1",
+        &[&document_id],
+    );
+    assert_eq!(recorded_recent, 1);
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), 1);
+}
+
 both_backends!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content);
 async fn a_first_full_content_sync_stays_within_five_percent_of_the_request_floor_and_an_idle_cycle_asks_for_no_content(
     backend: Backend,

@@ -91,12 +91,14 @@ pub fn claim_work(
 }
 
 /// Queues a recording for every finished ambient document that has none (audio was just
-/// enabled, or a recording was purged), among `organization_id`'s documents. Returns how many
-/// were queued.
+/// enabled, or a recording was purged), among `organization_id`'s documents: `completed`, or
+/// with a fetched transcript (final under another status word). Returns how many were queued.
 pub fn queue_missing_audio(conn: &Connection, organization_id: Option<&str>) -> anyhow::Result<usize> {
     Ok(conn.execute(
         "UPDATE documents SET audio_state = 'pending'
-         WHERE schema_type = 'ambient_transcript' AND status = 'completed' AND removed_at IS NULL
+         WHERE schema_type = 'ambient_transcript' AND removed_at IS NULL
+           AND (status = 'completed'
+                OR EXISTS (SELECT 1 FROM transcripts t WHERE t.document_id = documents.document_id))
            AND organization_id = ?1
            AND (audio_state IS NULL OR (audio_state = 'done'
                 AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.document_id = documents.document_id)))",
