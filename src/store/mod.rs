@@ -218,14 +218,6 @@ pub(crate) fn may_be_final(status: Option<&str>) -> bool {
     !UNFINISHED_DOCUMENT_STATUSES.contains(&status.as_str())
 }
 
-/// [`may_be_final_sql!`] over an SQL expression known only at run time.
-pub(crate) fn may_be_final_over(status: &str) -> String {
-    format!(
-        "lower(coalesce({status}, '')) NOT IN ({})",
-        unfinished_document_statuses!()
-    )
-}
-
 /// The SET clause of the UPDATE that re-queues a changed encounter's live documents, the same
 /// rule on every backend (docs/content.md): a note is asked again (unsupported types excepted),
 /// and so is the transcript of an ambient document that may be final ([`may_be_final`]) — a
@@ -319,7 +311,7 @@ mod tests {
         assert_eq!(unfinished_document_statuses!(), quoted.join(", "));
         assert_eq!(
             may_be_final_sql!("d.status"),
-            super::may_be_final_over("d.status")
+            format!("lower(coalesce(d.status, '')) NOT IN ({})", quoted.join(", "))
         );
         for status in [Some("completed"), Some("Finalized"), Some("signed"), None] {
             assert!(super::may_be_final(status), "{status:?}");

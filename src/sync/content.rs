@@ -123,11 +123,7 @@ pub(super) async fn drain(
             widened = true;
         }
         if !audio_queued && paging_done.is_cancelled() {
-            let org_id = ctx.org.id();
-            let queued = ctx
-                .writer
-                .call(move |c| c.queue_missing_audio(org_id.as_deref()))
-                .await?;
+            let queued = queue_recordings(ctx).await?;
             tracing::debug!(queued, "recordings queued");
             audio_queued = true;
         }
@@ -168,11 +164,7 @@ pub(super) async fn drain(
             if batch.is_empty() && queue.is_empty() && running.is_empty() {
                 if paging_finished && !audio_requeued {
                     audio_requeued = true;
-                    let org_id = ctx.org.id();
-                    let queued = ctx
-                        .writer
-                        .call(move |c| c.queue_missing_audio(org_id.as_deref()))
-                        .await?;
+                    let queued = queue_recordings(ctx).await?;
                     if queued > 0 {
                         tracing::debug!(queued, "recordings of transcripts fetched this cycle queued");
                         more = true;
@@ -234,6 +226,15 @@ async fn process(
 ) -> ((Work, String), Result<Done, CycleError>) {
     let key = (item.work, item.document_id.clone());
     (key, process_item(ctx, run_id, item, gate, slots).await)
+}
+
+/// Queues the recordings the organization's finished ambient documents lack; answers how many.
+async fn queue_recordings(ctx: &SyncContext) -> Result<usize, CycleError> {
+    let org_id = ctx.org.id();
+    Ok(ctx
+        .writer
+        .call(move |c| c.queue_missing_audio(org_id.as_deref()))
+        .await?)
 }
 
 async fn process_item(

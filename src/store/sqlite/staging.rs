@@ -310,7 +310,7 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
            FROM staged_encounters s JOIN staged_documents d ON d.encounter_seq = s.seq
           WHERE s.one_by_one = 0 ORDER BY s.encounter_id, s.seq, d.position
          {DOCUMENT_SEEN_AGAIN}",
-        new_document_work("d.schema_type", "d.status")
+        new_document_work!("d.schema_type", "d.status")
     ))?
     .execute([])?;
     conn.execute_batch("DELETE FROM staged_documents; DELETE FROM staged_encounters;")?;

@@ -59,15 +59,23 @@ pub(super) const DOCUMENT_SEEN_AGAIN: &str = "ON CONFLICT (document_id) DO UPDAT
             OR removed_at IS NOT NULL";
 
 /// `detail_state, transcript_state` of a document seen for the first time, given the SQL
-/// expressions of its `schema_type` and `status`.
-pub(super) fn new_document_work(schema_type: &str, status: &str) -> String {
-    format!(
-        "CASE WHEN {schema_type} = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
-         CASE WHEN {schema_type} <> 'ambient_transcript' THEN NULL
-              WHEN {} THEN 'pending' ELSE 'waiting' END",
-        crate::store::may_be_final_over(status)
-    )
+/// expressions (literals) of its `schema_type` and `status`.
+macro_rules! new_document_work {
+    ($schema_type:literal, $status:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $schema_type,
+            " = 'ambient_transcript' THEN 'skipped' ELSE 'pending' END,
+             CASE WHEN ",
+            $schema_type,
+            " <> 'ambient_transcript' THEN NULL
+                  WHEN ",
+            $crate::store::may_be_final_sql!($status),
+            " THEN 'pending' ELSE 'waiting' END"
+        )
+    };
 }
+pub(super) use new_document_work;
 
 enum Existing {
     Absent,
@@ -250,7 +258,7 @@ fn upsert_documents(
                  workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
                  transcript_state, organization_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, {}, ?10) {DOCUMENT_SEEN_AGAIN}",
-            new_document_work("?4", "?6")
+            new_document_work!("?4", "?6")
         )
     });
     let mut upsert = conn.prepare_cached(&SQL)?;
