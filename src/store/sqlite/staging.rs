@@ -8,8 +8,10 @@
 //! checkpoint write. A page the warehouse holds nothing near — no stored encounter of its
 //! organization created within the page's range, which is what a backfill reads — is instead
 //! appended to `staged_encounters`/`staged_documents` in the order it was read, and [`merge`]
-//! writes the staged rows into the warehouse table by table, each in its key order, so that an
-//! index page is written once per merge rather than once per record.
+//! writes the staged rows into the warehouse table by table, encounters and documents in key
+//! order, so that an index page is written once per merge rather than once per record; those
+//! orders come from indexes, and the one sort a merge makes holds document IDs only
+//! ([`bulk_statements`]).
 //!
 //! The invariant: **staged rows are invisible to no one who asks the writer.** Every operation
 //! of the writer's connection that reads or writes the warehouse's rows merges first
@@ -199,29 +201,16 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
     let started = std::time::Instant::now();
     // Encounters the bulk statements cannot take: already stored, staged more than once, or
     // sharing a document with another staged encounter (a document that moved between them).
-    conn.execute_batch(
-        "UPDATE staged_encounters SET one_by_one = 1 WHERE encounter_id IN (
-             SELECT encounter_id FROM staged_encounters GROUP BY encounter_id HAVING count(*) > 1
-             UNION
-             SELECT s.encounter_id FROM (SELECT DISTINCT encounter_id FROM staged_encounters) s
-              WHERE EXISTS (SELECT 1 FROM encounters e WHERE e.encounter_id = s.encounter_id)
-             UNION
-             SELECT s.encounter_id FROM staged_documents d JOIN staged_encounters s ON s.seq = d.encounter_seq
-              WHERE d.document_id IN (
-                  SELECT d2.document_id FROM staged_documents d2
-                    JOIN staged_encounters s2 ON s2.seq = d2.encounter_seq
-                   GROUP BY d2.document_id HAVING count(DISTINCT s2.encounter_id) > 1));",
-    )?;
-    // Patients: every staged observation, in read order per patient.
-    conn.prepare_cached(&format!(
-        "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at,
-             changed_at, organization_id)
-         SELECT patient_id, first_name, last_name, date_of_birth, observed_at, observed_at,
-                organization_id
-           FROM staged_encounters WHERE patient_id IS NOT NULL ORDER BY patient_id, seq
-         {PATIENT_SEEN_AGAIN}"
-    ))?
-    .execute([])?;
+    // A document staged twice under one encounter ID belongs to an encounter staged twice, taken
+    // record by record anyway, so counting a document's staged rows finds the rest without
+    // reading the staged encounters (a sort of the staged document IDs, nothing else).
+    let [mark, patients, encounters, documents] = bulk_statements();
+    conn.prepare_cached(&mark)?.execute([])?;
+    // Patients: every staged observation, in read order. Not sorted by patient ID: the sort
+    // would hold every staged name and date of birth in SQLite's sorter (as much memory as the
+    // page cache, the rest spilled to temporary files), while the patient key is the smallest
+    // of the warehouse's keys and stays in the page cache.
+    conn.prepare_cached(&patients)?.execute([])?;
     // The encounters that need it, record by record in read order.
     let one_by_one: Vec<(String, EncounterRecord)> = {
         let mut stmt = conn.prepare_cached(
@@ -289,30 +278,8 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
     }
     // Everything else is new: encounters in key order (their `created` history rows follow,
     // by trigger, in the same order), then their documents in the encounters' order.
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
-             updated_at, date_of_service, patient_id, removed_at, removed_reason, created_at_ns,
-             updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
-         SELECT encounter_id, organization_id, encounter_type, status, created_at,
-                updated_at, date_of_service, patient_id, NULL, NULL,
-                created_at_ns, updated_at_ns, content_hash, raw_json, observed_at, observed_at
-           FROM staged_encounters WHERE one_by_one = 0 ORDER BY encounter_id",
-        )?
-        .execute([])?;
-    conn.prepare_cached(&format!(
-        "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
-             workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
-             transcript_state, organization_id)
-         SELECT d.document_id, s.encounter_id, d.position, d.schema_type, d.title, d.status,
-                d.workflow_variant, d.audio_duration_seconds, s.observed_at, s.observed_at,
-                {}, s.organization_id
-           FROM staged_encounters s JOIN staged_documents d ON d.encounter_seq = s.seq
-          WHERE s.one_by_one = 0 ORDER BY s.encounter_id, s.seq, d.position
-         {DOCUMENT_SEEN_AGAIN}",
-        new_document_work!("d.schema_type", "d.status")
-    ))?
-    .execute([])?;
+    let inserted = conn.prepare_cached(&encounters)?.execute([])?;
+    conn.prepare_cached(&documents)?.execute([])?;
     conn.execute_batch("DELETE FROM staged_documents; DELETE FROM staged_encounters;")?;
     tracing::debug!(
         staged = inserted + one_by_one.len(),
@@ -321,6 +288,55 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
         "merged staged encounters"
     );
     Ok(())
+}
+
+/// The merge's set-wise statements, in the order [`merge`] runs them: mark the encounters that
+/// go record by record, then patients, encounters and documents. A sorter may take as much
+/// memory again as the page cache and spills what does not fit to temporary files outside the
+/// warehouse's directory, so the writes read the staged rows in the order an index gives, and
+/// the only sort (finding a document staged twice) holds document IDs, never a name or a date
+/// of birth (a unit test holds both).
+fn bulk_statements() -> [String; 4] {
+    [
+        "UPDATE staged_encounters SET one_by_one = 1 WHERE encounter_id IN (
+             SELECT encounter_id FROM staged_encounters GROUP BY encounter_id HAVING count(*) > 1
+             UNION ALL
+             SELECT s.encounter_id FROM (SELECT DISTINCT encounter_id FROM staged_encounters) s
+              WHERE EXISTS (SELECT 1 FROM encounters e WHERE e.encounter_id = s.encounter_id)
+             UNION ALL
+             SELECT s.encounter_id FROM staged_documents d JOIN staged_encounters s ON s.seq = d.encounter_seq
+              WHERE d.document_id IN (
+                  SELECT document_id FROM staged_documents GROUP BY document_id HAVING count(*) > 1))"
+            .to_owned(),
+        format!(
+            "INSERT INTO patients (patient_id, first_name, last_name, date_of_birth, first_seen_at,
+                 changed_at, organization_id)
+             SELECT patient_id, first_name, last_name, date_of_birth, observed_at, observed_at,
+                    organization_id
+               FROM staged_encounters WHERE patient_id IS NOT NULL ORDER BY seq
+             {PATIENT_SEEN_AGAIN}"
+        ),
+        "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
+             updated_at, date_of_service, patient_id, removed_at, removed_reason, created_at_ns,
+             updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+         SELECT encounter_id, organization_id, encounter_type, status, created_at,
+                updated_at, date_of_service, patient_id, NULL, NULL,
+                created_at_ns, updated_at_ns, content_hash, raw_json, observed_at, observed_at
+           FROM staged_encounters WHERE one_by_one = 0 ORDER BY encounter_id"
+            .to_owned(),
+        format!(
+            "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
+                 workflow_variant, audio_duration_seconds, first_seen_at, changed_at, detail_state,
+                 transcript_state, organization_id)
+             SELECT d.document_id, s.encounter_id, d.position, d.schema_type, d.title, d.status,
+                    d.workflow_variant, d.audio_duration_seconds, s.observed_at, s.observed_at,
+                    {}, s.organization_id
+               FROM staged_encounters s JOIN staged_documents d ON d.encounter_seq = s.seq
+              WHERE s.one_by_one = 0 ORDER BY s.encounter_id, s.seq, d.position
+             {DOCUMENT_SEEN_AGAIN}",
+            new_document_work!("d.schema_type", "d.status")
+        ),
+    ]
 }
 
 fn instant(ns: i64) -> rusqlite::Result<OffsetDateTime> {
@@ -468,6 +484,35 @@ mod tests {
         }
         let direct = out.pop().unwrap();
         [out.pop().unwrap(), direct]
+    }
+
+    /// A sort in a merge takes as much memory again as the page cache and spills to temporary
+    /// files: the writes read the staged rows in an index's order, and the one sort, in the
+    /// marking statement, is of document IDs.
+    #[test]
+    fn the_merge_sorts_only_document_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        for sql in bulk_statements() {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([], |r| r.get(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert!(!plan.is_empty());
+            let sorts = plan.iter().filter(|step| step.contains("TEMP B-TREE")).count();
+            if sql.starts_with("UPDATE staged_encounters SET one_by_one") {
+                let grouped_ids = plan
+                    .windows(2)
+                    .filter(|w| w[0] == "SCAN staged_documents" && w[1] == "USE TEMP B-TREE FOR GROUP BY")
+                    .count();
+                assert_eq!((sorts, grouped_ids), (1, 1), "{plan:#?}");
+            } else {
+                assert_eq!(sorts, 0, "{plan:#?} in the plan of {sql}");
+            }
+        }
     }
 
     #[test]
