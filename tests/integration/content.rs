@@ -514,6 +514,25 @@ fn content_floor(env: &TestEnv) -> Floor {
     floor
 }
 
+/// A simulator whose final documents say `finalized`, not `completed`, and the ID of one more
+/// encounter with `docs`, created two hours ago (within the revisit horizon) and still
+/// `processing`, to be finished later.
+async fn finalized_elsewhere(backend: Backend, options: SimOptions, docs: Vec<DocKind>) -> (TestEnv, String) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            final_document_status: "finalized".to_owned(),
+            ..options
+        },
+    )
+    .await;
+    let recent = env.sim.insert(NewEncounter {
+        docs,
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
+    });
+    (env, recent)
+}
+
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     transcripts_final_under_another_status_word_are_fetched_and_unfinished_ones_are_not_asked
@@ -521,19 +540,12 @@ both_backends!(
 async fn transcripts_final_under_another_status_word_are_fetched_and_unfinished_ones_are_not_asked(
     backend: Backend,
 ) {
-    let env = TestEnv::start_on(
+    let (env, recent) = finalized_elsewhere(
         backend,
-        SimOptions {
-            final_document_status: "finalized".to_owned(),
-            ..sim_options(31, 600)
-        },
+        sim_options(31, 600),
+        vec![DocKind::Ambient, DocKind::Note],
     )
     .await;
-    // One still processing within the revisit horizon, to finish later.
-    let recent = env.sim.insert(NewEncounter {
-        docs: vec![DocKind::Ambient, DocKind::Note],
-        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
-    });
     let config = env.config();
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");
@@ -568,18 +580,7 @@ both_backends!(
 async fn recordings_of_documents_final_under_another_status_word_arrive_with_their_transcripts(
     backend: Backend,
 ) {
-    let env = TestEnv::start_on(
-        backend,
-        SimOptions {
-            final_document_status: "finalized".to_owned(),
-            ..sim_options(32, 300)
-        },
-    )
-    .await;
-    let recent = env.sim.insert(NewEncounter {
-        docs: vec![DocKind::Ambient],
-        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
-    });
+    let (env, recent) = finalized_elsewhere(backend, sim_options(32, 300), vec![DocKind::Ambient]).await;
     let mut raw = env.raw_config();
     raw.audio.enabled = true;
     raw.audio.directory = env.dir.path().join("audio");
