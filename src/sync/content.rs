@@ -100,10 +100,10 @@ pub(super) async fn drain(
     // Recordings of finished ambient documents are queued once paging is done: paging decides
     // transcripts from the list alone and knows nothing of `[audio]`, and one pass after it
     // also catches audio just enabled and recordings purged. Once the rest is done, one more
-    // pass queues the recordings of documents whose transcript this cycle fetched: a fetched
-    // transcript proves its recording final, whatever word the document's status uses.
-    let mut audio_queued = !ctx.audio.enabled;
-    let mut audio_requeued = !ctx.audio.enabled;
+    // pass queues the recordings of documents whose transcript was fetched after it: a fetched
+    // transcript proves its recording final, whatever word the document's status uses. This
+    // holds the cycle's transcript count at the last pass (None: none yet).
+    let mut recordings_queued_at: Option<u64> = None;
     // Items under way: fetching (at most the slots) or writing what they fetched.
     let max_running = 2 * ctx.max_in_flight;
     // Claimed items not yet started, and the keys of those started and not yet finished (an
@@ -122,10 +122,10 @@ pub(super) async fn drain(
             slots.add_permits(ctx.max_in_flight - paging_slots);
             widened = true;
         }
-        if !audio_queued && paging_done.is_cancelled() {
+        if ctx.audio.enabled && recordings_queued_at.is_none() && paging_done.is_cancelled() {
             let queued = queue_recordings(ctx).await?;
             tracing::debug!(queued, "recordings queued");
-            audio_queued = true;
+            recordings_queued_at = Some(counts.transcripts_fetched);
         }
         // Claim more before the queue runs dry, so that no slot idles at a batch's tail; once
         // the backlog is drained, look for new work when idle or every 100 ms.
@@ -162,8 +162,11 @@ pub(super) async fn drain(
             more = batch.len() == BATCH;
             claimed_at = Instant::now();
             if batch.is_empty() && queue.is_empty() && running.is_empty() {
-                if paging_finished && !audio_requeued {
-                    audio_requeued = true;
+                if paging_finished
+                    && ctx.audio.enabled
+                    && recordings_queued_at.is_none_or(|n| counts.transcripts_fetched > n)
+                {
+                    recordings_queued_at = Some(counts.transcripts_fetched);
                     let queued = queue_recordings(ctx).await?;
                     if queued > 0 {
                         tracing::debug!(queued, "recordings of transcripts fetched this cycle queued");
