@@ -810,8 +810,9 @@ mod tests {
         let conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
         conn.execute_batch(
             "INSERT INTO encounters VALUES ('e1', 'o', NULL, NULL, 't', 't', NULL, NULL, NULL, NULL, 0, 0, 'h', '{}', 't', 't');
-             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text, first_seen_at, changed_at)
-                 VALUES ('d1', 'e1', 0, 'document', 'metformin', 't', 't');
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, first_seen_at, changed_at)
+                 VALUES ('d1', 'e1', 0, 'document', 't', 't');
+             UPDATE documents SET content_text = 'metformin';
              UPDATE documents SET content_text = 'insulin';
              DELETE FROM documents;",
         )

@@ -268,7 +268,8 @@ mod tests {
     }
 
     /// Encounter `n` (created at second `n`) with a note and a transcript turn each holding
-    /// `word`, among 300 others whose text is ordinary, so the indexes have many segments.
+    /// `word`, among 300 others whose text is ordinary, so the indexes have many segments. The
+    /// note's text arrives as the document route's does, by an update of the listed row.
     fn warehouse_with(path: &Path, word: &str) -> Connection {
         let conn = crate::store::sqlite::open_writer(path, Duration::from_secs(5)).unwrap();
         for n in 0..300_i64 {
@@ -281,8 +282,9 @@ mod tests {
             conn.execute_batch(&format!(
                 "INSERT INTO encounters VALUES ('{e}', 'o', NULL, NULL, 't', 't', NULL, NULL, NULL, NULL,
                      {ns}, 0, 'h', '{{}}', 't', 't');
-                 INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
-                     first_seen_at, changed_at) VALUES ('{d}', '{e}', 0, 'document', '{text}', 't', 't');
+                 INSERT INTO documents (document_id, encounter_id, position, schema_type,
+                     first_seen_at, changed_at) VALUES ('{d}', '{e}', 0, 'document', 't', 't');
+                 UPDATE documents SET content_text = '{text}' WHERE document_id = '{d}';
                  INSERT INTO documents (document_id, encounter_id, position, schema_type, first_seen_at,
                      changed_at) VALUES ('{t}', '{e}', 1, 'ambient_transcript', 't', 't');
                  INSERT INTO transcripts (document_id, encounter_id, turn_count, fetched_at)

@@ -204,7 +204,7 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
     // A document staged twice under one encounter ID belongs to an encounter staged twice, taken
     // record by record anyway, so counting a document's staged rows finds the rest without
     // reading the staged encounters (a sort of the staged document IDs, nothing else).
-    let [mark, patients, encounters, documents] = bulk_statements();
+    let [mark, patients, encounters, history, documents] = bulk_statements();
     conn.prepare_cached(&mark)?.execute([])?;
     // Patients: every staged observation, in read order. Not sorted by patient ID: the sort
     // would hold every staged name and date of birth in SQLite's sorter (as much memory as the
@@ -276,9 +276,22 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
     for (observed_at, rec) in &one_by_one {
         upsert_encounter(conn, rec, &[], observed_at, Patient::AlreadyWritten, &mut ignored)?;
     }
-    // Everything else is new: encounters in key order (their `created` history rows follow,
-    // by trigger, in the same order), then their documents in the encounters' order.
+    // Everything else is new: encounters in key order, then their `created` history rows in
+    // the same order, read back from the rows just inserted (SQLite gives a new row the largest
+    // rowid plus one, so they are the rows past the largest before, adjacent and in cache,
+    // where the staged rows would be read in random order again), then their documents in the
+    // encounters' order.
+    //
+    // Before each statement the pages earlier ones dirtied are written to the log: SQLite would
+    // otherwise spill them while the statement runs, copying each first to the statement's
+    // rollback journal, a temporary file outside the warehouse's directory (raw JSON, names and
+    // dates of birth included).
+    let before: i64 = conn.query_row("SELECT coalesce(max(rowid), 0) FROM encounters", [], |r| r.get(0))?;
+    conn.cache_flush()?;
     let inserted = conn.prepare_cached(&encounters)?.execute([])?;
+    conn.cache_flush()?;
+    conn.prepare_cached(&history)?.execute([before])?;
+    conn.cache_flush()?;
     conn.prepare_cached(&documents)?.execute([])?;
     conn.execute_batch("DELETE FROM staged_documents; DELETE FROM staged_encounters;")?;
     tracing::debug!(
@@ -291,12 +304,13 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The merge's set-wise statements, in the order [`merge`] runs them: mark the encounters that
-/// go record by record, then patients, encounters and documents. A sorter may take as much
-/// memory again as the page cache and spills what does not fit to temporary files outside the
-/// warehouse's directory, so the writes read the staged rows in the order an index gives, and
-/// the only sort (finding a document staged twice) holds document IDs, never a name or a date
-/// of birth (a unit test holds both).
-fn bulk_statements() -> [String; 4] {
+/// go record by record, then patients, encounters, their `created` history rows and documents.
+/// A sorter or a temporary table may take as much memory again as the page cache and spills
+/// what does not fit to temporary files outside the warehouse's directory, so the writes read
+/// the staged rows in the order an index gives, straight into their tables (an INSERT trigger
+/// would make SQLite copy the whole selection to a temporary table first), and the only sort (finding a document staged twice) holds document IDs, never a
+/// name or a date of birth (a unit test holds all of it).
+fn bulk_statements() -> [String; 5] {
     [
         "UPDATE staged_encounters SET one_by_one = 1 WHERE encounter_id IN (
              SELECT encounter_id FROM staged_encounters GROUP BY encounter_id HAVING count(*) > 1
@@ -323,6 +337,11 @@ fn bulk_statements() -> [String; 4] {
                 updated_at, date_of_service, patient_id, NULL, NULL,
                 created_at_ns, updated_at_ns, content_hash, raw_json, observed_at, observed_at
            FROM staged_encounters WHERE one_by_one = 0 ORDER BY encounter_id"
+            .to_owned(),
+        "INSERT INTO encounter_history (encounter_id, organization_id, observed_at, change, status,
+             updated_at)
+         SELECT encounter_id, organization_id, changed_at, 'created', status, updated_at
+           FROM encounters WHERE rowid > ?1 ORDER BY rowid"
             .to_owned(),
         format!(
             "INSERT INTO documents (document_id, encounter_id, position, schema_type, title, status,
@@ -490,17 +509,27 @@ mod tests {
     /// files: the writes read the staged rows in an index's order, and the one sort, in the
     /// marking statement, is of document IDs.
     #[test]
-    fn the_merge_sorts_only_document_ids() {
+    fn the_merge_sorts_only_document_ids_and_copies_no_staged_row_to_a_temporary_table() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        // Column `column` of each row of `sql` prefixed with `explain` (parameters bound to 0).
+        let explain = |explain: &str, sql: &str, column: usize| -> Vec<String> {
+            let mut stmt = conn.prepare(&format!("{explain} {sql}")).unwrap();
+            let zeros = std::iter::repeat_n(0, stmt.parameter_count());
+            stmt.query_map(rusqlite::params_from_iter(zeros), |r| {
+                let value: rusqlite::types::Value = r.get(column)?;
+                Ok(match value {
+                    rusqlite::types::Value::Text(t) => t,
+                    rusqlite::types::Value::Integer(i) => i.to_string(),
+                    other => format!("{other:?}"),
+                })
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        };
         for sql in bulk_statements() {
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map([], |r| r.get(3))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
+            let plan = explain("EXPLAIN QUERY PLAN", &sql, 3);
             assert!(!plan.is_empty());
             let sorts = plan.iter().filter(|step| step.contains("TEMP B-TREE")).count();
             if sql.starts_with("UPDATE staged_encounters SET one_by_one") {
@@ -512,6 +541,22 @@ mod tests {
             } else {
                 assert_eq!(sorts, 0, "{plan:#?} in the plan of {sql}");
             }
+            // The bytecode: every temporary table or sorter holds one value per entry (an ID,
+            // a rowid, a constant of an IN list), never a copy of staged rows. SQLite copies an
+            // `INSERT … SELECT` into a table with an INSERT trigger to a temporary table first
+            // (raw JSON, names and dates of birth included, until migration V8 dropped them).
+            let opcodes = explain("EXPLAIN", &sql, 1);
+            let columns = explain("EXPLAIN", &sql, 3);
+            let keys = explain("EXPLAIN", &sql, 5);
+            let temporary: Vec<String> = (0..opcodes.len())
+                .filter(|&i| matches!(opcodes[i].as_str(), "OpenEphemeral" | "SorterOpen"))
+                .map(|i| format!("{} {} {}", opcodes[i], columns[i], keys[i]))
+                .collect();
+            let copies: Vec<&String> = temporary
+                .iter()
+                .filter(|t| !t.ends_with(" 0 Null") && !t.contains(" 1 k(1,"))
+                .collect();
+            assert!(copies.is_empty(), "{temporary:?} in the bytecode of {sql}");
         }
     }
 

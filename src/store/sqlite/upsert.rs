@@ -182,6 +182,7 @@ pub(super) fn upsert_encounter(
     if let Some(p) = rec.patient.as_ref().filter(|_| patient == Patient::Upsert) {
         upsert_patient(conn, p, &rec.organization_id, now)?;
     }
+    let updated_at = format_stored(rec.updated_at);
     conn.prepare_cached(
         "INSERT INTO encounters (encounter_id, organization_id, encounter_type, status, created_at,
              updated_at, date_of_service, patient_id, removed_at, removed_reason, created_at_ns,
@@ -202,7 +203,7 @@ pub(super) fn upsert_encounter(
         rec.encounter_type,
         rec.status,
         format_stored(rec.created_at),
-        format_stored(rec.updated_at),
+        updated_at,
         rec.date_of_service.map(format_stored),
         rec.patient.as_ref().map(|p| &p.patient_id),
         created_ns,
@@ -211,6 +212,23 @@ pub(super) fn upsert_encounter(
         rec.raw_json,
         now,
     ])?;
+    // Its `created` history row (a change, removal or revival is recorded by the update's
+    // trigger). Not a trigger: an INSERT trigger would make a merge's `INSERT … SELECT` copy
+    // every staged row into a temporary file first (migration V8).
+    if is_new {
+        conn.prepare_cached(
+            "INSERT INTO encounter_history (encounter_id, organization_id, observed_at, change, status,
+                 updated_at)
+             VALUES (?1, ?2, ?3, 'created', ?4, ?5)",
+        )?
+        .execute(params![
+            rec.encounter_id,
+            rec.organization_id,
+            now,
+            rec.status,
+            updated_at
+        ])?;
+    }
     upsert_documents(conn, rec, is_new, now)
 }
 
