@@ -69,6 +69,9 @@ pub struct OrganizationStatus {
     pub last_error: Option<LastError>,
     /// Routes the last finished cycle found closed to this key (`route:reason_code`).
     pub disabled_routes: Vec<String>,
+    /// While ChartHero's `Retry-After` pause lasts: until when no request is sent with this
+    /// key, by any process (RFC 3339, UTC).
+    pub paused_until: Option<String>,
     pub encounters: i64,
     pub encounters_removed: i64,
     pub documents: i64,
@@ -230,6 +233,10 @@ pub fn read(
             o.reason_code.as_deref(),
         )
         .to_owned();
+        o.paused_until = warehouse
+            .state_time(&o.name, crate::store::StateTime::PausedUntil)?
+            .filter(|until| *until > now)
+            .map(format_utc);
     }
     // The organization furthest behind; none while any has never completed a window (or there
     // is none).
@@ -334,13 +341,16 @@ impl Status {
         for o in &self.organizations {
             let _ = writeln!(
                 out,
-                "organization {} ({}): {}{}; complete through {}{}; {} encounters, {} dead letters",
+                "organization {} ({}): {}{}{}; complete through {}{}; {} encounters, {} dead letters",
                 o.name,
                 o.organization_id.as_deref().unwrap_or("clinic not known yet"),
                 o.state,
                 o.reason_code
                     .as_deref()
                     .map_or_else(String::new, |c| format!(" ({c})")),
+                o.paused_until.as_deref().map_or_else(String::new, |t| format!(
+                    ", paused by ChartHero (Retry-After) until {t}"
+                )),
                 o.complete_through.as_deref().unwrap_or("(nothing yet)"),
                 o.lag_seconds
                     .map_or_else(String::new, |l| format!(" (lag {l} s)")),

@@ -207,6 +207,30 @@ impl Client {
         self.inner.budget.reset(self.inner.retries_per_cycle);
     }
 
+    /// Sends nothing before `until` (a pause ChartHero asked an earlier process for), unless a
+    /// later one is already set. An instant past, or beyond [`retry::PAUSE_MAX`] from now (a
+    /// clock that moved back, a corrupt value), is not taken as is: past is nothing, and no pause
+    /// is held longer than the longest ChartHero can ask for.
+    pub fn pause_until(&self, until: OffsetDateTime) {
+        let left = until - OffsetDateTime::now_utc();
+        if !left.is_positive() {
+            return;
+        }
+        let left = Duration::try_from(left)
+            .unwrap_or(retry::PAUSE_MAX)
+            .min(retry::PAUSE_MAX);
+        let until = tokio::time::Instant::now() + left;
+        let mut pause = self.inner.paused_until.lock().expect("pause lock");
+        *pause = Some(pause.map_or(until, |p| p.max(until)));
+    }
+
+    /// Until when no request is sent, while a pause ChartHero asked for lasts.
+    pub fn paused_until(&self) -> Option<OffsetDateTime> {
+        let until = (*self.inner.paused_until.lock().expect("pause lock"))?;
+        let left = until.checked_duration_since(tokio::time::Instant::now())?;
+        Some(OffsetDateTime::now_utc() + left)
+    }
+
     /// The process's counters (requests, limiter waits, cycles).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
@@ -613,5 +637,25 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    /// A pause read back from the warehouse: one in the past is none, the later of two holds,
+    /// and none is held longer than the longest ChartHero can ask for.
+    #[test]
+    fn a_kept_pause_is_taken_within_bounds() {
+        let config = crate::config::RawConfig::default().validate().unwrap();
+        let key = crate::secret::ApiKey::new("ch_sk_test").unwrap();
+        let client = Client::new(&config.api, &config.limits, &key).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let near = |t: Option<OffsetDateTime>, want: OffsetDateTime| {
+            t.is_some_and(|t| (t - want).abs() < time::Duration::seconds(5))
+        };
+        client.pause_until(now - time::Duration::seconds(1));
+        assert_eq!(client.paused_until(), None);
+        client.pause_until(now + time::Duration::minutes(10));
+        client.pause_until(now + time::Duration::minutes(5));
+        assert!(near(client.paused_until(), now + time::Duration::minutes(10)));
+        client.pause_until(now + time::Duration::days(30));
+        assert!(near(client.paused_until(), now + time::Duration::days(1)));
     }
 }

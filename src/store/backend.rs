@@ -106,11 +106,33 @@ pub struct TableCounts {
     pub turns: i64,
 }
 
+/// An instant the sync keeps per organization (in `organization_state`) besides its watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateTime {
+    /// When the last deep revisit completed.
+    DeepRevisitAt,
+    /// Until when ChartHero asked for no requests with the organization's key (a `Retry-After`
+    /// longer than a request waits): a new process sends nothing before it either.
+    PausedUntil,
+}
+
+impl StateTime {
+    /// Its `organization_state.name`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StateTime::DeepRevisitAt => "deep_revisit_at",
+            StateTime::PausedUntil => "paused_until",
+        }
+    }
+}
+
 /// What may be read from a warehouse, also on a read-only connection next to a running writer
 /// (`status`, the demo's summary): never a write.
 pub trait Reader: Send {
     /// The live watermark: every record created before it is stored.
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
+    /// An instant kept for the organization, if it was ever set.
+    fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>>;
     /// ChartHero's `organization_id` recorded for a configured name.
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>>;
     /// Stored live encounters created in `[start_ns, end_ns)`.
@@ -147,9 +169,8 @@ pub trait Backend: Reader {
 
     // Run and window bookkeeping (the ledger), per configured organization name.
 
-    /// When the last deep revisit ran.
-    fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
-    fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()>;
+    /// Sets an instant kept for the organization.
+    fn set_state_time(&self, organization: &str, which: StateTime, at: OffsetDateTime) -> anyhow::Result<()>;
     /// Records the name's `organization_id`, or answers the one already recorded if it differs.
     fn claim_organization_id(
         &self,

@@ -18,7 +18,7 @@ mod writer;
 
 use std::path::Path;
 
-pub use backend::{Backend, GroupEnd, Reader, TableCounts, WriteTx};
+pub use backend::{Backend, GroupEnd, Reader, StateTime, TableCounts, WriteTx};
 pub use error::{StoreError, StoreErrorKind};
 /// What `check` and the writer lock need of a PostgreSQL server, past the seam.
 pub use postgres::connect::{

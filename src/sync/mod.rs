@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::api::wire::Encounter;
 use crate::api::{ApiError, Client};
 use crate::config::{AudioConfig, ContentConfig, PrivacyConfig, SyncConfig};
-use crate::store::{RunCounts, RunEnd, RunOutcome, StoreError, Writer};
+use crate::store::{RunCounts, RunEnd, RunOutcome, StateTime, StoreError, Writer};
 use crate::timefmt::{Micros, format_utc};
 
 pub use record::encounter_record;
@@ -373,7 +373,7 @@ pub async fn run_cycle(
     }
     let privacy = ctx.privacy;
     let org = ctx.org.name.clone();
-    let run_id = ctx
+    let (run_id, paused_until) = ctx
         .writer
         .call(move |c| {
             let now = OffsetDateTime::now_utc();
@@ -385,9 +385,16 @@ pub async fn run_cycle(
                 );
             }
             c.apply_privacy(&privacy)?;
-            c.start_run(&org, trigger, now)
+            Ok((
+                c.start_run(&org, trigger, now)?,
+                c.state_time(&org, StateTime::PausedUntil)?,
+            ))
         })
         .await?;
+    // A pause ChartHero asked an earlier process for holds for this one too.
+    if let Some(until) = paused_until {
+        ctx.client.pause_until(until);
+    }
     let span = tracing::info_span!("cycle", organization = %ctx.org.name, run_id, trigger);
     execute(ctx, run_id, plan, trigger, cancel, started)
         .instrument(span)
@@ -512,8 +519,13 @@ async fn execute(
             .await?;
         // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
         ctx.client.metrics().record_cycle(outcome, rows, complete_through);
+        let org = ctx.org.name.clone();
+        let paused_until = ctx.client.paused_until();
         ctx.writer
             .call(move |c| {
+                if let Some(until) = paused_until {
+                    c.set_state_time(&org, StateTime::PausedUntil, until)?;
+                }
                 c.finish_run(run_id, &end, OffsetDateTime::now_utc())?;
                 c.checkpoint()
             })
@@ -594,7 +606,12 @@ async fn sync_recent(
     let org = ctx.org.name.clone();
     let (watermark, deep_at) = ctx
         .writer
-        .call(move |c| Ok((c.complete_through(&org)?, c.deep_revisit_at(&org)?)))
+        .call(move |c| {
+            Ok((
+                c.complete_through(&org)?,
+                c.state_time(&org, StateTime::DeepRevisitAt)?,
+            ))
+        })
         .await?;
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
@@ -630,7 +647,9 @@ async fn sync_recent(
     // The first cycle reads all history, which covers the deep horizon too.
     if deep_due && from <= now - s.revisit_deep {
         let org = ctx.org.name.clone();
-        ctx.writer.call(move |c| c.set_deep_revisit_at(&org, now)).await?;
+        ctx.writer
+            .call(move |c| c.set_state_time(&org, StateTime::DeepRevisitAt, now))
+            .await?;
     }
     Ok(())
 }

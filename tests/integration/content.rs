@@ -831,12 +831,17 @@ async fn each_change_is_fetched_again_with_one_request_per_note_and_finished_tra
     assert_eq!(sync().await, (0, 0), "idle at the end");
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_over
+);
 /// A `Retry-After` longer than a request waits (an hourly quota, say) pauses every request of
 /// the key until it has passed: the cycle ends at once naming the time, the next cycle of the
-/// same process sends nothing, and nothing is retried meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_over() {
-    let env = TestEnv::with_encounters(32, 300).await;
+/// same process sends nothing, nothing is retried meanwhile, and a new process (`sync` from a
+/// timer, a restarted daemon) sends nothing either, since the pause is kept in the warehouse;
+/// `status` shows it. Once it is over, the next process syncs.
+async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_over(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 32, 300).await;
     let config = env.encounters_only_config();
     let ctx = charthero_sync::connect(&config, &env.key()).await.unwrap();
     env.sim.push_fault(FaultRule::once(
@@ -867,8 +872,58 @@ async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_ov
         "{:?}",
         started.elapsed()
     );
-    // A new process asks again and, the quota back, syncs.
-    let report = env.sync(&config, CyclePlan::full(None, false)).await;
-    assert!(report.is_complete(), "{report:?}");
+    drop(ctx);
+
+    // New processes, as a timer's `sync` would start them: nothing is sent until the pause is
+    // over, and `status` says until when.
+    env.write_key_file(&env.sim.api_key());
+    let file = env.write_config_file("\n[content]\ndetails = false\ntranscripts = false\n");
+    let run = |args: &[&str]| {
+        let mut cmd = crate::support::charthero_sync();
+        cmd.arg("--config").arg(&file).args(args);
+        cmd
+    };
+    let out = crate::support::run_within(run(&["sync"]), Duration::from_secs(30)).await;
+    let text = crate::support::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("no requests until"), "{text}");
+    assert_eq!(env.sim.stats().route(SimRoute::List), 1, "{text}");
+    let paused_until = || {
+        let out = run(&["status", "--json"]).output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["organizations"][0]["paused_until"].clone()
+    };
+    let paused = paused_until();
+    let until = charthero_sync::timefmt::parse_rfc3339(paused.as_str().expect("a pause in status")).unwrap();
+    let left = until - OffsetDateTime::now_utc();
+    assert!(
+        left > time::Duration::seconds(500) && left <= time::Duration::seconds(600),
+        "{paused}"
+    );
+    let human = crate::support::text(&run(&["status"]).output().unwrap());
+    assert!(
+        human.contains(&format!(
+            "paused by ChartHero (Retry-After) until {}",
+            paused.as_str().unwrap()
+        )),
+        "{human}"
+    );
+
+    // The pause over (its end moved into the past, as time would move it), the next process
+    // asks again and syncs.
+    let database = config.database.clone();
+    charthero_sync::store::blocking(move || {
+        let backend = charthero_sync::store::open(&database)?;
+        backend.set_state_time(
+            "default",
+            charthero_sync::store::StateTime::PausedUntil,
+            OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        )
+    })
+    .await
+    .unwrap();
+    let out = crate::support::run_within(run(&["sync"]), Duration::from_secs(60)).await;
+    assert!(out.status.success(), "{}", crate::support::text(&out));
     compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(paused_until(), serde_json::Value::Null);
 }

@@ -6,11 +6,10 @@
 use postgres::GenericClient;
 use time::OffsetDateTime;
 
-use crate::store::{Backfill, RunEnd, WindowCompletion};
+use crate::store::{Backfill, RunEnd, StateTime, WindowCompletion};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 const COMPLETE_THROUGH: &str = "complete_through";
-const DEEP_REVISIT_AT: &str = "deep_revisit_at";
 
 /// Records a completed window, and moves the watermark or the backfill's cursor, in the caller's
 /// transaction (the page that completed it commits with it).
@@ -96,20 +95,22 @@ pub fn complete_through(
     get_state(db, organization, COMPLETE_THROUGH)
 }
 
-/// When `organization`'s last deep revisit completed.
-pub fn deep_revisit_at(
+/// An instant kept for `organization`.
+pub fn state_time(
     db: &mut impl GenericClient,
     organization: &str,
+    which: StateTime,
 ) -> anyhow::Result<Option<OffsetDateTime>> {
-    get_state(db, organization, DEEP_REVISIT_AT)
+    get_state(db, organization, which.name())
 }
 
-pub fn set_deep_revisit_at(
+pub fn set_state_time(
     db: &mut impl GenericClient,
     organization: &str,
+    which: StateTime,
     at: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    set_state(db, organization, DEEP_REVISIT_AT, at)
+    set_state(db, organization, which.name(), at)
 }
 
 /// The ChartHero `organization_id` the configured `organization` reads, once known.

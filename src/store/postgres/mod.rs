@@ -33,8 +33,8 @@ use time::OffsetDateTime;
 
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
-    Reader, RecordingRecord, Removal, RunEnd, TableCounts, TranscriptRecord, WindowCompletion, Work,
-    WorkItem, WriteTx,
+    Reader, RecordingRecord, Removal, RunEnd, StateTime, TableCounts, TranscriptRecord, WindowCompletion,
+    Work, WorkItem, WriteTx,
 };
 use crate::config::{PostgresConfig, PrivacyConfig};
 use crate::status::Status;
@@ -293,6 +293,9 @@ impl Reader for PgBackend {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::complete_through(&mut *self.db()?, organization)
     }
+    fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
+        ledger::state_time(&mut *self.db()?, organization, which)
+    }
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
         ledger::known_organization_id(&mut *self.db()?, organization)
     }
@@ -363,11 +366,8 @@ impl Backend for PgBackend {
         }
     }
 
-    fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-        ledger::deep_revisit_at(&mut *self.db()?, organization)
-    }
-    fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
-        ledger::set_deep_revisit_at(&mut *self.db()?, organization, at)
+    fn set_state_time(&self, organization: &str, which: StateTime, at: OffsetDateTime) -> anyhow::Result<()> {
+        ledger::set_state_time(&mut *self.db()?, organization, which, at)
     }
     fn claim_organization_id(
         &self,

@@ -94,6 +94,8 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
         last_run,
         last_error,
         disabled_routes,
+        // Read by `status::read`, as the same instant kept on every backend.
+        paused_until: None,
         encounters: counts.try_get(0)?,
         encounters_removed: counts.try_get(1)?,
         documents: counts.try_get(2)?,

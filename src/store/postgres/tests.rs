@@ -598,10 +598,23 @@ fn the_ledger_keeps_runs_backfills_and_organizations_per_organization() {
     assert_eq!(outcome, "running", "another organization's run is not stale");
     assert!(a < b);
 
-    assert_eq!(pg.deep_revisit_at("default").unwrap(), None);
-    pg.set_deep_revisit_at("default", now).unwrap();
-    assert_eq!(pg.deep_revisit_at("default").unwrap(), Some(now));
-    assert_eq!(pg.deep_revisit_at("second").unwrap(), None);
+    for which in [StateTime::DeepRevisitAt, StateTime::PausedUntil] {
+        assert_eq!(pg.state_time("default", which).unwrap(), None);
+        pg.set_state_time("default", which, now).unwrap();
+        assert_eq!(pg.state_time("default", which).unwrap(), Some(now));
+        assert_eq!(pg.state_time("second", which).unwrap(), None);
+    }
+    let later = now + time::Duration::hours(1);
+    pg.set_state_time("default", StateTime::PausedUntil, later)
+        .unwrap();
+    assert_eq!(
+        (
+            pg.state_time("default", StateTime::DeepRevisitAt).unwrap(),
+            pg.state_time("default", StateTime::PausedUntil).unwrap()
+        ),
+        (Some(now), Some(later)),
+        "each instant is kept apart and replaced"
+    );
 
     let (start, end) = (
         datetime!(2026-01-01 00:00:00 UTC),

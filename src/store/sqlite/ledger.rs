@@ -4,11 +4,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use crate::store::{Backfill, RunEnd, WindowCompletion};
+use crate::store::{Backfill, RunEnd, StateTime, WindowCompletion};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 const COMPLETE_THROUGH: &str = "complete_through";
-const DEEP_REVISIT_AT: &str = "deep_revisit_at";
 
 pub(super) fn record_window(
     tx: &Connection,
@@ -89,13 +88,22 @@ pub fn complete_through(conn: &Connection, organization: &str) -> anyhow::Result
     get_state(conn, organization, COMPLETE_THROUGH)
 }
 
-/// When `organization`'s last deep revisit completed.
-pub fn deep_revisit_at(conn: &Connection, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-    get_state(conn, organization, DEEP_REVISIT_AT)
+/// An instant kept for `organization`.
+pub fn state_time(
+    conn: &Connection,
+    organization: &str,
+    which: StateTime,
+) -> anyhow::Result<Option<OffsetDateTime>> {
+    get_state(conn, organization, which.name())
 }
 
-pub fn set_deep_revisit_at(conn: &Connection, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
-    Ok(set_state(conn, organization, DEEP_REVISIT_AT, at)?)
+pub fn set_state_time(
+    conn: &Connection,
+    organization: &str,
+    which: StateTime,
+    at: OffsetDateTime,
+) -> anyhow::Result<()> {
+    Ok(set_state(conn, organization, which.name(), at)?)
 }
 
 /// The ChartHero `organization_id` the configured `organization` reads, once known.

@@ -32,17 +32,17 @@ pub use content::{
     save_transcript, transcript_not_ready,
 };
 pub use ledger::{
-    abort_stale_runs, claim_organization_id, complete_through, deep_revisit_at, finish_backfill, finish_run,
-    known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill,
-    set_deep_revisit_at, start_run,
+    abort_stale_runs, claim_organization_id, complete_through, finish_backfill, finish_run,
+    known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill, set_state_time,
+    start_run, state_time,
 };
 pub use privacy::{apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::commit_page;
 
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
-    Reader, RecordingRecord, Removal, RunEnd, RunOutcome, StoreError, TableCounts, TranscriptRecord,
-    WindowCompletion, Work, WorkItem, WriteTx,
+    Reader, RecordingRecord, Removal, RunEnd, RunOutcome, StateTime, StoreError, TableCounts,
+    TranscriptRecord, WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::PrivacyConfig;
 use crate::status::Status;
@@ -375,6 +375,9 @@ impl Reader for Connection {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         complete_through(self, organization)
     }
+    fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
+        state_time(self, organization, which)
+    }
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
         known_organization_id(self, organization)
     }
@@ -446,11 +449,8 @@ impl Backend for Connection {
         }
     }
 
-    fn deep_revisit_at(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
-        deep_revisit_at(self, organization)
-    }
-    fn set_deep_revisit_at(&self, organization: &str, at: OffsetDateTime) -> anyhow::Result<()> {
-        set_deep_revisit_at(self, organization, at)
+    fn set_state_time(&self, organization: &str, which: StateTime, at: OffsetDateTime) -> anyhow::Result<()> {
+        set_state_time(self, organization, which, at)
     }
     fn claim_organization_id(
         &self,

@@ -113,6 +113,8 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
         last_run,
         last_error,
         disabled_routes,
+        // Read by `status::read`, as the same instant kept on every backend.
+        paused_until: None,
         encounters: per_org(
             "SELECT count(*) FROM encounters WHERE organization_id = ?1 AND removed_at IS NULL",
         )?,
