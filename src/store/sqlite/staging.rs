@@ -308,8 +308,9 @@ pub(super) fn merge(conn: &Connection) -> rusqlite::Result<()> {
 /// A sorter or a temporary table may take as much memory again as the page cache and spills
 /// what does not fit to temporary files outside the warehouse's directory, so the writes read
 /// the staged rows in the order an index gives, straight into their tables (an INSERT trigger
-/// would make SQLite copy the whole selection to a temporary table first), and the only sort (finding a document staged twice) holds document IDs, never a
-/// name or a date of birth (a unit test holds all of it).
+/// would make SQLite copy the whole selection to a temporary table first), and the only sort
+/// (finding a document staged twice) holds document IDs, never a name or a date of birth (a
+/// unit test holds all of it).
 fn bulk_statements() -> [String; 5] {
     [
         "UPDATE staged_encounters SET one_by_one = 1 WHERE encounter_id IN (
@@ -505,9 +506,9 @@ mod tests {
         [out.pop().unwrap(), direct]
     }
 
-    /// A sort in a merge takes as much memory again as the page cache and spills to temporary
-    /// files: the writes read the staged rows in an index's order, and the one sort, in the
-    /// marking statement, is of document IDs.
+    /// A sort or a temporary table in a merge takes as much memory again as the page cache and
+    /// spills to temporary files: the writes read the staged rows in an index's order straight
+    /// into their tables, and the one sort, in the marking statement, is of document IDs.
     #[test]
     fn the_merge_sorts_only_document_ids_and_copies_no_staged_row_to_a_temporary_table() {
         let dir = tempfile::tempdir().unwrap();
