@@ -667,26 +667,6 @@ mod tests {
             .expect("the SQLite backend")
     }
 
-    /// SQLite spills a statement's rollback journal (images of the pages it changes, PHI
-    /// included) to a temporary file outside the warehouse's directory past this size; the
-    /// bundled build raises it from 64 KiB so that ordinary writes spill nothing
-    /// (`.cargo/config.toml`).
-    #[test]
-    fn statement_journals_stay_in_memory_up_to_4_mib() {
-        let conn = Connection::open_in_memory().unwrap();
-        let options: Vec<String> = conn
-            .prepare("PRAGMA compile_options")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert!(
-            options.iter().any(|o| o == "STMTJRNL_SPILL=4194304"),
-            "{options:?}"
-        );
-    }
-
     #[test]
     fn migrations_apply_twice_without_change_and_pragmas_hold() {
         let dir = tempfile::tempdir().unwrap();
