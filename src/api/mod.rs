@@ -219,7 +219,11 @@ impl Client {
         let left = Duration::try_from(left)
             .unwrap_or(retry::PAUSE_MAX)
             .min(retry::PAUSE_MAX);
-        let until = tokio::time::Instant::now() + left;
+        self.extend_pause(tokio::time::Instant::now() + left);
+    }
+
+    /// No request starts before `until`, nor before a later pause already set.
+    fn extend_pause(&self, until: tokio::time::Instant) {
         let mut pause = self.inner.paused_until.lock().expect("pause lock");
         *pause = Some(pause.map_or(until, |p| p.max(until)));
     }
@@ -493,9 +497,7 @@ impl Client {
                 // however long (up to a day). A wait longer than a request is held for ends
                 // this request, and every later one fails at once until the pause is over.
                 let after = after.min(retry::PAUSE_MAX);
-                let until = tokio::time::Instant::now() + after;
-                let mut pause = self.inner.paused_until.lock().expect("pause lock");
-                *pause = Some(pause.map_or(until, |p| p.max(until)));
+                self.extend_pause(tokio::time::Instant::now() + after);
                 if after > self.inner.retry.retry_after_max {
                     tracing::warn!(
                         route = route.as_str(),
