@@ -228,11 +228,15 @@ impl Client {
         *pause = Some(pause.map_or(until, |p| p.max(until)));
     }
 
-    /// Until when no request is sent, while a pause ChartHero asked for lasts.
+    /// Until when no request is sent, while a pause ChartHero asked for lasts: to the nearest
+    /// second, as `Retry-After` counts, so that a pause kept and read back cycle after cycle does
+    /// not drift with the conversions between clocks.
     pub fn paused_until(&self) -> Option<OffsetDateTime> {
         let until = (*self.inner.paused_until.lock().expect("pause lock"))?;
         let left = until.checked_duration_since(tokio::time::Instant::now())?;
-        Some(OffsetDateTime::now_utc() + left)
+        (OffsetDateTime::now_utc() + left + Duration::from_millis(500))
+            .replace_nanosecond(0)
+            .ok()
     }
 
     /// The process's counters (requests, limiter waits, cycles).
@@ -657,6 +661,7 @@ mod tests {
         client.pause_until(now + time::Duration::minutes(10));
         client.pause_until(now + time::Duration::minutes(5));
         assert!(near(client.paused_until(), now + time::Duration::minutes(10)));
+        assert_eq!(client.paused_until().map(|t| t.nanosecond()), Some(0));
         client.pause_until(now + time::Duration::days(30));
         assert!(near(client.paused_until(), now + time::Duration::days(1)));
     }
