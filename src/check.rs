@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
 use crate::config::{Config, DatabaseConfig, DatabaseTarget, Organization};
-use crate::store::{self, LocationError};
+use crate::store::{self, LocationError, StateTime};
 use crate::timefmt::Micros;
 
 /// An ID no record has: probing with it mints nothing (no signed URL) and reads nothing.
@@ -131,6 +131,34 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
         });
     }
     probes
+}
+
+/// Holds `client` to the pause ChartHero asked of this organization's key (`Retry-After`) that
+/// an earlier sync kept in the warehouse, as a sync cycle's start does: `check` and `plan` then
+/// send nothing with the key before it is over (`Client::paused_until` says until when). A
+/// warehouse not created yet keeps none.
+pub async fn hold_kept_pause(
+    database: &DatabaseConfig,
+    organization: &str,
+    client: &Client,
+) -> anyhow::Result<()> {
+    let database = database.clone();
+    let organization = organization.to_owned();
+    let until = store::blocking(move || {
+        let created = match &database.target {
+            DatabaseTarget::Sqlite { path } => path.exists(),
+            DatabaseTarget::Postgres(pg) => store::describe_postgres(pg)?.schema_version.is_some(),
+        };
+        if !created {
+            return Ok(None);
+        }
+        store::open_reader(&database)?.state_time(&organization, StateTime::PausedUntil)
+    })
+    .await?;
+    if let Some(until) = until {
+        client.pause_until(until);
+    }
+    Ok(())
 }
 
 /// Lists one encounter to see which clinic the key reads: `Err` (a line to print) when

@@ -316,9 +316,6 @@ impl From<CycleError> for Failure {
             CycleError::Api(api) if api.is_auth() => exit::AUTH_REFUSED,
             _ => store_failure_code(e.store_error()),
         };
-        if let CycleError::Api(api) = &e {
-            tracing::error!(reason_code = api.reason_code().unwrap_or("none"), "{api}");
-        }
         Failure {
             code,
             error: e.into(),
@@ -721,6 +718,14 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     &key,
                     std::sync::Arc::default(),
                 )?;
+                if let Err(e) =
+                    charthero_sync::check::hold_kept_pause(&config.database, &org.name, &client).await
+                {
+                    complain!(
+                        "note: cannot read whether ChartHero paused the key of {}: {e:#}",
+                        org.name
+                    );
+                }
                 let plan = charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc())
                     .await
                     .map_err(|e| Failure {
@@ -762,6 +767,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
             let mut refused = Vec::new();
             let mut failed = Vec::new();
+            let mut paused = Vec::new();
             for org in &selected {
                 if several {
                     say!("organization {}", org.name);
@@ -776,6 +782,23 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     &key,
                     std::sync::Arc::default(),
                 )?;
+                if let Err(e) =
+                    charthero_sync::check::hold_kept_pause(&config.database, &org.name, &client).await
+                {
+                    say!("warehouse        note    cannot read whether ChartHero paused this key: {e:#}");
+                }
+                if let Some(until) = client.paused_until() {
+                    let until = charthero_sync::timefmt::format_utc(until);
+                    say!(
+                        "api              paused  ChartHero asked this key to wait (Retry-After) until {until}: \
+                         no request is sent before then"
+                    );
+                    paused.push(format!(
+                        "{}: ChartHero asked the key to wait until {until}",
+                        org.name
+                    ));
+                    continue;
+                }
                 let probes = charthero_sync::check::probe_routes(&config, &client).await;
                 for p in &probes {
                     say!("{}", p.describe());
@@ -820,6 +843,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 Err(charthero_sync::check::DatabaseProblem::Location(e)) => return Err(e.into()),
                 Err(charthero_sync::check::DatabaseProblem::Server(e)) => return Err(e.into()),
             }
+            let mut problems = Vec::new();
             if !failed.is_empty() {
                 let failed: Vec<String> = if several {
                     failed
@@ -829,11 +853,24 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                         .map(|f| f.split_once(' ').map_or(f.as_str(), |(_, r)| r).to_owned())
                         .collect()
                 };
-                return Err(anyhow::anyhow!(
+                problems.push(format!(
                     "routes this configuration needs do not work: {}",
                     failed.join(", ")
-                )
-                .into());
+                ));
+            }
+            if !paused.is_empty() {
+                let paused = if several {
+                    paused.join("; ")
+                } else {
+                    paused[0]
+                        .split_once(": ")
+                        .map_or(paused[0].as_str(), |(_, m)| m)
+                        .to_owned()
+                };
+                problems.push(format!("{paused} (Retry-After); check again after then"));
+            }
+            if !problems.is_empty() {
+                return Err(anyhow::anyhow!("{}", problems.join("; ")).into());
             }
             say!("everything this configuration needs works");
             Ok(())

@@ -234,9 +234,7 @@ impl Client {
     pub fn paused_until(&self) -> Option<OffsetDateTime> {
         let until = (*self.inner.paused_until.lock().expect("pause lock"))?;
         let left = until.checked_duration_since(tokio::time::Instant::now())?;
-        (OffsetDateTime::now_utc() + left + Duration::from_millis(500))
-            .replace_nanosecond(0)
-            .ok()
+        Some(wall_clock_in(left))
     }
 
     /// The process's counters (requests, limiter waits, cycles).
@@ -584,9 +582,16 @@ fn paused(route: Route, left: Duration) -> ApiError {
     ApiError {
         route,
         kind: ApiErrorKind::Paused {
-            until: OffsetDateTime::now_utc() + left,
+            until: wall_clock_in(left),
         },
     }
+}
+
+/// The wall-clock instant `left` from now, to the nearest second (how `Retry-After` counts), so
+/// that a pause reads the same in an error, in `status` and after being kept and read back.
+fn wall_clock_in(left: Duration) -> OffsetDateTime {
+    let at = OffsetDateTime::now_utc() + left + Duration::from_millis(500);
+    at.replace_nanosecond(0).unwrap_or(at)
 }
 
 fn decode(route: Route, e: &serde_json::Error) -> ApiError {
@@ -664,5 +669,13 @@ mod tests {
         assert_eq!(client.paused_until().map(|t| t.nanosecond()), Some(0));
         client.pause_until(now + time::Duration::days(30));
         assert!(near(client.paused_until(), now + time::Duration::days(1)));
+        // The error a paused request fails with names the same whole second.
+        let ApiErrorKind::Paused { until } =
+            paused(Route::ListEncounters, Duration::from_millis(90_250)).kind
+        else {
+            panic!("not a pause");
+        };
+        assert!(near(Some(until), now + time::Duration::seconds(90)));
+        assert_eq!(until.nanosecond(), 0);
     }
 }

@@ -910,6 +910,35 @@ async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_ov
         "{human}"
     );
 
+    // `check` and `plan` honour the kept pause too: nothing is sent, and both say until when.
+    let requests = || {
+        let stats = env.sim.stats();
+        stats.by_route.values().sum::<u64>() + stats.unrouted
+    };
+    let before = requests();
+    let out = crate::support::run_within(run(&["check"]), Duration::from_secs(30)).await;
+    let text = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "api              paused  ChartHero asked this key to wait (Retry-After) until {}",
+            paused.as_str().unwrap()
+        )) && text.contains("check again after then"),
+        "{text}"
+    );
+    let out = crate::support::run_within(run(&["plan"]), Duration::from_secs(30)).await;
+    let text = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("no requests until") && text.contains("Retry-After"),
+        "{text}"
+    );
+    assert_eq!(
+        requests(),
+        before,
+        "check and plan sent requests during the pause"
+    );
+
     // The pause over (its end moved into the past, as time would move it), the next process
     // asks again and syncs.
     let database = config.database.clone();
@@ -927,4 +956,7 @@ async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_ov
     assert!(out.status.success(), "{}", crate::support::text(&out));
     compare(&env.sim, &env.warehouse).assert_empty();
     assert_eq!(paused_until(), serde_json::Value::Null);
+    let out = crate::support::run_within(run(&["check"]), Duration::from_secs(30)).await;
+    let text = crate::support::text(&out);
+    assert!(out.status.success() && !text.contains("paused"), "{text}");
 }
