@@ -72,6 +72,7 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     configure(&conn, busy_timeout)
         .with_context(|| format!("cannot configure database {}", path.display()))
         .map_err(fail)?;
+    keep_temporary_files_beside(&conn, path);
     embedded::migrations::runner()
         .run(&mut conn)
         .with_context(|| format!("cannot apply migrations to {}", path.display()))
@@ -178,6 +179,31 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     Ok(())
+}
+
+/// Has SQLite make its temporary files (the statement journals, sorters and temporary tables
+/// that outgrow memory) in the warehouse's own directory rather than in `$TMPDIR` or
+/// `/var/tmp`: they hold images of the warehouse's pages (note text, transcript turns, names), so
+/// they belong on the warehouse's filesystem under its directory's permissions, like its `-wal`
+/// (docs/operations.md, "Memory and temporary files"). SQLite unlinks each as it creates it. The
+/// setting is SQLite's, for the whole process (the last writer opened decides; a process writes
+/// one warehouse), and SQLite guards it with a mutex of its own. Best effort: a directory SQLite
+/// cannot write or name is logged, and temporary files then stay where SQLite puts them.
+fn keep_temporary_files_beside(conn: &Connection, path: &Path) {
+    let dir = std::fs::canonicalize(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|p| {
+            p.parent()
+                .and_then(Path::to_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("its directory is not a UTF-8 path"))
+        });
+    if let Err(e) = dir.and_then(|dir| Ok(conn.pragma_update(None, "temp_store_directory", dir)?)) {
+        tracing::warn!(
+            database = %path.display(),
+            "SQLite's temporary files stay in the system's temporary directory: {e:#}"
+        );
+    }
 }
 
 /// Gives the database files (and the writer lock beside them) the group of their directory and
