@@ -445,6 +445,41 @@ async fn a_sync_killed_twenty_times_mid_backfill_resumes_and_ends_equal(backend:
     assert_eq!(unfinished, 0);
 }
 
+/// A list-only backfill of 250,000 encounters on SQLite crosses two staged merges of 100,000
+/// and a last one at the cycle's end, the later ones writing into pages the earlier ones freed
+/// (where a statement journal larger than SQLite's unix VFS writes at once failed with
+/// `SQLITE_FULL`, BENCHMARKS.md): the warehouse equals the simulator, nothing stays staged, and
+/// SQLite's integrity check passes. Heavy: runs only with `CHARTHERO_SOAK=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_sqlite_backfill_across_several_merges_equals_the_simulator() {
+    if std::env::var_os("CHARTHERO_SOAK").is_none() {
+        return;
+    }
+    let n = 250_000;
+    let env = TestEnv::with_encounters_on(Backend::Sqlite, 7, n).await;
+    let config = env.encounters_only_config();
+    let report = charthero_sync::sync_once(
+        &config,
+        &env.key(),
+        "soak",
+        CyclePlan::full(None, false),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.counts.encounters_new, n as u64);
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let path = env.warehouse.sqlite_path().expect("a SQLite warehouse");
+    let (integrity, staged): (String, i64) = crate::support::reader(path)
+        .query_row(
+            "SELECT (SELECT integrity_check FROM pragma_integrity_check), (SELECT count(*) FROM staged_encounters)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((integrity.as_str(), staged), ("ok", 0));
+}
+
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     soak_list_requests_per_encounter_for_a_100k_backfill
