@@ -438,6 +438,17 @@ impl Simulator {
         result.unwrap_or_else(|message| panic!("charthero-sim: {message}"));
     }
 
+    /// Moves an encounter's `created_at` to `created_at` (truncated to microseconds in the micro
+    /// [`QueryPrecision`] modes), as a vendor correcting a visit's creation time would: the
+    /// list shows it in the windows of its new instant and no longer in those of the old. Bumps
+    /// `updated_at`. The contract does not promise `created_at` never changes.
+    pub fn move_created_at(&self, encounter_id: &str, created_at: OffsetDateTime) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.move_created(slot, created_at, now);
+            Ok(())
+        });
+    }
+
     /// Sets an encounter's `updated_at` to exactly `updated_at`, earlier or later than before
     /// (truncated to microseconds in the micro [`QueryPrecision`] modes), and makes it the
     /// encounter's base for later recomputes (see [`Simulator::move_document`]). Nothing else

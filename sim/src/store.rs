@@ -541,6 +541,27 @@ impl Store {
         self.bases.insert(slot, updated);
     }
 
+    /// Moves the encounter's `created_at` to `created` (a vendor correcting a visit's creation
+    /// time: a clock or time-zone fix, a record re-imported), keeping its place in the visible and
+    /// unavailable indexes true. Bumps `updated_at`.
+    pub(crate) fn move_created(&mut self, slot: Slot, created: OffsetDateTime, now: i64) {
+        let created = self.precise(nanos(created));
+        let rec = self.touch(slot, now);
+        let (old, id, visibility, updated) = (rec.created, rec.id, rec.visibility, rec.updated);
+        rec.created = created;
+        self.bases.insert(slot, updated);
+        if visibility == Visibility::Visible {
+            self.index_remove(old, id, slot);
+            self.index_insert(created, id, slot);
+        }
+        if let Ok(at) = self.unavailable.binary_search(&(old, id, slot)) {
+            self.unavailable.remove(at);
+            let key = (created, id, slot);
+            let at = self.unavailable.partition_point(|entry| *entry < key);
+            self.unavailable.insert(at, key);
+        }
+    }
+
     /// Sets `updated_at` to `updated` (earlier or later than before) and makes it the
     /// encounter's base, as a vendor restoring a row from a backup would.
     pub(crate) fn set_updated(&mut self, slot: Slot, updated: OffsetDateTime) {

@@ -312,6 +312,34 @@ async fn mutations_shift_offsets_and_change_visibility() {
     sim.shutdown();
 }
 
+/// A moved `created_at` moves the record between windows: listed at its new instant (in
+/// order), no longer at its old one, and its `updated_at` bumped.
+#[tokio::test]
+async fn a_moved_created_at_moves_the_record_between_windows() {
+    let sim = Simulator::start(options(30)).await.unwrap();
+    let before = sim.snapshot();
+    let moved = &before[20];
+    let old = moved.created_at;
+    let new = before[2].created_at - time::Duration::seconds(1);
+    sim.move_created_at(&moved.encounter_id, new);
+    let after = sim.snapshot();
+    assert_eq!(after.len(), 30);
+    assert_eq!(after[2].encounter_id, moved.encounter_id);
+    assert_eq!(after[2].created_at, new);
+    assert!(after[2].updated_at > moved.updated_at);
+    let window = |at: OffsetDateTime| {
+        let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap().replace('+', "%2B");
+        format!(
+            "/external/v1/encounters?limit=100&start_at={}&end_at={}",
+            fmt(at),
+            fmt(at + time::Duration::microseconds(1))
+        )
+    };
+    assert!(!ids(&get(&sim, &window(old)).await.json()).contains(&moved.encounter_id));
+    assert!(ids(&get(&sim, &window(new)).await.json()).contains(&moved.encounter_id));
+    sim.shutdown();
+}
+
 #[tokio::test]
 async fn documents_transcripts_and_audio_are_served_per_type() {
     let sim = Simulator::start(options(0)).await.unwrap();

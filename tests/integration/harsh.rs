@@ -516,6 +516,70 @@ async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile(backend
     assert!(quiet_requests <= 60_000 / 500 + 2, "{quiet_requests}");
 }
 
+both_backends!(
+    #[tokio::test]
+    an_encounter_whose_created_at_moves_is_kept_with_its_new_instant_never_removed
+);
+/// A vendor corrects visits' creation times (`created_at` moves; the contract does not forbid
+/// it): within the revisit horizon, recent to recent and recent to weeks back; from weeks back
+/// to recent; and weeks back to weeks back. The live cycle keeps the first three with their new
+/// instant (a moved record missing from its old window is asked for by ID: 200, upserted, never
+/// marked removed); the history audit finds the fourth. Every record is kept exactly once.
+async fn an_encounter_whose_created_at_moves_is_kept_with_its_new_instant_never_removed(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 81, 6_000).await;
+    let mut raw = env.raw_config();
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    raw.sync.revisit_deep = "0s".into();
+    let config = raw.validate().unwrap();
+    env.sync(&config, live()).await;
+    compare(&env.sim, &env.warehouse).assert_empty();
+
+    let now = OffsetDateTime::now_utc();
+    let aged = |from: i64, to: i64| {
+        env.sim
+            .snapshot()
+            .into_iter()
+            .find(|e| {
+                e.created_at < now - time::Duration::hours(from)
+                    && e.created_at > now - time::Duration::hours(to)
+            })
+            .expect("an encounter of that age")
+    };
+    let (recent, recent_too, old, old_too) = (
+        aged(2, 20),
+        aged(21, 40),
+        aged(20 * 24, 22 * 24),
+        aged(40 * 24, 42 * 24),
+    );
+    let moves = [
+        (&recent, now - time::Duration::minutes(30)),
+        (&recent_too, now - time::Duration::days(18)),
+        (&old, now - time::Duration::hours(3)),
+        (&old_too, now - time::Duration::days(33)),
+    ];
+    for (e, to) in &moves {
+        env.sim.move_created_at(&e.encounter_id, *to);
+    }
+    // The live cycle: the three moves that touch the revisit horizon, none marked removed.
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete());
+    assert_eq!(report.counts.encounters_removed, 0);
+    let diff = compare(&env.sim, &env.warehouse);
+    assert_eq!(diff.stale, vec![old_too.encounter_id.clone()], "{diff:?}");
+    assert!(diff.missing.is_empty() && diff.ghosts.is_empty(), "{diff:?}");
+    // The audit: the move weeks back too.
+    let audited = env.sync(&config, CyclePlan::full(None, true)).await;
+    assert!(audited.is_complete());
+    compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(count(&env.warehouse, "encounters"), 6_000);
+    let removed: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
+        &[],
+    );
+    assert_eq!(removed, 0);
+}
+
 /// The list requests of the newest audit, as its row records them.
 fn last_audit_requests(env: &TestEnv) -> i64 {
     env.warehouse.scalar(
