@@ -824,18 +824,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 );
             }
             if !refused.is_empty() {
-                let message = if several {
-                    refused.join("; ")
-                } else {
-                    // One organization: the message it always had.
-                    refused[0]
-                        .split_once(": ")
-                        .map_or(refused[0].as_str(), |(_, m)| m)
-                        .to_owned()
-                };
                 return Err(Failure {
                     code: exit::AUTH_REFUSED,
-                    error: anyhow::anyhow!("{message}"),
+                    error: anyhow::anyhow!("{}", organizations_message(&refused, several)),
                 });
             }
             match database {
@@ -859,15 +850,10 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 ));
             }
             if !paused.is_empty() {
-                let paused = if several {
-                    paused.join("; ")
-                } else {
-                    paused[0]
-                        .split_once(": ")
-                        .map_or(paused[0].as_str(), |(_, m)| m)
-                        .to_owned()
-                };
-                problems.push(format!("{paused} (Retry-After); check again after then"));
+                problems.push(format!(
+                    "{} (Retry-After); check again after then",
+                    organizations_message(&paused, several)
+                ));
             }
             if !problems.is_empty() {
                 return Err(anyhow::anyhow!("{}", problems.join("; ")).into());
@@ -875,6 +861,19 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             say!("everything this configuration needs works");
             Ok(())
         }
+    }
+}
+
+/// What `check` found wrong with its organizations, each `"<name>: <problem>"`, as one message:
+/// every one with its name, or with one organization the first problem alone (the message it
+/// always had).
+fn organizations_message(problems: &[String], several: bool) -> String {
+    match problems {
+        [first, ..] if !several => first
+            .split_once(": ")
+            .map_or(first.as_str(), |(_, m)| m)
+            .to_owned(),
+        all => all.join("; "),
     }
 }
 

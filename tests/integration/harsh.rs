@@ -450,12 +450,7 @@ both_backends!(
 /// backdated records and removals — that neither the live cycle nor the recent revisit sees.
 async fn an_audit_finds_changes_weeks_back_for_a_fraction_of_a_reconcile(backend: Backend) {
     let env = TestEnv::with_encounters_on(backend, 76, 60_000).await;
-    let mut raw = env.raw_config();
-    raw.content.details = false;
-    raw.content.transcripts = false;
-    raw.sync.revisit_deep = "0s".into();
-    let config = raw.validate().unwrap();
-    env.sync(&config, live()).await;
+    let config = synced_for_the_audit(&env).await;
     // Nothing changed: an audit costs one request per 500 encounters.
     let quiet = env.sync(&config, CyclePlan::full(None, true)).await;
     let quiet_requests = last_audit_requests(&env);
@@ -527,12 +522,7 @@ both_backends!(
 /// marked removed); the history audit finds the fourth. Every record is kept exactly once.
 async fn an_encounter_whose_created_at_moves_is_kept_with_its_new_instant_never_removed(backend: Backend) {
     let env = TestEnv::with_encounters_on(backend, 81, 6_000).await;
-    let mut raw = env.raw_config();
-    raw.content.details = false;
-    raw.content.transcripts = false;
-    raw.sync.revisit_deep = "0s".into();
-    let config = raw.validate().unwrap();
-    env.sync(&config, live()).await;
+    let config = synced_for_the_audit(&env).await;
     compare(&env.sim, &env.warehouse).assert_empty();
 
     let now = OffsetDateTime::now_utc();
@@ -578,6 +568,18 @@ async fn an_encounter_whose_created_at_moves_is_kept_with_its_new_instant_never_
         &[],
     );
     assert_eq!(removed, 0);
+}
+
+/// A list-only configuration without the daily deep revisit, so that only the history audit
+/// looks weeks back, once a first cycle of it has synced everything.
+async fn synced_for_the_audit(env: &TestEnv) -> charthero_sync::config::Config {
+    let mut raw = env.raw_config();
+    raw.content.details = false;
+    raw.content.transcripts = false;
+    raw.sync.revisit_deep = "0s".into();
+    let config = raw.validate().unwrap();
+    env.sync(&config, live()).await;
+    config
 }
 
 /// The list requests of the newest audit, as its row records them.
