@@ -262,6 +262,25 @@ async fn run_organization(
             Err(CycleError::Cancelled) => break,
             Err(e) if e.key_refused() => return Err(e),
             Err(e) if is_fatal(&e) => return Err(e),
+            Err(CycleError::Api(e)) if e.is_paused() && ctx.client.paused_until().is_some() => {
+                // ChartHero asked for no requests until then (a `Retry-After` longer than a
+                // request waits): nothing is sent before it, so no cycle starts before it
+                // either — one line, not a failed cycle at every tick of the schedule.
+                let until = ctx.client.paused_until().unwrap_or(now);
+                next_live = until;
+                tracing::warn!(
+                    paused_until = %format_utc(until),
+                    "{e}; the next cycle starts then"
+                );
+                status(&format!(
+                    "paused by ChartHero (Retry-After) until {}",
+                    format_utc(until)
+                ));
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep((until - now).unsigned_abs()) => {}
+                }
+            }
             Err(e) => {
                 failures += 1;
                 let retry_at = now + failure_backoff(failures);

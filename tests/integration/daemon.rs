@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use charthero_sim::ALL_SCOPES;
+use charthero_sim::{ALL_SCOPES, Fault, FaultRule, Route as SimRoute};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
@@ -199,6 +199,69 @@ async fn a_queued_backfill_is_picked_up_by_the_running_daemon_and_shows_progress
     signal(&child, "-TERM");
     wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(10)).await;
     compare(&env.sim, db).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_daemon_paused_by_charthero_starts_no_cycle_until_the_pause_is_over
+);
+/// A `Retry-After` longer than a request waits (an hourly quota, say) holds the daemon's cycles
+/// until it is over: on an every-second schedule, one request answered 429 and one failed cycle,
+/// not one per tick; one warning naming the time; `status` shows the pause; SIGTERM still stops
+/// the daemon at once.
+async fn a_daemon_paused_by_charthero_starts_no_cycle_until_the_pause_is_over(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 54, 300).await;
+    env.write_key_file(&env.sim.api_key());
+    let config = env.write_config_file(ENCOUNTERS_ONLY);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "settle_lag = \"0s\"\n",
+            "settle_lag = \"0s\"\nschedule = \"* * * * * *\"\n",
+        ),
+    )
+    .unwrap();
+    env.sim.push_fault(FaultRule::once(
+        Some(SimRoute::List),
+        Fault::Status {
+            status: 429,
+            reason_code: None,
+            retry_after: Some("600".to_owned()),
+        },
+    ));
+    let db = &env.warehouse;
+    let mut daemon = bin(&config);
+    daemon.arg("run");
+    let mut child = spawn(daemon);
+    wait_for("the paused cycle", Duration::from_secs(30), || {
+        db.has_table("sync_runs")
+            && db.scalar::<i64>("SELECT count(*) FROM sync_runs WHERE outcome = 'failed'", &[]) == 1
+    })
+    .await;
+    // Four ticks of the schedule.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::List), 1);
+    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM sync_runs", &[]), 1);
+    let mut status = bin(&config);
+    status.args(["status", "--json"]);
+    let out = run(status).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["organizations"][0]["paused_until"].is_string(), "{json}");
+    signal(&child, "-TERM");
+    wait_exit(
+        "the paused daemon after SIGTERM",
+        &mut child,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(
+        stderr.matches("the next cycle starts then").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
