@@ -708,6 +708,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let config = Config::load(&cli.config)?;
             let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
             let mut plans = Vec::new();
+            // An organization that cannot be estimated (its key refused, a pause ChartHero asked
+            // for) does not hide the others' plans; the exit status says it failed.
+            let mut failed: Vec<(u8, String)> = Vec::new();
             for org in config.select_organizations(&organizations)? {
                 let (key, _) = config::load_organization_key(&org)?;
                 let client = charthero_sync::api::Client::for_organization(
@@ -726,26 +729,28 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                         org.name
                     );
                 }
-                let plan = charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc())
-                    .await
-                    .map_err(|e| Failure {
-                        code: if e.is_auth() {
+                match charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc()).await
+                {
+                    Ok(plan) => plans.push(plan),
+                    Err(e) => failed.push((
+                        if e.is_auth() {
                             exit::AUTH_REFUSED
                         } else {
                             exit::CYCLE_FAILED
                         },
-                        error: anyhow::anyhow!("cannot estimate the backfill of {}: {e}", org.name),
-                    })?;
-                plans.push(plan);
+                        format!("cannot estimate the backfill of {}: {e}", org.name),
+                    )),
+                }
             }
             let several = config.organizations.len() > 1;
-            if json {
+            // When every selected organization failed there is nothing to print but why.
+            if json && !plans.is_empty() {
                 let text = match &plans[..] {
                     [one] if !several => serde_json::to_string_pretty(one),
                     all => serde_json::to_string_pretty(all),
                 };
                 say!("{}", text.map_err(anyhow::Error::from)?);
-            } else {
+            } else if !json {
                 for plan in &plans {
                     if several {
                         say!("organization     {}", plan.organization);
@@ -753,7 +758,16 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     say!("{}", plan.render().trim_end());
                 }
             }
-            Ok(())
+            match failed.iter().map(|(code, _)| *code).max() {
+                None => Ok(()),
+                Some(code) => Err(Failure {
+                    code,
+                    error: anyhow::anyhow!(
+                        "{}",
+                        failed.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; ")
+                    ),
+                }),
+            }
         }
         Command::Check { organizations } => {
             let config = Config::load(&cli.config)?;

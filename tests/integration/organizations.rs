@@ -735,4 +735,38 @@ async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("organization     beta"), "{}", text(&out));
     assert!(!text(&out).contains("alpha"), "{}", text(&out));
+
+    // ChartHero paused alpha's key (a kept `Retry-After`): `check` and `plan` send alpha nothing
+    // and say so, and still probe and estimate beta; both exit 1.
+    let until = OffsetDateTime::now_utc() + time::Duration::minutes(30);
+    rusqlite::Connection::open(dir.path().join("warehouse.db"))
+        .unwrap()
+        .execute(
+            "INSERT INTO organization_state (organization, name, value) VALUES ('alpha', 'paused_until', ?1)",
+            [charthero_sync::timefmt::format_stored(until)],
+        )
+        .unwrap();
+    let alpha_requests = sims[0].stats().requests;
+    let out = run(cmd(&["check"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for line in [
+        "api              paused  ChartHero asked this key to wait (Retry-After) until",
+        "org_beta (not configured",
+        "alpha: ChartHero asked the key to wait until",
+    ] {
+        assert!(text(&out).contains(line), "{line}: {}", text(&out));
+    }
+    let out = run(cmd(&["plan", "--json"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let plans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
+    assert_eq!(plans[0]["organization"], "beta");
+    assert!(
+        text(&out).contains(
+            "cannot estimate the backfill of alpha: GET /encounters: ChartHero asked for no requests until"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(sims[0].stats().requests, alpha_requests, "alpha's key was paused");
 }
