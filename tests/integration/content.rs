@@ -844,14 +844,7 @@ async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_ov
     let env = TestEnv::with_encounters_on(backend, 32, 300).await;
     let config = env.encounters_only_config();
     let ctx = charthero_sync::connect(&config, &env.key()).await.unwrap();
-    env.sim.push_fault(FaultRule::once(
-        Some(SimRoute::List),
-        Fault::Status {
-            status: 429,
-            reason_code: None,
-            retry_after: Some("600".to_owned()),
-        },
-    ));
+    crate::support::quota_on_the_next_list_request(&env.sim);
     let cancel = tokio_util::sync::CancellationToken::new();
     let started = std::time::Instant::now();
     for _ in 0..2 {

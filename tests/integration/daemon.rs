@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use charthero_sim::{ALL_SCOPES, Fault, FaultRule, Route as SimRoute};
+use charthero_sim::{ALL_SCOPES, Route as SimRoute};
 use charthero_sync::timefmt::format_utc;
 use time::OffsetDateTime;
 
@@ -222,14 +222,7 @@ async fn a_daemon_paused_by_charthero_starts_no_cycle_until_the_pause_is_over(ba
         ),
     )
     .unwrap();
-    env.sim.push_fault(FaultRule::once(
-        Some(SimRoute::List),
-        Fault::Status {
-            status: 429,
-            reason_code: None,
-            retry_after: Some("600".to_owned()),
-        },
-    ));
+    crate::support::quota_on_the_next_list_request(&env.sim);
     let db = &env.warehouse;
     let mut daemon = bin(&config);
     daemon.arg("run");

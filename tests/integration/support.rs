@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use charthero_sim::pgcluster::{self, PgDatabase};
-use charthero_sim::{SimOptions, Simulator};
+use charthero_sim::{Fault, FaultRule, Route as SimRoute, SimOptions, Simulator};
 use charthero_sync::config::{Config, RawConfig, RawDatabase};
 use charthero_sync::secret::ApiKey;
 use charthero_sync::sync::{BackfillRange, CyclePlan, CycleReport};
@@ -213,6 +213,19 @@ fn write_secret(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Has the simulator answer the next list request 429 with `Retry-After: 600` (an hourly quota,
+/// say): longer than a request waits, so the key is paused for ten minutes.
+pub fn quota_on_the_next_list_request(sim: &Simulator) {
+    sim.push_fault(FaultRule::once(
+        Some(SimRoute::List),
+        Fault::Status {
+            status: 429,
+            reason_code: None,
+            retry_after: Some("600".to_owned()),
+        },
+    ));
 }
 
 pub fn sim_options(seed: u64, encounters: usize) -> SimOptions {
