@@ -6,6 +6,8 @@
 //! the warehouse: a SQLite file's location, or a PostgreSQL server's transport, version, schema
 //! and readers' role ([`check_database`]).
 
+use std::collections::HashMap;
+
 use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
@@ -133,32 +135,34 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
     probes
 }
 
-/// Holds `client` to the pause ChartHero asked of this organization's key (`Retry-After`) that
-/// an earlier sync kept in the warehouse, as a sync cycle's start does: `check` and `plan` then
-/// send nothing with the key before it is over (`Client::paused_until` says until when). A
-/// warehouse not created yet keeps none.
-pub async fn hold_kept_pause(
+/// The pauses ChartHero asked of these organizations' keys (`Retry-After`) that an earlier sync
+/// kept in the warehouse, by organization name, in one reading of the warehouse: `check` and
+/// `plan` hold each organization's client to its pause (`Client::pause_until`), as a sync
+/// cycle's start does, and send nothing with that key before it is over. A warehouse not created
+/// yet keeps none.
+pub async fn kept_pauses(
     database: &DatabaseConfig,
-    organization: &str,
-    client: &Client,
-) -> anyhow::Result<()> {
+    organizations: &[Organization],
+) -> anyhow::Result<HashMap<String, OffsetDateTime>> {
     let database = database.clone();
-    let organization = organization.to_owned();
-    let until = store::blocking(move || {
+    let names: Vec<String> = organizations.iter().map(|o| o.name.clone()).collect();
+    store::blocking(move || {
         let created = match &database.target {
             DatabaseTarget::Sqlite { path } => path.exists(),
             DatabaseTarget::Postgres(pg) => store::describe_postgres(pg)?.schema_version.is_some(),
         };
-        if !created {
-            return Ok(None);
+        let mut pauses = HashMap::new();
+        if created {
+            let warehouse = store::open_reader(&database)?;
+            for name in names {
+                if let Some(until) = warehouse.state_time(&name, StateTime::PausedUntil)? {
+                    pauses.insert(name, until);
+                }
+            }
         }
-        store::open_reader(&database)?.state_time(&organization, StateTime::PausedUntil)
+        Ok(pauses)
     })
-    .await?;
-    if let Some(until) = until {
-        client.pause_until(until);
-    }
-    Ok(())
+    .await
 }
 
 /// Lists one encounter to see which clinic the key reads: `Err` (a line to print) when

@@ -711,7 +711,14 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             // An organization that cannot be estimated (its key refused, a pause ChartHero asked
             // for) does not hide the others' plans; the exit status says it failed.
             let mut failed: Vec<(u8, String)> = Vec::new();
-            for org in config.select_organizations(&organizations)? {
+            let selected = config.select_organizations(&organizations)?;
+            let pauses = charthero_sync::check::kept_pauses(&config.database, &selected)
+                .await
+                .unwrap_or_else(|e| {
+                    complain!("note: cannot read whether ChartHero paused a key: {e:#}");
+                    Default::default()
+                });
+            for org in selected {
                 let (key, _) = config::load_organization_key(&org)?;
                 let client = charthero_sync::api::Client::for_organization(
                     &config.api,
@@ -721,13 +728,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     &key,
                     std::sync::Arc::default(),
                 )?;
-                if let Err(e) =
-                    charthero_sync::check::hold_kept_pause(&config.database, &org.name, &client).await
-                {
-                    complain!(
-                        "note: cannot read whether ChartHero paused the key of {}: {e:#}",
-                        org.name
-                    );
+                if let Some(until) = pauses.get(&org.name) {
+                    client.pause_until(*until);
                 }
                 match charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc()).await
                 {
@@ -743,8 +745,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 }
             }
             let several = config.organizations.len() > 1;
-            // When every selected organization failed there is nothing to print but why.
-            if json && !plans.is_empty() {
+            // One organization that failed has nothing to print but why; several print an
+            // array, empty when every one failed.
+            if json && (several || !plans.is_empty()) {
                 let text = match &plans[..] {
                     [one] if !several => serde_json::to_string_pretty(one),
                     all => serde_json::to_string_pretty(all),
@@ -782,6 +785,16 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let mut refused = Vec::new();
             let mut failed = Vec::new();
             let mut paused = Vec::new();
+            // Not when the warehouse's location failed its check: the error below says why.
+            let pauses = match &database {
+                Ok(()) => charthero_sync::check::kept_pauses(&config.database, &selected)
+                    .await
+                    .unwrap_or_else(|e| {
+                        say!("warehouse        note    cannot read whether ChartHero paused a key: {e:#}");
+                        Default::default()
+                    }),
+                Err(_) => Default::default(),
+            };
             for org in &selected {
                 if several {
                     say!("organization {}", org.name);
@@ -796,10 +809,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     &key,
                     std::sync::Arc::default(),
                 )?;
-                if let Err(e) =
-                    charthero_sync::check::hold_kept_pause(&config.database, &org.name, &client).await
-                {
-                    say!("warehouse        note    cannot read whether ChartHero paused this key: {e:#}");
+                if let Some(until) = pauses.get(&org.name) {
+                    client.pause_until(*until);
                 }
                 if let Some(until) = client.paused_until() {
                     let until = charthero_sync::timefmt::format_utc(until);

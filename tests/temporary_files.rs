@@ -1,6 +1,6 @@
 //! Where SQLite makes a writer's temporary files. A test binary of its own: the directory is a
-//! process-wide setting of SQLite's (the last writer opened decides), so a test beside others
-//! that open warehouses in parallel could see theirs.
+//! process-wide setting of SQLite's, set once by the first writer opened, so a test beside
+//! others that open warehouses in parallel could see theirs.
 
 use std::path::PathBuf;
 use std::time::Duration;

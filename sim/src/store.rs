@@ -547,6 +547,7 @@ impl Store {
     pub(crate) fn move_created(&mut self, slot: Slot, created: OffsetDateTime, now: i64) {
         let created = self.precise(nanos(created));
         let rec = self.touch(slot, now);
+        rec.updated = rec.updated.max(created);
         let (old, id, visibility, updated) = (rec.created, rec.id, rec.visibility, rec.updated);
         rec.created = created;
         self.bases.insert(slot, updated);

@@ -278,7 +278,7 @@ async fn run_organization(
                 ));
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep((until - now).unsigned_abs()) => {}
+                    () = tokio::time::sleep((until - now).max(time::Duration::ZERO).unsigned_abs()) => {}
                 }
             }
             Err(e) => {

@@ -181,29 +181,36 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Has SQLite make its temporary files (the statement journals, sorters and temporary tables
-/// that outgrow memory) in the warehouse's own directory rather than in `$TMPDIR` or
-/// `/var/tmp`: they hold images of the warehouse's pages (note text, transcript turns, names), so
-/// they belong on the warehouse's filesystem under its directory's permissions, like its `-wal`
-/// (docs/operations.md, "Memory and temporary files"). SQLite unlinks each as it creates it. The
-/// setting is SQLite's, for the whole process (the last writer opened decides; a process writes
-/// one warehouse), and SQLite guards it with a mutex of its own. Best effort: a directory SQLite
-/// cannot write or name is logged, and temporary files then stay where SQLite puts them.
+/// Has SQLite make the writer process's temporary files (the statement journals, sorters and
+/// temporary tables that outgrow memory) in the warehouse's own directory rather than in
+/// `$TMPDIR` or `/var/tmp`: they hold images of the warehouse's pages (note text, transcript
+/// turns, names), so they belong on the warehouse's filesystem under its directory's
+/// permissions, like its `-wal` (docs/operations.md, "Memory and temporary files"); SQLite makes
+/// them unnamed (`O_TMPFILE`) or unlinks them at once.
+///
+/// The setting is SQLite's, for the whole process, and is set once, by the first writer opened
+/// (a process writes one warehouse): SQLite reads it unguarded when it makes an `O_TMPFILE`, so
+/// replacing it while another connection spills would free the string under that read. Best
+/// effort: a directory SQLite cannot write or name is logged, and one that disappears later
+/// (a test's) sends temporary files back to SQLite's defaults.
 fn keep_temporary_files_beside(conn: &Connection, path: &Path) {
-    let dir = std::fs::canonicalize(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|p| {
-            p.parent()
-                .and_then(Path::to_str)
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow::anyhow!("its directory is not a UTF-8 path"))
-        });
-    if let Err(e) = dir.and_then(|dir| Ok(conn.pragma_update(None, "temp_store_directory", dir)?)) {
-        tracing::warn!(
-            database = %path.display(),
-            "SQLite's temporary files stay in the system's temporary directory: {e:#}"
-        );
-    }
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| {
+        let dir = std::fs::canonicalize(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| {
+                p.parent()
+                    .and_then(Path::to_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| anyhow::anyhow!("its directory is not a UTF-8 path"))
+            });
+        if let Err(e) = dir.and_then(|dir| Ok(conn.pragma_update(None, "temp_store_directory", dir)?)) {
+            tracing::warn!(
+                database = %path.display(),
+                "SQLite's temporary files stay in the system's temporary directory: {e:#}"
+            );
+        }
+    });
 }
 
 /// Gives the database files (and the writer lock beside them) the group of their directory and
