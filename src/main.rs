@@ -720,17 +720,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 });
             for org in selected {
                 let (key, _) = config::load_organization_key(&org)?;
-                let client = charthero_sync::api::Client::for_organization(
-                    &config.api,
-                    &org,
-                    &config.limits,
-                    ceiling.clone(),
-                    &key,
-                    std::sync::Arc::default(),
-                )?;
-                if let Some(until) = pauses.get(&org.name) {
-                    client.pause_until(*until);
-                }
+                let client = probing_client(&config, &org, &ceiling, &key, &pauses)?;
                 match charthero_sync::plan::estimate(&config, &org, &client, OffsetDateTime::now_utc()).await
                 {
                     Ok(plan) => plans.push(plan),
@@ -801,17 +791,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 }
                 let (key, source) = config::load_organization_key(org)?;
                 say!("api key          ok      from {source}");
-                let client = charthero_sync::api::Client::for_organization(
-                    &config.api,
-                    org,
-                    &config.limits,
-                    ceiling.clone(),
-                    &key,
-                    std::sync::Arc::default(),
-                )?;
-                if let Some(until) = pauses.get(&org.name) {
-                    client.pause_until(*until);
-                }
+                let client = probing_client(&config, org, &ceiling, &key, &pauses)?;
                 if let Some(until) = client.paused_until() {
                     let until = charthero_sync::timefmt::format_utc(until);
                     say!(
@@ -887,6 +867,30 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// A client of `org`'s key for the commands that probe outside a sync cycle (`check`, `plan`),
+/// held, as a cycle's start holds its client, to the pause ChartHero asked of the key and a sync
+/// kept (`pauses`, from `check::kept_pauses`).
+fn probing_client(
+    config: &Config,
+    org: &config::Organization,
+    ceiling: &std::sync::Arc<charthero_sync::api::Ceiling>,
+    key: &charthero_sync::secret::ApiKey,
+    pauses: &std::collections::HashMap<String, OffsetDateTime>,
+) -> anyhow::Result<charthero_sync::api::Client> {
+    let client = charthero_sync::api::Client::for_organization(
+        &config.api,
+        org,
+        &config.limits,
+        ceiling.clone(),
+        key,
+        std::sync::Arc::default(),
+    )?;
+    if let Some(until) = pauses.get(&org.name) {
+        client.pause_until(*until);
+    }
+    Ok(client)
 }
 
 /// What `check` found wrong with its organizations, each `"<name>: <problem>"`, as one message:

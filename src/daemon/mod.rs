@@ -262,10 +262,11 @@ async fn run_organization(
             Err(CycleError::Cancelled) => break,
             Err(e) if e.key_refused() => return Err(e),
             Err(e) if is_fatal(&e) => return Err(e),
-            Err(CycleError::Api(e)) if e.is_paused() && ctx.client.paused_until().is_some() => {
+            Err(CycleError::Api(e)) if e.is_paused() => {
                 // ChartHero asked for no requests until then (a `Retry-After` longer than a
                 // request waits): nothing is sent before it, so no cycle starts before it
-                // either — one line, not a failed cycle at every tick of the schedule.
+                // either — one line, not a failed cycle at every tick of the schedule. (A pause
+                // over by now leaves nothing to wait for.)
                 let until = ctx.client.paused_until().unwrap_or(now);
                 next_live = until;
                 tracing::warn!(
