@@ -85,6 +85,11 @@ pub struct SimOptions {
     /// Render `"documents": null` for an encounter without documents, instead of `[]` (the
     /// contract shows an array; a server may send null for none). Default `false`.
     pub null_empty_documents: bool,
+    /// With `sort_order=desc`, break `created_at` ties by ascending `encounter_id` (`ORDER BY
+    /// created_at DESC, encounter_id ASC`), so a descending page is not the reverse of an
+    /// ascending one where records share an instant. The contract says ties are broken by the
+    /// ID, not in which direction. Default `false`: descending is the exact reverse.
+    pub desc_ties_ascending: bool,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -192,6 +197,7 @@ impl Default for SimOptions {
             total_counts_unavailable: false,
             final_document_status: "completed".to_owned(),
             null_empty_documents: false,
+            desc_ties_ascending: false,
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::model::{Fault, ListRequest, Route, Visibility};
 use crate::query::{self, QueryError};
 use crate::render::{self, DocDetail};
 use crate::state::{Inner, Simulator, lock, read};
+use crate::store::Direction;
 use crate::store::DocClass;
 use crate::timestamp::{nanos, now_nanos};
 
@@ -471,7 +472,11 @@ fn list(sim: &Simulator, params: query::ListParams) -> Reply {
         params.end_at.map(nanos),
         params.offset as usize,
         limit as usize,
-        params.sort_desc,
+        match (params.sort_desc, inner.desc_ties_ascending) {
+            (false, _) => Direction::Asc,
+            (true, false) => Direction::Desc,
+            (true, true) => Direction::DescTiesAsc,
+        },
     );
     let unlisted = if inner
         .total_counts_unavailable

@@ -172,6 +172,16 @@ pub(crate) struct Page {
     pub(crate) slots: Vec<Slot>,
 }
 
+/// The order a list page is read in: ascending `(created_at, encounter_id)`, its exact reverse,
+/// or newest instant first with each instant's ties still ascending
+/// (`SimOptions::desc_ties_ascending`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Asc,
+    Desc,
+    DescTiesAsc,
+}
+
 pub(crate) struct Store {
     pub(crate) organization_id: Box<str>,
     pub(crate) params: ContentParams,
@@ -472,19 +482,38 @@ impl Store {
         end: Option<i64>,
         offset: usize,
         limit: usize,
-        desc: bool,
+        direction: Direction,
     ) -> Page {
         let lo = start.map_or(0, |s| self.index.partition_point(|e| e.0 < s));
         let hi = end.map_or(self.index.len(), |e| self.index.partition_point(|x| x.0 < e));
         let hi = hi.max(lo);
         let total = hi - lo;
         let take = limit.min(total.saturating_sub(offset));
-        let slots = if desc {
-            let top = hi - offset.min(total);
-            self.index[top - take..top].iter().rev().map(|e| e.2).collect()
-        } else {
-            let first = lo + offset.min(total);
-            self.index[first..first + take].iter().map(|e| e.2).collect()
+        let slots = match direction {
+            Direction::Asc => {
+                let first = lo + offset.min(total);
+                self.index[first..first + take].iter().map(|e| e.2).collect()
+            }
+            Direction::Desc => {
+                let top = hi - offset.min(total);
+                self.index[top - take..top].iter().rev().map(|e| e.2).collect()
+            }
+            Direction::DescTiesAsc => {
+                // Instants from the newest down, each instant's records in ascending ID order.
+                let mut slots = Vec::with_capacity(take);
+                let (mut skip, mut top) = (offset, hi);
+                while slots.len() < take && top > lo {
+                    let instant = self.index[top - 1].0;
+                    let bottom = lo + self.index[lo..top].partition_point(|e| e.0 < instant);
+                    let group = &self.index[bottom..top];
+                    let from = skip.min(group.len());
+                    skip -= from;
+                    let wanted = take - slots.len();
+                    slots.extend(group[from..].iter().take(wanted).map(|e| e.2));
+                    top = bottom;
+                }
+                slots
+            }
         };
         Page { total, slots }
     }
@@ -791,6 +820,44 @@ mod tests {
     }
 
     #[test]
+    fn descending_with_ascending_ties_keeps_each_instant_in_id_order() {
+        let mut store = Store::new(&SimOptions::default());
+        let base = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        // Three instants holding 1, 3 and 2 records.
+        for (minute, count) in [(0, 1), (1, 3), (2, 2)] {
+            for _ in 0..count {
+                let at = base + time::Duration::minutes(minute);
+                store.insert(&NewEncounter::at(at), nanos(at));
+            }
+        }
+        let key = |slot: Slot| (store.rec(slot).created, store.rec(slot).id);
+        let asc: Vec<_> = store.page(None, None, 0, 10, Direction::Asc).slots;
+        let mut expected: Vec<_> = asc.iter().map(|&s| key(s)).collect();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for offset in 0..7 {
+            for limit in 1..8 {
+                let page = store.page(None, None, offset, limit, Direction::DescTiesAsc);
+                assert_eq!(page.total, 6);
+                let got: Vec<_> = page.slots.iter().map(|&s| key(s)).collect();
+                let want: Vec<_> = expected.iter().skip(offset).take(limit).copied().collect();
+                assert_eq!(got, want, "offset {offset}, limit {limit}");
+            }
+        }
+        // Bounded to the middle instant: its three records in ascending ID order.
+        let b = nanos(base);
+        let minute = 60_000_000_000;
+        let middle = store.page(
+            Some(b + minute),
+            Some(b + 2 * minute),
+            0,
+            10,
+            Direction::DescTiesAsc,
+        );
+        let ids: Vec<_> = middle.slots.iter().map(|&s| key(s)).collect();
+        assert!(ids.len() == 3 && ids.is_sorted(), "{ids:?}");
+    }
+
+    #[test]
     fn paging_in_both_directions_respects_offset_and_bounds() {
         let mut store = Store::new(&SimOptions::default());
         let base = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
@@ -799,17 +866,20 @@ mod tests {
             store.insert(&NewEncounter::at(at), nanos(at));
         }
         let created = |slot: Slot| store.rec(slot).created;
-        let asc = store.page(None, None, 2, 3, false);
+        let asc = store.page(None, None, 2, 3, Direction::Asc);
         assert_eq!(asc.total, 10);
         let times: Vec<_> = asc.slots.iter().map(|&s| created(s)).collect();
         let minute = 60_000_000_000;
         let b = nanos(base);
         assert_eq!(times, vec![b + 2 * minute, b + 3 * minute, b + 4 * minute]);
-        let desc = store.page(Some(b + minute), Some(b + 5 * minute), 1, 10, true);
+        let desc = store.page(Some(b + minute), Some(b + 5 * minute), 1, 10, Direction::Desc);
         assert_eq!(desc.total, 4);
         let times: Vec<_> = desc.slots.iter().map(|&s| created(s)).collect();
         assert_eq!(times, vec![b + 3 * minute, b + 2 * minute, b + minute]);
-        assert!(store.page(None, None, 10, 5, true).slots.is_empty());
-        assert_eq!(store.page(Some(b + minute), Some(b), 0, 5, false).total, 0);
+        assert!(store.page(None, None, 10, 5, Direction::Desc).slots.is_empty());
+        assert_eq!(
+            store.page(Some(b + minute), Some(b), 0, 5, Direction::Asc).total,
+            0
+        );
     }
 }

@@ -188,9 +188,18 @@ pub enum CycleError {
     },
     #[error(
         "{count} encounters share the created_at instant {instant}; the API's offset cap (10000) \
-         reaches 20200 of them from both ends, so the rest cannot be listed; what was read is kept"
+         reaches {reachable} of them {}, so the rest cannot be listed; what was read is kept",
+        reach(*.descending_reverses)
     )]
-    InstantOverfull { instant: String, count: u64 },
+    InstantOverfull {
+        instant: String,
+        count: u64,
+        /// How many records of one instant offsets reach.
+        reachable: u64,
+        /// Whether the server's descending order is the reverse of its ascending one, so that
+        /// offsets reach records from both ends.
+        descending_reverses: bool,
+    },
     /// The warehouse failed (full disk, busy, corrupt, not writable, I/O); it says which.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -208,6 +217,16 @@ pub enum CycleError {
     },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+/// How offsets reached into an overfull instant, for [`CycleError::InstantOverfull`].
+fn reach(descending_reverses: bool) -> &'static str {
+    if descending_reverses {
+        "from both ends"
+    } else {
+        "from the front only (the server's descending order keeps that instant's records in their \
+         ascending order, so reading from the back lists the same ones)"
+    }
 }
 
 impl CycleError {

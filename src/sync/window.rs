@@ -797,9 +797,12 @@ async fn page_instant(
 /// Reads `[from, to)` by offsets, given its first ascending page. Consecutive pages overlap by
 /// at least one record, which must be where the previous page put it, and every response must
 /// report the same total. Ascending offsets reach [`OFFSET_REACH`] records; the rest is read
-/// descending from the other end, so up to twice that many are reachable. More than that in one
-/// microsecond is an error naming the instant and the count (the rows read are kept); in a wider
-/// range the caller narrows first.
+/// descending from the other end, so up to twice that many are reachable. A record both ends
+/// read must sit at mirrored positions: a server whose descending order is not the reverse of its
+/// ascending one (ties kept in ascending ID order) lists the front's records again from the back,
+/// and only the front's [`OFFSET_REACH`] are reachable. More than can be reached in one
+/// microsecond is an error naming the instant, the count and the reach (the rows read are kept);
+/// in a wider range the caller narrows first.
 async fn page_offsets(
     ctx: &SyncContext,
     pass: &mut Pass,
@@ -834,21 +837,42 @@ async fn page_offsets(
             .list(ctx, from, to, offset, limit, SortOrder::Desc, counts, cancel)
             .await?;
         let full = back.take(pass, offset, &page);
+        // A moved total or overlap already marked a shift, and shifted positions prove nothing.
+        let mirrored = pass.shifted || front.mirrors(&page.items, offset);
         pass.absorb(ctx, page.items, counts).await?;
+        if !mirrored {
+            return overfull(pass, from, to, total, front.reached, false, counts).await;
+        }
         if !full || front.reached + back.reached >= total {
             return Ok(());
         }
     }
-    if to == from.next() {
-        pass.settle(counts).await?;
-        return Err(CycleError::InstantOverfull {
-            instant: from.to_string(),
-            count: total,
-        });
+    overfull(pass, from, to, total, OFFSET_REACH * 2, true, counts).await
+}
+
+/// Ends [`page_offsets`] when offsets did not reach every record: in one microsecond that is
+/// [`CycleError::InstantOverfull`] (what was read is stored first); a wider range grew past what
+/// offsets reach while it was paged, and is re-scanned narrower.
+async fn overfull(
+    pass: &mut Pass,
+    from: Micros,
+    to: Micros,
+    total: u64,
+    reachable: u64,
+    descending_reverses: bool,
+    counts: &mut RunCounts,
+) -> Result<(), CycleError> {
+    if to != from.next() {
+        pass.saw_a_shift();
+        return Ok(());
     }
-    // A wider range grew past what offsets reach while we paged: re-scan it (narrower).
-    pass.saw_a_shift();
-    Ok(())
+    pass.settle(counts).await?;
+    Err(CycleError::InstantOverfull {
+        instant: from.to_string(),
+        count: total,
+        reachable,
+        descending_reverses,
+    })
 }
 
 /// Offset pages read in one direction: how far they reached, and the last record read with its
@@ -860,6 +884,8 @@ struct Chain {
     reached: u64,
     last: Option<(u64, String)>,
     offset: Option<u32>,
+    /// The position at which this chain read each record.
+    positions: HashMap<String, u64>,
 }
 
 impl Chain {
@@ -870,6 +896,7 @@ impl Chain {
             reached: 0,
             last: None,
             offset: None,
+            positions: HashMap::new(),
         }
     }
 
@@ -907,12 +934,26 @@ impl Chain {
             }
         }
         let received = page.items.len() as u64;
+        for (position, e) in (u64::from(offset)..).zip(&page.items) {
+            self.positions.insert(e.encounter_id.clone(), position);
+        }
         if let Some(last) = page.items.last() {
             let position = u64::from(offset) + received - 1;
             self.last = Some((position, last.encounter_id.clone()));
             self.reached = self.reached.max(position + 1);
         }
         received > 0 && (received == u64::from(self.limit) || self.reached < self.total)
+    }
+
+    /// Whether the records of a page read from the other end at `offset`, where this chain read
+    /// them too, sit at the mirrored positions (`front + back + 1 = total`), as they do when one
+    /// end's order is the exact reverse of the other's.
+    fn mirrors(&self, items: &[Encounter], offset: u32) -> bool {
+        (u64::from(offset)..).zip(items).all(|(back, e)| {
+            self.positions
+                .get(&e.encounter_id)
+                .is_none_or(|front| front + back + 1 == self.total)
+        })
     }
 }
 

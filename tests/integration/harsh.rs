@@ -360,23 +360,83 @@ async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_
     let env = TestEnv::with_encounters_on(backend, 74, 200).await;
     let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
     env.sim.insert_bulk(instant, 20_350);
+    let err = sync_failing_at_the_instant(&env, instant).await;
+    assert!(
+        matches!(
+            err,
+            CycleError::InstantOverfull {
+                count: 20_350,
+                reachable: 20_200,
+                descending_reverses: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(at_instant(&env, instant), 20_200, "what both ends reach is kept");
+}
+
+both_backends!(
+    #[tokio::test]
+    a_descending_order_that_keeps_ties_ascending_is_caught_and_never_taken_for_the_rest_of_an_instant
+);
+/// The contract breaks `created_at` ties by the encounter ID without saying in which direction
+/// for `sort_order=desc`. A server that keeps them ascending lists an instant's records in the
+/// same order both ways, so reading from the back finds the front's records again: an earlier
+/// release then took the instant's unreachable records for ones the total counts but never lists
+/// and reported the cycle complete, 1,900 encounters short.
+async fn a_descending_order_that_keeps_ties_ascending_is_caught_and_never_taken_for_the_rest_of_an_instant(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            desc_ties_ascending: true,
+            ..sim_options(75, 300)
+        },
+    )
+    .await;
+    let now = OffsetDateTime::now_utc();
+    // An instant the ascending offsets reach alone is read completely.
+    let reachable = now - time::Duration::days(6);
+    env.sim.insert_bulk(reachable, 10_050);
+    let beyond = now - time::Duration::days(5);
+    env.sim.insert_bulk(beyond, 12_000);
+    for attempt in 1..=2 {
+        let before = env.sim.stats().route(SimRoute::List);
+        let err = sync_failing_at_the_instant(&env, beyond).await;
+        assert!(
+            matches!(
+                err,
+                CycleError::InstantOverfull {
+                    count: 12_000,
+                    reachable: 10_100,
+                    descending_reverses: false,
+                    ..
+                }
+            ),
+            "attempt {attempt}: {err}"
+        );
+        assert!(err.to_string().contains("descending order"), "{err}");
+        assert_eq!(at_instant(&env, beyond), 10_100, "what the front reaches is kept");
+        assert_eq!(at_instant(&env, reachable), 10_050);
+        // One pass over each instant and one page from the back: no re-scans.
+        let requests = env.sim.stats().route(SimRoute::List) - before;
+        assert!(requests < 400, "attempt {attempt}: {requests} list requests");
+    }
+}
+
+/// A sync that must fail at the overfull `instant`: the error names it, the run is recorded as
+/// failed with `instant_overfull`, and the watermark has not passed it.
+async fn sync_failing_at_the_instant(env: &TestEnv, instant: OffsetDateTime) -> CycleError {
     let config = env.encounters_only_config();
     let err = charthero_sync::sync_once(&config, &env.key(), "test", live(), &CancellationToken::new())
         .await
         .unwrap_err();
     let text = err.to_string();
-    assert!(
-        matches!(err, CycleError::InstantOverfull { count: 20_350, .. }),
-        "{text}"
-    );
     assert!(text.contains(&Micros::floor(instant).to_string()), "{text}");
     assert_eq!(err.reason_code(), Some("instant_overfull"));
     let db = &env.warehouse;
-    let at_instant: i64 = db.scalar(
-        "SELECT count(*) FROM encounters WHERE created_at_ns = ?1",
-        &[&charthero_sync::timefmt::unix_nanos(instant)],
-    );
-    assert_eq!(at_instant, 20_200, "what both ends reach is kept");
     let (outcome, reason): (String, String) = db.row(
         "SELECT outcome, reason_code FROM sync_runs ORDER BY run_id DESC LIMIT 1",
         &[],
@@ -385,7 +445,6 @@ async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_
         (outcome.as_str(), reason.as_str()),
         ("failed", "instant_overfull")
     );
-    // The watermark did not pass the unread instant.
     let through: Option<String> = db
         .optional_row::<(String,)>(
             "SELECT value FROM organization_state WHERE name = 'complete_through'",
@@ -398,6 +457,15 @@ async fn more_than_20200_on_one_instant_is_an_error_naming_it_and_the_rows_read_
             .is_none_or(|t| charthero_sync::timefmt::parse_rfc3339(t).unwrap() <= instant),
         "{through:?}"
     );
+    err
+}
+
+/// The warehouse's encounters created at exactly `instant`.
+fn at_instant(env: &TestEnv, instant: OffsetDateTime) -> i64 {
+    env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE created_at_ns = ?1",
+        &[&charthero_sync::timefmt::unix_nanos(instant)],
+    )
 }
 
 both_backends!(
