@@ -135,15 +135,22 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
     probes
 }
 
-/// The pauses ChartHero asked of these organizations' keys (`Retry-After`) that an earlier sync
-/// kept in the warehouse, by organization name, in one reading of the warehouse: `check` and
-/// `plan` hold each organization's client to its pause (`Client::pause_until`), as a sync
-/// cycle's start does, and send nothing with that key before it is over. A warehouse not created
-/// yet keeps none.
-pub async fn kept_pauses(
-    database: &DatabaseConfig,
-    organizations: &[Organization],
-) -> anyhow::Result<HashMap<String, OffsetDateTime>> {
+/// What an earlier sync kept in the warehouse that `check` and `plan` must honour before they
+/// send anything with a key, read in one reading of the warehouse (none when it is not created
+/// yet).
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The pauses ChartHero asked of these organizations' keys (`Retry-After`), by organization
+    /// name: each organization's client is held to its pause (`Client::pause_until`), as a sync
+    /// cycle's start does, and sends nothing with that key before it is over.
+    pub pauses: HashMap<String, OffsetDateTime>,
+    /// ChartHero's `organization_id` recorded for each configured name (of any configuration):
+    /// a sync refuses a key that reads another clinic than its name's, or one another name holds.
+    pub clinics: HashMap<String, String>,
+}
+
+/// Reads [`Kept`] for `organizations`.
+pub async fn kept(database: &DatabaseConfig, organizations: &[Organization]) -> anyhow::Result<Kept> {
     let database = database.clone();
     let names: Vec<String> = organizations.iter().map(|o| o.name.clone()).collect();
     store::blocking(move || {
@@ -151,24 +158,32 @@ pub async fn kept_pauses(
             DatabaseTarget::Sqlite { path } => path.exists(),
             DatabaseTarget::Postgres(pg) => store::describe_postgres(pg)?.schema_version.is_some(),
         };
-        let mut pauses = HashMap::new();
+        let mut kept = Kept::default();
         if created {
             let warehouse = store::open_reader(&database)?;
             for name in names {
                 if let Some(until) = warehouse.state_time(&name, StateTime::PausedUntil)? {
-                    pauses.insert(name, until);
+                    kept.pauses.insert(name, until);
                 }
             }
+            kept.clinics = warehouse.recorded_clinics()?.into_iter().collect();
         }
-        Ok(pauses)
+        Ok(kept)
     })
     .await
 }
 
-/// Lists one encounter to see which clinic the key reads: `Err` (a line to print) when
-/// `organization_id` is configured and the key reads another, so `check` refuses the key before
-/// any sync writes a row of the wrong clinic.
-pub async fn probe_organization(org: &Organization, client: &Client) -> Result<String, String> {
+/// Lists one encounter to see which clinic the key reads: `Err` (a line to print) when a sync
+/// would refuse the key — it reads another clinic than the configured `organization_id`, than
+/// the warehouse records for this name, or one another name holds (in the warehouse, or among
+/// the organizations this `check` probed before: `claimed`, which this probe adds to) — so
+/// `check` refuses the key before any sync writes a row of the wrong clinic.
+pub async fn probe_organization(
+    org: &Organization,
+    client: &Client,
+    clinics: &HashMap<String, String>,
+    claimed: &mut HashMap<String, String>,
+) -> Result<String, String> {
     let page = client
         .list_encounters(&ListQuery {
             start_at: None,
@@ -188,24 +203,48 @@ pub async fn probe_organization(org: &Organization, client: &Client) -> Result<S
             ));
         }
     };
-    match (&org.organization_id, found) {
-        (_, None) => Ok(format!(
+    let Some(found) = found else {
+        return Ok(format!(
             "{:<16} ?       not known: the key lists no encounter yet",
             "organization_id"
-        )),
-        (Some(expected), Some(found)) if *expected != found => Err(format!(
-            "{:<16} FAILED  the key lists encounters of {found}, but organization_id = {expected:?} is \
-             configured for {}: refused",
-            "organization_id", org.name
-        )),
-        (Some(_), Some(found)) => Ok(format!(
-            "{:<16} ok      {found} (as configured)",
+        ));
+    };
+    let recorded = clinics.get(&org.name);
+    let holder = clinics
+        .iter()
+        .find(|(name, id)| **id == found && **name != org.name)
+        .map(|(name, _)| format!("organization {name} of this warehouse"))
+        .or_else(|| {
+            claimed
+                .get(&found)
+                .filter(|name| **name != org.name)
+                .map(|name| format!("organization {name} (above)"))
+        });
+    let refused = |why: String| {
+        Err(format!(
+            "{:<16} FAILED  the key lists encounters of {found}, but {why}: refused",
             "organization_id"
+        ))
+    };
+    match (&org.organization_id, recorded, holder) {
+        (Some(expected), _, _) if *expected != found => refused(format!(
+            "organization_id = {expected:?} is configured for {}",
+            org.name
         )),
-        (None, Some(found)) => Ok(format!(
-            "{:<16} ok      {found} (not configured; the first sync records it and holds the key to it)",
-            "organization_id"
+        (_, Some(recorded), _) if *recorded != found => refused(format!(
+            "this warehouse holds organization_id {recorded:?} for {}",
+            org.name
         )),
+        (_, _, Some(holder)) => refused(format!("{holder} reads that clinic")),
+        (configured, recorded, None) => {
+            claimed.insert(found.clone(), org.name.clone());
+            let how = match (configured, recorded) {
+                (Some(_), _) => "as configured",
+                (None, Some(_)) => "as this warehouse records",
+                (None, None) => "not configured; the first sync records it and holds the key to it",
+            };
+            Ok(format!("{:<16} ok      {found} ({how})", "organization_id"))
+        }
     }
 }
 

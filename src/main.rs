@@ -712,12 +712,13 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             // for) does not hide the others' plans; the exit status says it failed.
             let mut failed: Vec<(u8, String)> = Vec::new();
             let selected = config.select_organizations(&organizations)?;
-            let pauses = charthero_sync::check::kept_pauses(&config.database, &selected)
+            let pauses = charthero_sync::check::kept(&config.database, &selected)
                 .await
                 .unwrap_or_else(|e| {
                     complain!("note: cannot read whether ChartHero paused a key: {e:#}");
                     Default::default()
-                });
+                })
+                .pauses;
             for org in selected {
                 let (key, _) = config::load_organization_key(&org)?;
                 let client = probing_client(&config, &org, &ceiling, &key, &pauses)?;
@@ -776,22 +777,25 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             let mut failed = Vec::new();
             let mut paused = Vec::new();
             // Not when the warehouse's location failed its check: the error below says why.
-            let pauses = match &database {
-                Ok(()) => charthero_sync::check::kept_pauses(&config.database, &selected)
+            let kept = match &database {
+                Ok(()) => charthero_sync::check::kept(&config.database, &selected)
                     .await
                     .unwrap_or_else(|e| {
-                        say!("warehouse        note    cannot read whether ChartHero paused a key: {e:#}");
+                        say!(
+                            "warehouse        note    cannot read which clinics and pauses earlier syncs kept: {e:#}"
+                        );
                         Default::default()
                     }),
                 Err(_) => Default::default(),
             };
+            let mut claimed = std::collections::HashMap::new();
             for org in &selected {
                 if several {
                     say!("organization {}", org.name);
                 }
                 let (key, source) = config::load_organization_key(org)?;
                 say!("api key          ok      from {source}");
-                let client = probing_client(&config, org, &ceiling, &key, &pauses)?;
+                let client = probing_client(&config, org, &ceiling, &key, &kept.pauses)?;
                 if let Some(until) = client.paused_until() {
                     let until = charthero_sync::timefmt::format_utc(until);
                     say!(
@@ -808,11 +812,16 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 for p in &probes {
                     say!("{}", p.describe());
                 }
-                match charthero_sync::check::probe_organization(org, &client).await {
+                match charthero_sync::check::probe_organization(org, &client, &kept.clinics, &mut claimed)
+                    .await
+                {
                     Ok(line) => say!("{line}"),
                     Err(line) => {
                         say!("{line}");
-                        refused.push(format!("{}: the key reads another organization", org.name));
+                        refused.push(format!(
+                            "{}: the key reads another organization's clinic",
+                            org.name
+                        ));
                     }
                 }
                 if let Some(e) = probes
@@ -871,7 +880,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
 
 /// A client of `org`'s key for the commands that probe outside a sync cycle (`check`, `plan`),
 /// held, as a cycle's start holds its client, to the pause ChartHero asked of the key and a sync
-/// kept (`pauses`, from `check::kept_pauses`).
+/// kept (`pauses`, from `check::kept`).
 fn probing_client(
     config: &Config,
     org: &config::Organization,

@@ -135,6 +135,8 @@ pub trait Reader: Send {
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>>;
     /// ChartHero's `organization_id` recorded for a configured name.
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>>;
+    /// Every configured name whose clinic is recorded, with ChartHero's `organization_id`.
+    fn recorded_clinics(&self) -> anyhow::Result<Vec<(String, String)>>;
     /// Stored live encounters created in `[start_ns, end_ns)`.
     fn live_count_in_range(
         &self,

@@ -436,6 +436,33 @@ async fn a_key_of_another_clinic_is_refused_by_check_and_by_sync_before_any_writ
         .unwrap();
     assert_eq!(before, after);
     assert_rows_stay_in_their_organization(&db, &["org_real".into(), "org_next_door".into()]);
+    // `check` refuses what the sync refuses: the warehouse holds the other clinic for each name.
+    let mut check = charthero_sync();
+    check.args(["--config", config.to_str().unwrap(), "check"]);
+    let out = run(check).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("but this warehouse holds organization_id \"org_real\" for alpha: refused"),
+        "{}",
+        text(&out)
+    );
+
+    // Two names given keys of one clinic: the first sync would claim it for one and refuse the
+    // other, and `check` says so before any sync.
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.key");
+    write_private(&a, &sims[0].api_key());
+    let config = alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, &a, &a);
+    let mut check = charthero_sync();
+    check.args(["--config", config.to_str().unwrap(), "check"]);
+    let out = run(check).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("organization_id  ok      org_real (not configured")
+            && text(&out).contains("but organization alpha (above) reads that clinic: refused"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// The data set `tests/fixtures/v4-warehouse.db` was written from, by the previous release's

@@ -128,6 +128,18 @@ pub fn known_organization_id(
         .flatten())
 }
 
+/// Every configured name whose clinic is recorded, with ChartHero's `organization_id`.
+pub fn recorded_clinics(db: &mut impl GenericClient) -> anyhow::Result<Vec<(String, String)>> {
+    db.query(
+        "SELECT organization, organization_id FROM organizations
+         WHERE organization_id IS NOT NULL ORDER BY organization",
+        &[],
+    )?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
+}
+
 /// Records that `organization` reads ChartHero's `organization_id`. Refused (`Err` naming the
 /// other name) when another configured organization already reads it. Idempotent for the same
 /// pair.

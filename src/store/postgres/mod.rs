@@ -299,6 +299,9 @@ impl Reader for PgBackend {
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
         ledger::known_organization_id(&mut *self.db()?, organization)
     }
+    fn recorded_clinics(&self) -> anyhow::Result<Vec<(String, String)>> {
+        ledger::recorded_clinics(&mut *self.db()?)
+    }
     fn live_count_in_range(
         &self,
         organization_id: Option<&str>,

@@ -115,6 +115,16 @@ pub fn known_organization_id(conn: &Connection, organization: &str) -> anyhow::R
         .flatten())
 }
 
+/// Every configured name whose clinic is recorded, with ChartHero's `organization_id`.
+pub fn recorded_clinics(conn: &Connection) -> anyhow::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT organization, organization_id FROM organizations
+         WHERE organization_id IS NOT NULL ORDER BY organization",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Records that `organization` reads ChartHero's `organization_id`. Refused (`Err` naming the
 /// other name) when another configured organization already reads it: two keys of one clinic,
 /// or keys mixed up between clinics. Idempotent for the same pair.

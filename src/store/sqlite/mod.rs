@@ -33,8 +33,8 @@ pub use content::{
 };
 pub use ledger::{
     abort_stale_runs, claim_organization_id, complete_through, finish_backfill, finish_run,
-    known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill, set_state_time,
-    start_run, state_time,
+    known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill, recorded_clinics,
+    set_state_time, start_run, state_time,
 };
 pub use privacy::{apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::commit_page;
@@ -413,6 +413,9 @@ impl Reader for Connection {
     }
     fn known_organization_id(&self, organization: &str) -> anyhow::Result<Option<String>> {
         known_organization_id(self, organization)
+    }
+    fn recorded_clinics(&self) -> anyhow::Result<Vec<(String, String)>> {
+        recorded_clinics(self)
     }
     fn live_count_in_range(
         &self,
