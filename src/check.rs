@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use time::OffsetDateTime;
 
 use crate::api::{ApiError, Client, ErrorClass, ListQuery, Route, SortOrder};
-use crate::config::{Config, DatabaseConfig, DatabaseTarget, Organization};
+use crate::config::{AudioConfig, Config, DatabaseConfig, DatabaseTarget, Organization};
 use crate::store::{self, LocationError, StateTime};
 use crate::timefmt::Micros;
 
@@ -80,7 +80,9 @@ fn open(result: Result<String, ApiError>) -> Result<String, ApiError> {
     }
 }
 
-/// Probes every route; stops after the first 401 (the key is refused everywhere).
+/// Probes every route; stops after the list probe when it was refused (401: the key is refused
+/// everywhere) or ChartHero could not be reached (every other probe would wait out the same
+/// retries to say the same).
 pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
     let now = OffsetDateTime::now_utc();
     let list = client
@@ -92,7 +94,10 @@ pub async fn probe_routes(config: &Config, client: &Client) -> Vec<Probe> {
             sort: SortOrder::Desc,
         })
         .await;
-    let refused = list.as_ref().err().is_some_and(ApiError::is_auth);
+    let refused = list
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.is_auth() || e.is_unreachable());
     let sample = list
         .as_ref()
         .ok()
@@ -248,31 +253,105 @@ pub async fn probe_organization(
     }
 }
 
+/// Checks, without creating anything, that a sync can keep recordings in `audio.directory` when
+/// `[audio]` is enabled: it is a directory this user may create files in, or, when it does not
+/// exist yet, its nearest existing ancestor is one (the sync creates it). `Err` says why not;
+/// `check` reports it, and `run` and `sync` refuse to start (exit 2) rather than fail every cycle.
+pub fn audio_directory(audio: &AudioConfig) -> Result<(), String> {
+    use rustix::fs::{Access, access};
+    if !audio.enabled {
+        return Ok(());
+    }
+    let mut dir = audio.directory.as_path();
+    loop {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+                _ => return Err(format!("{} cannot be created", audio.directory.display())),
+            },
+            Err(e) => return Err(format!("cannot reach {}: {e}", dir.display())),
+        }
+    }
+    access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+        if dir == audio.directory {
+            format!("this user cannot create files in {} ({e})", dir.display())
+        } else {
+            format!(
+                "{} does not exist and this user cannot create it in {} ({e})",
+                audio.directory.display(),
+                dir.display()
+            )
+        }
+    })
+}
+
 /// Why `check` found the warehouse unusable.
 #[derive(Debug)]
 pub enum DatabaseProblem {
     /// A location this host's configuration gets wrong (exit 2).
     Location(LocationError),
-    /// The PostgreSQL server cannot be reached, refuses the role, or fails TLS.
+    /// The PostgreSQL server cannot be reached, refuses the role, or fails TLS; or the
+    /// warehouse's schema is newer than this release's.
     Server(anyhow::Error),
+    /// The SQLite file is there but cannot be read as a warehouse (damaged, not a database).
+    File(store::StoreError),
 }
 
 /// The database's lines of `check`'s table, and whether a writer can use it. SQLite: the
-/// location check (nothing is created). PostgreSQL: connects without creating anything and
+/// location check and, when the file exists, its schema version read (nothing is created).
+/// PostgreSQL: connects without creating anything and
 /// reports the transport (TLS state), the server's version, the schema version applied (and
 /// whether it is this release's) and whether the role `charthero_readers` exists.
 pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(), DatabaseProblem>) {
     let pg = match &database.target {
         DatabaseTarget::Sqlite { path } => {
-            return match store::check_location(&database.target) {
-                Ok(()) => (
-                    vec![format!("database.path    ok      {}", path.display())],
-                    Ok(()),
-                ),
-                Err(e) => (
+            if let Err(e) = store::check_location(&database.target) {
+                return (
                     vec![format!("database.path    FAILED  {}", e.reason())],
                     Err(DatabaseProblem::Location(e)),
+                );
+            }
+            let db = database.clone();
+            return match store::blocking(move || store::applied_version(&db)).await {
+                Ok(0) => (
+                    vec![format!(
+                        "database.path    ok      {} (not created yet; `migrate` or the first sync creates it)",
+                        path.display()
+                    )],
+                    Ok(()),
                 ),
+                Ok(v) if v > store::sqlite::latest_version() => {
+                    let why = format!(
+                        "{} has schema version {v}, newer than this release knows ({}): use the release that wrote it",
+                        path.display(),
+                        store::sqlite::latest_version()
+                    );
+                    (
+                        vec![format!("database.path    FAILED  {why}")],
+                        Err(DatabaseProblem::Server(anyhow::anyhow!(why))),
+                    )
+                }
+                Ok(v) => (
+                    vec![format!(
+                        "database.path    ok      {} (schema version {v}{})",
+                        path.display(),
+                        if v == store::sqlite::latest_version() {
+                            ", this release's"
+                        } else {
+                            "; `migrate` or the next sync brings it to this release's"
+                        }
+                    )],
+                    Ok(()),
+                ),
+                Err(e) => {
+                    let e = store::StoreError::new(path.display(), e);
+                    (
+                        vec![format!("database.path    FAILED  {e}")],
+                        Err(DatabaseProblem::File(e)),
+                    )
+                }
             };
         }
         DatabaseTarget::Postgres(pg) => pg.clone(),

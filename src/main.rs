@@ -335,9 +335,18 @@ fn prepare_writer(
 ) -> Result<(Config, OrganizationKeys, WriterLock), Failure> {
     let config = Config::load(path)?;
     store::check_location(&config.database.target)?;
+    audio_directory(&config)?;
     let keys = load_keys(&config, organizations)?;
     let lock = WriterLock::acquire(&config.database.target, what)?;
     Ok((config, keys, lock))
+}
+
+/// [`charthero_sync::check::audio_directory`] as a configuration error (exit 2).
+fn audio_directory(config: &Config) -> Result<(), Failure> {
+    charthero_sync::check::audio_directory(&config.audio).map_err(|why| Failure {
+        code: exit::USAGE,
+        error: anyhow::anyhow!("invalid value for `audio.directory`: {why}"),
+    })
 }
 
 fn load_keys(config: &Config, organizations: &[String]) -> Result<OrganizationKeys, Failure> {
@@ -485,8 +494,21 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             store::check_location(&config.database.target)?;
             let _lock = WriterLock::acquire(&config.database.target, "charthero-sync migrate")?;
             let database = config.database.clone();
-            store::blocking(move || Ok(store::open(&database).map(drop)?)).await?;
-            say!("database {} is up to date", config.database.target);
+            let (before, after) = store::blocking(move || {
+                let before = store::applied_version(&database)?;
+                // Moves what the migrations wrote into the file and cuts the log back, as a
+                // sync's end does.
+                store::open(&database)?.checkpoint()?;
+                Ok((before, store::applied_version(&database)?))
+            })
+            .await
+            .map_err(|e| store::StoreError::new(&config.database.target, e))?;
+            let target = &config.database.target;
+            match before {
+                0 => say!("database {target} created at schema version {after}"),
+                v if v < after => say!("database {target} migrated from schema version {v} to {after}"),
+                _ => say!("database {target} is up to date (schema version {after})"),
+            }
             Ok(())
         }
         Command::Copy { from } => {
@@ -623,6 +645,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 )
                 .into());
             }
+            let target = config.database.target.clone();
             let status = {
                 let config = config.clone();
                 store::blocking(move || {
@@ -633,7 +656,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     status.estimate_backfills(warehouse.as_ref(), &config)?;
                     Ok(status)
                 })
-                .await?
+                .await
+                // Names the warehouse and what is wrong with it (damaged, unreadable, busy).
+                .map_err(|e| store::StoreError::new(&target, e))?
             };
             if json {
                 say!(
@@ -770,6 +795,12 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             for line in lines {
                 say!("{line}");
             }
+            if config.audio.enabled {
+                match charthero_sync::check::audio_directory(&config.audio) {
+                    Ok(()) => say!("audio.directory  ok      {}", config.audio.directory.display()),
+                    Err(why) => say!("audio.directory  FAILED  {why}"),
+                }
+            }
             let selected = config.select_organizations(&organizations)?;
             let several = selected.len() > 1 || selected[0].name != config::DEFAULT_ORGANIZATION;
             let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
@@ -812,16 +843,20 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 for p in &probes {
                     say!("{}", p.describe());
                 }
-                match charthero_sync::check::probe_organization(org, &client, &kept.clinics, &mut claimed)
-                    .await
-                {
-                    Ok(line) => say!("{line}"),
-                    Err(line) => {
-                        say!("{line}");
-                        refused.push(format!(
-                            "{}: the key reads another organization's clinic",
-                            org.name
-                        ));
+                // Only when the list answered: otherwise its line above says why, and listing
+                // again would only wait out the same retries.
+                if probes.first().is_some_and(|p| p.works()) {
+                    match charthero_sync::check::probe_organization(org, &client, &kept.clinics, &mut claimed)
+                        .await
+                    {
+                        Ok(line) => say!("{line}"),
+                        Err(line) => {
+                            say!("{line}");
+                            refused.push(format!(
+                                "{}: the key reads another organization's clinic",
+                                org.name
+                            ));
+                        }
                     }
                 }
                 if let Some(e) = probes
@@ -834,7 +869,15 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     probes
                         .iter()
                         .filter(|p| p.needed && !p.works())
-                        .map(|p| format!("{} {}", org.name, p.route.as_str())),
+                        .map(|p| match &p.result {
+                            Err(e) if e.is_unreachable() => format!(
+                                "{} {} (ChartHero at {} could not be reached)",
+                                org.name,
+                                p.route.as_str(),
+                                config.api.base_url
+                            ),
+                            _ => format!("{} {}", org.name, p.route.as_str()),
+                        }),
                 );
             }
             if !refused.is_empty() {
@@ -847,7 +890,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 Ok(()) => {}
                 Err(charthero_sync::check::DatabaseProblem::Location(e)) => return Err(e.into()),
                 Err(charthero_sync::check::DatabaseProblem::Server(e)) => return Err(e.into()),
+                Err(charthero_sync::check::DatabaseProblem::File(e)) => return Err(e.into()),
             }
+            audio_directory(&config)?;
             let mut problems = Vec::new();
             if !failed.is_empty() {
                 let failed: Vec<String> = if several {

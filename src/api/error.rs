@@ -128,6 +128,12 @@ impl ApiError {
         self.status() == Some(401)
     }
 
+    /// No answer came (connect failed, reset, timed out): the host cannot be reached, as far as
+    /// this request could tell.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self.kind, ApiErrorKind::Timeout | ApiErrorKind::Transport(_))
+    }
+
     /// The server asked for a pause longer than a request is held for: no request is sent
     /// before it ends, and nothing is retried meanwhile.
     pub fn is_paused(&self) -> bool {

@@ -57,6 +57,20 @@ pub fn open(database: &DatabaseConfig) -> Result<Box<dyn Backend>, StoreError> {
     }
 }
 
+/// The schema version the warehouse has applied; 0 when it is not created yet (no file, an empty
+/// one, or no schema on the server). Creates nothing.
+pub fn applied_version(database: &DatabaseConfig) -> anyhow::Result<i64> {
+    match &database.target {
+        DatabaseTarget::Sqlite { path } => {
+            if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+                return Ok(0);
+            }
+            sqlite::applied_version(&sqlite::open_reader(path, database.busy_timeout)?)
+        }
+        DatabaseTarget::Postgres(pg) => Ok(describe_postgres(pg)?.schema_version.map_or(0, i64::from)),
+    }
+}
+
 /// Opens the warehouse read-only (`status`, the demo's summary); works while the daemon writes.
 pub fn open_reader(database: &DatabaseConfig) -> anyhow::Result<Box<dyn Reader>> {
     match &database.target {

@@ -416,6 +416,112 @@ async fn a_missing_database_directory_fails_check_and_stops_run_sync_and_migrate
     assert!(!db.parent().unwrap().exists(), "nothing created the directory");
 }
 
+#[tokio::test]
+async fn an_audio_directory_that_cannot_be_used_fails_check_and_stops_run_and_sync_with_exit_2() {
+    let env = TestEnv::with_encounters(64, 10).await;
+    env.write_key_file(&env.sim.api_key());
+    let db = env.dir.path().join("warehouse.db");
+    let file = env.dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let config = env.dir.path().join("audio.toml");
+    // The directory is a file; then it is under a file, where it can never be created.
+    for (directory, why) in [
+        (file.clone(), "is not a directory"),
+        (file.join("recordings"), "Not a directory"),
+    ] {
+        let mut toml = Toml::for_env(&env, &db);
+        toml.set("audio", "enabled", "true".into());
+        toml.set("audio", "directory", format!("\"{}\"", directory.display()));
+        toml.write(&config);
+        for command in ["check", "run", "sync"] {
+            let mut cmd = charthero_sync();
+            cmd.arg("--config").arg(&config).arg(command);
+            let out = run_within(cmd, Duration::from_secs(30)).await;
+            let all = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{command}: {all}");
+            assert!(
+                all.contains("audio.directory") && all.contains(why),
+                "{command}: {all}"
+            );
+        }
+        assert!(!db.exists(), "nothing synced");
+    }
+}
+
+#[tokio::test]
+async fn check_against_a_host_that_refuses_connections_probes_once_and_names_the_host() {
+    let env = TestEnv::with_encounters(66, 10).await;
+    env.write_key_file(&env.sim.api_key());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let db = env.dir.path().join("warehouse.db");
+    let config = env.dir.path().join("closed.toml");
+    let mut toml = Toml::for_env(&env, &db);
+    toml.set("api", "base_url", format!("\"{base_url}\""));
+    toml.write(&config);
+    let mut cmd = charthero_sync();
+    cmd.arg("--config").arg(&config).arg("check");
+    let out = run_within(cmd, Duration::from_secs(60)).await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains(&format!(
+            "list_encounters (ChartHero at {base_url}/ could not be reached)"
+        )),
+        "{all}"
+    );
+    // The other routes and the clinic are not probed: each would wait out the same retries.
+    for line in ["encounter ", "document ", "transcript ", "organization_id "] {
+        assert!(
+            !all.lines().any(|l| l.starts_with(line)),
+            "{line:?} probed: {all}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn migrate_says_whether_it_created_migrated_or_found_the_schema_current_and_truncates_its_log() {
+    let env = TestEnv::with_encounters(65, 10).await;
+    env.write_key_file(&env.sim.api_key());
+    let db = env.dir.path().join("warehouse.db");
+    let config = env.dir.path().join("migrate.toml");
+    Toml::for_env(&env, &db).write(&config);
+    let migrate = || {
+        let mut cmd = charthero_sync();
+        cmd.arg("--config").arg(&config).arg("migrate");
+        run_within(cmd, Duration::from_secs(30))
+    };
+    let latest = charthero_sync::store::sqlite::latest_version();
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    for expected in [
+        format!("created at schema version {latest}"),
+        format!("is up to date (schema version {latest})"),
+    ] {
+        let out = migrate().await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(text(&out).contains(&expected), "{}", text(&out));
+        // The migrations' writes are in the file, not left in its log.
+        let log = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        assert_eq!(log, 0, "{} bytes left in {}", log, wal.display());
+    }
+    // The previous release's warehouse is migrated, and says from which version.
+    std::fs::remove_file(&db).unwrap();
+    std::fs::remove_file(&wal).ok();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v4-warehouse.db"),
+        &db,
+    )
+    .unwrap();
+    let out = migrate().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("migrated from schema version 4 to {latest}")),
+        "{}",
+        text(&out)
+    );
+}
+
 /// `simulate` in the background: its printed lines, and a guard that stops it.
 struct Simulate {
     child: std::process::Child,

@@ -333,23 +333,39 @@ fn damage_pages(db: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_warehouse_stops_sync_run_and_migrate_with_exit_5_naming_the_path() {
+async fn a_corrupt_warehouse_stops_sync_run_migrate_check_and_status_with_exit_5_naming_the_path() {
     let env = TestEnv::with_encounters(83, 20).await;
     env.write_key_file(&env.sim.api_key());
     let config = env.write_config_file(ENCOUNTERS_ONLY);
     let db = env.db_path();
+    let all_say_corrupt = |commands: &'static [&'static str]| {
+        let (config, db) = (config.clone(), db.clone());
+        async move {
+            for command in commands {
+                let mut cmd = charthero_sync();
+                cmd.arg("--config").arg(&config).arg(command);
+                let out = run_within(cmd, Duration::from_secs(30)).await;
+                let said = text(&out);
+                assert_eq!(out.status.code(), Some(5), "{command}: {said}");
+                assert!(
+                    said.contains(&format!("database {} is corrupt", db.display())),
+                    "{command}: {said}"
+                );
+            }
+        }
+    };
+    // Not a database at all.
     std::fs::write(&db, vec![0x5a_u8; 16 * 1024]).unwrap();
-    for command in ["sync", "run", "migrate"] {
-        let mut cmd = charthero_sync();
-        cmd.arg("--config").arg(&config).arg(command);
-        let out = run_within(cmd, Duration::from_secs(30)).await;
-        let said = text(&out);
-        assert_eq!(out.status.code(), Some(5), "{command}: {said}");
-        assert!(
-            said.contains(&format!("database {} is corrupt", db.display())),
-            "{command}: {said}"
-        );
-    }
+    all_say_corrupt(&["sync", "run", "migrate", "check", "status"]).await;
+    // A synced warehouse whose pages were damaged: `migrate`, `check` and `status` said it was
+    // up to date, ok, or printed SQLite's message without the file.
+    std::fs::remove_file(&db).unwrap();
+    let mut sync = charthero_sync();
+    sync.arg("--config").arg(&config).arg("sync");
+    let out = run_within(sync, Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", text(&out));
+    damage_pages(&db);
+    all_say_corrupt(&["migrate", "check", "status"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

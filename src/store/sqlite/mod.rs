@@ -98,20 +98,7 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
     })?;
     set_busy_timeout(&conn, busy_timeout)?;
     // A busy or damaged database is reported as such, not as a schema to migrate.
-    let has_history: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')",
-        [],
-        |r| r.get(0),
-    )?;
-    let applied: i64 = if has_history {
-        conn.query_row(
-            "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
-            [],
-            |r| r.get(0),
-        )?
-    } else {
-        0
-    };
+    let applied = applied_version(&conn)?;
     let known = latest_version();
     match applied.cmp(&known) {
         std::cmp::Ordering::Equal => Ok(conn),
@@ -126,6 +113,23 @@ pub fn open_current(path: &Path, busy_timeout: Duration) -> anyhow::Result<Conne
             path.display()
         ),
     }
+}
+
+/// The newest migration applied to the warehouse `conn` is open on (0 for none: a new file).
+pub fn applied_version(conn: &Connection) -> anyhow::Result<i64> {
+    let has_history: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_history {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// The newest migration this release embeds: the schema version of a current warehouse.
