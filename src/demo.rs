@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use charthero_sim::{SimOptions, Simulator};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -141,6 +141,11 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     })
 }
 
+/// `--database` names a warehouse the demo did not create: it is never touched (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotTheDemos(String);
+
 /// Removes a previous demo warehouse; refuses any other existing one.
 fn prepare_database(database: &DatabaseConfig) -> anyhow::Result<()> {
     match &database.target {
@@ -151,11 +156,12 @@ fn prepare_database(database: &DatabaseConfig) -> anyhow::Result<()> {
                 return Ok(());
             }
             if !was_created_by_demo(database) {
-                bail!(
+                return Err(NotTheDemos(format!(
                     "{} holds a warehouse not created by `charthero-sync demo`; choose another database \
                      or schema with --database",
                     database.target
-                );
+                ))
+                .into());
             }
             store::drop_postgres_schema(pg)
         }
@@ -176,10 +182,11 @@ fn prepare_file(database: &DatabaseConfig, path: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     if !was_created_by_demo(database) {
-        bail!(
+        return Err(NotTheDemos(format!(
             "{} exists and was not created by `charthero-sync demo`; choose another path with --database",
             path.display()
-        );
+        ))
+        .into());
     }
     for suffix in ["", "-wal", "-shm"] {
         let mut p = path.as_os_str().to_owned();

@@ -405,7 +405,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    charthero_sync::telemetry::init();
+    if let Err(e) = charthero_sync::telemetry::init() {
+        complain!("error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -438,7 +441,16 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 seed,
             };
             let cancel = cancel_on_signal();
-            let summary = demo::run(&opts, &cancel).await?;
+            let summary = demo::run(&opts, &cancel).await.map_err(|error| {
+                if error.chain().any(|c| c.is::<demo::NotTheDemos>()) {
+                    Failure {
+                        code: exit::USAGE,
+                        error,
+                    }
+                } else {
+                    error.into()
+                }
+            })?;
             print_demo_summary(&summary);
             Ok(())
         }
@@ -625,11 +637,17 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     );
                 }
             }
-            let id = queued.last().map_or(0, |(_, id)| *id);
             if WriterLock::acquire(&config.database.target, "charthero-sync backfill (probe)").is_ok() {
+                let ids: Vec<String> = queued.iter().map(|(_, id)| id.to_string()).collect();
+                let (them, it) = if ids.len() == 1 {
+                    ("backfill", "it")
+                } else {
+                    ("backfills", "them")
+                };
                 say!(
-                    "note: no daemon is running on this warehouse; `charthero-sync run` will pick backfill {id} up, \
-                     or `charthero-sync sync` works it now"
+                    "note: no daemon is running on this warehouse; `charthero-sync run` will pick {them} {} up, \
+                     or `charthero-sync sync` works {it} now",
+                    ids.join(", ")
                 );
             }
             Ok(())

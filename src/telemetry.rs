@@ -3,7 +3,8 @@
 //!
 //! `CHARTHERO_LOG_FORMAT` chooses the format: `text` (human; colours on a terminal), `journald`
 //! (no timestamps or colours: journald adds its own), `json` (one object per line, for log
-//! shippers). Unset: `text`. `RUST_LOG` filters (default `info` for this program).
+//! shippers). Unset or empty: `text`; anything else is refused (the caller exits 2) rather than
+//! logged in a format nobody asked for. `RUST_LOG` filters (default `info` for this program).
 
 use std::io::{IsTerminal, Write};
 
@@ -11,7 +12,15 @@ use tracing_subscriber::EnvFilter;
 
 pub const LOG_FORMAT_ENV: &str = "CHARTHERO_LOG_FORMAT";
 
-pub fn init() {
+/// Installs the global subscriber, or says why `CHARTHERO_LOG_FORMAT` cannot be used (nothing
+/// is installed then).
+pub fn init() -> Result<(), String> {
+    let format = std::env::var(LOG_FORMAT_ENV).unwrap_or_default();
+    if !matches!(format.as_str(), "" | "text" | "json" | "journald") {
+        return Err(format!(
+            "{LOG_FORMAT_ENV}={format:?} is not a log format: use text, journald or json"
+        ));
+    }
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,charthero_sync=info"));
     let builder = tracing_subscriber::fmt()
@@ -22,11 +31,12 @@ pub fn init() {
         // cannot be written is dropped instead.
         .log_internal_errors(false)
         .with_target(false);
-    match std::env::var(LOG_FORMAT_ENV).as_deref() {
-        Ok("json") => builder.json().flatten_event(true).with_current_span(true).init(),
-        Ok("journald") => builder.without_time().with_ansi(false).init(),
+    match format.as_str() {
+        "json" => builder.json().flatten_event(true).with_current_span(true).init(),
+        "journald" => builder.without_time().with_ansi(false).init(),
         _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    Ok(())
 }
 
 /// A progress bar for long backfills, drawn on stderr only when it is a terminal (never into

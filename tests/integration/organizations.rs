@@ -732,7 +732,7 @@ async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_
     for line in [
         "organization alpha",
         "organization beta",
-        "org_alpha (not configured",
+        "org_alpha (as this warehouse records)",
         "org_beta (not configured",
     ] {
         assert!(text(&out).contains(line), "{line}: {}", text(&out));
@@ -796,4 +796,20 @@ async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_
         text(&out)
     );
     assert_eq!(sims[0].stats().requests, alpha_requests, "alpha's key was paused");
+
+    // A backfill of every organization queues one per organization, and the note names each.
+    let out = run(cmd(&[
+        "backfill",
+        "--from",
+        &charthero_sync::timefmt::format_utc(start_at),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    for line in [
+        "queued backfill 2 of organization alpha",
+        "queued backfill 3 of organization beta",
+        "will pick backfills 2, 3 up",
+    ] {
+        assert!(text(&out).contains(line), "{line}: {}", text(&out));
+    }
 }

@@ -481,6 +481,20 @@ async fn check_against_a_host_that_refuses_connections_probes_once_and_names_the
 }
 
 #[tokio::test]
+async fn an_unknown_log_format_exits_2_naming_the_variable() {
+    let mut cmd = charthero_sync();
+    cmd.env("CHARTHERO_LOG_FORMAT", "xml")
+        .args(["--config", "/nonexistent.toml", "status"]);
+    let out = run_within(cmd, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("CHARTHERO_LOG_FORMAT=\"xml\" is not a log format: use text, journald or json"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
 async fn migrate_says_whether_it_created_migrated_or_found_the_schema_current_and_truncates_its_log() {
     let env = TestEnv::with_encounters(65, 10).await;
     env.write_key_file(&env.sim.api_key());
