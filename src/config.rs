@@ -1,7 +1,9 @@
 //! Configuration: TOML text → [`RawConfig`] (serde, every default in one place, unknown keys
 //! rejected) → validated [`Config`] of parsed types, the warehouse a [`DatabaseTarget`] (a SQLite
 //! file or a PostgreSQL server). Also resolves the secrets from their three sources each: the API
-//! keys and the database password. This module never opens the database or the network.
+//! keys and the database password. This module never opens the database or the network, and its
+//! errors never quote a secret: no TOML source line, no string value serde would quote, no
+//! `ch_sk_…` key, no secret's text.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -14,7 +16,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind};
+use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind, SecretProblem};
 use crate::timefmt;
 
 /// Where the daemon looks for its configuration when neither `--config` nor
@@ -63,8 +65,54 @@ pub enum ConfigError {
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
-        message: message.into(),
+        message: redact_keys(&message.into()),
     }
+}
+
+/// The prefix of every ChartHero API key.
+const API_KEY_PREFIX: &str = "ch_sk_";
+
+/// `text` with every API key in it (a `ch_sk_…` word) cut to its prefix: messages quote some
+/// values to help the operator (`"5 parsecs" is not a duration`), and a key pasted into the
+/// wrong key must not reach the journal that way.
+fn redact_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(API_KEY_PREFIX) {
+        let after = &rest[at + API_KEY_PREFIX.len()..];
+        let end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '`' | '\'' | ',' | ')'))
+            .unwrap_or(after.len());
+        out.push_str(&rest[..at]);
+        out.push_str(API_KEY_PREFIX);
+        out.push_str("<redacted>");
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A secret file key (`api.api_key_file`, `database.password_file`) that holds the secret
+/// itself, as happens when a key is pasted into the wrong line: refused without quoting it. A
+/// key is recognised by its prefix; a password has no shape to recognise, so only the API key's
+/// paths are caught here.
+fn refuse_pasted_key(key: &'static str, path: Option<&Path>, sources: &str) -> Result<(), ConfigError> {
+    let pasted = path.is_some_and(|p| {
+        p.as_os_str()
+            .as_encoded_bytes()
+            .starts_with(API_KEY_PREFIX.as_bytes())
+    });
+    if pasted {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!(
+                "holds what looks like the API key itself (it starts with {API_KEY_PREFIX}), not the \
+                 path of a file; write the key into a file (chmod 600) and give that file's path here, \
+                 or use {sources}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The TOML document as written. Defaults live in the `Default` impls below and nowhere else.
@@ -92,6 +140,7 @@ pub struct RawOrganization {
     pub name: String,
     pub organization_id: Option<String>,
     pub api_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "some_instant_text")]
     pub start_at: Option<String>,
     pub base_url: Option<String>,
     pub requests_per_second: Option<f64>,
@@ -176,6 +225,8 @@ pub struct RawDatabase {
 #[serde(deny_unknown_fields, default)]
 pub struct RawSync {
     pub schedule: String,
+    /// Quoted or a TOML datetime: see [`instant_text`].
+    #[serde(deserialize_with = "instant_text")]
     pub start_at: String,
     pub page_size: i64,
     pub settle_lag: String,
@@ -286,6 +337,39 @@ impl Default for RawLimits {
             retries_per_cycle: 500,
         }
     }
+}
+
+/// A timestamp key's text, written quoted (`"2026-01-01T00:00:00Z"`) or as a TOML datetime
+/// (`2026-01-01T00:00:00Z`, which TOML hands over as a map of its own): both become the same
+/// text, so validation parses them alike and a TOML local date or date-time (no offset) gets
+/// the same "no timezone offset" message as its quoted form.
+fn instant_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct InstantText;
+    impl<'de> serde::de::Visitor<'de> for InstantText {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an RFC 3339 timestamp with an offset, e.g. 2026-01-01T00:00:00Z")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_owned())
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<String, A::Error> {
+            // A TOML datetime arrives as a map of one private field; any other map is a table.
+            let datetime =
+                toml::value::Datetime::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map_err(|_| serde::de::Error::invalid_type(serde::de::Unexpected::Map, &self))?;
+            Ok(datetime.to_string())
+        }
+    }
+    deserializer.deserialize_any(InstantText)
+}
+
+/// [`instant_text`] of an optional key (absent keys never reach it: the table's default does).
+fn some_instant_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    instant_text(deserializer).map(Some)
 }
 
 /// Validated configuration.
@@ -579,10 +663,170 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: describe_toml_error(text, &e),
         })?;
         raw.validate()
     }
+}
+
+/// A TOML error as `line 3, column 1: <the parser's message>`, never with the source line the
+/// parser's `Display` would quote: that line may be `api_key = "ch_sk_…"`, and this message goes
+/// to the journal. String values serde quotes (`invalid type: string "…"`) are left out too, and
+/// an unknown key that looks like a secret gets told where secrets go instead.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let mut message = redact_keys(&redact_quoted_strings(e.message().trim_end()));
+    if let Some(name) = unknown_field(e.message())
+        && looks_like_a_secret_name(name)
+    {
+        let line = e
+            .span()
+            .map_or(usize::MAX, |span| line_and_column(text, span.start).0);
+        message.push_str("; ");
+        message.push_str(&secret_sources_hint(name, text, line));
+    }
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// Serde's `string "…"` (its description of an unexpected string value) without the value:
+/// the value may be a secret typed into the wrong key.
+fn redact_quoted_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string (value not shown)");
+        // The value is written with `{:?}`: it ends at the first `"` not escaped by a `\`.
+        let value = &rest[at + QUOTED.len()..];
+        let mut escaped = false;
+        let end = value
+            .char_indices()
+            .find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            })
+            .map_or(value.len(), |(i, _)| i + 1);
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The key of serde's "unknown field `name`, expected …".
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(name, _)| name)
+}
+
+/// Whether an unknown key's name says it holds a secret (`api_key`, `token`, `password`,
+/// `webhook_secret`…, or is a key itself); `…_file` keys hold paths and are not meant.
+fn looks_like_a_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let secret_word = ["key", "passw", "secret", "token", "credential", "bearer", "auth"]
+        .iter()
+        .any(|word| name.contains(word));
+    name.starts_with(API_KEY_PREFIX) || (secret_word && !name.ends_with("_file"))
+}
+
+/// "Secrets are never written here" and where this one goes: the database password's sources
+/// for a password or anything in `[database]`, an organization's own sources inside
+/// `[[organizations]]`, else the API key's.
+fn secret_sources_hint(name: &str, text: &str, line: usize) -> String {
+    let table = table_at_line(text, line);
+    let never = "secrets are never written in the configuration file";
+    if table.as_deref() == Some("database") || name.to_ascii_lowercase().contains("passw") {
+        return format!(
+            "{never}: put the database password in the file named by database.password_file \
+             (chmod 600), the environment variable {DATABASE_PASSWORD_ENV} or \
+             $CREDENTIALS_DIRECTORY/{DATABASE_PASSWORD_CREDENTIAL} (systemd LoadCredential=)"
+        );
+    }
+    if table.as_deref() == Some("organizations") {
+        let (env, credential) = match organization_name_at_line(text, line) {
+            Some(org) => (
+                format!("{API_KEY_ENV}_{}", org.to_ascii_uppercase().replace('-', "_")),
+                format!("{CREDENTIAL_NAME}.{org}"),
+            ),
+            None => (
+                format!("{API_KEY_ENV}_<NAME>"),
+                format!("{CREDENTIAL_NAME}.<name>"),
+            ),
+        };
+        return format!(
+            "{never}: put this organization's API key in the file named by its api_key_file \
+             (chmod 600), the environment variable {env} or $CREDENTIALS_DIRECTORY/{credential} \
+             (systemd LoadCredential=)"
+        );
+    }
+    format!(
+        "{never}: put the API key in the file named by api.api_key_file (chmod 600), the \
+         environment variable {API_KEY_ENV} or $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} \
+         (systemd LoadCredential=)"
+    )
+}
+
+/// The first part of the name of the table header (`[database]`, `[[organizations]]`) last
+/// opened at or before `line` (1-based), if any.
+fn table_at_line(text: &str, line: usize) -> Option<String> {
+    text.lines()
+        .take(line)
+        .filter_map(table_header)
+        .last()
+        .map(|header| {
+            header
+                .split('.')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+                .to_owned()
+        })
+}
+
+/// `database` of a line `[database]`, `organizations` of `[[organizations]]`.
+fn table_header(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let inner = line.strip_prefix("[[").or_else(|| line.strip_prefix('['))?;
+    Some(inner.split(']').next().unwrap_or("").trim())
+}
+
+/// The `name` of the `[[organizations]]` entry that `line` (1-based) lies in, when the document
+/// parses as TOML (it does: this is a deserialization error, not a syntax error) and the name is
+/// a valid one (an invalid one is not repeated here).
+fn organization_name_at_line(text: &str, line: usize) -> Option<String> {
+    let index = text
+        .lines()
+        .take(line)
+        .filter(|l| l.trim_start().starts_with("[[") && table_header(l) == Some("organizations"))
+        .count()
+        .checked_sub(1)?;
+    let table: toml::Table = text.parse().ok()?;
+    let name = table.get("organizations")?.get(index)?.get("name")?.as_str()?;
+    is_organization_name(name).then(|| name.to_owned())
+}
+
+/// `[a-z0-9_-]{1,32}`.
+fn is_organization_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// The range every numeric key must fall in. Values outside are configuration errors that name
@@ -686,6 +930,11 @@ pub fn format_duration(d: Duration) -> String {
 impl RawConfig {
     /// Turns the raw document into typed values, naming the key of the first problem found.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        refuse_pasted_key(
+            "api.api_key_file",
+            self.api.api_key_file.as_deref(),
+            &format!("the environment variable {API_KEY_ENV} or $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"),
+        )?;
         let api = ApiConfig {
             base_url: validate_base_url(&self.api.base_url)?,
             api_key_file: self.api.api_key_file.filter(|p| !p.as_os_str().is_empty()),
@@ -708,16 +957,9 @@ impl RawConfig {
         };
         let database = validate_database(self.database)?;
         let sync = SyncConfig {
-            schedule: cron::Schedule::from_str(&self.sync.schedule).map_err(|e| {
-                invalid(
-                    "sync.schedule",
-                    format!(
-                        "{:?} is not a cron expression with a seconds field first (e.g. \"0 */5 * * * *\"): {e}",
-                        self.sync.schedule
-                    ),
-                )
-            })?,
-            start_at: timefmt::parse_operator_instant(&self.sync.start_at).map_err(|e| invalid("sync.start_at", e))?,
+            schedule: validate_schedule(&self.sync.schedule, chrono::Utc::now())?,
+            start_at: timefmt::parse_operator_instant(&self.sync.start_at)
+                .map_err(|e| invalid("sync.start_at", e))?,
             page_size: NonZeroU32::new(int_as("sync.page_size", self.sync.page_size, bounds::PAGE_SIZE)?)
                 .ok_or_else(|| invalid("sync.page_size", "must not be 0"))?,
             settle_lag: duration_in("sync.settle_lag", &self.sync.settle_lag, bounds::SETTLE_LAG)?,
@@ -814,6 +1056,44 @@ impl RawConfig {
                 text => Some(crate::metrics::parse_listen(text).map_err(|e| invalid("metrics.listen", e))?),
             },
         })
+    }
+}
+
+/// A schedule fires at least once a year at most this far apart; see [`validate_schedule`].
+const SCHEDULE_MAX_GAP: chrono::TimeDelta = chrono::TimeDelta::days(366);
+
+/// `sync.schedule`: a cron expression that fires within a year of `now`. One that never fires
+/// (`0 0 0 31 2 *`, or a year field that is past) would leave `run` idle after its start-up cycle,
+/// silently. One whose next fire is more than a year away (`0 0 0 29 2 *`, a future year) is
+/// refused too: it lets the warehouse go stale for years and is a typo far more often than a
+/// plan; yearly schedules (`0 0 0 1 1 *`) still pass.
+fn validate_schedule(text: &str, now: chrono::DateTime<chrono::Utc>) -> Result<cron::Schedule, ConfigError> {
+    let key = "sync.schedule";
+    let schedule = cron::Schedule::from_str(text).map_err(|e| {
+        invalid(
+            key,
+            format!(
+                "{text:?} is not a cron expression with a seconds field first (e.g. \"0 */5 * * * *\"): {e}"
+            ),
+        )
+    })?;
+    match schedule.after(&now).next() {
+        None => Err(invalid(
+            key,
+            format!(
+                "{text:?} never fires (no date matches it from now on, e.g. 31 February or a past \
+                 year), so `run` would never sync after its first cycle"
+            ),
+        )),
+        Some(next) if next - now > SCHEDULE_MAX_GAP => Err(invalid(
+            key,
+            format!(
+                "{text:?} next fires at {}, more than a year from now; a schedule must fire at least \
+                 once a year",
+                next.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        )),
+        Some(_) => Ok(schedule),
     }
 }
 
@@ -923,6 +1203,14 @@ fn validate_postgres(
             format!("{schema:?} must be 1 to 63 of a-z, 0-9 and _, not starting with a digit or pg_"),
         ));
     }
+    refuse_pasted_key(
+        "database.password_file",
+        password_file.as_deref(),
+        &format!(
+            "the environment variable {DATABASE_PASSWORD_ENV} or \
+             $CREDENTIALS_DIRECTORY/{DATABASE_PASSWORD_CREDENTIAL}"
+        ),
+    )?;
     let pg = PostgresConfig {
         connection,
         schema,
@@ -968,15 +1256,10 @@ fn validate_organizations(
     }
     let mut out: Vec<Organization> = Vec::with_capacity(raw.len());
     for (i, o) in raw.into_iter().enumerate() {
-        let valid_name = !o.name.is_empty()
-            && o.name.len() <= 32
-            && o.name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !valid_name {
+        if !is_organization_name(&o.name) {
             return Err(ConfigError::InOrganization {
                 key: format!("organizations[{i}].name"),
-                message: format!("{:?} must be 1 to 32 of a-z, 0-9, _ and -", o.name),
+                message: redact_keys(&format!("{:?} must be 1 to 32 of a-z, 0-9, _ and -", o.name)),
             });
         }
         let name = o.name;
@@ -1034,6 +1317,12 @@ fn validate_organizations(
             None => limits.max_in_flight,
         };
         let suffix = name.to_ascii_uppercase().replace('-', "_");
+        refuse_pasted_key(
+            "api_key_file",
+            o.api_key_file.as_deref(),
+            &format!("the environment variable {API_KEY_ENV}_{suffix} or $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}.{name}"),
+        )
+        .map_err(at)?;
         out.push(Organization {
             organization_id,
             base_url,
@@ -1297,8 +1586,13 @@ fn find_secret<K: SecretKind>(
         },
     }
     let found = if let Some(text) = env_value {
-        let secret =
-            Secret::new(&text).ok_or_else(|| (label.error)(format!("{env_name} is set but empty")))?;
+        let secret = Secret::parse(&text).map_err(|problem| match problem {
+            SecretProblem::Empty => (label.error)(format!("{env_name} is set but empty")),
+            problem => (label.error)(format!(
+                "the {} in the environment variable {env_name} {problem}",
+                label.noun
+            )),
+        })?;
         Some((secret, KeySource::Env(env_name.to_owned())))
     } else {
         skipped.push(format!("${env_name} (not set)"));
@@ -1361,6 +1655,12 @@ fn read_secret_file<K: SecretKind>(label: &SecretLabel, path: &Path) -> Result<S
         Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(SecretFile::Unreadable(e.kind())),
         Err(e) => return Err(fail(format!("cannot read {noun} file {}: {e}", path.display()))),
     };
+    if meta.is_dir() {
+        return Err(fail(format!(
+            "{noun} file {} is a directory; a file that holds the {noun} is expected",
+            path.display()
+        )));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(fail(format!(
@@ -1374,9 +1674,9 @@ fn read_secret_file<K: SecretKind>(label: &SecretLabel, path: &Path) -> Result<S
         Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(SecretFile::Unreadable(e.kind())),
         Err(e) => return Err(fail(format!("cannot read {noun} file {}: {e}", path.display()))),
     };
-    Secret::new(&text)
+    Secret::parse(&text)
         .map(SecretFile::Found)
-        .ok_or_else(|| fail(format!("{noun} file {} is empty", path.display())))
+        .map_err(|problem| fail(format!("{noun} file {} {problem}", path.display())))
 }
 
 #[cfg(test)]
@@ -1429,6 +1729,286 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn toml_errors_give_line_and_column_and_never_the_source_line_or_a_string_value() {
+        let cases = [
+            // An unknown key that holds a secret: where the secret goes instead.
+            (
+                "[api]\nbase_url = \"https://api.example.test\"\napi_key = \"ch_sk_inline_secret\"\n",
+                vec![
+                    "test.toml",
+                    "line 3, column 1",
+                    "api_key",
+                    "never written",
+                    "api.api_key_file",
+                    "CHARTHERO_API_KEY or",
+                    "$CREDENTIALS_DIRECTORY/charthero-api-key",
+                ],
+            ),
+            (
+                "api_key = \"ch_sk_inline_secret\"\n",
+                vec!["line 1, column 1", "api.api_key_file"],
+            ),
+            (
+                "[[organizations]]\nname = \"north\"\n\n[[organizations]]\nname = \"river-2\"\n\
+                 api_key = \"ch_sk_inline_secret\"\n",
+                vec![
+                    "line 6, column 1",
+                    "its api_key_file",
+                    "CHARTHERO_API_KEY_RIVER_2",
+                    "$CREDENTIALS_DIRECTORY/charthero-api-key.river-2",
+                ],
+            ),
+            (
+                "[database]\nurl = \"postgresql://u@127.0.0.1/w\"\npassword = \"ch_sk_inline_secret\"\n",
+                vec![
+                    "line 3, column 1",
+                    "database.password_file",
+                    "CHARTHERO_DATABASE_PASSWORD",
+                    "charthero-database-password",
+                ],
+            ),
+            (
+                "[api]\nwebhook_secret = \"ch_sk_inline_secret\"\n",
+                vec!["webhook_secret", "never written"],
+            ),
+            // A string where a number belongs: the type, not the value.
+            (
+                "[limits]\nburst = \"ch_sk_inline_secret\"\n",
+                vec!["line 2, column 9", "invalid type: a string (value not shown)"],
+            ),
+            // A syntax error inside the secret's line.
+            ("[api]\nbase_url = \"ch_sk_inline_secret\n", vec!["line 2"]),
+            ("[api]\nbase_url = ch_sk_inline_secret\n", vec!["line 2"]),
+        ];
+        for (text, wanted) in cases {
+            let err = parse(text).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            for w in wanted {
+                assert!(shown.contains(w), "{text}: {w:?} missing from {shown}");
+            }
+            assert!(!shown.contains("inline_secret"), "{text}: {shown}");
+            assert!(!shown.contains(" | "), "{text}: a source snippet in {shown}");
+        }
+        // An unknown key that holds no secret gets no such advice.
+        let err = parse("[sync]\nschedulee = \"0 * * * * *\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2, column 1") && err.contains("schedulee"),
+            "{err}"
+        );
+        assert!(!err.contains("never written"), "{err}");
+    }
+
+    #[test]
+    fn values_quoted_in_errors_never_show_an_api_key() {
+        for text in [
+            "[api]\nbase_url = \"ch_sk_pasted_canary\"\n",
+            "[api]\nconnect_timeout = \"ch_sk_pasted_canary\"\n",
+            "[[organizations]]\nname = \"a\"\norganization_id = \"ch_sk_pasted_canary\"\n\
+             [[organizations]]\nname = \"b\"\norganization_id = \"ch_sk_pasted_canary\"\n",
+        ] {
+            let err = parse(text).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("canary"), "{text}: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_key_pasted_into_a_key_file_path_is_refused_without_echoing_it() {
+        let cases = [
+            (
+                "[api]\napi_key_file = \"ch_sk_pasted_secret_999\"\n",
+                "api.api_key_file",
+                "CHARTHERO_API_KEY or",
+            ),
+            (
+                "[[organizations]]\nname = \"north\"\napi_key_file = \"ch_sk_pasted_secret_999\"\n",
+                "organizations.north.api_key_file",
+                "CHARTHERO_API_KEY_NORTH",
+            ),
+            (
+                "[database]\nurl = \"postgresql://u@127.0.0.1/w\"\npassword_file = \"ch_sk_pasted_secret_999\"\n",
+                "database.password_file",
+                "CHARTHERO_DATABASE_PASSWORD",
+            ),
+        ];
+        for (text, key, source) in cases {
+            let err = parse(text).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(
+                shown.contains(key)
+                    && shown.contains("looks like the API key itself")
+                    && shown.contains(source),
+                "{text}: {shown}"
+            );
+            assert!(!shown.contains("pasted_secret"), "{text}: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_secret_of_more_than_one_line_is_refused_naming_its_source_never_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "ch_sk_canary\nextra\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let api = api_with_key_file(Some(file.clone()));
+        let err = load_api_key_from(&api, None, None).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains(&file.display().to_string()) && shown.contains("more than one line"),
+            "{shown}"
+        );
+        assert!(!shown.contains("canary") && !shown.contains("extra"), "{shown}");
+        assert!(matches!(err, ConfigError::ApiKey(_)), "{err:?}");
+
+        // The same from the environment and from the credential.
+        let api = api_with_key_file(None);
+        let err = load_api_key_from(&api, Some("ch_sk_canary extra".into()), None).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains(API_KEY_ENV) && shown.contains("whitespace"),
+            "{shown}"
+        );
+        assert!(!shown.contains("canary"), "{shown}");
+        let cred_dir = dir.path().join("creds");
+        std::fs::create_dir(&cred_dir).unwrap();
+        let cred = cred_dir.join(CREDENTIAL_NAME);
+        std::fs::write(&cred, "ch_sk_canary\r\nextra").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let err = load_api_key_from(&api, None, Some(cred_dir)).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains(&cred.display().to_string()) && shown.contains("more than one line"),
+            "{shown}"
+        );
+        assert!(!shown.contains("canary"), "{shown}");
+
+        // The database password: spaces are fine, a second line is not.
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "pw canary\nextra\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let sources = KeySources {
+            file: Some(pw.clone()),
+            env: DATABASE_PASSWORD_ENV.into(),
+            credential: DATABASE_PASSWORD_CREDENTIAL.into(),
+        };
+        let err = find_secret::<DatabasePasswordKind>(&DATABASE_PASSWORD, &sources, None, None).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains(&pw.display().to_string()) && shown.contains("more than one line"),
+            "{shown}"
+        );
+        assert!(!shown.contains("canary"), "{shown}");
+        std::fs::write(&pw, "pw with spaces\n").unwrap();
+        let (secret, _) = find_secret::<DatabasePasswordKind>(&DATABASE_PASSWORD, &sources, None, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(secret.expose(), "pw with spaces");
+    }
+
+    #[test]
+    fn a_key_file_that_is_a_directory_is_called_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let api = api_with_key_file(Some(dir.path().to_owned()));
+        let err = load_api_key_from(&api, None, None).unwrap_err().to_string();
+        assert!(
+            err.contains(&dir.path().display().to_string())
+                && err.contains("is a directory")
+                && err.contains("a file that holds the API key"),
+            "{err}"
+        );
+        assert!(!err.contains("chmod"), "{err}");
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_or_not_within_a_year_is_refused_by_name() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        for never in ["0 0 0 31 2 *", "0 0 0 30 2 *", "0 0 0 1 1 * 2020"] {
+            let err = validate_schedule(never, now).unwrap_err().to_string();
+            assert!(
+                err.contains("sync.schedule") && err.contains("never fires"),
+                "{never}: {err}"
+            );
+        }
+        for far in ["0 0 0 29 2 *", "0 0 0 1 1 * 2031"] {
+            let err = validate_schedule(far, now).unwrap_err().to_string();
+            assert!(
+                err.contains("sync.schedule") && err.contains("more than a year from now"),
+                "{far}: {err}"
+            );
+        }
+        for ok in ["0 */5 * * * *", "0 0 0 1 1 *", "0 0 12 1 3 *"] {
+            assert!(validate_schedule(ok, now).is_ok(), "{ok}");
+        }
+        // Through the whole configuration too.
+        let err = parse("[sync]\nschedule = \"0 0 0 31 2 *\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sync.schedule") && err.contains("never fires"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn timestamps_may_be_toml_datetimes_when_they_carry_an_offset() {
+        let cfg = parse(
+            "[sync]\nstart_at = 2026-01-01T05:30:00+05:30\n\n\
+             [[organizations]]\nname = \"north\"\nstart_at = 2025-06-01T00:00:00.25Z\n\n\
+             [[organizations]]\nname = \"south\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            crate::timefmt::format_utc(cfg.sync.start_at),
+            "2026-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            crate::timefmt::format_utc(cfg.organizations[0].start_at),
+            "2025-06-01T00:00:00.25Z"
+        );
+        assert_eq!(cfg.organizations[1].start_at, cfg.sync.start_at);
+        // Without an offset, the same words as the quoted form.
+        for naive in ["2026-01-01T00:00:00", "2026-01-01"] {
+            let bare = parse(&format!("[sync]\nstart_at = {naive}\n"))
+                .unwrap_err()
+                .to_string();
+            let quoted = parse(&format!("[sync]\nstart_at = \"{naive}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(bare, quoted);
+            assert!(
+                bare.contains("sync.start_at") && bare.contains("no timezone offset"),
+                "{bare}"
+            );
+            let org = parse(&format!(
+                "[[organizations]]\nname = \"north\"\nstart_at = {naive}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                org.contains("organizations.north.start_at") && org.contains("no timezone offset"),
+                "{org}"
+            );
+        }
+        let err = parse("[sync]\nstart_at = 00:00:00\n").unwrap_err().to_string();
+        assert!(err.contains("sync.start_at"), "{err}");
+        let err = parse("[sync]\nstart_at = { at = 1 }\n").unwrap_err().to_string();
+        assert!(
+            err.contains("invalid type: map") && err.contains("RFC 3339"),
+            "{err}"
+        );
+        let err = parse("[sync]\nstart_at = 5\n").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 12") && err.contains("RFC 3339"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -252,6 +252,12 @@ impl From<charthero_sync::daemon::lock::LockError> for Failure {
             {
                 exit::USAGE
             }
+            // A password file that cannot be used is the configuration's too.
+            charthero_sync::daemon::lock::LockError::Server(e)
+                if e.chain().any(|c| c.is::<ConfigError>()) =>
+            {
+                exit::USAGE
+            }
             // An unreachable or restarting server may come back; a refused role is in its
             // message, which says what to set.
             charthero_sync::daemon::lock::LockError::Io { .. }
@@ -294,17 +300,25 @@ fn store_failure_code(e: Option<&store::StoreError>) -> u8 {
 
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
-        Failure {
-            code: store_failure_code(error.chain().find_map(|c| c.downcast_ref())),
-            error,
-        }
+        // A secret read late (the database password, when the server is reached) is still a
+        // configuration error.
+        let code = if error.chain().any(|c| c.is::<ConfigError>()) {
+            exit::USAGE
+        } else {
+            store_failure_code(error.chain().find_map(|c| c.downcast_ref()))
+        };
+        Failure { code, error }
     }
 }
 
 impl From<store::StoreError> for Failure {
     fn from(e: store::StoreError) -> Self {
         Failure {
-            code: store_failure_code(Some(&e)),
+            code: if e.is_configuration() {
+                exit::USAGE
+            } else {
+                store_failure_code(Some(&e))
+            },
             error: e.into(),
         }
     }

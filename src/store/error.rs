@@ -154,6 +154,12 @@ impl StoreError {
         &self.location
     }
 
+    /// Whether the cause is a configuration error reached only when the database was opened (a
+    /// password file that cannot be used): the operator's to fix, exit 2 like any other.
+    pub fn is_configuration(&self) -> bool {
+        self.cause.chain().any(|c| c.is::<crate::config::ConfigError>())
+    }
+
     /// The error as it was raised, before classification.
     pub(super) fn cause(&self) -> &anyhow::Error {
         &self.cause

@@ -20,13 +20,47 @@ fn bin() -> Command {
 async fn bad_configuration_exits_2_with_a_message_naming_the_key() {
     let env = TestEnv::with_encounters(1, 1).await;
     env.write_key_file(&env.sim.api_key());
-    let cases = [
-        ("[sync]\nschedul = \"0 * * * * *\"\n", "schedul"),
-        ("[sync]\nschedule = \"every now and then\"\n", "sync.schedule"),
-        ("[sync]\nstart_at = \"2026-01-01T00:00:00\"\n", "sync.start_at"),
-        ("[api]\nbase_url = \"http://api.example.test\"\n", "api.base_url"),
+    // Each message names the key and the problem, and never repeats a secret ("canary").
+    let cases: [(&str, &[&str]); 9] = [
+        ("[sync]\nschedul = \"0 * * * * *\"\n", &["schedul"]),
+        ("[sync]\nschedule = \"every now and then\"\n", &["sync.schedule"]),
+        ("[sync]\nstart_at = \"2026-01-01T00:00:00\"\n", &["sync.start_at"]),
+        (
+            "[api]\nbase_url = \"http://api.example.test\"\n",
+            &["api.base_url"],
+        ),
+        (
+            "[api]\napi_key = \"ch_sk_inline_canary\"\n",
+            &[
+                "line 2, column 1",
+                "api_key",
+                "never written",
+                "CHARTHERO_API_KEY",
+            ],
+        ),
+        (
+            "[[organizations]]\nname = \"north\"\napi_key = \"ch_sk_inline_canary\"\n",
+            &[
+                "line 3, column 1",
+                "api_key",
+                "CHARTHERO_API_KEY_NORTH",
+                "charthero-api-key.north",
+            ],
+        ),
+        (
+            "[api]\napi_key_file = \"ch_sk_pasted_canary_999\"\n",
+            &["api.api_key_file", "looks like the API key itself"],
+        ),
+        (
+            "[sync]\nschedule = \"0 0 0 31 2 *\"\n",
+            &["sync.schedule", "never fires"],
+        ),
+        (
+            "[sync]\nstart_at = 2026-01-01T00:00:00\n",
+            &["sync.start_at", "no timezone offset"],
+        ),
     ];
-    for (toml, key) in cases {
+    for (toml, wanted) in cases {
         let path = env.dir.path().join("bad.toml");
         std::fs::write(&path, toml).unwrap();
         let out = run({
@@ -35,13 +69,18 @@ async fn bad_configuration_exits_2_with_a_message_naming_the_key() {
             c
         })
         .await;
-        assert_eq!(out.status.code(), Some(2), "{toml}: {}", text(&out));
-        assert!(text(&out).contains(key), "{toml}: {}", text(&out));
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{toml}: {all}");
+        for w in wanted {
+            assert!(all.contains(w), "{toml}: {w:?} missing from {all}");
+        }
+        assert!(!all.contains("canary"), "{toml}: a secret in {all}");
     }
 
     // No key anywhere.
     let config = env.write_config_file("");
-    std::fs::remove_file(env.dir.path().join("api-key")).unwrap();
+    let key_path = env.dir.path().join("api-key");
+    std::fs::remove_file(&key_path).unwrap();
     let out = run({
         let mut c = bin();
         c.arg("--config").arg(&config).arg("sync");
@@ -50,6 +89,78 @@ async fn bad_configuration_exits_2_with_a_message_naming_the_key() {
     .await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("no API key found"), "{}", text(&out));
+
+    // A key file of two lines: refused before any request, naming the file, not the key.
+    env.write_key_file("ch_sk_two_line_canary\nextra\n");
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("check");
+        c
+    })
+    .await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains(&key_path.display().to_string()) && all.contains("more than one line"),
+        "{all}"
+    );
+    assert!(!all.contains("canary") && !all.contains("extra"), "{all}");
+
+    // A directory where the key file belongs.
+    std::fs::remove_file(&key_path).unwrap();
+    std::fs::create_dir(&key_path).unwrap();
+    let out = run({
+        let mut c = bin();
+        c.arg("--config").arg(&config).arg("sync");
+        c
+    })
+    .await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains(&key_path.display().to_string()) && all.contains("is a directory"),
+        "{all}"
+    );
+}
+
+#[tokio::test]
+async fn a_database_password_file_that_cannot_be_used_exits_2_naming_it_never_the_password() {
+    let env = TestEnv::with_encounters(2, 1).await;
+    env.write_key_file(&env.sim.api_key());
+    let password = env.dir.path().join("database-password");
+    std::fs::write(&password, "canary-first\ncanary-second\n").unwrap();
+    std::fs::set_permissions(&password, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The password is read before any connection: no server needs to listen on port 1.
+    let config = env.dir.path().join("pg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[database]\n\
+             url = \"postgresql://charthero@127.0.0.1:1/warehouse\"\npassword_file = \"{}\"\n",
+            env.sim.base_url(),
+            env.dir.path().join("api-key").display(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    for command in ["migrate", "sync", "status", "check"] {
+        let out = run({
+            let mut c = bin();
+            c.arg("--config").arg(&config).arg(command);
+            c
+        })
+        .await;
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{command}: {said}");
+        assert!(
+            said.contains(&format!(
+                "database password file {} holds more than one line",
+                password.display()
+            )),
+            "{command}: {said}"
+        );
+        assert!(!said.contains("canary"), "{command}: {said}");
+    }
 }
 
 #[tokio::test]
@@ -155,7 +266,7 @@ async fn migrate_and_demo_work_from_the_command_line() {
         c
     })
     .await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("not created by `charthero-sync demo`"),
         "{}",
