@@ -322,11 +322,11 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
                     )],
                     Ok(()),
                 ),
-                Ok(v) if v > store::sqlite::latest_version() => {
+                Ok(v) if v > store::release_version(&database.target) => {
                     let why = format!(
                         "{} has schema version {v}, newer than this release knows ({}): use the release that wrote it",
                         path.display(),
-                        store::sqlite::latest_version()
+                        store::release_version(&database.target)
                     );
                     (
                         vec![format!("database.path    FAILED  {why}")],
@@ -337,7 +337,7 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
                     vec![format!(
                         "database.path    ok      {} (schema version {v}{})",
                         path.display(),
-                        if v == store::sqlite::latest_version() {
+                        if v == store::release_version(&database.target) {
                             ", this release's"
                         } else {
                             "; `migrate` or the next sync brings it to this release's"

@@ -57,6 +57,14 @@ pub fn open(database: &DatabaseConfig) -> Result<Box<dyn Backend>, StoreError> {
     }
 }
 
+/// The schema version this release's migrations give a warehouse of `target`'s kind.
+pub fn release_version(target: &DatabaseTarget) -> i64 {
+    match target {
+        DatabaseTarget::Sqlite { .. } => sqlite::latest_version(),
+        DatabaseTarget::Postgres(_) => postgres::latest_version(),
+    }
+}
+
 /// The schema version the warehouse has applied; 0 when it is not created yet (no file, an empty
 /// one, or no schema on the server). Creates nothing.
 pub fn applied_version(database: &DatabaseConfig) -> anyhow::Result<i64> {

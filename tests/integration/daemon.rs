@@ -351,7 +351,7 @@ async fn check_passes_with_a_full_key_and_names_a_missing_recordings_scope() {
     let out = run(check).await;
     let all = text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
-    let audio_line = all.lines().find(|l| l.starts_with("audio")).unwrap();
+    let audio_line = all.lines().find(|l| l.starts_with("audio ")).unwrap();
     assert!(
         audio_line.contains("FAILED") && audio_line.contains("missing_scope"),
         "{all}"

@@ -506,7 +506,9 @@ async fn migrate_says_whether_it_created_migrated_or_found_the_schema_current_an
         cmd.arg("--config").arg(&config).arg("migrate");
         run_within(cmd, Duration::from_secs(30))
     };
-    let latest = charthero_sync::store::sqlite::latest_version();
+    let latest = charthero_sync::store::release_version(&charthero_sync::config::DatabaseTarget::Sqlite {
+        path: db.clone(),
+    });
     let wal = PathBuf::from(format!("{}-wal", db.display()));
     for expected in [
         format!("created at schema version {latest}"),

@@ -120,7 +120,7 @@ fn applied_version(client: &mut Client) -> anyhow::Result<i64> {
 }
 
 /// The newest migration this release embeds.
-fn latest_version() -> i64 {
+pub(super) fn latest_version() -> i64 {
     super::newest_migration(&embedded::migrations::runner())
 }
 
