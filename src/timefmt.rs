@@ -122,6 +122,28 @@ impl Micros {
         Micros(self.0.saturating_add(1))
     }
 
+    /// The latest multiple of `unit` microseconds (≥ 1) not after `self`: as an inclusive lower
+    /// bound it admits everything `self` admits.
+    pub fn floor_to(self, unit: i64) -> Micros {
+        Micros(self.0 - self.0.rem_euclid(unit))
+    }
+
+    /// The earliest multiple of `unit` microseconds (≥ 1) not before `self`: as an exclusive
+    /// upper bound it admits everything `self` admits.
+    pub fn ceil_to(self, unit: i64) -> Micros {
+        match self.0.rem_euclid(unit) {
+            0 => self,
+            rest => Micros(self.0.saturating_add(unit - rest)),
+        }
+    }
+
+    /// The end of the narrowest range a list route that reads its bounds to `unit`
+    /// microseconds can be asked for from `self`: `[self.floor_to(unit), self.step(unit))`.
+    /// With `unit` 1, [`Micros::next`].
+    pub fn step(self, unit: i64) -> Micros {
+        Micros(self.floor_to(unit).0.saturating_add(unit))
+    }
+
     /// The microsecond halfway between `self` and `other` (rounded down).
     pub fn midpoint(self, other: Micros) -> Micros {
         Micros(self.0 + (other.0 - self.0) / 2)
@@ -169,6 +191,27 @@ pub fn from_unix_nanos(nanos: i64) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn units_round_outward_and_step_to_the_next_boundary() {
+        let t = Micros::floor(time::macros::datetime!(2026-03-10 12:00:00.123456 UTC));
+        let at = |text: &str| Micros::floor(parse_rfc3339(text).unwrap());
+        assert_eq!(t.floor_to(1), t);
+        assert_eq!(t.step(1), t.next());
+        assert_eq!(t.floor_to(1_000), at("2026-03-10T12:00:00.123Z"));
+        assert_eq!(t.ceil_to(1_000), at("2026-03-10T12:00:00.124Z"));
+        assert_eq!(t.step(1_000), at("2026-03-10T12:00:00.124Z"));
+        assert_eq!(t.floor_to(1_000_000), at("2026-03-10T12:00:00Z"));
+        assert_eq!(t.step(1_000_000), at("2026-03-10T12:00:01Z"));
+        // A boundary is its own floor and ceiling; its step is the next boundary.
+        let ms = at("2026-03-10T12:00:00.124Z");
+        assert_eq!((ms.floor_to(1_000), ms.ceil_to(1_000)), (ms, ms));
+        assert_eq!(ms.step(1_000), at("2026-03-10T12:00:00.125Z"));
+        // Before 1970 too (negative microseconds round toward the past).
+        let old = at("1969-12-31T23:59:59.999500Z");
+        assert_eq!(old.floor_to(1_000), at("1969-12-31T23:59:59.999Z"));
+        assert_eq!(old.ceil_to(1_000), at("1970-01-01T00:00:00Z"));
+    }
 
     #[test]
     fn offsets_are_normalized_to_utc() {

@@ -37,15 +37,16 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         let rng = &mut store.rng;
         // About 2% share the previous record's created_at exactly, as a batch import would, so
         // the encounter_id tie-break is exercised.
-        let fine = opts.nanosecond_timestamps && !opts.query_precision.micros();
+        let data_unit = opts.query_precision.data_unit();
+        let fine = opts.nanosecond_timestamps && data_unit == 1;
         let created = match previous_created {
             Some(previous) if rng.u32(0..100) < 2 => previous,
             _ if fine => {
                 // Any nanosecond of the second sampled, then truncated to a random precision.
-                let at = sample_created(rng, start, end, false) + rng.i64(0..SECOND);
+                let at = sample_created(rng, start, end, 1) + rng.i64(0..SECOND);
                 at_any_precision(rng, at.min(end - 1)).max(start)
             }
-            _ => sample_created(rng, start, end, opts.query_precision.micros()),
+            _ => sample_created(rng, start, end, data_unit),
         };
         previous_created = Some(created);
         // Generated timestamps have at most microsecond precision, like the database behind the
@@ -135,9 +136,9 @@ fn at_any_precision(rng: &mut fastrand::Rng, at: i64) -> i64 {
 }
 
 /// A creation instant in `[start, end)`, weighted toward weekday clinic hours, truncated to a
-/// mix of precisions (whole minutes, seconds, milliseconds, microseconds). With `micro_only`,
-/// never finer than microseconds.
-fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64, micro_only: bool) -> i64 {
+/// mix of precisions (whole minutes, seconds, milliseconds, microseconds), never finer than
+/// `data_unit` nanoseconds (`QueryPrecision::data_unit`).
+fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64, data_unit: i64) -> i64 {
     let mut at = rng.i64(start..end);
     // Rejection sampling; bounded so tiny or night-only windows still terminate.
     for _ in 0..64 {
@@ -162,16 +163,17 @@ fn sample_created(rng: &mut fastrand::Rng, start: i64, end: i64, micro_only: boo
         10..55 => SECOND,
         55..80 => 1_000_000,
         _ => 1_000,
-    };
+    }
+    .max(data_unit);
     let truncated = at - at.rem_euclid(unit);
     if truncated >= start {
         truncated
-    } else if micro_only {
-        // `start` itself is finer than the unit: round up to the next microsecond instead (past
-        // `end` only in a window shorter than a microsecond, which holds no valid instant).
-        micros(at + 999)
     } else {
-        at
+        // `start` itself is finer than the unit: round up to the next multiple of the data's
+        // unit instead (past `end` only in a window shorter than that unit, which holds no
+        // valid instant).
+        let up = at + (data_unit - 1);
+        up - up.rem_euclid(data_unit)
     }
 }
 

@@ -39,7 +39,9 @@
 //!   `start_at`); [`QueryPrecision::RejectPastMicros`] refuses them with 422 `invalid_query`
 //!   naming the parameter. In both, every stored timestamp (inserted `created_at`, explicit
 //!   `updated_at`) is truncated to microseconds; generated data and the wall clock are
-//!   microseconds already.
+//!   microseconds already. [`QueryPrecision::TruncateMillis`] drops digits past the third (as a
+//!   server parsing into JavaScript's `Date` would: `[t, t + 1 µs)` is refused as empty), and
+//!   keeps `created_at` (generated and inserted) and explicit `updated_at` at milliseconds.
 //! - **Coarse rendering** ([`SimOptions::render_created_at`],
 //!   [`Simulator::set_render_created_at`]): the list and encounter detail routes render each
 //!   encounter's `created_at` truncated or rounded (half up) to a [`Rendering`] unit, while

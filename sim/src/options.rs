@@ -46,7 +46,7 @@ pub struct SimOptions {
     /// `test_prefix_not_allowed`. Default `false` (a sandbox accepts them).
     pub production: bool,
     /// How finely the list route reads `start_at`/`end_at`, and how finely the server keeps its
-    /// own timestamps. Default [`QueryPrecision::Nanos`]. Can be switched later with
+    /// own timestamps (`nanosecond_timestamps` needs [`QueryPrecision::Nanos`]). Default [`QueryPrecision::Nanos`]. Can be switched later with
     /// `set_query_precision`.
     pub query_precision: QueryPrecision,
     /// Render each encounter's `created_at` coarser than the server filters and sorts on it (list
@@ -121,12 +121,24 @@ pub enum QueryPrecision {
     /// More than six fractional digits are refused: 422 `invalid_query` with `field` naming the
     /// parameter. Every timestamp the server stores is truncated to microseconds.
     RejectPastMicros,
+    /// More than three fractional digits are accepted but truncated to milliseconds before the
+    /// `start_at < end_at` check and the filter, as a server that parses datetimes into
+    /// milliseconds (JavaScript's `Date`, many document stores) does: `[t, t + 1 µs)` for a
+    /// whole-millisecond `t` becomes an empty range and is refused (422 `invalid_query`, field
+    /// `start_at`). Every `created_at` (generated or inserted) and every explicit `updated_at`
+    /// the server stores is truncated to milliseconds.
+    TruncateMillis,
 }
 
 impl QueryPrecision {
-    /// Whether the server keeps its timestamps at microseconds (both micro modes).
-    pub(crate) fn micros(self) -> bool {
-        self != QueryPrecision::Nanos
+    /// The unit, in nanoseconds, every `created_at` and explicit `updated_at` the server stores
+    /// is a whole multiple of: 1 (nanoseconds), 1,000 (both micro modes) or 1,000,000.
+    pub(crate) fn data_unit(self) -> i64 {
+        match self {
+            QueryPrecision::Nanos => 1,
+            QueryPrecision::TruncateMicros | QueryPrecision::RejectPastMicros => 1_000,
+            QueryPrecision::TruncateMillis => 1_000_000,
+        }
     }
 }
 

@@ -176,6 +176,9 @@ fn datetime(key: &str, raw: &str, precision: QueryPrecision) -> Result<OffsetDat
         // Dropping digits of a fraction that only ever adds to the second is a floor, whatever
         // the offset (offsets are whole minutes).
         QueryPrecision::TruncateMicros => Ok(at - Duration::nanoseconds(i64::from(at.nanosecond() % 1_000))),
+        QueryPrecision::TruncateMillis => {
+            Ok(at - Duration::nanoseconds(i64::from(at.nanosecond() % 1_000_000)))
+        }
         QueryPrecision::RejectPastMicros if fraction_digits(raw) > 6 => Err(QueryError::new(
             422,
             "invalid_query",

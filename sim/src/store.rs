@@ -16,7 +16,7 @@ use crate::content::{self, ContentParams, deciseconds};
 use crate::id::{Id, mix64};
 use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Visibility};
 use crate::options::SimOptions;
-use crate::timestamp::{MICROSECOND, instant, micros, nanos};
+use crate::timestamp::{MICROSECOND, instant, nanos};
 
 /// Handle of an interned string: its index plus one, so `Option<Sym>` stays four bytes (document
 /// records hold three of them, a million encounters hold about two million documents).
@@ -202,7 +202,9 @@ pub(crate) struct Store {
     /// records, not in them, so `EncRec` stays small for the millions never mutated.
     bases: HashMap<Slot, i64>,
     /// Keep every stored timestamp at microseconds (the micro `QueryPrecision` modes).
-    micro_data: bool,
+    /// Every stored `created_at` and explicit `updated_at` is a whole multiple of this many
+    /// nanoseconds (`QueryPrecision::data_unit`).
+    data_unit: i64,
     id_seq: u64,
     id_key: u64,
     ambient_docs: u64,
@@ -240,7 +242,7 @@ impl Store {
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
             bases: HashMap::new(),
-            micro_data: opts.query_precision.micros(),
+            data_unit: opts.query_precision.data_unit(),
             id_seq: 0,
             id_key: mix64(opts.seed ^ 0x1d50_f1d5),
             ambient_docs: 0,
@@ -370,16 +372,17 @@ impl Store {
         self.index.sort_unstable();
     }
 
-    /// Switches whether timestamps given from outside are truncated to microseconds from now on;
-    /// what is stored already is left as it is.
-    pub(crate) fn set_micro_data(&mut self, on: bool) {
-        self.micro_data = on;
+    /// Switches the unit timestamps given from outside are truncated to from now on
+    /// (`QueryPrecision::data_unit`); what is stored already is left as it is.
+    pub(crate) fn set_data_unit(&mut self, unit: i64) {
+        self.data_unit = unit;
     }
 
     /// An instant given from outside (an inserted `created_at`, an explicit `updated_at`) at the
-    /// store's precision. The wall clock and generated values are microseconds already.
+    /// store's precision. The wall clock is microseconds already; generated values are at the
+    /// store's precision.
     pub(crate) fn precise(&self, nanos: i64) -> i64 {
-        if self.micro_data { micros(nanos) } else { nanos }
+        nanos - nanos.rem_euclid(self.data_unit)
     }
 
     pub(crate) fn insert(&mut self, new: &NewEncounter, now: i64) -> Id {

@@ -725,6 +725,45 @@ async fn truncate_micros_truncates_queries_before_the_range_check_and_stores_mic
 }
 
 #[tokio::test]
+async fn truncate_millis_truncates_queries_before_the_range_check_and_stores_millis() {
+    let sim = Simulator::start(SimOptions {
+        query_precision: QueryPrecision::TruncateMillis,
+        ..options(200)
+    })
+    .await
+    .unwrap();
+    let id = sim.insert(NewEncounter::at(datetime!(2026-03-10 12:00:00.123456789 UTC)));
+    assert_eq!(
+        sim.encounter(&id).unwrap().created_at,
+        datetime!(2026-03-10 12:00:00.123 UTC)
+    );
+    for encounter in sim.snapshot() {
+        assert_eq!(
+            encounter.created_at.nanosecond() % 1_000_000,
+            0,
+            "{}",
+            encounter.encounter_id
+        );
+    }
+    // [t, t + 1 µs) truncates to [t, t): refused exactly as any empty range is.
+    let empty = get(
+        &sim,
+        &window("2026-03-10T12:00:00.123Z", "2026-03-10T12:00:00.123001Z"),
+    )
+    .await;
+    assert_eq!((empty.status, empty.reason()), (422, "invalid_query".into()));
+    assert_eq!(empty.json()["field"], "start_at");
+    // A start 999 µs after the record still finds it: the digits are dropped.
+    let found = get(
+        &sim,
+        &window("2026-03-10T12:00:00.123999Z", "2026-03-10T12:00:00.124Z"),
+    )
+    .await;
+    assert_eq!(ids(&found.json()), vec![id.clone()]);
+    sim.shutdown();
+}
+
+#[tokio::test]
 async fn reject_past_micros_refuses_a_seventh_digit_naming_the_parameter() {
     let sim = Simulator::start(options(50)).await.unwrap();
     sim.set_query_precision(QueryPrecision::RejectPastMicros);

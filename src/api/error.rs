@@ -107,6 +107,17 @@ impl ApiError {
         }
     }
 
+    /// Whether the server refused a list range's bounds (422 `invalid_query` naming `start_at`
+    /// or `end_at`): a server that reads them coarser than they were written refuses a range
+    /// that collapses to nothing at its precision.
+    pub fn refuses_a_bound(&self) -> bool {
+        matches!(
+            &self.kind,
+            ApiErrorKind::Status { status: 422, reason_code: Some(code), field: Some(field), .. }
+                if code == "invalid_query" && matches!(field.as_str(), "start_at" | "end_at")
+        )
+    }
+
     /// The HTTP status, if the server answered at all.
     pub fn status(&self) -> Option<u16> {
         match &self.kind {

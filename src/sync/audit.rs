@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CycleError, Finished, RangeScan, Scope, SyncContext, history_start, scan_range};
 use crate::api::wire::EncounterPage;
-use crate::api::{ListQuery, MAX_OFFSET, SortOrder};
+use crate::api::{MAX_OFFSET, SortOrder};
 use crate::store::{AuditTally, RunCounts};
 use crate::timefmt::{Micros, from_unix_nanos, unix_nanos};
 
@@ -152,8 +152,9 @@ impl Auditor<'_> {
             size = RANGE_RECORDS;
             let end = match nth.map(|ns| Micros::floor(from_unix_nanos(ns))) {
                 Some(m) if m > cursor => m,
-                // More than a range's worth of records in one microsecond.
-                Some(_) => cursor.next(),
+                // More than a range's worth of records in one microsecond (one unit of the
+                // list route's precision).
+                Some(_) => cursor.step(self.ctx.org.query_unit()),
                 None => stop,
             };
             let mut tally = AuditTally {
@@ -237,7 +238,8 @@ impl Auditor<'_> {
             tally.differing += 1;
             let larger = upstream.max(local);
             // A range that is mostly changes costs no more to re-scan than to narrow.
-            if larger <= LEAF_RECORDS || 2 * upstream.abs_diff(local) >= larger || b == a.next() {
+            let unit = self.ctx.org.query_unit();
+            if larger <= LEAF_RECORDS || 2 * upstream.abs_diff(local) >= larger || b <= a.step(unit) {
                 self.rescan(a, b, tally, counts, cancel).await?;
                 continue;
             }
@@ -250,9 +252,9 @@ impl Auditor<'_> {
                     move |c| c.nth_live_created_ns(org_id.as_deref(), a_ns, b_ns, local / 2)
                 })
                 .await?
-                .map(|ns| Micros::floor(from_unix_nanos(ns)))
+                .map(|ns| Micros::floor(from_unix_nanos(ns)).floor_to(unit))
                 .filter(|m| *m > a && *m < b);
-            let mid = median.unwrap_or_else(|| a.midpoint(b));
+            let mid = median.unwrap_or_else(|| a.midpoint(b).floor_to(unit));
             if mid <= a {
                 self.rescan(a, b, tally, counts, cancel).await?;
                 continue;
@@ -293,17 +295,7 @@ impl Auditor<'_> {
         if cancel.is_cancelled() {
             return Err(CycleError::Cancelled);
         }
-        let page = self
-            .ctx
-            .client
-            .list_encounters(&ListQuery {
-                start_at: Some(a),
-                end_at: Some(b),
-                offset,
-                limit,
-                sort: SortOrder::Asc,
-            })
-            .await?;
+        let page = super::window::list_range(self.ctx, a, b, offset, limit, SortOrder::Asc).await?;
         counts.list_requests += 1;
         tally.probes += 1;
         tally.list_requests += 1;

@@ -38,6 +38,10 @@ pub struct OrgScope {
     /// writes anything (configurations with `[[organizations]]`), and whether it was.
     verify: bool,
     verified: std::sync::atomic::AtomicBool,
+    /// How finely the list route reads `start_at`/`end_at`, in microseconds: 1 until it refuses
+    /// a range narrower than a millisecond (then 1,000) or a second (then 1,000,000); see
+    /// `window::list_range`.
+    query_unit: std::sync::atomic::AtomicI64,
 }
 
 impl OrgScope {
@@ -53,7 +57,31 @@ impl OrgScope {
             known_id: Mutex::new(None),
             verify,
             verified: std::sync::atomic::AtomicBool::new(false),
+            query_unit: std::sync::atomic::AtomicI64::new(1),
         }
+    }
+
+    /// How finely the list route reads its bounds, in microseconds (1 until learnt otherwise).
+    pub fn query_unit(&self) -> i64 {
+        self.query_unit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves the query unit from `from` to the next coarser one (a millisecond, then a second);
+    /// `false` when it is a second already (or another request moved it first: then the caller
+    /// retries with the unit now in force).
+    fn coarsen_query_unit(&self, from: i64) -> bool {
+        let Some(to) = coarser_query_unit(from) else {
+            return false;
+        };
+        self.query_unit
+            .compare_exchange(
+                from,
+                to,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+            || self.query_unit() != from
     }
 
     /// ChartHero's id of this organization, once configured or learnt.
@@ -67,6 +95,16 @@ impl OrgScope {
 
     fn set_known(&self, id: Option<&str>) {
         *self.known_id.lock().expect("organization lock") = id.map(Arc::from);
+    }
+}
+
+/// The query unit after `unit` (microseconds): a millisecond after a microsecond, a second after
+/// a millisecond; none after that.
+fn coarser_query_unit(unit: i64) -> Option<i64> {
+    match unit {
+        1 => Some(1_000),
+        1_000 => Some(1_000_000),
+        _ => None,
     }
 }
 

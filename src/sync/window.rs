@@ -269,14 +269,7 @@ impl Pass {
                 records: self.seen.len() as u64,
             });
         }
-        let query = ListQuery {
-            start_at: Some(from),
-            end_at: Some(to),
-            offset,
-            limit,
-            sort,
-        };
-        let page = ctx.client.list_encounters(&query).await?;
+        let page = list_range(ctx, from, to, offset, limit, sort).await?;
         counts.list_requests += 1;
         self.pages += 1;
         self.largest_page = self
@@ -364,6 +357,50 @@ impl Disagreement {
     }
 }
 
+/// One list request for `[from, to)` of any sync path (passes, repairs, audits), its bounds
+/// widened to the organization's query unit (`OrgScope::query_unit`: `from` down, `to` up, which
+/// only ever admits more records). A server that reads the bounds coarser than microseconds
+/// (to the millisecond, as JavaScript's `Date` does, or to the second) collapses a range within
+/// one of its units to nothing and refuses it (422 `invalid_query` on `start_at`/`end_at`): the
+/// unit is then coarsened, once per organization and process, and the request asked again at
+/// it. A refusal of a range no coarser unit would widen is returned as it is.
+pub(super) async fn list_range(
+    ctx: &SyncContext,
+    from: Micros,
+    to: Micros,
+    offset: u32,
+    limit: u32,
+    sort: SortOrder,
+) -> Result<EncounterPage, CycleError> {
+    loop {
+        let unit = ctx.org.query_unit();
+        let query = ListQuery {
+            start_at: Some(from.floor_to(unit)),
+            end_at: Some(to.ceil_to(unit)),
+            offset,
+            limit,
+            sort,
+        };
+        match ctx.client.list_encounters(&query).await {
+            Err(e) if e.refuses_a_bound() => {
+                // Only a range within one coarser unit collapses at it; another refusal is not
+                // about precision.
+                let coarser = super::coarser_query_unit(unit).filter(|next| to <= from.step(*next));
+                if coarser.is_none_or(|_| !ctx.org.coarsen_query_unit(unit)) {
+                    return Err(e.into());
+                }
+                tracing::warn!(
+                    organization = %ctx.org.name,
+                    unit_micros = ctx.org.query_unit(),
+                    "the list route refused a range narrower than its precision; list bounds are \
+                     widened to whole units of it from now on"
+                );
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Offset step between pages: one record of overlap, which must match.
 fn step(limit: u32) -> u64 {
     u64::from(limit.saturating_sub(1).max(1))
@@ -442,9 +479,11 @@ pub(super) async fn scan(
             }
             // Upstream changed while we paged. A narrower window takes fewer requests, so
             // fewer changes can land during it: re-scan the older half.
+            let unit = ctx.org.query_unit();
             let mid = median_instant(&pass.seen)
+                .map(|m| m.floor_to(unit))
                 .filter(|m| *m > w.start && *m < end)
-                .or_else(|| Some(w.start.midpoint(end)).filter(|m| *m > w.start));
+                .or_else(|| Some(w.start.midpoint(end).floor_to(unit)).filter(|m| *m > w.start));
             if let Some(mid) = mid {
                 counts.splits += 1;
                 end = mid;
@@ -527,14 +566,15 @@ async fn repair(
     let mut leaves: Vec<(Micros, Micros, u64)> = Vec::new();
     let mut disagreeing = vec![(start, end, pass.total)];
     while let Some((lo, hi, total)) = disagreeing.pop() {
-        if seen_in(lo, hi) <= leaf_records || hi == lo.next() {
+        let unit = ctx.org.query_unit();
+        if seen_in(lo, hi) <= leaf_records || hi <= lo.step(unit) {
             leaves.push((lo, hi, total));
         } else {
             let lower = instants.partition_point(|x| *x < lo.instant());
             let upper = instants.partition_point(|x| *x < hi.instant());
-            let mid = Some(Micros::floor(instants[(lower + upper) / 2]))
+            let mid = Some(Micros::floor(instants[(lower + upper) / 2]).floor_to(unit))
                 .filter(|m| *m > lo && *m < hi)
-                .unwrap_or_else(|| lo.midpoint(hi));
+                .unwrap_or_else(|| lo.midpoint(hi).floor_to(unit).max(lo.step(unit)));
             // Older half last on the stack, so parts are handled oldest first.
             for (a, b) in [(mid, hi), (lo, mid)] {
                 if requests >= REPAIR_MAX_PROBES {
@@ -543,14 +583,7 @@ async fn repair(
                 if cancel.is_cancelled() {
                     return Err(CycleError::Cancelled);
                 }
-                let query = ListQuery {
-                    start_at: Some(a),
-                    end_at: Some(b),
-                    offset: 0,
-                    limit: 1,
-                    sort: SortOrder::Asc,
-                };
-                let total = ctx.client.list_encounters(&query).await?.total;
+                let total = list_range(ctx, a, b, 0, 1, SortOrder::Asc).await?.total;
                 counts.list_requests += 1;
                 requests += 1;
                 if total != seen_in(a, b) as u64 {
@@ -659,7 +692,9 @@ async fn anchored_pass(
         if pass.pages == 1 {
             pass.total = page.total;
         }
-        if let Some(evidence) = rendering_evidence(&page.items, cursor, end) {
+        // What the server was asked for: the bounds widened to its query unit.
+        let unit = ctx.org.query_unit();
+        if let Some(evidence) = rendering_evidence(&page.items, cursor.floor_to(unit), end.ceil_to(unit)) {
             pass.coarse = Some(evidence);
             pass.absorb(ctx, page.items, counts).await?;
             break;
@@ -702,19 +737,20 @@ async fn anchored_pass(
         let page_size = pass.page_size(limit) as usize;
         if tail == received || (page_size >= 4 && 2 * tail >= page_size) {
             pass.absorb(ctx, page.items, counts).await?;
-            page_instant(ctx, &mut pass, anchor, counts, cancel).await?;
-            cursor = anchor.next();
+            cursor = page_instant(ctx, &mut pass, anchor, counts, cancel).await?;
             expected_prefix.clear();
             if cursor >= end {
                 break;
             }
             continue;
         }
-        if cut_after.is_some_and(|n| pass.seen.len() + received >= n) && anchor > start {
-            // Close the window before `anchor`; its records there are read again by the next one.
+        let cut = anchor.floor_to(ctx.org.query_unit());
+        if cut_after.is_some_and(|n| pass.seen.len() + received >= n) && cut > start {
+            // Close the window before `cut` (the anchor's unit); its records there are read
+            // again by the next one.
             pass.keep_last(ctx, page.items);
-            pass.seen.retain(|_, t| *t < anchor.instant());
-            pass.end = anchor;
+            pass.seen.retain(|_, t| *t < cut.instant());
+            pass.end = cut;
             break;
         }
         expected_prefix = page
@@ -764,11 +800,12 @@ async fn offset_pass(
         let page = pass
             .list(ctx, start, window_end, 0, limit, SortOrder::Asc, counts, cancel)
             .await?;
-        if page.total <= OFFSET_REACH || start.next() >= window_end {
+        let unit = ctx.org.query_unit();
+        if page.total <= OFFSET_REACH || start.step(unit) >= window_end {
             break page;
         }
         counts.splits += 1;
-        pass.end = start.midpoint(window_end).max(start.next());
+        pass.end = start.midpoint(window_end).floor_to(unit).max(start.step(unit));
     };
     let window_end = pass.end;
     page_offsets(ctx, &mut pass, start, window_end, first, counts, cancel).await?;
@@ -779,19 +816,24 @@ async fn offset_pass(
     Ok(pass)
 }
 
-/// Offset-pages the records created in the microsecond `at`.
+/// Offset-pages the records created in the microsecond `at` — in the unit of the query unit
+/// holding it, when the list route reads its bounds coarser (learnt, if so, by the first request
+/// here) — and returns the end of the range it read.
 async fn page_instant(
     ctx: &SyncContext,
     pass: &mut Pass,
     at: Micros,
     counts: &mut RunCounts,
     cancel: &CancellationToken,
-) -> Result<(), CycleError> {
+) -> Result<Micros, CycleError> {
     let limit = ctx.sync.page_size.get();
     let first = pass
         .list(ctx, at, at.next(), 0, limit, SortOrder::Asc, counts, cancel)
         .await?;
-    page_offsets(ctx, pass, at, at.next(), first, counts, cancel).await
+    let unit = ctx.org.query_unit();
+    let (from, to) = (at.floor_to(unit), at.step(unit));
+    page_offsets(ctx, pass, from, to, first, counts, cancel).await?;
+    Ok(to)
 }
 
 /// Reads `[from, to)` by offsets, given its first ascending page. Consecutive pages overlap by
@@ -831,6 +873,7 @@ async fn page_offsets(
         return Ok(());
     }
     // Descending from the back, until the two ends meet.
+    let instant = (to <= from.step(ctx.org.query_unit())).then_some(from);
     let mut back = Chain::new(total, limit);
     while let Some(offset) = back.next_offset() {
         let page = pass
@@ -841,34 +884,34 @@ async fn page_offsets(
         let mirrored = pass.shifted || front.mirrors(&page.items, offset);
         pass.absorb(ctx, page.items, counts).await?;
         if !mirrored {
-            return overfull(pass, from, to, total, front.reached, false, counts).await;
+            return overfull(pass, instant, total, front.reached, false, counts).await;
         }
         if !full || front.reached + back.reached >= total {
             return Ok(());
         }
     }
-    overfull(pass, from, to, total, OFFSET_REACH * 2, true, counts).await
+    overfull(pass, instant, total, OFFSET_REACH * 2, true, counts).await
 }
 
-/// Ends [`page_offsets`] when offsets did not reach every record: in one microsecond that is
-/// [`CycleError::InstantOverfull`] (what was read is stored first); a wider range grew past what
-/// offsets reach while it was paged, and is re-scanned narrower.
+/// Ends [`page_offsets`] when offsets did not reach every record: in one instant (`instant`,
+/// when the range is one unit of the query's precision) that is [`CycleError::InstantOverfull`]
+/// (what was read is stored first); a wider range grew past what offsets reach while it was
+/// paged, and is re-scanned narrower.
 async fn overfull(
     pass: &mut Pass,
-    from: Micros,
-    to: Micros,
+    instant: Option<Micros>,
     total: u64,
     reachable: u64,
     descending_reverses: bool,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    if to != from.next() {
+    let Some(instant) = instant else {
         pass.saw_a_shift();
         return Ok(());
-    }
+    };
     pass.settle(counts).await?;
     Err(CycleError::InstantOverfull {
-        instant: from.to_string(),
+        instant: instant.to_string(),
         count: total,
         reachable,
         descending_reverses,

@@ -22,7 +22,7 @@ fn live() -> CyclePlan {
 }
 
 /// Generated history plus a dense microsecond and records a nanosecond apart, against a server
-/// that only understands microseconds.
+/// that only understands microseconds (or milliseconds).
 async fn sync_against_microsecond_server(backend: Backend, precision: QueryPrecision) {
     let env = TestEnv::start_on(
         backend,
@@ -45,13 +45,25 @@ async fn sync_against_microsecond_server(backend: Backend, precision: QueryPreci
     let report = env.sync(&config, live()).await;
     assert!(report.is_complete());
     compare(&env.sim, &env.warehouse).assert_empty();
-    // A reconcile with nanosecond bounds, and a repeat cycle, stay exact.
+    // 2,250 encounters: 23 pages at least, and one request per window to verify it.
+    assert!(report.counts.list_requests <= 30, "{:?}", report.counts);
+    // A reconcile with nanosecond bounds, an audit, and a repeat cycle, stay exact.
     let range = BackfillRange {
         start: instant - time::Duration::nanoseconds(1),
         end: OffsetDateTime::now_utc(),
     };
     env.sync(&config, CyclePlan::full(Some(range), false)).await;
     compare(&env.sim, &env.warehouse).assert_empty();
+    let audit = env.sync(&config, CyclePlan::full(None, true)).await;
+    assert!(audit.is_complete(), "{audit:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    // A millisecond server refuses the first range narrower than its unit, once per cycle
+    // (each of the three learns it: a new context); the others are never sent such a range.
+    let refused = env.sim.stats().status(422);
+    match precision {
+        QueryPrecision::TruncateMillis => assert!((1..=3).contains(&refused), "{refused}"),
+        _ => assert_eq!(refused, 0),
+    }
 }
 
 both_backends!(
@@ -68,6 +80,14 @@ both_backends!(
 );
 async fn a_server_that_rejects_past_six_fractional_digits_is_synced_exactly(backend: Backend) {
     sync_against_microsecond_server(backend, QueryPrecision::RejectPastMicros).await;
+}
+
+both_backends!(
+    #[tokio::test]
+    a_server_that_truncates_query_bounds_to_milliseconds_is_synced_exactly
+);
+async fn a_server_that_truncates_query_bounds_to_milliseconds_is_synced_exactly(backend: Backend) {
+    sync_against_microsecond_server(backend, QueryPrecision::TruncateMillis).await;
 }
 
 /// 1,600 encounters in `span`, rendered to whole seconds: many share a rendered second while
