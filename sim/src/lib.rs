@@ -41,7 +41,8 @@
 //!   `updated_at`) is truncated to microseconds; generated data and the wall clock are
 //!   microseconds already. [`QueryPrecision::TruncateMillis`] drops digits past the third (as a
 //!   server parsing into JavaScript's `Date` would: `[t, t + 1 µs)` is refused as empty), and
-//!   keeps `created_at` (generated and inserted) and explicit `updated_at` at milliseconds.
+//!   keeps `created_at` (generated and inserted) and explicit `updated_at` at milliseconds;
+//!   [`QueryPrecision::TruncateSeconds`] does the same at whole seconds.
 //! - **Coarse rendering** ([`SimOptions::render_created_at`],
 //!   [`Simulator::set_render_created_at`]): the list and encounter detail routes render each
 //!   encounter's `created_at` truncated or rounded (half up) to a [`Rendering`] unit, while

@@ -128,16 +128,21 @@ pub enum QueryPrecision {
     /// `start_at`). Every `created_at` (generated or inserted) and every explicit `updated_at`
     /// the server stores is truncated to milliseconds.
     TruncateMillis,
+    /// [`QueryPrecision::TruncateMillis`] at whole seconds: every fractional digit is dropped
+    /// before the range check and the filter, and every stored `created_at` and explicit
+    /// `updated_at` is a whole second.
+    TruncateSeconds,
 }
 
 impl QueryPrecision {
     /// The unit, in nanoseconds, every `created_at` and explicit `updated_at` the server stores
-    /// is a whole multiple of: 1 (nanoseconds), 1,000 (both micro modes) or 1,000,000.
+    /// is a whole multiple of: 1 (nanoseconds), 1,000 (both micro modes), 1,000,000 or a second.
     pub(crate) fn data_unit(self) -> i64 {
         match self {
             QueryPrecision::Nanos => 1,
             QueryPrecision::TruncateMicros | QueryPrecision::RejectPastMicros => 1_000,
             QueryPrecision::TruncateMillis => 1_000_000,
+            QueryPrecision::TruncateSeconds => 1_000_000_000,
         }
     }
 }

@@ -179,6 +179,7 @@ fn datetime(key: &str, raw: &str, precision: QueryPrecision) -> Result<OffsetDat
         QueryPrecision::TruncateMillis => {
             Ok(at - Duration::nanoseconds(i64::from(at.nanosecond() % 1_000_000)))
         }
+        QueryPrecision::TruncateSeconds => Ok(at - Duration::nanoseconds(i64::from(at.nanosecond()))),
         QueryPrecision::RejectPastMicros if fraction_digits(raw) > 6 => Err(QueryError::new(
             422,
             "invalid_query",

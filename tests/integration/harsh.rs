@@ -62,6 +62,8 @@ async fn sync_against_microsecond_server(backend: Backend, precision: QueryPreci
     let refused = env.sim.stats().status(422);
     match precision {
         QueryPrecision::TruncateMillis => assert!((1..=3).contains(&refused), "{refused}"),
+        // A millisecond first, then a second: two refusals per context.
+        QueryPrecision::TruncateSeconds => assert!((2..=6).contains(&refused), "{refused}"),
         _ => assert_eq!(refused, 0),
     }
 }
@@ -88,6 +90,14 @@ both_backends!(
 );
 async fn a_server_that_truncates_query_bounds_to_milliseconds_is_synced_exactly(backend: Backend) {
     sync_against_microsecond_server(backend, QueryPrecision::TruncateMillis).await;
+}
+
+both_backends!(
+    #[tokio::test]
+    a_server_that_truncates_query_bounds_to_seconds_is_synced_exactly
+);
+async fn a_server_that_truncates_query_bounds_to_seconds_is_synced_exactly(backend: Backend) {
+    sync_against_microsecond_server(backend, QueryPrecision::TruncateSeconds).await;
 }
 
 /// 1,600 encounters in `span`, rendered to whole seconds: many share a rendered second while
