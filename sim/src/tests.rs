@@ -698,21 +698,14 @@ async fn truncate_micros_truncates_queries_before_the_range_check_and_stores_mic
         }
     }
 
-    // [t, t + 1 ns) truncates to [t, t): refused exactly as any empty range is.
-    let empty = get(
+    // [t, t + 1 ns) truncates to [t, t); a start 999 ns after the record still finds it.
+    assert_truncated(
         &sim,
-        &window("2026-03-10T12:00:00.123456Z", "2026-03-10T12:00:00.123456001Z"),
+        ("2026-03-10T12:00:00.123456Z", "2026-03-10T12:00:00.123456001Z"),
+        ("2026-03-10T12:00:00.123456999Z", "2026-03-10T12:00:00.123457Z"),
+        &id,
     )
     .await;
-    assert_eq!((empty.status, empty.reason()), (422, "invalid_query".into()));
-    assert_eq!(empty.json()["field"], "start_at");
-    // A start 999 ns after the record still finds it: the digits are dropped.
-    let found = get(
-        &sim,
-        &window("2026-03-10T12:00:00.123456999Z", "2026-03-10T12:00:00.123457Z"),
-    )
-    .await;
-    assert_eq!(ids(&found.json()), vec![id.clone()]);
 
     sim.set_query_precision(QueryPrecision::Nanos);
     let exact = get(
@@ -745,22 +738,25 @@ async fn truncate_millis_truncates_queries_before_the_range_check_and_stores_mil
             encounter.encounter_id
         );
     }
-    // [t, t + 1 µs) truncates to [t, t): refused exactly as any empty range is.
-    let empty = get(
+    // [t, t + 1 µs) truncates to [t, t); a start 999 µs after the record still finds it.
+    assert_truncated(
         &sim,
-        &window("2026-03-10T12:00:00.123Z", "2026-03-10T12:00:00.123001Z"),
+        ("2026-03-10T12:00:00.123Z", "2026-03-10T12:00:00.123001Z"),
+        ("2026-03-10T12:00:00.123999Z", "2026-03-10T12:00:00.124Z"),
+        &id,
     )
     .await;
-    assert_eq!((empty.status, empty.reason()), (422, "invalid_query".into()));
-    assert_eq!(empty.json()["field"], "start_at");
-    // A start 999 µs after the record still finds it: the digits are dropped.
-    let found = get(
-        &sim,
-        &window("2026-03-10T12:00:00.123999Z", "2026-03-10T12:00:00.124Z"),
-    )
-    .await;
-    assert_eq!(ids(&found.json()), vec![id.clone()]);
     sim.shutdown();
+}
+
+/// A server that truncates list bounds refuses `empty` (it collapses to `[t, t)`) exactly as any
+/// empty range, and lists `id` for `found`, whose start is past the record by less than a unit.
+async fn assert_truncated(sim: &Simulator, empty: (&str, &str), found: (&str, &str), id: &str) {
+    let refused = get(sim, &window(empty.0, empty.1)).await;
+    assert_eq!((refused.status, refused.reason()), (422, "invalid_query".into()));
+    assert_eq!(refused.json()["field"], "start_at");
+    let listed = get(sim, &window(found.0, found.1)).await;
+    assert_eq!(ids(&listed.json()), vec![id.to_owned()]);
 }
 
 #[tokio::test]
