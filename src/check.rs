@@ -7,6 +7,7 @@
 //! and readers' role ([`check_database`]).
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use time::OffsetDateTime;
 
@@ -269,7 +270,9 @@ pub fn audio_directory(audio: &AudioConfig) -> Result<(), String> {
             Ok(_) => return Err(format!("{} is not a directory", dir.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
-                _ => return Err(format!("{} cannot be created", audio.directory.display())),
+                // A relative path: it is created in the working directory.
+                Some(_) => dir = Path::new("."),
+                None => return Err(format!("{} cannot be created", audio.directory.display())),
             },
             Err(e) => return Err(format!("cannot reach {}: {e}", dir.display())),
         }

@@ -78,7 +78,8 @@ const API_KEY_PREFIX: &str = "ch_sk_";
 fn redact_keys(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find(API_KEY_PREFIX) {
+    // In any case (`CH_SK_…` too); ASCII lowercasing keeps every byte offset.
+    while let Some(at) = rest.to_ascii_lowercase().find(API_KEY_PREFIX) {
         let after = &rest[at + API_KEY_PREFIX.len()..];
         let end = after
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '`' | '\'' | ',' | ')'))
@@ -94,19 +95,22 @@ fn redact_keys(text: &str) -> String {
 
 /// A secret file key (`api.api_key_file`, `database.password_file`) that holds the secret
 /// itself, as happens when a key is pasted into the wrong line: refused without quoting it. A
-/// key is recognised by its prefix; a password has no shape to recognise, so only the API key's
-/// paths are caught here.
+/// key is recognised by its prefix anywhere in the value, in any case (` ch_sk_…`, `Bearer
+/// ch_sk_…`, `CH_SK_…`, a path ending in one: every such value would otherwise be printed in the
+/// list of places looked in); a password has no shape to recognise, so only the API key's is
+/// caught here.
 fn refuse_pasted_key(key: &'static str, path: Option<&Path>, sources: &str) -> Result<(), ConfigError> {
     let pasted = path.is_some_and(|p| {
         p.as_os_str()
-            .as_encoded_bytes()
-            .starts_with(API_KEY_PREFIX.as_bytes())
+            .to_string_lossy()
+            .to_ascii_lowercase()
+            .contains(API_KEY_PREFIX)
     });
     if pasted {
         return Err(ConfigError::Invalid {
             key,
             message: format!(
-                "holds what looks like the API key itself (it starts with {API_KEY_PREFIX}), not the \
+                "holds what looks like the API key itself (it contains {API_KEY_PREFIX}), not the \
                  path of a file; write the key into a file (chmod 600) and give that file's path here, \
                  or use {sources}"
             ),
@@ -1835,6 +1839,27 @@ mod tests {
                 "database.password_file",
                 "CHARTHERO_DATABASE_PASSWORD",
             ),
+            // Pasted with a leading space, after "Bearer", in capitals, or at a path's end.
+            (
+                "[api]\napi_key_file = \" ch_sk_pasted_secret_999\"\n",
+                "api.api_key_file",
+                "CHARTHERO_API_KEY or",
+            ),
+            (
+                "[api]\napi_key_file = \"Bearer ch_sk_pasted_secret_999\"\n",
+                "api.api_key_file",
+                "CHARTHERO_API_KEY or",
+            ),
+            (
+                "[api]\napi_key_file = \"CH_SK_PASTED_SECRET_999\"\n",
+                "api.api_key_file",
+                "CHARTHERO_API_KEY or",
+            ),
+            (
+                "[api]\napi_key_file = \"/etc/charthero-sync/ch_sk_pasted_secret_999\"\n",
+                "api.api_key_file",
+                "CHARTHERO_API_KEY or",
+            ),
         ];
         for (text, key, source) in cases {
             let err = parse(text).unwrap_err();
@@ -1845,7 +1870,7 @@ mod tests {
                     && shown.contains(source),
                 "{text}: {shown}"
             );
-            assert!(!shown.contains("pasted_secret"), "{text}: {shown}");
+            assert!(!shown.to_lowercase().contains("pasted_secret"), "{text}: {shown}");
         }
     }
 

@@ -297,14 +297,15 @@ impl Status {
 }
 
 /// An organization's state from its last finished run and whether that run ended in error:
-/// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run) or
-/// `failing`.
+/// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run),
+/// `interrupted` (stopped by a signal; the next cycle resumes) or `failing`.
 fn organization_state(last_run: Option<&Run>, failed: bool, reason_code: Option<&str>) -> &'static str {
     match (last_run, failed) {
         (None, _) => "never_synced",
         (Some(_), false) => "ok",
         (Some(_), true) if reason_code.is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) => "stopped",
         (Some(run), true) if run.outcome == "partial" => "incomplete",
+        (Some(run), true) if run.outcome == "aborted" => "interrupted",
         (Some(_), true) => "failing",
     }
 }

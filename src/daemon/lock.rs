@@ -1,12 +1,15 @@
 //! One writer per warehouse, held for the life of the process. A SQLite warehouse: an
 //! exclusive advisory lock on `<database>.lock`, a file that also says who holds it, so the
 //! refusal can name the holder; the kernel releases it when the process dies, however it dies.
+//! The file is its owner's alone (mode 0600): anyone who can open a file can lock it, and a
+//! reader in the warehouse's group must not be able to keep the service from starting.
 //! A PostgreSQL warehouse: a session advisory lock keyed by the schema
 //! (`pg_try_advisory_lock`) on a dedicated connection whose `application_name` names the
 //! holder; the server releases it when that connection closes, however the process dies.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::DatabaseTarget;
@@ -75,6 +78,7 @@ impl WriterLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         match file.try_lock() {
@@ -82,17 +86,19 @@ impl WriterLock {
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
                 return Err(LockError::Held {
                     database: database.display().to_string(),
-                    holder: if holder.is_empty() {
-                        "holder unknown".to_owned()
-                    } else {
-                        holder.to_owned()
-                    },
+                    holder: describe_other_holder(holder.trim(), &path),
                 });
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // A lock file an earlier release left readable by the group becomes the owner's alone.
+        if let Ok(meta) = file.metadata()
+            && meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        {
+            tracing::warn!(lock = %path.display(), "cannot make the lock file its owner's alone: {e}");
         }
         // The lock is held; saying who holds it is a courtesy. On a full disk it cannot be
         // written, and the command goes on to fail (or succeed) on the database itself, whose
@@ -103,6 +109,25 @@ impl WriterLock {
         Ok(WriterLock {
             _held: Held::File { _file: file },
         })
+    }
+}
+
+/// Who holds the lock, from what the file says (`pid N (what) since T`, written by the holder):
+/// as written when that process still runs; otherwise the file's words are a past holder's,
+/// and whatever holds the lock now did not write it.
+fn describe_other_holder(written: &str, path: &Path) -> String {
+    let pid = written
+        .strip_prefix("pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse::<u32>().ok());
+    match pid {
+        Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => written.to_owned(),
+        _ => format!(
+            "a process that did not write {} (it names {}); `fuser -v {}` shows which",
+            path.display(),
+            if written.is_empty() { "no one" } else { written },
+            path.display()
+        ),
     }
 }
 
@@ -136,5 +161,36 @@ mod tests {
         assert!(err.contains("charthero-sync run"), "{err}");
         drop(first);
         WriterLock::acquire(&db, "charthero-sync sync").unwrap();
+        let mode = std::fs::metadata(dir.path().join("w.db.lock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the lock file is its owner's alone");
+    }
+
+    #[test]
+    fn a_lock_held_by_a_process_that_did_not_write_the_file_is_not_blamed_on_the_past_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        std::fs::write(
+            lock_path(&path),
+            "pid 4000000000 (charthero-sync run) since 2026-01-01T00:00:00Z",
+        )
+        .unwrap();
+        // Another open of the file (as a reader's `flock` would) holds the lock.
+        let other = File::open(lock_path(&path)).unwrap();
+        other.try_lock_shared().unwrap();
+        let err = WriterLock::acquire(
+            &DatabaseTarget::Sqlite { path: path.clone() },
+            "charthero-sync sync",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a process that did not write")
+                && err.contains("pid 4000000000")
+                && err.contains("fuser"),
+            "{err}"
+        );
     }
 }

@@ -122,6 +122,14 @@ async fn sigterm_mid_backfill_exits_promptly_and_a_restart_resumes_to_equality(b
         status, "running",
         "an interrupted backfill stays queued to resume"
     );
+    let mut status = bin(&config);
+    status.args(["status", "--json"]);
+    let out = run(status).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["organizations"][0]["state"], "interrupted",
+        "a run stopped by SIGTERM is no failure: {json:#}"
+    );
 
     let mut again = bin(&config);
     again.arg("run");

@@ -398,6 +398,32 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
             "{name} after a sync as root"
         );
     }
+    // The lock file is the service's alone: a reader who could open it could lock it and keep
+    // the service from starting.
+    let lock = install.state().join("warehouse.db.lock");
+    assert_eq!(std::fs::metadata(&lock).unwrap().mode() & 0o777, 0o600);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &install.analyst,
+            "--regid",
+            "users",
+            "--init-groups",
+            "--",
+        ])
+        .args(["flock", "--shared", "--nonblock"])
+        .arg(&lock)
+        .arg("true")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the analyst locked {}: {}",
+        lock.display(),
+        text(&out)
+    );
 
     // While `run` writes: new encounters arrive, cycles run every 2 s, the analyst keeps reading.
     let mut daemon = as_service(&["run"]);

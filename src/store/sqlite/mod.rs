@@ -254,8 +254,15 @@ fn share_with_directory_group(path: &Path) {
             );
         }
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o007 != 0
-            && let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & !0o007))
+        // Readers need the group's read on the database and its logs; the lock file is the
+        // writer's alone (`daemon::lock`).
+        let wanted = if suffix == ".lock" {
+            mode & 0o700
+        } else {
+            mode & !0o007
+        };
+        if mode != wanted
+            && let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(wanted))
         {
             tracing::warn!(file = %file.display(), "cannot remove others' access to the database file ({e})");
         }
