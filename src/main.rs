@@ -668,25 +668,30 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         }
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
-            if let config::DatabaseTarget::Sqlite { path } = &config.database.target
-                && !path.exists()
-            {
-                return Err(anyhow::anyhow!(
-                    "no warehouse at {}: run `charthero-sync migrate` or `sync` first",
-                    path.display()
-                )
-                .into());
-            }
             let target = config.database.target.clone();
-            let status = {
+            let (status, created) = {
                 let config = config.clone();
                 store::blocking(move || {
-                    let warehouse = store::open_reader(&config.database)?;
                     let names: Vec<String> = config.organizations.iter().map(|o| o.name.clone()).collect();
+                    // Nothing synced yet is a status too (exit 0), in the usual shape.
+                    if store::applied_version(&config.database)? == 0 {
+                        let database = charthero_sync::status::Database {
+                            backend: match config.database.target {
+                                config::DatabaseTarget::Sqlite { .. } => "sqlite",
+                                config::DatabaseTarget::Postgres(_) => "postgresql",
+                            },
+                            location: config.database.target.to_string(),
+                        };
+                        return Ok((
+                            charthero_sync::status::Status::not_created(database, &names),
+                            false,
+                        ));
+                    }
+                    let warehouse = store::open_reader(&config.database)?;
                     let mut status =
                         charthero_sync::status::read(warehouse.as_ref(), OffsetDateTime::now_utc(), &names)?;
                     status.estimate_backfills(warehouse.as_ref(), &config)?;
-                    Ok(status)
+                    Ok((status, true))
                 })
                 .await
                 // Names the warehouse and what is wrong with it (damaged, unreadable, busy).
@@ -698,6 +703,12 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
                 );
             } else {
+                if !created {
+                    say!(
+                        "no warehouse at {} yet: `charthero-sync migrate` or the first `sync` creates it",
+                        status.database.location
+                    );
+                }
                 say!("{}", status.render().trim_end());
             }
             Ok(())

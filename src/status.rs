@@ -58,9 +58,9 @@ pub struct OrganizationStatus {
     /// renders it for people and derives `lag_seconds` from it.
     pub complete_through: Option<String>,
     pub lag_seconds: Option<i64>,
-    /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `failing` (it
-    /// failed; retried), `stopped` (its key was refused: nothing is sent with it until the
-    /// operator acts), `never_synced`.
+    /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `interrupted` (a
+    /// signal stopped it; the next cycle resumes), `failing` (it failed; retried), `stopped`
+    /// (its key was refused: nothing is sent with it until the operator acts), `never_synced`.
     pub state: String,
     /// Why, when not `ok`: the upstream `reason_code` (e.g. `revoked_key`) or ours (e.g.
     /// `organization_mismatch`).
@@ -94,7 +94,7 @@ pub const KEY_REFUSED_CODES: &[&str] = &[
     "organization_mismatch",
 ];
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Rows {
     pub encounters: i64,
     pub encounters_removed: i64,
@@ -111,7 +111,7 @@ pub struct Rows {
 }
 
 /// Content work waiting in the queue.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Queue {
     pub documents_pending: i64,
     pub transcripts_pending: i64,
@@ -330,6 +330,46 @@ fn progress(b: &Backfill) -> f64 {
 
 impl Status {
     /// The human-readable report.
+    /// What there is to say of a warehouse not created yet: every configured organization
+    /// `never_synced`, nothing stored (the same shape as any other status, for scripts).
+    pub fn not_created(database: Database, configured: &[String]) -> Status {
+        Status {
+            database,
+            complete_through: None,
+            lag_seconds: None,
+            organizations: configured
+                .iter()
+                .map(|name| OrganizationStatus {
+                    name: name.clone(),
+                    organization_id: None,
+                    complete_through: None,
+                    lag_seconds: None,
+                    state: "never_synced".to_owned(),
+                    reason_code: None,
+                    last_run: None,
+                    last_error: None,
+                    disabled_routes: Vec::new(),
+                    paused_until: None,
+                    encounters: 0,
+                    encounters_removed: 0,
+                    documents: 0,
+                    transcripts: 0,
+                    dead_letters: 0,
+                    backfills_pending: 0,
+                })
+                .collect(),
+            rows: Rows::default(),
+            queue: Queue::default(),
+            runs: Vec::new(),
+            backfills: Vec::new(),
+            audit: None,
+            dead_letter_count: 0,
+            dead_letters: Vec::new(),
+            disabled_routes: Vec::new(),
+            last_error: None,
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(

@@ -495,7 +495,8 @@ async fn an_unknown_log_format_exits_2_naming_the_variable() {
 }
 
 #[tokio::test]
-async fn migrate_says_whether_it_created_migrated_or_found_the_schema_current_and_truncates_its_log() {
+async fn status_before_any_sync_exits_0_and_migrate_says_whether_it_created_migrated_or_found_the_schema_current()
+ {
     let env = TestEnv::with_encounters(65, 10).await;
     env.write_key_file(&env.sim.api_key());
     let db = env.dir.path().join("warehouse.db");
@@ -510,6 +511,21 @@ async fn migrate_says_whether_it_created_migrated_or_found_the_schema_current_an
         path: db.clone(),
     });
     let wal = PathBuf::from(format!("{}-wal", db.display()));
+    // Before anything: `status` reports nothing synced (exit 0, the usual JSON shape) and creates
+    // nothing.
+    let mut status = charthero_sync();
+    status.arg("--config").arg(&config).arg("status");
+    let out = run_within(status, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("no warehouse at"), "{}", text(&out));
+    let mut status = charthero_sync();
+    status.arg("--config").arg(&config).args(["status", "--json"]);
+    let out = run_within(status, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["organizations"][0]["state"], "never_synced", "{json:#}");
+    assert_eq!(json["rows"]["encounters"], 0, "{json:#}");
+    assert!(!db.exists(), "status created the warehouse");
     for expected in [
         format!("created at schema version {latest}"),
         format!("is up to date (schema version {latest})"),
