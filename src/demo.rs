@@ -78,6 +78,10 @@ pub struct DemoSummary {
 
 pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
+    if let DemoDatabase::File(path) = &opts.database {
+        store::check_location(&crate::config::DatabaseTarget::Sqlite { path: path.clone() })
+            .map_err(|e| DemoRefused(format!("--database {}: {}", path.display(), e.reason())))?;
+    }
     let mut raw_database = crate::config::RawDatabase::default();
     match &opts.database {
         DemoDatabase::File(path) => raw_database.path = Some(path.clone()),
@@ -141,10 +145,12 @@ pub async fn run(opts: &DemoOptions, cancel: &CancellationToken) -> anyhow::Resu
     })
 }
 
-/// `--database` names a warehouse the demo did not create: it is never touched (exit 2).
+/// `--database` cannot be the demo's: a warehouse the demo did not create (never touched), or a
+/// file where this user cannot write. Usage errors (exit 2), found before the simulator starts
+/// where they can be.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct NotTheDemos(String);
+pub struct DemoRefused(String);
 
 /// Removes a previous demo warehouse; refuses any other existing one.
 fn prepare_database(database: &DatabaseConfig) -> anyhow::Result<()> {
@@ -156,7 +162,7 @@ fn prepare_database(database: &DatabaseConfig) -> anyhow::Result<()> {
                 return Ok(());
             }
             if !was_created_by_demo(database) {
-                return Err(NotTheDemos(format!(
+                return Err(DemoRefused(format!(
                     "{} holds a warehouse not created by `charthero-sync demo`; choose another database \
                      or schema with --database",
                     database.target
@@ -182,7 +188,7 @@ fn prepare_file(database: &DatabaseConfig, path: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     if !was_created_by_demo(database) {
-        return Err(NotTheDemos(format!(
+        return Err(DemoRefused(format!(
             "{} exists and was not created by `charthero-sync demo`; choose another path with --database",
             path.display()
         ))

@@ -456,7 +456,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             };
             let cancel = cancel_on_signal();
             let summary = demo::run(&opts, &cancel).await.map_err(|error| {
-                if error.chain().any(|c| c.is::<demo::NotTheDemos>()) {
+                if error.chain().any(|c| c.is::<demo::DemoRefused>()) {
                     Failure {
                         code: exit::USAGE,
                         error,

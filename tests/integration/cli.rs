@@ -272,6 +272,23 @@ async fn migrate_and_demo_work_from_the_command_line() {
         "{}",
         text(&out)
     );
+
+    // Nor a place it cannot write (here under a file): a usage error, before the simulator starts.
+    let under_a_file = env.db_path().join("demo.db");
+    let out = run({
+        let mut c = bin();
+        c.args(["demo", "--encounters", "10", "--database"])
+            .arg(&under_a_file);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("--database {}", under_a_file.display()))
+            && !text(&out).contains("simulator listening"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
