@@ -42,7 +42,8 @@
 //!   microseconds already. [`QueryPrecision::TruncateMillis`] drops digits past the third (as a
 //!   server parsing into JavaScript's `Date` would: `[t, t + 1 µs)` is refused as empty), and
 //!   keeps `created_at` (generated and inserted) and explicit `updated_at` at milliseconds;
-//!   [`QueryPrecision::TruncateSeconds`] does the same at whole seconds.
+//!   [`QueryPrecision::TruncateSeconds`] does the same at whole seconds. With
+//!   [`SimOptions::micro_data`] the data stays at microseconds behind coarser bounds.
 //! - **Coarse rendering** ([`SimOptions::render_created_at`],
 //!   [`Simulator::set_render_created_at`]): the list and encounter detail routes render each
 //!   encounter's `created_at` truncated or rounded (half up) to a [`Rendering`] unit, while

@@ -90,6 +90,11 @@ pub struct SimOptions {
     /// ascending one where records share an instant. The contract says ties are broken by the
     /// ID, not in which direction. Default `false`: descending is the exact reverse.
     pub desc_ties_ascending: bool,
+    /// Keep stored timestamps at microseconds whatever `query_precision` does with the list's
+    /// bounds: a store that keeps microseconds behind an API layer that parses bounds into
+    /// milliseconds or seconds, so one unit of the bounds holds records at many instants.
+    /// Default `false`: the data is as coarse as the bounds are read.
+    pub micro_data: bool,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -215,11 +220,19 @@ impl Default for SimOptions {
             final_document_status: "completed".to_owned(),
             null_empty_documents: false,
             desc_ties_ascending: false,
+            micro_data: false,
         }
     }
 }
 
 impl SimOptions {
+    /// The unit, in nanoseconds, every stored `created_at` is a whole multiple of:
+    /// [`QueryPrecision::data_unit`], at most a microsecond with [`SimOptions::micro_data`].
+    pub(crate) fn data_unit(&self) -> i64 {
+        let unit = self.query_precision.data_unit();
+        if self.micro_data { unit.min(1_000) } else { unit }
+    }
+
     /// The patient pool size after applying the `0 = encounters / 3 + 1` rule.
     pub fn effective_patients(&self) -> usize {
         if self.patients == 0 {

@@ -203,8 +203,10 @@ pub(crate) struct Store {
     bases: HashMap<Slot, i64>,
     /// Keep every stored timestamp at microseconds (the micro `QueryPrecision` modes).
     /// Every stored `created_at` and explicit `updated_at` is a whole multiple of this many
-    /// nanoseconds (`QueryPrecision::data_unit`).
+    /// nanoseconds (`SimOptions::data_unit`).
     data_unit: i64,
+    /// `SimOptions::micro_data`: the data unit is never coarser than a microsecond.
+    micro_data: bool,
     id_seq: u64,
     id_key: u64,
     ambient_docs: u64,
@@ -242,7 +244,8 @@ impl Store {
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
             bases: HashMap::new(),
-            data_unit: opts.query_precision.data_unit(),
+            data_unit: opts.data_unit(),
+            micro_data: opts.micro_data,
             id_seq: 0,
             id_key: mix64(opts.seed ^ 0x1d50_f1d5),
             ambient_docs: 0,
@@ -375,7 +378,7 @@ impl Store {
     /// Switches the unit timestamps given from outside are truncated to from now on
     /// (`QueryPrecision::data_unit`); what is stored already is left as it is.
     pub(crate) fn set_data_unit(&mut self, unit: i64) {
-        self.data_unit = unit;
+        self.data_unit = if self.micro_data { unit.min(1_000) } else { unit };
     }
 
     /// An instant given from outside (an inserted `created_at`, an explicit `updated_at`) at the

@@ -724,7 +724,10 @@ async fn anchored_pass(
             // A full page has items; an empty one ended the pass above.
             break;
         };
-        let anchor = Micros::floor(last);
+        // The last record's microsecond — or the unit holding it, when the server reads bounds
+        // coarser (`list_range` asks from the unit's start, so the re-anchored page starts
+        // with every record of that unit).
+        let anchor = Micros::floor(last).floor_to(ctx.org.query_unit());
         let tail = page
             .items
             .iter()
@@ -744,13 +747,11 @@ async fn anchored_pass(
             }
             continue;
         }
-        let cut = anchor.floor_to(ctx.org.query_unit());
-        if cut_after.is_some_and(|n| pass.seen.len() + received >= n) && cut > start {
-            // Close the window before `cut` (the anchor's unit); its records there are read
-            // again by the next one.
+        if cut_after.is_some_and(|n| pass.seen.len() + received >= n) && anchor > start {
+            // Close the window before `anchor`; its records there are read again by the next one.
             pass.keep_last(ctx, page.items);
-            pass.seen.retain(|_, t| *t < cut.instant());
-            pass.end = cut;
+            pass.seen.retain(|_, t| *t < anchor.instant());
+            pass.end = anchor;
             break;
         }
         expected_prefix = page
@@ -875,13 +876,14 @@ async fn page_offsets(
     // Descending from the back, until the two ends meet.
     let instant = (to <= from.step(ctx.org.query_unit())).then_some(from);
     let mut back = Chain::new(total, limit);
+    let mut meeting = None;
     while let Some(offset) = back.next_offset() {
         let page = pass
             .list(ctx, from, to, offset, limit, SortOrder::Desc, counts, cancel)
             .await?;
         let full = back.take(pass, offset, &page);
         // A moved total or overlap already marked a shift, and shifted positions prove nothing.
-        let mirrored = pass.shifted || front.mirrors(&page.items, offset);
+        let mirrored = pass.shifted || front.mirrors(&page.items, offset, &mut meeting);
         pass.absorb(ctx, page.items, counts).await?;
         if !mirrored {
             return overfull(pass, instant, total, front.reached, false, counts).await;
@@ -989,13 +991,17 @@ impl Chain {
     }
 
     /// Whether the records of a page read from the other end at `offset`, where this chain read
-    /// them too, sit at the mirrored positions (`front + back + 1 = total`), as they do when one
-    /// end's order is the exact reverse of the other's.
-    fn mirrors(&self, items: &[Encounter], offset: u32) -> bool {
+    /// them too, sit at mirrored positions, as they do when one end's order is the exact reverse
+    /// of the other's: the same `front + back` for every record both read (`meeting`, set by the
+    /// first), which is less than the total. The sum is the number of records listed less one,
+    /// not `total - 1`: a total may count records the list never shows.
+    fn mirrors(&self, items: &[Encounter], offset: u32, meeting: &mut Option<u64>) -> bool {
         (u64::from(offset)..).zip(items).all(|(back, e)| {
-            self.positions
-                .get(&e.encounter_id)
-                .is_none_or(|front| front + back + 1 == self.total)
+            let Some(front) = self.positions.get(&e.encounter_id) else {
+                return true;
+            };
+            let sum = front + back;
+            sum < self.total && *meeting.get_or_insert(sum) == sum
         })
     }
 }

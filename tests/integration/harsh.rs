@@ -100,6 +100,87 @@ async fn a_server_that_truncates_query_bounds_to_seconds_is_synced_exactly(backe
     sync_against_microsecond_server(backend, QueryPrecision::TruncateSeconds).await;
 }
 
+both_backends!(
+    #[tokio::test]
+    a_server_that_reads_bounds_to_the_second_over_microsecond_data_is_synced_exactly
+);
+/// Microsecond data behind a layer that reads list bounds to the second: once the unit is learnt
+/// (at a bulk instant), a second holding a page of records at distinct microseconds must be read
+/// as one unit. Re-anchoring at the last record's microsecond asked again from the second's start
+/// and got the same page: the pass stalled until its request bound, on every cycle.
+async fn a_server_that_reads_bounds_to_the_second_over_microsecond_data_is_synced_exactly(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            query_precision: QueryPrecision::TruncateSeconds,
+            micro_data: true,
+            ..sim_options(77, 2_000)
+        },
+    )
+    .await;
+    let now = OffsetDateTime::now_utc();
+    let second = |days: i64| {
+        let t = now - time::Duration::days(days);
+        t - time::Duration::nanoseconds(i64::from(t.nanosecond()))
+    };
+    // Bulk instants (where the unit is learnt) and busy seconds of distinct instants in turn, so
+    // that whichever way the windows are read, a busy second comes after the unit is learnt.
+    for days in [6, 4, 2] {
+        let busy = second(days);
+        for i in 0..250 {
+            env.sim
+                .insert(NewEncounter::at(busy + time::Duration::microseconds(1 + 3 * i)));
+        }
+        env.sim
+            .insert_bulk(second(days + 1) + time::Duration::microseconds(7), 250);
+    }
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let again = env.sync(&config, live()).await;
+    assert!(again.is_complete(), "{again:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test]
+    an_instant_past_the_offset_cap_whose_total_counts_hidden_encounters_is_read_from_both_ends
+);
+/// The total may count encounters the key cannot see; in an instant read from both ends, the
+/// positions of the records both ends read then add up to the listed count less one, not the
+/// total less one, and the instant must still be read completely.
+async fn an_instant_past_the_offset_cap_whose_total_counts_hidden_encounters_is_read_from_both_ends(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            total_counts_unavailable: true,
+            ..sim_options(78, 200)
+        },
+    )
+    .await;
+    let instant = OffsetDateTime::now_utc() - time::Duration::days(5);
+    env.sim.insert_bulk(instant, 12_000);
+    let hidden: Vec<String> = env
+        .sim
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.created_at == instant)
+        .step_by(2_000)
+        .map(|e| e.encounter_id)
+        .collect();
+    for id in &hidden {
+        env.sim.mark_unavailable(id, Unavailable::DemoTraining);
+    }
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(at_instant(&env, instant), 12_000 - hidden.len() as i64);
+}
+
 /// 1,600 encounters in `span`, rendered to whole seconds: many share a rendered second while
 /// the server filters and sorts by microseconds (in 20 s, a rendered second holds most of a page).
 async fn sync_with_coarse_rendering(backend: Backend, rounding: Rounding, span: time::Duration) {
