@@ -185,22 +185,29 @@ impl ServiceIdentity {
     }
 }
 
+/// A command run as the analyst (only in the readers group), with a bare environment.
+fn as_analyst(install: &Install, program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        &install.analyst,
+        "--regid",
+        "users",
+        "--init-groups",
+        "--",
+        program,
+    ])
+    .env_clear()
+    .env("PATH", "/usr/bin:/bin");
+    cmd
+}
+
 /// The analyst reading, as the runbook tells analysts to.
 fn analyst_reads(install: &Install, sql: &str) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            &install.analyst,
-            "--regid",
-            "users",
-            "--init-groups",
-            "--",
-        ])
-        .args(["sqlite3", "-readonly", "-cmd", ".timeout 5000"])
+    as_analyst(install, "sqlite3")
+        .args(["-readonly", "-cmd", ".timeout 5000"])
         .arg(install.db())
         .arg(sql)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
         .output()
         .unwrap()
 }
@@ -402,20 +409,10 @@ async fn the_runbook_install_runs_as_the_service_user_and_readers_can_read_while
     // the service from starting.
     let lock = install.state().join("warehouse.db.lock");
     assert_eq!(std::fs::metadata(&lock).unwrap().mode() & 0o777, 0o600);
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &install.analyst,
-            "--regid",
-            "users",
-            "--init-groups",
-            "--",
-        ])
-        .args(["flock", "--shared", "--nonblock"])
+    let out = as_analyst(&install, "flock")
+        .args(["--shared", "--nonblock"])
         .arg(&lock)
         .arg("true")
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
         .output()
         .unwrap();
     assert!(
