@@ -160,12 +160,8 @@ pub async fn kept(database: &DatabaseConfig, organizations: &[Organization]) -> 
     let database = database.clone();
     let names: Vec<String> = organizations.iter().map(|o| o.name.clone()).collect();
     store::blocking(move || {
-        let created = match &database.target {
-            DatabaseTarget::Sqlite { path } => path.exists(),
-            DatabaseTarget::Postgres(pg) => store::describe_postgres(pg)?.schema_version.is_some(),
-        };
         let mut kept = Kept::default();
-        if created {
+        if store::applied_version(&database)? > 0 {
             let warehouse = store::open_reader(&database)?;
             for name in names {
                 if let Some(until) = warehouse.state_time(&name, StateTime::PausedUntil)? {
@@ -317,6 +313,7 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
                 );
             }
             let db = database.clone();
+            let release = store::release_version(&database.target);
             return match store::blocking(move || store::applied_version(&db)).await {
                 Ok(0) => (
                     vec![format!(
@@ -325,11 +322,10 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
                     )],
                     Ok(()),
                 ),
-                Ok(v) if v > store::release_version(&database.target) => {
+                Ok(v) if v > release => {
                     let why = format!(
-                        "{} has schema version {v}, newer than this release knows ({}): use the release that wrote it",
+                        "{} has schema version {v}, newer than this release knows ({release}): use the release that wrote it",
                         path.display(),
-                        store::release_version(&database.target)
                     );
                     (
                         vec![format!("database.path    FAILED  {why}")],
@@ -340,7 +336,7 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
                     vec![format!(
                         "database.path    ok      {} (schema version {v}{})",
                         path.display(),
-                        if v == store::release_version(&database.target) {
+                        if v == release {
                             ", this release's"
                         } else {
                             "; `migrate` or the next sync brings it to this release's"

@@ -99,7 +99,13 @@ fn redact_keys(text: &str) -> String {
 /// ch_sk_…`, `CH_SK_…`, a path ending in one: every such value would otherwise be printed in the
 /// list of places looked in); a password has no shape to recognise, so only the API key's is
 /// caught here.
-fn refuse_pasted_key(key: &'static str, path: Option<&Path>, sources: &str) -> Result<(), ConfigError> {
+/// `env` and `credential` name the secret's other sources, which the refusal suggests.
+fn refuse_pasted_key(
+    key: &'static str,
+    path: Option<&Path>,
+    env: &str,
+    credential: &str,
+) -> Result<(), ConfigError> {
     let pasted = path.is_some_and(|p| {
         p.as_os_str()
             .to_string_lossy()
@@ -112,11 +118,20 @@ fn refuse_pasted_key(key: &'static str, path: Option<&Path>, sources: &str) -> R
             message: format!(
                 "holds what looks like the API key itself (it contains {API_KEY_PREFIX}), not the \
                  path of a file; write the key into a file (chmod 600) and give that file's path here, \
-                 or use {sources}"
+                 or use the environment variable {env} or $CREDENTIALS_DIRECTORY/{credential}"
             ),
         });
     }
     Ok(())
+}
+
+/// The environment variable and the credential an organization's key may come from:
+/// `CHARTHERO_API_KEY_<NAME>` (upper-cased, `-` becomes `_`) and `charthero-api-key.<name>`.
+fn organization_key_names(name: &str) -> (String, String) {
+    (
+        format!("{API_KEY_ENV}_{}", name.to_ascii_uppercase().replace('-', "_")),
+        format!("{CREDENTIAL_NAME}.{name}"),
+    )
 }
 
 /// The TOML document as written. Defaults live in the `Default` impls below and nowhere else.
@@ -679,20 +694,19 @@ impl Config {
 /// an unknown key that looks like a secret gets told where secrets go instead.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let mut message = redact_keys(&redact_quoted_strings(e.message().trim_end()));
+    let at = e.span().map(|span| line_and_column(text, span.start));
     if let Some(name) = unknown_field(e.message())
         && looks_like_a_secret_name(name)
     {
-        let line = e
-            .span()
-            .map_or(usize::MAX, |span| line_and_column(text, span.start).0);
         message.push_str("; ");
-        message.push_str(&secret_sources_hint(name, text, line));
+        message.push_str(&secret_sources_hint(
+            name,
+            text,
+            at.map_or(usize::MAX, |(line, _)| line),
+        ));
     }
-    match e.span() {
-        Some(span) => {
-            let (line, column) = line_and_column(text, span.start);
-            format!("line {line}, column {column}: {message}")
-        }
+    match at {
+        Some((line, column)) => format!("line {line}, column {column}: {message}"),
         None => message,
     }
 }
@@ -762,10 +776,7 @@ fn secret_sources_hint(name: &str, text: &str, line: usize) -> String {
     }
     if table.as_deref() == Some("organizations") {
         let (env, credential) = match organization_name_at_line(text, line) {
-            Some(org) => (
-                format!("{API_KEY_ENV}_{}", org.to_ascii_uppercase().replace('-', "_")),
-                format!("{CREDENTIAL_NAME}.{org}"),
-            ),
+            Some(org) => organization_key_names(&org),
             None => (
                 format!("{API_KEY_ENV}_<NAME>"),
                 format!("{CREDENTIAL_NAME}.<name>"),
@@ -937,7 +948,8 @@ impl RawConfig {
         refuse_pasted_key(
             "api.api_key_file",
             self.api.api_key_file.as_deref(),
-            &format!("the environment variable {API_KEY_ENV} or $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"),
+            API_KEY_ENV,
+            CREDENTIAL_NAME,
         )?;
         let api = ApiConfig {
             base_url: validate_base_url(&self.api.base_url)?,
@@ -1210,10 +1222,8 @@ fn validate_postgres(
     refuse_pasted_key(
         "database.password_file",
         password_file.as_deref(),
-        &format!(
-            "the environment variable {DATABASE_PASSWORD_ENV} or \
-             $CREDENTIALS_DIRECTORY/{DATABASE_PASSWORD_CREDENTIAL}"
-        ),
+        DATABASE_PASSWORD_ENV,
+        DATABASE_PASSWORD_CREDENTIAL,
     )?;
     let pg = PostgresConfig {
         connection,
@@ -1320,21 +1330,16 @@ fn validate_organizations(
                 .ok_or_else(|| at(invalid("max_in_flight", "must not be 0")))?,
             None => limits.max_in_flight,
         };
-        let suffix = name.to_ascii_uppercase().replace('-', "_");
-        refuse_pasted_key(
-            "api_key_file",
-            o.api_key_file.as_deref(),
-            &format!("the environment variable {API_KEY_ENV}_{suffix} or $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}.{name}"),
-        )
-        .map_err(at)?;
+        let (env, credential) = organization_key_names(&name);
+        refuse_pasted_key("api_key_file", o.api_key_file.as_deref(), &env, &credential).map_err(at)?;
         out.push(Organization {
             organization_id,
             base_url,
             start_at,
             key: KeySources {
                 file: o.api_key_file.filter(|p| !p.as_os_str().is_empty()),
-                env: format!("{API_KEY_ENV}_{suffix}"),
-                credential: format!("{CREDENTIAL_NAME}.{name}"),
+                env,
+                credential,
             },
             budget: Budget {
                 requests_per_second,

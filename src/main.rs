@@ -253,11 +253,7 @@ impl From<charthero_sync::daemon::lock::LockError> for Failure {
                 exit::USAGE
             }
             // A password file that cannot be used is the configuration's too.
-            charthero_sync::daemon::lock::LockError::Server(e)
-                if e.chain().any(|c| c.is::<ConfigError>()) =>
-            {
-                exit::USAGE
-            }
+            charthero_sync::daemon::lock::LockError::Server(e) if is_configuration(e) => exit::USAGE,
             // An unreachable or restarting server may come back; a refused role is in its
             // message, which says what to set.
             charthero_sync::daemon::lock::LockError::Io { .. }
@@ -298,11 +294,20 @@ fn store_failure_code(e: Option<&store::StoreError>) -> u8 {
     }
 }
 
+/// Whether a failure is the configuration's (exit 2) although it surfaced late: a secret read
+/// only when the server is reached (the database password), anywhere among its causes, also
+/// inside a warehouse error.
+fn is_configuration(error: &anyhow::Error) -> bool {
+    error.chain().any(|c| {
+        c.is::<ConfigError>()
+            || c.downcast_ref::<store::StoreError>()
+                .is_some_and(store::StoreError::is_configuration)
+    })
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
-        // A secret read late (the database password, when the server is reached) is still a
-        // configuration error.
-        let code = if error.chain().any(|c| c.is::<ConfigError>()) {
+        let code = if is_configuration(&error) {
             exit::USAGE
         } else {
             store_failure_code(error.chain().find_map(|c| c.downcast_ref()))
@@ -313,14 +318,7 @@ impl From<anyhow::Error> for Failure {
 
 impl From<store::StoreError> for Failure {
     fn from(e: store::StoreError) -> Self {
-        Failure {
-            code: if e.is_configuration() {
-                exit::USAGE
-            } else {
-                store_failure_code(Some(&e))
-            },
-            error: e.into(),
-        }
+        anyhow::Error::from(e).into()
     }
 }
 
@@ -349,18 +347,18 @@ fn prepare_writer(
 ) -> Result<(Config, OrganizationKeys, WriterLock), Failure> {
     let config = Config::load(path)?;
     store::check_location(&config.database.target)?;
-    audio_directory(&config)?;
+    charthero_sync::check::audio_directory(&config.audio).map_err(audio_directory_refused)?;
     let keys = load_keys(&config, organizations)?;
     let lock = WriterLock::acquire(&config.database.target, what)?;
     Ok((config, keys, lock))
 }
 
-/// [`charthero_sync::check::audio_directory`] as a configuration error (exit 2).
-fn audio_directory(config: &Config) -> Result<(), Failure> {
-    charthero_sync::check::audio_directory(&config.audio).map_err(|why| Failure {
+/// Why [`charthero_sync::check::audio_directory`] refused, as a configuration error (exit 2).
+fn audio_directory_refused(why: String) -> Failure {
+    Failure {
         code: exit::USAGE,
         error: anyhow::anyhow!("invalid value for `audio.directory`: {why}"),
-    })
+    }
 }
 
 fn load_keys(config: &Config, organizations: &[String]) -> Result<OrganizationKeys, Failure> {
@@ -838,8 +836,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             for line in lines {
                 say!("{line}");
             }
+            let audio = charthero_sync::check::audio_directory(&config.audio);
             if config.audio.enabled {
-                match charthero_sync::check::audio_directory(&config.audio) {
+                match &audio {
                     Ok(()) => say!("audio.directory  ok      {}", config.audio.directory.display()),
                     Err(why) => say!("audio.directory  FAILED  {why}"),
                 }
@@ -935,7 +934,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 Err(charthero_sync::check::DatabaseProblem::Server(e)) => return Err(e.into()),
                 Err(charthero_sync::check::DatabaseProblem::File(e)) => return Err(e.into()),
             }
-            audio_directory(&config)?;
+            audio.map_err(audio_directory_refused)?;
             let mut problems = Vec::new();
             if !failed.is_empty() {
                 let failed: Vec<String> = if several {

@@ -48,7 +48,7 @@ pub struct Database {
 }
 
 /// One organization: where its sync stands, and whether (and why) it is stopped.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct OrganizationStatus {
     /// The configured name (`default` without `[[organizations]]`).
     pub name: String,
@@ -329,7 +329,6 @@ fn progress(b: &Backfill) -> f64 {
 }
 
 impl Status {
-    /// The human-readable report.
     /// What there is to say of a warehouse not created yet: every configured organization
     /// `never_synced`, nothing stored (the same shape as any other status, for scripts).
     pub fn not_created(database: Database, configured: &[String]) -> Status {
@@ -341,21 +340,8 @@ impl Status {
                 .iter()
                 .map(|name| OrganizationStatus {
                     name: name.clone(),
-                    organization_id: None,
-                    complete_through: None,
-                    lag_seconds: None,
                     state: "never_synced".to_owned(),
-                    reason_code: None,
-                    last_run: None,
-                    last_error: None,
-                    disabled_routes: Vec::new(),
-                    paused_until: None,
-                    encounters: 0,
-                    encounters_removed: 0,
-                    documents: 0,
-                    transcripts: 0,
-                    dead_letters: 0,
-                    backfills_pending: 0,
+                    ..OrganizationStatus::default()
                 })
                 .collect(),
             rows: Rows::default(),
@@ -370,6 +356,7 @@ impl Status {
         }
     }
 
+    /// The human-readable report.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(

@@ -37,7 +37,7 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
         let rng = &mut store.rng;
         // About 2% share the previous record's created_at exactly, as a batch import would, so
         // the encounter_id tie-break is exercised.
-        let data_unit = opts.data_unit();
+        let data_unit = opts.query_precision.data_unit(opts.micro_data);
         let fine = opts.nanosecond_timestamps && data_unit == 1;
         let created = match previous_created {
             Some(previous) if rng.u32(0..100) < 2 => previous,

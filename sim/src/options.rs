@@ -141,14 +141,16 @@ pub enum QueryPrecision {
 
 impl QueryPrecision {
     /// The unit, in nanoseconds, every `created_at` and explicit `updated_at` the server stores
-    /// is a whole multiple of: 1 (nanoseconds), 1,000 (both micro modes), 1,000,000 or a second.
-    pub(crate) fn data_unit(self) -> i64 {
-        match self {
+    /// is a whole multiple of: 1 (nanoseconds), 1,000 (both micro modes), 1,000,000 or a second;
+    /// at most a microsecond with `micro_data` ([`SimOptions::micro_data`]).
+    pub(crate) fn data_unit(self, micro_data: bool) -> i64 {
+        let unit = match self {
             QueryPrecision::Nanos => 1,
             QueryPrecision::TruncateMicros | QueryPrecision::RejectPastMicros => 1_000,
             QueryPrecision::TruncateMillis => 1_000_000,
             QueryPrecision::TruncateSeconds => 1_000_000_000,
-        }
+        };
+        if micro_data { unit.min(1_000) } else { unit }
     }
 }
 
@@ -226,13 +228,6 @@ impl Default for SimOptions {
 }
 
 impl SimOptions {
-    /// The unit, in nanoseconds, every stored `created_at` is a whole multiple of:
-    /// [`QueryPrecision::data_unit`], at most a microsecond with [`SimOptions::micro_data`].
-    pub(crate) fn data_unit(&self) -> i64 {
-        let unit = self.query_precision.data_unit();
-        if self.micro_data { unit.min(1_000) } else { unit }
-    }
-
     /// The patient pool size after applying the `0 = encounters / 3 + 1` rule.
     pub fn effective_patients(&self) -> usize {
         if self.patients == 0 {

@@ -287,7 +287,7 @@ impl Simulator {
     /// microseconds. Records stored before the switch keep their timestamps.
     pub fn set_query_precision(&self, precision: QueryPrecision) {
         let mut store = write(&self.inner.store);
-        store.set_data_unit(precision.data_unit());
+        store.set_query_precision(precision);
         *write(&self.inner.query_precision) = precision;
     }
 

@@ -15,7 +15,7 @@ use time::{Date, OffsetDateTime};
 use crate::content::{self, ContentParams, deciseconds};
 use crate::id::{Id, mix64};
 use crate::model::{DocKind, Document, Encounter, NewEncounter, Patient, Visibility};
-use crate::options::SimOptions;
+use crate::options::{QueryPrecision, SimOptions};
 use crate::timestamp::{MICROSECOND, instant, nanos};
 
 /// Handle of an interned string: its index plus one, so `Option<Sym>` stays four bytes (document
@@ -201,9 +201,8 @@ pub(crate) struct Store {
     /// `updated_at`); an encounter missing here has its `created_at` as base. Kept beside the
     /// records, not in them, so `EncRec` stays small for the millions never mutated.
     bases: HashMap<Slot, i64>,
-    /// Keep every stored timestamp at microseconds (the micro `QueryPrecision` modes).
     /// Every stored `created_at` and explicit `updated_at` is a whole multiple of this many
-    /// nanoseconds (`SimOptions::data_unit`).
+    /// nanoseconds (`QueryPrecision::data_unit`).
     data_unit: i64,
     /// `SimOptions::micro_data`: the data unit is never coarser than a microsecond.
     micro_data: bool,
@@ -244,7 +243,7 @@ impl Store {
             patient_by_id: HashMap::new(),
             note_overrides: HashMap::new(),
             bases: HashMap::new(),
-            data_unit: opts.data_unit(),
+            data_unit: opts.query_precision.data_unit(opts.micro_data),
             micro_data: opts.micro_data,
             id_seq: 0,
             id_key: mix64(opts.seed ^ 0x1d50_f1d5),
@@ -375,10 +374,10 @@ impl Store {
         self.index.sort_unstable();
     }
 
-    /// Switches the unit timestamps given from outside are truncated to from now on
+    /// Switches the precision timestamps given from outside are truncated to from now on
     /// (`QueryPrecision::data_unit`); what is stored already is left as it is.
-    pub(crate) fn set_data_unit(&mut self, unit: i64) {
-        self.data_unit = if self.micro_data { unit.min(1_000) } else { unit };
+    pub(crate) fn set_query_precision(&mut self, precision: QueryPrecision) {
+        self.data_unit = precision.data_unit(self.micro_data);
     }
 
     /// An instant given from outside (an inserted `created_at`, an explicit `updated_at`) at the

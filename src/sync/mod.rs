@@ -66,22 +66,11 @@ impl OrgScope {
         self.query_unit.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Moves the query unit from `from` to the next coarser one (a millisecond, then a second);
-    /// `false` when it is a second already (or another request moved it first: then the caller
-    /// retries with the unit now in force).
-    fn coarsen_query_unit(&self, from: i64) -> bool {
-        let Some(to) = coarser_query_unit(from) else {
-            return false;
-        };
+    /// Raises the query unit to `to` (it only ever grows: another request may have raised it
+    /// further meanwhile).
+    fn coarsen_query_unit(&self, to: i64) {
         self.query_unit
-            .compare_exchange(
-                from,
-                to,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
-            || self.query_unit() != from
+            .fetch_max(to, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// ChartHero's id of this organization, once configured or learnt.

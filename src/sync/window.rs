@@ -385,10 +385,11 @@ pub(super) async fn list_range(
             Err(e) if e.refuses_a_bound() => {
                 // Only a range within one coarser unit collapses at it; another refusal is not
                 // about precision.
-                let coarser = super::coarser_query_unit(unit).filter(|next| to <= from.step(*next));
-                if coarser.is_none_or(|_| !ctx.org.coarsen_query_unit(unit)) {
+                let Some(coarser) = super::coarser_query_unit(unit).filter(|next| to <= from.step(*next))
+                else {
                     return Err(e.into());
-                }
+                };
+                ctx.org.coarsen_query_unit(coarser);
                 tracing::warn!(
                     organization = %ctx.org.name,
                     unit_micros = ctx.org.query_unit(),
@@ -858,7 +859,8 @@ async fn page_offsets(
     let limit = ctx.sync.page_size.get();
     let total = first.total;
     pass.total = total;
-    let mut front = Chain::new(total, limit);
+    // Only a range past the offset cap is read from the back, against the front's positions.
+    let mut front = Chain::new(total, limit, total > u64::from(MAX_OFFSET));
     let mut full = front.take(pass, 0, &first);
     pass.absorb(ctx, first.items, counts).await?;
     // Ascending from the front.
@@ -875,7 +877,7 @@ async fn page_offsets(
     }
     // Descending from the back, until the two ends meet.
     let instant = (to <= from.step(ctx.org.query_unit())).then_some(from);
-    let mut back = Chain::new(total, limit);
+    let mut back = Chain::new(total, limit, false);
     let mut meeting = None;
     while let Some(offset) = back.next_offset() {
         let page = pass
@@ -929,19 +931,20 @@ struct Chain {
     reached: u64,
     last: Option<(u64, String)>,
     offset: Option<u32>,
-    /// The position at which this chain read each record.
-    positions: HashMap<String, u64>,
+    /// The position at which this chain read each record, when kept.
+    positions: Option<HashMap<String, u64>>,
 }
 
 impl Chain {
-    fn new(total: u64, limit: u32) -> Chain {
+    /// `keep_positions`: whether to remember where each record was read ([`Chain::mirrors`]).
+    fn new(total: u64, limit: u32, keep_positions: bool) -> Chain {
         Chain {
             total,
             limit,
             reached: 0,
             last: None,
             offset: None,
-            positions: HashMap::new(),
+            positions: keep_positions.then(HashMap::new),
         }
     }
 
@@ -979,8 +982,10 @@ impl Chain {
             }
         }
         let received = page.items.len() as u64;
-        for (position, e) in (u64::from(offset)..).zip(&page.items) {
-            self.positions.insert(e.encounter_id.clone(), position);
+        if let Some(positions) = &mut self.positions {
+            for (position, e) in (u64::from(offset)..).zip(&page.items) {
+                positions.insert(e.encounter_id.clone(), position);
+            }
         }
         if let Some(last) = page.items.last() {
             let position = u64::from(offset) + received - 1;
@@ -997,7 +1002,7 @@ impl Chain {
     /// not `total - 1`: a total may count records the list never shows.
     fn mirrors(&self, items: &[Encounter], offset: u32, meeting: &mut Option<u64>) -> bool {
         (u64::from(offset)..).zip(items).all(|(back, e)| {
-            let Some(front) = self.positions.get(&e.encounter_id) else {
+            let Some(front) = self.positions.as_ref().and_then(|p| p.get(&e.encounter_id)) else {
                 return true;
             };
             let sum = front + back;
