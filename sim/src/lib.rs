@@ -58,6 +58,9 @@
 //!   change, else `created_at`, and its documents' `updated_at`), so the source's can fall
 //!   although its content changed; [`Simulator::restore_status`] and
 //!   [`Simulator::set_encounter_updated_at`] set an older value outright.
+//! - **`date_of_service` in other shapes** ([`SimOptions::service_dates`]): a plain date, or an
+//!   assortment of plain dates, date-times without an offset, empty strings, numbers and `null`;
+//!   [`Simulator::rendered_date_of_service`] gives the JSON value an encounter is sent with.
 //! - Back-dated inserts ([`Simulator::insert`] with an old `created_at`) get `updated_at` = now;
 //!   removals work at any age.
 //! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from
@@ -107,5 +110,5 @@ pub use model::{
     DocKind, Document, Encounter, Fault, FaultRule, KeyState, ListRequest, NewEncounter, Patient, RateLimit,
     Route, Stats, Transcript, Turn, Unavailable, Visibility,
 };
-pub use options::{PageCap, QueryPrecision, Rendering, Rounding, SimOptions};
+pub use options::{PageCap, QueryPrecision, Rendering, Rounding, ServiceDates, SimOptions};
 pub use state::{ListHook, Simulator};

@@ -95,6 +95,24 @@ pub struct SimOptions {
     /// milliseconds or seconds, so one unit of the bounds holds records at many instants.
     /// Default `false`: the data is as coarse as the bounds are read.
     pub micro_data: bool,
+    /// The shape of every encounter's `date_of_service` on the wire. Default
+    /// [`ServiceDates::Timestamps`], as the contract shows it.
+    pub service_dates: ServiceDates,
+}
+
+/// How the API renders an encounter's `date_of_service`. The contract's example is an RFC 3339
+/// timestamp, but the field names a day, and servers send it as a plain date or in looser shapes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ServiceDates {
+    /// RFC 3339, rendered like every other timestamp. The default.
+    #[default]
+    Timestamps,
+    /// `YYYY-MM-DD`: the UTC day of the instant.
+    PlainDates,
+    /// One of six shapes per record, chosen by a hash of the instant: an RFC 3339
+    /// timestamp, a plain date, a date-time without an offset (`2026-05-25T14:00:00`), an empty
+    /// string, the unix seconds as a JSON number, or `null`.
+    Assorted,
 }
 
 /// How many records a list page holds at most, whatever `limit` asks for.
@@ -223,6 +241,7 @@ impl Default for SimOptions {
             null_empty_documents: false,
             desc_ties_ascending: false,
             micro_data: false,
+            service_dates: ServiceDates::Timestamps,
         }
     }
 }

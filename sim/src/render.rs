@@ -13,9 +13,9 @@ use serde::{Serialize, Serializer};
 use time::UtcOffset;
 
 use crate::content::deciseconds;
-use crate::id::Id;
+use crate::id::{Id, mix64};
 use crate::model::{Transcript, Turn};
-use crate::options::{Rendering, Rounding};
+use crate::options::{Rendering, Rounding, ServiceDates};
 use crate::store::{DocRec, EncRec, Slot, Store};
 use crate::timestamp::{TsText, format_date, format_datetime, instant};
 
@@ -31,6 +31,7 @@ pub(crate) struct RenderOpts {
     pub(crate) created_at: Option<(Rounding, i64)>,
     /// `"documents": null` for an encounter without documents.
     pub(crate) null_empty_documents: bool,
+    pub(crate) service_dates: ServiceDates,
 }
 
 impl RenderOpts {
@@ -79,6 +80,34 @@ impl Serialize for Ts {
     }
 }
 
+/// An encounter's `date_of_service` (unix nanoseconds) in the shape `ServiceDates` gives it.
+pub(crate) struct ServiceDate(pub(crate) i64, pub(crate) bool, pub(crate) ServiceDates);
+
+impl Serialize for ServiceDate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ServiceDate(nanos, shifted, shapes) = *self;
+        let seconds = nanos.div_euclid(1_000_000_000);
+        let shape = match shapes {
+            ServiceDates::Timestamps => 0,
+            ServiceDates::PlainDates => 1,
+            ServiceDates::Assorted => mix64(nanos as u64) % 6,
+        };
+        let at = instant(nanos);
+        match shape {
+            0 => Ts(nanos, shifted).serialize(s),
+            1 => s.serialize_str(&format_date(at.date())),
+            2 => {
+                let text = format_datetime(at.replace_nanosecond(0).expect("zero nanoseconds are valid"));
+                let text = text.as_str();
+                s.serialize_str(&text[..text.len() - 1])
+            }
+            3 => s.serialize_str(""),
+            4 => s.serialize_i64(seconds),
+            _ => s.serialize_none(),
+        }
+    }
+}
+
 fn to_vec(value: &impl Serialize) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     serde_json::to_writer(&mut out, value).expect("serializing to memory cannot fail");
@@ -101,7 +130,10 @@ impl Serialize for EncounterView<'_> {
         obj.serialize_field("status", store.syms.get(rec.status))?;
         obj.serialize_field("created_at", &Ts(self.opts.created_at(rec.created), shift))?;
         obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
-        obj.serialize_field("date_of_service", &Ts(rec.date_of_service, shift))?;
+        obj.serialize_field(
+            "date_of_service",
+            &ServiceDate(rec.date_of_service, shift, self.opts.service_dates),
+        )?;
         obj.serialize_field("patient", &PatientView { view: self })?;
         if self.opts.null_empty_documents && rec.docs.is_empty() {
             obj.serialize_field("documents", &None::<()>)?;

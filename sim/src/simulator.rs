@@ -24,6 +24,7 @@ use crate::model::{
     Visibility,
 };
 use crate::options::{PageCap, QueryPrecision, Rendering, Rounding, SimOptions};
+use crate::render::ServiceDate;
 use crate::server;
 use crate::state::{Host, Inner, ListHook, Simulator, lock, read, write};
 use crate::store::{DocClass, Slot, Store};
@@ -155,6 +156,7 @@ impl Simulator {
                 total_counts_unavailable: AtomicBool::new(opts.total_counts_unavailable),
                 desc_ties_ascending: opts.desc_ties_ascending,
                 null_empty_documents: opts.null_empty_documents,
+                service_dates: opts.service_dates,
                 shutdown,
                 host,
             }),
@@ -330,6 +332,18 @@ impl Simulator {
                 instant(Rendering::apply(rounding, unit, nanos(t))).to_offset(t.offset())
             }
         }
+    }
+
+    /// The JSON value the API currently sends as an encounter's `date_of_service` (see
+    /// [`SimOptions::service_dates`]), for comparing a warehouse with [`Simulator::snapshot`].
+    pub fn rendered_date_of_service(&self, encounter: &Encounter) -> serde_json::Value {
+        let opts = self.inner.render_opts();
+        let value = ServiceDate(
+            nanos(encounter.date_of_service),
+            opts.offset_timestamps,
+            opts.service_dates,
+        );
+        serde_json::to_value(value).expect("a date of service renders as JSON")
     }
 
     // ----- data control -----

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::Access;
 use crate::faults::{FaultBook, RateWindow};
 use crate::model::{ListRequest, Stats};
-use crate::options::{PageCap, QueryPrecision, Rounding};
+use crate::options::{PageCap, QueryPrecision, Rounding, ServiceDates};
 use crate::render::RenderOpts;
 use crate::store::Store;
 
@@ -58,6 +58,7 @@ pub(crate) struct Inner {
     /// [`crate::SimOptions::desc_ties_ascending`].
     pub(crate) desc_ties_ascending: bool,
     pub(crate) null_empty_documents: bool,
+    pub(crate) service_dates: ServiceDates,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.
@@ -121,6 +122,7 @@ impl Inner {
             extra_fields: self.extra_fields.load(Ordering::Relaxed),
             created_at: *read(&self.render_created_at),
             null_empty_documents: self.null_empty_documents,
+            service_dates: self.service_dates,
         }
     }
 }

@@ -1296,3 +1296,53 @@ async fn a_total_that_counts_unavailable_encounters_counts_them_in_their_range_o
     assert_eq!(page["total"].as_u64(), Some(98));
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn dates_of_service_render_in_the_chosen_shapes_as_rendered_date_of_service_says() {
+    for (shapes, kinds) in [
+        (ServiceDates::Timestamps, 1),
+        (ServiceDates::PlainDates, 1),
+        (ServiceDates::Assorted, 6),
+    ] {
+        let sim = Simulator::start(SimOptions {
+            service_dates: shapes,
+            ..options(90)
+        })
+        .await
+        .unwrap();
+        let page = get(&sim, "/external/v1/encounters?limit=100&sort_order=asc")
+            .await
+            .json();
+        let snapshot = sim.snapshot();
+        let mut seen = std::collections::BTreeSet::new();
+        for (item, encounter) in page["items"].as_array().unwrap().iter().zip(&snapshot) {
+            let sent = &item["date_of_service"];
+            assert_eq!(*sent, sim.rendered_date_of_service(encounter), "{shapes:?}");
+            let day = encounter.date_of_service.date();
+            let kind = match sent {
+                Value::String(text) if text.is_empty() => "empty",
+                Value::String(text) if text.len() == 10 => {
+                    assert_eq!(text, &day.to_string());
+                    "date"
+                }
+                Value::String(text) if text.ends_with('Z') => {
+                    assert_eq!(parse_ts(sent), encounter.date_of_service);
+                    "timestamp"
+                }
+                Value::String(text) => {
+                    assert!(text.starts_with(&day.to_string()) && text.len() == 19, "{text}");
+                    "no offset"
+                }
+                Value::Number(n) => {
+                    assert_eq!(n.as_i64(), Some(encounter.date_of_service.unix_timestamp()));
+                    "number"
+                }
+                Value::Null => "null",
+                other => panic!("{other}"),
+            };
+            seen.insert(kind);
+        }
+        assert_eq!(seen.len(), kinds, "{shapes:?}: {seen:?}");
+        sim.shutdown();
+    }
+}

@@ -38,6 +38,81 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// An encounter's `date_of_service` as sent. The contract shows an RFC 3339 timestamp, but the
+/// field names a day and servers send it in other shapes; one record's value must not stop its
+/// page from decoding (the stored JSON keeps what was sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServiceDate {
+    /// Absent, `null` or an empty string.
+    #[default]
+    Unknown,
+    /// An RFC 3339 timestamp normalized to UTC, or a plain `YYYY-MM-DD` date read as that day's
+    /// 00:00 UTC.
+    At(OffsetDateTime),
+    /// Anything else: a date-time without an offset, a number, an object, a malformed text.
+    Unreadable,
+}
+
+impl ServiceDate {
+    fn of_text(text: &str) -> ServiceDate {
+        if text.is_empty() {
+            return ServiceDate::Unknown;
+        }
+        if let Ok(t) = timefmt::parse_rfc3339(text) {
+            return ServiceDate::At(t);
+        }
+        time::Date::parse(text, time::macros::format_description!("[year]-[month]-[day]"))
+            .map_or(ServiceDate::Unreadable, |day| {
+                ServiceDate::At(day.midnight().assume_utc())
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceDate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = ServiceDate;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::of_text(v))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unknown)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unknown)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<ServiceDate, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unreadable)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unreadable)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unreadable)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<ServiceDate, E> {
+                Ok(ServiceDate::Unreadable)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<ServiceDate, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(ServiceDate::Unreadable)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<ServiceDate, A::Error> {
+                while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(ServiceDate::Unreadable)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// A list that may come as `null`: no items.
 fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
@@ -80,7 +155,7 @@ pub struct Encounter {
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     #[serde(default)]
-    pub date_of_service: Option<Timestamp>,
+    pub date_of_service: ServiceDate,
     #[serde(default)]
     pub patient: Option<Patient>,
     /// An array by the contract; `null` (as a server may send for none) is read as no documents.
@@ -269,6 +344,44 @@ mod tests {
         assert_eq!(e.documents[0].schema_type, "hologram");
         assert!(e.patient.unwrap().first_name.is_none());
         assert_eq!(e.raw, text);
+    }
+
+    #[test]
+    fn a_date_of_service_in_any_shape_decodes_and_only_timestamps_and_dates_are_read() {
+        let cases = [
+            (
+                r#""2026-05-25T16:00:00+02:00""#,
+                ServiceDate::At(time::macros::datetime!(2026-05-25 14:00 UTC)),
+            ),
+            (
+                r#""2026-05-25""#,
+                ServiceDate::At(time::macros::datetime!(2026-05-25 00:00 UTC)),
+            ),
+            (r#""2026-05-25T14:00:00""#, ServiceDate::Unreadable),
+            (r#""25/05/2026""#, ServiceDate::Unreadable),
+            (r#""2026-02-30""#, ServiceDate::Unreadable),
+            ("1779717600", ServiceDate::Unreadable),
+            ("-1.5", ServiceDate::Unreadable),
+            ("true", ServiceDate::Unreadable),
+            (r#"{"date":"2026-05-25","tz":["UTC"]}"#, ServiceDate::Unreadable),
+            (r#"["2026-05-25"]"#, ServiceDate::Unreadable),
+            (r#""""#, ServiceDate::Unknown),
+            ("null", ServiceDate::Unknown),
+        ];
+        for (value, expected) in cases {
+            let text = format!(
+                r#"{{"encounter_id":"enc_1","organization_id":"org_1","created_at":"2026-05-25T14:00:00Z",
+                    "updated_at":"2026-05-25T14:00:00Z","date_of_service":{value},"documents":[]}}"#
+            );
+            let e = Encounter::parse(&text).unwrap_or_else(|err| panic!("{value}: {err}"));
+            assert_eq!(e.date_of_service, expected, "{value}");
+        }
+        let absent = Encounter::parse(
+            r#"{"encounter_id":"enc_1","organization_id":"org_1","created_at":"2026-05-25T14:00:00Z",
+                "updated_at":"2026-05-25T14:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(absent.date_of_service, ServiceDate::Unknown);
     }
 
     #[test]

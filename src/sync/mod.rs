@@ -42,6 +42,12 @@ pub struct OrgScope {
     /// a range narrower than a millisecond (then 1,000) or a second (then 1,000,000); see
     /// `window::list_range`.
     query_unit: std::sync::atomic::AtomicI64,
+    /// Whether the list route was seen rendering `created_at` coarser than it filters: every
+    /// window is then read by offsets from its first pass (`window::scan`).
+    renders_coarse: std::sync::atomic::AtomicBool,
+    /// Whether the list's totals were seen counting records it never lists (the same ones on two
+    /// passes): a window's first disagreement is then read again whole (`window::scan`).
+    totals_count_unlisted: std::sync::atomic::AtomicBool,
 }
 
 impl OrgScope {
@@ -58,7 +64,36 @@ impl OrgScope {
             verify,
             verified: std::sync::atomic::AtomicBool::new(false),
             query_unit: std::sync::atomic::AtomicI64::new(1),
+            renders_coarse: std::sync::atomic::AtomicBool::new(false),
+            totals_count_unlisted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the list's totals were seen counting records it never lists.
+    fn totals_count_unlisted(&self) -> bool {
+        self.totals_count_unlisted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Remembers that the list's totals count records it never lists; returns whether this is
+    /// news.
+    fn note_totals_count_unlisted(&self) -> bool {
+        !self
+            .totals_count_unlisted
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the list route was seen rendering `created_at` coarser than it filters.
+    fn renders_coarse(&self) -> bool {
+        self.renders_coarse.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Remembers that the list route renders `created_at` coarser than it filters; returns
+    /// whether this is news.
+    fn note_coarse_rendering(&self) -> bool {
+        !self
+            .renders_coarse
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How finely the list route reads its bounds, in microseconds (1 until learnt otherwise).
@@ -848,8 +883,9 @@ async fn scan_range(
             target,
         };
         let span = tracing::debug_span!("window", start = %cursor, kind = ?scan.scope);
-        let window::Completed { end, passes } = window::scan(ctx, w, counts, cancel).instrument(span).await?;
-        target = target.after(passes);
+        let window::Completed { end, changed } =
+            window::scan(ctx, w, counts, cancel).instrument(span).await?;
+        target = target.after(changed);
         tracing::debug!(start = %cursor, end = %end, "window complete");
         cursor = end;
         if let Some(p) = &progress {

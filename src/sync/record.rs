@@ -3,10 +3,12 @@
 //! columns and in the stored JSON), with the content hash that change detection compares.
 //! Nothing here does I/O.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sha2::{Digest, Sha256};
 use time::Date;
 
-use crate::api::wire::Encounter;
+use crate::api::wire::{Encounter, ServiceDate};
 use crate::config::{BirthDate, PrivacyConfig};
 use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, hex};
 
@@ -15,6 +17,14 @@ use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, hex};
 /// detection does not depend on the policy.
 pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
     let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
+    let date_of_service = match e.date_of_service {
+        ServiceDate::At(t) => Some(t),
+        ServiceDate::Unknown => None,
+        ServiceDate::Unreadable => {
+            unreadable(Field::DateOfService, &e.encounter_id, None);
+            None
+        }
+    };
     let patient = e.patient.map(|p| {
         let born = p
             .date_of_birth
@@ -44,7 +54,7 @@ pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecor
         status: e.status,
         created_at: e.created_at.0,
         updated_at: e.updated_at.0,
-        date_of_service: e.date_of_service.map(|t| t.0),
+        date_of_service,
         patient,
         documents: e
             .documents
@@ -72,14 +82,46 @@ fn birth_date(text: &str, encounter_id: &str, patient_id: &str) -> Option<Date> 
         return None;
     }
     Date::parse(text, time::macros::format_description!("[year]-[month]-[day]"))
-        .inspect_err(|_| {
-            tracing::warn!(
-                encounter_id,
-                patient_id,
-                "date_of_birth is not a YYYY-MM-DD date; stored as NULL"
-            );
-        })
+        .inspect_err(|_| unreadable(Field::DateOfBirth, encounter_id, Some(patient_id)))
         .ok()
+}
+
+/// A field the warehouse stores as NULL when its value cannot be read.
+#[derive(Clone, Copy)]
+enum Field {
+    DateOfBirth,
+    DateOfService,
+}
+
+/// Whether a field's unreadable value was logged as a warning yet, by [`Field`].
+static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// Logs a value stored as NULL because it cannot be read, by the record's IDs, never the value
+/// (PHI). The first of each field per process is a warning; later ones are logged at debug
+/// level, so a server that sends every record so does not flood the journal.
+fn unreadable(field: Field, encounter_id: &str, patient_id: Option<&str>) {
+    let first = !WARNED[field as usize].swap(true, Ordering::Relaxed);
+    match (field, first) {
+        (Field::DateOfBirth, true) => tracing::warn!(
+            encounter_id,
+            patient_id,
+            "date_of_birth is not a YYYY-MM-DD date; stored as NULL (further ones are logged at debug level)"
+        ),
+        (Field::DateOfBirth, false) => tracing::debug!(
+            encounter_id,
+            patient_id,
+            "date_of_birth is not a YYYY-MM-DD date; stored as NULL"
+        ),
+        (Field::DateOfService, true) => tracing::warn!(
+            encounter_id,
+            "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL \
+             (further ones are logged at debug level)"
+        ),
+        (Field::DateOfService, false) => tracing::debug!(
+            encounter_id,
+            "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL"
+        ),
+    }
 }
 
 /// The record's JSON without the patient fields the policy does not keep.

@@ -45,11 +45,13 @@ const TARGET_RECORDS: usize = 5_000;
 /// requests even when upstream changes on every request.
 const MIN_TARGET_RECORDS: usize = 200;
 
-/// How many records the next window aims at. A window verified on its first pass doubles it (up
-/// to [`TARGET_RECORDS`]); one that needed more passes halves it (down to
+/// How many records the next window aims at. A window read without seeing upstream change
+/// doubles it (up to [`TARGET_RECORDS`]); one that saw upstream change halves it (down to
 /// [`MIN_TARGET_RECORDS`]). Under churn a pass over a large window almost never agrees with the
 /// totals, and every disagreement re-reads part of it: smaller windows are verified before
-/// upstream changes them, so re-reads stay rare and short.
+/// upstream changes them, so re-reads stay rare and short. A pass re-read for another reason
+/// (records counted but never listed, shown again by the next pass; rendering found coarse)
+/// is no sign of churn, and smaller windows would only cost more requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct WindowTarget(usize);
 
@@ -62,9 +64,9 @@ impl WindowTarget {
         self.0
     }
 
-    /// Adjusts the target after a window that took `passes` passes.
-    pub(super) fn after(self, passes: u64) -> WindowTarget {
-        if passes <= 1 {
+    /// Adjusts the target after a window that did (or did not) see upstream change.
+    pub(super) fn after(self, changed: bool) -> WindowTarget {
+        if !changed {
             WindowTarget((self.0 * 2).min(TARGET_RECORDS))
         } else {
             WindowTarget((self.0 / 2).max(MIN_TARGET_RECORDS))
@@ -72,11 +74,11 @@ impl WindowTarget {
     }
 }
 
-/// A window read completely: where it ended, and how many passes it took.
+/// A window read completely: where it ended, and whether upstream was seen changing under it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Completed {
     pub end: Micros,
-    pub passes: u64,
+    pub changed: bool,
 }
 
 /// A window whose observations keep disagreeing is given up for this cycle after this many
@@ -323,37 +325,45 @@ impl Pass {
     }
 }
 
-/// A pass whose final total exceeded the records it saw, kept to judge the next (narrower)
-/// pass by: a server whose totals count records it never lists (encounters the key may not
-/// see) disagrees by the same count over the same records every time, while a record that
-/// appeared behind the cursor is listed by the next pass.
+/// A pass whose final total exceeded the records it saw, kept to judge the next pass by: a
+/// server whose totals count records it never lists (encounters the key may not see) shows the
+/// same total over the same listed records every time, while a record that appeared behind the
+/// cursor is listed by the next pass.
 struct Disagreement {
+    /// The end of the range the next pass re-scans (the pass's own, or the older part of it).
     end: Micros,
+    /// That range's total, asked right after the pass (the pass's own total for its whole range).
+    total: u64,
+    /// Every record the pass listed.
     seen: HashMap<String, OffsetDateTime>,
-    excess: u64,
 }
 
 impl Disagreement {
-    fn of(pass: &mut Pass) -> Option<Disagreement> {
-        let excess = pass.total.checked_sub(pass.seen.len() as u64)?;
-        (excess > 0 && !pass.shifted && pass.coarse.is_none()).then(|| Disagreement {
-            end: pass.end,
-            seen: std::mem::take(&mut pass.seen),
-            excess,
-        })
+    /// Whether a pass's counts disagree in the way records counted but never listed make them:
+    /// its total exceeds the records it listed, and nothing moved while it paged.
+    fn possible(pass: &Pass) -> bool {
+        pass.total > pass.seen.len() as u64 && !pass.shifted && pass.coarse.is_none()
     }
 
-    /// Whether `pass`, over a range this one covered, changed nothing in it: it listed exactly
-    /// this pass's records of that range, no response moved under it, and its total exceeds
-    /// them by the same count.
+    fn of(pass: &mut Pass, end: Micros, total: u64) -> Disagreement {
+        Disagreement {
+            end,
+            total,
+            seen: std::mem::take(&mut pass.seen),
+        }
+    }
+
+    /// Whether `pass`, over exactly the range this one expects, changed nothing in it: no
+    /// response moved under it, its total is the one asked before it began, and it listed no
+    /// record the earlier pass had not. What it does not list again is stored already and goes
+    /// to the removal check; what both counted and neither listed is what the key cannot see.
+    /// Nothing here compares rendered instants, which a server may round.
     fn repeats_in(&self, pass: &Pass) -> bool {
-        let excess = pass.total.saturating_sub(pass.seen.len() as u64);
-        excess == self.excess
+        pass.total == self.total
             && !pass.shifted
             && pass.coarse.is_none()
-            && pass.end <= self.end
+            && pass.end == self.end
             && pass.seen.keys().all(|id| self.seen.contains_key(id))
-            && pass.seen.len() == self.seen.values().filter(|t| **t < pass.end.instant()).count()
     }
 }
 
@@ -418,9 +428,18 @@ pub(super) async fn scan(
 ) -> Result<Completed, CycleError> {
     let mut pages = 0;
     let mut end = w.end;
-    let mut method = Method::Anchored;
+    // A server seen rendering `created_at` coarser than it filters does so for every window:
+    // re-anchoring cannot work there, and a first anchored pass would only find that out again.
+    let mut method = if ctx.org.renders_coarse() {
+        Method::Offsets
+    } else {
+        Method::Anchored
+    };
     let mut anchored_failures = 0;
     let mut disagreement: Option<Disagreement> = None;
+    // Whether a response moved under a pass, or a pass disagreed in a way records counted but
+    // never listed do not explain: the next window is then made smaller (`WindowTarget`).
+    let mut changed = false;
     for pass_no in 1..=MAX_PASSES {
         let mut pass = match method {
             Method::Anchored => {
@@ -430,18 +449,21 @@ pub(super) async fn scan(
             Method::Offsets => offset_pass(ctx, w.start, end, counts, cancel).await?,
         };
         pages += pass.pages;
+        changed |= pass.shifted;
         if pass.end < end {
             counts.splits += 1;
             end = pass.end;
         }
         if let Some(evidence) = &pass.coarse {
             counts.rescans += 1;
-            tracing::warn!(
-                start = %w.start,
-                end = %end,
-                evidence = evidence.as_str(),
-                "the server renders created_at coarser than it filters; reading this window by offsets"
-            );
+            if ctx.org.note_coarse_rendering() {
+                tracing::warn!(
+                    start = %w.start,
+                    end = %end,
+                    evidence = evidence.as_str(),
+                    "the server renders created_at coarser than it filters; reading every window by offsets from now on"
+                );
+            }
             method = Method::Offsets;
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
@@ -461,30 +483,42 @@ pub(super) async fn scan(
             }
         }
         if !pass.consistent && disagreement.as_ref().is_some_and(|d| d.repeats_in(&pass)) {
-            tracing::warn!(
-                start = %w.start,
-                end = %end,
-                unlisted = pass.total - pass.seen.len() as u64,
-                "the list's total counts records it does not list, the same ones on two passes \
-                 (encounters this key may not see); the window is complete"
-            );
+            let unlisted = pass.total - pass.seen.len() as u64;
+            let (start, end) = (w.start.to_string(), end.to_string());
+            let message = "the list's total counts records it does not list, the same ones on two \
+                           passes (encounters this key may not see); the window is complete";
+            // Once per organization and process as a warning; the ledger keeps every window's
+            // total beside the records seen.
+            if ctx.org.note_totals_count_unlisted() {
+                tracing::warn!(start, end, unlisted, "{message}");
+            } else {
+                tracing::debug!(start, end, unlisted, "{message}");
+            }
             pass.consistent = true;
         }
         if !pass.consistent {
             counts.rescans += 1;
+            let possible = Disagreement::possible(&pass);
+            // A disagreement that did not repeat, or one of another kind: upstream changed.
+            changed |= disagreement.is_some() || !possible;
             if method == Method::Anchored {
                 anchored_failures += 1;
                 if anchored_failures >= ANCHORED_FAILURES_BEFORE_OFFSETS {
                     method = Method::Offsets;
                 }
             }
-            // Upstream changed while we paged. A narrower window takes fewer requests, so
-            // fewer changes can land during it: re-scan the older half.
+            // Upstream changed while we paged, or the total counts records it never lists. A
+            // narrower window takes fewer requests, so fewer changes can land during it:
+            // re-scan the older half — unless this server was seen counting records it never
+            // lists and nothing else disagreed yet: then the same range is read again, which
+            // shows them again at no more cost than a half would.
+            let again = possible && disagreement.is_none() && ctx.org.totals_count_unlisted();
             let unit = ctx.org.query_unit();
             let mid = median_instant(&pass.seen)
                 .map(|m| m.floor_to(unit))
                 .filter(|m| *m > w.start && *m < end)
-                .or_else(|| Some(w.start.midpoint(end).floor_to(unit)).filter(|m| *m > w.start));
+                .or_else(|| Some(w.start.midpoint(end).floor_to(unit)).filter(|m| *m > w.start))
+                .filter(|_| !again);
             if let Some(mid) = mid {
                 counts.splits += 1;
                 end = mid;
@@ -494,7 +528,21 @@ pub(super) async fn scan(
                 ?method,
                 "upstream changed while paging; re-scanning the window"
             );
-            disagreement = Disagreement::of(&mut pass);
+            // Records counted but never listed show as the same excess on every pass over the
+            // same range; the older half holds only some of them, so its own total is asked
+            // now to know which excess the next pass must show again.
+            disagreement = if possible {
+                let total = if end < pass.end {
+                    pages += 1;
+                    counts.list_requests += 1;
+                    list_range(ctx, w.start, end, 0, 1, SortOrder::Asc).await?.total
+                } else {
+                    pass.total
+                };
+                Some(Disagreement::of(&mut pass, end, total))
+            } else {
+                None
+            };
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
         }
@@ -521,7 +569,7 @@ pub(super) async fn scan(
         };
         commit(ctx, pass.last_page, removals, Some(completion), counts).await?;
         counts.windows += 1;
-        return Ok(Completed { end, passes: pass_no });
+        return Ok(Completed { end, changed });
     }
     Err(CycleError::Unsettled {
         start: w.start.to_string(),
@@ -1169,10 +1217,10 @@ mod tests {
     fn the_window_target_halves_under_churn_and_recovers_when_quiet() {
         let t = WindowTarget::new();
         assert_eq!(t.records(), TARGET_RECORDS);
-        assert_eq!(t.after(1), t, "never above the quiet target");
-        let churned = t.after(3).after(2).after(2).after(2).after(2).after(2).after(2);
+        assert_eq!(t.after(false), t, "never above the quiet target");
+        let churned = (0..7).fold(t, |t, _| t.after(true));
         assert_eq!(churned.records(), MIN_TARGET_RECORDS);
-        assert_eq!(churned.after(1).records(), 2 * MIN_TARGET_RECORDS);
+        assert_eq!(churned.after(false).records(), 2 * MIN_TARGET_RECORDS);
     }
 
     #[test]

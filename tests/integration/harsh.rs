@@ -2,20 +2,21 @@
 //! API contract: servers that parse datetimes to microseconds (rejecting or truncating more
 //! digits), render `created_at` coarser than they filter and sort, hold list pages to fewer
 //! records than `limit` asks for, stamp bulk imports with one instant, recompute `updated_at`
-//! backwards, and change history weeks back. Every test ends by
+//! backwards, change history weeks back, and send `date_of_service` in other shapes than a
+//! timestamp. Every test ends by
 //! comparing the warehouse with the simulator entity by entity, or with a clear error inside a
 //! request bound it asserts; every test runs on SQLite and on PostgreSQL.
 
 use charthero_sim::{
-    DocKind, NewEncounter, PageCap, QueryPrecision, Rendering, Rounding, Route as SimRoute, SimOptions,
-    Unavailable,
+    DocKind, NewEncounter, PageCap, QueryPrecision, Rendering, Rounding, Route as SimRoute, ServiceDates,
+    SimOptions, Unavailable,
 };
 use charthero_sync::sync::{BackfillRange, CycleError, CyclePlan};
 use charthero_sync::timefmt::Micros;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Backend, TestEnv, both_backends, compare, count, sim_options};
+use crate::support::{Backend, TestEnv, Value, both_backends, compare, count, sim_options};
 
 fn live() -> CyclePlan {
     CyclePlan::full(None, false)
@@ -347,6 +348,75 @@ async fn short_pages_of_a_server_rendering_coarser_than_it_sorts_are_read_by_off
         "{list_requests} list requests (bound {bound})"
     );
     eprintln!("coarse rendering, pages of 37: {list_requests} list requests for 1,600 encounters");
+}
+
+both_backends!(
+    #[tokio::test]
+    one_in_a_hundred_encounters_counted_but_never_listed_all_through_history_is_read_in_two_passes
+);
+/// A clinic whose key cannot see one encounter in a hundred (demo and training ones, say), all
+/// through its history, on a server whose totals count them: every window disagrees by dozens,
+/// more than a repair narrows, and the older half of a window holds only some of them. Each
+/// window must still complete on its second pass, by reading the same records and the same
+/// excess again — both when the window is read by anchors and by offsets (`created_at` rendered
+/// coarser than it filters). Without the older half's own total, the passes halved the window
+/// to the end of their budget and the cycle failed.
+async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_history_is_read_in_two_passes(
+    backend: Backend,
+) {
+    for (seed, rendering) in [
+        (78, None),
+        (
+            79,
+            Some(Rendering {
+                unit: time::Duration::seconds(1),
+                rounding: Rounding::Nearest,
+            }),
+        ),
+    ] {
+        let env = TestEnv::start_on(
+            backend,
+            SimOptions {
+                total_counts_unavailable: true,
+                render_created_at: rendering,
+                ..sim_options(seed, 6_000)
+            },
+        )
+        .await;
+        let snapshot = env.sim.snapshot();
+        for (i, encounter) in snapshot.iter().enumerate().filter(|(i, _)| i % 100 == 37) {
+            let why = if i % 200 == 37 {
+                Unavailable::DemoTraining
+            } else {
+                Unavailable::CrossOrganization
+            };
+            env.sim.mark_unavailable(&encounter.encounter_id, why);
+        }
+        let config = env.encounters_only_config();
+        let report = env.sync(&config, live()).await;
+        assert!(report.is_complete(), "{rendering:?}: {report:?}");
+        compare(&env.sim, &env.warehouse).assert_empty();
+        assert_eq!(count(&env.warehouse, "encounters"), 5_940);
+        // 60 pages of records, each window read twice once the server is known to count what
+        // it never lists (and by offsets, with their overlap, once its rendering is known);
+        // 1,165 and 720 requests before the older half's total was asked.
+        let list_requests = env.sim.stats().route(SimRoute::List);
+        let bound = if rendering.is_none() { 3 * 60 } else { 5 * 60 };
+        assert!(
+            list_requests <= bound,
+            "{rendering:?}: {list_requests} list requests"
+        );
+        eprintln!("1 % counted but never listed ({rendering:?}): {list_requests} list requests for 6,000");
+        // A reconcile of the whole history reads the same and removes nothing.
+        let range = BackfillRange {
+            start: config.sync.start_at,
+            end: OffsetDateTime::now_utc(),
+        };
+        let again = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+        assert!(again.is_complete(), "{rendering:?}: {again:?}");
+        assert_eq!(again.counts.encounters_removed, 0);
+        compare(&env.sim, &env.warehouse).assert_empty();
+    }
 }
 
 both_backends!(
@@ -767,4 +837,61 @@ fn last_audit_requests(env: &TestEnv) -> i64 {
         "SELECT list_requests FROM audits ORDER BY audit_id DESC LIMIT 1",
         &[],
     )
+}
+
+both_backends!(
+    #[tokio::test]
+    dates_of_service_in_other_shapes_are_kept_where_readable_and_never_stop_a_page
+);
+/// `date_of_service` names a day: a server may send a plain date, and a looser one a date-time
+/// without an offset, an empty string, a number or null. Every record is stored, plain dates as
+/// 00:00 UTC and the unreadable shapes as NULL (`compare` checks each against what was sent),
+/// and a second cycle finds nothing changed.
+async fn dates_of_service_in_other_shapes_are_kept_where_readable_and_never_stop_a_page(backend: Backend) {
+    for (seed, shapes) in [(81, ServiceDates::PlainDates), (82, ServiceDates::Assorted)] {
+        let env = TestEnv::start_on(
+            backend,
+            SimOptions {
+                service_dates: shapes,
+                ..sim_options(seed, 900)
+            },
+        )
+        .await;
+        let config = env.encounters_only_config();
+        let report = env.sync(&config, live()).await;
+        assert!(report.is_complete(), "{shapes:?}: {report:?}");
+        assert_eq!(report.counts.encounters_new, 900, "{shapes:?}");
+        compare(&env.sim, &env.warehouse).assert_empty();
+        let stored: Vec<Option<String>> = env
+            .warehouse
+            .query("SELECT date_of_service FROM encounters", &[])
+            .into_iter()
+            .map(|row| match &row[0] {
+                Value::Null => None,
+                Value::Text(text) => Some(text.clone()),
+                other => panic!("date_of_service {other:?}"),
+            })
+            .collect();
+        let nulls = stored.iter().filter(|t| t.is_none()).count();
+        let midnights = stored
+            .iter()
+            .flatten()
+            .filter(|t| t.contains("T00:00:00.000000"))
+            .count();
+        match shapes {
+            ServiceDates::PlainDates => assert_eq!((nulls, midnights), (0, 900)),
+            _ => {
+                // Four shapes of six are unreadable, one is a plain date.
+                assert!((450..=750).contains(&nulls), "{nulls} NULL");
+                assert!((100..=250).contains(&midnights), "{midnights} plain dates");
+            }
+        }
+        let again = env.sync(&config, live()).await;
+        assert!(again.is_complete(), "{again:?}");
+        assert_eq!(
+            (again.counts.encounters_new, again.counts.encounters_changed),
+            (0, 0),
+            "{shapes:?}"
+        );
+    }
 }

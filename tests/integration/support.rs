@@ -996,6 +996,18 @@ fn stored_instant(w: &Warehouse, t: OffsetDateTime) -> String {
     }
 }
 
+/// The `date_of_service` the warehouse holds for what the API sent (docs/schema.md): an RFC 3339
+/// timestamp as an instant, a plain `YYYY-MM-DD` date as that day's 00:00 UTC, anything else as
+/// NULL.
+fn stored_date_of_service(w: &Warehouse, sent: &serde_json::Value) -> Option<String> {
+    let text = sent.as_str()?;
+    let day = time::macros::format_description!("[year]-[month]-[day]");
+    parse_rfc3339(text)
+        .ok()
+        .or_else(|| Some(time::Date::parse(text, day).ok()?.midnight().assume_utc()))
+        .map(|at| stored_instant(w, at))
+}
+
 /// A stored `created_at`/`updated_at` with its `*_ns` twin: the exact instant when the two
 /// agree (PostgreSQL's column holds it to the microsecond), else a text that matches nothing.
 fn exact_instant(w: &Warehouse, column: String, ns: i64) -> String {
@@ -1080,7 +1092,7 @@ fn compare_where(sim: &Simulator, w: &Warehouse, organization_id: Option<&str>) 
             status: Some(e.status.clone()),
             created_at: format_stored(sim.rendered_created_at(e.created_at)),
             updated_at: format_stored(e.updated_at),
-            date_of_service: Some(stored_instant(w, e.date_of_service)),
+            date_of_service: stored_date_of_service(w, &sim.rendered_date_of_service(&e)),
             patient: (
                 e.patient.patient_id.clone(),
                 e.patient.first_name.clone(),
