@@ -15,6 +15,9 @@
 //! mostly changes; that range is re-scanned as a reconcile (late records added, removals
 //! confirmed and marked). Purged ranges are skipped: they are never synced again.
 //!
+//! A server whose totals count encounters the key cannot see makes nearly every range differ;
+//! known to do so, a differing range of audit size is re-scanned whole rather than narrowed.
+//!
 //! What it cannot see: an insertion and a deletion that cancel inside one range on the same
 //! side of its middle block (a later audit, with other boundaries, likely does), and edits of
 //! records that stay (a status, a document) — the deep revisit and a reconcile see those.
@@ -237,9 +240,17 @@ impl Auditor<'_> {
             }
             tally.differing += 1;
             let larger = upstream.max(local);
-            // A range that is mostly changes costs no more to re-scan than to narrow.
+            // A range that is mostly changes costs no more to re-scan than to narrow. Where the
+            // totals are known to count records the list never shows (`window::scan`), nearly
+            // every range differs by them, and narrowing one only ends in re-scanning its
+            // parts: a range of audit size is re-scanned whole.
             let unit = self.ctx.org.query_unit();
-            if larger <= LEAF_RECORDS || 2 * upstream.abs_diff(local) >= larger || b <= a.step(unit) {
+            let unlisted_everywhere = self.ctx.org.totals_count_unlisted() && larger <= 2 * RANGE_RECORDS;
+            if larger <= LEAF_RECORDS
+                || 2 * upstream.abs_diff(local) >= larger
+                || unlisted_everywhere
+                || b <= a.step(unit)
+            {
                 self.rescan(a, b, tally, counts, cancel).await?;
                 continue;
             }

@@ -398,10 +398,11 @@ async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_histor
         compare(&env.sim, &env.warehouse).assert_empty();
         assert_eq!(count(&env.warehouse, "encounters"), 5_940);
         // 60 pages of records, each window read twice once the server is known to count what
-        // it never lists (and by offsets, with their overlap, once its rendering is known);
-        // 1,165 and 720 requests before the older half's total was asked.
+        // it never lists (and by offsets, with their overlap, once its rendering is known: how
+        // many anchored passes that takes depends on where windows fall, 222-386 requests);
+        // 1,165 and 720-770 requests before the older half's total was asked.
         let list_requests = env.sim.stats().route(SimRoute::List);
-        let bound = if rendering.is_none() { 3 * 60 } else { 5 * 60 };
+        let bound = if rendering.is_none() { 3 * 60 } else { 8 * 60 };
         assert!(
             list_requests <= bound,
             "{rendering:?}: {list_requests} list requests"
@@ -416,6 +417,19 @@ async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_histor
         assert!(again.is_complete(), "{rendering:?}: {again:?}");
         assert_eq!(again.counts.encounters_removed, 0);
         compare(&env.sim, &env.warehouse).assert_empty();
+        // The history audit compares totals with the live records stored, so nearly every
+        // range differs by what it cannot see: known to count them, it re-scans such a range
+        // whole instead of narrowing it into re-scans of its parts (3.5 times a reconcile
+        // before, 466 requests against 135). It cannot rely on the excess it saw before: an
+        // encounter that became visible would hide behind it.
+        let audit = env.sync(&config, CyclePlan::full(None, true)).await;
+        assert!(audit.is_complete(), "{rendering:?}: {audit:?}");
+        let (reconcile, audited) = (again.counts.list_requests, audit.counts.list_requests);
+        assert!(
+            audited <= 2 * reconcile,
+            "{rendering:?}: the audit made {audited} list requests, the reconcile {reconcile}"
+        );
+        eprintln!("  reconcile: {reconcile} list requests, audit: {audited}");
     }
 }
 
