@@ -881,7 +881,23 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                     ));
                     continue;
                 }
-                let probes = charthero_sync::check::probe_routes(&config, &client).await;
+                let probes = {
+                    let probing = charthero_sync::check::probe_routes(&config, &client);
+                    tokio::pin!(probing);
+                    tokio::select! {
+                        probes = &mut probing => probes,
+                        () = tokio::time::sleep(PROBE_PATIENCE.min(config.api.read_timeout)) => {
+                            complain!(
+                                "no answer from {} yet; waiting up to {} per attempt, {} attempts \
+                                 ([api] connect_timeout, read_timeout)",
+                                org.base_url,
+                                config::format_duration(config.api.read_timeout),
+                                PROBE_ATTEMPTS.min(config.limits.max_attempts.get()),
+                            );
+                            probing.await
+                        }
+                    }
+                };
                 for p in &probes {
                     say!("{}", p.describe());
                 }
@@ -965,9 +981,18 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
     }
 }
 
+/// How long `check` waits for its first probe before it says it is still waiting (at most one
+/// `[api] read_timeout`).
+const PROBE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The most attempts a probe of `check` or `plan` makes: enough for a reset connection or a 503
+/// on the way, not the full `[limits] max_attempts` of a sync, which an operator at a prompt
+/// would sit through in silence when the host never answers.
+const PROBE_ATTEMPTS: u32 = 3;
+
 /// A client of `org`'s key for the commands that probe outside a sync cycle (`check`, `plan`),
 /// held, as a cycle's start holds its client, to the pause ChartHero asked of the key and a sync
-/// kept (`pauses`, from `check::kept`).
+/// kept (`pauses`, from `check::kept`), making at most [`PROBE_ATTEMPTS`] attempts a request.
 fn probing_client(
     config: &Config,
     org: &config::Organization,
@@ -975,10 +1000,14 @@ fn probing_client(
     key: &charthero_sync::secret::ApiKey,
     pauses: &std::collections::HashMap<String, OffsetDateTime>,
 ) -> anyhow::Result<charthero_sync::api::Client> {
+    let mut limits = config.limits.clone();
+    limits.max_attempts = limits
+        .max_attempts
+        .min(std::num::NonZeroU32::new(PROBE_ATTEMPTS).expect("3 is not 0"));
     let client = charthero_sync::api::Client::for_organization(
         &config.api,
         org,
-        &config.limits,
+        &limits,
         ceiling.clone(),
         key,
         std::sync::Arc::default(),

@@ -481,6 +481,48 @@ async fn check_against_a_host_that_refuses_connections_probes_once_and_names_the
 }
 
 #[tokio::test]
+async fn check_against_a_host_that_never_answers_says_it_is_waiting_and_gives_up_after_three_attempts() {
+    let env = TestEnv::with_encounters(67, 10).await;
+    env.write_key_file(&env.sim.api_key());
+    // Accepts every connection and never sends a byte, like a host behind a stuck proxy.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}", silent.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let holder = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        }
+    });
+    let db = env.dir.path().join("warehouse.db");
+    let config = env.dir.path().join("silent.toml");
+    let mut toml = Toml::for_env(&env, &db);
+    toml.set("api", "base_url", format!("\"{base_url}\""));
+    toml.set("api", "read_timeout", "\"1s\"".into());
+    toml.write(&config);
+    let mut cmd = charthero_sync();
+    cmd.arg("--config").arg(&config).arg("check");
+    let out = run_within(cmd, Duration::from_secs(60)).await;
+    holder.abort();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains(&format!(
+            "no answer from {base_url}/ yet; waiting up to 1s per attempt, 3 attempts"
+        )),
+        "{all}"
+    );
+    assert!(all.contains("list_encounters"), "{all}");
+    // The sync's six attempts (with backoff) would be what an operator sat through before.
+    let attempts = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(attempts, 3, "{attempts} connections: {all}");
+}
+
+#[tokio::test]
 async fn an_unknown_log_format_exits_2_naming_the_variable() {
     let mut cmd = charthero_sync();
     cmd.env("CHARTHERO_LOG_FORMAT", "xml")
