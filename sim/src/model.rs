@@ -356,6 +356,11 @@ pub enum Fault {
     /// Answer 200 with the first half of the real body, which is never valid JSON, with a
     /// `Content-Length` matching what is sent.
     TruncatedJson,
+    /// A list request that would succeed is answered 200 with no items and `total` 0 (its
+    /// `limit` and `offset` echoed), as a list route whose search index is being rebuilt would;
+    /// an error the request earns (authorization, a bad parameter) is answered as usual, and so
+    /// is every other route.
+    EmptyList,
 }
 
 impl Fault {

@@ -340,9 +340,10 @@ async fn handle(
             kill.cancel();
             return Ok(std::future::pending().await);
         }
-        Some(Fault::DropMidBody | Fault::TruncatedJson) | None => {}
+        Some(Fault::DropMidBody | Fault::TruncatedJson | Fault::EmptyList) | None => {}
     }
 
+    let is_list = target.as_ref().is_some_and(|t| t.route == Route::List);
     let reply = match target {
         None => error(inner, 404, Some("not_found"), "No such route.", None),
         Some(_) if request.method() != Method::GET => method_not_allowed(inner),
@@ -372,6 +373,19 @@ async fn handle(
                 .headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(full));
             response
+        }
+        Some(Fault::EmptyList) if reply.status == 200 && is_list => {
+            let mut page: serde_json::Value =
+                serde_json::from_slice(&reply.body).expect("a list reply is JSON");
+            page["items"] = serde_json::Value::Array(Vec::new());
+            page["total"] = 0.into();
+            let emptied = Reply {
+                body: serde_json::to_vec(&page)
+                    .expect("serializing to memory cannot fail")
+                    .into(),
+                ..reply
+            };
+            respond(inner, emptied)
         }
         Some(Fault::TruncatedJson) => {
             let half = reply.body.len() / 2;

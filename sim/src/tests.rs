@@ -1346,3 +1346,33 @@ async fn dates_of_service_render_in_the_chosen_shapes_as_rendered_date_of_servic
         sim.shutdown();
     }
 }
+
+#[tokio::test]
+async fn an_empty_list_fault_answers_a_valid_list_request_with_nothing_and_errors_as_usual() {
+    let sim = Simulator::start(options(30)).await.unwrap();
+    sim.push_fault(FaultRule {
+        route: Some(Route::List),
+        skip: 0,
+        times: 2,
+        fault: Fault::EmptyList,
+    });
+    let empty = get(&sim, "/external/v1/encounters?limit=7&offset=3").await;
+    assert_eq!(empty.status, 200);
+    let page = empty.json();
+    assert_eq!(page["items"], serde_json::json!([]));
+    assert_eq!(
+        (
+            page["total"].as_u64(),
+            page["limit"].as_u64(),
+            page["offset"].as_u64()
+        ),
+        (Some(0), Some(7), Some(3))
+    );
+    // A request that earns an error still gets it (and uses up the fault).
+    let refused = get(&sim, "/external/v1/encounters?limit=0").await;
+    assert_eq!((refused.status, refused.reason()), (422, "invalid_limit".into()));
+    let normal = get(&sim, "/external/v1/encounters?limit=7").await.json();
+    assert_eq!(normal["total"].as_u64(), Some(30));
+    assert_eq!(normal["items"].as_array().unwrap().len(), 7);
+    sim.shutdown();
+}

@@ -262,6 +262,22 @@ pub enum CycleError {
         /// offsets reach records from both ends.
         descending_reverses: bool,
     },
+    /// The list route answered a window with nothing while encounters are stored for it, and
+    /// the first ones asked for by ID were all still there, inside the window: the list route,
+    /// not the data, looks wrong (an empty answer during an outage), so the rest are not asked
+    /// for one by one.
+    #[error(
+        "the list route answered the window {start} .. {end} with no encounters, but {unlisted} are \
+         stored for it and the first {probed} asked for by ID were all still there, inside it: the \
+         list looks broken (an outage?); the window is read again next cycle instead of asking for \
+         each"
+    )]
+    ListOmits {
+        start: String,
+        end: String,
+        unlisted: u64,
+        probed: u64,
+    },
     /// The warehouse failed (full disk, busy, corrupt, not writable, I/O); it says which.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -319,6 +335,7 @@ impl CycleError {
             CycleError::Unsettled { .. } => Some("window_unsettled"),
             CycleError::RequestBound { .. } => Some("request_bound_exceeded"),
             CycleError::InstantOverfull { .. } => Some("instant_overfull"),
+            CycleError::ListOmits { .. } => Some("list_omits_stored_encounters"),
             CycleError::Api(_)
             | CycleError::Cancelled
             | CycleError::Store(_)

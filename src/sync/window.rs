@@ -1104,6 +1104,14 @@ fn add_counts(counts: &mut RunCounts, pc: PageCounts) {
     counts.encounters_removed += pc.removed;
 }
 
+/// How many encounters the removal check of a window listed empty asks for by ID, all found
+/// still there inside the window (or answered with nothing documented) and none gone or moved,
+/// before it takes the empty listing for the fault: a list route answering an outage with an
+/// empty 200 would otherwise cost one request per stored encounter of every window it empties
+/// (a million for a reconcile of a large clinic), to learn that nothing was removed. A listing
+/// that lists something is trusted as before: what it leaves out is asked for one by one.
+const OUTAGE_PROBES: u64 = 20;
+
 /// Encounters stored as live in the window but absent from a complete listing of it: asks the
 /// detail route about each. Gone (404) or unavailable (403 for this encounter) → a removal;
 /// still there → it is upserted from the detail (it was only briefly invisible, or its rendered
@@ -1123,12 +1131,35 @@ async fn find_removals(
         .writer
         .call(move |c| c.live_ids_in_range(&org_id, start, end))
         .await?;
+    let unlisted: Vec<String> = stored
+        .into_iter()
+        .filter(|id| !seen.contains(id.as_str()))
+        .collect();
     let mut removals = Vec::new();
     let mut still_there = Vec::new();
-    for encounter_id in stored.into_iter().filter(|id| !seen.contains(id.as_str())) {
+    // Probes that found the encounter still there inside the window (or proved nothing), while
+    // no probe found one gone or moved: past [`OUTAGE_PROBES`] of them the listing, not the
+    // data, is what changed.
+    let mut not_gone = 0;
+    let mut anything_else = false;
+    for encounter_id in &unlisted {
+        let encounter_id = encounter_id.clone();
+        if seen.is_empty() && !anything_else && not_gone >= OUTAGE_PROBES {
+            return Err(CycleError::ListOmits {
+                start: w.start.to_string(),
+                end: w.end.to_string(),
+                unlisted: unlisted.len() as u64,
+                probed: not_gone,
+            });
+        }
         counts.detail_requests += 1;
         match ctx.client.encounter(&encounter_id).await {
             Ok(e) => {
+                if (start..end).contains(&e.created_at.0) {
+                    not_gone += 1;
+                } else {
+                    anything_else = true;
+                }
                 super::admit(ctx, std::slice::from_ref(&e)).await?;
                 still_there.push(encounter_record(e, &ctx.privacy));
             }
@@ -1141,21 +1172,26 @@ async fn find_removals(
                     reason @ ("encounter_not_found" | "cross_organization_denied" | "demo_training_denied"),
                 ) => {
                     tracing::debug!(encounter_id, reason, "encounter gone upstream");
+                    anything_else = true;
                     removals.push(Removal {
                         encounter_id,
                         reason: reason.to_owned(),
                     });
                 }
-                reason => tracing::warn!(
-                    encounter_id,
-                    status = e.status(),
-                    reason,
-                    "the encounter route answered with no documented reason; not marking the encounter removed"
-                ),
+                reason => {
+                    not_gone += 1;
+                    tracing::warn!(
+                        encounter_id,
+                        status = e.status(),
+                        reason,
+                        "the encounter route answered with no documented reason; not marking the encounter removed"
+                    );
+                }
             },
             Err(e) if e.class() == ErrorClass::OperatorMustAct && !e.is_auth() && w.reconcile => {
                 // The detail route is closed to this key, but a reconcile's listing is complete:
                 // absence is the evidence.
+                anything_else = true;
                 removals.push(Removal {
                     encounter_id,
                     reason: "absent_on_reconcile".to_owned(),

@@ -909,3 +909,50 @@ async fn dates_of_service_in_other_shapes_are_kept_where_readable_and_never_stop
         );
     }
 }
+
+both_backends!(
+    #[tokio::test]
+    a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_removes_nothing
+);
+/// A list route in an outage may answer 200 with no items and `total` 0. Every stored encounter
+/// of such a window is then missing from a complete listing, and the removal check used to ask
+/// for each by ID — a million requests for a reconcile of a large clinic — to learn that none
+/// was removed. Twenty found still there, inside the window, and the window fails instead,
+/// naming the outage; nothing is marked removed, and the next cycle after the outage is exact.
+async fn a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_removes_nothing(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(backend, sim_options(83, 3_000)).await;
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    env.sim.push_fault(charthero_sim::FaultRule {
+        route: Some(SimRoute::List),
+        skip: 0,
+        times: u64::MAX,
+        fault: charthero_sim::Fault::EmptyList,
+    });
+    let before = env.sim.stats().route(SimRoute::Encounter);
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    let error = env.sync_error(&config, CyclePlan::full(Some(range), false)).await;
+    assert!(
+        matches!(error, CycleError::ListOmits { probed: 20, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("the list looks broken"), "{error}");
+    let probes = env.sim.stats().route(SimRoute::Encounter) - before;
+    assert_eq!(probes, 20, "detail requests during the outage");
+    let removed: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
+        &[],
+    );
+    assert_eq!(removed, 0);
+    env.sim.clear_faults();
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_removed, 0);
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
