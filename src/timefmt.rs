@@ -11,7 +11,10 @@ use time::{OffsetDateTime, UtcOffset};
 /// The error says what is wrong in words an operator can act on.
 pub fn parse_rfc3339(text: &str) -> Result<OffsetDateTime, String> {
     match OffsetDateTime::parse(text, &Rfc3339) {
-        Ok(t) => Ok(t.to_offset(UtcOffset::UTC)),
+        // `9999-12-31T23:59:59-05:00` is a valid text whose UTC instant is past year 9999.
+        Ok(t) => t
+            .checked_to_offset(UtcOffset::UTC)
+            .ok_or_else(|| format!("{text:?} is after 9999-12-31T23:59:59.999999999Z")),
         Err(_) if looks_naive(text) => Err(format!(
             "{text:?} has no timezone offset; write it as RFC 3339 with `Z` or `+hh:mm`, e.g. \"2026-01-01T00:00:00Z\""
         )),
@@ -191,6 +194,16 @@ pub fn from_unix_nanos(nanos: i64) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instant_whose_utc_form_is_past_year_9999_is_an_error_not_a_panic() {
+        let err = parse_rfc3339("9999-12-31T23:59:59-05:00").unwrap_err();
+        assert!(err.contains("after 9999-12-31"), "{err}");
+        assert_eq!(
+            parse_rfc3339("9999-12-31T23:59:59+05:00").unwrap(),
+            time::macros::datetime!(9999-12-31 18:59:59 UTC)
+        );
+    }
 
     #[test]
     fn units_round_outward_and_step_to_the_next_boundary() {

@@ -360,6 +360,7 @@ mod tests {
             (r#""2026-05-25T14:00:00""#, ServiceDate::Unreadable),
             (r#""25/05/2026""#, ServiceDate::Unreadable),
             (r#""2026-02-30""#, ServiceDate::Unreadable),
+            (r#""9999-12-31T23:59:59-05:00""#, ServiceDate::Unreadable),
             ("1779717600", ServiceDate::Unreadable),
             ("-1.5", ServiceDate::Unreadable),
             ("true", ServiceDate::Unreadable),

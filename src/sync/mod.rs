@@ -263,19 +263,22 @@ pub enum CycleError {
         descending_reverses: bool,
     },
     /// The list route answered a window with nothing while encounters are stored for it, and
-    /// the first ones asked for by ID were all still there, inside the window: the list route,
-    /// not the data, looks wrong (an empty answer during an outage), so the rest are not asked
-    /// for one by one.
+    /// the first ones asked for by ID were all still there, inside the window (or, in a
+    /// reconcile, the encounter route is closed to the key, so none can be confirmed gone): the
+    /// list route, not the data, looks wrong (an empty answer during an outage), so the rest are
+    /// neither asked for one by one nor marked removed.
     #[error(
         "the list route answered the window {start} .. {end} with no encounters, but {unlisted} are \
-         stored for it and the first {probed} asked for by ID were all still there, inside it: the \
-         list looks broken (an outage?); the window is read again next cycle instead of asking for \
-         each"
+         stored for it and {}: the list looks broken (an outage?); nothing is marked removed, and \
+         the window is read again next cycle",
+        omission_evidence(*.probed)
     )]
     ListOmits {
         start: String,
         end: String,
         unlisted: u64,
+        /// How many were asked for by ID and found still there; 0 when the encounter route is
+        /// closed to the key.
         probed: u64,
     },
     /// The warehouse failed (full disk, busy, corrupt, not writable, I/O); it says which.
@@ -295,6 +298,15 @@ pub enum CycleError {
     },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+/// Why an empty listing was not believed, for [`CycleError::ListOmits`].
+fn omission_evidence(probed: u64) -> String {
+    if probed == 0 {
+        "the encounter route is closed to this key, so none can be confirmed gone".to_owned()
+    } else {
+        format!("the first {probed} asked for by ID were all still there, inside it")
+    }
 }
 
 /// How offsets reached into an overfull instant, for [`CycleError::InstantOverfull`].

@@ -334,6 +334,10 @@ struct Disagreement {
     end: Micros,
     /// That range's total, asked right after the pass (the pass's own total for its whole range).
     total: u64,
+    /// How many of the pass's records lie in that range: all of them for its whole range; for
+    /// its older part, those whose rendered `created_at` is before `end`, unless rendered
+    /// instants cannot be trusted to place records (then unknown, and nothing can repeat it).
+    listed: Option<u64>,
     /// Every record the pass listed.
     seen: HashMap<String, OffsetDateTime>,
 }
@@ -345,21 +349,37 @@ impl Disagreement {
         pass.total > pass.seen.len() as u64 && !pass.shifted && pass.coarse.is_none()
     }
 
-    fn of(pass: &mut Pass, end: Micros, total: u64) -> Disagreement {
+    /// The disagreement of a [`Disagreement::possible`] pass within `[start, end)`, the range
+    /// the next pass re-reads, whose `total` was asked for it; `instants_place_records` says
+    /// whether rendered instants may count the pass's records in an older part.
+    fn of(pass: &mut Pass, end: Micros, total: u64, instants_place_records: bool) -> Disagreement {
+        let listed = if end >= pass.end {
+            Some(pass.seen.len() as u64)
+        } else {
+            instants_place_records.then(|| pass.seen.values().filter(|t| **t < end.instant()).count() as u64)
+        };
         Disagreement {
             end,
             total,
+            listed,
             seen: std::mem::take(&mut pass.seen),
         }
     }
 
+    /// Whether this disagreement can be repeated: how many records it listed in the range the
+    /// next pass reads is known.
+    fn comparable(&self) -> bool {
+        self.listed.is_some()
+    }
+
     /// Whether `pass`, over exactly the range this one expects, changed nothing in it: no
-    /// response moved under it, its total is the one asked before it began, and it listed no
-    /// record the earlier pass had not. What it does not list again is stored already and goes
-    /// to the removal check; what both counted and neither listed is what the key cannot see.
-    /// Nothing here compares rendered instants, which a server may round.
+    /// response moved under it, its total is the one asked before it began, and it listed the
+    /// same records (none the earlier pass had not, and as many as the earlier pass listed
+    /// there). A record removed before the second pass read it and another inserted behind its
+    /// cursor leave the total as it was, but not the records listed.
     fn repeats_in(&self, pass: &Pass) -> bool {
-        pass.total == self.total
+        self.listed == Some(pass.seen.len() as u64)
+            && pass.total == self.total
             && !pass.shifted
             && pass.coarse.is_none()
             && pass.end == self.end
@@ -482,7 +502,8 @@ pub(super) async fn scan(
                 pass.consistent = true;
             }
         }
-        if !pass.consistent && disagreement.as_ref().is_some_and(|d| d.repeats_in(&pass)) {
+        let repeated = !pass.consistent && disagreement.as_ref().is_some_and(|d| d.repeats_in(&pass));
+        if repeated {
             let unlisted = pass.total - pass.seen.len() as u64;
             let (start, end) = (w.start.to_string(), end.to_string());
             let message = "the list's total counts records it does not list, the same ones on two \
@@ -499,8 +520,10 @@ pub(super) async fn scan(
         if !pass.consistent {
             counts.rescans += 1;
             let possible = Disagreement::possible(&pass);
-            // A disagreement that did not repeat, or one of another kind: upstream changed.
-            changed |= disagreement.is_some() || !possible;
+            let comparable = disagreement.as_ref().is_some_and(Disagreement::comparable);
+            // A disagreement that could have repeated and did not, or one of another kind:
+            // upstream changed.
+            changed |= comparable || !possible;
             if method == Method::Anchored {
                 anchored_failures += 1;
                 if anchored_failures >= ANCHORED_FAILURES_BEFORE_OFFSETS {
@@ -509,10 +532,14 @@ pub(super) async fn scan(
             }
             // Upstream changed while we paged, or the total counts records it never lists. A
             // narrower window takes fewer requests, so fewer changes can land during it:
-            // re-scan the older half — unless this server was seen counting records it never
-            // lists and nothing else disagreed yet: then the same range is read again, which
-            // shows them again at no more cost than a half would.
-            let again = possible && disagreement.is_none() && ctx.org.totals_count_unlisted();
+            // re-scan the older half — unless nothing moved in this window yet and either this
+            // server was seen counting records it never lists, or the last disagreement could
+            // not be compared (its half was placed by rendered instants the server rounds):
+            // then the same range is read again, which shows the same records again.
+            let again = possible
+                && !comparable
+                && !changed
+                && (ctx.org.totals_count_unlisted() || disagreement.is_some());
             let unit = ctx.org.query_unit();
             let mid = median_instant(&pass.seen)
                 .map(|m| m.floor_to(unit))
@@ -533,19 +560,25 @@ pub(super) async fn scan(
             // now to know which excess the next pass must show again.
             disagreement = if possible {
                 let total = if end < pass.end {
+                    if cancel.is_cancelled() {
+                        return Err(CycleError::Cancelled);
+                    }
                     pages += 1;
                     counts.list_requests += 1;
                     list_range(ctx, w.start, end, 0, 1, SortOrder::Asc).await?.total
                 } else {
                     pass.total
                 };
-                Some(Disagreement::of(&mut pass, end, total))
+                let instants_place_records = method == Method::Anchored && !ctx.org.renders_coarse();
+                Some(Disagreement::of(&mut pass, end, total, instants_place_records))
             } else {
                 None
             };
             commit(ctx, pass.last_page, Vec::new(), None, counts).await?;
             continue;
         }
+        // A pass that agreed after a disagreement listed what had changed: upstream churns.
+        changed |= disagreement.is_some() && !repeated;
         let window = Window { end, ..w };
         let seen: HashSet<&str> = pass.seen.keys().map(String::as_str).collect();
         let removals = find_removals(ctx, &window, &seen, counts).await?;
@@ -1144,7 +1177,9 @@ async fn find_removals(
     let mut anything_else = false;
     for encounter_id in &unlisted {
         let encounter_id = encounter_id.clone();
-        if seen.is_empty() && !anything_else && not_gone >= OUTAGE_PROBES {
+        // Rendered instants a server rounds may place a neighbour's records inside a window
+        // listed truly empty: only a server that renders them exactly is judged so.
+        if seen.is_empty() && !anything_else && not_gone >= OUTAGE_PROBES && !ctx.org.renders_coarse() {
             return Err(CycleError::ListOmits {
                 start: w.start.to_string(),
                 end: w.end.to_string(),
@@ -1190,7 +1225,16 @@ async fn find_removals(
             },
             Err(e) if e.class() == ErrorClass::OperatorMustAct && !e.is_auth() && w.reconcile => {
                 // The detail route is closed to this key, but a reconcile's listing is complete:
-                // absence is the evidence.
+                // absence is the evidence — unless the listing was empty where many are stored,
+                // which an outage answers as well as a mass removal.
+                if seen.is_empty() && unlisted.len() as u64 >= OUTAGE_PROBES {
+                    return Err(CycleError::ListOmits {
+                        start: w.start.to_string(),
+                        end: w.end.to_string(),
+                        unlisted: unlisted.len() as u64,
+                        probed: 0,
+                    });
+                }
                 anything_else = true;
                 removals.push(Removal {
                     encounter_id,

@@ -922,7 +922,16 @@ both_backends!(
 async fn a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_removes_nothing(
     backend: Backend,
 ) {
-    let env = TestEnv::start_on(backend, sim_options(83, 3_000)).await;
+    // History that ends before the revisit horizon, so that only the reconcile's windows hold
+    // stored encounters.
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            end: OffsetDateTime::now_utc() - time::Duration::days(3),
+            ..sim_options(83, 3_000)
+        },
+    )
+    .await;
     let config = env.encounters_only_config();
     let report = env.sync(&config, live()).await;
     assert!(report.is_complete(), "{report:?}");
@@ -950,9 +959,101 @@ async fn a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_rem
         &[],
     );
     assert_eq!(removed, 0);
+    // With the encounter route closed to the key, a reconcile took absence from a complete
+    // listing as the evidence: the empty answer would have marked every encounter removed.
+    env.sim.disable_route(SimRoute::Encounter, "route_not_allowed");
+    let error = env.sync_error(&config, CyclePlan::full(Some(range), false)).await;
+    assert!(
+        matches!(error, CycleError::ListOmits { probed: 0, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("closed to this key"), "{error}");
+    let removed: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL",
+        &[],
+    );
+    assert_eq!(removed, 0);
+    env.sim.enable_route(SimRoute::Encounter);
     env.sim.clear_faults();
     let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.counts.encounters_removed, 0);
     compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test]
+    a_removal_and_an_insertion_behind_the_cursor_between_two_passes_are_never_taken_for_hidden_encounters
+);
+/// On a server whose totals count encounters the key cannot see, a window's second pass is
+/// compared with its first. If, during that second pass, a record it had still to read is
+/// removed and a late one appears behind its cursor, its total is the one asked before it began
+/// and it lists nothing new — only one record fewer. Taken for the hidden encounter repeating,
+/// the window would complete without the late record; it must be read again until it lists it.
+async fn a_removal_and_an_insertion_behind_the_cursor_between_two_passes_are_never_taken_for_hidden_encounters(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            total_counts_unavailable: true,
+            ..sim_options(84, 600)
+        },
+    )
+    .await;
+    // Four hidden, more than a repair narrows.
+    let snapshot = env.sim.snapshot();
+    for hidden in &snapshot[10..14] {
+        env.sim
+            .mark_unavailable(&hidden.encounter_id, Unavailable::DemoTraining);
+    }
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    // The reconcile's first pass over the whole range disagrees by the hidden encounters; the
+    // second reads the older half. On its second page, a record ahead of it is removed and a
+    // late one is inserted behind it.
+    let late_at = snapshot[1].created_at;
+    let halves_end_before = OffsetDateTime::now_utc() - time::Duration::days(1);
+    let done = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, String)>));
+    env.sim.set_list_hook(Some(std::sync::Arc::new({
+        let done = done.clone();
+        move |sim: &charthero_sim::Simulator, req: &charthero_sim::ListRequest| {
+            let mut done = done.lock().unwrap();
+            let (Some(cursor), Some(end)) = (req.start_at, req.end_at) else {
+                return;
+            };
+            if done.is_some() || req.limit == 1 || end > halves_end_before || cursor <= late_at {
+                return;
+            }
+            let ahead = sim
+                .snapshot()
+                .into_iter()
+                .rev()
+                .find(|e| e.created_at > cursor && e.created_at < end)
+                .expect("a record ahead of the cursor");
+            sim.remove(&ahead.encounter_id);
+            let late = sim.insert(NewEncounter::at(late_at));
+            *done = Some((ahead.encounter_id, late));
+        }
+    })));
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+    env.sim.set_list_hook(None);
+    assert!(report.is_complete(), "{report:?}");
+    let (removed, late) = done.lock().unwrap().clone().expect("the hook fired");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let stored: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE encounter_id = ?1 AND removed_at IS NULL",
+        &[&late],
+    );
+    assert_eq!(stored, 1, "the late record is stored");
+    let reason: String = env.warehouse.scalar(
+        "SELECT removed_reason FROM encounters WHERE encounter_id = ?1",
+        &[&removed],
+    );
+    assert_eq!(reason, "encounter_not_found");
 }
