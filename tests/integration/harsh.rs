@@ -399,7 +399,7 @@ async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_histor
         assert_eq!(count(&env.warehouse, "encounters"), 5_940);
         // 60 pages of records, each window read twice once the server is known to count what
         // it never lists (and by offsets, with their overlap, once its rendering is known: how
-        // many anchored passes that takes depends on where windows fall, 222-386 requests);
+        // many anchored passes that takes depends on where windows fall, 320-390 requests);
         // 1,165 and 720-770 requests before the older half's total was asked.
         let list_requests = env.sim.stats().route(SimRoute::List);
         let bound = if rendering.is_none() { 3 * 60 } else { 8 * 60 };
