@@ -68,6 +68,11 @@ enum Command {
         /// re-scan only the ranges that differ (resumes an unfinished audit).
         #[arg(long)]
         audit: bool,
+        /// Also fetch again the notes and finished transcripts of stored encounters created in
+        /// the --backfill-from range (without one: all of them), whatever the list shows: for a
+        /// server whose list does not change when a document's text does. One request each.
+        #[arg(long)]
+        refresh_content: bool,
         /// Only this organization (its `[[organizations]]` name; repeat for several). Default:
         /// every configured organization.
         #[arg(long = "organization", value_name = "NAME")]
@@ -565,6 +570,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             backfill_from,
             backfill_to,
             audit,
+            refresh_content,
             organizations,
         } => {
             let backfill = created_range("backfill", backfill_from, backfill_to)?;
@@ -575,7 +581,10 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 &config,
                 keys,
                 "sync",
-                charthero_sync::sync::CyclePlan::full(backfill, audit),
+                charthero_sync::sync::CyclePlan {
+                    refresh_content,
+                    ..charthero_sync::sync::CyclePlan::full(backfill, audit)
+                },
                 &cancel,
             )
             .await?;

@@ -502,7 +502,19 @@ impl Simulator {
     /// Also when the document is missing or not a note.
     pub fn edit_note(&self, encounter_id: &str, document_id: &str, text: &str) {
         self.mutate(encounter_id, |store, slot, now| {
-            store.edit_note(slot, document_id, text, now)
+            store.edit_note(slot, document_id, text, now, false)
+        });
+    }
+
+    /// Replaces a note's markdown text and bumps the document's `updated_at` (which only its
+    /// detail route shows), leaving the encounter's record — its `updated_at` and its list
+    /// entry — exactly as it was: a server whose list does not show document edits.
+    ///
+    /// # Panics
+    /// Also when the document is missing or not a note.
+    pub fn edit_note_quietly(&self, encounter_id: &str, document_id: &str, text: &str) {
+        self.mutate(encounter_id, |store, slot, now| {
+            store.edit_note(slot, document_id, text, now, true)
         });
     }
 

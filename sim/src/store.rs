@@ -705,13 +705,21 @@ impl Store {
         document_id: &str,
         text: &str,
         now: i64,
+        quietly: bool,
     ) -> Result<(), String> {
         let doc = match self.rec(slot).doc(document_id) {
             Some(doc) if doc.class == DocClass::Note => doc.id,
             Some(_) => return Err(format!("document {document_id} is not a note")),
             None => return Err(format!("no document {document_id} on this encounter")),
         };
-        self.change_doc(slot, document_id, now, |_, _, _| {});
+        if quietly {
+            let doc = self.encounters[slot as usize]
+                .doc_mut(document_id)
+                .expect("the note was found above");
+            doc.updated = now.max(doc.updated + MICROSECOND);
+        } else {
+            self.change_doc(slot, document_id, now, |_, _, _| {});
+        }
         self.note_overrides.insert(doc, text.into());
         Ok(())
     }

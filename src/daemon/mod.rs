@@ -237,6 +237,7 @@ async fn run_organization(
             budget: Some(until_next_live),
             // The loop itself takes the queue one slice at a time, between live cycles.
             queued_backfills: false,
+            refresh_content: false,
         };
         status(match (live, backfill.is_some()) {
             (true, _) => "syncing",

@@ -69,6 +69,10 @@ pub trait WriteTx {
     ) -> anyhow::Result<()>;
     /// Settles a work item whose object no longer exists upstream.
     fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()>;
+    /// `sync --refresh-content`: queues the notes and finished transcripts of the organization's
+    /// live encounters created in `[start_ns, end_ns)` again, as if each encounter had changed;
+    /// returns how many documents were queued.
+    fn requeue_content(&self, organization_id: &str, start_ns: i64, end_ns: i64) -> anyhow::Result<u64>;
     /// Records a downloaded recording.
     fn save_recording(
         &self,

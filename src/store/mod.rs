@@ -274,6 +274,20 @@ macro_rules! requeue_changed_documents {
 }
 use requeue_changed_documents;
 
+/// The documents [`requeue_changed_documents`] queues work for: notes (and other non-ambient
+/// types) fetched or found unavailable, and ambient documents that may be final.
+macro_rules! requeued_documents {
+    () => {
+        concat!(
+            "((schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable'))
+              OR (schema_type = 'ambient_transcript' AND ",
+            $crate::store::may_be_final_sql!("status"),
+            "))"
+        )
+    };
+}
+use requeued_documents;
+
 /// The routes a run disabled, stored as one comma-separated text (`sync_runs.disabled_routes`).
 fn split_routes(stored: Option<String>) -> Vec<String> {
     stored

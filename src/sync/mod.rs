@@ -163,6 +163,10 @@ pub struct CyclePlan {
     /// Stop the backfill and the audit at the first window (or audit range) boundary after
     /// this long, to let the live sync have its turn; each resumes from its cursor next time.
     pub budget: Option<Duration>,
+    /// Before paging, queue again the notes and finished transcripts of the stored encounters
+    /// created in `backfill`'s range (all of them without one), as if each had changed
+    /// (`sync --refresh-content`).
+    pub refresh_content: bool,
 }
 
 impl CyclePlan {
@@ -174,6 +178,7 @@ impl CyclePlan {
             queued_backfills: true,
             audit,
             budget: None,
+            refresh_content: false,
         }
     }
 }
@@ -527,7 +532,26 @@ async fn execute(
     let mut counts = RunCounts::default();
     let mut content_counts = RunCounts::default();
     let deadline = plan.budget.map(|b| Instant::now() + b);
-    let identified = load_organization(ctx).await;
+    let mut identified = load_organization(ctx).await;
+    if let (Ok(()), true, Some(org_id)) = (&identified, plan.refresh_content, ctx.org.id()) {
+        let (start_ns, end_ns) = plan.backfill.map_or((i64::MIN, i64::MAX), |r| {
+            (
+                crate::timefmt::unix_nanos(r.start),
+                crate::timefmt::unix_nanos(r.end),
+            )
+        });
+        match ctx
+            .writer
+            .write(move |tx| tx.requeue_content(&org_id, start_ns, end_ns))
+            .await
+        {
+            Ok(queued) => tracing::info!(
+                queued,
+                "refresh-content: notes and finished transcripts queued again"
+            ),
+            Err(e) => identified = Err(e.into()),
+        }
+    }
     let paging = async {
         let mut r = if let Err(e) = identified {
             Err(e)

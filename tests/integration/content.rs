@@ -953,3 +953,103 @@ async fn a_retry_after_longer_than_a_request_waits_pauses_the_key_until_it_is_ov
     let text = crate::support::text(&out);
     assert!(out.status.success() && !text.contains("paused"), "{text}");
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_note_edited_without_its_encounter_changing_is_fetched_again_only_by_refresh_content
+);
+/// A server whose list does not show document edits: a note's text changes, its encounter's
+/// record does not. A sync cannot see it (and makes no content request); `sync
+/// --refresh-content` fetches the notes and finished transcripts of the range again, one request
+/// each, and stores the new text.
+async fn a_note_edited_without_its_encounter_changing_is_fetched_again_only_by_refresh_content(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            unsupported_doc_every: 0,
+            ..sim_options(91, 120)
+        },
+    )
+    .await;
+    let config = env.config();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_content_equal(&env);
+    let snapshot = env.sim.snapshot();
+    let (old, new) = (&snapshot[10], &snapshot[110]);
+    let note_of = |e: &charthero_sim::Encounter| {
+        e.documents
+            .iter()
+            .find(|d| d.schema_type == "document")
+            .map(|d| d.document_id.clone())
+    };
+    let (old_note, new_note) = (note_of(old).expect("a note"), note_of(new).expect("a note"));
+    env.sim
+        .edit_note_quietly(&old.encounter_id, &old_note, "Addendum (old): reviewed.");
+    env.sim
+        .edit_note_quietly(&new.encounter_id, &new_note, "Addendum (new): reviewed.");
+    let text = |document_id: &str| -> Option<String> {
+        env.warehouse.scalar(
+            "SELECT content_text FROM documents WHERE document_id = ?1",
+            &[&document_id],
+        )
+    };
+    // The list shows nothing new: no content request, the old text stays.
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.route(SimRoute::Document) + stats.route(SimRoute::Transcript),
+        0,
+        "{stats:?}"
+    );
+    assert_ne!(text(&new_note).as_deref(), Some("Addendum (new): reviewed."));
+    // Refreshing the newer half of history fetches its content again, and only its.
+    let halfway = new.created_at - time::Duration::seconds(1);
+    let range = charthero_sync::sync::BackfillRange {
+        start: halfway,
+        end: OffsetDateTime::now_utc(),
+    };
+    let in_range: Vec<&charthero_sim::Encounter> =
+        snapshot.iter().filter(|e| e.created_at >= halfway).collect();
+    let notes = in_range
+        .iter()
+        .flat_map(|e| &e.documents)
+        .filter(|d| d.schema_type == "document")
+        .count() as u64;
+    let transcripts = in_range
+        .iter()
+        .flat_map(|e| &e.documents)
+        .filter(|d| d.schema_type == "ambient_transcript" && d.status.as_deref() == Some("completed"))
+        .count() as u64;
+    env.sim.reset_stats();
+    let report = env
+        .sync(
+            &config,
+            CyclePlan {
+                refresh_content: true,
+                ..CyclePlan::full(Some(range), false)
+            },
+        )
+        .await;
+    assert!(report.is_complete(), "{report:?}");
+    let stats = env.sim.stats();
+    assert_eq!(stats.route(SimRoute::Document), notes, "{stats:?}");
+    assert_eq!(stats.route(SimRoute::Transcript), transcripts, "{stats:?}");
+    assert_eq!(text(&new_note).as_deref(), Some("Addendum (new): reviewed."));
+    assert_ne!(text(&old_note).as_deref(), Some("Addendum (old): reviewed."));
+    // Without a range, everything: the older note too, and then the warehouse equals upstream.
+    let report = env
+        .sync(
+            &config,
+            CyclePlan {
+                refresh_content: true,
+                ..CyclePlan::full(None, false)
+            },
+        )
+        .await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(text(&old_note).as_deref(), Some("Addendum (old): reviewed."));
+    assert_content_equal(&env);
+}

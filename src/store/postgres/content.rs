@@ -405,6 +405,29 @@ pub fn transcript_not_ready(
     Ok(())
 }
 
+/// Queues the content of live encounters created in `[start_ns, end_ns)` again
+/// ([`crate::store::Backend::requeue_content`]).
+pub fn requeue_content(
+    db: &mut impl GenericClient,
+    organization_id: &str,
+    start_ns: i64,
+    end_ns: i64,
+) -> anyhow::Result<u64> {
+    let queued = db.execute(
+        concat!(
+            "UPDATE documents SET ",
+            crate::store::requeue_changed_documents!(),
+            " WHERE removed_at IS NULL AND ",
+            crate::store::requeued_documents!(),
+            " AND encounter_id IN (SELECT encounter_id FROM encounters
+                 WHERE organization_id = $1 AND created_at_ns >= $2 AND created_at_ns < $3
+                   AND removed_at IS NULL)"
+        ),
+        &[&organization_id, &start_ns, &end_ns],
+    )?;
+    Ok(queued)
+}
+
 /// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
 /// document or transcript that changed while it was asked for stays queued instead.
 pub fn mark_unavailable(db: &mut impl GenericClient, item: &WorkItem) -> anyhow::Result<()> {

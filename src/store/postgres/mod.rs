@@ -253,6 +253,9 @@ impl WriteTx for PgTx<'_> {
     fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()> {
         content::mark_unavailable(&mut *self.db(), item)
     }
+    fn requeue_content(&self, organization_id: &str, start_ns: i64, end_ns: i64) -> anyhow::Result<u64> {
+        content::requeue_content(&mut *self.db(), organization_id, start_ns, end_ns)
+    }
     fn save_recording(
         &self,
         encounter_id: &str,

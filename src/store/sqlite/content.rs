@@ -348,6 +348,29 @@ pub fn transcript_not_ready(
     Ok(())
 }
 
+/// Queues the content of live encounters created in `[start_ns, end_ns)` again
+/// ([`crate::store::Backend::requeue_content`]).
+pub fn requeue_content(
+    conn: &Connection,
+    organization_id: &str,
+    start_ns: i64,
+    end_ns: i64,
+) -> anyhow::Result<u64> {
+    let queued = conn.execute(
+        concat!(
+            "UPDATE documents SET ",
+            crate::store::requeue_changed_documents!(),
+            " WHERE removed_at IS NULL AND ",
+            crate::store::requeued_documents!(),
+            " AND encounter_id IN (SELECT encounter_id FROM encounters
+                 WHERE organization_id = ?1 AND created_at_ns >= ?2 AND created_at_ns < ?3
+                   AND removed_at IS NULL)"
+        ),
+        params![organization_id, start_ns, end_ns],
+    )?;
+    Ok(queued as u64)
+}
+
 /// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
 /// document or transcript that changed while it was asked for stays queued instead.
 pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()> {

@@ -386,6 +386,10 @@ impl WriteTx for Connection {
         staging::merge_before(self)?;
         mark_unavailable(self, item)
     }
+    fn requeue_content(&self, organization_id: &str, start_ns: i64, end_ns: i64) -> anyhow::Result<u64> {
+        staging::merge_before(self)?;
+        content::requeue_content(self, organization_id, start_ns, end_ns)
+    }
     fn save_recording(
         &self,
         encounter_id: &str,
