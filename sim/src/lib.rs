@@ -61,6 +61,8 @@
 //! - **`date_of_service` in other shapes** ([`SimOptions::service_dates`]): a plain date, or an
 //!   assortment of plain dates, date-times without an offset, empty strings, numbers and `null`;
 //!   [`Simulator::rendered_date_of_service`] gives the JSON value an encounter is sent with.
+//! - **Decimals as strings** ([`SimOptions::decimals_as_strings`]): `audio_duration_seconds` and
+//!   transcript turns' `start`/`end` sent as JSON strings (`"842.4"`).
 //! - Back-dated inserts ([`Simulator::insert`] with an old `created_at`) get `updated_at` = now;
 //!   removals work at any age.
 //! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from

@@ -98,6 +98,11 @@ pub struct SimOptions {
     /// The shape of every encounter's `date_of_service` on the wire. Default
     /// [`ServiceDates::Timestamps`], as the contract shows it.
     pub service_dates: ServiceDates,
+    /// Send every decimal as a JSON string (`"842.4"`), as APIs that keep decimals exact do:
+    /// `audio_duration_seconds` in list summaries, ambient document details and transcripts, and
+    /// each transcript turn's `start` and `end`. Default `false`: JSON numbers, as the contract
+    /// shows them.
+    pub decimals_as_strings: bool,
 }
 
 /// How the API renders an encounter's `date_of_service`. The contract's example is an RFC 3339
@@ -242,6 +247,7 @@ impl Default for SimOptions {
             desc_ties_ascending: false,
             micro_data: false,
             service_dates: ServiceDates::Timestamps,
+            decimals_as_strings: false,
         }
     }
 }

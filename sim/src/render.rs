@@ -32,6 +32,8 @@ pub(crate) struct RenderOpts {
     /// `"documents": null` for an encounter without documents.
     pub(crate) null_empty_documents: bool,
     pub(crate) service_dates: ServiceDates,
+    /// Decimals as JSON strings (`SimOptions::decimals_as_strings`).
+    pub(crate) decimals_as_strings: bool,
 }
 
 impl RenderOpts {
@@ -77,6 +79,19 @@ struct Ts(i64, bool);
 impl Serialize for Ts {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(format_ts(self.0, self.1).as_str())
+    }
+}
+
+/// A decimal as a JSON number, or as a string when `RenderOpts::decimals_as_strings`.
+struct Decimal(Option<f64>, bool);
+
+impl Serialize for Decimal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Decimal(None, _) => s.serialize_none(),
+            Decimal(Some(value), true) => s.serialize_str(&value.to_string()),
+            Decimal(Some(value), false) => s.serialize_f64(value),
+        }
     }
 }
 
@@ -204,7 +219,10 @@ impl Serialize for SummaryView<'_> {
         obj.serialize_field("title", &doc.title.map(|t| syms.get(t)))?;
         obj.serialize_field("status", &doc.status.map(|t| syms.get(t)))?;
         obj.serialize_field("workflow_variant", &doc.workflow_variant.map(|t| syms.get(t)))?;
-        obj.serialize_field("audio_duration_seconds", &doc.audio_ds.map(deciseconds))?;
+        obj.serialize_field(
+            "audio_duration_seconds",
+            &Decimal(doc.audio_ds.map(deciseconds), self.opts.decimals_as_strings),
+        )?;
         if self.opts.extra_fields {
             obj.serialize_field(EXTRA_FIELD, &Extra)?;
         }
@@ -342,7 +360,10 @@ pub(crate) fn ambient_body(detail: &DocDetail, opts: RenderOpts) -> Vec<u8> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let (d, shift) = (self.0, self.1.offset_timestamps);
             let mut obj = s.serialize_struct("Ambient", 8)?;
-            obj.serialize_field("audio_duration_seconds", &d.doc.audio_ds.map(deciseconds))?;
+            obj.serialize_field(
+                "audio_duration_seconds",
+                &Decimal(d.doc.audio_ds.map(deciseconds), self.1.decimals_as_strings),
+            )?;
             obj.serialize_field("created_at", &Ts(d.doc.created, shift))?;
             obj.serialize_field("document_id", d.doc.id.as_str())?;
             obj.serialize_field("encounter_id", d.encounter_id.as_str())?;
@@ -379,53 +400,57 @@ pub(crate) fn transcript_body(
     transcript: &Transcript,
     opts: RenderOpts,
 ) -> Vec<u8> {
-    struct TurnView<'a>(&'a Turn, bool);
+    struct TurnView<'a>(&'a Turn, RenderOpts);
     impl Serialize for TurnView<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let strings = self.1.decimals_as_strings;
             let mut obj = s.serialize_struct("Turn", 4)?;
             obj.serialize_field("speaker", &self.0.speaker)?;
-            obj.serialize_field("start", &self.0.start)?;
-            obj.serialize_field("end", &self.0.end)?;
+            obj.serialize_field("start", &Decimal(Some(self.0.start), strings))?;
+            obj.serialize_field("end", &Decimal(Some(self.0.end), strings))?;
             obj.serialize_field("text", &self.0.text)?;
-            if self.1 {
+            if self.1.extra_fields {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }
             obj.end()
         }
     }
-    struct TranscriptView<'a>(&'a Transcript, bool);
+    struct TranscriptView<'a>(&'a Transcript, RenderOpts);
     impl Serialize for TranscriptView<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut obj = s.serialize_struct("Transcript", 3)?;
             obj.serialize_field("provider", &self.0.provider)?;
-            obj.serialize_field("audio_duration_seconds", &self.0.audio_duration_seconds)?;
+            obj.serialize_field(
+                "audio_duration_seconds",
+                &Decimal(self.0.audio_duration_seconds, self.1.decimals_as_strings),
+            )?;
             obj.serialize_field("turns", &Turns(&self.0.turns, self.1))?;
-            if self.1 {
+            if self.1.extra_fields {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }
             obj.end()
         }
     }
-    struct Turns<'a>(&'a [Turn], bool);
+    struct Turns<'a>(&'a [Turn], RenderOpts);
     impl Serialize for Turns<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             s.collect_seq(self.0.iter().map(|t| TurnView(t, self.1)))
         }
     }
-    struct Envelope<'a>(&'a str, &'a str, &'a Transcript, bool);
+    struct Envelope<'a>(&'a str, &'a str, &'a Transcript, RenderOpts);
     impl Serialize for Envelope<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut obj = s.serialize_struct("TranscriptResponse", 3)?;
             obj.serialize_field("encounter_id", self.0)?;
             obj.serialize_field("document_id", self.1)?;
             obj.serialize_field("transcript", &TranscriptView(self.2, self.3))?;
-            if self.3 {
+            if self.3.extra_fields {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }
             obj.end()
         }
     }
-    let envelope = Envelope(encounter_id, document_id, transcript, opts.extra_fields);
+    let envelope = Envelope(encounter_id, document_id, transcript, opts);
     let mut out = Vec::with_capacity(64 + transcript.turns.len() * 160);
     serde_json::to_writer(&mut out, &envelope).expect("serializing to memory cannot fail");
     out

@@ -157,6 +157,7 @@ impl Simulator {
                 desc_ties_ascending: opts.desc_ties_ascending,
                 null_empty_documents: opts.null_empty_documents,
                 service_dates: opts.service_dates,
+                decimals_as_strings: opts.decimals_as_strings,
                 shutdown,
                 host,
             }),

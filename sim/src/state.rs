@@ -59,6 +59,7 @@ pub(crate) struct Inner {
     pub(crate) desc_ties_ascending: bool,
     pub(crate) null_empty_documents: bool,
     pub(crate) service_dates: ServiceDates,
+    pub(crate) decimals_as_strings: bool,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.
@@ -123,6 +124,7 @@ impl Inner {
             created_at: *read(&self.render_created_at),
             null_empty_documents: self.null_empty_documents,
             service_dates: self.service_dates,
+            decimals_as_strings: self.decimals_as_strings,
         }
     }
 }

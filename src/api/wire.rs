@@ -113,6 +113,58 @@ impl<'de> Deserialize<'de> for ServiceDate {
     }
 }
 
+/// A decimal sent as a JSON number or, by APIs that keep decimals exact, as a string holding one
+/// (`"842.4"`); `None` for `null`, an empty string, or anything else (the record's JSON keeps
+/// what was sent).
+fn lenient_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    struct Visitor;
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a number, or a string holding one")
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<f64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<f64>, E> {
+            Ok(v.trim().parse::<f64>().ok().filter(|n| n.is_finite()))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<f64>, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Option<f64>, A::Error> {
+            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Option<f64>, A::Error> {
+            while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// [`lenient_decimal`] for a value that must be there: anything but a number (or a string
+/// holding one) is an error.
+fn decimal<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    lenient_decimal(d)?.ok_or_else(|| de::Error::custom("expected a number, or a string holding one"))
+}
+
 /// A list that may come as `null`: no items.
 fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
@@ -205,7 +257,7 @@ pub struct DocumentSummary {
     pub status: Option<String>,
     #[serde(default)]
     pub workflow_variant: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_decimal")]
     pub audio_duration_seconds: Option<f64>,
 }
 
@@ -258,7 +310,7 @@ pub struct AmbientDocument {
     pub title: Option<String>,
     #[serde(default)]
     pub status: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_decimal")]
     pub audio_duration_seconds: Option<f64>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -276,7 +328,7 @@ pub struct TranscriptResponse {
 pub struct Transcript {
     #[serde(default)]
     pub provider: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_decimal")]
     pub audio_duration_seconds: Option<f64>,
     pub turns: Vec<Turn>,
 }
@@ -285,7 +337,9 @@ pub struct Transcript {
 pub struct Turn {
     #[serde(default)]
     pub speaker: Option<String>,
+    #[serde(deserialize_with = "decimal")]
     pub start: f64,
+    #[serde(deserialize_with = "decimal")]
     pub end: f64,
     pub text: String,
 }
@@ -383,6 +437,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(absent.date_of_service, ServiceDate::Unknown);
+    }
+
+    #[test]
+    fn decimals_arrive_as_numbers_or_strings_holding_them() {
+        for (value, expected) in [
+            ("842.4", Some(842.4)),
+            (r#""842.4""#, Some(842.4)),
+            (r#"" 12 ""#, Some(12.0)),
+            ("7", Some(7.0)),
+            (r#""""#, None),
+            (r#""n/a""#, None),
+            (r#""NaN""#, None),
+            ("null", None),
+            ("true", None),
+            (r#"{"seconds":1}"#, None),
+        ] {
+            let summary: DocumentSummary = serde_json::from_str(&format!(
+                r#"{{"document_id":"doc_1","schema_type":"ambient_transcript","audio_duration_seconds":{value}}}"#
+            ))
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(summary.audio_duration_seconds, expected, "{value}");
+        }
+        let turn: Turn = serde_json::from_str(r#"{"start":"1.5","end":2,"text":"Hi."}"#).unwrap();
+        assert_eq!((turn.start, turn.end), (1.5, 2.0));
+        let err = serde_json::from_str::<Turn>(r#"{"start":"soon","end":2,"text":"Hi."}"#).unwrap_err();
+        assert!(err.to_string().contains("expected a number"), "{err}");
     }
 
     #[test]

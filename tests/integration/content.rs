@@ -1053,3 +1053,30 @@ async fn a_note_edited_without_its_encounter_changing_is_fetched_again_only_by_r
     assert_eq!(text(&old_note).as_deref(), Some("Addendum (old): reviewed."));
     assert_content_equal(&env);
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    decimals_sent_as_strings_are_read_as_the_numbers_they_hold
+);
+/// An API that keeps decimals exact sends `audio_duration_seconds` and transcript turns'
+/// `start`/`end` as strings (`"842.4"`). Summaries, details and transcripts are read as the
+/// numbers they hold: the warehouse equals upstream, content included.
+async fn decimals_sent_as_strings_are_read_as_the_numbers_they_hold(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            decimals_as_strings: true,
+            ..sim_options(92, 150)
+        },
+    )
+    .await;
+    let report = env.sync(&env.config(), CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert!(report.counts.transcripts_fetched > 20, "{report:?}");
+    assert_content_equal(&env);
+    let durations: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM documents WHERE audio_duration_seconds > 0",
+        &[],
+    );
+    assert!(durations > 20, "{durations} durations stored");
+}
