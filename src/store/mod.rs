@@ -274,19 +274,32 @@ macro_rules! requeue_changed_documents {
 }
 use requeue_changed_documents;
 
-/// The documents [`requeue_changed_documents`] queues work for: notes (and other non-ambient
-/// types) fetched or found unavailable, and ambient documents that may be final.
-macro_rules! requeued_documents {
-    () => {
+/// `WriteTx::requeue_content`'s statement, given each backend's placeholders for the
+/// organization, the start and the end: [`requeue_changed_documents`] for the documents it
+/// queues work for (notes and other non-ambient types fetched or found unavailable, ambient
+/// documents that may be final) of the live encounters created in the range.
+macro_rules! requeue_content_sql {
+    ($organization:literal, $start:literal, $end:literal) => {
         concat!(
-            "((schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable'))
-              OR (schema_type = 'ambient_transcript' AND ",
+            "UPDATE documents SET ",
+            $crate::store::requeue_changed_documents!(),
+            " WHERE removed_at IS NULL
+                AND ((schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable'))
+                     OR (schema_type = 'ambient_transcript' AND ",
             $crate::store::may_be_final_sql!("status"),
-            "))"
+            "))
+                AND encounter_id IN (SELECT encounter_id FROM encounters
+                    WHERE organization_id = ",
+            $organization,
+            " AND created_at_ns >= ",
+            $start,
+            " AND created_at_ns < ",
+            $end,
+            " AND removed_at IS NULL)"
         )
     };
 }
-use requeued_documents;
+use requeue_content_sql;
 
 /// The routes a run disabled, stored as one comma-separated text (`sync_runs.disabled_routes`).
 fn split_routes(stored: Option<String>) -> Vec<String> {

@@ -357,15 +357,7 @@ pub fn requeue_content(
     end_ns: i64,
 ) -> anyhow::Result<u64> {
     let queued = conn.execute(
-        concat!(
-            "UPDATE documents SET ",
-            crate::store::requeue_changed_documents!(),
-            " WHERE removed_at IS NULL AND ",
-            crate::store::requeued_documents!(),
-            " AND encounter_id IN (SELECT encounter_id FROM encounters
-                 WHERE organization_id = ?1 AND created_at_ns >= ?2 AND created_at_ns < ?3
-                   AND removed_at IS NULL)"
-        ),
+        crate::store::requeue_content_sql!("?1", "?2", "?3"),
         params![organization_id, start_ns, end_ns],
     )?;
     Ok(queued as u64)
