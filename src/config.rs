@@ -706,8 +706,47 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         ));
     }
     match at {
-        Some((line, column)) => format!("line {line}, column {column}: {message}"),
+        Some((line, column)) => match key_at_line(text, line) {
+            Some(key) => format!("line {line}, column {column} (at `{key}`): {message}"),
+            None => format!("line {line}, column {column}: {message}"),
+        },
         None => message,
+    }
+}
+
+/// The dotted name of the key the 1-based `line` sets (`sync.schedule`), prefixed by the table
+/// it is in, or the table a header line opens; `None` when the line holds neither, or its name
+/// looks like a pasted key (a name is never a secret, a value may be, and only names are shown).
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let is_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            && !name.to_ascii_lowercase().contains("ch_sk_")
+    };
+    let header = |l: &str| {
+        let l = l.trim();
+        l.strip_prefix("[[")
+            .and_then(|r| r.strip_suffix("]]"))
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.strip_suffix(']')))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let this = lines.get(line.checked_sub(1)?)?;
+    if let Some(table) = header(this) {
+        return is_name(&table).then_some(table);
+    }
+    let key = this.split_once('=')?.0.trim();
+    if !is_name(key) {
+        return None;
+    }
+    let table = lines[..line - 1].iter().rev().find_map(|l| header(l));
+    match table {
+        Some(table) if is_name(&table) => Some(format!("{table}.{key}")),
+        Some(_) => None,
+        None => Some(key.to_owned()),
     }
 }
 
@@ -1801,6 +1840,20 @@ mod tests {
             assert!(!shown.contains("inline_secret"), "{text}: {shown}");
             assert!(!shown.contains(" | "), "{text}: a source snippet in {shown}");
         }
+        // A syntax error names the key of its line and its table, never the value.
+        let err = parse("[api]\nbase_url = \"https://h.example\"\n[sync]\nschedule = 0 */5 * * * *\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 4, column") && err.contains("(at `sync.schedule`)"),
+            "{err}"
+        );
+        let err = parse("[sync\nschedule = \"0 * * * * *\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1, column") && !err.contains("(at"), "{err}");
+        let err = parse("[api]\nch_sk_pasted = 1 2\n").unwrap_err().to_string();
+        assert!(!err.contains("ch_sk_") && !err.contains("(at"), "{err}");
         // An unknown key that holds no secret gets no such advice.
         let err = parse("[sync]\nschedulee = \"0 * * * * *\"\n")
             .unwrap_err()
