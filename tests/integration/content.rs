@@ -977,13 +977,17 @@ async fn a_note_edited_without_its_encounter_changing_is_fetched_again_only_by_r
     env.sync(&config, CyclePlan::full(None, false)).await;
     assert_content_equal(&env);
     let snapshot = env.sim.snapshot();
-    let (old, new) = (&snapshot[10], &snapshot[110]);
     let note_of = |e: &charthero_sim::Encounter| {
         e.documents
             .iter()
             .find(|d| d.schema_type == "document")
             .map(|d| d.document_id.clone())
     };
+    // Two encounters with a note, one early in history and one late.
+    let with_note: Vec<&charthero_sim::Encounter> =
+        snapshot.iter().filter(|e| note_of(e).is_some()).collect();
+    assert!(with_note.len() > 20, "{} encounters with a note", with_note.len());
+    let (old, new) = (with_note[5], with_note[with_note.len() - 5]);
     let (old_note, new_note) = (note_of(old).expect("a note"), note_of(new).expect("a note"));
     env.sim
         .edit_note_quietly(&old.encounter_id, &old_note, "Addendum (old): reviewed.");
