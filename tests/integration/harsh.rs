@@ -424,9 +424,12 @@ async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_histor
         // encounter that became visible would hide behind it.
         let audit = env.sync(&config, CyclePlan::full(None, true)).await;
         assert!(audit.is_complete(), "{rendering:?}: {audit:?}");
+        // Measured 193-198 plain and 220-298 against the rounding server, whose own reconcile
+        // takes 137-291 depending on how soon it learns the rounding: so the bound is fixed,
+        // well under the 466 of the narrowing audit.
         let (reconcile, audited) = (again.counts.list_requests, audit.counts.list_requests);
         assert!(
-            audited <= 2 * reconcile,
+            audited <= 360,
             "{rendering:?}: the audit made {audited} list requests, the reconcile {reconcile}"
         );
         eprintln!("  reconcile: {reconcile} list requests, audit: {audited}");
