@@ -70,43 +70,65 @@ impl ServiceDate {
 
 impl<'de> Deserialize<'de> for ServiceDate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Loose::deserialize(d)? {
+            Loose::Null => ServiceDate::Unknown,
+            Loose::Text(text) => ServiceDate::of_text(&text),
+            Loose::Number(_) | Loose::Other => ServiceDate::Unreadable,
+        })
+    }
+}
+
+/// Any JSON value, as the fields that must not stop a page read it: `null`, a text, a number,
+/// or anything else (drained, so the rest of the record still decodes).
+enum Loose<'a> {
+    Null,
+    Text(std::borrow::Cow<'a, str>),
+    Number(f64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Loose<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> de::Visitor<'de> for Visitor {
-            type Value = ServiceDate;
+            type Value = Loose<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::of_text(v))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Loose<'de>, E> {
+                Ok(Loose::Text(v.into()))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unknown)
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose<'de>, E> {
+                Ok(Loose::Text(v.to_owned().into()))
             }
-            fn visit_none<E: de::Error>(self) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unknown)
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose<'de>, E> {
+                Ok(Loose::Number(v))
             }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<ServiceDate, D::Error> {
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose<'de>, E> {
+                Ok(Loose::Number(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose<'de>, E> {
+                Ok(Loose::Number(v as f64))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Loose<'de>, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Loose<'de>, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose<'de>, D::Error> {
                 d.deserialize_any(self)
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unreadable)
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose<'de>, E> {
+                Ok(Loose::Other)
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unreadable)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unreadable)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<ServiceDate, E> {
-                Ok(ServiceDate::Unreadable)
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<ServiceDate, A::Error> {
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'de>, A::Error> {
                 while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(ServiceDate::Unreadable)
+                Ok(Loose::Other)
             }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<ServiceDate, A::Error> {
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose<'de>, A::Error> {
                 while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
-                Ok(ServiceDate::Unreadable)
+                Ok(Loose::Other)
             }
         }
         d.deserialize_any(Visitor)
@@ -117,46 +139,11 @@ impl<'de> Deserialize<'de> for ServiceDate {
 /// (`"842.4"`); `None` for `null`, an empty string, or anything else (the record's JSON keeps
 /// what was sent).
 fn lenient_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    struct Visitor;
-    impl<'de> de::Visitor<'de> for Visitor {
-        type Value = Option<f64>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a number, or a string holding one")
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<f64>, E> {
-            Ok(Some(v))
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<f64>, E> {
-            Ok(Some(v as f64))
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<f64>, E> {
-            Ok(Some(v as f64))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<f64>, E> {
-            Ok(v.trim().parse::<f64>().ok().filter(|n| n.is_finite()))
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Option<f64>, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Option<f64>, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<f64>, D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<f64>, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Option<f64>, A::Error> {
-            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Option<f64>, A::Error> {
-            while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-    }
-    d.deserialize_any(Visitor)
+    Ok(match Loose::deserialize(d)? {
+        Loose::Number(n) => Some(n),
+        Loose::Text(text) => text.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+        Loose::Null | Loose::Other => None,
+    })
 }
 
 /// [`lenient_decimal`] for a value that must be there: anything but a number (or a string

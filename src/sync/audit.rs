@@ -245,7 +245,8 @@ impl Auditor<'_> {
             // every range differs by them, and narrowing one only ends in re-scanning its
             // parts: a range of audit size is re-scanned whole.
             let unit = self.ctx.org.query_unit();
-            let unlisted_everywhere = self.ctx.org.totals_count_unlisted() && larger <= 2 * RANGE_RECORDS;
+            let unlisted_everywhere =
+                self.ctx.org.totals_count_unlisted.is_known() && larger <= 2 * RANGE_RECORDS;
             if larger <= LEAF_RECORDS
                 || 2 * upstream.abs_diff(local) >= larger
                 || unlisted_everywhere

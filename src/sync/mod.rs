@@ -42,12 +42,28 @@ pub struct OrgScope {
     /// a range narrower than a millisecond (then 1,000) or a second (then 1,000,000); see
     /// `window::list_range`.
     query_unit: std::sync::atomic::AtomicI64,
-    /// Whether the list route was seen rendering `created_at` coarser than it filters: every
-    /// window is then read by offsets from its first pass (`window::scan`).
-    renders_coarse: std::sync::atomic::AtomicBool,
-    /// Whether the list's totals were seen counting records it never lists (the same ones on two
-    /// passes): a window's first disagreement is then read again whole (`window::scan`).
-    totals_count_unlisted: std::sync::atomic::AtomicBool,
+    /// The list route was seen rendering `created_at` coarser than it filters: every window is
+    /// then read by offsets from its first pass (`window::scan`).
+    renders_coarse: Learnt,
+    /// The list's totals were seen counting records it never lists (the same ones on two
+    /// passes): a window's first disagreement is then read again whole (`window::scan`), and
+    /// the audit re-scans a differing range whole (`audit`).
+    totals_count_unlisted: Learnt,
+}
+
+/// Something learnt about an organization's list route, once per process.
+#[derive(Debug, Default)]
+struct Learnt(std::sync::atomic::AtomicBool);
+
+impl Learnt {
+    fn is_known(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records it; returns whether it is news (to log it once).
+    fn learn(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl OrgScope {
@@ -64,36 +80,9 @@ impl OrgScope {
             verify,
             verified: std::sync::atomic::AtomicBool::new(false),
             query_unit: std::sync::atomic::AtomicI64::new(1),
-            renders_coarse: std::sync::atomic::AtomicBool::new(false),
-            totals_count_unlisted: std::sync::atomic::AtomicBool::new(false),
+            renders_coarse: Learnt::default(),
+            totals_count_unlisted: Learnt::default(),
         }
-    }
-
-    /// Whether the list's totals were seen counting records it never lists.
-    fn totals_count_unlisted(&self) -> bool {
-        self.totals_count_unlisted
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Remembers that the list's totals count records it never lists; returns whether this is
-    /// news.
-    fn note_totals_count_unlisted(&self) -> bool {
-        !self
-            .totals_count_unlisted
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether the list route was seen rendering `created_at` coarser than it filters.
-    fn renders_coarse(&self) -> bool {
-        self.renders_coarse.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Remembers that the list route renders `created_at` coarser than it filters; returns
-    /// whether this is news.
-    fn note_coarse_rendering(&self) -> bool {
-        !self
-            .renders_coarse
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How finely the list route reads its bounds, in microseconds (1 until learnt otherwise).

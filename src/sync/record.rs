@@ -93,6 +93,17 @@ enum Field {
     DateOfService,
 }
 
+impl Field {
+    fn unreadable(self) -> &'static str {
+        match self {
+            Field::DateOfBirth => "date_of_birth is not a YYYY-MM-DD date; stored as NULL",
+            Field::DateOfService => {
+                "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL"
+            }
+        }
+    }
+}
+
 /// Whether a field's unreadable value was logged as a warning yet, by [`Field`].
 static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
@@ -100,27 +111,15 @@ static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)
 /// (PHI). The first of each field per process is a warning; later ones are logged at debug
 /// level, so a server that sends every record so does not flood the journal.
 fn unreadable(field: Field, encounter_id: &str, patient_id: Option<&str>) {
-    let first = !WARNED[field as usize].swap(true, Ordering::Relaxed);
-    match (field, first) {
-        (Field::DateOfBirth, true) => tracing::warn!(
+    let message = field.unreadable();
+    if WARNED[field as usize].swap(true, Ordering::Relaxed) {
+        tracing::debug!(encounter_id, patient_id, "{message}");
+    } else {
+        tracing::warn!(
             encounter_id,
             patient_id,
-            "date_of_birth is not a YYYY-MM-DD date; stored as NULL (further ones are logged at debug level)"
-        ),
-        (Field::DateOfBirth, false) => tracing::debug!(
-            encounter_id,
-            patient_id,
-            "date_of_birth is not a YYYY-MM-DD date; stored as NULL"
-        ),
-        (Field::DateOfService, true) => tracing::warn!(
-            encounter_id,
-            "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL \
-             (further ones are logged at debug level)"
-        ),
-        (Field::DateOfService, false) => tracing::debug!(
-            encounter_id,
-            "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL"
-        ),
+            "{message} (further ones are logged at debug level)"
+        );
     }
 }
 

@@ -450,7 +450,7 @@ pub(super) async fn scan(
     let mut end = w.end;
     // A server seen rendering `created_at` coarser than it filters does so for every window:
     // re-anchoring cannot work there, and a first anchored pass would only find that out again.
-    let mut method = if ctx.org.renders_coarse() {
+    let mut method = if ctx.org.renders_coarse.is_known() {
         Method::Offsets
     } else {
         Method::Anchored
@@ -476,7 +476,7 @@ pub(super) async fn scan(
         }
         if let Some(evidence) = &pass.coarse {
             counts.rescans += 1;
-            if ctx.org.note_coarse_rendering() {
+            if ctx.org.renders_coarse.learn() {
                 tracing::warn!(
                     start = %w.start,
                     end = %end,
@@ -510,7 +510,7 @@ pub(super) async fn scan(
                            passes (encounters this key may not see); the window is complete";
             // Once per organization and process as a warning; the ledger keeps every window's
             // total beside the records seen.
-            if ctx.org.note_totals_count_unlisted() {
+            if ctx.org.totals_count_unlisted.learn() {
                 tracing::warn!(start, end, unlisted, "{message}");
             } else {
                 tracing::debug!(start, end, unlisted, "{message}");
@@ -539,7 +539,7 @@ pub(super) async fn scan(
             let again = possible
                 && !comparable
                 && !changed
-                && (ctx.org.totals_count_unlisted() || disagreement.is_some());
+                && (ctx.org.totals_count_unlisted.is_known() || disagreement.is_some());
             let unit = ctx.org.query_unit();
             let mid = median_instant(&pass.seen)
                 .map(|m| m.floor_to(unit))
@@ -569,7 +569,7 @@ pub(super) async fn scan(
                 } else {
                     pass.total
                 };
-                let instants_place_records = method == Method::Anchored && !ctx.org.renders_coarse();
+                let instants_place_records = method == Method::Anchored && !ctx.org.renders_coarse.is_known();
                 Some(Disagreement::of(&mut pass, end, total, instants_place_records))
             } else {
                 None
@@ -1168,6 +1168,7 @@ async fn find_removals(
         .into_iter()
         .filter(|id| !seen.contains(id.as_str()))
         .collect();
+    let unlisted_count = unlisted.len() as u64;
     let mut removals = Vec::new();
     let mut still_there = Vec::new();
     // Probes that found the encounter still there inside the window (or proved nothing), while
@@ -1175,15 +1176,18 @@ async fn find_removals(
     // data, is what changed.
     let mut not_gone = 0;
     let mut anything_else = false;
-    for encounter_id in &unlisted {
-        let encounter_id = encounter_id.clone();
+    for encounter_id in unlisted {
         // Rendered instants a server rounds may place a neighbour's records inside a window
         // listed truly empty: only a server that renders them exactly is judged so.
-        if seen.is_empty() && !anything_else && not_gone >= OUTAGE_PROBES && !ctx.org.renders_coarse() {
+        if seen.is_empty()
+            && !anything_else
+            && not_gone >= OUTAGE_PROBES
+            && !ctx.org.renders_coarse.is_known()
+        {
             return Err(CycleError::ListOmits {
                 start: w.start.to_string(),
                 end: w.end.to_string(),
-                unlisted: unlisted.len() as u64,
+                unlisted: unlisted_count,
                 probed: not_gone,
             });
         }
@@ -1227,11 +1231,11 @@ async fn find_removals(
                 // The detail route is closed to this key, but a reconcile's listing is complete:
                 // absence is the evidence — unless the listing was empty where many are stored,
                 // which an outage answers as well as a mass removal.
-                if seen.is_empty() && unlisted.len() as u64 >= OUTAGE_PROBES {
+                if seen.is_empty() && unlisted_count >= OUTAGE_PROBES {
                     return Err(CycleError::ListOmits {
                         start: w.start.to_string(),
                         end: w.end.to_string(),
-                        unlisted: unlisted.len() as u64,
+                        unlisted: unlisted_count,
                         probed: 0,
                     });
                 }
