@@ -88,6 +88,7 @@ pub async fn connect_organizations(
                 privacy: config.privacy,
                 audio: config.audio.clone(),
                 max_in_flight: org.budget.max_in_flight.get(),
+                live: Default::default(),
             })
         })
         .collect()

@@ -695,9 +695,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                         ));
                     }
                     let warehouse = store::open_reader(&config.database)?;
-                    let mut status =
-                        charthero_sync::status::read(warehouse.as_ref(), OffsetDateTime::now_utc(), &names)?;
-                    status.estimate_backfills(warehouse.as_ref(), &config)?;
+                    let now = OffsetDateTime::now_utc();
+                    let mut status = charthero_sync::status::read(warehouse.as_ref(), now, &names)?;
+                    status.estimate(warehouse.as_ref(), &config, now)?;
                     Ok((status, true))
                 })
                 .await

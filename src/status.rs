@@ -78,7 +78,41 @@ pub struct OrganizationStatus {
     pub transcripts: i64,
     pub dead_letters: i64,
     pub backfills_pending: i64,
+    /// Its cycle running now, if any.
+    pub running_cycle: Option<RunningCycle>,
+    /// Its content work waiting in the queue.
+    pub queue: Queue,
+    /// Requests its content queue still needs under the configuration (a detail per document,
+    /// a transcript each, two per recording); filled in by [`Status::estimate`].
+    pub content_requests_pending: i64,
+    /// Encounters created between its watermark and now that are not listed yet, as many as
+    /// the density of its stored history predicts (the rest of a first sync, or what a stopped
+    /// sync has to catch up); filled in by [`Status::estimate`].
+    pub encounters_unlisted_estimate: i64,
+    /// Seconds until both are done at its rate (its `requests_per_second`, at most
+    /// `[limits]`'s), by the model of `charthero-sync plan`; `None` when nothing is left, or the
+    /// organization is not configured.
+    pub eta_seconds: Option<f64>,
 }
+
+/// An organization's cycle that has not finished.
+#[derive(Debug, Serialize)]
+pub struct RunningCycle {
+    pub run_id: i64,
+    pub trigger: String,
+    pub started_at: String,
+    /// When it last wrote its counters (`sync_runs` shows them), every
+    /// [`crate::sync::PROGRESS_EVERY`] while it runs; none in its first seconds.
+    pub progress_at: Option<String>,
+    /// No sign of it for [`STALLED_AFTER`]: its process is gone (killed, crashed, the machine
+    /// restarted), and the organization's next cycle marks it aborted.
+    pub stalled: bool,
+}
+
+/// How long a running cycle may go without writing its progress before `status` calls it
+/// stalled. A cycle writes every [`crate::sync::PROGRESS_EVERY`]; the writer may hold it behind
+/// a merge of a backfill's staged rows for several seconds.
+pub const STALLED_AFTER: time::Duration = time::Duration::minutes(2);
 
 /// Reason codes that mean the organization's key is refused (401, or the key reads another
 /// clinic): the sync of that organization stops until the operator acts.
@@ -159,7 +193,7 @@ pub struct Backfill {
     pub encounters_removed: i64,
     pub error: Option<String>,
     /// Seconds until an unfinished backfill completes at the configured rate, by the model of
-    /// `charthero-sync plan` (see [`Status::estimate_backfills`]); `None` when unknown.
+    /// `charthero-sync plan` (see [`Status::estimate`]); `None` when unknown.
     pub eta_seconds: Option<f64>,
 }
 
@@ -227,8 +261,19 @@ pub fn read(
         o.complete_through = through.map(format_utc);
         o.lag_seconds = through.map(|t| (now - t).whole_seconds());
         watermarks.push(through);
+        if let Some(cycle) = &mut o.running_cycle {
+            let started = parse_rfc3339(&cycle.started_at)
+                .map_err(|e| anyhow::anyhow!("corrupt started_at of run {}: {e}", cycle.run_id))?;
+            let progress = warehouse
+                .state_time(&o.name, crate::store::StateTime::Heartbeat)?
+                .filter(|at| *at >= started);
+            cycle.progress_at = progress.map(format_utc);
+            cycle.started_at = format_utc(started);
+            cycle.stalled = now - progress.unwrap_or(started) > STALLED_AFTER;
+        }
         o.state = organization_state(
             o.last_run.as_ref(),
+            o.running_cycle.as_ref(),
             o.last_error.is_some(),
             o.reason_code.as_deref(),
         )
@@ -253,15 +298,18 @@ pub fn read(
 }
 
 impl Status {
-    /// Fills in the ETA of every unfinished backfill with the request model of
-    /// `charthero-sync plan`: the encounters still to list — those stored in the rest of the
-    /// range, or as many as the density seen so far predicts, whichever is more — times the
-    /// requests each takes (list pages, and the content the configuration fetches in the
-    /// proportions the warehouse holds), at `limits.requests_per_second`.
-    pub fn estimate_backfills(
+    /// Fills in what is left and how long it takes, with the request model of `charthero-sync
+    /// plan` (list pages, and the content the configuration fetches in the proportions the
+    /// warehouse holds) at each organization's rate:
+    /// - for each configured organization, its content queue and the encounters not listed yet
+    ///   between its watermark and now (see [`OrganizationStatus::eta_seconds`]);
+    /// - for every unfinished backfill, the encounters still to list — those stored in the rest
+    ///   of the range, or as many as the density seen so far predicts, whichever is more.
+    pub fn estimate(
         &mut self,
         warehouse: &dyn crate::store::Reader,
         config: &crate::config::Config,
+        now: OffsetDateTime,
     ) -> anyhow::Result<()> {
         let [encounters, notes, finished, other] = warehouse.live_content_counts()?;
         let per = encounters.max(1) as f64;
@@ -270,6 +318,49 @@ impl Status {
             finished_transcripts: finished as f64 / per,
             other_documents: other as f64 / per,
         };
+        let configured = |name: &str| config.organizations.iter().find(|o| o.name == name);
+        let rate = |name: &str| {
+            configured(name).map_or(config.limits.requests_per_second, |o| {
+                o.budget
+                    .requests_per_second
+                    .min(config.limits.requests_per_second)
+            })
+        };
+        for o in &mut self.organizations {
+            let Some(org) = configured(&o.name) else {
+                continue;
+            };
+            let q = &o.queue;
+            let enabled = |on: bool, n: i64| if on { n } else { 0 };
+            o.content_requests_pending = enabled(config.content.details, q.documents_pending)
+                + enabled(config.content.transcripts, q.transcripts_pending)
+                + enabled(config.audio.enabled, 2 * q.recordings_pending);
+            let start = crate::sync::history_start(org.start_at, config.privacy.retention, now);
+            let horizon = now - config.sync.settle_lag;
+            if let Some(through) = o
+                .complete_through
+                .as_deref()
+                .map(parse_rfc3339)
+                .transpose()
+                .ok()
+                .flatten()
+                && start < through
+                && through < horizon
+            {
+                let stored = warehouse.live_count_in_range(
+                    o.organization_id.as_deref(),
+                    crate::timefmt::unix_nanos(start),
+                    crate::timefmt::unix_nanos(through),
+                )?;
+                let density = stored as f64 / (through - start).as_seconds_f64();
+                o.encounters_unlisted_estimate =
+                    (density * (horizon - through).as_seconds_f64()).round() as i64;
+            }
+            let (list, content) =
+                crate::plan::requests_for(o.encounters_unlisted_estimate.max(0) as u64, &mix, config);
+            let requests = (list + content) as f64 + o.content_requests_pending as f64;
+            o.eta_seconds = (requests > 0.0).then(|| requests / rate(&o.name));
+        }
         for b in self.backfills.iter_mut().filter(|b| b.status != "completed") {
             let (Ok(end), Ok(from)) = (
                 parse_rfc3339(&b.range_end),
@@ -290,7 +381,7 @@ impl Status {
             }
             let remaining = predicted.unwrap_or(0.0).max(stored as f64).round() as u64;
             let (list, content) = crate::plan::requests_for(remaining, &mix, config);
-            b.eta_seconds = Some((list + content) as f64 / config.limits.requests_per_second);
+            b.eta_seconds = Some((list + content) as f64 / rate(&b.organization));
         }
         Ok(())
     }
@@ -298,10 +389,20 @@ impl Status {
 
 /// An organization's state from its last finished run and whether that run ended in error:
 /// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run),
-/// `interrupted` (stopped by a signal; the next cycle resumes) or `failing`.
-fn organization_state(last_run: Option<&Run>, failed: bool, reason_code: Option<&str>) -> &'static str {
+/// `interrupted` (stopped by a signal; the next cycle resumes) or `failing`. Before any run
+/// finished, its first cycle is `syncing`, or `interrupted` once it has stalled.
+fn organization_state(
+    last_run: Option<&Run>,
+    running: Option<&RunningCycle>,
+    failed: bool,
+    reason_code: Option<&str>,
+) -> &'static str {
     match (last_run, failed) {
-        (None, _) => "never_synced",
+        (None, _) => match running {
+            Some(cycle) if cycle.stalled => "interrupted",
+            Some(_) => "syncing",
+            None => "never_synced",
+        },
         (Some(_), false) => "ok",
         (Some(_), true) if reason_code.is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) => "stopped",
         (Some(run), true) if run.outcome == "partial" => "incomplete",
@@ -385,6 +486,32 @@ impl Status {
                 o.encounters,
                 o.dead_letters,
             );
+            if let Some(c) = &o.running_cycle {
+                let _ = writeln!(
+                    out,
+                    "  cycle #{} ({}) started {}: {}",
+                    c.run_id,
+                    c.trigger,
+                    c.started_at,
+                    match (&c.progress_at, c.stalled) {
+                        (_, true) => format!(
+                            "no progress since {}: its process is gone; the next cycle marks it aborted",
+                            c.progress_at.as_deref().unwrap_or(&c.started_at)
+                        ),
+                        (Some(at), false) => format!("running; its counters below are as of {at}"),
+                        (None, false) => "running".to_owned(),
+                    }
+                );
+            }
+            if let Some(eta) = o.eta_seconds {
+                let _ = writeln!(
+                    out,
+                    "  left: {} content requests queued, about {} encounters not listed yet: about {} to go",
+                    o.content_requests_pending,
+                    o.encounters_unlisted_estimate,
+                    crate::plan::duration_text(eta)
+                );
+            }
         }
         let r = &self.rows;
         let _ = writeln!(

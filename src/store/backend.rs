@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use super::{
     Audit, AuditTally, Backfill, DetailOutcome, EncounterRecord, PageCounts, PurgeCounts, RecordingRecord,
-    Removal, RunEnd, TranscriptRecord, WindowCompletion, Work, WorkItem,
+    Removal, RunCounts, RunEnd, TranscriptRecord, WindowCompletion, Work, WorkItem,
 };
 use crate::config::PrivacyConfig;
 use crate::status::Status;
@@ -118,6 +118,10 @@ pub enum StateTime {
     /// Until when ChartHero asked for no requests with the organization's key (a `Retry-After`
     /// longer than a request waits): a new process sends nothing before it either.
     PausedUntil,
+    /// When the organization's running cycle last wrote its counters
+    /// ([`Backend::record_progress`], every [`crate::sync::PROGRESS_EVERY`]): `status` tells a
+    /// cycle at work from one whose process is gone.
+    Heartbeat,
 }
 
 impl StateTime {
@@ -126,6 +130,7 @@ impl StateTime {
         match self {
             StateTime::DeepRevisitAt => "deep_revisit_at",
             StateTime::PausedUntil => "paused_until",
+            StateTime::Heartbeat => "cycle_heartbeat_at",
         }
     }
 }
@@ -221,6 +226,15 @@ pub trait Backend: Reader {
     fn abort_stale_runs(&self, organization: &str, now: OffsetDateTime) -> anyhow::Result<usize>;
     fn start_run(&self, organization: &str, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64>;
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()>;
+    /// Writes the counters of a run still going, and `now` as its organization's
+    /// [`StateTime::Heartbeat`].
+    fn record_progress(
+        &self,
+        organization: &str,
+        run_id: i64,
+        counts: &RunCounts,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()>;
 
     // The history audit.
 

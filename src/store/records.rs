@@ -134,6 +134,27 @@ pub struct RunCounts {
 }
 
 impl RunCounts {
+    /// Every counter with the `sync_runs` column it is written to, in declaration order.
+    pub fn columns(&self) -> [(&'static str, i64); 14] {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        [
+            ("list_requests", n(self.list_requests)),
+            ("detail_requests", n(self.detail_requests)),
+            ("windows", n(self.windows)),
+            ("encounters_new", n(self.encounters_new)),
+            ("encounters_changed", n(self.encounters_changed)),
+            ("encounters_unchanged", n(self.encounters_unchanged)),
+            ("encounters_removed", n(self.encounters_removed)),
+            ("rescans", n(self.rescans)),
+            ("splits", n(self.splits)),
+            ("documents_fetched", n(self.documents_fetched)),
+            ("transcripts_fetched", n(self.transcripts_fetched)),
+            ("recordings_fetched", n(self.recordings_fetched)),
+            ("retries", n(self.retries)),
+            ("dead_letters", n(self.dead_letters)),
+        ]
+    }
+
     /// Adds counters gathered by a concurrent part of the same cycle.
     pub fn merge(&mut self, o: &RunCounts) {
         self.list_requests += o.list_requests;

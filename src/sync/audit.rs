@@ -62,7 +62,7 @@ pub(super) async fn run(
         tracing::info!("no completed history to audit yet");
         return Ok(Finished::Yes);
     };
-    let start = history_start(ctx, now);
+    let start = history_start(ctx.sync.start_at, ctx.privacy.retention, now);
     if start >= watermark {
         return Ok(Finished::Yes);
     }
@@ -165,6 +165,7 @@ impl Auditor<'_> {
                 ..AuditTally::default()
             };
             self.check(cursor, end, &mut tally, counts, cancel).await?;
+            self.ctx.live.paging(counts);
             let audit_id = self.audit_id;
             self.ctx
                 .writer

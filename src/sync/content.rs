@@ -206,6 +206,7 @@ pub(super) async fn drain(
             Done::DeadLetter => counts.dead_letters += 1,
             Done::Other => {}
         }
+        ctx.live.content(counts);
     }
 }
 

@@ -135,6 +135,8 @@ pub struct SyncContext {
     pub privacy: PrivacyConfig,
     /// `limits.max_in_flight`: how many requests may be awaiting answers at once.
     pub max_in_flight: usize,
+    /// The running cycle's counters, for [`report_progress`].
+    pub live: LiveCounts,
 }
 
 /// What one cycle does.
@@ -188,6 +190,85 @@ async fn within_grace(
             stop.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => Err(CycleError::Cancelled),
+    }
+}
+
+/// While a cycle runs, how often it writes its counters so far to its `sync_runs` row and its
+/// organization's heartbeat ([`StateTime::Heartbeat`]): what `status` shows of a cycle at work.
+/// A cycle shorter than this writes neither.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// How often a long cycle logs its counters so far (at info level: IDs and counts only).
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The counters of the running cycle as its two halves last reported them (each half owns its
+/// counters and hands over a copy at its own unit boundaries: a window, an audit range, a content
+/// item), for the progress ticker.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    paging: Mutex<RunCounts>,
+    content: Mutex<RunCounts>,
+}
+
+impl LiveCounts {
+    fn put(slot: &Mutex<RunCounts>, counts: &RunCounts) {
+        *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = *counts;
+    }
+
+    /// The paging half's counters so far.
+    fn paging(&self, counts: &RunCounts) {
+        Self::put(&self.paging, counts);
+    }
+
+    /// The content half's counters so far.
+    fn content(&self, counts: &RunCounts) {
+        Self::put(&self.content, counts);
+    }
+
+    fn total(&self) -> RunCounts {
+        let lock = |m: &Mutex<RunCounts>| *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut total = lock(&self.paging);
+        total.merge(&lock(&self.content));
+        total
+    }
+}
+
+/// Until `done`: every [`PROGRESS_EVERY`], the cycle's counters so far and the heartbeat go to
+/// the warehouse, and every [`PROGRESS_LOG_EVERY`] to the log. A write that fails is only
+/// logged: the cycle's own writes meet the same warehouse and fail it.
+async fn report_progress(ctx: &SyncContext, run_id: i64, started: Instant, done: &CancellationToken) {
+    let mut logged = started;
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(PROGRESS_EVERY) => {}
+        }
+        let mut counts = ctx.live.total();
+        counts.retries = ctx.client.retries_used();
+        let org = ctx.org.name.clone();
+        let written = ctx
+            .writer
+            .call(move |c| c.record_progress(&org, run_id, &counts, OffsetDateTime::now_utc()))
+            .await;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot record the cycle's progress");
+        }
+        if logged.elapsed() >= PROGRESS_LOG_EVERY {
+            logged = Instant::now();
+            tracing::info!(
+                list_requests = counts.list_requests,
+                new = counts.encounters_new,
+                changed = counts.encounters_changed,
+                removed = counts.encounters_removed,
+                documents = counts.documents_fetched,
+                transcripts = counts.transcripts_fetched,
+                recordings = counts.recordings_fetched,
+                retries = counts.retries,
+                dead_letters = counts.dead_letters,
+                elapsed_s = started.elapsed().as_secs(),
+                "cycle in progress"
+            );
+        }
     }
 }
 
@@ -521,6 +602,8 @@ async fn execute(
     let mut counts = RunCounts::default();
     let mut content_counts = RunCounts::default();
     let deadline = plan.budget.map(|b| Instant::now() + b);
+    ctx.live.paging(&counts);
+    ctx.live.content(&content_counts);
     let mut identified = load_organization(ctx).await;
     if let (Ok(()), true, Some(org_id)) = (&identified, plan.refresh_content, ctx.org.id()) {
         let (start_ns, end_ns) = plan.backfill.map_or((i64::MIN, i64::MAX), |r| {
@@ -578,7 +661,13 @@ async fn execute(
     };
     // Each half is abandoned on its own, so the error of a half that failed (and asked the
     // other to stop) is kept even when the other cannot stop in time.
-    let (paged, fetched) = tokio::join!(within_grace(paging, &stop), within_grace(content, &stop));
+    let halves_done = CancellationToken::new();
+    let halves = async {
+        let both = tokio::join!(within_grace(paging, &stop), within_grace(content, &stop));
+        halves_done.cancel();
+        both
+    };
+    let ((paged, fetched), ()) = tokio::join!(halves, report_progress(ctx, run_id, started, &halves_done));
     counts.merge(&content_counts);
     counts.retries = ctx.client.retries_used();
     // The first real error wins over the cancellation it caused in the other half.
@@ -739,7 +828,7 @@ async fn sync_recent(
     let s = &ctx.sync;
     let now = OffsetDateTime::now_utc();
     let horizon = now - s.settle_lag;
-    let start_at = history_start(ctx, now);
+    let start_at = history_start(ctx.sync.start_at, ctx.privacy.retention, now);
     let deep_due = !s.revisit_deep.is_zero() && deep_at.is_none_or(|t| t + s.revisit_deep_every <= now);
     let from = match watermark {
         None => start_at,
@@ -777,12 +866,14 @@ async fn sync_recent(
     Ok(())
 }
 
-/// The earliest `created_at` replicated: `sync.start_at`, or the retention horizon when that
-/// is later (what is older than it is never synced, and gets purged).
-fn history_start(ctx: &SyncContext, now: OffsetDateTime) -> OffsetDateTime {
-    ctx.privacy
-        .retention
-        .map_or(ctx.sync.start_at, |r| ctx.sync.start_at.max(now - r))
+/// The earliest `created_at` replicated: the organization's `start_at`, or the retention
+/// horizon when that is later (what is older than it is never synced, and gets purged).
+pub fn history_start(
+    start_at: OffsetDateTime,
+    retention: Option<Duration>,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    retention.map_or(start_at, |r| start_at.max(now - r))
 }
 
 /// Re-scans an explicit range completely, resuming an interrupted backfill of the same range.
@@ -929,6 +1020,7 @@ async fn scan_range(
             window::scan(ctx, w, counts, cancel).instrument(span).await?;
         target = target.after(changed);
         tracing::debug!(start = %cursor, end = %end, "window complete");
+        ctx.live.paging(counts);
         cursor = end;
         if let Some(p) = &progress {
             let listed = counts.encounters_new + counts.encounters_changed + counts.encounters_unchanged;

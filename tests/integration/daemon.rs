@@ -481,3 +481,121 @@ async fn the_daemon_audits_history_between_live_cycles_and_finds_changes_weeks_b
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(json["audit"]["audit_id"].as_i64().is_some(), "{json}");
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_first_sync_shows_in_status_while_it_runs_and_as_interrupted_once_its_process_is_gone
+);
+/// An operator watching a clinic's first sync: `status` says `syncing`, the running cycle's
+/// counters grow, and what is left (the content queue here) comes with an ETA at the configured
+/// rate. Killed with SIGKILL (no chance to record anything), the cycle still reads as running
+/// until it has been silent for `STALLED_AFTER`, then as `interrupted`; the next `sync` marks it
+/// aborted and completes the warehouse.
+async fn a_first_sync_shows_in_status_while_it_runs_and_as_interrupted_once_its_process_is_gone(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 57, 200).await;
+    env.write_key_file(&env.sim.api_key());
+    let path = env.write_config_file("");
+    let fast = std::fs::read_to_string(&path).unwrap();
+    // About 500 content requests: some 8 s at 60 requests a second.
+    let slow = fast.replace("requests_per_second = 2000.0", "requests_per_second = 60.0");
+    std::fs::write(&path, &slow).unwrap();
+    let config = charthero_sync::config::Config::parse(&slow, &path).unwrap();
+    let status_json = || async {
+        let mut status = bin(&path);
+        status.args(["status", "--json"]);
+        let out = run(status).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut sync = bin(&path);
+    sync.arg("sync");
+    let mut child = spawn(sync);
+
+    let started = Instant::now();
+    let json = loop {
+        let json = status_json().await;
+        let o = &json["organizations"][0];
+        if o["running_cycle"]["progress_at"].is_string()
+            && json["runs"][0]["documents_fetched"].as_i64() > Some(0)
+        {
+            break json;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "status never showed the first cycle's progress: {json:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let o = &json["organizations"][0];
+    assert_eq!(o["state"], "syncing", "{o:#}");
+    assert_eq!(o["last_run"], serde_json::Value::Null, "{o:#}");
+    assert_eq!(o["running_cycle"]["stalled"], false, "{o:#}");
+    assert_eq!(json["runs"][0]["outcome"], "running");
+    assert_eq!(json["runs"][0]["encounters_new"], 200, "{:#}", json["runs"][0]);
+    let pending = o["content_requests_pending"].as_i64().unwrap();
+    assert_eq!(
+        pending,
+        o["queue"]["documents_pending"].as_i64().unwrap()
+            + o["queue"]["transcripts_pending"].as_i64().unwrap(),
+        "{o:#}"
+    );
+    assert!(pending > 100, "the content had barely started: {o:#}");
+    // Listing is done (the live range ends at the first cycle's start); the rest is the queue.
+    assert_eq!(o["encounters_unlisted_estimate"], 0, "{o:#}");
+    let eta = o["eta_seconds"].as_f64().unwrap();
+    assert!(
+        (eta - pending as f64 / 60.0).abs() < 1e-6,
+        "ETA {eta} s for {pending} requests"
+    );
+
+    signal(&child, "-KILL");
+    wait_exit("the killed sync", &mut child, Duration::from_secs(10)).await;
+    let json = status_json().await;
+    let o = &json["organizations"][0];
+    assert_eq!(
+        (&o["state"], &o["running_cycle"]["stalled"]),
+        (&serde_json::json!("syncing"), &serde_json::json!(false)),
+        "a cycle silent for seconds cannot be told from one at work: {o:#}"
+    );
+    let later =
+        OffsetDateTime::now_utc() + charthero_sync::status::STALLED_AFTER + time::Duration::seconds(1);
+    let (state, stalled, report) = crate::support::off_runtime(|| {
+        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
+        let mut status =
+            charthero_sync::status::read(warehouse.as_ref(), later, &["default".to_owned()]).unwrap();
+        status.estimate(warehouse.as_ref(), &config, later).unwrap();
+        let o = &status.organizations[0];
+        (
+            o.state.clone(),
+            o.running_cycle.as_ref().map(|c| c.stalled),
+            status.render(),
+        )
+    });
+    assert_eq!((state.as_str(), stalled), ("interrupted", Some(true)), "{report}");
+    assert!(report.contains("no progress since"), "{report}");
+
+    std::fs::write(&path, &fast).unwrap();
+    let mut again = bin(&path);
+    again.arg("sync");
+    let out = run(again).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let json = status_json().await;
+    let o = &json["organizations"][0];
+    assert_eq!(o["state"], "ok", "{o:#}");
+    assert_eq!(o["running_cycle"], serde_json::Value::Null, "{o:#}");
+    assert_eq!(o["eta_seconds"], serde_json::Value::Null, "{o:#}");
+    let outcomes: Vec<&str> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["succeeded", "aborted"]);
+    compare(&env.sim, &env.warehouse).assert_empty();
+    assert_eq!(
+        crate::support::compare_content(&env.sim, &env.warehouse),
+        Vec::<String>::new()
+    );
+}

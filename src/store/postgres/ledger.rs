@@ -6,7 +6,7 @@
 use postgres::GenericClient;
 use time::OffsetDateTime;
 
-use crate::store::{Backfill, RunEnd, StateTime, WindowCompletion};
+use crate::store::{Backfill, RunCounts, RunEnd, StateTime, WindowCompletion};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 const COMPLETE_THROUGH: &str = "complete_through";
@@ -321,41 +321,42 @@ pub fn start_run(
     Ok(row.try_get(0)?)
 }
 
+/// Writes a run's counters, while it runs ([`crate::store::Backend::record_progress`]) and
+/// when it ends.
+pub fn write_counts(db: &mut impl GenericClient, run_id: i64, counts: &RunCounts) -> anyhow::Result<()> {
+    let columns = counts.columns();
+    let set = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| format!("{name} = ${}", i + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&run_id];
+    params.extend(
+        columns
+            .iter()
+            .map(|(_, v)| v as &(dyn postgres::types::ToSql + Sync)),
+    );
+    db.execute(&format!("UPDATE sync_runs SET {set} WHERE run_id = $1"), &params)?;
+    Ok(())
+}
+
 pub fn finish_run(
     db: &mut impl GenericClient,
     run_id: i64,
     end: &RunEnd,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let counts = &end.counts;
-    let outcome = end.outcome.as_str();
+    write_counts(db, run_id, &end.counts)?;
     db.execute(
-        "UPDATE sync_runs SET finished_at = $2, outcome = $3, list_requests = $4, detail_requests = $5,
-             windows = $6, encounters_new = $7, encounters_changed = $8, encounters_unchanged = $9,
-             encounters_removed = $10, rescans = $11, splits = $12, error = $13, reason_code = $14,
-             documents_fetched = $15, transcripts_fetched = $16, recordings_fetched = $17, retries = $18,
-             dead_letters = $19, disabled_routes = $20
+        "UPDATE sync_runs SET finished_at = $2, outcome = $3, error = $4, reason_code = $5, disabled_routes = $6
          WHERE run_id = $1",
         &[
             &run_id,
             &now,
-            &outcome,
-            &(counts.list_requests as i64),
-            &(counts.detail_requests as i64),
-            &(counts.windows as i64),
-            &(counts.encounters_new as i64),
-            &(counts.encounters_changed as i64),
-            &(counts.encounters_unchanged as i64),
-            &(counts.encounters_removed as i64),
-            &(counts.rescans as i64),
-            &(counts.splits as i64),
+            &end.outcome.as_str(),
             &end.error,
             &end.reason_code,
-            &(counts.documents_fetched as i64),
-            &(counts.transcripts_fetched as i64),
-            &(counts.recordings_fetched as i64),
-            &(counts.retries as i64),
-            &(counts.dead_letters as i64),
             &end.disabled_routes,
         ],
     )?;

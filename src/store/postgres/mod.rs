@@ -33,8 +33,8 @@ use time::OffsetDateTime;
 
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
-    Reader, RecordingRecord, Removal, RunEnd, StateTime, TableCounts, TranscriptRecord, WindowCompletion,
-    Work, WorkItem, WriteTx,
+    Reader, RecordingRecord, Removal, RunCounts, RunEnd, StateTime, TableCounts, TranscriptRecord,
+    WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::{PostgresConfig, PrivacyConfig};
 use crate::status::Status;
@@ -430,6 +430,19 @@ impl Backend for PgBackend {
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
         ledger::finish_run(&mut *self.db()?, run_id, end, now)
+    }
+    fn record_progress(
+        &self,
+        organization: &str,
+        run_id: i64,
+        counts: &RunCounts,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        let mut db = self.db()?;
+        let mut tx = db.transaction()?;
+        ledger::write_counts(&mut tx, run_id, counts)?;
+        ledger::set_state_time(&mut tx, organization, StateTime::Heartbeat, now)?;
+        Ok(tx.commit()?)
     }
 
     fn open_audit(

@@ -8,7 +8,8 @@ use postgres::{GenericClient, Row};
 use time::OffsetDateTime;
 
 use crate::status::{
-    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
+    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, RunningCycle,
+    Status,
 };
 use crate::timefmt::format_stored;
 
@@ -80,9 +81,30 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
                 (SELECT count(*) FROM documents WHERE organization_id = $1 AND removed_at IS NULL),
                 (SELECT count(*) FROM transcripts WHERE organization_id = $1),
                 (SELECT count(*) FROM dead_letters WHERE organization = $2),
-                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running'))",
+                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running')),
+                (SELECT count(*) FROM documents WHERE detail_state = 'pending' AND organization_id = $1),
+                (SELECT count(*) FROM documents WHERE transcript_state = 'pending' AND organization_id = $1),
+                (SELECT count(*) FROM documents WHERE transcript_state = 'not_ready' AND organization_id = $1),
+                (SELECT count(*) FROM documents WHERE audio_state = 'pending' AND organization_id = $1)",
         &[&organization_id, &name],
     )?;
+    let running_cycle = db
+        .query_opt(
+            "SELECT run_id, trigger, started_at FROM sync_runs WHERE organization = $1 AND outcome = 'running'
+             ORDER BY run_id DESC LIMIT 1",
+            &[&name],
+        )?
+        .map(|r| {
+            Ok::<_, postgres::Error>(RunningCycle {
+                run_id: r.try_get(0)?,
+                trigger: r.try_get(1)?,
+                started_at: format_stored(r.try_get(2)?),
+                // Decided with the heartbeat by `status::read`.
+                progress_at: None,
+                stalled: false,
+            })
+        })
+        .transpose()?;
     Ok(OrganizationStatus {
         name: name.to_owned(),
         // Rendered, with its lag, by `status::read`.
@@ -102,6 +124,17 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
         transcripts: counts.try_get(3)?,
         dead_letters: counts.try_get(4)?,
         backfills_pending: counts.try_get(5)?,
+        running_cycle,
+        queue: Queue {
+            documents_pending: counts.try_get(6)?,
+            transcripts_pending: counts.try_get(7)?,
+            transcripts_not_ready: counts.try_get(8)?,
+            recordings_pending: counts.try_get(9)?,
+        },
+        // Filled in by `Status::estimate`, which knows the configuration.
+        content_requests_pending: 0,
+        encounters_unlisted_estimate: 0,
+        eta_seconds: None,
         organization_id,
     })
 }
@@ -500,7 +533,7 @@ pub(super) mod tests {
     ) -> (serde_json::Value, serde_json::Value) {
         let config = Config::parse("", Path::new("test.toml")).unwrap();
         let mut status = crate::status::read(reader, now, configured).unwrap();
-        status.estimate_backfills(reader, &config).unwrap();
+        status.estimate(reader, &config, now).unwrap();
         let mut json = serde_json::to_value(&status).unwrap();
         let database = json
             .as_object_mut()
@@ -732,7 +765,8 @@ pub(super) mod tests {
             .iter()
             .map(|o| o["state"].as_str().unwrap())
             .collect();
-        assert_eq!(states, ["incomplete", "stopped", "failing", "never_synced"]);
+        // "beta"'s only run started 47 minutes before `now` and never wrote its progress.
+        assert_eq!(states, ["incomplete", "stopped", "failing", "interrupted"]);
         assert_eq!(status["backfills"].as_array().unwrap().len(), 8);
         assert_eq!(status["audit"]["error"], "the list route timed out");
         assert_eq!(

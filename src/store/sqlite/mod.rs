@@ -34,14 +34,14 @@ pub use content::{
 pub use ledger::{
     abort_stale_runs, claim_organization_id, complete_through, finish_backfill, finish_run,
     known_organization_id, live_ids_in_range, next_backfill, open_backfill, queue_backfill, recorded_clinics,
-    set_state_time, start_run, state_time,
+    set_state_time, start_run, state_time, write_counts,
 };
 pub use privacy::{apply_privacy, last_retention_purge, purge, purged_ranges};
 pub use upsert::commit_page;
 
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
-    Reader, RecordingRecord, Removal, RunEnd, RunOutcome, StateTime, StoreError, TableCounts,
+    Reader, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, StateTime, StoreError, TableCounts,
     TranscriptRecord, WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::PrivacyConfig;
@@ -557,6 +557,18 @@ impl Backend for Connection {
     }
     fn start_run(&self, organization: &str, trigger: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
         start_run(self, organization, trigger, now)
+    }
+    fn record_progress(
+        &self,
+        organization: &str,
+        run_id: i64,
+        counts: &RunCounts,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        let tx = self.unchecked_transaction()?;
+        write_counts(&tx, run_id, counts)?;
+        set_state_time(&tx, organization, StateTime::Heartbeat, now)?;
+        Ok(tx.commit()?)
     }
     fn finish_run(&self, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
         // Every cycle leaves the rows it read visible to analysts. If the merge cannot run (a

@@ -6,7 +6,8 @@ use rusqlite::{Connection, OptionalExtension};
 use time::OffsetDateTime;
 
 use crate::status::{
-    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, Status,
+    Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, RunningCycle,
+    Status,
 };
 use crate::timefmt::format_stored;
 
@@ -102,6 +103,23 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
         conn.query_row(sql, [organization_id.as_deref()], |r| r.get(0))
     };
     let per_name = |sql: &str| -> rusqlite::Result<i64> { conn.query_row(sql, [name], |r| r.get(0)) };
+    let running_cycle = conn
+        .query_row(
+            "SELECT run_id, trigger, started_at FROM sync_runs WHERE organization = ?1 AND outcome = 'running'
+             ORDER BY run_id DESC LIMIT 1",
+            [name],
+            |r| {
+                Ok(RunningCycle {
+                    run_id: r.get(0)?,
+                    trigger: r.get(1)?,
+                    started_at: r.get(2)?,
+                    // Decided with the heartbeat by `status::read`.
+                    progress_at: None,
+                    stalled: false,
+                })
+            },
+        )
+        .optional()?;
     Ok(OrganizationStatus {
         name: name.to_owned(),
         // Rendered, with its lag, by `status::read`.
@@ -129,6 +147,25 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
         backfills_pending: per_name(
             "SELECT count(*) FROM backfills WHERE organization = ?1 AND status IN ('queued', 'running')",
         )?,
+        running_cycle,
+        queue: Queue {
+            documents_pending: per_org(
+                "SELECT count(*) FROM documents WHERE detail_state = 'pending' AND organization_id = ?1",
+            )?,
+            transcripts_pending: per_org(
+                "SELECT count(*) FROM documents WHERE transcript_state = 'pending' AND organization_id = ?1",
+            )?,
+            transcripts_not_ready: per_org(
+                "SELECT count(*) FROM documents WHERE transcript_state = 'not_ready' AND organization_id = ?1",
+            )?,
+            recordings_pending: per_org(
+                "SELECT count(*) FROM documents WHERE audio_state = 'pending' AND organization_id = ?1",
+            )?,
+        },
+        // Filled in by `Status::estimate`, which knows the configuration.
+        content_requests_pending: 0,
+        encounters_unlisted_estimate: 0,
+        eta_seconds: None,
         organization_id,
     })
 }
