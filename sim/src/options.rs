@@ -103,6 +103,11 @@ pub struct SimOptions {
     /// each transcript turn's `start` and `end`. Default `false`: JSON numbers, as the contract
     /// shows them.
     pub decimals_as_strings: bool,
+    /// Render every response as a server built on unordered maps, or on an unordered join,
+    /// would: each object's keys and each encounter's `documents` in an order that changes
+    /// from one response to the next, and a space after `:` and `,` in every other response.
+    /// The values are the same. Default `false`: one fixed order, no whitespace.
+    pub unordered_rendering: bool,
 }
 
 /// How the API renders an encounter's `date_of_service`. The contract's example is an RFC 3339
@@ -248,6 +253,7 @@ impl Default for SimOptions {
             micro_data: false,
             service_dates: ServiceDates::Timestamps,
             decimals_as_strings: false,
+            unordered_rendering: false,
         }
     }
 }

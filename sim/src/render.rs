@@ -5,7 +5,8 @@
 //! itself comes from `timestamp`.
 //!
 //! Rendering borrows records through small view types and serializes straight into a `Vec<u8>`;
-//! nothing is converted to `serde_json::Value` first. This module decides no status codes and
+//! nothing is converted to `serde_json::Value` first, except to render a body again in another
+//! key order (`SimOptions::unordered_rendering`). This module decides no status codes and
 //! holds no locks: callers pass a `&Store` they already hold.
 
 use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
@@ -34,6 +35,9 @@ pub(crate) struct RenderOpts {
     pub(crate) service_dates: ServiceDates,
     /// Decimals as JSON strings (`SimOptions::decimals_as_strings`).
     pub(crate) decimals_as_strings: bool,
+    /// `SimOptions::unordered_rendering`: this response's salt, which orders its keys and
+    /// documents and picks its whitespace.
+    pub(crate) unordered: Option<u64>,
 }
 
 impl RenderOpts {
@@ -123,10 +127,73 @@ impl Serialize for ServiceDate {
     }
 }
 
-fn to_vec(value: &impl Serialize) -> Vec<u8> {
+fn to_vec(value: &impl Serialize, opts: RenderOpts) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     serde_json::to_writer(&mut out, value).expect("serializing to memory cannot fail");
+    unordered(out, opts)
+}
+
+/// `body` as a server built on unordered maps sends it, when `opts` asks for that
+/// (`SimOptions::unordered_rendering`): every object's keys, and the elements of every
+/// `documents` array, in an order the response's salt picks, and on every other salt a space
+/// after each `:` and `,`. The same values either way.
+fn unordered(body: Vec<u8>, opts: RenderOpts) -> Vec<u8> {
+    let Some(salt) = opts.unordered else {
+        return body;
+    };
+    let value: serde_json::Value = serde_json::from_slice(&body).expect("the simulator renders valid JSON");
+    let mut out = Vec::with_capacity(body.len() + body.len() / 8);
+    write_unordered(&value, salt, false, &mut out);
     out
+}
+
+fn write_unordered(value: &serde_json::Value, salt: u64, shuffle_items: bool, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    let (colon, comma): (&[u8], &[u8]) = if salt % 2 == 1 {
+        (b": ", b", ")
+    } else {
+        (b":", b",")
+    };
+    let order = |n: usize, key: &dyn Fn(usize) -> u64| {
+        let mut at: Vec<usize> = (0..n).collect();
+        at.sort_by_key(|&i| mix64(salt ^ key(i)));
+        at
+    };
+    match value {
+        Value::Object(map) => {
+            let entries: Vec<(&String, &Value)> = map.iter().collect();
+            out.push(b'{');
+            for (n, i) in order(entries.len(), &|i| crate::id::fnv64(entries[i].0.as_bytes()))
+                .into_iter()
+                .enumerate()
+            {
+                if n > 0 {
+                    out.extend_from_slice(comma);
+                }
+                let (key, item) = entries[i];
+                serde_json::to_writer(&mut *out, key).expect("serializing to memory cannot fail");
+                out.extend_from_slice(colon);
+                write_unordered(item, salt, key == "documents", out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            let at = if shuffle_items {
+                order(items.len(), &|i| i as u64)
+            } else {
+                (0..items.len()).collect()
+            };
+            out.push(b'[');
+            for (n, i) in at.into_iter().enumerate() {
+                if n > 0 {
+                    out.extend_from_slice(comma);
+                }
+                write_unordered(&items[i], salt, false, out);
+            }
+            out.push(b']');
+        }
+        other => serde_json::to_writer(&mut *out, other).expect("serializing to memory cannot fail"),
+    }
 }
 
 struct EncounterView<'a> {
@@ -281,7 +348,7 @@ pub(crate) fn list_body(
         total,
     };
     serde_json::to_writer(&mut out, &envelope).expect("serializing to memory cannot fail");
-    out
+    unordered(out, opts)
 }
 
 /// `{"encounter": {...}}`.
@@ -297,11 +364,14 @@ pub(crate) fn encounter_body(store: &Store, slot: Slot, opts: RenderOpts) -> Vec
             obj.end()
         }
     }
-    to_vec(&Wrapper(EncounterView {
-        store,
-        rec: store.rec(slot),
+    to_vec(
+        &Wrapper(EncounterView {
+            store,
+            rec: store.rec(slot),
+            opts,
+        }),
         opts,
-    }))
+    )
 }
 
 /// What document detail needs, copied out of the store so rendering (and deriving note text)
@@ -349,7 +419,7 @@ pub(crate) fn note_body(detail: &DocDetail, text: &str, opts: RenderOpts) -> Vec
             obj.end()
         }
     }
-    to_vec(&DocumentWrapper(Note(detail, text, opts), opts))
+    to_vec(&DocumentWrapper(Note(detail, text, opts), opts), opts)
 }
 
 /// Document detail of an ambient transcript: the closed metadata object, keys in the order the
@@ -377,7 +447,7 @@ pub(crate) fn ambient_body(detail: &DocDetail, opts: RenderOpts) -> Vec<u8> {
             obj.end()
         }
     }
-    to_vec(&DocumentWrapper(Ambient(detail, opts), opts))
+    to_vec(&DocumentWrapper(Ambient(detail, opts), opts), opts)
 }
 
 struct DocumentWrapper<T>(T, RenderOpts);
@@ -453,7 +523,7 @@ pub(crate) fn transcript_body(
     let envelope = Envelope(encounter_id, document_id, transcript, opts);
     let mut out = Vec::with_capacity(64 + transcript.turns.len() * 160);
     serde_json::to_writer(&mut out, &envelope).expect("serializing to memory cannot fail");
-    out
+    unordered(out, opts)
 }
 
 /// `{"audio_url": "...", "expires_at": "..."}`.
@@ -470,7 +540,7 @@ pub(crate) fn audio_body(audio_url: &str, expires_at: i64, opts: RenderOpts) -> 
             obj.end()
         }
     }
-    to_vec(&Audio(audio_url, expires_at, opts))
+    to_vec(&Audio(audio_url, expires_at, opts), opts)
 }
 
 /// `{"error": ..., "reason_code": ..., "message": ..., "field": ...}` with explicit nulls.
@@ -495,13 +565,10 @@ pub(crate) fn error_body(
             obj.end()
         }
     }
-    to_vec(&ErrorView(
-        category,
-        reason_code,
-        message,
-        field,
-        opts.extra_fields,
-    ))
+    to_vec(
+        &ErrorView(category, reason_code, message, field, opts.extra_fields),
+        opts,
+    )
 }
 
 #[cfg(test)]

@@ -158,6 +158,8 @@ impl Simulator {
                 null_empty_documents: opts.null_empty_documents,
                 service_dates: opts.service_dates,
                 decimals_as_strings: opts.decimals_as_strings,
+                unordered_rendering: opts.unordered_rendering,
+                responses_rendered: AtomicU64::new(0),
                 shutdown,
                 host,
             }),
@@ -333,6 +335,12 @@ impl Simulator {
                 instant(Rendering::apply(rounding, unit, nanos(t))).to_offset(t.offset())
             }
         }
+    }
+
+    /// Whether responses come with keys and documents in changing orders
+    /// ([`SimOptions::unordered_rendering`]): a document's position then says nothing.
+    pub fn renders_unordered(&self) -> bool {
+        self.inner.unordered_rendering
     }
 
     /// The JSON value the API currently sends as an encounter's `date_of_service` (see

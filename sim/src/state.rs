@@ -60,6 +60,9 @@ pub(crate) struct Inner {
     pub(crate) null_empty_documents: bool,
     pub(crate) service_dates: ServiceDates,
     pub(crate) decimals_as_strings: bool,
+    /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
+    pub(crate) unordered_rendering: bool,
+    pub(crate) responses_rendered: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.
@@ -125,6 +128,9 @@ impl Inner {
             null_empty_documents: self.null_empty_documents,
             service_dates: self.service_dates,
             decimals_as_strings: self.decimals_as_strings,
+            unordered: self
+                .unordered_rendering
+                .then(|| self.seed ^ self.responses_rendered.fetch_add(1, Ordering::Relaxed)),
         }
     }
 }

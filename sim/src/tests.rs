@@ -564,6 +564,59 @@ async fn rendering_switches_keep_instants_and_add_unknown_fields() {
 }
 
 #[tokio::test]
+async fn unordered_rendering_sends_the_same_values_in_other_bytes_each_time() {
+    let sim = Simulator::start(SimOptions {
+        unordered_rendering: true,
+        extra_fields: true,
+        ..options(30)
+    })
+    .await
+    .unwrap();
+    let path = "/external/v1/encounters?sort_order=asc&limit=100";
+    let (a, b) = (get(&sim, path).await, get(&sim, path).await);
+    assert_ne!(a.body, b.body);
+    // The same values once each encounter's documents are put in one order.
+    let canonical = |reply: &Reply| {
+        let mut page = reply.json();
+        for item in page["items"].as_array_mut().unwrap() {
+            item["documents"]
+                .as_array_mut()
+                .unwrap()
+                .sort_by_key(|d| d["document_id"].as_str().unwrap().to_owned());
+        }
+        page
+    };
+    assert_eq!(canonical(&a), canonical(&b));
+    // Documents move (arrays keep their order when parsed)...
+    let documents = |reply: &Reply| -> Vec<Vec<String>> {
+        reply.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let docs = item["documents"].as_array().unwrap();
+                docs.iter()
+                    .map(|d| d["document_id"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_ne!(documents(&a), documents(&b));
+    // ... and so do keys: the envelope does not always open with the same one.
+    let mut first_keys = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let body = get(&sim, path).await.body;
+        let text = String::from_utf8(body).unwrap();
+        first_keys.insert(text.split('"').nth(1).unwrap().to_owned());
+    }
+    assert!(first_keys.len() > 1, "{first_keys:?}");
+    let detail = format!("/external/v1/encounters/{}", sim.snapshot()[3].encounter_id);
+    let (x, y) = (get(&sim, &detail).await, get(&sim, &detail).await);
+    assert_ne!(x.body, y.body);
+    sim.shutdown();
+}
+
+#[tokio::test]
 async fn the_same_seed_serves_the_same_bytes() {
     let (a, b) = (
         Simulator::start(options(50)).await.unwrap(),

@@ -314,6 +314,37 @@ fn split_routes(stored: Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What change detection compares for an encounter (`encounters.content_hash`): SHA-256, in hex,
+/// of its JSON in the canonical form of [`same_content`], so that a server rendering the same
+/// record differently (keys in another order, other whitespace or escapes, documents in another
+/// order) is not taken for a change, which would fetch its notes and transcripts again.
+pub fn content_hash(json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex(&Sha256::digest(canonical_json(json).as_bytes()))
+}
+
+/// Whether two renderings of an encounter say the same: equal once each is in canonical form —
+/// parsed and written again with object keys sorted, no whitespace and numbers and strings as
+/// serde_json writes them, the `documents` ordered by `document_id` (its order is still kept,
+/// in `documents.position`, whenever the record is written). Text that is not JSON is compared
+/// as it is.
+pub fn same_content(a: &str, b: &str) -> bool {
+    a == b || canonical_json(a) == canonical_json(b)
+}
+
+fn canonical_json(json: &str) -> std::borrow::Cow<'_, str> {
+    use serde_json::Value;
+    let Ok(mut value) = serde_json::from_str::<Value>(json) else {
+        return std::borrow::Cow::Borrowed(json);
+    };
+    if let Some(documents) = value.get_mut("documents").and_then(Value::as_array_mut) {
+        let id = |d: &Value| d.get("document_id").and_then(Value::as_str).map(str::to_owned);
+        documents.sort_by_cached_key(id);
+    }
+    value.sort_all_objects();
+    std::borrow::Cow::Owned(value.to_string())
+}
+
 /// Lowercase hex of a digest: content hashes, transcript digests, recording file names.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;

@@ -5,18 +5,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sha2::{Digest, Sha256};
 use time::Date;
 
 use crate::api::wire::{Encounter, ServiceDate};
 use crate::config::{BirthDate, PrivacyConfig};
-use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, hex};
+use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, content_hash};
 
 /// Maps a wire encounter to the warehouse record, keeping only the PHI `privacy` allows (in the
-/// columns and in the stored JSON). The content hash is over the record as received, so change
-/// detection does not depend on the policy.
+/// columns and in the stored JSON). The content hash is over the record as received (in canonical
+/// form: `store::content_hash`), so change detection does not depend on the policy.
 pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
-    let content_hash = hex(&Sha256::digest(e.raw.as_bytes()));
+    let content_hash = content_hash(&e.raw);
     let date_of_service = match e.date_of_service {
         ServiceDate::At(t) => Some(t),
         ServiceDate::Unknown => None,

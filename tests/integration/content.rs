@@ -1084,3 +1084,75 @@ async fn decimals_sent_as_strings_are_read_as_the_numbers_they_hold(backend: Bac
     );
     assert!(durations > 20, "{durations} durations stored");
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    records_rendered_differently_each_time_are_not_changes_and_cost_no_content_request
+);
+/// A server built on unordered maps sends the same encounter with its keys, its documents and
+/// its whitespace in another order on every response. Listed again (a reconcile of all
+/// history, as the revisits and the deep revisit list it every cycle), nothing has changed: no
+/// row is written and no note or transcript is fetched again. A hash an earlier release stored
+/// (of the bytes as received) is brought up to date the same way, once, without a request;
+/// a real change is still one.
+async fn records_rendered_differently_each_time_are_not_changes_and_cost_no_content_request(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            unordered_rendering: true,
+            extra_fields: true,
+            ..sim_options(93, 300)
+        },
+    )
+    .await;
+    let config = env.config();
+    let first = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(first.is_complete(), "{first:?}");
+    assert_content_equal(&env);
+    let all = charthero_sync::sync::BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    let written = |env: &TestEnv| -> (String, i64) {
+        env.warehouse.row(
+            "SELECT max(e.changed_at), (SELECT count(*) FROM encounter_history) FROM encounters e",
+            &[],
+        )
+    };
+    let before = written(&env);
+    // (changed, unchanged at least once, content requests) of a reconcile of all history.
+    async fn listed_again(
+        env: &TestEnv,
+        config: &charthero_sync::config::Config,
+        all: charthero_sync::sync::BackfillRange,
+    ) -> (u64, u64, u64) {
+        env.sim.reset_stats();
+        let report = env.sync(config, CyclePlan::full(Some(all), false)).await;
+        let stats = env.sim.stats();
+        (
+            report.counts.encounters_changed,
+            report.counts.encounters_unchanged.min(300),
+            stats.route(SimRoute::Document) + stats.route(SimRoute::Transcript),
+        )
+    }
+    assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
+    assert_eq!(written(&env), before, "rows were written for unchanged records");
+
+    env.warehouse
+        .execute("UPDATE encounters SET content_hash = 'a hash of an earlier release'");
+    assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
+    assert_eq!(written(&env), before);
+    let left: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE content_hash = 'a hash of an earlier release'",
+        &[],
+    );
+    assert_eq!(left, 0, "the hashes were not brought up to date");
+
+    let changed = env.sim.snapshot()[17].encounter_id.clone();
+    env.sim.update_status(&changed, "amended");
+    let (changed_count, _, _) = listed_again(&env, &config, all).await;
+    assert_eq!(changed_count, 1);
+    assert_content_equal(&env);
+}

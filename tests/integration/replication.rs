@@ -111,6 +111,7 @@ async fn every_harsh_behaviour_at_once_under_churn_converges_exactly_after_a_rec
                 null_empty_documents: true,
                 service_dates: charthero_sim::ServiceDates::Assorted,
                 decimals_as_strings: true,
+                unordered_rendering: true,
                 docs_per_encounter: (0, 2),
                 ..sim_options(seed, 1_500)
             },

@@ -97,6 +97,47 @@ fn upsert_round(
     )? {
         stored.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
     }
+    // Live stored encounters whose hash differs: the same record all the same when their stored
+    // JSON says what the new one does (rendered another way, hashed by an earlier release, which
+    // hashed the bytes as received, or changed only in what the privacy policy does not keep);
+    // then only the hash is brought up to date.
+    let differing: Vec<&str> = round
+        .iter()
+        .filter(|r| {
+            stored
+                .get(&r.encounter_id)
+                .is_some_and(|(hash, removed)| !removed && *hash != r.content_hash)
+        })
+        .map(|r| r.encounter_id.as_str())
+        .collect();
+    let mut rehash: Vec<&EncounterRecord> = Vec::new();
+    if !differing.is_empty() {
+        let mut raw: HashMap<String, String> = HashMap::with_capacity(differing.len());
+        for row in tx.query(
+            "SELECT encounter_id, raw_json FROM encounters WHERE encounter_id = ANY($1::text[])",
+            &[&differing],
+        )? {
+            raw.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+        rehash = round
+            .iter()
+            .copied()
+            .filter(|r| {
+                raw.get(&r.encounter_id)
+                    .is_some_and(|stored| crate::store::same_content(stored, &r.raw_json))
+            })
+            .collect();
+        if !rehash.is_empty() {
+            let ids: Vec<&str> = rehash.iter().map(|r| r.encounter_id.as_str()).collect();
+            let hashes: Vec<&str> = rehash.iter().map(|r| r.content_hash.as_str()).collect();
+            tx.execute(
+                "UPDATE encounters e SET content_hash = u.content_hash
+                   FROM unnest($1::text[], $2::text[]) AS u (encounter_id, content_hash)
+                  WHERE e.encounter_id = u.encounter_id",
+                &[&ids, &hashes],
+            )?;
+        }
+    }
     // (record, is_new) for every record to write.
     let mut writes: Vec<(&EncounterRecord, bool)> = Vec::new();
     for rec in round {
@@ -117,7 +158,9 @@ fn upsert_round(
                 if *removed {
                     counts.revived += 1;
                 }
-                if *content_hash == rec.content_hash && !removed {
+                let same = *content_hash == rec.content_hash
+                    || rehash.iter().any(|r| r.encounter_id == rec.encounter_id);
+                if same && !removed {
                     counts.unchanged += 1;
                 } else {
                     // Upstream wins, even with an older `updated_at`: this observation was read

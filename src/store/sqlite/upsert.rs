@@ -174,6 +174,10 @@ pub(super) fn upsert_encounter(
                 counts.unchanged += 1;
                 return Ok(());
             }
+            if !removed && same_as_stored(conn, rec)? {
+                counts.unchanged += 1;
+                return Ok(());
+            }
             // Upstream wins, even with an older `updated_at`: this observation was read after
             // the stored one (the writer applies them in the order they were read).
             counts.changed += 1;
@@ -230,6 +234,23 @@ pub(super) fn upsert_encounter(
         ])?;
     }
     upsert_documents(conn, rec, is_new, now)
+}
+
+/// Whether a live stored encounter whose hash differs from `rec`'s holds the same record all
+/// the same ([`crate::store::same_content`]): rendered another way, hashed by an earlier
+/// release (which hashed the bytes as received), or changed only in what the privacy policy
+/// does not keep. Then only its hash is brought up to date: nothing else is written, and its
+/// documents are not queued again.
+fn same_as_stored(conn: &Connection, rec: &EncounterRecord) -> rusqlite::Result<bool> {
+    let stored: String = conn
+        .prepare_cached("SELECT raw_json FROM encounters WHERE encounter_id = ?1")?
+        .query_row([&rec.encounter_id], |r| r.get(0))?;
+    if !crate::store::same_content(&stored, &rec.raw_json) {
+        return Ok(false);
+    }
+    conn.prepare_cached("UPDATE encounters SET content_hash = ?2 WHERE encounter_id = ?1")?
+        .execute(params![rec.encounter_id, rec.content_hash])?;
+    Ok(true)
 }
 
 fn upsert_patient(
