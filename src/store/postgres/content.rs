@@ -562,7 +562,8 @@ pub(super) mod tests {
             patient,
             documents: docs,
             content_hash: hash.to_owned(),
-            raw_json: "{}".to_owned(),
+            // Another hash is another record: change detection also compares the JSON.
+            raw_json: format!(r#"{{"hash":"{hash}"}}"#),
         }
     }
 

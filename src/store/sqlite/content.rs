@@ -478,7 +478,8 @@ mod tests {
             patient: None,
             documents: docs,
             content_hash: hash.to_owned(),
-            raw_json: "{}".to_owned(),
+            // Another hash is another record: change detection also compares the JSON.
+            raw_json: format!(r#"{{"hash":"{hash}"}}"#),
         };
         let tx = conn.transaction().unwrap();
         commit_page(&tx, &[encounter], &[], None, now).unwrap();
