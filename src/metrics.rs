@@ -30,6 +30,10 @@ pub struct Metrics {
     complete_through_unix: AtomicI64,
     /// Set when the organization's sync stopped because its key was refused: the reason code.
     stopped: Mutex<Option<String>>,
+    /// The key's request rate now (`f64` bits; 0 before the client is built), and how many
+    /// times ChartHero's refusals (429) lowered it.
+    rate_bits: AtomicU64,
+    rate_cuts: AtomicU64,
 }
 
 impl Metrics {
@@ -40,6 +44,14 @@ impl Metrics {
             .expect("metrics lock")
             .entry((route, status))
             .or_default() += 1;
+    }
+
+    /// The key's request rate is now `rate` (requests per second); `cut`: a refusal lowered it.
+    pub fn record_rate(&self, rate: f64, cut: bool) {
+        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+        if cut {
+            self.rate_cuts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn record_limiter_wait(&self, waited: Duration) {
@@ -128,6 +140,29 @@ pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -
             out,
             "{name}{{organization=\"{org}\"}} {}",
             m.limiter_waits.load(Ordering::Relaxed)
+        );
+    }
+    let name = family(
+        &mut out,
+        "request_rate_per_second",
+        "gauge",
+        "The key's request rate now: its configured rate, unless ChartHero's refusals (429) lowered it.",
+    );
+    for (org, m) in orgs {
+        let rate = f64::from_bits(m.rate_bits.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}{{organization=\"{org}\"}} {rate}");
+    }
+    let name = family(
+        &mut out,
+        "request_rate_cuts_total",
+        "counter",
+        "Times a refusal (429) lowered the key's request rate.",
+    );
+    for (org, m) in orgs {
+        let _ = writeln!(
+            out,
+            "{name}{{organization=\"{org}\"}} {}",
+            m.rate_cuts.load(Ordering::Relaxed)
         );
     }
     let name = family(
@@ -296,7 +331,11 @@ mod tests {
         m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
         m.record_window_failure("request_bound_exceeded");
         m.record_stopped("revoked_key");
+        m.record_rate(5.0, false);
+        m.record_rate(3.75, true);
         let text = render(&[("northside".to_owned(), std::sync::Arc::new(m))], now);
+        assert!(text.contains("charthero_sync_request_rate_per_second{organization=\"northside\"} 3.75\n"));
+        assert!(text.contains("charthero_sync_request_rate_cuts_total{organization=\"northside\"} 1\n"));
         assert!(
             text.contains("# TYPE charthero_sync_requests_total counter\n"),
             "{text}"

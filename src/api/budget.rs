@@ -5,7 +5,15 @@
 //! requests admitted over a longer span than a second could then reach the server within one.
 //! The in-flight bounds are semaphores, the key's taken before the ceiling's, and the ceiling's
 //! only once the key's own bucket is ready, so a key waiting for its own budget does not hold
-//! slots of the ceiling. This module knows nothing of HTTP.
+//! slots of the ceiling.
+//!
+//! ChartHero does not document its rate limit, so a key's configured rate may be more than the
+//! server takes. Each request it refuses (429) is spent for nothing, and a refusal usually
+//! comes with a `Retry-After` pause of the whole key, so the key's rate follows the refusals
+//! ([`KeyBudget::refused`], [`KeyBudget::answered`]): down by a quarter at each refusal of a
+//! request sent after the last cut, without bursts; then back up with each answer, quickly to
+//! near the rate the server refused and slowly beyond it, bursts again once it is back at the
+//! configured rate. This module knows nothing of HTTP.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +28,24 @@ use crate::config::Budget;
 /// requests in any second: buckets pace 1 % slower than configured, so requests admitted within
 /// 1 s + 10 ms arrive within any server second even when some arrive up to 10 ms late.
 const JITTER_ALLOWANCE_SECONDS: f64 = 0.010;
+
+/// What a refusal multiplies the key's rate by.
+const SLOW_DOWN: f64 = 0.75;
+/// Below [`NEAR`] of the rate last refused, each answer multiplies the key's rate by
+/// [`RECOVER`]; above it, by [`PROBE`]: at 20 requests a second, back from a cut to near the
+/// refused rate in about half a second, then to it in about ten.
+const RECOVER: f64 = 1.02;
+const NEAR: f64 = 0.9;
+const PROBE: f64 = 1.0005;
+/// The lowest the key's rate goes, as a share of the configured rate.
+const LOWEST: f64 = 0.02;
+
+/// The request period of `rps` with the jitter allowance.
+fn period(rps: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
+        .ok()
+        .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
+}
 
 /// A generic cell rate algorithm bucket: `burst` requests at once, then one per `interval`.
 #[derive(Debug)]
@@ -36,12 +62,9 @@ impl Bucket {
         let rps = budget.requests_per_second;
         // `config` bounds requests_per_second (0.01..=1e6), so the interval is 1.01 µs..101 s;
         // the check keeps a bad value an error instead of a panic or a bucket that never opens.
-        let interval = Duration::try_from_secs_f64((1.0 + JITTER_ALLOWANCE_SECONDS) / rps)
-            .ok()
-            .filter(|p| !p.is_zero() && *p <= Duration::from_secs(1_000))
-            .ok_or_else(|| {
-                anyhow::anyhow!("{what} requests_per_second = {rps} gives no usable request period")
-            })?;
+        let interval = period(rps).ok_or_else(|| {
+            anyhow::anyhow!("{what} requests_per_second = {rps} gives no usable request period")
+        })?;
         Ok(Bucket {
             interval,
             tolerance: interval.saturating_mul(budget.burst.get() - 1),
@@ -81,12 +104,28 @@ pub struct KeyBudget {
     bucket: Mutex<Bucket>,
     in_flight: Semaphore,
     ceiling: Arc<Ceiling>,
+    configured: Budget,
+    pace: Mutex<Pace>,
+}
+
+/// The key's rate as the server's refusals have set it.
+#[derive(Debug)]
+struct Pace {
+    /// Requests per second now, at most the configured rate.
+    rate: f64,
+    /// When the rate was last cut: a refusal of a request admitted before it is the same
+    /// signal (it was in flight when the server said no).
+    cut_at: Option<Instant>,
+    /// The rate the server last refused a request at.
+    refused_at: Option<f64>,
 }
 
 /// A request's place in flight: the key's and the ceiling's slots, released on drop.
 pub struct Slot<'a> {
     _key: SemaphorePermit<'a>,
     _ceiling: SemaphorePermit<'a>,
+    /// When both buckets admitted it.
+    pub admitted: Instant,
 }
 
 impl KeyBudget {
@@ -95,7 +134,67 @@ impl KeyBudget {
             bucket: Mutex::new(Bucket::new(budget, what)?),
             in_flight: Semaphore::new(budget.max_in_flight.get()),
             ceiling,
+            configured: *budget,
+            pace: Mutex::new(Pace {
+                rate: budget.requests_per_second,
+                cut_at: None,
+                refused_at: None,
+            }),
         })
+    }
+
+    /// The key's rate now, in requests per second: the configured one unless refusals
+    /// brought it down.
+    pub fn rate(&self) -> f64 {
+        self.pace.lock().expect("pace lock").rate
+    }
+
+    /// The server refused (429) a request admitted at `admitted`: unless it was sent before
+    /// the last cut, the rate comes down by a quarter (never below [`LOWEST`] of the
+    /// configured one) and bursts stop. Returns the new rate when it was cut.
+    pub fn refused(&self, admitted: Instant) -> Option<f64> {
+        let mut pace = self.pace.lock().expect("pace lock");
+        if pace.cut_at.is_some_and(|cut| admitted < cut) {
+            return None;
+        }
+        let lowest = self.configured.requests_per_second * LOWEST;
+        pace.refused_at = Some(pace.rate);
+        pace.rate = (pace.rate * SLOW_DOWN).max(lowest);
+        pace.cut_at = Some(Instant::now());
+        self.set_pace(pace.rate, false);
+        Some(pace.rate)
+    }
+
+    /// The server answered a request: a rate a refusal lowered goes back up ([`RECOVER`],
+    /// [`PROBE`]), and bursts are allowed again once it is back at the configured rate. Returns
+    /// the new rate when it changed.
+    pub fn answered(&self) -> Option<f64> {
+        let mut pace = self.pace.lock().expect("pace lock");
+        let configured = self.configured.requests_per_second;
+        if pace.rate >= configured {
+            return None;
+        }
+        let refused_at = pace.refused_at.unwrap_or(configured).min(configured);
+        let step = if pace.rate < refused_at * NEAR {
+            RECOVER
+        } else {
+            PROBE
+        };
+        pace.rate = (pace.rate * step).min(configured);
+        self.set_pace(pace.rate, pace.rate >= configured);
+        Some(pace.rate)
+    }
+
+    fn set_pace(&self, rate: f64, bursts: bool) {
+        let mut bucket = self.bucket.lock().expect("bucket lock");
+        if let Some(interval) = period(rate) {
+            bucket.interval = interval;
+        }
+        bucket.tolerance = if bursts {
+            bucket.interval.saturating_mul(self.configured.burst.get() - 1)
+        } else {
+            Duration::ZERO
+        };
     }
 
     /// Waits for an in-flight slot of the key, then of the ceiling, then for the instant both
@@ -147,6 +246,7 @@ impl KeyBudget {
             Slot {
                 _key: key,
                 _ceiling: ceiling,
+                admitted: Instant::now(),
             },
             started.elapsed(),
         )
@@ -165,6 +265,54 @@ mod tests {
             burst: NonZeroU32::new(burst).unwrap(),
             max_in_flight: NonZeroUsize::new(in_flight).unwrap(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_lower_the_rate_once_per_signal_and_answers_bring_it_back() {
+        let ceiling = Ceiling::new(&budget(100.0, 10, 8)).unwrap();
+        let key = KeyBudget::new(&budget(40.0, 5, 4), "k.", ceiling).unwrap();
+        let (first, _) = key.admit().await;
+        let (second, _) = key.admit().await;
+        let (sent_before, sent_after) = (first.admitted, second.admitted);
+        drop((first, second));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(key.refused(sent_before), Some(30.0));
+        // In flight when the server said no: the same signal.
+        assert_eq!(key.refused(sent_after), None);
+        assert_eq!(key.rate(), 30.0);
+        // No burst while lowered: two requests in a row are a period apart.
+        let (a, _) = key.admit().await;
+        let (b, _) = key.admit().await;
+        assert!(
+            b.admitted - a.admitted >= Duration::from_micros(33_333),
+            "{:?}",
+            b.admitted - a.admitted
+        );
+        let refused_again = b.admitted;
+        drop((a, b));
+        assert_eq!(key.refused(refused_again), Some(22.5));
+        // Quickly back to 90 % of the rate refused last (30), then slowly.
+        let mut answers = 0;
+        while key.rate() < 27.0 {
+            key.answered();
+            answers += 1;
+        }
+        assert!((10..=20).contains(&answers), "{answers} answers to recover");
+        let mut probing = 0;
+        while key.rate() < 40.0 {
+            key.answered();
+            probing += 1;
+        }
+        assert!(
+            probing > 300,
+            "only {probing} answers from 27 to 40 requests a second"
+        );
+        assert_eq!(key.answered(), None, "the configured rate is the ceiling");
+        // Back at the configured rate, bursts are allowed again.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (a, _) = key.admit().await;
+        let (b, _) = key.admit().await;
+        assert_eq!(a.admitted, b.admitted);
     }
 
     #[tokio::test(start_paused = true)]

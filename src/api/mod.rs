@@ -123,6 +123,9 @@ struct Inner {
     /// When the last response (of any kind) arrived: the daemon's watchdog evidence of progress.
     last_activity: Mutex<std::time::Instant>,
     metrics: Arc<Metrics>,
+    /// Whether this process has warned that refusals lowered the key's rate (once; later cuts
+    /// are logged at debug level).
+    rate_warned: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Client {
@@ -197,9 +200,13 @@ impl Client {
                 refused: Mutex::new(None),
                 last_activity: Mutex::new(std::time::Instant::now()),
                 metrics,
+                rate_warned: std::sync::atomic::AtomicBool::new(false),
             }),
         })
-        .inspect(|c| c.begin_cycle())
+        .inspect(|c| {
+            c.inner.metrics.record_rate(c.inner.key_budget.rate(), false);
+            c.begin_cycle();
+        })
     }
 
     /// Renews the per-cycle retry budget.
@@ -470,7 +477,7 @@ impl Client {
             }
             tokio::time::sleep_until(until).await;
         }
-        let (_slot, waited) = self.inner.key_budget.admit().await;
+        let (slot, waited) = self.inner.key_budget.admit().await;
         self.inner.metrics.record_limiter_wait(waited);
         let mut headers = HeaderMap::new();
         if with_key {
@@ -490,6 +497,21 @@ impl Client {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "request"
         );
+        match &result {
+            Ok(_) => {
+                if let Some(rate) = self.inner.key_budget.answered() {
+                    self.inner.metrics.record_rate(rate, false);
+                }
+            }
+            Err(e) if e.status() == Some(429) => {
+                if let Some(rate) = self.inner.key_budget.refused(slot.admitted) {
+                    self.inner.metrics.record_rate(rate, true);
+                    self.rate_lowered(route, rate);
+                }
+            }
+            Err(_) => {}
+        }
+        drop(slot);
         if let Err(e) = &result {
             if e.is_auth() && with_key {
                 *self.inner.refused.lock().expect("refused lock") = Some(e.reason_code().map(str::to_owned));
@@ -512,6 +534,23 @@ impl Client {
             }
         }
         result
+    }
+
+    /// A refusal (429) lowered the key's rate to `rate`: said once per process at warn level,
+    /// for the operator who configured more than ChartHero takes.
+    fn rate_lowered(&self, route: Route, rate: f64) {
+        let message = "ChartHero refused a request (429): this key's rate is lowered and comes back up as \
+                       requests are answered; a requests_per_second the server takes spends no request on refusals";
+        let rate = (rate * 100.0).round() / 100.0;
+        if self
+            .inner
+            .rate_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::debug!(route = route.as_str(), requests_per_second = rate, "{message}");
+        } else {
+            tracing::warn!(route = route.as_str(), requests_per_second = rate, "{message}");
+        }
     }
 
     async fn send(&self, route: Route, url: Url, headers: HeaderMap) -> Result<reqwest::Response, ApiError> {

@@ -1156,3 +1156,35 @@ async fn records_rendered_differently_each_time_are_not_changes_and_cost_no_cont
     assert_eq!(changed_count, 1);
     assert_content_equal(&env);
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_server_limit_below_the_configured_rate_costs_few_rejected_requests
+);
+/// ChartHero does not document its rate limit, so an operator may configure more than the
+/// server grants. Every request it answers 429 is a request spent for nothing: the key's rate
+/// comes down to what the server takes after the first ones, and the sync still completes.
+async fn a_server_limit_below_the_configured_rate_costs_few_rejected_requests(backend: Backend) {
+    let env = TestEnv::start_on(backend, sim_options(94, 150)).await;
+    env.sim.set_rate_limit(Some(RateLimit {
+        requests_per_second: 40.0,
+        burst: 2,
+        enforce: true,
+    }));
+    let mut raw = env.raw_config();
+    raw.limits.requests_per_second = 120.0;
+    raw.limits.burst = 5;
+    raw.limits.max_in_flight = 4;
+    let config = raw.validate().unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_content_equal(&env);
+    let stats = env.sim.stats();
+    // Without the key's rate following the refusals, 15 % of the requests were refused.
+    let rejected = stats.status(429);
+    assert!(
+        rejected * 20 <= stats.requests,
+        "{rejected} of {} requests answered 429",
+        stats.requests
+    );
+}
