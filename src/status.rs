@@ -59,8 +59,9 @@ pub struct OrganizationStatus {
     pub complete_through: Option<String>,
     pub lag_seconds: Option<i64>,
     /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `interrupted` (a
-    /// signal stopped it; the next cycle resumes), `failing` (it failed; retried), `stopped`
-    /// (its key was refused: nothing is sent with it until the operator acts), `never_synced`.
+    /// signal stopped it, or its first cycle stalled; the next cycle resumes), `failing` (it
+    /// failed; retried), `stopped` (its key was refused: nothing is sent with it until the
+    /// operator acts), `never_synced`, `syncing` (no cycle finished yet; the first is at work).
     pub state: String,
     /// Why, when not `ok`: the upstream `reason_code` (e.g. `revoked_key`) or ours (e.g.
     /// `organization_mismatch`).
@@ -104,15 +105,16 @@ pub struct RunningCycle {
     /// When it last wrote its counters (`sync_runs` shows them), every
     /// [`crate::sync::PROGRESS_EVERY`] while it runs; none in its first seconds.
     pub progress_at: Option<String>,
-    /// No sign of it for [`STALLED_AFTER`]: its process is gone (killed, crashed, the machine
-    /// restarted), and the organization's next cycle marks it aborted.
+    /// No progress recorded for [`STALLED_AFTER`]: its process is most likely gone (killed,
+    /// crashed, the machine restarted), and the organization's next cycle marks it aborted.
     pub stalled: bool,
 }
 
 /// How long a running cycle may go without writing its progress before `status` calls it
-/// stalled. A cycle writes every [`crate::sync::PROGRESS_EVERY`]; the writer may hold it behind
-/// a merge of a backfill's staged rows for several seconds.
-pub const STALLED_AFTER: time::Duration = time::Duration::minutes(2);
+/// stalled. A cycle writes every [`crate::sync::PROGRESS_EVERY`] while it lists and fetches,
+/// through the one writer, which a merge of staged rows holds for seconds and the end of a
+/// cycle's daily retention purge (a `VACUUM` of a large warehouse) for longer.
+pub const STALLED_AFTER: time::Duration = time::Duration::minutes(5);
 
 /// Reason codes that mean the organization's key is refused (401, or the key reads another
 /// clinic): the sync of that organization stops until the operator acts.

@@ -10,10 +10,12 @@
 //! ChartHero does not document its rate limit, so a key's configured rate may be more than the
 //! server takes. Each request it refuses (429) is spent for nothing, and a refusal usually
 //! comes with a `Retry-After` pause of the whole key, so the key's rate follows the refusals
-//! ([`KeyBudget::refused`], [`KeyBudget::answered`]): down by a quarter at each refusal of a
-//! request sent after the last cut, without bursts; then back up with each answer, quickly to
-//! near the rate the server refused and slowly beyond it, bursts again once it is back at the
-//! configured rate. This module knows nothing of HTTP.
+//! ([`KeyBudget::refused`], [`KeyBudget::answered`]): down by a quarter at a refusal, without
+//! bursts; then back up with each answer, quickly to near the rate the server refused and
+//! slowly beyond it, bursts again once it is back at the configured rate. One signal cuts once:
+//! a refusal of a request sent before the last cut, or with no answer since it (a server that
+//! refuses everything until its window resets), cuts nothing more. This module knows nothing
+//! of HTTP.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,6 +120,8 @@ struct Pace {
     cut_at: Option<Instant>,
     /// The rate the server last refused a request at.
     refused_at: Option<f64>,
+    /// Whether a request was answered since the last cut.
+    answered_since_cut: bool,
 }
 
 /// A request's place in flight: the key's and the ceiling's slots, released on drop.
@@ -139,6 +143,7 @@ impl KeyBudget {
                 rate: budget.requests_per_second,
                 cut_at: None,
                 refused_at: None,
+                answered_since_cut: true,
             }),
         })
     }
@@ -150,13 +155,15 @@ impl KeyBudget {
     }
 
     /// The server refused (429) a request admitted at `admitted`: unless it was sent before
-    /// the last cut, the rate comes down by a quarter (never below [`LOWEST`] of the
-    /// configured one) and bursts stop. Returns the new rate when it was cut.
+    /// the last cut, or nothing was answered since, the rate comes down by a quarter (never
+    /// below [`LOWEST`] of the configured one) and bursts stop. Returns the new rate when it
+    /// was cut.
     pub fn refused(&self, admitted: Instant) -> Option<f64> {
         let mut pace = self.pace.lock().expect("pace lock");
-        if pace.cut_at.is_some_and(|cut| admitted < cut) {
+        if pace.cut_at.is_some_and(|cut| admitted < cut) || !pace.answered_since_cut {
             return None;
         }
+        pace.answered_since_cut = false;
         let lowest = self.configured.requests_per_second * LOWEST;
         pace.refused_at = Some(pace.rate);
         pace.rate = (pace.rate * SLOW_DOWN).max(lowest);
@@ -170,6 +177,7 @@ impl KeyBudget {
     /// the new rate when it changed.
     pub fn answered(&self) -> Option<f64> {
         let mut pace = self.pace.lock().expect("pace lock");
+        pace.answered_since_cut = true;
         let configured = self.configured.requests_per_second;
         if pace.rate >= configured {
             return None;
@@ -280,6 +288,14 @@ mod tests {
         // In flight when the server said no: the same signal.
         assert_eq!(key.refused(sent_after), None);
         assert_eq!(key.rate(), 30.0);
+        // Refused again with nothing answered since (a window that refuses everything): the
+        // same signal too.
+        let (late, _) = key.admit().await;
+        let refused_late = late.admitted;
+        drop(late);
+        assert_eq!(key.refused(refused_late), None);
+        key.answered();
+        assert!((key.rate() - 30.6).abs() < 1e-9, "{}", key.rate());
         // No burst while lowered: two requests in a row are a period apart.
         let (a, _) = key.admit().await;
         let (b, _) = key.admit().await;
@@ -290,10 +306,10 @@ mod tests {
         );
         let refused_again = b.admitted;
         drop((a, b));
-        assert_eq!(key.refused(refused_again), Some(22.5));
-        // Quickly back to 90 % of the rate refused last (30), then slowly.
+        assert!((key.refused(refused_again).unwrap() - 22.95).abs() < 1e-9);
+        // Quickly back to 90 % of the rate refused last (30.6), then slowly.
         let mut answers = 0;
-        while key.rate() < 27.0 {
+        while key.rate() < 27.54 {
             key.answered();
             answers += 1;
         }

@@ -469,15 +469,15 @@ impl Client {
                 },
             ));
         }
-        let pause = *self.inner.paused_until.lock().expect("pause lock");
-        if let Some(until) = pause {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if left > self.inner.retry.retry_after_max {
-                return Err(paused(route, left));
+        // A pause ChartHero asked for while this request waited for its slot holds it too: it is
+        // admitted again once the pause is over, never sent during it.
+        let (slot, waited) = loop {
+            self.wait_out_pause(route).await?;
+            let admitted = self.inner.key_budget.admit().await;
+            if self.pause_left().is_none() {
+                break admitted;
             }
-            tokio::time::sleep_until(until).await;
-        }
-        let (slot, waited) = self.inner.key_budget.admit().await;
+        };
         self.inner.metrics.record_limiter_wait(waited);
         let mut headers = HeaderMap::new();
         if with_key {
@@ -497,19 +497,22 @@ impl Client {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "request"
         );
-        match &result {
-            Ok(_) => {
-                if let Some(rate) = self.inner.key_budget.answered() {
-                    self.inner.metrics.record_rate(rate, false);
+        // The signed recording URLs are another host's: its answers say nothing of the key's.
+        if with_key {
+            match &result {
+                Ok(_) => {
+                    if let Some(rate) = self.inner.key_budget.answered() {
+                        self.inner.metrics.record_rate(rate, false);
+                    }
                 }
-            }
-            Err(e) if e.status() == Some(429) => {
-                if let Some(rate) = self.inner.key_budget.refused(slot.admitted) {
-                    self.inner.metrics.record_rate(rate, true);
-                    self.rate_lowered(route, rate);
+                Err(e) if e.status() == Some(429) => {
+                    if let Some(rate) = self.inner.key_budget.refused(slot.admitted) {
+                        self.inner.metrics.record_rate(rate, true);
+                        self.rate_lowered(route, rate);
+                    }
                 }
+                Err(_) => {}
             }
-            Err(_) => {}
         }
         drop(slot);
         if let Err(e) = &result {
@@ -534,6 +537,25 @@ impl Client {
             }
         }
         result
+    }
+
+    /// How long the `Retry-After` pause ChartHero asked for still lasts, if it does.
+    fn pause_left(&self) -> Option<std::time::Duration> {
+        let until = (*self.inner.paused_until.lock().expect("pause lock"))?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Waits out the `Retry-After` pause, or fails at once when it is longer than a request
+    /// waits.
+    async fn wait_out_pause(&self, route: Route) -> Result<(), ApiError> {
+        if let Some(left) = self.pause_left() {
+            if left > self.inner.retry.retry_after_max {
+                return Err(paused(route, left));
+            }
+            tokio::time::sleep(left).await;
+        }
+        Ok(())
     }
 
     /// A refusal (429) lowered the key's rate to `rate`: said once per process at warn level,

@@ -324,8 +324,9 @@ pub fn content_hash(json: &str) -> String {
 }
 
 /// Whether two renderings of an encounter say the same: equal once each is in canonical form —
-/// parsed and written again with object keys sorted, no whitespace and numbers and strings as
-/// serde_json writes them, the `documents` ordered by `document_id` (its order is still kept,
+/// parsed and written again with object keys sorted, no whitespace, strings and numbers as
+/// serde_json writes them again (one form of escapes and of a float's text; an integer and a
+/// float stay apart), the `documents` ordered by `document_id` (its order is still kept,
 /// in `documents.position`, whenever the record is written). Text that is not JSON is compared
 /// as it is.
 pub fn same_content(a: &str, b: &str) -> bool {
@@ -382,6 +383,34 @@ fn newest_migration(runner: &refinery::Runner) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_record_rendered_another_way_is_the_same_and_any_change_of_a_value_is_not() {
+        use super::{content_hash, same_content};
+        let record = r#"{"encounter_id":"enc_1","status":"completed","audio":842.4,
+            "patient":{"patient_id":"pat_1","first_name":"Jos\u00e9"},
+            "documents":[{"document_id":"doc_b","title":"Note"},{"document_id":"doc_a","title":null}]}"#;
+        let rendered_otherwise = r#"{ "documents" : [ {"title":null, "document_id":"doc_a"},
+            {"title":"Note","document_id":"doc_b"} ], "patient": {"first_name":"José",
+            "patient_id":"pat_1"}, "audio": 842.40, "status":"completed", "encounter_id":"enc_1" }"#;
+        assert!(same_content(record, rendered_otherwise));
+        assert_eq!(content_hash(record), content_hash(rendered_otherwise));
+        for changed in [
+            record.replace("completed", "amended"),
+            record.replace("Jos\\u00e9", "Jose"),
+            record.replace(r#""title":null"#, r#""title":"Form""#),
+            record.replace("842.4", "842.5"),
+            record.replace("842.4", r#""842.4""#),
+            record.replace(r#",{"document_id":"doc_a","title":null}"#, ""),
+        ] {
+            assert_ne!(changed, record, "the replacement must apply");
+            assert!(!same_content(record, &changed), "{changed}");
+            assert_ne!(content_hash(record), content_hash(&changed), "{changed}");
+        }
+        // Text that is not JSON is compared as it is.
+        assert!(same_content("not json", "not json"));
+        assert!(!same_content("not json", "not  json"));
+    }
+
     #[test]
     fn the_sql_list_of_unfinished_statuses_is_the_rust_one_and_anything_else_may_be_final() {
         let quoted: Vec<String> = super::UNFINISHED_DOCUMENT_STATUSES

@@ -255,19 +255,7 @@ async fn report_progress(ctx: &SyncContext, run_id: i64, started: Instant, done:
         }
         if logged.elapsed() >= PROGRESS_LOG_EVERY {
             logged = Instant::now();
-            tracing::info!(
-                list_requests = counts.list_requests,
-                new = counts.encounters_new,
-                changed = counts.encounters_changed,
-                removed = counts.encounters_removed,
-                documents = counts.documents_fetched,
-                transcripts = counts.transcripts_fetched,
-                recordings = counts.recordings_fetched,
-                retries = counts.retries,
-                dead_letters = counts.dead_letters,
-                elapsed_s = started.elapsed().as_secs(),
-                "cycle in progress"
-            );
+            log_counts(&counts, started.elapsed(), "cycle in progress");
         }
     }
 }
@@ -674,7 +662,8 @@ async fn execute(
     let result = match (paged, fetched) {
         (Err(e), _) | (_, Err(e)) if !matches!(e, CycleError::Cancelled) => Err(e),
         (Err(e), _) | (_, Err(e)) => Err(e),
-        _ => Ok(()),
+        // Purged before the run ends, so that a purge that fails ends the run as failed.
+        _ => purge_expired(ctx).await,
     };
     if let Some(reason) = result.as_ref().err().and_then(CycleError::window_failure) {
         ctx.client.metrics().record_window_failure(reason);
@@ -713,9 +702,6 @@ async fn execute(
             reason_code: e.reason_code().map(str::to_owned),
         },
     };
-    if result.is_ok() {
-        purge_expired(ctx).await?;
-    }
     let outcome = end.outcome.as_str();
     let rows = counts.encounters_new
         + counts.encounters_changed
@@ -758,6 +744,12 @@ async fn execute(
         backfills_pending,
         elapsed: started.elapsed(),
     };
+    log_counts(&counts, report.elapsed, "cycle complete");
+    Ok(report)
+}
+
+/// A cycle's counters at info level (counts only, never an ID or PHI).
+fn log_counts(counts: &RunCounts, elapsed: Duration, message: &'static str) {
     tracing::info!(
         list_requests = counts.list_requests,
         detail_requests = counts.detail_requests,
@@ -772,10 +764,9 @@ async fn execute(
         recordings = counts.recordings_fetched,
         retries = counts.retries,
         dead_letters = counts.dead_letters,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "cycle complete"
+        elapsed_ms = elapsed.as_millis() as u64,
+        "{message}"
     );
-    Ok(report)
 }
 
 /// Under a retention period, purges what has aged out of it, at most once a day.

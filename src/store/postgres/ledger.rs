@@ -347,8 +347,9 @@ pub fn finish_run(
     end: &RunEnd,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    write_counts(db, run_id, &end.counts)?;
-    db.execute(
+    let mut tx = db.transaction()?;
+    write_counts(&mut tx, run_id, &end.counts)?;
+    tx.execute(
         "UPDATE sync_runs SET finished_at = $2, outcome = $3, error = $4, reason_code = $5, disabled_routes = $6
          WHERE run_id = $1",
         &[
@@ -360,5 +361,6 @@ pub fn finish_run(
             &end.disabled_routes,
         ],
     )?;
+    tx.commit()?;
     Ok(())
 }

@@ -339,8 +339,9 @@ pub fn write_counts(conn: &Connection, run_id: i64, counts: &RunCounts) -> anyho
 }
 
 pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateTime) -> anyhow::Result<()> {
-    write_counts(conn, run_id, &end.counts)?;
-    conn.execute(
+    let tx = conn.unchecked_transaction()?;
+    write_counts(&tx, run_id, &end.counts)?;
+    tx.execute(
         "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, error = ?4, reason_code = ?5, disabled_routes = ?6
          WHERE run_id = ?1",
         params![
@@ -352,5 +353,6 @@ pub fn finish_run(conn: &Connection, run_id: i64, end: &RunEnd, now: OffsetDateT
             end.disabled_routes,
         ],
     )?;
+    tx.commit()?;
     Ok(())
 }

@@ -439,7 +439,9 @@ impl Reader for Connection {
         end_ns: i64,
     ) -> anyhow::Result<u64> {
         staging::merge_before(self)?;
-        live_count_in_range(self, organization_id, start_ns, end_ns)
+        // On a read-only connection (`status`), staged encounters stay staged: count them too.
+        Ok(live_count_in_range(self, organization_id, start_ns, end_ns)?
+            + status::staged_in_range(self, organization_id, start_ns, end_ns)?)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
         staging::merge_before(self)?;

@@ -22,19 +22,44 @@ const RUN_COLUMNS: &str = "run_id, trigger, started_at, finished_at, outcome, li
     encounters_changed, encounters_removed, documents_fetched, transcripts_fetched, recordings_fetched,
     retries, dead_letters, organization";
 
-/// Encounters staged for the next merge; none in a warehouse an older release wrote (before the
-/// staging tables of V7), which `status` may read before `migrate` ran.
-fn staged_encounters(conn: &Connection) -> rusqlite::Result<i64> {
-    let staging: bool = conn.query_row(
+/// Whether the warehouse has staging tables: not one an older release wrote (before V7), which
+/// `status` may read before `migrate` ran.
+fn has_staging(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'staged_encounters')",
         [],
         |r| r.get(0),
-    )?;
-    if staging {
+    )
+}
+
+/// Encounters staged for the next merge.
+fn staged_encounters(conn: &Connection) -> rusqlite::Result<i64> {
+    if has_staging(conn)? {
         count(conn, "SELECT count(*) FROM staged_encounters")
     } else {
         Ok(0)
     }
+}
+
+/// Encounters of the organization created in `[start_ns, end_ns)` that are staged and not
+/// merged yet: what a read-only connection, which cannot merge them, adds to the stored ones.
+pub fn staged_in_range(
+    conn: &Connection,
+    organization_id: Option<&str>,
+    start_ns: i64,
+    end_ns: i64,
+) -> rusqlite::Result<u64> {
+    if !has_staging(conn)? {
+        return Ok(0);
+    }
+    conn.prepare_cached(
+        "SELECT count(DISTINCT encounter_id) FROM staged_encounters
+          WHERE organization_id = ?3 AND created_at_ns >= ?1 AND created_at_ns < ?2",
+    )?
+    .query_row(rusqlite::params![start_ns, end_ns, organization_id], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|n| n as u64)
 }
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
