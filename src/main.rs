@@ -185,6 +185,14 @@ enum Command {
         /// e.g. 30s; 0s adds none.
         #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_interval)]
         new_every: std::time::Duration,
+        /// Refuse requests beyond this many a second (burst 2) with 429 and `Retry-After: 1`, as
+        /// a ChartHero limit below the configured rate would (1 to 10000).
+        #[arg(long, value_name = "RPS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate_limit: Option<u32>,
+        /// Send every response with its keys and documents in a changing order and varying
+        /// whitespace, as a server built on unordered maps does.
+        #[arg(long)]
+        unordered: bool,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (used by
     /// packaging/build-deb).
@@ -477,6 +485,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             days,
             seed,
             new_every,
+            rate_limit,
+            unordered,
         } => {
             refuse_config_flag("simulate", config_flag_given)?;
             let opts = simulate::SimulateOptions {
@@ -485,6 +495,8 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 days,
                 seed,
                 new_every,
+                rate_limit,
+                unordered,
             };
             let s = simulate::start(&opts).await?;
             let config = s.config_file.display();

@@ -27,6 +27,10 @@ pub struct SimulateOptions {
     pub seed: u64,
     /// A new encounter every this long while serving; zero: none.
     pub new_every: Duration,
+    /// Requests a second beyond which the simulator answers 429 (`Retry-After: 1`, burst 2).
+    pub rate_limit: Option<u32>,
+    /// `SimOptions::unordered_rendering`.
+    pub unordered: bool,
 }
 
 /// The running simulator and the files written for it.
@@ -67,10 +71,16 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
         encounters: opts.encounters,
         start: now - time::Duration::days(i64::from(opts.days)),
         end: now - time::Duration::minutes(5),
+        unordered_rendering: opts.unordered,
         ..SimOptions::default()
     })
     .await
     .context("cannot start the built-in ChartHero simulator")?;
+    sim.set_rate_limit(opts.rate_limit.map(|rps| charthero_sim::RateLimit {
+        requests_per_second: f64::from(rps),
+        burst: 2,
+        enforce: true,
+    }));
     let key_file = dir.join("api-key");
     write_private(&key_file, &format!("{}\n", sim.api_key()))?;
     let database = dir.join("warehouse.db");
@@ -175,6 +185,8 @@ mod tests {
             days: 3,
             seed: 5,
             new_every: Duration::ZERO,
+            rate_limit: None,
+            unordered: false,
         };
         let s = start(&opts).await.unwrap();
         let config = crate::config::Config::load(&s.config_file).unwrap();

@@ -602,6 +602,42 @@ struct Simulate {
     lines: Vec<String>,
 }
 
+impl Simulate {
+    /// Starts `simulate` with `args` serving from `dir`, and waits for its instructions.
+    async fn start(dir: &Path, args: &[&str]) -> Simulate {
+        let mut cmd = charthero_sync();
+        cmd.arg("simulate")
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut sim = Simulate {
+            child,
+            lines: Vec::new(),
+        };
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let done = line.contains("Serving until Ctrl-C");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            lines
+        });
+        sim.lines = tokio::time::timeout(Duration::from_secs(30), lines)
+            .await
+            .expect("simulate printed its instructions")
+            .unwrap();
+        sim
+    }
+}
+
 impl Drop for Simulate {
     fn drop(&mut self) {
         self.child.kill().ok();
@@ -613,42 +649,11 @@ impl Drop for Simulate {
 async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let sim_dir = dir.path().join("sim");
-    let mut cmd = charthero_sync();
-    cmd.args([
-        "simulate",
-        "--encounters",
-        "150",
-        "--days",
-        "5",
-        "--new-every",
-        "0s",
-        "--dir",
-    ])
-    .arg(&sim_dir)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut sim = Simulate {
-        child,
-        lines: Vec::new(),
-    };
-    let lines = tokio::task::spawn_blocking(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let done = line.contains("Serving until Ctrl-C");
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        lines
-    });
-    sim.lines = tokio::time::timeout(Duration::from_secs(30), lines)
-        .await
-        .expect("simulate printed its instructions")
-        .unwrap();
+    let mut sim = Simulate::start(
+        &sim_dir,
+        &["--encounters", "150", "--days", "5", "--new-every", "0s"],
+    )
+    .await;
     let printed = sim.lines.join("\n");
     assert!(printed.contains("listening at http://127.0.0.1:"), "{printed}");
     let config = sim_dir.join("config.toml");
@@ -777,4 +782,54 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
     );
     assert!(b["finished_at"].is_string(), "{json}");
     crate::support::compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The two harsher servers `simulate` offers by hand: a rate limit below the configured rate
+/// (the sync completes, says once that ChartHero refused requests, and few are refused), and
+/// responses in a changing order (a second sync changes nothing and fetches no content).
+async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_takes_in_stride() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_dir = dir.path().join("sim");
+    let _sim = Simulate::start(
+        &sim_dir,
+        &[
+            "--encounters",
+            "100",
+            "--days",
+            "5",
+            "--new-every",
+            "0s",
+            "--rate-limit",
+            "40",
+            "--unordered",
+        ],
+    )
+    .await;
+    let config = sim_dir.join("config.toml");
+    let sync = || {
+        let mut cmd = charthero_sync();
+        cmd.arg("--config").arg(&config).arg("sync");
+        run_within(cmd, Duration::from_secs(120))
+    };
+    let first = sync().await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let warned = text(&first).matches("ChartHero refused a request (429)").count();
+    assert_eq!(warned, 1, "{}", text(&first));
+    let second = sync().await;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert!(
+        text(&second).contains("0 new, 0 changed") && text(&second).contains("0 documents, 0 transcripts"),
+        "{}",
+        text(&second)
+    );
+    let db: PathBuf = sim_dir.join("warehouse.db");
+    let (runs, retries): (i64, i64) = reader(&db)
+        .query_row("SELECT count(*), sum(retries) FROM sync_runs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(runs, 2);
+    // The server did refuse some of the requests at 500 configured, and each was retried.
+    assert!(retries >= 1, "{retries} requests retried");
 }
