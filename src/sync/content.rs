@@ -374,7 +374,13 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
                     .write(move |c| c.save_transcript(&item, &record, OffsetDateTime::now_utc())),
             )
         }
-        Err(e) if gone(&e) => Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item))),
+        // `encounter_not_found` is the one 404 the contract documents, and a server may answer
+        // it for a transcript not generated yet although its document reads final: whether the
+        // encounter is gone is the list's to say (a removed encounter's work is never claimed),
+        // so here it is "not ready yet", like any other 4xx of the transcript route.
+        Err(e) if gone(&e) && e.reason_code() != Some("encounter_not_found") => {
+            Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item)))
+        }
         // The vendor does not document what an unfinished transcript answers; any other
         // "this resource, not now" status means: not ready yet.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
