@@ -532,14 +532,15 @@ pub(super) async fn scan(
             }
             // Upstream changed while we paged, or the total counts records it never lists. A
             // narrower window takes fewer requests, so fewer changes can land during it:
-            // re-scan the older half — unless nothing moved in this window yet and either this
-            // server was seen counting records it never lists, or the last disagreement could
-            // not be compared (its half was placed by rendered instants the server rounds):
-            // then the same range is read again, which shows the same records again.
+            // re-scan the older half — unless the last disagreement could not be compared (its
+            // half was placed by rendered instants the server rounds: only a second read of the
+            // same half can show it), or nothing moved in this window yet and this server was
+            // seen counting records it never lists: then the same range is read again, which
+            // shows the same records again. Halving again after a half that could not be
+            // compared would never compare one.
             let again = possible
                 && !comparable
-                && !changed
-                && (ctx.org.totals_count_unlisted.is_known() || disagreement.is_some());
+                && (disagreement.is_some() || (!changed && ctx.org.totals_count_unlisted.is_known()));
             let unit = ctx.org.query_unit();
             let mid = median_instant(&pass.seen)
                 .map(|m| m.floor_to(unit))
