@@ -350,6 +350,20 @@ async fn short_pages_of_a_server_rendering_coarser_than_it_sorts_are_read_by_off
     eprintln!("coarse rendering, pages of 37: {list_requests} list requests for 1,600 encounters");
 }
 
+/// Makes one encounter in a hundred unavailable to the key (demo/training or another
+/// organization's, alternately), all through the simulator's history.
+fn hide_one_in_a_hundred(env: &TestEnv) {
+    let snapshot = env.sim.snapshot();
+    for (i, encounter) in snapshot.iter().enumerate().filter(|(i, _)| i % 100 == 37) {
+        let why = if i % 200 == 37 {
+            Unavailable::DemoTraining
+        } else {
+            Unavailable::CrossOrganization
+        };
+        env.sim.mark_unavailable(&encounter.encounter_id, why);
+    }
+}
+
 both_backends!(
     #[tokio::test]
     a_half_placed_by_rounded_instants_is_read_twice_even_after_upstream_seemed_to_change
@@ -381,15 +395,7 @@ async fn a_half_placed_by_rounded_instants_is_read_twice_even_after_upstream_see
             },
         )
         .await;
-        let snapshot = env.sim.snapshot();
-        for (i, encounter) in snapshot.iter().enumerate().filter(|(i, _)| i % 100 == 37) {
-            let why = if i % 200 == 37 {
-                Unavailable::DemoTraining
-            } else {
-                Unavailable::CrossOrganization
-            };
-            env.sim.mark_unavailable(&encounter.encounter_id, why);
-        }
+        hide_one_in_a_hundred(&env);
         let mut raw = env.raw_config();
         raw.sync.start_at = "2026-09-01T00:00:00Z".into();
         raw.content.details = false;
@@ -435,15 +441,7 @@ async fn one_in_a_hundred_encounters_counted_but_never_listed_all_through_histor
             },
         )
         .await;
-        let snapshot = env.sim.snapshot();
-        for (i, encounter) in snapshot.iter().enumerate().filter(|(i, _)| i % 100 == 37) {
-            let why = if i % 200 == 37 {
-                Unavailable::DemoTraining
-            } else {
-                Unavailable::CrossOrganization
-            };
-            env.sim.mark_unavailable(&encounter.encounter_id, why);
-        }
+        hide_one_in_a_hundred(&env);
         let config = env.encounters_only_config();
         let report = env.sync(&config, live()).await;
         assert!(report.is_complete(), "{rendering:?}: {report:?}");
