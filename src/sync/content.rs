@@ -374,13 +374,7 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
                     .write(move |c| c.save_transcript(&item, &record, OffsetDateTime::now_utc())),
             )
         }
-        // `encounter_not_found` is the one 404 the contract documents, and a server may answer
-        // it for a transcript not generated yet although its document reads final: whether the
-        // encounter is gone is the list's to say (a removed encounter's work is never claimed),
-        // so here it is "not ready yet", like any other 4xx of the transcript route.
-        Err(e) if gone(&e) && e.reason_code() != Some("encounter_not_found") => {
-            Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item)))
-        }
+        Err(e) if gone(&e) => Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item))),
         // The vendor does not document what an unfinished transcript answers; any other
         // "this resource, not now" status means: not ready yet.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
@@ -396,18 +390,16 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
     }
 }
 
-/// The record itself is gone or not ours, as opposed to "not ready yet" — and as opposed to a
-/// route closed to the key or the organization (403 `route_not_allowed`, `missing_scope`, …),
+/// The transcript itself is gone or not ours, as opposed to "not ready yet" — and as opposed to
+/// a route closed to the key or the organization (403 `route_not_allowed`, `missing_scope`, …),
 /// which the route gate reports and a later cycle retries once the operator or vendor acted.
+/// Not `encounter_not_found`: the one 404 the contract documents, a server may answer it for a
+/// transcript not generated yet although its document reads final, and whether the encounter
+/// is gone is the list's to say (a removed encounter's work is never claimed).
 fn gone(e: &ApiError) -> bool {
     matches!(
         e.reason_code(),
-        Some(
-            "encounter_not_found"
-                | "unsupported_document_type"
-                | "cross_organization_denied"
-                | "demo_training_denied"
-        )
+        Some("unsupported_document_type" | "cross_organization_denied" | "demo_training_denied")
     )
 }
 

@@ -345,6 +345,8 @@ pub fn transcript_not_ready(
          WHERE document_id = ?1 AND content_seq = ?3",
         params![document_id, next_at, item.content_seq],
     )?;
+    // An answer, if not the transcript: what once exhausted its retries is no longer failing.
+    clear_dead_letter(conn, item.work, document_id)?;
     Ok(())
 }
 
