@@ -208,6 +208,22 @@ macro_rules! unfinished_document_statuses {
 
 use unfinished_document_statuses;
 
+/// `SELECT count(*)` of the content work in `$state` (e.g. `"detail_state = 'pending'"`) that a
+/// cycle may still claim: of a live document of a live encounter (`claim_work`'s rule), so that
+/// `status`'s queue and ETA leave out what a removal ended; `$and` adds a condition on `d`.
+macro_rules! queued_work_sql {
+    ($state:literal, $and:literal) => {
+        concat!(
+            "SELECT count(*) FROM documents d WHERE d.",
+            $state,
+            " AND d.removed_at IS NULL AND EXISTS (SELECT 1 FROM encounters e
+                WHERE e.encounter_id = d.encounter_id AND e.removed_at IS NULL)",
+            $and
+        )
+    };
+}
+use queued_work_sql;
+
 /// [`may_be_final`] as SQL over the status column (or expression) `$status`, a literal.
 macro_rules! may_be_final_sql {
     ($status:literal) => {

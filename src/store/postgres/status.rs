@@ -76,16 +76,22 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
     };
     let reason_code = last_error.as_ref().and_then(|e| e.reason_code.clone());
     let counts = db.query_one(
-        "SELECT (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NULL),
+        concat!(
+            "SELECT (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NULL),
                 (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NOT NULL),
                 (SELECT count(*) FROM documents WHERE organization_id = $1 AND removed_at IS NULL),
                 (SELECT count(*) FROM transcripts WHERE organization_id = $1),
                 (SELECT count(*) FROM dead_letters WHERE organization = $2),
-                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running')),
-                (SELECT count(*) FROM documents WHERE detail_state = 'pending' AND organization_id = $1),
-                (SELECT count(*) FROM documents WHERE transcript_state = 'pending' AND organization_id = $1),
-                (SELECT count(*) FROM documents WHERE transcript_state = 'not_ready' AND organization_id = $1),
-                (SELECT count(*) FROM documents WHERE audio_state = 'pending' AND organization_id = $1)",
+                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running')), (",
+            crate::store::queued_work_sql!("detail_state = 'pending'", " AND d.organization_id = $1"),
+            "), (",
+            crate::store::queued_work_sql!("transcript_state = 'pending'", " AND d.organization_id = $1"),
+            "), (",
+            crate::store::queued_work_sql!("transcript_state = 'not_ready'", " AND d.organization_id = $1"),
+            "), (",
+            crate::store::queued_work_sql!("audio_state = 'pending'", " AND d.organization_id = $1"),
+            ")"
+        ),
         &[&organization_id, &name],
     )?;
     let running_cycle = db
@@ -168,19 +174,24 @@ pub fn read_status(
         .map(|n| read_organization(db, n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let c = db.query_one(
-        "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
+        concat!(
+            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 (SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL),
                 (SELECT count(*) FROM patients),
                 (SELECT count(*) FROM documents WHERE removed_at IS NULL),
                 (SELECT count(*) FROM documents WHERE content_text IS NOT NULL),
                 (SELECT count(*) FROM transcripts),
                 (SELECT count(*) FROM transcript_turns),
-                (SELECT count(*) FROM recordings),
-                (SELECT count(*) FROM documents WHERE detail_state = 'pending'),
-                (SELECT count(*) FROM documents WHERE transcript_state = 'pending'),
-                (SELECT count(*) FROM documents WHERE transcript_state = 'not_ready'),
-                (SELECT count(*) FROM documents WHERE audio_state = 'pending'),
-                (SELECT count(*) FROM dead_letters)",
+                (SELECT count(*) FROM recordings), (",
+            crate::store::queued_work_sql!("detail_state = 'pending'", ""),
+            "), (",
+            crate::store::queued_work_sql!("transcript_state = 'pending'", ""),
+            "), (",
+            crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
+            "), (",
+            crate::store::queued_work_sql!("audio_state = 'pending'", ""),
+            "), (SELECT count(*) FROM dead_letters)"
+        ),
         &[],
     )?;
     let rows = Rows {
@@ -604,7 +615,13 @@ pub(super) mod tests {
                     document("doc_x", "intake_form", None),
                 ],
             ),
-            encounter("enc_3", "org_1", ns(-30), vec![]),
+            // Removed below: its note's detail is never claimed, so no queue counts it.
+            encounter(
+                "enc_3",
+                "org_1",
+                ns(-30),
+                vec![document("doc_gone", "document", None)],
+            ),
         ];
         w.commit(
             &page,
@@ -775,6 +792,9 @@ pub(super) mod tests {
         );
         assert_eq!(status["rows"]["encounters_removed"], 1);
         assert_eq!(status["queue"]["transcripts_not_ready"], 1);
+        // doc_x's detail; not doc_n1's (done) nor doc_gone's (its encounter was removed).
+        assert_eq!(status["queue"]["documents_pending"], 1);
+        assert_eq!(status["organizations"][0]["queue"]["documents_pending"], 1);
         assert!(
             status["backfills"]
                 .as_array()

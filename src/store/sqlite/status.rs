@@ -174,18 +174,22 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
         )?,
         running_cycle,
         queue: Queue {
-            documents_pending: per_org(
-                "SELECT count(*) FROM documents WHERE detail_state = 'pending' AND organization_id = ?1",
-            )?,
-            transcripts_pending: per_org(
-                "SELECT count(*) FROM documents WHERE transcript_state = 'pending' AND organization_id = ?1",
-            )?,
-            transcripts_not_ready: per_org(
-                "SELECT count(*) FROM documents WHERE transcript_state = 'not_ready' AND organization_id = ?1",
-            )?,
-            recordings_pending: per_org(
-                "SELECT count(*) FROM documents WHERE audio_state = 'pending' AND organization_id = ?1",
-            )?,
+            documents_pending: per_org(crate::store::queued_work_sql!(
+                "detail_state = 'pending'",
+                " AND d.organization_id = ?1"
+            ))?,
+            transcripts_pending: per_org(crate::store::queued_work_sql!(
+                "transcript_state = 'pending'",
+                " AND d.organization_id = ?1"
+            ))?,
+            transcripts_not_ready: per_org(crate::store::queued_work_sql!(
+                "transcript_state = 'not_ready'",
+                " AND d.organization_id = ?1"
+            ))?,
+            recordings_pending: per_org(crate::store::queued_work_sql!(
+                "audio_state = 'pending'",
+                " AND d.organization_id = ?1"
+            ))?,
         },
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
@@ -237,19 +241,19 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
     let queue = Queue {
         documents_pending: count(
             conn,
-            "SELECT count(*) FROM documents WHERE detail_state = 'pending'",
+            crate::store::queued_work_sql!("detail_state = 'pending'", ""),
         )?,
         transcripts_pending: count(
             conn,
-            "SELECT count(*) FROM documents WHERE transcript_state = 'pending'",
+            crate::store::queued_work_sql!("transcript_state = 'pending'", ""),
         )?,
         transcripts_not_ready: count(
             conn,
-            "SELECT count(*) FROM documents WHERE transcript_state = 'not_ready'",
+            crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
         )?,
         recordings_pending: count(
             conn,
-            "SELECT count(*) FROM documents WHERE audio_state = 'pending'",
+            crate::store::queued_work_sql!("audio_state = 'pending'", ""),
         )?,
     };
     let runs = conn
