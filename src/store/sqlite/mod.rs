@@ -439,9 +439,13 @@ impl Reader for Connection {
         end_ns: i64,
     ) -> anyhow::Result<u64> {
         staging::merge_before(self)?;
-        // On a read-only connection (`status`), staged encounters stay staged: count them too.
-        Ok(live_count_in_range(self, organization_id, start_ns, end_ns)?
-            + status::staged_in_range(self, organization_id, start_ns, end_ns)?)
+        let stored = live_count_in_range(self, organization_id, start_ns, end_ns)?;
+        // The writer merged what was staged; on a read-only connection (`status`) staged
+        // encounters stay staged: count them too.
+        if !self.is_readonly(rusqlite::MAIN_DB)? {
+            return Ok(stored);
+        }
+        Ok(stored + status::staged_in_range(self, organization_id, start_ns, end_ns)?)
     }
     fn status(&self, now: OffsetDateTime, configured: &[String]) -> anyhow::Result<Status> {
         staging::merge_before(self)?;
