@@ -150,6 +150,9 @@ pub struct Rows {
 #[derive(Debug, Default, Serialize)]
 pub struct Queue {
     pub documents_pending: i64,
+    /// Notes the document route did not find while the list shows them, asked again on the
+    /// not-ready schedule (docs/content.md).
+    pub notes_not_ready: i64,
     pub transcripts_pending: i64,
     pub transcripts_not_ready: i64,
     pub recordings_pending: i64,
@@ -540,8 +543,12 @@ impl Status {
         let q = &self.queue;
         let _ = writeln!(
             out,
-            "queue: {} documents, {} transcripts ({} not ready yet), {} recordings",
-            q.documents_pending, q.transcripts_pending, q.transcripts_not_ready, q.recordings_pending
+            "queue: {} documents ({} not found yet), {} transcripts ({} not ready yet), {} recordings",
+            q.documents_pending,
+            q.notes_not_ready,
+            q.transcripts_pending,
+            q.transcripts_not_ready,
+            q.recordings_pending
         );
         if !self.disabled_routes.is_empty() {
             let _ = writeln!(

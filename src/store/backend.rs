@@ -60,8 +60,9 @@ pub trait WriteTx {
         t: &TranscriptRecord,
         now: OffsetDateTime,
     ) -> anyhow::Result<()>;
-    /// Schedules the next look at a transcript that is not finished yet.
-    fn transcript_not_ready(
+    /// Schedules the next look at a transcript that is not finished yet, or at a note the
+    /// document route did not find while the list shows it ([`crate::store::NotReady`]).
+    fn not_ready(
         &self,
         item: &WorkItem,
         schedule: &[std::time::Duration],

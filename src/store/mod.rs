@@ -25,6 +25,7 @@ pub use postgres::connect::{
     ServerReport, Transport, WriterLease, describe as describe_postgres, drop_schema as drop_postgres_schema,
     try_writer_lock as try_postgres_writer_lock,
 };
+pub(crate) use records::NotReady;
 pub use records::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
@@ -268,8 +269,10 @@ macro_rules! requeue_changed_documents {
         concat!(
             "content_seq = content_seq + 1,
          detail_state = CASE
-             WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable')
+             WHEN schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable', 'not_ready')
              THEN 'pending' ELSE detail_state END,
+         detail_attempts = CASE WHEN schema_type <> 'ambient_transcript' THEN 0 ELSE detail_attempts END,
+         detail_next_at_ns = CASE WHEN schema_type <> 'ambient_transcript' THEN NULL ELSE detail_next_at_ns END,
          transcript_state = CASE
              WHEN schema_type = 'ambient_transcript' AND ",
             $crate::store::may_be_final_sql!("status"),
@@ -300,7 +303,7 @@ macro_rules! requeue_content_sql {
             "UPDATE documents SET ",
             $crate::store::requeue_changed_documents!(),
             " WHERE removed_at IS NULL
-                AND ((schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable'))
+                AND ((schema_type <> 'ambient_transcript' AND detail_state IN ('done', 'unavailable', 'not_ready'))
                      OR (schema_type = 'ambient_transcript' AND ",
             $crate::store::may_be_final_sql!("status"),
             "))

@@ -247,6 +247,64 @@ pub struct WorkItem {
     pub detail_updated_at: Option<String>,
 }
 
+/// Where an answer of "not yet" leaves a work item — the transcript route's for an unfinished
+/// transcript, the document route's "not found" for a note its encounter still lists: asked
+/// again after the next delay of the schedule, counted in `{prefix}_attempts`; once the
+/// schedule is exhausted, only when the document changes. A transcript then stays
+/// `not_ready`; a note becomes `unavailable`, the contract's reading of a lasting 404.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NotReady {
+    prefix: &'static str,
+    pub(crate) state: &'static str,
+    /// When to ask again (nanoseconds since the epoch); `None` once the schedule is exhausted.
+    pub(crate) next_at_ns: Option<i64>,
+}
+
+impl NotReady {
+    /// The prefix of `work`'s queue columns (`detail_state`, `detail_attempts`, …).
+    pub(crate) fn prefix(work: Work) -> anyhow::Result<&'static str> {
+        match work {
+            Work::Document => Ok("detail"),
+            Work::Transcript => Ok("transcript"),
+            Work::Audio => anyhow::bail!("a recording has no not-ready schedule"),
+        }
+    }
+
+    /// The outcome of one more "not yet" for `work` after `attempts` earlier ones.
+    pub(crate) fn after(
+        work: Work,
+        attempts: i64,
+        schedule: &[std::time::Duration],
+        now: time::OffsetDateTime,
+    ) -> anyhow::Result<NotReady> {
+        let prefix = NotReady::prefix(work)?;
+        let next_at_ns = usize::try_from(attempts)
+            .ok()
+            .and_then(|a| schedule.get(a))
+            .map(|d| crate::timefmt::unix_nanos(now + *d));
+        let state = match (work, next_at_ns) {
+            (Work::Document, None) => "unavailable",
+            _ => "not_ready",
+        };
+        Ok(NotReady {
+            prefix,
+            state,
+            next_at_ns,
+        })
+    }
+
+    /// The UPDATE that records it, given the backend's placeholders for the document ID, the
+    /// state, the next time and the `content_seq` the item was claimed at (a document that
+    /// changed meanwhile stays queued).
+    pub(crate) fn update_sql(&self, id: &str, state: &str, next_at: &str, seq: &str) -> String {
+        let p = self.prefix;
+        format!(
+            "UPDATE documents SET {p}_state = {state}, {p}_attempts = {p}_attempts + 1, {p}_next_at_ns = {next_at}
+             WHERE document_id = {id} AND content_seq = {seq}"
+        )
+    }
+}
+
 /// What the document route said about a document.
 #[derive(Debug, Clone)]
 pub enum DetailOutcome {
@@ -265,7 +323,7 @@ pub enum DetailOutcome {
     },
     /// 400 `unsupported_document_type`: recorded, not asked again unless the type changes.
     Unsupported,
-    /// 403/404 for this record.
+    /// 403 `cross_organization_denied` or `demo_training_denied`: not this key's record.
     Unavailable,
 }
 

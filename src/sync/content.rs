@@ -26,8 +26,9 @@ use crate::store::{DetailOutcome, Pending, RecordingRecord, RunCounts, Transcrip
 /// Items claimed from the queue at a time; bounds memory whatever the backlog.
 const BATCH: usize = 128;
 
-/// When the transcript route says "not yet" for a finished document: ask again after these
-/// delays, then only when the document changes.
+/// When the transcript route says "not yet" for a finished document, or the document route "not
+/// found" for a note its encounter's listing shows: ask again after these delays, then only
+/// when the document changes.
 const NOT_READY_SCHEDULE: [Duration; 5] = [
     Duration::from_secs(60),
     Duration::from_secs(5 * 60),
@@ -326,12 +327,22 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, A
             created_at: a.created_at.0,
             updated_at: a.updated_at.0,
         },
+        Err(e) if e.reason_code() == Some("unsupported_document_type") => DetailOutcome::Unsupported,
+        Err(e) if gone(&e) => DetailOutcome::Unavailable,
+        // 404 (`encounter_not_found` included), 409 or 410 for a note its encounter's listing
+        // still shows: a document route that lags the list, until the schedule says otherwise.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
-            if e.reason_code() == Some("unsupported_document_type") {
-                DetailOutcome::Unsupported
-            } else {
-                DetailOutcome::Unavailable
-            }
+            tracing::debug!(
+                document_id = item.document_id,
+                status = e.status(),
+                "document detail not found yet"
+            );
+            let item = item.clone();
+            return Fetched::new(
+                Done::Other,
+                ctx.writer
+                    .write(move |c| c.not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())),
+            );
         }
         Err(e) => return Err(e),
     };
@@ -381,21 +392,21 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
             tracing::debug!(document_id = doc, status = e.status(), "transcript not ready yet");
             Fetched::new(
                 Done::Other,
-                ctx.writer.write(move |c| {
-                    c.transcript_not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())
-                }),
+                ctx.writer
+                    .write(move |c| c.not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())),
             )
         }
         Err(e) => Err(e),
     }
 }
 
-/// The transcript itself is gone or not ours, as opposed to "not ready yet" — and as opposed to
-/// a route closed to the key or the organization (403 `route_not_allowed`, `missing_scope`, …),
-/// which the route gate reports and a later cycle retries once the operator or vendor acted.
-/// Not `encounter_not_found`: the one 404 the contract documents, a server may answer it for a
-/// transcript not generated yet although its document reads final, and whether the encounter
-/// is gone is the list's to say (a removed encounter's work is never claimed).
+/// The note or transcript itself is gone or not ours, as opposed to "not ready yet" — and as
+/// opposed to a route closed to the key or the organization (403 `route_not_allowed`,
+/// `missing_scope`, …), which the route gate reports and a later cycle retries once the
+/// operator or vendor acted. Not `encounter_not_found`: the one 404 the contract documents, a
+/// server may answer it for a transcript not generated yet although its document reads final,
+/// or for a note its document route has not caught up with, and whether the encounter is gone
+/// is the list's to say (a removed encounter's work is never claimed).
 fn gone(e: &ApiError) -> bool {
     matches!(
         e.reason_code(),

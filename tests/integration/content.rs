@@ -1192,6 +1192,118 @@ async fn a_server_limit_below_the_configured_rate_costs_few_rejected_requests(ba
 
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_note_the_document_route_does_not_find_while_its_encounter_is_listed_arrives_on_the_schedule
+);
+/// A document route that lags the list (a replica, a search index filled first) answers 404
+/// `encounter_not_found` for notes the list already shows. Before, each such note was marked
+/// unavailable and its text missing until its encounter changed; now it is asked again after
+/// 1 min, 5 min, 15 min, 1 h and 6 h, one request each, and arrives. A lasting 404 ends as
+/// unavailable, as the contract says, and a change of the encounter asks once more.
+async fn a_note_the_document_route_does_not_find_while_its_encounter_is_listed_arrives_on_the_schedule(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(backend, sim_options(96, 80)).await;
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::Document),
+        skip: 0,
+        times: 5,
+        fault: Fault::status(404, "encounter_not_found"),
+    });
+    let config = env.config();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    let notes = |env: &TestEnv, state: &str| -> i64 {
+        env.warehouse.scalar(
+            "SELECT count(*) FROM documents WHERE schema_type = 'document' AND detail_state = ?1",
+            &[&state],
+        )
+    };
+    assert_eq!((notes(&env, "not_ready"), notes(&env, "unavailable")), (5, 0));
+    let texts_missing = |env: &TestEnv| -> i64 {
+        env.warehouse.scalar(
+            "SELECT count(*) FROM documents WHERE schema_type = 'document' AND content_text IS NULL",
+            &[],
+        )
+    };
+    assert_eq!(texts_missing(&env), 5);
+    let (queued, report) = crate::support::off_runtime(|| {
+        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let status = charthero_sync::status::read(warehouse.as_ref(), now, &["default".to_owned()]).unwrap();
+        (status.organizations[0].queue.notes_not_ready, status.render())
+    });
+    assert_eq!(queued, 5, "{report}");
+    assert!(
+        report.contains("queue: 0 documents (5 not found yet)"),
+        "{report}"
+    );
+    // Not due yet: the next cycle asks nothing.
+    env.sim.reset_stats();
+    let early = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::Document), 0, "{early:?}");
+    // The first minute has passed; the route has caught up with three of them.
+    env.warehouse
+        .execute("UPDATE documents SET detail_next_at_ns = 0 WHERE detail_state = 'not_ready'");
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::Document),
+        skip: 0,
+        times: 2,
+        fault: Fault::status(404, "encounter_not_found"),
+    });
+    env.sim.reset_stats();
+    let again = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(again.counts.documents_fetched, 3, "{again:?}");
+    assert_eq!(env.sim.stats().route(SimRoute::Document), 5);
+    assert_eq!((notes(&env, "not_ready"), texts_missing(&env)), (2, 2));
+    let attempts: i64 = env.warehouse.scalar(
+        "SELECT min(detail_attempts) FROM documents WHERE detail_state = 'not_ready'",
+        &[],
+    );
+    assert_eq!(attempts, 2);
+    // The schedule runs out with the route still saying "not found": unavailable, asked no more.
+    for _ in 0..4 {
+        env.warehouse
+            .execute("UPDATE documents SET detail_next_at_ns = 0 WHERE detail_state = 'not_ready'");
+        env.sim.push_fault(FaultRule {
+            route: Some(SimRoute::Document),
+            skip: 0,
+            times: 2,
+            fault: Fault::status(404, "encounter_not_found"),
+        });
+        env.sync(&config, CyclePlan::full(None, false)).await;
+    }
+    assert_eq!((notes(&env, "not_ready"), notes(&env, "unavailable")), (0, 2));
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::Document), 0);
+    // A change of the encounter asks the note again, and it arrives.
+    let missing: Vec<String> = env.warehouse.column(
+        "SELECT encounter_id FROM documents WHERE detail_state = 'unavailable' ORDER BY 1",
+        &[],
+    );
+    for encounter_id in &missing {
+        env.sim.update_status(encounter_id, "signed");
+    }
+    // One request per note of each changed encounter (docs/content.md), the two included.
+    let notes_of_changed: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM documents WHERE schema_type = 'document' AND removed_at IS NULL
+            AND encounter_id IN (SELECT encounter_id FROM documents WHERE detail_state = 'unavailable')",
+        &[],
+    );
+    assert!(notes_of_changed >= 2);
+    let all = charthero_sync::sync::BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(Some(all), false)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::Document) as i64, notes_of_changed);
+    assert_eq!(notes(&env, "unavailable"), 0);
+    assert_content_equal(&env);
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_transcript_answered_encounter_not_found_while_its_encounter_is_listed_arrives_on_the_schedule
 );
 /// What an unfinished transcript answers is not documented, and the one 404 the contract names

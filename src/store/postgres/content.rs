@@ -19,7 +19,7 @@ use anyhow::Context;
 use postgres::GenericClient;
 use time::OffsetDateTime;
 
-use crate::store::{DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem};
+use crate::store::{DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
@@ -54,7 +54,8 @@ pub fn claim_work(
         "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
-             SELECT 'document' AS work, document_id FROM documents WHERE detail_state = 'pending'
+             SELECT 'document' AS work, document_id FROM documents
+              WHERE detail_state = 'pending' OR (detail_state = 'not_ready' AND detail_next_at_ns <= $2)
              UNION ALL
              SELECT 'transcript', document_id FROM documents
               WHERE transcript_state = 'pending'
@@ -173,7 +174,8 @@ pub fn save_detail(
             db.execute(
                 "UPDATE documents SET content_format = $2, content_text = $3, detail_created_at = $4,
                      detail_updated_at = $5, changed_at = $6,
-                     detail_state = CASE WHEN content_seq = $7 THEN 'done' ELSE detail_state END
+                     detail_state = CASE WHEN content_seq = $7 THEN 'done' ELSE detail_state END,
+                     detail_attempts = 0, detail_next_at_ns = NULL
                  WHERE document_id = $1",
                 &[
                     &document_id,
@@ -376,33 +378,34 @@ fn replace_transcript(
     Ok(())
 }
 
-/// The transcript route said "not yet": try again after the next delay of `schedule`, or, once
-/// the schedule is exhausted, only after the document changes (at once when it changed while
-/// the request was under way).
-pub fn transcript_not_ready(
+/// The route said "not yet" ([`NotReady`]): asked again after the next delay of `schedule`, or,
+/// once the schedule is exhausted, only after the document changes (at once when it changed
+/// while the request was under way).
+pub fn not_ready(
     db: &mut impl GenericClient,
     item: &WorkItem,
     schedule: &[std::time::Duration],
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
+    let prefix = NotReady::prefix(item.work)?;
     let attempts: i64 = db
         .query_one(
-            "SELECT transcript_attempts FROM documents WHERE document_id = $1",
+            &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = $1"),
             &[&document_id],
         )?
         .try_get(0)?;
-    let next_at = usize::try_from(attempts)
-        .ok()
-        .and_then(|a| schedule.get(a))
-        .map(|d| unix_nanos(now + *d));
+    let outcome = NotReady::after(item.work, attempts, schedule, now)?;
     db.execute(
-        "UPDATE documents SET transcript_state = 'not_ready', transcript_attempts = transcript_attempts + 1,
-             transcript_next_at_ns = $2
-         WHERE document_id = $1 AND content_seq = $3",
-        &[&document_id, &next_at, &item.content_seq],
+        &outcome.update_sql("$1", "$2", "$3", "$4"),
+        &[
+            &document_id,
+            &outcome.state,
+            &outcome.next_at_ns,
+            &item.content_seq,
+        ],
     )?;
-    // An answer, if not the transcript: what once exhausted its retries is no longer failing.
+    // An answer, if not the content: what once exhausted its retries is no longer failing.
     clear_dead_letter(db, item.work, document_id)?;
     Ok(())
 }
@@ -1060,12 +1063,12 @@ pub(super) mod tests {
         let schedule = [Duration::from_secs(60)];
         let now = OffsetDateTime::now_utc();
         let item = claim(c, Work::Transcript, "doc_a").unwrap();
-        save(c, |tx| transcript_not_ready(tx, &item, &schedule, now));
+        save(c, |tx| not_ready(tx, &item, &schedule, now));
         let due = |c: &mut Client, at| claimable_at(c, at).iter().any(|i| i.document_id == "doc_a");
         assert!(!due(c, now + time::Duration::seconds(59)));
         assert!(due(c, now + time::Duration::seconds(60)));
         // The schedule is exhausted: only a change of the document asks it again.
-        save(c, |tx| transcript_not_ready(tx, &item, &schedule, now));
+        save(c, |tx| not_ready(tx, &item, &schedule, now));
         assert!(!due(c, now + time::Duration::days(365)));
         let row = c
             .query_one(
@@ -1275,6 +1278,8 @@ pub(super) mod tests {
                     ("detail_updated_at", Time),
                     ("changed_at", Time),
                     ("detail_state", Text),
+                    ("detail_attempts", Text),
+                    ("detail_next_at_ns", Text),
                     ("transcript_state", Text),
                     ("transcript_attempts", Text),
                     ("transcript_next_at_ns", Text),
@@ -1465,7 +1470,7 @@ pub(super) mod tests {
                             tx.dead_letter("default", item, 1, Some("server_error"), "HTTP 500", at(6))?
                         }
                         (Work::Transcript, "doc_l") => {
-                            tx.transcript_not_ready(item, &[Duration::from_secs(60)], at(6))?
+                            tx.not_ready(item, &[Duration::from_secs(60)], at(6))?
                         }
                         (Work::Transcript, _) => {
                             tx.save_transcript(item, &transcript("A headache."), at(6))?
@@ -1495,10 +1500,39 @@ pub(super) mod tests {
                 }
                 Ok(())
             });
-            seen.push(sorted_claims(b, 2, at(80)));
+            // The dead-lettered note, asked again the next run, is not found while its
+            // encounter is listed: asked once more on the schedule, then unavailable.
+            let schedule = [Duration::from_secs(60)];
+            for (claimed, answered) in [(80, 81), (141, 142)] {
+                let due = sorted_claims(b, 2, at(claimed));
+                seen.push(due.clone());
+                let note = due
+                    .iter()
+                    .find(|i| i.work == Work::Document)
+                    .expect("the note is due")
+                    .clone();
+                assert_eq!(note.document_id, "doc_n");
+                step(b, &mut |tx| tx.not_ready(&note, &schedule, at(answered)));
+            }
+            seen.push(sorted_claims(b, 2, at(100_000)));
             claims.push(seen);
         }
         assert_eq!(claims[0], claims[1], "claims");
+        assert!(claims[0].last().unwrap().iter().all(|i| i.work != Work::Document));
+        let note = pg
+            .client
+            .get_mut()
+            .query_one(
+                "SELECT detail_state, detail_attempts, detail_next_at_ns FROM documents WHERE document_id = 'doc_n'",
+                &[],
+            )
+            .unwrap();
+        let note: (String, i64, Option<i64>) = (
+            note.try_get(0).unwrap(),
+            note.try_get(1).unwrap(),
+            note.try_get(2).unwrap(),
+        );
+        assert_eq!(note, ("unavailable".to_owned(), 2, None));
         assert_same_rows(&path, pg.client.get_mut(), "the queue's work");
 
         let strict = PrivacyConfig {

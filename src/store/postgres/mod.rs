@@ -242,13 +242,13 @@ impl WriteTx for PgTx<'_> {
     ) -> anyhow::Result<()> {
         content::save_transcript(&mut *self.db(), item, &text::transcript(t), now)
     }
-    fn transcript_not_ready(
+    fn not_ready(
         &self,
         item: &WorkItem,
         schedule: &[std::time::Duration],
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
-        content::transcript_not_ready(&mut *self.db(), item, schedule, now)
+        content::not_ready(&mut *self.db(), item, schedule, now)
     }
     fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()> {
         content::mark_unavailable(&mut *self.db(), item)

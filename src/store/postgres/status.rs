@@ -85,6 +85,8 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
                 (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running')), (",
             crate::store::queued_work_sql!("detail_state = 'pending'", " AND d.organization_id = $1"),
             "), (",
+            crate::store::queued_work_sql!("detail_state = 'not_ready'", " AND d.organization_id = $1"),
+            "), (",
             crate::store::queued_work_sql!("transcript_state = 'pending'", " AND d.organization_id = $1"),
             "), (",
             crate::store::queued_work_sql!("transcript_state = 'not_ready'", " AND d.organization_id = $1"),
@@ -133,9 +135,10 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
         running_cycle,
         queue: Queue {
             documents_pending: counts.try_get(6)?,
-            transcripts_pending: counts.try_get(7)?,
-            transcripts_not_ready: counts.try_get(8)?,
-            recordings_pending: counts.try_get(9)?,
+            notes_not_ready: counts.try_get(7)?,
+            transcripts_pending: counts.try_get(8)?,
+            transcripts_not_ready: counts.try_get(9)?,
+            recordings_pending: counts.try_get(10)?,
         },
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
@@ -185,6 +188,8 @@ pub fn read_status(
                 (SELECT count(*) FROM recordings), (",
             crate::store::queued_work_sql!("detail_state = 'pending'", ""),
             "), (",
+            crate::store::queued_work_sql!("detail_state = 'not_ready'", ""),
+            "), (",
             crate::store::queued_work_sql!("transcript_state = 'pending'", ""),
             "), (",
             crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
@@ -207,9 +212,10 @@ pub fn read_status(
     };
     let queue = Queue {
         documents_pending: c.try_get(8)?,
-        transcripts_pending: c.try_get(9)?,
-        transcripts_not_ready: c.try_get(10)?,
-        recordings_pending: c.try_get(11)?,
+        notes_not_ready: c.try_get(9)?,
+        transcripts_pending: c.try_get(10)?,
+        transcripts_not_ready: c.try_get(11)?,
+        recordings_pending: c.try_get(12)?,
     };
     let runs = db
         .query(
@@ -321,7 +327,7 @@ pub fn read_status(
         runs,
         backfills,
         audit,
-        dead_letter_count: c.try_get(12)?,
+        dead_letter_count: c.try_get(13)?,
         dead_letters,
         disabled_routes,
         last_error,

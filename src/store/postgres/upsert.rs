@@ -365,8 +365,16 @@ fn upsert_documents(
                      WHEN d.schema_type IS DISTINCT FROM EXCLUDED.schema_type THEN EXCLUDED.detail_state
                      WHEN d.schema_type <> 'ambient_transcript'
                           AND d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
-                          AND d.detail_state IN ('done', 'unavailable') THEN 'pending'
+                          AND d.detail_state IN ('done', 'unavailable', 'not_ready') THEN 'pending'
                      ELSE d.detail_state END,
+                 detail_attempts = CASE
+                     WHEN d.schema_type IS DISTINCT FROM EXCLUDED.schema_type
+                          OR d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
+                     THEN 0 ELSE d.detail_attempts END,
+                 detail_next_at_ns = CASE
+                     WHEN d.schema_type IS DISTINCT FROM EXCLUDED.schema_type
+                          OR d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
+                     THEN NULL ELSE d.detail_next_at_ns END,
                  transcript_state = CASE
                      WHEN EXCLUDED.schema_type = 'ambient_transcript'
                           OR d.schema_type IS DISTINCT FROM EXCLUDED.schema_type

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use crate::store::{DetailOutcome, RecordingRecord, TranscriptRecord, Work, WorkItem};
+use crate::store::{DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem};
 use crate::timefmt::{format_stored, unix_nanos};
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
@@ -27,7 +27,8 @@ pub fn claim_work(
         "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
-             SELECT 'document' AS work, document_id FROM documents WHERE detail_state = 'pending'
+             SELECT 'document' AS work, document_id FROM documents
+              WHERE detail_state = 'pending' OR (detail_state = 'not_ready' AND detail_next_at_ns <= ?2)
              UNION ALL
              SELECT 'transcript', document_id FROM documents
               WHERE transcript_state = 'pending'
@@ -133,7 +134,8 @@ pub fn save_detail(
             tx.execute(
                 "UPDATE documents SET content_format = ?2, content_text = ?3, detail_created_at = ?4,
                      detail_updated_at = ?5, changed_at = ?6,
-                     detail_state = CASE WHEN content_seq = ?7 THEN 'done' ELSE detail_state END
+                     detail_state = CASE WHEN content_seq = ?7 THEN 'done' ELSE detail_state END,
+                     detail_attempts = 0, detail_next_at_ns = NULL
                  WHERE document_id = ?1",
                 params![
                     document_id,
@@ -323,29 +325,28 @@ fn replace_transcript(
     Ok(())
 }
 
-/// The transcript route said "not yet": try again after the next delay of `schedule`, or, once
-/// the schedule is exhausted, only after the document changes (at once when it changed while
-/// the request was under way).
-pub fn transcript_not_ready(
+/// The route said "not yet" ([`NotReady`]): asked again after the next delay of `schedule`, or,
+/// once the schedule is exhausted, only after the document changes (at once when it changed
+/// while the request was under way).
+pub fn not_ready(
     conn: &Connection,
     item: &WorkItem,
     schedule: &[std::time::Duration],
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
-    let attempts: u32 = conn.query_row(
-        "SELECT transcript_attempts FROM documents WHERE document_id = ?1",
+    let prefix = NotReady::prefix(item.work)?;
+    let attempts: i64 = conn.query_row(
+        &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = ?1"),
         [document_id],
         |r| r.get(0),
     )?;
-    let next_at = schedule.get(attempts as usize).map(|d| unix_nanos(now + *d));
+    let outcome = NotReady::after(item.work, attempts, schedule, now)?;
     conn.execute(
-        "UPDATE documents SET transcript_state = 'not_ready', transcript_attempts = transcript_attempts + 1,
-             transcript_next_at_ns = ?2
-         WHERE document_id = ?1 AND content_seq = ?3",
-        params![document_id, next_at, item.content_seq],
+        &outcome.update_sql("?1", "?2", "?3", "?4"),
+        params![document_id, outcome.state, outcome.next_at_ns, item.content_seq],
     )?;
-    // An answer, if not the transcript: what once exhausted its retries is no longer failing.
+    // An answer, if not the content: what once exhausted its retries is no longer failing.
     clear_dead_letter(conn, item.work, document_id)?;
     Ok(())
 }

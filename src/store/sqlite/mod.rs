@@ -28,8 +28,8 @@ pub use audit::{
     nth_live_created_ns, open_audit,
 };
 pub use content::{
-    claim_work, dead_letter, mark_unavailable, queue_missing_audio, save_detail, save_recording,
-    save_transcript, transcript_not_ready,
+    claim_work, dead_letter, mark_unavailable, not_ready, queue_missing_audio, save_detail, save_recording,
+    save_transcript,
 };
 pub use ledger::{
     abort_stale_runs, claim_organization_id, complete_through, finish_backfill, finish_run,
@@ -373,14 +373,9 @@ impl WriteTx for Connection {
         staging::merge_before(self)?;
         save_transcript(self, item, t, now)
     }
-    fn transcript_not_ready(
-        &self,
-        item: &WorkItem,
-        schedule: &[Duration],
-        now: OffsetDateTime,
-    ) -> anyhow::Result<()> {
+    fn not_ready(&self, item: &WorkItem, schedule: &[Duration], now: OffsetDateTime) -> anyhow::Result<()> {
         staging::merge_before(self)?;
-        transcript_not_ready(self, item, schedule, now)
+        not_ready(self, item, schedule, now)
     }
     fn mark_unavailable(&self, item: &WorkItem) -> anyhow::Result<()> {
         staging::merge_before(self)?;

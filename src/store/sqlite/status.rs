@@ -178,6 +178,10 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
                 "detail_state = 'pending'",
                 " AND d.organization_id = ?1"
             ))?,
+            notes_not_ready: per_org(crate::store::queued_work_sql!(
+                "detail_state = 'not_ready'",
+                " AND d.organization_id = ?1"
+            ))?,
             transcripts_pending: per_org(crate::store::queued_work_sql!(
                 "transcript_state = 'pending'",
                 " AND d.organization_id = ?1"
@@ -242,6 +246,10 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
         documents_pending: count(
             conn,
             crate::store::queued_work_sql!("detail_state = 'pending'", ""),
+        )?,
+        notes_not_ready: count(
+            conn,
+            crate::store::queued_work_sql!("detail_state = 'not_ready'", ""),
         )?,
         transcripts_pending: count(
             conn,

@@ -41,8 +41,14 @@ pub(super) const DOCUMENT_SEEN_AGAIN: &str = "ON CONFLICT (document_id) DO UPDAT
              detail_state = CASE
                  WHEN schema_type IS NOT excluded.schema_type THEN excluded.detail_state
                  WHEN schema_type <> 'ambient_transcript' AND encounter_id IS NOT excluded.encounter_id
-                      AND detail_state IN ('done', 'unavailable') THEN 'pending'
+                      AND detail_state IN ('done', 'unavailable', 'not_ready') THEN 'pending'
                  ELSE detail_state END,
+             detail_attempts = CASE
+                 WHEN schema_type IS NOT excluded.schema_type OR encounter_id IS NOT excluded.encounter_id
+                 THEN 0 ELSE detail_attempts END,
+             detail_next_at_ns = CASE
+                 WHEN schema_type IS NOT excluded.schema_type OR encounter_id IS NOT excluded.encounter_id
+                 THEN NULL ELSE detail_next_at_ns END,
              transcript_state = CASE
                  WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
                  THEN excluded.transcript_state ELSE transcript_state END,
