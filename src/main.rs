@@ -193,6 +193,11 @@ enum Command {
         /// whitespace, as a server built on unordered maps does.
         #[arg(long)]
         unordered: bool,
+        /// Answer the document route with 404 for a note created less than this long ago
+        /// although the list shows it, as a route served from a lagging replica does: an
+        /// integer and a unit (ms, s, m, h, d), e.g. 2m; 0s, the default, lags nothing.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_interval)]
+        document_lag: std::time::Duration,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (used by
     /// packaging/build-deb).
@@ -216,7 +221,11 @@ fn parse_age(text: &str) -> Result<std::time::Duration, String> {
 }
 
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
-    let d = config::parse_duration("--new-every", text).map_err(|e| e.to_string())?;
+    // clap names the flag; the message says only what is wrong with the value.
+    let d = config::parse_duration("", text).map_err(|e| match e {
+        config::ConfigError::Invalid { message, .. } => message,
+        other => other.to_string(),
+    })?;
     if d > std::time::Duration::from_secs(86_400) {
         return Err("must be at most 1d".to_owned());
     }
@@ -487,6 +496,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             new_every,
             rate_limit,
             unordered,
+            document_lag,
         } => {
             refuse_config_flag("simulate", config_flag_given)?;
             let opts = simulate::SimulateOptions {
@@ -497,6 +507,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 new_every,
                 rate_limit,
                 unordered,
+                document_lag,
             };
             let s = simulate::start(&opts).await?;
             let config = s.config_file.display();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use charthero_sim::{NewEncounter, SimOptions, Simulator};
+use charthero_sim::{DocKind, NewEncounter, SimOptions, Simulator};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,8 @@ pub struct SimulateOptions {
     pub rate_limit: Option<u32>,
     /// `SimOptions::unordered_rendering`.
     pub unordered: bool,
+    /// `SimOptions::document_lag`.
+    pub document_lag: Duration,
 }
 
 /// The running simulator and the files written for it.
@@ -72,6 +74,7 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
         start: now - time::Duration::days(i64::from(opts.days)),
         end: now - time::Duration::minutes(5),
         unordered_rendering: opts.unordered,
+        document_lag: opts.document_lag,
         ..SimOptions::default()
     })
     .await
@@ -101,7 +104,8 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
     })
 }
 
-/// Adds a new encounter (created now, with a finalized transcript) every `every` until `stop`.
+/// Adds a new encounter (created now, with a finalized transcript and a note) every `every`
+/// until `stop`.
 pub async fn keep_adding(sim: &Simulator, every: Duration, stop: &CancellationToken) {
     if every.is_zero() {
         stop.cancelled().await;
@@ -113,7 +117,10 @@ pub async fn keep_adding(sim: &Simulator, every: Duration, stop: &CancellationTo
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
-                let id = sim.insert(NewEncounter::at(OffsetDateTime::now_utc()));
+                let id = sim.insert(NewEncounter {
+                    docs: vec![DocKind::AmbientFinal, DocKind::Note],
+                    ..NewEncounter::at(OffsetDateTime::now_utc())
+                });
                 tracing::info!(encounter_id = %id, "simulator: new encounter");
             }
         }
@@ -187,6 +194,7 @@ mod tests {
             new_every: Duration::ZERO,
             rate_limit: None,
             unordered: false,
+            document_lag: Duration::ZERO,
         };
         let s = start(&opts).await.unwrap();
         let config = crate::config::Config::load(&s.config_file).unwrap();

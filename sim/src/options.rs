@@ -108,6 +108,11 @@ pub struct SimOptions {
     /// from one response to the next, and a space after `:` and `,` in every other response.
     /// The values are the same. Default `false`: one fixed order, no whitespace.
     pub unordered_rendering: bool,
+    /// Answer the document route with 404 `encounter_not_found` for a note created less than
+    /// this long ago, although the list already shows it: a route served from a replica or an
+    /// index that lags the list. Default zero: none. Can be changed later with
+    /// `set_document_lag`.
+    pub document_lag: std::time::Duration,
 }
 
 /// How the API renders an encounter's `date_of_service`. The contract's example is an RFC 3339
@@ -254,6 +259,7 @@ impl Default for SimOptions {
             service_dates: ServiceDates::Timestamps,
             decimals_as_strings: false,
             unordered_rendering: false,
+            document_lag: std::time::Duration::ZERO,
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use time::OffsetDateTime;
@@ -160,6 +160,7 @@ impl Simulator {
                 decimals_as_strings: opts.decimals_as_strings,
                 unordered_rendering: opts.unordered_rendering,
                 responses_rendered: AtomicU64::new(0),
+                document_lag_ns: AtomicI64::new(lag_nanos(opts.document_lag)),
                 shutdown,
                 host,
             }),
@@ -612,8 +613,21 @@ impl Simulator {
         lock(&self.inner.rate).set(limit);
     }
 
+    /// Sets how long after its creation the document route still answers 404 for a note
+    /// ([`SimOptions::document_lag`]); zero: never.
+    pub fn set_document_lag(&self, lag: std::time::Duration) {
+        self.inner
+            .document_lag_ns
+            .store(lag_nanos(lag), Ordering::Relaxed);
+    }
+
     /// Sets or clears the list hook.
     pub fn set_list_hook(&self, hook: Option<ListHook>) {
         *write(&self.inner.hook) = hook;
     }
+}
+
+/// A lag in nanoseconds, saturated (a lag of centuries is "never caught up").
+fn lag_nanos(lag: std::time::Duration) -> i64 {
+    i64::try_from(lag.as_nanos()).unwrap_or(i64::MAX)
 }

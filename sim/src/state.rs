@@ -8,7 +8,7 @@
 //! rendering switches it has no behaviour: it starts nothing, handles no request, changes no data.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,8 @@ pub(crate) struct Inner {
     /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
     pub(crate) unordered_rendering: bool,
     pub(crate) responses_rendered: AtomicU64,
+    /// [`crate::SimOptions::document_lag`] in nanoseconds.
+    pub(crate) document_lag_ns: AtomicI64,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.

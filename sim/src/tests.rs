@@ -1429,3 +1429,35 @@ async fn an_empty_list_fault_answers_a_valid_list_request_with_nothing_and_error
     assert_eq!(normal["items"].as_array().unwrap().len(), 7);
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn a_lagging_document_route_does_not_find_new_notes_until_it_catches_up() {
+    let sim = Simulator::start(SimOptions {
+        document_lag: std::time::Duration::from_secs(3600),
+        ..options(0)
+    })
+    .await
+    .unwrap();
+    let docs = vec![DocKind::Note, DocKind::AmbientFinal];
+    let fresh = sim.insert(NewEncounter {
+        docs: docs.clone(),
+        ..NewEncounter::at(OffsetDateTime::now_utc())
+    });
+    let old = sim.insert(NewEncounter {
+        docs,
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
+    });
+    let detail = |id: &str, i: usize| {
+        let document = sim.encounter(id).unwrap().documents[i].document_id.clone();
+        format!("/external/v1/encounters/{id}/documents/{document}")
+    };
+    // Listed, but not found by the document route yet; only notes lag.
+    assert!(ids(&get(&sim, "/external/v1/encounters?limit=10").await.json()).contains(&fresh));
+    let lagging = get(&sim, &detail(&fresh, 0)).await;
+    assert_eq!(lagging.status, 404);
+    assert_eq!(lagging.json()["reason_code"], "encounter_not_found");
+    assert_eq!(get(&sim, &detail(&fresh, 1)).await.status, 200);
+    assert_eq!(get(&sim, &detail(&old, 0)).await.status, 200);
+    sim.set_document_lag(std::time::Duration::ZERO);
+    assert_eq!(get(&sim, &detail(&fresh, 0)).await.status, 200);
+}

@@ -833,3 +833,56 @@ async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_
     // The server did refuse some of the requests at 500 configured, and each was retried.
     assert!(retries >= 1, "{retries} requests retried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `simulate --document-lag`: a document route that does not find notes the list already shows
+/// (the new encounters it adds each second) until they are a day old. The sync completes,
+/// every older note arrives, and the new ones wait on the not-ready schedule, as `status` says,
+/// instead of being given up.
+async fn simulate_serves_a_lagging_document_route_whose_new_notes_a_sync_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_dir = dir.path().join("sim");
+    let _sim = Simulate::start(
+        &sim_dir,
+        &[
+            "--encounters",
+            "60",
+            "--days",
+            "3",
+            "--new-every",
+            "1s",
+            "--document-lag",
+            "1d",
+        ],
+    )
+    .await;
+    // New encounters are listed once older than the settle lag `simulate` configures (5 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let config = sim_dir.join("config.toml");
+    let command = |name: &str| {
+        let mut cmd = charthero_sync();
+        cmd.arg("--config").arg(&config).arg(name);
+        run_within(cmd, Duration::from_secs(120))
+    };
+    let sync = command("sync").await;
+    assert_eq!(sync.status.code(), Some(0), "{}", text(&sync));
+    let db: PathBuf = sim_dir.join("warehouse.db");
+    let (waiting, unavailable, without_text): (i64, i64, i64) = reader(&db)
+        .query_row(
+            "SELECT count(*) FILTER (WHERE detail_state = 'not_ready'),
+                    count(*) FILTER (WHERE detail_state = 'unavailable'),
+                    count(*) FILTER (WHERE content_text IS NULL)
+             FROM documents WHERE schema_type = 'document'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert!(waiting >= 1, "no new note was listed");
+    assert_eq!((unavailable, without_text), (0, waiting));
+    let status = command("status").await;
+    assert!(
+        text(&status).contains(&format!("({waiting} not found yet)")),
+        "{}",
+        text(&status)
+    );
+}
