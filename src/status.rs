@@ -156,6 +156,8 @@ pub struct Queue {
     pub transcripts_pending: i64,
     pub transcripts_not_ready: i64,
     pub recordings_pending: i64,
+    /// Recordings the audio route did not find yet, asked again on the same schedule.
+    pub recordings_not_ready: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -543,12 +545,13 @@ impl Status {
         let q = &self.queue;
         let _ = writeln!(
             out,
-            "queue: {} documents ({} not found yet), {} transcripts ({} not ready yet), {} recordings",
+            "queue: {} documents ({} not found yet), {} transcripts ({} not ready yet), {} recordings ({} not found yet)",
             q.documents_pending,
             q.notes_not_ready,
             q.transcripts_pending,
             q.transcripts_not_ready,
-            q.recordings_pending
+            q.recordings_pending,
+            q.recordings_not_ready
         );
         if !self.disabled_routes.is_empty() {
             let _ = writeln!(

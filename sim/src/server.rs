@@ -561,7 +561,7 @@ fn document(inner: &Inner, target: &Target<'_>) -> Reply {
             return unsupported_document(inner, "document detail");
         }
         let lag = inner.document_lag_ns.load(std::sync::atomic::Ordering::Relaxed);
-        if doc.class == DocClass::Note && now_nanos().saturating_sub(doc.created) < lag {
+        if lag > 0 && doc.class == DocClass::Note && now_nanos().saturating_sub(doc.created) < lag {
             return not_found(inner);
         }
         let text = |sym| store.syms.get(sym).to_owned();

@@ -262,8 +262,9 @@ pub(crate) fn may_be_final(status: Option<&str>) -> bool {
 /// and so is the transcript of an ambient document that may be final ([`may_be_final`]) — a
 /// detail could only say whether the transcript changed, at the price of the one request that
 /// fetches it (`save_transcript` skips the write when it did not); an unfinished ambient
-/// document needs nothing, its summary says when it finishes. `content_seq` tells work fetched
-/// before the change from work after.
+/// document needs nothing, its summary says when it finishes. A recording the audio route did
+/// not find is forgotten, so that `queue_missing_audio` asks for it again if it is final.
+/// `content_seq` tells work fetched before the change from work after.
 macro_rules! requeue_changed_documents {
     () => {
         concat!(
@@ -287,7 +288,11 @@ macro_rules! requeue_changed_documents {
              WHEN schema_type = 'ambient_transcript' AND ",
             $crate::store::may_be_final_sql!("status"),
             " THEN NULL
-             ELSE transcript_next_at_ns END"
+             ELSE transcript_next_at_ns END,
+         audio_state = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL ELSE audio_state END,
+         audio_attempts = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN 0 ELSE audio_attempts END,
+         audio_next_at_ns = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL
+             ELSE audio_next_at_ns END"
         )
     };
 }

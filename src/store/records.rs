@@ -248,10 +248,11 @@ pub struct WorkItem {
 }
 
 /// Where an answer of "not yet" leaves a work item — the transcript route's for an unfinished
-/// transcript, the document route's "not found" for a note its encounter still lists: asked
-/// again after the next delay of the schedule, counted in `{prefix}_attempts`; once the
-/// schedule is exhausted, only when the document changes. A transcript then stays
-/// `not_ready`; a note becomes `unavailable`, the contract's reading of a lasting 404.
+/// transcript, the document or audio route's "not found" for a note or recording its
+/// encounter's listing still shows: asked again after the next delay of the schedule, counted
+/// in `{prefix}_attempts`; once the schedule is exhausted, only when the document changes. A
+/// transcript then stays `not_ready`; a note or a recording becomes `unavailable`, the
+/// contract's reading of a lasting 404.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NotReady {
     prefix: &'static str,
@@ -262,11 +263,11 @@ pub(crate) struct NotReady {
 
 impl NotReady {
     /// The prefix of `work`'s queue columns (`detail_state`, `detail_attempts`, …).
-    pub(crate) fn prefix(work: Work) -> anyhow::Result<&'static str> {
+    pub(crate) fn prefix(work: Work) -> &'static str {
         match work {
-            Work::Document => Ok("detail"),
-            Work::Transcript => Ok("transcript"),
-            Work::Audio => anyhow::bail!("a recording has no not-ready schedule"),
+            Work::Document => "detail",
+            Work::Transcript => "transcript",
+            Work::Audio => "audio",
         }
     }
 
@@ -276,21 +277,21 @@ impl NotReady {
         attempts: i64,
         schedule: &[std::time::Duration],
         now: time::OffsetDateTime,
-    ) -> anyhow::Result<NotReady> {
-        let prefix = NotReady::prefix(work)?;
+    ) -> NotReady {
+        let prefix = NotReady::prefix(work);
         let next_at_ns = usize::try_from(attempts)
             .ok()
             .and_then(|a| schedule.get(a))
             .map(|d| crate::timefmt::unix_nanos(now + *d));
         let state = match (work, next_at_ns) {
-            (Work::Document, None) => "unavailable",
-            _ => "not_ready",
+            (Work::Transcript, _) | (_, Some(_)) => "not_ready",
+            (Work::Document | Work::Audio, None) => "unavailable",
         };
-        Ok(NotReady {
+        NotReady {
             prefix,
             state,
             next_at_ns,
-        })
+        }
     }
 
     /// The UPDATE that records it, given the backend's placeholders for the document ID, the

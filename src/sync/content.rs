@@ -26,9 +26,9 @@ use crate::store::{DetailOutcome, Pending, RecordingRecord, RunCounts, Transcrip
 /// Items claimed from the queue at a time; bounds memory whatever the backlog.
 const BATCH: usize = 128;
 
-/// When the transcript route says "not yet" for a finished document, or the document route "not
-/// found" for a note its encounter's listing shows: ask again after these delays, then only
-/// when the document changes.
+/// When the transcript route says "not yet" for a finished document, or the document or audio
+/// route "not found" for a note or recording its encounter's listing shows: ask again after
+/// these delays, then only when the document changes.
 const NOT_READY_SCHEDULE: [Duration; 5] = [
     Duration::from_secs(60),
     Duration::from_secs(5 * 60),
@@ -327,22 +327,21 @@ async fn fetch_document(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, A
             created_at: a.created_at.0,
             updated_at: a.updated_at.0,
         },
-        Err(e) if e.reason_code() == Some("unsupported_document_type") => DetailOutcome::Unsupported,
-        Err(e) if gone(&e) => DetailOutcome::Unavailable,
-        // 404 (`encounter_not_found` included), 409 or 410 for a note its encounter's listing
-        // still shows: a document route that lags the list, until the schedule says otherwise.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
-            tracing::debug!(
-                document_id = item.document_id,
-                status = e.status(),
-                "document detail not found yet"
-            );
-            let item = item.clone();
-            return Fetched::new(
-                Done::Other,
-                ctx.writer
-                    .write(move |c| c.not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())),
-            );
+            if e.reason_code() == Some("unsupported_document_type") {
+                DetailOutcome::Unsupported
+            } else if gone(&e) {
+                DetailOutcome::Unavailable
+            } else {
+                // 404 (`encounter_not_found` included), 409 or 410 for a note its encounter's
+                // listing still shows: a document route that lags the list.
+                tracing::debug!(
+                    document_id = item.document_id,
+                    status = e.status(),
+                    "document detail not found yet"
+                );
+                return not_ready(ctx, item);
+            }
         }
         Err(e) => return Err(e),
     };
@@ -390,28 +389,36 @@ async fn fetch_transcript(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched,
         // "this resource, not now" status means: not ready yet.
         Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
             tracing::debug!(document_id = doc, status = e.status(), "transcript not ready yet");
-            Fetched::new(
-                Done::Other,
-                ctx.writer
-                    .write(move |c| c.not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())),
-            )
+            not_ready(ctx, &item)
         }
         Err(e) => Err(e),
     }
 }
 
-/// The note or transcript itself is gone or not ours, as opposed to "not ready yet" — and as
-/// opposed to a route closed to the key or the organization (403 `route_not_allowed`,
-/// `missing_scope`, …), which the route gate reports and a later cycle retries once the
-/// operator or vendor acted. Not `encounter_not_found`: the one 404 the contract documents, a
-/// server may answer it for a transcript not generated yet although its document reads final,
-/// or for a note its document route has not caught up with, and whether the encounter is gone
-/// is the list's to say (a removed encounter's work is never claimed).
-fn gone(e: &ApiError) -> bool {
-    matches!(
-        e.reason_code(),
-        Some("unsupported_document_type" | "cross_organization_denied" | "demo_training_denied")
+/// The route said "not yet" for `item`: asked again on [`NOT_READY_SCHEDULE`].
+fn not_ready(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
+    let item = item.clone();
+    Fetched::new(
+        Done::Other,
+        ctx.writer
+            .write(move |c| c.not_ready(&item, &NOT_READY_SCHEDULE, OffsetDateTime::now_utc())),
     )
+}
+
+/// The content itself is gone or not ours, as opposed to "not ready yet" — and as opposed to a
+/// route closed to the key or the organization (403 `route_not_allowed`, `missing_scope`, …),
+/// which the route gate reports and a later cycle retries once the operator or vendor acted.
+/// Not `encounter_not_found`: the one 404 the contract documents, a server may answer it for a
+/// transcript not generated yet although its document reads final, for a note its document
+/// route has not caught up with or a recording not stored yet, and whether the encounter is
+/// gone is the list's to say (a removed encounter's work is never claimed). Only an answer of
+/// the resource-unavailable class: a 429 or 5xx is retried whatever its body says.
+fn gone(e: &ApiError) -> bool {
+    e.class() == ErrorClass::ResourceUnavailable
+        && matches!(
+            e.reason_code(),
+            Some("unsupported_document_type" | "cross_organization_denied" | "demo_training_denied")
+        )
 }
 
 async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, ApiError> {
@@ -421,9 +428,19 @@ async fn fetch_recording(ctx: &SyncContext, item: &WorkItem) -> Result<Fetched, 
     let (tmp, size, sha, ext) = loop {
         let link = match ctx.client.audio(&item.encounter_id, &item.document_id).await {
             Ok(link) => link,
-            Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
+            Err(e) if gone(&e) => {
                 let item = item.clone();
                 return Fetched::new(Done::Other, ctx.writer.write(move |c| c.mark_unavailable(&item)));
+            }
+            // 404, 409 or 410 for a recording whose document reads final: its audio is not
+            // stored yet (it is processed after the transcript).
+            Err(e) if e.class() == ErrorClass::ResourceUnavailable => {
+                tracing::debug!(
+                    document_id = item.document_id,
+                    status = e.status(),
+                    "recording not found yet"
+                );
+                return not_ready(ctx, item);
             }
             Err(e) => return Err(e),
         };

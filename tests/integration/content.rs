@@ -1202,7 +1202,12 @@ both_backends!(
 async fn a_note_the_document_route_does_not_find_while_its_encounter_is_listed_arrives_on_the_schedule(
     backend: Backend,
 ) {
-    let env = TestEnv::start_on(backend, sim_options(96, 80)).await;
+    // Notes only beside ambient documents, so that every "not found" lands on a note.
+    let options = charthero_sim::SimOptions {
+        unsupported_doc_every: 0,
+        ..sim_options(96, 80)
+    };
+    let env = TestEnv::start_on(backend, options).await;
     env.sim.push_fault(FaultRule {
         route: Some(SimRoute::Document),
         skip: 0,
@@ -1300,6 +1305,101 @@ async fn a_note_the_document_route_does_not_find_while_its_encounter_is_listed_a
     assert_eq!(env.sim.stats().route(SimRoute::Document) as i64, notes_of_changed);
     assert_eq!(notes(&env, "unavailable"), 0);
     assert_content_equal(&env);
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_recording_the_audio_route_does_not_find_yet_arrives_on_the_schedule
+);
+/// A recording is processed after its transcript: an audio route asked for a final document's
+/// recording may answer 404 before it is stored. Before, the recording was marked unavailable
+/// and never asked again; now it waits on the not-ready schedule and arrives, and one still not
+/// found when the schedule ran out is asked again once its document changes.
+async fn a_recording_the_audio_route_does_not_find_yet_arrives_on_the_schedule(backend: Backend) {
+    let env = TestEnv::start_on(backend, sim_options(97, 60)).await;
+    let mut raw = env.raw_config();
+    raw.audio.enabled = true;
+    raw.audio.directory = env.dir.path().join("audio");
+    let config = raw.validate().unwrap();
+    let not_found = |times| FaultRule {
+        route: Some(SimRoute::Audio),
+        skip: 0,
+        times,
+        fault: Fault::status(404, "encounter_not_found"),
+    };
+    env.sim.push_fault(not_found(4));
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    let recordings = |env: &TestEnv, state: &str| -> i64 {
+        env.warehouse
+            .scalar("SELECT count(*) FROM documents WHERE audio_state = ?1", &[&state])
+    };
+    let transcripts: i64 = env.warehouse.scalar("SELECT count(*) FROM transcripts", &[]);
+    assert!(transcripts > 4, "{transcripts}");
+    assert_eq!(
+        (
+            recordings(&env, "not_ready"),
+            recordings(&env, "unavailable"),
+            recordings(&env, "done")
+        ),
+        (4, 0, transcripts - 4)
+    );
+    let (queued, report) = crate::support::off_runtime(|| {
+        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let status = charthero_sync::status::read(warehouse.as_ref(), now, &["default".to_owned()]).unwrap();
+        (
+            status.organizations[0].queue.recordings_not_ready,
+            status.render(),
+        )
+    });
+    assert_eq!(queued, 4, "{report}");
+    assert!(report.contains("0 recordings (4 not found yet)"), "{report}");
+    // Not due yet: nothing is asked.
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), 0);
+    // Due; three are stored by now, one is still not found, and then never found while its
+    // schedule lasts.
+    let due = |env: &TestEnv| {
+        env.warehouse
+            .execute("UPDATE documents SET audio_next_at_ns = 0 WHERE audio_state = 'not_ready'");
+    };
+    due(&env);
+    env.sim.push_fault(not_found(1));
+    env.sim.reset_stats();
+    let again = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(again.counts.recordings_fetched, 3, "{again:?}");
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), 4);
+    for _ in 0..4 {
+        due(&env);
+        env.sim.push_fault(not_found(1));
+        env.sync(&config, CyclePlan::full(None, false)).await;
+    }
+    assert_eq!(
+        (recordings(&env, "not_ready"), recordings(&env, "unavailable")),
+        (0, 1)
+    );
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), 0);
+    // Its document changes (the vendor re-processed the recording): asked again, and stored.
+    let (encounter_id, document_id): (String, String) = env.warehouse.row(
+        "SELECT encounter_id, document_id FROM documents WHERE audio_state = 'unavailable'",
+        &[],
+    );
+    env.sim.finalize_transcript(&encounter_id, &document_id);
+    let all = charthero_sync::sync::BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    env.sim.reset_stats();
+    let report = env.sync(&config, CyclePlan::full(Some(all), false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(env.sim.stats().route(SimRoute::Audio), 1);
+    assert_eq!(recordings(&env, "done"), transcripts);
+    let stored: i64 = env.warehouse.scalar("SELECT count(*) FROM recordings", &[]);
+    assert_eq!(stored, transcripts);
 }
 
 both_backends!(

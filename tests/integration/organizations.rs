@@ -520,6 +520,15 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
             })
             .unwrap();
         assert_eq!(version, 4, "the fixture is a V4 warehouse");
+        // That release gave up on a note after one "not found": unavailable, without its text.
+        let given_up = conn
+            .execute(
+                "UPDATE documents SET detail_state = 'unavailable', content_format = NULL, content_text = NULL
+                 WHERE document_id = (SELECT min(document_id) FROM documents WHERE schema_type = 'document')",
+                [],
+            )
+            .unwrap();
+        assert_eq!(given_up, 1);
         let watermark: String = conn
             .query_row(
                 "SELECT value FROM sync_state WHERE name = 'complete_through'",
@@ -579,6 +588,15 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
             )
             .unwrap();
         assert_eq!(runs, 0);
+        // V10 asks for it once more, at once.
+        let asked_again: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM documents WHERE detail_state = 'not_ready' AND detail_next_at_ns = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(asked_again, 1);
     }
 
     sim.reset_stats();
@@ -590,6 +608,7 @@ async fn a_warehouse_of_the_previous_release_upgrades_in_place_and_the_next_cycl
     assert_eq!(report.counts.list_requests, 1, "{:?}", report.counts);
     assert_eq!(sim.stats().route(charthero_sim::Route::List), 1);
     assert_eq!(report.counts.encounters_new, 0);
+    assert_eq!(report.counts.documents_fetched, 1, "{:?}", report.counts);
     compare(&sim, &db).assert_empty();
     let bad = compare_content(&sim, &db);
     assert!(

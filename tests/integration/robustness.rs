@@ -881,7 +881,7 @@ async fn simulate_serves_a_lagging_document_route_whose_new_notes_a_sync_waits_f
     assert_eq!((unavailable, without_text), (0, waiting));
     let status = command("status").await;
     assert!(
-        text(&status).contains(&format!("({waiting} not found yet)")),
+        text(&status).contains(&format!("documents ({waiting} not found yet)")),
         "{}",
         text(&status)
     );

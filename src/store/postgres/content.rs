@@ -54,14 +54,18 @@ pub fn claim_work(
         "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
+             -- Each arm in the form its partial index answers (as on SQLite).
              SELECT 'document' AS work, document_id FROM documents
-              WHERE detail_state = 'pending' OR (detail_state = 'not_ready' AND detail_next_at_ns <= $2)
+              WHERE detail_state IN ('pending', 'not_ready')
+                AND (detail_state = 'pending' OR detail_next_at_ns <= $2)
              UNION ALL
              SELECT 'transcript', document_id FROM documents
-              WHERE transcript_state = 'pending'
-                 OR (transcript_state = 'not_ready' AND transcript_next_at_ns <= $2)
+              WHERE transcript_state IN ('pending', 'not_ready')
+                AND (transcript_state = 'pending' OR transcript_next_at_ns <= $2)
              UNION ALL
-             SELECT 'audio', document_id FROM documents WHERE audio_state = 'pending'
+             SELECT 'audio', document_id FROM documents
+              WHERE audio_state IN ('pending', 'not_ready')
+                AND (audio_state = 'pending' OR audio_next_at_ns <= $2)
          ) w
          JOIN documents d ON d.document_id = w.document_id
          JOIN encounters e ON e.encounter_id = d.encounter_id
@@ -214,6 +218,7 @@ pub fn save_detail(
                 "UPDATE documents SET status = $2, audio_duration_seconds = $3, detail_created_at = $4,
                      detail_updated_at = $5, changed_at = $6,
                      detail_state = CASE WHEN content_seq = $9 THEN 'done' ELSE detail_state END,
+                     detail_attempts = 0, detail_next_at_ns = NULL,
                      transcript_state = CASE WHEN NOT $10 THEN 'waiting'
                                              WHEN $7 THEN 'pending'
                                              WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
@@ -248,16 +253,19 @@ pub fn save_detail(
 /// changed meanwhile (then it is asked again).
 fn set_detail_outcome(db: &mut impl GenericClient, item: &WorkItem, state: &str) -> anyhow::Result<()> {
     db.execute(
-        "UPDATE documents SET detail_state = $2 WHERE document_id = $1 AND content_seq = $3",
+        "UPDATE documents SET detail_state = $2, detail_attempts = 0, detail_next_at_ns = NULL
+         WHERE document_id = $1 AND content_seq = $3",
         &[&item.document_id, &state, &item.content_seq],
     )?;
     Ok(())
 }
 
-/// A recording's outcome. Paging never re-queues a recording, so it always stands.
+/// A recording's outcome, which ends its not-ready schedule. Recordings are queued by
+/// `queue_missing_audio`, not by paging: the outcome stands.
 fn set_audio_state(db: &mut impl GenericClient, document_id: &str, state: &str) -> anyhow::Result<()> {
     db.execute(
-        "UPDATE documents SET audio_state = $2 WHERE document_id = $1",
+        "UPDATE documents SET audio_state = $2, audio_attempts = 0, audio_next_at_ns = NULL
+         WHERE document_id = $1",
         &[&document_id, &state],
     )?;
     Ok(())
@@ -388,14 +396,16 @@ pub fn not_ready(
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
-    let prefix = NotReady::prefix(item.work)?;
-    let attempts: i64 = db
-        .query_one(
-            &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = $1"),
-            &[&document_id],
-        )?
-        .try_get(0)?;
-    let outcome = NotReady::after(item.work, attempts, schedule, now)?;
+    let prefix = NotReady::prefix(item.work);
+    let Some(row) = db.query_opt(
+        &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = $1"),
+        &[&document_id],
+    )?
+    else {
+        // Purged while it was asked for: nothing is left to schedule.
+        return Ok(());
+    };
+    let outcome = NotReady::after(item.work, row.try_get(0)?, schedule, now);
     db.execute(
         &outcome.update_sql("$1", "$2", "$3", "$4"),
         &[
@@ -425,7 +435,7 @@ pub fn requeue_content(
     Ok(queued)
 }
 
-/// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
+/// Marks work as unavailable for this record (403 for another organization, 400 unsupported). A
 /// document or transcript that changed while it was asked for stays queued instead.
 pub fn mark_unavailable(db: &mut impl GenericClient, item: &WorkItem) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
@@ -1284,6 +1294,8 @@ pub(super) mod tests {
                     ("transcript_attempts", Text),
                     ("transcript_next_at_ns", Text),
                     ("audio_state", Text),
+                    ("audio_attempts", Text),
+                    ("audio_next_at_ns", Text),
                     ("content_seq", Text),
                 ],
             ),
@@ -1495,30 +1507,45 @@ pub(super) mod tests {
                             };
                             tx.save_recording(&item.encounter_id, &item.document_id, &r, at(71))?
                         }
+                        // The other recording is not stored yet.
+                        (Work::Audio, _) => tx.not_ready(item, &[Duration::from_secs(60)], at(71))?,
                         _ => tx.mark_unavailable(item)?,
                     }
                 }
                 Ok(())
             });
             // The dead-lettered note, asked again the next run, is not found while its
-            // encounter is listed: asked once more on the schedule, then unavailable.
+            // encounter is listed, nor is the recording: each asked once more on the
+            // schedule, then unavailable.
             let schedule = [Duration::from_secs(60)];
-            for (claimed, answered) in [(80, 81), (141, 142)] {
+            for (claimed, answered, expected) in [
+                (80, 81, vec![(Work::Document, "doc_n")]),
+                (141, 142, vec![(Work::Audio, "doc_l"), (Work::Document, "doc_n")]),
+            ] {
                 let due = sorted_claims(b, 2, at(claimed));
                 seen.push(due.clone());
-                let note = due
-                    .iter()
-                    .find(|i| i.work == Work::Document)
-                    .expect("the note is due")
-                    .clone();
-                assert_eq!(note.document_id, "doc_n");
-                step(b, &mut |tx| tx.not_ready(&note, &schedule, at(answered)));
+                let due: Vec<WorkItem> = due
+                    .into_iter()
+                    .filter(|i| matches!(i.work, Work::Document | Work::Audio))
+                    .collect();
+                let kinds: Vec<(Work, &str)> = due.iter().map(|i| (i.work, i.document_id.as_str())).collect();
+                assert_eq!(kinds, expected);
+                step(b, &mut |tx| {
+                    due.iter()
+                        .try_for_each(|item| tx.not_ready(item, &schedule, at(answered)))
+                });
             }
             seen.push(sorted_claims(b, 2, at(100_000)));
             claims.push(seen);
         }
         assert_eq!(claims[0], claims[1], "claims");
-        assert!(claims[0].last().unwrap().iter().all(|i| i.work != Work::Document));
+        assert!(
+            claims[0]
+                .last()
+                .unwrap()
+                .iter()
+                .all(|i| i.work == Work::Transcript)
+        );
         let note = pg
             .client
             .get_mut()
@@ -1533,6 +1560,20 @@ pub(super) mod tests {
             note.try_get(2).unwrap(),
         );
         assert_eq!(note, ("unavailable".to_owned(), 2, None));
+        let recording = pg
+            .client
+            .get_mut()
+            .query_one(
+                "SELECT audio_state, audio_attempts, audio_next_at_ns FROM documents WHERE document_id = 'doc_l'",
+                &[],
+            )
+            .unwrap();
+        let recording: (String, i64, Option<i64>) = (
+            recording.try_get(0).unwrap(),
+            recording.try_get(1).unwrap(),
+            recording.try_get(2).unwrap(),
+        );
+        assert_eq!(recording, ("unavailable".to_owned(), 2, None));
         assert_same_rows(&path, pg.client.get_mut(), "the queue's work");
 
         let strict = PrivacyConfig {

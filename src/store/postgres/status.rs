@@ -92,6 +92,8 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
             crate::store::queued_work_sql!("transcript_state = 'not_ready'", " AND d.organization_id = $1"),
             "), (",
             crate::store::queued_work_sql!("audio_state = 'pending'", " AND d.organization_id = $1"),
+            "), (",
+            crate::store::queued_work_sql!("audio_state = 'not_ready'", " AND d.organization_id = $1"),
             ")"
         ),
         &[&organization_id, &name],
@@ -139,6 +141,7 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
             transcripts_pending: counts.try_get(8)?,
             transcripts_not_ready: counts.try_get(9)?,
             recordings_pending: counts.try_get(10)?,
+            recordings_not_ready: counts.try_get(11)?,
         },
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
@@ -195,6 +198,8 @@ pub fn read_status(
             crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
             "), (",
             crate::store::queued_work_sql!("audio_state = 'pending'", ""),
+            "), (",
+            crate::store::queued_work_sql!("audio_state = 'not_ready'", ""),
             "), (SELECT count(*) FROM dead_letters)"
         ),
         &[],
@@ -216,6 +221,7 @@ pub fn read_status(
         transcripts_pending: c.try_get(10)?,
         transcripts_not_ready: c.try_get(11)?,
         recordings_pending: c.try_get(12)?,
+        recordings_not_ready: c.try_get(13)?,
     };
     let runs = db
         .query(
@@ -327,7 +333,7 @@ pub fn read_status(
         runs,
         backfills,
         audit,
-        dead_letter_count: c.try_get(13)?,
+        dead_letter_count: c.try_get(14)?,
         dead_letters,
         disabled_routes,
         last_error,

@@ -27,14 +27,18 @@ pub fn claim_work(
         "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
+             -- Each arm in the form its partial index answers (an OR of two states is not).
              SELECT 'document' AS work, document_id FROM documents
-              WHERE detail_state = 'pending' OR (detail_state = 'not_ready' AND detail_next_at_ns <= ?2)
+              WHERE detail_state IN ('pending', 'not_ready')
+                AND (detail_state = 'pending' OR detail_next_at_ns <= ?2)
              UNION ALL
              SELECT 'transcript', document_id FROM documents
-              WHERE transcript_state = 'pending'
-                 OR (transcript_state = 'not_ready' AND transcript_next_at_ns <= ?2)
+              WHERE transcript_state IN ('pending', 'not_ready')
+                AND (transcript_state = 'pending' OR transcript_next_at_ns <= ?2)
              UNION ALL
-             SELECT 'audio', document_id FROM documents WHERE audio_state = 'pending'
+             SELECT 'audio', document_id FROM documents
+              WHERE audio_state IN ('pending', 'not_ready')
+                AND (audio_state = 'pending' OR audio_next_at_ns <= ?2)
          ) w
          JOIN documents d ON d.document_id = w.document_id
          JOIN encounters e ON e.encounter_id = d.encounter_id
@@ -174,6 +178,7 @@ pub fn save_detail(
                 "UPDATE documents SET status = ?2, audio_duration_seconds = ?3, detail_created_at = ?4,
                      detail_updated_at = ?5, changed_at = ?6,
                      detail_state = CASE WHEN content_seq = ?9 THEN 'done' ELSE detail_state END,
+                     detail_attempts = 0, detail_next_at_ns = NULL,
                      transcript_state = CASE WHEN NOT ?10 THEN 'waiting'
                                              WHEN ?7 THEN 'pending'
                                              WHEN coalesce(transcript_state, 'waiting') = 'waiting' THEN 'done'
@@ -209,20 +214,18 @@ pub fn save_detail(
 /// changed meanwhile (then it is asked again).
 fn set_detail_outcome(conn: &Connection, item: &WorkItem, state: &str) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE documents SET detail_state = ?2 WHERE document_id = ?1 AND content_seq = ?3",
+        "UPDATE documents SET detail_state = ?2, detail_attempts = 0, detail_next_at_ns = NULL
+         WHERE document_id = ?1 AND content_seq = ?3",
         params![item.document_id, state, item.content_seq],
     )?;
     Ok(())
 }
 
-fn set_state(
-    conn: &Connection,
-    column: &'static str,
-    document_id: &str,
-    state: &str,
-) -> rusqlite::Result<()> {
+/// A recording's outcome, which ends its not-ready schedule.
+fn set_audio_state(conn: &Connection, document_id: &str, state: &str) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("UPDATE documents SET {column} = ?2 WHERE document_id = ?1"),
+        "UPDATE documents SET audio_state = ?2, audio_attempts = 0, audio_next_at_ns = NULL
+         WHERE document_id = ?1",
         params![document_id, state],
     )?;
     Ok(())
@@ -335,13 +338,19 @@ pub fn not_ready(
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
-    let prefix = NotReady::prefix(item.work)?;
-    let attempts: i64 = conn.query_row(
-        &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = ?1"),
-        [document_id],
-        |r| r.get(0),
-    )?;
-    let outcome = NotReady::after(item.work, attempts, schedule, now)?;
+    let prefix = NotReady::prefix(item.work);
+    let Some(attempts) = conn
+        .query_row(
+            &format!("SELECT {prefix}_attempts FROM documents WHERE document_id = ?1"),
+            [document_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+    else {
+        // Purged while it was asked for: nothing is left to schedule.
+        return Ok(());
+    };
+    let outcome = NotReady::after(item.work, attempts, schedule, now);
     conn.execute(
         &outcome.update_sql("?1", "?2", "?3", "?4"),
         params![document_id, outcome.state, outcome.next_at_ns, item.content_seq],
@@ -366,7 +375,7 @@ pub fn requeue_content(
     Ok(queued as u64)
 }
 
-/// Marks a transcript or recording as unavailable for this record (403/404/unsupported). A
+/// Marks work as unavailable for this record (403 for another organization, 400 unsupported). A
 /// document or transcript that changed while it was asked for stays queued instead.
 pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()> {
     let document_id = item.document_id.as_str();
@@ -379,8 +388,8 @@ pub fn mark_unavailable(conn: &Connection, item: &WorkItem) -> anyhow::Result<()
                 params![document_id, item.content_seq],
             )?;
         }
-        // Paging never re-queues a recording, so its outcome always stands.
-        Work::Audio => set_state(conn, "audio_state", document_id, "unavailable")?,
+        // Recordings are queued by `queue_missing_audio`, not by paging: the outcome stands.
+        Work::Audio => set_audio_state(conn, document_id, "unavailable")?,
     }
     clear_dead_letter(conn, item.work, document_id)?;
     Ok(())
@@ -410,7 +419,7 @@ pub fn save_recording(
             format_stored(now)
         ],
     )?;
-    set_state(tx, "audio_state", document_id, "done")?;
+    set_audio_state(tx, document_id, "done")?;
     clear_dead_letter(tx, Work::Audio, document_id)?;
     Ok(())
 }

@@ -194,6 +194,10 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
                 "audio_state = 'pending'",
                 " AND d.organization_id = ?1"
             ))?,
+            recordings_not_ready: per_org(crate::store::queued_work_sql!(
+                "audio_state = 'not_ready'",
+                " AND d.organization_id = ?1"
+            ))?,
         },
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
@@ -262,6 +266,10 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
         recordings_pending: count(
             conn,
             crate::store::queued_work_sql!("audio_state = 'pending'", ""),
+        )?,
+        recordings_not_ready: count(
+            conn,
+            crate::store::queued_work_sql!("audio_state = 'not_ready'", ""),
         )?,
     };
     let runs = conn
