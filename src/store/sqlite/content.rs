@@ -10,24 +10,13 @@ use time::OffsetDateTime;
 use crate::store::{DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem};
 use crate::timefmt::{format_stored, unix_nanos};
 
-/// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
-/// not known yet), skipping kinds in `skip` (routes disabled this cycle), the
-/// items in `exclude` (claimed earlier and still being worked on) and items that already failed
-/// in this run. Documents of removed encounters are never worked on.
-pub fn claim_work(
-    conn: &Connection,
-    organization_id: Option<&str>,
-    run_id: i64,
-    skip: &[Work],
-    exclude: &HashSet<(Work, String)>,
-    limit: usize,
-    now: OffsetDateTime,
-) -> anyhow::Result<Vec<WorkItem>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
+/// [`claim_work`]'s query: `?1` the run, `?2` now (nanoseconds), `?3` how many, `?4` the
+/// organization. Each arm is in the form its partial index answers (an OR of two states is
+/// not; `claims_read_each_kind_of_work_through_its_partial_index`).
+const CLAIM_SQL: &str =
+    "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
-             -- Each arm in the form its partial index answers (an OR of two states is not).
              SELECT 'document' AS work, document_id FROM documents
               WHERE detail_state IN ('pending', 'not_ready')
                 AND (detail_state = 'pending' OR detail_next_at_ns <= ?2)
@@ -45,8 +34,22 @@ pub fn claim_work(
          WHERE d.removed_at IS NULL AND e.removed_at IS NULL AND e.organization_id = ?4
            AND NOT EXISTS (SELECT 1 FROM dead_letters x
                            WHERE x.work = w.work AND x.document_id = w.document_id AND x.last_run_id = ?1)
-         LIMIT ?3",
-    )?;
+         LIMIT ?3";
+
+/// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
+/// not known yet), skipping kinds in `skip` (routes disabled this cycle), the
+/// items in `exclude` (claimed earlier and still being worked on) and items that already failed
+/// in this run. Documents of removed encounters are never worked on.
+pub fn claim_work(
+    conn: &Connection,
+    organization_id: Option<&str>,
+    run_id: i64,
+    skip: &[Work],
+    exclude: &HashSet<(Work, String)>,
+    limit: usize,
+    now: OffsetDateTime,
+) -> anyhow::Result<Vec<WorkItem>> {
+    let mut stmt = conn.prepare_cached(CLAIM_SQL)?;
     let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
     let rows = stmt.query_map(
         params![
@@ -463,6 +466,26 @@ mod tests {
     use crate::store::records::sample_transcript as transcript;
     use crate::store::sqlite::{commit_page, open_writer};
     use crate::store::{DocumentRecord, EncounterRecord};
+
+    /// The queue is asked several times a second while content is fetched: each kind of work
+    /// is found through its partial index, never by a scan of `documents`.
+    #[test]
+    fn claims_read_each_kind_of_work_through_its_partial_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {CLAIM_SQL}"))
+            .unwrap()
+            .query_map(params![0, 0, 0, "org"], |r| r.get(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for kind in ["detail", "transcript", "audio"] {
+            let search = format!("SEARCH documents USING INDEX documents_{kind}_work ({kind}_state=?)");
+            assert!(plan.contains(&search), "{search} not in {plan:#?}");
+        }
+        assert!(!plan.iter().any(|step| step.starts_with("SCAN")), "{plan:#?}");
+    }
 
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {
