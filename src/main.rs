@@ -193,9 +193,10 @@ enum Command {
         /// whitespace, as a server built on unordered maps does.
         #[arg(long)]
         unordered: bool,
-        /// Answer the document route with 404 for a note created less than this long ago
-        /// although the list shows it, as a route served from a lagging replica does: an
-        /// integer and a unit (ms, s, m, h, d), e.g. 2m; 0s, the default, lags nothing.
+        /// Answer a document's routes (a note's detail, a transcript, a recording) with 404 for a
+        /// document created less than this long ago although the list shows it, as routes
+        /// served from a lagging replica do: an integer and a unit (ms, s, m, h, d), e.g. 30s;
+        /// 0s, the default, lags nothing.
         #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_interval)]
         document_lag: std::time::Duration,
     },

@@ -108,10 +108,10 @@ pub struct SimOptions {
     /// from one response to the next, and a space after `:` and `,` in every other response.
     /// The values are the same. Default `false`: one fixed order, no whitespace.
     pub unordered_rendering: bool,
-    /// Answer the document route with 404 `encounter_not_found` for a note created less than
-    /// this long ago, although the list already shows it: a route served from a replica or an
-    /// index that lags the list. Default zero: none. Can be changed later with
-    /// `set_document_lag`.
+    /// Answer a document's routes — a note's detail, a transcript, a recording's URL — with 404
+    /// `encounter_not_found` for a document created less than this long ago, although the list
+    /// already shows it: routes served from a replica or a store that lags the list. Default
+    /// zero: none. Can be changed later with `set_document_lag`.
     pub document_lag: std::time::Duration,
 }
 

@@ -560,8 +560,7 @@ fn document(inner: &Inner, target: &Target<'_>) -> Reply {
         if doc.class == DocClass::Unsupported {
             return unsupported_document(inner, "document detail");
         }
-        let lag = inner.document_lag_ns.load(std::sync::atomic::Ordering::Relaxed);
-        if lag > 0 && doc.class == DocClass::Note && now_nanos().saturating_sub(doc.created) < lag {
+        if doc.class == DocClass::Note && lagging(inner, &doc) {
             return not_found(inner);
         }
         let text = |sym| store.syms.get(sym).to_owned();
@@ -582,6 +581,12 @@ fn document(inner: &Inner, target: &Target<'_>) -> Reply {
     })
 }
 
+/// Whether the document's routes do not know it yet ([`crate::SimOptions::document_lag`]).
+fn lagging(inner: &Inner, doc: &crate::store::DocRec) -> bool {
+    let lag = inner.document_lag_ns.load(std::sync::atomic::Ordering::Relaxed);
+    lag > 0 && now_nanos().saturating_sub(doc.created) < lag
+}
+
 fn transcript(inner: &Inner, target: &Target<'_>) -> Reply {
     let opts = inner.render_opts();
     let (params, encounter_id, doc) = {
@@ -594,6 +599,9 @@ fn transcript(inner: &Inner, target: &Target<'_>) -> Reply {
     };
     if doc.class != DocClass::Ambient {
         return unsupported_document(inner, "transcript");
+    }
+    if lagging(inner, &doc) {
+        return not_found(inner);
     }
     let Some(audio_ds) = doc.audio_ds.filter(|_| doc.is_final) else {
         // Undocumented upstream; 409 says "this resource exists but is not in a servable state
@@ -636,6 +644,9 @@ fn audio(inner: &Inner, target: &Target<'_>) -> Reply {
     };
     if doc.class != DocClass::Ambient {
         return unsupported_document(inner, "audio");
+    }
+    if lagging(inner, &doc) {
+        return not_found(inner);
     }
     let expires = now_nanos().div_euclid(1_000_000_000) + MEDIA_URL_LIFETIME_SECS;
     let document_id = doc.id.as_str();

@@ -613,7 +613,7 @@ impl Simulator {
         lock(&self.inner.rate).set(limit);
     }
 
-    /// Sets how long after its creation the document route still answers 404 for a note
+    /// Sets how long after its creation a document's routes still answer 404
     /// ([`SimOptions::document_lag`]); zero: never.
     pub fn set_document_lag(&self, lag: std::time::Duration) {
         self.inner

@@ -1431,7 +1431,7 @@ async fn an_empty_list_fault_answers_a_valid_list_request_with_nothing_and_error
 }
 
 #[tokio::test]
-async fn a_lagging_document_route_does_not_find_new_notes_until_it_catches_up() {
+async fn lagging_document_routes_do_not_find_new_documents_until_they_catch_up() {
     let sim = Simulator::start(SimOptions {
         document_lag: std::time::Duration::from_secs(3600),
         ..options(0)
@@ -1451,13 +1451,25 @@ async fn a_lagging_document_route_does_not_find_new_notes_until_it_catches_up() 
         let document = sim.encounter(id).unwrap().documents[i].document_id.clone();
         format!("/external/v1/encounters/{id}/documents/{document}")
     };
-    // Listed, but not found by the document route yet; only notes lag.
+    // Listed, but not found by the document's routes yet; older documents are.
     assert!(ids(&get(&sim, "/external/v1/encounters?limit=10").await.json()).contains(&fresh));
-    let lagging = get(&sim, &detail(&fresh, 0)).await;
-    assert_eq!(lagging.status, 404);
-    assert_eq!(lagging.json()["reason_code"], "encounter_not_found");
-    assert_eq!(get(&sim, &detail(&fresh, 1)).await.status, 200);
-    assert_eq!(get(&sim, &detail(&old, 0)).await.status, 200);
+    let routes = |id: &str| {
+        [
+            detail(id, 0),
+            format!("{}/transcript", detail(id, 1)),
+            format!("{}/audio", detail(id, 1)),
+        ]
+    };
+    for path in routes(&fresh) {
+        let lagging = get(&sim, &path).await;
+        assert_eq!(lagging.status, 404, "{path}");
+        assert_eq!(lagging.json()["reason_code"], "encounter_not_found");
+    }
+    for path in routes(&old) {
+        assert_eq!(get(&sim, &path).await.status, 200, "{path}");
+    }
     sim.set_document_lag(std::time::Duration::ZERO);
-    assert_eq!(get(&sim, &detail(&fresh, 0)).await.status, 200);
+    for path in routes(&fresh) {
+        assert_eq!(get(&sim, &path).await.status, 200, "{path}");
+    }
 }

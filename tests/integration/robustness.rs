@@ -835,10 +835,10 @@ async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// `simulate --document-lag`: a document route that does not find notes the list already shows
-/// (the new encounters it adds each second) until they are a day old. The sync completes,
-/// every older note arrives, and the new ones wait on the not-ready schedule, as `status` says,
-/// instead of being given up.
+/// `simulate --document-lag`: routes that do not find the notes and transcripts the list
+/// already shows (of the new encounters it adds each second) until they are 30 seconds old.
+/// The sync completes, every older note arrives, and the new ones wait on the not-ready
+/// schedule, as `status` says, instead of being given up.
 async fn simulate_serves_a_lagging_document_route_whose_new_notes_a_sync_waits_for() {
     let dir = tempfile::tempdir().unwrap();
     let sim_dir = dir.path().join("sim");
@@ -852,7 +852,7 @@ async fn simulate_serves_a_lagging_document_route_whose_new_notes_a_sync_waits_f
             "--new-every",
             "1s",
             "--document-lag",
-            "1d",
+            "30s",
         ],
     )
     .await;
@@ -867,21 +867,28 @@ async fn simulate_serves_a_lagging_document_route_whose_new_notes_a_sync_waits_f
     let sync = command("sync").await;
     assert_eq!(sync.status.code(), Some(0), "{}", text(&sync));
     let db: PathBuf = sim_dir.join("warehouse.db");
-    let (waiting, unavailable, without_text): (i64, i64, i64) = reader(&db)
+    let (waiting, unavailable, without_text, transcripts_waiting): (i64, i64, i64, i64) = reader(&db)
         .query_row(
-            "SELECT count(*) FILTER (WHERE detail_state = 'not_ready'),
-                    count(*) FILTER (WHERE detail_state = 'unavailable'),
-                    count(*) FILTER (WHERE content_text IS NULL)
-             FROM documents WHERE schema_type = 'document'",
+            "SELECT count(*) FILTER (WHERE schema_type = 'document' AND detail_state = 'not_ready'),
+                    count(*) FILTER (WHERE schema_type = 'document' AND detail_state = 'unavailable'),
+                    count(*) FILTER (WHERE schema_type = 'document' AND content_text IS NULL),
+                    count(*) FILTER (WHERE transcript_state = 'not_ready')
+             FROM documents",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .unwrap();
     assert!(waiting >= 1, "no new note was listed");
-    assert_eq!((unavailable, without_text), (0, waiting));
+    // Each new encounter has one note and one finished transcript, both not found yet.
+    assert_eq!(
+        (unavailable, without_text, transcripts_waiting),
+        (0, waiting, waiting)
+    );
     let status = command("status").await;
     assert!(
-        text(&status).contains(&format!("documents ({waiting} not found yet)")),
+        text(&status).contains(&format!(
+            "documents ({waiting} not found yet), 0 transcripts ({waiting} not ready yet)"
+        )),
         "{}",
         text(&status)
     );
