@@ -105,8 +105,9 @@ pub struct RunningCycle {
     /// When it last wrote its counters (`sync_runs` shows them), every
     /// [`crate::sync::PROGRESS_EVERY`] while it runs; none in its first seconds.
     pub progress_at: Option<String>,
-    /// No progress recorded for [`STALLED_AFTER`]: its process is most likely gone (killed,
-    /// crashed, the machine restarted), and the organization's next cycle marks it aborted.
+    /// Its process is gone (killed, crashed, the machine restarted), and the organization's
+    /// next cycle marks it aborted: no process holds the warehouse's writer lock and it wrote
+    /// no progress for [`GONE_AFTER`], or, where the lock cannot be seen, for [`STALLED_AFTER`].
     pub stalled: bool,
 }
 
@@ -115,6 +116,12 @@ pub struct RunningCycle {
 /// through the one writer, which a merge of staged rows holds for seconds and the end of a
 /// cycle's daily retention purge (a `VACUUM` of a large warehouse) for longer.
 pub const STALLED_AFTER: time::Duration = time::Duration::minutes(5);
+
+/// How long a running cycle may go without writing its progress while no process holds the
+/// warehouse's writer lock, before `status` calls it stalled: a few of its
+/// [`crate::sync::PROGRESS_EVERY`], so that a cycle that just started, or a lock this reader
+/// could not see, is not called gone while its progress is fresh.
+pub const GONE_AFTER: time::Duration = time::Duration::seconds(10);
 
 /// Reason codes that mean the organization's key is refused (401, or the key reads another
 /// clinic): the sync of that organization stops until the operator acts.
@@ -258,6 +265,11 @@ pub fn read(
 ) -> anyhow::Result<Status> {
     let mut status = warehouse.status(now, configured)?;
     let mut watermarks = Vec::with_capacity(status.organizations.len());
+    let writer_present = if status.organizations.iter().any(|o| o.running_cycle.is_some()) {
+        warehouse.writer_present()?
+    } else {
+        None
+    };
     for o in &mut status.organizations {
         let through = o
             .complete_through
@@ -276,7 +288,8 @@ pub fn read(
                 .filter(|at| *at >= started);
             cycle.progress_at = progress.map(format_utc);
             cycle.started_at = format_utc(started);
-            cycle.stalled = now - progress.unwrap_or(started) > STALLED_AFTER;
+            let silent = now - progress.unwrap_or(started);
+            cycle.stalled = silent > STALLED_AFTER || (writer_present == Some(false) && silent > GONE_AFTER);
         }
         o.state = organization_state(
             o.last_run.as_ref(),

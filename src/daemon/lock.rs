@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::DatabaseTarget;
-use crate::store::{WriterLease, try_postgres_writer_lock};
+use crate::store::{WriterLease, sqlite_lock_path as lock_path, try_postgres_writer_lock};
 
 /// Held for as long as this value lives.
 #[derive(Debug)]
@@ -40,12 +40,6 @@ pub enum LockError {
     /// The PostgreSQL server could not be asked (its message names the warehouse and what to do).
     #[error("cannot take the warehouse's writer lock: {0:#}")]
     Server(anyhow::Error),
-}
-
-fn lock_path(database: &Path) -> PathBuf {
-    let mut p = database.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
 }
 
 impl WriterLock {

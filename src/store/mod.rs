@@ -31,6 +31,7 @@ pub use records::{
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
     WindowCompletion, Work, WorkItem,
 };
+pub use sqlite::lock_path as sqlite_lock_path;
 pub use transfer::{CopyRefused, CopyReport, TableCopied, sqlite_to_postgres};
 pub use writer::{Pending, Writer};
 

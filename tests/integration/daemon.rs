@@ -488,9 +488,10 @@ both_backends!(
 );
 /// An operator watching a clinic's first sync: `status` says `syncing`, the running cycle's
 /// counters grow, and what is left (the content queue here) comes with an ETA at the configured
-/// rate. Killed with SIGKILL (no chance to record anything), the cycle still reads as running
-/// until it has been silent for `STALLED_AFTER`, then as `interrupted`; the next `sync` marks it
-/// aborted and completes the warehouse.
+/// rate. Killed with SIGKILL (no chance to record anything), the cycle reads as running while
+/// its progress is fresh, then, with no process holding the writer lock, as `interrupted`
+/// after `GONE_AFTER` (a live one silent as long is not); the next `sync` marks it aborted and
+/// completes the warehouse.
 async fn a_first_sync_shows_in_status_while_it_runs_and_as_interrupted_once_its_process_is_gone(
     backend: Backend,
 ) {
@@ -550,6 +551,27 @@ async fn a_first_sync_shows_in_status_while_it_runs_and_as_interrupted_once_its_
         "ETA {eta} s for {pending} requests"
     );
 
+    // The cycle as `status` would see it a little later: silent for longer than GONE_AFTER.
+    let read_at = |at: OffsetDateTime| {
+        crate::support::off_runtime(|| {
+            let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
+            let mut status =
+                charthero_sync::status::read(warehouse.as_ref(), at, &["default".to_owned()]).unwrap();
+            status.estimate(warehouse.as_ref(), &config, at).unwrap();
+            let o = &status.organizations[0];
+            (
+                o.state.clone(),
+                o.running_cycle.as_ref().map(|c| c.stalled),
+                status.render(),
+            )
+        })
+    };
+    let past_gone =
+        || OffsetDateTime::now_utc() + charthero_sync::status::GONE_AFTER + time::Duration::seconds(1);
+    // While its process holds the writer lock, a silence of seconds is not "gone".
+    let (state, stalled, report) = read_at(past_gone());
+    assert_eq!((state.as_str(), stalled), ("syncing", Some(false)), "{report}");
+
     signal(&child, "-KILL");
     wait_exit("the killed sync", &mut child, Duration::from_secs(10)).await;
     let json = status_json().await;
@@ -557,22 +579,10 @@ async fn a_first_sync_shows_in_status_while_it_runs_and_as_interrupted_once_its_
     assert_eq!(
         (&o["state"], &o["running_cycle"]["stalled"]),
         (&serde_json::json!("syncing"), &serde_json::json!(false)),
-        "a cycle silent for seconds cannot be told from one at work: {o:#}"
+        "a cycle that wrote its progress seconds ago is taken to be at work: {o:#}"
     );
-    let later =
-        OffsetDateTime::now_utc() + charthero_sync::status::STALLED_AFTER + time::Duration::seconds(1);
-    let (state, stalled, report) = crate::support::off_runtime(|| {
-        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
-        let mut status =
-            charthero_sync::status::read(warehouse.as_ref(), later, &["default".to_owned()]).unwrap();
-        status.estimate(warehouse.as_ref(), &config, later).unwrap();
-        let o = &status.organizations[0];
-        (
-            o.state.clone(),
-            o.running_cycle.as_ref().map(|c| c.stalled),
-            status.render(),
-        )
-    });
+    // Once its last progress is GONE_AFTER old, no process holding the lock says it is gone.
+    let (state, stalled, report) = read_at(past_gone());
     assert_eq!((state.as_str(), stalled), ("interrupted", Some(true)), "{report}");
     assert!(report.contains("no progress since"), "{report}");
 

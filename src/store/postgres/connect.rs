@@ -392,6 +392,20 @@ fn lock_holder(client: &mut Client, pg: &PostgresConfig, key: i64) -> anyhow::Re
         .unwrap_or_else(|| "holder unknown".to_owned()))
 }
 
+/// Whether a session holds the writer lock of the schema `client`'s search_path selects: a
+/// `run` or `sync` writing it is alive (`pg_locks` is readable by every role).
+pub fn writer_present(client: &mut Client) -> anyhow::Result<bool> {
+    let schema: String = client.query_one("SELECT current_schema()", &[])?.try_get(0)?;
+    let (high, low) = lock_halves(writer_lock_key(&schema));
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                AND classid::text::bigint = $1 AND objid::text::bigint = $2)",
+            &[&high, &low],
+        )?
+        .try_get(0)?)
+}
+
 /// A bigint advisory lock is listed in `pg_locks` with its high half as `classid` and its low
 /// half as `objid` (`objsubid` 1).
 fn lock_halves(key: i64) -> (i64, i64) {

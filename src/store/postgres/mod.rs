@@ -293,6 +293,9 @@ impl WriteTx for PgTx<'_> {
 }
 
 impl Reader for PgBackend {
+    fn writer_present(&self) -> anyhow::Result<Option<bool>> {
+        connect::writer_present(&mut *self.db()?).map(Some)
+    }
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::complete_through(&mut *self.db()?, organization)
     }
