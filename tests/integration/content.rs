@@ -1111,10 +1111,7 @@ async fn records_rendered_differently_each_time_are_not_changes_and_cost_no_cont
     let first = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(first.is_complete(), "{first:?}");
     assert_content_equal(&env);
-    let all = charthero_sync::sync::BackfillRange {
-        start: config.sync.start_at,
-        end: OffsetDateTime::now_utc(),
-    };
+    let all = all_history(&config);
     let written = |env: &TestEnv| -> (String, i64) {
         env.warehouse.row(
             "SELECT max(e.changed_at), (SELECT count(*) FROM encounter_history) FROM encounters e",
@@ -1190,6 +1187,26 @@ async fn a_server_limit_below_the_configured_rate_costs_few_rejected_requests(ba
     );
 }
 
+/// A backfill of everything since `sync.start_at`: a reconcile that lists every record again.
+fn all_history(config: &charthero_sync::config::Config) -> charthero_sync::sync::BackfillRange {
+    charthero_sync::sync::BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    }
+}
+
+/// The default organization's content queue and the text report, as `status` shows them now.
+fn queue_now(config: &charthero_sync::config::Config) -> (charthero_sync::status::Queue, String) {
+    crate::support::off_runtime(|| {
+        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut status =
+            charthero_sync::status::read(warehouse.as_ref(), now, &["default".to_owned()]).unwrap();
+        let report = status.render();
+        (status.organizations.swap_remove(0).queue, report)
+    })
+}
+
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_note_the_document_route_does_not_find_while_its_encounter_is_listed_arrives_on_the_schedule
@@ -1231,13 +1248,8 @@ async fn a_note_the_document_route_does_not_find_while_its_encounter_is_listed_a
         )
     };
     assert_eq!(texts_missing(&env), 5);
-    let (queued, report) = crate::support::off_runtime(|| {
-        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
-        let now = OffsetDateTime::now_utc();
-        let status = charthero_sync::status::read(warehouse.as_ref(), now, &["default".to_owned()]).unwrap();
-        (status.organizations[0].queue.notes_not_ready, status.render())
-    });
-    assert_eq!(queued, 5, "{report}");
+    let (queue, report) = queue_now(&config);
+    assert_eq!(queue.notes_not_ready, 5, "{report}");
     assert!(
         report.contains("queue: 0 documents (5 not found yet)"),
         "{report}"
@@ -1296,10 +1308,7 @@ async fn a_note_the_document_route_does_not_find_while_its_encounter_is_listed_a
         &[],
     );
     assert!(notes_of_changed >= 2);
-    let all = charthero_sync::sync::BackfillRange {
-        start: config.sync.start_at,
-        end: OffsetDateTime::now_utc(),
-    };
+    let all = all_history(&config);
     env.sim.reset_stats();
     env.sync(&config, CyclePlan::full(Some(all), false)).await;
     assert_eq!(env.sim.stats().route(SimRoute::Document) as i64, notes_of_changed);
@@ -1344,16 +1353,8 @@ async fn a_recording_the_audio_route_does_not_find_yet_arrives_on_the_schedule(b
         ),
         (4, 0, transcripts - 4)
     );
-    let (queued, report) = crate::support::off_runtime(|| {
-        let warehouse = charthero_sync::store::open_reader(&config.database).unwrap();
-        let now = OffsetDateTime::now_utc();
-        let status = charthero_sync::status::read(warehouse.as_ref(), now, &["default".to_owned()]).unwrap();
-        (
-            status.organizations[0].queue.recordings_not_ready,
-            status.render(),
-        )
-    });
-    assert_eq!(queued, 4, "{report}");
+    let (queue, report) = queue_now(&config);
+    assert_eq!(queue.recordings_not_ready, 4, "{report}");
     assert!(report.contains("0 recordings (4 not found yet)"), "{report}");
     // Not due yet: nothing is asked.
     env.sim.reset_stats();
@@ -1389,10 +1390,7 @@ async fn a_recording_the_audio_route_does_not_find_yet_arrives_on_the_schedule(b
         &[],
     );
     env.sim.finalize_transcript(&encounter_id, &document_id);
-    let all = charthero_sync::sync::BackfillRange {
-        start: config.sync.start_at,
-        end: OffsetDateTime::now_utc(),
-    };
+    let all = all_history(&config);
     env.sim.reset_stats();
     let report = env.sync(&config, CyclePlan::full(Some(all), false)).await;
     assert!(report.is_complete(), "{report:?}");

@@ -1546,34 +1546,26 @@ pub(super) mod tests {
                 .iter()
                 .all(|i| i.work == Work::Transcript)
         );
-        let note = pg
-            .client
-            .get_mut()
-            .query_one(
-                "SELECT detail_state, detail_attempts, detail_next_at_ns FROM documents WHERE document_id = 'doc_n'",
-                &[],
-            )
-            .unwrap();
-        let note: (String, i64, Option<i64>) = (
-            note.try_get(0).unwrap(),
-            note.try_get(1).unwrap(),
-            note.try_get(2).unwrap(),
-        );
-        assert_eq!(note, ("unavailable".to_owned(), 2, None));
-        let recording = pg
-            .client
-            .get_mut()
-            .query_one(
-                "SELECT audio_state, audio_attempts, audio_next_at_ns FROM documents WHERE document_id = 'doc_l'",
-                &[],
-            )
-            .unwrap();
-        let recording: (String, i64, Option<i64>) = (
-            recording.try_get(0).unwrap(),
-            recording.try_get(1).unwrap(),
-            recording.try_get(2).unwrap(),
-        );
-        assert_eq!(recording, ("unavailable".to_owned(), 2, None));
+        // Both schedules ran out: unavailable after two answers, nothing left to ask.
+        for (prefix, document_id) in [("detail", "doc_n"), ("audio", "doc_l")] {
+            let row = pg
+                .client
+                .get_mut()
+                .query_one(
+                    &format!(
+                        "SELECT {prefix}_state, {prefix}_attempts, {prefix}_next_at_ns FROM documents
+                         WHERE document_id = $1"
+                    ),
+                    &[&document_id],
+                )
+                .unwrap();
+            let schedule: (String, i64, Option<i64>) = (
+                row.try_get(0).unwrap(),
+                row.try_get(1).unwrap(),
+                row.try_get(2).unwrap(),
+            );
+            assert_eq!(schedule, ("unavailable".to_owned(), 2, None), "{document_id}");
+        }
         assert_same_rows(&path, pg.client.get_mut(), "the queue's work");
 
         let strict = PrivacyConfig {
