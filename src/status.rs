@@ -266,7 +266,7 @@ pub fn read(
     let mut status = warehouse.status(now, configured)?;
     let mut watermarks = Vec::with_capacity(status.organizations.len());
     let writer_present = if status.organizations.iter().any(|o| o.running_cycle.is_some()) {
-        warehouse.writer_present()?
+        warehouse.writer_present(now, GONE_AFTER)
     } else {
         None
     };

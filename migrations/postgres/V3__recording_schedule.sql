@@ -8,8 +8,13 @@ DROP INDEX documents_audio_work;
 CREATE INDEX documents_audio_work ON documents (audio_state)
     WHERE audio_state IN ('pending', 'not_ready');
 
--- What earlier releases gave up on after one "not found" is asked once more (SQLite V10).
-UPDATE documents SET detail_state = 'not_ready', detail_attempts = 0, detail_next_at_ns = 0
- WHERE detail_state = 'unavailable' AND schema_type <> 'ambient_transcript' AND removed_at IS NULL;
-UPDATE documents SET audio_state = 'not_ready', audio_attempts = 0, audio_next_at_ns = 0
- WHERE audio_state = 'unavailable' AND removed_at IS NULL;
+-- What earlier releases gave up on after one "not found" is asked once more, one request each
+-- (SQLite V10).
+UPDATE documents SET detail_state = 'not_ready', detail_attempts = 5, detail_next_at_ns = 0
+ WHERE detail_state = 'unavailable' AND schema_type <> 'ambient_transcript' AND removed_at IS NULL
+   AND EXISTS (SELECT 1 FROM encounters e
+               WHERE e.encounter_id = documents.encounter_id AND e.removed_at IS NULL);
+UPDATE documents SET audio_state = NULL, audio_attempts = 5, audio_next_at_ns = NULL
+ WHERE audio_state = 'unavailable' AND removed_at IS NULL
+   AND EXISTS (SELECT 1 FROM encounters e
+               WHERE e.encounter_id = documents.encounter_id AND e.removed_at IS NULL);

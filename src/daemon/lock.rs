@@ -23,8 +23,42 @@ pub struct WriterLock {
 
 #[derive(Debug)]
 enum Held {
-    File { _file: File },
+    File { _file: File, _alive: Liveness },
     Server { _lease: WriterLease },
+}
+
+/// How often the holder of a SQLite warehouse's lock touches the lock file.
+pub const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Touches the lock file every [`TOUCH_EVERY`] while the lock is held, from a thread of its
+/// own: its modification time tells `status` the holder is alive even while the writer thread
+/// is busy for long (a merge, a `VACUUM`), and stops the moment the process dies. A stat of the
+/// file is all a reader needs, so an analyst who may not open the file can tell too.
+#[derive(Debug)]
+struct Liveness {
+    /// Dropped with the lock, which ends the thread.
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Liveness {
+    fn start(file: &File, every: std::time::Duration) -> std::io::Result<Liveness> {
+        let file = file.try_clone()?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("writer-lock-alive".to_owned())
+            .spawn(move || {
+                loop {
+                    let _ = file.set_modified(std::time::SystemTime::now());
+                    if !matches!(
+                        stopped.recv_timeout(every),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    ) {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Liveness { _stop: stop })
+    }
 }
 
 /// Why the lock could not be taken.
@@ -100,8 +134,12 @@ impl WriterLock {
         if let Err(e) = describe_holder(&mut file, what) {
             tracing::warn!(lock = %path.display(), "cannot write the lock holder's name: {e}");
         }
+        let alive = Liveness::start(&file, TOUCH_EVERY).map_err(io)?;
         Ok(WriterLock {
-            _held: Held::File { _file: file },
+            _held: Held::File {
+                _file: file,
+                _alive: alive,
+            },
         })
     }
 }
@@ -140,6 +178,27 @@ fn describe_holder(file: &mut File, what: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lock file's modification time is the holder's pulse: renewed while the lock is held,
+    /// on a thread of its own, and never again once it is dropped.
+    #[test]
+    fn the_holder_touches_its_lock_file_until_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db.lock");
+        let file = File::create(&path).unwrap();
+        let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let touched = || std::fs::metadata(&path).unwrap().modified().unwrap();
+        let alive = Liveness::start(&file, std::time::Duration::from_millis(20)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        file.set_modified(long_ago).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(touched() > long_ago, "not touched while held");
+        drop(alive);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        file.set_modified(long_ago).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(touched(), long_ago, "touched after it was let go");
+    }
 
     #[test]
     fn a_second_writer_is_refused_with_the_holder_named_until_the_first_lets_go() {

@@ -139,9 +139,10 @@ impl StateTime {
 /// What may be read from a warehouse, also on a read-only connection next to a running writer
 /// (`status`, the demo's summary): never a write.
 pub trait Reader: Send {
-    /// Whether a process holds the warehouse's writer lock now (a `run` or `sync` is alive):
-    /// `None` when this reader cannot tell.
-    fn writer_present(&self) -> anyhow::Result<Option<bool>>;
+    /// Whether the process holding the warehouse's writer lock (a `run` or `sync`) is alive at
+    /// `now`: on SQLite, it touched the lock file within `grace`; on PostgreSQL, a session holds
+    /// the schema's advisory lock. `None` when this reader cannot tell.
+    fn writer_present(&self, now: OffsetDateTime, grace: time::Duration) -> Option<bool>;
     /// The live watermark: every record created before it is stored.
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
     /// An instant kept for the organization, if it was ever set.

@@ -377,7 +377,8 @@ fn lock_holder(client: &mut Client, pg: &PostgresConfig, key: i64) -> anyhow::Re
                     'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?') \
              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2",
+               AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&high, &low],
         )
         .with_context(|| format!("PostgreSQL warehouse {pg}: cannot read who holds the writer lock"))?;
@@ -400,7 +401,8 @@ pub fn writer_present(client: &mut Client) -> anyhow::Result<bool> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                AND classid::text::bigint = $1 AND objid::text::bigint = $2)",
+                AND classid::text::bigint = $1 AND objid::text::bigint = $2
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
             &[&high, &low],
         )?
         .try_get(0)?)

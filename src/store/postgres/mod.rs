@@ -293,8 +293,13 @@ impl WriteTx for PgTx<'_> {
 }
 
 impl Reader for PgBackend {
-    fn writer_present(&self) -> anyhow::Result<Option<bool>> {
-        connect::writer_present(&mut *self.db()?).map(Some)
+    fn writer_present(&self, _now: OffsetDateTime, _grace: time::Duration) -> Option<bool> {
+        let present = self
+            .db()
+            .and_then(|mut client| connect::writer_present(&mut client));
+        present
+            .map_err(|e| tracing::debug!("cannot tell whether the warehouse's writer is alive: {e:#}"))
+            .ok()
     }
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::complete_through(&mut *self.db()?, organization)

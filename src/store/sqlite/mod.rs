@@ -276,33 +276,13 @@ pub fn lock_path(database: &Path) -> std::path::PathBuf {
     std::path::PathBuf::from(p)
 }
 
-/// Whether a process holds the writer's lock of the database at `database`, read from
-/// `/proc/locks` without opening the lock file (which is the writer's alone, and whose opening
-/// could race a writer starting): `None` when that cannot be told.
-fn writer_holds_lock(database: &Path) -> Option<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = match std::fs::metadata(lock_path(database)) {
-        Ok(meta) => meta,
-        // No writer of this release ever opened the warehouse.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
-        Err(_) => return None,
-    };
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    Some(holds_flock(&locks, meta.dev(), meta.ino()))
-}
-
-/// Whether `/proc/locks` (its text `locks`) lists a granted `flock` on the file `ino` of the
-/// device `dev` (`major:minor:inode`, the device numbers in hex; a waiter's line says `->`).
-fn holds_flock(locks: &str, dev: u64, ino: u64) -> bool {
-    let file = format!(
-        "{:02x}:{:02x}:{ino}",
-        rustix::fs::major(dev),
-        rustix::fs::minor(dev)
-    );
-    locks.lines().any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        fields.next() == Some("FLOCK") && fields.any(|f| f == file)
-    })
+/// Whether the process holding the writer's lock of the database at `database` is alive: it
+/// touches the lock file every 2 s (`daemon::lock`), so a modification within `grace` of `now`
+/// says so. `None` when the lock file cannot be seen (a reader that may not search the
+/// directory, a database opened through a symbolic link, whose lock is beside the link).
+fn writer_alive(database: &Path, now: OffsetDateTime, grace: time::Duration) -> Option<bool> {
+    let touched = std::fs::metadata(lock_path(database)).ok()?.modified().ok()?;
+    Some(now - OffsetDateTime::from(touched) <= grace)
 }
 
 /// Rebuilds both full-text indexes from the text they index.
@@ -451,11 +431,10 @@ impl WriteTx for Connection {
 
 /// The warehouse's reads, on any connection: the writer's, or [`open_reader`]'s read-only one.
 impl Reader for Connection {
-    fn writer_present(&self) -> anyhow::Result<Option<bool>> {
-        Ok(self
-            .path()
+    fn writer_present(&self, now: OffsetDateTime, grace: time::Duration) -> Option<bool> {
+        self.path()
             .filter(|p| !p.is_empty())
-            .and_then(|p| writer_holds_lock(Path::new(p))))
+            .and_then(|p| writer_alive(Path::new(p), now, grace))
     }
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         complete_through(self, organization)
@@ -757,27 +736,23 @@ mod tests {
 
     use super::*;
 
-    /// `status` tells a killed writer from a live one by its lock, as `/proc/locks` lists it.
+    /// `status` tells a killed writer from a live one by when its lock file was last touched.
     #[test]
-    fn the_writer_lock_is_seen_held_while_a_process_holds_it_and_free_after() {
+    fn the_writer_is_alive_while_its_lock_file_was_touched_within_the_grace() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("w.db");
-        assert_eq!(writer_holds_lock(&db), Some(false), "no lock file yet");
+        let now = OffsetDateTime::now_utc();
+        let grace = time::Duration::seconds(10);
+        assert_eq!(writer_alive(&db, now, grace), None, "no lock file: cannot tell");
         let file = std::fs::File::create(lock_path(&db)).unwrap();
-        assert_eq!(writer_holds_lock(&db), Some(false), "a lock file nobody locks");
-        file.try_lock().unwrap();
-        assert_eq!(writer_holds_lock(&db), Some(true));
-        file.unlock().unwrap();
-        assert_eq!(writer_holds_lock(&db), Some(false));
-        // Waiters are not holders; the device numbers are hex.
-        let locks = "1: FLOCK  ADVISORY  WRITE 4242 fd:1a:123 0 EOF\n\
-                     1: -> FLOCK  ADVISORY  WRITE 4343 00:2e:77 0 EOF\n\
-                     2: POSIX  ADVISORY  WRITE 4444 00:2e:88 0 EOF\n";
-        let dev = |major, minor| rustix::fs::makedev(major, minor);
-        assert!(holds_flock(locks, dev(0xfd, 0x1a), 123));
-        assert!(!holds_flock(locks, dev(0, 0x2e), 77));
-        assert!(!holds_flock(locks, dev(0, 0x2e), 88));
-        assert!(!holds_flock(locks, dev(0xfd, 0x1a), 12));
+        assert_eq!(writer_alive(&db, now, grace), Some(true));
+        let touched = std::time::SystemTime::from(now - time::Duration::seconds(11));
+        file.set_modified(touched).unwrap();
+        assert_eq!(writer_alive(&db, now, grace), Some(false));
+        assert_eq!(
+            writer_alive(&db, now - time::Duration::seconds(2), grace),
+            Some(true)
+        );
     }
     use crate::store::{StoreErrorKind, Writer};
 
