@@ -41,8 +41,11 @@ struct Liveness {
 }
 
 impl Liveness {
-    fn start(file: &File, every: std::time::Duration) -> std::io::Result<Liveness> {
-        let file = file.try_clone()?;
+    /// Touches `path` through an open file of its own: a duplicate of the locked file's
+    /// descriptor would share its lock and keep it held after the lock is dropped, until the
+    /// thread noticed.
+    fn start(path: &Path, every: std::time::Duration) -> std::io::Result<Liveness> {
+        let file = File::open(path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("writer-lock-alive".to_owned())
@@ -134,7 +137,7 @@ impl WriterLock {
         if let Err(e) = describe_holder(&mut file, what) {
             tracing::warn!(lock = %path.display(), "cannot write the lock holder's name: {e}");
         }
-        let alive = Liveness::start(&file, TOUCH_EVERY).map_err(io)?;
+        let alive = Liveness::start(&path, TOUCH_EVERY).map_err(io)?;
         Ok(WriterLock {
             _held: Held::File {
                 _file: file,
@@ -188,7 +191,7 @@ mod tests {
         let file = File::create(&path).unwrap();
         let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
         let touched = || std::fs::metadata(&path).unwrap().modified().unwrap();
-        let alive = Liveness::start(&file, std::time::Duration::from_millis(20)).unwrap();
+        let alive = Liveness::start(&path, std::time::Duration::from_millis(20)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         file.set_modified(long_ago).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
