@@ -106,8 +106,9 @@ pub struct RunningCycle {
     /// [`crate::sync::PROGRESS_EVERY`] while it runs; none in its first seconds.
     pub progress_at: Option<String>,
     /// Its process is gone (killed, crashed, the machine restarted), and the organization's
-    /// next cycle marks it aborted: no process holds the warehouse's writer lock and it wrote
-    /// no progress for [`GONE_AFTER`], or, where the lock cannot be seen, for [`STALLED_AFTER`].
+    /// next cycle marks it aborted: the writer lock's holder shows no life
+    /// ([`crate::store::Reader::writer_present`]) and it wrote no progress for [`GONE_AFTER`],
+    /// or, where that cannot be told, for [`STALLED_AFTER`].
     pub stalled: bool,
 }
 
@@ -117,10 +118,10 @@ pub struct RunningCycle {
 /// cycle's daily retention purge (a `VACUUM` of a large warehouse) for longer.
 pub const STALLED_AFTER: time::Duration = time::Duration::minutes(5);
 
-/// How long a running cycle may go without writing its progress while no process holds the
-/// warehouse's writer lock, before `status` calls it stalled: a few of its
-/// [`crate::sync::PROGRESS_EVERY`], so that a cycle that just started, or a lock this reader
-/// could not see, is not called gone while its progress is fresh.
+/// How long a running cycle may go without writing its progress while the writer lock's holder
+/// shows no life, before `status` calls it stalled: a few of its
+/// [`crate::sync::PROGRESS_EVERY`] (and of the lock's pulse, `daemon::lock::TOUCH_EVERY`), so
+/// that a cycle that just started is not called gone.
 pub const GONE_AFTER: time::Duration = time::Duration::seconds(10);
 
 /// Reason codes that mean the organization's key is refused (401, or the key reads another
@@ -165,6 +166,28 @@ pub struct Queue {
     pub recordings_pending: i64,
     /// Recordings the audio route did not find yet, asked again on the same schedule.
     pub recordings_not_ready: i64,
+}
+
+impl Queue {
+    /// From the row of the store's queue query, whose counts come in this order.
+    pub(crate) fn from_counts(counts: [i64; 6]) -> Queue {
+        let [
+            documents_pending,
+            notes_not_ready,
+            transcripts_pending,
+            transcripts_not_ready,
+            recordings_pending,
+            recordings_not_ready,
+        ] = counts;
+        Queue {
+            documents_pending,
+            notes_not_ready,
+            transcripts_pending,
+            transcripts_not_ready,
+            recordings_pending,
+            recordings_not_ready,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

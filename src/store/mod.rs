@@ -226,6 +226,29 @@ macro_rules! queued_work_sql {
 }
 use queued_work_sql;
 
+/// `status`'s content queue as one row: the counts of [`crate::status::Queue::from_counts`], in
+/// its order, each a [`queued_work_sql`]; `$and` adds a condition on `d`.
+macro_rules! queue_sql {
+    ($and:literal) => {
+        concat!(
+            "SELECT (",
+            $crate::store::queued_work_sql!("detail_state = 'pending'", $and),
+            "), (",
+            $crate::store::queued_work_sql!("detail_state = 'not_ready'", $and),
+            "), (",
+            $crate::store::queued_work_sql!("transcript_state = 'pending'", $and),
+            "), (",
+            $crate::store::queued_work_sql!("transcript_state = 'not_ready'", $and),
+            "), (",
+            $crate::store::queued_work_sql!("audio_state = 'pending'", $and),
+            "), (",
+            $crate::store::queued_work_sql!("audio_state = 'not_ready'", $and),
+            ")"
+        )
+    };
+}
+use queue_sql;
+
 /// [`may_be_final`] as SQL over the status column (or expression) `$status`, a literal.
 macro_rules! may_be_final_sql {
     ($status:literal) => {

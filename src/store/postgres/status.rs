@@ -54,6 +54,23 @@ fn run_end(r: &Row, at: usize) -> Result<(Option<LastError>, Vec<String>), postg
     Ok(((error.outcome != "succeeded").then_some(error), routes))
 }
 
+/// The content queue, from `crate::store::queue_sql!`.
+fn queue(
+    db: &mut impl GenericClient,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> anyhow::Result<Queue> {
+    let row = db.query_one(sql, params)?;
+    Ok(Queue::from_counts([
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+    ]))
+}
+
 /// One organization's entry.
 fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<OrganizationStatus> {
     let complete_through = super::ledger::complete_through(db, name)?;
@@ -76,27 +93,18 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
     };
     let reason_code = last_error.as_ref().and_then(|e| e.reason_code.clone());
     let counts = db.query_one(
-        concat!(
-            "SELECT (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NULL),
+        "SELECT (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NULL),
                 (SELECT count(*) FROM encounters WHERE organization_id = $1 AND removed_at IS NOT NULL),
                 (SELECT count(*) FROM documents WHERE organization_id = $1 AND removed_at IS NULL),
                 (SELECT count(*) FROM transcripts WHERE organization_id = $1),
                 (SELECT count(*) FROM dead_letters WHERE organization = $2),
-                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running')), (",
-            crate::store::queued_work_sql!("detail_state = 'pending'", " AND d.organization_id = $1"),
-            "), (",
-            crate::store::queued_work_sql!("detail_state = 'not_ready'", " AND d.organization_id = $1"),
-            "), (",
-            crate::store::queued_work_sql!("transcript_state = 'pending'", " AND d.organization_id = $1"),
-            "), (",
-            crate::store::queued_work_sql!("transcript_state = 'not_ready'", " AND d.organization_id = $1"),
-            "), (",
-            crate::store::queued_work_sql!("audio_state = 'pending'", " AND d.organization_id = $1"),
-            "), (",
-            crate::store::queued_work_sql!("audio_state = 'not_ready'", " AND d.organization_id = $1"),
-            ")"
-        ),
+                (SELECT count(*) FROM backfills WHERE organization = $2 AND status IN ('queued', 'running'))",
         &[&organization_id, &name],
+    )?;
+    let queue = queue(
+        db,
+        crate::store::queue_sql!(" AND d.organization_id = $1"),
+        &[&organization_id],
     )?;
     let running_cycle = db
         .query_opt(
@@ -135,14 +143,7 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
         dead_letters: counts.try_get(4)?,
         backfills_pending: counts.try_get(5)?,
         running_cycle,
-        queue: Queue {
-            documents_pending: counts.try_get(6)?,
-            notes_not_ready: counts.try_get(7)?,
-            transcripts_pending: counts.try_get(8)?,
-            transcripts_not_ready: counts.try_get(9)?,
-            recordings_pending: counts.try_get(10)?,
-            recordings_not_ready: counts.try_get(11)?,
-        },
+        queue,
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
         encounters_unlisted_estimate: 0,
@@ -180,28 +181,15 @@ pub fn read_status(
         .map(|n| read_organization(db, n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let c = db.query_one(
-        concat!(
-            "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
+        "SELECT (SELECT count(*) FROM encounters WHERE removed_at IS NULL),
                 (SELECT count(*) FROM encounters WHERE removed_at IS NOT NULL),
                 (SELECT count(*) FROM patients),
                 (SELECT count(*) FROM documents WHERE removed_at IS NULL),
                 (SELECT count(*) FROM documents WHERE content_text IS NOT NULL),
                 (SELECT count(*) FROM transcripts),
                 (SELECT count(*) FROM transcript_turns),
-                (SELECT count(*) FROM recordings), (",
-            crate::store::queued_work_sql!("detail_state = 'pending'", ""),
-            "), (",
-            crate::store::queued_work_sql!("detail_state = 'not_ready'", ""),
-            "), (",
-            crate::store::queued_work_sql!("transcript_state = 'pending'", ""),
-            "), (",
-            crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
-            "), (",
-            crate::store::queued_work_sql!("audio_state = 'pending'", ""),
-            "), (",
-            crate::store::queued_work_sql!("audio_state = 'not_ready'", ""),
-            "), (SELECT count(*) FROM dead_letters)"
-        ),
+                (SELECT count(*) FROM recordings),
+                (SELECT count(*) FROM dead_letters)",
         &[],
     )?;
     let rows = Rows {
@@ -215,14 +203,7 @@ pub fn read_status(
         transcript_turns: c.try_get(6)?,
         recordings: c.try_get(7)?,
     };
-    let queue = Queue {
-        documents_pending: c.try_get(8)?,
-        notes_not_ready: c.try_get(9)?,
-        transcripts_pending: c.try_get(10)?,
-        transcripts_not_ready: c.try_get(11)?,
-        recordings_pending: c.try_get(12)?,
-        recordings_not_ready: c.try_get(13)?,
-    };
+    let queue = queue(db, crate::store::queue_sql!(""), &[])?;
     let runs = db
         .query(
             &format!("SELECT {RUN_COLUMNS} FROM sync_runs ORDER BY run_id DESC LIMIT 10"),
@@ -333,7 +314,7 @@ pub fn read_status(
         runs,
         backfills,
         audit,
-        dead_letter_count: c.try_get(14)?,
+        dead_letter_count: c.try_get(8)?,
         dead_letters,
         disabled_routes,
         last_error,

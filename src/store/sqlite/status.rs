@@ -18,6 +18,20 @@ fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
     conn.query_row(sql, [], |r| r.get(0))
 }
 
+/// The content queue, from `crate::store::queue_sql!`.
+fn queue(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<Queue> {
+    conn.query_row(sql, params, |r| {
+        Ok(Queue::from_counts([
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ]))
+    })
+}
+
 const RUN_COLUMNS: &str = "run_id, trigger, started_at, finished_at, outcome, list_requests, encounters_new,
     encounters_changed, encounters_removed, documents_fetched, transcripts_fetched, recordings_fetched,
     retries, dead_letters, organization";
@@ -173,32 +187,11 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
             "SELECT count(*) FROM backfills WHERE organization = ?1 AND status IN ('queued', 'running')",
         )?,
         running_cycle,
-        queue: Queue {
-            documents_pending: per_org(crate::store::queued_work_sql!(
-                "detail_state = 'pending'",
-                " AND d.organization_id = ?1"
-            ))?,
-            notes_not_ready: per_org(crate::store::queued_work_sql!(
-                "detail_state = 'not_ready'",
-                " AND d.organization_id = ?1"
-            ))?,
-            transcripts_pending: per_org(crate::store::queued_work_sql!(
-                "transcript_state = 'pending'",
-                " AND d.organization_id = ?1"
-            ))?,
-            transcripts_not_ready: per_org(crate::store::queued_work_sql!(
-                "transcript_state = 'not_ready'",
-                " AND d.organization_id = ?1"
-            ))?,
-            recordings_pending: per_org(crate::store::queued_work_sql!(
-                "audio_state = 'pending'",
-                " AND d.organization_id = ?1"
-            ))?,
-            recordings_not_ready: per_org(crate::store::queued_work_sql!(
-                "audio_state = 'not_ready'",
-                " AND d.organization_id = ?1"
-            ))?,
-        },
+        queue: queue(
+            conn,
+            crate::store::queue_sql!(" AND d.organization_id = ?1"),
+            [organization_id.as_deref()],
+        )?,
         // Filled in by `Status::estimate`, which knows the configuration.
         content_requests_pending: 0,
         encounters_unlisted_estimate: 0,
@@ -246,32 +239,7 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
         transcript_turns: count(conn, "SELECT count(*) FROM transcript_turns")?,
         recordings: count(conn, "SELECT count(*) FROM recordings")?,
     };
-    let queue = Queue {
-        documents_pending: count(
-            conn,
-            crate::store::queued_work_sql!("detail_state = 'pending'", ""),
-        )?,
-        notes_not_ready: count(
-            conn,
-            crate::store::queued_work_sql!("detail_state = 'not_ready'", ""),
-        )?,
-        transcripts_pending: count(
-            conn,
-            crate::store::queued_work_sql!("transcript_state = 'pending'", ""),
-        )?,
-        transcripts_not_ready: count(
-            conn,
-            crate::store::queued_work_sql!("transcript_state = 'not_ready'", ""),
-        )?,
-        recordings_pending: count(
-            conn,
-            crate::store::queued_work_sql!("audio_state = 'pending'", ""),
-        )?,
-        recordings_not_ready: count(
-            conn,
-            crate::store::queued_work_sql!("audio_state = 'not_ready'", ""),
-        )?,
-    };
+    let queue = queue(conn, crate::store::queue_sql!(""), [])?;
     let runs = conn
         .prepare(&format!(
             "SELECT {RUN_COLUMNS} FROM sync_runs ORDER BY run_id DESC LIMIT 10"
