@@ -778,6 +778,7 @@ async fn daemon_latency(
             charthero_sync::daemon::serve_organizations(
                 &cfg,
                 keys,
+                Vec::new(),
                 None,
                 &charthero_sync::daemon::notify::Notifier::silent(),
                 &shutdown,

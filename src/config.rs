@@ -16,7 +16,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind, SecretProblem};
+use crate::secret::{ApiKey, DatabasePasswordKind, Secret, SecretKind, SecretProblem, WebhookSecret};
 use crate::timefmt;
 
 /// Where the daemon looks for its configuration when neither `--config` nor
@@ -35,6 +35,14 @@ pub const DATABASE_PASSWORD_ENV: &str = "CHARTHERO_DATABASE_PASSWORD";
 
 /// The database password's file name under `$CREDENTIALS_DIRECTORY`.
 pub const DATABASE_PASSWORD_CREDENTIAL: &str = "charthero-database-password";
+
+/// The environment variable that carries the webhook signing secret when no secret file is
+/// configured (`CHARTHERO_WEBHOOK_SECRET_<NAME>` for an organization of `[[organizations]]`).
+pub const WEBHOOK_SECRET_ENV: &str = "CHARTHERO_WEBHOOK_SECRET";
+
+/// The webhook signing secret's file name under `$CREDENTIALS_DIRECTORY` (`….<name>` for an
+/// organization of `[[organizations]]`).
+pub const WEBHOOK_SECRET_CREDENTIAL: &str = "charthero-webhook-secret";
 
 /// The PostgreSQL schema the warehouse lives in unless `database.schema` says otherwise.
 pub const DEFAULT_SCHEMA: &str = "charthero";
@@ -60,6 +68,9 @@ pub enum ConfigError {
     /// The database password's file is unsafe or unreadable, or its variable is empty.
     #[error("{0}")]
     DatabasePassword(String),
+    /// An organization's webhook signing secret is missing, unsafe or unreadable.
+    #[error("{0}")]
+    WebhookSecret(String),
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -128,9 +139,15 @@ fn refuse_pasted_key(
 /// The environment variable and the credential an organization's key may come from:
 /// `CHARTHERO_API_KEY_<NAME>` (upper-cased, `-` becomes `_`) and `charthero-api-key.<name>`.
 fn organization_key_names(name: &str) -> (String, String) {
+    organization_secret_names(name, API_KEY_ENV, CREDENTIAL_NAME)
+}
+
+/// A secret's environment variable and credential for one organization of `[[organizations]]`:
+/// `<ENV>_<NAME>` (upper-cased, `-` becomes `_`) and `<credential>.<name>`.
+fn organization_secret_names(name: &str, env: &str, credential: &str) -> (String, String) {
     (
-        format!("{API_KEY_ENV}_{}", name.to_ascii_uppercase().replace('-', "_")),
-        format!("{CREDENTIAL_NAME}.{name}"),
+        format!("{env}_{}", name.to_ascii_uppercase().replace('-', "_")),
+        format!("{credential}.{name}"),
     )
 }
 
@@ -146,6 +163,7 @@ pub struct RawConfig {
     pub audio: RawAudio,
     pub metrics: RawMetrics,
     pub privacy: RawPrivacy,
+    pub webhook: RawWebhook,
     /// Several organizations, each with its own key; empty: the `[api]` key is the one
     /// organization `default`.
     pub organizations: Vec<RawOrganization>,
@@ -165,6 +183,7 @@ pub struct RawOrganization {
     pub requests_per_second: Option<f64>,
     pub burst: Option<i64>,
     pub max_in_flight: Option<i64>,
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +213,16 @@ impl Default for RawPrivacy {
 pub struct RawMetrics {
     /// Empty: no endpoint.
     pub listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWebhook {
+    /// Empty: no receiver.
+    pub listen: String,
+    /// The signing secret's file of the one organization of a configuration without
+    /// `[[organizations]]` (each of those has `webhook_secret_file`).
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,6 +431,8 @@ pub struct Config {
     pub audio: AudioConfig,
     /// Where `run` serves Prometheus metrics (loopback only), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where `run` receives ChartHero's webhook deliveries, if anywhere (`[webhook] listen`).
+    pub webhook_listen: Option<std::net::SocketAddr>,
     pub privacy: PrivacyConfig,
     /// Never empty: without `[[organizations]]`, the one organization `default` of `[api]`.
     pub organizations: Vec<Organization>,
@@ -422,6 +453,9 @@ pub struct Organization {
     pub key: KeySources,
     /// This key's own budget; `[limits]` caps the whole process on top of it.
     pub budget: Budget,
+    /// Where the signing secret of this organization's webhook endpoint is looked for, in
+    /// order (read only when `[webhook] listen` is set).
+    pub webhook_secret: KeySources,
 }
 
 /// Where one organization's API key is looked for, in order.
@@ -1096,7 +1130,8 @@ impl RawConfig {
                 text => Some(duration_in("privacy.retention", text, bounds::RETENTION)?),
             },
         };
-        let organizations = validate_organizations(self.organizations, &api, &sync, &limits)?;
+        let organizations =
+            validate_organizations(self.organizations, self.webhook.secret_file, &api, &sync, &limits)?;
         Ok(Config {
             api,
             database,
@@ -1109,6 +1144,15 @@ impl RawConfig {
             metrics_listen: match self.metrics.listen.trim() {
                 "" => None,
                 text => Some(crate::metrics::parse_listen(text).map_err(|e| invalid("metrics.listen", e))?),
+            },
+            webhook_listen: match self.webhook.listen.trim() {
+                "" => None,
+                text => Some(text.parse().map_err(|_| {
+                    invalid(
+                        "webhook.listen",
+                        format!("{text:?} is not an address like \"127.0.0.1:8787\""),
+                    )
+                })?),
             },
         })
     }
@@ -1289,12 +1333,25 @@ fn validate_postgres(
 /// Errors name the organization and the key (`organizations.northside.burst`).
 fn validate_organizations(
     raw: Vec<RawOrganization>,
+    webhook_secret_file: Option<PathBuf>,
     api: &ApiConfig,
     sync: &SyncConfig,
     limits: &Limits,
 ) -> Result<Vec<Organization>, ConfigError> {
+    refuse_pasted_key(
+        "webhook.secret_file",
+        webhook_secret_file.as_deref(),
+        WEBHOOK_SECRET_ENV,
+        WEBHOOK_SECRET_CREDENTIAL,
+    )?;
+    let webhook_secret_file = webhook_secret_file.filter(|p| !p.as_os_str().is_empty());
     if raw.is_empty() {
         return Ok(vec![Organization {
+            webhook_secret: KeySources {
+                file: webhook_secret_file,
+                env: WEBHOOK_SECRET_ENV.to_owned(),
+                credential: WEBHOOK_SECRET_CREDENTIAL.to_owned(),
+            },
             name: DEFAULT_ORGANIZATION.to_owned(),
             organization_id: None,
             base_url: api.base_url.clone(),
@@ -1306,6 +1363,13 @@ fn validate_organizations(
             },
             budget: limits.ceiling(),
         }]);
+    }
+    if webhook_secret_file.is_some() {
+        return Err(invalid(
+            "webhook.secret_file",
+            "applies only without [[organizations]]; each organization's endpoint has its own \
+             signing secret: set webhook_secret_file in its [[organizations]] entry",
+        ));
     }
     let mut out: Vec<Organization> = Vec::with_capacity(raw.len());
     for (i, o) in raw.into_iter().enumerate() {
@@ -1371,7 +1435,21 @@ fn validate_organizations(
         };
         let (env, credential) = organization_key_names(&name);
         refuse_pasted_key("api_key_file", o.api_key_file.as_deref(), &env, &credential).map_err(at)?;
+        let (webhook_env, webhook_credential) =
+            organization_secret_names(&name, WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_CREDENTIAL);
+        refuse_pasted_key(
+            "webhook_secret_file",
+            o.webhook_secret_file.as_deref(),
+            &webhook_env,
+            &webhook_credential,
+        )
+        .map_err(at)?;
         out.push(Organization {
+            webhook_secret: KeySources {
+                file: o.webhook_secret_file.filter(|p| !p.as_os_str().is_empty()),
+                env: webhook_env,
+                credential: webhook_credential,
+            },
             organization_id,
             base_url,
             start_at,
@@ -1580,6 +1658,43 @@ fn load_api_key_from(
 ) -> Result<(ApiKey, KeySource), ConfigError> {
     find_secret(&API_KEY, sources, env_key, credentials_dir)?
         .map_err(|looked| ConfigError::ApiKey(format!("no API key found: looked in {}", looked.join(", "))))
+}
+
+/// Resolves the signing secret of `org`'s webhook endpoint by the API key's rules (see
+/// [`load_api_key`]): `[webhook] secret_file` (an organization's `webhook_secret_file`), then
+/// `CHARTHERO_WEBHOOK_SECRET` (`…_<NAME>`), then
+/// `$CREDENTIALS_DIRECTORY/charthero-webhook-secret` (`….<name>`). Needed only when
+/// `[webhook] listen` is set; an error names the organization and every source looked in.
+pub fn load_webhook_secret(org: &Organization) -> Result<(WebhookSecret, KeySource), ConfigError> {
+    let sources = &org.webhook_secret;
+    let label = SecretLabel {
+        noun: "webhook signing secret",
+        file_key: if org.name == DEFAULT_ORGANIZATION && sources.env == WEBHOOK_SECRET_ENV {
+            "webhook.secret_file"
+        } else {
+            "webhook_secret_file"
+        },
+        error: ConfigError::WebhookSecret,
+    };
+    find_secret(
+        &label,
+        sources,
+        std::env::var(&sources.env).ok(),
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    )
+    .map_err(|e| match e {
+        ConfigError::WebhookSecret(message) => {
+            ConfigError::WebhookSecret(format!("organization {}: {message}", org.name))
+        }
+        other => other,
+    })?
+    .map_err(|looked| {
+        ConfigError::WebhookSecret(format!(
+            "organization {}: [webhook] listen is set, but no webhook signing secret was found: looked in {}",
+            org.name,
+            looked.join(", ")
+        ))
+    })
 }
 
 /// Resolves the PostgreSQL password by the API key's rules (see [`load_api_key`]):

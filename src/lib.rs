@@ -29,6 +29,7 @@ pub mod store;
 pub mod sync;
 pub mod telemetry;
 pub mod timefmt;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -89,6 +90,7 @@ pub async fn connect_organizations(
                 audio: config.audio.clone(),
                 max_in_flight: org.budget.max_in_flight.get(),
                 live: Default::default(),
+                webhook_events: Default::default(),
             })
         })
         .collect()

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use charthero_sync::config::{self, Config, ConfigError};
 use charthero_sync::daemon::lock::WriterLock;
 use charthero_sync::daemon::notify::Notifier;
+use charthero_sync::secret::WebhookSecret;
 use charthero_sync::sync::{BackfillRange, CycleError};
 use charthero_sync::{demo, exit, simulate, store, timefmt};
 
@@ -396,6 +397,21 @@ fn load_keys(config: &Config, organizations: &[String]) -> Result<OrganizationKe
         .collect()
 }
 
+/// Each organization's webhook signing secret, in the order of `keys`, when `[webhook] listen`
+/// is set (none otherwise): a missing one is a configuration error naming where it was looked for.
+fn load_webhook_secrets(config: &Config, keys: &OrganizationKeys) -> Result<Vec<WebhookSecret>, Failure> {
+    if config.webhook_listen.is_none() {
+        return Ok(Vec::new());
+    }
+    keys.iter()
+        .map(|(org, _)| {
+            let (secret, source) = config::load_webhook_secret(org)?;
+            tracing::info!(organization = %org.name, %source, "webhook signing secret loaded");
+            Ok(secret)
+        })
+        .collect()
+}
+
 /// The range of `--backfill-from/--backfill-to` (or `--from/--to`); the end defaults to now and
 /// must be after the start. `what` names the range in the error ("backfill", "purge").
 fn created_range(
@@ -621,10 +637,12 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
         } => {
             let backfill = created_range("backfill", backfill_from, backfill_to)?;
             let (config, keys, _lock) = prepare_writer(&cli.config, "charthero-sync run", &organizations)?;
+            let webhook_secrets = load_webhook_secrets(&config, &keys)?;
             let shutdown = cancel_on_signal();
             charthero_sync::daemon::serve_organizations(
                 &config,
                 keys,
+                webhook_secrets,
                 backfill,
                 &Notifier::from_env(),
                 &shutdown,

@@ -34,6 +34,9 @@ pub struct Metrics {
     /// times ChartHero's refusals (429) lowered it.
     rate_bits: AtomicU64,
     rate_cuts: AtomicU64,
+    /// outcome (`accepted`, `duplicate`, or the reason code of a refusal) → webhook deliveries
+    /// to the organization's endpoint.
+    webhook_deliveries: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -84,6 +87,17 @@ impl Metrics {
     /// The organization's sync stopped: its key was refused (`reason_code`, e.g. `revoked_key`).
     pub fn record_stopped(&self, reason_code: &str) {
         *self.stopped.lock().expect("metrics lock") = Some(reason_code.to_owned());
+    }
+
+    /// A webhook delivery to the organization's endpoint was answered: `accepted`, `duplicate`
+    /// or the reason code it was refused with.
+    pub fn record_webhook_delivery(&self, outcome: &'static str) {
+        *self
+            .webhook_deliveries
+            .lock()
+            .expect("metrics lock")
+            .entry(outcome)
+            .or_default() += 1;
     }
 
     /// A window could not be read completely (`window_unsettled`, `request_bound_exceeded`,
@@ -197,6 +211,22 @@ pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -
         for (org, m) in orgs {
             for (reason, n) in m.window_failures.lock().expect("metrics lock").iter() {
                 let _ = writeln!(out, "{name}{{organization=\"{org}\",reason=\"{reason}\"}} {n}");
+            }
+        }
+    }
+    if orgs
+        .iter()
+        .any(|(_, m)| !m.webhook_deliveries.lock().expect("metrics lock").is_empty())
+    {
+        let name = family(
+            &mut out,
+            "webhook_deliveries_total",
+            "counter",
+            "Webhook deliveries answered, by outcome: accepted, duplicate, or the reason code of a refusal.",
+        );
+        for (org, m) in orgs {
+            for (outcome, n) in m.webhook_deliveries.lock().expect("metrics lock").iter() {
+                let _ = writeln!(out, "{name}{{organization=\"{org}\",outcome=\"{outcome}\"}} {n}");
             }
         }
     }
@@ -333,6 +363,8 @@ mod tests {
         m.record_stopped("revoked_key");
         m.record_rate(5.0, false);
         m.record_rate(3.75, true);
+        m.record_webhook_delivery("accepted");
+        m.record_webhook_delivery("invalid_signature");
         let text = render(&[("northside".to_owned(), std::sync::Arc::new(m))], now);
         assert!(text.contains("charthero_sync_request_rate_per_second{organization=\"northside\"} 3.75\n"));
         assert!(text.contains("charthero_sync_request_rate_cuts_total{organization=\"northside\"} 1\n"));
@@ -346,6 +378,9 @@ mod tests {
             text.contains("charthero_sync_rate_limiter_wait_seconds_total{organization=\"northside\"} 1.5\n")
         );
         assert!(text.contains("charthero_sync_rows_written_total{organization=\"northside\"} 42\n"));
+        assert!(text.contains(
+            "charthero_sync_webhook_deliveries_total{organization=\"northside\",outcome=\"invalid_signature\"} 1\n"
+        ));
         assert!(
             text.contains(
                 "charthero_sync_cycles_total{organization=\"northside\",outcome=\"succeeded\"} 1\n"

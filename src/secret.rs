@@ -33,6 +33,16 @@ impl SecretKind for DatabasePasswordKind {
     const ONE_VISIBLE_ASCII_TOKEN: bool = false;
 }
 
+/// Marks the signing secret of ChartHero's webhook deliveries (`[webhook]`), which keys the
+/// HMAC that `ChartHero-Signature` carries.
+#[derive(Debug)]
+pub enum WebhookSecretKind {}
+
+impl SecretKind for WebhookSecretKind {
+    const NAME: &'static str = "WebhookSecret";
+    const ONE_VISIBLE_ASCII_TOKEN: bool = true;
+}
+
 /// Why a text cannot be a secret. The `Display` says what is wrong in words and never shows the
 /// text: it completes "<source> …" (`api_key_file /etc/… holds more than one line`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +89,9 @@ pub type ApiKey = Secret<ApiKeyKind>;
 /// The PostgreSQL warehouse's password.
 pub type DatabasePassword = Secret<DatabasePasswordKind>;
 
+/// The signing secret of one organization's webhook endpoint.
+pub type WebhookSecret = Secret<WebhookSecretKind>;
+
 impl<K: SecretKind> Secret<K> {
     /// Wraps a secret read from a file or the environment, trimming surrounding whitespace
     /// (such files usually end with a newline). `None` when nothing is left.
@@ -120,8 +133,8 @@ impl<K: SecretKind> Secret<K> {
         })
     }
 
-    /// The secret itself, for the one place that sends it (the `Authorization` header, the
-    /// database connection) and nothing else.
+    /// The secret itself, for the one place that uses it (the `Authorization` header, the
+    /// database connection, the webhook signature's HMAC) and nothing else.
     pub fn expose(&self) -> &str {
         &self.text
     }
@@ -170,6 +183,14 @@ mod tests {
         let shown = format!("{password:?} {:#?}", Some(&password));
         assert!(!shown.contains("canary"), "{shown}");
         assert!(shown.contains("DatabasePassword(<redacted>)"), "{shown}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_webhook_secret() {
+        let secret = WebhookSecret::parse("whsec_canary\n").unwrap();
+        let shown = format!("{secret:?} {:#?}", Some(&secret));
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(shown.contains("WebhookSecret(<redacted>)"), "{shown}");
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! between requests, injected faults, a rate-limit observer, a list hook, request statistics, and
 //! opt-in "harsh upstream" behaviours (listed below).
 //!
-//! It does not persist anything, speak TLS or HTTP/2, send webhooks, or know anything about the
-//! sync client. Nothing here reads the environment or the wall clock for data generation: the
+//! It does not persist anything, speak TLS or HTTP/2, or know anything about the sync client; it
+//! sends webhooks only when told where ([`Simulator::set_webhook`], module [`webhook`]). Nothing here reads the environment or the wall clock for data generation: the
 //! same seed and options give the same data (only mutation timestamps use the real clock).
 //!
 //! # Choices where the vendor's contract is silent
@@ -108,6 +108,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 mod timestamp;
+pub mod webhook;
 
 pub use access::ALL_SCOPES;
 pub use model::{

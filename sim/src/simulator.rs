@@ -161,6 +161,9 @@ impl Simulator {
                 unordered_rendering: opts.unordered_rendering,
                 responses_rendered: AtomicU64::new(0),
                 document_lag_ns: AtomicI64::new(lag_nanos(opts.document_lag)),
+                webhook: Mutex::new(None),
+                webhook_log: Arc::default(),
+                webhook_seq: AtomicU64::new(0),
                 shutdown,
                 host,
             }),
@@ -500,10 +503,51 @@ impl Simulator {
     ///
     /// # Panics
     /// Also when the document is missing or not an ambient transcript.
+    ///
+    /// With a webhook target set ([`Simulator::set_webhook`]), a `recording.transcript_ready`
+    /// event is then delivered to it in the background (needs a Tokio runtime).
     pub fn finalize_transcript(&self, encounter_id: &str, document_id: &str) {
         self.mutate(encounter_id, |store, slot, now| {
             store.finalize_transcript(slot, document_id, now)
         });
+        self.announce_transcript(encounter_id, document_id);
+    }
+
+    /// Delivers a `recording.transcript_ready` event for the document to the webhook target,
+    /// if one is set, in the background; answers the event's id. The transcript itself is not
+    /// touched: an event about a document whose transcript is not final (or does not exist) is
+    /// as a test makes it.
+    pub fn announce_transcript(&self, encounter_id: &str, document_id: &str) -> Option<String> {
+        let target = lock(&self.inner.webhook).clone()?;
+        let seq = self.inner.webhook_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let event_id = format!("evt_{:016x}", mix64(self.inner.seed ^ seq));
+        let delivery_id = format!("dlv_{:016x}", mix64(self.inner.seed ^ seq ^ 0x646c76));
+        let body = crate::webhook::transcript_ready_body(
+            &event_id,
+            &self.organization_id(),
+            encounter_id,
+            document_id,
+            OffsetDateTime::now_utc(),
+        );
+        let log = self.inner.webhook_log.clone();
+        tokio::spawn(crate::webhook::deliver(
+            target,
+            event_id.clone(),
+            delivery_id,
+            body,
+            move |attempt| lock(&log).push(attempt),
+        ));
+        Some(event_id)
+    }
+
+    /// Announces finalized transcripts to `target` from now on (`None`: to nobody).
+    pub fn set_webhook(&self, target: Option<crate::webhook::WebhookTarget>) {
+        *lock(&self.inner.webhook) = target;
+    }
+
+    /// Every webhook delivery attempt so far, in the order they were answered.
+    pub fn webhook_deliveries(&self) -> Vec<crate::webhook::WebhookDelivery> {
+        lock(&self.inner.webhook_log).clone()
     }
 
     /// Replaces a note's markdown text. Bumps the document's and the encounter's `updated_at`.

@@ -65,6 +65,10 @@ pub(crate) struct Inner {
     pub(crate) responses_rendered: AtomicU64,
     /// [`crate::SimOptions::document_lag`] in nanoseconds.
     pub(crate) document_lag_ns: AtomicI64,
+    /// Where finalized transcripts are announced, if anywhere, and every delivery attempt.
+    pub(crate) webhook: Mutex<Option<crate::webhook::WebhookTarget>>,
+    pub(crate) webhook_log: Arc<Mutex<Vec<crate::webhook::WebhookDelivery>>>,
+    pub(crate) webhook_seq: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Set when this simulator is one organization of a host serving several on one port
     /// (`Simulator::start_organizations`): the host routes each request by its key.

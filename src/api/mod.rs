@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use url::Url;
 
+pub(crate) use error::scrub_json_error;
 pub use error::{ApiError, ApiErrorKind, ErrorClass};
 use retry::{RetryBudget, RetryPolicy};
 use wire::SignedUrl;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Config, Organization};
-use crate::secret::ApiKey;
+use crate::secret::{ApiKey, WebhookSecret};
 use crate::store::StoreError;
 use crate::sync::{BackfillRange, CycleError, CyclePlan, SyncContext};
 use crate::timefmt::format_utc;
@@ -31,6 +31,9 @@ use notify::Notifier;
 /// A backfill or audit slice runs at most this long (and never past the next live cycle's
 /// time) before the live sync gets a turn.
 const SLICE: Duration = Duration::from_secs(60);
+
+/// How long a woken loop gathers further webhook deliveries before its cycle starts.
+const WEBHOOK_GATHER: Duration = Duration::from_secs(1);
 
 /// How often an idle daemon looks for queued backfills.
 const QUEUE_POLL: Duration = Duration::from_secs(2);
@@ -64,23 +67,26 @@ pub async fn serve(
     shutdown: &CancellationToken,
 ) -> Result<(), CycleError> {
     let keys = vec![(config.organizations[0].clone(), key.clone())];
-    serve_organizations(config, keys, backfill, notifier, shutdown).await
+    serve_organizations(config, keys, Vec::new(), backfill, notifier, shutdown).await
 }
 
 /// The daemon, wired: opens (and migrates) the warehouse, queues `backfill` for every
 /// organization if given, serves Prometheus metrics (labelled by organization) on
-/// `metrics.listen` if configured, and runs every organization's loop until `shutdown` is
-/// cancelled. The caller holds the writer lock and turns signals into `shutdown`.
+/// `metrics.listen` and receives webhook deliveries on `webhook.listen` if configured (with
+/// `webhook_secrets`, one per organization of `keys` in that order: see
+/// [`crate::config::load_webhook_secret`]), and runs every organization's loop until
+/// `shutdown` is cancelled. The caller holds the writer lock and turns signals into `shutdown`.
 pub async fn serve_organizations(
     config: &Config,
     keys: Vec<(Organization, ApiKey)>,
+    webhook_secrets: Vec<WebhookSecret>,
     backfill: Option<BackfillRange>,
     notifier: &Notifier,
     shutdown: &CancellationToken,
 ) -> Result<(), CycleError> {
-    let contexts = crate::connect_organizations(config, keys).await?;
+    let contexts = std::sync::Arc::new(crate::connect_organizations(config, keys).await?);
     if let Some(r) = backfill {
-        for ctx in &contexts {
+        for ctx in contexts.iter() {
             let org = ctx.org.name.clone();
             let id = ctx
                 .writer
@@ -99,6 +105,24 @@ pub async fn serve_organizations(
             .map(|c| (c.org.name.to_string(), c.client.metrics().clone()))
             .collect();
         tokio::spawn(crate::metrics::serve(listener, labelled, shutdown.clone()));
+    }
+    if let Some(addr) = config.webhook_listen {
+        if webhook_secrets.len() != contexts.len() {
+            return Err(anyhow::anyhow!(
+                "webhook.listen is set, but not every organization has its signing secret"
+            )
+            .into());
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on webhook.listen {addr}: {e}"))?;
+        tracing::info!(%addr, path = crate::webhook::PATH, "receiving ChartHero webhook deliveries");
+        tokio::spawn(crate::webhook::serve(
+            listener,
+            contexts.clone(),
+            webhook_secrets,
+            shutdown.clone(),
+        ));
     }
     run(&contexts, &config.sync.schedule, shutdown, notifier).await
 }
@@ -190,6 +214,8 @@ async fn run_organization(
     };
     let mut next_live = OffsetDateTime::now_utc();
     let mut failures = 0u32;
+    // An event the webhook endpoint stored: a cycle handles it now, between live cycles.
+    let mut webhook_due = false;
     let tick = notifier
         .watchdog()
         .map_or(QUEUE_POLL, |w| (w / 3).min(QUEUE_POLL));
@@ -217,13 +243,24 @@ async fn run_organization(
                 }
             }
         };
-        if !live && backfill.is_none() && !audit {
+        if !live && backfill.is_none() && !audit && !webhook_due {
             let wait = ((next_live - now).unsigned_abs()).min(tick);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(wait) => continue,
+                () = ctx.webhook_events.notified() => {
+                    // Deliveries come in bursts (a clinic's morning): one cycle for the burst.
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(WEBHOOK_GATHER) => {}
+                    }
+                    webhook_due = true;
+                    continue;
+                }
             }
         }
+        // Every cycle handles the stored events first; this one may do nothing else.
+        webhook_due = false;
         // A slice after the live part ends before the next live cycle is due.
         let until_next_live = if live {
             SLICE
@@ -239,13 +276,19 @@ async fn run_organization(
             queued_backfills: false,
             refresh_content: false,
         };
-        status(match (live, backfill.is_some()) {
-            (true, _) => "syncing",
-            (false, true) => "backfilling",
-            (false, false) => "auditing history",
+        status(match (live, backfill.is_some(), audit) {
+            (true, _, _) => "syncing",
+            (false, true, _) => "backfilling",
+            (false, false, true) => "auditing history",
+            (false, false, false) => "fetching what webhook events point to",
         });
+        let trigger = if live || backfill.is_some() || audit {
+            "run"
+        } else {
+            "webhook"
+        };
         busy.store(true, Ordering::Relaxed);
-        let result = crate::sync::run_cycle(ctx, "run", plan, shutdown).await;
+        let result = crate::sync::run_cycle(ctx, trigger, plan, shutdown).await;
         busy.store(false, Ordering::Relaxed);
         let now = OffsetDateTime::now_utc();
         match result {

@@ -14,7 +14,8 @@ use time::OffsetDateTime;
 
 use super::{
     Audit, AuditTally, Backfill, DetailOutcome, EncounterRecord, PageCounts, PurgeCounts, RecordingRecord,
-    Removal, RunCounts, RunEnd, TranscriptRecord, WindowCompletion, Work, WorkItem,
+    Removal, RunCounts, RunEnd, TranscriptRecord, WebhookEvent, WebhookState, WindowCompletion, Work,
+    WorkItem,
 };
 use crate::config::PrivacyConfig;
 use crate::status::Status;
@@ -219,6 +220,38 @@ pub trait Backend: Reader {
         requested_by: &str,
         now: OffsetDateTime,
     ) -> anyhow::Result<i64>;
+    // ChartHero's webhook deliveries (`webhook_events`), per configured organization name.
+
+    /// Stores a verified delivery's event unless the organization holds it already; answers
+    /// whether it is new (a repeated delivery only counts as one more).
+    fn record_webhook_event(
+        &self,
+        organization: &str,
+        event: &WebhookEvent,
+        delivery_id: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool>;
+    /// Up to `limit` of the organization's events not handled yet, oldest first.
+    fn pending_webhook_events(&self, organization: &str, limit: usize) -> anyhow::Result<Vec<WebhookEvent>>;
+    /// Records what became of a stored event.
+    fn settle_webhook_event(
+        &self,
+        organization: &str,
+        event_id: &str,
+        state: WebhookState,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()>;
+    /// Queues the transcript of a live ambient document of a live encounter of the organization
+    /// for the content worker at once, whatever its summary's status says and whatever its
+    /// schedule was (ChartHero said it is ready); answers `false` when the warehouse holds no
+    /// such document.
+    fn queue_transcript_now(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+    ) -> anyhow::Result<bool>;
+
     /// The range of the next queued or unfinished backfill.
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>>;
     fn finish_backfill(

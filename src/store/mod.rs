@@ -29,7 +29,7 @@ pub(crate) use records::NotReady;
 pub use records::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
-    WindowCompletion, Work, WorkItem,
+    WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem,
 };
 pub use sqlite::lock_path as sqlite_lock_path;
 pub use transfer::{CopyRefused, CopyReport, TableCopied, sqlite_to_postgres};
@@ -348,6 +348,34 @@ macro_rules! requeue_content_sql {
     };
 }
 use requeue_content_sql;
+
+/// `Backend::queue_transcript_now`'s statement, given each backend's placeholders for the
+/// organization, the encounter and the document: the transcript of that live ambient document
+/// of a live encounter is due at once, its not-ready schedule forgotten, and a recording the
+/// audio route did not find is forgotten as [`requeue_changed_documents`] does; `content_seq`
+/// moves, so that an answer fetched before this never marks the newer state done.
+macro_rules! queue_transcript_now_sql {
+    ($organization:literal, $encounter:literal, $document:literal) => {
+        concat!(
+            "UPDATE documents SET content_seq = content_seq + 1,
+                 transcript_state = 'pending', transcript_attempts = 0, transcript_next_at_ns = NULL,
+                 audio_state = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL ELSE audio_state END,
+                 audio_attempts = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN 0 ELSE audio_attempts END,
+                 audio_next_at_ns = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL
+                     ELSE audio_next_at_ns END
+             WHERE document_id = ",
+            $document,
+            " AND encounter_id = ",
+            $encounter,
+            " AND schema_type = 'ambient_transcript' AND removed_at IS NULL
+               AND EXISTS (SELECT 1 FROM encounters e WHERE e.encounter_id = documents.encounter_id
+                           AND e.organization_id = ",
+            $organization,
+            " AND e.removed_at IS NULL)"
+        )
+    };
+}
+use queue_transcript_now_sql;
 
 /// The routes a run disabled, stored as one comma-separated text (`sync_runs.disabled_routes`).
 fn split_routes(stored: Option<String>) -> Vec<String> {

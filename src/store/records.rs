@@ -431,3 +431,41 @@ pub(crate) fn sample_transcript(text: &str) -> TranscriptRecord {
         ],
     )
 }
+
+/// A ChartHero webhook event whose delivery was verified (`webhook_events`): a thin pointer,
+/// IDs and instants only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub api_version: String,
+    pub occurred_at: OffsetDateTime,
+    /// ChartHero's, as the event names it.
+    pub organization_id: String,
+    pub encounter_id: Option<String>,
+    pub document_id: Option<String>,
+}
+
+/// What became of a stored webhook event (`webhook_events.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookState {
+    /// Accepted; the organization's next cycle handles it.
+    Pending,
+    /// The document's transcript was queued for the content worker.
+    Queued,
+    /// The encounter or its document is not there for this key (the scheduled sync decides).
+    NotFound,
+    /// An event of a type the sync does not act on, or whose content is turned off.
+    Ignored,
+}
+
+impl WebhookState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookState::Pending => "pending",
+            WebhookState::Queued => "queued",
+            WebhookState::NotFound => "not_found",
+            WebhookState::Ignored => "ignored",
+        }
+    }
+}

@@ -6,6 +6,7 @@
 mod audit;
 mod content;
 mod record;
+pub mod webhook;
 mod window;
 
 use std::sync::{Arc, Mutex};
@@ -137,6 +138,10 @@ pub struct SyncContext {
     pub max_in_flight: usize,
     /// The running cycle's counters, for [`report_progress`].
     pub live: LiveCounts,
+    /// Woken when the organization's webhook endpoint stored an event: the daemon's loop then
+    /// runs a cycle that handles it ([`webhook::handle_pending`]) without waiting for the
+    /// schedule.
+    pub webhook_events: tokio::sync::Notify,
 }
 
 /// What one cycle does.
@@ -611,6 +616,11 @@ async fn execute(
             ),
             Err(e) => identified = Err(e.into()),
         }
+    }
+    if identified.is_ok() {
+        // Before paging: what ChartHero said is ready is fetched first, and a document learnt
+        // from its encounter's detail is written before paging may read the encounter again.
+        identified = webhook::handle_pending(ctx, &mut counts).await;
     }
     let paging = async {
         let mut r = if let Err(e) = identified {

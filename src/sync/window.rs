@@ -1120,7 +1120,7 @@ fn queue_commit(
 }
 
 /// Commits rows (and a window's removals and completion) and waits until they are stored.
-async fn commit(
+pub(super) async fn commit(
     ctx: &SyncContext,
     records: Vec<EncounterRecord>,
     removals: Vec<Removal>,

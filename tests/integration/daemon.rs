@@ -32,7 +32,7 @@ fn spawn(mut cmd: Command) -> Child {
     cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
         .status()

@@ -24,3 +24,4 @@ mod support;
 mod sync_quiet;
 mod tidy;
 mod warehouse;
+mod webhook;

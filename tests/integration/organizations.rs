@@ -655,6 +655,7 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
             charthero_sync::daemon::serve_organizations(
                 &config,
                 keys,
+                Vec::new(),
                 None,
                 &charthero_sync::daemon::notify::Notifier::silent(),
                 &shutdown,

@@ -209,7 +209,7 @@ impl TestEnv {
 }
 
 /// Writes `text` into a new file of mode 0600 (the key and password files).
-fn write_secret(path: &Path, text: &str) {
+pub fn write_secret(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -1236,6 +1236,7 @@ pub fn charthero_sync() -> std::process::Command {
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("CHARTHERO_SYNC_CONFIG")
         .env_remove("CHARTHERO_DATABASE_PASSWORD")
+        .env_remove("CHARTHERO_WEBHOOK_SECRET")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env("RUST_LOG", "warn");

@@ -22,6 +22,7 @@ mod privacy;
 mod status;
 mod text;
 mod upsert;
+mod webhook;
 
 use std::cell::{RefCell, RefMut};
 use std::collections::HashSet;
@@ -34,7 +35,7 @@ use time::OffsetDateTime;
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
     Reader, RecordingRecord, Removal, RunCounts, RunEnd, StateTime, TableCounts, TranscriptRecord,
-    WindowCompletion, Work, WorkItem, WriteTx,
+    WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::{PostgresConfig, PrivacyConfig};
 use crate::status::Status;
@@ -418,6 +419,35 @@ impl Backend for PgBackend {
         now: OffsetDateTime,
     ) -> anyhow::Result<i64> {
         ledger::queue_backfill(&mut *self.db()?, organization, start, end, requested_by, now)
+    }
+    fn record_webhook_event(
+        &self,
+        organization: &str,
+        event: &WebhookEvent,
+        delivery_id: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool> {
+        webhook::record_webhook_event(&mut *self.db()?, organization, event, delivery_id, now)
+    }
+    fn pending_webhook_events(&self, organization: &str, limit: usize) -> anyhow::Result<Vec<WebhookEvent>> {
+        webhook::pending_webhook_events(&mut *self.db()?, organization, limit)
+    }
+    fn settle_webhook_event(
+        &self,
+        organization: &str,
+        event_id: &str,
+        state: WebhookState,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        webhook::settle_webhook_event(&mut *self.db()?, organization, event_id, state, now)
+    }
+    fn queue_transcript_now(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+    ) -> anyhow::Result<bool> {
+        webhook::queue_transcript_now(&mut *self.db()?, organization_id, encounter_id, document_id)
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
         ledger::next_backfill(&mut *self.db()?, organization)

@@ -803,6 +803,7 @@ async fn a_list_only_cycle_replicates_the_simulator_into_postgresql() {
         audio: config.audio.clone(),
         max_in_flight: org.budget.max_in_flight.get(),
         live: Default::default(),
+        webhook_events: Default::default(),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let first = run_cycle(&ctx, "test", CyclePlan::full(None, false), &cancel)

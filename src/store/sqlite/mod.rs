@@ -14,6 +14,7 @@ mod privacy;
 pub(crate) mod staging;
 mod status;
 mod upsert;
+mod webhook;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -42,7 +43,7 @@ pub use upsert::commit_page;
 use super::{
     Audit, AuditTally, Backend, Backfill, DetailOutcome, EncounterRecord, GroupEnd, PageCounts, PurgeCounts,
     Reader, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, StateTime, StoreError, TableCounts,
-    TranscriptRecord, WindowCompletion, Work, WorkItem, WriteTx,
+    TranscriptRecord, WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem, WriteTx,
 };
 use crate::config::PrivacyConfig;
 use crate::status::Status;
@@ -562,6 +563,37 @@ impl Backend for Connection {
         // Only the queue row: `backfill` calls this next to a running writer, whose staged
         // rows are its own to merge.
         queue_backfill(self, organization, start, end, requested_by, now)
+    }
+    fn record_webhook_event(
+        &self,
+        organization: &str,
+        event: &WebhookEvent,
+        delivery_id: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool> {
+        // Only the event's row: the receiver answers a delivery without waiting for a merge.
+        webhook::record_webhook_event(self, organization, event, delivery_id, now)
+    }
+    fn pending_webhook_events(&self, organization: &str, limit: usize) -> anyhow::Result<Vec<WebhookEvent>> {
+        webhook::pending_webhook_events(self, organization, limit)
+    }
+    fn settle_webhook_event(
+        &self,
+        organization: &str,
+        event_id: &str,
+        state: WebhookState,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        webhook::settle_webhook_event(self, organization, event_id, state, now)
+    }
+    fn queue_transcript_now(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+    ) -> anyhow::Result<bool> {
+        staging::merge_before(self)?;
+        webhook::queue_transcript_now(self, organization_id, encounter_id, document_id)
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
         next_backfill(self, organization)

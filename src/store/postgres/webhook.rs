@@ -1,0 +1,94 @@
+//! `webhook_events` on PostgreSQL: the same statements as SQLite's (`store::sqlite::webhook`).
+
+use postgres::GenericClient;
+use time::OffsetDateTime;
+
+use crate::store::{WebhookEvent, WebhookState, queue_transcript_now_sql};
+
+pub fn record_webhook_event(
+    db: &mut impl GenericClient,
+    organization: &str,
+    event: &WebhookEvent,
+    delivery_id: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<bool> {
+    let inserted = db.execute(
+        "INSERT INTO webhook_events (organization, event_id, event_type, api_version, occurred_at,
+             organization_id, encounter_id, document_id, first_delivery_id, deliveries, received_at,
+             last_received_at, state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $10, 'pending')
+         ON CONFLICT (organization, event_id) DO NOTHING",
+        &[
+            &organization,
+            &event.event_id,
+            &event.event_type,
+            &event.api_version,
+            &event.occurred_at,
+            &event.organization_id,
+            &event.encounter_id,
+            &event.document_id,
+            &delivery_id,
+            &now,
+        ],
+    )? == 1;
+    if !inserted {
+        db.execute(
+            "UPDATE webhook_events SET deliveries = deliveries + 1, last_received_at = $3
+             WHERE organization = $1 AND event_id = $2",
+            &[&organization, &event.event_id, &now],
+        )?;
+    }
+    Ok(inserted)
+}
+
+pub fn pending_webhook_events(
+    db: &mut impl GenericClient,
+    organization: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<WebhookEvent>> {
+    let rows = db.query(
+        "SELECT event_id, event_type, api_version, occurred_at, organization_id, encounter_id, document_id
+         FROM webhook_events WHERE organization = $1 AND state = 'pending'
+         ORDER BY received_at, event_id LIMIT $2",
+        &[&organization, &(limit as i64)],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(WebhookEvent {
+                event_id: r.try_get(0)?,
+                event_type: r.try_get(1)?,
+                api_version: r.try_get(2)?,
+                occurred_at: r.try_get(3)?,
+                organization_id: r.try_get(4)?,
+                encounter_id: r.try_get(5)?,
+                document_id: r.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+pub fn settle_webhook_event(
+    db: &mut impl GenericClient,
+    organization: &str,
+    event_id: &str,
+    state: WebhookState,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    db.execute(
+        "UPDATE webhook_events SET state = $3, handled_at = $4 WHERE organization = $1 AND event_id = $2",
+        &[&organization, &event_id, &state.as_str(), &now],
+    )?;
+    Ok(())
+}
+
+pub fn queue_transcript_now(
+    db: &mut impl GenericClient,
+    organization_id: &str,
+    encounter_id: &str,
+    document_id: &str,
+) -> anyhow::Result<bool> {
+    Ok(db.execute(
+        queue_transcript_now_sql!("$1", "$2", "$3"),
+        &[&organization_id, &encounter_id, &document_id],
+    )? == 1)
+}

@@ -1,0 +1,110 @@
+//! `webhook_events`: ChartHero's verified webhook deliveries, stored before they are
+//! acknowledged and handled by the organization's next cycle (docs/webhooks.md).
+
+use rusqlite::{Connection, params};
+use time::OffsetDateTime;
+
+use crate::store::{WebhookEvent, WebhookState, queue_transcript_now_sql};
+use crate::timefmt::{format_stored, parse_rfc3339};
+
+pub fn record_webhook_event(
+    conn: &Connection,
+    organization: &str,
+    event: &WebhookEvent,
+    delivery_id: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<bool> {
+    let now = format_stored(now);
+    let inserted = conn.execute(
+        "INSERT INTO webhook_events (organization, event_id, event_type, api_version, occurred_at,
+             organization_id, encounter_id, document_id, first_delivery_id, deliveries, received_at,
+             last_received_at, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?10, 'pending')
+         ON CONFLICT (organization, event_id) DO NOTHING",
+        params![
+            organization,
+            event.event_id,
+            event.event_type,
+            event.api_version,
+            format_stored(event.occurred_at),
+            event.organization_id,
+            event.encounter_id,
+            event.document_id,
+            delivery_id,
+            now,
+        ],
+    )? == 1;
+    if !inserted {
+        conn.execute(
+            "UPDATE webhook_events SET deliveries = deliveries + 1, last_received_at = ?3
+             WHERE organization = ?1 AND event_id = ?2",
+            params![organization, event.event_id, now],
+        )?;
+    }
+    Ok(inserted)
+}
+
+pub fn pending_webhook_events(
+    conn: &Connection,
+    organization: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<WebhookEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT event_id, event_type, api_version, occurred_at, organization_id, encounter_id, document_id
+         FROM webhook_events WHERE organization = ?1 AND state = 'pending'
+         ORDER BY received_at, event_id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![organization, limit as i64], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
+        ))
+    })?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (event_id, event_type, api_version, occurred_at, organization_id, encounter_id, document_id) =
+            row?;
+        events.push(WebhookEvent {
+            event_id,
+            event_type,
+            api_version,
+            occurred_at: parse_rfc3339(&occurred_at)
+                .map_err(|e| anyhow::anyhow!("corrupt webhook event time: {e}"))?,
+            organization_id,
+            encounter_id,
+            document_id,
+        });
+    }
+    Ok(events)
+}
+
+pub fn settle_webhook_event(
+    conn: &Connection,
+    organization: &str,
+    event_id: &str,
+    state: WebhookState,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE webhook_events SET state = ?3, handled_at = ?4 WHERE organization = ?1 AND event_id = ?2",
+        params![organization, event_id, state.as_str(), format_stored(now)],
+    )?;
+    Ok(())
+}
+
+pub fn queue_transcript_now(
+    conn: &Connection,
+    organization_id: &str,
+    encounter_id: &str,
+    document_id: &str,
+) -> anyhow::Result<bool> {
+    Ok(conn.execute(
+        queue_transcript_now_sql!("?1", "?2", "?3"),
+        params![organization_id, encounter_id, document_id],
+    )? == 1)
+}

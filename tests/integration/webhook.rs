@@ -1,0 +1,414 @@
+//! ChartHero's webhooks received by the daemon (`[webhook]`): the real binary's receiver, fed by
+//! the simulator's signed deliveries and by hand-made ones, on both backends. What an event is
+//! worth is counted in requests against the simulator: a transcript announced by a webhook costs
+//! the one request that fetches it (and the encounter's detail when the warehouse does not hold
+//! the document yet), no list request, and arrives without waiting for the schedule.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use charthero_sim::webhook::{WebhookTarget, headers, post, transcript_ready_body};
+use charthero_sim::{DocKind, NewEncounter, Route};
+use time::OffsetDateTime;
+
+use crate::support::{
+    Backend, KillOnDrop, TestEnv, both_backends, charthero_sync, run, text, wait_exit, wait_for, write_secret,
+};
+
+const SECRET: &str = "whsec_canary_5e1f";
+
+/// A delivery's headers, as `charthero_sim::webhook::headers` makes them.
+type Headers = Vec<(&'static str, String)>;
+
+/// A free loopback port (bound and released: the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A configuration with the receiver on `port`, the signing secret in a 0600 file, and a
+/// schedule that does not fire during the test (hourly, at a minute that is never next).
+fn webhook_config(env: &TestEnv, port: u16) -> PathBuf {
+    let secret = env.dir.path().join("webhook-secret");
+    write_secret(&secret, SECRET);
+    env.write_key_file(&env.sim.api_key());
+    let minute = (OffsetDateTime::now_utc().minute() + 30) % 60;
+    let path = env.write_config_file(&format!(
+        "\n[webhook]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\n",
+        secret.display()
+    ));
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "settle_lag = \"0s\"\n",
+        &format!("settle_lag = \"0s\"\nschedule = \"0 {minute} * * * *\"\n"),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `run` with its log (debug level) in `log`.
+fn daemon(config: &Path, log: &Path) -> KillOnDrop {
+    let mut cmd: Command = charthero_sync();
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    KillOnDrop(cmd.spawn().unwrap())
+}
+
+fn runs_done(env: &TestEnv, trigger: &str) -> i64 {
+    if !env.warehouse.has_table("sync_runs") {
+        return 0;
+    }
+    env.warehouse.scalar(
+        "SELECT count(*) FROM sync_runs WHERE trigger = ?1 AND outcome = 'succeeded'",
+        &[&trigger],
+    )
+}
+
+fn transcript_stored(env: &TestEnv, document_id: &str) -> bool {
+    env.warehouse.scalar::<i64>(
+        "SELECT count(*) FROM transcripts WHERE document_id = ?1",
+        &[&document_id],
+    ) == 1
+}
+
+fn event_state(env: &TestEnv, event_id: &str) -> Option<(String, i64)> {
+    env.warehouse.optional_row(
+        "SELECT state, deliveries FROM webhook_events WHERE event_id = ?1",
+        &[&event_id],
+    )
+}
+
+/// The ambient document of an encounter the simulator holds.
+fn ambient_document(env: &TestEnv, encounter_id: &str) -> String {
+    env.sim
+        .encounter(encounter_id)
+        .unwrap()
+        .documents
+        .iter()
+        .find(|d| d.schema_type == "ambient_transcript")
+        .unwrap()
+        .document_id
+        .clone()
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_needs
+);
+async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_needs(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 71, 40).await;
+    // A recording still being transcribed when the daemon starts: listed as processing.
+    let known = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Note, DocKind::Ambient],
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::days(2))
+    });
+    let known_doc = ambient_document(&env, &known);
+    let port = free_port();
+    let config = webhook_config(&env, port);
+    let log = env.dir.path().join("daemon.log");
+    let mut child = daemon(&config, &log);
+    wait_for("the first cycle", Duration::from_secs(60), || {
+        runs_done(&env, "run") == 1
+    })
+    .await;
+    assert!(!transcript_stored(&env, &known_doc), "not final yet");
+
+    // Finalized: the simulator delivers the event; the transcript arrives long before the
+    // schedule's next cycle, for one transcript request and no list request.
+    env.sim.set_webhook(Some(WebhookTarget {
+        url: format!("http://127.0.0.1:{port}/webhooks/charthero"),
+        secret: SECRET.to_owned(),
+    }));
+    env.sim.reset_stats();
+    env.sim.finalize_transcript(&known, &known_doc);
+    wait_for("the announced transcript", Duration::from_secs(20), || {
+        transcript_stored(&env, &known_doc)
+    })
+    .await;
+    wait_for("the webhook cycle's end", Duration::from_secs(20), || {
+        runs_done(&env, "webhook") == 1
+    })
+    .await;
+    let stats = env.sim.stats();
+    assert_eq!(stats.route(Route::List), 0, "{stats:?}");
+    assert_eq!(stats.route(Route::Encounter), 0, "{stats:?}");
+    assert_eq!(stats.route(Route::Transcript), 1, "{stats:?}");
+    let deliveries = env.sim.webhook_deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].status, Some(202));
+    let first_event = deliveries[0].event_id.clone();
+    assert_eq!(event_state(&env, &first_event), Some(("queued".to_owned(), 1)));
+
+    // An encounter created after that cycle: the warehouse does not hold its document, so the
+    // event first reads the encounter's detail (and stores the encounter), then the transcript.
+    let new = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Ambient],
+        ..NewEncounter::at(OffsetDateTime::now_utc())
+    });
+    let new_doc = ambient_document(&env, &new);
+    env.sim.reset_stats();
+    env.sim.finalize_transcript(&new, &new_doc);
+    wait_for("the new encounter's transcript", Duration::from_secs(20), || {
+        transcript_stored(&env, &new_doc)
+    })
+    .await;
+    wait_for("the second webhook cycle's end", Duration::from_secs(20), || {
+        runs_done(&env, "webhook") == 2
+    })
+    .await;
+    let stats = env.sim.stats();
+    assert_eq!(
+        (
+            stats.route(Route::List),
+            stats.route(Route::Encounter),
+            stats.route(Route::Transcript)
+        ),
+        (0, 1, 1),
+        "{stats:?}"
+    );
+    let stored: i64 = env.warehouse.scalar(
+        "SELECT count(*) FROM encounters WHERE encounter_id = ?1 AND removed_at IS NULL",
+        &[&new],
+    );
+    assert_eq!(stored, 1);
+
+    // The same event delivered again (a retry, a replay inside the tolerance): acknowledged as a
+    // duplicate, counted, and it costs nothing.
+    env.sim.reset_stats();
+    let body = transcript_ready_body(
+        &first_event,
+        &env.sim.organization_id(),
+        &known,
+        &known_doc,
+        OffsetDateTime::now_utc(),
+    );
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let url = format!("http://127.0.0.1:{port}/webhooks/charthero");
+    let status = post(
+        &url,
+        &headers(SECRET, &first_event, "dlv_again", now, body.as_bytes()),
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(event_state(&env, &first_event), Some(("queued".to_owned(), 2)));
+
+    // An event about an encounter that is not there for this key: one detail request, recorded.
+    let body = transcript_ready_body(
+        "evt_gone",
+        &env.sim.organization_id(),
+        "enc_not_there",
+        "doc_not_there",
+        OffsetDateTime::now_utc(),
+    );
+    let status = post(
+        &url,
+        &headers(SECRET, "evt_gone", "dlv_gone", now, body.as_bytes()),
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    wait_for("the event about nothing", Duration::from_secs(20), || {
+        event_state(&env, "evt_gone").is_some_and(|(state, _)| state == "not_found")
+    })
+    .await;
+    let stats = env.sim.stats();
+    assert_eq!(
+        (
+            stats.route(Route::List),
+            stats.route(Route::Encounter),
+            stats.route(Route::Transcript)
+        ),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+
+    crate::daemon::signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("canary"),
+        "the signing secret leaked into the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_that_fail_verification_are_refused_with_their_reason_and_change_nothing() {
+    let env = TestEnv::with_encounters(72, 20).await;
+    let port = free_port();
+    let config = webhook_config(&env, port);
+    let log = env.dir.path().join("daemon.log");
+    let mut child = daemon(&config, &log);
+    wait_for("the first cycle", Duration::from_secs(60), || {
+        runs_done(&env, "run") == 1
+    })
+    .await;
+    let e = env.sim.snapshot()[0].clone();
+    let doc = e.documents[0].document_id.clone();
+    let url = format!("http://127.0.0.1:{port}/webhooks/charthero");
+    let body = transcript_ready_body(
+        "evt_x",
+        &env.sim.organization_id(),
+        &e.encounter_id,
+        &doc,
+        OffsetDateTime::now_utc(),
+    );
+    let b = body.as_bytes();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let good = headers(SECRET, "evt_x", "dlv_x", now, b);
+    let with = |name: &str, value: &str| -> Headers {
+        good.iter()
+            .map(|(k, v)| (*k, if *k == name { value.to_owned() } else { v.clone() }))
+            .collect()
+    };
+    let without = |name: &str| -> Headers {
+        good.iter().filter(|(k, _)| *k != name).cloned().collect()
+    };
+    env.sim.reset_stats();
+    let other_org = transcript_ready_body(
+        "evt_x",
+        "org_someone_else",
+        &e.encounter_id,
+        &doc,
+        OffsetDateTime::now_utc(),
+    );
+    let big = vec![b' '; 70_000];
+    let tampered = body.replace("evt_x", "evt_y").into_bytes();
+    let cases: Vec<(&str, Headers, &[u8], u16)> = vec![
+        ("no signature", without("ChartHero-Signature"), b, 400),
+        ("no delivery id", without("ChartHero-Delivery-Id"), b, 400),
+        (
+            "a timestamp that is not seconds",
+            with("ChartHero-Timestamp", "yesterday"),
+            b,
+            400,
+        ),
+        (
+            "an old timestamp",
+            headers(SECRET, "evt_x", "dlv_x", now - 600, b),
+            b,
+            400,
+        ),
+        (
+            "a signature of another version",
+            with("ChartHero-Signature", &good[3].1.replace("v1=", "v0=")),
+            b,
+            400,
+        ),
+        (
+            "another secret",
+            headers("whsec_wrong", "evt_x", "dlv_x", now, b),
+            b,
+            401,
+        ),
+        ("a tampered body", good.clone(), &tampered, 401),
+        (
+            "an event id the body does not carry",
+            headers(SECRET, "evt_other", "dlv_x", now, b),
+            b,
+            400,
+        ),
+        (
+            "another organization's event",
+            headers(SECRET, "evt_x", "dlv_x", now, other_org.as_bytes()),
+            other_org.as_bytes(),
+            422,
+        ),
+        (
+            "a body over the limit",
+            headers(SECRET, "evt_x", "dlv_x", now, &big),
+            &big,
+            413,
+        ),
+    ];
+    for (what, h, body, expected) in cases {
+        let status = post(&url, &h, body).await.unwrap();
+        assert_eq!(status, expected, "{what}");
+    }
+    let elsewhere = post(
+        &format!("http://127.0.0.1:{port}/webhooks/charthero/nobody"),
+        &good,
+        b,
+    )
+    .await
+    .unwrap();
+    assert_eq!(elsewhere, 404);
+    let stats = env.sim.stats();
+    assert_eq!(stats.requests, 0, "{stats:?}");
+    let stored: i64 = env.warehouse.scalar("SELECT count(*) FROM webhook_events", &[]);
+    assert_eq!(stored, 0);
+    // A good delivery after all that is taken.
+    assert_eq!(post(&url, &good, b).await.unwrap(), 202);
+
+    crate::daemon::signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for reason in [
+        "missing_header",
+        "malformed_timestamp",
+        "timestamp_outside_tolerance",
+        "unsupported_signature_version",
+        "invalid_signature",
+        "header_mismatch",
+        "organization_mismatch",
+    ] {
+        assert!(logged.contains(reason), "{reason} not logged:\n{logged}");
+    }
+    assert!(
+        !logged.contains("canary"),
+        "the signing secret leaked into the log"
+    );
+    let name = e.patient.last_name.clone().unwrap_or_default();
+    assert!(
+        name.is_empty() || !logged.contains(&name),
+        "a patient name in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_without_its_signing_secret_or_with_a_bad_address_is_a_configuration_error() {
+    let env = TestEnv::with_encounters(73, 1).await;
+    env.write_key_file(&env.sim.api_key());
+    let cases = [
+        (
+            "[webhook]\nlisten = \"127.0.0.1:1\"\n".to_owned(),
+            "no webhook signing secret was found: looked in webhook.secret_file (not set), $CHARTHERO_WEBHOOK_SECRET (not set)",
+        ),
+        ("[webhook]\nlisten = \"localhost\"\n".to_owned(), "webhook.listen"),
+        (
+            "[webhook]\nlisten = \"\"\nsecrets = \"x\"\n".to_owned(),
+            "secrets",
+        ),
+        (
+            format!(
+                "[webhook]\nsecret_file = \"/x\"\n\n[[organizations]]\nname = \"north\"\napi_key_file = \"{}\"\n",
+                env.dir.path().join("api-key").display()
+            ),
+            "webhook.secret_file",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let config = env.write_config_file(&extra);
+        let mut cmd = charthero_sync();
+        cmd.arg("--config").arg(&config).arg("run");
+        let out = run(cmd).await;
+        assert_eq!(out.status.code(), Some(2), "{extra}: {}", text(&out));
+        assert!(text(&out).contains(expected), "{extra}: {}", text(&out));
+    }
+}
