@@ -200,6 +200,11 @@ enum Command {
         /// 0s, the default, lags nothing.
         #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_interval)]
         document_lag: std::time::Duration,
+        /// Announce transcripts by webhook to `run` on this loopback port (1024 to 65535): the
+        /// configuration gets `[webhook]` and a signing secret (webhook-secret), and each new
+        /// encounter's transcript is processing at first, finalized and announced 20 s later.
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1024..))]
+        webhook_port: Option<u16>,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (used by
     /// packaging/build-deb).
@@ -514,6 +519,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             rate_limit,
             unordered,
             document_lag,
+            webhook_port,
         } => {
             refuse_config_flag("simulate", config_flag_given)?;
             let opts = simulate::SimulateOptions {
@@ -525,6 +531,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 rate_limit,
                 unordered,
                 document_lag,
+                webhook_port,
             };
             let s = simulate::start(&opts).await?;
             let config = s.config_file.display();
@@ -536,13 +543,20 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             say!("  API key file:  {} (mode 0600)", s.key_file.display());
             say!("  configuration: {config}");
             say!("  warehouse:     {} (kept between runs)", s.database.display());
+            if let (Some(port), Some(secret)) = (webhook_port, &s.webhook_secret_file) {
+                say!(
+                    "  webhooks:      to http://127.0.0.1:{port}{} (`run` receives them), signed with the secret in {}",
+                    charthero_sync::webhook::PATH,
+                    secret.display()
+                );
+            }
             say!("Try, in another terminal:");
             for command in ["check", "sync", "status", "run"] {
                 say!("  charthero-sync --config {config} {command}");
             }
             say!("Serving until Ctrl-C.");
             let stop = cancel_on_signal_saying("signal received: stopping the simulator");
-            simulate::keep_adding(&s.sim, opts.new_every, &stop).await;
+            simulate::keep_adding(&s.sim, opts.new_every, opts.webhook_port.is_some(), &stop).await;
             s.sim.shutdown();
             say!("simulator stopped");
             Ok(())
@@ -896,6 +910,10 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             }
             let selected = config.select_organizations(&organizations)?;
             let several = selected.len() > 1 || selected[0].name != config::DEFAULT_ORGANIZATION;
+            let webhook = match config.webhook_listen {
+                None => Ok(()),
+                Some(addr) => check_webhook_listen(addr).await,
+            };
             let ceiling = charthero_sync::api::Ceiling::new(&config.limits.ceiling())?;
             let mut refused = Vec::new();
             let mut failed = Vec::new();
@@ -919,6 +937,10 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 }
                 let (key, source) = config::load_organization_key(org)?;
                 say!("api key          ok      from {source}");
+                if config.webhook_listen.is_some() {
+                    let (_, source) = config::load_webhook_secret(org)?;
+                    say!("webhook secret   ok      from {source}");
+                }
                 let client = probing_client(&config, org, &ceiling, &key, &kept.pauses)?;
                 if let Some(until) = client.paused_until() {
                     let until = charthero_sync::timefmt::format_utc(until);
@@ -1003,6 +1025,9 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             }
             audio.map_err(audio_directory_refused)?;
             let mut problems = Vec::new();
+            if let Err(why) = webhook {
+                problems.push(why);
+            }
             if !failed.is_empty() {
                 let failed: Vec<String> = if several {
                     failed
@@ -1028,6 +1053,26 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             }
             say!("everything this configuration needs works");
             Ok(())
+        }
+    }
+}
+
+/// `check`'s line about `[webhook] listen`: free to bind, in use (by the running daemon, most
+/// likely: a note, not a failure), or not bindable by this user (`Err`, the problem).
+async fn check_webhook_listen(addr: std::net::SocketAddr) -> Result<(), String> {
+    let path = charthero_sync::webhook::PATH;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(_) => {
+            say!("webhook.listen   ok      {addr} (deliveries to {path}, or {path}/<name>)");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            say!("webhook.listen   note    {addr} is in use: by the running daemon, or by another program");
+            Ok(())
+        }
+        Err(e) => {
+            say!("webhook.listen   FAILED  cannot listen on {addr}: {e}");
+            Err(format!("webhook.listen {addr} cannot be listened on: {e}"))
         }
     }
 }

@@ -33,7 +33,13 @@ pub struct SimulateOptions {
     pub unordered: bool,
     /// `SimOptions::document_lag`.
     pub document_lag: Duration,
+    /// The loopback port `run` receives webhooks on: new encounters then carry a transcript
+    /// still processing, finalized [`TRANSCRIBE_TIME`] later and announced by a signed webhook.
+    pub webhook_port: Option<u16>,
 }
+
+/// How long a new encounter's transcript stays processing when webhooks announce it.
+pub const TRANSCRIBE_TIME: Duration = Duration::from_secs(20);
 
 /// The running simulator and the files written for it.
 pub struct Simulation {
@@ -42,6 +48,8 @@ pub struct Simulation {
     pub key_file: PathBuf,
     pub config_file: PathBuf,
     pub database: PathBuf,
+    /// The webhook signing secret's file, when webhooks are announced.
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// Marks a configuration file as written by `simulate`, so a later `simulate` may replace it.
@@ -88,12 +96,33 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
     write_private(&key_file, &format!("{}\n", sim.api_key()))?;
     let database = dir.join("warehouse.db");
     let base_url = sim.base_url();
-    let config = config_text(
+    let mut config = config_text(
         &base_url,
         &key_file,
         &database,
         now - time::Duration::days(i64::from(opts.days) + 1),
     );
+    let webhook_secret_file = match opts.webhook_port {
+        None => None,
+        Some(port) => {
+            let path = dir.join("webhook-secret");
+            let secret: String = std::iter::repeat_with(fastrand::alphanumeric).take(32).collect();
+            let secret = format!("whsec_{secret}");
+            write_private(&path, &format!("{secret}\n"))?;
+            sim.set_webhook(Some(charthero_sim::webhook::WebhookTarget {
+                url: format!("http://127.0.0.1:{port}{}", crate::webhook::PATH),
+                secret,
+            }));
+            config.push_str(&format!(
+                "\n[webhook]\n\
+                 # The simulator announces each new encounter's transcript here when it is ready.\n\
+                 listen = \"127.0.0.1:{port}\"\n\
+                 secret_file = {}\n",
+                toml_string(&path)
+            ));
+            Some(path)
+        }
+    };
     write_private(&config_file, &config)?;
     Ok(Simulation {
         sim,
@@ -101,12 +130,14 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
         key_file,
         config_file,
         database,
+        webhook_secret_file,
     })
 }
 
 /// Adds a new encounter (created now, with a finalized transcript and a note) every `every`
-/// until `stop`.
-pub async fn keep_adding(sim: &Simulator, every: Duration, stop: &CancellationToken) {
+/// until `stop`; with `announce` (webhooks), its transcript is processing at first and finalized
+/// [`TRANSCRIBE_TIME`] later, which the simulator announces to the receiver.
+pub async fn keep_adding(sim: &Simulator, every: Duration, announce: bool, stop: &CancellationToken) {
     if every.is_zero() {
         stop.cancelled().await;
         return;
@@ -117,11 +148,38 @@ pub async fn keep_adding(sim: &Simulator, every: Duration, stop: &CancellationTo
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
+                if !announce {
+                    let id = sim.insert(NewEncounter {
+                        docs: vec![DocKind::AmbientFinal, DocKind::Note],
+                        ..NewEncounter::at(OffsetDateTime::now_utc())
+                    });
+                    tracing::info!(encounter_id = %id, "simulator: new encounter");
+                    continue;
+                }
                 let id = sim.insert(NewEncounter {
-                    docs: vec![DocKind::AmbientFinal, DocKind::Note],
+                    docs: vec![DocKind::Ambient, DocKind::Note],
                     ..NewEncounter::at(OffsetDateTime::now_utc())
                 });
-                tracing::info!(encounter_id = %id, "simulator: new encounter");
+                tracing::info!(encounter_id = %id, "simulator: new encounter, its transcript processing");
+                let sim = sim.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(TRANSCRIBE_TIME) => {
+                            let document = sim.encounter(&id).and_then(|e| {
+                                e.documents
+                                    .into_iter()
+                                    .find(|d| d.schema_type == "ambient_transcript")
+                                    .map(|d| d.document_id)
+                            });
+                            if let Some(document) = document {
+                                sim.finalize_transcript(&id, &document);
+                                tracing::info!(encounter_id = %id, document_id = %document, "simulator: transcript ready, announced by webhook");
+                            }
+                        }
+                    }
+                });
             }
         }
     }
@@ -145,11 +203,12 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// A complete configuration for the simulator: every other key keeps its default.
+fn toml_string(p: &Path) -> String {
+    let text = p.display().to_string();
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 fn config_text(base_url: &str, key_file: &Path, database: &Path, start_at: OffsetDateTime) -> String {
-    let toml_string = |p: &Path| {
-        let text = p.display().to_string();
-        format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
-    };
     format!(
         "{CONFIG_MARKER} for the simulator at {base_url}.\n\
          # It is replaced by the next `simulate` with this directory (the port changes each time).\n\
@@ -195,6 +254,7 @@ mod tests {
             rate_limit: None,
             unordered: false,
             document_lag: Duration::ZERO,
+            webhook_port: Some(18787),
         };
         let s = start(&opts).await.unwrap();
         let config = crate::config::Config::load(&s.config_file).unwrap();
@@ -206,6 +266,14 @@ mod tests {
         assert_eq!(mode, 0o600);
         let (key, _) = crate::config::load_api_key(&config.api).unwrap();
         assert_eq!(key.expose(), s.sim.api_key());
+        assert_eq!(config.webhook_listen, Some("127.0.0.1:18787".parse().unwrap()));
+        let (secret, _) = crate::config::load_webhook_secret(&config.organizations[0]).unwrap();
+        let file = s.webhook_secret_file.as_deref().unwrap();
+        assert_eq!(
+            std::fs::metadata(file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(secret.expose().starts_with("whsec_"));
         s.sim.shutdown();
         // A second start replaces its own files; a foreign config.toml is refused.
         start(&opts).await.unwrap().sim.shutdown();

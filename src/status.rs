@@ -94,6 +94,19 @@ pub struct OrganizationStatus {
     /// `[limits]`'s), by the model of `charthero-sync plan`; `None` when nothing is left, or the
     /// organization is not configured.
     pub eta_seconds: Option<f64>,
+    /// The webhook events its endpoint stored, once it received any (`[webhook]`).
+    pub webhooks: Option<Webhooks>,
+}
+
+/// An organization's webhook deliveries (`webhook_events`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Webhooks {
+    /// Events stored (a repeated delivery of one counts once).
+    pub events: i64,
+    /// Events no cycle has handled yet.
+    pub pending: i64,
+    /// When the latest delivery arrived (the stored fixed-width text).
+    pub last_received_at: Option<String>,
 }
 
 /// An organization's cycle that has not finished.
@@ -544,6 +557,15 @@ impl Status {
                         (Some(at), false) => format!("running; its counters below are as of {at}"),
                         (None, false) => "running".to_owned(),
                     }
+                );
+            }
+            if let Some(w) = &o.webhooks {
+                let _ = writeln!(
+                    out,
+                    "  webhooks: {} events received, {} not handled yet; last delivery {}",
+                    w.events,
+                    w.pending,
+                    w.last_received_at.as_deref().unwrap_or("-")
                 );
             }
             if let Some(eta) = o.eta_seconds {

@@ -1,6 +1,6 @@
-//! The receiver of ChartHero's webhook deliveries (`[webhook] listen`, docs/webhooks.md), served
-//! by `run` next to its cycles: `POST /webhooks/charthero` (a configuration of one organization)
-//! or `POST /webhooks/charthero/<name>`.
+//! The receiver of ChartHero's webhook deliveries (`[webhook] listen`; docs/operations.md,
+//! "Webhooks"), served by `run` next to its cycles: `POST /webhooks/charthero` (a configuration
+//! of one organization) or `POST /webhooks/charthero/<name>`.
 //!
 //! A delivery is verified over its exact raw bytes before anything of it is parsed
 //! ([`verify`]: every required header present, a whole-second timestamp within

@@ -1,6 +1,6 @@
--- ChartHero's webhook deliveries the daemon accepted (SQLite V11, docs/webhooks.md): one row
--- per event and organization, written before the delivery is acknowledged and handled by the
--- organization's next cycle. IDs and instants only.
+-- ChartHero's webhook deliveries the daemon accepted (SQLite V11; docs/operations.md,
+-- "Webhooks"): one row per event and organization, written before the delivery is
+-- acknowledged and handled by the organization's next cycle. IDs and instants only.
 CREATE TABLE webhook_events (
     organization      text NOT NULL,
     event_id          text NOT NULL,

@@ -1,7 +1,7 @@
--- ChartHero's webhook deliveries the daemon accepted (`[webhook]`, docs/webhooks.md): one row
--- per event and organization, the event's id being the idempotency key. The row is written
--- before the delivery is acknowledged, so an acknowledged event survives a crash; the
--- organization's next cycle handles it (queues the document's transcript at once, fetching the
+-- ChartHero's webhook deliveries the daemon accepted (`[webhook]`; docs/operations.md,
+-- "Webhooks"): one row per event and organization, the event's id being the idempotency key.
+-- The row is written before the delivery is acknowledged, so an acknowledged event survives a
+-- crash; the organization's next cycle handles it (queues the document's transcript at once, fetching the
 -- encounter first when the warehouse does not hold the document) and records what it did.
 -- Events are thin pointers: IDs and instants, never PHI, never the signature.
 CREATE TABLE webhook_events (

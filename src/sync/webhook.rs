@@ -1,5 +1,5 @@
 //! What a cycle does with the webhook events its organization's endpoint accepted
-//! (`crate::webhook` stores them; docs/webhooks.md): before paging, each pending
+//! (`crate::webhook` stores them; docs/operations.md, "Webhooks"): before paging, each pending
 //! `recording.transcript_ready` queues its document's transcript for the content worker at
 //! once. A document the warehouse does not hold yet (its encounter not listed yet, or listed
 //! before the document was added) is learnt from the encounter's detail first, written like any

@@ -37,7 +37,8 @@ fn connect(db: &PgDatabase) -> Client {
 }
 
 /// A SQLite warehouse with rows in (nearly) every table: a full sync with content and
-/// recordings, a backfill and an audit, then a purged day, a dead letter and the demo marker.
+/// recordings, a backfill and an audit, then a purged day, a dead letter, a webhook event and
+/// the demo marker.
 async fn synced_source(seed: u64, encounters: usize) -> (TestEnv, Config) {
     let env = TestEnv::with_encounters(seed, encounters).await;
     let mut raw = env.raw_config();
@@ -71,6 +72,15 @@ async fn synced_source(seed: u64, encounters: usize) -> (TestEnv, Config) {
         "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
              last_run_id, reason_code, last_error, organization)
          VALUES ('transcript', 'doc_dead', 'enc_dead', 3, ?1, ?1, 1, 'upstream_error', 'HTTP 502', 'default')",
+        [format_stored(now)],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO webhook_events (organization, event_id, event_type, api_version, occurred_at,
+             organization_id, encounter_id, document_id, first_delivery_id, deliveries, received_at,
+             last_received_at, state, handled_at)
+         VALUES ('default', 'evt_1', 'recording.transcript_ready', '2026-05-01', ?1, 'org_7Df4', 'enc_1',
+             'doc_1', 'dlv_1', 2, ?1, ?1, 'queued', ?1)",
         [format_stored(now)],
     )
     .unwrap();
@@ -287,6 +297,7 @@ async fn a_synced_sqlite_warehouse_copies_into_postgresql_value_for_value_with_i
         "sync_windows",
         "transcript_turns",
         "transcripts",
+        "webhook_events",
     ] {
         assert!(filled.iter().any(|t| t == table), "{table} is empty: {filled:?}");
     }
@@ -617,7 +628,7 @@ async fn the_command_prints_every_table_and_exits_2_on_a_second_copy_or_a_sqlite
     let text = crate::support::text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("transcript_turns"), "{text}");
-    assert!(text.contains("copied 16 tables"), "{text}");
+    assert!(text.contains("copied 17 tables"), "{text}");
     assert!(text.contains("row count verified"), "{text}");
 
     let out = crate::support::run(copy_into(&config)).await;

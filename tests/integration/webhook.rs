@@ -233,6 +233,33 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         "{stats:?}"
     );
 
+    // `status` counts the events, `check` names the receiver (its port held by the daemon) and
+    // where the secret comes from.
+    let mut status = charthero_sync();
+    status.arg("--config").arg(&config).args(["status", "--json"]);
+    let out = run(status).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let webhooks = &json["organizations"][0]["webhooks"];
+    assert_eq!(
+        (webhooks["events"].as_i64(), webhooks["pending"].as_i64()),
+        (Some(3), Some(0)),
+        "{json:#}"
+    );
+    assert!(webhooks["last_received_at"].is_string(), "{json:#}");
+    let mut check = charthero_sync();
+    check.arg("--config").arg(&config).arg("check");
+    let out = run(check).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("webhook.listen   note    127.0.0.1:{port} is in use")),
+        "{said}"
+    );
+    assert!(
+        said.contains("webhook secret   ok      from webhook.secret_file"),
+        "{said}"
+    );
+
     crate::daemon::signal(&child, "-TERM");
     assert_eq!(
         wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
@@ -274,9 +301,7 @@ async fn deliveries_that_fail_verification_are_refused_with_their_reason_and_cha
             .map(|(k, v)| (*k, if *k == name { value.to_owned() } else { v.clone() }))
             .collect()
     };
-    let without = |name: &str| -> Headers {
-        good.iter().filter(|(k, _)| *k != name).cloned().collect()
-    };
+    let without = |name: &str| -> Headers { good.iter().filter(|(k, _)| *k != name).cloned().collect() };
     env.sim.reset_stats();
     let other_org = transcript_ready_body(
         "evt_x",

@@ -148,6 +148,7 @@ fn read_organization(db: &mut impl GenericClient, name: &str) -> anyhow::Result<
         content_requests_pending: 0,
         encounters_unlisted_estimate: 0,
         eta_seconds: None,
+        webhooks: super::webhook::webhook_summary(db, name)?,
         organization_id,
     })
 }

@@ -3,7 +3,9 @@
 use postgres::GenericClient;
 use time::OffsetDateTime;
 
+use crate::status::Webhooks;
 use crate::store::{WebhookEvent, WebhookState, queue_transcript_now_sql};
+use crate::timefmt::format_stored;
 
 pub fn record_webhook_event(
     db: &mut impl GenericClient,
@@ -91,4 +93,30 @@ pub fn queue_transcript_now(
         queue_transcript_now_sql!("$1", "$2", "$3"),
         &[&organization_id, &encounter_id, &document_id],
     )? == 1)
+}
+
+/// The organization's webhook events for `status`; `None` before it received any (or on a
+/// schema older than the table).
+pub fn webhook_summary(db: &mut impl GenericClient, organization: &str) -> anyhow::Result<Option<Webhooks>> {
+    let table: Option<String> = db
+        .query_one("SELECT to_regclass('webhook_events')::text", &[])?
+        .try_get(0)?;
+    if table.is_none() {
+        return Ok(None);
+    }
+    let row = db.query_one(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'pending'), max(last_received_at)
+         FROM webhook_events WHERE organization = $1",
+        &[&organization],
+    )?;
+    let events: i64 = row.try_get(0)?;
+    let last: Option<OffsetDateTime> = row.try_get(2)?;
+    if events == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Webhooks {
+        events,
+        pending: row.try_get(1)?,
+        last_received_at: last.map(format_stored),
+    }))
 }

@@ -196,6 +196,7 @@ fn read_organization(conn: &Connection, name: &str) -> anyhow::Result<Organizati
         content_requests_pending: 0,
         encounters_unlisted_estimate: 0,
         eta_seconds: None,
+        webhooks: super::webhook::webhook_summary(conn, name)?,
         organization_id,
     })
 }

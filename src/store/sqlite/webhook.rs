@@ -1,9 +1,10 @@
 //! `webhook_events`: ChartHero's verified webhook deliveries, stored before they are
-//! acknowledged and handled by the organization's next cycle (docs/webhooks.md).
+//! acknowledged and handled by the organization's next cycle (docs/operations.md, "Webhooks").
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use crate::status::Webhooks;
 use crate::store::{WebhookEvent, WebhookState, queue_transcript_now_sql};
 use crate::timefmt::{format_stored, parse_rfc3339};
 
@@ -107,4 +108,30 @@ pub fn queue_transcript_now(
         queue_transcript_now_sql!("?1", "?2", "?3"),
         params![organization_id, encounter_id, document_id],
     )? == 1)
+}
+
+/// The organization's webhook events for `status`; `None` before it received any (or on a
+/// warehouse older than the table, which `status` reads too).
+pub fn webhook_summary(conn: &Connection, organization: &str) -> anyhow::Result<Option<Webhooks>> {
+    let table: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'webhook_events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if table.is_none() {
+        return Ok(None);
+    }
+    let (events, pending, last_received_at): (i64, i64, Option<String>) = conn.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'pending'), max(last_received_at)
+         FROM webhook_events WHERE organization = ?1",
+        [organization],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok((events > 0).then_some(Webhooks {
+        events,
+        pending,
+        last_received_at,
+    }))
 }
