@@ -100,6 +100,11 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Whether the organization's sync stopped because its key was refused.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.lock().expect("metrics lock").is_some()
+    }
+
     /// A window could not be read completely (`window_unsettled`, `request_bound_exceeded`,
     /// `instant_overfull`); its cycle failed with the watermark unmoved.
     pub fn record_window_failure(&self, reason: &'static str) {

@@ -52,6 +52,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 64;
 
+/// The most `v1=` signatures one delivery may carry (one per secret being rotated).
+const MAX_SIGNATURES: usize = 4;
+
+/// How long a delivery waits for its event to be stored before it is answered 503 (ChartHero
+/// delivers it again): the writer may be busy with a merge or a reconnection.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The headers every delivery carries (ChartHero's names; HTTP matches them in any case).
 const EVENT_ID: &str = "chartHero-event-id";
 const DELIVERY_ID: &str = "chartHero-delivery-id";
@@ -184,6 +191,8 @@ pub fn verify(
     }
     let sent: i64 = timestamp.parse().map_err(|_| Refusal::MalformedTimestamp)?;
     // Several signatures may be sent at once (a secret being rotated): any `v1=` one may match.
+    // A few at most, each the 64 hex digits of a SHA-256: a header of thousands of candidates
+    // must not cost a MAC each.
     let v1: Vec<&str> = signatures
         .split(',')
         .filter_map(|s| s.trim().strip_prefix("v1="))
@@ -194,15 +203,17 @@ pub fn verify(
     if sent.abs_diff(now) > TOLERANCE.as_secs() {
         return Err(Refusal::TimestampOutsideTolerance);
     }
-    let signed = |tag: &[u8]| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(timestamp.as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        mac.verify_slice(tag).is_ok()
-    };
-    if !v1.iter().filter_map(|hex| unhex(hex)).any(|tag| signed(&tag)) {
+    if v1.len() > MAX_SIGNATURES {
+        return Err(Refusal::InvalidSignature);
+    }
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    // `verify_slice` compares in constant time.
+    let matches = |tag: Vec<u8>| mac.clone().verify_slice(&tag).is_ok();
+    if !v1.into_iter().filter_map(sha256_hex).any(matches) {
         return Err(Refusal::InvalidSignature);
     }
     let parsed: Body =
@@ -236,14 +247,15 @@ pub fn verify(
     ))
 }
 
-/// Lowercase (or uppercase) hex to bytes; `None` for anything else.
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+/// The 32 bytes of a SHA-256 written as 64 hex digits (lowercase, or uppercase); `None` for
+/// anything else.
+fn sha256_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    (0..text.len())
+    (0..64)
         .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
         .collect()
 }
 
@@ -254,20 +266,31 @@ struct Endpoint {
     secret: WebhookSecret,
 }
 
-/// Serves deliveries on `listener` until `shutdown`, for `contexts[i]` with `secrets[i]`.
+/// The endpoints served, and whether the bare [`PATH`] is one of them.
+struct Endpoints {
+    list: Vec<Endpoint>,
+    /// The configuration has one organization: it also receives at [`PATH`] itself.
+    bare: bool,
+}
+
+/// Serves deliveries on `listener` until `shutdown`, for `contexts[i]` with `secrets[i]`; `bare`:
+/// the configuration has a single organization, which [`PATH`] itself serves too (besides
+/// `PATH/<name>`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     contexts: Arc<Vec<SyncContext>>,
     secrets: Vec<WebhookSecret>,
+    bare: bool,
     shutdown: CancellationToken,
 ) {
-    let endpoints: Arc<Vec<Endpoint>> = Arc::new(
-        secrets
+    let endpoints = Arc::new(Endpoints {
+        list: secrets
             .into_iter()
             .enumerate()
             .map(|(at, secret)| Endpoint { at, secret })
             .collect(),
-    );
+        bare,
+    });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -303,40 +326,48 @@ pub async fn serve(
     }
 }
 
-/// The answer to one request.
+/// The answer to one request. Every refusal is counted and logged with its reason code (a path
+/// or method that reaches no endpoint at debug level only: the internet's scanners knock on
+/// every port).
 async fn answer(
     req: Request<hyper::body::Incoming>,
     contexts: &[SyncContext],
-    endpoints: &[Endpoint],
+    endpoints: &Endpoints,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let endpoint = match path.strip_prefix(PATH) {
-        Some("" | "/") if endpoints.len() == 1 => Some(&endpoints[0]),
-        Some("" | "/") => {
-            return reply(
-                StatusCode::NOT_FOUND,
-                "unknown_endpoint",
-                &format!("this receiver serves several organizations: deliver to {PATH}/<name>"),
-            );
-        }
+        Some("" | "/") if endpoints.bare => endpoints.list.first(),
         Some(rest) => rest.strip_prefix('/').and_then(|name| {
             endpoints
+                .list
                 .iter()
                 .find(|e| contexts[e.at].org.name.as_ref() == name)
         }),
         None => None,
     };
     let Some(endpoint) = endpoint else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "unknown_endpoint",
-            &format!("no such endpoint; deliveries go to {PATH} or {PATH}/<name>"),
-        );
+        tracing::debug!(%peer, "webhook receiver: no endpoint at the path asked for");
+        let message = if endpoints.bare {
+            format!("no such endpoint; deliveries go to {PATH}")
+        } else {
+            format!("no such endpoint; deliveries go to {PATH}/<name> of a configured organization")
+        };
+        return reply(StatusCode::NOT_FOUND, "unknown_endpoint", &message);
     };
     let ctx = &contexts[endpoint.at];
+    let refuse = |status: StatusCode, reason_code: &'static str, message: &str| {
+        ctx.client.metrics().record_webhook_delivery(reason_code);
+        tracing::warn!(
+            organization = %ctx.org.name,
+            %peer,
+            reason_code,
+            "webhook delivery refused: {message}"
+        );
+        reply(status, reason_code, message)
+    };
     if req.method() != Method::POST {
-        let mut r = reply(
+        let mut r = refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "deliveries are POSTed",
@@ -347,23 +378,9 @@ async fn answer(
         );
         return r;
     }
-    let refuse = |refusal: Refusal| {
-        ctx.client
-            .metrics()
-            .record_webhook_delivery(refusal.reason_code());
-        tracing::warn!(
-            organization = %ctx.org.name,
-            %peer,
-            reason_code = refusal.reason_code(),
-            "webhook delivery refused: {}",
-            refusal.message()
-        );
-        reply(refusal.status(), refusal.reason_code(), &refusal.message())
-    };
     let (parts, body) = req.into_parts();
     let too_large = || {
-        ctx.client.metrics().record_webhook_delivery("body_too_large");
-        reply(
+        refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             &format!("a delivery's body is at most {MAX_BODY} bytes"),
@@ -376,14 +393,12 @@ async fn answer(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         // Read (and drop) what the client sends anyway, within bounds, so that closing the
         // connection does not reset it before the client reads the answer.
-        let drain = Limited::new(body, DRAIN_LIMIT).collect();
-        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        let _ = tokio::time::timeout(DRAIN_TIME, drain(body)).await;
         return too_large();
     }
     let body = match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
         Err(_) => {
-            ctx.client.metrics().record_webhook_delivery("body_timeout");
-            return reply(
+            return refuse(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
                 "the body did not arrive in time",
@@ -391,7 +406,7 @@ async fn answer(
         }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         Ok(Err(_)) => {
-            return reply(
+            return refuse(
                 StatusCode::BAD_REQUEST,
                 "body_unreadable",
                 "the body could not be read",
@@ -399,32 +414,45 @@ async fn answer(
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let (event, delivery_id) = match verify(
+    let verified = verify(
         &parts.headers,
         &body,
         &endpoint.secret,
         OffsetDateTime::now_utc().unix_timestamp(),
-    ) {
+    );
+    let (event, delivery_id) = match verified {
         Ok(verified) => verified,
-        Err(refusal) => return refuse(refusal),
+        Err(refusal) => return refuse(refusal.status(), refusal.reason_code(), &refusal.message()),
     };
+    // Held to the clinic once it is known (configured, or learnt by the first sync).
     if ctx
         .org
         .id()
         .is_some_and(|id| id.as_ref() != event.organization_id)
     {
-        return refuse(Refusal::OrganizationMismatch);
+        let refusal = Refusal::OrganizationMismatch;
+        return refuse(refusal.status(), refusal.reason_code(), &refusal.message());
+    }
+    if ctx.client.metrics().is_stopped() {
+        // Not acknowledged: nothing would handle it before the key is fixed and the daemon
+        // restarted, and ChartHero's retries may then find it taken.
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "organization_stopped",
+            "this organization's sync is stopped (its API key was refused); deliver it again later",
+        );
     }
     let organization = ctx.org.name.clone();
     let stored = event.clone();
-    let recorded = ctx
-        .writer
-        .call(move |c| {
+    let recorded = tokio::time::timeout(
+        STORE_TIMEOUT,
+        ctx.writer.call(move |c| {
             c.record_webhook_event(&organization, &stored, &delivery_id, OffsetDateTime::now_utc())
-        })
-        .await;
+        }),
+    )
+    .await;
     match recorded {
-        Ok(new) => {
+        Ok(Ok(new)) => {
             let outcome = if new { "accepted" } else { "duplicate" };
             ctx.client.metrics().record_webhook_delivery(outcome);
             tracing::info!(
@@ -447,15 +475,30 @@ async fn answer(
                 reply(StatusCode::OK, "duplicate", "this event was received before")
             }
         }
-        Err(e) => {
-            // Not acknowledged, so ChartHero delivers it again.
-            ctx.client.metrics().record_webhook_delivery("store_unavailable");
+        // Not acknowledged, so ChartHero delivers it again.
+        Ok(Err(e)) => {
             tracing::error!(organization = %ctx.org.name, "cannot store a webhook event: {e:#}");
-            reply(
+            refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
                 "the event could not be stored; deliver it again later",
             )
+        }
+        Err(_) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the warehouse did not store the event in time; deliver it again later",
+        ),
+    }
+}
+
+/// Reads and drops up to [`DRAIN_LIMIT`] bytes of a body, holding none of it.
+async fn drain(mut body: hyper::body::Incoming) {
+    let mut read = 0;
+    while read < DRAIN_LIMIT {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
         }
     }
 }
@@ -523,7 +566,7 @@ mod tests {
         // RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
         let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
         mac.update(b"what do ya want for nothing?");
-        let tag = unhex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843").unwrap();
+        let tag = sha256_hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843").unwrap();
         assert!(mac.verify_slice(&tag).is_ok());
     }
 
@@ -533,7 +576,7 @@ mod tests {
         let ts = now.to_string();
         let b = body("evt_1");
         let h = headers("evt_1", &ts, &format!("v1={}", sign(SECRET, &ts, &b)));
-        let (event, delivery) = verify(&h, &b, &secret(), now + 299).unwrap();
+        let (event, delivery) = verify(&h, &b, &secret(), now + 300).unwrap();
         assert_eq!(delivery, "dlv_1");
         assert_eq!(event.event_id, "evt_1");
         assert_eq!(event.event_type, TRANSCRIPT_READY);
@@ -546,7 +589,47 @@ mod tests {
             "00".repeat(32),
             sign(SECRET, &ts, &b).to_uppercase()
         );
-        assert!(verify(&headers("evt_1", &ts, &two), &b, &secret(), now - 299).is_ok());
+        assert!(verify(&headers("evt_1", &ts, &two), &b, &secret(), now - 300).is_ok());
+    }
+
+    #[test]
+    fn a_timestamp_more_than_the_tolerance_away_either_way_is_refused() {
+        let now = 1_800_000_000;
+        let ts = now.to_string();
+        let b = body("evt_1");
+        let h = headers("evt_1", &ts, &format!("v1={}", sign(SECRET, &ts, &b)));
+        for off in [-301, 301] {
+            assert_eq!(
+                verify(&h, &b, &secret(), now + off).unwrap_err(),
+                Refusal::TimestampOutsideTolerance
+            );
+        }
+    }
+
+    #[test]
+    fn signatures_that_are_not_one_sha256_in_hex_or_too_many_match_nothing() {
+        let now = 1_800_000_000;
+        let ts = now.to_string();
+        let b = body("evt_1");
+        let good = sign(SECRET, &ts, &b);
+        let plus = format!("+{}", &good[1..]);
+        let many = format!("{}, v1={good}", vec!["v1=".to_owned(); MAX_SIGNATURES].join(","));
+        for bad in [
+            "v1=".to_owned(),
+            format!("v1={}", &good[..63]),
+            format!("v1={good}0"),
+            format!("v1={plus}"),
+            many,
+        ] {
+            assert_eq!(
+                verify(&headers("evt_1", &ts, &bad), &b, &secret(), now).unwrap_err(),
+                Refusal::InvalidSignature,
+                "{bad}"
+            );
+        }
+        // A header that is not visible ASCII never reaches the hex (it is not text to HeaderMap),
+        // and multibyte text is no hex either.
+        assert_eq!(sha256_hex(&"é".repeat(32)), None);
     }
 
     #[test]

@@ -15,7 +15,8 @@ CREATE TABLE webhook_events (
     received_at       timestamptz NOT NULL,
     last_received_at  timestamptz NOT NULL,
     state             text NOT NULL
-        CHECK (state IN ('pending', 'queued', 'not_found', 'ignored')),
+        CHECK (state IN ('pending', 'queued', 'not_found', 'ignored', 'failed')),
+    attempts          bigint NOT NULL DEFAULT 0,
     handled_at        timestamptz,
     PRIMARY KEY (organization, event_id)
 );

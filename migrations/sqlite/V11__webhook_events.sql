@@ -18,7 +18,8 @@ CREATE TABLE webhook_events (
     received_at       TEXT NOT NULL,
     last_received_at  TEXT NOT NULL,
     state             TEXT NOT NULL
-        CHECK (state IN ('pending', 'queued', 'not_found', 'ignored')),
+        CHECK (state IN ('pending', 'queued', 'not_found', 'ignored', 'failed')),
+    attempts          INTEGER NOT NULL DEFAULT 0,  -- cycles whose handling of it failed
     handled_at        TEXT,
     PRIMARY KEY (organization, event_id)
 ) STRICT;

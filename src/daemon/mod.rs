@@ -121,6 +121,7 @@ pub async fn serve_organizations(
             listener,
             contexts.clone(),
             webhook_secrets,
+            config.organizations.len() == 1,
             shutdown.clone(),
         ));
     }
@@ -243,6 +244,11 @@ async fn run_organization(
                 }
             }
         };
+        // A failing organization waits for its backoff (the next live cycle handles the events);
+        // a wake-up whose events a running cycle already handled starts nothing.
+        if webhook_due && (failures > 0 || !webhook_pending(ctx).await) {
+            webhook_due = false;
+        }
         if !live && backfill.is_none() && !audit && !webhook_due {
             let wait = ((next_live - now).unsigned_abs()).min(tick);
             tokio::select! {
@@ -352,6 +358,16 @@ async fn run_organization(
         }
     }
     Ok(())
+}
+
+/// Whether the organization's webhook endpoint stored events no cycle has handled yet (a
+/// warehouse that cannot be read says no: the next live cycle reads it again).
+async fn webhook_pending(ctx: &SyncContext) -> bool {
+    let org = ctx.org.name.clone();
+    ctx.writer
+        .call(move |c| c.pending_webhook_events(&org, 1))
+        .await
+        .is_ok_and(|events| !events.is_empty())
 }
 
 /// What the loop works when no live cycle is due: the oldest queued backfill, else the history

@@ -241,6 +241,15 @@ pub trait Backend: Reader {
         state: WebhookState,
         now: OffsetDateTime,
     ) -> anyhow::Result<()>;
+    /// Counts a cycle whose handling of a stored event failed; the event is `failed` once
+    /// `max_attempts` cycles did. Answers whether it was given up.
+    fn webhook_event_failed(
+        &self,
+        organization: &str,
+        event_id: &str,
+        max_attempts: u32,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool>;
     /// Queues the transcript of a live ambient document of a live encounter of the organization
     /// for the content worker at once, whatever its summary's status says and whatever its
     /// schedule was (ChartHero said it is ready); answers `false` when the warehouse holds no

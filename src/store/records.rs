@@ -455,8 +455,12 @@ pub enum WebhookState {
     Queued,
     /// The encounter or its document is not there for this key (the scheduled sync decides).
     NotFound,
-    /// An event of a type the sync does not act on, or whose content is turned off.
+    /// An event of a type the sync does not act on, whose content is turned off, or about an
+    /// encounter older than the history the organization keeps.
     Ignored,
+    /// Its handling failed in [`crate::sync::webhook::MAX_ATTEMPTS`] cycles; left to the
+    /// scheduled sync.
+    Failed,
 }
 
 impl WebhookState {
@@ -466,6 +470,7 @@ impl WebhookState {
             WebhookState::Queued => "queued",
             WebhookState::NotFound => "not_found",
             WebhookState::Ignored => "ignored",
+            WebhookState::Failed => "failed",
         }
     }
 }

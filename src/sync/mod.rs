@@ -617,13 +617,13 @@ async fn execute(
             Err(e) => identified = Err(e.into()),
         }
     }
-    if identified.is_ok() {
-        // Before paging: what ChartHero said is ready is fetched first, and a document learnt
-        // from its encounter's detail is written before paging may read the encounter again.
-        identified = webhook::handle_pending(ctx, &mut counts).await;
-    }
     let paging = async {
+        let known_before = ctx.org.id().is_some();
         let mut r = if let Err(e) = identified {
+            Err(e)
+        } else if let Err(e) = webhook::handle_pending(ctx, &mut counts, &stop).await {
+            // Before listing: what ChartHero said is ready is fetched first, and an encounter
+            // read from its detail is written before paging may read it again.
             Err(e)
         } else if plan.live {
             sync_recent(ctx, run_id, &mut counts, &stop)
@@ -642,6 +642,13 @@ async fn execute(
         }
         if let (Ok(Finished::Yes), true) = (&r, plan.audit) {
             r = audit::run(ctx, run_id, trigger, deadline, &mut counts, &stop).await;
+        }
+        if r.is_ok() && !known_before && ctx.org.id().is_some() {
+            // The first cycle learnt the clinic from its first page: the events that waited
+            // for it are handled now, not at the next cycle.
+            if let Err(e) = webhook::handle_pending(ctx, &mut counts, &stop).await {
+                r = Err(e);
+            }
         }
         let r = r.map(|_| ());
         paging_done.cancel();

@@ -1,59 +1,113 @@
 //! What a cycle does with the webhook events its organization's endpoint accepted
 //! (`crate::webhook` stores them; docs/operations.md, "Webhooks"): before paging, each pending
-//! `recording.transcript_ready` queues its document's transcript for the content worker at
-//! once. A document the warehouse does not hold yet (its encounter not listed yet, or listed
-//! before the document was added) is learnt from the encounter's detail first, written like any
-//! encounter the sync reads. An event changes only *when* content is fetched, never what is
-//! accepted: the scheduled sync stays the source of truth, so an event lost, refused or pointing
-//! at nothing costs at most the wait for the next cycle.
+//! `recording.transcript_ready` reads its encounter's detail, writes it like any encounter the
+//! sync reads (so the stored record is current, and the next listing finds nothing changed to
+//! fetch again), and queues the document's transcript for the content worker at once, whatever
+//! the summary's status says. An event changes only *when* content is fetched, never what is
+//! accepted: the scheduled sync stays the source of truth, so an event lost, refused, failing or
+//! pointing at nothing costs at most the wait for the next cycle, and never fails a cycle.
+
+use std::collections::HashSet;
 
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
-use super::{CycleError, SyncContext, encounter_record, window};
+use super::{CycleError, SyncContext, encounter_record, history_start, window};
 use crate::api::ErrorClass;
 use crate::store::{RunCounts, WebhookEvent, WebhookState};
 
 /// The one event type the sync acts on.
 pub const TRANSCRIPT_READY: &str = "recording.transcript_ready";
 
+/// Cycles that may fail to handle an event before it is given up (`failed`).
+pub const MAX_ATTEMPTS: u32 = 5;
+
 /// Events read from the warehouse at a time.
 const BATCH: usize = 100;
 
-/// Handles every pending event of the organization, oldest first. A request that fails for a
-/// reason other than "not there for this key" fails the cycle and leaves the event pending for
-/// the next one.
-pub async fn handle_pending(ctx: &SyncContext, counts: &mut RunCounts) -> Result<(), CycleError> {
-    // Before the organization is known nothing of it is stored: its first cycle lists first.
+/// Handles every pending event of the organization, oldest first, each at most once per cycle,
+/// until `stop`. An event whose handling fails (a request that failed after its retries, a route
+/// closed to the key) is counted and left for the next cycle, then given up after
+/// [`MAX_ATTEMPTS`]; only what stops the whole cycle anyway (the key refused, a `Retry-After`
+/// pause, the warehouse failing, `stop`) is returned as an error.
+pub async fn handle_pending(
+    ctx: &SyncContext,
+    counts: &mut RunCounts,
+    stop: &CancellationToken,
+) -> Result<(), CycleError> {
+    // Before the organization is known nothing of it is stored: the cycle that learns it calls
+    // this again after listing.
     let Some(organization_id) = ctx.org.id() else {
         return Ok(());
     };
+    let mut tried = HashSet::new();
     loop {
         let org = ctx.org.name.clone();
-        let events = ctx
+        let limit = BATCH + tried.len();
+        let events: Vec<WebhookEvent> = ctx
             .writer
-            .call(move |c| c.pending_webhook_events(&org, BATCH))
-            .await?;
+            .call(move |c| c.pending_webhook_events(&org, limit))
+            .await?
+            .into_iter()
+            .filter(|e| !tried.contains(&e.event_id))
+            .collect();
         if events.is_empty() {
             return Ok(());
         }
         for event in events {
-            let state = handle(ctx, &organization_id, &event, counts).await?;
-            tracing::info!(
-                event_id = %event.event_id,
-                event_type = %event.event_type,
-                encounter_id = event.encounter_id.as_deref().unwrap_or("-"),
-                document_id = event.document_id.as_deref().unwrap_or("-"),
-                state = state.as_str(),
-                "webhook event handled"
-            );
+            if stop.is_cancelled() {
+                return Err(CycleError::Cancelled);
+            }
+            tried.insert(event.event_id.clone());
             let org = ctx.org.name.clone();
-            ctx.writer
-                .call(move |c| {
-                    c.settle_webhook_event(&org, &event.event_id, state, OffsetDateTime::now_utc())
-                })
-                .await?;
+            let event_id = event.event_id.clone();
+            match handle(ctx, &organization_id, &event, counts).await {
+                Ok(state) => {
+                    tracing::info!(
+                        event_id = %event.event_id,
+                        event_type = %event.event_type,
+                        encounter_id = event.encounter_id.as_deref().unwrap_or("-"),
+                        document_id = event.document_id.as_deref().unwrap_or("-"),
+                        state = state.as_str(),
+                        "webhook event handled"
+                    );
+                    ctx.writer
+                        .call(move |c| {
+                            c.settle_webhook_event(&org, &event_id, state, OffsetDateTime::now_utc())
+                        })
+                        .await?;
+                }
+                Err(e) if stops_the_cycle(&e) => return Err(e),
+                Err(e) => {
+                    let given_up = ctx
+                        .writer
+                        .call(move |c| {
+                            c.webhook_event_failed(&org, &event_id, MAX_ATTEMPTS, OffsetDateTime::now_utc())
+                        })
+                        .await?;
+                    tracing::warn!(
+                        event_id = %event.event_id,
+                        reason_code = e.reason_code().unwrap_or("none"),
+                        given_up,
+                        "cannot handle a webhook event{}: {e:#}",
+                        if given_up {
+                            "; given up, the scheduled sync finds what it points to"
+                        } else {
+                            "; the next cycle tries again"
+                        }
+                    );
+                }
+            }
         }
     }
+}
+
+/// What fails the cycle whatever it does next.
+fn stops_the_cycle(e: &CycleError) -> bool {
+    e.key_refused()
+        || e.store_error().is_some()
+        || matches!(e, CycleError::Cancelled)
+        || matches!(e, CycleError::Api(api) if api.is_paused())
 }
 
 async fn handle(
@@ -77,40 +131,32 @@ async fn handle(
         );
         return Ok(WebhookState::Ignored);
     }
-    if queue(ctx, organization_id, encounter_id, document_id).await? {
-        return Ok(WebhookState::Queued);
-    }
     counts.detail_requests += 1;
-    match ctx.client.encounter(encounter_id).await {
-        Ok(encounter) => {
-            super::admit(ctx, std::slice::from_ref(&encounter)).await?;
-            let record = encounter_record(encounter, &ctx.privacy);
-            window::commit(ctx, vec![record], Vec::new(), None, counts).await?;
-            Ok(if queue(ctx, organization_id, encounter_id, document_id).await? {
-                WebhookState::Queued
-            } else {
-                WebhookState::NotFound
-            })
-        }
-        Err(e) if e.class() == ErrorClass::ResourceUnavailable => Ok(WebhookState::NotFound),
-        Err(e) => Err(e.into()),
+    let encounter = match ctx.client.encounter(encounter_id).await {
+        Ok(encounter) => encounter,
+        Err(e) if e.class() == ErrorClass::ResourceUnavailable => return Ok(WebhookState::NotFound),
+        Err(e) => return Err(e.into()),
+    };
+    super::admit(ctx, std::slice::from_ref(&encounter)).await?;
+    let now = OffsetDateTime::now_utc();
+    if encounter.created_at.0 < history_start(ctx.sync.start_at, ctx.privacy.retention, now) {
+        // Before `start_at`, or past the retention: the organization keeps nothing of it.
+        return Ok(WebhookState::Ignored);
     }
-}
-
-/// Queues the document's transcript now; `false` when the warehouse holds no such document.
-async fn queue(
-    ctx: &SyncContext,
-    organization_id: &str,
-    encounter_id: &str,
-    document_id: &str,
-) -> Result<bool, CycleError> {
+    let record = encounter_record(encounter, &ctx.privacy);
+    window::commit(ctx, vec![record], Vec::new(), None, counts).await?;
     let (org, enc, doc) = (
         organization_id.to_owned(),
         encounter_id.to_owned(),
         document_id.to_owned(),
     );
-    Ok(ctx
+    let queued = ctx
         .writer
         .call(move |c| c.queue_transcript_now(&org, &enc, &doc))
-        .await?)
+        .await?;
+    Ok(if queued {
+        WebhookState::Queued
+    } else {
+        WebhookState::NotFound
+    })
 }

@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use charthero_sim::webhook::{WebhookTarget, headers, post, transcript_ready_body};
-use charthero_sim::{DocKind, NewEncounter, Route};
+use charthero_sim::{DocKind, Fault, FaultRule, NewEncounter, Route};
+use charthero_sync::store::{self, WebhookEvent};
+use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
 
 use crate::support::{
@@ -122,7 +124,9 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
     assert!(!transcript_stored(&env, &known_doc), "not final yet");
 
     // Finalized: the simulator delivers the event; the transcript arrives long before the
-    // schedule's next cycle, for one transcript request and no list request.
+    // schedule's next cycle, for no list request: the encounter's detail (which brings the
+    // stored record up to date, so that no later listing finds it changed), the transcript,
+    // and the note, which a changed encounter's notes are asked again for as ever.
     env.sim.set_webhook(Some(WebhookTarget {
         url: format!("http://127.0.0.1:{port}/webhooks/charthero"),
         secret: SECRET.to_owned(),
@@ -138,9 +142,16 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
     })
     .await;
     let stats = env.sim.stats();
-    assert_eq!(stats.route(Route::List), 0, "{stats:?}");
-    assert_eq!(stats.route(Route::Encounter), 0, "{stats:?}");
-    assert_eq!(stats.route(Route::Transcript), 1, "{stats:?}");
+    assert_eq!(
+        (
+            stats.route(Route::List),
+            stats.route(Route::Encounter),
+            stats.route(Route::Transcript),
+            stats.route(Route::Document)
+        ),
+        (0, 1, 1, 1),
+        "{stats:?}"
+    );
     let deliveries = env.sim.webhook_deliveries();
     assert_eq!(deliveries.len(), 1, "{deliveries:?}");
     assert_eq!(deliveries[0].status, Some(202));
@@ -270,6 +281,16 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         !logged.contains("canary"),
         "the signing secret leaked into the log"
     );
+
+    // The next listing finds everything the events fetched current: list requests only.
+    env.sim.reset_stats();
+    let mut sync = charthero_sync();
+    sync.arg("--config").arg(&config).arg("sync");
+    let out = run(sync).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stats = env.sim.stats();
+    assert!(stats.route(Route::List) > 0, "{stats:?}");
+    assert_eq!(stats.requests, stats.route(Route::List), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,4 +457,114 @@ async fn a_receiver_without_its_signing_secret_or_with_a_bad_address_is_a_config
         assert_eq!(out.status.code(), Some(2), "{extra}: {}", text(&out));
         assert!(text(&out).contains(expected), "{extra}: {}", text(&out));
     }
+}
+
+/// Stores an event as the receiver would, received at `at`.
+async fn store_event(config: &charthero_sync::config::Config, event: WebhookEvent, at: OffsetDateTime) {
+    let database = config.database.clone();
+    store::blocking(move || {
+        let backend = store::open(&database)?;
+        backend.record_webhook_event("default", &event, "dlv_stored", at)?;
+        Ok(())
+    })
+    .await
+    .expect("the event is stored");
+}
+
+fn transcript_ready(
+    event_id: &str,
+    organization_id: &str,
+    encounter_id: &str,
+    document_id: &str,
+) -> WebhookEvent {
+    WebhookEvent {
+        event_id: event_id.to_owned(),
+        event_type: "recording.transcript_ready".to_owned(),
+        api_version: "2026-05-01".to_owned(),
+        occurred_at: OffsetDateTime::now_utc(),
+        organization_id: organization_id.to_owned(),
+        encounter_id: Some(encounter_id.to_owned()),
+        document_id: Some(document_id.to_owned()),
+    }
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_failing_one_never_fails_a_cycle
+);
+async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_failing_one_never_fails_a_cycle(
+    backend: Backend,
+) {
+    let env = TestEnv::with_encounters_on(backend, 74, 30).await;
+    let mut raw = env.raw_config();
+    raw.limits.max_attempts = 2;
+    let config = raw.validate().unwrap();
+    let org = env.sim.organization_id();
+    // Stored while no cycle had run: the warehouse does not know the clinic yet.
+    let announced = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Ambient],
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::days(3))
+    });
+    let announced_doc = ambient_document(&env, &announced);
+    env.sim.finalize_transcript(&announced, &announced_doc);
+    let old = env.sim.insert(NewEncounter::at(
+        OffsetDateTime::now_utc() - time::Duration::days(90),
+    ));
+    let old_doc = ambient_document(&env, &old);
+    let failing = env.sim.insert(NewEncounter::at(
+        OffsetDateTime::now_utc() - time::Duration::days(1),
+    ));
+    let failing_doc = ambient_document(&env, &failing);
+    let t0 = OffsetDateTime::now_utc();
+    store_event(
+        &config,
+        transcript_ready("evt_a", &org, &announced, &announced_doc),
+        t0,
+    )
+    .await;
+    store_event(
+        &config,
+        transcript_ready("evt_b", &org, &old, &old_doc),
+        t0 + time::Duration::milliseconds(1),
+    )
+    .await;
+    store_event(
+        &config,
+        transcript_ready("evt_c", &org, &failing, &failing_doc),
+        t0 + time::Duration::milliseconds(2),
+    )
+    .await;
+    // The third event's detail never answers: the cycle still succeeds, five times over, and the
+    // event is then given up.
+    env.sim.push_fault(FaultRule {
+        route: Some(Route::Encounter),
+        skip: 2,
+        times: 1_000,
+        fault: Fault::status(503, "digest_key_unavailable"),
+    });
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(report.counts.dead_letters, 0);
+    // The first event was handled by this first cycle, once its first page told the clinic,
+    // not left for the next; the encounter before start_at was neither written nor fetched.
+    assert_eq!(event_state(&env, "evt_a"), Some(("queued".to_owned(), 1)));
+    assert!(transcript_stored(&env, &announced_doc));
+    assert_eq!(event_state(&env, "evt_b"), Some(("ignored".to_owned(), 1)));
+    let old_rows: i64 = env
+        .warehouse
+        .scalar("SELECT count(*) FROM encounters WHERE encounter_id = ?1", &[&old]);
+    assert_eq!(old_rows, 0);
+    assert_eq!(event_state(&env, "evt_c"), Some(("pending".to_owned(), 1)));
+    for _ in 1..charthero_sync::sync::webhook::MAX_ATTEMPTS {
+        env.sync(&config, CyclePlan::full(None, false)).await;
+    }
+    assert_eq!(event_state(&env, "evt_c"), Some(("failed".to_owned(), 1)));
+    let attempts: i64 = env.warehouse.scalar(
+        "SELECT attempts FROM webhook_events WHERE event_id = 'evt_c'",
+        &[],
+    );
+    assert_eq!(attempts, 5);
+    // Given up, it costs nothing more.
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(env.sim.stats().route(Route::Encounter), 0);
 }

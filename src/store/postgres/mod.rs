@@ -441,6 +441,15 @@ impl Backend for PgBackend {
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(&mut *self.db()?, organization, event_id, state, now)
     }
+    fn webhook_event_failed(
+        &self,
+        organization: &str,
+        event_id: &str,
+        max_attempts: u32,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool> {
+        webhook::webhook_event_failed(&mut *self.db()?, organization, event_id, max_attempts, now)
+    }
     fn queue_transcript_now(
         &self,
         organization_id: &str,

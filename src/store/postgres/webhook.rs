@@ -83,6 +83,23 @@ pub fn settle_webhook_event(
     Ok(())
 }
 
+pub fn webhook_event_failed(
+    db: &mut impl GenericClient,
+    organization: &str,
+    event_id: &str,
+    max_attempts: u32,
+    now: OffsetDateTime,
+) -> anyhow::Result<bool> {
+    let row = db.query_opt(
+        "UPDATE webhook_events SET attempts = attempts + 1,
+             state = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE state END,
+             handled_at = CASE WHEN attempts + 1 >= $3 THEN $4 ELSE handled_at END
+         WHERE organization = $1 AND event_id = $2 RETURNING state",
+        &[&organization, &event_id, &i64::from(max_attempts), &now],
+    )?;
+    Ok(row.map(|r| r.try_get::<_, String>(0)).transpose()?.as_deref() == Some("failed"))
+}
+
 pub fn queue_transcript_now(
     db: &mut impl GenericClient,
     organization_id: &str,

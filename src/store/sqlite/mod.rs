@@ -586,6 +586,15 @@ impl Backend for Connection {
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(self, organization, event_id, state, now)
     }
+    fn webhook_event_failed(
+        &self,
+        organization: &str,
+        event_id: &str,
+        max_attempts: u32,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<bool> {
+        webhook::webhook_event_failed(self, organization, event_id, max_attempts, now)
+    }
     fn queue_transcript_now(
         &self,
         organization_id: &str,

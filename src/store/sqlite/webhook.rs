@@ -98,6 +98,26 @@ pub fn settle_webhook_event(
     Ok(())
 }
 
+pub fn webhook_event_failed(
+    conn: &Connection,
+    organization: &str,
+    event_id: &str,
+    max_attempts: u32,
+    now: OffsetDateTime,
+) -> anyhow::Result<bool> {
+    let state: Option<String> = conn
+        .query_row(
+            "UPDATE webhook_events SET attempts = attempts + 1,
+                 state = CASE WHEN attempts + 1 >= ?3 THEN 'failed' ELSE state END,
+                 handled_at = CASE WHEN attempts + 1 >= ?3 THEN ?4 ELSE handled_at END
+             WHERE organization = ?1 AND event_id = ?2 RETURNING state",
+            params![organization, event_id, max_attempts, format_stored(now)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(state.as_deref() == Some("failed"))
+}
+
 pub fn queue_transcript_now(
     conn: &Connection,
     organization_id: &str,
