@@ -2389,6 +2389,58 @@ mod tests {
     }
 
     #[test]
+    fn each_organization_has_its_own_webhook_secret_sources() {
+        let one = parse(
+            "[webhook]\nlisten = \"127.0.0.1:8787\"\nsecret_file = \"/etc/charthero-sync/webhook-secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(one.webhook_listen, Some("127.0.0.1:8787".parse().unwrap()));
+        let default = &one.organizations[0].webhook_secret;
+        assert_eq!(default.env, WEBHOOK_SECRET_ENV);
+        assert_eq!(default.credential, WEBHOOK_SECRET_CREDENTIAL);
+        assert_eq!(
+            default.file.as_deref(),
+            Some(Path::new("/etc/charthero-sync/webhook-secret"))
+        );
+        let several = parse(
+            "[webhook]\nlisten = \"[::1]:8787\"\n\n[[organizations]]\nname = \"north-side\"\n\
+             webhook_secret_file = \"/etc/charthero-sync/keys/north-webhook\"\n\n\
+             [[organizations]]\nname = \"river_2\"\n",
+        )
+        .unwrap();
+        let [north, river] = [&several.organizations[0], &several.organizations[1]];
+        assert_eq!(north.webhook_secret.env, "CHARTHERO_WEBHOOK_SECRET_NORTH_SIDE");
+        assert_eq!(
+            north.webhook_secret.credential,
+            "charthero-webhook-secret.north-side"
+        );
+        assert_eq!(
+            north.webhook_secret.file.as_deref(),
+            Some(Path::new("/etc/charthero-sync/keys/north-webhook"))
+        );
+        assert_eq!(river.webhook_secret.file, None);
+        assert_eq!(
+            river.webhook_secret.credential,
+            "charthero-webhook-secret.river_2"
+        );
+        // The [webhook] file names one endpoint's secret; with several, each has its own.
+        let err = parse("[webhook]\nsecret_file = \"/x\"\n\n[[organizations]]\nname = \"north\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("webhook.secret_file") && err.contains("webhook_secret_file"),
+            "{err}"
+        );
+        // A secret pasted where its file belongs is refused unechoed; so is a bad address.
+        let err = parse("[webhook]\nsecret_file = \"ch_sk_canary\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("canary"), "{err}");
+        let err = parse("[webhook]\nlisten = \"8787\"\n").unwrap_err().to_string();
+        assert!(err.contains("webhook.listen"), "{err}");
+    }
+
+    #[test]
     fn organizations_take_their_own_keys_and_budgets_and_default_the_rest() {
         let cfg = parse(
             "[limits]\nrequests_per_second = 10.0\nburst = 9\n\n\

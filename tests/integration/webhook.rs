@@ -65,7 +65,8 @@ fn daemon(config: &Path, log: &Path) -> KillOnDrop {
 }
 
 fn runs_done(env: &TestEnv, trigger: &str) -> i64 {
-    if !env.warehouse.has_table("sync_runs") {
+    // The last migration's table: the schema is complete.
+    if !env.warehouse.has_table("webhook_events") {
         return 0;
     }
     env.warehouse.scalar(
@@ -567,4 +568,144 @@ async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_fa
     env.sim.reset_stats();
     env.sync(&config, CyclePlan::full(None, false)).await;
     assert_eq!(env.sim.stats().route(Route::Encounter), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_organization_receives_at_its_own_path_with_its_own_secret() {
+    let sims = charthero_sim::Simulator::start_organizations(
+        [(75, "org_alpha"), (76, "org_beta")]
+            .into_iter()
+            .map(|(seed, id)| charthero_sim::SimOptions {
+                organization_id: id.to_owned(),
+                ..crate::support::sim_options(seed, 20)
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut text = format!(
+        "[api]\nbase_url = \"{}\"\n\n[database]\npath = \"{}\"\n\n[sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\
+         schedule = \"0 {} * * * *\"\n\n[webhook]\nlisten = \"127.0.0.1:{port}\"\n",
+        sims[0].base_url(),
+        dir.path().join("warehouse.db").display(),
+        charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61)),
+        (OffsetDateTime::now_utc().minute() + 30) % 60,
+    );
+    for (name, sim) in ["alpha", "beta"].iter().zip(&sims) {
+        let key = dir.path().join(format!("{name}-key"));
+        write_secret(&key, &sim.api_key());
+        text.push_str(&format!(
+            "\n[[organizations]]\nname = \"{name}\"\napi_key_file = \"{}\"\n",
+            key.display()
+        ));
+    }
+    // beta's secret in its file, alpha's in its own environment variable.
+    let beta_secret = dir.path().join("beta-webhook");
+    write_secret(&beta_secret, "whsec_beta");
+    text.push_str(&format!("webhook_secret_file = \"{}\"\n", beta_secret.display()));
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut cmd = charthero_sync();
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("CHARTHERO_WEBHOOK_SECRET_ALPHA", "whsec_alpha")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let db = crate::support::Warehouse::Sqlite(dir.path().join("warehouse.db"));
+    let runs = |org: &str, trigger: &str| -> i64 {
+        // The last migration's table: the schema is complete.
+        if !db.has_table("webhook_events") {
+            return 0;
+        }
+        db.scalar(
+            "SELECT count(*) FROM sync_runs WHERE organization = ?1 AND trigger = ?2 AND outcome = 'succeeded'",
+            &[&org, &trigger],
+        )
+    };
+    wait_for("both first cycles", Duration::from_secs(60), || {
+        runs("alpha", "run") == 1 && runs("beta", "run") == 1
+    })
+    .await;
+    let mut documents = Vec::new();
+    for ((name, secret), sim) in [("alpha", "whsec_alpha"), ("beta", "whsec_beta")]
+        .into_iter()
+        .zip(&sims)
+    {
+        sim.set_webhook(Some(WebhookTarget {
+            url: format!("http://127.0.0.1:{port}/webhooks/charthero/{name}"),
+            secret: secret.to_owned(),
+        }));
+        let encounter = sim.insert(NewEncounter {
+            docs: vec![DocKind::Ambient],
+            ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::hours(2))
+        });
+        let document = sim
+            .encounter(&encounter)
+            .unwrap()
+            .documents
+            .iter()
+            .find(|d| d.schema_type == "ambient_transcript")
+            .unwrap()
+            .document_id
+            .clone();
+        sim.finalize_transcript(&encounter, &document);
+        documents.push((name, encounter, document));
+    }
+    for (name, _, document) in &documents {
+        wait_for(
+            "each organization's announced transcript",
+            Duration::from_secs(20),
+            || {
+                db.scalar::<i64>(
+                "SELECT count(*) FROM transcripts t JOIN webhook_events w ON w.document_id = t.document_id
+                 WHERE t.document_id = ?1 AND w.organization = ?2 AND w.state = 'queued'",
+                &[document, name],
+            ) == 1
+            },
+        )
+        .await;
+    }
+    // Several organizations: the bare path serves none; one's delivery at the other's path
+    // does not verify under the other's secret.
+    let (_, encounter, document) = &documents[0];
+    let body = transcript_ready_body(
+        "evt_cross",
+        "org_alpha",
+        encounter,
+        document,
+        OffsetDateTime::now_utc(),
+    );
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let signed = headers("whsec_alpha", "evt_cross", "dlv_cross", now, body.as_bytes());
+    let at = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    assert_eq!(
+        post(&at("/webhooks/charthero"), &signed, body.as_bytes())
+            .await
+            .unwrap(),
+        404
+    );
+    assert_eq!(
+        post(&at("/webhooks/charthero/beta"), &signed, body.as_bytes())
+            .await
+            .unwrap(),
+        401
+    );
+    assert_eq!(
+        post(&at("/webhooks/charthero/gamma"), &signed, body.as_bytes())
+            .await
+            .unwrap(),
+        404
+    );
+    crate::daemon::signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("whsec_"), "a signing secret leaked into the log");
 }
