@@ -16,7 +16,7 @@ use charthero_sync::sync::{BackfillRange, CyclePlan};
 use charthero_sync::timefmt::{STORED_WIDTH, format_stored, parse_rfc3339};
 use time::OffsetDateTime;
 
-use crate::support::{TestEnv, charthero_sync, reader, run, sim_options, text};
+use crate::support::{TestEnv, charthero_sync, free_port, reader, run, sim_options, text};
 
 fn repo(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -197,15 +197,6 @@ async fn sqlite_3_40_searches_and_runs_every_documented_query_after_a_purge_and_
         "{}",
         text(&out)
     );
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn get_json(url: &str) -> serde_json::Value {

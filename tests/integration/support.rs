@@ -1288,6 +1288,16 @@ pub async fn run_within(mut cmd: std::process::Command, limit: Duration) -> std:
     }
 }
 
+/// A loopback port nobody listens on right now (bound and released: the caller's server binds
+/// it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `check` until it holds, and fails the test naming `what` if it has not within `limit`.
 /// The first polls come quickly, so a test that acts on the event (a kill point) acts soon
 /// after it; later ones every 100 ms at most, since some checks compare a whole warehouse.

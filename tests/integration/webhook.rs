@@ -15,22 +15,14 @@ use charthero_sync::sync::CyclePlan;
 use time::OffsetDateTime;
 
 use crate::support::{
-    Backend, KillOnDrop, TestEnv, both_backends, charthero_sync, run, text, wait_exit, wait_for, write_secret,
+    Backend, KillOnDrop, TestEnv, both_backends, charthero_sync, free_port, run, text, wait_exit, wait_for,
+    write_secret,
 };
 
 const SECRET: &str = "whsec_canary_5e1f";
 
 /// A delivery's headers, as `charthero_sim::webhook::headers` makes them.
 type Headers = Vec<(&'static str, String)>;
-
-/// A free loopback port (bound and released: the daemon binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A configuration with the receiver on `port`, the signing secret in a 0600 file, and a
 /// schedule that does not fire during the test (hourly, at a minute that is never next).
@@ -102,6 +94,27 @@ fn ambient_document(env: &TestEnv, encounter_id: &str) -> String {
         .clone()
 }
 
+/// Finalizes a transcript in the simulator (which announces it), waits until it is stored and
+/// the `cycles`-th webhook cycle ended, and answers the requests made since.
+async fn finalize_and_wait(
+    env: &TestEnv,
+    encounter: &str,
+    document: &str,
+    cycles: i64,
+) -> charthero_sim::Stats {
+    env.sim.reset_stats();
+    env.sim.finalize_transcript(encounter, document);
+    wait_for("the announced transcript", Duration::from_secs(20), || {
+        transcript_stored(env, document)
+    })
+    .await;
+    wait_for("the webhook cycle's end", Duration::from_secs(20), || {
+        runs_done(env, "webhook") == cycles
+    })
+    .await;
+    env.sim.stats()
+}
+
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_needs
@@ -132,17 +145,7 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         url: format!("http://127.0.0.1:{port}/webhooks/charthero"),
         secret: SECRET.to_owned(),
     }));
-    env.sim.reset_stats();
-    env.sim.finalize_transcript(&known, &known_doc);
-    wait_for("the announced transcript", Duration::from_secs(20), || {
-        transcript_stored(&env, &known_doc)
-    })
-    .await;
-    wait_for("the webhook cycle's end", Duration::from_secs(20), || {
-        runs_done(&env, "webhook") == 1
-    })
-    .await;
-    let stats = env.sim.stats();
+    let stats = finalize_and_wait(&env, &known, &known_doc, 1).await;
     assert_eq!(
         (
             stats.route(Route::List),
@@ -166,17 +169,7 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         ..NewEncounter::at(OffsetDateTime::now_utc())
     });
     let new_doc = ambient_document(&env, &new);
-    env.sim.reset_stats();
-    env.sim.finalize_transcript(&new, &new_doc);
-    wait_for("the new encounter's transcript", Duration::from_secs(20), || {
-        transcript_stored(&env, &new_doc)
-    })
-    .await;
-    wait_for("the second webhook cycle's end", Duration::from_secs(20), || {
-        runs_done(&env, "webhook") == 2
-    })
-    .await;
-    let stats = env.sim.stats();
+    let stats = finalize_and_wait(&env, &new, &new_doc, 2).await;
     assert_eq!(
         (
             stats.route(Route::List),
