@@ -56,6 +56,35 @@ fn daemon(config: &Path, log: &Path) -> KillOnDrop {
     KillOnDrop(cmd.spawn().unwrap())
 }
 
+/// `run` with [`webhook_config`] on a free port, after its first cycle: (port, configuration,
+/// log, process).
+async fn start_daemon(env: &TestEnv) -> (u16, PathBuf, PathBuf, KillOnDrop) {
+    let port = free_port();
+    let config = webhook_config(env, port);
+    let log = env.dir.path().join("daemon.log");
+    let child = daemon(&config, &log);
+    wait_for("the first cycle", Duration::from_secs(60), || {
+        runs_done(env, "run") == 1
+    })
+    .await;
+    (port, config, log, child)
+}
+
+/// Stops the daemon (it must exit 0) and answers its log, which must not hold the secret.
+async fn stop_daemon(child: &mut KillOnDrop, log: &Path) -> String {
+    crate::daemon::signal(child, "-TERM");
+    assert_eq!(
+        wait_exit("the daemon after SIGTERM", child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let logged = std::fs::read_to_string(log).unwrap();
+    assert!(
+        !logged.contains("canary"),
+        "the signing secret leaked into the log"
+    );
+    logged
+}
+
 fn runs_done(env: &TestEnv, trigger: &str) -> i64 {
     // The last migration's table: the schema is complete.
     if !env.warehouse.has_table("webhook_events") {
@@ -127,14 +156,7 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::days(2))
     });
     let known_doc = ambient_document(&env, &known);
-    let port = free_port();
-    let config = webhook_config(&env, port);
-    let log = env.dir.path().join("daemon.log");
-    let mut child = daemon(&config, &log);
-    wait_for("the first cycle", Duration::from_secs(60), || {
-        runs_done(&env, "run") == 1
-    })
-    .await;
+    let (port, config, log, mut child) = start_daemon(&env).await;
     assert!(!transcript_stored(&env, &known_doc), "not final yet");
 
     // Finalized: the simulator delivers the event; the transcript arrives long before the
@@ -265,16 +287,7 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
         "{said}"
     );
 
-    crate::daemon::signal(&child, "-TERM");
-    assert_eq!(
-        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
-        Some(0)
-    );
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        !logged.contains("canary"),
-        "the signing secret leaked into the log"
-    );
+    stop_daemon(&mut child, &log).await;
 
     // The next listing finds everything the events fetched current: list requests only.
     env.sim.reset_stats();
@@ -290,14 +303,7 @@ async fn a_transcript_announced_by_webhook_arrives_at_once_for_the_requests_it_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_that_fail_verification_are_refused_with_their_reason_and_change_nothing() {
     let env = TestEnv::with_encounters(72, 20).await;
-    let port = free_port();
-    let config = webhook_config(&env, port);
-    let log = env.dir.path().join("daemon.log");
-    let mut child = daemon(&config, &log);
-    wait_for("the first cycle", Duration::from_secs(60), || {
-        runs_done(&env, "run") == 1
-    })
-    .await;
+    let (port, _, log, mut child) = start_daemon(&env).await;
     let e = env.sim.snapshot()[0].clone();
     let doc = e.documents[0].document_id.clone();
     let url = format!("http://127.0.0.1:{port}/webhooks/charthero");
@@ -393,12 +399,7 @@ async fn deliveries_that_fail_verification_are_refused_with_their_reason_and_cha
     // A good delivery after all that is taken.
     assert_eq!(post(&url, &good, b).await.unwrap(), 202);
 
-    crate::daemon::signal(&child, "-TERM");
-    assert_eq!(
-        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
-        Some(0)
-    );
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged = stop_daemon(&mut child, &log).await;
     for reason in [
         "missing_header",
         "malformed_timestamp",
@@ -694,11 +695,6 @@ async fn each_organization_receives_at_its_own_path_with_its_own_secret() {
             .unwrap(),
         404
     );
-    crate::daemon::signal(&child, "-TERM");
-    assert_eq!(
-        wait_exit("the daemon after SIGTERM", &mut child, Duration::from_secs(15)).await,
-        Some(0)
-    );
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged = stop_daemon(&mut child, &log).await;
     assert!(!logged.contains("whsec_"), "a signing secret leaked into the log");
 }
