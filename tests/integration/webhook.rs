@@ -581,7 +581,8 @@ async fn each_organization_receives_at_its_own_path_with_its_own_secret() {
     let port = free_port();
     let mut text = format!(
         "[api]\nbase_url = \"{}\"\n\n[database]\npath = \"{}\"\n\n[sync]\nstart_at = \"{}\"\nsettle_lag = \"0s\"\n\
-         schedule = \"0 {} * * * *\"\n\n[webhook]\nlisten = \"127.0.0.1:{port}\"\n",
+         schedule = \"0 {} * * * *\"\n\n[limits]\nrequests_per_second = 1000.0\nburst = 100\n\n\
+         [webhook]\nlisten = \"127.0.0.1:{port}\"\n",
         sims[0].base_url(),
         dir.path().join("warehouse.db").display(),
         charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - time::Duration::days(61)),
