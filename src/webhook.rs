@@ -464,8 +464,11 @@ async fn answer(
                 outcome,
                 "webhook delivery"
             );
+            // A duplicate wakes the loop too: the first delivery may have been stored after its
+            // answer timed out (503), and then nothing woke the loop for it; a wake-up with
+            // nothing pending starts no cycle.
+            ctx.webhook_events.notify_one();
             if new {
-                ctx.webhook_events.notify_one();
                 reply(
                     StatusCode::ACCEPTED,
                     "accepted",

@@ -250,15 +250,26 @@ pub trait Backend: Reader {
         max_attempts: u32,
         now: OffsetDateTime,
     ) -> anyhow::Result<bool>;
-    /// Queues the transcript of a live ambient document of a live encounter of the organization
-    /// for the content worker at once, whatever its summary's status says and whatever its
-    /// schedule was (ChartHero said it is ready); answers `false` when the warehouse holds no
-    /// such document.
+    /// For a webhook event that occurred at `occurred_at`, the transcript of a live ambient
+    /// document of a live encounter of the organization: `current` (queued, or fetched at or
+    /// after the event), else its state (`none` for none yet); `None` when the warehouse holds
+    /// no such document.
+    fn transcript_state(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+        occurred_at: OffsetDateTime,
+    ) -> anyhow::Result<Option<String>>;
+    /// Queues that document's transcript for the content worker at once, whatever its summary's
+    /// status says and whatever its schedule was (ChartHero said it is ready), unless it is
+    /// current; answers `false` when the warehouse holds no such document.
     fn queue_transcript_now(
         &self,
         organization_id: &str,
         encounter_id: &str,
         document_id: &str,
+        occurred_at: OffsetDateTime,
     ) -> anyhow::Result<bool>;
 
     /// The range of the next queued or unfinished backfill.

@@ -349,21 +349,13 @@ macro_rules! requeue_content_sql {
 }
 use requeue_content_sql;
 
-/// `Backend::queue_transcript_now`'s statement, given each backend's placeholders for the
-/// organization, the encounter and the document: the transcript of that live ambient document
-/// of a live encounter is due at once, its not-ready schedule forgotten, and a recording the
-/// audio route did not find is forgotten as [`requeue_changed_documents`] does; `content_seq`
-/// moves, so that an answer fetched before this never marks the newer state done.
-macro_rules! queue_transcript_now_sql {
+/// Which `documents` row a webhook event points to, given each backend's placeholders for the
+/// organization, the encounter and the document: that live ambient document of a live
+/// encounter of the organization.
+macro_rules! webhook_document_sql {
     ($organization:literal, $encounter:literal, $document:literal) => {
         concat!(
-            "UPDATE documents SET content_seq = content_seq + 1,
-                 transcript_state = 'pending', transcript_attempts = 0, transcript_next_at_ns = NULL,
-                 audio_state = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL ELSE audio_state END,
-                 audio_attempts = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN 0 ELSE audio_attempts END,
-                 audio_next_at_ns = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL
-                     ELSE audio_next_at_ns END
-             WHERE document_id = ",
+            "document_id = ",
             $document,
             " AND encounter_id = ",
             $encounter,
@@ -372,6 +364,54 @@ macro_rules! queue_transcript_now_sql {
                            AND e.organization_id = ",
             $organization,
             " AND e.removed_at IS NULL)"
+        )
+    };
+}
+use webhook_document_sql;
+
+/// Whether a document's transcript is current for an event that occurred at `$occurred`: queued
+/// (by the listing, or by the detail just written, whose change requeued it), or fetched at or
+/// after the event. Its fetch, in flight or done, is then the one the event asks for.
+macro_rules! transcript_current_sql {
+    ($occurred:literal) => {
+        concat!(
+            "(transcript_state = 'pending' OR (transcript_state = 'done' AND EXISTS (
+                 SELECT 1 FROM transcripts t WHERE t.document_id = documents.document_id
+                   AND t.fetched_at >= ",
+            $occurred,
+            ")))"
+        )
+    };
+}
+use transcript_current_sql;
+
+/// `Backend::transcript_state` and `Backend::queue_transcript_now`, given each backend's
+/// placeholders (see [`webhook_document_sql`]; `$occurred`, the event's instant): the
+/// document's transcript state (`current`, see [`transcript_current_sql`], else the stored
+/// state, `none` for NULL), and the update that makes a transcript that is not current due at
+/// once, its not-ready schedule forgotten and a recording the audio route did not find
+/// forgotten as [`requeue_changed_documents`] does.
+macro_rules! queue_transcript_now_sql {
+    (state, $organization:literal, $encounter:literal, $document:literal, $occurred:literal) => {
+        concat!(
+            "SELECT CASE WHEN ",
+            $crate::store::transcript_current_sql!($occurred),
+            " THEN 'current' ELSE coalesce(transcript_state, 'none') END FROM documents WHERE ",
+            $crate::store::webhook_document_sql!($organization, $encounter, $document)
+        )
+    };
+    (update, $organization:literal, $encounter:literal, $document:literal, $occurred:literal) => {
+        concat!(
+            "UPDATE documents SET
+                 transcript_state = 'pending', transcript_attempts = 0, transcript_next_at_ns = NULL,
+                 audio_state = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL ELSE audio_state END,
+                 audio_attempts = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN 0 ELSE audio_attempts END,
+                 audio_next_at_ns = CASE WHEN audio_state IN ('unavailable', 'not_ready') THEN NULL
+                     ELSE audio_next_at_ns END
+             WHERE ",
+            $crate::store::webhook_document_sql!($organization, $encounter, $document),
+            " AND NOT ",
+            $crate::store::transcript_current_sql!($occurred)
         )
     };
 }

@@ -515,20 +515,27 @@ async fn load_organization(ctx: &SyncContext) -> Result<(), CycleError> {
     };
     ctx.org.set_known(known.as_deref());
     if ctx.org.verify && !ctx.org.verified.load(std::sync::atomic::Ordering::Relaxed) {
-        // The newest encounter the key can see, whatever its date.
-        let page = ctx
-            .client
-            .list_encounters(&crate::api::ListQuery {
-                start_at: None,
-                end_at: None,
-                offset: 0,
-                limit: 1,
-                sort: crate::api::SortOrder::Desc,
-            })
-            .await?;
-        admit(ctx, &page.items).await?;
-        ctx.org.verified.store(true, std::sync::atomic::Ordering::Relaxed);
+        confirm_clinic(ctx).await?;
     }
+    Ok(())
+}
+
+/// Reads the newest encounter the key can see, whatever its date (one `limit=1` list request),
+/// and holds it to the organization's clinic (`admit`), which records the clinic when it is not
+/// known yet: a key put under the wrong name is refused before anything is written.
+pub(crate) async fn confirm_clinic(ctx: &SyncContext) -> Result<(), CycleError> {
+    let page = ctx
+        .client
+        .list_encounters(&crate::api::ListQuery {
+            start_at: None,
+            end_at: None,
+            offset: 0,
+            limit: 1,
+            sort: crate::api::SortOrder::Desc,
+        })
+        .await?;
+    admit(ctx, &page.items).await?;
+    ctx.org.verified.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -618,7 +625,6 @@ async fn execute(
         }
     }
     let paging = async {
-        let known_before = ctx.org.id().is_some();
         let mut r = if let Err(e) = identified {
             Err(e)
         } else if let Err(e) = webhook::handle_pending(ctx, &mut counts, &stop).await {
@@ -642,13 +648,6 @@ async fn execute(
         }
         if let (Ok(Finished::Yes), true) = (&r, plan.audit) {
             r = audit::run(ctx, run_id, trigger, deadline, &mut counts, &stop).await;
-        }
-        if r.is_ok() && !known_before && ctx.org.id().is_some() {
-            // The first cycle learnt the clinic from its first page: the events that waited
-            // for it are handled now, not at the next cycle.
-            if let Err(e) = webhook::handle_pending(ctx, &mut counts, &stop).await {
-                r = Err(e);
-            }
         }
         let r = r.map(|_| ());
         paging_done.cancel();

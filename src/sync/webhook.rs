@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CycleError, SyncContext, encounter_record, history_start, window};
 use crate::api::ErrorClass;
-use crate::store::{RunCounts, WebhookEvent, WebhookState};
+use crate::store::{RunCounts, StoreErrorKind, WebhookEvent, WebhookState};
 
 /// The one event type the sync acts on.
 pub const TRANSCRIPT_READY: &str = "recording.transcript_ready";
@@ -35,8 +35,20 @@ pub async fn handle_pending(
     counts: &mut RunCounts,
     stop: &CancellationToken,
 ) -> Result<(), CycleError> {
-    // Before the organization is known nothing of it is stored: the cycle that learns it calls
-    // this again after listing.
+    let org = ctx.org.name.clone();
+    let waiting = ctx
+        .writer
+        .call(move |c| c.pending_webhook_events(&org, 1))
+        .await?;
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    if ctx.org.id().is_none() {
+        // A first sync: the clinic, which every event is held to, is learnt from one page now
+        // rather than after the whole history is listed.
+        super::confirm_clinic(ctx).await?;
+    }
+    // A key that sees no encounter at all yet: nothing of the events can be there either.
     let Some(organization_id) = ctx.org.id() else {
         return Ok(());
     };
@@ -102,10 +114,13 @@ pub async fn handle_pending(
     }
 }
 
-/// What fails the cycle whatever it does next.
+/// What fails the cycle whatever it does next: the key refused or paused, `stop`, or a
+/// warehouse that cannot be written now. A write that failed for this record alone (kind
+/// `Other`: a constraint, a value the backend refuses) is the event's failure, counted like a
+/// request that failed, so that one event never blocks every cycle.
 fn stops_the_cycle(e: &CycleError) -> bool {
     e.key_refused()
-        || e.store_error().is_some()
+        || e.store_error().is_some_and(|s| s.kind() != StoreErrorKind::Other)
         || matches!(e, CycleError::Cancelled)
         || matches!(e, CycleError::Api(api) if api.is_paused())
 }
@@ -131,6 +146,21 @@ async fn handle(
         );
         return Ok(WebhookState::Ignored);
     }
+    let occurred = event.occurred_at;
+    let (org, enc, doc) = (
+        organization_id.to_owned(),
+        encounter_id.to_owned(),
+        document_id.to_owned(),
+    );
+    let state = ctx
+        .writer
+        .call(move |c| c.transcript_state(&org, &enc, &doc, occurred))
+        .await?;
+    if state.as_deref() == Some("current") {
+        // Queued by a listing that saw the document finish, or fetched since the event: that
+        // fetch is the one the event asks for, and the record it came with is current.
+        return Ok(WebhookState::Queued);
+    }
     counts.detail_requests += 1;
     let encounter = match ctx.client.encounter(encounter_id).await {
         Ok(encounter) => encounter,
@@ -152,7 +182,7 @@ async fn handle(
     );
     let queued = ctx
         .writer
-        .call(move |c| c.queue_transcript_now(&org, &enc, &doc))
+        .call(move |c| c.queue_transcript_now(&org, &enc, &doc, occurred))
         .await?;
     Ok(if queued {
         WebhookState::Queued

@@ -506,9 +506,11 @@ async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_fa
         OffsetDateTime::now_utc() - time::Duration::days(90),
     ));
     let old_doc = ambient_document(&env, &old);
-    let failing = env.sim.insert(NewEncounter::at(
-        OffsetDateTime::now_utc() - time::Duration::days(1),
-    ));
+    // Still processing as listed, so the event is the only news of its transcript.
+    let failing = env.sim.insert(NewEncounter {
+        docs: vec![DocKind::Ambient],
+        ..NewEncounter::at(OffsetDateTime::now_utc() - time::Duration::days(1))
+    });
     let failing_doc = ambient_document(&env, &failing);
     let t0 = OffsetDateTime::now_utc();
     store_event(
@@ -539,10 +541,18 @@ async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_fa
     });
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert_eq!(report.counts.dead_letters, 0);
-    // The first event was handled by this first cycle, once its first page told the clinic,
-    // not left for the next; the encounter before start_at was neither written nor fetched.
+    // The first event was handled by this first cycle, before it listed (one page told the
+    // clinic first), not left for the next; and its transcript was fetched once, like every
+    // other; the encounter before start_at was neither written nor fetched.
     assert_eq!(event_state(&env, "evt_a"), Some(("queued".to_owned(), 1)));
     assert!(transcript_stored(&env, &announced_doc));
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.route(Route::Transcript) as i64,
+        env.warehouse
+            .scalar::<i64>("SELECT count(*) FROM transcripts", &[]),
+        "{stats:?}"
+    );
     assert_eq!(event_state(&env, "evt_b"), Some(("ignored".to_owned(), 1)));
     let old_rows: i64 = env
         .warehouse
@@ -562,6 +572,26 @@ async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_fa
     env.sim.reset_stats();
     env.sync(&config, CyclePlan::full(None, false)).await;
     assert_eq!(env.sim.stats().route(Route::Encounter), 0);
+
+    // An event about a transcript fetched after it occurred (a late delivery) costs nothing; one
+    // that occurred after the fetch (a transcript made again) costs the detail and the
+    // transcript.
+    let mut late = transcript_ready("evt_late", &org, &announced, &announced_doc);
+    late.occurred_at = t0 - time::Duration::minutes(5);
+    store_event(&config, late, OffsetDateTime::now_utc()).await;
+    let again = transcript_ready("evt_again", &org, &announced, &announced_doc);
+    store_event(&config, again, OffsetDateTime::now_utc()).await;
+    env.sim.clear_faults();
+    env.sim.reset_stats();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    let stats = env.sim.stats();
+    assert_eq!(
+        (stats.route(Route::Encounter), stats.route(Route::Transcript)),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(event_state(&env, "evt_late"), Some(("queued".to_owned(), 1)));
+    assert_eq!(event_state(&env, "evt_again"), Some(("queued".to_owned(), 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

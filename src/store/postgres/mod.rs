@@ -450,13 +450,35 @@ impl Backend for PgBackend {
     ) -> anyhow::Result<bool> {
         webhook::webhook_event_failed(&mut *self.db()?, organization, event_id, max_attempts, now)
     }
+    fn transcript_state(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+        occurred_at: OffsetDateTime,
+    ) -> anyhow::Result<Option<String>> {
+        webhook::transcript_state(
+            &mut *self.db()?,
+            organization_id,
+            encounter_id,
+            document_id,
+            occurred_at,
+        )
+    }
     fn queue_transcript_now(
         &self,
         organization_id: &str,
         encounter_id: &str,
         document_id: &str,
+        occurred_at: OffsetDateTime,
     ) -> anyhow::Result<bool> {
-        webhook::queue_transcript_now(&mut *self.db()?, organization_id, encounter_id, document_id)
+        webhook::queue_transcript_now(
+            &mut *self.db()?,
+            organization_id,
+            encounter_id,
+            document_id,
+            occurred_at,
+        )
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
         ledger::next_backfill(&mut *self.db()?, organization)

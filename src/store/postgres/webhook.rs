@@ -100,16 +100,34 @@ pub fn webhook_event_failed(
     Ok(row.map(|r| r.try_get::<_, String>(0)).transpose()?.as_deref() == Some("failed"))
 }
 
+pub fn transcript_state(
+    db: &mut impl GenericClient,
+    organization_id: &str,
+    encounter_id: &str,
+    document_id: &str,
+    occurred_at: OffsetDateTime,
+) -> anyhow::Result<Option<String>> {
+    db.query_opt(
+        queue_transcript_now_sql!(state, "$1", "$2", "$3", "$4"),
+        &[&organization_id, &encounter_id, &document_id, &occurred_at],
+    )?
+    .map(|r| r.try_get(0))
+    .transpose()
+    .map_err(Into::into)
+}
+
 pub fn queue_transcript_now(
     db: &mut impl GenericClient,
     organization_id: &str,
     encounter_id: &str,
     document_id: &str,
+    occurred_at: OffsetDateTime,
 ) -> anyhow::Result<bool> {
-    Ok(db.execute(
-        queue_transcript_now_sql!("$1", "$2", "$3"),
-        &[&organization_id, &encounter_id, &document_id],
-    )? == 1)
+    db.execute(
+        queue_transcript_now_sql!(update, "$1", "$2", "$3", "$4"),
+        &[&organization_id, &encounter_id, &document_id, &occurred_at],
+    )?;
+    Ok(transcript_state(db, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
 /// The organization's webhook events for `status`; `None` before it received any (or on a

@@ -595,14 +595,25 @@ impl Backend for Connection {
     ) -> anyhow::Result<bool> {
         webhook::webhook_event_failed(self, organization, event_id, max_attempts, now)
     }
+    fn transcript_state(
+        &self,
+        organization_id: &str,
+        encounter_id: &str,
+        document_id: &str,
+        occurred_at: OffsetDateTime,
+    ) -> anyhow::Result<Option<String>> {
+        staging::merge_before(self)?;
+        webhook::transcript_state(self, organization_id, encounter_id, document_id, occurred_at)
+    }
     fn queue_transcript_now(
         &self,
         organization_id: &str,
         encounter_id: &str,
         document_id: &str,
+        occurred_at: OffsetDateTime,
     ) -> anyhow::Result<bool> {
         staging::merge_before(self)?;
-        webhook::queue_transcript_now(self, organization_id, encounter_id, document_id)
+        webhook::queue_transcript_now(self, organization_id, encounter_id, document_id, occurred_at)
     }
     fn next_backfill(&self, organization: &str) -> anyhow::Result<Option<(OffsetDateTime, OffsetDateTime)>> {
         next_backfill(self, organization)

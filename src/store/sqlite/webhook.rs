@@ -118,16 +118,44 @@ pub fn webhook_event_failed(
     Ok(state.as_deref() == Some("failed"))
 }
 
+pub fn transcript_state(
+    conn: &Connection,
+    organization_id: &str,
+    encounter_id: &str,
+    document_id: &str,
+    occurred_at: OffsetDateTime,
+) -> anyhow::Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            queue_transcript_now_sql!(state, "?1", "?2", "?3", "?4"),
+            params![
+                organization_id,
+                encounter_id,
+                document_id,
+                format_stored(occurred_at)
+            ],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 pub fn queue_transcript_now(
     conn: &Connection,
     organization_id: &str,
     encounter_id: &str,
     document_id: &str,
+    occurred_at: OffsetDateTime,
 ) -> anyhow::Result<bool> {
-    Ok(conn.execute(
-        queue_transcript_now_sql!("?1", "?2", "?3"),
-        params![organization_id, encounter_id, document_id],
-    )? == 1)
+    conn.execute(
+        queue_transcript_now_sql!(update, "?1", "?2", "?3", "?4"),
+        params![
+            organization_id,
+            encounter_id,
+            document_id,
+            format_stored(occurred_at)
+        ],
+    )?;
+    Ok(transcript_state(conn, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
 /// The organization's webhook events for `status`; `None` before it received any (or on a
