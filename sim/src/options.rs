@@ -103,6 +103,10 @@ pub struct SimOptions {
     /// each transcript turn's `start` and `end`. Default `false`: JSON numbers, as the contract
     /// shows them.
     pub decimals_as_strings: bool,
+    /// Send each encounter's `encounter_type` and `status` and each document summary's `title`
+    /// as JSON numbers (codes of the values), as a server that sends enum codes would; the
+    /// contract shows strings. Default `false`.
+    pub labels_as_numbers: bool,
     /// Render every response as a server built on unordered maps, or on an unordered join,
     /// would: each object's keys and each encounter's `documents` in an order that changes
     /// from one response to the next, and a space after `:` and `,` in every other response.
@@ -258,6 +262,7 @@ impl Default for SimOptions {
             micro_data: false,
             service_dates: ServiceDates::Timestamps,
             decimals_as_strings: false,
+            labels_as_numbers: false,
             unordered_rendering: false,
             document_lag: std::time::Duration::ZERO,
         }

@@ -35,6 +35,8 @@ pub(crate) struct RenderOpts {
     pub(crate) service_dates: ServiceDates,
     /// Decimals as JSON strings (`SimOptions::decimals_as_strings`).
     pub(crate) decimals_as_strings: bool,
+    /// Labels as their codes (`SimOptions::labels_as_numbers`).
+    pub(crate) labels_as_numbers: bool,
     /// `SimOptions::unordered_rendering`: this response's salt, which orders its keys and
     /// documents and picks its whitespace.
     pub(crate) unordered: Option<u64>,
@@ -83,6 +85,20 @@ struct Ts(i64, bool);
 impl Serialize for Ts {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(format_ts(self.0, self.1).as_str())
+    }
+}
+
+/// A label (a type, a status, a title) as its string, or as its code when
+/// `RenderOpts::labels_as_numbers`.
+struct Label<'a>(&'a crate::store::Interner, Option<crate::store::Sym>, RenderOpts);
+
+impl Serialize for Label<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.1 {
+            None => s.serialize_none(),
+            Some(sym) if self.2.labels_as_numbers => s.serialize_u32(crate::store::Interner::code(sym)),
+            Some(sym) => s.serialize_str(self.0.get(sym)),
+        }
     }
 }
 
@@ -208,8 +224,11 @@ impl Serialize for EncounterView<'_> {
         let mut obj = s.serialize_struct("Encounter", 10)?;
         obj.serialize_field("encounter_id", rec.id.as_str())?;
         obj.serialize_field("organization_id", &*store.organization_id)?;
-        obj.serialize_field("encounter_type", store.syms.get(rec.encounter_type))?;
-        obj.serialize_field("status", store.syms.get(rec.status))?;
+        obj.serialize_field(
+            "encounter_type",
+            &Label(&store.syms, Some(rec.encounter_type), self.opts),
+        )?;
+        obj.serialize_field("status", &Label(&store.syms, Some(rec.status), self.opts))?;
         obj.serialize_field("created_at", &Ts(self.opts.created_at(rec.created), shift))?;
         obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
         obj.serialize_field(
@@ -283,7 +302,7 @@ impl Serialize for SummaryView<'_> {
         let mut obj = s.serialize_struct("Document", 6)?;
         obj.serialize_field("document_id", doc.id.as_str())?;
         obj.serialize_field("schema_type", syms.get(doc.schema_type))?;
-        obj.serialize_field("title", &doc.title.map(|t| syms.get(t)))?;
+        obj.serialize_field("title", &Label(syms, doc.title, self.opts))?;
         obj.serialize_field("status", &doc.status.map(|t| syms.get(t)))?;
         obj.serialize_field("workflow_variant", &doc.workflow_variant.map(|t| syms.get(t)))?;
         obj.serialize_field(

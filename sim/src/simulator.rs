@@ -158,6 +158,7 @@ impl Simulator {
                 null_empty_documents: opts.null_empty_documents,
                 service_dates: opts.service_dates,
                 decimals_as_strings: opts.decimals_as_strings,
+                labels_as_numbers: opts.labels_as_numbers,
                 unordered_rendering: opts.unordered_rendering,
                 responses_rendered: AtomicU64::new(0),
                 document_lag_ns: AtomicI64::new(lag_nanos(opts.document_lag)),

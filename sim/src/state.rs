@@ -60,6 +60,7 @@ pub(crate) struct Inner {
     pub(crate) null_empty_documents: bool,
     pub(crate) service_dates: ServiceDates,
     pub(crate) decimals_as_strings: bool,
+    pub(crate) labels_as_numbers: bool,
     /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
     pub(crate) unordered_rendering: bool,
     pub(crate) responses_rendered: AtomicU64,
@@ -134,6 +135,7 @@ impl Inner {
             null_empty_documents: self.null_empty_documents,
             service_dates: self.service_dates,
             decimals_as_strings: self.decimals_as_strings,
+            labels_as_numbers: self.labels_as_numbers,
             unordered: self
                 .unordered_rendering
                 .then(|| self.seed ^ self.responses_rendered.fetch_add(1, Ordering::Relaxed)),

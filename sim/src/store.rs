@@ -48,6 +48,12 @@ impl Interner {
     pub(crate) fn get(&self, sym: Sym) -> &str {
         &self.strings[sym.0.get() as usize - 1]
     }
+
+    /// The string's number in this vocabulary (from 1): what a server that sends enum codes
+    /// sends instead ([`crate::SimOptions::labels_as_numbers`]).
+    pub(crate) fn code(sym: Sym) -> u32 {
+        sym.0.get()
+    }
 }
 
 /// The interned vocabulary generation draws from.

@@ -146,6 +146,19 @@ fn lenient_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Er
     })
 }
 
+/// A descriptive text (a type, a status, a title, a name) sent as a string by the contract, or,
+/// by a server that sends codes, as a number: kept as its text (`2`, `2.5`); `None` for `null`
+/// or anything else (the record's JSON keeps what was sent), so that no such field stops a page.
+fn lenient_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Loose::deserialize(d)? {
+        Loose::Text(text) => Some(text.into_owned()),
+        // Whole numbers print without a fraction; f64 holds integers exactly up to 2^53.
+        Loose::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => Some(format!("{}", n as i64)),
+        Loose::Number(n) => Some(n.to_string()),
+        Loose::Null | Loose::Other => None,
+    })
+}
+
 /// [`lenient_decimal`] for a value that must be there: anything but a number (or a string
 /// holding one) is an error.
 fn decimal<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
@@ -187,9 +200,9 @@ pub(super) struct EncounterEnvelope<'a> {
 pub struct Encounter {
     pub encounter_id: String,
     pub organization_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub encounter_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub status: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -223,9 +236,9 @@ impl Encounter {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Patient {
     pub patient_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub first_name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub last_name: Option<String>,
     /// `YYYY-MM-DD` by the contract; kept as text so that one malformed value cannot stop a
     /// page from decoding (`sync::record` parses it).
@@ -238,11 +251,11 @@ pub struct Patient {
 pub struct DocumentSummary {
     pub document_id: String,
     pub schema_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub title: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub status: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_text")]
     pub workflow_variant: Option<String>,
     #[serde(default, deserialize_with = "lenient_decimal")]
     pub audio_duration_seconds: Option<f64>,
@@ -450,6 +463,27 @@ mod tests {
         assert_eq!((turn.start, turn.end), (1.5, 2.0));
         let err = serde_json::from_str::<Turn>(r#"{"start":"soon","end":2,"text":"Hi."}"#).unwrap_err();
         assert!(err.to_string().contains("expected a number"), "{err}");
+    }
+
+    #[test]
+    fn labels_arrive_as_strings_or_as_numbers_kept_as_their_text() {
+        for (value, expected) in [
+            (r#""Progress note""#, Some("Progress note")),
+            ("2", Some("2")),
+            ("-3", Some("-3")),
+            ("2.5", Some("2.5")),
+            ("null", None),
+            ("true", None),
+            (r#"["a"]"#, None),
+            (r#"{"code":2}"#, None),
+        ] {
+            let summary: DocumentSummary = serde_json::from_str(&format!(
+                r#"{{"document_id":"doc_1","schema_type":"document","title":{value},"status":{value}}}"#
+            ))
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(summary.title.as_deref(), expected, "{value}");
+            assert_eq!(summary.status.as_deref(), expected, "{value}");
+        }
     }
 
     #[test]

@@ -966,6 +966,54 @@ async fn dates_of_service_in_other_shapes_are_kept_where_readable_and_never_stop
 
 both_backends!(
     #[tokio::test]
+    labels_sent_as_numbers_are_stored_as_their_text_and_never_stop_a_page
+);
+/// The contract shows `encounter_type`, `status` and a document's `title` as strings; a server
+/// that sends enum codes sends numbers. Every record is stored with the code as its text, its
+/// notes and transcripts are fetched as usual, and a second cycle finds nothing changed.
+async fn labels_sent_as_numbers_are_stored_as_their_text_and_never_stop_a_page(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            labels_as_numbers: true,
+            ..sim_options(83, 300)
+        },
+    )
+    .await;
+    let config = env.config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_new, 300);
+    let labels: Vec<(String, String)> = env
+        .warehouse
+        .rows("SELECT encounter_type, status FROM encounters", &[]);
+    assert_eq!(labels.len(), 300);
+    let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    assert!(
+        labels.iter().all(|(t, s)| numeric(t) && numeric(s)),
+        "{:?}",
+        &labels[..3]
+    );
+    let titles: Vec<String> = env
+        .warehouse
+        .column("SELECT title FROM documents WHERE title IS NOT NULL", &[]);
+    assert!(
+        !titles.is_empty() && titles.iter().all(|t| numeric(t)),
+        "{:?}",
+        titles.first()
+    );
+    let transcripts = count(&env.warehouse, "transcripts");
+    assert!(transcripts > 0);
+    let again = env.sync(&config, live()).await;
+    assert!(again.is_complete(), "{again:?}");
+    assert_eq!(
+        (again.counts.encounters_new, again.counts.encounters_changed),
+        (0, 0)
+    );
+}
+
+both_backends!(
+    #[tokio::test]
     a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_removes_nothing
 );
 /// A list route in an outage may answer 200 with no items and `total` 0. Every stored encounter
