@@ -21,3 +21,4 @@ CREATE TABLE webhook_events (
     PRIMARY KEY (organization, event_id)
 );
 CREATE INDEX webhook_events_pending ON webhook_events (organization) WHERE state = 'pending';
+CREATE INDEX webhook_events_by_received ON webhook_events (organization, received_at);

@@ -24,3 +24,5 @@ CREATE TABLE webhook_events (
     PRIMARY KEY (organization, event_id)
 ) STRICT;
 CREATE INDEX webhook_events_pending ON webhook_events (organization) WHERE state = 'pending';
+-- Handled events are kept 30 days (`sync::webhook::KEEP_HANDLED`), then deleted by received_at.
+CREATE INDEX webhook_events_by_received ON webhook_events (organization, received_at);

@@ -241,6 +241,9 @@ pub trait Backend: Reader {
         state: WebhookState,
         now: OffsetDateTime,
     ) -> anyhow::Result<()>;
+    /// Deletes the organization's handled events (any state but `pending`) received before
+    /// `before`; answers how many.
+    fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64>;
     /// Counts a cycle whose handling of a stored event failed; the event is `failed` once
     /// `max_attempts` cycles did. Answers whether it was given up.
     fn webhook_event_failed(

@@ -25,6 +25,10 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// Events read from the warehouse at a time.
 const BATCH: usize = 100;
 
+/// How long a handled event is kept (`webhook_events`): long past any redelivery, which the
+/// event's id then still recognises; a later one costs nothing if its transcript is current.
+pub const KEEP_HANDLED: time::Duration = time::Duration::days(30);
+
 /// Handles every pending event of the organization, oldest first, each at most once per cycle,
 /// until `stop`. An event whose handling fails (a request that failed after its retries, a route
 /// closed to the key) is counted and left for the next cycle, then given up after
@@ -36,9 +40,16 @@ pub async fn handle_pending(
     stop: &CancellationToken,
 ) -> Result<(), CycleError> {
     let org = ctx.org.name.clone();
+    let before = OffsetDateTime::now_utc() - KEEP_HANDLED;
     let waiting = ctx
         .writer
-        .call(move |c| c.pending_webhook_events(&org, 1))
+        .call(move |c| {
+            let pruned = c.prune_webhook_events(&org, before)?;
+            if pruned > 0 {
+                tracing::debug!(pruned, "webhook events handled over 30 days ago deleted");
+            }
+            c.pending_webhook_events(&org, 1)
+        })
         .await?;
     if waiting.is_empty() {
         return Ok(());

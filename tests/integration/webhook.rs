@@ -592,6 +592,31 @@ async fn events_are_handled_by_the_first_cycle_once_it_knows_the_clinic_and_a_fa
     );
     assert_eq!(event_state(&env, "evt_late"), Some(("queued".to_owned(), 1)));
     assert_eq!(event_state(&env, "evt_again"), Some(("queued".to_owned(), 1)));
+
+    // Handled events are kept 30 days; one still pending is handled whatever its age.
+    let month_ago = OffsetDateTime::now_utc() - time::Duration::days(31);
+    for id in ["evt_month_handled", "evt_month_pending"] {
+        let event = transcript_ready(id, &org, &announced, &announced_doc);
+        store_event(&config, event, month_ago).await;
+    }
+    let database = config.database.clone();
+    store::blocking(move || {
+        store::open(&database)?.settle_webhook_event(
+            "default",
+            "evt_month_handled",
+            store::WebhookState::Queued,
+            month_ago,
+        )
+    })
+    .await
+    .unwrap();
+    env.sync(&config, CyclePlan::full(None, false)).await;
+    assert_eq!(event_state(&env, "evt_month_handled"), None);
+    assert_eq!(
+        event_state(&env, "evt_month_pending"),
+        Some(("queued".to_owned(), 1))
+    );
+    assert_eq!(event_state(&env, "evt_again"), Some(("queued".to_owned(), 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

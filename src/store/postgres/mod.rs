@@ -441,6 +441,9 @@ impl Backend for PgBackend {
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(&mut *self.db()?, organization, event_id, state, now)
     }
+    fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64> {
+        webhook::prune_webhook_events(&mut *self.db()?, organization, before)
+    }
     fn webhook_event_failed(
         &self,
         organization: &str,

@@ -83,6 +83,17 @@ pub fn settle_webhook_event(
     Ok(())
 }
 
+pub fn prune_webhook_events(
+    db: &mut impl GenericClient,
+    organization: &str,
+    before: OffsetDateTime,
+) -> anyhow::Result<u64> {
+    Ok(db.execute(
+        "DELETE FROM webhook_events WHERE organization = $1 AND received_at < $2 AND state <> 'pending'",
+        &[&organization, &before],
+    )?)
+}
+
 pub fn webhook_event_failed(
     db: &mut impl GenericClient,
     organization: &str,

@@ -586,6 +586,9 @@ impl Backend for Connection {
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(self, organization, event_id, state, now)
     }
+    fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64> {
+        webhook::prune_webhook_events(self, organization, before)
+    }
     fn webhook_event_failed(
         &self,
         organization: &str,

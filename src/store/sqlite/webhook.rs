@@ -98,6 +98,17 @@ pub fn settle_webhook_event(
     Ok(())
 }
 
+pub fn prune_webhook_events(
+    conn: &Connection,
+    organization: &str,
+    before: OffsetDateTime,
+) -> anyhow::Result<u64> {
+    Ok(conn.execute(
+        "DELETE FROM webhook_events WHERE organization = ?1 AND received_at < ?2 AND state <> 'pending'",
+        params![organization, format_stored(before)],
+    )? as u64)
+}
+
 pub fn webhook_event_failed(
     conn: &Connection,
     organization: &str,
