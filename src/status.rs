@@ -94,14 +94,16 @@ pub struct OrganizationStatus {
     /// `[limits]`'s), by the model of `charthero-sync plan`; `None` when nothing is left, or the
     /// organization is not configured.
     pub eta_seconds: Option<f64>,
-    /// The webhook events its endpoint stored, once it received any (`[webhook]`).
+    /// The webhook events its endpoint stored, when it holds any (`[webhook]`; handled ones are
+    /// kept 30 days).
     pub webhooks: Option<Webhooks>,
 }
 
 /// An organization's webhook deliveries (`webhook_events`).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct Webhooks {
-    /// Events stored (a repeated delivery of one counts once).
+    /// Events stored: those of the last 30 days and those not handled yet (a repeated delivery
+    /// of one counts once).
     pub events: i64,
     /// Events no cycle has handled yet.
     pub pending: i64,

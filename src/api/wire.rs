@@ -73,7 +73,7 @@ impl<'de> Deserialize<'de> for ServiceDate {
         Ok(match Loose::deserialize(d)? {
             Loose::Null => ServiceDate::Unknown,
             Loose::Text(text) => ServiceDate::of_text(&text),
-            Loose::Number(_) | Loose::Other => ServiceDate::Unreadable,
+            Loose::Number(_) | Loose::Integer(_) | Loose::Other => ServiceDate::Unreadable,
         })
     }
 }
@@ -84,6 +84,8 @@ enum Loose<'a> {
     Null,
     Text(std::borrow::Cow<'a, str>),
     Number(f64),
+    /// A JSON integer, kept exact (a label's code may exceed what an `f64` holds exactly).
+    Integer(i128),
     Other,
 }
 
@@ -105,10 +107,10 @@ impl<'de> Deserialize<'de> for Loose<'de> {
                 Ok(Loose::Number(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose<'de>, E> {
-                Ok(Loose::Number(v as f64))
+                Ok(Loose::Integer(v.into()))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose<'de>, E> {
-                Ok(Loose::Number(v as f64))
+                Ok(Loose::Integer(v.into()))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Loose<'de>, E> {
                 Ok(Loose::Null)
@@ -141,6 +143,7 @@ impl<'de> Deserialize<'de> for Loose<'de> {
 fn lenient_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     Ok(match Loose::deserialize(d)? {
         Loose::Number(n) => Some(n),
+        Loose::Integer(n) => Some(n as f64),
         Loose::Text(text) => text.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
         Loose::Null | Loose::Other => None,
     })
@@ -152,8 +155,7 @@ fn lenient_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Er
 fn lenient_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(match Loose::deserialize(d)? {
         Loose::Text(text) => Some(text.into_owned()),
-        // Whole numbers print without a fraction; f64 holds integers exactly up to 2^53.
-        Loose::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => Some(format!("{}", n as i64)),
+        Loose::Integer(n) => Some(n.to_string()),
         Loose::Number(n) => Some(n.to_string()),
         Loose::Null | Loose::Other => None,
     })
@@ -471,6 +473,7 @@ mod tests {
             (r#""Progress note""#, Some("Progress note")),
             ("2", Some("2")),
             ("-3", Some("-3")),
+            ("9007199254740993", Some("9007199254740993")),
             ("2.5", Some("2.5")),
             ("null", None),
             ("true", None),

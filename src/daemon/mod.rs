@@ -244,9 +244,10 @@ async fn run_organization(
                 }
             }
         };
-        // A failing organization waits for its backoff (the next live cycle handles the events);
-        // a wake-up whose events a running cycle already handled starts nothing.
-        if webhook_due && (failures > 0 || !webhook_pending(ctx).await) {
+        // A failing organization waits for its backoff (the next live cycle handles the events),
+        // so does one whose clinic is not known yet (its key lists nothing yet); a wake-up
+        // whose events a running cycle already handled starts nothing.
+        if webhook_due && (failures > 0 || ctx.org.id().is_none() || !webhook_pending(ctx).await) {
             webhook_due = false;
         }
         if !live && backfill.is_none() && !audit && !webhook_due {

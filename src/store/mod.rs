@@ -375,7 +375,7 @@ use webhook_document_sql;
 macro_rules! transcript_current_sql {
     ($occurred:literal) => {
         concat!(
-            "(transcript_state = 'pending' OR (transcript_state = 'done' AND EXISTS (
+            "(coalesce(transcript_state, 'none') = 'pending' OR (coalesce(transcript_state, 'none') = 'done' AND EXISTS (
                  SELECT 1 FROM transcripts t WHERE t.document_id = documents.document_id
                    AND t.fetched_at >= ",
             $occurred,

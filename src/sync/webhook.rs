@@ -54,9 +54,10 @@ pub async fn handle_pending(
     if waiting.is_empty() {
         return Ok(());
     }
-    if ctx.org.id().is_none() {
+    if ctx.org.id().is_none() && !ctx.org.verified.load(std::sync::atomic::Ordering::Relaxed) {
         // A first sync: the clinic, which every event is held to, is learnt from one page now
-        // rather than after the whole history is listed.
+        // rather than after the whole history is listed (once per process: a key that lists
+        // nothing yet is not asked again at every cycle).
         super::confirm_clinic(ctx).await?;
     }
     // A key that sees no encounter at all yet: nothing of the events can be there either.
@@ -125,13 +126,12 @@ pub async fn handle_pending(
     }
 }
 
-/// What fails the cycle whatever it does next: the key refused or paused, `stop`, or a
-/// warehouse that cannot be written now. A write that failed for this record alone (kind
-/// `Other`: a constraint, a value the backend refuses) is the event's failure, counted like a
-/// request that failed, so that one event never blocks every cycle.
+/// What fails the cycle whatever it does next: the key refused or paused, `stop`, or the
+/// warehouse failing (`handle` turns a write refused for the event's own record into the
+/// event's failure).
 fn stops_the_cycle(e: &CycleError) -> bool {
     e.key_refused()
-        || e.store_error().is_some_and(|s| s.kind() != StoreErrorKind::Other)
+        || e.store_error().is_some()
         || matches!(e, CycleError::Cancelled)
         || matches!(e, CycleError::Api(api) if api.is_paused())
 }
@@ -185,7 +185,17 @@ async fn handle(
         return Ok(WebhookState::Ignored);
     }
     let record = encounter_record(encounter, &ctx.privacy);
-    window::commit(ctx, vec![record], Vec::new(), None, counts).await?;
+    if let Err(e) = window::commit(ctx, vec![record], Vec::new(), None, counts).await {
+        // A write refused for this record alone (a constraint, a value the backend refuses:
+        // kind `Other`) is the event's failure, counted like a request that failed, so that
+        // one event never blocks every cycle; the warehouse failing stops the cycle.
+        return Err(match e.store_error() {
+            Some(s) if s.kind() == StoreErrorKind::Other => CycleError::Other(anyhow::anyhow!(
+                "cannot write the encounter the event points to: {e:#}"
+            )),
+            _ => e,
+        });
+    }
     let (org, enc, doc) = (
         organization_id.to_owned(),
         encounter_id.to_owned(),

@@ -141,8 +141,8 @@ pub fn queue_transcript_now(
     Ok(transcript_state(db, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
-/// The organization's webhook events for `status`; `None` before it received any (or on a
-/// schema older than the table).
+/// The organization's webhook events for `status` (see the SQLite backend's); `None` when there
+/// are none (or on a schema older than the table).
 pub fn webhook_summary(db: &mut impl GenericClient, organization: &str) -> anyhow::Result<Option<Webhooks>> {
     let table: Option<String> = db
         .query_one("SELECT to_regclass('webhook_events')::text", &[])?

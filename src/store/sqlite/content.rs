@@ -487,6 +487,38 @@ mod tests {
         assert!(!plan.iter().any(|step| step.starts_with("SCAN")), "{plan:#?}");
     }
 
+    /// A webhook event queues a transcript that is not current, whatever its state (none at
+    /// all included), and leaves one that is; it finds nothing of another organization.
+    #[test]
+    fn a_webhook_queues_a_transcript_that_is_not_current_whatever_its_state() {
+        use crate::store::sqlite::webhook::{queue_transcript_now, transcript_state};
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        page(
+            &mut conn,
+            "h1",
+            vec![doc("doc_a", "ambient_transcript", Some("processing"))],
+        );
+        let now = OffsetDateTime::now_utc();
+        let state = |conn: &Connection| transcript_state(conn, "org_1", "enc_1", "doc_a", now).unwrap();
+        for stored in [None, Some("waiting"), Some("not_ready"), Some("unavailable")] {
+            conn.execute(
+                "UPDATE documents SET transcript_state = ?1 WHERE document_id = 'doc_a'",
+                [stored],
+            )
+            .unwrap();
+            assert_eq!(state(&conn).as_deref(), Some(stored.unwrap_or("none")));
+            assert!(queue_transcript_now(&conn, "org_1", "enc_1", "doc_a", now).unwrap());
+            assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("pending"), "{stored:?}");
+            assert_eq!(state(&conn).as_deref(), Some("current"));
+        }
+        assert!(!queue_transcript_now(&conn, "org_2", "enc_1", "doc_a", now).unwrap());
+        assert_eq!(
+            transcript_state(&conn, "org_1", "enc_1", "doc_b", now).unwrap(),
+            None
+        );
+    }
+
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {
             document_id: id.to_owned(),

@@ -169,8 +169,9 @@ pub fn queue_transcript_now(
     Ok(transcript_state(conn, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
-/// The organization's webhook events for `status`; `None` before it received any (or on a
-/// warehouse older than the table, which `status` reads too).
+/// The organization's webhook events for `status` (those of the last 30 days and those not
+/// handled yet: older handled ones are deleted); `None` when there are none (or on a warehouse
+/// older than the table, which `status` reads too).
 pub fn webhook_summary(conn: &Connection, organization: &str) -> anyhow::Result<Option<Webhooks>> {
     let table: Option<i64> = conn
         .query_row(
