@@ -283,17 +283,13 @@ async fn run_organization(
             queued_backfills: false,
             refresh_content: false,
         };
-        status(match (live, backfill.is_some(), audit) {
-            (true, _, _) => "syncing",
-            (false, true, _) => "backfilling",
-            (false, false, true) => "auditing history",
-            (false, false, false) => "fetching what webhook events point to",
-        });
-        let trigger = if live || backfill.is_some() || audit {
-            "run"
-        } else {
-            "webhook"
+        let (trigger, doing) = match (live, backfill.is_some(), audit) {
+            (true, _, _) => ("run", "syncing"),
+            (false, true, _) => ("run", "backfilling"),
+            (false, false, true) => ("run", "auditing history"),
+            (false, false, false) => ("webhook", "fetching what webhook events point to"),
         };
+        status(doing);
         busy.store(true, Ordering::Relaxed);
         let result = crate::sync::run_cycle(ctx, trigger, plan, shutdown).await;
         busy.store(false, Ordering::Relaxed);

@@ -41,17 +41,17 @@ pub async fn handle_pending(
 ) -> Result<(), CycleError> {
     let org = ctx.org.name.clone();
     let before = OffsetDateTime::now_utc() - KEEP_HANDLED;
-    let waiting = ctx
+    let mut events = ctx
         .writer
         .call(move |c| {
             let pruned = c.prune_webhook_events(&org, before)?;
             if pruned > 0 {
                 tracing::debug!(pruned, "webhook events handled over 30 days ago deleted");
             }
-            c.pending_webhook_events(&org, 1)
+            c.pending_webhook_events(&org, BATCH)
         })
         .await?;
-    if waiting.is_empty() {
+    if events.is_empty() {
         return Ok(());
     }
     if ctx.org.id().is_none() && !ctx.org.verified.load(std::sync::atomic::Ordering::Relaxed) {
@@ -66,19 +66,11 @@ pub async fn handle_pending(
     };
     let mut tried = HashSet::new();
     loop {
-        let org = ctx.org.name.clone();
-        let limit = BATCH + tried.len();
-        let events: Vec<WebhookEvent> = ctx
-            .writer
-            .call(move |c| c.pending_webhook_events(&org, limit))
-            .await?
-            .into_iter()
-            .filter(|e| !tried.contains(&e.event_id))
-            .collect();
+        events.retain(|e| !tried.contains(&e.event_id));
         if events.is_empty() {
             return Ok(());
         }
-        for event in events {
+        for event in std::mem::take(&mut events) {
             if stop.is_cancelled() {
                 return Err(CycleError::Cancelled);
             }
@@ -123,6 +115,13 @@ pub async fn handle_pending(
                 }
             }
         }
+        // The events still pending past those tried (failed ones stay pending), oldest first.
+        let org = ctx.org.name.clone();
+        let limit = BATCH + tried.len();
+        events = ctx
+            .writer
+            .call(move |c| c.pending_webhook_events(&org, limit))
+            .await?;
     }
 }
 

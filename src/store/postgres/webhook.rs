@@ -134,11 +134,12 @@ pub fn queue_transcript_now(
     document_id: &str,
     occurred_at: OffsetDateTime,
 ) -> anyhow::Result<bool> {
-    db.execute(
+    let queued = db.execute(
         queue_transcript_now_sql!(update, "$1", "$2", "$3", "$4"),
         &[&organization_id, &encounter_id, &document_id, &occurred_at],
-    )?;
-    Ok(transcript_state(db, organization_id, encounter_id, document_id, occurred_at)?.is_some())
+    )? == 1;
+    // Not updated: current already, or not there.
+    Ok(queued || transcript_state(db, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
 /// The organization's webhook events for `status` (see the SQLite backend's); `None` when there

@@ -157,7 +157,7 @@ pub fn queue_transcript_now(
     document_id: &str,
     occurred_at: OffsetDateTime,
 ) -> anyhow::Result<bool> {
-    conn.execute(
+    let queued = conn.execute(
         queue_transcript_now_sql!(update, "?1", "?2", "?3", "?4"),
         params![
             organization_id,
@@ -165,8 +165,9 @@ pub fn queue_transcript_now(
             document_id,
             format_stored(occurred_at)
         ],
-    )?;
-    Ok(transcript_state(conn, organization_id, encounter_id, document_id, occurred_at)?.is_some())
+    )? == 1;
+    // Not updated: current already, or not there.
+    Ok(queued || transcript_state(conn, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
 
 /// The organization's webhook events for `status` (those of the last 30 days and those not
