@@ -194,6 +194,10 @@ enum Command {
         /// whitespace, as a server built on unordered maps does.
         #[arg(long)]
         unordered: bool,
+        /// Embed a signed link to each finished recording in its document's summary, signed
+        /// anew for every response, as a server backed by object storage may.
+        #[arg(long)]
+        signed_links: bool,
         /// Answer a document's routes (a note's detail, a transcript, a recording) with 404 for a
         /// document created less than this long ago although the list shows it, as routes
         /// served from a lagging replica do: an integer and a unit (ms, s, m, h, d), e.g. 30s;
@@ -518,6 +522,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             new_every,
             rate_limit,
             unordered,
+            signed_links,
             document_lag,
             webhook_port,
         } => {
@@ -530,6 +535,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 new_every,
                 rate_limit,
                 unordered,
+                signed_links,
                 document_lag,
                 webhook_port,
             };

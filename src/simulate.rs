@@ -31,6 +31,8 @@ pub struct SimulateOptions {
     pub rate_limit: Option<u32>,
     /// `SimOptions::unordered_rendering`.
     pub unordered: bool,
+    /// `SimOptions::signed_recording_links`.
+    pub signed_links: bool,
     /// `SimOptions::document_lag`.
     pub document_lag: Duration,
     /// The loopback port `run` receives webhooks on: new encounters then carry a transcript
@@ -82,6 +84,7 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
         start: now - time::Duration::days(i64::from(opts.days)),
         end: now - time::Duration::minutes(5),
         unordered_rendering: opts.unordered,
+        signed_recording_links: opts.signed_links,
         document_lag: opts.document_lag,
         ..SimOptions::default()
     })
@@ -253,6 +256,7 @@ mod tests {
             new_every: Duration::ZERO,
             rate_limit: None,
             unordered: false,
+            signed_links: false,
             document_lag: Duration::ZERO,
             webhook_port: Some(18787),
         };

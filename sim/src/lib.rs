@@ -67,6 +67,9 @@
 //!   `encounter_type` and `status` and each document summary's `title` sent as JSON numbers.
 //! - **Unordered rendering** ([`SimOptions::unordered_rendering`]): keys, documents and
 //!   whitespace differ between two responses about the same, unchanged records.
+//! - **Signed recording links in summaries** ([`SimOptions::signed_recording_links`]): each
+//!   finished ambient document's summary carries `"recording": {"audio_url": …, "expires_at":
+//!   …}` with a token and expiry that differ on every response.
 //! - Back-dated inserts ([`Simulator::insert`] with an old `created_at`) get `updated_at` = now;
 //!   removals work at any age.
 //! - [`Stats::list_probe_requests`] counts `limit=1` list requests (total probes) apart from

@@ -117,6 +117,13 @@ pub struct SimOptions {
     /// already shows it: routes served from a replica or a store that lags the list. Default
     /// zero: none. Can be changed later with `set_document_lag`.
     pub document_lag: std::time::Duration,
+    /// Embed a signed link to each finished recording in its document's summary (list and
+    /// encounter detail): `"recording": {"audio_url": "https://media.charthero.test/…?token=…",
+    /// "expires_at": …}`, as a server backed by object storage may, with a token and expiry that
+    /// differ on every response although the record did not change. The links are not served
+    /// (the audio route is how recordings are fetched). Default `false`: the contract's
+    /// summaries, without links.
+    pub signed_recording_links: bool,
 }
 
 /// How the API renders an encounter's `date_of_service`. The contract's example is an RFC 3339
@@ -265,6 +272,7 @@ impl Default for SimOptions {
             labels_as_numbers: false,
             unordered_rendering: false,
             document_lag: std::time::Duration::ZERO,
+            signed_recording_links: false,
         }
     }
 }

@@ -40,6 +40,9 @@ pub(crate) struct RenderOpts {
     /// `SimOptions::unordered_rendering`: this response's salt, which orders its keys and
     /// documents and picks its whitespace.
     pub(crate) unordered: Option<u64>,
+    /// `SimOptions::signed_recording_links`: this response's salt, which makes each link's
+    /// token, and the instant the response is rendered at, which sets its expiry.
+    pub(crate) recording_links: Option<(u64, i64)>,
 }
 
 impl RenderOpts {
@@ -309,9 +312,51 @@ impl Serialize for SummaryView<'_> {
             "audio_duration_seconds",
             &Decimal(doc.audio_ds.map(deciseconds), self.opts.decimals_as_strings),
         )?;
+        if let Some((salt, now)) = self
+            .opts
+            .recording_links
+            .filter(|_| doc.is_final && doc.audio_ds.is_some())
+        {
+            obj.serialize_field(
+                "recording",
+                &RecordingLink {
+                    doc,
+                    salt,
+                    now,
+                    opts: self.opts,
+                },
+            )?;
+        }
         if self.opts.extra_fields {
             obj.serialize_field(EXTRA_FIELD, &Extra)?;
         }
+        obj.end()
+    }
+}
+
+/// A finished recording's signed link in its document's summary
+/// (`SimOptions::signed_recording_links`): `{"audio_url": "…?token=…&expires=…", "expires_at": …}`.
+struct RecordingLink<'a> {
+    doc: &'a DocRec,
+    salt: u64,
+    now: i64,
+    opts: RenderOpts,
+}
+
+impl Serialize for RecordingLink<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let id = self.doc.id.as_str();
+        let expires = self.now.div_euclid(1_000_000_000) + crate::server::MEDIA_URL_LIFETIME_SECS;
+        let token = mix64(self.salt ^ crate::id::fnv64(id.as_bytes()));
+        let mut obj = s.serialize_struct("Recording", 2)?;
+        obj.serialize_field(
+            "audio_url",
+            &format!("https://media.charthero.test/recordings/{id}.wav?token={token:016x}&expires={expires}"),
+        )?;
+        obj.serialize_field(
+            "expires_at",
+            &Ts(expires * 1_000_000_000, self.opts.offset_timestamps),
+        )?;
         obj.end()
     }
 }

@@ -36,7 +36,7 @@ use crate::store::DocClass;
 use crate::timestamp::{nanos, now_nanos};
 
 /// Lifetime of signed audio URLs; the vendor's example shows 15 minutes.
-const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;
+pub(crate) const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;
 
 /// How long a `DropMidBody` connection stays open after the partial body was handed to hyper,
 /// so those bytes reach the socket before it closes.

@@ -160,6 +160,7 @@ impl Simulator {
                 decimals_as_strings: opts.decimals_as_strings,
                 labels_as_numbers: opts.labels_as_numbers,
                 unordered_rendering: opts.unordered_rendering,
+                signed_recording_links: opts.signed_recording_links,
                 responses_rendered: AtomicU64::new(0),
                 document_lag_ns: AtomicI64::new(lag_nanos(opts.document_lag)),
                 webhook: Mutex::new(None),

@@ -19,6 +19,7 @@ use crate::model::{ListRequest, Stats};
 use crate::options::{PageCap, QueryPrecision, Rounding, ServiceDates};
 use crate::render::RenderOpts;
 use crate::store::Store;
+use crate::timestamp::now_nanos;
 
 /// Called on every valid list request before it is answered, with no simulator lock held, so it
 /// may call any control method (for example, insert a record between two pages).
@@ -64,6 +65,8 @@ pub(crate) struct Inner {
     /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
     pub(crate) unordered_rendering: bool,
     pub(crate) responses_rendered: AtomicU64,
+    /// [`crate::SimOptions::signed_recording_links`].
+    pub(crate) signed_recording_links: bool,
     /// [`crate::SimOptions::document_lag`] in nanoseconds.
     pub(crate) document_lag_ns: AtomicI64,
     /// Where finalized transcripts are announced, if anywhere, and every delivery attempt.
@@ -128,6 +131,8 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Inner {
     pub(crate) fn render_opts(&self) -> RenderOpts {
+        let response = (self.unordered_rendering || self.signed_recording_links)
+            .then(|| self.seed ^ self.responses_rendered.fetch_add(1, Ordering::Relaxed));
         RenderOpts {
             offset_timestamps: self.offset_timestamps.load(Ordering::Relaxed),
             extra_fields: self.extra_fields.load(Ordering::Relaxed),
@@ -136,9 +141,10 @@ impl Inner {
             service_dates: self.service_dates,
             decimals_as_strings: self.decimals_as_strings,
             labels_as_numbers: self.labels_as_numbers,
-            unordered: self
-                .unordered_rendering
-                .then(|| self.seed ^ self.responses_rendered.fetch_add(1, Ordering::Relaxed)),
+            unordered: response.filter(|_| self.unordered_rendering),
+            recording_links: response
+                .filter(|_| self.signed_recording_links)
+                .map(|salt| (salt, now_nanos())),
         }
     }
 }

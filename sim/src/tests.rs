@@ -617,6 +617,48 @@ async fn unordered_rendering_sends_the_same_values_in_other_bytes_each_time() {
 }
 
 #[tokio::test]
+async fn signed_recording_links_differ_on_every_response_and_only_finished_recordings_have_one() {
+    let sim = Simulator::start(SimOptions {
+        signed_recording_links: true,
+        ..options(40)
+    })
+    .await
+    .unwrap();
+    let path = "/external/v1/encounters?sort_order=asc&limit=100";
+    let links = |reply: &Reply| -> Vec<(String, String, bool)> {
+        let page = reply.json();
+        let mut out = Vec::new();
+        for item in page["items"].as_array().unwrap() {
+            for d in item["documents"].as_array().unwrap() {
+                let finished = d["schema_type"] == "ambient_transcript" && d["status"] == "completed";
+                if let Some(url) = d["recording"]["audio_url"].as_str() {
+                    out.push((
+                        url.to_owned(),
+                        d["recording"]["expires_at"].as_str().unwrap().to_owned(),
+                        finished,
+                    ));
+                } else {
+                    assert!(!finished, "{d}");
+                }
+            }
+        }
+        out
+    };
+    let a = links(&get(&sim, path).await);
+    let b = links(&get(&sim, path).await);
+    assert!(!a.is_empty() && a.len() == b.len());
+    assert!(
+        a.iter()
+            .all(|(url, _, finished)| *finished && url.contains("?token="))
+    );
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.0 != y.0),
+        "a token was sent twice"
+    );
+    sim.shutdown();
+}
+
+#[tokio::test]
 async fn the_same_seed_serves_the_same_bytes() {
     let (a, b) = (
         Simulator::start(options(50)).await.unwrap(),

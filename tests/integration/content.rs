@@ -1119,21 +1119,6 @@ async fn records_rendered_differently_each_time_are_not_changes_and_cost_no_cont
         )
     };
     let before = written(&env);
-    // (changed, unchanged at least once, content requests) of a reconcile of all history.
-    async fn listed_again(
-        env: &TestEnv,
-        config: &charthero_sync::config::Config,
-        all: charthero_sync::sync::BackfillRange,
-    ) -> (u64, u64, u64) {
-        env.sim.reset_stats();
-        let report = env.sync(config, CyclePlan::full(Some(all), false)).await;
-        let stats = env.sim.stats();
-        (
-            report.counts.encounters_changed,
-            report.counts.encounters_unchanged.min(300),
-            stats.route(SimRoute::Document) + stats.route(SimRoute::Transcript),
-        )
-    }
     assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
     assert_eq!(written(&env), before, "rows were written for unchanged records");
 
@@ -1151,6 +1136,66 @@ async fn records_rendered_differently_each_time_are_not_changes_and_cost_no_cont
     env.sim.update_status(&changed, "amended");
     let (changed_count, _, _) = listed_again(&env, &config, all).await;
     assert_eq!(changed_count, 1);
+    assert_content_equal(&env);
+}
+
+/// (changed, unchanged at least once, content requests) of a reconcile of all history: what
+/// listing `encounters` encounters again costs.
+async fn listed_again(
+    env: &TestEnv,
+    config: &charthero_sync::config::Config,
+    all: charthero_sync::sync::BackfillRange,
+) -> (u64, u64, u64) {
+    env.sim.reset_stats();
+    let report = env.sync(config, CyclePlan::full(Some(all), false)).await;
+    let stats = env.sim.stats();
+    (
+        report.counts.encounters_changed,
+        report
+            .counts
+            .encounters_unchanged
+            .min(env.sim.encounter_count() as u64),
+        stats.route(SimRoute::Document) + stats.route(SimRoute::Transcript),
+    )
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    signed_links_in_the_list_are_never_stored_and_listing_them_again_costs_no_content_request
+);
+/// A server may embed a finished recording's signed link in each document summary, signed anew
+/// for every response. The contract forbids storing signed URLs, and a link that differs on
+/// every listing must not make the record look changed (which would fetch its notes and
+/// transcripts again on every reconcile and revisit).
+async fn signed_links_in_the_list_are_never_stored_and_listing_them_again_costs_no_content_request(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            signed_recording_links: true,
+            ..sim_options(95, 300)
+        },
+    )
+    .await;
+    let config = env.config();
+    let first = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(first.is_complete(), "{first:?}");
+    assert_content_equal(&env);
+    // Every finished recording's summary carried a link.
+    let finished: i64 = env.warehouse.scalar("SELECT count(*) FROM transcripts", &[]);
+    assert!(finished > 50, "{finished} finished recordings");
+    let image = env.warehouse.disk_image();
+    for link in ["media.charthero.test", "?token="] {
+        assert!(!holds(&image, link), "{link} is on the warehouse's disk");
+        assert_eq!(env.warehouse.rows_holding(link), Vec::<String>::new());
+    }
+
+    let all = all_history(&config);
+    assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
+    let changed = env.sim.snapshot()[11].encounter_id.clone();
+    env.sim.update_status(&changed, "amended");
+    assert_eq!(listed_again(&env, &config, all).await.0, 1);
     assert_content_equal(&env);
 }
 

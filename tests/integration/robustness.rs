@@ -785,9 +785,10 @@ async fn a_backfill_queued_without_a_daemon_is_worked_by_the_next_sync_once_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// The two harsher servers `simulate` offers by hand: a rate limit below the configured rate
-/// (the sync completes, says once that ChartHero refused requests, and few are refused), and
-/// responses in a changing order (a second sync changes nothing and fetches no content).
+/// Harsher servers `simulate` offers by hand: a rate limit below the configured rate (the sync
+/// completes, says once that ChartHero refused requests, and few are refused), and responses in
+/// a changing order with links signed anew each time (a second sync changes nothing and fetches
+/// no content, and no link is stored).
 async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_takes_in_stride() {
     let dir = tempfile::tempdir().unwrap();
     let sim_dir = dir.path().join("sim");
@@ -803,6 +804,7 @@ async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_
             "--rate-limit",
             "40",
             "--unordered",
+            "--signed-links",
         ],
     )
     .await;
@@ -830,6 +832,14 @@ async fn simulate_serves_a_lower_rate_limit_and_unordered_responses_that_a_sync_
         })
         .unwrap();
     assert_eq!(runs, 2);
+    let links: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE instr(raw_json, 'media.charthero.test') > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(links, 0, "signed links were stored");
     // The server did refuse some of the requests at 500 configured, and each was retried.
     assert!(retries >= 1, "{retries} requests retried");
 }
