@@ -281,6 +281,9 @@ pub struct DeadLetter {
     pub last_failed_at: String,
     pub reason_code: Option<String>,
     pub last_error: String,
+    /// Not asked before this instant (`dead_letters.next_attempt_at_ns`); `None`: by the next
+    /// cycle.
+    pub next_attempt_at: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -636,8 +639,16 @@ impl Status {
         for d in &self.dead_letters {
             let _ = writeln!(
                 out,
-                "  {} {} (encounter {}): {} attempt(s), last {}: {}",
-                d.work, d.document_id, d.encounter_id, d.attempts, d.last_failed_at, d.last_error
+                "  {} {} (encounter {}): {} attempt(s), last {}: {}; asked again {}",
+                d.work,
+                d.document_id,
+                d.encounter_id,
+                d.attempts,
+                d.last_failed_at,
+                d.last_error,
+                d.next_attempt_at
+                    .as_deref()
+                    .map_or_else(|| "by the next cycle".to_owned(), |at| format!("from {at}"))
             );
         }
         if self.backfills.is_empty() {

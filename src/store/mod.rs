@@ -25,12 +25,12 @@ pub use postgres::connect::{
     ServerReport, Transport, WriterLease, describe as describe_postgres, drop_schema as drop_postgres_schema,
     try_writer_lock as try_postgres_writer_lock,
 };
-pub(crate) use records::NotReady;
 pub use records::{
     Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, PageCounts, PatientRecord,
     PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord, TurnRecord,
     WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem,
 };
+pub(crate) use records::{NotReady, dead_letter_retry_at};
 pub use sqlite::lock_path as sqlite_lock_path;
 pub use transfer::{CopyRefused, CopyReport, TableCopied, sqlite_to_postgres};
 pub use writer::{Pending, Writer};

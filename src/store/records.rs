@@ -247,6 +247,23 @@ pub struct WorkItem {
     pub detail_updated_at: Option<String>,
 }
 
+/// How long a dead letter waits before its next attempt, after the second and after every later
+/// cycle that gave up on it; after the first, the next cycle asks again (an outage's items
+/// arrive as soon as it is over). So work that fails on its own (a transcript the server cannot
+/// render, say) costs at most one cycle's `limits.max_attempts` requests an hour, not every
+/// cycle's.
+pub(crate) const DEAD_LETTER_WAITS: [std::time::Duration; 2] = [
+    std::time::Duration::from_secs(15 * 60),
+    std::time::Duration::from_secs(60 * 60),
+];
+
+/// When a dead letter that `attempts` cycles gave up on before this one is asked again
+/// (nanoseconds since the epoch), by [`DEAD_LETTER_WAITS`]: the values a backend writes for an
+/// item that failed once before, and for one that failed more often.
+pub(crate) fn dead_letter_retry_at(now: OffsetDateTime) -> [i64; 2] {
+    DEAD_LETTER_WAITS.map(|wait| crate::timefmt::unix_nanos(now + wait))
+}
+
 /// Where an answer of "not yet" leaves a work item — the transcript route's for an unfinished
 /// transcript, the document or audio route's "not found" for a note or recording its
 /// encounter's listing still shows: asked again after the next delay of the schedule, counted

@@ -483,6 +483,86 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle(bac
     assert_content_equal(&env);
 }
 
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile
+);
+/// Work that keeps failing is not asked by every cycle: after the first failed cycle the next
+/// one asks again (an outage's items arrive as soon as it is over), after the second it waits
+/// 15 minutes, after every later one an hour, and a cycle within the wait sends it nothing.
+async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 29, 40).await;
+    let mut raw = env.raw_config();
+    raw.limits.max_attempts = 2;
+    let config = raw.validate().unwrap();
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::Transcript),
+        skip: 0,
+        times: 100_000,
+        fault: Fault::status(500, "internal_error"),
+    });
+    // (transcript requests, dead letters of the cycle, the dead letters' waits in seconds from now).
+    let cycle = || async {
+        env.sim.reset_stats();
+        let report = env.sync(&config, CyclePlan::full(None, false)).await;
+        let now = charthero_sync::timefmt::unix_nanos(OffsetDateTime::now_utc());
+        let waits: Vec<Option<i64>> = env.warehouse.column(
+            "SELECT next_attempt_at_ns FROM dead_letters ORDER BY document_id",
+            &[],
+        );
+        let waits: Vec<Option<i64>> = waits
+            .into_iter()
+            .map(|at| at.map(|at| (at - now) / 1_000_000_000))
+            .collect();
+        (
+            env.sim.stats().route(SimRoute::Transcript),
+            report.counts.dead_letters,
+            waits,
+        )
+    };
+    let (requests, dead, waits) = cycle().await;
+    assert!(dead > 5, "{dead} dead letters");
+    assert_eq!(requests, 2 * dead, "two attempts each");
+    assert_eq!(waits, vec![None; dead as usize], "the next cycle asks again");
+
+    let (requests, again, waits) = cycle().await;
+    assert_eq!((requests, again), (2 * dead, dead));
+    assert!(
+        waits
+            .iter()
+            .all(|w| w.is_some_and(|s| (15 * 60 - 60..=15 * 60).contains(&s))),
+        "{waits:?}"
+    );
+    // `status` shows the oldest 20.
+    let (_, report) = queue_now(&config);
+    assert_eq!(
+        report.matches("; asked again from ").count(),
+        dead.min(20) as usize,
+        "{report}"
+    );
+
+    let (requests, none, _) = cycle().await;
+    assert_eq!((requests, none), (0, 0), "a waiting dead letter was asked");
+
+    env.warehouse
+        .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
+    let (requests, again, waits) = cycle().await;
+    assert_eq!((requests, again), (2 * dead, dead));
+    assert!(
+        waits
+            .iter()
+            .all(|w| w.is_some_and(|s| (3600 - 60..=3600).contains(&s))),
+        "{waits:?}"
+    );
+
+    env.sim.clear_faults();
+    env.warehouse
+        .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
+    let (requests, none, waits) = cycle().await;
+    assert_eq!((requests, none, waits), (dead, 0, vec![]));
+    assert_content_equal(&env);
+}
+
 /// What the simulator says a full-content sync must fetch: one document request per note, one
 /// transcript request per finalized ambient transcript, and (asked once, answered 400) one per
 /// document of an unsupported type.

@@ -19,7 +19,9 @@ use anyhow::Context;
 use postgres::GenericClient;
 use time::OffsetDateTime;
 
-use crate::store::{DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem};
+use crate::store::{
+    DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem, dead_letter_retry_at,
+};
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
@@ -74,7 +76,8 @@ pub fn claim_work(
            AND NOT EXISTS (SELECT 1 FROM unnest($6::text[], $7::text[]) AS busy(work, document_id)
                            WHERE busy.work = w.work AND busy.document_id = w.document_id)
            AND NOT EXISTS (SELECT 1 FROM dead_letters x
-                           WHERE x.work = w.work AND x.document_id = w.document_id AND x.last_run_id = $1)
+                           WHERE x.work = w.work AND x.document_id = w.document_id
+                             AND (x.last_run_id = $1 OR x.next_attempt_at_ns > $2))
          LIMIT $3",
         &[
             &run_id,
@@ -484,7 +487,8 @@ pub fn save_recording(
     clear_dead_letter(db, Work::Audio, document_id)
 }
 
-/// Records work that exhausted its retries in this run; it stays queued for the next cycle.
+/// Records work that exhausted its retries in this run; it stays queued, and is claimed again
+/// once its wait is over ([`crate::store::dead_letter_retry_at`]).
 pub fn dead_letter(
     db: &mut impl GenericClient,
     organization: &str,
@@ -494,13 +498,15 @@ pub fn dead_letter(
     error: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let [once, more] = dead_letter_retry_at(now);
     db.execute(
         "INSERT INTO dead_letters AS x (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
-             last_run_id, reason_code, last_error, organization)
-         VALUES ($1, $2, $3, 1, $4, $4, $5, $6, $7, $8)
+             last_run_id, reason_code, last_error, organization, next_attempt_at_ns)
+         VALUES ($1, $2, $3, 1, $4, $4, $5, $6, $7, $8, NULL)
          ON CONFLICT (work, document_id) DO UPDATE SET attempts = x.attempts + 1,
              last_failed_at = EXCLUDED.last_failed_at, last_run_id = EXCLUDED.last_run_id,
-             reason_code = EXCLUDED.reason_code, last_error = EXCLUDED.last_error",
+             reason_code = EXCLUDED.reason_code, last_error = EXCLUDED.last_error,
+             next_attempt_at_ns = CASE WHEN x.attempts = 1 THEN $9::bigint ELSE $10::bigint END",
         &[
             &item.work.as_str(),
             &item.document_id,
@@ -510,6 +516,8 @@ pub fn dead_letter(
             &reason_code,
             &error,
             &organization,
+            &once,
+            &more,
         ],
     )?;
     Ok(())
@@ -1355,6 +1363,7 @@ pub(super) mod tests {
                     ("reason_code", Text),
                     ("last_error", Text),
                     ("organization", Text),
+                    ("next_attempt_at_ns", Text),
                 ],
             ),
             (

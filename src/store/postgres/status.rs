@@ -11,7 +11,7 @@ use crate::status::{
     Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, RunningCycle,
     Status,
 };
-use crate::timefmt::format_stored;
+use crate::timefmt::{format_stored, from_unix_nanos};
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
 const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
@@ -246,11 +246,28 @@ pub fn read_status(
             })
         })
         .collect::<Result<Vec<_>, postgres::Error>>()?;
+    // A schema before V5 (read before `migrate`) has no waits: every dead letter is asked by
+    // the next cycle.
+    let waits: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                             WHERE table_schema = current_schema() AND table_name = 'dead_letters'
+                               AND column_name = 'next_attempt_at_ns')",
+            &[],
+        )?
+        .try_get(0)?;
     let dead_letters = db
         .query(
-            "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error,
-                    organization
-             FROM dead_letters ORDER BY first_failed_at LIMIT 20",
+            &format!(
+                "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error,
+                        organization, {}
+                 FROM dead_letters ORDER BY first_failed_at LIMIT 20",
+                if waits {
+                    "next_attempt_at_ns"
+                } else {
+                    "NULL::bigint"
+                }
+            ),
             &[],
         )?
         .iter()
@@ -264,6 +281,9 @@ pub fn read_status(
                 last_failed_at: format_stored(r.try_get(4)?),
                 reason_code: r.try_get(5)?,
                 last_error: r.try_get(6)?,
+                next_attempt_at: r
+                    .try_get::<_, Option<i64>>(8)?
+                    .map(|ns| format_stored(from_unix_nanos(ns))),
             })
         })
         .collect::<Result<Vec<_>, postgres::Error>>()?;

@@ -138,6 +138,13 @@ pub fn queue_transcript_now(
         queue_transcript_now_sql!(update, "$1", "$2", "$3", "$4"),
         &[&organization_id, &encounter_id, &document_id, &occurred_at],
     )? == 1;
+    if queued {
+        // ChartHero says the transcript is ready: a dead letter of it need not wait.
+        db.execute(
+            "UPDATE dead_letters SET next_attempt_at_ns = NULL WHERE work = 'transcript' AND document_id = $1",
+            &[&document_id],
+        )?;
+    }
     // Not updated: current already, or not there.
     Ok(queued || transcript_state(db, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }

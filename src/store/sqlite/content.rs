@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use crate::store::{DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem};
+use crate::store::{
+    DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem, dead_letter_retry_at,
+};
 use crate::timefmt::{format_stored, unix_nanos};
 
 /// [`claim_work`]'s query: `?1` the run, `?2` now (nanoseconds), `?3` how many, `?4` the
@@ -33,7 +35,8 @@ const CLAIM_SQL: &str =
          JOIN encounters e ON e.encounter_id = d.encounter_id
          WHERE d.removed_at IS NULL AND e.removed_at IS NULL AND e.organization_id = ?4
            AND NOT EXISTS (SELECT 1 FROM dead_letters x
-                           WHERE x.work = w.work AND x.document_id = w.document_id AND x.last_run_id = ?1)
+                           WHERE x.work = w.work AND x.document_id = w.document_id
+                             AND (x.last_run_id = ?1 OR x.next_attempt_at_ns > ?2))
          LIMIT ?3";
 
 /// Up to `limit` items of `organization_id`'s documents due now (none while the organization is
@@ -427,7 +430,8 @@ pub fn save_recording(
     Ok(())
 }
 
-/// Records work that exhausted its retries in this run; it stays queued for the next cycle.
+/// Records work that exhausted its retries in this run; it stays queued, and is claimed again
+/// once its wait is over ([`crate::store::dead_letter_retry_at`]).
 pub fn dead_letter(
     conn: &Connection,
     organization: &str,
@@ -437,13 +441,15 @@ pub fn dead_letter(
     error: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    let [once, more] = dead_letter_retry_at(now);
     conn.execute(
         "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
-             last_run_id, reason_code, last_error, organization)
-         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5, ?6, ?7, ?8)
+             last_run_id, reason_code, last_error, organization, next_attempt_at_ns)
+         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5, ?6, ?7, ?8, NULL)
          ON CONFLICT (work, document_id) DO UPDATE SET attempts = attempts + 1,
              last_failed_at = excluded.last_failed_at, last_run_id = excluded.last_run_id,
-             reason_code = excluded.reason_code, last_error = excluded.last_error",
+             reason_code = excluded.reason_code, last_error = excluded.last_error,
+             next_attempt_at_ns = CASE WHEN attempts = 1 THEN ?9 ELSE ?10 END",
         params![
             item.work.as_str(),
             item.document_id,
@@ -452,7 +458,9 @@ pub fn dead_letter(
             run_id,
             reason_code,
             error,
-            organization
+            organization,
+            once,
+            more
         ],
     )?;
     Ok(())
@@ -488,7 +496,8 @@ mod tests {
     }
 
     /// A webhook event queues a transcript that is not current, whatever its state (none at
-    /// all included), and leaves one that is; it finds nothing of another organization.
+    /// all included), ending a dead letter's wait, and leaves one that is; it finds nothing of
+    /// another organization.
     #[test]
     fn a_webhook_queues_a_transcript_that_is_not_current_whatever_its_state() {
         use crate::store::sqlite::webhook::{queue_transcript_now, transcript_state};
@@ -501,6 +510,26 @@ mod tests {
         );
         let now = OffsetDateTime::now_utc();
         let state = |conn: &Connection| transcript_state(conn, "org_1", "enc_1", "doc_a", now).unwrap();
+        // A dead letter of the transcript, waiting: the announcement ends the wait.
+        conn.execute(
+            "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
+                 last_run_id, last_error, next_attempt_at_ns)
+             VALUES ('transcript', 'doc_a', 'enc_1', 3, 'x', 'x', 1, '500', ?1)",
+            [i64::MAX],
+        )
+        .unwrap();
+        let claimable = |conn: &Connection| {
+            claim_work(conn, Some("org_1"), 2, &[], &HashSet::new(), 10, now)
+                .unwrap()
+                .iter()
+                .any(|w| w.work == Work::Transcript)
+        };
+        conn.execute(
+            "UPDATE documents SET transcript_state = 'pending' WHERE document_id = 'doc_a'",
+            [],
+        )
+        .unwrap();
+        assert!(!claimable(&conn), "a waiting dead letter was claimed");
         for stored in [None, Some("waiting"), Some("not_ready"), Some("unavailable")] {
             conn.execute(
                 "UPDATE documents SET transcript_state = ?1 WHERE document_id = 'doc_a'",
@@ -511,6 +540,7 @@ mod tests {
             assert!(queue_transcript_now(&conn, "org_1", "enc_1", "doc_a", now).unwrap());
             assert_eq!(states(&conn, "doc_a").1.as_deref(), Some("pending"), "{stored:?}");
             assert_eq!(state(&conn).as_deref(), Some("current"));
+            assert!(claimable(&conn), "{stored:?}");
         }
         assert!(!queue_transcript_now(&conn, "org_2", "enc_1", "doc_a", now).unwrap());
         assert_eq!(

@@ -9,7 +9,7 @@ use crate::status::{
     Audit, Backfill, Database, DeadLetter, LastError, OrganizationStatus, Queue, Rows, Run, RunningCycle,
     Status,
 };
-use crate::timefmt::format_stored;
+use crate::timefmt::{format_stored, from_unix_nanos};
 
 /// How many completed backfills `status` lists (newest), besides every unfinished one.
 const COMPLETED_BACKFILLS_SHOWN: i64 = 5;
@@ -278,12 +278,20 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    // A warehouse before V12 (read before `migrate`) has no waits: every dead letter is asked
+    // by the next cycle.
+    let waits: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('dead_letters') WHERE name = 'next_attempt_at_ns')",
+        [],
+        |r| r.get(0),
+    )?;
     let dead_letters = conn
-        .prepare(
+        .prepare(&format!(
             "SELECT work, encounter_id, document_id, attempts, last_failed_at, reason_code, last_error,
-                    organization
+                    organization, {}
              FROM dead_letters ORDER BY first_failed_at LIMIT 20",
-        )?
+            if waits { "next_attempt_at_ns" } else { "NULL" }
+        ))?
         .query_map([], |r| {
             Ok(DeadLetter {
                 organization: r.get(7)?,
@@ -294,6 +302,9 @@ pub fn read_status(conn: &Connection, _now: OffsetDateTime, configured: &[String
                 last_failed_at: r.get(4)?,
                 reason_code: r.get(5)?,
                 last_error: r.get(6)?,
+                next_attempt_at: r
+                    .get::<_, Option<i64>>(8)?
+                    .map(|ns| format_stored(from_unix_nanos(ns))),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -166,6 +166,13 @@ pub fn queue_transcript_now(
             format_stored(occurred_at)
         ],
     )? == 1;
+    if queued {
+        // ChartHero says the transcript is ready: a dead letter of it need not wait.
+        conn.execute(
+            "UPDATE dead_letters SET next_attempt_at_ns = NULL WHERE work = 'transcript' AND document_id = ?1",
+            [document_id],
+        )?;
+    }
     // Not updated: current already, or not there.
     Ok(queued || transcript_state(conn, organization_id, encounter_id, document_id, occurred_at)?.is_some())
 }
