@@ -20,6 +20,9 @@ use crate::options::{Rendering, Rounding, ServiceDates};
 use crate::store::{DocRec, EncRec, Slot, Store};
 use crate::timestamp::{TsText, format_date, format_datetime, instant};
 
+/// Lifetime of signed audio URLs; the vendor's example shows 15 minutes.
+pub(crate) const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;
+
 /// Name of the unknown field added to every object when `extra_fields` is on.
 pub(crate) const EXTRA_FIELD: &str = "x_sim_extension";
 
@@ -346,7 +349,7 @@ struct RecordingLink<'a> {
 impl Serialize for RecordingLink<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let id = self.doc.id.as_str();
-        let expires = self.now.div_euclid(1_000_000_000) + crate::server::MEDIA_URL_LIFETIME_SECS;
+        let expires = self.now.div_euclid(1_000_000_000) + MEDIA_URL_LIFETIME_SECS;
         let token = mix64(self.salt ^ crate::id::fnv64(id.as_bytes()));
         let mut obj = s.serialize_struct("Recording", 2)?;
         obj.serialize_field(

@@ -29,14 +29,11 @@ use crate::faults::RateVerdict;
 use crate::id::{Id, fnv64, mix64};
 use crate::model::{Fault, ListRequest, Route, Visibility};
 use crate::query::{self, QueryError};
-use crate::render::{self, DocDetail};
+use crate::render::{self, DocDetail, MEDIA_URL_LIFETIME_SECS};
 use crate::state::{Inner, Simulator, lock, read};
 use crate::store::Direction;
 use crate::store::DocClass;
 use crate::timestamp::{nanos, now_nanos};
-
-/// Lifetime of signed audio URLs; the vendor's example shows 15 minutes.
-pub(crate) const MEDIA_URL_LIFETIME_SECS: i64 = 15 * 60;
 
 /// How long a `DropMidBody` connection stays open after the partial body was handed to hyper,
 /// so those bytes reach the socket before it closes.

@@ -1023,15 +1023,16 @@ pub(super) mod tests {
             ["doc_t"]
         );
 
-        // A dead letter keeps its item out for the rest of its run, and counts the cycles.
+        // A dead letter keeps its item out for the rest of its run, and counts the cycles;
+        // after the second it waits 15 minutes.
         let item = claim(c, Work::Document, "doc_b").unwrap();
         for run in [1, 2] {
             save(c, |tx| {
                 dead_letter(tx, "default", &item, run, Some("server_error"), "HTTP 500", now)
             });
         }
-        let mut claim_ids = |run: i64| -> Vec<String> {
-            let mut ids: Vec<String> = claim_work(c, Some("org_1"), run, &[], &none, 10, now)
+        let mut claim_ids = |run: i64, at: OffsetDateTime| -> Vec<String> {
+            let mut ids: Vec<String> = claim_work(c, Some("org_1"), run, &[], &none, 10, at)
                 .unwrap()
                 .into_iter()
                 .map(|i| i.document_id)
@@ -1039,8 +1040,12 @@ pub(super) mod tests {
             ids.sort();
             ids
         };
-        assert_eq!(claim_ids(2), ["doc_a", "doc_t"]);
-        assert_eq!(claim_ids(3), ["doc_a", "doc_b", "doc_t"]);
+        assert_eq!(claim_ids(2, now), ["doc_a", "doc_t"]);
+        assert_eq!(claim_ids(3, now), ["doc_a", "doc_t"]);
+        assert_eq!(
+            claim_ids(3, now + time::Duration::minutes(15)),
+            ["doc_a", "doc_b", "doc_t"]
+        );
         let row = c
             .query_one(
                 "SELECT attempts, last_run_id, reason_code, organization FROM dead_letters",
