@@ -28,6 +28,8 @@ pub struct Metrics {
     window_failures: Mutex<BTreeMap<&'static str, u64>>,
     last_success_unix: AtomicI64,
     complete_through_unix: AtomicI64,
+    /// Work in `dead_letters` at the end of the last cycle (shown once a cycle ended).
+    dead_letters: AtomicI64,
     /// Set when the organization's sync stopped because its key was refused: the reason code.
     stopped: Mutex<Option<String>>,
     /// The key's request rate now (`f64` bits; 0 before the client is built), and how many
@@ -65,8 +67,16 @@ impl Metrics {
         }
     }
 
-    /// A cycle ended with `outcome` (`succeeded`, `partial`, `failed`, `aborted`).
-    pub fn record_cycle(&self, outcome: &'static str, rows: u64, complete_through: Option<OffsetDateTime>) {
+    /// A cycle ended with `outcome` (`succeeded`, `partial`, `failed`, `aborted`), leaving
+    /// `dead_letters` items in `dead_letters`.
+    pub fn record_cycle(
+        &self,
+        outcome: &'static str,
+        rows: u64,
+        complete_through: Option<OffsetDateTime>,
+        dead_letters: i64,
+    ) {
+        self.dead_letters.store(dead_letters, Ordering::Relaxed);
         *self
             .cycles
             .lock()
@@ -253,6 +263,18 @@ pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -
     }
     let name = family(
         &mut out,
+        "dead_letters",
+        "gauge",
+        "Work items that exhausted their retries and wait for a later cycle, at the end of the last cycle.",
+    );
+    for (org, m) in orgs {
+        if !m.cycles.lock().expect("metrics lock").is_empty() {
+            let n = m.dead_letters.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{organization=\"{org}\"}} {n}");
+        }
+    }
+    let name = family(
+        &mut out,
         "last_success_timestamp_seconds",
         "gauge",
         "When the last cycle succeeded (0: never).",
@@ -363,7 +385,7 @@ mod tests {
         m.record_request("transcript", 429);
         m.record_limiter_wait(Duration::from_millis(1500));
         let now = OffsetDateTime::now_utc();
-        m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)));
+        m.record_cycle("succeeded", 42, Some(now - time::Duration::seconds(120)), 3);
         m.record_window_failure("request_bound_exceeded");
         m.record_stopped("revoked_key");
         m.record_rate(5.0, false);
@@ -395,6 +417,7 @@ mod tests {
             "charthero_sync_organization_stopped{organization=\"northside\",reason_code=\"revoked_key\"} 1\n"
         ));
         assert!(text.contains("charthero_sync_lag_seconds{organization=\"northside\"} 120\n"));
+        assert!(text.contains("charthero_sync_dead_letters{organization=\"northside\"} 3\n"));
         assert!(text.contains("charthero_sync_window_failures_total{organization=\"northside\",reason=\"request_bound_exceeded\"} 1\n"));
     }
 

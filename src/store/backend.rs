@@ -146,6 +146,9 @@ pub trait Reader: Send {
     fn writer_present(&self, now: OffsetDateTime, grace: time::Duration) -> Option<bool>;
     /// The live watermark: every record created before it is stored.
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
+    /// The organization's work in `dead_letters` now, waiting or due (the
+    /// `charthero_sync_dead_letters` gauge).
+    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64>;
     /// An instant kept for the organization, if it was ever set.
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>>;
     /// ChartHero's `organization_id` recorded for a configured name.

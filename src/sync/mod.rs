@@ -727,12 +727,20 @@ async fn execute(
         + counts.recordings_fetched;
     let bookkeeping = async {
         let org = ctx.org.name.clone();
-        let (complete_through, backfills_pending) = ctx
+        let (complete_through, backfills_pending, dead_letters) = ctx
             .writer
-            .call(move |c| Ok((c.complete_through(&org)?, c.next_backfill(&org)?.is_some())))
+            .call(move |c| {
+                Ok((
+                    c.complete_through(&org)?,
+                    c.next_backfill(&org)?.is_some(),
+                    c.dead_letter_count(&org)?,
+                ))
+            })
             .await?;
         // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
-        ctx.client.metrics().record_cycle(outcome, rows, complete_through);
+        ctx.client
+            .metrics()
+            .record_cycle(outcome, rows, complete_through, dead_letters);
         let org = ctx.org.name.clone();
         let paused_until = ctx.client.paused_until();
         ctx.writer

@@ -313,6 +313,7 @@ async fn sd_notify_says_ready_then_watchdog_then_stopping_and_metrics_are_served
         "charthero_sync_requests_total{organization=\"default\",route=\"list_encounters\",status=\"200\"}",
         "charthero_sync_cycles_total{organization=\"default\",outcome=\"succeeded\"} 1",
         "charthero_sync_lag_seconds{organization=\"default\"} ",
+        "charthero_sync_dead_letters{organization=\"default\"} 0\n",
         "charthero_sync_rate_limiter_wait_seconds_total{organization=\"default\"} ",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");

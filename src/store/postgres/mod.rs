@@ -305,6 +305,15 @@ impl Reader for PgBackend {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::complete_through(&mut *self.db()?, organization)
     }
+    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64> {
+        Ok(self
+            .db()?
+            .query_one(
+                "SELECT count(*) FROM dead_letters WHERE organization = $1",
+                &[&organization],
+            )?
+            .try_get(0)?)
+    }
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::state_time(&mut *self.db()?, organization, which)
     }

@@ -440,6 +440,13 @@ impl Reader for Connection {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         complete_through(self, organization)
     }
+    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64> {
+        Ok(self.query_row(
+            "SELECT count(*) FROM dead_letters WHERE organization = ?1",
+            [organization],
+            |r| r.get(0),
+        )?)
+    }
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
         state_time(self, organization, which)
     }
