@@ -10,6 +10,7 @@
 
 mod backend;
 mod error;
+mod json;
 pub mod postgres;
 mod records;
 pub mod sqlite;
@@ -20,6 +21,7 @@ use std::path::Path;
 
 pub use backend::{Backend, GroupEnd, Reader, StateTime, TableCounts, WriteTx};
 pub use error::{StoreError, StoreErrorKind};
+pub use json::{same_content, stored_json_and_hash};
 /// What `check` and the writer lock need of a PostgreSQL server, past the seam.
 pub use postgres::connect::{
     ServerReport, Transport, WriterLease, describe as describe_postgres, drop_schema as drop_postgres_schema,
@@ -349,6 +351,27 @@ macro_rules! requeue_content_sql {
 }
 use requeue_content_sql;
 
+/// What `WriteTx::requeue_content` also does, given each backend's placeholders for the
+/// organization, the start and the end: the dead letters of the encounters created in the range
+/// need not wait for their next attempt either.
+macro_rules! requeue_dead_letters_sql {
+    ($organization:literal, $start:literal, $end:literal) => {
+        concat!(
+            "UPDATE dead_letters SET next_attempt_at_ns = NULL
+              WHERE next_attempt_at_ns IS NOT NULL
+                AND EXISTS (SELECT 1 FROM encounters e
+                             WHERE e.encounter_id = dead_letters.encounter_id AND e.organization_id = ",
+            $organization,
+            " AND e.created_at_ns >= ",
+            $start,
+            " AND e.created_at_ns < ",
+            $end,
+            ")"
+        )
+    };
+}
+use requeue_dead_letters_sql;
+
 /// Which `documents` row a webhook event points to, given each backend's placeholders for the
 /// organization, the encounter and the document: that live ambient document of a live
 /// encounter of the organization.
@@ -430,38 +453,6 @@ fn split_routes(stored: Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// What change detection compares for an encounter (`encounters.content_hash`): SHA-256, in hex,
-/// of its JSON in the canonical form of [`same_content`], so that a server rendering the same
-/// record differently (keys in another order, other whitespace or escapes, documents in another
-/// order) is not taken for a change, which would fetch its notes and transcripts again.
-pub fn content_hash(json: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex(&Sha256::digest(canonical_json(json).as_bytes()))
-}
-
-/// Whether two renderings of an encounter say the same: equal once each is in canonical form —
-/// parsed and written again with object keys sorted, no whitespace, strings and numbers as
-/// serde_json writes them again (one form of escapes and of a float's text; an integer and a
-/// float stay apart), the `documents` ordered by `document_id` (its order is still kept,
-/// in `documents.position`, whenever the record is written). Text that is not JSON is compared
-/// as it is.
-pub fn same_content(a: &str, b: &str) -> bool {
-    a == b || canonical_json(a) == canonical_json(b)
-}
-
-fn canonical_json(json: &str) -> std::borrow::Cow<'_, str> {
-    use serde_json::Value;
-    let Ok(mut value) = serde_json::from_str::<Value>(json) else {
-        return std::borrow::Cow::Borrowed(json);
-    };
-    if let Some(documents) = value.get_mut("documents").and_then(Value::as_array_mut) {
-        let id = |d: &Value| d.get("document_id").and_then(Value::as_str).map(str::to_owned);
-        documents.sort_by_cached_key(id);
-    }
-    value.sort_all_objects();
-    std::borrow::Cow::Owned(value.to_string())
-}
-
 /// Lowercase hex of a digest: content hashes, transcript digests, recording file names.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -499,34 +490,6 @@ fn newest_migration(runner: &refinery::Runner) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_record_rendered_another_way_is_the_same_and_any_change_of_a_value_is_not() {
-        use super::{content_hash, same_content};
-        let record = r#"{"encounter_id":"enc_1","status":"completed","audio":842.4,
-            "patient":{"patient_id":"pat_1","first_name":"Jos\u00e9"},
-            "documents":[{"document_id":"doc_b","title":"Note"},{"document_id":"doc_a","title":null}]}"#;
-        let rendered_otherwise = r#"{ "documents" : [ {"title":null, "document_id":"doc_a"},
-            {"title":"Note","document_id":"doc_b"} ], "patient": {"first_name":"José",
-            "patient_id":"pat_1"}, "audio": 842.40, "status":"completed", "encounter_id":"enc_1" }"#;
-        assert!(same_content(record, rendered_otherwise));
-        assert_eq!(content_hash(record), content_hash(rendered_otherwise));
-        for changed in [
-            record.replace("completed", "amended"),
-            record.replace("Jos\\u00e9", "Jose"),
-            record.replace(r#""title":null"#, r#""title":"Form""#),
-            record.replace("842.4", "842.5"),
-            record.replace("842.4", r#""842.4""#),
-            record.replace(r#",{"document_id":"doc_a","title":null}"#, ""),
-        ] {
-            assert_ne!(changed, record, "the replacement must apply");
-            assert!(!same_content(record, &changed), "{changed}");
-            assert_ne!(content_hash(record), content_hash(&changed), "{changed}");
-        }
-        // Text that is not JSON is compared as it is.
-        assert!(same_content("not json", "not json"));
-        assert!(!same_content("not json", "not  json"));
-    }
-
     #[test]
     fn the_sql_list_of_unfinished_statuses_is_the_rust_one_and_anything_else_may_be_final() {
         let quoted: Vec<String> = super::UNFINISHED_DOCUMENT_STATUSES

@@ -248,10 +248,11 @@ pub struct WorkItem {
 }
 
 /// How long a dead letter waits before its next attempt, after the second and after every later
-/// cycle that gave up on it; after the first, the next cycle asks again (an outage's items
-/// arrive as soon as it is over). So work that fails on its own (a transcript the server cannot
-/// render, say) costs at most one cycle's `limits.max_attempts` requests an hour, not every
-/// cycle's.
+/// cycle that gave up on it; after the first, the next cycle asks again (the items of an outage
+/// of one cycle arrive with it; of a longer one, within the hour after it ends). So work that
+/// fails on its own (a transcript the server cannot render, say) costs at most one cycle's
+/// `limits.max_attempts` requests an hour, not every cycle's. A change of the encounter, a
+/// webhook announcing the transcript and `sync --refresh-content` end the wait.
 pub(crate) const DEAD_LETTER_WAITS: [std::time::Duration; 2] = [
     std::time::Duration::from_secs(15 * 60),
     std::time::Duration::from_secs(60 * 60),

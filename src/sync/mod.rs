@@ -283,13 +283,16 @@ pub struct CycleReport {
     pub disabled_routes: Option<String>,
     /// A backfill is still queued or unfinished when the cycle ends.
     pub backfills_pending: bool,
+    /// Work in `dead_letters` when the cycle ends: this cycle's and earlier ones' still waiting.
+    pub dead_letters_left: i64,
     pub elapsed: Duration,
 }
 
 impl CycleReport {
-    /// Nothing was left undone: no dead letters, no route closed to the key, no backfill waiting.
+    /// Nothing was left undone: no dead letters (of this cycle or waiting from earlier ones), no
+    /// route closed to the key, no backfill waiting.
     pub fn is_complete(&self) -> bool {
-        self.counts.dead_letters == 0 && self.disabled_routes.is_none() && !self.backfills_pending
+        self.dead_letters_left == 0 && self.disabled_routes.is_none() && !self.backfills_pending
     }
 }
 
@@ -675,7 +678,7 @@ async fn execute(
     counts.merge(&content_counts);
     counts.retries = ctx.client.retries_used();
     // The first real error wins over the cancellation it caused in the other half.
-    let result = match (paged, fetched) {
+    let mut result = match (paged, fetched) {
         (Err(e), _) | (_, Err(e)) if !matches!(e, CycleError::Cancelled) => Err(e),
         (Err(e), _) | (_, Err(e)) => Err(e),
         // Purged before the run ends, so that a purge that fails ends the run as failed.
@@ -684,8 +687,20 @@ async fn execute(
     if let Some(reason) = result.as_ref().err().and_then(CycleError::window_failure) {
         ctx.client.metrics().record_window_failure(reason);
     }
+    // Dead letters of earlier cycles still waiting for their next attempt are work left undone
+    // too, although this cycle did not ask for them.
+    let org = ctx.org.name.clone();
+    let dead_letters_left = match ctx.writer.call(move |c| c.dead_letter_count(&org)).await {
+        Ok(n) => n,
+        Err(e) => {
+            if result.is_ok() {
+                result = Err(e.into());
+            }
+            0
+        }
+    };
     let disabled_routes = gate.summary();
-    let incomplete = counts.dead_letters > 0 || disabled_routes.is_some();
+    let incomplete = dead_letters_left > 0 || disabled_routes.is_some();
     let end = match &result {
         Ok(()) => RunEnd {
             outcome: if incomplete {
@@ -697,7 +712,7 @@ async fn execute(
             disabled_routes: disabled_routes.clone(),
             error: incomplete.then(|| {
                 format!(
-                    "{} item(s) dead-lettered{}",
+                    "{dead_letters_left} item(s) in dead letters ({} by this cycle){}",
                     counts.dead_letters,
                     disabled_routes
                         .as_deref()
@@ -727,20 +742,14 @@ async fn execute(
         + counts.recordings_fetched;
     let bookkeeping = async {
         let org = ctx.org.name.clone();
-        let (complete_through, backfills_pending, dead_letters) = ctx
+        let (complete_through, backfills_pending) = ctx
             .writer
-            .call(move |c| {
-                Ok((
-                    c.complete_through(&org)?,
-                    c.next_backfill(&org)?.is_some(),
-                    c.dead_letter_count(&org)?,
-                ))
-            })
+            .call(move |c| Ok((c.complete_through(&org)?, c.next_backfill(&org)?.is_some())))
             .await?;
         // Metrics first: whoever sees the run finished in the warehouse also sees it counted.
         ctx.client
             .metrics()
-            .record_cycle(outcome, rows, complete_through, dead_letters);
+            .record_cycle(outcome, rows, complete_through, dead_letters_left);
         let org = ctx.org.name.clone();
         let paused_until = ctx.client.paused_until();
         ctx.writer
@@ -766,6 +775,7 @@ async fn execute(
         complete_through,
         disabled_routes,
         backfills_pending,
+        dead_letters_left,
         elapsed: started.elapsed(),
     };
     log_counts(&counts, report.elapsed, "cycle complete");

@@ -501,10 +501,14 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
         times: 100_000,
         fault: Fault::status(500, "internal_error"),
     });
-    // (transcript requests, dead letters of the cycle, the dead letters' waits in seconds from now).
-    let cycle = || async {
+    // (transcript requests, dead letters of the cycle, the dead letters' waits in seconds from
+    // now) of a cycle that lists what is new, or all history.
+    let (env, config) = (&env, &config);
+    let listing = |all: bool| async move {
         env.sim.reset_stats();
-        let report = env.sync(&config, CyclePlan::full(None, false)).await;
+        let plan = CyclePlan::full(all.then(|| all_history(config)), false);
+        let report = env.sync(config, plan).await;
+        assert_eq!(report.is_complete(), report.dead_letters_left == 0, "{report:?}");
         let now = charthero_sync::timefmt::unix_nanos(OffsetDateTime::now_utc());
         let waits: Vec<Option<i64>> = env.warehouse.column(
             "SELECT next_attempt_at_ns FROM dead_letters ORDER BY document_id",
@@ -520,6 +524,7 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
             waits,
         )
     };
+    let cycle = || listing(false);
     let (requests, dead, waits) = cycle().await;
     assert!(dead > 5, "{dead} dead letters");
     assert_eq!(requests, 2 * dead, "two attempts each");
@@ -534,15 +539,32 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
         "{waits:?}"
     );
     // `status` shows the oldest 20.
-    let (_, report) = queue_now(&config);
+    let (_, report) = queue_now(config);
     assert_eq!(
         report.matches("; asked again from ").count(),
         dead.min(20) as usize,
         "{report}"
     );
 
-    let (requests, none, _) = cycle().await;
+    // A cycle within the wait asks nothing, and is not complete: work waits.
+    let (requests, none, waits) = cycle().await;
     assert_eq!((requests, none), (0, 0), "a waiting dead letter was asked");
+    assert_eq!(waits.len() as u64, dead);
+    assert_eq!(
+        env.sync(config, CyclePlan::full(None, false))
+            .await
+            .dead_letters_left,
+        dead as i64
+    );
+
+    // A change of the encounter ends its dead letters' wait.
+    let (changed, of_changed): (String, i64) = env.warehouse.row(
+        "SELECT encounter_id, count(*) FROM dead_letters GROUP BY encounter_id ORDER BY encounter_id LIMIT 1",
+        &[],
+    );
+    env.sim.update_status(&changed, "amended");
+    let (requests, again, _) = listing(true).await;
+    assert_eq!((requests, again), (2 * of_changed as u64, of_changed as u64));
 
     env.warehouse
         .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
@@ -560,7 +582,7 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
         .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
     let (requests, none, waits) = cycle().await;
     assert_eq!((requests, none, waits), (dead, 0, vec![]));
-    assert_content_equal(&env);
+    assert_content_equal(env);
 }
 
 /// What the simulator says a full-content sync must fetch: one document request per note, one
@@ -1273,6 +1295,23 @@ async fn signed_links_in_the_list_are_never_stored_and_listing_them_again_costs_
 
     let all = all_history(&config);
     assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
+
+    // A warehouse an earlier release wrote holds the links: listing the records again takes
+    // them out, and nothing is fetched again.
+    let stored_by_an_earlier_release = "https://media.charthero.test/earlier.wav?token=0ff1ce";
+    env.warehouse.execute(&format!(
+        "UPDATE encounters SET content_hash = 'an earlier release', raw_json = {}",
+        env.warehouse.pick(
+            &format!("json_set(raw_json, '$.audio_url', '{stored_by_an_earlier_release}')"),
+            &format!(
+                "(raw_json::jsonb || jsonb_build_object('audio_url', '{stored_by_an_earlier_release}'))::text"
+            ),
+        )
+    ));
+    assert_eq!(env.warehouse.rows_holding("0ff1ce").len(), 1);
+    assert_eq!(listed_again(&env, &config, all).await, (0, 300, 0));
+    assert_eq!(env.warehouse.rows_holding("0ff1ce"), Vec::<String>::new());
+
     let changed = env.sim.snapshot()[11].encounter_id.clone();
     env.sim.update_status(&changed, "amended");
     assert_eq!(listed_again(&env, &config, all).await.0, 1);

@@ -70,8 +70,9 @@ async fn synced_source(seed: u64, encounters: usize) -> (TestEnv, Config) {
     let conn = rusqlite::Connection::open(env.db_path()).unwrap();
     conn.execute(
         "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
-             last_run_id, reason_code, last_error, organization)
-         VALUES ('transcript', 'doc_dead', 'enc_dead', 3, ?1, ?1, 1, 'upstream_error', 'HTTP 502', 'default')",
+             last_run_id, reason_code, last_error, organization, next_attempt_at_ns)
+         VALUES ('transcript', 'doc_dead', 'enc_dead', 3, ?1, ?1, 1, 'upstream_error', 'HTTP 502', 'default',
+                 1796152064000000000)",
         [format_stored(now)],
     )
     .unwrap();

@@ -435,6 +435,10 @@ pub fn requeue_content(
         crate::store::requeue_content_sql!("$1", "$2", "$3"),
         &[&organization_id, &start_ns, &end_ns],
     )?;
+    db.execute(
+        crate::store::requeue_dead_letters_sql!("$1", "$2", "$3"),
+        &[&organization_id, &start_ns, &end_ns],
+    )?;
     Ok(queued)
 }
 
@@ -1549,7 +1553,25 @@ pub(super) mod tests {
                         .try_for_each(|item| tx.not_ready(item, &schedule, at(answered)))
                 });
             }
-            seen.push(sorted_claims(b, 2, at(100_000)));
+            let left = sorted_claims(b, 2, at(100_000));
+            seen.push(left.clone());
+            // What is left fails two cycles: after the second it waits 15 minutes.
+            for run in [2, 3] {
+                step(b, &mut |tx| {
+                    left.iter().try_for_each(|item| {
+                        tx.dead_letter(
+                            "default",
+                            item,
+                            run,
+                            Some("server_error"),
+                            "HTTP 500",
+                            at(100_001),
+                        )
+                    })
+                });
+            }
+            assert!(sorted_claims(b, 4, at(100_002)).is_empty());
+            seen.push(sorted_claims(b, 4, at(100_001 + 15 * 60)));
             claims.push(seen);
         }
         assert_eq!(claims[0], claims[1], "claims");

@@ -99,8 +99,9 @@ fn upsert_round(
     }
     // Live stored encounters whose hash differs: the same record all the same when their stored
     // JSON says what the new one does (rendered another way, hashed by an earlier release, which
-    // hashed the bytes as received, or changed only in what the privacy policy does not keep);
-    // then only the hash is brought up to date.
+    // hashed the bytes as received, stored with signed links by an earlier release, or changed
+    // only in what the privacy policy does not keep); then only the hash and the JSON are
+    // brought up to date (the links go).
     let differing: Vec<&str> = round
         .iter()
         .filter(|r| {
@@ -130,11 +131,12 @@ fn upsert_round(
         if !rehash.is_empty() {
             let ids: Vec<&str> = rehash.iter().map(|r| r.encounter_id.as_str()).collect();
             let hashes: Vec<&str> = rehash.iter().map(|r| r.content_hash.as_str()).collect();
+            let json: Vec<&str> = rehash.iter().map(|r| r.raw_json.as_str()).collect();
             tx.execute(
-                "UPDATE encounters e SET content_hash = u.content_hash
-                   FROM unnest($1::text[], $2::text[]) AS u (encounter_id, content_hash)
+                "UPDATE encounters e SET content_hash = u.content_hash, raw_json = u.raw_json
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u (encounter_id, content_hash, raw_json)
                   WHERE e.encounter_id = u.encounter_id",
-                &[&ids, &hashes],
+                &[&ids, &hashes, &json],
             )?;
         }
     }
@@ -427,6 +429,12 @@ fn upsert_documents(
             super::super::requeue_changed_documents!(),
             " WHERE encounter_id = ANY($1::text[]) AND removed_at IS NULL"
         ),
+        &[&changed],
+    )?;
+    // What changed may be what failed: their dead letters need not wait.
+    tx.execute(
+        "UPDATE dead_letters SET next_attempt_at_ns = NULL
+          WHERE encounter_id = ANY($1::text[]) AND next_attempt_at_ns IS NOT NULL",
         &[&changed],
     )?;
     // Documents that left their encounter's list are marked, never deleted. Every document the

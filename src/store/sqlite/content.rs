@@ -378,6 +378,10 @@ pub fn requeue_content(
         crate::store::requeue_content_sql!("?1", "?2", "?3"),
         params![organization_id, start_ns, end_ns],
     )?;
+    conn.execute(
+        crate::store::requeue_dead_letters_sql!("?1", "?2", "?3"),
+        params![organization_id, start_ns, end_ns],
+    )?;
     Ok(queued as u64)
 }
 

@@ -244,9 +244,10 @@ pub(super) fn upsert_encounter(
 
 /// Whether a live stored encounter whose hash differs from `rec`'s holds the same record all
 /// the same ([`crate::store::same_content`]): rendered another way, hashed by an earlier
-/// release (which hashed the bytes as received), or changed only in what the privacy policy
-/// does not keep. Then only its hash is brought up to date: nothing else is written, and its
-/// documents are not queued again.
+/// release (which hashed the bytes as received), stored with signed links by an earlier
+/// release, or changed only in what the privacy policy does not keep. Then only its hash and
+/// JSON are brought up to date (the links go): nothing else is written, and its documents are
+/// not queued again.
 fn same_as_stored(conn: &Connection, rec: &EncounterRecord) -> rusqlite::Result<bool> {
     let stored: String = conn
         .prepare_cached("SELECT raw_json FROM encounters WHERE encounter_id = ?1")?
@@ -254,8 +255,8 @@ fn same_as_stored(conn: &Connection, rec: &EncounterRecord) -> rusqlite::Result<
     if !crate::store::same_content(&stored, &rec.raw_json) {
         return Ok(false);
     }
-    conn.prepare_cached("UPDATE encounters SET content_hash = ?2 WHERE encounter_id = ?1")?
-        .execute(params![rec.encounter_id, rec.content_hash])?;
+    conn.prepare_cached("UPDATE encounters SET content_hash = ?2, raw_json = ?3 WHERE encounter_id = ?1")?
+        .execute(params![rec.encounter_id, rec.content_hash, rec.raw_json])?;
     Ok(true)
 }
 
@@ -333,6 +334,12 @@ fn upsert_documents(
         super::super::requeue_changed_documents!(),
         " WHERE encounter_id = ?1 AND removed_at IS NULL"
     ))?
+    .execute([&rec.encounter_id])?;
+    // What changed may be what failed: its dead letters need not wait.
+    conn.prepare_cached(
+        "UPDATE dead_letters SET next_attempt_at_ns = NULL
+          WHERE encounter_id = ?1 AND next_attempt_at_ns IS NOT NULL",
+    )?
     .execute([&rec.encounter_id])?;
     // Documents that left the encounter's list are marked, never deleted.
     let current: HashSet<&str> = rec.documents.iter().map(|d| d.document_id.as_str()).collect();
