@@ -60,7 +60,9 @@ pub struct PgBackend {
 /// Applies pending migrations on `client` (its search_path selects the warehouse's schema) and
 /// returns the backend; the caller holds the writer lock.
 pub fn open_writer(mut client: Client, location: String) -> anyhow::Result<PgBackend> {
+    // In one transaction, as on SQLite: readers never see a half-made schema.
     embedded::migrations::runner()
+        .set_grouped(true)
         .run(&mut client)
         .with_context(|| format!("cannot apply migrations to {location}"))?;
     Ok(PgBackend {

@@ -74,7 +74,11 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
         .with_context(|| format!("cannot configure database {}", path.display()))
         .map_err(fail)?;
     keep_temporary_files_beside(&conn, path);
+    // All pending migrations in one transaction with their history rows: a reader (`status`
+    // beside the first `sync`) sees no warehouse or a whole one, never a half-made schema, and
+    // a crash leaves the schema where it was.
     embedded::migrations::runner()
+        .set_grouped(true)
         .run(&mut conn)
         .with_context(|| format!("cannot apply migrations to {}", path.display()))
         .map_err(fail)?;
@@ -852,6 +856,35 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 6);
+    }
+
+    /// Pending migrations apply together or not at all: one that fails leaves the warehouse at
+    /// the version it had, not half-upgraded (nor does a reader ever see a half-made schema).
+    #[test]
+    fn a_failed_upgrade_leaves_the_warehouse_at_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut conn = Connection::open(&path).unwrap();
+        embedded::migrations::runner()
+            .set_target(refinery::Target::Version(10))
+            .run(&mut conn)
+            .unwrap();
+        // What V12 creates already exists: V11 applies, V12 fails.
+        conn.execute_batch("CREATE TABLE dead_letters_waiting (x)")
+            .unwrap();
+        drop(conn);
+        let err = open_writer(&path, Duration::from_secs(1)).unwrap_err();
+        assert!(format!("{err:#}").contains("dead_letters_waiting"), "{err:#}");
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(applied_version(&conn).unwrap(), 10);
+        let webhook_events: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'webhook_events')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!webhook_events, "V11 stayed applied");
     }
 
     /// A warehouse written by the release before V5: timestamps of every precision, and search
