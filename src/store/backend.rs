@@ -146,9 +146,6 @@ pub trait Reader: Send {
     fn writer_present(&self, now: OffsetDateTime, grace: time::Duration) -> Option<bool>;
     /// The live watermark: every record created before it is stored.
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>>;
-    /// The organization's work in `dead_letters` now, waiting or due (the
-    /// `charthero_sync_dead_letters` gauge).
-    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64>;
     /// An instant kept for the organization, if it was ever set.
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>>;
     /// ChartHero's `organization_id` recorded for a configured name.
@@ -244,6 +241,9 @@ pub trait Backend: Reader {
         state: WebhookState,
         now: OffsetDateTime,
     ) -> anyhow::Result<()>;
+    /// Deletes the organization's dead letters no claim can pick up any more (their document or
+    /// its encounter removed, or gone), then counts the rest by kind of work, waiting or due.
+    fn dead_letters_left(&self, organization: &str) -> anyhow::Result<Vec<(Work, i64)>>;
     /// Deletes the organization's handled events (any state but `pending`) received before
     /// `before`; answers how many.
     fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64>;

@@ -372,6 +372,22 @@ macro_rules! requeue_dead_letters_sql {
 }
 use requeue_dead_letters_sql;
 
+/// `Backend::dead_letters_left`'s first statement, given each backend's placeholder for the
+/// organization's name: the dead letters no claim can pick up any more, their document or its
+/// encounter removed (or gone).
+macro_rules! orphaned_dead_letters_sql {
+    ($organization:literal) => {
+        concat!(
+            "DELETE FROM dead_letters WHERE organization = ",
+            $organization,
+            " AND NOT EXISTS (SELECT 1 FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
+                              WHERE d.document_id = dead_letters.document_id
+                                AND d.removed_at IS NULL AND e.removed_at IS NULL)"
+        )
+    };
+}
+use orphaned_dead_letters_sql;
+
 /// Which `documents` row a webhook event points to, given each backend's placeholders for the
 /// organization, the encounter and the document: that live ambient document of a live
 /// encounter of the organization.

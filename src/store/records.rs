@@ -229,6 +229,15 @@ impl Work {
             Work::Audio => "audio",
         }
     }
+
+    /// The kind a stored `work` column names (its CHECK constraint allows these three).
+    pub(crate) fn from_stored(text: &str) -> Work {
+        match text {
+            "document" => Work::Document,
+            "transcript" => Work::Transcript,
+            _ => Work::Audio,
+        }
+    }
 }
 
 /// One unit of content work.

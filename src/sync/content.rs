@@ -135,15 +135,7 @@ pub(super) async fn drain(
             // Read before claiming, so that work written by the last page is claimed before we stop.
             let paging_finished = paging_done.is_cancelled();
             let mut skip = gate.closed();
-            for (work, on) in [
-                (Work::Document, ctx.content.details),
-                (Work::Transcript, ctx.content.transcripts),
-                (Work::Audio, ctx.audio.enabled),
-            ] {
-                if !on {
-                    skip.push(work);
-                }
-            }
+            skip.extend(Work::ALL.into_iter().filter(|&work| !enabled(ctx, work)));
             let mut exclude = busy.clone();
             exclude.extend(queue.iter().map(|i| (i.work, i.document_id.clone())));
             let org_id = ctx.org.id();
@@ -208,6 +200,15 @@ pub(super) async fn drain(
             Done::Other => {}
         }
         ctx.live.content(counts);
+    }
+}
+
+/// Whether the configuration asks for `work` at all (`[content]`, `[audio]`).
+pub(super) fn enabled(ctx: &SyncContext, work: Work) -> bool {
+    match work {
+        Work::Document => ctx.content.details,
+        Work::Transcript => ctx.content.transcripts,
+        Work::Audio => ctx.audio.enabled,
     }
 }
 

@@ -688,10 +688,15 @@ async fn execute(
         ctx.client.metrics().record_window_failure(reason);
     }
     // Dead letters of earlier cycles still waiting for their next attempt are work left undone
-    // too, although this cycle did not ask for them.
+    // too, although this cycle did not ask for them; those no claim can pick up (removed, or of
+    // a kind the configuration does not fetch) are not.
     let org = ctx.org.name.clone();
-    let dead_letters_left = match ctx.writer.call(move |c| c.dead_letter_count(&org)).await {
-        Ok(n) => n,
+    let dead_letters_left = match ctx.writer.call(move |c| c.dead_letters_left(&org)).await {
+        Ok(kinds) => kinds
+            .into_iter()
+            .filter(|&(work, _)| content::enabled(ctx, work))
+            .map(|(_, n)| n)
+            .sum(),
         Err(e) => {
             if result.is_ok() {
                 result = Err(e.into());

@@ -566,6 +566,22 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
     let (requests, again, _) = listing(true).await;
     assert_eq!((requests, again), (2 * of_changed as u64, of_changed as u64));
 
+    // An encounter removed upstream takes its dead letters along: no claim would pick them up,
+    // and they are no work left undone.
+    env.sim.remove(&changed);
+    env.sim.reset_stats();
+    let report = env
+        .sync(config, CyclePlan::full(Some(all_history(config)), false))
+        .await;
+    assert_eq!(report.counts.encounters_removed, 1);
+    assert_eq!(env.sim.stats().route(SimRoute::Transcript), 0);
+    let dead = dead - of_changed as u64;
+    assert_eq!(report.dead_letters_left, dead as i64);
+    assert_eq!(
+        env.warehouse.row_count("SELECT * FROM dead_letters"),
+        dead as usize
+    );
+
     env.warehouse
         .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
     let (requests, again, waits) = cycle().await;

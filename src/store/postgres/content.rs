@@ -91,12 +91,7 @@ pub fn claim_work(
     )?;
     rows.iter()
         .map(|r| {
-            let work: &str = r.try_get(0)?;
-            let work = match work {
-                "document" => Work::Document,
-                "transcript" => Work::Transcript,
-                _ => Work::Audio,
-            };
+            let work = Work::from_stored(r.try_get(0)?);
             let detail_updated_at: Option<OffsetDateTime> = r.try_get(5)?;
             Ok(WorkItem {
                 work,
@@ -489,6 +484,21 @@ pub fn save_recording(
     )?;
     set_audio_state(db, document_id, "done")?;
     clear_dead_letter(db, Work::Audio, document_id)
+}
+
+/// [`crate::store::Backend::dead_letters_left`].
+pub fn dead_letters_left(
+    db: &mut impl GenericClient,
+    organization: &str,
+) -> anyhow::Result<Vec<(Work, i64)>> {
+    db.execute(crate::store::orphaned_dead_letters_sql!("$1"), &[&organization])?;
+    db.query(
+        "SELECT work, count(*) FROM dead_letters WHERE organization = $1 GROUP BY work ORDER BY work",
+        &[&organization],
+    )?
+    .iter()
+    .map(|r| Ok((Work::from_stored(r.try_get(0)?), r.try_get(1)?)))
+    .collect()
 }
 
 /// Records work that exhausted its retries in this run; it stays queued, and is claimed again

@@ -307,15 +307,6 @@ impl Reader for PgBackend {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::complete_through(&mut *self.db()?, organization)
     }
-    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64> {
-        Ok(self
-            .db()?
-            .query_one(
-                "SELECT count(*) FROM dead_letters WHERE organization = $1",
-                &[&organization],
-            )?
-            .try_get(0)?)
-    }
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
         ledger::state_time(&mut *self.db()?, organization, which)
     }
@@ -451,6 +442,9 @@ impl Backend for PgBackend {
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(&mut *self.db()?, organization, event_id, state, now)
+    }
+    fn dead_letters_left(&self, organization: &str) -> anyhow::Result<Vec<(Work, i64)>> {
+        content::dead_letters_left(&mut *self.db()?, organization)
     }
     fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64> {
         webhook::prune_webhook_events(&mut *self.db()?, organization, before)

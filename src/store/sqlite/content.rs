@@ -78,11 +78,7 @@ pub fn claim_work(
         if skip.contains(&work.as_str()) {
             continue;
         }
-        let work = match work.as_str() {
-            "document" => Work::Document,
-            "transcript" => Work::Transcript,
-            _ => Work::Audio,
-        };
+        let work = Work::from_stored(&work);
         if exclude.contains(&(work, document_id.clone())) {
             continue;
         }
@@ -432,6 +428,20 @@ pub fn save_recording(
     set_audio_state(tx, document_id, "done")?;
     clear_dead_letter(tx, Work::Audio, document_id)?;
     Ok(())
+}
+
+/// [`crate::store::Backend::dead_letters_left`].
+pub fn dead_letters_left(conn: &Connection, organization: &str) -> anyhow::Result<Vec<(Work, i64)>> {
+    conn.execute(crate::store::orphaned_dead_letters_sql!("?1"), [organization])?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT work, count(*) FROM dead_letters WHERE organization = ?1 GROUP BY work ORDER BY work",
+    )?;
+    let rows = stmt.query_map([organization], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+    rows.map(|row| {
+        let (work, n) = row?;
+        Ok((Work::from_stored(&work), n))
+    })
+    .collect()
 }
 
 /// Records work that exhausted its retries in this run; it stays queued, and is claimed again

@@ -444,13 +444,6 @@ impl Reader for Connection {
     fn complete_through(&self, organization: &str) -> anyhow::Result<Option<OffsetDateTime>> {
         complete_through(self, organization)
     }
-    fn dead_letter_count(&self, organization: &str) -> anyhow::Result<i64> {
-        Ok(self.query_row(
-            "SELECT count(*) FROM dead_letters WHERE organization = ?1",
-            [organization],
-            |r| r.get(0),
-        )?)
-    }
     fn state_time(&self, organization: &str, which: StateTime) -> anyhow::Result<Option<OffsetDateTime>> {
         state_time(self, organization, which)
     }
@@ -596,6 +589,10 @@ impl Backend for Connection {
         now: OffsetDateTime,
     ) -> anyhow::Result<()> {
         webhook::settle_webhook_event(self, organization, event_id, state, now)
+    }
+    fn dead_letters_left(&self, organization: &str) -> anyhow::Result<Vec<(Work, i64)>> {
+        staging::merge_before(self)?;
+        content::dead_letters_left(self, organization)
     }
     fn prune_webhook_events(&self, organization: &str, before: OffsetDateTime) -> anyhow::Result<u64> {
         webhook::prune_webhook_events(self, organization, before)
