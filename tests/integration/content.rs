@@ -451,21 +451,27 @@ async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again(b
     );
 }
 
+/// 40 encounters whose transcript route answers 500 until the faults are cleared, and a
+/// configuration that tries each request twice.
+async fn failing_transcripts(backend: Backend, seed: u64) -> (TestEnv, charthero_sync::config::Config) {
+    let env = TestEnv::with_encounters_on(backend, seed, 40).await;
+    let mut raw = env.raw_config();
+    raw.limits.max_attempts = 2;
+    env.sim.push_fault(FaultRule {
+        route: Some(SimRoute::Transcript),
+        skip: 0,
+        times: 100_000,
+        fault: Fault::status(500, "internal_error"),
+    });
+    (env, raw.validate().unwrap())
+}
+
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle
 );
 async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle(backend: Backend) {
-    let env = TestEnv::with_encounters_on(backend, 28, 40).await;
-    let mut raw = env.raw_config();
-    raw.limits.max_attempts = 2;
-    let config = raw.validate().unwrap();
-    env.sim.push_fault(FaultRule {
-        route: Some(SimRoute::Transcript),
-        skip: 0,
-        times: 10_000,
-        fault: Fault::status(500, "internal_error"),
-    });
+    let (env, config) = failing_transcripts(backend, 28).await;
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(!report.is_complete());
     assert!(report.counts.dead_letters > 0);
@@ -488,19 +494,10 @@ both_backends!(
     a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile
 );
 /// Work that keeps failing is not asked by every cycle: after the first failed cycle the next
-/// one asks again (an outage's items arrive as soon as it is over), after the second it waits
-/// 15 minutes, after every later one an hour, and a cycle within the wait sends it nothing.
+/// one asks again (a one-cycle outage's items arrive with it), after the second it waits 15
+/// minutes, after every later one an hour, and a cycle within the wait sends it nothing.
 async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile(backend: Backend) {
-    let env = TestEnv::with_encounters_on(backend, 29, 40).await;
-    let mut raw = env.raw_config();
-    raw.limits.max_attempts = 2;
-    let config = raw.validate().unwrap();
-    env.sim.push_fault(FaultRule {
-        route: Some(SimRoute::Transcript),
-        skip: 0,
-        times: 100_000,
-        fault: Fault::status(500, "internal_error"),
-    });
+    let (env, config) = failing_transcripts(backend, 29).await;
     // (transcript requests, dead letters of the cycle, the dead letters' waits in seconds from
     // now) of a cycle that lists what is new, or all history.
     let (env, config) = (&env, &config);
