@@ -103,6 +103,9 @@ pub struct SimOptions {
     /// each transcript turn's `start` and `end`. Default `false`: JSON numbers, as the contract
     /// shows them.
     pub decimals_as_strings: bool,
+    /// Send the list envelope's `limit`, `offset` and `total` as JSON strings (`"100"`), as a
+    /// server that sends its integers as strings does. Default `false`: JSON numbers.
+    pub counts_as_strings: bool,
     /// Send each encounter's `encounter_type` and `status` and each document summary's `title`
     /// as JSON numbers (codes of the values), as a server that sends enum codes would; the
     /// contract shows strings. Default `false`.
@@ -269,6 +272,7 @@ impl Default for SimOptions {
             micro_data: false,
             service_dates: ServiceDates::Timestamps,
             decimals_as_strings: false,
+            counts_as_strings: false,
             labels_as_numbers: false,
             unordered_rendering: false,
             document_lag: std::time::Duration::ZERO,

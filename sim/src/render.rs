@@ -38,6 +38,8 @@ pub(crate) struct RenderOpts {
     pub(crate) service_dates: ServiceDates,
     /// Decimals as JSON strings (`SimOptions::decimals_as_strings`).
     pub(crate) decimals_as_strings: bool,
+    /// The list envelope's counts as JSON strings (`SimOptions::counts_as_strings`).
+    pub(crate) counts_as_strings: bool,
     /// Labels as their codes (`SimOptions::labels_as_numbers`).
     pub(crate) labels_as_numbers: bool,
     /// `SimOptions::unordered_rendering`: this response's salt, which orders its keys and
@@ -397,9 +399,15 @@ pub(crate) fn list_body(
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut obj = s.serialize_struct("List", 4)?;
             obj.serialize_field("items", &self.items)?;
-            obj.serialize_field("limit", &self.limit)?;
-            obj.serialize_field("offset", &self.offset)?;
-            obj.serialize_field("total", &self.total)?;
+            if self.items.2.counts_as_strings {
+                obj.serialize_field("limit", &self.limit.to_string())?;
+                obj.serialize_field("offset", &self.offset.to_string())?;
+                obj.serialize_field("total", &self.total.to_string())?;
+            } else {
+                obj.serialize_field("limit", &self.limit)?;
+                obj.serialize_field("offset", &self.offset)?;
+                obj.serialize_field("total", &self.total)?;
+            }
             if self.items.2.extra_fields {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }

@@ -158,6 +158,7 @@ impl Simulator {
                 null_empty_documents: opts.null_empty_documents,
                 service_dates: opts.service_dates,
                 decimals_as_strings: opts.decimals_as_strings,
+                counts_as_strings: opts.counts_as_strings,
                 labels_as_numbers: opts.labels_as_numbers,
                 unordered_rendering: opts.unordered_rendering,
                 signed_recording_links: opts.signed_recording_links,

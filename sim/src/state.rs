@@ -61,6 +61,7 @@ pub(crate) struct Inner {
     pub(crate) null_empty_documents: bool,
     pub(crate) service_dates: ServiceDates,
     pub(crate) decimals_as_strings: bool,
+    pub(crate) counts_as_strings: bool,
     pub(crate) labels_as_numbers: bool,
     /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
     pub(crate) unordered_rendering: bool,
@@ -140,6 +141,7 @@ impl Inner {
             null_empty_documents: self.null_empty_documents,
             service_dates: self.service_dates,
             decimals_as_strings: self.decimals_as_strings,
+            counts_as_strings: self.counts_as_strings,
             labels_as_numbers: self.labels_as_numbers,
             unordered: response.filter(|_| self.unordered_rendering),
             recording_links: response

@@ -659,6 +659,23 @@ async fn signed_recording_links_differ_on_every_response_and_only_finished_recor
 }
 
 #[tokio::test]
+async fn counts_as_strings_sends_the_list_envelope_counts_as_strings() {
+    let sim = Simulator::start(SimOptions {
+        counts_as_strings: true,
+        ..options(30)
+    })
+    .await
+    .unwrap();
+    let page = get(&sim, "/external/v1/encounters?limit=7&offset=2").await.json();
+    assert_eq!(
+        (&page["limit"], &page["offset"], &page["total"]),
+        (&"7".into(), &"2".into(), &"30".into())
+    );
+    assert_eq!(page["items"].as_array().unwrap().len(), 7);
+    sim.shutdown();
+}
+
+#[tokio::test]
 async fn the_same_seed_serves_the_same_bytes() {
     let (a, b) = (
         Simulator::start(options(50)).await.unwrap(),

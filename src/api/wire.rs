@@ -167,6 +167,19 @@ fn decimal<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     lenient_decimal(d)?.ok_or_else(|| de::Error::custom("expected a number, or a string holding one"))
 }
 
+/// A count of the list envelope (`limit`, `offset`, `total`) sent as a JSON integer or, by a
+/// server that sends its integers as strings, as a string holding one (`"100"`); anything else
+/// is an error, since a page cannot be judged without it.
+fn count<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<T, D::Error> {
+    let n = match Loose::deserialize(d)? {
+        Loose::Integer(n) => Some(n),
+        Loose::Text(text) => text.trim().parse::<i128>().ok(),
+        Loose::Null | Loose::Number(_) | Loose::Other => None,
+    };
+    n.and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| de::Error::custom("expected a count: a non-negative integer, or a string holding one"))
+}
+
 /// A list that may come as `null`: no items.
 fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
@@ -186,8 +199,11 @@ pub struct EncounterPage {
 pub(super) struct RawPage<'a> {
     #[serde(borrow)]
     pub items: Vec<&'a RawValue>,
+    #[serde(deserialize_with = "count")]
     pub limit: u32,
+    #[serde(deserialize_with = "count")]
     pub offset: u32,
+    #[serde(deserialize_with = "count")]
     pub total: u64,
 }
 
@@ -383,6 +399,31 @@ pub(super) struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_list_envelope_takes_its_counts_as_integers_or_strings_holding_them() {
+        let page = |limit: &str, offset: &str, total: &str| {
+            serde_json::from_str::<RawPage>(&format!(
+                r#"{{"items": [], "limit": {limit}, "offset": {offset}, "total": {total}}}"#
+            ))
+            .map(|p| (p.limit, p.offset, p.total))
+        };
+        assert_eq!(page("100", "0", "123").unwrap(), (100, 0, 123));
+        assert_eq!(page(r#""100""#, r#"" 0 ""#, r#""123""#).unwrap(), (100, 0, 123));
+        for (limit, offset, total) in [
+            ("100", "0", "-1"),
+            ("100", "0", "1.5"),
+            ("100", "0", r#""many""#),
+            ("100", "0", "null"),
+            ("4294967296", "0", "1"),
+        ] {
+            let err = page(limit, offset, total).unwrap_err().to_string();
+            assert!(
+                err.contains("expected a count"),
+                "{limit} {offset} {total}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn encounters_tolerate_unknown_fields_and_normalize_offsets() {

@@ -1014,6 +1014,34 @@ async fn labels_sent_as_numbers_are_stored_as_their_text_and_never_stop_a_page(b
 
 both_backends!(
     #[tokio::test]
+    list_counts_sent_as_strings_are_read_as_the_numbers_they_hold
+);
+/// A server that sends its integers as strings sends the list envelope's `limit`, `offset` and
+/// `total` as `"100"`. Every page decodes, every window's count is checked as usual, and the
+/// warehouse ends equal to the source at the usual number of list requests.
+async fn list_counts_sent_as_strings_are_read_as_the_numbers_they_hold(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            counts_as_strings: true,
+            ..sim_options(84, 1_200)
+        },
+    )
+    .await;
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_new, 1_200);
+    assert!(
+        report.counts.list_requests <= 14,
+        "{} list requests",
+        report.counts.list_requests
+    );
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test]
     a_list_route_that_answers_every_window_empty_costs_a_few_probes_and_removes_nothing
 );
 /// A list route in an outage may answer 200 with no items and `total` 0. Every stored encounter
