@@ -242,7 +242,8 @@ pub trait Backend: Reader {
         now: OffsetDateTime,
     ) -> anyhow::Result<()>;
     /// Deletes the organization's dead letters no claim can pick up any more (their document or
-    /// its encounter removed, or gone), then counts the rest by kind of work, waiting or due.
+    /// its encounter removed, or gone, or the work no longer queued), then counts the rest by
+    /// kind of work, waiting or due.
     fn dead_letters_left(&self, organization: &str) -> anyhow::Result<Vec<(Work, i64)>>;
     /// Deletes the organization's handled events (any state but `pending`) received before
     /// `before`; answers how many.

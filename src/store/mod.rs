@@ -373,8 +373,10 @@ macro_rules! requeue_dead_letters_sql {
 use requeue_dead_letters_sql;
 
 /// `Backend::dead_letters_left`'s first statement, given each backend's placeholder for the
-/// organization's name: the dead letters no claim can pick up any more, their document or its
-/// encounter removed (or gone).
+/// organization's name: the dead letters no claim can pick up any more — their document or its
+/// encounter removed (or gone), or the work no longer queued (a dead letter leaves its work
+/// `pending`; a change can make a transcript wait for its recording to finish, say, or turn the
+/// document into another type).
 macro_rules! orphaned_dead_letters_sql {
     ($organization:literal) => {
         concat!(
@@ -382,7 +384,10 @@ macro_rules! orphaned_dead_letters_sql {
             $organization,
             " AND NOT EXISTS (SELECT 1 FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
                               WHERE d.document_id = dead_letters.document_id
-                                AND d.removed_at IS NULL AND e.removed_at IS NULL)"
+                                AND d.removed_at IS NULL AND e.removed_at IS NULL
+                                AND CASE dead_letters.work WHEN 'document' THEN d.detail_state
+                                                           WHEN 'transcript' THEN d.transcript_state
+                                                           ELSE d.audio_state END IN ('pending', 'not_ready'))"
         )
     };
 }

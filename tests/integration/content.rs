@@ -480,6 +480,20 @@ async fn work_that_exhausts_its_retries_is_dead_lettered_and_done_next_cycle(bac
         .scalar("SELECT count(*) FROM dead_letters WHERE work = 'transcript'", &[]);
     assert_eq!(dead as u64, report.counts.dead_letters);
 
+    // With transcripts turned off, their dead letters are no work left undone (and are kept,
+    // for when they are turned on again).
+    let mut raw = env.raw_config();
+    raw.limits.max_attempts = 2;
+    raw.content.transcripts = false;
+    let without = env
+        .sync(&raw.validate().unwrap(), CyclePlan::full(None, false))
+        .await;
+    assert!(without.is_complete(), "{without:?}");
+    assert_eq!(
+        env.warehouse.row_count("SELECT * FROM dead_letters"),
+        dead as usize
+    );
+
     env.sim.clear_faults();
     let report = env.sync(&config, CyclePlan::full(None, false)).await;
     assert!(report.is_complete(), "{report:?}");

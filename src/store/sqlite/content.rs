@@ -563,6 +563,43 @@ mod tests {
         );
     }
 
+    /// Dead letters a claim can still pick up are counted by kind; one whose work a change took
+    /// off the queue, or whose document was removed, is deleted.
+    #[test]
+    fn dead_letters_left_are_those_a_claim_can_still_pick_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(&dir.path().join("w.db"), Duration::from_secs(1)).unwrap();
+        page(
+            &mut conn,
+            "h1",
+            vec![
+                doc("doc_a", "ambient_transcript", Some("completed")),
+                doc("doc_b", "ambient_transcript", Some("completed")),
+                doc("doc_n", "document", None),
+            ],
+        );
+        let now = OffsetDateTime::now_utc();
+        let items = claimable(&conn);
+        assert_eq!(items.len(), 3, "{items:?}");
+        for item in &items {
+            dead_letter(&conn, "default", item, 1, None, "HTTP 500", now).unwrap();
+        }
+        let left = |conn: &Connection| dead_letters_left(conn, "default").unwrap();
+        assert_eq!(left(&conn), [(Work::Document, 1), (Work::Transcript, 2)]);
+        assert_eq!(dead_letters_left(&conn, "another").unwrap(), []);
+        // doc_a's transcript waits for its recording again; doc_n is removed.
+        conn.execute_batch(
+            "UPDATE documents SET transcript_state = 'waiting' WHERE document_id = 'doc_a';
+             UPDATE documents SET removed_at = 'x' WHERE document_id = 'doc_n';",
+        )
+        .unwrap();
+        assert_eq!(left(&conn), [(Work::Transcript, 1)]);
+        let kept: String = conn
+            .query_row("SELECT document_id FROM dead_letters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, "doc_b");
+    }
+
     fn doc(id: &str, schema_type: &str, status: Option<&str>) -> DocumentRecord {
         DocumentRecord {
             document_id: id.to_owned(),
