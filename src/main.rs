@@ -1173,8 +1173,8 @@ fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> R
                 if !report.is_complete() {
                     undone.push(format!(
                         "{who}the cycle left work undone: {} item(s) in dead letters, {} of them by this cycle \
-                         (each asked again by the next cycle after its first failure, later after 15 minutes, \
-                         then hourly: see `status`){}{}",
+                         (each asked again by the next cycle after its first failure, later after half the time \
+                         it has been failing, at most an hour: see `status`){}{}",
                         report.dead_letters_left,
                         c.dead_letters,
                         report

@@ -1,5 +1,6 @@
--- A dead letter waits before its next attempt: by the next cycle after the first failed cycle,
--- 15 minutes after the second, an hour after every later one (SQLite V12, docs/content.md).
+-- A dead letter waits before its next attempt: the next cycle asks after its first failure,
+-- later ones wait half the time it has been failing, at most an hour (SQLite V12,
+-- docs/content.md).
 -- NULL: asked by the next cycle, as every dead letter written before this migration is. A change
 -- of the encounter, a webhook announcing the transcript or `sync --refresh-content` ends the
 -- wait; the index finds the waiting dead letters of an encounter.

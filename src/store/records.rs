@@ -256,22 +256,24 @@ pub struct WorkItem {
     pub detail_updated_at: Option<String>,
 }
 
-/// How long a dead letter waits before its next attempt, after the second and after every later
-/// cycle that gave up on it; after the first, the next cycle asks again (the items of an outage
-/// of one cycle arrive with it; of a longer one, within the hour after it ends). So work that
-/// fails on its own (a transcript the server cannot render, say) costs at most one cycle's
-/// `limits.max_attempts` requests an hour, not every cycle's. A change of the encounter, a
-/// webhook announcing the transcript and `sync --refresh-content` end the wait.
-pub(crate) const DEAD_LETTER_WAITS: [std::time::Duration; 2] = [
-    std::time::Duration::from_secs(15 * 60),
-    std::time::Duration::from_secs(60 * 60),
-];
+/// The longest a dead letter waits before its next attempt ([`dead_letter_retry_at`]).
+pub(crate) const DEAD_LETTER_LONGEST_WAIT: time::Duration = time::Duration::hours(1);
 
-/// When a dead letter that `attempts` cycles gave up on before this one is asked again
-/// (nanoseconds since the epoch), by [`DEAD_LETTER_WAITS`]: the values a backend writes for an
-/// item that failed once before, and for one that failed more often.
-pub(crate) fn dead_letter_retry_at(now: OffsetDateTime) -> [i64; 2] {
-    DEAD_LETTER_WAITS.map(|wait| crate::timefmt::unix_nanos(now + wait))
+/// When a dead letter failing again at `now` is asked next (nanoseconds since the epoch): `None`
+/// for one failing for the first time (`first_failed_at` none: the next cycle asks again), else
+/// after half the time it has been failing, at most [`DEAD_LETTER_LONGEST_WAIT`]. So the items
+/// of an outage arrive within half its length after it ends (a one-cycle outage's with the next
+/// cycle), and work that fails on its own (a transcript the server cannot render, say) costs at
+/// most one cycle's `limits.max_attempts` requests an hour once it has failed for two, not
+/// every cycle's. A change of the encounter, a webhook announcing the transcript and `sync
+/// --refresh-content` end the wait.
+pub(crate) fn dead_letter_retry_at(
+    first_failed_at: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Option<i64> {
+    let failing = now - first_failed_at?;
+    let wait: time::Duration = (failing / 2_i32).clamp(time::Duration::ZERO, DEAD_LETTER_LONGEST_WAIT);
+    Some(crate::timefmt::unix_nanos(now + wait))
 }
 
 /// Where an answer of "not yet" leaves a work item — the transcript route's for an unfinished
@@ -499,5 +501,36 @@ impl WebhookState {
             WebhookState::Ignored => "ignored",
             WebhookState::Failed => "failed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::Duration;
+    use time::macros::datetime;
+
+    use super::dead_letter_retry_at;
+    use crate::timefmt::unix_nanos;
+
+    #[test]
+    fn a_dead_letter_waits_half_the_time_it_has_been_failing_at_most_an_hour() {
+        let now = datetime!(2026-12-01 12:00 UTC);
+        let after = |failing: Duration| dead_letter_retry_at(Some(now - failing), now);
+        assert_eq!(dead_letter_retry_at(None, now), None, "a first failure");
+        assert_eq!(after(Duration::ZERO), Some(unix_nanos(now)));
+        assert_eq!(
+            after(Duration::seconds(30)),
+            Some(unix_nanos(now + Duration::seconds(15)))
+        );
+        assert_eq!(
+            after(Duration::minutes(30)),
+            Some(unix_nanos(now + Duration::minutes(15)))
+        );
+        assert_eq!(
+            after(Duration::hours(3)),
+            Some(unix_nanos(now + Duration::hours(1)))
+        );
+        // A first failure in the future (the clock went back): no wait.
+        assert_eq!(after(-Duration::hours(1)), Some(unix_nanos(now)));
     }
 }

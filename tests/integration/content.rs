@@ -507,9 +507,10 @@ both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile
 );
-/// Work that keeps failing is not asked by every cycle: after the first failed cycle the next
-/// one asks again (a one-cycle outage's items arrive with it), after the second it waits 15
-/// minutes, after every later one an hour, and a cycle within the wait sends it nothing.
+/// Work that keeps failing is not asked by every cycle: after its first failure the next cycle
+/// asks again, after a later one it waits half the time it has been failing (a moment after a
+/// short outage, 15 minutes after 30), at most an hour, and a cycle within the wait sends it
+/// nothing.
 async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_meanwhile(backend: Backend) {
     let (env, config) = failing_transcripts(backend, 29).await;
     // (transcript requests, dead letters of the cycle, the dead letters' waits in seconds from
@@ -536,17 +537,36 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
         )
     };
     let cycle = || listing(false);
+    // Makes every dead letter look failing since this long ago.
+    let failing_for = |ago: time::Duration| {
+        let since = charthero_sync::timefmt::format_utc(OffsetDateTime::now_utc() - ago);
+        env.warehouse.execute(&format!(
+            "UPDATE dead_letters SET first_failed_at = {}",
+            env.warehouse
+                .pick(&format!("'{since}'"), &format!("'{since}'::timestamptz"))
+        ));
+    };
     let (requests, dead, waits) = cycle().await;
     assert!(dead > 5, "{dead} dead letters");
     assert_eq!(requests, 2 * dead, "two attempts each");
     assert_eq!(waits, vec![None; dead as usize], "the next cycle asks again");
 
+    // Failing for a moment only (a short outage, a clinic synced every few seconds): the wait
+    // is half that moment, and the next cycle asks again.
+    let (requests, again, waits) = cycle().await;
+    assert_eq!((requests, again), (2 * dead, dead));
+    assert!(waits.iter().all(|w| w.is_some_and(|s| s <= 1)), "{waits:?}");
+    // Under two seconds, then: past it, the next cycle asks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Failing for 30 minutes: it waits 15.
+    failing_for(time::Duration::minutes(30));
     let (requests, again, waits) = cycle().await;
     assert_eq!((requests, again), (2 * dead, dead));
     assert!(
         waits
             .iter()
-            .all(|w| w.is_some_and(|s| (15 * 60 - 60..=15 * 60).contains(&s))),
+            .all(|w| w.is_some_and(|s| (15 * 60 - 60..=15 * 60 + 5).contains(&s))),
         "{waits:?}"
     );
     // `status` shows the oldest 20.
@@ -593,6 +613,8 @@ async fn a_dead_letter_waits_longer_after_each_failed_cycle_and_costs_nothing_me
         dead as usize
     );
 
+    // Failing for three hours: it waits an hour, no more.
+    failing_for(time::Duration::hours(3));
     env.warehouse
         .execute("UPDATE dead_letters SET next_attempt_at_ns = 0");
     let (requests, again, waits) = cycle().await;

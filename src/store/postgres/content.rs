@@ -512,7 +512,13 @@ pub fn dead_letter(
     error: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let [once, more] = dead_letter_retry_at(now);
+    let first_failed_at: Option<OffsetDateTime> = db
+        .query_opt(
+            "SELECT first_failed_at FROM dead_letters WHERE work = $1 AND document_id = $2",
+            &[&item.work.as_str(), &item.document_id],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()?;
     db.execute(
         "INSERT INTO dead_letters AS x (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
              last_run_id, reason_code, last_error, organization, next_attempt_at_ns)
@@ -520,7 +526,7 @@ pub fn dead_letter(
          ON CONFLICT (work, document_id) DO UPDATE SET attempts = x.attempts + 1,
              last_failed_at = EXCLUDED.last_failed_at, last_run_id = EXCLUDED.last_run_id,
              reason_code = EXCLUDED.reason_code, last_error = EXCLUDED.last_error,
-             next_attempt_at_ns = CASE WHEN x.attempts = 1 THEN $9::bigint ELSE $10::bigint END",
+             next_attempt_at_ns = $9",
         &[
             &item.work.as_str(),
             &item.document_id,
@@ -530,8 +536,7 @@ pub fn dead_letter(
             &reason_code,
             &error,
             &organization,
-            &once,
-            &more,
+            &dead_letter_retry_at(first_failed_at, now),
         ],
     )?;
     Ok(())
@@ -1038,11 +1043,11 @@ pub(super) mod tests {
         );
 
         // A dead letter keeps its item out for the rest of its run, and counts the cycles;
-        // after the second it waits 15 minutes.
+        // failing again 30 minutes after the first, it waits 15 minutes.
         let item = claim(c, Work::Document, "doc_b").unwrap();
-        for run in [1, 2] {
+        for (run, at) in [(1, now - time::Duration::minutes(30)), (2, now)] {
             save(c, |tx| {
-                dead_letter(tx, "default", &item, run, Some("server_error"), "HTTP 500", now)
+                dead_letter(tx, "default", &item, run, Some("server_error"), "HTTP 500", at)
             });
         }
         let mut claim_ids = |run: i64, at: OffsetDateTime| -> Vec<String> {
@@ -1057,7 +1062,11 @@ pub(super) mod tests {
         assert_eq!(claim_ids(2, now), ["doc_a", "doc_t"]);
         assert_eq!(claim_ids(3, now), ["doc_a", "doc_t"]);
         assert_eq!(
-            claim_ids(3, now + time::Duration::minutes(15)),
+            claim_ids(3, now + time::Duration::minutes(15) - time::Duration::seconds(1)),
+            ["doc_a", "doc_t"]
+        );
+        assert_eq!(
+            claim_ids(3, now + time::Duration::minutes(15) + time::Duration::seconds(1)),
             ["doc_a", "doc_b", "doc_t"]
         );
         let row = c
@@ -1565,23 +1574,16 @@ pub(super) mod tests {
             }
             let left = sorted_claims(b, 2, at(100_000));
             seen.push(left.clone());
-            // What is left fails two cycles: after the second it waits 15 minutes.
-            for run in [2, 3] {
+            // What is left fails two cycles 30 minutes apart: then it waits 15 minutes.
+            for (run, failed) in [(2, at(100_001 - 1_800)), (3, at(100_001))] {
                 step(b, &mut |tx| {
                     left.iter().try_for_each(|item| {
-                        tx.dead_letter(
-                            "default",
-                            item,
-                            run,
-                            Some("server_error"),
-                            "HTTP 500",
-                            at(100_001),
-                        )
+                        tx.dead_letter("default", item, run, Some("server_error"), "HTTP 500", failed)
                     })
                 });
             }
             assert!(sorted_claims(b, 4, at(100_002)).is_empty());
-            seen.push(sorted_claims(b, 4, at(100_001 + 15 * 60)));
+            seen.push(sorted_claims(b, 4, at(100_002 + 15 * 60)));
             claims.push(seen);
         }
         assert_eq!(claims[0], claims[1], "claims");

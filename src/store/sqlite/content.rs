@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::store::{
     DetailOutcome, NotReady, RecordingRecord, TranscriptRecord, Work, WorkItem, dead_letter_retry_at,
 };
-use crate::timefmt::{format_stored, unix_nanos};
+use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 /// [`claim_work`]'s query: `?1` the run, `?2` now (nanoseconds), `?3` how many, `?4` the
 /// organization. Each arm is in the form its partial index answers (an OR of two states is
@@ -455,7 +455,15 @@ pub fn dead_letter(
     error: &str,
     now: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let [once, more] = dead_letter_retry_at(now);
+    // A first failure stored unreadable (written by hand) counts as failing since now.
+    let first_failed_at = conn
+        .query_row(
+            "SELECT first_failed_at FROM dead_letters WHERE work = ?1 AND document_id = ?2",
+            params![item.work.as_str(), item.document_id],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .map(|text| parse_rfc3339(&text).unwrap_or(now));
     conn.execute(
         "INSERT INTO dead_letters (work, document_id, encounter_id, attempts, first_failed_at, last_failed_at,
              last_run_id, reason_code, last_error, organization, next_attempt_at_ns)
@@ -463,7 +471,7 @@ pub fn dead_letter(
          ON CONFLICT (work, document_id) DO UPDATE SET attempts = attempts + 1,
              last_failed_at = excluded.last_failed_at, last_run_id = excluded.last_run_id,
              reason_code = excluded.reason_code, last_error = excluded.last_error,
-             next_attempt_at_ns = CASE WHEN attempts = 1 THEN ?9 ELSE ?10 END",
+             next_attempt_at_ns = ?9",
         params![
             item.work.as_str(),
             item.document_id,
@@ -473,8 +481,7 @@ pub fn dead_letter(
             reason_code,
             error,
             organization,
-            once,
-            more
+            dead_letter_retry_at(first_failed_at, now)
         ],
     )?;
     Ok(())
