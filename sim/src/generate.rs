@@ -33,7 +33,7 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
     );
     let mut previous_created = None;
     let mut doc_counter: u64 = 0;
-    for _ in 0..opts.encounters {
+    for index in 0..opts.encounters {
         let rng = &mut store.rng;
         // About 2% share the previous record's created_at exactly, as a batch import would, so
         // the encounter_id tie-break is exercised.
@@ -57,7 +57,9 @@ pub(crate) fn populate(store: &mut Store, opts: &SimOptions) {
                 .i64(5 * MINUTE..=180 * MINUTE)
                 .min((end - created).max(SECOND));
         // At least five minutes after `created`: truncating to a whole minute keeps it after.
-        let updated = if fine {
+        let updated = if opts.null_updated_at && index % 5 == 0 {
+            created
+        } else if fine {
             at_any_precision(rng, updated).max(created)
         } else {
             micros(updated)

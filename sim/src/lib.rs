@@ -63,6 +63,9 @@
 //!   [`Simulator::rendered_date_of_service`] gives the JSON value an encounter is sent with.
 //! - **Decimals as strings** ([`SimOptions::decimals_as_strings`]): `audio_duration_seconds` and
 //!   transcript turns' `start`/`end` sent as JSON strings (`"842.4"`).
+//! - **`updated_at` null until updated** ([`SimOptions::null_updated_at`]): every fifth
+//!   encounter is never updated, and an encounter never updated is sent with
+//!   `"updated_at": null`.
 //! - **Counts as strings** ([`SimOptions::counts_as_strings`]): the list envelope's `limit`,
 //!   `offset` and `total` sent as JSON strings (`"100"`).
 //! - **Labels as numbers** ([`SimOptions::labels_as_numbers`]): each encounter's

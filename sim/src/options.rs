@@ -106,6 +106,11 @@ pub struct SimOptions {
     /// Send the list envelope's `limit`, `offset` and `total` as JSON strings (`"100"`), as a
     /// server that sends its integers as strings does. Default `false`: JSON numbers.
     pub counts_as_strings: bool,
+    /// Generate every fifth encounter as never updated (`updated_at` equal to `created_at`) and
+    /// send an encounter never updated since its creation with `"updated_at": null`, as a server
+    /// that stamps only updates does. A later change sends its instant as usual. Default
+    /// `false`: every encounter carries an `updated_at`.
+    pub null_updated_at: bool,
     /// Send each encounter's `encounter_type` and `status` and each document summary's `title`
     /// as JSON numbers (codes of the values), as a server that sends enum codes would; the
     /// contract shows strings. Default `false`.
@@ -273,6 +278,7 @@ impl Default for SimOptions {
             service_dates: ServiceDates::Timestamps,
             decimals_as_strings: false,
             counts_as_strings: false,
+            null_updated_at: false,
             labels_as_numbers: false,
             unordered_rendering: false,
             document_lag: std::time::Duration::ZERO,

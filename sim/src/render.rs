@@ -40,6 +40,8 @@ pub(crate) struct RenderOpts {
     pub(crate) decimals_as_strings: bool,
     /// The list envelope's counts as JSON strings (`SimOptions::counts_as_strings`).
     pub(crate) counts_as_strings: bool,
+    /// `"updated_at": null` for an encounter never updated (`SimOptions::null_updated_at`).
+    pub(crate) null_updated_at: bool,
     /// Labels as their codes (`SimOptions::labels_as_numbers`).
     pub(crate) labels_as_numbers: bool,
     /// `SimOptions::unordered_rendering`: this response's salt, which orders its keys and
@@ -238,7 +240,11 @@ impl Serialize for EncounterView<'_> {
         )?;
         obj.serialize_field("status", &Label(&store.syms, Some(rec.status), self.opts))?;
         obj.serialize_field("created_at", &Ts(self.opts.created_at(rec.created), shift))?;
-        obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
+        if self.opts.null_updated_at && rec.updated == rec.created {
+            obj.serialize_field("updated_at", &None::<()>)?;
+        } else {
+            obj.serialize_field("updated_at", &Ts(rec.updated, shift))?;
+        }
         obj.serialize_field(
             "date_of_service",
             &ServiceDate(rec.date_of_service, shift, self.opts.service_dates),

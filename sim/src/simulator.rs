@@ -159,6 +159,7 @@ impl Simulator {
                 service_dates: opts.service_dates,
                 decimals_as_strings: opts.decimals_as_strings,
                 counts_as_strings: opts.counts_as_strings,
+                null_updated_at: opts.null_updated_at,
                 labels_as_numbers: opts.labels_as_numbers,
                 unordered_rendering: opts.unordered_rendering,
                 signed_recording_links: opts.signed_recording_links,

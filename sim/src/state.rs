@@ -62,6 +62,7 @@ pub(crate) struct Inner {
     pub(crate) service_dates: ServiceDates,
     pub(crate) decimals_as_strings: bool,
     pub(crate) counts_as_strings: bool,
+    pub(crate) null_updated_at: bool,
     pub(crate) labels_as_numbers: bool,
     /// [`crate::SimOptions::unordered_rendering`], and the responses rendered so: each one's salt.
     pub(crate) unordered_rendering: bool,
@@ -142,6 +143,7 @@ impl Inner {
             service_dates: self.service_dates,
             decimals_as_strings: self.decimals_as_strings,
             counts_as_strings: self.counts_as_strings,
+            null_updated_at: self.null_updated_at,
             labels_as_numbers: self.labels_as_numbers,
             unordered: response.filter(|_| self.unordered_rendering),
             recording_links: response

@@ -38,6 +38,31 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// An encounter's `updated_at` as sent. The contract shows a timestamp; a server that stamps
+/// only updates sends `null` (or nothing) for a record never updated. It is data, never a
+/// version: one record's value must not stop its page from decoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpdatedAt {
+    /// Absent, `null` or an empty string: never updated.
+    #[default]
+    Never,
+    /// An RFC 3339 timestamp normalized to UTC.
+    At(OffsetDateTime),
+    /// Anything else.
+    Unreadable,
+}
+
+impl<'de> Deserialize<'de> for UpdatedAt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Loose::deserialize(d)? {
+            Loose::Null => UpdatedAt::Never,
+            Loose::Text(text) if text.is_empty() => UpdatedAt::Never,
+            Loose::Text(text) => timefmt::parse_rfc3339(&text).map_or(UpdatedAt::Unreadable, UpdatedAt::At),
+            Loose::Number(_) | Loose::Integer(_) | Loose::Other => UpdatedAt::Unreadable,
+        })
+    }
+}
+
 /// An encounter's `date_of_service` as sent. The contract shows an RFC 3339 timestamp, but the
 /// field names a day and servers send it in other shapes; one record's value must not stop its
 /// page from decoding (the stored JSON keeps what was sent).
@@ -223,7 +248,8 @@ pub struct Encounter {
     #[serde(default, deserialize_with = "lenient_text")]
     pub status: Option<String>,
     pub created_at: Timestamp,
-    pub updated_at: Timestamp,
+    #[serde(default)]
+    pub updated_at: UpdatedAt,
     #[serde(default)]
     pub date_of_service: ServiceDate,
     #[serde(default)]
@@ -436,7 +462,10 @@ mod tests {
         let raw: &RawValue = serde_json::from_str(text).unwrap();
         let e = Encounter::from_raw(raw).unwrap();
         assert_eq!(e.created_at.to_string(), "2026-05-25T14:00:00Z");
-        assert_eq!(e.updated_at.to_string(), "2026-05-25T15:00:00.5Z");
+        assert_eq!(
+            e.updated_at,
+            UpdatedAt::At(time::macros::datetime!(2026-05-25 15:00:00.5 UTC))
+        );
         assert_eq!(e.encounter_type.as_deref(), Some("telepathy"));
         assert_eq!(e.documents[0].schema_type, "hologram");
         assert!(e.patient.unwrap().first_name.is_none());

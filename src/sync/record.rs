@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use time::Date;
 
-use crate::api::wire::{Encounter, ServiceDate};
+use crate::api::wire::{Encounter, ServiceDate, UpdatedAt};
 use crate::config::{BirthDate, PrivacyConfig};
 use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, stored_json_and_hash};
 
@@ -18,6 +18,15 @@ use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, stored_json_a
 /// response.
 pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
     let (raw, content_hash) = stored_json_and_hash(e.raw);
+    // Never updated: stored as updated at its creation.
+    let updated_at = match e.updated_at {
+        UpdatedAt::At(t) => t,
+        UpdatedAt::Never => e.created_at.0,
+        UpdatedAt::Unreadable => {
+            unreadable(Field::UpdatedAt, &e.encounter_id, None);
+            e.created_at.0
+        }
+    };
     let date_of_service = match e.date_of_service {
         ServiceDate::At(t) => Some(t),
         ServiceDate::Unknown => None,
@@ -54,7 +63,7 @@ pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecor
         encounter_type: e.encounter_type,
         status: e.status,
         created_at: e.created_at.0,
-        updated_at: e.updated_at.0,
+        updated_at,
         date_of_service,
         patient,
         documents: e
@@ -92,6 +101,7 @@ fn birth_date(text: &str, encounter_id: &str, patient_id: &str) -> Option<Date> 
 enum Field {
     DateOfBirth,
     DateOfService,
+    UpdatedAt,
 }
 
 impl Field {
@@ -101,12 +111,17 @@ impl Field {
             Field::DateOfService => {
                 "date_of_service is neither an RFC 3339 timestamp nor a YYYY-MM-DD date; stored as NULL"
             }
+            Field::UpdatedAt => "updated_at is not an RFC 3339 timestamp; stored as its created_at",
         }
     }
 }
 
 /// Whether a field's unreadable value was logged as a warning yet, by [`Field`].
-static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+static WARNED: [AtomicBool; 3] = [
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+];
 
 /// Logs a value stored as NULL because it cannot be read, by the record's IDs, never the value
 /// (PHI). The first of each field per process is a warning; later ones are logged at debug
@@ -177,6 +192,30 @@ mod tests {
                 "documents": []}}"#
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn an_updated_at_not_sent_or_unreadable_is_stored_as_the_created_at() {
+        for (sent, expected) in [
+            (r#""updated_at": "2026-05-01T10:05:00Z","#, "2026-05-01T10:05:00Z"),
+            (r#""updated_at": null,"#, "2026-05-01T10:00:00Z"),
+            (r#""updated_at": "","#, "2026-05-01T10:00:00Z"),
+            ("", "2026-05-01T10:00:00Z"),
+            (r#""updated_at": "yesterday","#, "2026-05-01T10:00:00Z"),
+            (r#""updated_at": 1777629900,"#, "2026-05-01T10:00:00Z"),
+        ] {
+            let text = format!(
+                r#"{{"encounter_id": "enc_1", "organization_id": "org_1", "created_at": "2026-05-01T10:00:00Z",
+                    {sent} "documents": []}}"#
+            );
+            let record = encounter_record(Encounter::parse(&text).unwrap(), &policy(BirthDate::Full));
+            assert_eq!(
+                record.updated_at,
+                crate::timefmt::parse_rfc3339(expected).unwrap(),
+                "{sent}"
+            );
+            assert_eq!(record.raw_json, text, "the JSON keeps what was sent");
+        }
     }
 
     #[test]

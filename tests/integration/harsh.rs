@@ -1014,6 +1014,47 @@ async fn labels_sent_as_numbers_are_stored_as_their_text_and_never_stop_a_page(b
 
 both_backends!(
     #[tokio::test]
+    an_updated_at_sent_as_null_until_the_first_update_is_stored_as_the_created_at
+);
+/// A server that stamps only updates sends `"updated_at": null` for an encounter never updated
+/// (every fifth of the simulator's here). Each is stored with its `created_at` as `updated_at`,
+/// its page never stops, a second cycle changes nothing, and a later update is stored as sent.
+async fn an_updated_at_sent_as_null_until_the_first_update_is_stored_as_the_created_at(backend: Backend) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            null_updated_at: true,
+            ..sim_options(85, 300)
+        },
+    )
+    .await;
+    let config = env.config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_new, 300);
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let never: Vec<String> = env.warehouse.column(
+        "SELECT encounter_id FROM encounters WHERE updated_at_ns = created_at_ns ORDER BY encounter_id",
+        &[],
+    );
+    assert_eq!(never.len(), 60, "{never:?}");
+    let again = env.sync(&config, live()).await;
+    assert_eq!(
+        (again.counts.encounters_new, again.counts.encounters_changed),
+        (0, 0)
+    );
+    env.sim.update_status(&never[0], "amended");
+    let all = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    let updated = env.sync(&config, CyclePlan::full(Some(all), false)).await;
+    assert_eq!(updated.counts.encounters_changed, 1);
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test]
     list_counts_sent_as_strings_are_read_as_the_numbers_they_hold
 );
 /// A server that sends its integers as strings sends the list envelope's `limit`, `offset` and
