@@ -115,6 +115,19 @@ impl Serialize for Label<'_> {
 /// A decimal as a JSON number, or as a string when `RenderOpts::decimals_as_strings`.
 struct Decimal(Option<f64>, bool);
 
+/// A count of the list envelope as a JSON number, or as a string when
+/// `RenderOpts::counts_as_strings`.
+struct Count(usize, bool);
+
+impl Serialize for Count {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Count(n, true) => s.serialize_str(&n.to_string()),
+            Count(n, false) => s.serialize_u64(n as u64),
+        }
+    }
+}
+
 impl Serialize for Decimal {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match *self {
@@ -359,15 +372,24 @@ impl Serialize for RecordingLink<'_> {
         let id = self.doc.id.as_str();
         let expires = self.now.div_euclid(1_000_000_000) + MEDIA_URL_LIFETIME_SECS;
         let token = mix64(self.salt ^ crate::id::fnv64(id.as_bytes()));
-        let mut obj = s.serialize_struct("Recording", 2)?;
-        obj.serialize_field(
-            "audio_url",
-            &format!("https://media.charthero.test/recordings/{id}.wav?token={token:016x}&expires={expires}"),
-        )?;
-        obj.serialize_field(
-            "expires_at",
-            &Ts(expires * 1_000_000_000, self.opts.offset_timestamps),
-        )?;
+        let url =
+            format!("https://media.charthero.test/recordings/{id}.wav?token={token:016x}&expires={expires}");
+        Audio(&url, expires * 1_000_000_000, self.opts).serialize(s)
+    }
+}
+
+/// `{"audio_url": "...", "expires_at": "..."}`: the audio route's answer, and a summary's
+/// recording link.
+struct Audio<'a>(&'a str, i64, RenderOpts);
+
+impl Serialize for Audio<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut obj = s.serialize_struct("Audio", 2)?;
+        obj.serialize_field("audio_url", self.0)?;
+        obj.serialize_field("expires_at", &Ts(self.1, self.2.offset_timestamps))?;
+        if self.2.extra_fields {
+            obj.serialize_field(EXTRA_FIELD, &Extra)?;
+        }
         obj.end()
     }
 }
@@ -405,15 +427,10 @@ pub(crate) fn list_body(
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut obj = s.serialize_struct("List", 4)?;
             obj.serialize_field("items", &self.items)?;
-            if self.items.2.counts_as_strings {
-                obj.serialize_field("limit", &self.limit.to_string())?;
-                obj.serialize_field("offset", &self.offset.to_string())?;
-                obj.serialize_field("total", &self.total.to_string())?;
-            } else {
-                obj.serialize_field("limit", &self.limit)?;
-                obj.serialize_field("offset", &self.offset)?;
-                obj.serialize_field("total", &self.total)?;
-            }
+            let strings = self.items.2.counts_as_strings;
+            obj.serialize_field("limit", &Count(self.limit as usize, strings))?;
+            obj.serialize_field("offset", &Count(self.offset as usize, strings))?;
+            obj.serialize_field("total", &Count(self.total, strings))?;
             if self.items.2.extra_fields {
                 obj.serialize_field(EXTRA_FIELD, &Extra)?;
             }
@@ -609,18 +626,6 @@ pub(crate) fn transcript_body(
 
 /// `{"audio_url": "...", "expires_at": "..."}`.
 pub(crate) fn audio_body(audio_url: &str, expires_at: i64, opts: RenderOpts) -> Vec<u8> {
-    struct Audio<'a>(&'a str, i64, RenderOpts);
-    impl Serialize for Audio<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut obj = s.serialize_struct("Audio", 2)?;
-            obj.serialize_field("audio_url", self.0)?;
-            obj.serialize_field("expires_at", &Ts(self.1, self.2.offset_timestamps))?;
-            if self.2.extra_fields {
-                obj.serialize_field(EXTRA_FIELD, &Extra)?;
-            }
-            obj.end()
-        }
-    }
     to_vec(&Audio(audio_url, expires_at, opts), opts)
 }
 

@@ -19,17 +19,24 @@ use super::hex;
 /// are never to be stored. A link is an absolute `http(s)` URL with a query or a fragment (where
 /// signatures and tokens go), or any URL under `audio_url` (the contract's name for a signed
 /// URL); the expiry beside a removed link (`expires_at`, `<key>_expires_at`, and for a `*_url`
-/// key `<name>_expires_at`) goes with it. A record without links is kept byte for byte; text
-/// that is not JSON is kept and hashed as it is.
-pub fn stored_json_and_hash(raw: String) -> (String, String) {
+/// key `<name>_expires_at`) goes with it. `redact`, when given, edits the stored JSON further
+/// (the privacy policy's fields), never the hashed one. A record without links or redaction is
+/// kept byte for byte; text that is not JSON is kept and hashed as it is. The text is parsed
+/// once, whatever is done to it.
+pub fn stored_json_and_hash(raw: String, redact: Option<&dyn Fn(&mut Value)>) -> (String, String) {
     let Ok(mut value) = serde_json::from_str::<Value>(&raw) else {
         let hash = sha256_hex(&raw);
         return (raw, hash);
     };
-    let stored = if remove_signed_links(&mut value) {
-        value.to_string()
-    } else {
-        raw
+    let links = remove_signed_links(&mut value);
+    let stored = match redact {
+        Some(redact) => {
+            let mut stored = value.clone();
+            redact(&mut stored);
+            stored.to_string()
+        }
+        None if links => value.to_string(),
+        None => raw,
     };
     canonicalize(&mut value);
     (stored, sha256_hex(&value.to_string()))
@@ -117,7 +124,7 @@ mod tests {
     use super::*;
 
     fn content_hash(json: &str) -> String {
-        stored_json_and_hash(json.to_owned()).1
+        stored_json_and_hash(json.to_owned(), None).1
     }
 
     #[test]
@@ -145,7 +152,7 @@ mod tests {
         // Text that is not JSON is compared, stored and hashed as it is.
         assert!(same_content("not json", "not json"));
         assert!(!same_content("not json", "not  json"));
-        assert_eq!(stored_json_and_hash("not json".to_owned()).0, "not json");
+        assert_eq!(stored_json_and_hash("not json".to_owned(), None).0, "not json");
     }
 
     /// A record whose links carry `token`, in the shapes a server may embed them.
@@ -173,8 +180,10 @@ mod tests {
     #[test]
     fn signed_links_are_neither_stored_nor_compared_and_a_record_without_any_is_kept_as_received() {
         let (a, b) = (with_links("17abc0ffee"), with_links("42def1dead"));
-        let ((stored_a, hash_a), (stored_b, hash_b)) =
-            (stored_json_and_hash(a.clone()), stored_json_and_hash(b.clone()));
+        let ((stored_a, hash_a), (stored_b, hash_b)) = (
+            stored_json_and_hash(a.clone(), None),
+            stored_json_and_hash(b.clone(), None),
+        );
         assert_eq!(hash_a, hash_b, "links signed anew count as a change");
         assert!(same_content(&a, &b));
         // A record an earlier release stored with its links says the same as one without.
@@ -209,6 +218,6 @@ mod tests {
         assert_ne!(content_hash(&edited), hash_a);
 
         let plain = r#"{"encounter_id": "enc_1",  "portal_url": "https://app.test/e/enc_1"}"#;
-        assert_eq!(stored_json_and_hash(plain.to_owned()).0, plain);
+        assert_eq!(stored_json_and_hash(plain.to_owned(), None).0, plain);
     }
 }

@@ -17,7 +17,9 @@ use crate::store::{DocumentRecord, EncounterRecord, PatientRecord, stored_json_a
 /// change detection depends neither on the policy nor on links a server signs anew for every
 /// response.
 pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecord {
-    let (raw, content_hash) = stored_json_and_hash(e.raw);
+    let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
+    let redaction = |value: &mut serde_json::Value| redact_patient(value, privacy);
+    let (raw_json, content_hash) = stored_json_and_hash(e.raw, redact.then_some(&redaction as _));
     // Never updated: stored as updated at its creation.
     let updated_at = match e.updated_at {
         UpdatedAt::At(t) => t,
@@ -51,12 +53,6 @@ pub fn encounter_record(e: Encounter, privacy: &PrivacyConfig) -> EncounterRecor
             last_name: p.last_name.filter(|_| privacy.patient_names),
         }
     });
-    let redact = !privacy.patient_names || privacy.date_of_birth != BirthDate::Full;
-    let raw_json = if redact {
-        redact_patient(&raw, privacy)
-    } else {
-        raw
-    };
     EncounterRecord {
         encounter_id: e.encounter_id,
         organization_id: e.organization_id,
@@ -117,11 +113,7 @@ impl Field {
 }
 
 /// Whether a field's unreadable value was logged as a warning yet, by [`Field`].
-static WARNED: [AtomicBool; 3] = [
-    AtomicBool::new(false),
-    AtomicBool::new(false),
-    AtomicBool::new(false),
-];
+static WARNED: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
 
 /// Logs a value stored as NULL because it cannot be read, by the record's IDs, never the value
 /// (PHI). The first of each field per process is a warning; later ones are logged at debug
@@ -139,11 +131,8 @@ fn unreadable(field: Field, encounter_id: &str, patient_id: Option<&str>) {
     }
 }
 
-/// The record's JSON without the patient fields the policy does not keep.
-fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
-    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(raw) else {
-        return raw.to_owned();
-    };
+/// Removes from the record's JSON the patient fields the policy does not keep.
+fn redact_patient(value: &mut serde_json::Value, privacy: &PrivacyConfig) {
     if let Some(p) = value.get_mut("patient").and_then(|p| p.as_object_mut()) {
         if !privacy.patient_names {
             p.remove("first_name");
@@ -165,7 +154,6 @@ fn redact_patient(raw: &str, privacy: &PrivacyConfig) -> String {
             }
         }
     }
-    value.to_string()
 }
 
 #[cfg(test)]
