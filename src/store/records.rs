@@ -41,7 +41,7 @@ pub struct DocumentRecord {
 }
 
 /// What one page did to the warehouse.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageCounts {
     pub new: u64,
     pub changed: u64,
@@ -52,6 +52,48 @@ pub struct PageCounts {
     pub revived: u64,
     /// Newly marked removed.
     pub removed: u64,
+    /// The page was refused, and nothing of it written (neither its removals nor its window's
+    /// completion): one of its IDs is another organization's.
+    pub refused: Option<IdCollision>,
+}
+
+/// A listed encounter, one of its documents or its patient, whose ID the warehouse holds for
+/// another organization (clinic) of it. ChartHero's IDs are opaque: nothing promises them unique
+/// across clinics, and a warehouse keys encounters, documents and patients by ID alone, so
+/// writing the page would take the other clinic's row over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdCollision {
+    /// `encounter`, `document` or `patient`.
+    pub kind: &'static str,
+    pub id: String,
+    /// The listed encounter it belongs to (the same as `id` for an encounter).
+    pub encounter_id: String,
+    /// The configured name of the organization the warehouse holds it for (its
+    /// `organization_id` when no configured name reads that clinic any more).
+    pub holder: String,
+}
+
+impl std::fmt::Display for IdCollision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let IdCollision {
+            kind,
+            id,
+            encounter_id,
+            holder,
+        } = self;
+        let of = if *kind == "encounter" {
+            String::new()
+        } else {
+            format!(" (of encounter {encounter_id})")
+        };
+        write!(
+            f,
+            "{kind} {id}{of} is stored for organization {holder}, another clinic of this warehouse: \
+             ChartHero's IDs are not unique across these clinics, and one warehouse keys encounters, \
+             documents and patients by ID alone; nothing of the page was written. Serve each of these \
+             clinics by an instance of its own (charthero-sync@.service, docs/operations.md)"
+        )
+    }
 }
 
 /// An encounter found gone upstream, and why (`encounter_not_found`, `demo_training_denied`,

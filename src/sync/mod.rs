@@ -367,6 +367,11 @@ pub enum CycleError {
         expected: String,
         found: String,
     },
+    /// The page holds an ID the warehouse stores for another of its clinics: refused before
+    /// anything of it was written; the cycle fails, and every cycle will until the clinics are
+    /// served by warehouses of their own (or the other clinic's row is gone).
+    #[error("{0}")]
+    IdCollision(crate::store::IdCollision),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -396,6 +401,7 @@ impl CycleError {
         match self {
             CycleError::Api(e) => e.reason_code(),
             CycleError::WrongOrganization { .. } => Some("organization_mismatch"),
+            CycleError::IdCollision(_) => Some("id_collision"),
             _ => self
                 .window_failure()
                 .or_else(|| self.store_error().and_then(StoreError::reason_code)),
@@ -423,6 +429,7 @@ impl CycleError {
             | CycleError::Cancelled
             | CycleError::Store(_)
             | CycleError::WrongOrganization { .. }
+            | CycleError::IdCollision(_)
             | CycleError::Other(_) => None,
         }
     }

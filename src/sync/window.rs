@@ -303,7 +303,7 @@ impl Pass {
         if self.uncommitted.len() >= MAX_UNCOMMITTED_PAGES
             && let Some(oldest) = self.uncommitted.pop_front()
         {
-            add_counts(counts, oldest.await?);
+            add_counts(counts, oldest.await?)?;
         }
         self.uncommitted
             .push_back(queue_commit(ctx, records, Vec::new(), None));
@@ -319,7 +319,7 @@ impl Pass {
     /// anyone judges or records the window.
     async fn settle(&mut self, counts: &mut RunCounts) -> Result<(), CycleError> {
         while let Some(page) = self.uncommitted.pop_front() {
-            add_counts(counts, page.await?);
+            add_counts(counts, page.await?)?;
         }
         Ok(())
     }
@@ -1127,15 +1127,19 @@ pub(super) async fn commit(
     completion: Option<WindowCompletion>,
     counts: &mut RunCounts,
 ) -> Result<(), CycleError> {
-    add_counts(counts, queue_commit(ctx, records, removals, completion).await?);
-    Ok(())
+    add_counts(counts, queue_commit(ctx, records, removals, completion).await?)
 }
 
-fn add_counts(counts: &mut RunCounts, pc: PageCounts) {
+/// Adds what a page did to the run's counts, or fails with why the warehouse refused it.
+fn add_counts(counts: &mut RunCounts, pc: PageCounts) -> Result<(), CycleError> {
+    if let Some(collision) = pc.refused {
+        return Err(CycleError::IdCollision(collision));
+    }
     counts.encounters_new += pc.new;
     counts.encounters_changed += pc.changed;
     counts.encounters_unchanged += pc.unchanged + pc.purged;
     counts.encounters_removed += pc.removed;
+    Ok(())
 }
 
 /// How many encounters the removal check of a window listed empty asks for by ID, all found

@@ -465,6 +465,81 @@ async fn a_key_of_another_clinic_is_refused_by_check_and_by_sync_before_any_writ
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinic_whose_ids_another_clinic_holds_fails_naming_one_and_never_takes_its_rows() {
+    // Two clinics whose server mints IDs per clinic: the same seed gives both the same
+    // encounter, document and patient IDs (and the same patients' names).
+    let sims = clinics(&[(171, 120, "org_first"), (171, 90, "org_second")]).await;
+    // The same seed gives the same default key too: the second clinic's key is its own.
+    let second_key = "ch_sk_sim_second_clinic_key";
+    sims[1].add_key(
+        second_key,
+        &[
+            "encounters:read",
+            "patients:read",
+            "documents:read",
+            "recordings:read",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+    write_private(&a, &sims[0].api_key());
+    write_private(&b, second_key);
+    let start_at = OffsetDateTime::now_utc() - time::Duration::days(61);
+    let config = alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, &a, &b);
+    let cmd = |args: &[&str]| {
+        let mut cmd = charthero_sync();
+        cmd.args(["--config", config.to_str().unwrap()]).args(args);
+        cmd
+    };
+    let out = run(cmd(&["sync", "--organization", "alpha"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let db = dir.path().join("warehouse.db");
+    compare_organization(&sims[0], &db).assert_empty();
+    assert!(compare_content(&sims[0], &db).is_empty());
+    let data_counts = || -> Vec<i64> {
+        let conn = reader(&db);
+        DATA_TABLES
+            .iter()
+            .map(|t| {
+                conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let alpha_rows = data_counts();
+
+    let out = run(cmd(&["sync"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is stored for organization alpha, another clinic of this warehouse")
+            && text(&out).contains("charthero-sync@.service"),
+        "{}",
+        text(&out)
+    );
+    // Nothing of beta was written, and alpha's rows are as alpha's clinic has them.
+    compare_organization(&sims[0], &db).assert_empty();
+    assert!(compare_content(&sims[0], &db).is_empty());
+    assert_rows_stay_in_their_organization(&db, &["org_first".into()]);
+    assert_eq!(data_counts(), alpha_rows);
+    let status = status_json(&config);
+    assert_eq!(organization(&status, "alpha")["state"], "ok");
+    let beta = organization(&status, "beta");
+    assert_eq!(
+        (beta["state"].as_str(), beta["reason_code"].as_str()),
+        (Some("failing"), Some("id_collision")),
+        "{beta:#}"
+    );
+    let reason: String = reader(&db)
+        .query_row(
+            "SELECT reason_code FROM sync_runs WHERE organization = 'beta' ORDER BY run_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(reason, "id_collision");
+}
+
 /// The data set `tests/fixtures/v4-warehouse.db` was written from, by the previous release's
 /// own sync (`tests/fixtures/v4fixture.rs.txt` is the program, run against that release).
 fn fixture_options() -> SimOptions {

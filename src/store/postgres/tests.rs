@@ -15,7 +15,7 @@ use time::macros::datetime;
 
 use super::*;
 use crate::store::sqlite::rows_as_text;
-use crate::store::{DocumentRecord, PatientRecord, RunCounts, RunOutcome};
+use crate::store::{DocumentRecord, IdCollision, PatientRecord, RunCounts, RunOutcome};
 use crate::timefmt::{parse_rfc3339, unix_nanos};
 
 /// A new database in the shared cluster (None, reason printed, where there is none).
@@ -442,6 +442,135 @@ fn pages_store_exactly_what_the_sqlite_backend_stores() {
         .map(|r| r.try_get(0).unwrap())
         .collect();
     assert_eq!(history, ["created", "changed", "changed", "removed", "revived"]);
+}
+
+/// Each encounter, document and patient row: its ID, its clinic and what tells it apart.
+const CLINIC_ROWS: &str = "
+    SELECT 'e', encounter_id || ' ' || organization_id || ' '
+                || CASE WHEN removed_at IS NULL THEN 'live' ELSE 'removed' END FROM encounters
+    UNION ALL SELECT 'd', document_id || ' ' || encounter_id || ' ' || organization_id FROM documents
+    UNION ALL SELECT 'p', patient_id || ' ' || organization_id || ' ' || coalesce(first_name, '-')
+      FROM patients
+    ORDER BY 1, 2";
+
+fn pg_clinic_rows(pg: &mut Client) -> Vec<(String, String)> {
+    let rows = pg.query(CLINIC_ROWS, &[]).unwrap();
+    rows.iter()
+        .map(|r| (r.try_get(0).unwrap(), r.try_get(1).unwrap()))
+        .collect()
+}
+
+fn pairs(rows: Vec<Vec<Option<String>>>) -> Vec<(String, String)> {
+    rows.into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends() {
+    let Some((db, mut pg)) = warehouse("id_collision") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqlite =
+        crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+    let mut check = connect(&db);
+    let now = datetime!(2026-05-25 14:30:00 UTC);
+    let of =
+        |org: &str, id: &str, n: i64, p: Option<PatientRecord>, docs: Vec<DocumentRecord>| EncounterRecord {
+            organization_id: org.to_owned(),
+            ..encounter(id, n, id, "completed", p, docs)
+        };
+    let note = |id: &str| document(id, "document", None, "Note");
+    let ann = || Some(patient("pat_1", Some("Ann"), Some("Lee")));
+    let gone = Removal {
+        encounter_id: "enc_r".into(),
+        reason: "encounter_not_found".into(),
+    };
+    for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
+        // In a warehouse of one clinic nothing is asked: every ID is that clinic's.
+        let first = of("org_1", "enc_a", 1, ann(), vec![note("doc_1")]);
+        assert_eq!(commit(backend, &[first], &[], None, now).refused, None);
+        for (name, id) in [("alpha", "org_1"), ("beta", "org_2")] {
+            assert_eq!(backend.claim_organization_id(name, id, now).unwrap(), Ok(()));
+        }
+        let moving = of("org_1", "enc_r", 2, None, vec![note("doc_r")]);
+        commit(backend, &[moving], &[], None, now);
+        commit(backend, &[], std::slice::from_ref(&gone), None, now);
+    }
+    let before = pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap());
+    assert_eq!(before, pg_clinic_rows(&mut check));
+    let refused = |kind: &'static str, id: &str, encounter_id: &str| IdCollision {
+        kind,
+        id: id.into(),
+        encounter_id: encounter_id.into(),
+        holder: "alpha".into(),
+    };
+    // Beta's pages, each with a harmless record first: the whole page is refused, its removal
+    // too, and the answer names the first ID alpha holds.
+    let refusals = [
+        (
+            of("org_2", "enc_a", 1, ann(), Vec::new()),
+            refused("encounter", "enc_a", "enc_a"),
+        ),
+        (
+            of("org_2", "enc_b1", 3, None, vec![note("doc_b1"), note("doc_1")]),
+            refused("document", "doc_1", "enc_b1"),
+        ),
+        (
+            of(
+                "org_2",
+                "enc_b2",
+                4,
+                Some(patient("pat_1", Some("Bob"), Some("Lee"))),
+                Vec::new(),
+            ),
+            refused("patient", "pat_1", "enc_b2"),
+        ),
+    ];
+    for (rec, expected) in refusals {
+        let page = [of("org_2", "enc_b0", 9, None, vec![note("doc_b0")]), rec];
+        for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
+            let counts = commit(backend, &page, std::slice::from_ref(&gone), None, now);
+            assert_eq!(counts.refused.as_ref(), Some(&expected));
+            assert_eq!((counts.new, counts.removed), (0, 0));
+        }
+        assert_eq!(
+            pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap()),
+            before,
+            "{expected}"
+        );
+        assert_eq!(pg_clinic_rows(&mut check), before, "{expected}");
+    }
+    assert!(refused("document", "doc_1", "enc_b1").to_string().starts_with(
+        "document doc_1 (of encounter enc_b1) is stored for organization alpha, another clinic"
+    ));
+    // The same patient seen at both clinics (names that agree or are unknown), and an encounter
+    // alpha's clinic no longer lists (it moved), are beta's to write.
+    let taken = [
+        of(
+            "org_2",
+            "enc_b3",
+            5,
+            Some(patient("pat_1", Some("Ann"), None)),
+            Vec::new(),
+        ),
+        of("org_2", "enc_r", 2, None, vec![note("doc_r")]),
+    ];
+    for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
+        let counts = commit(backend, &taken, &[], None, now);
+        assert_eq!((counts.refused, counts.new, counts.revived), (None, 1, 1));
+    }
+    let after = pg_clinic_rows(&mut check);
+    assert_eq!(after, pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap()));
+    assert!(
+        after.contains(&("e".into(), "enc_r org_2 live".into())),
+        "{after:?}"
+    );
+    assert!(
+        after.contains(&("p".into(), "pat_1 org_1 Ann".into())),
+        "{after:?}"
+    );
 }
 
 /// Each row's version (`xmin`, the transaction that wrote it) in the tables a page writes.

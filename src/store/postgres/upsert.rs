@@ -19,7 +19,7 @@ use postgres::GenericClient;
 use time::OffsetDateTime;
 
 use super::{ledger, privacy};
-use crate::store::{EncounterRecord, PageCounts, Removal, WindowCompletion};
+use crate::store::{EncounterRecord, IdCollision, PageCounts, PatientRecord, Removal, WindowCompletion};
 use crate::timefmt::unix_nanos;
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
@@ -32,6 +32,10 @@ pub fn commit_page(
     now: OffsetDateTime,
 ) -> anyhow::Result<PageCounts> {
     let mut counts = PageCounts::default();
+    if let Some(refused) = collision(tx, records)? {
+        counts.refused = Some(refused);
+        return Ok(counts);
+    }
     if !records.is_empty() {
         let purged = privacy::purged_ranges(tx)?;
         for round in rounds(records) {
@@ -52,6 +56,109 @@ pub fn commit_page(
         ledger::record_window(tx, c, now)?;
     }
     Ok(counts)
+}
+
+/// The first ID of `records` (one clinic's page) that the warehouse holds for another of its
+/// clinics: a live encounter, a live document of a live encounter (a removed one may have moved
+/// to this clinic), or a patient stored with another name or date of birth (one patient seen at
+/// two clinics keeps one row). Nothing is asked in a warehouse of one clinic.
+fn collision(
+    tx: &mut impl GenericClient,
+    records: &[EncounterRecord],
+) -> anyhow::Result<Option<IdCollision>> {
+    let Some(first) = records.first() else {
+        return Ok(None);
+    };
+    let org = first.organization_id.as_str();
+    let mut others: HashMap<String, String> = HashMap::new();
+    for row in tx.query(
+        "SELECT organization_id, organization FROM organizations
+          WHERE organization_id IS NOT NULL AND organization_id <> $1",
+        &[&org],
+    )? {
+        others.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    if others.is_empty() {
+        return Ok(None);
+    }
+    let encounters: Vec<&str> = records.iter().map(|r| r.encounter_id.as_str()).collect();
+    let documents: Vec<&str> = records
+        .iter()
+        .flat_map(|r| r.documents.iter().map(|d| d.document_id.as_str()))
+        .collect();
+    let patients: Vec<&PatientRecord> = records.iter().filter_map(|r| r.patient.as_ref()).collect();
+    let column = |f: fn(&PatientRecord) -> Option<&str>| -> Vec<Option<&str>> {
+        patients.iter().map(|p| f(p)).collect()
+    };
+    let patient_ids = column(|p| Some(&p.patient_id));
+    let found_rows = [
+        (
+            "encounter",
+            tx.query(
+                "SELECT encounter_id, organization_id FROM encounters
+                  WHERE encounter_id = ANY($1::text[]) AND organization_id IS DISTINCT FROM $2
+                    AND removed_at IS NULL",
+                &[&encounters, &org],
+            )?,
+        ),
+        (
+            "document",
+            tx.query(
+                "SELECT d.document_id, e.organization_id
+                   FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
+                  WHERE d.document_id = ANY($1::text[]) AND e.organization_id IS DISTINCT FROM $2
+                    AND d.removed_at IS NULL AND e.removed_at IS NULL",
+                &[&documents, &org],
+            )?,
+        ),
+        (
+            "patient",
+            tx.query(
+                "SELECT p.patient_id, p.organization_id
+                   FROM unnest($1::text[], $3::text[], $4::text[], $5::text[])
+                        AS u(patient_id, first_name, last_name, date_of_birth)
+                   JOIN patients p ON p.patient_id = u.patient_id
+                  WHERE p.organization_id IS DISTINCT FROM $2
+                    AND (p.first_name <> u.first_name OR p.last_name <> u.last_name
+                         OR p.date_of_birth <> u.date_of_birth)",
+                &[
+                    &patient_ids,
+                    &org,
+                    &column(|p| p.first_name.as_deref()),
+                    &column(|p| p.last_name.as_deref()),
+                    &column(|p| p.date_of_birth.as_deref()),
+                ],
+            )?,
+        ),
+    ];
+    // Every colliding ID of the page, by kind, with the organization_id holding it.
+    let mut held: HashMap<(&str, String), String> = HashMap::new();
+    for (kind, rows) in found_rows {
+        for row in rows {
+            held.insert((kind, row.try_get(0)?), row.try_get(1)?);
+        }
+    }
+    let found = |kind: &'static str, id: &str, rec: &EncounterRecord| {
+        held.get(&(kind, id.to_owned())).map(|holder| IdCollision {
+            kind,
+            id: id.to_owned(),
+            encounter_id: rec.encounter_id.clone(),
+            holder: others.get(holder).unwrap_or(holder).clone(),
+        })
+    };
+    Ok(records.iter().find_map(|rec| {
+        found("encounter", &rec.encounter_id, rec)
+            .or_else(|| {
+                rec.documents
+                    .iter()
+                    .find_map(|d| found("document", &d.document_id, rec))
+            })
+            .or_else(|| {
+                rec.patient
+                    .as_ref()
+                    .and_then(|p| found("patient", &p.patient_id, rec))
+            })
+    }))
 }
 
 /// Consecutive runs of `records` in which no encounter and no document appears twice.

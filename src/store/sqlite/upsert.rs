@@ -7,14 +7,14 @@
 //! indexed read and no write. A backfill's page is staged instead and merged in bulk by
 //! `staging`, with the same statements' conflict rules.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::{ledger, staging};
-use crate::store::{EncounterRecord, PageCounts, PatientRecord, Removal, WindowCompletion};
+use crate::store::{EncounterRecord, IdCollision, PageCounts, PatientRecord, Removal, WindowCompletion};
 use crate::timefmt::{format_stored, unix_nanos};
 
 /// What a stored patient row takes from a new observation of its patient: a response without
@@ -100,12 +100,18 @@ pub fn commit_page(
     let now_text = format_stored(now);
     let mut counts = PageCounts::default();
     let purged = super::privacy::purged_ranges(tx)?;
-    if removals.is_empty() && staging::stageable(tx, records)? {
+    let others = other_organizations(tx, records)?;
+    // Staged rows are not checked for collisions, so a warehouse of several clinics stages none.
+    if removals.is_empty() && others.is_empty() && staging::stageable(tx, records)? {
         staging::stage(tx, records, &purged, &now_text, &mut counts)?;
     } else {
         if !records.is_empty() || !removals.is_empty() {
             // What was read before this page is applied before it.
             staging::merge(tx)?;
+        }
+        if let Some(refused) = collision(tx, records, &others)? {
+            counts.refused = Some(refused);
+            return Ok(counts);
         }
         for rec in records {
             upsert_encounter(tx, rec, &purged, &now_text, Patient::Upsert, &mut counts)?;
@@ -123,6 +129,88 @@ pub fn commit_page(
         ledger::record_window(tx, c, now)?;
     }
     Ok(counts)
+}
+
+/// The other clinics the warehouse holds, by `organization_id`, with their configured names:
+/// none in a warehouse of one clinic (or for an empty page).
+fn other_organizations(
+    tx: &Connection,
+    records: &[EncounterRecord],
+) -> rusqlite::Result<HashMap<String, String>> {
+    let Some(first) = records.first() else {
+        return Ok(HashMap::new());
+    };
+    tx.prepare_cached(
+        "SELECT organization_id, organization FROM organizations
+          WHERE organization_id IS NOT NULL AND organization_id <> ?1",
+    )?
+    .query_map([&first.organization_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+    .collect()
+}
+
+/// The first ID of `records` (one clinic's page) that the warehouse holds for another of its
+/// clinics (`others`, from [`other_organizations`]): a live encounter, a live document of a live
+/// encounter (a removed one may have moved to this clinic), or a patient stored with another
+/// name or date of birth (one patient seen at two clinics keeps one row).
+fn collision(
+    tx: &Connection,
+    records: &[EncounterRecord],
+    others: &HashMap<String, String>,
+) -> rusqlite::Result<Option<IdCollision>> {
+    if others.is_empty() {
+        return Ok(None);
+    }
+    let mut encounter = tx.prepare_cached(
+        "SELECT organization_id FROM encounters
+          WHERE encounter_id = ?1 AND organization_id IS NOT ?2 AND removed_at IS NULL",
+    )?;
+    let mut document = tx.prepare_cached(
+        "SELECT e.organization_id FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
+          WHERE d.document_id = ?1 AND e.organization_id IS NOT ?2
+            AND d.removed_at IS NULL AND e.removed_at IS NULL",
+    )?;
+    let mut patient = tx.prepare_cached(
+        "SELECT organization_id FROM patients
+          WHERE patient_id = ?1 AND organization_id IS NOT ?2
+            AND (first_name <> ?3 OR last_name <> ?4 OR date_of_birth <> ?5)",
+    )?;
+    for rec in records {
+        let found = |kind: &'static str, id: &str, holder: Option<String>| {
+            holder.map(|holder| IdCollision {
+                kind,
+                id: id.to_owned(),
+                encounter_id: rec.encounter_id.clone(),
+                holder: others.get(&holder).cloned().unwrap_or(holder),
+            })
+        };
+        let org = &rec.organization_id;
+        let held = encounter
+            .query_row(params![rec.encounter_id, org], |r| r.get(0))
+            .optional()?;
+        if let Some(c) = found("encounter", &rec.encounter_id, held) {
+            return Ok(Some(c));
+        }
+        for d in &rec.documents {
+            let held = document
+                .query_row(params![d.document_id, org], |r| r.get(0))
+                .optional()?;
+            if let Some(c) = found("document", &d.document_id, held) {
+                return Ok(Some(c));
+            }
+        }
+        if let Some(p) = &rec.patient {
+            let held = patient
+                .query_row(
+                    params![p.patient_id, org, p.first_name, p.last_name, p.date_of_birth],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(c) = found("patient", &p.patient_id, held) {
+                return Ok(Some(c));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Whether [`upsert_encounter`] writes the record's patient: a merge of staged pages writes all
