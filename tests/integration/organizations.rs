@@ -538,6 +538,18 @@ async fn a_clinic_whose_ids_another_clinic_holds_fails_naming_one_and_never_take
         )
         .unwrap();
     assert_eq!(reason, "id_collision");
+    // Every page of beta collided, so beta recorded no window and holds no watermark.
+    let windows: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM sync_windows WHERE organization = 'beta'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        (windows, &beta["complete_through"]),
+        (0, &serde_json::Value::Null)
+    );
 }
 
 /// The data set `tests/fixtures/v4-warehouse.db` was written from, by the previous release's

@@ -468,13 +468,11 @@ fn pairs(rows: Vec<Vec<Option<String>>>) -> Vec<(String, String)> {
 
 #[test]
 fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends() {
-    let Some((db, mut pg)) = warehouse("id_collision") else {
-        return;
-    };
+    // SQLite always; PostgreSQL too where a server runs (else the reason is printed).
+    let mut pg = warehouse("id_collision").map(|(db, backend)| (connect(&db), backend, db));
     let dir = tempfile::tempdir().unwrap();
     let mut sqlite =
         crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
-    let mut check = connect(&db);
     let now = datetime!(2026-05-25 14:30:00 UTC);
     let of =
         |org: &str, id: &str, n: i64, p: Option<PatientRecord>, docs: Vec<DocumentRecord>| EncounterRecord {
@@ -483,45 +481,105 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         };
     let note = |id: &str| document(id, "document", None, "Note");
     let ann = || Some(patient("pat_1", Some("Ann"), Some("Lee")));
-    let gone = Removal {
+    let beta_page = |first: usize, n: usize| -> Vec<EncounterRecord> {
+        (first..first + n)
+            .map(|i| of("org_2", &format!("enc_n{i:03}"), 100 + i as i64, None, Vec::new()))
+            .collect()
+    };
+    // Each step on every backend, answering each backend's counts.
+    macro_rules! each {
+        (|$b:ident| $body:expr) => {{
+            let mut answers = Vec::new();
+            for $b in std::iter::once(&mut sqlite as &mut dyn Backend)
+                .chain(pg.as_mut().map(|(_, backend, _)| backend as &mut dyn Backend))
+            {
+                answers.push($body);
+            }
+            answers
+        }};
+    }
+    // The clinic rows, the same on every backend.
+    macro_rules! rows {
+        () => {{
+            let rows = pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap());
+            if let Some((check, _, _)) = pg.as_mut() {
+                assert_eq!(
+                    pg_clinic_rows(check),
+                    rows,
+                    "PostgreSQL stores what SQLite stores"
+                );
+            }
+            rows
+        }};
+    }
+    let beta_live = Removal {
+        encounter_id: "enc_b9".into(),
+        reason: "encounter_not_found".into(),
+    };
+    let alpha_gone = Removal {
         encounter_id: "enc_r".into(),
         reason: "encounter_not_found".into(),
     };
-    for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
+    each!(|backend| {
         // In a warehouse of one clinic nothing is asked: every ID is that clinic's.
         let first = of("org_1", "enc_a", 1, ann(), vec![note("doc_1")]);
-        assert_eq!(commit(backend, &[first], &[], None, now).refused, None);
+        let nameless = of(
+            "org_1",
+            "enc_c",
+            2,
+            Some(patient("pat_2", None, None)),
+            Vec::new(),
+        );
+        assert_eq!(commit(backend, &[first, nameless], &[], None, now).refused, None);
         for (name, id) in [("alpha", "org_1"), ("beta", "org_2")] {
             assert_eq!(backend.claim_organization_id(name, id, now).unwrap(), Ok(()));
         }
-        let moving = of("org_1", "enc_r", 2, None, vec![note("doc_r")]);
-        commit(backend, &[moving], &[], None, now);
-        commit(backend, &[], std::slice::from_ref(&gone), None, now);
-    }
-    let before = pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap());
-    assert_eq!(before, pg_clinic_rows(&mut check));
+        commit(
+            backend,
+            &[of("org_1", "enc_r", 3, None, vec![note("doc_r")])],
+            &[],
+            None,
+            now,
+        );
+        commit(backend, &[], std::slice::from_ref(&alpha_gone), None, now);
+        let counts = commit(
+            backend,
+            &[of("org_2", "enc_b9", 9, None, Vec::new())],
+            &[],
+            None,
+            now,
+        );
+        assert_eq!((counts.refused, counts.new), (None, 1));
+        backend.start_run("beta", "sync", now).unwrap()
+    });
+    let before = rows!();
     let refused = |kind: &'static str, id: &str, encounter_id: &str| IdCollision {
         kind,
         id: id.into(),
         encounter_id: encounter_id.into(),
         holder: "alpha".into(),
     };
-    // Beta's pages, each with a harmless record first: the whole page is refused, its removal
-    // too, and the answer names the first ID alpha holds.
+    // Beta's pages, each with harmless records first (enough to be staged, had the warehouse
+    // one clinic), a removal of beta's own encounter and its window's completion: the whole
+    // page is refused, and the answer names the first ID alpha holds, live or removed.
     let refusals = [
         (
-            of("org_2", "enc_a", 1, ann(), Vec::new()),
+            of("org_2", "enc_a", 1, None, Vec::new()),
             refused("encounter", "enc_a", "enc_a"),
         ),
         (
-            of("org_2", "enc_b1", 3, None, vec![note("doc_b1"), note("doc_1")]),
+            of("org_2", "enc_r", 3, None, Vec::new()),
+            refused("encounter", "enc_r", "enc_r"),
+        ),
+        (
+            of("org_2", "enc_b1", 4, None, vec![note("doc_b1"), note("doc_1")]),
             refused("document", "doc_1", "enc_b1"),
         ),
         (
             of(
                 "org_2",
                 "enc_b2",
-                4,
+                5,
                 Some(patient("pat_1", Some("Bob"), Some("Lee"))),
                 Vec::new(),
             ),
@@ -529,48 +587,67 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         ),
     ];
     for (rec, expected) in refusals {
-        let page = [of("org_2", "enc_b0", 9, None, vec![note("doc_b0")]), rec];
-        for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
-            let counts = commit(backend, &page, std::slice::from_ref(&gone), None, now);
+        let mut page = beta_page(0, 59);
+        page.push(rec);
+        let completion = WindowCompletion {
+            organization: "beta".into(),
+            ..window(1, None, 10, true)
+        };
+        let answers = each!(|backend| commit(
+            backend,
+            &page,
+            std::slice::from_ref(&beta_live),
+            Some(&completion),
+            now
+        ));
+        for counts in answers {
             assert_eq!(counts.refused.as_ref(), Some(&expected));
             assert_eq!((counts.new, counts.removed), (0, 0));
         }
-        assert_eq!(
-            pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap()),
-            before,
-            "{expected}"
-        );
-        assert_eq!(pg_clinic_rows(&mut check), before, "{expected}");
+        assert_eq!(rows!(), before, "{expected}");
     }
+    let windows: i64 = sqlite
+        .query_row("SELECT count(*) FROM sync_windows", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(windows, 0, "no refused window was recorded");
     assert!(refused("document", "doc_1", "enc_b1").to_string().starts_with(
         "document doc_1 (of encounter enc_b1) is stored for organization alpha, another clinic"
     ));
-    // The same patient seen at both clinics (names that agree or are unknown), and an encounter
-    // alpha's clinic no longer lists (it moved), are beta's to write.
-    let taken = [
-        of(
-            "org_2",
-            "enc_b3",
-            5,
-            Some(patient("pat_1", Some("Ann"), None)),
-            Vec::new(),
-        ),
-        of("org_2", "enc_r", 2, None, vec![note("doc_r")]),
-    ];
-    for backend in [&mut pg as &mut dyn Backend, &mut sqlite] {
-        let counts = commit(backend, &taken, &[], None, now);
-        assert_eq!((counts.refused, counts.new, counts.revived), (None, 1, 1));
+    // A page of beta without alpha's IDs is written at once, never staged; the same patient
+    // seen at both clinics (known fields agree) is beta's to list, and fills nothing in of the
+    // row alpha's records write.
+    let mut page = beta_page(100, 59);
+    page.push(of(
+        "org_2",
+        "enc_b3",
+        200,
+        Some(patient("pat_1", Some("Ann"), None)),
+        Vec::new(),
+    ));
+    page.push(of(
+        "org_2",
+        "enc_b4",
+        201,
+        Some(patient("pat_2", Some("Cy"), Some("Doe"))),
+        Vec::new(),
+    ));
+    for counts in each!(|backend| commit(backend, &page, &[], None, now)) {
+        assert_eq!((counts.refused, counts.new), (None, 61));
     }
-    let after = pg_clinic_rows(&mut check);
-    assert_eq!(after, pairs(rows_as_text(&sqlite, CLINIC_ROWS).unwrap()));
+    let after = rows!();
     assert!(
-        after.contains(&("e".into(), "enc_r org_2 live".into())),
+        after.contains(&("e".into(), "enc_n100 org_2 live".into())),
         "{after:?}"
     );
     assert!(
         after.contains(&("p".into(), "pat_1 org_1 Ann".into())),
         "{after:?}"
     );
+    assert!(after.contains(&("p".into(), "pat_2 org_1 -".into())), "{after:?}");
+    let staged: i64 = sqlite
+        .query_row("SELECT count(*) FROM staged_encounters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(staged, 0);
 }
 
 /// Each row's version (`xmin`, the transaction that wrote it) in the tables a page writes.

@@ -58,10 +58,11 @@ pub fn commit_page(
     Ok(counts)
 }
 
-/// The first ID of `records` (one clinic's page) that the warehouse holds for another of its
-/// clinics: a live encounter, a live document of a live encounter (a removed one may have moved
-/// to this clinic), or a patient stored with another name or date of birth (one patient seen at
-/// two clinics keeps one row). Nothing is asked in a warehouse of one clinic.
+/// The first ID of `records` (one clinic's page) that the warehouse holds for another clinic:
+/// an encounter (live or removed), a document of another clinic's encounter, or a patient
+/// another clinic's row holds with another name or date of birth where both are known (one
+/// patient seen at two clinics keeps one row, which only its own clinic's records write).
+/// Nothing more is asked in a warehouse without another clinic's encounters.
 fn collision(
     tx: &mut impl GenericClient,
     records: &[EncounterRecord],
@@ -70,15 +71,14 @@ fn collision(
         return Ok(None);
     };
     let org = first.organization_id.as_str();
-    let mut others: HashMap<String, String> = HashMap::new();
-    for row in tx.query(
-        "SELECT organization_id, organization FROM organizations
-          WHERE organization_id IS NOT NULL AND organization_id <> $1",
-        &[&org],
-    )? {
-        others.insert(row.try_get(0)?, row.try_get(1)?);
-    }
-    if others.is_empty() {
+    let shared: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM encounters WHERE organization_id < $1)
+                 OR EXISTS (SELECT 1 FROM encounters WHERE organization_id > $1)",
+            &[&org],
+        )?
+        .try_get(0)?;
+    if !shared {
         return Ok(None);
     }
     let encounters: Vec<&str> = records.iter().map(|r| r.encounter_id.as_str()).collect();
@@ -90,14 +90,12 @@ fn collision(
     let column = |f: fn(&PatientRecord) -> Option<&str>| -> Vec<Option<&str>> {
         patients.iter().map(|p| f(p)).collect()
     };
-    let patient_ids = column(|p| Some(&p.patient_id));
     let found_rows = [
         (
             "encounter",
             tx.query(
                 "SELECT encounter_id, organization_id FROM encounters
-                  WHERE encounter_id = ANY($1::text[]) AND organization_id IS DISTINCT FROM $2
-                    AND removed_at IS NULL",
+                  WHERE encounter_id = ANY($1::text[]) AND organization_id <> $2",
                 &[&encounters, &org],
             )?,
         ),
@@ -106,8 +104,7 @@ fn collision(
             tx.query(
                 "SELECT d.document_id, e.organization_id
                    FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
-                  WHERE d.document_id = ANY($1::text[]) AND e.organization_id IS DISTINCT FROM $2
-                    AND d.removed_at IS NULL AND e.removed_at IS NULL",
+                  WHERE d.document_id = ANY($1::text[]) AND e.organization_id <> $2",
                 &[&documents, &org],
             )?,
         ),
@@ -118,11 +115,11 @@ fn collision(
                    FROM unnest($1::text[], $3::text[], $4::text[], $5::text[])
                         AS u(patient_id, first_name, last_name, date_of_birth)
                    JOIN patients p ON p.patient_id = u.patient_id
-                  WHERE p.organization_id IS DISTINCT FROM $2
+                  WHERE p.organization_id <> $2
                     AND (p.first_name <> u.first_name OR p.last_name <> u.last_name
                          OR p.date_of_birth <> u.date_of_birth)",
                 &[
-                    &patient_ids,
+                    &column(|p| Some(&p.patient_id)),
                     &org,
                     &column(|p| p.first_name.as_deref()),
                     &column(|p| p.last_name.as_deref()),
@@ -138,26 +135,29 @@ fn collision(
             held.insert((kind, row.try_get(0)?), row.try_get(1)?);
         }
     }
-    let found = |kind: &'static str, id: &str, rec: &EncounterRecord| {
-        held.get(&(kind, id.to_owned())).map(|holder| IdCollision {
-            kind,
-            id: id.to_owned(),
-            encounter_id: rec.encounter_id.clone(),
-            holder: others.get(holder).unwrap_or(holder).clone(),
-        })
+    let first_held = records.iter().find_map(|rec| {
+        let at = |kind: &'static str, id: &str| {
+            held.get(&(kind, id.to_owned()))
+                .map(|h| (kind, id.to_owned(), rec, h))
+        };
+        at("encounter", &rec.encounter_id)
+            .or_else(|| rec.documents.iter().find_map(|d| at("document", &d.document_id)))
+            .or_else(|| rec.patient.as_ref().and_then(|p| at("patient", &p.patient_id)))
+    });
+    let Some((kind, id, rec, holder)) = first_held else {
+        return Ok(None);
     };
-    Ok(records.iter().find_map(|rec| {
-        found("encounter", &rec.encounter_id, rec)
-            .or_else(|| {
-                rec.documents
-                    .iter()
-                    .find_map(|d| found("document", &d.document_id, rec))
-            })
-            .or_else(|| {
-                rec.patient
-                    .as_ref()
-                    .and_then(|p| found("patient", &p.patient_id, rec))
-            })
+    let holder: String = tx
+        .query_one(
+            "SELECT coalesce((SELECT organization FROM organizations WHERE organization_id = $1), $1)",
+            &[holder],
+        )?
+        .try_get(0)?;
+    Ok(Some(IdCollision {
+        kind,
+        id,
+        encounter_id: rec.encounter_id.clone(),
+        holder,
     }))
 }
 
@@ -322,7 +322,8 @@ fn upsert_patients(
     }
     let column = |i: usize| -> Vec<Option<&str>> { order.iter().map(|id| merged[id][i]).collect() };
     // A response without names (a key lacking patients:read, or a terse record) must not erase
-    // names learnt earlier, so absent fields keep what is stored.
+    // names learnt earlier, so absent fields keep what is stored. Only the row's own clinic
+    // writes it: another clinic listing the same patient fills nothing in.
     tx.execute(
         "INSERT INTO patients AS p (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at,
              organization_id)
@@ -334,9 +335,10 @@ fn upsert_patients(
              last_name = coalesce(EXCLUDED.last_name, p.last_name),
              date_of_birth = coalesce(EXCLUDED.date_of_birth, p.date_of_birth),
              changed_at = EXCLUDED.changed_at
-         WHERE coalesce(EXCLUDED.first_name, p.first_name) IS DISTINCT FROM p.first_name
-            OR coalesce(EXCLUDED.last_name, p.last_name) IS DISTINCT FROM p.last_name
-            OR coalesce(EXCLUDED.date_of_birth, p.date_of_birth) IS DISTINCT FROM p.date_of_birth",
+         WHERE (coalesce(EXCLUDED.first_name, p.first_name) IS DISTINCT FROM p.first_name
+                OR coalesce(EXCLUDED.last_name, p.last_name) IS DISTINCT FROM p.last_name
+                OR coalesce(EXCLUDED.date_of_birth, p.date_of_birth) IS DISTINCT FROM p.date_of_birth)
+           AND (p.organization_id IS NULL OR p.organization_id = EXCLUDED.organization_id)",
         &[&order, &column(0), &column(1), &column(2), &column(3), &now],
     )?;
     Ok(())

@@ -7,7 +7,9 @@
 //! record; once those indexes outgrow the page cache, each touch is a read, a log write and a
 //! checkpoint write. A page the warehouse holds nothing near — no stored encounter of its
 //! organization created within the page's range, which is what a backfill reads — is instead
-//! appended to `staged_encounters`/`staged_documents` in the order it was read, and [`merge`]
+//! appended to `staged_encounters`/`staged_documents` in the order it was read (unless the
+//! warehouse holds another clinic's encounters: then every page is upserted at once and checked
+//! for IDs the other clinic holds, see `upsert::commit_page`), and [`merge`]
 //! writes the staged rows into the warehouse table by table, encounters and documents in key
 //! order, so that an index page is written once per merge rather than once per record; those
 //! orders come from indexes, and the one sort a merge makes holds document IDs only

@@ -7,7 +7,7 @@
 //! indexed read and no write. A backfill's page is staged instead and merged in bulk by
 //! `staging`, with the same statements' conflict rules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -19,15 +19,18 @@ use crate::timefmt::{format_stored, unix_nanos};
 
 /// What a stored patient row takes from a new observation of its patient: a response without
 /// names (a key lacking patients:read, or a terse record) must not erase names learnt earlier,
-/// so absent fields keep what is stored; an identical observation writes nothing.
+/// so absent fields keep what is stored; an identical observation writes nothing. A row is
+/// only ever written from its own clinic's records: another clinic listing the same patient
+/// (one whose known fields agree, else the page is refused: [`collision`]) fills nothing in.
 pub(super) const PATIENT_SEEN_AGAIN: &str = "ON CONFLICT (patient_id) DO UPDATE SET
              first_name = coalesce(excluded.first_name, first_name),
              last_name = coalesce(excluded.last_name, last_name),
              date_of_birth = coalesce(excluded.date_of_birth, date_of_birth),
              changed_at = excluded.changed_at
-         WHERE coalesce(excluded.first_name, first_name) IS NOT first_name
-            OR coalesce(excluded.last_name, last_name) IS NOT last_name
-            OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth";
+         WHERE (coalesce(excluded.first_name, first_name) IS NOT first_name
+                OR coalesce(excluded.last_name, last_name) IS NOT last_name
+                OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth)
+           AND (organization_id IS NULL OR organization_id = excluded.organization_id)";
 
 /// What a stored document row takes from a new observation of its summary (see
 /// `upsert_documents` for the content work it decides).
@@ -100,16 +103,18 @@ pub fn commit_page(
     let now_text = format_stored(now);
     let mut counts = PageCounts::default();
     let purged = super::privacy::purged_ranges(tx)?;
-    let others = other_organizations(tx, records)?;
-    // Staged rows are not checked for collisions, so a warehouse of several clinics stages none.
-    if removals.is_empty() && others.is_empty() && staging::stageable(tx, records)? {
+    let shared = match records.first() {
+        Some(first) => shares_warehouse(tx, &first.organization_id)?,
+        None => false,
+    };
+    if removals.is_empty() && !shared && staging::stageable(tx, records)? {
         staging::stage(tx, records, &purged, &now_text, &mut counts)?;
     } else {
         if !records.is_empty() || !removals.is_empty() {
             // What was read before this page is applied before it.
             staging::merge(tx)?;
         }
-        if let Some(refused) = collision(tx, records, &others)? {
+        if shared && let Some(refused) = collision(tx, records)? {
             counts.refused = Some(refused);
             return Ok(counts);
         }
@@ -131,86 +136,82 @@ pub fn commit_page(
     Ok(counts)
 }
 
-/// The other clinics the warehouse holds, by `organization_id`, with their configured names:
-/// none in a warehouse of one clinic (or for an empty page).
-fn other_organizations(
-    tx: &Connection,
-    records: &[EncounterRecord],
-) -> rusqlite::Result<HashMap<String, String>> {
-    let Some(first) = records.first() else {
-        return Ok(HashMap::new());
-    };
+/// Whether the warehouse holds, stored or staged, encounters of another clinic than
+/// `organization_id`: then a page of this clinic is checked for IDs the other holds
+/// ([`collision`]) and never staged (staged rows would escape the check). Two index range
+/// scans that find nothing in a warehouse of one clinic.
+fn shares_warehouse(tx: &Connection, organization_id: &str) -> rusqlite::Result<bool> {
     tx.prepare_cached(
-        "SELECT organization_id, organization FROM organizations
-          WHERE organization_id IS NOT NULL AND organization_id <> ?1",
+        "SELECT EXISTS (SELECT 1 FROM encounters WHERE organization_id < ?1)
+             OR EXISTS (SELECT 1 FROM encounters WHERE organization_id > ?1)
+             OR EXISTS (SELECT 1 FROM staged_encounters WHERE organization_id < ?1)
+             OR EXISTS (SELECT 1 FROM staged_encounters WHERE organization_id > ?1)",
     )?
-    .query_map([&first.organization_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-    .collect()
+    .query_row([organization_id], |r| r.get(0))
 }
 
-/// The first ID of `records` (one clinic's page) that the warehouse holds for another of its
-/// clinics (`others`, from [`other_organizations`]): a live encounter, a live document of a live
-/// encounter (a removed one may have moved to this clinic), or a patient stored with another
-/// name or date of birth (one patient seen at two clinics keeps one row).
-fn collision(
-    tx: &Connection,
-    records: &[EncounterRecord],
-    others: &HashMap<String, String>,
-) -> rusqlite::Result<Option<IdCollision>> {
-    if others.is_empty() {
-        return Ok(None);
-    }
+/// The first ID of `records` (one clinic's page) that the warehouse holds for another clinic:
+/// an encounter (live or removed), a document of another clinic's encounter, or a patient
+/// another clinic's row holds with another name or date of birth where both are known (one
+/// patient seen at two clinics keeps one row; see [`PATIENT_SEEN_AGAIN`]).
+fn collision(tx: &Connection, records: &[EncounterRecord]) -> rusqlite::Result<Option<IdCollision>> {
     let mut encounter = tx.prepare_cached(
-        "SELECT organization_id FROM encounters
-          WHERE encounter_id = ?1 AND organization_id IS NOT ?2 AND removed_at IS NULL",
+        "SELECT organization_id FROM encounters WHERE encounter_id = ?1 AND organization_id <> ?2",
     )?;
     let mut document = tx.prepare_cached(
         "SELECT e.organization_id FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
-          WHERE d.document_id = ?1 AND e.organization_id IS NOT ?2
-            AND d.removed_at IS NULL AND e.removed_at IS NULL",
+          WHERE d.document_id = ?1 AND e.organization_id <> ?2",
     )?;
     let mut patient = tx.prepare_cached(
         "SELECT organization_id FROM patients
-          WHERE patient_id = ?1 AND organization_id IS NOT ?2
+          WHERE patient_id = ?1 AND organization_id <> ?2
             AND (first_name <> ?3 OR last_name <> ?4 OR date_of_birth <> ?5)",
     )?;
-    for rec in records {
-        let found = |kind: &'static str, id: &str, holder: Option<String>| {
-            holder.map(|holder| IdCollision {
-                kind,
-                id: id.to_owned(),
-                encounter_id: rec.encounter_id.clone(),
-                holder: others.get(&holder).cloned().unwrap_or(holder),
-            })
-        };
-        let org = &rec.organization_id;
-        let held = encounter
-            .query_row(params![rec.encounter_id, org], |r| r.get(0))
-            .optional()?;
-        if let Some(c) = found("encounter", &rec.encounter_id, held) {
-            return Ok(Some(c));
-        }
-        for d in &rec.documents {
-            let held = document
-                .query_row(params![d.document_id, org], |r| r.get(0))
+    let found = 'records: {
+        for rec in records {
+            let org = &rec.organization_id;
+            let held: Option<String> = encounter
+                .query_row(params![rec.encounter_id, org], |r| r.get(0))
                 .optional()?;
-            if let Some(c) = found("document", &d.document_id, held) {
-                return Ok(Some(c));
+            if let Some(holder) = held {
+                break 'records Some(("encounter", rec.encounter_id.as_str(), rec, holder));
+            }
+            for d in &rec.documents {
+                let held: Option<String> = document
+                    .query_row(params![d.document_id, org], |r| r.get(0))
+                    .optional()?;
+                if let Some(holder) = held {
+                    break 'records Some(("document", d.document_id.as_str(), rec, holder));
+                }
+            }
+            if let Some(p) = &rec.patient {
+                let held: Option<String> = patient
+                    .query_row(
+                        params![p.patient_id, org, p.first_name, p.last_name, p.date_of_birth],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(holder) = held {
+                    break 'records Some(("patient", p.patient_id.as_str(), rec, holder));
+                }
             }
         }
-        if let Some(p) = &rec.patient {
-            let held = patient
-                .query_row(
-                    params![p.patient_id, org, p.first_name, p.last_name, p.date_of_birth],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(c) = found("patient", &p.patient_id, held) {
-                return Ok(Some(c));
-            }
-        }
-    }
-    Ok(None)
+        None
+    };
+    let Some((kind, id, rec, holder)) = found else {
+        return Ok(None);
+    };
+    let holder: String = tx
+        .prepare_cached(
+            "SELECT coalesce((SELECT organization FROM organizations WHERE organization_id = ?1), ?1)",
+        )?
+        .query_row([holder], |r| r.get(0))?;
+    Ok(Some(IdCollision {
+        kind,
+        id: id.to_owned(),
+        encounter_id: rec.encounter_id.clone(),
+        holder,
+    }))
 }
 
 /// Whether [`upsert_encounter`] writes the record's patient: a merge of staged pages writes all
