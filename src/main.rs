@@ -209,6 +209,10 @@ enum Command {
         /// encounter's transcript is processing at first, finalized and announced 20 s later.
         #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1024..))]
         webhook_port: Option<u16>,
+        /// The clinic's `organization_id` every encounter carries (1 to 64 letters, digits, `_`
+        /// or `-`), so that several simulators can stand for several clinics of one warehouse.
+        #[arg(long, value_name = "ID", default_value = "org_sim", value_parser = parse_organization_id)]
+        organization_id: String,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (used by
     /// packaging/build-deb).
@@ -225,6 +229,19 @@ enum Command {
 
 fn parse_timestamp(text: &str) -> Result<OffsetDateTime, String> {
     timefmt::parse_operator_instant(text)
+}
+
+/// An `organization_id` for `simulate`: 1 to 64 ASCII letters, digits, `_` or `-`.
+fn parse_organization_id(text: &str) -> Result<String, String> {
+    let fits = (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if fits {
+        Ok(text.to_owned())
+    } else {
+        Err("an organization_id is 1 to 64 ASCII letters, digits, `_` or `-`".into())
+    }
 }
 
 fn parse_age(text: &str) -> Result<std::time::Duration, String> {
@@ -525,6 +542,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
             signed_links,
             document_lag,
             webhook_port,
+            organization_id,
         } => {
             refuse_config_flag("simulate", config_flag_given)?;
             let opts = simulate::SimulateOptions {
@@ -538,6 +556,7 @@ async fn dispatch(cli: Cli, config_flag_given: bool) -> Result<(), Failure> {
                 signed_links,
                 document_lag,
                 webhook_port,
+                organization_id,
             };
             let s = simulate::start(&opts).await?;
             let config = s.config_file.display();

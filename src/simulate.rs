@@ -38,6 +38,8 @@ pub struct SimulateOptions {
     /// The loopback port `run` receives webhooks on: new encounters then carry a transcript
     /// still processing, finalized [`TRANSCRIBE_TIME`] later and announced by a signed webhook.
     pub webhook_port: Option<u16>,
+    /// `SimOptions::organization_id`.
+    pub organization_id: String,
 }
 
 /// How long a new encounter's transcript stays processing when webhooks announce it.
@@ -86,6 +88,7 @@ pub async fn start(opts: &SimulateOptions) -> anyhow::Result<Simulation> {
         unordered_rendering: opts.unordered,
         signed_recording_links: opts.signed_links,
         document_lag: opts.document_lag,
+        organization_id: opts.organization_id.clone(),
         ..SimOptions::default()
     })
     .await
@@ -259,6 +262,7 @@ mod tests {
             signed_links: false,
             document_lag: Duration::ZERO,
             webhook_port: Some(18787),
+            organization_id: "org_north".into(),
         };
         let s = start(&opts).await.unwrap();
         let config = crate::config::Config::load(&s.config_file).unwrap();
@@ -270,6 +274,7 @@ mod tests {
         assert_eq!(mode, 0o600);
         let (key, _) = crate::config::load_api_key(&config.api).unwrap();
         assert_eq!(key.expose(), s.sim.api_key());
+        assert_eq!(s.sim.organization_id(), "org_north");
         assert_eq!(config.webhook_listen, Some("127.0.0.1:18787".parse().unwrap()));
         let (secret, _) = crate::config::load_webhook_secret(&config.organizations[0]).unwrap();
         let file = s.webhook_secret_file.as_deref().unwrap();

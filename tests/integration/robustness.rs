@@ -651,7 +651,16 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     let sim_dir = dir.path().join("sim");
     let mut sim = Simulate::start(
         &sim_dir,
-        &["--encounters", "150", "--days", "5", "--new-every", "0s"],
+        &[
+            "--encounters",
+            "150",
+            "--days",
+            "5",
+            "--new-every",
+            "0s",
+            "--organization-id",
+            "org_trial-1",
+        ],
     )
     .await;
     let printed = sim.lines.join("\n");
@@ -678,7 +687,11 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     }
     let db: PathBuf = sim_dir.join("warehouse.db");
     let n: i64 = reader(&db)
-        .query_row("SELECT count(*) FROM encounters", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM encounters WHERE organization_id = 'org_trial-1'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(n, 150);
 
@@ -712,6 +725,14 @@ async fn simulate_serves_a_simulator_that_check_sync_and_status_work_against_unt
     let out = run_within(cmd, Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("drop --config"), "{}", text(&out));
+    // An organization_id no clinic could have is refused by name before anything starts.
+    let mut cmd = charthero_sync();
+    cmd.args(["simulate", "--organization-id", "org sim", "--dir"])
+        .arg(dir.path().join("other"));
+    let out = run_within(cmd, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--organization-id"), "{}", text(&out));
+    assert!(!dir.path().join("other").exists());
 }
 
 both_backends!(
