@@ -30,7 +30,7 @@ pub struct Metrics {
     complete_through_unix: AtomicI64,
     /// Work in `dead_letters` at the end of the last cycle (shown once a cycle ended).
     dead_letters: AtomicI64,
-    /// Set when the organization's sync stopped because its key was refused: the reason code.
+    /// Set when the organization's sync stopped (its key refused, its IDs colliding): the reason code.
     stopped: Mutex<Option<String>>,
     /// The key's request rate now (`f64` bits; 0 before the client is built), and how many
     /// times ChartHero's refusals (429) lowered it.
@@ -94,7 +94,8 @@ impl Metrics {
         }
     }
 
-    /// The organization's sync stopped: its key was refused (`reason_code`, e.g. `revoked_key`).
+    /// The organization's sync stopped: its key was refused (`reason_code`, e.g. `revoked_key`),
+    /// or its IDs collide with another clinic's (`id_collision`).
     pub fn record_stopped(&self, reason_code: &str) {
         *self.stopped.lock().expect("metrics lock") = Some(reason_code.to_owned());
     }
@@ -110,7 +111,7 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// Whether the organization's sync stopped because its key was refused.
+    /// Whether the organization's sync stopped (its key refused, its IDs colliding).
     pub fn is_stopped(&self) -> bool {
         self.stopped.lock().expect("metrics lock").is_some()
     }
@@ -249,7 +250,7 @@ pub fn render(orgs: &[(String, std::sync::Arc<Metrics>)], now: OffsetDateTime) -
         &mut out,
         "organization_stopped",
         "gauge",
-        "1 when the organization's sync stopped because its key was refused, labelled with why.",
+        "1 when the organization's sync stopped (its key refused, or its IDs colliding with another clinic's), labelled with why.",
     );
     for (org, m) in orgs {
         match m.stopped.lock().expect("metrics lock").as_deref() {

@@ -60,8 +60,8 @@ pub struct OrganizationStatus {
     pub lag_seconds: Option<i64>,
     /// `ok` (the last cycle succeeded), `incomplete` (it left work undone), `interrupted` (a
     /// signal stopped it, or its first cycle stalled; the next cycle resumes), `failing` (it
-    /// failed; retried), `stopped` (its key was refused: nothing is sent with it until the
-    /// operator acts), `never_synced`, `syncing` (no cycle finished yet; the first is at work).
+    /// failed; retried), `stopped` (its key was refused, or its IDs collide with another
+    /// clinic's: nothing is sent with it until the operator acts), `never_synced`, `syncing` (no cycle finished yet; the first is at work).
     pub state: String,
     /// Why, when not `ok`: the upstream `reason_code` (e.g. `revoked_key`) or ours (e.g.
     /// `organization_mismatch`).
@@ -139,9 +139,11 @@ pub const STALLED_AFTER: time::Duration = time::Duration::minutes(5);
 /// that a cycle that just started is not called gone.
 pub const GONE_AFTER: time::Duration = time::Duration::seconds(10);
 
-/// Reason codes that mean the organization's key is refused (401, or the key reads another
-/// clinic): the sync of that organization stops until the operator acts.
-pub const KEY_REFUSED_CODES: &[&str] = &[
+/// Reason codes that stop the sync of an organization until the operator acts: its key is
+/// refused (401, or the key reads another clinic), or its clinic's IDs collide with another
+/// clinic's in the warehouse.
+pub const STOPPING_CODES: &[&str] = &[
+    "id_collision",
     "missing_bearer",
     "api_keys_disabled",
     "test_prefix_not_allowed",
@@ -465,7 +467,7 @@ fn organization_state(
             None => "never_synced",
         },
         (Some(_), false) => "ok",
-        (Some(_), true) if reason_code.is_some_and(|c| KEY_REFUSED_CODES.contains(&c)) => "stopped",
+        (Some(_), true) if reason_code.is_some_and(|c| STOPPING_CODES.contains(&c)) => "stopped",
         (Some(run), true) if run.outcome == "partial" => "incomplete",
         (Some(run), true) if run.outcome == "aborted" => "interrupted",
         (Some(_), true) => "failing",

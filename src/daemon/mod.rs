@@ -152,7 +152,7 @@ pub async fn run(
             let result = run_organization(ctx, schedule, stop_all, notifier, busy).await;
             if let Err(e) = &result {
                 tracing::error!(reason_code = e.reason_code().unwrap_or("none"), "stopping: {e:#}");
-                if e.key_refused() {
+                if e.stops_organization() {
                     ctx.client
                         .metrics()
                         .record_stopped(e.reason_code().unwrap_or("key_refused"));
@@ -307,7 +307,7 @@ async fn run_organization(
                 ));
             }
             Err(CycleError::Cancelled) => break,
-            Err(e) if e.key_refused() => return Err(e),
+            Err(e) if e.stops_organization() => return Err(e),
             Err(e) if is_fatal(&e) => return Err(e),
             Err(CycleError::Api(e)) if e.is_paused() => {
                 // ChartHero asked for no requests until then (a `Retry-After` longer than a

@@ -368,8 +368,8 @@ pub enum CycleError {
         found: String,
     },
     /// The page holds an ID the warehouse stores for another of its clinics: refused before
-    /// anything of it was written; the cycle fails, and every cycle will until the clinics are
-    /// served by warehouses of their own (or the other clinic's row is gone).
+    /// anything of it was written. The organization stops ([`Self::stops_organization`]) until
+    /// the clinics are served by warehouses of their own.
     #[error("{0}")]
     IdCollision(crate::store::IdCollision),
     #[error(transparent)]
@@ -443,6 +443,14 @@ impl CycleError {
             CycleError::WrongOrganization { .. } => true,
             _ => false,
         }
+    }
+
+    /// Nothing more is synced for the organization until the operator acts, and the other
+    /// organizations go on: its key was refused ([`Self::key_refused`]), or its clinic's IDs
+    /// collide with another clinic's in the warehouse, which every later cycle would find again
+    /// at the same page, spending requests to get there.
+    pub fn stops_organization(&self) -> bool {
+        self.key_refused() || matches!(self, CycleError::IdCollision(_))
     }
 }
 

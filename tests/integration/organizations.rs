@@ -527,7 +527,7 @@ async fn a_clinic_whose_ids_another_clinic_holds_fails_naming_one_and_never_take
     let beta = organization(&status, "beta");
     assert_eq!(
         (beta["state"].as_str(), beta["reason_code"].as_str()),
-        (Some("failing"), Some("id_collision")),
+        (Some("stopped"), Some("id_collision")),
         "{beta:#}"
     );
     let reason: String = reader(&db)
@@ -549,6 +549,49 @@ async fn a_clinic_whose_ids_another_clinic_holds_fails_naming_one_and_never_take
     assert_eq!(
         (windows, &beta["complete_through"]),
         (0, &serde_json::Value::Null)
+    );
+
+    // The daemon, on a schedule of every second: beta stops after its one failed cycle (every
+    // later one would spend requests to reach the same page), alpha keeps its schedule.
+    let runs = |org: &str| -> i64 {
+        reader(&db)
+            .query_row(
+                "SELECT count(*) FROM sync_runs WHERE organization = ?1",
+                [org],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let (alpha_runs, beta_runs) = (runs("alpha"), runs("beta"));
+    let every_second = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[sync]\n", "[sync]\nschedule = \"* * * * * *\"\n");
+    std::fs::write(&config, every_second).unwrap();
+    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+    // At the shipped log level, whose lines carry each cycle's organization.
+    let mut daemon = cmd(&["run"])
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || daemon.wait().unwrap())
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(runs("beta"), beta_runs + 1, "{log}");
+    assert!(runs("alpha") >= alpha_runs + 3, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stopping") && l.contains("id_collision") && l.contains("beta")),
+        "{log}"
     );
 }
 

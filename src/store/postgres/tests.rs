@@ -530,7 +530,17 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
             Some(patient("pat_2", None, None)),
             Vec::new(),
         );
-        assert_eq!(commit(backend, &[first, nameless], &[], None, now).refused, None);
+        let purged = of(
+            "org_1",
+            "enc_p",
+            4,
+            Some(patient("pat_3", Some("Dee"), None)),
+            Vec::new(),
+        );
+        assert_eq!(
+            commit(backend, &[first, nameless, purged], &[], None, now).refused,
+            None
+        );
         for (name, id) in [("alpha", "org_1"), ("beta", "org_2")] {
             assert_eq!(backend.claim_organization_id(name, id, now).unwrap(), Ok(()));
         }
@@ -552,6 +562,15 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         assert_eq!((counts.refused, counts.new), (None, 1));
         backend.start_run("beta", "sync", now).unwrap()
     });
+    // Alpha's only encounter of pat_3 goes (as a purge deletes it); its patient row stays.
+    sqlite
+        .execute("DELETE FROM encounters WHERE encounter_id = 'enc_p'", [])
+        .unwrap();
+    if let Some((check, _, _)) = pg.as_mut() {
+        check
+            .execute("DELETE FROM encounters WHERE encounter_id = 'enc_p'", &[])
+            .unwrap();
+    }
     let before = rows!();
     let refused = |kind: &'static str, id: &str, encounter_id: &str| IdCollision {
         kind,
@@ -559,9 +578,9 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         encounter_id: encounter_id.into(),
         holder: "alpha".into(),
     };
-    // Beta's pages, each with harmless records first (enough to be staged, had the warehouse
-    // one clinic), a removal of beta's own encounter and its window's completion: the whole
-    // page is refused, and the answer names the first ID alpha holds, live or removed.
+    // Beta's pages of 60 records, a removal of beta's own encounter and its window's
+    // completion: the whole page is refused, and the answer names the first ID alpha holds,
+    // live or removed.
     let refusals = [
         (
             of("org_2", "enc_a", 1, None, Vec::new()),
@@ -610,12 +629,21 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         .query_row("SELECT count(*) FROM sync_windows", [], |r| r.get(0))
         .unwrap();
     assert_eq!(windows, 0, "no refused window was recorded");
+    if let Some((check, _, _)) = pg.as_mut() {
+        let windows: i64 = check
+            .query_one("SELECT count(*) FROM sync_windows", &[])
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(windows, 0, "no refused window was recorded");
+    }
     assert!(refused("document", "doc_1", "enc_b1").to_string().starts_with(
         "document doc_1 (of encounter enc_b1) is stored for organization alpha, another clinic"
     ));
     // A page of beta without alpha's IDs is written at once, never staged; the same patient
     // seen at both clinics (known fields agree) is beta's to list, and fills nothing in of the
-    // row alpha's records write.
+    // row alpha's records write; a patient alpha holds no encounter of any more is beta's to
+    // take over, whatever alpha last stored.
     let mut page = beta_page(100, 59);
     page.push(of(
         "org_2",
@@ -631,8 +659,15 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         Some(patient("pat_2", Some("Cy"), Some("Doe"))),
         Vec::new(),
     ));
+    page.push(of(
+        "org_2",
+        "enc_b5",
+        202,
+        Some(patient("pat_3", Some("Eve"), None)),
+        Vec::new(),
+    ));
     for counts in each!(|backend| commit(backend, &page, &[], None, now)) {
-        assert_eq!((counts.refused, counts.new), (None, 61));
+        assert_eq!((counts.refused, counts.new), (None, 62));
     }
     let after = rows!();
     assert!(
@@ -644,6 +679,10 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
         "{after:?}"
     );
     assert!(after.contains(&("p".into(), "pat_2 org_1 -".into())), "{after:?}");
+    assert!(
+        after.contains(&("p".into(), "pat_3 org_2 Eve".into())),
+        "{after:?}"
+    );
     let staged: i64 = sqlite
         .query_row("SELECT count(*) FROM staged_encounters", [], |r| r.get(0))
         .unwrap();

@@ -60,8 +60,9 @@ pub fn commit_page(
 
 /// The first ID of `records` (one clinic's page) that the warehouse holds for another clinic:
 /// an encounter (live or removed), a document of another clinic's encounter, or a patient
-/// another clinic's row holds with another name or date of birth where both are known (one
-/// patient seen at two clinics keeps one row, which only its own clinic's records write).
+/// another clinic's row holds, with an encounter of it, under another name or date of birth
+/// where both are known (one patient seen at two clinics keeps one row, which only its own
+/// clinic's records write).
 /// Nothing more is asked in a warehouse without another clinic's encounters.
 fn collision(
     tx: &mut impl GenericClient,
@@ -117,7 +118,9 @@ fn collision(
                    JOIN patients p ON p.patient_id = u.patient_id
                   WHERE p.organization_id <> $2
                     AND (p.first_name <> u.first_name OR p.last_name <> u.last_name
-                         OR p.date_of_birth <> u.date_of_birth)",
+                         OR p.date_of_birth <> u.date_of_birth)
+                    AND EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = p.patient_id
+                                   AND e.organization_id = p.organization_id)",
                 &[
                     &column(|p| Some(&p.patient_id)),
                     &org,
@@ -323,7 +326,8 @@ fn upsert_patients(
     let column = |i: usize| -> Vec<Option<&str>> { order.iter().map(|id| merged[id][i]).collect() };
     // A response without names (a key lacking patients:read, or a terse record) must not erase
     // names learnt earlier, so absent fields keep what is stored. Only the row's own clinic
-    // writes it: another clinic listing the same patient fills nothing in.
+    // writes it (another clinic listing the same patient fills nothing in), or, once that
+    // clinic holds no encounter of it, the clinic that lists it, which takes it over.
     tx.execute(
         "INSERT INTO patients AS p (patient_id, first_name, last_name, date_of_birth, first_seen_at, changed_at,
              organization_id)
@@ -334,11 +338,13 @@ fn upsert_patients(
              first_name = coalesce(EXCLUDED.first_name, p.first_name),
              last_name = coalesce(EXCLUDED.last_name, p.last_name),
              date_of_birth = coalesce(EXCLUDED.date_of_birth, p.date_of_birth),
-             changed_at = EXCLUDED.changed_at
+             changed_at = EXCLUDED.changed_at, organization_id = EXCLUDED.organization_id
          WHERE (coalesce(EXCLUDED.first_name, p.first_name) IS DISTINCT FROM p.first_name
                 OR coalesce(EXCLUDED.last_name, p.last_name) IS DISTINCT FROM p.last_name
                 OR coalesce(EXCLUDED.date_of_birth, p.date_of_birth) IS DISTINCT FROM p.date_of_birth)
-           AND (p.organization_id IS NULL OR p.organization_id = EXCLUDED.organization_id)",
+           AND (p.organization_id IS NULL OR p.organization_id = EXCLUDED.organization_id
+                OR NOT EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = p.patient_id
+                                  AND e.organization_id = p.organization_id))",
         &[&order, &column(0), &column(1), &column(2), &column(3), &now],
     )?;
     Ok(())

@@ -20,17 +20,21 @@ use crate::timefmt::{format_stored, unix_nanos};
 /// What a stored patient row takes from a new observation of its patient: a response without
 /// names (a key lacking patients:read, or a terse record) must not erase names learnt earlier,
 /// so absent fields keep what is stored; an identical observation writes nothing. A row is
-/// only ever written from its own clinic's records: another clinic listing the same patient
-/// (one whose known fields agree, else the page is refused: [`collision`]) fills nothing in.
+/// written from its own clinic's records only: another clinic listing the same patient (one
+/// whose known fields agree, else the page is refused: [`collision`]) fills nothing in, unless
+/// the row's clinic holds no encounter of it any more (purged, say): then the clinic that lists
+/// it takes it over, as it does a row without a clinic.
 pub(super) const PATIENT_SEEN_AGAIN: &str = "ON CONFLICT (patient_id) DO UPDATE SET
              first_name = coalesce(excluded.first_name, first_name),
              last_name = coalesce(excluded.last_name, last_name),
              date_of_birth = coalesce(excluded.date_of_birth, date_of_birth),
-             changed_at = excluded.changed_at
+             changed_at = excluded.changed_at, organization_id = excluded.organization_id
          WHERE (coalesce(excluded.first_name, first_name) IS NOT first_name
                 OR coalesce(excluded.last_name, last_name) IS NOT last_name
                 OR coalesce(excluded.date_of_birth, date_of_birth) IS NOT date_of_birth)
-           AND (organization_id IS NULL OR organization_id = excluded.organization_id)";
+           AND (organization_id IS NULL OR organization_id = excluded.organization_id
+                OR NOT EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = patients.patient_id
+                                  AND e.organization_id = patients.organization_id))";
 
 /// What a stored document row takes from a new observation of its summary (see
 /// `upsert_documents` for the content work it decides).
@@ -152,8 +156,9 @@ fn shares_warehouse(tx: &Connection, organization_id: &str) -> rusqlite::Result<
 
 /// The first ID of `records` (one clinic's page) that the warehouse holds for another clinic:
 /// an encounter (live or removed), a document of another clinic's encounter, or a patient
-/// another clinic's row holds with another name or date of birth where both are known (one
-/// patient seen at two clinics keeps one row; see [`PATIENT_SEEN_AGAIN`]).
+/// another clinic's row holds, with an encounter of it, under another name or date of birth
+/// where both are known (one patient seen at two clinics keeps one row; see
+/// [`PATIENT_SEEN_AGAIN`]).
 fn collision(tx: &Connection, records: &[EncounterRecord]) -> rusqlite::Result<Option<IdCollision>> {
     let mut encounter = tx.prepare_cached(
         "SELECT organization_id FROM encounters WHERE encounter_id = ?1 AND organization_id <> ?2",
@@ -165,7 +170,9 @@ fn collision(tx: &Connection, records: &[EncounterRecord]) -> rusqlite::Result<O
     let mut patient = tx.prepare_cached(
         "SELECT organization_id FROM patients
           WHERE patient_id = ?1 AND organization_id <> ?2
-            AND (first_name <> ?3 OR last_name <> ?4 OR date_of_birth <> ?5)",
+            AND (first_name <> ?3 OR last_name <> ?4 OR date_of_birth <> ?5)
+            AND EXISTS (SELECT 1 FROM encounters e WHERE e.patient_id = patients.patient_id
+                           AND e.organization_id = patients.organization_id)",
     )?;
     let found = 'records: {
         for rec in records {
