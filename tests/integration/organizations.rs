@@ -89,6 +89,27 @@ fn alpha_and_beta(
     )
 }
 
+/// [`alpha_and_beta`] with alpha's and beta's keys written to files beside it.
+fn keyed_alpha_and_beta(
+    dir: &Path,
+    base_url: &str,
+    start_at: OffsetDateTime,
+    alpha_key: &str,
+    beta_key: &str,
+) -> PathBuf {
+    let (a, b) = (dir.join("a.key"), dir.join("b.key"));
+    write_private(&a, alpha_key);
+    write_private(&b, beta_key);
+    alpha_and_beta(dir, base_url, start_at, &a, &b)
+}
+
+/// `charthero-sync --config <config> <args>`.
+fn with_config(config: &Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = charthero_sync();
+    cmd.args(["--config", config.to_str().unwrap()]).args(args);
+    cmd
+}
+
 fn org_options(seed: u64, encounters: usize, organization_id: &str) -> SimOptions {
     SimOptions {
         organization_id: organization_id.to_owned(),
@@ -482,16 +503,15 @@ async fn a_clinic_whose_ids_another_clinic_holds_fails_naming_one_and_never_take
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
-    write_private(&a, &sims[0].api_key());
-    write_private(&b, second_key);
     let start_at = OffsetDateTime::now_utc() - time::Duration::days(61);
-    let config = alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, &a, &b);
-    let cmd = |args: &[&str]| {
-        let mut cmd = charthero_sync();
-        cmd.args(["--config", config.to_str().unwrap()]).args(args);
-        cmd
-    };
+    let config = keyed_alpha_and_beta(
+        dir.path(),
+        &sims[0].base_url(),
+        start_at,
+        &sims[0].api_key(),
+        second_key,
+    );
+    let cmd = |args: &[&str]| with_config(&config, args);
     let out = run(cmd(&["sync", "--organization", "alpha"])).await;
     assert!(out.status.success(), "{}", text(&out));
     let db = dir.path().join("warehouse.db");
@@ -843,16 +863,15 @@ async fn in_the_daemon_a_refused_key_stops_its_organization_only() {
 async fn the_organization_option_selects_clinics_and_an_unknown_name_is_a_usage_error() {
     let sims = clinics(&[(181, 40, "org_alpha"), (182, 30, "org_beta")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
-    write_private(&a, &sims[0].api_key());
-    write_private(&b, &sims[1].api_key());
     let start_at = OffsetDateTime::now_utc() - time::Duration::days(61);
-    let config = alpha_and_beta(dir.path(), &sims[0].base_url(), start_at, &a, &b);
-    let cmd = |args: &[&str]| {
-        let mut cmd = charthero_sync();
-        cmd.args(["--config", config.to_str().unwrap()]).args(args);
-        cmd
-    };
+    let config = keyed_alpha_and_beta(
+        dir.path(),
+        &sims[0].base_url(),
+        start_at,
+        &sims[0].api_key(),
+        &sims[1].api_key(),
+    );
+    let cmd = |args: &[&str]| with_config(&config, args);
     let out = run(cmd(&["sync", "--organization", "nope"])).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("alpha, beta"), "{}", text(&out));
