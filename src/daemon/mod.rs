@@ -147,7 +147,9 @@ pub async fn run(
     let busy: Vec<AtomicBool> = contexts.iter().map(|_| AtomicBool::new(false)).collect();
     let loops = contexts.iter().zip(&busy).map(|(ctx, busy)| {
         let stop_all = &stop_all;
-        let span = tracing::info_span!("organization", organization = %ctx.org.name);
+        // At the error level, so that its organization shows on every line that is logged
+        // at all, whatever level an operator filters at (`RUST_LOG=warn` included).
+        let span = tracing::error_span!("organization", organization = %ctx.org.name);
         async move {
             let result = run_organization(ctx, schedule, stop_all, notifier, busy).await;
             if let Err(e) = &result {

@@ -598,7 +598,8 @@ pub async fn run_cycle(
     if let Some(until) = paused_until {
         ctx.client.pause_until(until);
     }
-    let span = tracing::info_span!("cycle", organization = %ctx.org.name, run_id, trigger);
+    // At the error level, so that its fields show on every line that is logged at all.
+    let span = tracing::error_span!("cycle", organization = %ctx.org.name, run_id, trigger);
     execute(ctx, run_id, plan, trigger, cancel, started)
         .instrument(span)
         .await
