@@ -13,3 +13,7 @@ pub const LOCKED: u8 = 4;
 /// The warehouse is corrupt or not a SQLite database (`StoreErrorKind::Corrupt`): the process
 /// stopped writing it. Restarting cannot help; restore or rebuild it (docs/operations.md).
 pub const STORE_CORRUPT: u8 = 5;
+/// A clinic lists IDs the warehouse stores for another clinic (`id_collision`): the clinics
+/// need warehouses of their own (docs/operations.md, "Several organizations"). Restarting
+/// cannot help.
+pub const ID_COLLISION: u8 = 6;

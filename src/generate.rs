@@ -27,7 +27,7 @@ const COMPLETIONS: [(Shell, &str); 3] = [
 ];
 
 /// The exit codes, as the README documents them.
-const EXIT_STATUS: [(u8, &str); 6] = [
+const EXIT_STATUS: [(u8, &str); 7] = [
     (exit::OK, "Success (for run: a clean shutdown)."),
     (
         exit::CYCLE_FAILED,
@@ -41,7 +41,8 @@ const EXIT_STATUS: [(u8, &str); 6] = [
     ),
     (
         exit::AUTH_REFUSED,
-        "ChartHero refused the API key (HTTP 401); the log names the reason_code.",
+        "ChartHero refused the API key (HTTP 401), or a key reads another clinic than the one \
+         configured or recorded for it; the log names the reason_code.",
     ),
     (
         exit::LOCKED,
@@ -51,6 +52,11 @@ const EXIT_STATUS: [(u8, &str); 6] = [
         exit::STORE_CORRUPT,
         "The warehouse is corrupt or not a SQLite database; nothing writes it until an operator \
          restores or rebuilds it.",
+    ),
+    (
+        exit::ID_COLLISION,
+        "A clinic lists IDs the warehouse stores for another clinic (id_collision; for run: once \
+         every organization it serves has stopped); such clinics need warehouses of their own.",
     ),
 ];
 

@@ -376,6 +376,8 @@ impl From<CycleError> for Failure {
     fn from(e: CycleError) -> Self {
         let code = match &e {
             CycleError::Api(api) if api.is_auth() => exit::AUTH_REFUSED,
+            CycleError::WrongOrganization { .. } => exit::AUTH_REFUSED,
+            CycleError::IdCollision(_) => exit::ID_COLLISION,
             _ => store_failure_code(e.store_error()),
         };
         Failure {
@@ -1153,11 +1155,13 @@ fn organizations_message(problems: &[String], several: bool) -> String {
 }
 
 /// What `sync` prints and exits with: one line per organization; 3 when any organization's key
-/// was refused (the others were still synced), 5 for a corrupt warehouse, else 1 when anything
-/// was left undone or failed, else 0.
+/// was refused (the others were still synced), 5 for a corrupt warehouse, 6 when any
+/// organization's IDs collide with another clinic's, else 1 when anything was left undone or
+/// failed, else 0.
 fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> Result<(), Failure> {
     let mut refused = Vec::new();
     let mut corrupt = None;
+    let mut collided = Vec::new();
     let mut undone = Vec::new();
     for cycle in cycles {
         let who = if several {
@@ -1217,6 +1221,8 @@ fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> R
                 }
                 if e.key_refused() {
                     refused.push(format!("{who}{e:#}"));
+                } else if matches!(e, CycleError::IdCollision(_)) {
+                    collided.push(format!("{who}{e:#}"));
                 } else if e.store_error().is_some_and(store::StoreError::is_fatal) {
                     corrupt.get_or_insert(Failure::from(e));
                 } else if several {
@@ -1235,6 +1241,12 @@ fn sync_exit(cycles: Vec<charthero_sync::OrganizationCycle>, several: bool) -> R
     }
     if let Some(f) = corrupt {
         return Err(f);
+    }
+    if !collided.is_empty() {
+        return Err(Failure {
+            code: exit::ID_COLLISION,
+            error: anyhow::anyhow!("{}", collided.join("; ")),
+        });
     }
     if !undone.is_empty() {
         return Err(Failure {

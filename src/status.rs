@@ -451,7 +451,8 @@ impl Status {
 }
 
 /// An organization's state from its last finished run and whether that run ended in error:
-/// `never_synced`, `ok`, `stopped` (its key was refused), `incomplete` (a partial run),
+/// `never_synced`, `ok`, `stopped` (its key was refused, or its IDs collide with another
+/// clinic's), `incomplete` (a partial run),
 /// `interrupted` (stopped by a signal; the next cycle resumes) or `failing`. Before any run
 /// finished, its first cycle is `syncing`, or `interrupted` once it has stalled.
 fn organization_state(

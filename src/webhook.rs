@@ -434,12 +434,13 @@ async fn answer(
         return refuse(refusal.status(), refusal.reason_code(), &refusal.message());
     }
     if ctx.client.metrics().is_stopped() {
-        // Not acknowledged: nothing would handle it before the key is fixed and the daemon
-        // restarted, and ChartHero's retries may then find it taken.
+        // Not acknowledged: nothing would handle it before the operator acts (a key fixed, or
+        // clinics whose IDs collide split) and restarts the daemon, and ChartHero's retries may
+        // then find it taken.
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "organization_stopped",
-            "this organization's sync is stopped (its API key was refused); deliver it again later",
+            "this organization's sync is stopped (its API key was refused, or its IDs collide with another clinic's); deliver it again later",
         );
     }
     let organization = ctx.org.name.clone();

@@ -6,7 +6,8 @@
 //! one organization's work never holds up another's. It tells systemd it is ready, alive
 //! (watchdog, only while every organization's cycle makes progress) and stopping, and stops at a
 //! unit boundary once its shutdown token is cancelled. Only start-up errors, a corrupt warehouse
-//! and every organization's key refused end it (one refused key stops its organization only); a
+//! and every organization stopped (its key refused, or its IDs colliding with another clinic's)
+//! end it (one stopped organization stops alone); a
 //! failed cycle (a full disk or a busy database included) is recorded and retried with capped,
 //! jittered backoff. Signals, the writer lock and the process belong to the caller (`main.rs`).
 
@@ -130,10 +131,10 @@ pub async fn serve_organizations(
 
 /// Runs every organization's loop side by side until `shutdown` is cancelled: one organization's
 /// backfill, failure or refused key never holds up another's live cycles. An organization whose
-/// key is refused (401, or a key that reads another clinic) stops alone, named in the log and
-/// in `status`; the others go on. `Err` only for what must end the daemon: a corrupt warehouse
-/// (`StoreError::is_fatal`, which stops every organization), or every organization's key
-/// refused.
+/// key is refused (401, or a key that reads another clinic) or whose IDs collide with another
+/// clinic's ([`CycleError::stops_organization`]) stops alone, named in the log and in `status`;
+/// the others go on. `Err` only for what must end the daemon: a corrupt warehouse
+/// (`StoreError::is_fatal`, which stops every organization), or every organization stopped.
 pub async fn run(
     contexts: &[SyncContext],
     schedule: &cron::Schedule,
@@ -200,7 +201,8 @@ pub async fn run(
 
 /// One organization's loop: a live cycle at start and then on the schedule, its queued
 /// backfills and audits in slices between them. Returns when `shutdown` is cancelled, or with
-/// the error that stops this organization: its key refused, or a corrupt warehouse.
+/// the error that stops this organization: its key refused, its IDs colliding with another
+/// clinic's, or a corrupt warehouse.
 async fn run_organization(
     ctx: &SyncContext,
     schedule: &cron::Schedule,
