@@ -186,17 +186,15 @@ async fn handle(
     let record = encounter_record(encounter, &ctx.privacy);
     if let Err(e) = window::commit(ctx, vec![record], Vec::new(), None, counts).await {
         // A write refused for this record alone (a constraint, a value the backend refuses:
-        // kind `Other`; an ID another clinic of the warehouse holds) is the event's failure,
-        // counted like a request that failed, so that one event never blocks every cycle; the
-        // warehouse failing stops the cycle.
-        let refused_alone = matches!(e, CycleError::IdCollision(_))
-            || e.store_error().is_some_and(|s| s.kind() == StoreErrorKind::Other);
-        return Err(if refused_alone {
-            CycleError::Other(anyhow::anyhow!(
+        // kind `Other`) is the event's failure, counted like a request that failed, so that
+        // one event never blocks every cycle; the warehouse failing stops the cycle. (An ID
+        // another clinic of the warehouse holds, `id_collision`, is the event's failure as it
+        // is: the listing that follows stops the organization.)
+        return Err(match e.store_error() {
+            Some(s) if s.kind() == StoreErrorKind::Other => CycleError::Other(anyhow::anyhow!(
                 "cannot write the encounter the event points to: {e:#}"
-            ))
-        } else {
-            e
+            )),
+            _ => e,
         });
     }
     let (org, enc, doc) = (
