@@ -142,7 +142,7 @@ pub fn commit_page(
 
 /// Whether the warehouse holds, stored or staged, encounters of another clinic than
 /// `organization_id`: then a page of this clinic is checked for IDs the other holds
-/// ([`collision`]) and never staged (staged rows would escape the check). Two index range
+/// ([`collision`]) and never staged (staged rows would escape the check). Four index range
 /// scans that find nothing in a warehouse of one clinic.
 fn shares_warehouse(tx: &Connection, organization_id: &str) -> rusqlite::Result<bool> {
     tx.prepare_cached(
