@@ -1230,6 +1230,22 @@ pub async fn run(mut cmd: std::process::Command) -> std::process::Output {
 }
 
 /// The binary with none of the environment that would change what it reads.
+/// The exit codes the shipped unit `systemd/<unit>` is not restarted on
+/// (`RestartPreventExitStatus=`).
+pub fn restart_prevented(unit: &str) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(unit);
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .unwrap_or_else(|| panic!("{} sets no RestartPreventExitStatus=", path.display()))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn charthero_sync() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_charthero-sync"));
     cmd.env_remove("CHARTHERO_API_KEY")
