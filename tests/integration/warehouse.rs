@@ -339,7 +339,11 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back(backend:
         "most canaries of purged encounters should be gone entirely"
     );
     for id in &old {
-        assert!(!holds(&image, id), "purged encounter {id} still on disk");
+        assert!(
+            !holds(&image, id),
+            "purged encounter {id} still on disk: {}",
+            locate(db, id)
+        );
     }
     // Files are content-addressed and may be shared: exactly the referenced ones remain.
     let files: BTreeSet<String> = std::fs::read_dir(&config.audio.directory)
