@@ -28,9 +28,9 @@ pub use postgres::connect::{
     try_writer_lock as try_postgres_writer_lock,
 };
 pub use records::{
-    Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, IdCollision, PageCounts,
-    PatientRecord, PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome, TranscriptRecord,
-    TurnRecord, WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem,
+    Audit, AuditTally, Backfill, DetailOutcome, DocumentRecord, EncounterRecord, IdCollision, IdKind,
+    PageCounts, PatientRecord, PurgeCounts, RecordingRecord, Removal, RunCounts, RunEnd, RunOutcome,
+    TranscriptRecord, TurnRecord, WebhookEvent, WebhookState, WindowCompletion, Work, WorkItem,
 };
 pub(crate) use records::{NotReady, dead_letter_retry_at};
 pub use sqlite::lock_path as sqlite_lock_path;

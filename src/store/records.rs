@@ -63,14 +63,31 @@ pub struct PageCounts {
 /// writing the page would take the other clinic's row over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdCollision {
-    /// `encounter`, `document` or `patient`.
-    pub kind: &'static str,
+    pub kind: IdKind,
     pub id: String,
     /// The listed encounter it belongs to (the same as `id` for an encounter).
     pub encounter_id: String,
     /// The configured name of the organization the warehouse holds it for (its
     /// `organization_id` when no configured name reads that clinic any more).
     pub holder: String,
+}
+
+/// Which of a listed record's IDs collides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    Encounter,
+    Document,
+    Patient,
+}
+
+impl std::fmt::Display for IdKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IdKind::Encounter => "encounter",
+            IdKind::Document => "document",
+            IdKind::Patient => "patient",
+        })
+    }
 }
 
 impl std::fmt::Display for IdCollision {
@@ -81,7 +98,7 @@ impl std::fmt::Display for IdCollision {
             encounter_id,
             holder,
         } = self;
-        let of = if *kind == "encounter" {
+        let of = if *kind == IdKind::Encounter {
             String::new()
         } else {
             format!(" (of encounter {encounter_id})")

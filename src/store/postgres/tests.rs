@@ -15,7 +15,7 @@ use time::macros::datetime;
 
 use super::*;
 use crate::store::sqlite::rows_as_text;
-use crate::store::{DocumentRecord, IdCollision, PatientRecord, RunCounts, RunOutcome};
+use crate::store::{DocumentRecord, IdCollision, IdKind, PatientRecord, RunCounts, RunOutcome};
 use crate::timefmt::{parse_rfc3339, unix_nanos};
 
 /// A new database in the shared cluster (None, reason printed, where there is none).
@@ -572,7 +572,7 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
             .unwrap();
     }
     let before = rows!();
-    let refused = |kind: &'static str, id: &str, encounter_id: &str| IdCollision {
+    let refused = |kind: IdKind, id: &str, encounter_id: &str| IdCollision {
         kind,
         id: id.into(),
         encounter_id: encounter_id.into(),
@@ -584,15 +584,15 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
     let refusals = [
         (
             of("org_2", "enc_a", 1, None, Vec::new()),
-            refused("encounter", "enc_a", "enc_a"),
+            refused(IdKind::Encounter, "enc_a", "enc_a"),
         ),
         (
             of("org_2", "enc_r", 3, None, Vec::new()),
-            refused("encounter", "enc_r", "enc_r"),
+            refused(IdKind::Encounter, "enc_r", "enc_r"),
         ),
         (
             of("org_2", "enc_b1", 4, None, vec![note("doc_b1"), note("doc_1")]),
-            refused("document", "doc_1", "enc_b1"),
+            refused(IdKind::Document, "doc_1", "enc_b1"),
         ),
         (
             of(
@@ -602,7 +602,7 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
                 Some(patient("pat_1", Some("Bob"), Some("Lee"))),
                 Vec::new(),
             ),
-            refused("patient", "pat_1", "enc_b2"),
+            refused(IdKind::Patient, "pat_1", "enc_b2"),
         ),
     ];
     for (rec, expected) in refusals {
@@ -637,9 +637,13 @@ fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends()
             .unwrap();
         assert_eq!(windows, 0, "no refused window was recorded");
     }
-    assert!(refused("document", "doc_1", "enc_b1").to_string().starts_with(
-        "document doc_1 (of encounter enc_b1) is stored for organization alpha, another clinic"
-    ));
+    assert!(
+        refused(IdKind::Document, "doc_1", "enc_b1")
+            .to_string()
+            .starts_with(
+                "document doc_1 (of encounter enc_b1) is stored for organization alpha, another clinic"
+            )
+    );
     // A page of beta without alpha's IDs is written at once, never staged; the same patient
     // seen at both clinics (known fields agree) is beta's to list, and fills nothing in of the
     // row alpha's records write; a patient alpha holds no encounter of any more is beta's to

@@ -19,7 +19,9 @@ use postgres::GenericClient;
 use time::OffsetDateTime;
 
 use super::{ledger, privacy};
-use crate::store::{EncounterRecord, IdCollision, PageCounts, PatientRecord, Removal, WindowCompletion};
+use crate::store::{
+    EncounterRecord, IdCollision, IdKind, PageCounts, PatientRecord, Removal, WindowCompletion,
+};
 use crate::timefmt::unix_nanos;
 
 /// Writes one page of encounters, the removals a window found, and, when given, the completion
@@ -93,7 +95,7 @@ fn collision(
     };
     let found_rows = [
         (
-            "encounter",
+            IdKind::Encounter,
             tx.query(
                 "SELECT encounter_id, organization_id FROM encounters
                   WHERE encounter_id = ANY($1::text[]) AND organization_id <> $2",
@@ -101,7 +103,7 @@ fn collision(
             )?,
         ),
         (
-            "document",
+            IdKind::Document,
             tx.query(
                 "SELECT d.document_id, e.organization_id
                    FROM documents d JOIN encounters e ON e.encounter_id = d.encounter_id
@@ -110,7 +112,7 @@ fn collision(
             )?,
         ),
         (
-            "patient",
+            IdKind::Patient,
             tx.query(
                 "SELECT p.patient_id, p.organization_id
                    FROM unnest($1::text[], $3::text[], $4::text[], $5::text[])
@@ -132,20 +134,28 @@ fn collision(
         ),
     ];
     // Every colliding ID of the page, by kind, with the organization_id holding it.
-    let mut held: HashMap<(&str, String), String> = HashMap::new();
+    let mut held: HashMap<(IdKind, String), String> = HashMap::new();
     for (kind, rows) in found_rows {
         for row in rows {
             held.insert((kind, row.try_get(0)?), row.try_get(1)?);
         }
     }
     let first_held = records.iter().find_map(|rec| {
-        let at = |kind: &'static str, id: &str| {
+        let at = |kind: IdKind, id: &str| {
             held.get(&(kind, id.to_owned()))
                 .map(|h| (kind, id.to_owned(), rec, h))
         };
-        at("encounter", &rec.encounter_id)
-            .or_else(|| rec.documents.iter().find_map(|d| at("document", &d.document_id)))
-            .or_else(|| rec.patient.as_ref().and_then(|p| at("patient", &p.patient_id)))
+        at(IdKind::Encounter, &rec.encounter_id)
+            .or_else(|| {
+                rec.documents
+                    .iter()
+                    .find_map(|d| at(IdKind::Document, &d.document_id))
+            })
+            .or_else(|| {
+                rec.patient
+                    .as_ref()
+                    .and_then(|p| at(IdKind::Patient, &p.patient_id))
+            })
     });
     let Some((kind, id, rec, holder)) = first_held else {
         return Ok(None);

@@ -14,7 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::{ledger, staging};
-use crate::store::{EncounterRecord, IdCollision, PageCounts, PatientRecord, Removal, WindowCompletion};
+use crate::store::{
+    EncounterRecord, IdCollision, IdKind, PageCounts, PatientRecord, Removal, WindowCompletion,
+};
 use crate::timefmt::{format_stored, unix_nanos};
 
 /// What a stored patient row takes from a new observation of its patient: a response without
@@ -181,14 +183,14 @@ fn collision(tx: &Connection, records: &[EncounterRecord]) -> rusqlite::Result<O
                 .query_row(params![rec.encounter_id, org], |r| r.get(0))
                 .optional()?;
             if let Some(holder) = held {
-                break 'records Some(("encounter", rec.encounter_id.as_str(), rec, holder));
+                break 'records Some((IdKind::Encounter, rec.encounter_id.as_str(), rec, holder));
             }
             for d in &rec.documents {
                 let held: Option<String> = document
                     .query_row(params![d.document_id, org], |r| r.get(0))
                     .optional()?;
                 if let Some(holder) = held {
-                    break 'records Some(("document", d.document_id.as_str(), rec, holder));
+                    break 'records Some((IdKind::Document, d.document_id.as_str(), rec, holder));
                 }
             }
             if let Some(p) = &rec.patient {
@@ -199,7 +201,7 @@ fn collision(tx: &Connection, records: &[EncounterRecord]) -> rusqlite::Result<O
                     )
                     .optional()?;
                 if let Some(holder) = held {
-                    break 'records Some(("patient", p.patient_id.as_str(), rec, holder));
+                    break 'records Some((IdKind::Patient, p.patient_id.as_str(), rec, holder));
                 }
             }
         }
