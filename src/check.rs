@@ -400,5 +400,18 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
         "database.readers note    role charthero_readers does not exist yet; the first migration creates it"
             .to_owned()
     });
+    lines.push(if report.rewrites_statistics {
+        format!(
+            "database.owner   ok      role {} may rewrite pg_statistic in database {}: a purge leaves no purged ID in the planner's statistics",
+            report.role, report.database
+        )
+    } else {
+        format!(
+            "database.owner   note    role {} neither owns database {} nor is a superuser: a purge cannot \
+             rewrite pg_statistic, where the statistics it replaced may keep purged encounter, document \
+             and patient IDs (docs/postgres.md, \"Privacy, purges and PHI on the server\")",
+            report.role, report.database
+        )
+    });
     (lines, Ok(()))
 }

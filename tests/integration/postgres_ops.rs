@@ -354,7 +354,32 @@ fn check_reports_tls_the_server_the_schema_and_the_readers_role(c: &TlsCluster) 
         "{text}"
     );
     assert!(text.contains("database.readers"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "database.owner   ok      role {} may rewrite pg_statistic in database {}",
+            c.db.user, c.db.name
+        )),
+        "{text}"
+    );
     assert!(!text.contains(&c.db.password), "{text}");
+    // A role that does not own the database is told what a purge then cannot reach.
+    let other = pg_config(c, dir.path(), ("pgops_no_create", PASSWORD), "", "not_mine", None);
+    let not_owner = charthero_sync::config::DatabaseConfig {
+        target: DatabaseTarget::Postgres(Box::new(other)),
+        ..database.clone()
+    };
+    let (lines, outcome) = runtime.block_on(charthero_sync::check::check_database(&not_owner));
+    let text = lines.join("\n");
+    assert!(outcome.is_ok(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "database.owner   note    role pgops_no_create neither owns database {} nor is a superuser: \
+             a purge cannot rewrite pg_statistic",
+            c.db.name
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(PASSWORD), "{text}");
     // Migrated: the schema is this release's and the readers' role exists.
     store::open(&database).unwrap();
     let (lines, outcome) = runtime.block_on(charthero_sync::check::check_database(&database));

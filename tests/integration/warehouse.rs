@@ -313,14 +313,53 @@ async fn purge_removes_a_range_completely_and_keeps_it_from_coming_back(backend:
         start: OffsetDateTime::UNIX_EPOCH,
         end: cut,
     };
+    // Webhook events pointing at purged encounters, by encounter or by document only, and one
+    // pointing at a kept encounter.
+    let event = |id: &str, encounter: &charthero_sim::Encounter, by_document: bool| {
+        charthero_sync::store::WebhookEvent {
+            event_id: id.to_owned(),
+            event_type: "recording.transcript_ready".to_owned(),
+            api_version: "2026-05-01".to_owned(),
+            occurred_at: OffsetDateTime::now_utc(),
+            organization_id: encounter.organization_id.clone(),
+            encounter_id: (!by_document).then(|| encounter.encounter_id.clone()),
+            document_id: encounter.documents.first().map(|d| d.document_id.clone()),
+        }
+    };
+    let with_document = |e: &&charthero_sim::Encounter| !e.documents.is_empty();
+    let purged_first = snapshot.iter().find(|e| old.contains(&e.encounter_id)).unwrap();
+    let purged_by_document = snapshot
+        .iter()
+        .filter(|e| old.contains(&e.encounter_id) && e.encounter_id != purged_first.encounter_id)
+        .find(with_document)
+        .unwrap();
+    let kept = snapshot
+        .iter()
+        .filter(|e| young.contains(&e.encounter_id))
+        .find(with_document)
+        .unwrap();
+    let events = [
+        event("evt_purged", purged_first, false),
+        event("evt_purged_document", purged_by_document, true),
+        event("evt_kept", kept, false),
+    ];
     let (database, audio) = (config.database.clone(), config.audio.directory.clone());
     let counts = charthero_sync::store::blocking(move || {
         let mut store = charthero_sync::store::open(&database)?;
+        for e in &events {
+            store.record_webhook_event("default", e, "dlv_test", OffsetDateTime::now_utc())?;
+        }
         store.purge(&audio, range.start, range.end, "range", OffsetDateTime::now_utc())
     })
     .await
     .unwrap();
     assert_eq!(counts.encounters as usize, old.len());
+    let events: Vec<String> = db.column("SELECT event_id FROM webhook_events", &[]);
+    assert_eq!(
+        events,
+        vec!["evt_kept".to_owned()],
+        "the purged encounters' events go with them"
+    );
     // Generated text repeats across encounters: a canary still held by a kept row is not a leak.
     let image = db.disk_image();
     let leaked: Vec<&String> = marks

@@ -472,6 +472,13 @@ pub struct ServerReport {
     pub schema_version: Option<i32>,
     /// Whether the read-only role `charthero_readers` exists.
     pub readers_role: bool,
+    /// The login role and the database it is in.
+    pub role: String,
+    pub database: String,
+    /// Whether the role may rewrite `pg_statistic` (a superuser, the database's owner, or on
+    /// PostgreSQL 17 and later a member of `pg_maintain`): what a purge does last, so that
+    /// the statistics it replaced keep no purged ID.
+    pub rewrites_statistics: bool,
 }
 
 /// Connects without creating anything and reads what `check` reports.
@@ -508,10 +515,24 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
         )
         .with_context(fail)?
         .try_get(0)?;
+    let row = client
+        .query_one(
+            "SELECT current_user::text, current_database()::text,
+                    r.rolsuper OR pg_has_role(current_user, d.datdba, 'USAGE')
+                    OR EXISTS (SELECT 1 FROM pg_roles m WHERE m.rolname = 'pg_maintain'
+                                 AND pg_has_role(current_user, m.oid, 'USAGE'))
+               FROM pg_database d, pg_roles r
+              WHERE d.datname = current_database() AND r.rolname = current_user",
+            &[],
+        )
+        .with_context(fail)?;
     Ok(ServerReport {
         transport,
         server_version,
         schema_version,
         readers_role,
+        role: row.try_get(0)?,
+        database: row.try_get(1)?,
+        rewrites_statistics: row.try_get(2)?,
     })
 }

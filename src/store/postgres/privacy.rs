@@ -130,6 +130,8 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
 /// (`VACUUM (FULL, ANALYZE)`, one statement, outside any transaction): the dead row versions that
 /// still hold removed text, in the tables, their TOAST and their indexes (the GIN search indexes
 /// too), are left behind in the old files, which PostgreSQL truncates when the command ends.
+/// Then `pg_statistic` the same way ([`STATISTICS`]): the statistics the ANALYZE replaced stay
+/// in its file as dead rows, and those of the ID columns hold sampled IDs.
 ///
 /// It blocks: each table is locked ACCESS EXCLUSIVE while it is rewritten, so readers of that
 /// table (the `charthero_readers` role's queries) wait for it, and it waits for queries already
@@ -146,10 +148,14 @@ fn scrub(db: &mut Client, tables: &[&'static str]) -> anyhow::Result<()> {
 
 /// How long the rewrite waits for its table locks, per attempt.
 const SCRUB_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How many times the rewrite is tried before it is left pending.
+/// How many times each rewrite is tried before it is left pending.
 const SCRUB_ATTEMPTS: u32 = 3;
 /// The `sync_state` entry listing the tables whose rewrite is pending (comma-separated).
 const SCRUB_PENDING: &str = "scrub_pending";
+/// The catalog ANALYZE copies column values into (histogram bounds, most common values). The ID
+/// columns keep their statistics, so the catalog rows each ANALYZE replaces hold IDs of rows
+/// since removed until this catalog is rewritten too (the PHI columns collect none).
+const STATISTICS: &str = "pg_statistic";
 
 fn scrub_waiting(
     db: &mut Client,
@@ -161,7 +167,8 @@ fn scrub_waiting(
         .map(|r| r.try_get(0))
         .transpose()?;
     let mut all: Vec<&str> = tables.to_vec();
-    // Only known table names are ever recorded; anything else in the entry is ignored.
+    // Only the tables a purge or a privacy change rewrites are ever recorded; anything else in
+    // the entry is ignored.
     let known = [
         "encounters",
         "patients",
@@ -169,6 +176,10 @@ fn scrub_waiting(
         "transcripts",
         "transcript_turns",
         "recordings",
+        "dead_letters",
+        "encounter_history",
+        "webhook_events",
+        STATISTICS,
     ];
     for t in pending.as_deref().unwrap_or("").split(',') {
         if let Some(k) = known.iter().find(|k| **k == t)
@@ -180,52 +191,176 @@ fn scrub_waiting(
     if all.is_empty() {
         return Ok(());
     }
-    let list = all.join(", ");
+    // The tables first, then the statistics their ANALYZE just replaced.
+    all.retain(|t| *t != STATISTICS);
+    let mut steps = Vec::new();
+    if !all.is_empty() {
+        steps.push(all.join(", "));
+    }
+    steps.push(STATISTICS.to_owned());
     db.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis()))?;
-    let mut attempt = 0;
-    let result = loop {
-        attempt += 1;
-        match db.batch_execute(&format!("VACUUM (FULL, ANALYZE) {list}")) {
-            Ok(()) => break Ok(()),
-            Err(e) if e.code().is_some_and(|c| c.code() == "55P03") && attempt < SCRUB_ATTEMPTS => {
-                tracing::warn!(tables = %list, attempt, "the rewrite waited too long for a table lock (a long query?); trying again");
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    db.batch_execute("RESET lock_timeout")?;
-    match result {
-        Ok(()) => {
-            if pending.is_some() {
-                db.execute("DELETE FROM sync_state WHERE name = $1", &[&SCRUB_PENDING])?;
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let locked = e.code().is_some_and(|c| c.code() == "55P03");
-            db.execute(
-                "INSERT INTO sync_state (name, value) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-                &[&SCRUB_PENDING, &all.join(",")],
-            )?;
-            let what = format!(
-                "the rows are removed, but rewriting {list} (VACUUM FULL, which removes the old row \
-                 versions still holding their text from the files) {}; it is recorded as pending and \
-                 the next purge or privacy change does it first",
-                if locked {
-                    format!(
-                        "could not get its table locks within {} s, {SCRUB_ATTEMPTS} times (a long query \
-                         holds them: end it, or run `charthero-sync purge` again later)",
-                        lock_timeout.as_secs()
-                    )
-                } else {
-                    "failed".to_owned()
+    let mut failed = None;
+    'steps: for (i, step) in steps.iter().enumerate() {
+        for attempt in 1..=SCRUB_ATTEMPTS {
+            match rewrite(db, step, lock_timeout) {
+                Ok(()) => continue 'steps,
+                Err(Unfinished::Waited(why)) if attempt < SCRUB_ATTEMPTS => {
+                    tracing::warn!(tables = %step, attempt, "the rewrite {why}; trying again");
                 }
-            );
-            tracing::warn!("{what}");
-            Err(anyhow::Error::new(e).context(what))
+                Err(e) => {
+                    failed = Some((i, e));
+                    break 'steps;
+                }
+            }
         }
     }
+    db.batch_execute("RESET lock_timeout")?;
+    let Some((i, e)) = failed else {
+        if pending.is_some() {
+            db.execute("DELETE FROM sync_state WHERE name = $1", &[&SCRUB_PENDING])?;
+        }
+        return Ok(());
+    };
+    let left = steps[i..].join(", ");
+    db.execute(
+        "INSERT INTO sync_state (name, value) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        &[&SCRUB_PENDING, &left.replace(", ", ",")],
+    )?;
+    let what = |how: &str| {
+        format!(
+            "the rows are removed, but rewriting {left} (VACUUM FULL, which removes the old row \
+             versions still holding their text from the files) {how}; it is recorded as pending and \
+             the next purge or privacy change does it first"
+        )
+    };
+    let (what, error) = match e {
+        Unfinished::Waited(why) => {
+            let what = what(&format!(
+                "{why}, {SCRUB_ATTEMPTS} times (end it, or run `charthero-sync purge` again later)"
+            ));
+            (what.clone(), anyhow::anyhow!(what))
+        }
+        Unfinished::Failed(e) => {
+            let what = what("failed");
+            (what.clone(), anyhow::Error::new(e).context(what))
+        }
+    };
+    tracing::warn!("{what}");
+    Err(error)
+}
+
+/// Why a rewrite did not happen.
+enum Unfinished {
+    /// What it waited for was still held after its timeout (worth trying again): says what.
+    Waited(String),
+    Failed(postgres::Error),
+}
+
+impl From<postgres::Error> for Unfinished {
+    fn from(e: postgres::Error) -> Self {
+        Unfinished::Failed(e)
+    }
+}
+
+/// Rewrites `step`: tables from their live rows with fresh statistics, or the statistics
+/// catalog, once no other session can still see what was removed before it starts.
+///
+/// VACUUM FULL copies a removed row version into the new file, bytes and all, while a snapshot
+/// older than its removal may still read it: an analyst's query or transaction that began
+/// before, a `pg_dump`, a replica's feedback. So it first waits, at most `timeout`, until no
+/// session of the database (nor a replication slot or prepared transaction) holds a
+/// snapshot or transaction older than the start of this call, which comes after the removal
+/// committed.
+///
+/// PostgreSQL lets a superuser or the database's owner rewrite the statistics catalog and skips
+/// it with a warning for anyone else, so whether it was rewritten is read from its file node;
+/// a role that may not is warned about here (there is nothing to retry).
+fn rewrite(db: &mut Client, step: &str, timeout: std::time::Duration) -> Result<(), Unfinished> {
+    let catalog = step == STATISTICS;
+    // The next transaction ID: every removal before this call has a smaller one.
+    let mark: String = db
+        .query_one(
+            "SELECT (txid_snapshot_xmax(txid_current_snapshot()) % 4294967296)::text",
+            &[],
+        )?
+        .try_get(0)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let older = older_snapshots(db, &mark, catalog)?;
+        if older.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Unfinished::Waited(format!(
+                "waited {} s for sessions that began before the removal and may still read the removed \
+                 rows (VACUUM FULL would copy them): {}",
+                timeout.as_secs(),
+                older.join(", ")
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if !catalog {
+        return db
+            .batch_execute(&format!("VACUUM (FULL, ANALYZE) {step}"))
+            .map_err(|e| locked(e, timeout));
+    }
+    let node = |db: &mut Client| -> Result<Option<u32>, postgres::Error> {
+        db.query_one("SELECT pg_relation_filenode('pg_statistic')::oid", &[])?
+            .try_get(0)
+    };
+    let before = node(db)?;
+    db.batch_execute("VACUUM FULL pg_statistic")
+        .map_err(|e| locked(e, timeout))?;
+    if node(db)? == before {
+        tracing::warn!(
+            "pg_statistic was not rewritten: only a superuser or the database's owner may, and this \
+             role is neither. The planner statistics the rewrite replaced may still hold removed \
+             encounter, document and patient IDs (never names, birth dates or text) in its file \
+             until a superuser or the owner runs VACUUM FULL pg_statistic (docs/postgres.md)"
+        );
+    }
+    Ok(())
+}
+
+/// A lock wait that reached `lock_timeout` is worth trying again; any other error is not.
+fn locked(e: postgres::Error, timeout: std::time::Duration) -> Unfinished {
+    if e.code().is_some_and(|c| c.code() == "55P03") {
+        Unfinished::Waited(format!(
+            "could not get its table locks within {} s (a long query holds them)",
+            timeout.as_secs()
+        ))
+    } else {
+        Unfinished::Failed(e)
+    }
+}
+
+/// Who may still read row versions removed before transaction ID `mark`: sessions of this
+/// database (and replication senders, whose replicas' feedback counts for every database) whose
+/// snapshot or transaction is older, replication slots holding an older horizon (for a catalog
+/// also the logical slots' catalog horizon), and prepared transactions; as `pid 123 (alice)`,
+/// `replication slot s`, `prepared transaction g`. Ages compare transaction IDs across their
+/// wraparound.
+fn older_snapshots(db: &mut Client, mark: &str, catalog: bool) -> Result<Vec<String>, postgres::Error> {
+    db.query(
+        "SELECT 'pid ' || a.pid || ' (' || coalesce(a.usename::text, a.backend_type) || ')'
+           FROM pg_stat_activity a
+          WHERE a.pid <> pg_backend_pid()
+            AND (a.datname = current_database() OR a.backend_type = 'walsender')
+            AND (age(a.backend_xmin) > age($1::text::xid) OR age(a.backend_xid) > age($1::text::xid))
+         UNION ALL
+         SELECT 'replication slot ' || s.slot_name FROM pg_replication_slots s
+          WHERE (s.database IS NULL OR s.database = current_database())
+            AND (age(s.xmin) > age($1::text::xid) OR ($2 AND age(s.catalog_xmin) > age($1::text::xid)))
+         UNION ALL
+         SELECT 'prepared transaction ' || p.gid FROM pg_prepared_xacts p
+          WHERE p.database = current_database() AND age(p.transaction) > age($1::text::xid)",
+        &[&mark, &catalog],
+    )?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect()
 }
 
 /// Removes every encounter created in `[start, end)` and everything hanging off it — rows,
@@ -269,6 +404,8 @@ pub fn purge(
         ..PurgeCounts::default()
     };
     delete("dead_letters", &doc_filter)?;
+    // Webhook events are IDs only, but they are the purged encounters' IDs.
+    delete("webhook_events", &format!("{in_range} OR {doc_filter}"))?;
     counts.documents = delete("documents", in_range)?;
     counts.history_rows = delete("encounter_history", in_range)?;
     counts.encounters = delete("encounters", in_range)?;
@@ -497,7 +634,7 @@ mod tests {
             .unwrap()
             .try_get(0)
             .unwrap();
-        assert_eq!(pending, "documents");
+        assert_eq!(pending, "documents,pg_statistic");
         long_query.commit().unwrap();
         scrub_waiting(&mut c, &[], short).unwrap();
         assert_eq!(
@@ -514,6 +651,70 @@ mod tests {
                 .unwrap(),
             "0",
             "the session's lock_timeout is reset"
+        );
+    }
+
+    /// An analyst's transaction whose snapshot predates a removal may still read the removed
+    /// row, and VACUUM FULL would copy it, text and all, into the table's new file. The rewrite
+    /// waits for such a session, says who it waited for, and is left pending while it lasts;
+    /// once it ends the next scrub removes the text.
+    #[test]
+    fn a_rewrite_waits_for_a_snapshot_older_than_the_removal_and_is_left_pending_while_it_lasts() {
+        let word = "zanthoxylumsnapshotcanary";
+        let Some((db, mut c)) = warehouse("scrub_snapshot") else {
+            return;
+        };
+        c.batch_execute(&format!(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at, created_at_ns,
+                 updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             VALUES ('e1', 'org_1', to_timestamp(1), to_timestamp(1), 1000000000, 1000000000, 'h', '{{}}',
+                     now(), now());
+             INSERT INTO documents (document_id, encounter_id, position, schema_type, content_text,
+                 detail_state, first_seen_at, changed_at)
+             VALUES ('d1', 'e1', 0, 'document', 'patient reports {word} since monday', 'done', now(), now());"
+        ))
+        .unwrap();
+        assert!(
+            on_disk(word),
+            "the term never reached the files: the test proves nothing"
+        );
+        let mut config: postgres::Config = db.url.parse().unwrap();
+        config.password(&db.password).options("-c search_path=charthero");
+        let mut analyst = config.connect(postgres::NoTls).unwrap();
+        // A snapshot taken before the removal, on another table (no lock on `documents`).
+        let mut snapshot = analyst
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .unwrap();
+        snapshot
+            .query_one("SELECT count(*) FROM encounters", &[])
+            .unwrap();
+        c.execute("UPDATE documents SET content_text = NULL", &[])
+            .unwrap();
+        let short = std::time::Duration::from_millis(200);
+        let message = format!("{:#}", scrub_waiting(&mut c, &["documents"], short).unwrap_err());
+        assert!(message.contains("the rows are removed"), "{message}");
+        assert!(message.contains("began before the removal"), "{message}");
+        assert!(
+            message.contains(&format!("({})", db.user)),
+            "names the session: {message}"
+        );
+        let pending: String = c
+            .query_one("SELECT value FROM sync_state WHERE name = 'scrub_pending'", &[])
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(pending, "documents,pg_statistic");
+        snapshot.commit().unwrap();
+        scrub_waiting(&mut c, &[], short).unwrap();
+        assert!(!on_disk(word), "the removed text is still in a file under base/");
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
+            ),
+            0
         );
     }
 
@@ -564,9 +765,9 @@ mod tests {
 
     /// ANALYZE (autovacuum runs it on its own) copies column values into `pg_statistic`: a
     /// histogram's bounds, the most common values and lexemes. The purge's own ANALYZE replaces
-    /// them, but the replaced catalog rows stay in its files (compressed, so the canaries above
-    /// cannot see them) until that catalog is vacuumed, which only a superuser may force. So the
-    /// columns that hold PHI must collect no statistics at all (`SET STATISTICS 0`).
+    /// them, but the replaced catalog rows stay in its files until that catalog is rewritten too,
+    /// which only a superuser or the database's owner may do, and the writer need not own it.
+    /// So the columns that hold PHI must collect no statistics at all (`SET STATISTICS 0`).
     #[test]
     fn analyze_copies_no_phi_into_the_planners_statistics() {
         let word = "zanthoxylumstatisticscanary";
@@ -588,6 +789,86 @@ mod tests {
             .map(|r| r.try_get(0).unwrap())
             .collect();
         assert!(leaked.is_empty(), "PHI in the statistics of {leaked:?}");
+    }
+
+    /// The ID columns keep their statistics (the planner needs them), so ANALYZE copies IDs into
+    /// `pg_statistic`, and the purge's own ANALYZE leaves the replaced catalog rows in that
+    /// catalog's file until it is rewritten too. A few short IDs make rows too small to be
+    /// compressed: each purged ID would be found as it is.
+    #[test]
+    fn a_purge_leaves_no_purged_id_in_the_planners_statistics() {
+        let Some((_db, mut c)) = warehouse("privacy_statistics_ids") else {
+            return;
+        };
+        c.batch_execute(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at, created_at_ns,
+                 updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             SELECT 'statcanary' || n || 'purgeid', 'org_1', to_timestamp(n), to_timestamp(n),
+                    n * 1000000000::bigint, n * 1000000000::bigint, 'h', '{}', now(), now()
+               FROM generate_series(0, 19) n;
+             ANALYZE encounters;",
+        )
+        .unwrap();
+        assert!(
+            on_disk("statcanary3purgeid"),
+            "the statistics never held the IDs: the test proves nothing"
+        );
+        let audio = tempfile::tempdir().unwrap();
+        let counts = purge(&mut c, audio.path(), at(0), at(10), "range", at(1_000)).unwrap();
+        assert_eq!(counts.encounters, 10);
+        let left: Vec<String> = (0..10)
+            .map(|n| format!("statcanary{n}purgeid"))
+            .filter(|id| on_disk(id))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "purged IDs still in a file under base/: {left:?}"
+        );
+        assert!(
+            on_disk("statcanary15purgeid"),
+            "a kept encounter's ID is in its row"
+        );
+    }
+
+    /// A writer that does not own the database (docs/postgres.md allows it) may not rewrite
+    /// `pg_statistic`: the purge still removes the rows and rewrites the tables, and only warns.
+    #[test]
+    fn a_writer_that_does_not_own_the_database_purges_and_leaves_the_statistics_catalog() {
+        let Some((db, mut c)) = warehouse("privacy_not_owner") else {
+            return;
+        };
+        let cluster = pgcluster::shared().expect("the warehouse's cluster");
+        cluster
+            .psql(&format!("ALTER DATABASE {} OWNER TO postgres", db.name))
+            .unwrap();
+        c.batch_execute(
+            "INSERT INTO encounters (encounter_id, organization_id, created_at, updated_at, created_at_ns,
+                 updated_at_ns, content_hash, raw_json, first_seen_at, changed_at)
+             SELECT 'e' || n, 'org_1', to_timestamp(n), to_timestamp(n),
+                    n * 1000000000::bigint, n * 1000000000::bigint, 'h', '{}', now(), now()
+               FROM generate_series(0, 19) n;",
+        )
+        .unwrap();
+        let node = |c: &mut Client| -> u32 {
+            c.query_one("SELECT pg_relation_filenode('pg_statistic')::oid", &[])
+                .unwrap()
+                .try_get(0)
+                .unwrap()
+        };
+        let before = node(&mut c);
+        let audio = tempfile::tempdir().unwrap();
+        let counts = purge(&mut c, audio.path(), at(0), at(10), "range", at(1_000)).unwrap();
+        assert_eq!(counts.encounters, 10);
+        assert_eq!(count(&mut c, "SELECT count(*) FROM encounters"), 10);
+        assert_eq!(node(&mut c), before, "the catalog was not rewritten");
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
+            ),
+            0,
+            "a rewrite the role may not do is not retried"
+        );
     }
 
     #[test]

@@ -159,6 +159,14 @@ pub fn purge(
         ..PurgeCounts::default()
     };
     tx.execute(&format!("DELETE FROM dead_letters WHERE {doc_filter}"), [])?;
+    // Webhook events are IDs only, but they are the purged encounters' IDs.
+    tx.execute(
+        &format!(
+            "DELETE FROM webhook_events
+              WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids) OR {doc_filter}"
+        ),
+        [],
+    )?;
     counts.documents = tx.execute(
         "DELETE FROM documents WHERE encounter_id IN (SELECT encounter_id FROM temp.purge_ids)",
         [],
