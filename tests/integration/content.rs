@@ -398,6 +398,44 @@ async fn recordings_are_stored_by_content_hash_and_the_signed_url_never_is(backe
 
 both_backends!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    transcripts_alone_are_fetched_however_many_notes_wait_with_details_off
+);
+/// `[content] details = false` with transcripts on: the notes' detail work stays queued (for
+/// when details are turned on), and must not hide the transcripts behind it from the claims.
+async fn transcripts_alone_are_fetched_however_many_notes_wait_with_details_off(backend: Backend) {
+    let env = TestEnv::with_encounters_on(backend, 61, 600).await;
+    let mut raw = env.raw_config();
+    raw.content.details = false;
+    raw.content.transcripts = true;
+    let config = raw.validate().unwrap();
+    let report = env.sync(&config, CyclePlan::full(None, false)).await;
+    assert!(report.is_complete());
+    let snapshot = env.sim.snapshot();
+    let notes = snapshot
+        .iter()
+        .flat_map(|e| &e.documents)
+        .filter(|d| d.schema_type == "document")
+        .count();
+    assert!(
+        notes > 300,
+        "enough notes waiting to fill several claims: {notes}"
+    );
+    let finalized = snapshot
+        .iter()
+        .flat_map(|e| e.documents.iter().map(move |d| (e, d)))
+        .filter(|(e, d)| env.sim.transcript(&e.encounter_id, &d.document_id).is_some())
+        .count();
+    assert!(finalized > 0);
+    let stored: i64 = env.warehouse.scalar("SELECT count(*) FROM transcripts", &[]);
+    assert_eq!(
+        stored as usize, finalized,
+        "every finalized transcript is fetched"
+    );
+    assert_eq!(env.sim.stats().route(SimRoute::Document), 0, "details are off");
+}
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     transcripts_wait_for_finalization_and_changed_notes_are_fetched_again
 );
 async fn transcripts_wait_for_finalization_and_changed_notes_are_fetched_again(backend: Backend) {

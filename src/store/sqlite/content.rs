@@ -13,22 +13,24 @@ use crate::store::{
 use crate::timefmt::{format_stored, parse_rfc3339, unix_nanos};
 
 /// [`claim_work`]'s query: `?1` the run, `?2` now (nanoseconds), `?3` how many, `?4` the
-/// organization. Each arm is in the form its partial index answers (an OR of two states is
-/// not; `claims_read_each_kind_of_work_through_its_partial_index`).
+/// organization, `?5`–`?7` whether notes, transcripts and recordings are skipped. Each arm is
+/// in the form its partial index answers (an OR of two states is not;
+/// `claims_read_each_kind_of_work_through_its_partial_index`), and a skipped kind's arm reads
+/// nothing: its items (notes stay queued while details are off) must not fill the claim.
 const CLAIM_SQL: &str =
     "SELECT w.work, d.encounter_id, d.document_id, d.audio_duration_seconds, d.content_seq,
                 d.detail_updated_at
          FROM (
              SELECT 'document' AS work, document_id FROM documents
-              WHERE detail_state IN ('pending', 'not_ready')
+              WHERE NOT ?5 AND detail_state IN ('pending', 'not_ready')
                 AND (detail_state = 'pending' OR detail_next_at_ns <= ?2)
              UNION ALL
              SELECT 'transcript', document_id FROM documents
-              WHERE transcript_state IN ('pending', 'not_ready')
+              WHERE NOT ?6 AND transcript_state IN ('pending', 'not_ready')
                 AND (transcript_state = 'pending' OR transcript_next_at_ns <= ?2)
              UNION ALL
              SELECT 'audio', document_id FROM documents
-              WHERE audio_state IN ('pending', 'not_ready')
+              WHERE NOT ?7 AND audio_state IN ('pending', 'not_ready')
                 AND (audio_state = 'pending' OR audio_next_at_ns <= ?2)
          ) w
          JOIN documents d ON d.document_id = w.document_id
@@ -53,13 +55,15 @@ pub fn claim_work(
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<WorkItem>> {
     let mut stmt = conn.prepare_cached(CLAIM_SQL)?;
-    let skip: Vec<&str> = skip.iter().map(|w| w.as_str()).collect();
     let rows = stmt.query_map(
         params![
             run_id,
             unix_nanos(now),
-            (limit + exclude.len() + 64) as i64,
-            organization_id
+            (limit + exclude.len()) as i64,
+            organization_id,
+            skip.contains(&Work::Document),
+            skip.contains(&Work::Transcript),
+            skip.contains(&Work::Audio),
         ],
         |r| {
             Ok((
@@ -75,9 +79,6 @@ pub fn claim_work(
     let mut items = Vec::new();
     for row in rows {
         let (work, encounter_id, document_id, audio_duration_seconds, content_seq, detail_updated_at) = row?;
-        if skip.contains(&work.as_str()) {
-            continue;
-        }
         let work = Work::from_stored(&work);
         if exclude.contains(&(work, document_id.clone())) {
             continue;
@@ -505,7 +506,7 @@ mod tests {
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {CLAIM_SQL}"))
             .unwrap()
-            .query_map(params![0, 0, 0, "org"], |r| r.get(3))
+            .query_map(params![0, 0, 0, "org", false, false, false], |r| r.get(3))
             .unwrap()
             .map(Result::unwrap)
             .collect();
