@@ -407,9 +407,10 @@ pub async fn check_database(database: &DatabaseConfig) -> (Vec<String>, Result<(
         )
     } else {
         format!(
-            "database.owner   note    role {} neither owns database {} nor is a superuser: a purge cannot \
-             rewrite pg_statistic, where the statistics it replaced may keep purged encounter, document \
-             and patient IDs (docs/postgres.md, \"Privacy, purges and PHI on the server\")",
+            "database.owner   note    role {} neither owns database {} nor is a superuser (nor, on \
+             PostgreSQL 17, in pg_maintain): a purge cannot rewrite pg_statistic, where the statistics \
+             it replaced may keep purged encounter, document and patient IDs (docs/postgres.md, \
+             \"Privacy, purges and PHI on the server\")",
             report.role, report.database
         )
     });

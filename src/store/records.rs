@@ -499,6 +499,28 @@ pub struct PurgeCounts {
     pub orphaned_files: Vec<String>,
 }
 
+impl PurgeCounts {
+    /// Deletes the orphaned recording files under `audio_dir` (one already gone is fine), then
+    /// answers `scrubbed`, the outcome of removing the purged bytes from the warehouse's files:
+    /// the files go even when that failed, since no row points at them any more and no later
+    /// purge would find them.
+    pub(crate) fn delete_orphaned_files(
+        &self,
+        audio_dir: &std::path::Path,
+        scrubbed: anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for file in &self.orphaned_files {
+            let path = audio_dir.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
+            }
+        }
+        scrubbed
+    }
+}
+
 /// A transcript turn as stored: (speaker, start, end, text).
 pub type TurnRecord = (Option<String>, f64, f64, Option<String>);
 

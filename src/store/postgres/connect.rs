@@ -516,16 +516,12 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
         .with_context(fail)?
         .try_get(0)?;
     let row = client
-        .query_one(
-            "SELECT current_user::text, current_database()::text,
-                    r.rolsuper OR pg_has_role(current_user, d.datdba, 'USAGE')
-                    OR EXISTS (SELECT 1 FROM pg_roles m WHERE m.rolname = 'pg_maintain'
-                                 AND pg_has_role(current_user, m.oid, 'USAGE'))
-               FROM pg_database d, pg_roles r
-              WHERE d.datname = current_database() AND r.rolname = current_user",
-            &[],
-        )
+        .query_one("SELECT current_user::text, current_database()::text", &[])
         .with_context(fail)?;
+    let rewrites_statistics: bool = client
+        .query_one(super::privacy::MAY_REWRITE_STATISTICS, &[])
+        .with_context(fail)?
+        .try_get(0)?;
     Ok(ServerReport {
         transport,
         server_version,
@@ -533,6 +529,6 @@ pub fn describe(pg: &PostgresConfig) -> anyhow::Result<ServerReport> {
         readers_role,
         role: row.try_get(0)?,
         database: row.try_get(1)?,
-        rewrites_statistics: row.try_get(2)?,
+        rewrites_statistics,
     })
 }

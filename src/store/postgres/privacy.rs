@@ -121,7 +121,7 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
         &[&POLICY_KEY, &fingerprint],
     )?;
     tx.commit()?;
-    scrub(db, &changed)?;
+    scrub(db, &changed, false)?;
     tracing::info!(policy = fingerprint, "privacy policy applied to stored rows");
     Ok(true)
 }
@@ -130,37 +130,53 @@ pub fn apply_privacy(db: &mut Client, privacy: &PrivacyConfig) -> anyhow::Result
 /// (`VACUUM (FULL, ANALYZE)`, one statement, outside any transaction): the dead row versions that
 /// still hold removed text, in the tables, their TOAST and their indexes (the GIN search indexes
 /// too), are left behind in the old files, which PostgreSQL truncates when the command ends.
-/// Then `pg_statistic` the same way ([`STATISTICS`]): the statistics the ANALYZE replaced stay
-/// in its file as dead rows, and those of the ID columns hold sampled IDs.
+/// When `ids_removed` (a purge), then `pg_statistic` the same way ([`STATISTICS`]): the
+/// statistics the ANALYZE replaced stay in its file as dead rows, and those of the ID columns
+/// hold sampled IDs (a privacy change removes text only, which collects no statistics).
 ///
 /// It blocks: each table is locked ACCESS EXCLUSIVE while it is rewritten, so readers of that
 /// table (the `charthero_readers` role's queries) wait for it, and it waits for queries already
 /// running on it. It needs free space for a copy of each table and its indexes.
 ///
-/// A long analyst query holding a lock on a table would make it wait without end, so it waits
-/// at most [`SCRUB_LOCK_TIMEOUT`] for its locks (`lock_timeout`), [`SCRUB_ATTEMPTS`] times. If it
-/// still cannot, the rows are already removed and only the rewrite remains: the tables are
+/// A long analyst query holding a lock on a table, or a session holding a snapshot from before
+/// the removal ([`rewrite`]), would make it wait without end, so it waits at most
+/// [`SCRUB_TIMEOUT`] for each, [`SCRUB_ATTEMPTS`] times (the statistics catalog, which every
+/// query's planning reads, once and at most [`CATALOG_LOCK_TIMEOUT`] for its lock). If it still
+/// cannot, the rows are already removed and only the rewrite remains: what is left is
 /// recorded in `sync_state` (`scrub_pending`), a warning and the error say so, and the next
-/// purge or privacy change (or `charthero-sync purge` of an empty range) rewrites them first.
-fn scrub(db: &mut Client, tables: &[&'static str]) -> anyhow::Result<()> {
-    scrub_waiting(db, tables, SCRUB_LOCK_TIMEOUT)
+/// purge or privacy change (or `charthero-sync purge` of an empty range) rewrites it first.
+fn scrub(db: &mut Client, tables: &[&'static str], ids_removed: bool) -> anyhow::Result<()> {
+    scrub_waiting(db, tables, ids_removed, SCRUB_TIMEOUT)
 }
 
-/// How long the rewrite waits for its table locks, per attempt.
-const SCRUB_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How many times each rewrite is tried before it is left pending.
+/// How long a rewrite waits for older snapshots to end, and then for its table locks, per
+/// attempt.
+const SCRUB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How many times a table rewrite is tried before it is left pending.
 const SCRUB_ATTEMPTS: u32 = 3;
+/// How long the statistics catalog's rewrite waits for its lock: queries queue behind it.
+const CATALOG_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The `sync_state` entry listing the tables whose rewrite is pending (comma-separated).
 const SCRUB_PENDING: &str = "scrub_pending";
 /// The catalog ANALYZE copies column values into (histogram bounds, most common values). The ID
 /// columns keep their statistics, so the catalog rows each ANALYZE replaces hold IDs of rows
 /// since removed until this catalog is rewritten too (the PHI columns collect none).
 const STATISTICS: &str = "pg_statistic";
+/// Whether this session may rewrite [`STATISTICS`]: a superuser, the database's owner (or a
+/// role with its privileges), or on PostgreSQL 17 and later a member of `pg_maintain`.
+/// PostgreSQL skips the catalog with a warning for anyone else. `check` reports it too.
+pub(super) const MAY_REWRITE_STATISTICS: &str =
+    "SELECT r.rolsuper OR pg_has_role(current_user, d.datdba, 'USAGE')
+        OR EXISTS (SELECT 1 FROM pg_roles m WHERE m.rolname = 'pg_maintain'
+                     AND pg_has_role(current_user, m.oid, 'USAGE'))
+   FROM pg_database d, pg_roles r
+  WHERE d.datname = current_database() AND r.rolname = current_user";
 
 fn scrub_waiting(
     db: &mut Client,
     tables: &[&'static str],
-    lock_timeout: std::time::Duration,
+    ids_removed: bool,
+    timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
     let pending: Option<String> = db
         .query_opt("SELECT value FROM sync_state WHERE name = $1", &[&SCRUB_PENDING])?
@@ -188,32 +204,20 @@ fn scrub_waiting(
             all.push(k);
         }
     }
-    if all.is_empty() {
-        return Ok(());
-    }
     // The tables first, then the statistics their ANALYZE just replaced.
+    let statistics = all.contains(&STATISTICS) || (ids_removed && !all.is_empty());
     all.retain(|t| *t != STATISTICS);
     let mut steps = Vec::new();
     if !all.is_empty() {
         steps.push(all.join(", "));
     }
-    steps.push(STATISTICS.to_owned());
-    db.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis()))?;
-    let mut failed = None;
-    'steps: for (i, step) in steps.iter().enumerate() {
-        for attempt in 1..=SCRUB_ATTEMPTS {
-            match rewrite(db, step, lock_timeout) {
-                Ok(()) => continue 'steps,
-                Err(Unfinished::Waited(why)) if attempt < SCRUB_ATTEMPTS => {
-                    tracing::warn!(tables = %step, attempt, "the rewrite {why}; trying again");
-                }
-                Err(e) => {
-                    failed = Some((i, e));
-                    break 'steps;
-                }
-            }
-        }
+    if statistics {
+        steps.push(STATISTICS.to_owned());
     }
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let failed = rewrite_all(db, &steps, timeout).err();
     db.batch_execute("RESET lock_timeout")?;
     let Some((i, e)) = failed else {
         if pending.is_some() {
@@ -237,7 +241,7 @@ fn scrub_waiting(
     let (what, error) = match e {
         Unfinished::Waited(why) => {
             let what = what(&format!(
-                "{why}, {SCRUB_ATTEMPTS} times (end it, or run `charthero-sync purge` again later)"
+                "{why} (end it, or run `charthero-sync purge` again later)"
             ));
             (what.clone(), anyhow::anyhow!(what))
         }
@@ -248,6 +252,71 @@ fn scrub_waiting(
     };
     tracing::warn!("{what}");
     Err(error)
+}
+
+/// Runs the rewrites `steps` in order (see [`scrub`]); answers which one did not happen, and why.
+fn rewrite_all(
+    db: &mut Client,
+    steps: &[String],
+    timeout: std::time::Duration,
+) -> Result<(), (usize, Unfinished)> {
+    for (i, step) in steps.iter().enumerate() {
+        let at = |e: postgres::Error| (i, Unfinished::Failed(e));
+        let catalog = step == STATISTICS;
+        if catalog
+            && !db
+                .query_one(MAY_REWRITE_STATISTICS, &[])
+                .and_then(|r| r.try_get::<_, bool>(0))
+                .map_err(at)?
+        {
+            tracing::warn!(
+                "pg_statistic is not rewritten: only a superuser, the database's owner or (PostgreSQL 17 \
+                 and later) a member of pg_maintain may, and this role is none of them. The planner \
+                 statistics the rewrite replaced may still hold removed encounter, document and patient \
+                 IDs (never names, birth dates or text) in its file until one of them runs VACUUM FULL \
+                 pg_statistic (docs/postgres.md)"
+            );
+            continue;
+        }
+        let (attempts, lock) = if catalog {
+            (1, CATALOG_LOCK_TIMEOUT.min(timeout))
+        } else {
+            (SCRUB_ATTEMPTS, timeout)
+        };
+        // Every removal this step is for committed before this: they have smaller transaction
+        // IDs than the next one. (0 to 2 are never assigned: past a wraparound the next is 3.)
+        let row = db
+            .query_one(
+                "SELECT greatest(3, txid_snapshot_xmax(txid_current_snapshot()) % 4294967296)::text,
+                        coalesce(current_setting('vacuum_defer_cleanup_age', true), '0')::bigint",
+                &[],
+            )
+            .map_err(at)?;
+        let mark: String = row.try_get(0).map_err(at)?;
+        let deferred: i64 = row.try_get(1).map_err(at)?;
+        if deferred > 0 && !catalog {
+            tracing::warn!(
+                "the server keeps removed row versions for vacuum_defer_cleanup_age = {deferred} more \
+                 transactions, which no session shows: the rewrite may copy the removed rows into the \
+                 new files, where they stay until the next rewrite (docs/postgres.md)"
+            );
+        }
+        db.batch_execute(&format!("SET lock_timeout = {}", lock.as_millis()))
+            .map_err(at)?;
+        for attempt in 1..=attempts {
+            match rewrite(db, step, &mark, timeout) {
+                Ok(()) => break,
+                Err(Unfinished::Waited(why)) if attempt < attempts => {
+                    tracing::warn!(tables = %step, attempt, "the rewrite {why}; trying again");
+                }
+                Err(Unfinished::Waited(why)) if attempts > 1 => {
+                    return Err((i, Unfinished::Waited(format!("{why}, {attempts} times"))));
+                }
+                Err(e) => return Err((i, e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Why a rewrite did not happen.
@@ -263,33 +332,31 @@ impl From<postgres::Error> for Unfinished {
     }
 }
 
-/// Rewrites `step`: tables from their live rows with fresh statistics, or the statistics
-/// catalog, once no other session can still see what was removed before it starts.
+/// Rewrites `step`, tables from their live rows with fresh statistics or the statistics
+/// catalog, once no other session can still see what was removed before transaction ID `mark`.
 ///
 /// VACUUM FULL copies a removed row version into the new file, bytes and all, while a snapshot
 /// older than its removal may still read it: an analyst's query or transaction that began
 /// before, a `pg_dump`, a replica's feedback. So it first waits, at most `timeout`, until no
-/// session of the database (nor a replication slot or prepared transaction) holds a
-/// snapshot or transaction older than the start of this call, which comes after the removal
-/// committed.
-///
-/// PostgreSQL lets a superuser or the database's owner rewrite the statistics catalog and skips
-/// it with a warning for anyone else, so whether it was rewritten is read from its file node;
-/// a role that may not is warned about here (there is nothing to retry).
-fn rewrite(db: &mut Client, step: &str, timeout: std::time::Duration) -> Result<(), Unfinished> {
+/// session, replication slot or prepared transaction holds one ([`older_snapshots`]).
+fn rewrite(db: &mut Client, step: &str, mark: &str, timeout: std::time::Duration) -> Result<(), Unfinished> {
     let catalog = step == STATISTICS;
-    // The next transaction ID: every removal before this call has a smaller one.
-    let mark: String = db
-        .query_one(
-            "SELECT (txid_snapshot_xmax(txid_current_snapshot()) % 4294967296)::text",
-            &[],
-        )?
-        .try_get(0)?;
     let deadline = std::time::Instant::now() + timeout;
+    let mut told = false;
     loop {
-        let older = older_snapshots(db, &mark, catalog)?;
+        let older = older_snapshots(db, mark, catalog)?;
         if older.is_empty() {
             break;
+        }
+        if !told {
+            tracing::info!(
+                tables = %step,
+                "the rewrite waits, at most {} s, for sessions that began before the removal and may \
+                 still read the removed rows: {}",
+                timeout.as_secs(),
+                older.join(", ")
+            );
+            told = true;
         }
         if std::time::Instant::now() >= deadline {
             return Err(Unfinished::Waited(format!(
@@ -301,61 +368,49 @@ fn rewrite(db: &mut Client, step: &str, timeout: std::time::Duration) -> Result<
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    if !catalog {
-        return db
-            .batch_execute(&format!("VACUUM (FULL, ANALYZE) {step}"))
-            .map_err(|e| locked(e, timeout));
-    }
-    let node = |db: &mut Client| -> Result<Option<u32>, postgres::Error> {
-        db.query_one("SELECT pg_relation_filenode('pg_statistic')::oid", &[])?
-            .try_get(0)
-    };
-    let before = node(db)?;
-    db.batch_execute("VACUUM FULL pg_statistic")
-        .map_err(|e| locked(e, timeout))?;
-    if node(db)? == before {
-        tracing::warn!(
-            "pg_statistic was not rewritten: only a superuser or the database's owner may, and this \
-             role is neither. The planner statistics the rewrite replaced may still hold removed \
-             encounter, document and patient IDs (never names, birth dates or text) in its file \
-             until a superuser or the owner runs VACUUM FULL pg_statistic (docs/postgres.md)"
-        );
-    }
-    Ok(())
-}
-
-/// A lock wait that reached `lock_timeout` is worth trying again; any other error is not.
-fn locked(e: postgres::Error, timeout: std::time::Duration) -> Unfinished {
-    if e.code().is_some_and(|c| c.code() == "55P03") {
-        Unfinished::Waited(format!(
-            "could not get its table locks within {} s (a long query holds them)",
-            timeout.as_secs()
-        ))
+    let statement = if catalog {
+        "VACUUM FULL pg_statistic".to_owned()
     } else {
-        Unfinished::Failed(e)
-    }
+        format!("VACUUM (FULL, ANALYZE) {step}")
+    };
+    db.batch_execute(&statement).map_err(|e| {
+        if e.code().is_some_and(|c| c.code() == "55P03") {
+            Unfinished::Waited(format!(
+                "could not get its table locks within its lock timeout (a long query holds them): {e}"
+            ))
+        } else {
+            Unfinished::Failed(e)
+        }
+    })
 }
 
-/// Who may still read row versions removed before transaction ID `mark`: sessions of this
-/// database (and replication senders, whose replicas' feedback counts for every database) whose
-/// snapshot or transaction is older, replication slots holding an older horizon (for a catalog
-/// also the logical slots' catalog horizon), and prepared transactions; as `pid 123 (alice)`,
-/// `replication slot s`, `prepared transaction g`. Ages compare transaction IDs across their
-/// wraparound.
+/// Who may still read row versions removed before transaction ID `mark`, as `pid 123 (alice)`,
+/// `replication slot s`, `prepared transaction g`:
+/// - sessions of this database, and processes of none (replication senders: a replica's
+///   feedback holds every database's horizon), whose snapshot or transaction is older, except
+///   lazy VACUUMs (PostgreSQL leaves them out);
+/// - transactions of any database holding an older transaction ID, prepared ones included:
+///   the rewrite's own snapshot counts them as running, and its own horizon is its snapshot's;
+/// - any replication slot holding an older horizon (for a catalog also the logical slots'
+///   catalog horizon, which counts in every database).
+///
+/// Ages compare transaction IDs across their wraparound. Only columns every role may read are
+/// used: another role's `backend_type` is hidden, and a background process has no user.
 fn older_snapshots(db: &mut Client, mark: &str, catalog: bool) -> Result<Vec<String>, postgres::Error> {
     db.query(
-        "SELECT 'pid ' || a.pid || ' (' || coalesce(a.usename::text, a.backend_type) || ')'
+        "SELECT 'pid ' || a.pid || ' (' || coalesce(a.usename::text, a.backend_type, 'a background process') || ')'
            FROM pg_stat_activity a
           WHERE a.pid <> pg_backend_pid()
-            AND (a.datname = current_database() OR a.backend_type = 'walsender')
-            AND (age(a.backend_xmin) > age($1::text::xid) OR age(a.backend_xid) > age($1::text::xid))
+            AND (age(a.backend_xid) > age($1::text::xid)
+                 OR ((a.datname = current_database() OR a.datid IS NULL)
+                     AND age(a.backend_xmin) > age($1::text::xid)
+                     AND a.pid NOT IN (SELECT v.pid FROM pg_stat_progress_vacuum v)))
          UNION ALL
          SELECT 'replication slot ' || s.slot_name FROM pg_replication_slots s
-          WHERE (s.database IS NULL OR s.database = current_database())
-            AND (age(s.xmin) > age($1::text::xid) OR ($2 AND age(s.catalog_xmin) > age($1::text::xid)))
+          WHERE age(s.xmin) > age($1::text::xid) OR ($2 AND age(s.catalog_xmin) > age($1::text::xid))
          UNION ALL
          SELECT 'prepared transaction ' || p.gid FROM pg_prepared_xacts p
-          WHERE p.database = current_database() AND age(p.transaction) > age($1::text::xid)",
+          WHERE age(p.transaction) > age($1::text::xid)",
         &[&mark, &catalog],
     )?
     .iter()
@@ -375,6 +430,18 @@ pub fn purge(
     end: OffsetDateTime,
     reason: &str,
     now: OffsetDateTime,
+) -> anyhow::Result<PurgeCounts> {
+    purge_waiting(db, audio_dir, (start, end), reason, now, SCRUB_TIMEOUT)
+}
+
+/// [`purge`], its rewrite waiting at most `timeout` per attempt ([`scrub`]).
+fn purge_waiting(
+    db: &mut Client,
+    audio_dir: &std::path::Path,
+    (start, end): (OffsetDateTime, OffsetDateTime),
+    reason: &str,
+    now: OffsetDateTime,
+    timeout: std::time::Duration,
 ) -> anyhow::Result<PurgeCounts> {
     let range: [&(dyn postgres::types::ToSql + Sync); 2] = [&unix_nanos(start), &unix_nanos(end)];
     // Encounters go last, so this set stays the same through every statement before.
@@ -448,15 +515,8 @@ pub fn purge(
         ],
     )?;
     tx.commit()?;
-    scrub(db, &changed)?;
-    for file in &counts.orphaned_files {
-        let path = audio_dir.join(file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
-        }
-    }
+    let scrubbed = scrub_waiting(db, &changed, true, timeout);
+    counts.delete_orphaned_files(audio_dir, scrubbed)?;
     tracing::info!(
         encounters = counts.encounters,
         documents = counts.documents,
@@ -621,7 +681,7 @@ mod tests {
             .query_one("SELECT count(*) FROM documents", &[])
             .unwrap();
         let short = std::time::Duration::from_millis(200);
-        let error = scrub_waiting(&mut c, &["documents"], short).unwrap_err();
+        let error = scrub_waiting(&mut c, &["documents"], true, short).unwrap_err();
         let message = format!("{error:#}");
         assert!(message.contains("the rows are removed"), "{message}");
         assert!(message.contains("pending"), "{message}");
@@ -636,7 +696,7 @@ mod tests {
             .unwrap();
         assert_eq!(pending, "documents,pg_statistic");
         long_query.commit().unwrap();
-        scrub_waiting(&mut c, &[], short).unwrap();
+        scrub_waiting(&mut c, &[], true, short).unwrap();
         assert_eq!(
             count(
                 &mut c,
@@ -693,7 +753,10 @@ mod tests {
         c.execute("UPDATE documents SET content_text = NULL", &[])
             .unwrap();
         let short = std::time::Duration::from_millis(200);
-        let message = format!("{:#}", scrub_waiting(&mut c, &["documents"], short).unwrap_err());
+        let message = format!(
+            "{:#}",
+            scrub_waiting(&mut c, &["documents"], true, short).unwrap_err()
+        );
         assert!(message.contains("the rows are removed"), "{message}");
         assert!(message.contains("began before the removal"), "{message}");
         assert!(
@@ -707,7 +770,7 @@ mod tests {
             .unwrap();
         assert_eq!(pending, "documents,pg_statistic");
         snapshot.commit().unwrap();
-        scrub_waiting(&mut c, &[], short).unwrap();
+        scrub_waiting(&mut c, &[], true, short).unwrap();
         assert!(!on_disk(word), "the removed text is still in a file under base/");
         assert_eq!(
             count(
@@ -716,6 +779,53 @@ mod tests {
             ),
             0
         );
+    }
+
+    /// A purge whose rewrite is left pending (a snapshot from before it lasts) still deletes
+    /// the recording files no row points at any more: no later purge would find them.
+    #[test]
+    fn a_purge_left_pending_still_deletes_the_recordings_it_orphaned() {
+        let Some((db, mut c)) = warehouse("purge_pending_files") else {
+            return;
+        };
+        let now = OffsetDateTime::now_utc();
+        let record = encounter(
+            "e1",
+            at(1),
+            "h",
+            None,
+            vec![doc("t1", "ambient_transcript", Some("completed"))],
+        );
+        save(&mut c, |tx| upsert::commit_page(tx, &[record], &[], None, now));
+        let recording = crate::store::RecordingRecord {
+            path: "r.m4a".to_owned(),
+            size_bytes: 3,
+            sha256: "r".to_owned(),
+            duration_seconds: None,
+        };
+        save(&mut c, |tx| {
+            content::save_recording(tx, "e1", "t1", &recording, now)
+        });
+        let audio = tempfile::tempdir().unwrap();
+        std::fs::write(audio.path().join("r.m4a"), b"abc").unwrap();
+        let mut config: postgres::Config = db.url.parse().unwrap();
+        config.password(&db.password).options("-c search_path=charthero");
+        let mut analyst = config.connect(postgres::NoTls).unwrap();
+        let mut snapshot = analyst
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .unwrap();
+        snapshot.query_one("SELECT count(*) FROM purges", &[]).unwrap();
+        let short = std::time::Duration::from_millis(200);
+        let error = purge_waiting(&mut c, audio.path(), (at(0), at(10)), "range", now, short).unwrap_err();
+        assert!(format!("{error:#}").contains("recorded as pending"), "{error:#}");
+        assert!(
+            !audio.path().join("r.m4a").exists(),
+            "the orphaned recording is deleted"
+        );
+        assert_eq!(count(&mut c, "SELECT count(*) FROM encounters"), 0);
+        snapshot.commit().unwrap();
     }
 
     #[test]

@@ -215,16 +215,8 @@ pub fn purge(
         ],
     )?;
     tx.commit()?;
-    compact_search(conn)?;
-    scrub(conn)?;
-    for file in &counts.orphaned_files {
-        let path = audio_dir.join(file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
-        }
-    }
+    let scrubbed = compact_search(conn).and_then(|()| scrub(conn));
+    counts.delete_orphaned_files(audio_dir, scrubbed)?;
     tracing::info!(
         encounters = counts.encounters,
         documents = counts.documents,
