@@ -77,6 +77,12 @@ pub struct SimOptions {
     /// does not list, as a server that counts before it filters by access would. Default
     /// `false`. Can be switched later with `set_total_counts_unavailable`.
     pub total_counts_unavailable: bool,
+    /// The list pages over every encounter of the range, those unavailable to the key
+    /// included, then drops those from the page, as a server that applies its LIMIT and OFFSET
+    /// before its access filter would: offsets count them, pages come back short or empty while
+    /// records remain, and `total` counts them (whatever `total_counts_unavailable` says).
+    /// Pages in `(created_at, encounter_id)` order both ways. Default `false`.
+    pub filter_after_limit: bool,
     /// The `status` of an ambient transcript document once its transcript is final (the
     /// contract shows `completed` and says the enum is not documented; the vendor's overview
     /// speaks of "finalized transcript data"). Unfinished ones stay `processing`. Default
@@ -271,6 +277,7 @@ impl Default for SimOptions {
             nul_in_text: false,
             page_cap: None,
             total_counts_unavailable: false,
+            filter_after_limit: false,
             final_document_status: "completed".to_owned(),
             null_empty_documents: false,
             desc_ties_ascending: false,

@@ -478,9 +478,27 @@ fn list(sim: &Simulator, params: query::ListParams) -> Reply {
         Some(cap) => params.limit.min(cap.max),
     };
     let store = read(&inner.store);
+    let (start, end) = (params.start_at.map(nanos), params.end_at.map(nanos));
+    if inner.filter_after_limit {
+        let page = store.page_then_filter(
+            start,
+            end,
+            params.offset as usize,
+            limit as usize,
+            params.sort_desc,
+        );
+        return Reply::json(render::list_body(
+            &store,
+            &page.slots,
+            limit,
+            params.offset,
+            page.total,
+            opts,
+        ));
+    }
     let page = store.page(
-        params.start_at.map(nanos),
-        params.end_at.map(nanos),
+        start,
+        end,
         params.offset as usize,
         limit as usize,
         match (params.sort_desc, inner.desc_ties_ascending) {

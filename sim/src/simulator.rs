@@ -154,6 +154,7 @@ impl Simulator {
                 render_created_at: RwLock::new(render_created_at),
                 page_cap: RwLock::new(page_cap),
                 total_counts_unavailable: AtomicBool::new(opts.total_counts_unavailable),
+                filter_after_limit: opts.filter_after_limit,
                 desc_ties_ascending: opts.desc_ties_ascending,
                 null_empty_documents: opts.null_empty_documents,
                 service_dates: opts.service_dates,

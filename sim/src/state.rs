@@ -56,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) render_created_at: RwLock<Option<(Rounding, i64)>>,
     pub(crate) page_cap: RwLock<Option<PageCap>>,
     pub(crate) total_counts_unavailable: AtomicBool,
+    /// [`crate::SimOptions::filter_after_limit`].
+    pub(crate) filter_after_limit: bool,
     /// [`crate::SimOptions::desc_ties_ascending`].
     pub(crate) desc_ties_ascending: bool,
     pub(crate) null_empty_documents: bool,

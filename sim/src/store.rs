@@ -529,6 +529,39 @@ impl Store {
         Page { total, slots }
     }
 
+    /// Every encounter visible or unavailable to the key with `start <= created_at < end`, paged
+    /// in `(created_at, encounter_id)` order (`Desc`: reversed) before the unavailable ones are
+    /// dropped from the page (`SimOptions::filter_after_limit`); `total` counts both.
+    pub(crate) fn page_then_filter(
+        &self,
+        start: Option<i64>,
+        end: Option<i64>,
+        offset: usize,
+        limit: usize,
+        descending: bool,
+    ) -> Page {
+        let range = |index: &[(i64, Id, Slot)]| {
+            let lo = start.map_or(0, |s| index.partition_point(|e| e.0 < s));
+            let hi = end.map_or(index.len(), |e| index.partition_point(|x| x.0 < e));
+            index[lo..hi.max(lo)].to_vec()
+        };
+        let mut all = range(&self.index);
+        all.extend(range(&self.unavailable));
+        all.sort_unstable();
+        if descending {
+            all.reverse();
+        }
+        let total = all.len();
+        let slots = all
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .filter(|e| self.encounters[e.2 as usize].visibility == Visibility::Visible)
+            .map(|e| e.2)
+            .collect();
+        Page { total, slots }
+    }
+
     /// Every visible encounter slot in ascending `(created_at, encounter_id)` order.
     pub(crate) fn visible_slots(&self) -> impl Iterator<Item = Slot> + '_ {
         self.index.iter().map(|e| e.2)

@@ -1410,6 +1410,60 @@ async fn a_total_that_counts_unavailable_encounters_counts_them_in_their_range_o
 }
 
 #[tokio::test]
+async fn a_list_that_filters_after_its_limit_gives_short_and_empty_pages_counted_by_offset() {
+    let sim = Simulator::start(SimOptions {
+        filter_after_limit: true,
+        ..options(30)
+    })
+    .await
+    .unwrap();
+    let snapshot = sim.snapshot();
+    // Encounters 5..15 (ascending) are hidden from the key.
+    for e in &snapshot[5..15] {
+        sim.mark_unavailable(&e.encounter_id, Unavailable::DemoTraining);
+    }
+    let listed = |page: &serde_json::Value| -> Vec<String> { ids(page) };
+    let first = get(&sim, "/external/v1/encounters?limit=5&offset=0&sort_order=asc")
+        .await
+        .json();
+    assert_eq!(
+        listed(&first),
+        snapshot[..5]
+            .iter()
+            .map(|e| e.encounter_id.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(first["total"].as_u64(), Some(30));
+    // The next two pages hold only hidden encounters: empty, though records remain.
+    for offset in [5, 10] {
+        let page = get(
+            &sim,
+            &format!("/external/v1/encounters?limit=5&offset={offset}&sort_order=asc"),
+        )
+        .await
+        .json();
+        assert!(listed(&page).is_empty(), "{page}");
+        assert_eq!(page["total"].as_u64(), Some(30));
+    }
+    let after = get(&sim, "/external/v1/encounters?limit=5&offset=15&sort_order=asc")
+        .await
+        .json();
+    assert_eq!(
+        listed(&after),
+        snapshot[15..20]
+            .iter()
+            .map(|e| e.encounter_id.clone())
+            .collect::<Vec<_>>()
+    );
+    // Descending, a page straddling them comes back short.
+    let desc = get(&sim, "/external/v1/encounters?limit=20&offset=0&sort_order=desc")
+        .await
+        .json();
+    assert_eq!(listed(&desc).len(), 15);
+    sim.shutdown();
+}
+
+#[tokio::test]
 async fn dates_of_service_render_in_the_chosen_shapes_as_rendered_date_of_service_says() {
     for (shapes, kinds) in [
         (ServiceDates::Timestamps, 1),

@@ -775,6 +775,7 @@ async fn anchored_pass(
         if pass.pages == 1 {
             pass.total = page.total;
         }
+        let (page, skipped) = past_unlisted(ctx, &mut pass, cursor, end, page, counts, cancel).await?;
         // What the server was asked for: the bounds widened to its query unit.
         let unit = ctx.org.query_unit();
         if let Some(evidence) = rendering_evidence(&page.items, cursor.floor_to(unit), end.ceil_to(unit)) {
@@ -794,12 +795,12 @@ async fn anchored_pass(
         }
         let received = page.items.len();
         // The pass ends on a page that holds every record left in `[cursor, end)`, or on an
-        // empty one (a server whose total counts records it does not show; the end-of-pass
-        // total check then disagrees). A short page that does not hold the rest (the server's
+        // empty one past every position the total counts ([`past_unlisted`]: a server whose
+        // total counts records it does not show; the end-of-pass total check then disagrees). A short page that does not hold the rest (the server's
         // pages are smaller than `limit`, or it filters after its LIMIT) is read on from its
         // last record like a full one: ending there lost every later record. Every page
         // that does not end the pass moves the cursor forward (below), so this terminates.
-        if received as u64 >= page.total || received == 0 {
+        if received as u64 + skipped >= page.total || received == 0 {
             pass.keep_last(ctx, page.items);
             break;
         }
@@ -898,6 +899,44 @@ async fn offset_pass(
     }
     pass.settle(counts).await?;
     Ok(pass)
+}
+
+/// Reads on past an empty page read at offset 0 from `cursor` whose total says records remain:
+/// a server that applies its LIMIT and OFFSET before an access filter answers a page of hidden
+/// encounters (counted in its total, never listed) empty although listed ones follow. The pages
+/// after it at the same cursor, a server page apart, are read until one lists something, or
+/// they pass the total or the offset cap. Returns that page (else the last empty one) and the
+/// positions skipped before it. A server that pages over listed records only answers the same
+/// empty pages: it costs a request per page of unlisted records counted past the first page.
+async fn past_unlisted(
+    ctx: &SyncContext,
+    pass: &mut Pass,
+    cursor: Micros,
+    end: Micros,
+    mut page: EncounterPage,
+    counts: &mut RunCounts,
+    cancel: &CancellationToken,
+) -> Result<(EncounterPage, u64), CycleError> {
+    let limit = ctx.sync.page_size.get();
+    // The server's own page size, as it echoes it (never 0, so that the offsets move).
+    let step = u64::from(page.limit.clamp(1, limit));
+    let mut offset = 0;
+    while page.items.is_empty() && offset + step < page.total && offset + step <= u64::from(MAX_OFFSET) {
+        offset += step;
+        page = pass
+            .list(
+                ctx,
+                cursor,
+                end,
+                offset as u32,
+                limit,
+                SortOrder::Asc,
+                counts,
+                cancel,
+            )
+            .await?;
+    }
+    Ok((page, offset))
 }
 
 /// Offset-pages the records created in the microsecond `at` — in the unit of the query unit

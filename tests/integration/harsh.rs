@@ -534,6 +534,50 @@ async fn a_total_that_counts_encounters_the_key_cannot_see_still_completes_every
 
 both_backends!(
     #[tokio::test]
+    a_list_that_filters_after_its_limit_loses_nothing_behind_runs_of_hidden_encounters
+);
+/// A server that applies LIMIT and OFFSET before its access filter: a run of encounters hidden
+/// from the key longer than a page makes pages come back empty while records remain after it.
+async fn a_list_that_filters_after_its_limit_loses_nothing_behind_runs_of_hidden_encounters(
+    backend: Backend,
+) {
+    let env = TestEnv::start_on(
+        backend,
+        SimOptions {
+            filter_after_limit: true,
+            ..sim_options(77, 3_000)
+        },
+    )
+    .await;
+    let snapshot = env.sim.snapshot();
+    // 250 in a row in old history, 150 in a row in the last day, and a few alone.
+    for e in snapshot[400..650].iter().chain(&snapshot[2_800..2_950]) {
+        env.sim
+            .mark_unavailable(&e.encounter_id, Unavailable::DemoTraining);
+    }
+    for i in [5, 1_500, 2_999] {
+        env.sim
+            .mark_unavailable(&snapshot[i].encounter_id, Unavailable::CrossOrganization);
+    }
+    let config = env.encounters_only_config();
+    let report = env.sync(&config, live()).await;
+    assert!(report.is_complete(), "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+    let first = env.sim.stats().route(SimRoute::List);
+    eprintln!("filtering after its limit: {first} list requests for the first cycle");
+    // A reconcile of the whole range agrees, and removes nothing.
+    let range = BackfillRange {
+        start: config.sync.start_at,
+        end: OffsetDateTime::now_utc(),
+    };
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_removed, 0, "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
+}
+
+both_backends!(
+    #[tokio::test]
     documents_sent_as_null_are_read_as_none_and_a_list_emptied_so_marks_them_removed
 );
 async fn documents_sent_as_null_are_read_as_none_and_a_list_emptied_so_marks_them_removed(backend: Backend) {
