@@ -664,6 +664,34 @@ mod tests {
         c.query_one(sql, &[]).unwrap().try_get(0).unwrap()
     }
 
+    /// Another session of the warehouse's database, as an analyst's would be.
+    fn second_session(db: &charthero_sim::pgcluster::PgDatabase) -> Client {
+        let mut config: postgres::Config = db.url.parse().unwrap();
+        config.password(&db.password).options("-c search_path=charthero");
+        config.connect(postgres::NoTls).unwrap()
+    }
+
+    /// A REPEATABLE READ transaction of `session` whose snapshot is taken now, by reading
+    /// `table` (which it then holds ACCESS SHARE on, and no other).
+    fn snapshot_now<'a>(session: &'a mut Client, table: &str) -> postgres::Transaction<'a> {
+        let mut snapshot = session
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .unwrap();
+        snapshot
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap();
+        snapshot
+    }
+
+    /// The rewrites a scrub left pending (`scrub_pending`), if any.
+    fn pending(c: &mut Client) -> Option<String> {
+        c.query_opt("SELECT value FROM sync_state WHERE name = 'scrub_pending'", &[])
+            .unwrap()
+            .map(|r| r.try_get(0).unwrap())
+    }
+
     /// A reader holding ACCESS SHARE on a table in an open transaction: the rewrite gives up
     /// after its lock timeout and attempts, says the rows are removed and the rewrite pending,
     /// records it, and the next scrub (with nothing new to rewrite) does it once the reader is
@@ -673,9 +701,7 @@ mod tests {
         let Some((db, mut c)) = warehouse("scrub_blocked") else {
             return;
         };
-        let mut config: postgres::Config = db.url.parse().unwrap();
-        config.password(&db.password).options("-c search_path=charthero");
-        let mut analyst = config.connect(postgres::NoTls).unwrap();
+        let mut analyst = second_session(&db);
         let mut long_query = analyst.transaction().unwrap();
         long_query
             .query_one("SELECT count(*) FROM documents", &[])
@@ -689,21 +715,10 @@ mod tests {
             message.contains("lock_timeout") || message.contains("lock"),
             "{message}"
         );
-        let pending: String = c
-            .query_one("SELECT value FROM sync_state WHERE name = 'scrub_pending'", &[])
-            .unwrap()
-            .try_get(0)
-            .unwrap();
-        assert_eq!(pending, "documents,pg_statistic");
+        assert_eq!(pending(&mut c).as_deref(), Some("documents,pg_statistic"));
         long_query.commit().unwrap();
         scrub_waiting(&mut c, &[], true, short).unwrap();
-        assert_eq!(
-            count(
-                &mut c,
-                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
-            ),
-            0
-        );
+        assert_eq!(pending(&mut c), None);
         assert_eq!(
             c.query_one("SHOW lock_timeout", &[])
                 .unwrap()
@@ -738,18 +753,9 @@ mod tests {
             on_disk(word),
             "the term never reached the files: the test proves nothing"
         );
-        let mut config: postgres::Config = db.url.parse().unwrap();
-        config.password(&db.password).options("-c search_path=charthero");
-        let mut analyst = config.connect(postgres::NoTls).unwrap();
+        let mut analyst = second_session(&db);
         // A snapshot taken before the removal, on another table (no lock on `documents`).
-        let mut snapshot = analyst
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .start()
-            .unwrap();
-        snapshot
-            .query_one("SELECT count(*) FROM encounters", &[])
-            .unwrap();
+        let snapshot = snapshot_now(&mut analyst, "encounters");
         c.execute("UPDATE documents SET content_text = NULL", &[])
             .unwrap();
         let short = std::time::Duration::from_millis(200);
@@ -763,22 +769,11 @@ mod tests {
             message.contains(&format!("({})", db.user)),
             "names the session: {message}"
         );
-        let pending: String = c
-            .query_one("SELECT value FROM sync_state WHERE name = 'scrub_pending'", &[])
-            .unwrap()
-            .try_get(0)
-            .unwrap();
-        assert_eq!(pending, "documents,pg_statistic");
+        assert_eq!(pending(&mut c).as_deref(), Some("documents,pg_statistic"));
         snapshot.commit().unwrap();
         scrub_waiting(&mut c, &[], true, short).unwrap();
         assert!(!on_disk(word), "the removed text is still in a file under base/");
-        assert_eq!(
-            count(
-                &mut c,
-                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
-            ),
-            0
-        );
+        assert_eq!(pending(&mut c), None);
     }
 
     /// A purge whose rewrite is left pending (a snapshot from before it lasts) still deletes
@@ -808,15 +803,8 @@ mod tests {
         });
         let audio = tempfile::tempdir().unwrap();
         std::fs::write(audio.path().join("r.m4a"), b"abc").unwrap();
-        let mut config: postgres::Config = db.url.parse().unwrap();
-        config.password(&db.password).options("-c search_path=charthero");
-        let mut analyst = config.connect(postgres::NoTls).unwrap();
-        let mut snapshot = analyst
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .start()
-            .unwrap();
-        snapshot.query_one("SELECT count(*) FROM purges", &[]).unwrap();
+        let mut analyst = second_session(&db);
+        let snapshot = snapshot_now(&mut analyst, "purges");
         let short = std::time::Duration::from_millis(200);
         let error = purge_waiting(&mut c, audio.path(), (at(0), at(10)), "range", now, short).unwrap_err();
         assert!(format!("{error:#}").contains("recorded as pending"), "{error:#}");
@@ -972,11 +960,8 @@ mod tests {
         assert_eq!(count(&mut c, "SELECT count(*) FROM encounters"), 10);
         assert_eq!(node(&mut c), before, "the catalog was not rewritten");
         assert_eq!(
-            count(
-                &mut c,
-                "SELECT count(*) FROM sync_state WHERE name = 'scrub_pending'"
-            ),
-            0,
+            pending(&mut c),
+            None,
             "a rewrite the role may not do is not retried"
         );
     }
