@@ -466,6 +466,74 @@ fn pairs(rows: Vec<Vec<Option<String>>>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A finished ambient document whose recording was `unavailable` under one encounter and that
+/// moves to a new one is asked for again (docs/content.md): under its new encounter the audio
+/// route is another route. Both orders of the page (the new encounter listed after or before the
+/// one it left), on both backends.
+#[test]
+fn a_moved_documents_missing_recording_is_asked_again_in_either_order_on_both_backends() {
+    let ambient_x = || {
+        vec![document(
+            "doc_x",
+            "ambient_transcript",
+            Some("completed"),
+            "Ambient",
+        )]
+    };
+    let t1 = datetime!(2026-05-25 14:00:00 UTC);
+    let t2 = datetime!(2026-05-25 15:00:00 UTC);
+    let state = "SELECT encounter_id, audio_state, audio_attempts, removed_at IS NULL
+                   FROM documents WHERE document_id = 'doc_x'";
+    for new_first in [false, true] {
+        let left = encounter("enc_a", 1, "a2", "completed", None, vec![]);
+        let joined = encounter("enc_b", 2, "b1", "completed", None, ambient_x());
+        let second = if new_first {
+            vec![joined, left]
+        } else {
+            vec![left, joined]
+        };
+        let first = [encounter("enc_a", 1, "a1", "completed", None, ambient_x())];
+        let unavailable = "UPDATE documents SET audio_state = 'unavailable', audio_attempts = 3
+                            WHERE document_id = 'doc_x'";
+        let dir = tempfile::tempdir().unwrap();
+        let mut sqlite =
+            crate::store::sqlite::open_writer(&dir.path().join("w.db"), Duration::from_secs(5)).unwrap();
+        commit(&mut sqlite, &first, &[], None, t1);
+        sqlite.execute(unavailable, []).unwrap();
+        commit(&mut sqlite, &second, &[], None, t2);
+        let expected = vec![vec![
+            Some("enc_b".to_owned()),
+            None,
+            Some("0".to_owned()),
+            Some("1".to_owned()),
+        ]];
+        assert_eq!(
+            rows_as_text(&sqlite, state).unwrap(),
+            expected,
+            "SQLite, new encounter listed first: {new_first}"
+        );
+        let Some((db, mut pg)) = warehouse(&format!("moved_audio_{new_first}")) else {
+            continue;
+        };
+        commit(&mut pg, &first, &[], None, t1);
+        let mut check = connect(&db);
+        check.execute(unavailable, &[]).unwrap();
+        commit(&mut pg, &second, &[], None, t2);
+        let row = check.query_one(state, &[]).unwrap();
+        let got = (
+            row.try_get::<_, String>(0).unwrap(),
+            row.try_get::<_, Option<String>>(1).unwrap(),
+            row.try_get::<_, i64>(2).unwrap(),
+            row.try_get::<_, bool>(3).unwrap(),
+        );
+        assert_eq!(
+            got,
+            ("enc_b".to_owned(), None, 0, true),
+            "PostgreSQL, new encounter listed first: {new_first}"
+        );
+    }
+}
+
 #[test]
 fn a_page_holding_an_id_another_clinic_holds_is_refused_whole_on_both_backends() {
     // SQLite always; PostgreSQL too where a server runs (else the reason is printed).

@@ -513,7 +513,19 @@ fn upsert_documents(
                  transcript_next_at_ns = CASE
                      WHEN EXCLUDED.schema_type = 'ambient_transcript'
                           OR d.schema_type IS DISTINCT FROM EXCLUDED.schema_type
-                     THEN NULL ELSE d.transcript_next_at_ns END
+                     THEN NULL ELSE d.transcript_next_at_ns END,
+                 audio_state = CASE
+                     WHEN d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
+                          AND d.audio_state IN ('unavailable', 'not_ready')
+                     THEN NULL ELSE d.audio_state END,
+                 audio_attempts = CASE
+                     WHEN d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
+                          AND d.audio_state IN ('unavailable', 'not_ready')
+                     THEN 0 ELSE d.audio_attempts END,
+                 audio_next_at_ns = CASE
+                     WHEN d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
+                          AND d.audio_state IN ('unavailable', 'not_ready')
+                     THEN NULL ELSE d.audio_next_at_ns END
              WHERE d.encounter_id IS DISTINCT FROM EXCLUDED.encounter_id
                 OR d.position IS DISTINCT FROM EXCLUDED.position
                 OR d.schema_type IS DISTINCT FROM EXCLUDED.schema_type

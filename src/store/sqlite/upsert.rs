@@ -39,7 +39,10 @@ pub(super) const PATIENT_SEEN_AGAIN: &str = "ON CONFLICT (patient_id) DO UPDATE 
                                   AND e.organization_id = patients.organization_id))";
 
 /// What a stored document row takes from a new observation of its summary (see
-/// `upsert_documents` for the content work it decides).
+/// `upsert_documents` for the content work it decides). A document that moved to another
+/// encounter is served by other routes: a note is asked again, and a recording that was
+/// unavailable or not ready is looked for again, whichever order the page lists the two
+/// encounters in.
 pub(super) const DOCUMENT_SEEN_AGAIN: &str = "ON CONFLICT (document_id) DO UPDATE SET
              encounter_id = excluded.encounter_id, position = excluded.position,
              schema_type = excluded.schema_type, title = excluded.title, status = excluded.status,
@@ -66,7 +69,16 @@ pub(super) const DOCUMENT_SEEN_AGAIN: &str = "ON CONFLICT (document_id) DO UPDAT
                  THEN 0 ELSE transcript_attempts END,
              transcript_next_at_ns = CASE
                  WHEN excluded.schema_type = 'ambient_transcript' OR schema_type IS NOT excluded.schema_type
-                 THEN NULL ELSE transcript_next_at_ns END
+                 THEN NULL ELSE transcript_next_at_ns END,
+             audio_state = CASE
+                 WHEN encounter_id IS NOT excluded.encounter_id AND audio_state IN ('unavailable', 'not_ready')
+                 THEN NULL ELSE audio_state END,
+             audio_attempts = CASE
+                 WHEN encounter_id IS NOT excluded.encounter_id AND audio_state IN ('unavailable', 'not_ready')
+                 THEN 0 ELSE audio_attempts END,
+             audio_next_at_ns = CASE
+                 WHEN encounter_id IS NOT excluded.encounter_id AND audio_state IN ('unavailable', 'not_ready')
+                 THEN NULL ELSE audio_next_at_ns END
          WHERE encounter_id IS NOT excluded.encounter_id OR position IS NOT excluded.position
             OR schema_type IS NOT excluded.schema_type OR title IS NOT excluded.title
             OR status IS NOT excluded.status OR workflow_variant IS NOT excluded.workflow_variant
