@@ -918,11 +918,15 @@ async fn past_unlisted(
     cancel: &CancellationToken,
 ) -> Result<(EncounterPage, u64), CycleError> {
     let limit = ctx.sync.page_size.get();
-    // The server's own page size, as it echoes it (never 0, so that the offsets move).
-    let step = u64::from(page.limit.clamp(1, limit));
     let mut offset = 0;
-    while page.items.is_empty() && offset + step < page.total && offset + step <= u64::from(MAX_OFFSET) {
-        offset += step;
+    loop {
+        // The positions this page covered: the server's own page size, as it echoed it (never
+        // 0, so that the offsets move; a server whose page size varies echoes each page's).
+        let next = offset + u64::from(page.limit.clamp(1, limit));
+        if !page.items.is_empty() || next >= page.total || next > u64::from(MAX_OFFSET) {
+            break;
+        }
+        offset = next;
         page = pass
             .list(
                 ctx,

@@ -574,6 +574,16 @@ async fn a_list_that_filters_after_its_limit_loses_nothing_behind_runs_of_hidden
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.counts.encounters_removed, 0, "{report:?}");
     compare(&env.sim, &env.warehouse).assert_empty();
+    // Pages of a size that varies from one response to the next: each empty page is stepped
+    // over by the size it echoed, so no position is left unread.
+    env.sim.set_page_cap(Some(PageCap {
+        max: 40,
+        varying: true,
+    }));
+    let report = env.sync(&config, CyclePlan::full(Some(range), false)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.counts.encounters_removed, 0, "{report:?}");
+    compare(&env.sim, &env.warehouse).assert_empty();
 }
 
 both_backends!(
