@@ -500,15 +500,10 @@ pub struct PurgeCounts {
 }
 
 impl PurgeCounts {
-    /// Deletes the orphaned recording files under `audio_dir` (one already gone is fine), then
-    /// answers `scrubbed`, the outcome of removing the purged bytes from the warehouse's files:
-    /// the files go even when that failed, since no row points at them any more and no later
-    /// purge would find them.
-    pub(crate) fn delete_orphaned_files(
-        &self,
-        audio_dir: &std::path::Path,
-        scrubbed: anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+    /// Deletes the orphaned recording files under `audio_dir` (one already gone is fine). A
+    /// purge does so even when removing the purged bytes from the warehouse's files failed: no
+    /// row points at them any more, so no later purge would find them.
+    pub(crate) fn delete_orphaned_files(&self, audio_dir: &std::path::Path) -> anyhow::Result<()> {
         for file in &self.orphaned_files {
             let path = audio_dir.join(file);
             match std::fs::remove_file(&path) {
@@ -517,7 +512,7 @@ impl PurgeCounts {
                 Err(e) => anyhow::bail!("cannot delete recording {}: {e}", path.display()),
             }
         }
-        scrubbed
+        Ok(())
     }
 }
 

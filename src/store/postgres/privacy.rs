@@ -209,10 +209,10 @@ fn scrub_waiting(
     all.retain(|t| *t != STATISTICS);
     let mut steps = Vec::new();
     if !all.is_empty() {
-        steps.push(all.join(", "));
+        steps.push(all);
     }
     if statistics {
-        steps.push(STATISTICS.to_owned());
+        steps.push(vec![STATISTICS]);
     }
     if steps.is_empty() {
         return Ok(());
@@ -225,43 +225,38 @@ fn scrub_waiting(
         }
         return Ok(());
     };
-    let left = steps[i..].join(", ");
+    let left = steps[i..].concat();
     db.execute(
         "INSERT INTO sync_state (name, value) VALUES ($1, $2)
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-        &[&SCRUB_PENDING, &left.replace(", ", ",")],
+        &[&SCRUB_PENDING, &left.join(",")],
     )?;
-    let what = |how: &str| {
-        format!(
-            "the rows are removed, but rewriting {left} (VACUUM FULL, which removes the old row \
-             versions still holding their text from the files) {how}; it is recorded as pending and \
-             the next purge or privacy change does it first"
-        )
+    let how = match &e {
+        Unfinished::Waited(why) => format!("{why} (end it, or run `charthero-sync purge` again later)"),
+        Unfinished::Failed(_) => "failed".to_owned(),
     };
-    let (what, error) = match e {
-        Unfinished::Waited(why) => {
-            let what = what(&format!(
-                "{why} (end it, or run `charthero-sync purge` again later)"
-            ));
-            (what.clone(), anyhow::anyhow!(what))
-        }
-        Unfinished::Failed(e) => {
-            let what = what("failed");
-            (what.clone(), anyhow::Error::new(e).context(what))
-        }
-    };
+    let what = format!(
+        "the rows are removed, but rewriting {} (VACUUM FULL, which removes the old row versions \
+         still holding their text from the files) {how}; it is recorded as pending and the next \
+         purge or privacy change does it first",
+        left.join(", ")
+    );
     tracing::warn!("{what}");
-    Err(error)
+    Err(match e {
+        Unfinished::Waited(_) => anyhow::anyhow!(what),
+        Unfinished::Failed(e) => anyhow::Error::new(e).context(what),
+    })
 }
 
 /// Runs the rewrites `steps` in order (see [`scrub`]); answers which one did not happen, and why.
 fn rewrite_all(
     db: &mut Client,
-    steps: &[String],
+    steps: &[Vec<&str>],
     timeout: std::time::Duration,
 ) -> Result<(), (usize, Unfinished)> {
-    for (i, step) in steps.iter().enumerate() {
+    for (i, tables) in steps.iter().enumerate() {
         let at = |e: postgres::Error| (i, Unfinished::Failed(e));
+        let step = tables.join(", ");
         let catalog = step == STATISTICS;
         if catalog
             && !db
@@ -304,7 +299,7 @@ fn rewrite_all(
         db.batch_execute(&format!("SET lock_timeout = {}", lock.as_millis()))
             .map_err(at)?;
         for attempt in 1..=attempts {
-            match rewrite(db, step, &mark, timeout) {
+            match rewrite(db, &step, &mark, timeout) {
                 Ok(()) => break,
                 Err(Unfinished::Waited(why)) if attempt < attempts => {
                     tracing::warn!(tables = %step, attempt, "the rewrite {why}; trying again");
@@ -516,7 +511,8 @@ fn purge_waiting(
     )?;
     tx.commit()?;
     let scrubbed = scrub_waiting(db, &changed, true, timeout);
-    counts.delete_orphaned_files(audio_dir, scrubbed)?;
+    counts.delete_orphaned_files(audio_dir)?;
+    scrubbed?;
     tracing::info!(
         encounters = counts.encounters,
         documents = counts.documents,

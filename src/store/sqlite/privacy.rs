@@ -216,7 +216,8 @@ pub fn purge(
     )?;
     tx.commit()?;
     let scrubbed = compact_search(conn).and_then(|()| scrub(conn));
-    counts.delete_orphaned_files(audio_dir, scrubbed)?;
+    counts.delete_orphaned_files(audio_dir)?;
+    scrubbed?;
     tracing::info!(
         encounters = counts.encounters,
         documents = counts.documents,
